@@ -1,0 +1,23 @@
+// The CPU module: hands the CPU handlers to Python as capsules for jax.ffi.register_ffi_target.
+#include <nanobind/nanobind.h>
+
+#include "cpu_kernels.h"
+
+namespace nb = nanobind;
+
+namespace {
+template <typename Fn>
+nb::capsule capsule_of(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+}  // namespace
+
+NB_MODULE(_sprnn_cpu, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["jax_sprnn_forward"] = capsule_of(JaxSprnnForwardCpu);
+    d["jax_sprnn_backward"] = capsule_of(JaxSprnnBackwardCpu);
+    d["jax_sprnn_weight_grad"] = capsule_of(JaxSprnnWeightGradCpu);
+    return d;
+  });
+}

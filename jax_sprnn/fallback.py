@@ -1,0 +1,92 @@
+"""Pure-JAX implementations of the three native operations, on the packed arrays.
+
+They lower wherever no native kernel runs (an unsupported platform, or a layer that does not fit on
+chip) and serve as the dense path of ``method="auto"``. They rebuild the dense kernel from the packed
+arrays once per call (a scatter of the nonzeros) and run XLA's dense matmul per step, which on a GPU
+beats a per-step sparse library call at every size DESIGN.md measured.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from .layout import LayoutMeta, lane_of_slot
+from .reference import ACTIVATIONS, dense_matvec, scan_recurrence
+
+
+def slot_coordinates(indices, lane_row, meta: LayoutMeta):
+    """(column j, row i, is_real) of every slot of a packed layout."""
+    rows = lane_row[lane_of_slot(meta)]
+    real = (indices >= 0) & (rows >= 0)
+    return jnp.where(indices < 0, ~indices, indices), jnp.maximum(rows, 0), real
+
+
+def dense_from_packed(values, indices, lane_row, meta: LayoutMeta):
+    """The dense ``[H, H]`` kernel (Flax orientation, ``[column j, row i]``) of a packed layout."""
+    cols, rows, real = slot_coordinates(indices, lane_row, meta)
+    vals = jnp.where(real, values, jnp.zeros((), values.dtype)).astype(jnp.float32)
+    return jnp.zeros((meta.hidden, meta.hidden), jnp.float32).at[cols, rows].add(vals)
+
+
+def forward(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta, **_):
+    kernel = dense_from_packed(values, indices, lane_row, meta)
+    return scan_recurrence(x, h0, dense_matvec(kernel), lengths, activation=activation,
+                           reverse=reverse)
+
+
+_GRADS = {
+    "tanh": lambda h: 1.0 - h * h,
+    "relu": lambda h: (h > 0).astype(h.dtype),
+    "identity": lambda h: jnp.ones_like(h),
+}
+assert _GRADS.keys() == ACTIVATIONS.keys()
+
+
+def backward(y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final, *, activation,
+             reverse, meta, **_):
+    """The backward recurrence: returns ``(dx, dh0)``; ``dx`` is ``dL/dz`` per position."""
+    T, B, H = y.shape
+    dtype = y.dtype
+    # The transposed layout packs U^T: its dense form, read as [column, row], is kernel.T.
+    kernel_t = dense_from_packed(values_t, indices_t, lane_row_t, meta)
+    batch = jnp.arange(B)
+    grad = _GRADS[activation]
+
+    def step(dh, s):
+        active = (s < lengths)[:, None]
+        p = jnp.clip(jnp.where(reverse, lengths - 1 - s, s), 0, max(T - 1, 0))
+        y_p = y[p, batch].astype(jnp.float32)
+        dz = (dh + dy[p, batch].astype(jnp.float32)) * grad(y_p)
+        dh_prev = jnp.dot(dz, kernel_t, precision=lax.Precision.HIGHEST)
+        return jnp.where(active, dh_prev, dh), jnp.where(active, dz, 0.0).astype(dtype)
+
+    dh0, dz_steps = lax.scan(step, dh_final.astype(jnp.float32), jnp.arange(T), reverse=True)
+    pos = jnp.arange(T)[:, None]
+    src = jnp.where(reverse, lengths[None, :] - 1 - pos, pos)
+    dx = jnp.take_along_axis(dz_steps, jnp.clip(src, 0, max(T - 1, 0))[:, :, None], axis=0)
+    dx = jnp.where((pos < lengths[None, :])[:, :, None], dx, jnp.zeros((), dtype))
+    return dx, dh0.astype(dtype)
+
+
+def states_before(y, h0, lengths, reverse):
+    """``[T, B, H]``: the state each position's step started from (h0 for the first step)."""
+    T = y.shape[0]
+    if not reverse:
+        return jnp.concatenate([h0[None], y[:-1]], axis=0)
+    nxt = jnp.concatenate([y[1:], jnp.zeros_like(y[:1])], axis=0)
+    first = (jnp.arange(T)[:, None] + 1 >= lengths[None, :])[:, :, None]
+    return jnp.where(first, h0[None], nxt)
+
+
+def weight_grad(y, h0, dz, indices, lane_row, lengths, *, groups, reverse, meta, **_):
+    """``[groups, S]`` float32: each group's sum of ``h_before[j] * dz[i]`` on the real slots.
+
+    ``dz`` is zero at inactive positions, so summing over every position is exact.
+    """
+    T, B, H = y.shape
+    hb = states_before(y, h0, lengths, reverse).astype(jnp.float32).reshape(T, groups, B // groups, H)
+    dzg = dz.astype(jnp.float32).reshape(T, groups, B // groups, H)
+    dense = jnp.einsum("tgbj,tgbi->gji", hb, dzg, precision=lax.Precision.HIGHEST)
+    cols, rows, real = slot_coordinates(indices, lane_row, meta)
+    return jnp.where(real[None], dense[:, cols, rows], 0.0)

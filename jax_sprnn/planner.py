@@ -1,0 +1,204 @@
+"""Decide how a sparse recurrent layer is laid out on a GPU, and whether it fits on chip.
+
+The planner is a pure function of the layer (hidden size, nonzeros per row, dtype) and of a
+:class:`DeviceSpec`, so tests can call it with made-up devices. Its model of the persistent kernel
+(docs/format.md, docs/design.md):
+
+* one CTA per SM at most (DESIGN.md: more CTAs per SM raise the synchronization cost);
+* a warp owns whole rows; a row owns ``ceil(nnz / K)`` contiguous lanes (at least one), so a warp
+  can hold several short rows; every lane holds ``K`` slots (``K`` from :data:`SLOT_SIZES`);
+* per thread, ``reg_slots`` of the K slots sit in registers (one 32-bit register per slot for 16-bit
+  types, two for float32) on top of :attr:`DeviceSpec.base_regs`; the rest sit in shared memory;
+* shared memory also holds ``h_{t-1}`` staged as float32 ``[plane][H][load_bytes / 4]``.
+
+Among the K that fit, it picks the one with the fewest slot rounds per step
+(``warps_per_cta * K``): that is what a step's compute time is proportional to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+WARP = 32
+
+#: The "nonzeros per lane" sizes a layout may use.
+SLOT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+#: Shared-memory bytes the kernel reserves for itself besides h and the weight tier.
+KERNEL_SMEM_RESERVE = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What the planner needs to know about a GPU. Defaults describe one NVIDIA H200 (sm_90)."""
+
+    name: str = "NVIDIA H200"
+    sm_count: int = 132
+    regs_per_sm: int = 65536
+    max_regs_per_thread: int = 255
+    smem_per_block: int = 232448  # the opt-in maximum for one block
+    max_threads_per_block: int = 1024
+    #: register-tier sizes the CUDA kernel is instantiated for
+    reg_slot_options: tuple[int, ...] = (0, 8, 16, 24, 32, 48, 64)
+    #: registers a kernel thread needs besides its register-tier weights (measured with ptxas)
+    base_regs: int = 40
+
+
+H200 = DeviceSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A layout decision. ``fits`` says whether the persistent kernel can run it on the device."""
+
+    hidden: int
+    slots_per_lane: int
+    num_warps: int
+    warps_per_cta: int
+    reg_slots: int
+    load_bytes: int
+    fits: bool
+    reason: str
+    #: shared memory of one CTA with a single batch plane, in bytes
+    smem_bytes: int
+    regs_per_thread: int
+
+    @property
+    def num_ctas(self) -> int:
+        return self.num_warps // self.warps_per_cta
+
+    @property
+    def threads_per_cta(self) -> int:
+        return self.warps_per_cta * WARP
+
+
+def lanes_per_row(row_nnz: np.ndarray, slots_per_lane: int) -> np.ndarray:
+    """Lanes each row needs with K slots per lane: every row needs one lane for its output."""
+    return np.maximum(1, -(-np.asarray(row_nnz, np.int64) // slots_per_lane))
+
+
+def pack_rows_into_warps(row_lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Best-fit-decreasing bin packing of rows (each ``row_lanes[i]`` <= 32 lanes) into warps.
+
+    Returns ``(warp_of_row, first_lane_of_row, num_warps)``. Rows never straddle warps, so a row's
+    partial sums reduce inside one warp with shuffles.
+    """
+    row_lanes = np.asarray(row_lanes, np.int64)
+    hidden = row_lanes.size
+    warp_of_row = np.empty(hidden, np.int64)
+    first_lane = np.empty(hidden, np.int64)
+    # open_bins[c]: warps with exactly c free lanes, as a stack of (warp, next free lane)
+    open_bins: list[list[tuple[int, int]]] = [[] for _ in range(WARP + 1)]
+    num_warps = 0
+    order = np.argsort(-row_lanes, kind="stable")
+    for row, need in zip(order.tolist(), row_lanes[order].tolist()):
+        for free in range(need, WARP + 1):  # the fullest warp that still has room
+            if open_bins[free]:
+                warp, lane = open_bins[free].pop()
+                break
+        else:
+            warp, lane, free = num_warps, 0, WARP
+            num_warps += 1
+        warp_of_row[row] = warp
+        first_lane[row] = lane
+        if free > need:
+            open_bins[free - need].append((warp, lane + need))
+    return warp_of_row, first_lane, num_warps
+
+
+def _warps_needed(row_lanes: np.ndarray) -> int:
+    # Equal-size rows (row-balanced pruning, the common case) pack exactly; otherwise run the packer.
+    if row_lanes.size and np.all(row_lanes == row_lanes[0]):
+        return -(-row_lanes.size // (WARP // int(row_lanes[0])))
+    return pack_rows_into_warps(row_lanes)[2]
+
+
+def bytes_per_slot(dtype) -> int:
+    """On-chip bytes per (value, index) pair: 16-bit value + 16-bit index, or float32 + index."""
+    return 8 if np.dtype(dtype).itemsize == 4 else 4
+
+
+def plan_layout(
+    row_nnz: Sequence[int] | np.ndarray,
+    dtype,
+    device: DeviceSpec = H200,
+    *,
+    load_bytes: int = 16,
+    slot_sizes: Sequence[int] = SLOT_SIZES,
+) -> Plan:
+    """Plan the layout of a layer whose row ``i`` (output unit ``i``) has ``row_nnz[i]`` nonzeros.
+
+    ``load_bytes`` (4, 8 or 16) is the width of one staged-h load, i.e. a batch tile of
+    ``load_bytes / 4`` examples. When nothing fits on chip the returned plan has ``fits=False``,
+    a ``reason`` with the numbers, and a layout that the CPU kernel and the fallbacks can still use.
+    """
+    row_nnz = np.asarray(row_nnz, np.int64)
+    hidden = int(row_nnz.size)
+    if hidden == 0:
+        raise ValueError("plan_layout: the layer must have at least one row")
+    if load_bytes not in (4, 8, 16):
+        raise ValueError(f"plan_layout: load_bytes must be 4, 8 or 16, got {load_bytes}")
+    max_nnz = int(row_nnz.max())
+    words = bytes_per_slot(dtype) // 4
+    h_bytes = hidden * load_bytes
+    best: Plan | None = None
+    reasons = []
+    for k in sorted(slot_sizes):
+        if k * WARP < max_nnz:
+            continue
+        warps = _warps_needed(lanes_per_row(row_nnz, k))
+        num_ctas = min(device.sm_count, warps)
+        wpc = -(-warps // num_ctas)
+        threads = wpc * WARP
+        if threads > device.max_threads_per_block:
+            reasons.append(f"K={k}: {warps} warps need {threads} threads per CTA "
+                           f"> {device.max_threads_per_block}")
+            continue
+        num_ctas = -(-warps // wpc)
+        reg_budget = min(device.max_regs_per_thread, (device.regs_per_sm // threads) // 8 * 8)
+        reg_slots = max((r for r in device.reg_slot_options
+                         if r <= k and device.base_regs + r * words <= reg_budget), default=None)
+        if reg_slots is None:
+            reasons.append(f"K={k}: {threads} threads leave {reg_budget} registers per thread")
+            continue
+        smem = h_bytes + (k - reg_slots) * threads * words * 4 + KERNEL_SMEM_RESERVE
+        if smem > device.smem_per_block:
+            reasons.append(f"K={k}: needs {smem} bytes of shared memory per CTA "
+                           f"> {device.smem_per_block}")
+            continue
+        plan = Plan(hidden, k, num_ctas * wpc, wpc, reg_slots, load_bytes, True, "fits",
+                    smem, device.base_regs + reg_slots * words)
+        if best is None or (wpc * k, k) < (best.warps_per_cta * best.slots_per_lane,
+                                           best.slots_per_lane):
+            best = plan
+    if best is not None:
+        return best
+    # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
+    # smallest K that keeps every row inside one warp.
+    k = next((s for s in sorted(slot_sizes) if s * WARP >= max_nnz), None)
+    if k is None:
+        k = int(math.ceil(max_nnz / WARP))
+    warps = _warps_needed(lanes_per_row(row_nnz, k))
+    wpc = min(warps, device.max_threads_per_block // WARP)
+    num_warps = -(-warps // wpc) * wpc
+    detail = "; ".join(reasons[-3:]) if reasons else f"a row has {max_nnz} nonzeros"
+    reason = (f"H={hidden} with {int(row_nnz.sum())} nonzeros (max {max_nnz} per row) does not fit "
+              f"on {device.name} ({device.sm_count} SMs, {device.regs_per_sm} registers and "
+              f"{device.smem_per_block} bytes of shared memory per CTA): {detail}")
+    return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
+                h_bytes + k * wpc * WARP * words * 4 + KERNEL_SMEM_RESERVE, device.base_regs)
+
+
+def max_persistent_batch(plan: Plan, dtype, device: DeviceSpec = H200) -> int:
+    """The largest batch the persistent kernel runs for this plan (more planes of staged h)."""
+    if not plan.fits:
+        return 0
+    words = bytes_per_slot(dtype) // 4
+    weight_smem = (plan.slots_per_lane - plan.reg_slots) * plan.threads_per_cta * words * 4
+    free = device.smem_per_block - weight_smem - KERNEL_SMEM_RESERVE
+    planes = free // (plan.hidden * plan.load_bytes)
+    return int(planes * (plan.load_bytes // 4))

@@ -1,0 +1,70 @@
+"""The pure-JAX truth: the recurrence as a ``lax.scan`` over a dense kernel."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
+
+
+def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool):
+    """Run ``h = act(x[p] + matvec(h))`` with the semantics of docs/format.md, all in JAX.
+
+    ``x_tm`` is ``[T, B, H]``, ``lengths`` ``[B]`` int32. Accumulates in float32 and rounds the state
+    to the input dtype after each step, as the native kernels do. Returns ``(y_tm, h_final)``.
+    """
+    act = ACTIVATIONS[activation]
+    T, B, _ = x_tm.shape
+    dtype = x_tm.dtype
+    batch = jnp.arange(B)
+
+    def position(s):
+        return jnp.clip(jnp.where(reverse, lengths - 1 - s, s), 0, max(T - 1, 0))
+
+    def step(h, s):
+        active = (s < lengths)[:, None]
+        x_s = x_tm[position(s), batch].astype(jnp.float32)
+        h_new = act(x_s + matvec(h.astype(jnp.float32))).astype(dtype)
+        h_next = jnp.where(active, h_new, h)
+        return h_next, jnp.where(active, h_new, jnp.zeros((), dtype))
+
+    h_final, y_steps = lax.scan(step, h0.astype(dtype), jnp.arange(T))
+    if reverse:  # step s wrote position L-1-s; bring outputs back to their positions
+        pos = jnp.arange(T)[:, None]
+        src = jnp.clip(lengths[None, :] - 1 - pos, 0, max(T - 1, 0))
+        y = jnp.take_along_axis(y_steps, src[:, :, None], axis=0)
+        y = jnp.where((pos < lengths[None, :])[:, :, None], y, jnp.zeros((), dtype))
+    else:
+        y = y_steps
+    return y, h_final
+
+
+def dense_matvec(kernel):
+    kernel32 = jnp.asarray(kernel).astype(jnp.float32)
+    return lambda h: jnp.dot(h, kernel32, precision=lax.Precision.HIGHEST)
+
+
+def reference_rnn(inputs, h0, kernel, *, activation: str = "tanh", time_major: bool = False,
+                  reverse: bool = False, seq_lengths=None, method: str = "reference"):
+    """The pure-JAX reference with the signature of :func:`jax_sprnn.sparse_rnn`, on a dense kernel.
+
+    ``inputs``: ``[B, T, H]`` (``[T, B, H]`` if ``time_major``), the input projection with bias.
+    ``h0``: ``[B, H]``. ``kernel``: dense ``[H, H]``, Flax orientation
+    (``h_t = act(x_t + h_{t-1} @ kernel)``). Accumulates in float32 at HIGHEST precision and rounds
+    the state to ``inputs.dtype`` each step. Returns ``(outputs, final_state)``, outputs laid out like
+    ``inputs``. ``method`` is accepted for signature compatibility and must be ``"reference"``.
+    """
+    from .api import _validate  # shared argument checks
+
+    if method != "reference":
+        raise ValueError(f"reference_rnn: method must be 'reference', got {method!r}")
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"kernel must be a square [H, H] matrix, got shape {kernel.shape}")
+    x_tm, h0, lengths = _validate(inputs, h0, kernel.shape[0], inputs_dtype=None, activation=activation,
+                                  time_major=time_major, seq_lengths=seq_lengths)
+    y, h_final = scan_recurrence(x_tm, h0, dense_matvec(kernel), lengths, activation=activation,
+                                 reverse=reverse)
+    return (y if time_major else jnp.swapaxes(y, 0, 1)), h_final

@@ -1,0 +1,243 @@
+"""``SparseWeights``: a pruned recurrent kernel in the packed on-chip layout, as a JAX pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import planner as _planner
+from .layout import LayoutMeta, PackedPattern, decode_columns, lane_of_slot, pack_pattern
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def check_weight_dtype(dtype, what: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def magnitude_mask(kernel: np.ndarray, density: float) -> np.ndarray:
+    """Keep the ``round(density * size)`` largest-magnitude entries (ties broken by position)."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    flat = np.abs(np.asarray(kernel, np.float32)).ravel()
+    keep = int(round(density * flat.size))
+    mask = np.zeros(flat.size, bool)
+    if keep:
+        mask[np.argpartition(-flat, keep - 1)[:keep]] = True
+    return mask.reshape(np.shape(kernel))
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class SparseWeights:
+    """A square recurrent kernel ``[H, H]`` (Flax orientation: ``h_t = act(x_t + h_{t-1} @ kernel)``)
+    kept as its nonzeros in the packed layout of docs/format.md.
+
+    Leaves: ``values`` (differentiable, the storage dtype) and the int32 arrays ``indices``,
+    ``lane_row`` (forward layout) and ``indices_t``, ``lane_row_t``, ``perm_t`` (the transposed layout
+    for the backward pass). The layouts' static sizes are aux data, so a new mask with the same
+    layout sizes reuses compiled programs. Build one with :meth:`from_dense`.
+
+    ``jax.grad`` with respect to a whole ``SparseWeights`` needs ``allow_int=True`` (its index leaves
+    are integers); differentiate with respect to ``weights.values`` instead, or use :meth:`gather`.
+    """
+
+    values: Any
+    indices: Any
+    lane_row: Any
+    indices_t: Any
+    lane_row_t: Any
+    perm_t: Any
+    meta: LayoutMeta
+    meta_t: LayoutMeta
+    nnz: int
+
+    # ---- pytree -------------------------------------------------------------------------------
+    def tree_flatten(self):
+        leaves = (self.values, self.indices, self.lane_row, self.indices_t, self.lane_row_t,
+                  self.perm_t)
+        return leaves, (self.meta, self.meta_t, self.nnz)
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        return cls(*leaves, *aux)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, kernel, mask=None, *, density: float | None = None, dtype=None,
+                   device: _planner.DeviceSpec | None = None, load_bytes: int = 16
+                   ) -> "SparseWeights":
+        """Pack a dense ``[H, H]`` kernel (Flax orientation) keeping the entries where ``mask`` is
+        true, or the ``density`` fraction of largest magnitudes. Exactly one of the two is needed.
+
+        ``dtype`` is the storage dtype (default: the kernel's; float64 becomes float32).
+        ``device`` is the GPU to plan for (default: the current one, or an H200 when there is none).
+        """
+        kernel = np.asarray(kernel)
+        if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
+            raise ValueError(f"kernel must be a non-empty square [H, H] matrix, got shape {kernel.shape}")
+        if not np.issubdtype(kernel.dtype, np.floating) and kernel.dtype != jnp.bfloat16:
+            raise TypeError(f"kernel must be a floating-point array, got {kernel.dtype}")
+        if dtype is None:
+            dtype = np.float32 if kernel.dtype == np.float64 else kernel.dtype
+        dtype = check_weight_dtype(dtype, "dtype")
+        if (mask is None) == (density is None):
+            raise ValueError("pass exactly one of mask= or density=")
+        if mask is None:
+            mask = magnitude_mask(kernel, density)
+        mask = np.asarray(mask)
+        if mask.shape != kernel.shape:
+            raise ValueError(f"mask must have the kernel's shape {kernel.shape}, got {mask.shape}")
+        if mask.dtype != bool:
+            raise TypeError(f"mask must be a boolean array, got {mask.dtype}")
+        if device is None:
+            from ._native import current_device_spec
+            device = current_device_spec()
+        # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i].
+        cols, rows = np.nonzero(mask)
+        vals = kernel[cols, rows].astype(dtype)
+        return cls.from_pattern(rows, cols, vals, kernel.shape[0], device=device, load_bytes=load_bytes)
+
+    @classmethod
+    def from_pattern(cls, rows, cols, vals, hidden: int, *, device: _planner.DeviceSpec | None = None,
+                     load_bytes: int = 16) -> "SparseWeights":
+        """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``) of an ``H x H`` layer."""
+        rows = np.asarray(rows, np.int64)
+        cols = np.asarray(cols, np.int64)
+        vals = np.asarray(vals)
+        dtype = check_weight_dtype(vals.dtype, "values")
+        if not (rows.shape == cols.shape == vals.shape and rows.ndim == 1):
+            raise ValueError("rows, cols and vals must be 1-D arrays of one length")
+        if rows.size and (min(rows.min(), cols.min()) < 0 or max(rows.max(), cols.max()) >= hidden):
+            raise ValueError(f"rows and cols must lie in [0, {hidden})")
+        if device is None:
+            from ._native import current_device_spec
+            device = current_device_spec()
+        fwd_plan = _planner.plan_layout(np.bincount(rows, minlength=hidden), dtype, device,
+                                        load_bytes=load_bytes)
+        fwd = pack_pattern(rows, cols, fwd_plan)
+        bwd_plan = _planner.plan_layout(np.bincount(cols, minlength=hidden), dtype, device,
+                                        load_bytes=load_bytes)
+        bwd = pack_pattern(cols, rows, bwd_plan)
+        values = np.zeros(fwd.meta.num_slots, dtype)
+        values[fwd.slot_of_nonzero] = vals
+        perm_t = np.full(bwd.meta.num_slots, -1, np.int64)
+        perm_t[bwd.slot_of_nonzero] = fwd.slot_of_nonzero
+        return cls(jnp.asarray(values), jnp.asarray(fwd.indices), jnp.asarray(fwd.lane_row),
+                   jnp.asarray(bwd.indices), jnp.asarray(bwd.lane_row),
+                   jnp.asarray(perm_t.astype(np.int32)), fwd.meta, bwd.meta, int(rows.size))
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def hidden(self) -> int:
+        return self.meta.hidden
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.meta.hidden, self.meta.hidden)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.values.dtype)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / float(self.meta.hidden ** 2)
+
+    def replace(self, **changes) -> "SparseWeights":
+        return dataclasses.replace(self, **changes)
+
+    def astype(self, dtype) -> "SparseWeights":
+        """The same pattern stored in another dtype (the layout sizes are kept)."""
+        return self.replace(values=jnp.asarray(self.values).astype(check_weight_dtype(dtype, "dtype")))
+
+    # ---- views (differentiable JAX; usable under jit) -----------------------------------------
+    def _coordinates(self):
+        """(input unit j, output unit i, is_real) of every forward slot."""
+        idx = jnp.asarray(self.indices)
+        rows = jnp.asarray(self.lane_row)[lane_of_slot(self.meta)]
+        real = (idx >= 0) & (rows >= 0)
+        cols = jnp.where(idx < 0, ~idx, idx)
+        return cols, jnp.maximum(rows, 0), real
+
+    def to_dense(self) -> jax.Array:
+        """The dense ``[H, H]`` kernel in Flax orientation; zero where the mask removed weights."""
+        cols, rows, real = self._coordinates()
+        vals = jnp.where(real, self.values, jnp.zeros((), self.values.dtype))
+        dense = jnp.zeros(self.shape, self.values.dtype)
+        return dense.at[cols, rows].add(vals)
+
+    def gather(self, kernel) -> "SparseWeights":
+        """These weights with their values taken from a dense kernel at the stored positions.
+
+        The gradient with respect to ``kernel`` is exactly zero off the pattern.
+        """
+        kernel = jnp.asarray(kernel)
+        if kernel.shape != self.shape:
+            raise ValueError(f"kernel must have shape {self.shape}, got {kernel.shape}")
+        cols, rows, real = self._coordinates()
+        vals = jnp.where(real, kernel[cols, rows], jnp.zeros((), kernel.dtype))
+        return self.replace(values=vals.astype(self.values.dtype))
+
+    def transposed_values(self) -> jax.Array:
+        """The values in the transposed layout (a gather through ``perm_t``; padding is zero)."""
+        perm = jnp.asarray(self.perm_t)
+        vals = jnp.asarray(self.values)[jnp.maximum(perm, 0)]
+        return jnp.where(perm >= 0, vals, jnp.zeros((), vals.dtype))
+
+    def mask(self) -> np.ndarray:
+        """The boolean ``[H, H]`` pattern (host NumPy)."""
+        idx = np.asarray(self.indices)
+        rows = np.asarray(self.lane_row)[lane_of_slot(self.meta)]
+        real = (idx >= 0) & (rows >= 0)
+        out = np.zeros(self.shape, bool)
+        out[idx[real], rows[real]] = True
+        return out
+
+    def validate(self) -> None:
+        """Check the invariants of docs/format.md on host data; raise ValueError naming the array."""
+        m, mt = self.meta, self.meta_t
+        for name, arr, size in (("values", self.values, m.num_slots), ("indices", self.indices, m.num_slots),
+                                ("lane_row", self.lane_row, m.num_lanes),
+                                ("indices_t", self.indices_t, mt.num_slots),
+                                ("lane_row_t", self.lane_row_t, mt.num_lanes),
+                                ("perm_t", self.perm_t, mt.num_slots)):
+            if np.shape(arr) != (size,):
+                raise ValueError(f"SparseWeights.{name} must have shape ({size},), got {np.shape(arr)}")
+        for name, arr in (("indices", self.indices), ("lane_row", self.lane_row),
+                          ("indices_t", self.indices_t), ("lane_row_t", self.lane_row_t),
+                          ("perm_t", self.perm_t)):
+            if np.dtype(arr.dtype) != np.int32:
+                raise TypeError(f"SparseWeights.{name} must be int32, got {arr.dtype}")
+        check_weight_dtype(self.values.dtype, "SparseWeights.values")
+        H = m.hidden
+        for name, idx, rows in (("indices", self.indices, self.lane_row),
+                                ("indices_t", self.indices_t, self.lane_row_t)):
+            cols = decode_columns(np.asarray(idx))
+            if cols.size and (cols.min() < 0 or cols.max() >= H):
+                raise ValueError(f"SparseWeights.{name} has columns outside [0, {H})")
+            rows = np.asarray(rows)
+            if rows.size and (rows.min() < -1 or rows.max() >= H):
+                raise ValueError(f"SparseWeights.lane_row{name[7:]} has rows outside [-1, {H})")
+            if not np.array_equal(np.unique(rows[rows >= 0]), np.arange(H)):
+                raise ValueError(f"SparseWeights.lane_row{name[7:]} must give every row a lane")
+        perm = np.asarray(self.perm_t)
+        if perm.size and (perm.min() < -1 or perm.max() >= m.num_slots):
+            raise ValueError(f"SparseWeights.perm_t has entries outside [-1, {m.num_slots})")
+        real = np.asarray(self.indices) >= 0
+        if int(real.sum()) != self.nnz or int((perm >= 0).sum()) != self.nnz:
+            raise ValueError("SparseWeights: the layouts do not hold nnz real slots each")
+        if np.any(np.asarray(self.values)[~real] != 0):
+            raise ValueError("SparseWeights.values must be exactly zero on padding slots")
+
+    def __repr__(self) -> str:
+        return (f"SparseWeights(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, "
+                f"density={self.density:.4f}, K={self.meta.slots_per_lane}, "
+                f"warps={self.meta.num_warps}, ctas={self.meta.num_ctas}, fits={self.meta.fits})")
