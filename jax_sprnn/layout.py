@@ -83,9 +83,11 @@ def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
     n = sorted_keys.size
     if n == 0:
         return np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-    return np.arange(n, dtype=np.int64) - run_start
+    idx = np.arange(n, dtype=np.int64)
+    is_start = np.empty(n, bool)
+    is_start[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=is_start[1:])
+    return idx - np.maximum.accumulate(np.where(is_start, idx, 0))
 
 
 def _assign_lanes(row_nnz: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -130,81 +132,112 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: Plan, *, bank_aware: 
     row_nnz = np.bincount(rows, minlength=hidden)
     first_lane, lanes = _assign_lanes(row_nnz, plan)
 
-    # Every position (lane, slot) of every row, generated lane-major.
+    # Every position (lane, slot) of every row, generated in (row, slot, lane) order: the order in
+    # which leftovers fill a row, earliest slots first.
     lane_row = np.full(meta.num_lanes, -1, np.int64)
     lane_ids = np.repeat(first_lane, lanes) + (np.arange(lanes.sum()) -
                                                 np.repeat(np.cumsum(lanes) - lanes, lanes))
     lane_row[lane_ids] = np.repeat(np.arange(hidden), lanes)
-    pos_lane = np.repeat(lane_ids, K)
-    pos_k = np.tile(np.arange(K, dtype=np.int64), lane_ids.size)
-    pos_row = lane_row[pos_lane]
+    per_row = lanes * K
+    pos_row = np.repeat(np.arange(hidden), per_row)
+    local = np.arange(per_row.sum()) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    row_lanes = lanes[pos_row]
+    pos_k = local // row_lanes
+    pos_lane = first_lane[pos_row] + local % row_lanes
     pos_flat = ((pos_lane // WARP) * K + pos_k) * WARP + pos_lane % WARP
 
     # Elements in (row, column) order.
-    order_e = np.lexsort((cols, rows))
+    row_major = rows * hidden + cols
+    if np.all(row_major[1:] >= row_major[:-1]):  # callers usually pass row-sorted nonzeros
+        order_e = np.arange(nnz)
+    else:
+        order_e = np.argsort(row_major, kind="stable")
     er, ec = rows[order_e], cols[order_e]
-    slot_sorted = np.empty(nnz, np.int64)  # slot of the element at sorted position
-    matched_e = np.zeros(nnz, bool)
-    taken = np.zeros(pos_flat.size, bool)
-
-    # Positions of one row ordered by (slot, lane), so leftovers go to the earliest slots.
-    pos_order_key = pos_row * (K * WARP) + pos_k * WARP + pos_lane % WARP
+    plain = _place(er, pos_row, pos_flat, hidden, np.zeros(nnz, bool),
+                   np.zeros(pos_flat.size, bool), np.empty(nnz, np.int64))
+    indices = _indices_with_padding(plain, ec, meta)
     if bank_aware:
-        groups = hidden * P
-        tg = (pos_lane % WARP + pos_k) % P
-        key_p = pos_row * P + tg
-        order_p = np.lexsort((pos_order_key, key_p))
-        kp = key_p[order_p]
-        rank_p = _rank_within_runs(kp)
-        key_e = er * P + ec % P
-        order_g = np.argsort(key_e, kind="stable")
-        ke = key_e[order_g]
-        rank_e = _rank_within_runs(ke)
-        m = np.minimum(np.bincount(kp, minlength=groups), np.bincount(ke, minlength=groups))
-        sel_p = order_p[rank_p < m[kp]]
-        sel_e = order_g[rank_e < m[ke]]
-        slot_sorted[sel_e] = pos_flat[sel_p]  # both lists run in (row, group, rank) order
-        matched_e[sel_e] = True
-        taken[sel_p] = True
+        aware = _place_bank_aware(er, ec, pos_row, pos_k, pos_lane, pos_flat, meta)
+        aware_indices = _indices_with_padding(aware, ec, meta)
+        # Keep, warp by warp, whichever order has fewer conflicts: rows never straddle warps, so
+        # mixing is consistent, and the result is never worse than the unordered layout.
+        better = (_conflicts_per_warp(aware_indices, meta) <= _conflicts_per_warp(indices, meta))
+        slot_warp = np.arange(meta.num_slots) // (K * WARP)
+        indices = np.where(better[slot_warp], aware_indices, indices)
+        plain = np.where(better[plain // (K * WARP)], aware, plain)
+    slot_of_nonzero = np.empty(nnz, np.int64)
+    slot_of_nonzero[order_e] = plain
+    return PackedPattern(meta, indices.astype(np.int32), lane_row.astype(np.int32), slot_of_nonzero)
 
-    # Leftovers: the i-th unmatched element of a row takes the row's i-th free position.
+
+def _place(er, pos_row, pos_flat, hidden, matched_e, taken, slot_sorted):
+    """The i-th unmatched element of a row takes the row's i-th free position (slot-major)."""
     left_e = np.flatnonzero(~matched_e)
-    free_p = np.flatnonzero(~taken)
-    free_p = free_p[np.argsort(pos_order_key[free_p], kind="stable")]
+    free_p = np.flatnonzero(~taken)  # positions are generated in (row, slot, lane) order
     free_rank = _rank_within_runs(pos_row[free_p])
     left_per_row = np.bincount(er[left_e], minlength=hidden)
     use_p = free_p[free_rank < left_per_row[pos_row[free_p]]]
     slot_sorted[left_e] = pos_flat[use_p]  # both in row order
+    return slot_sorted
 
+
+def _place_bank_aware(er, ec, pos_row, pos_k, pos_lane, pos_flat, meta):
+    """Match each row's nonzeros of bank group g to its positions whose target group is g."""
+    hidden, K, P = meta.hidden, meta.slots_per_lane, meta.phase_lanes
+    nnz = er.size
+    slot_sorted = np.empty(nnz, np.int64)
+    tg = (pos_lane % WARP + pos_k) % P
+    key_p = pos_row * P + tg
+    order_p = np.argsort(key_p, kind="stable")  # keeps (slot, lane) order inside a group
+    kp = key_p[order_p]
+    key_e = er * P + ec % P
+    order_g = np.argsort(key_e, kind="stable")
+    ke = key_e[order_g]
+    m = np.minimum(np.bincount(kp, minlength=hidden * P), np.bincount(ke, minlength=hidden * P))
+    sel_p = order_p[_rank_within_runs(kp) < m[kp]]
+    sel_e = order_g[_rank_within_runs(ke) < m[ke]]
+    slot_sorted[sel_e] = pos_flat[sel_p]  # both lists run in (row, group, rank) order
+    matched_e = np.zeros(nnz, bool)
+    matched_e[sel_e] = True
+    taken = np.zeros(pos_flat.size, bool)
+    taken[sel_p] = True
+    return _place(er, pos_row, pos_flat, hidden, matched_e, taken, slot_sorted)
+
+
+def _indices_with_padding(slot_of_element, ec, meta: LayoutMeta) -> np.ndarray:
+    """The index array: real columns, and ``~j`` on padding with ``j`` read elsewhere in the phase
+    (one address: a broadcast, not a conflict)."""
+    P = meta.phase_lanes
     indices = np.zeros(meta.num_slots, np.int64)
     real = np.zeros(meta.num_slots, bool)
-    indices[slot_sorted] = ec
-    real[slot_sorted] = True
-    # Padding reads a column that a real slot of the same phase reads (one address: a broadcast).
-    phase = np.arange(meta.num_slots) // P
-    phase_col = np.zeros(meta.num_slots // P, np.int64)
-    phase_col[phase[real]] = indices[real]
-    indices = np.where(real, indices, ~phase_col[phase])
-
-    slot_of_nonzero = np.empty(nnz, np.int64)
-    slot_of_nonzero[order_e] = slot_sorted
-    return PackedPattern(meta, indices.astype(np.int32), lane_row.astype(np.int32), slot_of_nonzero)
+    indices[slot_of_element] = ec
+    real[slot_of_element] = True
+    by_phase, real_by_phase = indices.reshape(-1, P), real.reshape(-1, P)
+    phase_col = np.take_along_axis(by_phase, real_by_phase.argmax(axis=1)[:, None], axis=1)
+    return np.where(real_by_phase, by_phase, ~phase_col).reshape(-1)
 
 
-def bank_conflicts(indices: np.ndarray, load_bytes: int, hidden: int | None = None) -> int:
+def _wavefronts(indices: np.ndarray, load_bytes: int) -> np.ndarray:
+    """Wavefronts of each phase (row of ``P`` lanes) under the bank model of bank_conflicts."""
+    P = 128 // load_bytes
+    cols = np.sort(decode_columns(indices).astype(np.int64).reshape(-1, P), axis=1)
+    distinct = np.ones(cols.shape, bool)
+    distinct[:, 1:] = cols[:, 1:] != cols[:, :-1]
+    phase = np.repeat(np.arange(cols.shape[0]), P).reshape(cols.shape)
+    per_group = np.bincount((phase * P + cols % P)[distinct], minlength=cols.size)
+    return per_group.reshape(-1, P).max(axis=1)
+
+
+def _conflicts_per_warp(indices: np.ndarray, meta: LayoutMeta) -> np.ndarray:
+    extra = np.maximum(_wavefronts(indices, meta.load_bytes) - 1, 0)
+    return extra.reshape(meta.num_warps, -1).sum(axis=1)
+
+
+def bank_conflicts(indices: np.ndarray, load_bytes: int) -> int:
     """Extra shared-memory wavefronts of a layout's h loads under a model of the banks.
 
     A phase of ``P = 128 / load_bytes`` lanes is one wavefront when its columns fall in distinct bank
     groups (``j mod P``) or repeat one address; each further distinct column in a group costs one
     more. Returns the sum over all (warp, slot, phase) of ``wavefronts - 1``.
     """
-    P = 128 // load_bytes
-    cols = decode_columns(indices).astype(np.int64)
-    if hidden is None:
-        hidden = int(cols.max()) + 1 if cols.size else 1
-    phase = np.arange(cols.size) // P
-    distinct = np.unique(phase * hidden + cols)  # one entry per distinct address in a phase
-    ph, col = distinct // hidden, distinct % hidden
-    per_group = np.bincount(ph * P + col % P, minlength=(cols.size // P) * P)
-    waves = per_group.reshape(-1, P).max(axis=1)
-    return int(np.maximum(waves - 1, 0).sum())
+    return int(np.maximum(_wavefronts(np.asarray(indices), load_bytes) - 1, 0).sum())

@@ -28,9 +28,13 @@ def magnitude_mask(kernel: np.ndarray, density: float) -> np.ndarray:
         raise ValueError(f"density must be in [0, 1], got {density}")
     flat = np.abs(np.asarray(kernel, np.float32)).ravel()
     keep = int(round(density * flat.size))
-    mask = np.zeros(flat.size, bool)
-    if keep:
-        mask[np.argpartition(-flat, keep - 1)[:keep]] = True
+    if keep == 0:
+        return np.zeros(np.shape(kernel), bool)
+    # Everything above the keep-th largest magnitude, then the ties at it in position order.
+    threshold = np.partition(flat, flat.size - keep)[flat.size - keep]
+    mask = flat > threshold
+    ties = np.flatnonzero(flat == threshold)[: keep - int(mask.sum())]
+    mask[ties] = True
     return mask.reshape(np.shape(kernel))
 
 
@@ -100,9 +104,10 @@ class SparseWeights:
         if device is None:
             from ._native import current_device_spec
             device = current_device_spec()
-        # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i].
-        cols, rows = np.nonzero(mask)
-        vals = kernel[cols, rows].astype(dtype)
+        # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i]. Reading
+        # the transposed mask yields them sorted by row, as the packer likes.
+        rows, cols = np.nonzero(mask.T)
+        vals = kernel.T[rows, cols].astype(dtype)
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], device=device, load_bytes=load_bytes)
 
     @classmethod

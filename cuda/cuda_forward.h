@@ -1,0 +1,64 @@
+// The CUDA forward recurrence of jax_sprnn: XLA FFI handler symbols and the host helpers that the
+// nanobind module (cuda_module.cc) exposes to the Python planner.
+//
+// This header is compiled by the host C++ compiler as well as by nvcc, so it names no CUDA types.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/api.h"
+
+// `jax_sprnn_forward` on CUDA: see docs/format.md for the arguments, results and attributes.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardCuda);
+// `jax_sprnn_sync_floor`: the forward kernel's exchange protocol with no compute, for benchmarks.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda);
+
+namespace jax_sprnn::cuda {
+
+struct DeviceProperties {
+  std::string name;
+  int major = 0;
+  int minor = 0;
+  int sm_count = 0;
+  int regs_per_sm = 0;
+  int regs_per_block = 0;
+  int64_t smem_per_sm = 0;
+  int64_t smem_per_block_optin = 0;
+  int max_threads_per_sm = 0;
+  int max_threads_per_block = 0;
+  bool cooperative_launch = false;
+  int64_t l2_bytes = 0;
+};
+
+// What the compiler made of one forward-kernel instantiation (cudaFuncGetAttributes).
+struct KernelAttributes {
+  int num_regs = 0;
+  int64_t local_bytes = 0;        // per-thread local memory: non-zero means register spills
+  int max_threads_per_block = 0;  // the launch bound the instantiation was compiled for
+  int64_t static_smem_bytes = 0;
+};
+
+// All helpers below return "" on success and an error message otherwise.
+std::string GetDeviceCount(int* count);
+std::string GetDeviceProperties(int device, DeviceProperties* out);
+
+// The compile-time register-slot counts instantiated for `dtype` ("float32", "float16", "bfloat16",
+// or the short forms "f32", "f16", "bf16"). An empty dtype gives the counts instantiated for every
+// dtype. An unknown dtype gives an empty list.
+std::vector<int> SupportedRegSlots(const std::string& dtype);
+
+// `tile` is the staged-h load width in floats (1, 2 or 4, i.e. load_bytes / 4).
+std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
+                                KernelAttributes* out);
+
+// The deferred error of an earlier persistent-kernel call (see cuda_forward.cu), or "" if none.
+// Clears it. Only meaningful once the stream that ran the call has been synchronized.
+std::string TakePendingError();
+
+// Best-effort one-time setup (the pinned host word used for deferred error reporting). Call it
+// outside any CUDA-graph capture, e.g. when the handlers are registered. Never throws.
+void Initialize();
+
+}  // namespace jax_sprnn::cuda

@@ -1,0 +1,126 @@
+"""The forward recurrence through the native kernel (C++ on CPU, persistent kernel on GPU) against
+the pure-JAX reference, on fresh random data at odd shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+
+from conftest import DTYPES, TOLERANCE, make_problem, on_gpu, rel_err
+
+
+def _check(seed, hidden, batch, steps, density, dtype="float32", *, activation="tanh",
+           reverse=False, lengths=None, time_major=False, mask=None, method="native"):
+    dense, w, x, h0 = make_problem(seed, hidden, batch, steps, density, dtype, mask=mask)
+    if time_major:
+        x = jnp.swapaxes(x, 0, 1)
+    kw = dict(activation=activation, reverse=reverse, seq_lengths=lengths, time_major=time_major)
+    y, h_final = js.sparse_rnn(x, h0, w, method=method, **kw)
+    y_ref, h_ref = js.reference_rnn(x, h0, dense, **kw)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert h_final.shape == h0.shape and h_final.dtype == h0.dtype
+    tol = TOLERANCE[dtype]
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(h_final, h_ref) < tol
+    return y, h_final
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("hidden,batch", [(37, 1), (100, 3), (129, 7)])
+@pytest.mark.parametrize("density", [0.01, 0.1, 1.0])
+def test_matches_reference(dtype, hidden, batch, density):
+    _check(hidden * 7 + batch, hidden, batch, 23, density, dtype)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
+def test_activations(activation):
+    _check(1, 65, 3, 17, 0.2, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_single_step(dtype):
+    _check(2, 50, 4, 1, 0.3, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_long_sequence(dtype):
+    _check(3, 45, 2, 1200, 0.2, dtype)
+
+
+def test_empty_rows_and_columns():
+    rng = np.random.default_rng(5)
+    mask = rng.random((70, 70)) < 0.2
+    mask[:, 10:20] = False  # output units with no recurrent input (empty rows of U)
+    mask[30:40, :] = False  # input units feeding nothing (empty columns of U)
+    _check(5, 70, 3, 19, None, mask=mask)
+
+
+def test_all_zero_pattern():
+    _check(6, 33, 2, 9, None, mask=np.zeros((33, 33), bool))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lengths_and_reverse(reverse, dtype):
+    lengths = np.array([13, 0, 1, 7, 13], np.int32)
+    y, h_final = _check(7, 61, 5, 13, 0.15, dtype, reverse=reverse, lengths=lengths)
+    # outputs past each length are exactly zero; a zero-length example keeps h0
+    for b, n in enumerate(lengths):
+        assert np.all(np.asarray(y[b, n:], np.float32) == 0)
+    _, _, _, h0 = make_problem(7, 61, 5, 13, 0.15, dtype)
+    np.testing.assert_array_equal(np.asarray(h_final[1], np.float32), np.asarray(h0[1], np.float32))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_time_major(reverse):
+    _check(8, 40, 3, 11, 0.25, time_major=True, reverse=reverse, lengths=np.array([11, 4, 9]))
+
+
+def test_reverse_runs_backwards_in_time():
+    # With identity activation and zero kernel, reverse makes no difference to outputs; with a
+    # real kernel the final state of a reversed run equals the forward run on the flipped input.
+    dense, w, x, h0 = make_problem(9, 48, 2, 10, 0.3)
+    y_rev, h_rev = js.sparse_rnn(x, h0, w, reverse=True, method="native")
+    y_fwd, h_fwd = js.sparse_rnn(x[:, ::-1], h0, w, method="native")
+    np.testing.assert_allclose(np.asarray(h_rev), np.asarray(h_fwd), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y_rev), np.asarray(y_fwd[:, ::-1]), rtol=1e-6, atol=1e-6)
+
+
+def test_methods_agree():
+    dense, w, x, h0 = make_problem(10, 57, 3, 12, 0.2)
+    outs = [js.sparse_rnn(x, h0, w, method=m) for m in js.METHODS]
+    for y, h in outs[1:]:
+        assert rel_err(y, outs[0][0]) < 1e-5 and rel_err(h, outs[0][1]) < 1e-5
+
+
+def test_outputs_are_all_written():
+    # NaN inputs at positions past the lengths must not leak into outputs or the final state.
+    dense, w, x, h0 = make_problem(11, 40, 3, 8, 0.2)
+    lengths = np.array([8, 3, 5], np.int32)
+    pos = np.arange(8)[None, :, None]
+    x = jnp.where(pos >= lengths[:, None, None], jnp.nan, x)
+    y, h_final = js.sparse_rnn(x, h0, w, seq_lengths=lengths, method="native")
+    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.isfinite(np.asarray(h_final)))
+
+
+def test_nan_propagates_like_the_reference():
+    dense, w, x, h0 = make_problem(12, 30, 2, 6, 0.3)
+    x = x.at[0, 2, 5].set(jnp.nan)
+    y, _ = js.sparse_rnn(x, h0, w, method="native")
+    y_ref, _ = js.reference_rnn(x, h0, dense)
+    # A NaN poisons its example from its step on, in both; other examples stay finite. (Which units
+    # it reaches differs: the dense reference multiplies it by the zeros the mask removed.)
+    nan_steps = np.isnan(np.asarray(y)).any(axis=2)
+    np.testing.assert_array_equal(nan_steps, np.isnan(np.asarray(y_ref)).any(axis=2))
+    assert nan_steps[0, 2:].all() and not nan_steps[0, :2].any() and not nan_steps[1].any()
+
+
+@pytest.mark.gpu
+def test_gpu_runs_the_persistent_kernel():
+    dense, w, x, h0 = make_problem(13, 256, 4, 64, 0.1, "float16")
+    hlo = jax.jit(lambda x, h0, w: js.sparse_rnn(x, h0, w, method="native")).lower(x, h0, w).as_text()
+    assert "jax_sprnn_forward" in hlo
+    _check(13, 256, 4, 64, 0.1, "float16")

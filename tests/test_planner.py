@@ -1,0 +1,87 @@
+"""The planner: a pure function of the layer and a (made-up) device."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jax_sprnn import planner
+from jax_sprnn.planner import H200, DeviceSpec, plan_layout
+
+
+def _check_budget(plan, device, dtype):
+    words = planner.bytes_per_slot(dtype) // 4
+    assert plan.num_ctas <= device.sm_count
+    assert plan.threads_per_cta <= device.max_threads_per_block
+    assert plan.reg_slots in device.reg_slot_options and plan.reg_slots <= plan.slots_per_lane
+    regs = device.base_regs + plan.reg_slots * words
+    assert regs <= device.max_regs_per_thread
+    assert regs * plan.threads_per_cta <= device.regs_per_sm
+    assert plan.smem_bytes <= device.smem_per_block
+
+
+@pytest.mark.parametrize("hidden,density", [(1152, 0.1), (2304, 0.1), (2304, 0.3), (4608, 0.1), (100, 1.0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_plans_fit_within_budget(hidden, density, dtype):
+    nnz = np.full(hidden, int(round(density * hidden)))
+    plan = plan_layout(nnz, dtype, H200)
+    assert plan.fits, plan.reason
+    assert plan.slots_per_lane in planner.SLOT_SIZES
+    assert plan.slots_per_lane * 32 >= nnz.max()
+    _check_budget(plan, H200, dtype)
+
+
+def test_every_row_fits_its_warp():
+    rng = np.random.default_rng(0)
+    nnz = rng.integers(0, 300, size=777)
+    plan = plan_layout(nnz, np.float16)
+    lanes = planner.lanes_per_row(nnz, plan.slots_per_lane)
+    assert lanes.max() <= 32
+    warp, first, used = planner.pack_rows_into_warps(lanes)
+    assert used <= plan.num_warps
+    # no two rows overlap, and rows stay inside their warp
+    assert np.all(first + lanes <= 32)
+    occupied = np.zeros((used, 32), int)
+    for w, f, n in zip(warp, first, lanes):
+        occupied[w, f:f + n] += 1
+    assert occupied.max() == 1
+
+
+def test_tiny_device_does_not_fit_and_says_why():
+    tiny = DeviceSpec(name="tiny", sm_count=4, regs_per_sm=16384, smem_per_block=16384,
+                      max_threads_per_block=256)
+    plan = plan_layout(np.full(4096, 400), np.float16, tiny)
+    assert not plan.fits
+    assert "tiny" in plan.reason and "4096" in plan.reason
+    # the fallback layout is still a valid layout for the CPU kernel
+    assert plan.slots_per_lane * 32 >= 400
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_made_up_devices_never_exceed_budget(seed):
+    rng = np.random.default_rng(seed)
+    device = DeviceSpec(name="made-up", sm_count=int(rng.integers(2, 200)),
+                        regs_per_sm=int(rng.choice([32768, 65536])),
+                        smem_per_block=int(rng.integers(16, 228)) * 1024,
+                        max_threads_per_block=int(rng.choice([256, 512, 1024])))
+    hidden = int(rng.integers(1, 3000))
+    nnz = rng.integers(0, hidden + 1, size=hidden) if seed % 2 else np.full(hidden, hidden // 10)
+    for dtype in (np.float32, np.float16):
+        plan = plan_layout(nnz, dtype, device)
+        if plan.fits:
+            _check_budget(plan, device, dtype)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="load_bytes"):
+        plan_layout(np.ones(10, int), np.float32, load_bytes=12)
+    with pytest.raises(ValueError, match="at least one row"):
+        plan_layout(np.zeros(0, int), np.float32)
+
+
+def test_max_batch_shrinks_with_hidden():
+    small = plan_layout(np.full(1152, 115), np.float16)
+    big = plan_layout(np.full(4608, 460), np.float16)
+    assert planner.max_persistent_batch(small, np.float16) > planner.max_persistent_batch(big, np.float16) >= 4
+    assert dataclasses.replace(small, fits=False) and planner.max_persistent_batch(
+        dataclasses.replace(small, fits=False), np.float16) == 0
