@@ -131,6 +131,12 @@ __device__ __forceinline__ void st_relaxed(uint64_t* p, uint64_t a, uint64_t b) 
   asm volatile("st.relaxed.gpu.global.v2.u64 [%0], {%1, %2};" ::"l"(p), "l"(a), "l"(b) : "memory");
 }
 
+// An empty asm that "modifies" a register: the compiler must assume a new value on every pass, so it
+// cannot hoist the decoding of a packed slot out of the step loop (which would double the register
+// tier: one register for the value and one for the offset of every slot).
+__device__ __forceinline__ void launder(uint32_t& r) { asm volatile("" : "+r"(r)); }
+__device__ __forceinline__ void launder(float& r) { asm volatile("" : "+f"(r)); }
+
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -177,14 +183,19 @@ struct Storage<float> {
     return static_cast<uint32_t>(w >> 32) == tag;
   }
   __device__ static float word_value(Word w) { return __uint_as_float(static_cast<uint32_t>(w)); }
-  template <int TILE>
+  static constexpr bool kHasColumnForm = false;  // offsets are always 32-bit byte offsets
+  template <int TILE, bool kByteOffsets>
   __device__ static Slot make_slot(Bits value, int col) {
     return Slot{__uint_as_float(value), static_cast<uint32_t>(col) * (TILE * 4u)};
   }
-  template <int TILE>
+  template <int TILE, bool kByteOffsets>
   __device__ static void decode_slot(Slot s, float& value, uint32_t& byte_offset) {
     value = s.value;
     byte_offset = s.byte_offset;
+  }
+  __device__ static void launder_slot(Slot& s) {
+    launder(s.value);
+    launder(s.byte_offset);
   }
 };
 
@@ -203,15 +214,20 @@ struct Storage16 {
   }
   __device__ static bool has_tag(Word w, uint32_t tag) { return (w >> 16) == tag; }
   __device__ static float word_value(Word w) { return Derived::low_to_float(w); }
-  template <int TILE>
+  // The low half holds the column's byte offset in a staged plane when that fits in 16 bits
+  // (H * tile * 4 <= 65536: one instruction to decode), else the column (two instructions).
+  static constexpr bool kHasColumnForm = true;
+  template <int TILE, bool kByteOffsets>
   __device__ static Slot make_slot(Bits value, int col) {
-    return (static_cast<uint32_t>(value) << 16) | static_cast<uint32_t>(col);
+    const uint32_t low = kByteOffsets ? static_cast<uint32_t>(col) * (TILE * 4u) : col;
+    return (static_cast<uint32_t>(value) << 16) | low;
   }
-  template <int TILE>
+  template <int TILE, bool kByteOffsets>
   __device__ static void decode_slot(Slot s, float& value, uint32_t& byte_offset) {
     value = Derived::high_to_float(s);
-    byte_offset = (s & 0xffffu) * (TILE * 4u);
+    byte_offset = kByteOffsets ? (s & 0xffffu) : (s & 0xffffu) * (TILE * 4u);
   }
+  __device__ static void launder_slot(Slot& s) { launder(s); }
 };
 
 template <>
@@ -266,20 +282,21 @@ struct ForwardConfig {
   static_assert(TILE == 1 || TILE == 2 || TILE == 4, "tile is 1, 2 or 4 floats (4, 8, 16 bytes)");
   static constexpr int kTile = TILE;
   static constexpr int kRegSlots = RS;
+  static constexpr int kRegArray = RS > 0 ? RS : 1;
   // Independent accumulator sets: the slot loop is a chain of dependent FMAs per accumulator, so
   // keep at least 4 chains in flight whatever the tile.
   static constexpr int kChains = TILE >= 4 ? 1 : 4 / TILE;
   // Shared-memory-tier slots per loop iteration (a multiple of kChains).
   static constexpr int kSmemUnroll = 4;
   // Exchange vectors each thread keeps in flight while staging (16 bytes each).
-  static constexpr int kStageUnroll = 8;
+  static constexpr int kStageUnroll = 4;
   static constexpr int kVecWords = 16 / S::kWordBytes;
   // Register budget: the register tier plus what staging / the slot loop / the epilogue need on
   // top (measured with -Xptxas -v; see the report in the handler's documentation). The launch
   // bound follows from it, so ptxas is never forced to spill the register tier.
   static constexpr int kOverheadRegs = 64;
   static constexpr int kRegBudget = cmin(255, round_up(RS * S::kRegsPerSlot + kOverheadRegs, 8));
-  static constexpr int kMaxThreads = cmin(kMaxThreadsPerCta, (65536 / kRegBudget) / 32 * 32);
+  static constexpr int kMaxThreads = 1024;
 };
 
 // ================================================================================================
@@ -308,6 +325,7 @@ struct ForwardParams {
   int w_smem_offset;     // bytes: start of the shared-memory weight tier
   int len_smem_offset;   // bytes: start of the clamped lengths
   int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses
+  int byte_offsets;      // 16-bit D: slots hold byte offsets (H * tile * 4 <= 65536), else columns
   int stall_cta;         // test hook: this CTA never publishes (-1: none)
   unsigned long long timeout_ns;
 };
@@ -387,25 +405,32 @@ __device__ __forceinline__ float wait_word(const typename S::Word* src, uint32_t
 }
 
 // Stages words [0, n_words) of an exchange buffer into dst[0, n_words) as fp32: the full batch
-// planes, whose exchange layout equals the shared-memory layout. Each thread keeps U vectors of VW
-// words in flight and re-issues all of its not-yet-tagged ones together, so a round costs about one
-// L2 round trip after the last producer, not one per vector.
+// planes, whose exchange layout equals the shared-memory layout.
+//   * Work is split into warp chunks of 32*U vectors; lane l of a warp takes vectors l, l+32, ...
+//     of its chunk, so every load instruction is a coalesced 512-byte access and all U addresses
+//     are one register plus an immediate offset (few registers next to the register tier).
+//   * A thread keeps its U vectors in flight and re-issues all of its not-yet-tagged ones together:
+//     a chunk costs about one L2 round trip after its last producer, not one per vector.
 template <class S, int VW, int U>
 __device__ __forceinline__ void stage_words(const typename S::Word* __restrict__ src,
                                             float* __restrict__ dst, int n_words, uint32_t tag,
                                             SpinControl& spin) {
   using Word = typename S::Word;
-  const int tid = threadIdx.x;
-  const int nthreads = blockDim.x;
+  constexpr int kChunk = 32 * U;
+  const int lane = threadIdx.x & 31;
+  const int n_warps = blockDim.x >> 5;
   const int n_vec = n_words / VW;
-  for (int base = tid; base < n_vec && !spin.aborted; base += nthreads * U) {
+  for (int chunk = (threadIdx.x >> 5) * kChunk; chunk < n_vec && !spin.aborted;
+       chunk += n_warps * kChunk) {
+    const Word* s0 = src + static_cast<size_t>(chunk + lane) * VW;
+    float* d0 = dst + static_cast<size_t>(chunk + lane) * VW;
+    const int avail = n_vec - chunk - lane;  // vector u of this thread exists iff u*32 < avail
     WordVec<Word, VW> v[U];
     uint32_t pending = 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int i = base + u * nthreads;
-      if (i < n_vec) {
-        ld_relaxed(v[u], src + static_cast<size_t>(i) * VW);
+      if (u * 32 < avail) {
+        ld_relaxed(v[u], s0 + u * 32 * VW);
         pending |= 1u << u;
       }
     }
@@ -417,7 +442,7 @@ __device__ __forceinline__ void stage_words(const typename S::Word* __restrict__
           float f[VW];
 #pragma unroll
           for (int k = 0; k < VW; ++k) f[k] = S::word_value(v[u].w[k]);
-          store_floats<VW>(dst + static_cast<size_t>(base + u * nthreads) * VW, f);
+          store_floats<VW>(d0 + u * 32 * VW, f);
           pending &= ~(1u << u);
         }
       }
@@ -425,24 +450,64 @@ __device__ __forceinline__ void stage_words(const typename S::Word* __restrict__
       if (iter % kSpinCheckPeriod == 0 && spin.give_up(deadline)) break;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if ((pending >> u) & 1u) ld_relaxed(v[u], src + static_cast<size_t>(base + u * nthreads) * VW);
+        if ((pending >> u) & 1u) ld_relaxed(v[u], s0 + u * 32 * VW);
       }
     }
   }
   // Words past the last whole vector.
-  for (int i = n_vec * VW + tid; i < n_words; i += nthreads) dst[i] = wait_word<S>(src + i, tag, spin);
+  for (int i = n_vec * VW + static_cast<int>(threadIdx.x); i < n_words; i += blockDim.x)
+    dst[i] = wait_word<S>(src + i, tag, spin);
 }
 
-template <class S, int TILE>
+template <class S, int TILE, bool kByteOffsets>
 __device__ __forceinline__ void fma_slot(float (&acc)[TILE], typename S::Slot slot,
                                          const unsigned char* plane) {
   using V = TileVec<TILE>;
   float value;
   uint32_t byte_offset;
-  S::template decode_slot<TILE>(slot, value, byte_offset);
+  S::template decode_slot<TILE, kByteOffsets>(slot, value, byte_offset);
   const typename V::type h = *reinterpret_cast<const typename V::type*>(plane + byte_offset);
 #pragma unroll
   for (int t = 0; t < TILE; ++t) acc[t] = fmaf(value, V::get(h, t), acc[t]);
+}
+
+// acc[t] = sum over this lane's slots of value * h[plane][col][t]: the register tier (unrolled,
+// compile-time indices only), then the shared-memory tier [warp][slot][lane].
+template <class Cfg, bool kByteOffsets>
+__device__ __forceinline__ void gather_plane(float (&acc)[Cfg::kTile],
+                                             typename Cfg::S::Slot (&reg)[Cfg::kRegArray],
+                                             const typename Cfg::S::Slot* w_lane, int n_smem_slots,
+                                             const unsigned char* plane) {
+  using S = typename Cfg::S;
+  using Slot = typename S::Slot;
+  constexpr int TILE = Cfg::kTile;
+  constexpr int CH = Cfg::kChains;
+  constexpr int SU = Cfg::kSmemUnroll;
+  float a[CH][TILE];
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) a[c][t] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < Cfg::kRegSlots; ++k) S::launder_slot(reg[k]);  // decode per use, not hoisted
+#pragma unroll
+  for (int k = 0; k < Cfg::kRegSlots; ++k)
+    fma_slot<S, TILE, kByteOffsets>(a[k % CH], reg[k], plane);
+  int k = 0;
+  for (; k + SU <= n_smem_slots; k += SU) {
+    Slot w[SU];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) w[u] = w_lane[(k + u) * 32];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) fma_slot<S, TILE, kByteOffsets>(a[u % CH], w[u], plane);
+  }
+  for (; k < n_smem_slots; ++k) fma_slot<S, TILE, kByteOffsets>(a[0], w_lane[k * 32], plane);
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) {
+    acc[t] = a[0][t];
+#pragma unroll
+    for (int c = 1; c < CH; ++c) acc[t] += a[c][t];
+  }
 }
 
 __device__ __forceinline__ float activate(int activation, float z) {
@@ -504,7 +569,6 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   using Slot = typename S::Slot;
   constexpr int TILE = Cfg::kTile;
   constexpr int RS = Cfg::kRegSlots;
-  constexpr int CH = Cfg::kChains;
 
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
@@ -569,28 +633,27 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const Bits* values = static_cast<const Bits*>(p.values);
   const size_t lane_base = static_cast<size_t>(gwarp) * K * 32 + lane;
   bool bad_index = false;
-  Slot reg[RS > 0 ? RS : 1];
-#pragma unroll
-  for (int k = 0; k < RS; ++k) {
-    Bits v = __ldg(values + lane_base + static_cast<size_t>(k) * 32);
-    int col = __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32);
+  const bool byte_offsets = p.byte_offsets != 0;
+  auto make_slot = [&](Bits v, int col) {
     if (static_cast<unsigned>(col) >= static_cast<unsigned>(H)) {
       bad_index = true;
       col = 0;
       v = Bits(0);
     }
-    reg[k] = S::template make_slot<TILE>(v, col);
+    return byte_offsets ? S::template make_slot<TILE, true>(v, col)
+                        : S::template make_slot<TILE, false>(v, col);
+  };
+  Slot reg[Cfg::kRegArray];
+#pragma unroll
+  for (int k = 0; k < RS; ++k) {
+    reg[k] = make_slot(__ldg(values + lane_base + static_cast<size_t>(k) * 32),
+                       __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32));
   }
   Slot* const w_lane = w_tier + static_cast<size_t>(warp) * n_smem_slots * 32 + lane;
   for (int k = 0; k < n_smem_slots; ++k) {
-    Bits v = __ldg(values + lane_base + static_cast<size_t>(RS + k) * 32);
-    int col = __ldg(p.indices + lane_base + static_cast<size_t>(RS + k) * 32);
-    if (static_cast<unsigned>(col) >= static_cast<unsigned>(H)) {
-      bad_index = true;
-      col = 0;
-      v = Bits(0);
-    }
-    w_lane[static_cast<size_t>(k) * 32] = S::template make_slot<TILE>(v, col);
+    w_lane[static_cast<size_t>(k) * 32] =
+        make_slot(__ldg(values + lane_base + static_cast<size_t>(RS + k) * 32),
+                  __ldg(p.indices + lane_base + static_cast<size_t>(RS + k) * 32));
   }
   if (bad_index) atomicOr(&s_error, kErrBadLayout);
   const bool cta_has_rows = __syncthreads_or(row >= 0);  // also publishes s_steps, s_error, w_tier
@@ -677,30 +740,10 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         const unsigned char* hp =
             reinterpret_cast<const unsigned char*>(h_cur + plane * plane_floats);
         float acc[TILE];
-        {
-          float a[CH][TILE];
-#pragma unroll
-          for (int c = 0; c < CH; ++c)
-#pragma unroll
-            for (int t = 0; t < TILE; ++t) a[c][t] = 0.0f;
-#pragma unroll
-          for (int k = 0; k < RS; ++k) fma_slot<S, TILE>(a[k % CH], reg[k], hp);
-          constexpr int SU = Cfg::kSmemUnroll;
-          int k = 0;
-          for (; k + SU <= n_smem_slots; k += SU) {
-            Slot w[SU];
-#pragma unroll
-            for (int u = 0; u < SU; ++u) w[u] = w_lane[(k + u) * 32];
-#pragma unroll
-            for (int u = 0; u < SU; ++u) fma_slot<S, TILE>(a[u % CH], w[u], hp);
-          }
-          for (; k < n_smem_slots; ++k) fma_slot<S, TILE>(a[0], w_lane[k * 32], hp);
-#pragma unroll
-          for (int t = 0; t < TILE; ++t) {
-            acc[t] = a[0][t];
-#pragma unroll
-            for (int c = 1; c < CH; ++c) acc[t] += a[c][t];
-          }
+        if (!S::kHasColumnForm || byte_offsets) {
+          gather_plane<Cfg, true>(acc, reg, w_lane, n_smem_slots, hp);
+        } else {
+          gather_plane<Cfg, false>(acc, reg, w_lane, n_smem_slots, hp);
         }
         // Segmented reduction: lane l adds lane l+off while l+off is still in its row's run;
         // after the loop the head lane holds the row sum. max_seg is warp-uniform.
@@ -1298,6 +1341,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
   prm.w_smem_offset = smem.w_offset;
   prm.len_smem_offset = smem.len_offset;
   prm.exchange_vector = xl.vector ? 1 : 0;
+  prm.byte_offsets = H * tile * 4 <= 65536 ? 1 : 0;
   prm.stall_cta = static_cast<int>(std::min<int64_t>(debug_stall_cta, INT32_MAX));
   prm.timeout_ns = static_cast<unsigned long long>(
                        spin_timeout_us > 0 ? spin_timeout_us : kDefaultSpinTimeoutUs) * 1000ull;

@@ -30,6 +30,7 @@ from . import _native, fallback, planner
 from .layout import LayoutMeta
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "identity": 2}
+_NOT_MAPPED = None  # how a batching rule sees an operand without a vmapped axis
 
 
 def cuda_workspace_bytes(batch: int, hidden: int) -> int:
@@ -81,7 +82,7 @@ def _ffi_attrs(activation: str, reverse: bool, meta: LayoutMeta) -> dict:
 
 def _move(x, bdim, size, axis):
     """``x`` with its batch dimension at ``axis`` (broadcast when it has none)."""
-    if bdim is batching.not_mapped:
+    if bdim is _NOT_MAPPED:
         return jnp.broadcast_to(jnp.expand_dims(x, axis), x.shape[:axis] + (size,) + x.shape[axis:])
     return jnp.moveaxis(x, bdim, axis)
 
@@ -101,8 +102,8 @@ def _unfold(x, size, batch_axis):
 
 def _loop_over_weights(prim, args, dims, params):
     """vmap with batched weights: run the primitive once per weight set (lax.map)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
-    mapped = [jnp.moveaxis(a, d, 0) if d is not batching.not_mapped else None
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+    mapped = [jnp.moveaxis(a, d, 0) if d is not _NOT_MAPPED else None
               for a, d in zip(args, dims)]
 
     def one(sliced):
@@ -185,10 +186,10 @@ mlir.register_lowering(sprnn_forward_p, _forward_cuda, platform="cuda")
 def _forward_batch(args, dims, **params):
     x, h0, values, indices, lane_row, lengths = args
     xd, hd, vd, idd, lrd, ld = dims
-    if any(d is not batching.not_mapped for d in (vd, idd, lrd)):
+    if any(d is not _NOT_MAPPED for d in (vd, idd, lrd)):
         return _loop_over_weights(sprnn_forward_p, args, dims, params)
     size = next(a.shape[d] for a, d in ((x, xd), (h0, hd), (lengths, ld))
-                if d is not batching.not_mapped)
+                if d is not _NOT_MAPPED)
     y, h_final = sprnn_forward_p.bind(_fold(x, xd, size, 1), _fold(h0, hd, size, 0), values, indices,
                                       lane_row, _fold(lengths, ld, size, 0), **params)
     return (_unfold(y, size, 1), _unfold(h_final, size, 0)), (1, 0)
@@ -229,9 +230,9 @@ mlir.register_lowering(sprnn_backward_p, _backward_cuda, platform="cuda")
 
 def _backward_batch(args, dims, **params):
     y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final = args
-    if any(d is not batching.not_mapped for d in dims[2:5]):
+    if any(d is not _NOT_MAPPED for d in dims[2:5]):
         return _loop_over_weights(sprnn_backward_p, args, dims, params)
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
     yd, hd, _, _, _, ld, dyd, dhd = dims
     dx, dh0 = sprnn_backward_p.bind(
         _fold(y, yd, size, 1), _fold(h0, hd, size, 0), values_t, indices_t, lane_row_t,
@@ -272,9 +273,9 @@ mlir.register_lowering(sprnn_weight_grad_p, _weight_grad_cpu, platform="cpu")
 
 def _weight_grad_batch(args, dims, *, groups, **params):
     y, h0, dz, indices, lane_row, lengths = args
-    if any(d is not batching.not_mapped for d in dims[3:5]):
+    if any(d is not _NOT_MAPPED for d in dims[3:5]):
         return _loop_over_weights(sprnn_weight_grad_p, args, dims, dict(groups=groups, **params))
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
     yd, hd, dzd, _, _, ld = dims
     # Each vmapped instance keeps its own weight gradient: its examples become their own groups.
     (dv,) = sprnn_weight_grad_p.bind(

@@ -61,13 +61,12 @@ class SparseWeights:
     perm_t: Any
     meta: LayoutMeta
     meta_t: LayoutMeta
-    nnz: int
 
     # ---- pytree -------------------------------------------------------------------------------
     def tree_flatten(self):
         leaves = (self.values, self.indices, self.lane_row, self.indices_t, self.lane_row_t,
                   self.perm_t)
-        return leaves, (self.meta, self.meta_t, self.nnz)
+        return leaves, (self.meta, self.meta_t)
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
@@ -137,7 +136,7 @@ class SparseWeights:
         perm_t[bwd.slot_of_nonzero] = fwd.slot_of_nonzero
         return cls(jnp.asarray(values), jnp.asarray(fwd.indices), jnp.asarray(fwd.lane_row),
                    jnp.asarray(bwd.indices), jnp.asarray(bwd.lane_row),
-                   jnp.asarray(perm_t.astype(np.int32)), fwd.meta, bwd.meta, int(rows.size))
+                   jnp.asarray(perm_t.astype(np.int32)), fwd.meta, bwd.meta)
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -151,6 +150,11 @@ class SparseWeights:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.values.dtype)
+
+    @property
+    def nnz(self) -> int:
+        """Stored nonzeros (host data; not available under a transformation)."""
+        return int(np.count_nonzero(np.asarray(self.indices) >= 0))
 
     @property
     def density(self) -> float:
@@ -237,7 +241,7 @@ class SparseWeights:
         if perm.size and (perm.min() < -1 or perm.max() >= m.num_slots):
             raise ValueError(f"SparseWeights.perm_t has entries outside [-1, {m.num_slots})")
         real = np.asarray(self.indices) >= 0
-        if int(real.sum()) != self.nnz or int((perm >= 0).sum()) != self.nnz:
+        if int(real.sum()) != int((perm >= 0).sum()):
             raise ValueError("SparseWeights: the layouts do not hold nnz real slots each")
         if np.any(np.asarray(self.values)[~real] != 0):
             raise ValueError("SparseWeights.values must be exactly zero on padding slots")

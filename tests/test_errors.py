@@ -1,0 +1,105 @@
+"""Bad input gets a ValueError or TypeError that names the argument; nothing crashes inside XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+
+from conftest import make_problem
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem(0, 24, 3, 5, 0.3)
+
+
+def test_wrong_hidden(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(ValueError, match="hidden size 24"):
+        js.sparse_rnn(x[..., :20], h0[:, :20], w)
+
+
+def test_wrong_rank(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(ValueError, match=r"inputs must be \[B, T, H\]"):
+        js.sparse_rnn(x[0], h0, w)
+    with pytest.raises(ValueError, match=r"inputs must be \[T, B, H\]"):
+        js.sparse_rnn(x[0], h0, w, time_major=True)
+
+
+def test_batch_mismatch(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(ValueError, match=r"h0 must be \[B, H\]"):
+        js.sparse_rnn(x, h0[:2], w)
+
+
+def test_dtypes(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(TypeError, match="inputs must be float32, bfloat16 or float16"):
+        js.sparse_rnn(x.astype(jnp.int32), h0, w)
+    with pytest.raises(TypeError, match="inputs must have the weights' dtype"):
+        js.sparse_rnn(x.astype(jnp.float16), h0.astype(jnp.float16), w)
+    with pytest.raises(TypeError, match="h0 must have the inputs' dtype"):
+        js.sparse_rnn(x, h0.astype(jnp.bfloat16), w)
+    with pytest.raises(TypeError, match="inputs must be float32, bfloat16 or float16"):
+        js.sparse_rnn(np.asarray(x, np.float64), h0, w)
+
+
+def test_unknown_activation_and_method(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(ValueError, match="activation must be one of"):
+        js.sparse_rnn(x, h0, w, activation="sigmoid")
+    with pytest.raises(ValueError, match="method must be one of"):
+        js.sparse_rnn(x, h0, w, method="fast")
+
+
+def test_weights_type(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(TypeError, match="weights must be a jax_sprnn.SparseWeights"):
+        js.sparse_rnn(x, h0, dense)
+
+
+@pytest.mark.parametrize("lengths,match", [
+    (np.array([5, -1, 2]), r"seq_lengths must lie in \[0, T=5\]"),
+    (np.array([5, 6, 2]), r"seq_lengths must lie in \[0, T=5\]"),
+    (np.array([5, 2]), r"seq_lengths must be \[B\]"),
+    (np.array([5.0, 2.0, 1.0]), "seq_lengths must be an integer array"),
+])
+def test_bad_lengths(problem, lengths, match):
+    dense, w, x, h0 = problem
+    with pytest.raises((ValueError, TypeError), match=match):
+        js.sparse_rnn(x, h0, w, seq_lengths=lengths)
+
+
+def test_traced_bad_lengths_are_poisoned_not_wrong(problem):
+    dense, w, x, h0 = problem
+    f = jax.jit(lambda L: js.sparse_rnn(x, h0, w, seq_lengths=L))
+    y, h = f(jnp.array([5, 9, 2], jnp.int32))
+    assert np.all(np.isnan(np.asarray(y[1]))) and np.all(np.isnan(np.asarray(h[1])))
+    assert np.all(np.isfinite(np.asarray(y[0]))) and np.all(np.isfinite(np.asarray(h[2])))
+
+
+def test_reference_rnn_checks_kernel(problem):
+    dense, w, x, h0 = problem
+    with pytest.raises(ValueError, match="square"):
+        js.reference_rnn(x, h0, dense[:, :10])
+
+
+def test_validate_catches_hand_made_weights(problem):
+    dense, w, x, h0 = problem
+    bad = w.replace(indices=w.indices.at[0].set(10_000))
+    with pytest.raises(ValueError, match="SparseWeights.indices has columns outside"):
+        bad.validate()
+    with pytest.raises(ValueError, match="must have shape"):
+        w.replace(values=w.values[:-1]).validate()
+
+
+def test_native_kernel_rejects_out_of_range_indices(problem):
+    # A hand-made layout with a bad index reaches the C++ kernel, which refuses it with a clear
+    # error instead of reading out of bounds.
+    dense, w, x, h0 = problem
+    bad = w.replace(indices=w.indices.at[0].set(10_000))
+    with pytest.raises(Exception, match="indices.*names column 10000"):
+        jax.block_until_ready(js.sparse_rnn(x, h0, bad, method="native"))
