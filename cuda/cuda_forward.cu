@@ -289,14 +289,14 @@ struct ForwardConfig {
   // Shared-memory-tier slots per loop iteration (a multiple of kChains).
   static constexpr int kSmemUnroll = 4;
   // Exchange vectors each thread keeps in flight while staging (16 bytes each).
-  static constexpr int kStageUnroll = 4;
+  static constexpr int kStageUnroll = 8;
   static constexpr int kVecWords = 16 / S::kWordBytes;
   // Register budget: the register tier plus what staging / the slot loop / the epilogue need on
   // top (measured with -Xptxas -v; see the report in the handler's documentation). The launch
   // bound follows from it, so ptxas is never forced to spill the register tier.
   static constexpr int kOverheadRegs = 64;
   static constexpr int kRegBudget = cmin(255, round_up(RS * S::kRegsPerSlot + kOverheadRegs, 8));
-  static constexpr int kMaxThreads = 1024;
+  static constexpr int kMaxThreads = cmin(kMaxThreadsPerCta, (65536 / kRegBudget) / 32 * 32);
 };
 
 // ================================================================================================

@@ -133,6 +133,7 @@ def _forward_cpu(ctx, *args, activation, reverse, meta, method, **_):
     if not _native.has_cpu_kernels():
         if method == "native":
             raise RuntimeError("method='native': the CPU module jax_sprnn._sprnn_cpu was not built")
+        _warn_once("cpu", "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
         return _fallback_rule(fallback.forward)(ctx, *args, activation=activation, reverse=reverse,
                                                 meta=meta)
     return jax.ffi.ffi_lowering("jax_sprnn_forward")(ctx, *args, **_ffi_attrs(activation, reverse, meta))

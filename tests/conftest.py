@@ -9,6 +9,12 @@ import pytest
 
 import jax_sprnn as js
 
+if not js._native.has_cpu_kernels():
+    raise ImportError(
+        f"jax_sprnn was imported from {js.__file__} without its compiled CPU module. Install it "
+        "(pip install '.[test]') and run `pytest` (not `python -m pytest`, which puts the source "
+        "tree first on sys.path), or use an editable install (pip install -e '.[test]').")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Relative error against the float32 reference on the same (rounded) inputs. The native kernels and

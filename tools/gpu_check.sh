@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build jax_sprnn with its CUDA module, run the test suite on the GPU and the benchmarks, in one
+# command (the lent GPU machine runs exactly this). Logs go to $OUT (or ./out).
+#   tools/gpu_check.sh [tests|bench|sanitize|all] [extra pytest args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+what=${1:-all}
+shift || true
+export PYTHONUNBUFFERED=1
+
+echo "== device"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
+python3 -c "import jax, jaxlib, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+
+echo "== build"
+start=$(date +%s)
+JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q \
+  -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start )) s"
+grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
+if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
+cd /tmp  # import the installed package, not the source tree
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  echo "== tests"
+  python3 -m pytest -q -x --rootdir="$OLDPWD" "$OLDPWD/tests" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  echo "== benchmarks"
+  python3 "$OLDPWD/benchmarks/bench_forward.py" --out "$OUT/bench_forward.json" 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+if [ "$what" = sanitize ]; then
+  echo "== compute-sanitizer"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 "$OLDPWD/tools/sanitizer_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log")"
+  done
+fi
