@@ -15,9 +15,9 @@
 //     so the value and its tag travel together and no fence is needed between them. Tag = step + 1.
 //       - float32:          8-byte word (fp32 bits, uint32 tag)
 //       - float16/bfloat16: 4-byte word (16-bit value bits, uint16 tag): half the L2 traffic of the
-//         8-byte form. The 16-bit tag wraps safely: the two tags a reader can find in a buffer are
-//         those of steps s-1 (wanted) and s-3, which differ modulo 2^16, and the memset's 0 is
-//         overwritten for good after step 1.
+//         8-byte form, in the same workspace size. The 16-bit tag wraps safely: a reader at step s
+//         can only find the tags of steps s-1 (wanted) and s-3 in its buffer, which differ modulo
+//         2^16, and the memset's 0 is overwritten for good by steps 0 and 1.
 //   * Step s writes buffer s&1. Double buffering is enough: a producer cannot write step s+2 into a
 //     buffer before every CTA has read step s from it, because it first needs every CTA's step s+1
 //     words, which each CTA publishes only after staging (and a __syncthreads) of step s. CTAs that
@@ -32,7 +32,9 @@
 //   * Every spin checks %globaltimer every kSpinCheckPeriod iterations; past the bound it sets the
 //     timeout bit in the header flag, and every spin also gives up when it sees the flag set. A CTA
 //     whose thread gave up leaves the step loop at the next __syncthreads_or.
-//   * Out-of-range indices / lane_row entries and rows split within a warp set the layout bit.
+//   * Out-of-range indices / lane_row entries (clamped, so memory stays safe), a row with two runs
+//     in one warp, and a grid-wide head count != H (checked by the finisher) set the layout bit.
+//   * lengths are clamped to [0, T] on the device (the host cannot read them).
 //   * A tiny finisher kernel runs after the persistent kernel on the same stream: if the flag is
 //     set it fills y and h_final with NaN and copies the flag into a pinned, mapped host word.
 //   * DEFERRED REPORTING: the handler never synchronizes, so it cannot return the error of the call
@@ -68,7 +70,8 @@ namespace {
 // Protocol constants (shared by host and device code)
 // ================================================================================================
 
-constexpr int kHeaderBytes = 256;            // workspace header; word 0 is the error flag
+constexpr int kHeaderBytes = 256;            // workspace header: word 0 error flag, word 1 heads
+constexpr int kHeadCountWord = 1;            // header word counting head lanes (must end up == H)
 constexpr uint32_t kErrTimeout = 1u;         // a spin exceeded its bound
 constexpr uint32_t kErrBadLayout = 2u;       // the packed layout broke an invariant
 constexpr int64_t kDefaultSpinTimeoutUs = 2'000'000;
@@ -76,8 +79,6 @@ constexpr int kSpinCheckPeriod = 64;         // spins between %globaltimer / fla
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxThreadsPerCta = 1024;
 
-constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
-constexpr int cmin(int a, int b) { return a < b ? a : b; }
 
 // ================================================================================================
 // PTX wrappers: relaxed gpu-scope accesses for the exchange, the global timer
@@ -184,9 +185,10 @@ struct Storage<float> {
   }
   __device__ static float word_value(Word w) { return __uint_as_float(static_cast<uint32_t>(w)); }
   static constexpr bool kHasColumnForm = false;  // offsets are always 32-bit byte offsets
-  template <int TILE, bool kByteOffsets>
-  __device__ static Slot make_slot(Bits value, int col) {
-    return Slot{__uint_as_float(value), static_cast<uint32_t>(col) * (TILE * 4u)};
+  // `col` is in range; `shift` is ignored (float32 slots always hold byte offsets).
+  template <int TILE>
+  __device__ static Slot make_slot(Bits value, uint32_t col, uint32_t /*shift*/) {
+    return Slot{__uint_as_float(value), col * (TILE * 4u)};
   }
   template <int TILE, bool kByteOffsets>
   __device__ static void decode_slot(Slot s, float& value, uint32_t& byte_offset) {
@@ -217,10 +219,10 @@ struct Storage16 {
   // The low half holds the column's byte offset in a staged plane when that fits in 16 bits
   // (H * tile * 4 <= 65536: one instruction to decode), else the column (two instructions).
   static constexpr bool kHasColumnForm = true;
-  template <int TILE, bool kByteOffsets>
-  __device__ static Slot make_slot(Bits value, int col) {
-    const uint32_t low = kByteOffsets ? static_cast<uint32_t>(col) * (TILE * 4u) : col;
-    return (static_cast<uint32_t>(value) << 16) | low;
+  // `col` is in range; `shift` is log2(TILE * 4) for the byte-offset form, 0 for the column form.
+  template <int TILE>
+  __device__ static Slot make_slot(Bits value, uint32_t col, uint32_t shift) {
+    return (static_cast<uint32_t>(value) << 16) | (col << shift);
   }
   template <int TILE, bool kByteOffsets>
   __device__ static void decode_slot(Slot s, float& value, uint32_t& byte_offset) {
@@ -275,7 +277,32 @@ struct TileVec<4> {
 // The tunable shape of one forward-kernel instantiation
 // ================================================================================================
 
-template <typename T, int TILE, int RS>
+// Launch bound (a multiple of 128 threads) and staging unroll per register-tier size, chosen so the
+// kernel compiles without spilling (measured with nvcc 13.0 -Xptxas -v for sm_90: the register
+// tier plus ~50-65 registers for staging, the gather pipeline and the epilogue). Two variants:
+//   narrow: at most 512 threads, with room for 8 staging vectors in flight per thread;
+//   wide:   more threads (for layouts whose CTAs need them) at a tighter register cap and 4
+//           staging vectors per thread; instantiated only where it raises the bound.
+// The handler takes the narrow variant whenever warps_per_cta fits it. The planner reads the bound
+// back through kernel_attributes()["max_threads_per_block"].
+constexpr int forward_max_threads(bool packed16, int rs, bool wide) {
+  if (packed16) {
+    if (wide) return rs == 0 ? 1024 : rs <= 16 ? 768 : rs <= 32 ? 640 : 0;
+    return rs <= 64 ? 512 : rs <= 96 ? 384 : 256;
+  }
+  if (wide) return rs == 0 ? 768 : rs <= 16 ? 512 : 0;
+  return rs <= 16 ? 384 : 256;
+}
+constexpr int forward_stage_unroll(bool packed16, int rs, bool wide) {
+  if (wide) return 4;
+  if (packed16) return rs <= 32 ? 8 : rs <= 96 ? 4 : rs <= 160 ? 8 : 4;
+  return rs == 0 ? 8 : rs <= 16 ? 4 : rs <= 48 ? 8 : 4;
+}
+constexpr bool forward_has_wide(bool packed16, int rs) {
+  return forward_max_threads(packed16, rs, true) > forward_max_threads(packed16, rs, false);
+}
+
+template <typename T, int TILE, int RS, bool WIDE>
 struct ForwardConfig {
   using Dtype = T;
   using S = Storage<T>;
@@ -288,15 +315,13 @@ struct ForwardConfig {
   static constexpr int kChains = TILE >= 4 ? 1 : 4 / TILE;
   // Shared-memory-tier slots per loop iteration (a multiple of kChains).
   static constexpr int kSmemUnroll = 4;
-  // Exchange vectors each thread keeps in flight while staging (16 bytes each).
-  static constexpr int kStageUnroll = 8;
   static constexpr int kVecWords = 16 / S::kWordBytes;
-  // Register budget: the register tier plus what staging / the slot loop / the epilogue need on
-  // top (measured with -Xptxas -v; see the report in the handler's documentation). The launch
-  // bound follows from it, so ptxas is never forced to spill the register tier.
-  static constexpr int kOverheadRegs = 64;
-  static constexpr int kRegBudget = cmin(255, round_up(RS * S::kRegsPerSlot + kOverheadRegs, 8));
-  static constexpr int kMaxThreads = cmin(kMaxThreadsPerCta, (65536 / kRegBudget) / 32 * 32);
+  // Launch bound and staging unroll (16-byte exchange vectors a thread keeps in flight). The launch
+  // bound fixes ptxas's register cap: 65536 / (4 * 32 * ceil(threads / 128)) per thread, since each
+  // of an SM's four schedulers owns a quarter of the register file.
+  static constexpr int kMaxThreads = forward_max_threads(S::kRegsPerSlot == 1, RS, WIDE);
+  static constexpr int kStageUnroll = forward_stage_unroll(S::kRegsPerSlot == 1, RS, WIDE);
+  static_assert(kMaxThreads >= 128, "no such variant");
 };
 
 // ================================================================================================
@@ -626,6 +651,9 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     const uint32_t heads = __ballot_sync(kFullMask, is_head);
     const uint32_t same_row = __match_any_sync(kFullMask, row);
     if (is_head && __popc(same_row & heads) > 1) atomicOr(&s_error, kErrBadLayout);
+    // Every row needs exactly one head in the whole grid; the finisher compares the count with H
+    // (a missing row would otherwise go unnoticed when no step waits for it, e.g. T = 1).
+    if (lane == 0 && heads != 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
   }
 
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
@@ -634,14 +662,13 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const size_t lane_base = static_cast<size_t>(gwarp) * K * 32 + lane;
   bool bad_index = false;
   const bool byte_offsets = p.byte_offsets != 0;
+  const uint32_t col_shift = byte_offsets ? (TILE == 4 ? 4u : TILE == 2 ? 3u : 2u) : 0u;
+  // An out-of-range column is clamped (so the gather stays inside shared memory) and reported:
+  // the finisher then replaces the outputs with NaN.
   auto make_slot = [&](Bits v, int col) {
-    if (static_cast<unsigned>(col) >= static_cast<unsigned>(H)) {
-      bad_index = true;
-      col = 0;
-      v = Bits(0);
-    }
-    return byte_offsets ? S::template make_slot<TILE, true>(v, col)
-                        : S::template make_slot<TILE, false>(v, col);
+    bad_index |= static_cast<unsigned>(col) >= static_cast<unsigned>(H);
+    return S::template make_slot<TILE>(v, min(static_cast<unsigned>(col), static_cast<unsigned>(H - 1)),
+                                       col_shift);
   };
   Slot reg[Cfg::kRegArray];
 #pragma unroll
@@ -857,10 +884,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerCta, 1)
 // The finisher: turns a device-side error into NaN outputs and a host-visible flag
 // ================================================================================================
 
+// `expected_heads` < 0 skips the head-count check (the sync-floor kernel has no layout).
 template <typename Bits>
-__global__ void finish_kernel(const uint32_t* __restrict__ error_flag, Bits* out0, size_t n0,
-                              Bits* out1, size_t n1, Bits nan_bits, uint32_t* host_word) {
-  const uint32_t code = *error_flag;  // the persistent kernel has completed (stream order)
+__global__ void finish_kernel(const uint32_t* __restrict__ header, int64_t expected_heads,
+                              Bits* out0, size_t n0, Bits* out1, size_t n1, Bits nan_bits,
+                              uint32_t* host_word) {
+  // The persistent kernel has completed (stream order): plain loads see its writes.
+  uint32_t code = header[0];
+  if (expected_heads >= 0 && header[kHeadCountWord] != static_cast<uint64_t>(expected_heads))
+    code |= kErrBadLayout;
   if (code == 0) return;
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   const size_t first = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -877,38 +909,61 @@ using ForwardKernelFn = void (*)(ForwardParams);
 
 // Register-tier sizes. 16-bit types hold one slot per register, float32 two, so the float32 set
 // stops where its budget (2*RS + overhead) reaches the 255-register limit.
-using RegSlots16 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96, 128>;
-using RegSlots32 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64>;
+using RegSlots16 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192>;
+using RegSlots32 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96>;
 
 template <int... RS>
 std::vector<int> to_vector(std::integer_sequence<int, RS...>) {
   return {RS...};
 }
 
+// The variant for a CTA of `threads` threads: the narrow one when it fits, else the wide one when
+// it exists and fits, else nullptr. threads <= 0 asks for the variant with the largest bound.
+template <typename T, int TILE, int RS>
+ForwardKernelFn pick_variant(int threads) {
+  using Narrow = ForwardConfig<T, TILE, RS, false>;
+  if (threads > 0 && threads <= Narrow::kMaxThreads) return &sprnn_forward_kernel<Narrow>;
+  if constexpr (forward_has_wide(Storage<T>::kRegsPerSlot == 1, RS)) {
+    using Wide = ForwardConfig<T, TILE, RS, true>;
+    if (threads <= Wide::kMaxThreads) return &sprnn_forward_kernel<Wide>;
+  } else {
+    if (threads <= 0) return &sprnn_forward_kernel<Narrow>;
+  }
+  return nullptr;
+}
+
 template <typename T, int TILE, int... RS>
-ForwardKernelFn pick_reg_slots(int rs, std::integer_sequence<int, RS...>) {
+ForwardKernelFn pick_reg_slots(int rs, int threads, std::integer_sequence<int, RS...>) {
   ForwardKernelFn fn = nullptr;
-  ((rs == RS ? (fn = &sprnn_forward_kernel<ForwardConfig<T, TILE, RS>>, 0) : 0), ...);
+  ((rs == RS ? (fn = pick_variant<T, TILE, RS>(threads), 0) : 0), ...);
   return fn;
 }
 
 template <typename T, typename Seq>
-ForwardKernelFn pick_tile(int tile, int rs, Seq seq) {
+ForwardKernelFn pick_tile(int tile, int rs, int threads, Seq seq) {
   switch (tile) {
-    case 1: return pick_reg_slots<T, 1>(rs, seq);
-    case 2: return pick_reg_slots<T, 2>(rs, seq);
-    case 4: return pick_reg_slots<T, 4>(rs, seq);
+    case 1: return pick_reg_slots<T, 1>(rs, threads, seq);
+    case 2: return pick_reg_slots<T, 2>(rs, threads, seq);
+    case 4: return pick_reg_slots<T, 4>(rs, threads, seq);
     default: return nullptr;
   }
 }
 
-ForwardKernelFn lookup_forward_kernel(ffi::DataType dtype, int tile, int rs) {
+ForwardKernelFn lookup_forward_kernel(ffi::DataType dtype, int tile, int rs, int threads) {
   switch (dtype) {
-    case ffi::DataType::F32: return pick_tile<float>(tile, rs, RegSlots32{});
-    case ffi::DataType::F16: return pick_tile<__half>(tile, rs, RegSlots16{});
-    case ffi::DataType::BF16: return pick_tile<__nv_bfloat16>(tile, rs, RegSlots16{});
+    case ffi::DataType::F32: return pick_tile<float>(tile, rs, threads, RegSlots32{});
+    case ffi::DataType::F16: return pick_tile<__half>(tile, rs, threads, RegSlots16{});
+    case ffi::DataType::BF16: return pick_tile<__nv_bfloat16>(tile, rs, threads, RegSlots16{});
     default: return nullptr;
   }
+}
+
+// The largest launch bound over the variants of one (dtype, tile, reg_slots).
+int max_threads_of(ffi::DataType dtype, int tile, int rs) {
+  const bool packed16 = dtype != ffi::DataType::F32;
+  (void)tile;  // the bounds do not depend on the tile
+  return std::max(forward_max_threads(packed16, rs, false),
+                  forward_has_wide(packed16, rs) ? forward_max_threads(packed16, rs, true) : 0);
 }
 
 std::vector<int> reg_slots_for(ffi::DataType dtype) {
@@ -1079,7 +1134,7 @@ std::string error_code_message(uint32_t code) {
   if (code & kErrBadLayout) {
     msg += (code & kErrTimeout) ? " and " : "";
     msg += "found an invalid packed layout (an index or lane_row entry out of range, or a row "
-           "split across runs of lanes)";
+           "without exactly one run of lanes)";
   }
   msg += "; its outputs were filled with NaN";
   return msg;
@@ -1087,13 +1142,14 @@ std::string error_code_message(uint32_t code) {
 
 // Launches the finisher for outputs of element type Bits.
 template <typename Bits>
-cudaError_t launch_finisher(cudaStream_t stream, const DeviceInfo& dev, const uint32_t* flag,
-                            void* out0, size_t n0, void* out1, size_t n1, Bits nan_bits) {
+cudaError_t launch_finisher(cudaStream_t stream, const DeviceInfo& dev, const uint32_t* header,
+                            int64_t expected_heads, void* out0, size_t n0, void* out1, size_t n1,
+                            Bits nan_bits) {
   const size_t n = std::max(n0, n1);
   const int threads = 256;
   const int blocks = static_cast<int>(
       std::max<size_t>(1, std::min<size_t>((n + threads - 1) / threads, 2 * dev.sm_count)));
-  finish_kernel<Bits><<<blocks, threads, 0, stream>>>(flag, static_cast<Bits*>(out0), n0,
+  finish_kernel<Bits><<<blocks, threads, 0, stream>>>(header, expected_heads, static_cast<Bits*>(out0), n0,
                                                       static_cast<Bits*>(out1), n1, nan_bits,
                                                       g_error_device);
   return cudaGetLastError();
@@ -1263,17 +1319,18 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
     return ffi::Error::Internal("jax_sprnn_forward: device " + std::to_string(device) +
                                 " does not support cooperative launches");
 
-  const ForwardKernelFn fn = lookup_forward_kernel(dt, tile, static_cast<int>(reg_slots));
-  if (fn == nullptr) return bad("no kernel instantiation for this dtype/load_bytes/reg_slots");
+  const int threads = static_cast<int>(warps_per_cta) * kWarpSize;
+  const ForwardKernelFn fn = lookup_forward_kernel(dt, tile, static_cast<int>(reg_slots), threads);
+  if (fn == nullptr) {
+    const int bound = max_threads_of(dt, tile, static_cast<int>(reg_slots));
+    return bad("warps_per_cta = " + std::to_string(warps_per_cta) + " (" + std::to_string(threads) +
+               " threads) exceeds the " + std::to_string(bound) + "-thread launch bound of the " +
+               dtype_name(dt) + " load_bytes-" + std::to_string(load_bytes) + " reg_slots-" +
+               std::to_string(reg_slots) + " kernel (kernel_attributes() gives it)");
+  }
   KernelInfo kinfo;
   if ((e = kernel_info(device, reinterpret_cast<const void*>(fn), dev, &kinfo)) != cudaSuccess)
     return cuda_error("cudaFuncGetAttributes/cudaFuncSetAttribute(forward kernel)", e);
-  const int threads = static_cast<int>(warps_per_cta) * kWarpSize;
-  if (threads > kinfo.max_threads)
-    return bad("warps_per_cta = " + std::to_string(warps_per_cta) + " (" + std::to_string(threads) +
-               " threads) exceeds the " + std::to_string(kinfo.max_threads) +
-               "-thread launch bound of the " + dtype_name(dt) + " tile-" + std::to_string(tile) +
-               " reg_slots-" + std::to_string(reg_slots) + " kernel");
 
   // ---- shared memory: staged h (two copies when they fit), weight tier, lengths ---------------
   const int64_t n_planes = (B + tile - 1) / tile;
@@ -1343,8 +1400,10 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
   prm.exchange_vector = xl.vector ? 1 : 0;
   prm.byte_offsets = H * tile * 4 <= 65536 ? 1 : 0;
   prm.stall_cta = static_cast<int>(std::min<int64_t>(debug_stall_cta, INT32_MAX));
-  prm.timeout_ns = static_cast<unsigned long long>(
-                       spin_timeout_us > 0 ? spin_timeout_us : kDefaultSpinTimeoutUs) * 1000ull;
+  constexpr int64_t kMaxSpinTimeoutUs = int64_t{3600} * 1'000'000;  // keeps the ns value in range
+  prm.timeout_ns = static_cast<unsigned long long>(std::min(
+                       spin_timeout_us > 0 ? spin_timeout_us : kDefaultSpinTimeoutUs,
+                       kMaxSpinTimeoutUs)) * 1000ull;
 
   void* args[] = {&prm};
   e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(fn), dim3(static_cast<unsigned>(grid)),
@@ -1354,10 +1413,10 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
   const size_t n_y = static_cast<size_t>(T * B * H);
   const size_t n_h = static_cast<size_t>(B * H);
   if (dt == ffi::DataType::F32) {
-    e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, prm.y, n_y, prm.h_final, n_h,
+    e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, H, prm.y, n_y, prm.h_final, n_h,
                                   Storage<float>::kNaNBits);
   } else {
-    e = launch_finisher<uint16_t>(stream, dev, prm.error_flag, prm.y, n_y, prm.h_final, n_h,
+    e = launch_finisher<uint16_t>(stream, dev, prm.error_flag, H, prm.y, n_y, prm.h_final, n_h,
                                   dt == ffi::DataType::F16 ? Storage<__half>::kNaNBits
                                                            : Storage<__nv_bfloat16>::kNaNBits);
   }
@@ -1429,7 +1488,7 @@ ffi::Error SyncFloorImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> /*x*/,
   e = cudaLaunchCooperativeKernel(fn, dim3(static_cast<unsigned>(num_ctas)),
                                   dim3(static_cast<unsigned>(threads)), args, smem_bytes, stream);
   if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(jax_sprnn_sync_floor)", e);
-  e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, prm.out, 1, nullptr, 0,
+  e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, -1, prm.out, 1, nullptr, 0,
                                 Storage<float>::kNaNBits);
   if (e != cudaSuccess) return cuda_error("launching the finisher kernel", e);
   return ffi::Error::Success();
@@ -1528,13 +1587,13 @@ std::vector<int> SupportedRegSlots(const std::string& dtype) {
 }
 
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
-                                KernelAttributes* out) {
+                                int threads, KernelAttributes* out) {
   ffi::DataType dt;
   if (!parse_dtype(dtype, &dt)) return "unknown dtype '" + dtype + "' (float32, float16, bfloat16)";
-  const ForwardKernelFn fn = lookup_forward_kernel(dt, tile, reg_slots);
+  const ForwardKernelFn fn = lookup_forward_kernel(dt, tile, reg_slots, threads);
   if (fn == nullptr)
     return "no forward kernel for dtype " + dtype + ", tile " + std::to_string(tile) +
-           ", reg_slots " + std::to_string(reg_slots);
+           ", reg_slots " + std::to_string(reg_slots) + ", " + std::to_string(threads) + " threads";
   int previous = 0;
   cudaError_t e = cudaGetDevice(&previous);
   if (e != cudaSuccess) {

@@ -49,9 +49,11 @@ std::string GetDeviceProperties(int device, DeviceProperties* out);
 // dtype. An unknown dtype gives an empty list.
 std::vector<int> SupportedRegSlots(const std::string& dtype);
 
-// `tile` is the staged-h load width in floats (1, 2 or 4, i.e. load_bytes / 4).
+// `tile` is the staged-h load width in floats (1, 2 or 4, i.e. load_bytes / 4). Each (dtype, tile,
+// reg_slots) has one or two compiled variants with different launch bounds; `threads` picks the one
+// a CTA of that many threads would run, and threads <= 0 the one with the largest bound.
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
-                                KernelAttributes* out);
+                                int threads, KernelAttributes* out);
 
 // The deferred error of an earlier persistent-kernel call (see cuda_forward.cu), or "" if none.
 // Clears it. Only meaningful once the stream that ran the call has been synchronized.

@@ -59,10 +59,8 @@ def device_spec(device_index: int) -> _planner.DeviceSpec:
     return _planner.DeviceSpec(
         name=str(props["name"]),
         sm_count=int(props["sm_count"]),
-        regs_per_sm=int(props["regs_per_sm"]),
         smem_per_block=int(props["smem_per_block_optin"]),
         max_threads_per_block=int(props["max_threads_per_block"]),
-        reg_slot_options=tuple(int(r) for r in _cuda.supported_reg_slots()),
     )
 
 

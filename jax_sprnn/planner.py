@@ -8,11 +8,14 @@ The planner is a pure function of the layer (hidden size, nonzeros per row, dtyp
 * a warp owns whole rows; a row owns ``ceil(nnz / K)`` contiguous lanes (at least one), so a warp
   can hold several short rows; every lane holds ``K`` slots (``K`` from :data:`SLOT_SIZES`);
 * per thread, ``reg_slots`` of the K slots sit in registers (one 32-bit register per slot for 16-bit
-  types, two for float32) on top of :attr:`DeviceSpec.base_regs`; the rest sit in shared memory;
+  types, two for float32); the rest sit in shared memory. Each register-tier size is a kernel
+  instantiation compiled for at most a fixed number of threads per CTA (its launch bound, which fixes
+  its register budget): :attr:`DeviceSpec.max_threads_16` / ``max_threads_32``;
 * shared memory also holds ``h_{t-1}`` staged as float32 ``[plane][H][load_bytes / 4]``.
 
 Among the K that fit, it picks the one with the fewest slot rounds per step
-(``warps_per_cta * K``): that is what a step's compute time is proportional to.
+(``warps_per_cta * K``, shared-memory slots weighted by :data:`SMEM_SLOT_COST`): that is what a step's
+compute time is proportional to.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ SLOT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128
 #: Shared-memory bytes the kernel reserves for itself besides h and the weight tier.
 KERNEL_SMEM_RESERVE = 1024
 
+#: Relative cost of a slot read from the shared-memory tier against one held in a register (one more
+#: shared load per slot); an estimate, see benchmarks/RESULTS.md.
+SMEM_SLOT_COST = 1.5
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
@@ -38,14 +45,19 @@ class DeviceSpec:
 
     name: str = "NVIDIA H200"
     sm_count: int = 132
-    regs_per_sm: int = 65536
-    max_regs_per_thread: int = 255
     smem_per_block: int = 232448  # the opt-in maximum for one block
     max_threads_per_block: int = 1024
-    #: register-tier sizes the CUDA kernel is instantiated for
-    reg_slot_options: tuple[int, ...] = (0, 8, 16, 24, 32, 48, 64)
-    #: registers a kernel thread needs besides its register-tier weights (measured with ptxas)
-    base_regs: int = 40
+    #: (register-tier slots, the most threads per CTA that instantiation runs) for 16-bit storage;
+    #: mirrors cuda/cuda_forward.cu's forward_max_threads (a GPU test checks they agree)
+    max_threads_16: tuple[tuple[int, int], ...] = (
+        (0, 1024), (8, 768), (16, 768), (24, 640), (32, 640), (48, 512), (64, 512), (96, 384),
+        (128, 256), (160, 256), (192, 256))
+    #: the same for float32 storage (two registers per slot)
+    max_threads_32: tuple[tuple[int, int], ...] = (
+        (0, 768), (8, 512), (16, 512), (24, 256), (32, 256), (48, 256), (64, 256), (96, 256))
+
+    def thread_limits(self, dtype) -> tuple[tuple[int, int], ...]:
+        return self.max_threads_32 if bytes_per_slot(dtype) == 8 else self.max_threads_16
 
 
 H200 = DeviceSpec()
@@ -65,7 +77,6 @@ class Plan:
     reason: str
     #: shared memory of one CTA with a single batch plane, in bytes
     smem_bytes: int
-    regs_per_thread: int
 
     @property
     def num_ctas(self) -> int:
@@ -122,6 +133,11 @@ def bytes_per_slot(dtype) -> int:
     return 8 if np.dtype(dtype).itemsize == 4 else 4
 
 
+def _step_cost(plan: Plan) -> float:
+    smem_slots = plan.slots_per_lane - plan.reg_slots
+    return plan.warps_per_cta * (plan.reg_slots + SMEM_SLOT_COST * smem_slots)
+
+
 def plan_layout(
     row_nnz: Sequence[int] | np.ndarray,
     dtype,
@@ -159,21 +175,18 @@ def plan_layout(
                            f"> {device.max_threads_per_block}")
             continue
         num_ctas = -(-warps // wpc)
-        reg_budget = min(device.max_regs_per_thread, (device.regs_per_sm // threads) // 8 * 8)
-        reg_slots = max((r for r in device.reg_slot_options
-                         if r <= k and device.base_regs + r * words <= reg_budget), default=None)
+        reg_slots = max((r for r, most in device.thread_limits(dtype) if r <= k and threads <= most),
+                        default=None)
         if reg_slots is None:
-            reasons.append(f"K={k}: {threads} threads leave {reg_budget} registers per thread")
+            reasons.append(f"K={k}: no kernel instantiation runs {threads} threads per CTA")
             continue
         smem = h_bytes + (k - reg_slots) * threads * words * 4 + KERNEL_SMEM_RESERVE
         if smem > device.smem_per_block:
             reasons.append(f"K={k}: needs {smem} bytes of shared memory per CTA "
                            f"> {device.smem_per_block}")
             continue
-        plan = Plan(hidden, k, num_ctas * wpc, wpc, reg_slots, load_bytes, True, "fits",
-                    smem, device.base_regs + reg_slots * words)
-        if best is None or (wpc * k, k) < (best.warps_per_cta * best.slots_per_lane,
-                                           best.slots_per_lane):
+        plan = Plan(hidden, k, num_ctas * wpc, wpc, reg_slots, load_bytes, True, "fits", smem)
+        if best is None or (_step_cost(plan), k) < (_step_cost(best), best.slots_per_lane):
             best = plan
     if best is not None:
         return best
@@ -183,14 +196,14 @@ def plan_layout(
     if k is None:
         k = int(math.ceil(max_nnz / WARP))
     warps = _warps_needed(lanes_per_row(row_nnz, k))
-    wpc = min(warps, device.max_threads_per_block // WARP)
+    wpc = max(1, min(warps, device.max_threads_per_block // WARP))
     num_warps = -(-warps // wpc) * wpc
     detail = "; ".join(reasons[-3:]) if reasons else f"a row has {max_nnz} nonzeros"
     reason = (f"H={hidden} with {int(row_nnz.sum())} nonzeros (max {max_nnz} per row) does not fit "
-              f"on {device.name} ({device.sm_count} SMs, {device.regs_per_sm} registers and "
-              f"{device.smem_per_block} bytes of shared memory per CTA): {detail}")
+              f"on {device.name} ({device.sm_count} SMs, {device.smem_per_block} bytes of shared "
+              f"memory per CTA): {detail}")
     return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
-                h_bytes + k * wpc * WARP * words * 4 + KERNEL_SMEM_RESERVE, device.base_regs)
+                h_bytes + k * wpc * WARP * words * 4 + KERNEL_SMEM_RESERVE)
 
 
 def max_persistent_batch(plan: Plan, dtype, device: DeviceSpec = H200) -> int:

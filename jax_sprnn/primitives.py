@@ -150,10 +150,12 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
         return False, (f"the layout was planned for more SMs or threads ({meta.num_ctas} CTAs of "
                        f"{meta.warps_per_cta * 32} threads) than {device.name} has; repack it with "
                        f"SparseWeights.from_dense on this machine")
-    if meta.reg_slots not in device.reg_slot_options:
-        return False, f"the kernel has no register tier of {meta.reg_slots} slots on this build"
+    limits = dict(device.thread_limits(dtype))
+    if meta.warps_per_cta * 32 > limits.get(meta.reg_slots, 0):
+        return False, (f"no kernel instantiation runs {meta.reg_slots} register slots with "
+                       f"{meta.warps_per_cta * 32} threads per CTA")
     plan = planner.Plan(meta.hidden, meta.slots_per_lane, meta.num_warps, meta.warps_per_cta,
-                        meta.reg_slots, meta.load_bytes, True, "", 0, 0)
+                        meta.reg_slots, meta.load_bytes, True, "", 0)
     max_batch = planner.max_persistent_batch(plan, dtype, device)
     if batch > max_batch:
         return False, (f"batch {batch} exceeds the persistent kernel's limit of {max_batch} for "

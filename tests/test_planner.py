@@ -13,11 +13,11 @@ def _check_budget(plan, device, dtype):
     words = planner.bytes_per_slot(dtype) // 4
     assert plan.num_ctas <= device.sm_count
     assert plan.threads_per_cta <= device.max_threads_per_block
-    assert plan.reg_slots in device.reg_slot_options and plan.reg_slots <= plan.slots_per_lane
-    regs = device.base_regs + plan.reg_slots * words
-    assert regs <= device.max_regs_per_thread
-    assert regs * plan.threads_per_cta <= device.regs_per_sm
-    assert plan.smem_bytes <= device.smem_per_block
+    limits = dict(device.thread_limits(dtype))
+    assert plan.reg_slots in limits and plan.reg_slots <= plan.slots_per_lane
+    assert plan.threads_per_cta <= limits[plan.reg_slots]
+    weights_smem = (plan.slots_per_lane - plan.reg_slots) * plan.threads_per_cta * words * 4
+    assert plan.hidden * plan.load_bytes + weights_smem <= plan.smem_bytes <= device.smem_per_block
 
 
 @pytest.mark.parametrize("hidden,density", [(1152, 0.1), (2304, 0.1), (2304, 0.3), (4608, 0.1), (100, 1.0)])
@@ -48,8 +48,7 @@ def test_every_row_fits_its_warp():
 
 
 def test_tiny_device_does_not_fit_and_says_why():
-    tiny = DeviceSpec(name="tiny", sm_count=4, regs_per_sm=16384, smem_per_block=16384,
-                      max_threads_per_block=256)
+    tiny = DeviceSpec(name="tiny", sm_count=4, smem_per_block=16384, max_threads_per_block=256)
     plan = plan_layout(np.full(4096, 400), np.float16, tiny)
     assert not plan.fits
     assert "tiny" in plan.reason and "4096" in plan.reason
@@ -61,7 +60,6 @@ def test_tiny_device_does_not_fit_and_says_why():
 def test_made_up_devices_never_exceed_budget(seed):
     rng = np.random.default_rng(seed)
     device = DeviceSpec(name="made-up", sm_count=int(rng.integers(2, 200)),
-                        regs_per_sm=int(rng.choice([32768, 65536])),
                         smem_per_block=int(rng.integers(16, 228)) * 1024,
                         max_threads_per_block=int(rng.choice([256, 512, 1024])))
     hidden = int(rng.integers(1, 3000))

@@ -1,0 +1,112 @@
+// _sprnn_cuda: hands the CUDA XLA FFI handlers to Python as capsules, and gives the planner the
+// device and kernel facts it needs (see cuda_forward.h).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda_forward.h"
+
+namespace nb = nanobind;
+namespace sc = jax_sprnn::cuda;
+
+namespace {
+
+template <typename Fn>
+nb::capsule handler_capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+void check(const std::string& error) {
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
+nb::tuple to_tuple(const std::vector<int>& v) {
+  nb::list l;
+  for (int x : v) l.append(x);
+  return nb::tuple(l);
+}
+
+}  // namespace
+
+NB_MODULE(_sprnn_cuda, m) {
+  m.doc() = "jax_sprnn CUDA kernels: XLA FFI handlers and device/kernel queries";
+
+  m.def(
+      "registrations",
+      []() {
+        // Allocates the pinned error word now, outside any CUDA-graph capture (best effort).
+        sc::Initialize();
+        nb::dict d;
+        d["jax_sprnn_forward"] = handler_capsule(JaxSprnnForwardCuda);
+        d["jax_sprnn_sync_floor"] = handler_capsule(JaxSprnnSyncFloorCuda);
+        return d;
+      },
+      "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
+
+  m.def(
+      "device_count",
+      []() {
+        int n = 0;
+        check(sc::GetDeviceCount(&n));
+        return n;
+      },
+      "Number of visible CUDA devices (0 when there is no device or driver).");
+
+  m.def(
+      "device_properties",
+      [](int device) {
+        sc::DeviceProperties p;
+        check(sc::GetDeviceProperties(device, &p));
+        nb::dict d;
+        d["name"] = p.name;
+        d["compute_capability"] = nb::make_tuple(p.major, p.minor);
+        d["sm_count"] = p.sm_count;
+        d["regs_per_sm"] = p.regs_per_sm;
+        d["regs_per_block"] = p.regs_per_block;
+        d["smem_per_sm"] = p.smem_per_sm;
+        d["smem_per_block_optin"] = p.smem_per_block_optin;
+        d["max_threads_per_sm"] = p.max_threads_per_sm;
+        d["max_threads_per_block"] = p.max_threads_per_block;
+        d["cooperative_launch"] = p.cooperative_launch;
+        d["l2_bytes"] = p.l2_bytes;
+        return d;
+      },
+      nb::arg("device") = 0, "Facts about one CUDA device (cudaGetDeviceProperties).");
+
+  m.def(
+      "supported_reg_slots",
+      [](const std::string& dtype) {
+        std::vector<int> v = sc::SupportedRegSlots(dtype);
+        if (v.empty()) throw nb::value_error(("unknown dtype '" + dtype + "'").c_str());
+        return to_tuple(v);
+      },
+      nb::arg("dtype") = "",
+      "Register-tier sizes (reg_slots) instantiated for dtype ('float32', 'float16', 'bfloat16'); "
+      "without a dtype, those instantiated for every dtype.");
+
+  m.def(
+      "kernel_attributes",
+      [](const std::string& dtype, int tile, int reg_slots, int device, int threads) {
+        sc::KernelAttributes a;
+        check(sc::GetKernelAttributes(dtype, tile, reg_slots, device, threads, &a));
+        nb::dict d;
+        d["num_regs"] = a.num_regs;
+        d["local_bytes"] = a.local_bytes;
+        d["max_threads_per_block"] = a.max_threads_per_block;
+        d["static_smem_bytes"] = a.static_smem_bytes;
+        return d;
+      },
+      nb::arg("dtype"), nb::arg("tile"), nb::arg("reg_slots"), nb::arg("device") = 0,
+      nb::arg("threads") = 0,
+      "cudaFuncGetAttributes of one forward-kernel instantiation; tile = load_bytes / 4. A "
+      "(dtype, tile, reg_slots) may have two variants with different launch bounds: `threads` "
+      "picks the one a CTA of that size runs; 0 gives the one with the largest "
+      "max_threads_per_block.");
+
+  m.def("pending_error", []() { return sc::TakePendingError(); },
+        "The deferred error of an earlier persistent-kernel call ('' if none), cleared on read. "
+        "Synchronize the device first: the kernel reports it asynchronously.");
+}

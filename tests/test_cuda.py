@@ -1,0 +1,103 @@
+"""GPU-only tests of the persistent CUDA kernel (skipped without a GPU and the CUDA module)."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import _native, planner
+from jax_sprnn.primitives import cuda_fit, sprnn_forward_p
+
+from conftest import TOLERANCE, make_problem, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _native_fn():
+    return jax.jit(lambda x, h0, w: js.sparse_rnn(x, h0, w, method="native"))
+
+
+def test_thread_limits_match_the_build():
+    cuda = _native.cuda_module()
+    spec = _native.current_device_spec()
+    for dtype, table in (("float16", spec.max_threads_16), ("float32", spec.max_threads_32)):
+        assert sorted(r for r, _ in table) == sorted(cuda.supported_reg_slots(dtype))
+        for rs, most in table:
+            attrs = cuda.kernel_attributes(dtype, 4, rs, 0, most)
+            assert attrs["max_threads_per_block"] >= most, (dtype, rs)
+            assert attrs["local_bytes"] <= 16, (dtype, rs, attrs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_long_sequence_4096(dtype):
+    dense, w, x, h0 = make_problem(1, 300, 3, 4096, 0.1, dtype)
+    y, h = _native_fn()(x, h0, w)
+    y_ref, h_ref = js.reference_rnn(x, h0, dense)
+    assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(h, h_ref) < TOLERANCE[dtype]
+
+
+def test_largest_admitted_layer_at_10_percent():
+    # H=8192 at 10% in fp16: the planner admits it (the capacity target); it runs and is right.
+    dense, w, x, h0 = make_problem(2, 8192, 4, 32, 0.1, "float16")
+    assert w.meta.fits, w.meta.reason
+    assert cuda_fit(w.meta, 4, jnp.float16)[0]
+    y, h = _native_fn()(x, h0, w)
+    y_ref, h_ref = js.reference_rnn(x, h0, dense)
+    assert rel_err(y, y_ref) < TOLERANCE["float16"]
+
+
+def test_repeated_calls_have_no_stale_state():
+    dense, w, x, h0 = make_problem(3, 513, 4, 20, 0.1, "float16")
+    f = _native_fn()
+    first = np.asarray(f(x, h0, w)[0])
+    rng = np.random.default_rng(3)
+    others = [jnp.asarray(rng.standard_normal(x.shape), x.dtype) for _ in range(3)]
+    for i in range(1000):
+        xi = others[i % 3] if i % 2 else x
+        y, _ = f(xi, h0, w)
+        if i % 100 == 0 or i == 999:
+            want = first if not i % 2 else np.asarray(js.reference_rnn(xi, h0, dense)[0])
+            got = np.asarray(y)
+            if not i % 2:
+                np.testing.assert_array_equal(got, want)  # bitwise repeatable
+            else:
+                assert rel_err(got, want) < TOLERANCE["float16"]
+
+
+def test_forced_timeout_is_reported_and_the_next_call_works():
+    dense, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")
+    x_tm = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.full((2,), 16, jnp.int32)
+    params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
+    y, h = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params,
+                                spin_timeout_us=2000, debug_stall_cta=0)
+    assert np.all(np.isnan(np.asarray(y, np.float32)))  # never a silent wrong number
+    with pytest.raises(Exception, match="timed out"):  # reported by the next call
+        jax.block_until_ready(sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row,
+                                                   lengths, **params))
+    y, h = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params)
+    y_ref, _ = js.reference_rnn(x_tm, h0, dense, time_major=True)
+    assert rel_err(y, y_ref) < TOLERANCE["float16"]
+
+
+def test_auto_falls_back_when_the_batch_does_not_fit():
+    dense, w, x, h0 = make_problem(5, 4608, 2, 4, 0.1, "float16")
+    limit = planner.max_persistent_batch(
+        planner.Plan(4608, w.meta.slots_per_lane, w.meta.num_warps, w.meta.warps_per_cta,
+                     w.meta.reg_slots, w.meta.load_bytes, True, "", 0), jnp.float16,
+        _native.current_device_spec())
+    big = limit + 4
+    xb = jnp.tile(x, (big // 2 + 1, 1, 1))[:big]
+    hb = jnp.tile(h0, (big // 2 + 1, 1))[:big]
+    with pytest.raises(ValueError, match="exceeds the persistent kernel's limit"):
+        js.sparse_rnn(xb, hb, w, method="native")
+    with pytest.warns(RuntimeWarning, match="fallback"):
+        y, _ = js.sparse_rnn(xb, hb, w, method="auto")
+    assert rel_err(y, js.reference_rnn(xb, hb, dense)[0]) < TOLERANCE["float16"]
+
+
+def test_pending_error_is_empty_after_good_calls():
+    dense, w, x, h0 = make_problem(6, 200, 2, 8, 0.2, "float32")
+    jax.block_until_ready(_native_fn()(x, h0, w))
+    assert _native.cuda_module().pending_error() == ""
