@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build jax_sprnn with its CUDA module, run the test suite on the GPU and the benchmarks, in one
 # command (the lent GPU machine runs exactly this). Logs go to $OUT (or ./out).
-#   tools/gpu_check.sh [tests|bench|sanitize|all] [extra pytest args]
+#   tools/gpu_check.sh [tests|bench|sanitize|all] [pytest args (default: the whole tests/ folder)]
+#   BENCH_ARGS="--quick" tools/gpu_check.sh bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -25,11 +26,12 @@ cd /tmp  # import the installed package, not the source tree
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "== tests"
-  python3 -m pytest -q -x --rootdir="$OLDPWD" "$OLDPWD/tests" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+  if [ $# -eq 0 ]; then set -- "$OLDPWD/tests"; fi
+  python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   echo "== benchmarks"
-  python3 "$OLDPWD/benchmarks/bench_forward.py" --out "$OUT/bench_forward.json" 2>&1 | tee "$OUT/bench.log" | tail -40
+  python3 "$OLDPWD/benchmarks/bench_forward.py" --out "$OUT/bench_forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 if [ "$what" = sanitize ]; then
   echo "== compute-sanitizer"
