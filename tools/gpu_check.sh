@@ -3,6 +3,7 @@
 # command (the lent GPU machine runs exactly this). Logs go to $OUT (or ./out).
 #   tools/gpu_check.sh [tests|bench|sanitize|all] [pytest args (default: the whole tests/ folder)]
 #   BENCH_ARGS="--quick" tools/gpu_check.sh bench
+#   tools/gpu_check.sh profile   (Nsight Compute on tools/profile_case.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -32,6 +33,16 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   echo "== benchmarks"
   python3 "$OLDPWD/benchmarks/bench_forward.py" --out "$OUT/bench_forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+if [ "$what" = profile ]; then
+  echo "== nsight compute"
+  for cfg in "${PROFILE_CASES[@]:-1152 0.1 4 float16 256}"; do
+    ncu --clock-control none --kernel-name regex:sprnn_forward_kernel --launch-skip 2 --launch-count 1 \
+      --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      python3 "$OLDPWD/tools/profile_case.py" $cfg > "$OUT/ncu_${cfg// /_}.txt" 2>&1
+    echo "ncu rc=$? $cfg"; grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers|Achieved" "$OUT/ncu_${cfg// /_}.txt" | head -30
+  done
 fi
 if [ "$what" = sanitize ]; then
   echo "== compute-sanitizer"
