@@ -666,6 +666,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   // An out-of-range column is clamped (so the gather stays inside shared memory) and reported:
   // the finisher then replaces the outputs with NaN.
   auto make_slot = [&](Bits v, int col) {
+    col = col < 0 ? ~col : col;  // padding stores ~j (docs/format.md); its value is 0
     bad_index |= static_cast<unsigned>(col) >= static_cast<unsigned>(H);
     return S::template make_slot<TILE>(v, min(static_cast<unsigned>(col), static_cast<unsigned>(H - 1)),
                                        col_shift);

@@ -36,7 +36,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
 fi
 if [ "$what" = profile ]; then
   echo "== nsight compute"
-  for cfg in "${PROFILE_CASES[@]:-1152 0.1 4 float16 256}"; do
+  for cfg in "${PROFILE_CASE:-1152 0.1 4 float16 256}" "2304 0.1 4 float16 256"; do
     ncu --clock-control none --kernel-name regex:sprnn_forward_kernel --launch-skip 2 --launch-count 1 \
       --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section SpeedOfLight --section MemoryWorkloadAnalysis \
