@@ -109,7 +109,8 @@ def bench_config(hidden, density, batch, dtype, args):
     row["sparse_us"], row["sparse_fixed_us"] = per_step(lambda T: native, make_args, args.t1,
                                                         args.t2, args.reps, args.rotate)
     dense = jax.jit(lambda x, h0: dense_scan(x, h0, kernel_d))
-    row["dense_us"], _ = per_step(lambda T: dense, make_args, args.t1, args.t2, args.reps, args.rotate)
+    row["dense_us"], row["dense_fixed_us"] = per_step(lambda T: dense, make_args, args.t1, args.t2,
+                                                      args.reps, args.rotate)
     if args.floor:
         dummy = lambda T, seed: (jnp.zeros((1,), jnp.float32),)
         row["floor_us"], _ = per_step(lambda T: sync_floor_fn(meta, batch, T), dummy, args.t1,
@@ -139,7 +140,7 @@ def main():
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--rotate", type=int, default=4)
     p.add_argument("--t1", type=int, default=64)
-    p.add_argument("--t2", type=int, default=256)
+    p.add_argument("--t2", type=int, default=512)
     p.add_argument("--no-floor", dest="floor", action="store_false")
     p.add_argument("--ablation", action="store_true", default=True)
     args = p.parse_args()
