@@ -4,6 +4,7 @@
 #   tools/gpu_check.sh [tests|bench|sanitize|all] [pytest args (default: the whole tests/ folder)]
 #   BENCH_ARGS="--quick" tools/gpu_check.sh bench
 #   tools/gpu_check.sh profile   (Nsight Compute on tools/profile_case.py)
+#   tools/gpu_check.sh final     (tests, multi-GPU sharding, compute-sanitizer)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -25,7 +26,7 @@ grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/ptxas i
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 cd /tmp  # import the installed package, not the source tree
 
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if [ "$what" = tests ] || [ "$what" = all ] || [ "$what" = final ]; then
   echo "== tests"
   if [ $# -eq 0 ]; then set -- "$OLDPWD/tests"; fi
   python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
@@ -44,10 +45,14 @@ if [ "$what" = profile ]; then
     echo "ncu rc=$? $cfg"; grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers|Achieved" "$OUT/ncu_${cfg// /_}.txt" | head -30
   done
 fi
-if [ "$what" = sanitize ]; then
+if [ "$what" = multi ] || [ "$what" = final ]; then
+  echo "== multi-GPU sharding"
+  NCCL_NVLS_ENABLE=0 python3 "$OLDPWD/tools/multi_gpu_check.py" 2>&1 | tee "$OUT/multi_gpu.log" | tail -6
+fi
+if [ "$what" = sanitize ] || [ "$what" = final ]; then
   echo "== compute-sanitizer"
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 "$OLDPWD/tools/sanitizer_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
+    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 python3 "$OLDPWD/tools/sanitizer_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log")"
   done
 fi

@@ -1,0 +1,391 @@
+"""Flax linen modules for sparse recurrent layers.
+
+* :class:`SparseRNNCell`: one step, ``h' = act(x W_i + b + h W_h)``, for ``nn.RNN``, ``nn.scan`` and
+  step-by-step decoding. Its parameters are named like ``nn.SimpleCell``'s.
+* :class:`SparseRNN`: the whole sequence in one :func:`jax_sprnn.sparse_rnn` call (the persistent
+  kernel on a GPU), a drop-in for ``nn.RNN(nn.SimpleCell(features))`` with ``nn.RNN``'s call
+  keywords, and the same parameters as the cell.
+
+Parameters (both modules, the names of ``nn.SimpleCell``, so its checkpoints load unchanged)::
+
+    params:   {'i': {'kernel': [F, H], 'bias': [H]}, 'h': {'kernel': [H, H]}}
+
+``SparseRNN`` also keeps the mask of ``h/kernel``, packed for the kernel, in a variable collection
+that mirrors the parameter path::
+
+    sparsity: {'h': {'kernel': jax_sprnn.pruning.PackedMask}}
+
+Pass it to ``apply`` with the params (``model.apply(variables, x)`` does). The mask is data: a new
+mask from :func:`jax_sprnn.pruning.update_sparsity` does not recompile a jitted step. After
+training, :func:`jax_sprnn.pruning.to_inference` replaces it with the packed weights
+(``SparseWeights``), which ``SparseRNN`` then runs directly.
+
+The cell has no mask variable: ``nn.RNN`` scans only the ``params`` collection. The cell's mask is
+the zeros of its kernel, which the pruning tools keep at exactly zero, so the same parameters give
+the same outputs in both modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import initializers
+from flax.linen.linear import default_kernel_init
+
+from . import pruning
+from .api import METHODS, sparse_rnn
+from .pruning import COLLECTION, PackedMask, initial_mask
+from .reference import ACTIVATIONS
+from .weights import SUPPORTED_DTYPES, SparseWeights
+
+Initializer = Any
+
+# The activations the native kernels implement, by the callables a Flax user would pass.
+_ACTIVATION_FNS = {jnp.tanh: "tanh", jax.nn.tanh: "tanh", nn.tanh: "tanh", jax.nn.relu: "relu",
+                   nn.relu: "relu"}
+
+
+def activation_name(activation) -> str:
+    """``"tanh"``, ``"relu"`` or ``"identity"`` for a name or one of the matching callables."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation_fn must be one of {sorted(ACTIVATIONS)} (or jnp.tanh / "
+                             f"jax.nn.relu), got {activation!r}")
+        return activation
+    try:
+        return _ACTIVATION_FNS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation_fn must be 'tanh', 'relu', 'identity', jnp.tanh or "
+                         f"jax.nn.relu (what the native kernels implement), got {activation!r}"
+                         ) from None
+
+
+def storage_dtype(dtype, param_dtype) -> np.dtype:
+    """The dtype the recurrence runs in: ``dtype`` if given, else ``param_dtype``."""
+    chosen = np.dtype(param_dtype if dtype is None else dtype)
+    if chosen not in SUPPORTED_DTYPES:
+        name = "param_dtype" if dtype is None else "dtype"
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 for a sparse recurrence, "
+                        f"got {chosen}")
+    return chosen
+
+
+def check_features(features, name: str = "features") -> int:
+    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
+        raise ValueError(f"{name} must be a positive integer, got {features!r}")
+    return int(features)
+
+
+def masked_init(init: Initializer, mask_fn):
+    """An initializer that zeroes what ``mask_fn()`` (a boolean array) prunes."""
+    def initializer(key, shape, dtype=jnp.float32):
+        return init(key, shape, dtype) * jnp.asarray(mask_fn(), dtype)
+    return initializer
+
+
+@functools.lru_cache(maxsize=64)
+def _initial_layout_host(hidden: int, max_density: float, seed: int, dtype_name: str) -> PackedMask:
+    return PackedMask.for_density(hidden, max_density, seed=seed, dtype=np.dtype(dtype_name),
+                                  host=True)
+
+
+def initial_layout(hidden: int, max_density: float, seed: int, dtype_name: str) -> PackedMask:
+    """The packed starting mask of a layer. The NumPy packing is cached (packing a dense layer
+    takes a moment, and ``init`` may trace a module several times); the arrays are made afresh
+    for each call, since inside a trace they belong to that trace."""
+    return jax.tree_util.tree_map(jnp.asarray,
+                                  _initial_layout_host(hidden, max_density, seed, dtype_name))
+
+
+@functools.lru_cache(maxsize=64)
+def _initial_mask(hidden: int, max_density: float, seed: int) -> np.ndarray:
+    mask = initial_mask(hidden, max_density, seed)
+    mask.setflags(write=False)
+    return mask
+
+
+def flip_padded(y, lengths, *, time_major: bool):
+    """Reverse each sequence's first ``lengths[b]`` steps, keeping padding at the end (what
+    ``nn.RNN`` does to return a reversed pass's outputs in processing order). ``y``: ``[B, T, H]``
+    or ``[T, B, H]``; ``lengths``: ``[B]`` or None (then the whole time axis is flipped)."""
+    axis = 0 if time_major else 1
+    if lengths is None:
+        return jnp.flip(y, axis)
+    steps = y.shape[axis]
+    idx = (jnp.arange(steps - 1, -1, -1)[None, :] + lengths[:, None]) % steps  # [B, T]
+    idx = (idx.T if time_major else idx)[:, :, None]
+    return jnp.take_along_axis(y, idx, axis=axis)
+
+
+def sequence_shape(inputs, time_major: bool):
+    """``(inputs, T, batch_shape)`` of ``[*batch, T, F]`` (or ``[T, *batch, F]``) inputs."""
+    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
+        inputs = jnp.asarray(inputs)
+    if inputs.ndim < 2:
+        raise ValueError(f"inputs must be {'[T, *batch, F]' if time_major else '[*batch, T, F]'}, "
+                         f"got shape {tuple(inputs.shape)}")
+    if time_major:
+        return inputs, inputs.shape[0], tuple(inputs.shape[1:-1])
+    return inputs, inputs.shape[-2], tuple(inputs.shape[:-2])
+
+
+def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps: int,
+                 batch_shape: tuple, activation: str, dtype, time_major: bool, reverse: bool,
+                 keep_order: bool, method: str, mesh=None, batch_axis="data"):
+    """The recurrence of a whole layer on the projected inputs ``x`` (``[*batch, T, H]`` or
+    ``[T, *batch, H]``), with ``nn.RNN``'s conventions. Returns ``(carry, outputs)``.
+
+    The batch dimensions are folded into one for the native call and unfolded after.
+    """
+    hidden = weights.hidden
+    batch = math.prod(batch_shape)
+    x = x.astype(dtype).reshape((steps, batch, hidden) if time_major else (batch, steps, hidden))
+    if not hasattr(initial_carry, "shape") or tuple(initial_carry.shape) != batch_shape + (hidden,):
+        raise ValueError(f"initial_carry must be [*batch, H] = {batch_shape + (hidden,)}, got "
+                         f"{getattr(initial_carry, 'shape', type(initial_carry).__name__)}")
+    h0 = jnp.asarray(initial_carry).astype(dtype).reshape(batch, hidden)
+    lengths = None
+    if seq_lengths is not None:
+        if not hasattr(seq_lengths, "shape"):
+            seq_lengths = np.asarray(seq_lengths)
+        if tuple(seq_lengths.shape) != batch_shape:
+            raise ValueError(f"seq_lengths must be [*batch] = {batch_shape}, got shape "
+                             f"{tuple(seq_lengths.shape)}")
+        lengths = seq_lengths.reshape(batch)
+    kwargs = dict(activation=activation, time_major=time_major, reverse=bool(reverse),
+                  seq_lengths=lengths, method=method)
+    if mesh is None:
+        y, carry = sparse_rnn(x, h0, weights, **kwargs)
+    else:
+        from .sharding import sparse_rnn_sharded
+        y, carry = sparse_rnn_sharded(x, h0, weights, mesh=mesh, batch_axis=batch_axis, **kwargs)
+    if reverse and not keep_order:
+        y = flip_padded(y, None if lengths is None else jnp.asarray(lengths, jnp.int32),
+                        time_major=time_major)
+    out_shape = ((steps,) + batch_shape if time_major else batch_shape + (steps,)) + (hidden,)
+    return carry.reshape(batch_shape + (hidden,)), y.reshape(out_shape)
+
+
+class SparseRNNCell(nn.RNNCellBase):
+    """A simple recurrent cell with a pruned recurrent kernel: ``h' = act(x W_i + b + h W_h)``.
+
+    Drop-in for ``nn.SimpleCell`` (same parameter names and shapes: ``i/kernel [F, H]``,
+    ``i/bias [H]``, ``h/kernel [H, H]``), for use inside ``nn.RNN``, ``nn.scan`` or a decoding loop
+    that calls it step by step. The step is a dense matvec with the kernel's zeros as the mask
+    (per-step sparse products are slower than dense ones; the sparse kernel pays off over a
+    whole sequence, in :class:`SparseRNN`). ``h/kernel`` starts masked by the layer's initial mask
+    (:func:`jax_sprnn.pruning.initial_mask`) and the pruning tools keep pruned weights at zero.
+
+    Attributes:
+      features: the hidden size ``H``.
+      max_density: the density the layer starts from and never exceeds (1.0: start dense and
+        prune gradually). Must match the :class:`SparseRNN` it shares parameters with.
+      activation_fn: ``"tanh"``, ``"relu"``, ``"identity"``, or ``jnp.tanh`` / ``jax.nn.relu``.
+      kernel_init, recurrent_kernel_init, bias_init: initializers of ``i/kernel``, ``h/kernel``
+        and ``i/bias`` (``nn.SimpleCell``'s defaults).
+      dtype, param_dtype: the computation and parameter dtypes, as in Flax.
+      carry_init: initializer of the carry.
+      mask_seed: seed of the initial mask when ``max_density < 1``.
+      precision: precision of the two matmuls.
+    """
+
+    features: int
+    max_density: float = 1.0
+    activation_fn: Any = "tanh"
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = initializers.orthogonal()
+    bias_init: Initializer = initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Initializer = initializers.zeros_init()
+    mask_seed: int = 0
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        """One step. ``carry``: ``[*batch, H]``; ``inputs``: ``[*batch, F]``. Returns
+        ``(new_carry, output)``, both the new state ``[*batch, H]``."""
+        hidden = check_features(self.features)
+        act = ACTIVATIONS[activation_name(self.activation_fn)]
+        pruning.budgets_for_density(hidden, self.max_density)  # validates max_density
+        if not hasattr(carry, "shape") or carry.shape[-1:] != (hidden,):
+            raise ValueError(f"carry must be [*batch, {hidden}], got shape "
+                             f"{getattr(carry, 'shape', type(carry).__name__)}")
+        mask = functools.partial(_initial_mask, hidden, float(self.max_density), self.mask_seed)
+        dense_h = nn.Dense(hidden, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=masked_init(self.recurrent_kernel_init, mask),
+                           precision=self.precision, name="h")
+        dense_i = nn.Dense(hidden, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=self.kernel_init, bias_init=self.bias_init,
+                           precision=self.precision, name="i")
+        new_carry = act(dense_i(inputs) + dense_h(carry))
+        return new_carry, new_carry
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """The initial carry ``[*batch, H]`` for inputs of shape ``[*batch, F]``."""
+        return self.carry_init(rng, tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class SparseKernel(nn.Module):
+    """The recurrent kernel ``h/kernel [H, H]`` of :class:`SparseRNN` and its packed mask
+    (``sparsity/h/kernel``). Returns the :class:`SparseWeights` for one ``sparse_rnn`` call.
+
+    When the sparsity collection holds ``SparseWeights`` instead of a mask (the inference form of
+    :func:`jax_sprnn.pruning.to_inference`) they are returned as they are and ``params`` needs no
+    kernel.
+    """
+
+    features: int
+    max_density: float = 1.0
+    kernel_init: Initializer = initializers.orthogonal()
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # the storage dtype of the packed weights
+    mask_seed: int = 0
+
+    @nn.compact
+    def __call__(self) -> SparseWeights:
+        hidden = self.features
+        dtype = np.dtype(self.dtype)
+        if self.has_variable(COLLECTION, "kernel"):
+            stored = self.get_variable(COLLECTION, "kernel")
+            if isinstance(stored, SparseWeights):
+                if stored.hidden != hidden:
+                    raise ValueError(f"the packed weights in '{COLLECTION}' are {stored.shape}, "
+                                     f"the layer is {hidden} wide")
+                return stored if stored.dtype == dtype else stored.astype(dtype)
+            if not isinstance(stored, PackedMask):
+                raise TypeError(f"variables['{COLLECTION}'] must hold a jax_sprnn.pruning."
+                                f"PackedMask (or SparseWeights) at {self.path}, got "
+                                f"{type(stored).__name__}")
+        elif not self.is_mutable_collection(COLLECTION):
+            raise ValueError(f"SparseRNN needs the '{COLLECTION}' collection (it holds the mask): "
+                             f"pass all of model.init's variables to apply, e.g. "
+                             f"{{'params': params, '{COLLECTION}': variables['{COLLECTION}']}}")
+        layout = self.variable(COLLECTION, "kernel", initial_layout, hidden,
+                               float(self.max_density), self.mask_seed, dtype.name).value
+        if layout.hidden != hidden:
+            raise ValueError(f"the mask in '{COLLECTION}' is {layout.hidden} wide, the layer "
+                             f"{hidden}")
+        # The init mask comes from the host (the variable's value may be a tracer of a lifted
+        # transform here); it is the same pattern the variable starts from.
+        init_mask = functools.partial(_initial_mask, hidden, float(self.max_density), self.mask_seed)
+        kernel = self.param("kernel", masked_init(self.kernel_init, init_mask), (hidden, hidden),
+                            self.param_dtype)
+        if tuple(kernel.shape) != (hidden, hidden):
+            raise ValueError(f"params h/kernel must be [{hidden}, {hidden}], got {kernel.shape}")
+        return layout.weights(kernel, dtype)
+
+
+class SparseRNN(nn.Module):
+    """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
+
+    A drop-in for ``nn.RNN(nn.SimpleCell(features))`` with the parameters of
+    :class:`SparseRNNCell` (which equal ``nn.SimpleCell``'s) plus the packed mask in the
+    ``'sparsity'`` collection. The input projection ``x W_i + b`` of all steps is one matmul;
+    the recurrence ``h_t = act(x_t W_i + b + h_{t-1} W_h)`` runs in :func:`jax_sprnn.sparse_rnn`.
+
+    Inputs are ``[*batch, T, F]`` (``[T, *batch, F]`` when ``time_major``); the carry is
+    ``[*batch, H]``. Outputs are in the recurrence dtype (``dtype``, else ``param_dtype``).
+
+    Differences from ``nn.RNN``, where ``nn.RNN`` gives values that depend on padding: past an
+    example's ``seq_lengths`` its outputs are zero, and an example of length 0 returns its initial
+    carry.
+
+    Attributes:
+      features, max_density, activation_fn, kernel_init, recurrent_kernel_init, bias_init,
+        param_dtype, carry_init, mask_seed, precision: as in :class:`SparseRNNCell`.
+      dtype: the dtype of the recurrence and its packed weights (float32, bfloat16 or float16;
+        default ``param_dtype``).
+      time_major, return_carry, reverse, keep_order: defaults of the call keywords, as in
+        ``nn.RNN``.
+      method: ``sparse_rnn``'s ``method`` (``"auto"``, ``"native"`` or ``"reference"``).
+      mesh, batch_axis: with a ``jax.sharding.Mesh``, the batch is split over the mesh axes
+        ``batch_axis`` and every device runs the recurrence on its shard
+        (:func:`jax_sprnn.sharding.sparse_rnn_sharded`).
+    """
+
+    features: int
+    max_density: float = 1.0
+    activation_fn: Any = "tanh"
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = initializers.orthogonal()
+    bias_init: Initializer = initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Initializer = initializers.zeros_init()
+    mask_seed: int = 0
+    precision: Any = None
+    time_major: bool = False
+    return_carry: bool = False
+    reverse: bool = False
+    keep_order: bool = False
+    method: str = "auto"
+    mesh: Any = None
+    batch_axis: Any = "data"
+
+    @nn.compact
+    def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None):
+        """Run the layer over ``inputs``; the keywords override the attributes as in ``nn.RNN``.
+
+        Args:
+          inputs: ``[*batch, T, F]``, or ``[T, *batch, F]`` when ``time_major``.
+          initial_carry: ``[*batch, H]``; default from :meth:`initialize_carry`.
+          init_key: PRNG key for ``carry_init`` (default ``jax.random.key(0)``).
+          seq_lengths: optional ``[*batch]`` integers in ``[0, T]``.
+          return_carry: also return the final carry.
+          time_major: the layout of ``inputs`` and outputs.
+          reverse: process the sequence from its last valid step to its first.
+          keep_order: with ``reverse``, return the outputs at their positions; otherwise (as
+            ``nn.RNN`` does) in processing order, padding kept at the end.
+
+        Returns:
+          ``outputs`` (``[*batch, T, H]`` or ``[T, *batch, H]``), or ``(carry, outputs)``.
+        """
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        hidden = check_features(self.features)
+        activation = activation_name(self.activation_fn)
+        dtype = storage_dtype(self.dtype, self.param_dtype)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        weights = SparseKernel(hidden, self.max_density, self.recurrent_kernel_init,
+                               self.param_dtype, dtype, self.mask_seed, name="h")()
+        x = nn.Dense(hidden, use_bias=True, dtype=dtype, param_dtype=self.param_dtype,
+                     kernel_init=self.kernel_init, bias_init=self.bias_init,
+                     precision=self.precision, name="i")(inputs)
+        if initial_carry is None:
+            key = jax.random.key(0) if init_key is None else init_key
+            initial_carry = self.initialize_carry(key, batch_shape + (inputs.shape[-1],))
+        carry, y = run_sequence(x, weights, initial_carry, seq_lengths, steps=steps,
+                                batch_shape=batch_shape, activation=activation, dtype=dtype,
+                                time_major=time_major, reverse=reverse, keep_order=keep_order,
+                                method=self.method, mesh=self.mesh, batch_axis=self.batch_axis)
+        return (carry, y) if return_carry else y
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
+        return self.carry_init(rng, tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseKernel", "activation_name", "flip_padded"]

@@ -1,0 +1,301 @@
+"""Flax NNX modules for sparse recurrent layers (the linen pair is in :mod:`jax_sprnn.flax`).
+
+* :class:`SparseRNNCell`: one step, for ``nnx.RNN``, ``nnx.scan`` and decoding loops. Its state has
+  the names of ``nnx.SimpleCell``: ``dense_i`` (``Linear`` with bias) and ``dense_h`` (``Linear``,
+  no bias), so ``nnx.SimpleCell`` weights load unchanged.
+* :class:`SparseRNN`: the whole sequence in one :func:`jax_sprnn.sparse_rnn` call, with
+  ``nnx.RNN``'s call keywords, the same ``dense_i`` / ``dense_h`` parameters, and the packed mask in
+  a :class:`Sparsity` variable (not an ``nnx.Param``, so optimizers leave it alone).
+
+Pruning an NNX model: :func:`prune` (or ``SparseRNN.prune``) recomputes the masks in place and
+zeroes the pruned weights; the layout stays the same, so an ``nnx.jit`` step does not recompile.
+:func:`param_masks` feeds :func:`jax_sprnn.pruning.keep_pruned` through ``nnx.Optimizer.update``;
+:func:`to_inference` returns a copy of the model that runs the packed inference weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx import initializers
+
+from . import pruning
+from .api import METHODS
+from .flax import (_initial_mask, activation_name, check_features, initial_layout, masked_init,
+                   run_sequence, sequence_shape, storage_dtype)
+from .pruning import PackedMask
+from .reference import ACTIVATIONS
+from .weights import SparseWeights
+
+Initializer = Any
+default_kernel_init = initializers.lecun_normal()
+
+
+class Sparsity(nnx.Variable):
+    """The packed mask (:class:`jax_sprnn.pruning.PackedMask`) of a :class:`SparseRNN`, or its
+    packed inference weights (:class:`jax_sprnn.SparseWeights`). Not a parameter."""
+
+
+def _carry(shape, dtype, rngs, carry_init):
+    """A carry from ``carry_init`` (zeros when None), drawing a key only when it is needed."""
+    if carry_init is None:
+        return jnp.zeros(shape, dtype)
+    if isinstance(rngs, nnx.Rngs):
+        key = rngs.carry()
+    elif rngs is None:
+        key = jax.random.key(0)
+    else:
+        key = rngs()
+    return carry_init(key, shape, dtype)
+
+
+class SparseRNNCell(nnx.RNNCellBase):
+    """A simple recurrent cell with a pruned recurrent kernel: ``h' = act(W_i x + b + W_h h)``.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseRNNCell` and a drop-in for ``nnx.SimpleCell``
+    (same attributes ``dense_i`` and ``dense_h``, created in the same order, so the same ``rngs``
+    give the same weights when ``max_density == 1``). The mask is the zeros of
+    ``dense_h.kernel``, which starts masked by :func:`jax_sprnn.pruning.initial_mask`.
+
+    Args:
+      in_features: input size ``F``.
+      hidden_features: hidden size ``H``.
+      max_density, activation_fn, kernel_init, recurrent_kernel_init, bias_init, dtype,
+        param_dtype, mask_seed, precision: as in :class:`jax_sprnn.flax.SparseRNNCell`.
+      carry_init: initializer of the carry (default zeros).
+      rngs: the ``nnx.Rngs`` for the parameters.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, *, max_density: float = 1.0,
+                 activation_fn: Any = "tanh", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 carry_init: Initializer | None = None,
+                 kernel_init: Initializer = default_kernel_init,
+                 recurrent_kernel_init: Initializer = initializers.orthogonal(),
+                 bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
+                 precision: Any = None, rngs: nnx.Rngs):
+        self.in_features = check_features(in_features, "in_features")
+        self.hidden_features = check_features(hidden_features, "hidden_features")
+        self.activation = activation_name(activation_fn)
+        self.max_density = float(max_density)
+        pruning.budgets_for_density(self.hidden_features, self.max_density)  # validates it
+        self.mask_seed = int(mask_seed)
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+        hidden = self.hidden_features
+        mask = lambda: _initial_mask(hidden, self.max_density, self.mask_seed)  # noqa: E731
+        # nnx.SimpleCell creates dense_h first: keep the order so equal rngs give equal weights.
+        self.dense_h = nnx.Linear(hidden, hidden, use_bias=False, dtype=dtype,
+                                  param_dtype=param_dtype,
+                                  kernel_init=masked_init(recurrent_kernel_init, mask),
+                                  precision=precision, rngs=rngs)
+        self.dense_i = nnx.Linear(self.in_features, hidden, use_bias=True, dtype=dtype,
+                                  param_dtype=param_dtype, kernel_init=kernel_init,
+                                  bias_init=bias_init, precision=precision, rngs=rngs)
+
+    def __call__(self, carry, inputs):  # type: ignore[override]
+        """One step. ``carry``: ``[*batch, H]``; ``inputs``: ``[*batch, F]``."""
+        if not hasattr(carry, "shape") or carry.shape[-1:] != (self.hidden_features,):
+            raise ValueError(f"carry must be [*batch, {self.hidden_features}], got shape "
+                             f"{getattr(carry, 'shape', type(carry).__name__)}")
+        new_carry = ACTIVATIONS[self.activation](self.dense_i(inputs) + self.dense_h(carry))
+        return new_carry, new_carry
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs=None,  # type: ignore[override]
+                         carry_init: Initializer | None = None):
+        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
+        shape = tuple(input_shape[:-1]) + (self.hidden_features,)
+        return _carry(shape, self.param_dtype, rngs, carry_init or self.carry_init)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class SparseRNN(nnx.Module):
+    """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseRNN`: a drop-in for
+    ``nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs))``, with the parameters of :class:`SparseRNNCell`
+    plus ``sparsity``, a :class:`Sparsity` variable holding the packed mask. Inputs are
+    ``[*batch, T, F]`` (``[T, *batch, F]`` when ``time_major``).
+
+    Past an example's ``seq_lengths`` its outputs are zero, and an example of length 0 returns its
+    initial carry (``nnx.RNN`` gives padding-dependent values there).
+
+    Args:
+      in_features, hidden_features, max_density, activation_fn, kernel_init,
+        recurrent_kernel_init, bias_init, param_dtype, carry_init, mask_seed, precision: as in
+        :class:`SparseRNNCell`.
+      dtype: the dtype of the recurrence and its packed weights (default ``param_dtype``).
+      time_major, return_carry, reverse, keep_order: defaults of the call keywords, as in
+        ``nnx.RNN``.
+      method: ``sparse_rnn``'s ``method``.
+      mesh, batch_axis: split the batch over these mesh axes (see :mod:`jax_sprnn.sharding`).
+      rngs: the ``nnx.Rngs`` for the parameters.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, *, max_density: float = 1.0,
+                 activation_fn: Any = "tanh", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 carry_init: Initializer | None = None,
+                 kernel_init: Initializer = default_kernel_init,
+                 recurrent_kernel_init: Initializer = initializers.orthogonal(),
+                 bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
+                 precision: Any = None, time_major: bool = False, return_carry: bool = False,
+                 reverse: bool = False, keep_order: bool = False, method: str = "auto",
+                 mesh: Any = None, batch_axis: Any = "data", rngs: nnx.Rngs):
+        self.in_features = check_features(in_features, "in_features")
+        self.hidden_features = check_features(hidden_features, "hidden_features")
+        self.activation = activation_name(activation_fn)
+        self.max_density = float(max_density)
+        self.dtype = storage_dtype(dtype, param_dtype).name
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+        self.time_major, self.return_carry = bool(time_major), bool(return_carry)
+        self.reverse, self.keep_order = bool(reverse), bool(keep_order)
+        self.mesh, self.batch_axis = mesh, batch_axis
+        hidden = self.hidden_features
+        layout = initial_layout(hidden, self.max_density, int(mask_seed), self.dtype)
+        self.dense_h = nnx.Linear(hidden, hidden, use_bias=False, param_dtype=param_dtype,
+                                  kernel_init=masked_init(recurrent_kernel_init,
+                                                          lambda: layout.mask),
+                                  rngs=rngs)
+        self.dense_i = nnx.Linear(self.in_features, hidden, use_bias=True, dtype=self.dtype,
+                                  param_dtype=param_dtype, kernel_init=kernel_init,
+                                  bias_init=bias_init, precision=precision, rngs=rngs)
+        self.sparsity = Sparsity(layout)
+
+    # ---- running ------------------------------------------------------------------------------
+    def weights(self) -> SparseWeights:
+        """The packed recurrent weights of the current kernel and mask (usable under jit)."""
+        stored = self.sparsity.get_value()
+        if isinstance(stored, SparseWeights):
+            return stored if stored.dtype == np.dtype(self.dtype) else stored.astype(self.dtype)
+        if not isinstance(stored, PackedMask):
+            raise TypeError(f"SparseRNN.sparsity must hold a PackedMask or SparseWeights, got "
+                            f"{type(stored).__name__}")
+        return stored.weights(self.dense_h.kernel[...], self.dtype)
+
+    def __call__(self, inputs, *, initial_carry=None, seq_lengths=None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None, rngs=None):
+        """Run the layer; keywords as in ``nnx.RNN`` (``rngs`` feeds ``carry_init``).
+
+        Returns ``outputs`` (``[*batch, T, H]`` or ``[T, *batch, H]``), or ``(carry, outputs)``.
+        """
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"inputs must have {self.in_features} features in their last axis, "
+                             f"got shape {tuple(inputs.shape)}")
+        if initial_carry is None:
+            initial_carry = self.initialize_carry(batch_shape + (self.in_features,), rngs)
+        carry, y = run_sequence(self.dense_i(inputs), self.weights(), initial_carry, seq_lengths,
+                                steps=steps, batch_shape=batch_shape, activation=self.activation,
+                                dtype=np.dtype(self.dtype), time_major=time_major,
+                                reverse=reverse, keep_order=keep_order, method=self.method,
+                                mesh=self.mesh, batch_axis=self.batch_axis)
+        return (carry, y) if return_carry else y
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs=None,
+                         carry_init: Initializer | None = None):
+        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
+        shape = tuple(input_shape[:-1]) + (self.hidden_features,)
+        return _carry(shape, self.param_dtype, rngs, carry_init or self.carry_init)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+    # ---- pruning ------------------------------------------------------------------------------
+    @property
+    def mask(self) -> np.ndarray:
+        """The boolean mask ``[H, H]`` of the recurrent kernel (host)."""
+        stored = self.sparsity.get_value()
+        return np.asarray(stored.mask) if isinstance(stored, PackedMask) else stored.mask()
+
+    def prune(self, sparsity: float, *, method: str = "row_balanced") -> None:
+        """Recompute this layer's mask at ``sparsity`` from the kernel's magnitudes (nested in
+        the current mask), repack it into the same layout, and zero the pruned weights."""
+        prune(self, sparsity, method=method)
+
+    def to_inference(self) -> SparseWeights:
+        """The packed inference weights of this layer (tightly packed by the planner)."""
+        stored = self.sparsity.get_value()
+        if isinstance(stored, SparseWeights):
+            return stored
+        return pruning.pack_inference(self.dense_h.kernel[...], stored.mask, dtype=self.dtype)
+
+
+def _iter_modules(model):
+    if hasattr(nnx, "iter_modules"):
+        return nnx.iter_modules(model)
+    return model.iter_modules()  # pragma: no cover - older flax
+
+
+def _sparse_layers(model) -> dict[tuple, SparseRNN]:
+    layers = {tuple(path): m for path, m in _iter_modules(model) if isinstance(m, SparseRNN)}
+    if not layers:
+        raise ValueError("the model has no jax_sprnn.nnx.SparseRNN layers")
+    return layers
+
+
+def prune(model, sparsity: float, *, method: str = "row_balanced") -> None:
+    """Prune every :class:`SparseRNN` of ``model`` in place (see
+    :func:`jax_sprnn.pruning.update_sparsity`; ``method="global"`` shares one threshold across
+    the layers). The layouts stay the same, so a jitted step does not recompile."""
+    layers = _sparse_layers(model)
+    for path, layer in layers.items():
+        if not isinstance(layer.sparsity.get_value(), PackedMask):
+            raise ValueError(f"layer {'/'.join(map(str, path)) or '(root)'} is already in its "
+                             f"packed inference form; prune the training model")
+    params = {path: layer.dense_h.kernel[...] for path, layer in layers.items()}
+    masks = {path: layer.sparsity.get_value() for path, layer in layers.items()}
+    # update_sparsity looks kernels up by path: give it one-level dicts with string keys.
+    keys = {path: "/".join(map(str, path)) or "." for path in layers}
+    new_params, new_masks = pruning.update_sparsity(
+        {keys[p]: v for p, v in params.items()}, {keys[p]: v for p, v in masks.items()},
+        sparsity, method=method)
+    for path, layer in layers.items():
+        layer.dense_h.kernel[...] = new_params[keys[path]]
+        layer.sparsity.set_value(new_masks[keys[path]])
+
+
+def param_masks(model):
+    """The masks for :func:`jax_sprnn.pruning.keep_pruned`, shaped like
+    ``nnx.state(model, nnx.Param)``: each SparseRNN's mask at its ``dense_h/kernel``, a scalar
+    ``True`` elsewhere. Pass them as ``optimizer.update(model, grads, masks=param_masks(model))``.
+    Usable under ``nnx.jit``."""
+    masks = {}
+    for path, layer in _sparse_layers(model).items():
+        stored = layer.sparsity.get_value()
+        if isinstance(stored, PackedMask):
+            masks[path + ("dense_h", "kernel")] = jnp.asarray(stored.mask)
+    params = nnx.state(model, nnx.Param)
+    if hasattr(nnx, "as_pure"):  # what nnx.Optimizer hands to optax
+        params = nnx.as_pure(params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: masks.get(pruning._path(p), jnp.ones((), bool)), params)
+
+
+def to_inference(model):
+    """A copy of ``model`` in which every :class:`SparseRNN` runs its packed inference weights
+    (its ``sparsity`` holds :class:`jax_sprnn.SparseWeights`, its dense kernel is gone)."""
+    model = nnx.clone(model)
+    for layer in _sparse_layers(model).values():
+        packed = layer.to_inference()
+        layer.sparsity.set_value(packed)
+        del layer.dense_h
+    return model
+
+
+__all__ = ["SparseRNNCell", "SparseRNN", "Sparsity", "prune", "param_masks", "to_inference"]

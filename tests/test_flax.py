@@ -1,0 +1,297 @@
+"""The linen modules: SparseRNN against nn.RNN(SparseRNNCell) and nn.SimpleCell, nn.RNN's call
+keywords, Bidirectional, jit / vmap / grad, nn.scan over layers, decoding, the inference form."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import pruning
+from jax_sprnn.flax import SparseRNN, SparseRNNCell
+
+from conftest import TOLERANCE, rel_err
+
+H, F, B, T = 24, 5, 3, 7
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    """GPUs run float32 matmuls at reduced precision by default; these comparisons are at 1e-5."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def random_inputs(seed, shape=(B, T, F)):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def init(model, seed, x):
+    return model.init(jax.random.key(seed), x)
+
+
+def cell_rnn(params, x, max_density=1.0, activation_fn="tanh", **call):
+    """The same layer scanned by nn.RNN over the per-step cell."""
+    rnn = nn.RNN(SparseRNNCell(H, max_density=max_density, activation_fn=activation_fn))
+    return rnn.apply({"params": {"cell": params}}, x, **call)
+
+
+def randomize_kernel(variables, seed):
+    """Give h/kernel fresh random values on its mask (so tests do not run on the orthogonal
+    init alone) and zero off it, as training with the pruning tools keeps it."""
+    mask = np.asarray(variables["sparsity"]["h"]["kernel"].mask)
+    kernel = np.random.default_rng(seed).standard_normal((H, H)).astype(np.float32)
+    kernel *= 0.9 / np.sqrt(max(1.0, mask.mean() * H))
+    params = jax.tree.map(lambda x: x, variables["params"])
+    params["h"]["kernel"] = jnp.asarray(np.where(mask, kernel, 0.0))
+    return {**variables, "params": params}
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
+@pytest.mark.parametrize("max_density", [1.0, 0.25])
+def test_matches_nn_rnn_of_the_cell(activation, max_density):
+    x = random_inputs(10)
+    model = SparseRNN(H, max_density=max_density, activation_fn=activation)
+    variables = randomize_kernel(init(model, 11, x), 12)
+    out = model.apply(variables, x)
+    ref = cell_rnn(variables["params"], x, max_density, activation)
+    assert out.shape == (B, T, H)
+    assert rel_err(out, ref) < TOLERANCE["float32"]
+
+
+def test_init_masks_the_kernel_and_matches_the_cell_init():
+    x = random_inputs(13)
+    variables = init(SparseRNN(H, max_density=0.25, mask_seed=3), 14, x)
+    packed = variables["sparsity"]["h"]["kernel"]
+    mask = np.asarray(packed.mask)
+    np.testing.assert_array_equal(mask, pruning.initial_mask(H, 0.25, 3))
+    kernel = np.asarray(variables["params"]["h"]["kernel"])
+    assert np.all(kernel[~mask] == 0) and np.all(kernel[mask] != 0)
+    # The cell starts from the same mask.
+    cell_params = nn.RNN(SparseRNNCell(H, max_density=0.25, mask_seed=3)).init(
+        jax.random.key(14), x)["params"]["cell"]
+    np.testing.assert_array_equal(np.asarray(cell_params["h"]["kernel"]) != 0, mask)
+    # init under jit gives the same variables (up to the rounding of a compiled QR on a GPU).
+    jitted = jax.jit(SparseRNN(H, max_density=0.25, mask_seed=3).init)(jax.random.key(14), x)
+    assert jax.tree.structure(jitted) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(jitted)):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_simple_cell_params_load_unchanged():
+    """A trained nn.RNN(nn.SimpleCell) drops in: same parameter tree, same outputs."""
+    x = random_inputs(15)
+    dense = nn.RNN(nn.SimpleCell(H))
+    dense_params = dense.init(jax.random.key(16), x)["params"]["cell"]
+    model = SparseRNN(H)
+    variables = init(model, 17, x)
+    assert (jax.tree.map(jnp.shape, dense_params) ==
+            jax.tree.map(jnp.shape, variables["params"]))
+    out = model.apply({**variables, "params": dense_params}, x)
+    ref = dense.apply({"params": {"cell": dense_params}}, x)
+    assert rel_err(out, ref) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("reverse,keep_order,use_lengths,time_major", [
+    (False, False, False, False), (False, False, True, True), (True, False, True, False),
+    (True, False, False, True), (True, True, True, True), (True, True, False, False)])
+def test_call_keywords_match_nn_rnn(reverse, keep_order, use_lengths, time_major):
+    rng = np.random.default_rng(20)
+    x = random_inputs(21)
+    model = SparseRNN(H, max_density=0.5)
+    variables = randomize_kernel(init(model, 22, x), 23)
+    carry0 = jnp.asarray(rng.standard_normal((B, H)).astype(np.float32) * 0.5)
+    lengths = jnp.asarray(rng.integers(1, T + 1, size=B)) if use_lengths else None
+    xs = jnp.swapaxes(x, 0, 1) if time_major else x
+    call = dict(initial_carry=carry0, seq_lengths=lengths, return_carry=True,
+                time_major=time_major, reverse=reverse, keep_order=keep_order)
+    carry, out = model.apply(variables, xs, **call)
+    ref_carry, ref = cell_rnn(variables["params"], xs, 0.5, **call)
+    if time_major:
+        out, ref = jnp.swapaxes(out, 0, 1), jnp.swapaxes(ref, 0, 1)
+    valid = np.ones((B, T), bool) if lengths is None else np.arange(T)[None] < np.asarray(lengths)[:, None]
+    # nn.RNN's values past an example's length depend on the padding; ours are zero.
+    assert rel_err(np.where(valid[..., None], out, 0), np.where(valid[..., None], ref, 0)) < 1e-5
+    assert np.all(np.asarray(out)[~valid] == 0)
+    assert rel_err(carry, ref_carry) < 1e-5
+
+
+def test_attributes_set_call_defaults():
+    x = random_inputs(24)
+    variables = randomize_kernel(init(SparseRNN(H), 25, x), 26)
+    by_attr = SparseRNN(H, reverse=True, keep_order=True, return_carry=True).apply(variables, x)
+    by_call = SparseRNN(H).apply(variables, x, reverse=True, keep_order=True, return_carry=True)
+    for a, b in zip(by_attr, by_call):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_several_batch_dims_and_no_batch():
+    x = random_inputs(27, (2, 3, T, F))
+    model = SparseRNN(H)
+    variables = randomize_kernel(init(model, 28, x), 29)
+    out = model.apply(variables, x)
+    assert out.shape == (2, 3, T, H)
+    flat = model.apply(variables, x.reshape(6, T, F))
+    assert rel_err(np.asarray(out).reshape(6, T, H), flat) < 1e-6
+    single = model.apply(variables, x[0, 0])  # [T, F]: no batch dimension at all
+    assert single.shape == (T, H)
+    assert rel_err(single, flat[0]) < 1e-6
+
+
+def test_bidirectional():
+    x = random_inputs(30)
+    lengths = jnp.asarray([T, 4, 2])
+    sparse = nn.Bidirectional(SparseRNN(H), SparseRNN(H))
+    variables = sparse.init(jax.random.key(31), x)
+    for name, seed in (("forward_rnn", 32), ("backward_rnn", 33)):
+        layer = randomize_kernel({"params": variables["params"][name],
+                                  "sparsity": variables["sparsity"][name]}, seed)
+        variables["params"][name] = layer["params"]
+    out = sparse.apply(variables, x, seq_lengths=lengths)
+    cells = nn.Bidirectional(nn.RNN(SparseRNNCell(H)), nn.RNN(SparseRNNCell(H)))
+    ref = cells.apply({"params": {n: {"cell": p} for n, p in variables["params"].items()}}, x,
+                      seq_lengths=lengths)
+    valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
+    assert out.shape == (B, T, 2 * H)
+    assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
+
+
+def test_jit_vmap_and_grad():
+    x = random_inputs(40)
+    model = SparseRNN(H, max_density=0.25)
+    variables = randomize_kernel(init(model, 41, x), 42)
+    eager = model.apply(variables, x)
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, x)), np.asarray(eager),
+                               rtol=1e-6, atol=1e-7)
+    xs = random_inputs(43, (4, B, T, F))
+    batched = jax.vmap(model.apply, in_axes=(None, 0))(variables, xs)
+    looped = jnp.stack([model.apply(variables, xi) for xi in xs])
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-5, atol=1e-6)
+
+    target = random_inputs(44, (B, T, H))
+    def loss(params, apply):
+        return jnp.mean((apply(params) - target) ** 2)
+    grads = jax.grad(loss)(variables["params"], lambda p: model.apply({**variables, "params": p}, x))
+    ref = jax.grad(loss)(variables["params"], lambda p: cell_rnn(p, x, 0.25))
+    mask = np.asarray(variables["sparsity"]["h"]["kernel"].mask)
+    g = np.asarray(grads["h"]["kernel"])
+    assert np.all(g[~mask] == 0), "the gradient must be exactly zero off the mask"
+    assert rel_err(g[mask], np.asarray(ref["h"]["kernel"])[mask]) < 1e-4
+    for path in (("i", "kernel"), ("i", "bias")):
+        assert rel_err(grads[path[0]][path[1]], ref[path[0]][path[1]]) < 1e-4
+
+
+def test_nn_scan_over_layers():
+    layers = 3
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return SparseRNN(H, max_density=0.5)(h), None
+
+    stack = nn.scan(Block, variable_axes={"params": 0, "sparsity": 0},
+                    split_rngs={"params": True}, length=layers)()
+    x = random_inputs(50, (B, T, H))
+    variables = stack.init(jax.random.key(51), x, None)
+    kernel = variables["params"]["SparseRNN_0"]["h"]["kernel"]
+    assert kernel.shape == (layers, H, H)
+    single = SparseRNN(H, max_density=0.5)
+
+    def layer_by_layer(variables):
+        h = x
+        for i in range(layers):
+            layer = jax.tree.map(lambda v: v[i], {"params": variables["params"]["SparseRNN_0"],
+                                                  "sparsity": variables["sparsity"]["SparseRNN_0"]})
+            h = single.apply(layer, h)
+        return h
+
+    apply = jax.jit(stack.apply)
+    out, _ = apply(variables, x, None)
+    assert rel_err(out, layer_by_layer(variables)) < 1e-5
+    # Stacked masks prune layer by layer, keep one shared layout, and export stacked.
+    params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.75)
+    masks = np.asarray(sparsity["SparseRNN_0"]["h"]["kernel"].mask)
+    assert masks.shape == (layers, H, H) and np.all(masks.sum(axis=1) == H // 4)
+    pruned = {"params": params, "sparsity": sparsity}
+    out, _ = apply(pruned, x, None)
+    assert rel_err(out, layer_by_layer(pruned)) < 1e-5
+    served, _ = jax.jit(stack.apply)(pruning.to_inference(pruned), x, None)
+    assert rel_err(served, out) < 1e-6
+
+
+def test_step_by_step_decoding_matches_the_sequence():
+    x = random_inputs(60)
+    model = SparseRNN(H, max_density=0.25)
+    variables = randomize_kernel(init(model, 61, x), 62)
+    carry, out = model.apply(variables, x, return_carry=True)
+    cell = SparseRNNCell(H, max_density=0.25)
+    step = jax.jit(lambda c, xt: cell.apply({"params": variables["params"]}, c, xt))
+    c = cell.initialize_carry(jax.random.key(0), (B, F))
+    outs = []
+    for t in range(T):
+        c, y = step(c, x[:, t])
+        outs.append(y)
+    assert rel_err(jnp.stack(outs, 1), out) < 1e-5
+    assert rel_err(c, carry) < 1e-5
+
+
+def test_bfloat16_recurrence():
+    x = random_inputs(63)
+    model = SparseRNN(H, dtype=jnp.bfloat16)
+    variables = randomize_kernel(init(model, 64, x), 65)
+    assert variables["sparsity"]["h"]["kernel"].dtype == "bfloat16"
+    out = model.apply(variables, x)
+    assert out.dtype == jnp.bfloat16
+    ref = SparseRNN(H).apply(variables, x)  # same params in float32
+    assert rel_err(out, ref) < 5 * TOLERANCE["bfloat16"]
+
+
+def test_inference_form_runs_the_packed_weights():
+    x = random_inputs(70)
+    model = SparseRNN(H, max_density=0.5)
+    variables = randomize_kernel(init(model, 71, x), 72)
+    params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.8)
+    trained = {"params": params, "sparsity": sparsity}
+    inference = pruning.to_inference(trained)
+    assert "h" not in inference["params"]
+    packed = inference["sparsity"]["h"]["kernel"]
+    assert isinstance(packed, js.SparseWeights)
+    np.testing.assert_array_equal(packed.mask(), np.asarray(sparsity["h"]["kernel"].mask))
+    assert packed.meta.num_slots < sparsity["h"]["kernel"].meta.num_slots  # tighter layout
+    out = jax.jit(model.apply)(inference, x)
+    assert rel_err(out, model.apply(trained, x)) < 1e-6
+    # The packed weights run through the functional API too.
+    proj = x @ params["i"]["kernel"] + params["i"]["bias"]
+    y, _ = js.sparse_rnn(proj, jnp.zeros((B, H)), packed)
+    assert rel_err(y, out) < 1e-5
+
+
+def test_bad_arguments_name_the_argument():
+    x = random_inputs(80)
+    with pytest.raises(ValueError, match="features"):
+        init(SparseRNN(0), 0, x)
+    with pytest.raises(ValueError, match="max_density"):
+        init(SparseRNN(H, max_density=0.0), 0, x)
+    with pytest.raises(ValueError, match="activation_fn"):
+        init(SparseRNN(H, activation_fn=jax.nn.sigmoid), 0, x)
+    with pytest.raises(ValueError, match="activation_fn"):
+        nn.RNN(SparseRNNCell(H, activation_fn="gelu")).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="dtype"):
+        init(SparseRNN(H, dtype=jnp.int32), 0, x)
+    with pytest.raises(ValueError, match="method"):
+        init(SparseRNN(H, method="fast"), 0, x)
+    with pytest.raises(ValueError, match="inputs"):
+        init(SparseRNN(H), 0, x[0, 0, :])
+    variables = init(SparseRNN(H), 0, x)
+    with pytest.raises(ValueError, match="initial_carry"):
+        SparseRNN(H).apply(variables, x, initial_carry=jnp.zeros((B, H + 1)))
+    with pytest.raises(ValueError, match="seq_lengths"):
+        SparseRNN(H).apply(variables, x, seq_lengths=jnp.ones((B + 1,), jnp.int32))
+    with pytest.raises(ValueError, match="sparsity"):
+        SparseRNN(H).apply({"params": variables["params"]}, x)
+    with pytest.raises(ValueError, match="carry"):
+        SparseRNNCell(H).init(jax.random.key(0), jnp.zeros((B, H + 2)), x[:, 0])

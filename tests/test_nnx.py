@@ -1,0 +1,168 @@
+"""The NNX modules: SparseRNN against nnx.RNN(SparseRNNCell) and nnx.SimpleCell, call keywords,
+Bidirectional, grad, pruning in place without recompiling, and the inference copy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_sprnn as js
+from jax_sprnn import nnx as jnnx
+from jax_sprnn import pruning
+
+from conftest import TOLERANCE, rel_err
+
+optax = pytest.importorskip("optax")  # a declared dependency; skip cleanly if absent
+
+H, F, B, T = 20, 4, 3, 6
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    """GPUs run float32 matmuls at reduced precision by default; these comparisons are at 1e-5."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def random_inputs(seed, shape=(B, T, F)):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def randomize_kernel(layer, seed):
+    """Fresh random values on the layer's mask (zero off it), so tests do not rest on the init."""
+    mask = layer.mask if isinstance(layer, jnnx.SparseRNN) else np.ones((H, H), bool)
+    kernel = np.random.default_rng(seed).standard_normal((H, H)).astype(np.float32)
+    kernel *= 0.9 / np.sqrt(max(1.0, mask.mean() * H))
+    layer.dense_h.kernel[...] = jnp.asarray(np.where(mask, kernel, 0.0))
+
+
+def cell_twin(layer: jnnx.SparseRNN) -> jnnx.SparseRNNCell:
+    """A cell holding the layer's parameters."""
+    cell = jnnx.SparseRNNCell(F, H, max_density=layer.max_density, rngs=nnx.Rngs(0))
+    nnx.update(cell, nnx.state(layer, nnx.Param))
+    return cell
+
+
+@pytest.mark.parametrize("reverse,keep_order,use_lengths", [
+    (False, False, False), (False, False, True), (True, False, True), (True, True, False)])
+def test_matches_nnx_rnn_of_the_cell(reverse, keep_order, use_lengths):
+    rng = np.random.default_rng(1)
+    layer = jnnx.SparseRNN(F, H, max_density=0.3, rngs=nnx.Rngs(2))
+    randomize_kernel(layer, 3)
+    x = random_inputs(4)
+    lengths = jnp.asarray(rng.integers(1, T + 1, size=B)) if use_lengths else None
+    carry0 = jnp.asarray(rng.standard_normal((B, H)).astype(np.float32) * 0.5)
+    call = dict(initial_carry=carry0, seq_lengths=lengths, return_carry=True, reverse=reverse,
+                keep_order=keep_order)
+    carry, out = layer(x, **call)
+    ref_carry, ref = nnx.RNN(cell_twin(layer))(x, **call)
+    valid = np.ones((B, T), bool) if lengths is None else np.arange(T)[None] < np.asarray(lengths)[:, None]
+    assert rel_err(np.where(valid[..., None], out, 0), np.where(valid[..., None], ref, 0)) < 1e-5
+    assert rel_err(carry, ref_carry) < 1e-5
+
+
+def test_simple_cell_drop_in():
+    """Same rngs give nnx.SimpleCell's weights, and the same outputs."""
+    simple = nnx.SimpleCell(F, H, rngs=nnx.Rngs(5))
+    cell = jnnx.SparseRNNCell(F, H, rngs=nnx.Rngs(5))
+    layer = jnnx.SparseRNN(F, H, rngs=nnx.Rngs(5))
+    for module in (cell, layer):
+        for name in ("dense_h", "dense_i"):
+            np.testing.assert_array_equal(np.asarray(getattr(module, name).kernel[...]),
+                                          np.asarray(getattr(simple, name).kernel[...]))
+    x = random_inputs(6)
+    ref = nnx.RNN(simple)(x)
+    assert rel_err(nnx.RNN(cell)(x), ref) < TOLERANCE["float32"]
+    assert rel_err(layer(x), ref) < TOLERANCE["float32"]
+
+
+def test_initial_mask_and_bidirectional():
+    layer = jnnx.SparseRNN(F, H, max_density=0.25, mask_seed=2, rngs=nnx.Rngs(7))
+    np.testing.assert_array_equal(layer.mask, pruning.initial_mask(H, 0.25, 2))
+    assert np.all(np.asarray(layer.dense_h.kernel[...])[~layer.mask] == 0)
+    fwd, bwd = (jnnx.SparseRNN(F, H, rngs=nnx.Rngs(s)) for s in (8, 9))
+    randomize_kernel(fwd, 10)
+    randomize_kernel(bwd, 11)
+    x = random_inputs(12)
+    lengths = jnp.asarray([T, 3, 1])
+    out = nnx.Bidirectional(fwd, bwd)(x, seq_lengths=lengths)
+    ref = nnx.Bidirectional(nnx.RNN(cell_twin(fwd)), nnx.RNN(cell_twin(bwd)))(x, seq_lengths=lengths)
+    valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
+    assert out.shape == (B, T, 2 * H)
+    assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
+
+
+def test_jit_and_grad():
+    layer = jnnx.SparseRNN(F, H, max_density=0.3, rngs=nnx.Rngs(13))
+    randomize_kernel(layer, 14)
+    x = random_inputs(15)
+    target = random_inputs(16, (B, T, H))
+    loss = lambda m: jnp.mean((m(x) - target) ** 2)  # noqa: E731
+    grads = nnx.jit(nnx.grad(loss))(layer)
+    cell = cell_twin(layer)
+    ref = nnx.grad(lambda c: jnp.mean((nnx.RNN(c)(x) - target) ** 2))(cell)
+    g = np.asarray(grads["dense_h"]["kernel"][...])
+    assert np.all(g[~layer.mask] == 0), "the gradient must be exactly zero off the mask"
+    assert rel_err(g[layer.mask], np.asarray(ref["dense_h"]["kernel"][...])[layer.mask]) < 1e-4
+    assert rel_err(grads["dense_i"]["kernel"][...], ref["dense_i"]["kernel"][...]) < 1e-4
+
+
+def test_pruning_in_place_does_not_recompile():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.rnn = jnnx.SparseRNN(F, H, rngs=rngs)
+            self.head = nnx.Linear(H, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.rnn(x))
+
+    model = Model(nnx.Rngs(20))
+    optimizer = nnx.Optimizer(model, pruning.keep_pruned(optax.adam(1e-2)), wrt=nnx.Param)
+    x, target = random_inputs(21), random_inputs(22, (B, T, 2))
+    traces = []
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        traces.append(1)
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+        optimizer.update(model, grads, masks=jnnx.param_masks(model))
+        return loss
+
+    densities = []
+    for step, sparsity in enumerate((0.5, 0.5, 0.8, 0.8, 0.95, 0.95)):
+        if step % 2 == 0:
+            jnnx.prune(model, sparsity)
+            densities.append(model.rnn.mask.mean())
+        train_step(model, optimizer)
+        kernel = np.asarray(model.rnn.dense_h.kernel[...])
+        assert np.all(kernel[~model.rnn.mask] == 0)
+    assert len(traces) == 1, "a new mask must not retrace the step"
+    assert densities == sorted(densities, reverse=True) and densities[-1] < 0.1
+
+    inference = jnnx.to_inference(model)
+    assert isinstance(inference.rnn.sparsity.get_value(), js.SparseWeights)
+    assert not hasattr(inference.rnn, "dense_h")
+    assert isinstance(model.rnn.sparsity.get_value(), pruning.PackedMask)  # original untouched
+    assert rel_err(nnx.jit(lambda m: m(x))(inference), model(x)) < 1e-6
+
+
+def test_bad_arguments_name_the_argument():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="hidden"):
+        jnnx.SparseRNN(F, 0, rngs=rngs)
+    with pytest.raises(ValueError, match="in_features"):
+        jnnx.SparseRNNCell(-1, H, rngs=rngs)
+    with pytest.raises(ValueError, match="max_density"):
+        jnnx.SparseRNN(F, H, max_density=2.0, rngs=rngs)
+    with pytest.raises(ValueError, match="activation_fn"):
+        jnnx.SparseRNNCell(F, H, activation_fn="softplus", rngs=rngs)
+    with pytest.raises(ValueError, match="method"):
+        jnnx.SparseRNN(F, H, method="dense", rngs=rngs)
+    layer = jnnx.SparseRNN(F, H, rngs=rngs)
+    with pytest.raises(ValueError, match="inputs"):
+        layer(random_inputs(1, (B, T, F + 1)))
+    with pytest.raises(ValueError, match="initial_carry"):
+        layer(random_inputs(1), initial_carry=jnp.zeros((B + 1, H)))
+    with pytest.raises(ValueError, match="no jax_sprnn.nnx.SparseRNN"):
+        jnnx.prune(nnx.Linear(2, 2, rngs=rngs), 0.5)
