@@ -43,11 +43,12 @@ def test_export_round_trip_in_a_fresh_process(tmp_path):
         s, h = exp.call(np.load(d + "/x.npy"), np.load(d + "/h0.npy"), np.load(d + "/values.npy"))
         np.save(d + "/s.npy", np.asarray(s)); np.save(d + "/h.npy", np.asarray(h))
     """)
-    env = dict(os.environ)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # the parent holds the GPU
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(tmp_path),
                    timeout=300)
     want_s, want_h = model(x, h0, w.values)
-    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), np.asarray(want_s))
-    np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), np.asarray(want_h))
+    # The same kernel; the surrounding XLA ops are compiled anew, so allow reduction-order rounding.
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), np.asarray(want_s), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "h.npy"), np.asarray(want_h), rtol=1e-5, atol=1e-6)
     y_ref, _ = js.reference_rnn(x, h0, dense)
     assert rel_err(np.load(tmp_path / "s.npy"), jnp.tanh(y_ref).sum(axis=-1)) < 1e-5
