@@ -118,7 +118,7 @@ _BAD = [
     ("inputs rank", lambda x, h0, w: (x[0], h0, w, {}), ValueError),
     ("inputs dtype int", lambda x, h0, w: (x.astype(jnp.int32), h0, w, {}), TypeError),
     ("inputs float64", lambda x, h0, w: (np.asarray(x, np.float64), h0, w, {}), TypeError),
-    ("h0 batch", lambda x, h0, w: (x, h0[:1], w, {}), ValueError),
+    ("h0 batch", lambda x, h0, w: (x, jnp.concatenate([h0, h0[:1]]), w, {}), ValueError),
     ("h0 hidden", lambda x, h0, w: (x, h0[:, :-1], w, {}), ValueError),
     ("h0 rank", lambda x, h0, w: (x, h0[0], w, {}), ValueError),
     ("h0 dtype", lambda x, h0, w: (x, h0.astype(jnp.float16), w, {}), TypeError),

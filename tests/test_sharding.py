@@ -32,6 +32,7 @@ def rel(a, b):
 def hlo(fn, *args):
     return fn.lower(*args).compile().as_text()
 
+assert js._native.has_cpu_kernels(), f"imported {js.__file__} without its compiled module"
 out = {"devices": len(jax.devices())}
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 rng = np.random.default_rng(2024)
@@ -96,8 +97,10 @@ def results():
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    # cwd: `python -c` puts the working directory first on sys.path; from the repository root that
+    # would import the uninstalled source tree, without its compiled module.
     proc = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=package_root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS "))
     return json.loads(line[len("RESULTS "):])
