@@ -55,33 +55,25 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 # Common English words with varied spellings (doubled letters, silent letters, apostrophes), so the
 # character model has to learn spelling, not only sounds.
 WORDS = """
-about above across act add after again against age ago air all almost alone along already also
-always am among and animal another answer any apple are area arm around art ask at away baby back
-bad ball bank bed before begin behind believe best better between big bird black blue boat body book
-both bottle box boy bread break bridge bright bring brother brown build bus busy but buy call came
-can can't car care carry cat catch cause chair change child city class clean clear close cloud coffee
-cold color come cook cool corner could country cover cross cup cut dark day deep did different
-dinner do doctor does dog don't door down draw dream dress drink drive dry during each early earth
-easy eat egg end enough even evening ever every eye face fall family far farm fast father feel few
-field fill find fine finish fire first fish floor flower fly follow food foot for forest forget four
-free fresh friend from front fruit full game garden gate girl give glass go gold good great green
-ground group grow half hand happy hard has have he head hear heart heavy help her here high hill him
-his hold home horse hot hour house how idea if important in inside island it it's job join just keep
-key kind king kitchen knee knife know lady lake land large last late laugh learn leave left less
-letter light like line listen little live long look lost loud love low machine make man many map
-market may me meet milk mind minute money moon more morning mother mountain move much music must my
-name near need never new next nice night no noise north nothing now number ocean of off office often
-old on once only open or orange other our out over page paint paper park part party pass pay pen
-people picture piece place plan plant play please pocket point poor pull push put queen question
-quick quiet rain read ready red remember rest rich right river road rock room round run sad safe
-salt same sand say school sea season seat second see sell send seven shape she ship shoe shop short
-should show side sign simple sing sister sit sky sleep slow small smile snow so soft some song soon
-sound south speak spring square stand star start station stay step still stone stop story street
-strong study summer sun table take talk tall teacher tell than thank that the their them then there
-these they thing think this those through time to today together tomorrow too tree true try turn
-under until up use very voice wait walk wall want warm wash watch water way we weather week well
-went west what wheel when where which while white who why wide wife wind window winter with without
-woman wood word work world would write wrong yard year yellow yes yesterday you young your zoo
+about after again air all always animal answer apple arm away baby back bad ball bank bed before
+begin bird black blue boat body book bottle box boy bread bridge bring brother brown build bus buy
+call can can't car cat catch chair child city class clean clear close cloud coffee cold color come
+cook corner could country cup dark day deep dinner doctor dog don't door down draw dream dress drink
+drive dry early earth easy eat egg end evening every eye face fall family far farm fast father field
+find fire first fish floor flower fly food foot forest four free friend front fruit full game garden
+girl give glass go gold good great green ground grow hand happy hard have head hear heart heavy help
+here high hill home horse hot hour house how idea island it's job just keep key kind king kitchen
+knife know lake large last late laugh learn left letter light like line listen little live long
+look lost loud love low make man many map market milk minute money moon more morning mother mountain
+music name near never new next nice night noise north nothing number ocean office old open orange
+other page paint paper park party pen people picture place plant play please pocket poor push queen
+question quick quiet rain read ready red river road rock room round run safe salt sand school sea
+second see send seven shape ship shoe shop short show sign sing sister sit sky sleep slow small smile
+snow soft song sound south speak spring square star station stay stone stop story street strong
+summer sun table talk tall teacher thank the thing think three through time today tomorrow tree
+true turn under very voice wait walk wall want warm wash watch water weather week west what wheel
+when where white why wide wind window winter woman wood word work world write wrong yard year yellow
+yes yesterday young zoo
 """.split()
 
 VOCABULARY = tuple(sorted(set(WORDS) | set(DIGITS)))

@@ -1,0 +1,503 @@
+"""Train a DeepSpeech2-like speech recognizer with sparse recurrent layers, pruned gradually to 10%.
+
+    python examples/speech_model.py                        # embedded corpus, dense baseline + pruned
+    python examples/speech_model.py --resume               # continue an interrupted run
+    python examples/speech_model.py --data librispeech --data-dir ~/LibriSpeech --hidden 768
+    python examples/speech_model.py --bench-only --hidden 2048 --density 0.1   # GPU speed only
+
+The model (examples/speech/model.py): log-mel features, two strided convolutions, a stack of
+(bidirectional) jax_sprnn SparseRNN layers, a linear layer to characters, CTC loss. The default run
+trains it twice on the embedded espeak-ng corpus, dense and pruned to 10% recurrent density with Zhu
+& Gupta's schedule, and writes into --out (default runs/speech): results.json (every number),
+training_curves.png, cer_vs_density.png, latency_vs_density.png, and orbax checkpoints. On a GPU it
+also times the recurrent layers and the whole model at batch 1, 4 and 16 against dense lax.scan
+layers. docs/speech.md describes the example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent
+if str(EXAMPLES) not in sys.path:  # `speech` is the package beside this script
+    sys.path.insert(0, str(EXAMPLES))
+
+from speech import data as data_lib  # noqa: E402
+from speech.features import FeatureConfig, SpecAugment  # noqa: E402
+from speech.model import RNN_IMPLS, ModelConfig  # noqa: E402
+from speech.train import TrainConfig  # noqa: E402
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _floats(name: str, low: float = 0.0, high: float = float("inf"), count: int | None = None):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated numbers, got "
+                                             f"{text!r}") from None
+        if not values or (count is not None and len(values) != count):
+            raise argparse.ArgumentTypeError(f"{name}: expected {count or 'one or more'} "
+                                             f"comma-separated numbers, got {text!r}")
+        if any(not low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"{name}: values must be in [{low}, {high}], got "
+                                             f"{text!r}")
+        return values
+    return parse
+
+
+def _ints(name: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated integers, got "
+                                             f"{text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected positive integers, got {text!r}")
+        return values
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=data_lib.DATA_KINDS, default="embedded",
+                   help="embedded: the espeak-ng corpus in examples/speech/corpus; manifest: "
+                        "DATA_DIR/{train,valid,test}.tsv with 'path<TAB>transcript' lines; "
+                        "librispeech: DATA_DIR/<split>/**/*.flac + *.trans.txt")
+    d.add_argument("--data-dir", type=Path, help="the corpus folder (manifest, librispeech)")
+    d.add_argument("--splits", type=lambda s: tuple(x.strip() for x in s.split(",")),
+                   help="train,valid,test split names (default: train,valid,test; LibriSpeech: "
+                        "train-clean-100,dev-clean,test-clean)")
+    d.add_argument("--limit", type=int, help="use at most this many utterances of each split")
+    d.add_argument("--max-seconds", type=float, default=20.0,
+                   help="drop longer training utterances")
+    d.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep decoded audio in memory (default: for the embedded corpus and "
+                        "splits under 20,000 utterances)")
+    d.add_argument("--sample-rate", type=int, default=16000)
+    d.add_argument("--n-mels", type=int, default=40)
+    d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random noise and gain on training audio")
+    d.add_argument("--noise-prob", type=float, default=0.5)
+    d.add_argument("--snr-db", type=_floats("--snr-db", -50, 100, 2), default=(10.0, 40.0),
+                   metavar="LOW,HIGH")
+    d.add_argument("--gain-db", type=_floats("--gain-db", -60, 60, 2), default=(-12.0, 6.0),
+                   metavar="LOW,HIGH")
+    d.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="SpecAugment time and frequency masks on training features (off by "
+                        "default: at the default budget it slows learning more than it helps)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--hidden", type=int, default=256, help="recurrent units per direction")
+    m.add_argument("--layers", type=int, default=2, help="recurrent layers")
+    m.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--conv-channels", type=int, default=16)
+    m.add_argument("--time-stride", type=int, choices=(1, 2, 4), default=4,
+                   help="subsampling in time by the convolutions (frames are 10 ms): 4 gives 25 "
+                        "outputs a second; CTC needs one per character, so speech faster than "
+                        "about 20 characters a second needs 2")
+    m.add_argument("--rnn-impl", choices=("auto",) + RNN_IMPLS, default="auto",
+                   help="training form of the recurrent layers: layer (SparseRNN, one sparse_rnn "
+                        "call per sequence) or cell (nn.RNN of SparseRNNCell, dense lax.scan); "
+                        "auto: layer on a GPU, cell on a CPU, where XLA's dense scan is faster")
+    m.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of the recurrence and the packed weights at inference")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=1600)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--weight-decay", type=float, default=1e-2)
+    t.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip")
+    t.add_argument("--density", type=float, default=0.1,
+                   help="final density of the recurrent kernels (1.0: no pruning)")
+    t.add_argument("--prune-begin", type=float, default=0.25, help="fraction of --steps")
+    t.add_argument("--prune-end", type=float, default=0.75, help="fraction of --steps")
+    t.add_argument("--prune-every", type=int, default=50, help="steps between mask updates")
+    t.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the same model dense, as the CER baseline")
+    t.add_argument("--eval-every", type=int, default=400)
+    t.add_argument("--checkpoint-every", type=int, default=400)
+    t.add_argument("--seed", type=int, default=0)
+
+    o = p.add_argument_group("output and timing")
+    o.add_argument("--out", type=Path, default=Path("runs/speech"))
+    o.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    o.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints in --out and start over")
+    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    o.add_argument("--one-shot-densities", type=_floats("--one-shot-densities", 0, 1),
+                   default=(0.5, 0.3, 0.2, 0.1),
+                   help="densities at which the dense model is also pruned once, without "
+                        "retraining, for the CER-against-density plot")
+    o.add_argument("--latency-densities", type=_floats("--latency-densities", 0, 1),
+                   default=(1.0, 0.3, 0.1, 0.05))
+    o.add_argument("--latency-batches", type=_ints("--latency-batches"), default=(1, 16))
+    o.add_argument("--bench-batches", type=_ints("--bench-batches"), default=(1, 4, 16))
+    o.add_argument("--bench-steps", type=int, default=250,
+                   help="recurrent steps per timed sequence (250 = 5 s of audio at stride 2)")
+    o.add_argument("--bench-reps", type=int, default=20)
+    o.add_argument("--speed-table", action=argparse.BooleanOptionalAction, default=None,
+                   help="time layers and whole model at --bench-batches (default: on a GPU only)")
+    o.add_argument("--bench-only", action="store_true",
+                   help="skip training: time the recurrent layers (random weights, --hidden, "
+                        "--layers, --density) sparse against dense and exit")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checks = [
+        (args.steps >= 1, f"--steps must be at least 1, got {args.steps}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (0.0 < args.density <= 1.0, f"--density must be in (0, 1], got {args.density}"),
+        (0.0 <= args.prune_begin <= args.prune_end <= 1.0,
+         f"need 0 <= --prune-begin <= --prune-end <= 1, got {args.prune_begin}, {args.prune_end}"),
+        (args.prune_every >= 1, f"--prune-every must be at least 1, got {args.prune_every}"),
+        (args.hidden >= 1 and args.layers >= 1 and args.conv_channels >= 1,
+         "--hidden, --layers and --conv-channels must be positive"),
+        (args.n_mels >= 4, f"--n-mels must be at least 4, got {args.n_mels}"),
+        (args.sample_rate >= 4000, f"--sample-rate must be at least 4000, got {args.sample_rate}"),
+        (args.lr > 0 and args.clip > 0 and args.weight_decay >= 0 and args.warmup >= 0,
+         "--lr and --clip must be positive, --weight-decay and --warmup non-negative"),
+        (args.limit is None or args.limit >= 1, f"--limit must be positive, got {args.limit}"),
+        (args.max_seconds > 0, f"--max-seconds must be positive, got {args.max_seconds}"),
+        (0.0 <= args.noise_prob <= 1.0, f"--noise-prob must be in [0, 1], got {args.noise_prob}"),
+        (args.snr_db[0] <= args.snr_db[1] and args.gain_db[0] <= args.gain_db[1],
+         "--snr-db and --gain-db are LOW,HIGH with LOW <= HIGH"),
+        (args.eval_every >= 1 and args.checkpoint_every >= 1,
+         "--eval-every and --checkpoint-every must be positive"),
+        (args.bench_steps >= 1 and args.bench_reps >= 1,
+         "--bench-steps and --bench-reps must be positive"),
+        (all(d > 0 for d in args.latency_densities + args.one_shot_densities),
+         "densities must be positive"),
+        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
+        (args.data != "embedded" or args.data_dir is None,
+         "--data-dir is for --data manifest or librispeech (the embedded corpus has a fixed place)"),
+        (args.data == "embedded" or args.data_dir is not None, f"--data {args.data} needs --data-dir"),
+        (args.splits is None or len(args.splits) == 3,
+         f"--splits needs three comma-separated names (train,valid,test), got {args.splits}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the run
+# ---------------------------------------------------------------------------------------------
+
+def model_config(args, impl: str) -> ModelConfig:
+    return ModelConfig(n_mels=args.n_mels, hidden=args.hidden, layers=args.layers,
+                       bidirectional=args.bidirectional, conv_channels=args.conv_channels,
+                       time_stride=args.time_stride, rnn_impl=impl, dtype=args.dtype)
+
+
+def train_config(args, density: float) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                       warmup_steps=args.warmup, weight_decay=args.weight_decay,
+                       clip_norm=args.clip, target_density=density, prune_begin=args.prune_begin,
+                       prune_end=args.prune_end, prune_every=args.prune_every,
+                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                       seed=args.seed)
+
+
+def on_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+def run_config(args, impl: str) -> dict:
+    """What a checkpoint depends on; --resume refuses to continue under a different one."""
+    return {"data": args.data, "data_dir": None if args.data_dir is None else str(args.data_dir),
+            "splits": list(args.splits) if args.splits else None, "limit": args.limit,
+            "max_seconds": args.max_seconds, "sample_rate": args.sample_rate,
+            "augment": [args.augment, args.noise_prob, list(args.snr_db), list(args.gain_db),
+                        args.spec_augment],
+            "model": model_config(args, impl).shape_fields(), "rnn_impl": impl,
+            "train": dataclasses.asdict(train_config(args, args.density)),
+            "compare_dense": args.compare_dense}
+
+
+def prepare_out(args, config: dict) -> None:
+    """Create --out; check that --resume continues the same run and that a new run does not mix
+    with old checkpoints."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "config.json"
+    checkpoints = args.out / "checkpoints"
+    if args.overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    if args.resume:
+        if not path.exists():
+            raise SystemExit(f"--resume: {args.out} holds no run to resume (no config.json)")
+        old = json.loads(path.read_text())
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise SystemExit(f"--resume: the run in {args.out} was made with different settings "
+                             f"({', '.join(diff)}); use the same flags, or another --out")
+    elif checkpoints.exists() and any(checkpoints.iterdir()):
+        raise SystemExit(f"{args.out} already holds checkpoints: pass --resume to continue that "
+                         "run, --overwrite to start over, or another --out")
+    path.write_text(json.dumps(config, indent=1) + "\n")
+
+
+def load_data(args, features: FeatureConfig):
+    """AudioSets of the three splits (train filtered to what CTC can align)."""
+    corpus = data_lib.load_corpus(args.data, args.data_dir, args.splits)
+    if args.limit:
+        corpus = {k: v[:args.limit] for k, v in corpus.items()}
+    sets = {}
+    for role, utterances in corpus.items():
+        cache = args.cache if args.cache is not None else (
+            args.data == "embedded" or len(utterances) <= 20_000)
+        sets[role] = data_lib.AudioSet(utterances, args.sample_rate, cache=cache)
+    keep = data_lib.trainable(sets["train"], features, args.time_stride, args.max_seconds)
+    dropped = len(sets["train"]) - len(keep)
+    if dropped:
+        print(f"training on {len(keep)} utterances; {dropped} dropped (too long, empty, or too "
+              "few frames for their transcript at this --time-stride)")
+    sets["train"] = sets["train"].subset(keep)
+    return sets
+
+
+def bench_only(args) -> None:
+    """Time the recurrent layers (random weights at --density) sparse against dense."""
+    from speech import bench, report
+
+    config = model_config(args, "layer")
+    config = dataclasses.replace(config, method="native" if on_gpu() else "auto")
+    device = bench.device_description()
+    print(f"timing {args.layers} {'bidirectional ' if args.bidirectional else ''}layer(s) of "
+          f"{args.hidden} units at density {args.density:g}, {args.bench_steps} steps, "
+          f"{args.dtype}, on {device['device']}")
+    rows = bench.speed_table(config, args.density, args.bench_batches, args.bench_steps,
+                             reps=args.bench_reps)
+    table = bench.format_table(rows, f"Recurrent layers, {device['device']}, H={args.hidden}, "
+                                     f"density {args.density:g}, T={args.bench_steps}, "
+                                     f"{args.dtype}")
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"command": sys.argv, "device": device, "hidden": args.hidden, "layers": args.layers,
+              "bidirectional": args.bidirectional, "density": args.density,
+              "steps": args.bench_steps, "dtype": args.dtype, "rows": rows, "table": table}
+    report.write_json(args.out / "bench.json", result)
+    print(f"wrote {args.out / 'bench.json'}")
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.bench_only:
+        bench_only(args)
+        return None
+
+    import jax
+    import numpy as np
+
+    from speech import bench, report
+    from speech import model as model_lib
+    from speech import train as train_lib
+    from speech.data import Augmenter, Batcher
+
+    began = time.perf_counter()
+    impl = args.rnn_impl if args.rnn_impl != "auto" else ("layer" if on_gpu() else "cell")
+    prepare_out(args, run_config(args, impl))
+    features = FeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels)
+    config = model_config(args, impl)
+
+    sets = load_data(args, features)
+    augmenter = Augmenter(args.noise_prob, tuple(args.snr_db), tuple(args.gain_db)) \
+        if args.augment else None
+    train = Batcher(sets["train"], args.batch_size, augmenter=augmenter)
+    valid = Batcher(sets["valid"], args.batch_size)
+    test = Batcher(sets["test"], args.batch_size)
+    timing = {"load_seconds": round(time.perf_counter() - began, 1)}
+    print(f"data: {len(sets['train'])} train, {len(sets['valid'])} valid, {len(sets['test'])} test "
+          f"utterances ({timing['load_seconds']} s to load); {impl} form on "
+          f"{jax.devices()[0].device_kind}")
+
+    pruned_cfg = train_config(args, args.density)
+    program = train_lib.Program(config, features, train_lib.make_optimizer(pruned_cfg),
+                                SpecAugment() if args.spec_augment else None)
+    histories, states = {}, {}
+    branch = train_lib.Checkpoints(args.out / "checkpoints" / "branch", keep=1)
+    runs = (["dense"] if args.compare_dense else []) + (["pruned"] if args.density < 1 else [])
+    if not runs:
+        raise SystemExit("nothing to train: --density 1 with --no-compare-dense")
+    for name in runs:
+        cfg = train_config(args, 1.0 if name == "dense" else args.density)
+        start_state = start_history = None
+        if name == "pruned" and branch.latest_step() == pruned_cfg.branch_step:
+            # Identical to the dense run up to here: start from its state at the branch step.
+            fresh = model_lib.init_variables(config, jax.random.key(args.seed))
+            like = {"params": fresh["params"], "opt_state": program.tx.init(fresh["params"]),
+                    "sparsity": (fresh["sparsity"] if impl == "layer"
+                                 else model_lib.dense_masks(fresh["params"])), "step": 0}
+            start_state, start_history = branch.restore(pruned_cfg.branch_step, like)
+            start_history = {"train": start_history["train"], "valid": start_history["valid"],
+                             "seconds": 0.0}
+        t0 = time.perf_counter()
+        states[name], histories[name] = train_lib.train_run(
+            name, program, cfg, train, valid, args.out, resume=args.resume,
+            start_state=start_state, start_history=start_history,
+            branch=branch if name == "dense" and "pruned" in runs else None,
+            progress=args.progress)
+        timing[f"{name}_train_seconds"] = round(time.perf_counter() - t0, 1)
+        timing[f"{name}_train_seconds_total"] = round(histories[name]["seconds"], 1)
+    branch.close()
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    models, cer_points = {}, {"one_shot": {}, "gradual": {}}
+    if "dense" in states:
+        variables = program.variables(states["dense"]["params"], states["dense"]["sparsity"])
+        models["dense"] = {"density": 1.0,
+                           "valid": train_lib.evaluate(program, variables, valid),
+                           "test": train_lib.evaluate(program, variables, test)}
+        cer_points["dense"] = models["dense"]["test"]["cer"]
+        masks = model_lib.dense_masks(model_lib.to_layer_params(states["dense"]["params"])) \
+            if impl == "layer" else states["dense"]["sparsity"]
+        for d in args.one_shot_densities:
+            if d >= 1.0:
+                continue
+            from jax_sprnn import pruning
+            cell_program = program if impl == "cell" else train_lib.Program(
+                dataclasses.replace(config, rnn_impl="cell"), features)
+            params = states["dense"]["params"] if impl == "cell" else \
+                _cell_params(model_lib.to_layer_params(states["dense"]["params"]), config, args.seed)
+            p, m = pruning.update_sparsity(params, masks if impl == "cell" else
+                                           model_lib.dense_masks(params), 1.0 - d)
+            cer_points["one_shot"][f"{d:g}"] = train_lib.evaluate(
+                cell_program, cell_program.variables(p, m), test)["cer"]
+    if "pruned" in states:
+        state = states["pruned"]
+        inference_cfg, packed = model_lib.export(config, state["params"], state["sparsity"])
+        served = train_lib.Program(inference_cfg, features)
+        density = model_lib.density(state["sparsity"])
+        models["pruned"] = {
+            "density": density,
+            "valid": train_lib.evaluate(served, packed, valid),
+            "test": train_lib.evaluate(served, packed, test),
+            "test_training_form": train_lib.evaluate(
+                program, program.variables(state["params"], state["sparsity"]), test),
+            "served_as": "packed SparseWeights in SparseRNN (jax_sprnn.sparse_rnn)"}
+        cer_points["gradual"][f"{args.density:g}"] = models["pruned"]["test"]["cer"]
+    timing["eval_seconds"] = round(time.perf_counter() - t0, 1)
+
+    target = None
+    if "dense" in models and "pruned" in models:
+        dense_cer, pruned_cer = models["dense"]["test"]["cer"], models["pruned"]["test"]["cer"]
+        target = {"dense_test_cer": dense_cer, "pruned_test_cer": pruned_cer,
+                  "ratio": pruned_cer / dense_cer if dense_cer > 0 else None,
+                  "gap_points": pruned_cer - dense_cer,
+                  "met": pruned_cer <= 1.2 * dense_cer or pruned_cer - dense_cer <= 2.0}
+
+    # ---- speed --------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    timed = dataclasses.replace(config, method="native" if on_gpu() else "auto")
+    reps = args.bench_reps if on_gpu() else max(3, args.bench_reps // 4)
+    latency = {str(b): bench.recurrent_latency(timed, args.latency_densities, b, args.bench_steps,
+                                               reps=reps)
+               for b in args.latency_batches}
+    speed = None
+    if args.speed_table or (args.speed_table is None and on_gpu()):
+        whole = None
+        if "dense" in states and "pruned" in models:
+            dense_cfg = dataclasses.replace(config, rnn_impl="cell")
+            dense_vars = {"params": _cell_params(model_lib.to_layer_params(
+                states["dense"]["params"]), config, args.seed)}
+            inference_cfg, packed = model_lib.export(config, states["pruned"]["params"],
+                                                     states["pruned"]["sparsity"],
+                                                     method=timed.method)
+            whole = (dense_cfg, dense_vars, inference_cfg, packed)
+        rows = bench.speed_table(timed, args.density, args.bench_batches, args.bench_steps,
+                                 reps=args.bench_reps, whole_model=whole)
+        device = bench.device_description()["device"]
+        speed = {"rows": rows, "table": bench.format_table(
+            rows, f"{device}, H={args.hidden}, {args.layers} layers"
+                  f"{' bidirectional' if args.bidirectional else ''}, density {args.density:g}, "
+                  f"T={args.bench_steps} recurrent steps, {args.dtype}")}
+    timing["bench_seconds"] = round(time.perf_counter() - t0, 1)
+    timing["total_seconds"] = round(time.perf_counter() - began, 1)
+
+    # ---- outputs ------------------------------------------------------------------------------
+    results = {
+        "command": " ".join(["python", "examples/speech_model.py"] + list(argv or sys.argv[1:])),
+        "device": bench.device_description(), "rnn_impl_training": impl,
+        "data": {"kind": args.data, "train": len(sets["train"]), "valid": len(sets["valid"]),
+                 "test": len(sets["test"]),
+                 "train_hours": round(float(np.sum(sets["train"].lengths)) / args.sample_rate / 3600, 3)},
+        "model": dataclasses.asdict(config),
+        "parameters": model_lib.count_parameters(states[runs[0]]["params"]),
+        "train": dataclasses.asdict(pruned_cfg), "timing": timing, "models": models,
+        "target": target, "cer_vs_density": cer_points,
+        "latency_vs_density": {"steps": args.bench_steps, "by_batch": latency},
+        "speed": speed, "history": histories,
+    }
+    report.write_json(args.out / "results.json", results)
+    report.plot_training(args.out / "training_curves.png", histories)
+    report.plot_cer_vs_density(args.out / "cer_vs_density.png", cer_points)
+    report.plot_latency(args.out / "latency_vs_density.png", latency,
+                        f"Recurrent layers, {bench.device_description()['device']}, "
+                        f"T={args.bench_steps}")
+    print_summary(results, args.out)
+    return results
+
+
+def _cell_params(layer_params, config: ModelConfig, seed: int):
+    """Parameters of the cell form from the layer form's (nn.RNN keeps its cell under 'cell')."""
+    import jax
+
+    from speech import model as model_lib
+
+    cell_like = model_lib.init_variables(dataclasses.replace(config, rnn_impl="cell"),
+                                         jax.random.key(seed))["params"]
+
+    def fill(like, source):
+        if isinstance(like, dict):
+            if "cell" in like and "cell" not in source:
+                return {"cell": fill(like["cell"], source)}
+            return {k: fill(v, source[k]) for k, v in like.items()}
+        return source
+    return fill(cell_like, layer_params)
+
+
+def print_summary(results: dict, out: Path) -> None:
+    print()
+    print("| model | recurrent density | valid CER | valid WER | test CER | test WER |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, m in results["models"].items():
+        print(f"| {name} | {m['density']:.3f} | {m['valid']['cer']:.2f} | {m['valid']['wer']:.2f} "
+              f"| {m['test']['cer']:.2f} | {m['test']['wer']:.2f} |")
+    if results["target"]:
+        t = results["target"]
+        ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        print(f"pruned/dense test CER: {ratio} ({t['gap_points']:+.2f} points): target "
+              f"{'met' if t['met'] else 'NOT met'} (<= 1.2x or <= 2 points)")
+    if results["speed"]:
+        print()
+        print(results["speed"]["table"])
+    timing = results["timing"]
+    print(f"\ntotal {timing['total_seconds']:.0f} s; results in {out}/results.json and "
+          f"{out}/*.png")
+
+
+if __name__ == "__main__":
+    main()

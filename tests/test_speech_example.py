@@ -1,0 +1,231 @@
+"""The speech example (examples/speech_model.py): its pieces, and a tiny end-to-end run on CPU.
+
+The end-to-end run trains a small model for a few steps on a slice of the embedded corpus (dense
+and pruned, with the branch and a resume), decodes the test split with the packed sparse weights,
+and checks every output file. It takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+for module in ("soundfile", "jiwer", "optax", "orbax.checkpoint", "matplotlib", "tqdm"):
+    pytest.importorskip(module, reason="the speech example's dependencies: pip install '.[speech]'")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import speech_model  # noqa: E402
+from speech import data, features, model, text  # noqa: E402
+
+
+# ---- text -----------------------------------------------------------------------------------
+
+def test_text_round_trip_and_greedy_ctc_decoding():
+    assert text.normalize("HE'S  Here, 3 times!") == "he's here times"
+    ids = text.encode("hello")
+    assert text.decode(ids) == "hello"
+    assert text.min_ctc_frames(ids) == 6  # the double l needs a blank between
+    b = text.BLANK
+    h, e, l, o = (int(i) for i in text.encode("helo"))
+    frames = np.array([[h, h, b, e, l, l, b, l, o, o, b, b]])
+    assert text.greedy_decode(frames, [12]) == ["hello"]
+    assert text.greedy_decode(frames, [6]) == ["hel"]  # frames past the length are ignored
+    with pytest.raises(ValueError, match="outside the alphabet"):
+        text.encode("Hello")
+    rates = text.error_rates(["abc de", "fg"], ["abd de", "fg"])
+    assert rates["cer"] == pytest.approx(100 * 1 / 8)
+    assert rates["wer"] == pytest.approx(100 * 1 / 3)
+
+
+# ---- features -------------------------------------------------------------------------------
+
+def test_mel_filterbank_shape_and_coverage():
+    bank = features.mel_filterbank(16000, 512, 40)
+    assert bank.shape == (257, 40)
+    assert np.all(bank >= 0) and np.all(bank.max(axis=0) > 0.5)  # every filter has a peak
+    peaks = bank.argmax(axis=0)
+    assert np.all(np.diff(peaks) >= 0)  # centres rise with the filter index
+    assert np.diff(peaks)[-5:].mean() > np.diff(peaks)[:5].mean()  # mel spacing widens
+
+
+def test_log_mel_puts_a_tone_in_the_right_channel_and_masks_padding():
+    cfg = features.FeatureConfig(sample_rate=16000, n_mels=40)
+    t = np.arange(16000) / 16000
+    low = np.sin(2 * np.pi * 300 * t).astype(np.float32)
+    high = np.sin(2 * np.pi * 3000 * t).astype(np.float32)
+    waves = np.stack([low, np.concatenate([high[:8000], np.zeros(8000, np.float32)])])
+    feats, frames = features.log_mel(waves, np.array([16000, 8000]), cfg)
+    feats, frames = np.asarray(feats), np.asarray(frames)
+    assert list(frames) == [int(cfg.num_frames(16000)), int(cfg.num_frames(8000))]
+    bank = features.mel_filterbank(16000, cfg.n_fft, 40)
+    for row, freq in ((0, 300), (1, 3000)):
+        expected = bank[int(round(freq / 16000 * cfg.n_fft))].argmax()
+        loudest = feats[row, :frames[row]].mean(axis=0).argmax()
+        assert abs(int(loudest) - int(expected)) <= 1
+    assert np.all(feats[1, frames[1]:] == 0)
+    valid = feats[0, :frames[0]]
+    np.testing.assert_allclose(valid.mean(axis=0), 0, atol=1e-3)
+
+
+def test_spec_augment_masks_bands_inside_each_utterance():
+    import jax
+
+    aug = features.SpecAugment(freq_masks=2, freq_width=3, time_masks=2, time_fraction=0.2)
+    feats = np.ones((2, 50, 16), np.float32)
+    frames = np.array([50, 20])
+    masked_somewhere = False
+    for seed in range(20):
+        out = np.asarray(aug(feats, frames, jax.random.key(seed)))
+        freq_cut = np.all(out == 0, axis=1)           # [B, F]: channels zeroed at every frame
+        assert freq_cut.sum(axis=1).max() <= 2 * 3
+        time_cut = np.all(out == 0, axis=2)           # [B, T]: frames zeroed in every channel
+        assert not time_cut[1, 20:].any()              # never past the utterance's end
+        assert time_cut[1].sum() <= 2 * int(0.2 * 20)
+        masked_somewhere |= bool(freq_cut.any() and time_cut.any())
+    assert masked_somewhere
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def _write_tone(path: Path, seconds: float, rate: int = 16000):
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, 0.3 * np.sin(2 * np.pi * 440 * t), rate)
+
+
+def test_readers_of_librispeech_folders_and_manifests(tmp_path):
+    chapter = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123"
+    chapter.mkdir(parents=True)
+    for i in range(2):
+        _write_tone(chapter / f"84-121123-000{i}.flac", 0.5)
+    (chapter / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n"
+                                                 "84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n")
+    utts = data.read_librispeech(tmp_path / "LibriSpeech" / "dev-clean")
+    assert [u.text for u in utts] == ["go do you hear", "but in less than five minutes"]
+    assert all(u.path.is_file() for u in utts)
+
+    _write_tone(tmp_path / "a.wav", 0.25, rate=8000)  # another rate: resampled on load
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.tsv").write_text("# path\ttranscript\na.wav\tHello, World\n")
+    corpus = data.load_corpus("manifest", tmp_path)
+    assert corpus["test"][0].text == "hello world"
+    audio = data.AudioSet(corpus["train"], 16000, cache=False)
+    assert audio.lengths[0] == 4000 and audio.audio(0).shape == (4000,)
+
+    (tmp_path / "bad.tsv").write_text("no tab here\n")
+    with pytest.raises(data.DataError, match="bad.tsv:1"):
+        data.read_manifest(tmp_path / "bad.tsv")
+    with pytest.raises(data.DataError, match="needs --data-dir"):
+        data.load_corpus("librispeech")
+    with pytest.raises(data.DataError, match="no \\*.trans.txt"):
+        data.read_librispeech(tmp_path)
+
+
+def test_augmentation_sets_the_signal_to_noise_ratio():
+    rng = np.random.default_rng(0)
+    speech = (0.5 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    aug = data.Augmenter(noise_prob=1.0, snr_db=(10.0, 10.0), gain_db=(0.0, 0.0))
+    noisy = aug(speech, rng)
+    snr = 10 * np.log10(np.mean(speech ** 2) / np.mean((noisy - speech) ** 2))
+    assert abs(snr - 10.0) < 0.5
+    gain = data.Augmenter(noise_prob=0.0, gain_db=(-6.0, -6.0))(speech, rng)
+    np.testing.assert_allclose(gain, speech * 10 ** (-6 / 20), rtol=1e-5)
+
+
+def test_embedded_corpus_is_there_and_fits_the_budget():
+    corpus = data.load_corpus("embedded")
+    counts = {k: len(v) for k, v in corpus.items()}
+    assert counts["train"] >= 2000 and counts["valid"] >= 100 and counts["test"] >= 200
+    train_texts = {u.text for u in corpus["train"]}
+    assert not train_texts & {u.text for u in corpus["test"]}  # unseen sentences
+    size = sum(p.stat().st_size for p in data.EMBEDDED.rglob("*") if p.is_file())
+    assert size <= 25 * 2 ** 20
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+def test_cell_and_layer_forms_and_the_packed_export_agree():
+    import jax
+    import jax.numpy as jnp
+    from jax_sprnn import pruning
+
+    cell_cfg = model.ModelConfig(hidden=24, layers=2, conv_channels=4, n_mels=16)
+    params = model.init_variables(cell_cfg, jax.random.key(0))["params"]
+    params, masks = pruning.update_sparsity(params, model.dense_masks(params), 0.75)
+    x = jax.random.normal(jax.random.key(1), (3, 20, 16))
+    lengths = jnp.array([20, 13, 5])
+    ref, out_len = model.SpeechModel(cell_cfg).apply({"params": params}, x, lengths)
+    assert list(np.asarray(out_len)) == [10, 7, 3]
+    layer_cfg, packed = model.export(cell_cfg, params, masks)
+    assert layer_cfg.rnn_impl == "layer"
+    assert not model.recurrent_kernel_paths(packed["params"])  # dense kernels are gone
+    out, _ = model.SpeechModel(layer_cfg).apply(packed, x, lengths)
+    valid = (np.arange(10)[None] < np.asarray(out_len)[:, None])[..., None]
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=2e-5)
+    assert model.density(masks) == pytest.approx(6 / 24)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--density", "1.5"], "--density must be in"),
+    (["--prune-begin", "0.8", "--prune-end", "0.5"], "--prune-begin"),
+    (["--data", "librispeech"], "needs --data-dir"),
+    (["--data-dir", "/tmp"], "--data-dir is for"),
+    (["--snr-db", "5"], "--snr-db"),
+    (["--bench-batches", "1,0"], "positive integers"),
+    (["--resume", "--overwrite"], "exclude each other"),
+])
+def test_bad_command_lines_name_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        speech_model.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_tiny_end_to_end_run_with_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--limit", "48", "--batch-size", "8", "--hidden", "32",
+            "--layers", "1", "--conv-channels", "4", "--n-mels", "16", "--steps", "6",
+            "--prune-begin", "0.34", "--prune-end", "0.67", "--prune-every", "1",
+            "--density", "0.25", "--eval-every", "6", "--checkpoint-every", "3",
+            "--one-shot-densities", "0.5", "--latency-densities", "1,0.25",
+            "--latency-batches", "2", "--bench-steps", "8", "--bench-reps", "2",
+            "--no-progress"]
+    results = speech_model.main(argv)
+    assert set(results["models"]) == {"dense", "pruned"}
+    pruned = results["models"]["pruned"]
+    assert pruned["density"] == pytest.approx(8 / 32)  # round(0.25 * 32) per output unit
+    for name in ("dense", "pruned"):
+        for split in ("valid", "test"):
+            assert 0 <= results["models"][name][split]["cer"] <= 100 * 10
+    # The packed weights served the same decisions as the training form.
+    assert pruned["test"]["cer"] == pytest.approx(pruned["test_training_form"]["cer"], abs=1.0)
+    assert results["history"]["pruned"]["train"][-1]["density"] == pytest.approx(0.25)
+    assert results["history"]["dense"]["train"][-1]["density"] == 1.0
+    assert set(results["latency_vs_density"]["by_batch"]["2"]["sparse"]) == {"1", "0.25"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["target"]["pruned_test_cer"] == pruned["test"]["cer"]
+    for png in ("training_curves.png", "cer_vs_density.png", "latency_vs_density.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoints" / "pruned" / "6").is_dir()
+
+    # A second run into the same folder must be told what to do with the old one.
+    with pytest.raises(SystemExit, match="--resume"):
+        speech_model.main(argv)
+
+    # Interrupt the pruned run after its step-3 checkpoint: --resume continues it from there.
+    import shutil
+    shutil.rmtree(out / "checkpoints" / "pruned" / "6")
+    resumed = speech_model.main(argv + ["--resume"])
+    steps = [r["step"] for r in resumed["history"]["pruned"]["train"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 5  # no step twice, none missing at the end
+    assert resumed["models"]["pruned"]["density"] == pytest.approx(8 / 32)
+    with pytest.raises(SystemExit, match="different settings"):
+        speech_model.main([a if a != "0.25" else "0.5" for a in argv] + ["--resume"])
