@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, help="use at most this many utterances of each split")
     d.add_argument("--max-seconds", type=float, default=20.0,
                    help="drop longer training utterances")
+    d.add_argument("--bucket-seconds", type=float,
+                   help="batches pad audio to a multiple of this; each bucket compiles the step "
+                        "once (default: 0.5, or a sixteenth of the longest utterance)")
     d.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep decoded audio in memory (default: for the embedded corpus and "
                         "splits under 20,000 utterances)")
@@ -178,6 +181,8 @@ def parse_args(argv=None) -> argparse.Namespace:
          "--lr and --clip must be positive, --weight-decay and --warmup non-negative"),
         (args.limit is None or args.limit >= 1, f"--limit must be positive, got {args.limit}"),
         (args.max_seconds > 0, f"--max-seconds must be positive, got {args.max_seconds}"),
+        (args.bucket_seconds is None or args.bucket_seconds > 0,
+         f"--bucket-seconds must be positive, got {args.bucket_seconds}"),
         (0.0 <= args.noise_prob <= 1.0, f"--noise-prob must be in [0, 1], got {args.noise_prob}"),
         (args.snr_db[0] <= args.snr_db[1] and args.gain_db[0] <= args.gain_db[1],
          "--snr-db and --gain-db are LOW,HIGH with LOW <= HIGH"),
@@ -229,7 +234,8 @@ def run_config(args, impl: str) -> dict:
     """What a checkpoint depends on; --resume refuses to continue under a different one."""
     return {"data": args.data, "data_dir": None if args.data_dir is None else str(args.data_dir),
             "splits": list(args.splits) if args.splits else None, "limit": args.limit,
-            "max_seconds": args.max_seconds, "sample_rate": args.sample_rate,
+            "max_seconds": args.max_seconds, "bucket_seconds": args.bucket_seconds,
+            "sample_rate": args.sample_rate,
             "augment": [args.augment, args.noise_prob, list(args.snr_db), list(args.gain_db),
                         args.spec_augment],
             "model": model_config(args, impl).shape_fields(), "rnn_impl": impl,
@@ -302,7 +308,135 @@ def bench_only(args) -> None:
     print(f"wrote {args.out / 'bench.json'}")
 
 
+def train_runs(args, program, config: ModelConfig, train, valid, impl: str):
+    """The dense and the pruned run (whichever the flags ask for). Returns ``(states, histories,
+    timing)``. The pruned run starts from the dense run's checkpoint at the branch step, where
+    the two are still identical."""
+    import jax
+
+    from speech import model as model_lib
+    from speech import train as train_lib
+
+    runs = (["dense"] if args.compare_dense else []) + (["pruned"] if args.density < 1 else [])
+    if not runs:
+        raise SystemExit("nothing to train: --density 1 with --no-compare-dense")
+    pruned_cfg = train_config(args, args.density)
+    branch = train_lib.Checkpoints(args.out / "checkpoints" / "branch", keep=1)
+    states, histories, timing = {}, {}, {}
+    for name in runs:
+        start_state = start_history = None
+        if name == "pruned" and branch.latest_step() == pruned_cfg.branch_step:
+            fresh = model_lib.init_variables(config, jax.random.key(args.seed))
+            like = {"params": fresh["params"], "opt_state": program.tx.init(fresh["params"]),
+                    "sparsity": (fresh["sparsity"] if impl == "layer"
+                                 else model_lib.dense_masks(fresh["params"])), "step": 0}
+            start_state, start_history = branch.restore(pruned_cfg.branch_step, like)
+            start_history = {"train": start_history["train"], "valid": start_history["valid"],
+                             "seconds": 0.0}
+        began = time.perf_counter()
+        states[name], histories[name] = train_lib.train_run(
+            name, program, train_config(args, 1.0 if name == "dense" else args.density), train,
+            valid, args.out, resume=args.resume, start_state=start_state,
+            start_history=start_history,
+            branch=branch if name == "dense" and "pruned" in runs else None,
+            progress=args.progress)
+        timing[f"{name}_train_seconds"] = round(time.perf_counter() - began, 1)
+        timing[f"{name}_train_seconds_total"] = round(histories[name]["seconds"], 1)
+    branch.close()
+    return states, histories, timing
+
+
+def cell_form(config: ModelConfig, features: FeatureConfig, params, impl: str, seed: int,
+              program=None):
+    """``(program, params)`` of the cell form (dense lax.scan) for parameters of either form;
+    ``program``: the training program, reused when it is already the cell form."""
+    from speech import model as model_lib
+    from speech import train as train_lib
+
+    if impl == "cell":
+        return program or train_lib.Program(config, features), params
+    cell_cfg = dataclasses.replace(config, rnn_impl="cell")
+    return (train_lib.Program(cell_cfg, features),
+            _cell_params(model_lib.to_layer_params(params), config, seed))
+
+
+def evaluate_runs(args, program, config: ModelConfig, features: FeatureConfig, states: dict,
+                  valid, test, impl: str) -> tuple[dict, dict, dict | None]:
+    """CER/WER of each model on validation and test, the CER-against-density points, and whether
+    the pruned model meets the target. The pruned model is scored in its served form: packed
+    SparseWeights run by SparseRNN."""
+    from jax_sprnn import pruning
+    from speech import model as model_lib
+    from speech import train as train_lib
+
+    models, points = {}, {"one_shot": {}, "gradual": {}}
+    if "dense" in states:
+        state = states["dense"]
+        variables = program.variables(state["params"], state["sparsity"])
+        models["dense"] = {"density": 1.0, "valid": train_lib.evaluate(program, variables, valid),
+                           "test": train_lib.evaluate(program, variables, test)}
+        points["dense"] = models["dense"]["test"]["cer"]
+        # The dense model pruned once, without retraining: what gradual pruning is up against.
+        cell_program, params = cell_form(config, features, state["params"], impl, args.seed,
+                                         program)
+        for d in (d for d in args.one_shot_densities if d < 1.0):
+            pruned, masks = pruning.update_sparsity(params, model_lib.dense_masks(params), 1 - d)
+            points["one_shot"][f"{d:g}"] = train_lib.evaluate(
+                cell_program, cell_program.variables(pruned, masks), test)["cer"]
+    if "pruned" in states:
+        state = states["pruned"]
+        served_cfg, packed = model_lib.export(config, state["params"], state["sparsity"])
+        served = train_lib.Program(served_cfg, features)
+        models["pruned"] = {
+            "density": model_lib.density(state["sparsity"]),
+            "valid": train_lib.evaluate(served, packed, valid),
+            "test": train_lib.evaluate(served, packed, test),
+            "test_training_form": train_lib.evaluate(
+                program, program.variables(state["params"], state["sparsity"]), test),
+            "served_as": "packed SparseWeights in SparseRNN (jax_sprnn.sparse_rnn)"}
+        points["gradual"][f"{args.density:g}"] = models["pruned"]["test"]["cer"]
+    target = None
+    if "dense" in models and "pruned" in models:
+        dense_cer, pruned_cer = models["dense"]["test"]["cer"], models["pruned"]["test"]["cer"]
+        target = {"dense_test_cer": dense_cer, "pruned_test_cer": pruned_cer,
+                  "ratio": pruned_cer / dense_cer if dense_cer > 0 else None,
+                  "gap_points": pruned_cer - dense_cer,
+                  "met": pruned_cer <= 1.2 * dense_cer or pruned_cer - dense_cer <= 2.0}
+    return models, points, target
+
+
+def time_inference(args, config: ModelConfig, features: FeatureConfig, states: dict,
+                   impl: str) -> tuple[dict, dict | None]:
+    """The recurrent layers' latency against density, and (on a GPU, or with --speed-table) the
+    table of layers and whole model at --bench-batches, sparse against dense lax.scan."""
+    from speech import bench
+    from speech import model as model_lib
+
+    timed = dataclasses.replace(config, method="native" if on_gpu() else "auto")
+    reps = args.bench_reps if on_gpu() else max(3, args.bench_reps // 4)  # the CPU is slow
+    latency = {str(b): bench.recurrent_latency(timed, args.latency_densities, b,
+                                               args.bench_steps, reps=reps)
+               for b in args.latency_batches}
+    if not (args.speed_table or (args.speed_table is None and on_gpu())):
+        return latency, None
+    whole = None
+    if "dense" in states and "pruned" in states:
+        _, dense_params = cell_form(config, features, states["dense"]["params"], impl, args.seed)
+        served_cfg, packed = model_lib.export(config, states["pruned"]["params"],
+                                              states["pruned"]["sparsity"], method=timed.method)
+        whole = (dataclasses.replace(config, rnn_impl="cell"), {"params": dense_params},
+                 served_cfg, packed)
+    rows = bench.speed_table(timed, args.density, args.bench_batches, args.bench_steps,
+                             reps=args.bench_reps, whole_model=whole)
+    device = bench.device_description()["device"]
+    title = (f"{device}, H={args.hidden}, {args.layers} layers"
+             f"{' bidirectional' if args.bidirectional else ''}, density {args.density:g}, "
+             f"T={args.bench_steps} recurrent steps, {args.dtype}")
+    return latency, {"rows": rows, "table": bench.format_table(rows, title)}
+
+
 def main(argv=None) -> dict | None:
+    """Run the example; returns the results (also written to --out/results.json)."""
     args = parse_args(argv)
     if args.bench_only:
         bench_only(args)
@@ -325,129 +459,45 @@ def main(argv=None) -> dict | None:
     sets = load_data(args, features)
     augmenter = Augmenter(args.noise_prob, tuple(args.snr_db), tuple(args.gain_db)) \
         if args.augment else None
-    train = Batcher(sets["train"], args.batch_size, augmenter=augmenter)
-    valid = Batcher(sets["valid"], args.batch_size)
-    test = Batcher(sets["test"], args.batch_size)
+    train = Batcher(sets["train"], args.batch_size, augmenter=augmenter,
+                    bucket_seconds=args.bucket_seconds)
+    valid = Batcher(sets["valid"], args.batch_size, bucket_seconds=args.bucket_seconds)
+    test = Batcher(sets["test"], args.batch_size, bucket_seconds=args.bucket_seconds)
     timing = {"load_seconds": round(time.perf_counter() - began, 1)}
     print(f"data: {len(sets['train'])} train, {len(sets['valid'])} valid, {len(sets['test'])} test "
           f"utterances ({timing['load_seconds']} s to load); {impl} form on "
           f"{jax.devices()[0].device_kind}")
 
-    pruned_cfg = train_config(args, args.density)
-    program = train_lib.Program(config, features, train_lib.make_optimizer(pruned_cfg),
+    program = train_lib.Program(config, features,
+                                train_lib.make_optimizer(train_config(args, args.density)),
                                 SpecAugment() if args.spec_augment else None)
-    histories, states = {}, {}
-    branch = train_lib.Checkpoints(args.out / "checkpoints" / "branch", keep=1)
-    runs = (["dense"] if args.compare_dense else []) + (["pruned"] if args.density < 1 else [])
-    if not runs:
-        raise SystemExit("nothing to train: --density 1 with --no-compare-dense")
-    for name in runs:
-        cfg = train_config(args, 1.0 if name == "dense" else args.density)
-        start_state = start_history = None
-        if name == "pruned" and branch.latest_step() == pruned_cfg.branch_step:
-            # Identical to the dense run up to here: start from its state at the branch step.
-            fresh = model_lib.init_variables(config, jax.random.key(args.seed))
-            like = {"params": fresh["params"], "opt_state": program.tx.init(fresh["params"]),
-                    "sparsity": (fresh["sparsity"] if impl == "layer"
-                                 else model_lib.dense_masks(fresh["params"])), "step": 0}
-            start_state, start_history = branch.restore(pruned_cfg.branch_step, like)
-            start_history = {"train": start_history["train"], "valid": start_history["valid"],
-                             "seconds": 0.0}
-        t0 = time.perf_counter()
-        states[name], histories[name] = train_lib.train_run(
-            name, program, cfg, train, valid, args.out, resume=args.resume,
-            start_state=start_state, start_history=start_history,
-            branch=branch if name == "dense" and "pruned" in runs else None,
-            progress=args.progress)
-        timing[f"{name}_train_seconds"] = round(time.perf_counter() - t0, 1)
-        timing[f"{name}_train_seconds_total"] = round(histories[name]["seconds"], 1)
-    branch.close()
+    states, histories, train_timing = train_runs(args, program, config, train, valid, impl)
+    timing.update(train_timing)
 
-    # ---- evaluation ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    models, cer_points = {}, {"one_shot": {}, "gradual": {}}
-    if "dense" in states:
-        variables = program.variables(states["dense"]["params"], states["dense"]["sparsity"])
-        models["dense"] = {"density": 1.0,
-                           "valid": train_lib.evaluate(program, variables, valid),
-                           "test": train_lib.evaluate(program, variables, test)}
-        cer_points["dense"] = models["dense"]["test"]["cer"]
-        masks = model_lib.dense_masks(model_lib.to_layer_params(states["dense"]["params"])) \
-            if impl == "layer" else states["dense"]["sparsity"]
-        for d in args.one_shot_densities:
-            if d >= 1.0:
-                continue
-            from jax_sprnn import pruning
-            cell_program = program if impl == "cell" else train_lib.Program(
-                dataclasses.replace(config, rnn_impl="cell"), features)
-            params = states["dense"]["params"] if impl == "cell" else \
-                _cell_params(model_lib.to_layer_params(states["dense"]["params"]), config, args.seed)
-            p, m = pruning.update_sparsity(params, masks if impl == "cell" else
-                                           model_lib.dense_masks(params), 1.0 - d)
-            cer_points["one_shot"][f"{d:g}"] = train_lib.evaluate(
-                cell_program, cell_program.variables(p, m), test)["cer"]
-    if "pruned" in states:
-        state = states["pruned"]
-        inference_cfg, packed = model_lib.export(config, state["params"], state["sparsity"])
-        served = train_lib.Program(inference_cfg, features)
-        density = model_lib.density(state["sparsity"])
-        models["pruned"] = {
-            "density": density,
-            "valid": train_lib.evaluate(served, packed, valid),
-            "test": train_lib.evaluate(served, packed, test),
-            "test_training_form": train_lib.evaluate(
-                program, program.variables(state["params"], state["sparsity"]), test),
-            "served_as": "packed SparseWeights in SparseRNN (jax_sprnn.sparse_rnn)"}
-        cer_points["gradual"][f"{args.density:g}"] = models["pruned"]["test"]["cer"]
+    models, cer_points, target = evaluate_runs(args, program, config, features, states, valid,
+                                               test, impl)
     timing["eval_seconds"] = round(time.perf_counter() - t0, 1)
-
-    target = None
-    if "dense" in models and "pruned" in models:
-        dense_cer, pruned_cer = models["dense"]["test"]["cer"], models["pruned"]["test"]["cer"]
-        target = {"dense_test_cer": dense_cer, "pruned_test_cer": pruned_cer,
-                  "ratio": pruned_cer / dense_cer if dense_cer > 0 else None,
-                  "gap_points": pruned_cer - dense_cer,
-                  "met": pruned_cer <= 1.2 * dense_cer or pruned_cer - dense_cer <= 2.0}
-
-    # ---- speed --------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    timed = dataclasses.replace(config, method="native" if on_gpu() else "auto")
-    reps = args.bench_reps if on_gpu() else max(3, args.bench_reps // 4)
-    latency = {str(b): bench.recurrent_latency(timed, args.latency_densities, b, args.bench_steps,
-                                               reps=reps)
-               for b in args.latency_batches}
-    speed = None
-    if args.speed_table or (args.speed_table is None and on_gpu()):
-        whole = None
-        if "dense" in states and "pruned" in models:
-            dense_cfg = dataclasses.replace(config, rnn_impl="cell")
-            dense_vars = {"params": _cell_params(model_lib.to_layer_params(
-                states["dense"]["params"]), config, args.seed)}
-            inference_cfg, packed = model_lib.export(config, states["pruned"]["params"],
-                                                     states["pruned"]["sparsity"],
-                                                     method=timed.method)
-            whole = (dense_cfg, dense_vars, inference_cfg, packed)
-        rows = bench.speed_table(timed, args.density, args.bench_batches, args.bench_steps,
-                                 reps=args.bench_reps, whole_model=whole)
-        device = bench.device_description()["device"]
-        speed = {"rows": rows, "table": bench.format_table(
-            rows, f"{device}, H={args.hidden}, {args.layers} layers"
-                  f"{' bidirectional' if args.bidirectional else ''}, density {args.density:g}, "
-                  f"T={args.bench_steps} recurrent steps, {args.dtype}")}
+    latency, speed = time_inference(args, config, features, states, impl)
     timing["bench_seconds"] = round(time.perf_counter() - t0, 1)
     timing["total_seconds"] = round(time.perf_counter() - began, 1)
 
-    # ---- outputs ------------------------------------------------------------------------------
+    first = next(iter(states.values()))
     results = {
-        "command": " ".join(["python", "examples/speech_model.py"] + list(argv or sys.argv[1:])),
+        "command": " ".join(["python", "examples/speech_model.py"] + list(
+            sys.argv[1:] if argv is None else argv)),
         "device": bench.device_description(), "rnn_impl_training": impl,
         "data": {"kind": args.data, "train": len(sets["train"]), "valid": len(sets["valid"]),
                  "test": len(sets["test"]),
-                 "train_hours": round(float(np.sum(sets["train"].lengths)) / args.sample_rate / 3600, 3)},
+                 "train_hours": round(float(np.sum(sets["train"].lengths)) / args.sample_rate
+                                      / 3600, 3)},
         "model": dataclasses.asdict(config),
-        "parameters": model_lib.count_parameters(states[runs[0]]["params"]),
-        "train": dataclasses.asdict(pruned_cfg), "timing": timing, "models": models,
-        "target": target, "cer_vs_density": cer_points,
+        "parameters": model_lib.count_parameters(first["params"]),
+        "recurrent_parameters": sum(int(np.prod(np.shape(m))) for m in jax.tree_util.tree_leaves(
+            model_lib.boolean_masks(first["sparsity"]))),
+        "train": dataclasses.asdict(train_config(args, args.density)), "timing": timing,
+        "models": models, "target": target, "cer_vs_density": cer_points,
         "latency_vs_density": {"steps": args.bench_steps, "by_batch": latency},
         "speed": speed, "history": histories,
     }

@@ -269,9 +269,11 @@ class Batcher:
 
     Waveforms are padded to a multiple of ``bucket_seconds`` and labels to the longest label of
     the bucket (over the whole set), so a jitted step compiles once per bucket, not per batch.
+    The default bucket is 0.5 s, or a sixteenth of the longest utterance if that is more (at most
+    16 compilations for long-form corpora such as LibriSpeech).
     """
 
-    def __init__(self, audio: AudioSet, batch_size: int, *, bucket_seconds: float = 0.5,
+    def __init__(self, audio: AudioSet, batch_size: int, *, bucket_seconds: float | None = None,
                  augmenter: Augmenter | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -280,6 +282,10 @@ class Batcher:
         self.audio = audio
         self.batch_size = batch_size
         self.augmenter = augmenter
+        if bucket_seconds is None:
+            bucket_seconds = max(0.5, float(audio.lengths.max()) / audio.sample_rate / 16)
+        if bucket_seconds <= 0:
+            raise ValueError(f"bucket_seconds must be positive, got {bucket_seconds}")
         quantum = max(1, int(round(bucket_seconds * audio.sample_rate)))
         self.padded_lengths = np.maximum(1, -(-audio.lengths // quantum)) * quantum
         label_sizes = np.array([len(l) for l in audio.labels])

@@ -93,13 +93,19 @@ class RecurrentStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, lengths):
-        for i in range(self.config.layers):
+        c = self.config
+        for i in range(c.layers):
             x = nn.LayerNorm(name=f"norm_{i}")(x)
-            if self.config.bidirectional:
+            carry = None
+            if c.rnn_impl == "cell" and jnp.dtype(c.dtype) != jnp.float32:
+                # The cell's default carry has the parameter dtype (float32), its steps return
+                # the computation dtype, and nn.RNN's scan needs the two equal.
+                carry = jnp.zeros(x.shape[:-1][:-1] + (c.hidden,), jnp.dtype(c.dtype))
+            if c.bidirectional:
                 x = nn.Bidirectional(self._rnn(), self._rnn(), name=f"rnn_{i}")(
-                    x, seq_lengths=lengths)
+                    x, seq_lengths=lengths, initial_carry=None if carry is None else (carry, carry))
             else:
-                x = self._rnn(name=f"rnn_{i}")(x, seq_lengths=lengths)
+                x = self._rnn(name=f"rnn_{i}")(x, seq_lengths=lengths, initial_carry=carry)
         return x
 
 
@@ -132,7 +138,9 @@ def init_variables(config: ModelConfig, key, frames: int = 64) -> dict:
     """``model.init`` on a dummy batch; ``{'params': ..., 'sparsity': ...}`` (the layer form) or
     ``{'params': ...}`` (the cell form)."""
     features = jnp.zeros((1, frames, config.n_mels), jnp.float32)
-    return SpeechModel(config).init(key, features, jnp.array([frames]))
+    # Jitted: run eagerly, init compiles every small op (and each scan) on its own, which takes
+    # seconds on a CPU.
+    return jax.jit(SpeechModel(config).init)(key, features, jnp.array([frames]))
 
 
 def _path_keys(path) -> tuple:

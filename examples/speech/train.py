@@ -131,7 +131,7 @@ class Program:
         loss, grads = jax.value_and_grad(loss_fn)(params)
         masks = pruning.param_masks(params, sparsity)
         updates, opt_state = self.tx.update(grads, opt_state, params, masks=masks)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     def _decode_step(self, variables, waves, wave_lengths):
         logits, lengths = self.logits(variables, waves, wave_lengths)
@@ -281,7 +281,7 @@ def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, val
     seconds_before = float(history.get("seconds", 0.0))
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
-    pending = []  # (step, loss, grad norm) device values not yet read, so the host does not stall
+    pending = []  # (step, loss, grad norm) device values not yet read
     smoothed = None
     params, opt_state, sparsity = state["params"], state["opt_state"], state["sparsity"]
 
@@ -311,11 +311,10 @@ def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, val
             params, opt_state, loss, gnorm = program.train_step(
                 params, opt_state, sparsity, batch.waves, batch.wave_lengths, batch.labels,
                 batch.label_lengths, jax.random.fold_in(jax.random.key(cfg.seed), step))
-            if step % cfg.log_every == 0:
-                pending.append((step, loss, gnorm))
             done = step + 1
             bar.update(1)
             if step % cfg.log_every == 0 or done == cfg.steps:
+                pending.append((step, loss, gnorm))
                 flush()
                 bar.set_postfix(loss=f"{smoothed:.3f}", density=f"{model_lib.density(sparsity):.2f}",
                                 refresh=False)
