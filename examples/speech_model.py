@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--latency-batches", type=_ints("--latency-batches"), default=(1, 16))
     o.add_argument("--bench-batches", type=_ints("--bench-batches"), default=(1, 4, 16))
     o.add_argument("--bench-steps", type=int, default=250,
-                   help="recurrent steps per timed sequence (250 = 5 s of audio at stride 2)")
+                   help="recurrent steps per timed sequence (250 = 10 s of audio at stride 4)")
     o.add_argument("--bench-reps", type=int, default=20)
     o.add_argument("--speed-table", action=argparse.BooleanOptionalAction, default=None,
                    help="time layers and whole model at --bench-batches (default: on a GPU only)")
@@ -193,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         (all(d > 0 for d in args.latency_densities + args.one_shot_densities),
          "densities must be positive"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
+        (args.bench_only or args.compare_dense or args.density < 1,
+         "nothing to train: --density 1 with --no-compare-dense"),
         (args.data != "embedded" or args.data_dir is None,
          "--data-dir is for --data manifest or librispeech (the embedded corpus has a fixed place)"),
         (args.data == "embedded" or args.data_dir is not None, f"--data {args.data} needs --data-dir"),
@@ -318,8 +320,6 @@ def train_runs(args, program, config: ModelConfig, train, valid, impl: str):
     from speech import train as train_lib
 
     runs = (["dense"] if args.compare_dense else []) + (["pruned"] if args.density < 1 else [])
-    if not runs:
-        raise SystemExit("nothing to train: --density 1 with --no-compare-dense")
     pruned_cfg = train_config(args, args.density)
     branch = train_lib.Checkpoints(args.out / "checkpoints" / "branch", keep=1)
     states, histories, timing = {}, {}, {}

@@ -186,6 +186,7 @@ def test_cell_and_layer_forms_and_the_packed_export_agree():
     (["--snr-db", "5"], "--snr-db"),
     (["--bench-batches", "1,0"], "positive integers"),
     (["--resume", "--overwrite"], "exclude each other"),
+    (["--density", "1", "--no-compare-dense"], "nothing to train"),
 ])
 def test_bad_command_lines_name_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -29,7 +29,7 @@ from jax_sprnn import pruning
 
 from . import model as model_lib
 from . import text as text_lib
-from .data import Batch, Batcher
+from .data import Batcher
 from .features import FeatureConfig, SpecAugment, log_mel
 
 
@@ -131,7 +131,8 @@ class Program:
         loss, grads = jax.value_and_grad(loss_fn)(params)
         masks = pruning.param_masks(params, sparsity)
         updates, opt_state = self.tx.update(grads, opt_state, params, masks=masks)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+        return optax.apply_updates(params, updates), opt_state, loss, grad_norm
 
     def _decode_step(self, variables, waves, wave_lengths):
         logits, lengths = self.logits(variables, waves, wave_lengths)
