@@ -61,23 +61,6 @@ struct F16 {
   }
 };
 
-inline float activate(int64_t act, float z) {
-  switch (act) {
-    case kTanh: return std::tanh(z);
-    case kRelu: return z > 0.0f ? z : 0.0f;
-    default: return z;
-  }
-}
-
-// d act / d z, written in terms of the output h = act(z) (all the backward pass keeps).
-inline float activation_grad(int64_t act, float h) {
-  switch (act) {
-    case kTanh: return 1.0f - h * h;
-    case kRelu: return h > 0.0f ? 1.0f : 0.0f;
-    default: return 1.0f;
-  }
-}
-
 inline int64_t column_of(int32_t idx) { return idx < 0 ? ~idx : idx; }
 
 // Position of kernel step s for an example of length len.

@@ -1,5 +1,5 @@
 // _sprnn_cuda: hands the CUDA XLA FFI handlers to Python as capsules, and gives the planner the
-// device and kernel facts it needs (see cuda_forward.h).
+// device and kernel facts it needs (see cuda_kernels.h).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_forward.h"
+#include "cuda_kernels.h"
 
 namespace nb = nanobind;
 namespace sc = jax_sprnn::cuda;
@@ -41,6 +41,8 @@ NB_MODULE(_sprnn_cuda, m) {
         sc::Initialize();
         nb::dict d;
         d["jax_sprnn_forward"] = handler_capsule(JaxSprnnForwardCuda);
+        d["jax_sprnn_backward"] = handler_capsule(JaxSprnnBackwardCuda);
+        d["jax_sprnn_weight_grad"] = handler_capsule(JaxSprnnWeightGradCuda);
         d["jax_sprnn_sync_floor"] = handler_capsule(JaxSprnnSyncFloorCuda);
         return d;
       },
@@ -89,9 +91,9 @@ NB_MODULE(_sprnn_cuda, m) {
 
   m.def(
       "kernel_attributes",
-      [](const std::string& dtype, int tile, int reg_slots, int device, int threads) {
+      [](const std::string& dtype, int tile, int reg_slots, int device, int threads, bool backward) {
         sc::KernelAttributes a;
-        check(sc::GetKernelAttributes(dtype, tile, reg_slots, device, threads, &a));
+        check(sc::GetKernelAttributes(dtype, tile, reg_slots, device, threads, backward, &a));
         nb::dict d;
         d["num_regs"] = a.num_regs;
         d["local_bytes"] = a.local_bytes;
@@ -100,8 +102,9 @@ NB_MODULE(_sprnn_cuda, m) {
         return d;
       },
       nb::arg("dtype"), nb::arg("tile"), nb::arg("reg_slots"), nb::arg("device") = 0,
-      nb::arg("threads") = 0,
-      "cudaFuncGetAttributes of one forward-kernel instantiation; tile = load_bytes / 4. A "
+      nb::arg("threads") = 0, nb::arg("backward") = false,
+      "cudaFuncGetAttributes of one persistent-kernel instantiation (the forward recurrence, or "
+      "the backward one with backward=True); tile = load_bytes / 4. A "
       "(dtype, tile, reg_slots) may have two variants with different launch bounds: `threads` "
       "picks the one a CTA of that size runs; 0 gives the one with the largest "
       "max_threads_per_block.");

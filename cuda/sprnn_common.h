@@ -13,6 +13,30 @@ inline bool valid_activation(int64_t a) { return a == kTanh || a == kRelu || a =
 
 constexpr int kWarpSize = 32;
 
+// The cell's nonlinearity and its derivative, one definition for the CPU and the CUDA kernels.
+#if defined(__CUDACC__)
+#define JAX_SPRNN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define JAX_SPRNN_HOST_DEVICE inline
+#endif
+
+JAX_SPRNN_HOST_DEVICE float activate(int64_t act, float z) {
+  switch (act) {
+    case kTanh: return tanhf(z);
+    case kRelu: return z < 0.0f ? 0.0f : z;  // NaN propagates, as in the reference
+    default: return z;
+  }
+}
+
+// d act / d z, written in terms of the output h = act(z) (all the backward pass keeps).
+JAX_SPRNN_HOST_DEVICE float activation_grad(int64_t act, float h) {
+  switch (act) {
+    case kTanh: return 1.0f - h * h;
+    case kRelu: return h > 0.0f ? 1.0f : 0.0f;
+    default: return 1.0f;
+  }
+}
+
 // Bytes of the CUDA handler's workspace result; primitives.py computes the same number.
 inline int64_t cuda_workspace_bytes(int64_t batch, int64_t hidden) {
   return 256 + 2 * batch * hidden * 8;

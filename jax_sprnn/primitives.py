@@ -6,8 +6,9 @@ Three primitives, each a native target (docs/format.md):
 * ``sprnn_backward``: the backward recurrence on the transposed layout, ``-> (dx, dh0)``;
 * ``sprnn_weight_grad``: the weight gradient on the pattern, ``-> dvalues [groups, S]``.
 
-Lowering: ``cpu`` calls the C++ kernel, ``cuda`` the persistent kernel where it exists and the layer
-fits, every other case lowers the pure-JAX code of :mod:`jax_sprnn.fallback`. Differentiation sits on
+Lowering: ``cpu`` calls the C++ kernels; ``cuda`` the persistent kernels (forward, backward on the
+transposed layout) and the sampled weight-gradient kernel where the layer fits; every other case
+lowers the pure-JAX code of :mod:`jax_sprnn.fallback`. Differentiation sits on
 top, in :mod:`jax_sprnn.api` (a ``custom_vjp``), so these primitives need no JVP rules.
 
 Batching: a vmapped axis of the sequence operands folds into the RNN batch (one kernel call for
@@ -139,10 +140,14 @@ def _forward_cpu(ctx, *args, activation, reverse, meta, method, **_):
     return jax.ffi.ffi_lowering("jax_sprnn_forward")(ctx, *args, **_ffi_attrs(activation, reverse, meta))
 
 
-def cuda_fit(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
-    """Whether the persistent CUDA kernel runs this layout at this batch here, and if not, why."""
-    if "jax_sprnn_forward" not in _native.cuda_targets():
-        return False, "the CUDA module of jax_sprnn was not built"
+def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = "jax_sprnn_forward") -> tuple[bool, str]:
+    """Whether the persistent CUDA kernel runs this layout at this batch here, and if not, why.
+
+    Both directions share launch bounds and shared-memory needs, so one answer serves the forward
+    kernel (``meta``) and the backward one (``meta_t``, with ``target="jax_sprnn_backward"``).
+    """
+    if target not in _native.cuda_targets():
+        return False, f"the CUDA module of jax_sprnn was not built with {target}"
     if not meta.fits:
         return False, meta.reason
     device = _native.current_device_spec()
@@ -163,23 +168,29 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     return True, "fits"
 
 
-def _forward_cuda(ctx, *args, activation, reverse, meta, method, spin_timeout_us=0,
-                  debug_stall_cta=-1):
-    x_aval = ctx.avals_in[0]
-    T, B, H = x_aval.shape
-    ok, why = cuda_fit(meta, B, x_aval.dtype)
+def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
+                     spin_timeout_us=0, debug_stall_cta=-1):
+    """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback."""
+    T, B, H = ctx.avals_in[0].shape
+    dtype = ctx.avals_in[0].dtype
+    ok, why = cuda_fit(meta, B, dtype, target)
     if not ok:
         if method == "native":
-            raise ValueError(f"method='native': the persistent CUDA kernel cannot run this layer: {why}")
-        _warn_once(("forward", meta, B), f"jax_sprnn: using the dense XLA fallback on the GPU: {why}")
-        return _fallback_rule(fallback.forward)(ctx, *args, activation=activation, reverse=reverse,
-                                                meta=meta)
+            raise ValueError(f"method='native': the persistent CUDA kernel ({target}) cannot run "
+                             f"this layer: {why}")
+        _warn_once((target, meta, B), f"jax_sprnn: {target} uses the dense XLA fallback on the "
+                                      f"GPU: {why}")
+        return _fallback_rule(fallback_impl)(ctx, *args, activation=activation, reverse=reverse,
+                                             meta=meta)
     workspace = jax.core.ShapedArray((cuda_workspace_bytes(B, H),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
-    outs = jax.ffi.ffi_lowering("jax_sprnn_forward")(
+    outs = jax.ffi.ffi_lowering(target)(
         ctx, *args, **_ffi_attrs(activation, reverse, meta),
         spin_timeout_us=np.int64(spin_timeout_us), debug_stall_cta=np.int64(debug_stall_cta))
     return outs[:2]
+
+
+_forward_cuda = functools.partial(_persistent_cuda, "jax_sprnn_forward", fallback.forward)
 
 
 mlir.register_lowering(sprnn_forward_p, _forward_cpu, platform="cpu")
@@ -221,10 +232,7 @@ def _backward_cpu(ctx, *args, activation, reverse, meta, method, **_):
     return jax.ffi.ffi_lowering("jax_sprnn_backward")(ctx, *args, **_ffi_attrs(activation, reverse, meta))
 
 
-def _backward_cuda(ctx, *args, activation, reverse, meta, method, **_):
-    # The persistent backward kernel is not built yet: the backward pass lowers the JAX fallback.
-    return _fallback_rule(fallback.backward)(ctx, *args, activation=activation, reverse=reverse,
-                                             meta=meta)
+_backward_cuda = functools.partial(_persistent_cuda, "jax_sprnn_backward", fallback.backward)
 
 
 mlir.register_lowering(sprnn_backward_p, _backward_cpu, platform="cpu")
@@ -271,7 +279,45 @@ def _weight_grad_cpu(ctx, *args, groups, reverse, meta, method, **_):
         slots_per_lane=np.int64(meta.slots_per_lane))
 
 
+# The CUDA weight-gradient kernel's work split: a thread takes up to this many slots of one lane
+# (cuda/weight_grad.cu: kSlotsPerThread, kWgThreads); time chunks fill the GPU when slots do not.
+_WG_SLOTS_PER_THREAD = 16
+_WG_THREADS = 512
+
+
+def weight_grad_time_chunks(meta: LayoutMeta, groups: int, steps: int, sm_count: int) -> int:
+    """How many time chunks the weight-gradient kernel splits ``steps`` into (about 2 CTAs/SM)."""
+    threads = meta.num_warps * 32 * -(-meta.slots_per_lane // _WG_SLOTS_PER_THREAD)
+    blocks = max(1, -(-threads // _WG_THREADS)) * groups
+    return int(max(1, min(steps, -(-2 * sm_count // blocks), 65535 // groups)))
+
+
+def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method, **_):
+    T, B, H = ctx.avals_in[0].shape
+    device = _native.current_device_spec() if _native.cuda_targets() else None
+    fits = (device is not None and "jax_sprnn_weight_grad" in _native.cuda_targets()
+            and 2 * H * 4 + B * 4 <= device.smem_per_block)
+    if not fits:
+        why = ("the CUDA module of jax_sprnn was not built" if device is None else
+               f"H={H} needs {2 * H * 4 + B * 4} bytes of shared memory per CTA")
+        if method == "native":
+            raise ValueError(f"method='native': the CUDA weight-gradient kernel cannot run: {why}")
+        _warn_once(("weight_grad", meta, B), f"jax_sprnn: the weight gradient uses the dense XLA "
+                                             f"fallback on the GPU: {why}")
+        return _fallback_rule(lambda *a, **p: (fallback.weight_grad(*a, **p),))(
+            ctx, *args, groups=groups, reverse=reverse, meta=meta)
+    chunks = weight_grad_time_chunks(meta, groups, max(T, 1), device.sm_count)
+    n_slots = ctx.avals_out[0].shape[1]
+    workspace = jax.core.ShapedArray((chunks * groups * n_slots if chunks > 1 else 1,), np.float32)
+    ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
+    outs = jax.ffi.ffi_lowering("jax_sprnn_weight_grad")(
+        ctx, *args, groups=np.int64(groups), reverse=np.int64(bool(reverse)),
+        slots_per_lane=np.int64(meta.slots_per_lane), time_chunks=np.int64(chunks))
+    return outs[:1]
+
+
 mlir.register_lowering(sprnn_weight_grad_p, _weight_grad_cpu, platform="cpu")
+mlir.register_lowering(sprnn_weight_grad_p, _weight_grad_cuda, platform="cuda")
 
 
 def _weight_grad_batch(args, dims, *, groups, **params):

@@ -1,5 +1,5 @@
-// The CUDA forward recurrence of jax_sprnn: XLA FFI handler symbols and the host helpers that the
-// nanobind module (cuda_module.cc) exposes to the Python planner.
+// The CUDA kernels of jax_sprnn: XLA FFI handler symbols and the host helpers that the nanobind
+// module (cuda_module.cc) exposes to the Python planner.
 //
 // This header is compiled by the host C++ compiler as well as by nvcc, so it names no CUDA types.
 #pragma once
@@ -10,8 +10,12 @@
 
 #include "xla/ffi/api/api.h"
 
-// `jax_sprnn_forward` on CUDA: see docs/format.md for the arguments, results and attributes.
+// `jax_sprnn_forward` / `jax_sprnn_backward` on CUDA: the persistent recurrences; see
+// docs/format.md for the arguments, results and attributes.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardCuda);
+// `jax_sprnn_weight_grad` on CUDA: the sampled weight gradient, deterministic (weight_grad.cu).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnWeightGradCuda);
 // `jax_sprnn_sync_floor`: the forward kernel's exchange protocol with no compute, for benchmarks.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda);
 
@@ -32,7 +36,7 @@ struct DeviceProperties {
   int64_t l2_bytes = 0;
 };
 
-// What the compiler made of one forward-kernel instantiation (cudaFuncGetAttributes).
+// What the compiler made of one persistent-kernel instantiation (cudaFuncGetAttributes).
 struct KernelAttributes {
   int num_regs = 0;
   int64_t local_bytes = 0;        // per-thread local memory: non-zero means register spills
@@ -51,11 +55,12 @@ std::vector<int> SupportedRegSlots(const std::string& dtype);
 
 // `tile` is the staged-h load width in floats (1, 2 or 4, i.e. load_bytes / 4). Each (dtype, tile,
 // reg_slots) has one or two compiled variants with different launch bounds; `threads` picks the one
-// a CTA of that many threads would run, and threads <= 0 the one with the largest bound.
+// a CTA of that many threads would run, and threads <= 0 the one with the largest bound. `backward`
+// picks the backward-recurrence kernel.
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
-                                int threads, KernelAttributes* out);
+                                int threads, bool backward, KernelAttributes* out);
 
-// The deferred error of an earlier persistent-kernel call (see cuda_forward.cu), or "" if none.
+// The deferred error of an earlier persistent-kernel call (see cuda_persistent.cu), or "" if none.
 // Clears it. Only meaningful once the stream that ran the call has been synchronized.
 std::string TakePendingError();
 

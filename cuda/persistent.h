@@ -1,0 +1,152 @@
+// What the host code and the kernel instantiations of the persistent recurrence share: the protocol
+// constants, the kernel parameters, the instantiation set and its lookup (see persistent_kernel.cuh
+// for the kernel, cuda_persistent.cu for the handlers). Compiled by nvcc only.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace jax_sprnn::cuda {
+
+// ---- protocol constants --------------------------------------------------------------------------
+constexpr int kHeaderBytes = 256;        // workspace header: word 0 error flag, word 1 heads
+constexpr int kHeadCountWord = 1;        // header word counting head lanes (must end up == H)
+constexpr uint32_t kErrTimeout = 1u;     // a spin exceeded its bound
+constexpr uint32_t kErrBadLayout = 2u;   // the packed layout broke an invariant
+constexpr int64_t kDefaultSpinTimeoutUs = 2'000'000;
+constexpr int kMaxThreadsPerCta = 1024;
+
+// The two recurrences that run as one persistent kernel. They share the packed-weight tiers, the
+// staging of the exchanged state and the gather; they differ in the cell (epilogue) and the word
+// they exchange (persistent_kernel.cuh: ForwardCell, BackwardCell).
+enum class Direction { kForward, kBackward };
+enum class Dtype { kF32, kF16, kBF16 };
+
+// ---- kernel parameters (computed by the host; passed as a __grid_constant__) --------------------
+//
+//                forward             backward
+//   seq_a        x      [T, B, H]    y  [T, B, H] (the forward outputs)
+//   seq_b        -                   dy [T, B, H]
+//   init         h0     [B, H]       dh_final [B, H]
+//   seq_out      y      [T, B, H]    dx [T, B, H] (dL/dz per position)
+//   final_out    h_final [B, H]      dh0 [B, H]
+struct PersistentParams {
+  const void* seq_a;
+  const void* seq_b;
+  const void* init;
+  const void* values;    // [NW*K*32] D
+  const int32_t* indices;
+  const int32_t* lane_row;
+  const int32_t* lengths;
+  void* seq_out;
+  void* final_out;
+  uint32_t* error_flag;  // workspace header word 0
+  unsigned char* exchange[2];
+  int T, B, H, K;
+  int n_planes;          // ceil(B / tile)
+  int n_full_planes;     // B / tile
+  int partial_rem;       // B % tile
+  int activation;
+  int reverse;
+  int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
+  int h_floats;          // floats of one staged copy: n_planes * H * tile
+  int w_smem_offset;     // bytes: start of the shared-memory weight tier
+  int len_smem_offset;   // bytes: start of the clamped lengths
+  int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses
+  int byte_offsets;      // 16-bit D: slots hold byte offsets (H * tile * 4 <= 65536), else columns
+  int stall_cta;         // test hook: this CTA never publishes (-1: none)
+  unsigned long long timeout_ns;
+};
+
+struct FloorParams {
+  uint32_t* error_flag;
+  unsigned char* exchange[2];
+  float* out;
+  int steps, words, h_buffers, exchange_vector;
+  unsigned long long timeout_ns;
+};
+
+using PersistentKernelFn = void (*)(PersistentParams);
+
+// ---- the instantiation set -----------------------------------------------------------------------
+//
+// Register-tier sizes. 16-bit types hold one slot per register, float32 two, so the float32 set
+// stops where its budget (2*RS + overhead) reaches the 255-register limit.
+using RegSlots16 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192>;
+using RegSlots32 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96>;
+
+// Launch bound (a multiple of 128 threads) and staging unroll per register-tier size, chosen so the
+// kernels compile without spilling (nvcc 13.0 -Xptxas -v for sm_90: the register tier plus ~50-65
+// registers for staging, the gather pipeline and the epilogue). Two variants:
+//   narrow: at most 512 threads, with room for 8 staging vectors in flight per thread;
+//   wide:   more threads (for layouts whose CTAs need them) at a tighter register cap and 4
+//           staging vectors per thread; instantiated only where it raises the bound.
+// Both directions use the same bounds, so a layout planned for the forward kernel also runs
+// backward. The planner reads them back through kernel_attributes()["max_threads_per_block"].
+constexpr int persistent_max_threads(bool packed16, int rs, bool wide) {
+  if (packed16) {
+    if (wide) return rs == 0 ? 1024 : rs <= 16 ? 768 : rs <= 32 ? 640 : 0;
+    return rs <= 64 ? 512 : rs <= 96 ? 384 : 256;
+  }
+  if (wide) return rs == 0 ? 768 : rs <= 16 ? 512 : 0;
+  return rs <= 16 ? 384 : 256;
+}
+constexpr int persistent_stage_unroll(bool packed16, int rs, bool wide) {
+  if (wide) return 4;
+  if (packed16) return rs <= 32 ? 8 : rs <= 96 ? 4 : rs <= 160 ? 8 : 4;
+  return rs == 0 ? 8 : rs <= 16 ? 4 : rs <= 48 ? 8 : 4;
+}
+constexpr bool persistent_has_wide(bool packed16, int rs) {
+  return persistent_max_threads(packed16, rs, true) > persistent_max_threads(packed16, rs, false);
+}
+
+// The kernel of (direction, dtype, tile, reg_slots) for a CTA of `threads` threads: the narrow
+// variant when it fits, else the wide one when it exists and fits, else nullptr. threads <= 0 asks
+// for the variant with the largest bound. Each (direction, dtype) is compiled in its own
+// translation unit (cuda/instances/), so the build runs them in parallel.
+template <Direction D, Dtype T>
+PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads);
+
+// Defined only in the instance translation units: other TUs must not instantiate the kernels.
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(int, int, int);
+
+inline PersistentKernelFn lookup_persistent(Direction dir, Dtype dt, int tile, int rs, int threads) {
+  const bool fwd = dir == Direction::kForward;
+  switch (dt) {
+    case Dtype::kF32:
+      return fwd ? lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(tile, rs, threads)
+                 : lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(tile, rs, threads);
+    case Dtype::kF16:
+      return fwd ? lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(tile, rs, threads)
+                 : lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(tile, rs, threads);
+    case Dtype::kBF16:
+      return fwd ? lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(tile, rs, threads)
+                 : lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(tile, rs, threads);
+  }
+  return nullptr;
+}
+
+template <int... RS>
+std::vector<int> to_vector(std::integer_sequence<int, RS...>) {
+  return {RS...};
+}
+
+inline std::vector<int> reg_slots_for(Dtype dt) {
+  return dt == Dtype::kF32 ? to_vector(RegSlots32{}) : to_vector(RegSlots16{});
+}
+
+// The largest launch bound over the variants of one (dtype, reg_slots); the tile does not matter.
+inline int max_threads_of(Dtype dt, int rs) {
+  const bool packed16 = dt != Dtype::kF32;
+  return std::max(persistent_max_threads(packed16, rs, false),
+                  persistent_has_wide(packed16, rs) ? persistent_max_threads(packed16, rs, true) : 0);
+}
+
+}  // namespace jax_sprnn::cuda

@@ -1,0 +1,910 @@
+// The persistent sparse RNN recurrences (Zhu et al., ICLR 2018): one kernel template, two cells.
+//
+// One cooperative launch runs a whole sequence. Every warp owns the nonzeros of the rows its lanes
+// serve (docs/format.md): the first RS slots of each lane live in registers, the rest in shared
+// memory. Per phase every CTA
+//   1. stages the previous phase's state into shared memory as fp32 [plane][H][tile] (a plane is a
+//      batch tile, so one vector load fetches a column's whole tile), waiting word by word on
+//      Lamport timestamps,
+//   2. gathers sum_k value * state[col] per lane and per plane, reduces each row's contiguous lanes
+//      with a segmented shuffle, and lets the row's head lane run the cell, write its outputs and
+//      publish the new state with the tag of the phase.
+// There is no grid barrier: a consumer spins only on the words it needs (all of them, in practice).
+//
+// The cells:
+//   ForwardCell   phase s = step s. Stages h_{s-1} (h0 first); h_s = act(x + U h_{s-1}), rounded to D.
+//   BackwardCell  the backward recurrence on the transposed layout (U^T), run from the last step
+//                 to the first: phase r handles step s = n_steps-1-r and stages dz_{s+1} (zeros
+//                 first). dh_s = U^T dz_{s+1} while the example is still active at s+1, else
+//                 dh_final; dz_s = (dh_s + dy[pos]) * act'(y[pos]) is written to dx and published
+//                 in fp32. One extra phase (s = -1) turns the last matvec into dh0.
+//
+// Exchange protocol (workspace = 256-byte header + two exchange buffers, see the handlers):
+//   * A word carries a state value and the tag of the phase that produced it, written with ONE
+//     store, so the value and its tag travel together and no fence is needed between them.
+//     Tag = phase + 1. See WideWords / NarrowWords for the two word forms. The 16-bit tag of
+//     NarrowWords wraps safely: a reader at phase s can only find the tags of phases s-1 (wanted)
+//     and s-3 in its buffer, which differ modulo 2^16, and the memset's 0 is overwritten for good by
+//     phases 0 and 1.
+//   * Phase s writes buffer s&1. Double buffering is enough: a producer cannot write phase s+2 into
+//     a buffer before every CTA has read phase s from it, because it first needs every CTA's phase
+//     s+1 words, which each CTA publishes only after staging (and a __syncthreads) of phase s. CTAs
+//     that own no row publish nothing, so they also must not read: they skip the phase loop.
+//   * Stale words from earlier calls are harmless: the handler memsets header and buffers on XLA's
+//     stream before the launch (graph-safe, unlike any host-side epoch).
+//   * Word layout in a buffer: the full batch planes as [plane][H][tile] (identical to the shared
+//     memory layout, so staging them is a straight vector copy), then the last, partial plane (B not
+//     a multiple of the tile) compacted as [H][B % tile]. Exactly B*H words.
+//
+// Errors are never a hang and never a silent wrong answer:
+//   * Every spin checks %globaltimer every kSpinCheckPeriod iterations; past the bound it sets the
+//     timeout bit in the header flag, and every spin also gives up when it sees the flag set. A CTA
+//     whose thread gave up leaves the phase loop at the next __syncthreads_or.
+//   * Out-of-range indices / lane_row entries (clamped, so memory stays safe), a row with two runs
+//     in one warp, and a grid-wide head count != H (checked by the finisher) set the layout bit.
+//   * lengths are clamped to [0, T] on the device (the host cannot read them).
+//   * The handlers (cuda_persistent.cu) turn the flag into NaN outputs and a deferred XLA error.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "persistent.h"
+#include "sprnn_common.h"
+
+namespace jax_sprnn::cuda {
+
+constexpr int kSpinCheckPeriod = 64;  // spins between %globaltimer / flag checks
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ================================================================================================
+// PTX wrappers: relaxed gpu-scope accesses for the exchange, the global timer
+// ================================================================================================
+//
+// ld.relaxed.gpu is coherent at GPU scope (served by L2, never a stale L1 line) and asm volatile
+// keeps every spin iteration a real load. A vector access is a set of element accesses, each single-
+// copy atomic: the (value, tag) pair inside one 32- or 64-bit element is therefore always seen whole.
+
+template <typename Word, int N>
+struct WordVec {
+  Word w[N];
+};
+
+__device__ __forceinline__ void ld_relaxed(WordVec<uint32_t, 4>& v, const uint32_t* p) {
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+               : "l"(p));
+}
+__device__ __forceinline__ void ld_relaxed(WordVec<uint32_t, 1>& v, const uint32_t* p) {
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v.w[0]) : "l"(p));
+}
+__device__ __forceinline__ void ld_relaxed(WordVec<uint64_t, 2>& v, const uint64_t* p) {
+  asm volatile("ld.relaxed.gpu.global.v2.u64 {%0, %1}, [%2];" : "=l"(v.w[0]), "=l"(v.w[1]) : "l"(p));
+}
+__device__ __forceinline__ void ld_relaxed(WordVec<uint64_t, 1>& v, const uint64_t* p) {
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v.w[0]) : "l"(p));
+}
+__device__ __forceinline__ uint32_t ld_relaxed_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void st_relaxed(uint32_t* p, uint32_t a) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(a) : "memory");
+}
+__device__ __forceinline__ void st_relaxed(uint32_t* p, uint32_t a, uint32_t b) {
+  asm volatile("st.relaxed.gpu.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
+__device__ __forceinline__ void st_relaxed(uint32_t* p, uint32_t a, uint32_t b, uint32_t c,
+                                           uint32_t d) {
+  asm volatile("st.relaxed.gpu.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b),
+               "r"(c), "r"(d)
+               : "memory");
+}
+__device__ __forceinline__ void st_relaxed(uint64_t* p, uint64_t a) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(a) : "memory");
+}
+__device__ __forceinline__ void st_relaxed(uint64_t* p, uint64_t a, uint64_t b) {
+  asm volatile("st.relaxed.gpu.global.v2.u64 [%0], {%1, %2};" ::"l"(p), "l"(a), "l"(b) : "memory");
+}
+
+// An empty asm that "modifies" a register: the compiler must assume a new value on every pass, so it
+// cannot hoist the decoding of a packed slot out of the step loop (which would double the register
+// tier: one register for the value and one for the offset of every slot).
+__device__ __forceinline__ void launder(uint32_t& r) { asm volatile("" : "+r"(r)); }
+__device__ __forceinline__ void launder(float& r) { asm volatile("" : "+f"(r)); }
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ================================================================================================
+// Storage traits: everything that depends on the storage dtype D
+// ================================================================================================
+//
+//   Bits      raw storage of one D element (sequence operands and results are read and written as
+//             raw bits)
+//   Slot      one nonzero as held by a lane, in registers and in the shared-memory tier:
+//               float32:    {fp32 value, byte offset of its column in a staged plane} (2 registers)
+//               16-bit D:   (value bits << 16) | column (1 register; needs H <= 65535)
+//             so the inner loop does no conversion for f32 and one (free for bf16: a mask) for
+//             16-bit types; the staged h is always fp32.
+
+struct alignas(8) F32Slot {
+  float value;
+  uint32_t byte_offset;
+};
+
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  using Bits = uint32_t;
+  using Slot = F32Slot;
+  static constexpr int kRegsPerSlot = 2;
+  static constexpr Bits kNaNBits = 0x7fc00000u;
+  static constexpr const char* kName = "float32";
+
+  __device__ static float to_float(Bits b) { return __uint_as_float(b); }
+  __device__ static Bits to_bits(float f) { return __float_as_uint(f); }
+  static constexpr bool kHasColumnForm = false;  // offsets are always 32-bit byte offsets
+  // `col` is in range; `shift` is ignored (float32 slots always hold byte offsets).
+  template <int TILE>
+  __device__ static Slot make_slot(Bits value, uint32_t col, uint32_t /*shift*/) {
+    return Slot{__uint_as_float(value), col * (TILE * 4u)};
+  }
+  template <int TILE, bool kByteOffsets>
+  __device__ static void decode_slot(Slot s, float& value, uint32_t& byte_offset) {
+    value = s.value;
+    byte_offset = s.byte_offset;
+  }
+  __device__ static void launder_slot(Slot& s) {
+    launder(s.value);
+    launder(s.byte_offset);
+  }
+};
+
+// Shared by float16 and bfloat16: they differ only in the bits <-> float conversions.
+template <typename Derived>
+struct Storage16 {
+  using Bits = uint16_t;
+  using Slot = uint32_t;
+  static constexpr int kRegsPerSlot = 1;
+
+  // The low half holds the column's byte offset in a staged plane when that fits in 16 bits
+  // (H * tile * 4 <= 65536: one instruction to decode), else the column (two instructions).
+  static constexpr bool kHasColumnForm = true;
+  // `col` is in range; `shift` is log2(TILE * 4) for the byte-offset form, 0 for the column form.
+  template <int TILE>
+  __device__ static Slot make_slot(Bits value, uint32_t col, uint32_t shift) {
+    return (static_cast<uint32_t>(value) << 16) | (col << shift);
+  }
+  template <int TILE, bool kByteOffsets>
+  __device__ static void decode_slot(Slot s, float& value, uint32_t& byte_offset) {
+    value = Derived::high_to_float(s);
+    byte_offset = kByteOffsets ? (s & 0xffffu) : (s & 0xffffu) * (TILE * 4u);
+  }
+  __device__ static void launder_slot(Slot& s) { launder(s); }
+};
+
+template <>
+struct Storage<__half> : Storage16<Storage<__half>> {
+  static constexpr Bits kNaNBits = 0x7e00u;
+  static constexpr const char* kName = "float16";
+  __device__ static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  __device__ static Bits to_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
+  __device__ static float low_to_float(uint32_t w) { return to_float(static_cast<Bits>(w)); }
+  __device__ static float high_to_float(uint32_t w) { return to_float(static_cast<Bits>(w >> 16)); }
+};
+
+template <>
+struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16>> {
+  static constexpr Bits kNaNBits = 0x7fc0u;
+  static constexpr const char* kName = "bfloat16";
+  __device__ static float to_float(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+  __device__ static Bits to_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+  __device__ static float low_to_float(uint32_t w) { return __uint_as_float(w << 16); }
+  __device__ static float high_to_float(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+};
+
+
+// ================================================================================================
+// Exchange words: a state value and the tag of the step that produced it, in ONE store
+// ================================================================================================
+//
+//   WideWords      8 bytes: fp32 value bits | uint32 tag. The forward pass of float32 and the
+//                  backward pass of every dtype (its exchanged dL/dz stays fp32, as on the CPU).
+//   NarrowWords<S> 4 bytes: the value rounded to the 16-bit D | uint16 tag. The forward pass of
+//                  float16 / bfloat16, whose state is D anyway: half the L2 traffic.
+// make_word takes the value as a float; a forward value is already rounded to D, so converting it
+// again is exact.
+
+struct WideWords {
+  using Word = uint64_t;
+  static constexpr int kWordBytes = 8;
+  static constexpr uint32_t kTagMask = 0xffffffffu;
+  __device__ static Word make_word(float v, uint32_t tag) {
+    return static_cast<uint64_t>(__float_as_uint(v)) | (static_cast<uint64_t>(tag) << 32);
+  }
+  __device__ static bool has_tag(Word w, uint32_t tag) {
+    return static_cast<uint32_t>(w >> 32) == tag;
+  }
+  __device__ static float word_value(Word w) { return __uint_as_float(static_cast<uint32_t>(w)); }
+};
+
+template <class S>
+struct NarrowWords {
+  using Word = uint32_t;
+  static constexpr int kWordBytes = 4;
+  static constexpr uint32_t kTagMask = 0xffffu;
+  __device__ static Word make_word(float v, uint32_t tag) {
+    return static_cast<uint32_t>(S::to_bits(v)) | (tag << 16);
+  }
+  __device__ static bool has_tag(Word w, uint32_t tag) { return (w >> 16) == tag; }
+  __device__ static float word_value(Word w) { return S::low_to_float(w); }
+};
+
+// fp32 vector of one staged column tile: the single shared-memory load a slot issues per plane.
+template <int TILE>
+struct TileVec;
+template <>
+struct TileVec<1> {
+  using type = float;
+  __device__ static float get(float v, int) { return v; }
+};
+template <>
+struct TileVec<2> {
+  using type = float2;
+  __device__ static float get(float2 v, int t) { return t == 0 ? v.x : v.y; }
+};
+template <>
+struct TileVec<4> {
+  using type = float4;
+  __device__ static float get(float4 v, int t) {
+    return t == 0 ? v.x : t == 1 ? v.y : t == 2 ? v.z : v.w;
+  }
+};
+
+// ================================================================================================
+// The tunable shape of one kernel instantiation
+// ================================================================================================
+
+template <Direction DIR, typename T, int TILE, int RS, bool WIDE>
+struct PersistentConfig {
+  using S = Storage<T>;
+  // The backward pass exchanges fp32 dz for every dtype (see the file comment).
+  using X = std::conditional_t<DIR == Direction::kBackward || std::is_same_v<T, float>, WideWords,
+                               NarrowWords<S>>;
+  static_assert(TILE == 1 || TILE == 2 || TILE == 4, "tile is 1, 2 or 4 floats (4, 8, 16 bytes)");
+  static constexpr Direction kDirection = DIR;
+  static constexpr int kTile = TILE;
+  static constexpr int kRegSlots = RS;
+  static constexpr int kRegArray = RS > 0 ? RS : 1;
+  // Independent accumulator sets: the slot loop is a chain of dependent FMAs per accumulator, so
+  // keep at least 4 chains in flight whatever the tile.
+  static constexpr int kChains = TILE >= 4 ? 1 : 4 / TILE;
+  // Shared-memory-tier slots per loop iteration (a multiple of kChains).
+  static constexpr int kSmemUnroll = 4;
+  static constexpr int kVecWords = 16 / X::kWordBytes;
+  // Launch bound and staging unroll (16-byte exchange vectors a thread keeps in flight). The launch
+  // bound fixes ptxas's register cap: 65536 / (4 * 32 * ceil(threads / 128)) per thread, since each
+  // of an SM's four schedulers owns a quarter of the register file.
+  static constexpr int kMaxThreads = persistent_max_threads(S::kRegsPerSlot == 1, RS, WIDE);
+  static constexpr int kStageUnroll = persistent_stage_unroll(S::kRegsPerSlot == 1, RS, WIDE);
+  static_assert(kMaxThreads >= 128, "no such variant");
+};
+
+// ================================================================================================
+// Device building blocks
+// ================================================================================================
+
+// Bounded waiting. One per thread; `aborted` is sticky, so after a timeout (or after another thread
+// reported one) every further wait of this thread returns at once.
+struct SpinControl {
+  uint32_t* flag;
+  unsigned long long timeout_ns;
+  bool aborted;
+
+  // Called every kSpinCheckPeriod spins of one wait; `deadline` is 0 at the start of the wait.
+  __device__ __forceinline__ bool give_up(unsigned long long& deadline) {
+    const unsigned long long now = globaltimer_ns();
+    if (deadline == 0) {
+      deadline = now + timeout_ns;
+    } else if (now > deadline) {
+      atomicOr(flag, kErrTimeout);
+      aborted = true;
+      return true;
+    }
+    if (ld_relaxed_u32(flag) != 0) {
+      aborted = true;
+      return true;
+    }
+    return false;
+  }
+};
+
+template <class X, int VW>
+__device__ __forceinline__ bool vec_has_tag(const WordVec<typename X::Word, VW>& v, uint32_t tag) {
+  bool ok = true;
+#pragma unroll
+  for (int i = 0; i < VW; ++i) ok &= X::has_tag(v.w[i], tag);
+  return ok;
+}
+
+template <int N>
+__device__ __forceinline__ void store_floats(float* dst, const float (&f)[N]) {
+  if constexpr (N == 4) {
+    *reinterpret_cast<float4*>(dst) = make_float4(f[0], f[1], f[2], f[3]);
+  } else if constexpr (N == 2) {
+    *reinterpret_cast<float2*>(dst) = make_float2(f[0], f[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = f[i];
+  }
+}
+
+// Waits for one exchange word carrying `tag` and returns its value (garbage once aborted).
+template <class X>
+__device__ __forceinline__ float wait_word(const typename X::Word* src, uint32_t tag,
+                                           SpinControl& spin) {
+  WordVec<typename X::Word, 1> v;
+  ld_relaxed(v, src);
+  if (!X::has_tag(v.w[0], tag) && !spin.aborted) {
+    unsigned long long deadline = 0;
+    for (uint32_t iter = 1;; ++iter) {
+      if (iter % kSpinCheckPeriod == 0 && spin.give_up(deadline)) break;
+      ld_relaxed(v, src);
+      if (X::has_tag(v.w[0], tag)) break;
+    }
+  }
+  return X::word_value(v.w[0]);
+}
+
+// Stages words [0, n_words) of an exchange buffer into dst[0, n_words) as fp32: the full batch
+// planes, whose exchange layout equals the shared-memory layout.
+//   * Work is split into warp chunks of 32*U vectors; lane l of a warp takes vectors l, l+32, ...
+//     of its chunk, so every load instruction is a coalesced 512-byte access and all U addresses
+//     are one register plus an immediate offset (few registers next to the register tier).
+//   * A thread keeps its U vectors in flight and re-issues all of its not-yet-tagged ones together:
+//     a chunk costs about one L2 round trip after its last producer, not one per vector.
+template <class X, int VW, int U>
+__device__ __forceinline__ void stage_words(const typename X::Word* __restrict__ src,
+                                            float* __restrict__ dst, int n_words, uint32_t tag,
+                                            SpinControl& spin) {
+  using Word = typename X::Word;
+  constexpr int kChunk = 32 * U;
+  const int lane = threadIdx.x & 31;
+  const int n_warps = blockDim.x >> 5;
+  const int n_vec = n_words / VW;
+  for (int chunk = (threadIdx.x >> 5) * kChunk; chunk < n_vec && !spin.aborted;
+       chunk += n_warps * kChunk) {
+    const Word* s0 = src + static_cast<size_t>(chunk + lane) * VW;
+    float* d0 = dst + static_cast<size_t>(chunk + lane) * VW;
+    const int avail = n_vec - chunk - lane;  // vector u of this thread exists iff u*32 < avail
+    WordVec<Word, VW> v[U];
+    uint32_t pending = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (u * 32 < avail) {
+        ld_relaxed(v[u], s0 + u * 32 * VW);
+        pending |= 1u << u;
+      }
+    }
+    unsigned long long deadline = 0;
+    for (uint32_t iter = 1;; ++iter) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (((pending >> u) & 1u) && vec_has_tag<X, VW>(v[u], tag)) {
+          float f[VW];
+#pragma unroll
+          for (int k = 0; k < VW; ++k) f[k] = X::word_value(v[u].w[k]);
+          store_floats<VW>(d0 + u * 32 * VW, f);
+          pending &= ~(1u << u);
+        }
+      }
+      if (pending == 0) break;
+      if (iter % kSpinCheckPeriod == 0 && spin.give_up(deadline)) break;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if ((pending >> u) & 1u) ld_relaxed(v[u], s0 + u * 32 * VW);
+      }
+    }
+  }
+  // Words past the last whole vector.
+  for (int i = n_vec * VW + static_cast<int>(threadIdx.x); i < n_words; i += blockDim.x)
+    dst[i] = wait_word<X>(src + i, tag, spin);
+}
+
+template <class S, int TILE, bool kByteOffsets>
+__device__ __forceinline__ void fma_slot(float (&acc)[TILE], typename S::Slot slot,
+                                         const unsigned char* plane) {
+  using V = TileVec<TILE>;
+  float value;
+  uint32_t byte_offset;
+  S::template decode_slot<TILE, kByteOffsets>(slot, value, byte_offset);
+  const typename V::type h = *reinterpret_cast<const typename V::type*>(plane + byte_offset);
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) acc[t] = fmaf(value, V::get(h, t), acc[t]);
+}
+
+// acc[t] = sum over this lane's slots of value * h[plane][col][t]: the register tier (unrolled,
+// compile-time indices only), then the shared-memory tier [warp][slot][lane].
+template <class Cfg, bool kByteOffsets>
+__device__ __forceinline__ void gather_plane(float (&acc)[Cfg::kTile],
+                                             typename Cfg::S::Slot (&reg)[Cfg::kRegArray],
+                                             const typename Cfg::S::Slot* w_lane, int n_smem_slots,
+                                             const unsigned char* plane) {
+  using S = typename Cfg::S;
+  using Slot = typename S::Slot;
+  constexpr int TILE = Cfg::kTile;
+  constexpr int CH = Cfg::kChains;
+  constexpr int SU = Cfg::kSmemUnroll;
+  float a[CH][TILE];
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) a[c][t] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < Cfg::kRegSlots; ++k) S::launder_slot(reg[k]);  // decode per use, not hoisted
+#pragma unroll
+  for (int k = 0; k < Cfg::kRegSlots; ++k)
+    fma_slot<S, TILE, kByteOffsets>(a[k % CH], reg[k], plane);
+  int k = 0;
+  for (; k + SU <= n_smem_slots; k += SU) {
+    Slot w[SU];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) w[u] = w_lane[(k + u) * 32];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) fma_slot<S, TILE, kByteOffsets>(a[u % CH], w[u], plane);
+  }
+  for (; k < n_smem_slots; ++k) fma_slot<S, TILE, kByteOffsets>(a[0], w_lane[k * 32], plane);
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) {
+    acc[t] = a[0][t];
+#pragma unroll
+    for (int c = 1; c < CH; ++c) acc[t] += a[c][t];
+  }
+}
+
+// Publishes the TILE words of one (row, full plane). `dst` is the row's first word.
+template <class X, int TILE>
+__device__ __forceinline__ void publish_tile(typename X::Word* dst, const typename X::Word (&w)[TILE],
+                                             bool vector) {
+  if (vector) {
+    if constexpr (X::kWordBytes == 4 && TILE == 4) {
+      st_relaxed(dst, w[0], w[1], w[2], w[3]);
+      return;
+    } else if constexpr (X::kWordBytes == 4 && TILE == 2) {
+      st_relaxed(dst, w[0], w[1]);
+      return;
+    } else if constexpr (X::kWordBytes == 8 && TILE >= 2) {
+#pragma unroll
+      for (int t = 0; t < TILE; t += 2) st_relaxed(dst + t, w[t], w[t + 1]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) st_relaxed(dst + t, w[t]);
+}
+
+// Grid-stride seq_out[s_begin:T] = 0 (steps past the longest sequence).
+template <class S>
+__device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
+  using Bits = typename S::Bits;
+  Bits* out = static_cast<Bits*>(p.seq_out);
+  const size_t begin = static_cast<size_t>(s_begin) * p.B * p.H;
+  const size_t end = static_cast<size_t>(p.T) * p.B * p.H;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = begin + static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+       i += stride) {
+    out[i] = Bits(0);
+  }
+}
+
+__device__ __forceinline__ int position(int s, int len, int reverse) {
+  return reverse ? len - 1 - s : s;
+}
+
+// ================================================================================================
+// The cells: what a row's head lane does with its gathered sum, per (phase, plane)
+// ================================================================================================
+//
+// A cell prefetches the sequence operands of one (phase, plane) into registers (issued one plane
+// ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
+// computes the TILE values to publish and writes the outputs. `h_prev` is the staged state of the
+// row in this plane (fp32, stride 1 per batch entry of the tile).
+
+template <class Cfg>
+struct ForwardCell {
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  static constexpr int TILE = Cfg::kTile;
+  Bits xr[TILE];
+
+  __device__ static int phases(int n_steps) { return n_steps; }
+
+  __device__ static void stage_initial(const PersistentParams& p, float* h, int plane_floats) {
+    const Bits* h0 = static_cast<const Bits*>(p.init);
+    for (int b = 0; b < p.B; ++b) {
+      float* dst = h + (b / TILE) * plane_floats + (b % TILE);
+      for (int j = threadIdx.x; j < p.H; j += blockDim.x)
+        dst[j * TILE] = S::to_float(__ldg(h0 + static_cast<size_t>(b) * p.H + j));
+    }
+  }
+
+  __device__ void prefetch(const PersistentParams& p, const int* len, int row, int s, int plane,
+                           int /*n_steps*/) {
+    const Bits* x = static_cast<const Bits*>(p.seq_a);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      xr[t] = Bits(0);
+      if (b < p.B && s < len[b])
+        xr[t] = __ldg(x + (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row);
+    }
+  }
+
+  __device__ void finish(const PersistentParams& p, const int* len, int row, int s, int n_phases,
+                         int plane, const float (&acc)[TILE], const float* h_prev,
+                         float (&publish)[TILE]) const {
+    Bits* y = static_cast<Bits*>(p.seq_out);
+    Bits* h_final = static_cast<Bits*>(p.final_out);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      Bits hb = Bits(0);
+      if (b < p.B) {
+        const int L = len[b];
+        if (s < L) {
+          hb = S::to_bits(activate(p.activation, acc[t] + S::to_float(xr[t])));
+          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + b) * p.H + row] = hb;
+        } else {  // past this sequence's end: the state is frozen, y is 0
+          hb = S::to_bits(h_prev[t]);
+          y[(static_cast<size_t>(s) * p.B + b) * p.H + row] = Bits(0);
+        }
+        if (s + 1 == n_phases) h_final[static_cast<size_t>(b) * p.H + row] = hb;
+      }
+      publish[t] = S::to_float(hb);
+    }
+  }
+};
+
+template <class Cfg>
+struct BackwardCell {
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  static constexpr int TILE = Cfg::kTile;
+  Bits yr[TILE], dyr[TILE];  // y and dy at the step's position
+
+  __device__ static int phases(int n_steps) { return n_steps + 1; }
+
+  // Phase 0's matvec is never used (dh of the last step is dh_final): stage zeros.
+  __device__ static void stage_initial(const PersistentParams& p, float* h, int plane_floats) {
+    for (int i = threadIdx.x; i < p.n_planes * plane_floats; i += blockDim.x) h[i] = 0.0f;
+  }
+
+  // Phase r handles step s = n_steps - 1 - r (s = -1: the dh0 phase).
+  __device__ void prefetch(const PersistentParams& p, const int* len, int row, int r, int plane,
+                           int n_steps) {
+    const Bits* y = static_cast<const Bits*>(p.seq_a);
+    const Bits* dy = static_cast<const Bits*>(p.seq_b);
+    const int s = n_steps - 1 - r;
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      yr[t] = dyr[t] = Bits(0);
+      if (b < p.B && s >= 0 && s < len[b]) {
+        const size_t at = (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row;
+        yr[t] = __ldg(y + at);
+        dyr[t] = __ldg(dy + at);
+      }
+    }
+  }
+
+  __device__ void finish(const PersistentParams& p, const int* len, int row, int r, int n_phases,
+                         int plane, const float (&acc)[TILE], const float* /*h_prev*/,
+                         float (&publish)[TILE]) const {
+    Bits* dx = static_cast<Bits*>(p.seq_out);
+    Bits* dh0 = static_cast<Bits*>(p.final_out);
+    const Bits* dh_final = static_cast<const Bits*>(p.init);
+    const int s = n_phases - 2 - r;
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      publish[t] = 0.0f;
+      if (b >= p.B) continue;
+      const int L = len[b];
+      // dL/dh_s: the matvec of dz_{s+1} while the example was still running at s+1, else
+      // dh_final (loaded here, not prefetched: it is needed once per example).
+      const float dh = s + 1 < L ? acc[t] : S::to_float(__ldg(dh_final + static_cast<size_t>(b) * p.H + row));
+      if (s < 0) {
+        dh0[static_cast<size_t>(b) * p.H + row] = S::to_bits(dh);
+      } else if (s < L) {
+        const float dz = (dh + S::to_float(dyr[t])) * activation_grad(p.activation, S::to_float(yr[t]));
+        dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + b) * p.H + row] = S::to_bits(dz);
+        publish[t] = dz;
+      } else {  // past this sequence's end: nothing flows back through its zero outputs
+        dx[(static_cast<size_t>(s) * p.B + b) * p.H + row] = Bits(0);
+      }
+    }
+  }
+};
+
+// ================================================================================================
+// The persistent kernel
+// ================================================================================================
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
+    sprnn_persistent_kernel(const __grid_constant__ PersistentParams p) {
+  using S = typename Cfg::S;
+  using X = typename Cfg::X;
+  using Bits = typename S::Bits;
+  using Word = typename X::Word;
+  using Slot = typename S::Slot;
+  using Cell = std::conditional_t<Cfg::kDirection == Direction::kForward, ForwardCell<Cfg>,
+                                  BackwardCell<Cfg>>;
+  constexpr int TILE = Cfg::kTile;
+  constexpr int RS = Cfg::kRegSlots;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
+  __shared__ uint32_t s_error;   // layout errors found at init by this CTA
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warps_per_cta = blockDim.x >> 5;
+  const int gwarp = blockIdx.x * warps_per_cta + warp;
+  const int B = p.B, H = p.H, K = p.K;
+  const int n_smem_slots = K - RS;
+  const int plane_floats = H * TILE;
+
+  float* const h_stage0 = reinterpret_cast<float*>(smem);
+  float* const h_stage1 = h_stage0 + (p.h_buffers == 2 ? p.h_floats : 0);
+  Slot* const w_tier = reinterpret_cast<Slot*>(smem + p.w_smem_offset);
+  int* const len_smem = reinterpret_cast<int*>(smem + p.len_smem_offset);
+
+  // ---- init: lengths --------------------------------------------------------------------------
+  if (tid == 0) {
+    s_steps = 0;
+    s_error = 0;
+  }
+  // The partial plane's padded batch entries are never staged: they stay 0 in both copies.
+  if (p.partial_rem != 0) {
+    float* pad0 = h_stage0 + p.n_full_planes * plane_floats;
+    float* pad1 = h_stage1 + p.n_full_planes * plane_floats;
+    for (int i = tid; i < plane_floats; i += blockDim.x) {
+      pad0[i] = 0.0f;
+      pad1[i] = 0.0f;
+    }
+  }
+  __syncthreads();
+  for (int b = tid; b < B; b += blockDim.x) {
+    const int L = min(max(__ldg(p.lengths + b), 0), p.T);  // clamp: lengths must be in [0, T]
+    len_smem[b] = L;
+    atomicMax(&s_steps, L);
+  }
+
+  // ---- init: which row each lane serves, and its segment for the reduction -------------------
+  int row = __ldg(p.lane_row + static_cast<size_t>(gwarp) * 32 + lane);
+  if (row < -1 || row >= H) {
+    atomicOr(&s_error, kErrBadLayout);
+    row = -1;
+  }
+  const int prev_row = __shfl_up_sync(kFullMask, row, 1);
+  const bool run_start = lane == 0 || row != prev_row;
+  const bool is_head = run_start && row >= 0;
+  const uint32_t starts = __ballot_sync(kFullMask, run_start);
+  const uint32_t later_starts = lane == 31 ? 0u : starts & (kFullMask << (lane + 1));
+  const int seg_end = later_starts ? __ffs(later_starts) - 1 : 32;  // one past this run's last lane
+  const int max_seg = __reduce_max_sync(kFullMask, is_head ? seg_end - lane : 1);
+  {  // A row must be one contiguous run per warp: two heads of one row would both publish it.
+    const uint32_t heads = __ballot_sync(kFullMask, is_head);
+    const uint32_t same_row = __match_any_sync(kFullMask, row);
+    if (is_head && __popc(same_row & heads) > 1) atomicOr(&s_error, kErrBadLayout);
+    // Every row needs exactly one head in the whole grid; the finisher compares the count with H
+    // (a missing row would otherwise go unnoticed when no phase waits for it, e.g. T = 1).
+    if (lane == 0 && heads != 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
+  }
+
+  // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
+  //      only), the rest go to shared memory as [warp][slot][lane] (conflict-free).
+  const Bits* values = static_cast<const Bits*>(p.values);
+  const size_t lane_base = static_cast<size_t>(gwarp) * K * 32 + lane;
+  bool bad_index = false;
+  const bool byte_offsets = p.byte_offsets != 0;
+  const uint32_t col_shift = byte_offsets ? (TILE == 4 ? 4u : TILE == 2 ? 3u : 2u) : 0u;
+  // An out-of-range column is clamped (so the gather stays inside shared memory) and reported:
+  // the finisher then replaces the outputs with NaN.
+  auto make_slot = [&](Bits v, int col) {
+    col = col < 0 ? ~col : col;  // padding stores ~j (docs/format.md); its value is 0
+    bad_index |= static_cast<unsigned>(col) >= static_cast<unsigned>(H);
+    return S::template make_slot<TILE>(v, min(static_cast<unsigned>(col), static_cast<unsigned>(H - 1)),
+                                       col_shift);
+  };
+  Slot reg[Cfg::kRegArray];
+#pragma unroll
+  for (int k = 0; k < RS; ++k) {
+    reg[k] = make_slot(__ldg(values + lane_base + static_cast<size_t>(k) * 32),
+                       __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32));
+  }
+  Slot* const w_lane = w_tier + static_cast<size_t>(warp) * n_smem_slots * 32 + lane;
+  for (int k = 0; k < n_smem_slots; ++k) {
+    w_lane[static_cast<size_t>(k) * 32] =
+        make_slot(__ldg(values + lane_base + static_cast<size_t>(RS + k) * 32),
+                  __ldg(p.indices + lane_base + static_cast<size_t>(RS + k) * 32));
+  }
+  if (bad_index) atomicOr(&s_error, kErrBadLayout);
+  const bool cta_has_rows = __syncthreads_or(row >= 0);  // also publishes s_steps, s_error, w_tier
+  if (tid == 0 && s_error != 0) atomicOr(p.error_flag, s_error);
+  const int n_steps = s_steps;
+
+  if (n_steps == 0) {  // every sequence is empty: final_out = init, seq_out = 0
+    const Bits* init = static_cast<const Bits*>(p.init);
+    Bits* final_out = static_cast<Bits*>(p.final_out);
+    const size_t n = static_cast<size_t>(B) * H;
+    for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + tid; i < n;
+         i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+      final_out[i] = init[i];
+    }
+    zero_tail_steps<S>(p, 0);
+    return;
+  }
+
+  SpinControl spin{p.error_flag, p.timeout_ns, false};
+  const bool publishes = static_cast<int>(blockIdx.x) != p.stall_cta;
+  Word* const xbuf0 = reinterpret_cast<Word*>(p.exchange[0]);
+  Word* const xbuf1 = reinterpret_cast<Word*>(p.exchange[1]);
+  const int n_full_words = p.n_full_planes * plane_floats;
+  const int n_phases = Cell::phases(n_steps);
+
+  if (cta_has_rows) {
+    Cell cell;
+    if (is_head) cell.prefetch(p, len_smem, row, 0, 0, n_steps);
+    for (int s = 0; s < n_phases; ++s) {
+      float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
+
+      // ---- 1. stage the state of phase s-1 ---------------------------------------------------
+      if (s == 0) {
+        Cell::stage_initial(p, h_cur, plane_floats);
+      } else {
+        const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
+        const uint32_t tag = static_cast<uint32_t>(s) & X::kTagMask;
+        if (p.exchange_vector) {
+          stage_words<X, Cfg::kVecWords, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
+        } else {
+          stage_words<X, 1, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
+        }
+        if (p.partial_rem != 0) {  // the compacted [H][rem] partial plane
+          const int rem = p.partial_rem;
+          float* dst = h_cur + n_full_words;
+          for (int i = tid; i < rem * H; i += blockDim.x) {
+            const int j = i / rem;
+            dst[j * TILE + (i - j * rem)] = wait_word<X>(src + n_full_words + i, tag, spin);
+          }
+        }
+      }
+      if (__syncthreads_or(spin.aborted)) break;  // staged state visible; leave together on error
+
+      // ---- 2. per plane: gather, reduce, cell ----------------------------------------------
+      Word* const dst_buf = (s & 1) ? xbuf1 : xbuf0;
+      const uint32_t out_tag = static_cast<uint32_t>(s + 1) & X::kTagMask;
+      const bool last_phase = s + 1 == n_phases;
+      for (int plane = 0; plane < p.n_planes; ++plane) {
+        const float* hp = h_cur + plane * plane_floats;
+        const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
+        float acc[TILE];
+        if (!S::kHasColumnForm || byte_offsets) {
+          gather_plane<Cfg, true>(acc, reg, w_lane, n_smem_slots, hp_bytes);
+        } else {
+          gather_plane<Cfg, false>(acc, reg, w_lane, n_smem_slots, hp_bytes);
+        }
+        // Segmented reduction: lane l adds lane l+off while l+off is still in its row's run;
+        // after the loop the head lane holds the row sum. max_seg is warp-uniform.
+        for (int off = 1; off < max_seg; off <<= 1) {
+          const bool take = lane + off < seg_end;
+#pragma unroll
+          for (int t = 0; t < TILE; ++t) {
+            const float other = __shfl_down_sync(kFullMask, acc[t], off);
+            if (take) acc[t] += other;
+          }
+        }
+
+        if (is_head) {
+          float out[TILE];
+          cell.finish(p, len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
+          if (publishes && !last_phase) {  // nobody reads the last phase's words
+            Word words[TILE];
+#pragma unroll
+            for (int t = 0; t < TILE; ++t) words[t] = X::make_word(out[t], out_tag);
+            if (plane < p.n_full_planes) {
+              publish_tile<X, TILE>(dst_buf + plane * plane_floats + row * TILE, words,
+                                    p.exchange_vector != 0);
+            } else {
+              Word* dst = dst_buf + n_full_words + row * p.partial_rem;
+#pragma unroll
+              for (int t = 0; t < TILE; ++t)
+                if (t < p.partial_rem) st_relaxed(dst + t, words[t]);
+            }
+          }
+          // Prefetch the operands of the next (phase, plane).
+          if (plane + 1 < p.n_planes) {
+            cell.prefetch(p, len_smem, row, s, plane + 1, n_steps);
+          } else if (s + 1 < n_phases) {
+            cell.prefetch(p, len_smem, row, s + 1, 0, n_steps);
+          }
+        }
+      }
+      // With one staged copy, the next phase's staging must wait for every warp's gather.
+      if (p.h_buffers == 1) __syncthreads();
+    }
+  }
+  zero_tail_steps<S>(p, n_steps);
+}
+
+// ================================================================================================
+// The instantiation set and its lookup (explicitly instantiated per (direction, dtype) in
+// cuda/instances/)
+// ================================================================================================
+
+template <Direction DIR, typename T, int TILE, int RS>
+PersistentKernelFn pick_variant(int threads) {
+  constexpr bool packed16 = Storage<T>::kRegsPerSlot == 1;
+  using Narrow = PersistentConfig<DIR, T, TILE, RS, false>;
+  if (threads > 0 && threads <= Narrow::kMaxThreads) return &sprnn_persistent_kernel<Narrow>;
+  if constexpr (persistent_has_wide(packed16, RS)) {
+    using Wide = PersistentConfig<DIR, T, TILE, RS, true>;
+    if (threads <= Wide::kMaxThreads) return &sprnn_persistent_kernel<Wide>;
+  } else {
+    if (threads <= 0) return &sprnn_persistent_kernel<Narrow>;
+  }
+  return nullptr;
+}
+
+template <Direction DIR, typename T, int TILE, int... RS>
+PersistentKernelFn pick_reg_slots(int rs, int threads, std::integer_sequence<int, RS...>) {
+  PersistentKernelFn fn = nullptr;
+  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, RS>(threads), 0) : 0), ...);
+  return fn;
+}
+
+template <Dtype DT>
+struct DtypeOf;
+template <>
+struct DtypeOf<Dtype::kF32> {
+  using type = float;
+  using slots = RegSlots32;
+};
+template <>
+struct DtypeOf<Dtype::kF16> {
+  using type = __half;
+  using slots = RegSlots16;
+};
+template <>
+struct DtypeOf<Dtype::kBF16> {
+  using type = __nv_bfloat16;
+  using slots = RegSlots16;
+};
+
+template <Direction DIR, Dtype DT>
+PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads) {
+  using T = typename DtypeOf<DT>::type;
+  using Seq = typename DtypeOf<DT>::slots;
+  switch (tile) {
+    case 1: return pick_reg_slots<DIR, T, 1>(rs, threads, Seq{});
+    case 2: return pick_reg_slots<DIR, T, 2>(rs, threads, Seq{});
+    case 4: return pick_reg_slots<DIR, T, 4>(rs, threads, Seq{});
+    default: return nullptr;
+  }
+}
+
+}  // namespace jax_sprnn::cuda
