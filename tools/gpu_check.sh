@@ -3,8 +3,12 @@
 # command (the lent GPU machine runs exactly this). Logs go to $OUT (or ./out).
 #   tools/gpu_check.sh [tests|bench|sanitize|all] [pytest args (default: the whole tests/ folder)]
 #   BENCH_ARGS="--quick" tools/gpu_check.sh bench
-#   tools/gpu_check.sh profile   (Nsight Compute on tools/profile_case.py)
-#   tools/gpu_check.sh final     (tests, multi-GPU sharding, compute-sanitizer)
+#   SUITE=paper|sweep|capacity|training SUITE_ARGS=--quick tools/gpu_check.sh suite
+#   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
+#   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/)
+#   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
+#   SANITIZER_TOOLS="memcheck" tools/gpu_check.sh sanitize
+#   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -49,10 +53,37 @@ if [ "$what" = multi ] || [ "$what" = final ]; then
   echo "== multi-GPU sharding"
   NCCL_NVLS_ENABLE=0 python3 "$OLDPWD/tools/multi_gpu_check.py" 2>&1 | tee "$OUT/multi_gpu.log" | tail -6
 fi
+if [ "$what" = suite ]; then
+  echo "== benchmark suite ${SUITE:-paper}"
+  (cd "$OLDPWD" && python3 -m benchmarks.run --suite "${SUITE:-paper}" --out "$OUT/suite_${SUITE:-paper}" ${SUITE_ARGS:-}) 2>&1 | tee "$OUT/suite_${SUITE:-paper}.log" | tail -60
+fi
+if [ "$what" = reliability ]; then
+  echo "== soak"
+  python3 "$OLDPWD/tools/soak.py" --calls ${SOAK_CALLS:-10000} --seconds ${SOAK_SECONDS:-300} --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -25
+  echo "== concurrency"
+  python3 "$OLDPWD/tools/concurrency_check.py" --threads 2 --iters 500 --timeout 240 --out "$OUT/concurrency.json" 2>&1 | tee "$OUT/concurrency.log" | tail -12
+fi
+if [ "$what" = speech ]; then
+  echo "== speech example, GPU speed table"
+  python3 -m pip install --no-deps --no-index -q "$OLDPWD"/.whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
+  python3 "$OLDPWD/examples/speech_model.py" --bench-only --hidden 2048 --density 0.1 --out "$OUT/speech" 2>&1 | tee "$OUT/speech.log" | tail -30
+fi
 if [ "$what" = sanitize ] || [ "$what" = final ]; then
   echo "== compute-sanitizer"
-  for tool in memcheck racecheck; do
-    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 python3 "$OLDPWD/tools/sanitizer_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log")"
+  # racecheck/synccheck check each kernel on its own: only ours (kns=jax_sprnn). memcheck/initcheck
+  # see every kernel, with one allocation per buffer (XLA's pool would hide overruns and unwritten reads).
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
+    case $tool in
+      memcheck)  opts=();                            alloc=platform; cases=small,wide; limit=420 ;;
+      racecheck) opts=(--kernel-name kns=jax_sprnn); alloc=default;  cases=small;      limit=300 ;;
+      synccheck) opts=(--kernel-name kns=jax_sprnn); alloc=default;  cases=small;      limit=240 ;;
+      initcheck) opts=();                            alloc=platform; cases=small;      limit=300 ;;
+      *) echo "unknown sanitizer tool $tool"; continue ;;
+    esac
+    env XLA_PYTHON_CLIENT_ALLOCATOR=$alloc timeout "${SANITIZER_TIMEOUT:-$limit}" \
+      compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 "${opts[@]}" \
+      python3 "$OLDPWD/tools/sanitizer_case.py" --cases "$cases" ${SANITIZER_CASE_ARGS:-} \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
   done
 fi
