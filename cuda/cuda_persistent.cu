@@ -249,7 +249,7 @@ struct PersistentCall {
 
 struct LayoutAttrs {
   int64_t activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes;
-  int64_t spin_timeout_us, debug_stall_cta;
+  int64_t spin_timeout_us, debug_stall_cta, grid_barrier;
 };
 
 ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const LayoutAttrs& a) {
@@ -289,6 +289,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int tile = static_cast<int>(a.load_bytes / 4);
   if (a.spin_timeout_us < 0) return bad("spin_timeout_us must be >= 0");
   if (a.debug_stall_cta < -1) return bad("debug_stall_cta must be >= -1");
+  if (a.grid_barrier != 0 && a.debug_stall_cta != -1)
+    return bad("grid_barrier (an ablation) cannot be combined with debug_stall_cta: it would hang");
   if (a.warps_per_cta < 1 || a.warps_per_cta * kWarpSize > kMaxThreadsPerCta)
     return bad("warps_per_cta must be in [1, 32], got " + std::to_string(a.warps_per_cta));
   const std::vector<int> rs_set = reg_slots_for(kdt);
@@ -419,6 +421,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.exchange_vector = xl.vector ? 1 : 0;
   prm.byte_offsets = H * tile * 4 <= 65536 ? 1 : 0;
   prm.stall_cta = static_cast<int>(std::min<int64_t>(a.debug_stall_cta, INT32_MAX));
+  prm.grid_barrier = a.grid_barrier != 0 ? 1 : 0;
   constexpr int64_t kMaxSpinTimeoutUs = int64_t{3600} * 1'000'000;  // keeps the ns value in range
   prm.timeout_ns = static_cast<unsigned long long>(std::min(
                        a.spin_timeout_us > 0 ? a.spin_timeout_us : kDefaultSpinTimeoutUs,
@@ -465,7 +468,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t activation,
                        int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
                        int64_t reg_slots, int64_t load_bytes, int64_t spin_timeout_us,
-                       int64_t debug_stall_cta) {
+                       int64_t debug_stall_cta, int64_t grid_barrier) {
   ensure_error_word(stream);
   if (const uint32_t code = take_error_code()) return ffi::Error::Internal(error_code_message(code));
   const std::string name = "jax_sprnn_forward";
@@ -495,7 +498,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                             workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
   return launch_persistent(stream, call,
                            {activation, reverse, slots_per_lane, warps_per_cta, reg_slots,
-                            load_bytes, spin_timeout_us, debug_stall_cta});
+                            load_bytes, spin_timeout_us, debug_stall_cta, grid_barrier});
 }
 
 ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0,
@@ -505,7 +508,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
                         ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
                         int64_t activation, int64_t reverse, int64_t slots_per_lane,
                         int64_t warps_per_cta, int64_t reg_slots, int64_t load_bytes,
-                        int64_t spin_timeout_us, int64_t debug_stall_cta) {
+                        int64_t spin_timeout_us, int64_t debug_stall_cta, int64_t grid_barrier) {
   ensure_error_word(stream);
   if (const uint32_t code = take_error_code()) return ffi::Error::Internal(error_code_message(code));
   const std::string name = "jax_sprnn_backward";
@@ -540,7 +543,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
                             workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
   return launch_persistent(stream, call,
                            {activation, reverse, slots_per_lane, warps_per_cta, reg_slots,
-                            load_bytes, spin_timeout_us, debug_stall_cta});
+                            load_bytes, spin_timeout_us, debug_stall_cta, grid_barrier});
 }
 
 // Host: the synchronization-floor handler
@@ -638,7 +641,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardCuda, jax_sprnn::cuda::ForwardImpl,
                                   .Attr<int64_t>("reg_slots")
                                   .Attr<int64_t>("load_bytes")
                                   .Attr<int64_t>("spin_timeout_us")
-                                  .Attr<int64_t>("debug_stall_cta"),
+                                  .Attr<int64_t>("debug_stall_cta")
+                                  .Attr<int64_t>("grid_barrier"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCuda, jax_sprnn::cuda::BackwardImpl,
@@ -662,7 +666,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCuda, jax_sprnn::cuda::BackwardImp
                                   .Attr<int64_t>("reg_slots")
                                   .Attr<int64_t>("load_bytes")
                                   .Attr<int64_t>("spin_timeout_us")
-                                  .Attr<int64_t>("debug_stall_cta"),
+                                  .Attr<int64_t>("debug_stall_cta")
+                                  .Attr<int64_t>("grid_barrier"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda, jax_sprnn::cuda::SyncFloorImpl,

@@ -57,6 +57,7 @@ struct PersistentParams {
   int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses
   int byte_offsets;      // 16-bit D: slots hold byte offsets (H * tile * 4 <= 65536), else columns
   int stall_cta;         // test hook: this CTA never publishes (-1: none)
+  int grid_barrier;      // ablation only: a grid-wide barrier before each phase's staging
   unsigned long long timeout_ns;
 };
 

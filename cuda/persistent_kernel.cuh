@@ -46,6 +46,7 @@
 //   * The handlers (cuda_persistent.cu) turn the flag into NaN outputs and a deferred XLA error.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -767,6 +768,11 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const int n_full_words = p.n_full_planes * plane_floats;
   const int n_phases = Cell::phases(n_steps);
 
+  // Ablation (benchmarks only): the per-phase grid barrier that the timestamps replace. Every CTA
+  // must then take part in every barrier, rows or not; the tags still guard the data.
+  if (p.grid_barrier && !cta_has_rows) {
+    for (int s = 1; s < n_phases; ++s) cooperative_groups::this_grid().sync();
+  }
   if (cta_has_rows) {
     Cell cell;
     if (is_head) cell.prefetch(p, len_smem, row, 0, 0, n_steps);
@@ -777,6 +783,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
       if (s == 0) {
         Cell::stage_initial(p, h_cur, plane_floats);
       } else {
+        if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
         const uint32_t tag = static_cast<uint32_t>(s) & X::kTagMask;
         if (p.exchange_vector) {

@@ -169,8 +169,12 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = "jax_sprnn_forwa
 
 
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
-                     spin_timeout_us=0, debug_stall_cta=-1):
-    """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback."""
+                     spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False):
+    """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback.
+
+    The keywords after ``method`` are test and benchmark hooks: the spin bound, a CTA that never
+    publishes (forces a timeout), and a grid barrier per step (the ablation of the timestamps).
+    """
     T, B, H = ctx.avals_in[0].shape
     dtype = ctx.avals_in[0].dtype
     ok, why = cuda_fit(meta, B, dtype, target)
@@ -186,7 +190,8 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     outs = jax.ffi.ffi_lowering(target)(
         ctx, *args, **_ffi_attrs(activation, reverse, meta),
-        spin_timeout_us=np.int64(spin_timeout_us), debug_stall_cta=np.int64(debug_stall_cta))
+        spin_timeout_us=np.int64(spin_timeout_us), debug_stall_cta=np.int64(debug_stall_cta),
+        grid_barrier=np.int64(bool(grid_barrier)))
     return outs[:2]
 
 
