@@ -14,73 +14,37 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable (appended,
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # so an installed jax_sprnn still wins)
+
 import jax_sprnn as js
 from jax_sprnn import layout as _layout
-from jax_sprnn.primitives import cuda_workspace_bytes
 
-DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-def median_time(fn, args_sets, reps):
-    for args in args_sets[:2]:
-        jax.block_until_ready(fn(*args))
-    times = []
-    for i in range(reps):
-        args = args_sets[i % len(args_sets)]
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.peers_jax import dense_scan, sync_floor_fn
+from benchmarks.problems import DTYPES, row_balanced_kernel
+from benchmarks.timing import median_time, per_step
 
 
-def per_step(fn_for_T, make_args, t1, t2, reps, rotate):
-    times = {}
-    for T in (t1, t2):
-        fn = fn_for_T(T)
-        sets = [make_args(T, seed) for seed in range(rotate)]
-        times[T] = median_time(fn, sets, reps)
-    slope = (times[t2] - times[t1]) / (t2 - t1)
-    return slope * 1e6, (times[t1] - slope * t1) * 1e6  # us/step, fixed us/call
-
-
-def dense_scan(x, h0, kernel):
-    """What a JAX user writes: lax.scan of a dense matmul in the storage dtype."""
-    def step(h, x_t):
-        h = jnp.tanh(x_t + h @ kernel)
-        return h, h
-    h, ys = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1), h
-
-
-def sync_floor_fn(meta, batch, steps):
-    ws = jax.ShapeDtypeStruct((cuda_workspace_bytes(batch, meta.hidden),), jnp.uint8)
-    out = jax.ShapeDtypeStruct((1,), jnp.float32)
-    call = jax.ffi.ffi_call("jax_sprnn_sync_floor", (ws, out))
-
-    @jax.jit
-    def run(x):
-        return call(x, steps=np.int64(steps), num_ctas=np.int64(meta.num_ctas),
-                    threads=np.int64(meta.warps_per_cta * 32), batch=np.int64(batch),
-                    hidden=np.int64(meta.hidden))[1]
-    return run
+def slope(fn_for_T, make_args, args, rotate=None):
+    """(µs per step, fixed µs per call) of ``fn_for_T(T)(*make_args(T, seed))``."""
+    def time_at(T):
+        sets = [make_args(T, seed) for seed in range(rotate or args.rotate)]
+        return median_time(fn_for_T(T), sets, args.reps)
+    r = per_step(time_at, args.t1, args.t2)
+    return r["us_per_step"], r["fixed_us"]
 
 
 def bench_config(hidden, density, batch, dtype, args):
-    rng = np.random.default_rng(hidden + int(density * 1000))
     dt = DTYPES[dtype]
-    nnz_row = max(1, int(round(density * hidden)))
-    mask = np.zeros((hidden, hidden), bool)  # row-balanced: every output unit has nnz_row inputs
-    cols = np.argsort(rng.random((hidden, hidden)), axis=0)[:nnz_row]
-    mask[cols, np.arange(hidden)[None, :]] = True
-    kernel = (rng.standard_normal((hidden, hidden)) * (0.9 / np.sqrt(nnz_row))).astype(np.float32)
-    kernel = np.where(mask, kernel, 0).astype(np.float32)
+    kernel, mask = row_balanced_kernel(hidden, density)
     t0 = time.perf_counter()
     w = js.SparseWeights.from_dense(kernel, mask, dtype=dt)
     pack_s = time.perf_counter() - t0
@@ -106,15 +70,12 @@ def bench_config(hidden, density, batch, dtype, args):
                            jnp.linalg.norm(y_ref.ravel()))
 
     native = jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w, method="native"))
-    row["sparse_us"], row["sparse_fixed_us"] = per_step(lambda T: native, make_args, args.t1,
-                                                        args.t2, args.reps, args.rotate)
+    row["sparse_us"], row["sparse_fixed_us"] = slope(lambda T: native, make_args, args)
     dense = jax.jit(lambda x, h0: dense_scan(x, h0, kernel_d))
-    row["dense_us"], row["dense_fixed_us"] = per_step(lambda T: dense, make_args, args.t1, args.t2,
-                                                      args.reps, args.rotate)
+    row["dense_us"], row["dense_fixed_us"] = slope(lambda T: dense, make_args, args)
     if args.floor:
         dummy = lambda T, seed: (jnp.zeros((1,), jnp.float32),)
-        row["floor_us"], _ = per_step(lambda T: sync_floor_fn(meta, batch, T), dummy, args.t1,
-                                      args.t2, args.reps, 1)
+        row["floor_us"], _ = slope(lambda T: sync_floor_fn(meta, batch, T), dummy, args, rotate=1)
     if args.ablation:
         rows, cols_ = np.nonzero(mask.T)
         plain = _layout.pack_pattern(rows, cols_, js.plan_layout(np.bincount(rows, minlength=hidden),
@@ -124,8 +85,7 @@ def bench_config(hidden, density, batch, dtype, args):
         w_plain = w.replace(values=jnp.asarray(values), indices=jnp.asarray(plain.indices),
                             lane_row=jnp.asarray(plain.lane_row), meta=plain.meta)
         unordered = jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w_plain, method="native"))
-        row["unordered_us"], _ = per_step(lambda T: unordered, make_args, args.t1, args.t2,
-                                          args.reps, args.rotate)
+        row["unordered_us"], _ = slope(lambda T: unordered, make_args, args)
         row["unordered_conflicts"] = js.bank_conflicts(plain.indices, plain.meta.load_bytes)
     row["speedup_vs_dense"] = row["dense_us"] / row["sparse_us"]
     if "floor_us" in row:

@@ -1,0 +1,86 @@
+"""The benchmark suites (python -m benchmarks.run) run end to end in smoke mode: tiny layers, every
+peer either timed or skipped with a reason, JSON and plots written. On CPU the GPU-only peers skip;
+on a GPU the same tests exercise every peer at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="the benchmark plots need matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended: the jax_sprnn under test is the one already imported
+
+from benchmarks import run as bench  # noqa: E402
+
+
+def _run(suite, tmp_path, *extra):
+    path = bench.main(["--suite", suite, "--smoke", "--out", str(tmp_path), *extra])
+    data = json.loads(Path(path).read_text())
+    assert {"suite", "info", "timing", "peers", "rows", "plots", "elapsed_s"} <= data.keys()
+    assert data["suite"] == suite and data["smoke"] is True
+    for plot in data["plots"]:
+        assert Path(plot).stat().st_size > 0
+    return data
+
+
+def _check_case(row, must_run):
+    assert {"hidden", "density", "batch", "dtype", "peers", "auto", "best_peer"} <= row.keys()
+    for name, result in row["peers"].items():
+        assert "error" not in result, (name, result)
+        if "skipped" in result:
+            assert result["skipped"], name  # a reason
+            continue
+        assert math.isfinite(result["us_per_step"]) and math.isfinite(result["fixed_us"]), name
+        assert result["call_ms"] > 0, name
+        if "rel_err" in result:
+            assert result["rel_err"] < 5e-2, (name, result["rel_err"])
+    for name in must_run:
+        assert row["peers"][name]["us_per_step"] > 0, (name, row["peers"][name])
+
+
+def test_paper_suite(tmp_path):
+    data = _run("paper", tmp_path)
+    rows = data["rows"]
+    _check_case(rows[0], must_run=("ours", "dense"))
+    assert rows[0]["speedup_vs_best"] > 0
+    claim = data["claim"]
+    assert claim["sparse_hidden"] > claim["dense_hidden"] > 0
+    assert claim["size_ratio"] >= 4  # 5x fewer weights, rounded down to the grid step
+    assert claim["time_ratio_vs_dense_scan"] > 0
+
+
+def test_sweep_suite_and_resume(tmp_path):
+    data = _run("sweep", tmp_path)
+    assert len(data["rows"]) == 2 and set(data["crossovers"]) == {"float16/64/2"}
+    for row in data["rows"]:
+        _check_case(row, must_run=("ours",))
+        assert row["auto"]["pick"]
+    again = _run("sweep", tmp_path / "again", "--resume", str(tmp_path / "sweep.json"))
+    assert again["rows"] == data["rows"]  # nothing measured twice
+    part = _run("sweep", tmp_path / "part", "--resume", str(tmp_path / "sweep.json"),
+                "--density", "0.1")
+    by_density = lambda rows: sorted(rows, key=lambda r: r["density"])
+    assert by_density(part["rows"]) == by_density(data["rows"])  # the other part's rows are kept
+
+
+def test_capacity_suite(tmp_path):
+    data = _run("capacity", tmp_path, "--verify")
+    limits = data["limits"]
+    assert limits["dense_register_limit_hidden"] > limits["cudnn_persistent_max_hidden"]
+    for row in data["rows"]:
+        assert row["largest_hidden"] > 0 and row["register_limit_hidden"] > 0
+        assert row["verified"]["ran"] and row["verified"]["rel_err"] < 5e-2
+    assert len(data["cudnn_probe"]) == 2
+
+
+def test_training_suite(tmp_path):
+    data = _run("training", tmp_path)
+    for row in data["rows"]:
+        _check_case(row, must_run=("ours", "dense"))
