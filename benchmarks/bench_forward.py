@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # so an installed jax_sprnn still wins)
 
 import jax_sprnn as js
-from jax_sprnn import layout as _layout
 
 from benchmarks.peers_jax import dense_scan, sync_floor_fn
 from benchmarks.problems import DTYPES, row_balanced_kernel
@@ -77,16 +76,11 @@ def bench_config(hidden, density, batch, dtype, args):
         dummy = lambda T, seed: (jnp.zeros((1,), jnp.float32),)
         row["floor_us"], _ = slope(lambda T: sync_floor_fn(meta, batch, T), dummy, args, rotate=1)
     if args.ablation:
-        rows, cols_ = np.nonzero(mask.T)
-        plain = _layout.pack_pattern(rows, cols_, js.plan_layout(np.bincount(rows, minlength=hidden),
-                                                                 dt), bank_aware=False)
-        values = np.zeros(plain.meta.num_slots, np.dtype(dt))
-        values[plain.slot_of_nonzero] = np.asarray(kernel_d, np.float32)[cols_, rows].astype(np.dtype(dt))
-        w_plain = w.replace(values=jnp.asarray(values), indices=jnp.asarray(plain.indices),
-                            lane_row=jnp.asarray(plain.lane_row), meta=plain.meta)
+        w_plain = js.SparseWeights.from_dense(kernel_d, mask, dtype=dt, bank_aware=False)
         unordered = jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w_plain, method="native"))
         row["unordered_us"], _ = slope(lambda T: unordered, make_args, args)
-        row["unordered_conflicts"] = js.bank_conflicts(plain.indices, plain.meta.load_bytes)
+        row["unordered_conflicts"] = js.bank_conflicts(np.asarray(w_plain.indices),
+                                                       w_plain.meta.load_bytes)
     row["speedup_vs_dense"] = row["dense_us"] / row["sparse_us"]
     if "floor_us" in row:
         row["x_floor"] = row["sparse_us"] / row["floor_us"]

@@ -1,6 +1,6 @@
 """The benchmark suites of jax_sprnn, each sized for one 10-minute run on an H200.
 
-    python -m benchmarks.run --suite paper|sweep|capacity|training [--quick] [--out DIR]
+    python -m benchmarks.run --suite paper|sweep|capacity|training|ablation [--quick] [--out DIR]
 
 Writes ``DIR/<suite>.json`` (rewritten after every row) and PNG plots, and prints a table. Every peer
 runs in this process on the same inputs; per-step time is the slope between two sequence lengths of
@@ -43,9 +43,10 @@ TIMINGS = {
               Timing(64, 256, reps=7, rotate=2, max_seconds=1.0)),
     "capacity": (Timing(), Timing()),  # only its cuDNN probe times anything, with its own
     "training": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
+    "ablation": (Timing(64, 256, reps=20, rotate=4), Timing(64, 256, reps=10, rotate=2)),
 }
 SMOKE_TIMING = Timing(t1=8, t2=256, reps=7, rotate=2, warmup=1, max_seconds=1.0)
-DEFAULT_PEERS = {"training": ("ours", "dense")}
+DEFAULT_PEERS = {"training": ("ours", "dense"), "ablation": ("ours",)}  # ablation: its own variants
 
 
 def _ints(text):

@@ -83,4 +83,12 @@ def test_capacity_suite(tmp_path):
 def test_training_suite(tmp_path):
     data = _run("training", tmp_path)
     for row in data["rows"]:
-        _check_case(row, must_run=("ours", "dense"))
+        _check_case(row, must_run=("ours", "dense", "fwd"))
+        assert math.isfinite(row["backward_over_forward"])
+
+
+def test_ablation_suite(tmp_path):
+    data = _run("ablation", tmp_path)
+    for row in data["rows"]:
+        _check_case(row, must_run=("naive", "wide", "bank", "ours"))
+        assert set(row["peers"]["naive"]) >= {"rel_err"}

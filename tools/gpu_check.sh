@@ -54,8 +54,10 @@ if [ "$what" = multi ] || [ "$what" = final ]; then
   NCCL_NVLS_ENABLE=0 python3 "$OLDPWD/tools/multi_gpu_check.py" 2>&1 | tee "$OUT/multi_gpu.log" | tail -6
 fi
 if [ "$what" = suite ]; then
-  echo "== benchmark suite ${SUITE:-paper}"
-  (cd "$OLDPWD" && python3 -m benchmarks.run --suite "${SUITE:-paper}" --out "$OUT/suite_${SUITE:-paper}" ${SUITE_ARGS:-}) 2>&1 | tee "$OUT/suite_${SUITE:-paper}.log" | tail -60
+  for suite in ${SUITE:-paper}; do  # SUITE may list several, e.g. "training ablation"
+    echo "== benchmark suite $suite"
+    python3 "$OLDPWD/benchmarks/run.py" --suite "$suite" --out "$OUT/suite_$suite" ${SUITE_ARGS:-} 2>&1 | tee "$OUT/suite_$suite.log" | tail -40
+  done
 fi
 if [ "$what" = reliability ]; then
   echo "== soak"

@@ -1,5 +1,5 @@
 """The benchmark suites; each module has ``run(ctx)`` and ``columns(peers)`` for its table."""
 
-from . import capacity, paper, sweep, training
+from . import ablation, capacity, paper, sweep, training
 
-SUITES = {"paper": paper, "sweep": sweep, "capacity": capacity, "training": training}
+SUITES = {"ablation": ablation, "paper": paper, "sweep": sweep, "capacity": capacity, "training": training}

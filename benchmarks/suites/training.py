@@ -15,8 +15,10 @@ import jax_sprnn as js
 
 from .. import plots
 from ..harness import Peer, Skip
+from .. import peers_jax
 from ..peers_jax import ALL_DTYPES, dense_scan, jax_runner, persistent_fit
 from ..problems import Layer
+from ..report import Column
 from .common import Context, case_columns, case_row, peer_header, print_skips
 
 # (H, density, B, dtype)
@@ -49,8 +51,17 @@ def _build_dense(layer: Layer, batch: int, T: int):
     return jax_runner(grads, layer, batch, T, layer.dense_kernel, check=lambda g: g[0])
 
 
+def _build_forward(layer: Layer, batch: int, T: int):
+    runner = peers_jax.OURS.build(layer, batch, T)
+    runner.check = None  # this suite's reference is a gradient
+    return runner
+
+
 OURS = Peer("ours", "grad through sparse_rnn(method='native')", ALL_DTYPES, _build_ours,
             competitor=False)
+# The forward pass alone, in the same run: backward per step = ours - fwd (the issue's 2x bound).
+FORWARD = Peer("fwd", "forward only: sparse_rnn(method='native')", ALL_DTYPES, _build_forward,
+               competitor=False)
 DENSE = Peer("dense", "grad through lax.scan of a dense step (storage dtype)", ALL_DTYPES,
              _build_dense)
 
@@ -62,9 +73,22 @@ def grad_reference(layer: Layer, x, h0):
     return jax.grad(loss)(x.astype(jnp.float32))
 
 
+def _selected(peers):
+    names = {p.name for p in peers}
+    return [p for p in (OURS, DENSE) if p.name in names] + ([FORWARD] if "ours" in names else [])
+
+
+def backward_over_forward(row: dict):
+    """(training - forward) / forward per step: the backward pass's cost relative to the forward."""
+    peers = row.get("peers", {})
+    if not all("us_per_step" in peers.get(n, {}) for n in ("ours", "fwd")):
+        return None
+    fwd = peers["fwd"]["us_per_step"]
+    return (peers["ours"]["us_per_step"] - fwd) / fwd
+
+
 def run(ctx: Context) -> None:
-    names = {p.name for p in ctx.peers}
-    peers = [p for p in (OURS, DENSE) if p.name in names]
+    peers = _selected(ctx.peers)
     ctx.recorder.set(peers=peer_header(peers))
     seen: set = set()
     configs = SMOKE if ctx.smoke else CONFIGS + ([] if ctx.quick else MORE)
@@ -75,6 +99,7 @@ def run(ctx: Context) -> None:
             continue
         row = case_row(ctx, Layer.make(hidden, density, dtype), batch, peers=peers,
                        reference=grad_reference)
+        row["backward_over_forward"] = backward_over_forward(row)
         ctx.recorder.add(row)
         print_skips(row, seen)
     ctx.recorder.set(plots=[str(plots.per_step_bars(
@@ -82,5 +107,5 @@ def run(ctx: Context) -> None:
 
 
 def columns(peers):
-    names = {p.name for p in peers}
-    return case_columns([p for p in (OURS, DENSE) if p.name in names])
+    return [*case_columns(_selected(peers)),
+            Column("bwd/fwd", backward_over_forward, 7)]
