@@ -9,11 +9,13 @@
 // silent wrong value). Deterministic: every thread sums its slots over a fixed sequence of
 // (position, example) pairs, and time chunks are added in a fixed order, with no atomics.
 //
-// Work split: a thread owns up to kSlotsPerThread slots of one lane (a lane's slots all belong to
-// one row, so the row's dz is one value per pair). A CTA stages the pairs' h_before and dz as fp32
-// rows in shared memory, kPairs at a time, and its threads gather from them. When the slot blocks
-// alone do not fill the GPU, the positions are split into time chunks (grid.y) whose partial sums
-// go to a workspace and are reduced in order by a second kernel.
+// Work split: a thread owns up to SPT (8 or 16) slots of one lane (a lane's slots all belong to one
+// row, so the row's dz is one value per pair). A CTA of 1024 threads stages the pairs' h_before and
+// dz as fp32 rows in shared memory, up to 16 pairs at a time, and its threads gather from them.
+// Big CTAs matter: every CTA stages whole rows, so the staging traffic is (slot blocks) x pairs x
+// 2H, and only a block of many slots (8-16K) makes it small next to the gathers. The positions are
+// then split into time chunks (grid.y) so that the GPU fills with one such CTA per SM; their partial
+// sums go to a workspace and are added in chunk order by a second kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -32,10 +34,10 @@ namespace ffi = xla::ffi;
 namespace jax_sprnn::cuda {
 namespace {
 
-constexpr int kWgThreads = 512;
-constexpr int kSlotsPerThread = 16;
-constexpr int kMaxPairsPerStage = 8;
-constexpr int64_t kStageBudgetBytes = 48 * 1024;  // keeps several CTAs per SM
+constexpr int kWgThreads = 1024;             // primitives.py mirrors these three constants
+constexpr int kMaxSlotsPerThread = 16;       // SPT: 8 when slots_per_lane <= 8, else 16
+constexpr int kMaxPairsPerStage = 16;
+constexpr int64_t kStageBudgetBytes = 160 * 1024;  // one CTA per SM: most of its shared memory
 
 struct WeightGradParams {
   const void* y;
@@ -59,20 +61,20 @@ __device__ __forceinline__ float load_float<float>(const float* p) {
 }
 
 // acc[i] += h_before[col[i]] * dz[row] over the staged pairs ([pair][2][H]: h_before, then dz).
+template <int SPT>
 __device__ __forceinline__ void accumulate(const float* stage, int n_pairs, int H, int row,
-                                           const int (&col)[kSlotsPerThread],
-                                           float (&acc)[kSlotsPerThread]) {
+                                           const int (&col)[SPT], float (&acc)[SPT]) {
   if (row < 0) return;
   for (int q = 0; q < n_pairs; ++q) {
     const float* hb = stage + static_cast<size_t>(q) * 2 * H;
     const float d = hb[H + row];
 #pragma unroll
-    for (int i = 0; i < kSlotsPerThread; ++i) acc[i] = fmaf(hb[max(col[i], 0)], d, acc[i]);
+    for (int i = 0; i < SPT; ++i) acc[i] = fmaf(hb[max(col[i], 0)], d, acc[i]);
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kWgThreads)
+template <typename T, int SPT>
+__global__ void __launch_bounds__(kWgThreads, 1)
     weight_grad_kernel(const __grid_constant__ WeightGradParams p) {
   extern __shared__ __align__(16) float stage[];  // [pairs_per_stage][2][H], then lengths [B]
   int* const len = reinterpret_cast<int*>(stage + static_cast<size_t>(p.pairs_per_stage) * 2 * p.H);
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kWgThreads)
 
   // ---- this thread's slots --------------------------------------------------------------------
   const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid;
-  const int64_t n_chunks_k = (K + kSlotsPerThread - 1) / kSlotsPerThread;
+  const int64_t n_chunks_k = (K + SPT - 1) / SPT;
   const bool active = gt < static_cast<int64_t>(p.n_lanes) * n_chunks_k;
   const int kc = active ? static_cast<int>(gt / p.n_lanes) : 0;
   const int lane_lin = active ? static_cast<int>(gt % p.n_lanes) : 0;
@@ -90,10 +92,10 @@ __global__ void __launch_bounds__(kWgThreads)
   int row = active ? p.lane_row[lane_lin] : -1;
   bool bad = row < -1 || row >= H;
   if (bad) row = -1;
-  int col[kSlotsPerThread];  // the slot's column, or -1: padding (~j), not a weight
+  int col[SPT];  // the slot's column, or -1: padding (~j), not a weight
 #pragma unroll
-  for (int i = 0; i < kSlotsPerThread; ++i) {
-    const int k = kc * kSlotsPerThread + i;
+  for (int i = 0; i < SPT; ++i) {
+    const int k = kc * SPT + i;
     col[i] = -1;
     if (active && k < K) {
       const int idx = p.indices[(static_cast<int64_t>(warp) * K + k) * 32 + lane];
@@ -101,9 +103,9 @@ __global__ void __launch_bounds__(kWgThreads)
       if (idx >= 0 && idx < H && row >= 0) col[i] = idx;
     }
   }
-  float acc[kSlotsPerThread];
+  float acc[SPT];
 #pragma unroll
-  for (int i = 0; i < kSlotsPerThread; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < SPT; ++i) acc[i] = 0.0f;
   __syncthreads();  // lengths
 
   // ---- the pairs of this (group, time chunk), staged kPairs at a time ------------------------
@@ -146,8 +148,8 @@ __global__ void __launch_bounds__(kWgThreads)
   if (!active) return;
   float* out = p.out + (static_cast<int64_t>(c) * p.groups + g) * p.n_slots;
 #pragma unroll
-  for (int i = 0; i < kSlotsPerThread; ++i) {
-    const int k = kc * kSlotsPerThread + i;
+  for (int i = 0; i < SPT; ++i) {
+    const int k = kc * SPT + i;
     if (k < K)
       out[(static_cast<int64_t>(warp) * K + k) * 32 + lane] =
           bad ? __int_as_float(0x7fc00000) : col[i] >= 0 ? acc[i] : 0.0f;
@@ -165,15 +167,24 @@ __global__ void sum_chunks_kernel(const float* __restrict__ partial, float* __re
   }
 }
 
-template <typename T>
-cudaError_t launch(cudaStream_t stream, const WeightGradParams& p, dim3 grid, int smem_bytes,
-                   const DeviceInfo& dev, int device) {
-  const void* fn = reinterpret_cast<const void*>(&weight_grad_kernel<T>);
+int slots_per_thread(int64_t slots_per_lane) { return slots_per_lane <= 8 ? 8 : kMaxSlotsPerThread; }
+
+template <typename T, int SPT>
+cudaError_t launch_spt(cudaStream_t stream, const WeightGradParams& p, dim3 grid, int smem_bytes,
+                       const DeviceInfo& dev, int device) {
+  const void* fn = reinterpret_cast<const void*>(&weight_grad_kernel<T, SPT>);
   KernelInfo kinfo;
   cudaError_t e = kernel_info(device, fn, dev, &kinfo);
   if (e != cudaSuccess) return e;
-  weight_grad_kernel<T><<<grid, kWgThreads, smem_bytes, stream>>>(p);
+  weight_grad_kernel<T, SPT><<<grid, kWgThreads, smem_bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(cudaStream_t stream, const WeightGradParams& p, dim3 grid, int smem_bytes,
+                   const DeviceInfo& dev, int device) {
+  return slots_per_thread(p.K) == 8 ? launch_spt<T, 8>(stream, p, grid, smem_bytes, dev, device)
+                                    : launch_spt<T, kMaxSlotsPerThread>(stream, p, grid, smem_bytes, dev, device);
 }
 
 ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0,
@@ -232,7 +243,8 @@ ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer 
   DeviceInfo dev;
   if ((e = device_info(device, &dev)) != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
   const int64_t pair_bytes = 2 * H * 4;
-  const int64_t pairs = std::clamp<int64_t>(kStageBudgetBytes / pair_bytes, 1, kMaxPairsPerStage);
+  const int64_t budget = std::min<int64_t>(kStageBudgetBytes, dev.smem_optin - B * 4);
+  const int64_t pairs = std::clamp<int64_t>(budget / pair_bytes, 1, kMaxPairsPerStage);
   const int64_t smem_bytes = pairs * pair_bytes + B * 4;
   if (smem_bytes > dev.smem_optin)
     return bad("H = " + std::to_string(H) + ", B = " + std::to_string(B) + " need " +
@@ -257,7 +269,8 @@ ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer 
   p.time_chunks = static_cast<int>(time_chunks);
   p.pairs_per_stage = static_cast<int>(pairs);
   p.n_slots = S;
-  const int64_t threads_needed = n_lanes * ((K + kSlotsPerThread - 1) / kSlotsPerThread);
+  const int spt = slots_per_thread(K);
+  const int64_t threads_needed = n_lanes * ((K + spt - 1) / spt);
   const int64_t blocks = (threads_needed + kWgThreads - 1) / kWgThreads;
   if (blocks > INT32_MAX) return bad("the layout is too large for one grid");
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(groups * time_chunks));

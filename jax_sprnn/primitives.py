@@ -284,17 +284,18 @@ def _weight_grad_cpu(ctx, *args, groups, reverse, meta, method, **_):
         slots_per_lane=np.int64(meta.slots_per_lane))
 
 
-# The CUDA weight-gradient kernel's work split: a thread takes up to this many slots of one lane
-# (cuda/weight_grad.cu: kSlotsPerThread, kWgThreads); time chunks fill the GPU when slots do not.
-_WG_SLOTS_PER_THREAD = 16
-_WG_THREADS = 512
+# The CUDA weight-gradient kernel's work split (cuda/weight_grad.cu: kWgThreads, slots_per_thread):
+# a thread takes up to 8 or 16 slots of one lane, a CTA 1024 threads; time chunks then give the GPU
+# about one CTA per SM.
+_WG_THREADS = 1024
 
 
 def weight_grad_time_chunks(meta: LayoutMeta, groups: int, steps: int, sm_count: int) -> int:
-    """How many time chunks the weight-gradient kernel splits ``steps`` into (about 2 CTAs/SM)."""
-    threads = meta.num_warps * 32 * -(-meta.slots_per_lane // _WG_SLOTS_PER_THREAD)
+    """How many time chunks the weight-gradient kernel splits ``steps`` into."""
+    per_thread = 8 if meta.slots_per_lane <= 8 else 16
+    threads = meta.num_warps * 32 * -(-meta.slots_per_lane // per_thread)
     blocks = max(1, -(-threads // _WG_THREADS)) * groups
-    return int(max(1, min(steps, -(-2 * sm_count // blocks), 65535 // groups)))
+    return int(max(1, min(steps, -(-sm_count // blocks), 65535 // groups)))
 
 
 def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method, **_):

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 import jax_sprnn as js
+from jax_sprnn import fallback
+from jax_sprnn.primitives import sprnn_backward_p, sprnn_weight_grad_p
 
 from .. import plots
 from ..harness import Peer, Skip
@@ -59,9 +61,51 @@ def _build_forward(layer: Layer, batch: int, T: int):
 
 OURS = Peer("ours", "grad through sparse_rnn(method='native')", ALL_DTYPES, _build_ours,
             competitor=False)
-# The forward pass alone, in the same run: backward per step = ours - fwd (the issue's 2x bound).
+def _primitive_runner(layer: Layer, batch: int, T: int, body):
+    """A runner for one primitive of the backward pass alone, fed with stand-in inputs derived
+    from x (its cost does not depend on the values)."""
+    if jax.default_backend() == "gpu":
+        ok, why = persistent_fit(layer, batch)
+        if not ok:
+            raise Skip(why)
+    runner = jax_runner(body, layer, batch, T, layer.weights)
+    runner.check = None
+    return runner
+
+
+def _build_backward(layer: Layer, batch: int, T: int):
+    def body(x, h0, w):
+        lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
+        return sprnn_backward_p.bind(jnp.tanh(x), h0, w.transposed_values(), w.indices_t,
+                                     w.lane_row_t, lengths, x, h0, activation="tanh",
+                                     reverse=False, meta=w.meta_t, method="native")
+    return _primitive_runner(layer, batch, T, body)
+
+
+def _build_weight_grad(dense: bool):
+    def build(layer: Layer, batch: int, T: int):
+        def body(x, h0, w):
+            lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
+            args = (jnp.tanh(x), h0, x, w.indices, w.lane_row, lengths)
+            if dense:  # XLA: a dense einsum over time and batch (a GEMM), then a gather
+                return fallback.weight_grad(*args, groups=1, reverse=False, meta=w.meta)
+            return sprnn_weight_grad_p.bind(*args, groups=1, reverse=False, meta=w.meta,
+                                            method="native")[0]
+        return _primitive_runner(layer, batch, T, body)
+    return build
+
+
+# The forward pass alone and the pieces of the backward pass, in the same run: backward per step
+# = ours - fwd (the issue's 2x bound), and where that time goes.
 FORWARD = Peer("fwd", "forward only: sparse_rnn(method='native')", ALL_DTYPES, _build_forward,
                competitor=False)
+BACKWARD = Peer("bwd", "the backward recurrence alone (sprnn_backward, persistent kernel)",
+                ALL_DTYPES, _build_backward, competitor=False)
+WGRAD = Peer("wgrad", "the weight gradient alone (sprnn_weight_grad kernel, on the pattern)",
+             ALL_DTYPES, _build_weight_grad(dense=False), competitor=False)
+WGRAD_DENSE = Peer("wgrad_xla", "the weight gradient as XLA's dense einsum + gather",
+                   ALL_DTYPES, _build_weight_grad(dense=True), competitor=False)
+BREAKDOWN = (FORWARD, BACKWARD, WGRAD, WGRAD_DENSE)
 DENSE = Peer("dense", "grad through lax.scan of a dense step (storage dtype)", ALL_DTYPES,
              _build_dense)
 
@@ -75,7 +119,7 @@ def grad_reference(layer: Layer, x, h0):
 
 def _selected(peers):
     names = {p.name for p in peers}
-    return [p for p in (OURS, DENSE) if p.name in names] + ([FORWARD] if "ours" in names else [])
+    return [p for p in (OURS, DENSE) if p.name in names] + (list(BREAKDOWN) if "ours" in names else [])
 
 
 def backward_over_forward(row: dict):
