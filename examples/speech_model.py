@@ -287,7 +287,8 @@ def load_data(args, features: FeatureConfig):
 
 
 def bench_only(args) -> None:
-    """Time the recurrent layers (random weights at --density) sparse against dense."""
+    """Time the recurrent layers and the whole model (random weights, recurrent kernels pruned to
+    --density) sparse against dense."""
     from speech import bench, report
 
     config = model_config(args, "layer")
@@ -296,9 +297,10 @@ def bench_only(args) -> None:
     print(f"timing {args.layers} {'bidirectional ' if args.bidirectional else ''}layer(s) of "
           f"{args.hidden} units at density {args.density:g}, {args.bench_steps} steps, "
           f"{args.dtype}, on {device['device']}")
+    whole = bench.random_whole_model(config, args.density, seed=args.seed)
     rows = bench.speed_table(config, args.density, args.bench_batches, args.bench_steps,
-                             reps=args.bench_reps)
-    table = bench.format_table(rows, f"Recurrent layers, {device['device']}, H={args.hidden}, "
+                             reps=args.bench_reps, whole_model=whole)
+    table = bench.format_table(rows, f"Recurrent layers and whole model, {device['device']}, H={args.hidden}, "
                                      f"density {args.density:g}, T={args.bench_steps}, "
                                      f"{args.dtype}")
     print(table)

@@ -285,17 +285,24 @@ def _weight_grad_cpu(ctx, *args, groups, reverse, meta, method, **_):
 
 
 # The CUDA weight-gradient kernel's work split (cuda/weight_grad.cu: kWgThreads, slots_per_thread):
-# a thread takes up to 8 or 16 slots of one lane, a CTA 1024 threads; time chunks then give the GPU
-# about one CTA per SM.
+# a thread takes up to 8 or 16 slots of one lane and a CTA 1024 threads, one CTA per SM at a time.
 _WG_THREADS = 1024
 
 
 def weight_grad_time_chunks(meta: LayoutMeta, groups: int, steps: int, sm_count: int) -> int:
-    """How many time chunks the weight-gradient kernel splits ``steps`` into."""
+    """How many time chunks the weight-gradient kernel splits ``steps`` into: the fewest that fill
+    at least one wave of CTAs with whole waves (at least 90% busy), else the best filled."""
     per_thread = 8 if meta.slots_per_lane <= 8 else 16
     threads = meta.num_warps * 32 * -(-meta.slots_per_lane // per_thread)
     blocks = max(1, -(-threads // _WG_THREADS)) * groups
-    return int(max(1, min(steps, -(-sm_count // blocks), 65535 // groups)))
+    limit = max(1, min(steps, 64, 65535 // groups))
+
+    def filled(c):  # the share of SM time the chunks keep busy
+        return blocks * c / (-(-blocks * c // sm_count) * sm_count)
+    for c in range(1, limit + 1):
+        if blocks * c >= sm_count and filled(c) >= 0.9:
+            return c
+    return max(range(1, limit + 1), key=lambda c: (filled(c), -c))
 
 
 def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method, **_):

@@ -68,7 +68,10 @@ fi
 if [ "$what" = speech ]; then
   echo "== speech example, GPU speed table"
   python3 -m pip install --no-deps --no-index -q "$OLDPWD"/.whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
-  python3 "$OLDPWD/examples/speech_model.py" --bench-only --hidden 2048 --density 0.1 --out "$OUT/speech" 2>&1 | tee "$OUT/speech.log" | tail -30
+  for dt in ${SPEECH_DTYPES:-float32 float16}; do
+    python3 "$OLDPWD/examples/speech_model.py" --bench-only --hidden 2048 --density 0.1 --dtype "$dt" \
+      --out "$OUT/speech_$dt" 2>&1 | tee "$OUT/speech_$dt.log" | tail -12
+  done
 fi
 if [ "$what" = sanitize ] || [ "$what" = final ]; then
   echo "== compute-sanitizer"

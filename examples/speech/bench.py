@@ -73,6 +73,18 @@ def recurrent_stack_variables(config: model_lib.ModelConfig, density: float, *, 
     return dense, sparse
 
 
+def random_whole_model(config: model_lib.ModelConfig, density: float, *, seed: int = 0) -> tuple:
+    """``(dense_config, dense_variables, sparse_config, sparse_variables)`` of an untrained model
+    (random weights, recurrent kernels magnitude-pruned to ``density`` for the sparse one): what
+    ``speed_table(whole_model=...)`` times when no trained model is at hand (timing does not
+    depend on the values)."""
+    cell_cfg = dataclasses.replace(config, rnn_impl="cell")
+    params = model_lib.init_variables(cell_cfg, jax.random.key(seed))["params"]
+    pruned, masks = _pruned(params, density, seed)
+    sparse_cfg, sparse_vars = model_lib.export(cell_cfg, pruned, masks, method=config.method)
+    return cell_cfg, {"params": params}, sparse_cfg, sparse_vars
+
+
 def _inputs(batch: int, steps: int, width: int, dtype, count: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
     return [(jnp.asarray(rng.standard_normal((batch, steps, width)), dtype),
