@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "ffi_bindings.h"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -412,51 +413,16 @@ ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz
 }  // namespace
 }  // namespace jax_sprnn
 
+namespace binds = jax_sprnn::bindings;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardCpu, jax_sprnn::ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()         // x
-                                  .Arg<ffi::AnyBuffer>()         // h0
-                                  .Arg<ffi::AnyBuffer>()         // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lane_row
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-                                  .Ret<ffi::AnyBuffer>()         // y
-                                  .Ret<ffi::AnyBuffer>()         // h_final
-                                  .Attr<int64_t>("activation")
-                                  .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("slots_per_lane")
-                                  .Attr<int64_t>("warps_per_cta")
-                                  .Attr<int64_t>("reg_slots")
-                                  .Attr<int64_t>("load_bytes"));
+                              binds::layout_attrs(binds::forward_operands(ffi::Ffi::Bind())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCpu, jax_sprnn::BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()         // y
-                                  .Arg<ffi::AnyBuffer>()         // h0
-                                  .Arg<ffi::AnyBuffer>()         // values_t
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices_t
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lane_row_t
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-                                  .Arg<ffi::AnyBuffer>()         // dy
-                                  .Arg<ffi::AnyBuffer>()         // dh_final
-                                  .Ret<ffi::AnyBuffer>()         // dx
-                                  .Ret<ffi::AnyBuffer>()         // dh0
-                                  .Attr<int64_t>("activation")
-                                  .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("slots_per_lane")
-                                  .Attr<int64_t>("warps_per_cta")
-                                  .Attr<int64_t>("reg_slots")
-                                  .Attr<int64_t>("load_bytes"));
+                              binds::layout_attrs(binds::backward_operands(ffi::Ffi::Bind())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnWeightGradCpu, jax_sprnn::WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()         // y
-                                  .Arg<ffi::AnyBuffer>()         // h0
-                                  .Arg<ffi::AnyBuffer>()         // dz
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lane_row
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dvalues [groups, slots]
+                              binds::weight_grad_operands(ffi::Ffi::Bind())
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("reverse")
                                   .Attr<int64_t>("slots_per_lane"));

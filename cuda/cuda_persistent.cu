@@ -26,6 +26,7 @@
 
 #include "cuda_host.h"
 #include "cuda_kernels.h"
+#include "ffi_bindings.h"
 #include "persistent_kernel.cuh"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -622,53 +623,21 @@ ffi::Error SyncFloorImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> /*x*/,
 // FFI symbols
 // ================================================================================================
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardCuda, jax_sprnn::cuda::ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()             // x
-                                  .Arg<ffi::AnyBuffer>()             // h0
-                                  .Arg<ffi::AnyBuffer>()             // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // indices
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // lane_row
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // lengths
-                                  .Ret<ffi::AnyBuffer>()             // y
-                                  .Ret<ffi::AnyBuffer>()             // h_final
-                                  .Ret<ffi::Buffer<ffi::U8>>()       // workspace
-                                  .Attr<int64_t>("activation")
-                                  .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("slots_per_lane")
-                                  .Attr<int64_t>("warps_per_cta")
-                                  .Attr<int64_t>("reg_slots")
-                                  .Attr<int64_t>("load_bytes")
-                                  .Attr<int64_t>("spin_timeout_us")
-                                  .Attr<int64_t>("debug_stall_cta")
-                                  .Attr<int64_t>("grid_barrier"),
-                              {ffi::Traits::kCmdBufferCompatible});
+namespace binds = jax_sprnn::bindings;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCuda, jax_sprnn::cuda::BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()             // y
-                                  .Arg<ffi::AnyBuffer>()             // h0
-                                  .Arg<ffi::AnyBuffer>()             // values_t
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // indices_t
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // lane_row_t
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // lengths
-                                  .Arg<ffi::AnyBuffer>()             // dy
-                                  .Arg<ffi::AnyBuffer>()             // dh_final
-                                  .Ret<ffi::AnyBuffer>()             // dx
-                                  .Ret<ffi::AnyBuffer>()             // dh0
-                                  .Ret<ffi::Buffer<ffi::U8>>()       // workspace
-                                  .Attr<int64_t>("activation")
-                                  .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("slots_per_lane")
-                                  .Attr<int64_t>("warps_per_cta")
-                                  .Attr<int64_t>("reg_slots")
-                                  .Attr<int64_t>("load_bytes")
-                                  .Attr<int64_t>("spin_timeout_us")
-                                  .Attr<int64_t>("debug_stall_cta")
-                                  .Attr<int64_t>("grid_barrier"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxSprnnForwardCuda, jax_sprnn::cuda::ForwardImpl,
+    binds::cuda_hook_attrs(binds::layout_attrs(
+        binds::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+            .Ret<ffi::Buffer<ffi::U8>>())),  // workspace
+    {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxSprnnBackwardCuda, jax_sprnn::cuda::BackwardImpl,
+    binds::cuda_hook_attrs(binds::layout_attrs(
+        binds::backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+            .Ret<ffi::Buffer<ffi::U8>>())),  // workspace
+    {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda, jax_sprnn::cuda::SyncFloorImpl,
                               ffi::Ffi::Bind()

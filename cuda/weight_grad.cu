@@ -26,6 +26,7 @@
 
 #include "cuda_host.h"
 #include "cuda_kernels.h"
+#include "ffi_bindings.h"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -293,19 +294,12 @@ ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer 
 }  // namespace
 }  // namespace jax_sprnn::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnWeightGradCuda, jax_sprnn::cuda::WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()             // y
-                                  .Arg<ffi::AnyBuffer>()             // h0
-                                  .Arg<ffi::AnyBuffer>()             // dz
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // indices
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // lane_row
-                                  .Arg<ffi::Buffer<ffi::S32>>()      // lengths
-                                  .Ret<ffi::Buffer<ffi::F32>>()      // dvalues [groups, S]
-                                  .Ret<ffi::Buffer<ffi::F32>>()      // workspace (partial sums)
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("slots_per_lane")
-                                  .Attr<int64_t>("time_chunks"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxSprnnWeightGradCuda, jax_sprnn::cuda::WeightGradImpl,
+    jax_sprnn::bindings::weight_grad_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+        .Ret<ffi::Buffer<ffi::F32>>()  // workspace (partial sums of the time chunks)
+        .Attr<int64_t>("groups")
+        .Attr<int64_t>("reverse")
+        .Attr<int64_t>("slots_per_lane")
+        .Attr<int64_t>("time_chunks"),
+    {ffi::Traits::kCmdBufferCompatible});

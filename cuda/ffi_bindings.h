@@ -1,0 +1,78 @@
+// The XLA FFI signatures the CPU and CUDA handlers share (docs/format.md): each function appends
+// one group of arguments, results or attributes to a binding, so every handler lists them once.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_sprnn::bindings {
+
+namespace ffi = xla::ffi;
+
+// x, h0, values, indices, lane_row, lengths -> y, h_final
+template <typename Binding>
+auto forward_operands(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()          // x
+      .template Arg<ffi::AnyBuffer>()          // h0
+      .template Arg<ffi::AnyBuffer>()          // values
+      .template Arg<ffi::Buffer<ffi::S32>>()   // indices
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lane_row
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lengths
+      .template Ret<ffi::AnyBuffer>()          // y
+      .template Ret<ffi::AnyBuffer>();         // h_final
+}
+
+// y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final -> dx, dh0
+template <typename Binding>
+auto backward_operands(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()          // y
+      .template Arg<ffi::AnyBuffer>()          // h0
+      .template Arg<ffi::AnyBuffer>()          // values_t
+      .template Arg<ffi::Buffer<ffi::S32>>()   // indices_t
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lane_row_t
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lengths
+      .template Arg<ffi::AnyBuffer>()          // dy
+      .template Arg<ffi::AnyBuffer>()          // dh_final
+      .template Ret<ffi::AnyBuffer>()          // dx
+      .template Ret<ffi::AnyBuffer>();         // dh0
+}
+
+// y, h0, dz, indices, lane_row, lengths -> dvalues [groups, S]
+template <typename Binding>
+auto weight_grad_operands(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()          // y
+      .template Arg<ffi::AnyBuffer>()          // h0
+      .template Arg<ffi::AnyBuffer>()          // dz
+      .template Arg<ffi::Buffer<ffi::S32>>()   // indices
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lane_row
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lengths
+      .template Ret<ffi::Buffer<ffi::F32>>();  // dvalues
+}
+
+// The packed layout and the cell: what both recurrences take, on every platform.
+template <typename Binding>
+auto layout_attrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("activation")
+      .template Attr<int64_t>("reverse")
+      .template Attr<int64_t>("slots_per_lane")
+      .template Attr<int64_t>("warps_per_cta")
+      .template Attr<int64_t>("reg_slots")
+      .template Attr<int64_t>("load_bytes");
+}
+
+// The CUDA recurrences' test and benchmark hooks, after layout_attrs.
+template <typename Binding>
+auto cuda_hook_attrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("spin_timeout_us")
+      .template Attr<int64_t>("debug_stall_cta")
+      .template Attr<int64_t>("grid_barrier");
+}
+
+}  // namespace jax_sprnn::bindings
