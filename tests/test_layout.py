@@ -11,7 +11,7 @@ import jax_sprnn as js
 from jax_sprnn import layout, planner
 from jax_sprnn.layout import bank_conflicts, decode_columns, lane_of_slot
 
-from conftest import DTYPES
+from conftest import DTYPES, rel_err
 
 
 def _masks(rng, hidden):
@@ -178,3 +178,23 @@ def test_magnitude_mask_keeps_largest():
     m = js.magnitude_mask(k, 0.2)
     assert m.sum() == 500
     assert np.abs(k[m]).min() >= np.abs(k[~m]).max()
+
+
+def test_packing_options_change_the_layout_not_the_result():
+    # load_bytes and bank_aware are speed knobs (the ablation benchmark uses them): same weights,
+    # same outputs, and the unordered layout never has fewer modelled bank conflicts.
+    rng = np.random.default_rng(11)
+    kernel = (rng.standard_normal((96, 96)) / np.sqrt(0.2 * 96)).astype(np.float32)
+    mask = rng.random((96, 96)) < 0.2
+    aware = js.SparseWeights.from_dense(kernel, mask)
+    plain = js.SparseWeights.from_dense(kernel, mask, bank_aware=False)
+    narrow = js.SparseWeights.from_dense(kernel, mask, load_bytes=4, bank_aware=False)
+    for w in (plain, narrow):
+        np.testing.assert_array_equal(np.asarray(w.to_dense()), kernel * mask)
+    assert bank_conflicts(np.asarray(plain.indices), 16) >= bank_conflicts(np.asarray(aware.indices), 16)
+    assert narrow.meta.load_bytes == 4
+    x = jnp.asarray(rng.standard_normal((3, 7, 96)), jnp.float32)
+    h0 = jnp.zeros((3, 96), jnp.float32)
+    want = js.sparse_rnn(x, h0, aware)[0]
+    for w in (plain, narrow):  # another summation order: float32 rounding only
+        assert rel_err(js.sparse_rnn(x, h0, w)[0], want) < 1e-6

@@ -83,3 +83,22 @@ def test_max_batch_shrinks_with_hidden():
     assert planner.max_persistent_batch(small, np.float16) > planner.max_persistent_batch(big, np.float16) >= 4
     assert dataclasses.replace(small, fits=False) and planner.max_persistent_batch(
         dataclasses.replace(small, fits=False), np.float16) == 0
+
+
+@pytest.mark.parametrize("hidden, density, groups", [(2304, 0.1, 1), (1152, 0.1, 3), (64, 0.3, 1),
+                                                     (4608, 0.05, 2), (300, 0.2, 7)])
+@pytest.mark.parametrize("steps", [1, 5, 256])
+def test_weight_grad_time_chunks(hidden, density, groups, steps):
+    # The CUDA weight-gradient kernel's time split: within [1, steps] (and 64), and its waves of
+    # CTAs are at least 90% busy or as busy as any split allows.
+    from jax_sprnn.layout import LayoutMeta
+    from jax_sprnn.primitives import weight_grad_time_chunks
+    nnz = max(1, int(density * hidden))
+    meta = LayoutMeta.from_plan(planner.plan_layout(np.full(hidden, nnz), np.float16))
+    chunks = weight_grad_time_chunks(meta, groups, steps, 132)
+    assert 1 <= chunks <= steps
+    per_thread = 8 if meta.slots_per_lane <= 8 else 16
+    blocks = -(-meta.num_warps * 32 * -(-meta.slots_per_lane // per_thread) // 1024) * groups
+    filled = lambda c: blocks * c / (-(-blocks * c // 132) * 132)
+    best = max(filled(c) for c in range(1, min(steps, 64) + 1))
+    assert filled(chunks) >= 0.9 or filled(chunks) == best
