@@ -40,32 +40,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def _floats(name: str, low: float = 0.0, high: float = float("inf"), count: int | None = None):
-    def parse(text: str) -> tuple[float, ...]:
+def _numbers(name: str, cast=float, low: float = 0.0, high: float = float("inf"),
+             count: int | None = None):
+    """An argparse type: comma-separated numbers of type ``cast`` in [low, high] (``count`` of
+    them when given)."""
+    kind = "integers" if cast is int else "numbers"
+
+    def parse(text: str) -> tuple:
         try:
-            values = tuple(float(v) for v in text.split(",") if v.strip())
+            values = tuple(cast(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated numbers, got "
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated {kind}, got "
                                              f"{text!r}") from None
         if not values or (count is not None and len(values) != count):
             raise argparse.ArgumentTypeError(f"{name}: expected {count or 'one or more'} "
-                                             f"comma-separated numbers, got {text!r}")
+                                             f"comma-separated {kind}, got {text!r}")
         if any(not low <= v <= high for v in values):
-            raise argparse.ArgumentTypeError(f"{name}: values must be in [{low}, {high}], got "
-                                             f"{text!r}")
-        return values
-    return parse
-
-
-def _ints(name: str):
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated integers, got "
-                                             f"{text!r}") from None
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected positive integers, got {text!r}")
+            bound = ("positive integers" if cast is int and low == 1 and high == float("inf")
+                     else f"values in [{low}, {high}]")
+            raise argparse.ArgumentTypeError(f"{name}: expected {bound}, got {text!r}")
         return values
     return parse
 
@@ -96,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random noise and gain on training audio")
     d.add_argument("--noise-prob", type=float, default=0.5)
-    d.add_argument("--snr-db", type=_floats("--snr-db", -50, 100, 2), default=(10.0, 40.0),
+    d.add_argument("--snr-db", type=_numbers("--snr-db", float, -50, 100, 2), default=(10.0, 40.0),
                    metavar="LOW,HIGH")
-    d.add_argument("--gain-db", type=_floats("--gain-db", -60, 60, 2), default=(-12.0, 6.0),
+    d.add_argument("--gain-db", type=_numbers("--gain-db", float, -60, 60, 2), default=(-12.0, 6.0),
                    metavar="LOW,HIGH")
     d.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=False,
                    help="SpecAugment time and frequency masks on training features (off by "
@@ -144,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints in --out and start over")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    o.add_argument("--one-shot-densities", type=_floats("--one-shot-densities", 0, 1),
+    o.add_argument("--one-shot-densities", type=_numbers("--one-shot-densities", float, 0, 1),
                    default=(0.5, 0.3, 0.2, 0.1),
                    help="densities at which the dense model is also pruned once, without "
                         "retraining, for the CER-against-density plot")
-    o.add_argument("--latency-densities", type=_floats("--latency-densities", 0, 1),
+    o.add_argument("--latency-densities", type=_numbers("--latency-densities", float, 0, 1),
                    default=(1.0, 0.3, 0.1, 0.05))
-    o.add_argument("--latency-batches", type=_ints("--latency-batches"), default=(1, 16))
-    o.add_argument("--bench-batches", type=_ints("--bench-batches"), default=(1, 4, 16))
+    o.add_argument("--latency-batches", type=_numbers("--latency-batches", int, 1), default=(1, 16))
+    o.add_argument("--bench-batches", type=_numbers("--bench-batches", int, 1), default=(1, 4, 16))
     o.add_argument("--bench-steps", type=int, default=250,
                    help="recurrent steps per timed sequence (250 = 10 s of audio at stride 4)")
     o.add_argument("--bench-reps", type=int, default=20)
