@@ -64,6 +64,18 @@ def make_problem(seed, hidden, batch, steps, density, dtype="float32", *, mask=N
     return kernel_d * mask, weights, x, h0
 
 
+def normal(seed, shape):
+    """A float32 array of standard normals, reproducible from ``seed``."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+@pytest.fixture
+def exact_matmuls():
+    """GPUs run float32 matmuls at reduced precision by default; comparisons at 1e-5 need full."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

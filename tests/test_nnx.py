@@ -11,22 +11,18 @@ import jax_sprnn as js
 from jax_sprnn import nnx as jnnx
 from jax_sprnn import pruning
 
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, normal, rel_err
 
 optax = pytest.importorskip("optax")  # a declared dependency; skip cleanly if absent
 
 H, F, B, T = 20, 4, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def exact_matmuls():
-    """GPUs run float32 matmuls at reduced precision by default; these comparisons are at 1e-5."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_matmuls")
 
 
 def random_inputs(seed, shape=(B, T, F)):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    return normal(seed, shape)
 
 
 def randomize_kernel(layer, seed):
