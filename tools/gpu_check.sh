@@ -9,7 +9,10 @@
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   SANITIZER_TOOLS="memcheck" tools/gpu_check.sh sanitize
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
+#   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
+# DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (one 600-s run).
 set -uo pipefail
+script_start=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -28,18 +31,24 @@ rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
 grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
+rm -f "$OUT/build.log"  # $OUT returns at most 8 files: keep them for results
 cd /tmp  # import the installed package, not the source tree
+has() { [[ ",$what," == *",$1,"* ]]; }
+# Packages the image lacks (the speech example's), carried as wheels in .whl/ when present.
+if compgen -G "$OLDPWD/.whl/*.whl" > /dev/null; then
+  python3 -m pip install --no-deps --no-index -q "$OLDPWD"/.whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
+fi
 
-if [ "$what" = tests ] || [ "$what" = all ] || [ "$what" = final ]; then
+if has tests || has all || has final; then
   echo "== tests"
   if [ $# -eq 0 ]; then set -- "$OLDPWD/tests"; fi
-  python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
+  timeout -k 10 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if has bench || has all; then
   echo "== benchmarks"
   python3 "$OLDPWD/benchmarks/bench_forward.py" --out "$OUT/bench_forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi
-if [ "$what" = profile ]; then
+if has profile; then
   echo "== nsight compute"
   for cfg in "${PROFILE_CASE:-1152 0.1 4 float16 256}" "2304 0.1 4 float16 256"; do
     ncu --clock-control none --kernel-name regex:sprnn_forward_kernel --launch-skip 2 --launch-count 1 \
@@ -49,31 +58,32 @@ if [ "$what" = profile ]; then
     echo "ncu rc=$? $cfg"; grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers|Achieved" "$OUT/ncu_${cfg// /_}.txt" | head -30
   done
 fi
-if [ "$what" = multi ] || [ "$what" = final ]; then
+if has multi || has final; then
   echo "== multi-GPU sharding"
   NCCL_NVLS_ENABLE=0 python3 "$OLDPWD/tools/multi_gpu_check.py" 2>&1 | tee "$OUT/multi_gpu.log" | tail -6
 fi
-if [ "$what" = suite ]; then
+if has suite; then
   for suite in ${SUITE:-paper}; do  # SUITE may list several, e.g. "training ablation"
     echo "== benchmark suite $suite"
-    python3 "$OLDPWD/benchmarks/run.py" --suite "$suite" --out "$OUT/suite_$suite" ${SUITE_ARGS:-} 2>&1 | tee "$OUT/suite_$suite.log" | tail -40
+    budget=()
+    if [ -n "${DEADLINE_S:-}" ]; then budget=(--budget-s $(( DEADLINE_S - $(date +%s) + script_start ))); fi
+    python3 "$OLDPWD/benchmarks/run.py" --suite "$suite" --out "$OUT/suite_$suite" ${SUITE_ARGS:-} "${budget[@]}" 2>&1 | tee "$OUT/suite_$suite.log" | tail -40
   done
 fi
-if [ "$what" = reliability ]; then
+if has reliability; then
   echo "== soak"
   python3 "$OLDPWD/tools/soak.py" --calls ${SOAK_CALLS:-10000} --seconds ${SOAK_SECONDS:-300} --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -25
   echo "== concurrency"
   python3 "$OLDPWD/tools/concurrency_check.py" --threads 2 --iters 500 --timeout 240 --out "$OUT/concurrency.json" 2>&1 | tee "$OUT/concurrency.log" | tail -12
 fi
-if [ "$what" = speech ]; then
+if has speech; then
   echo "== speech example, GPU speed table"
-  python3 -m pip install --no-deps --no-index -q "$OLDPWD"/.whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
   for dt in ${SPEECH_DTYPES:-float32 float16}; do
     python3 "$OLDPWD/examples/speech_model.py" --bench-only --hidden 2048 --density 0.1 --dtype "$dt" \
       --out "$OUT/speech_$dt" 2>&1 | tee "$OUT/speech_$dt.log" | tail -12
   done
 fi
-if [ "$what" = sanitize ] || [ "$what" = final ]; then
+if has sanitize || has final; then
   echo "== compute-sanitizer"
   # The command form that ran clean on 2026-11-29. Adding `env XLA_PYTHON_CLIENT_ALLOCATOR=platform`
   # and `--print-limit 20` (and `--kernel-name kns=...` for racecheck) made compute-sanitizer
