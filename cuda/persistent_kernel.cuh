@@ -369,26 +369,39 @@ __device__ __forceinline__ float wait_word(const typename X::Word* src, uint32_t
   return X::word_value(v.w[0]);
 }
 
-// Stages words [0, n_words) of an exchange buffer into dst[0, n_words) as fp32: the full batch
-// planes, whose exchange layout equals the shared-memory layout.
+// Where staged vector v (of VW words) goes in shared memory.
+struct DenseDst {  // the full batch planes: the exchange layout equals the shared-memory layout
+  float* base;
+  int vw;
+  __device__ __forceinline__ float* operator()(int v) const { return base + v * vw; }
+};
+struct PartialPlaneDst {  // the compacted [H][rem] partial plane into its [H][TILE] shared plane
+  float* base;
+  int rem, tile;
+  __device__ __forceinline__ float* operator()(int i) const {
+    const int j = i / rem;
+    return base + j * tile + (i - j * rem);
+  }
+};
+
+// Stages the n_vec vectors of VW exchange words at src into shared memory as fp32, vector v to
+// dst(v).
 //   * Work is split into warp chunks of 32*U vectors; lane l of a warp takes vectors l, l+32, ...
-//     of its chunk, so every load instruction is a coalesced 512-byte access and all U addresses
-//     are one register plus an immediate offset (few registers next to the register tier).
+//     of its chunk, so every load instruction is a coalesced access and, for DenseDst, all U
+//     addresses are one register plus an immediate offset (few registers next to the register tier).
 //   * A thread keeps its U vectors in flight and re-issues all of its not-yet-tagged ones together:
-//     a chunk costs about one L2 round trip after its last producer, not one per vector.
-template <class X, int VW, int U>
-__device__ __forceinline__ void stage_words(const typename X::Word* __restrict__ src,
-                                            float* __restrict__ dst, int n_words, uint32_t tag,
-                                            SpinControl& spin) {
+//     a chunk costs about one L2 round trip after its last producer, not one per vector. (Waiting
+//     word by word instead made a B=1 step cost one L2 round trip per H/threads words.)
+template <class X, int VW, int U, class Dst>
+__device__ __forceinline__ void stage_vectors(const typename X::Word* __restrict__ src, Dst dst,
+                                              int n_vec, uint32_t tag, SpinControl& spin) {
   using Word = typename X::Word;
   constexpr int kChunk = 32 * U;
   const int lane = threadIdx.x & 31;
   const int n_warps = blockDim.x >> 5;
-  const int n_vec = n_words / VW;
   for (int chunk = (threadIdx.x >> 5) * kChunk; chunk < n_vec && !spin.aborted;
        chunk += n_warps * kChunk) {
     const Word* s0 = src + static_cast<size_t>(chunk + lane) * VW;
-    float* d0 = dst + static_cast<size_t>(chunk + lane) * VW;
     const int avail = n_vec - chunk - lane;  // vector u of this thread exists iff u*32 < avail
     WordVec<Word, VW> v[U];
     uint32_t pending = 0;
@@ -407,7 +420,7 @@ __device__ __forceinline__ void stage_words(const typename X::Word* __restrict__
           float f[VW];
 #pragma unroll
           for (int k = 0; k < VW; ++k) f[k] = X::word_value(v[u].w[k]);
-          store_floats<VW>(d0 + u * 32 * VW, f);
+          store_floats<VW>(dst(chunk + lane + u * 32), f);
           pending &= ~(1u << u);
         }
       }
@@ -419,6 +432,15 @@ __device__ __forceinline__ void stage_words(const typename X::Word* __restrict__
       }
     }
   }
+}
+
+// Stages words [0, n_words) of an exchange buffer into dst[0, n_words): the full batch planes.
+template <class X, int VW, int U>
+__device__ __forceinline__ void stage_words(const typename X::Word* __restrict__ src,
+                                            float* __restrict__ dst, int n_words, uint32_t tag,
+                                            SpinControl& spin) {
+  const int n_vec = n_words / VW;
+  stage_vectors<X, VW, U>(src, DenseDst{dst, VW}, n_vec, tag, spin);
   // Words past the last whole vector.
   for (int i = n_vec * VW + static_cast<int>(threadIdx.x); i < n_words; i += blockDim.x)
     dst[i] = wait_word<X>(src + i, tag, spin);
@@ -791,13 +813,10 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         } else {
           stage_words<X, 1, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
         }
-        if (p.partial_rem != 0) {  // the compacted [H][rem] partial plane
-          const int rem = p.partial_rem;
-          float* dst = h_cur + n_full_words;
-          for (int i = tid; i < rem * H; i += blockDim.x) {
-            const int j = i / rem;
-            dst[j * TILE + (i - j * rem)] = wait_word<X>(src + n_full_words + i, tag, spin);
-          }
+        if (p.partial_rem != 0) {  // the compacted [H][rem] partial plane, word by word
+          stage_vectors<X, 1, Cfg::kStageUnroll>(
+              src + n_full_words, PartialPlaneDst{h_cur + n_full_words, p.partial_rem, TILE},
+              p.partial_rem * H, tag, spin);
         }
       }
       if (__syncthreads_or(spin.aborted)) break;  // staged state visible; leave together on error

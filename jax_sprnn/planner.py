@@ -15,7 +15,9 @@ The planner is a pure function of the layer (hidden size, nonzeros per row, dtyp
 
 Among the K that fit, it picks the one with the fewest slot rounds per step
 (``warps_per_cta * K``, shared-memory slots weighted by :data:`SMEM_SLOT_COST`): that is what a step's
-compute time is proportional to.
+compute time is proportional to. Then, if the CTAs are thin, it regroups the same warps into fewer,
+wider CTAs: every CTA stages all of ``h_{t-1}`` each step, and with too few threads that staging,
+not the slots, sets the step time (see :data:`STAGE_WORDS_PER_THREAD`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ KERNEL_SMEM_RESERVE = 1024
 #: Relative cost of a slot read from the shared-memory tier against one held in a register (one more
 #: shared load per slot); an estimate, see benchmarks/RESULTS.md.
 SMEM_SLOT_COST = 1.5
+
+
+#: The most staged-h loads per thread per batch plane the planner accepts while it can widen CTAs:
+#: a thin CTA (sparse layers need few warps) otherwise spends the step staging ``H`` words with one
+#: or two warps. Measured on the H200 at 1% density: 2 warps per CTA ran 2-4x slower per step than
+#: 5% density (benchmarks/RESULTS.md, sweep).
+STAGE_WORDS_PER_THREAD = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +198,7 @@ def plan_layout(
         if best is None or (_step_cost(plan), k) < (_step_cost(best), best.slots_per_lane):
             best = plan
     if best is not None:
-        return best
+        return _widen_thin_ctas(best, dtype, device)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.
     k = next((s for s in sorted(slot_sizes) if s * WARP >= max_nnz), None)
@@ -204,6 +213,25 @@ def plan_layout(
               f"memory per CTA): {detail}")
     return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
                 h_bytes + k * wpc * WARP * words * 4 + KERNEL_SMEM_RESERVE)
+
+
+def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
+    """The same warps in fewer CTAs of at least ``H / (32 * STAGE_WORDS_PER_THREAD)`` warps, when
+    the register tier's thread limit and shared memory allow (never fewer registers per slot)."""
+    want = -(-plan.hidden // (WARP * STAGE_WORDS_PER_THREAD))
+    if plan.warps_per_cta >= want:
+        return plan
+    warps = plan.num_warps
+    limit = dict(device.thread_limits(dtype))[plan.reg_slots]
+    words = bytes_per_slot(dtype) // 4
+    for wpc in range(min(want, warps, limit // WARP, device.max_threads_per_block // WARP),
+                     plan.warps_per_cta, -1):
+        smem = (plan.hidden * plan.load_bytes + KERNEL_SMEM_RESERVE
+                + (plan.slots_per_lane - plan.reg_slots) * wpc * WARP * words * 4)
+        if smem <= device.smem_per_block:
+            return dataclasses.replace(plan, num_warps=-(-warps // wpc) * wpc, warps_per_cta=wpc,
+                                       smem_bytes=smem)
+    return plan
 
 
 def max_persistent_batch(plan: Plan, dtype, device: DeviceSpec = H200) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 import jax_sprnn as js
 
-from conftest import make_problem
+from conftest import make_problem, on_gpu
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,19 @@ def test_validate_catches_hand_made_weights(problem):
 
 
 def test_native_kernel_rejects_out_of_range_indices(problem):
-    # A hand-made layout with a bad index reaches the C++ kernel, which refuses it with a clear
-    # error instead of reading out of bounds.
+    # A hand-made layout with a bad index reaches the native kernel, which never reads out of
+    # bounds. The C++ kernel refuses it with a clear error. The CUDA handler cannot read the indices
+    # without a synchronization, so its kernel flags them: the outputs are NaN (never a silent wrong
+    # number) and the error reaches Python at the next call, after which calls work again.
     dense, w, x, h0 = problem
     bad = w.replace(indices=w.indices.at[0].set(10_000))
-    with pytest.raises(Exception, match="indices.*names column 10000"):
-        jax.block_until_ready(js.sparse_rnn(x, h0, bad, method="native"))
+    if not on_gpu():
+        with pytest.raises(Exception, match="indices.*names column 10000"):
+            jax.block_until_ready(js.sparse_rnn(x, h0, bad, method="native"))
+        return
+    y, h = js.sparse_rnn(x, h0, bad, method="native")
+    assert np.all(np.isnan(np.asarray(y, np.float32))) and np.all(np.isnan(np.asarray(h, np.float32)))
+    with pytest.raises(Exception, match="invalid packed layout"):
+        jax.block_until_ready(js.sparse_rnn(x, h0, w, method="native"))
+    y, _ = js.sparse_rnn(x, h0, w, method="native")
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))

@@ -18,7 +18,7 @@ from conftest import make_problem, rel_err
 pytest.importorskip("flatbuffers")
 
 
-def test_export_round_trip_in_a_fresh_process(tmp_path):
+def test_export_round_trip_in_a_fresh_process(tmp_path, exact_matmuls):
     dense, w, x, h0 = make_problem(0, 40, 3, 7, 0.2)
 
     @jax.jit

@@ -31,6 +31,26 @@ def test_plans_fit_within_budget(hidden, density, dtype):
     _check_budget(plan, H200, dtype)
 
 
+@pytest.mark.parametrize("hidden,density", [(1152, 0.01), (1152, 0.05), (2304, 0.01), (1000, 0.003)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sparse_layers_get_ctas_wide_enough_to_stage_h(hidden, density, dtype):
+    # Few warps hold a very sparse layer; spread over every SM they would leave one or two warps per
+    # CTA to stage all of h each step. The planner regroups them into fewer, wider CTAs instead.
+    nnz = np.full(hidden, max(1, int(round(density * hidden))))
+    plan = plan_layout(nnz, dtype, H200)
+    assert plan.fits, plan.reason
+    _check_budget(plan, H200, dtype)
+    warps = planner._warps_needed(planner.lanes_per_row(nnz, plan.slots_per_lane))
+    want = -(-hidden // (32 * planner.STAGE_WORDS_PER_THREAD))
+    assert plan.warps_per_cta >= min(want, warps)
+    assert plan.num_warps - warps < plan.warps_per_cta  # padding: less than one CTA of empty warps
+    # the widening never applies to a layer whose CTAs are already wide enough
+    nnz = np.full(2304, 230)
+    wide = plan_layout(nnz, dtype, H200)
+    warps = planner._warps_needed(planner.lanes_per_row(nnz, wide.slots_per_lane))
+    assert wide.warps_per_cta == -(-warps // min(H200.sm_count, warps))
+
+
 def test_every_row_fits_its_warp():
     rng = np.random.default_rng(0)
     nnz = rng.integers(0, 300, size=777)
