@@ -155,7 +155,7 @@ def test_embedded_corpus_is_there_and_fits_the_budget():
 
 # ---- model ----------------------------------------------------------------------------------
 
-def test_cell_and_layer_forms_and_the_packed_export_agree():
+def test_cell_and_layer_forms_and_the_packed_export_agree(exact_matmuls):
     import jax
     import jax.numpy as jnp
     from jax_sprnn import pruning

@@ -7,7 +7,7 @@
 #   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
 #   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
-#   SANITIZER_TOOLS="memcheck" tools/gpu_check.sh sanitize
+#   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 #   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
 # DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (one 600-s run).
@@ -98,7 +98,7 @@ if has sanitize || has final; then
       *) echo "unknown sanitizer tool $tool"; continue ;;
     esac
     timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      python3 "$OLDPWD/tools/sanitizer_case.py" --cases "$cases" ${SANITIZER_CASE_ARGS:---dtype float16} \
+      python3 "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" ${SANITIZER_CASE_ARGS:---dtype float16} \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
   done
