@@ -85,21 +85,40 @@ if has speech; then
 fi
 if has sanitize || has final; then
   echo "== compute-sanitizer"
-  # The command form that ran clean on 2026-11-29. Adding `env XLA_PYTHON_CLIENT_ALLOCATOR=platform`
-  # and `--print-limit 20` (and `--kernel-name kns=...` for racecheck) made compute-sanitizer
-  # segfault at start on 2026-11-30, so they are left out. No XLA autotuning under instrumentation
-  # (slow); `timeout -k` because the sanitizer may ignore SIGTERM.
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
-  for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
-    case $tool in
-      memcheck) cases=small,wide; limit=420 ;;
-      racecheck) cases=small; limit=300 ;;
-      synccheck|initcheck) cases=small; limit=240 ;;
-      *) echo "unknown sanitizer tool $tool"; continue ;;
-    esac
-    timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      python3 "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" ${SANITIZER_CASE_ARGS:---dtype float16} \
-      > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+  # compute-sanitizer 2025.3 segfaulted at JAX's start-up on 2026-11-30 (cupy ran clean under it),
+  # whatever the allocator. So first find a setting under which JAX starts at all: each candidate
+  # runs a one-op JAX program under memcheck (Python's faulthandler names the call that crashed),
+  # and the tools run under the first that exits 0. No XLA autotuning under instrumentation (slow);
+  # `timeout -k` because the sanitizer may ignore SIGTERM.
+  base_flags="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
+  cand_flags=("$base_flags" "$base_flags --xla_gpu_enable_command_buffer="
+              "$base_flags --xla_gpu_enable_command_buffer=")
+  cand_env=("" "XLA_PYTHON_CLIENT_PREALLOCATE=false"
+            "XLA_PYTHON_CLIENT_ALLOCATOR=platform CUDA_MODULE_LOADING=EAGER")
+  chosen=""
+  for i in "${!cand_flags[@]}"; do
+    env_args=("XLA_FLAGS=${cand_flags[$i]}" ${cand_env[$i]})
+    timeout -k 5 "${SANITIZER_PROBE_TIMEOUT:-60}" env "${env_args[@]}" compute-sanitizer --tool memcheck \
+      python3 -X faulthandler -c "import jax, jax.numpy as jnp; print('jax up', jnp.arange(3.0).sum())" \
+      > "$OUT/sanitizer_probe$i.log" 2>&1
+    rc=$?
+    echo "probe $i rc=$rc: ${env_args[*]} | $(grep -E 'jax up|ERROR SUMMARY|Fatal|File' "$OUT/sanitizer_probe$i.log" | head -4 | tr '\n' ' ')"
+    if [ $rc -eq 0 ]; then chosen=$i; break; fi
   done
+  if [ -z "$chosen" ]; then
+    echo "compute-sanitizer: JAX does not start under it in any candidate setting; tools not run"
+  else
+    for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
+      case $tool in
+        memcheck) cases=small,wide; limit=420 ;;
+        racecheck) cases=small; limit=300 ;;
+        synccheck|initcheck) cases=small; limit=240 ;;
+        *) echo "unknown sanitizer tool $tool"; continue ;;
+      esac
+      timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" env "${env_args[@]}" compute-sanitizer --tool "$tool" \
+        --error-exitcode 9 python3 "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" \
+        ${SANITIZER_CASE_ARGS:---dtype float16} > "$OUT/sanitizer_$tool.log" 2>&1
+      echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+    done
+  fi
 fi
