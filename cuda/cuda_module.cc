@@ -37,8 +37,6 @@ NB_MODULE(_sprnn_cuda, m) {
   m.def(
       "registrations",
       []() {
-        // Allocates the pinned error word now, outside any CUDA-graph capture (best effort).
-        sc::Initialize();
         nb::dict d;
         d["jax_sprnn_forward"] = handler_capsule(JaxSprnnForwardCuda);
         d["jax_sprnn_backward"] = handler_capsule(JaxSprnnBackwardCuda);
@@ -47,6 +45,12 @@ NB_MODULE(_sprnn_cuda, m) {
         return d;
       },
       "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
+
+  m.def(
+      "initialize", []() { sc::Initialize(); },
+      "Allocates the pinned error word (best effort). Call it once the framework has set up CUDA, "
+      "outside any CUDA-graph capture, e.g. when a kernel call is lowered; importing the package "
+      "touches no CUDA state.");
 
   m.def(
       "device_count",

@@ -40,7 +40,19 @@ def cuda_module():
 
 
 def cuda_targets() -> frozenset:
-    return frozenset(_cuda.registrations()) if _cuda is not None else frozenset()
+    return _CUDA_TARGETS
+
+
+_CUDA_TARGETS = frozenset(_cuda.registrations()) if _cuda is not None else frozenset()
+
+
+@functools.cache
+def initialize_cuda() -> None:
+    """One-time host setup of the CUDA kernels (the pinned error word), done when the first call is
+    lowered: by then JAX has set up the device, and no CUDA graph is being captured. Importing
+    jax_sprnn touches no CUDA state."""
+    if _cuda is not None:
+        _cuda.initialize()
 
 
 def _visible_gpu() -> int | None:

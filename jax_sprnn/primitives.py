@@ -186,6 +186,7 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
                                       f"GPU: {why}")
         return _fallback_rule(fallback_impl)(ctx, *args, activation=activation, reverse=reverse,
                                              meta=meta)
+    _native.initialize_cuda()
     workspace = jax.core.ShapedArray((cuda_workspace_bytes(B, H),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     outs = jax.ffi.ffi_lowering(target)(

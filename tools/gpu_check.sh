@@ -116,7 +116,7 @@ if has sanitize || has final; then
         *) echo "unknown sanitizer tool $tool"; continue ;;
       esac
       timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" env "${env_args[@]}" compute-sanitizer --tool "$tool" \
-        --error-exitcode 9 python3 "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" \
+        --error-exitcode 9 python3 -X faulthandler "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" \
         ${SANITIZER_CASE_ARGS:---dtype float16} > "$OUT/sanitizer_$tool.log" 2>&1
       echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
     done
