@@ -110,13 +110,13 @@ if has sanitize || has final; then
   else
     for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
       case $tool in
-        memcheck) cases=small,wide; limit=420 ;;
-        racecheck) cases=small; limit=300 ;;
-        synccheck|initcheck) cases=small; limit=240 ;;
+        memcheck) cases=small,wide; limit=420; opts=(${MEMCHECK_OPTS:-}) ;;
+        racecheck) cases=small; limit=300; opts=() ;;
+        synccheck|initcheck) cases=small; limit=240; opts=() ;;
         *) echo "unknown sanitizer tool $tool"; continue ;;
       esac
       timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" env "${env_args[@]}" compute-sanitizer --tool "$tool" \
-        --error-exitcode 9 python3 -X faulthandler "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" \
+        "${opts[@]}" --error-exitcode 9 python3 -X faulthandler "$OLDPWD/tools/sanitizer_case.py" --cases "${SANITIZER_CASES:-$cases}" \
         ${SANITIZER_CASE_ARGS:---dtype float16} > "$OUT/sanitizer_$tool.log" 2>&1
       echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
     done
