@@ -93,7 +93,9 @@ if has sanitize || has final; then
   base_flags="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
   cand_flags=("$base_flags" "$base_flags --xla_gpu_enable_command_buffer="
               "$base_flags --xla_gpu_enable_command_buffer=")
-  cand_env=("" "XLA_PYTHON_CLIENT_PREALLOCATE=false"
+  # JAX must not preallocate 75% of the GPU: the tools need device memory of their own, and without
+  # it XLA's allocations failed and the sanitizer crashed (2026-11-30).
+  cand_env=("XLA_PYTHON_CLIENT_PREALLOCATE=false" "XLA_PYTHON_CLIENT_PREALLOCATE=false"
             "XLA_PYTHON_CLIENT_ALLOCATOR=platform CUDA_MODULE_LOADING=EAGER")
   chosen=""
   for i in "${!cand_flags[@]}"; do
