@@ -14,7 +14,7 @@ from jax.experimental import sparse
 
 import jax_sprnn as js
 from jax_sprnn import _native
-from jax_sprnn.primitives import cuda_fit, cuda_workspace_bytes
+from jax_sprnn.primitives import cuda_fit, cuda_workspace_bytes, gpu_path
 
 from .harness import Peer, Runner, Skip
 from .problems import Layer
@@ -86,8 +86,9 @@ def auto_choice(layer: Layer, batch: int) -> dict:
     """What ``sparse_rnn(..., method="auto")`` runs for this layer on this backend."""
     backend = jax.default_backend()
     if backend == "gpu":
-        ok, why = persistent_fit(layer, batch)
-        return dict(pick="persistent kernel" if ok else "dense XLA fallback", reason=why)
+        path, why = gpu_path(layer.plan_meta, batch, layer.jnp_dtype)
+        return dict(pick="persistent kernel" if path == "persistent" else "dense XLA path",
+                    reason=why)
     if backend == "cpu" and _native.has_cpu_kernels():
         return dict(pick="C++ CPU kernel", reason="CPU backend")
     return dict(pick="pure-JAX fallback", reason=f"{backend} backend")

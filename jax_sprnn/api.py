@@ -153,8 +153,9 @@ def sparse_rnn(inputs, h0, weights: SparseWeights, *, activation: str = "tanh",
       seq_lengths: optional ``[B]`` integers in ``[0, T]``. Past its length an example's state is
         frozen and its outputs are zero; its final state is the state at its length.
       method: ``"auto"`` (the native kernel where it is available and fits, else a dense XLA
-        fallback with a one-time warning), ``"native"`` (the native kernel or an error that says
-        why), or ``"reference"`` (pure JAX).
+        path with a one-time warning; on a GPU also the dense path for a 16-bit forward pass where
+        :mod:`jax_sprnn.cost` expects the kernel to be clearly slower, e.g. B=16 at H=2304),
+        ``"native"`` (the native kernel or an error that says why), or ``"reference"`` (pure JAX).
 
     Returns:
       ``(outputs, final_state)``: outputs laid out like ``inputs``, final state ``[B, H]``.

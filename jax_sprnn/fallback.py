@@ -1,9 +1,10 @@
 """Pure-JAX implementations of the three native operations, on the packed arrays.
 
 They lower wherever no native kernel runs (an unsupported platform, or a layer that does not fit on
-chip) and serve as the dense path of ``method="auto"``. They rebuild the dense kernel from the packed
-arrays once per call (a scatter of the nonzeros) and run XLA's dense matmul per step, which on a GPU
-beats a per-step sparse library call at every size DESIGN.md measured.
+chip) and serve as the dense path of ``method="auto"`` (also chosen where the persistent kernel would
+be slower, see :mod:`jax_sprnn.cost`). They rebuild the dense kernel from the packed arrays once per
+call (a scatter of the nonzeros) and run XLA's dense matmul per step, which on a GPU beats a per-step
+sparse library call at every size DESIGN.md measured.
 """
 
 from __future__ import annotations
@@ -29,9 +30,20 @@ def dense_from_packed(values, indices, lane_row, meta: LayoutMeta):
     return jnp.zeros((meta.hidden, meta.hidden), jnp.float32).at[cols, rows].add(vals)
 
 
+def storage_matvec(kernel, dtype):
+    """``h @ kernel`` with float32 accumulation. For 16-bit storage the operands are exact in that
+    dtype (the state is rounded to it every step, the values are stored in it), so a tensor-core
+    matmul in the storage dtype gives the native kernels' exact products and float32 sums; float32
+    storage keeps full-precision float32 (GPUs would otherwise round to TF32)."""
+    if jnp.dtype(dtype).itemsize == 4:
+        return dense_matvec(kernel)
+    kernel16 = kernel.astype(dtype)
+    return lambda h: jnp.dot(h.astype(dtype), kernel16, preferred_element_type=jnp.float32)
+
+
 def forward(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta, **_):
     kernel = dense_from_packed(values, indices, lane_row, meta)
-    return scan_recurrence(x, h0, dense_matvec(kernel), lengths, activation=activation,
+    return scan_recurrence(x, h0, storage_matvec(kernel, x.dtype), lengths, activation=activation,
                            reverse=reverse)
 
 

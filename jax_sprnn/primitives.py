@@ -27,7 +27,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from . import _native, fallback, planner
+from . import _native, cost, fallback, planner
 from .layout import LayoutMeta
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "identity": 2}
@@ -168,6 +168,24 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = "jax_sprnn_forwa
     return True, "fits"
 
 
+def gpu_path(meta: LayoutMeta, batch: int, dtype, method: str = "auto",
+             target: str = "jax_sprnn_forward") -> tuple[str, str]:
+    """``("persistent", why)`` or ``("dense", why)``: what a GPU call of this layer runs.
+
+    The dense XLA path runs where the kernel does not fit, and, for ``method="auto"`` in the
+    forward direction, where :mod:`jax_sprnn.cost` expects the kernel to be clearly slower. (The
+    backward keeps the kernel: its dense path must stay in float32, which is slower still.)
+    """
+    ok, why = cuda_fit(meta, batch, dtype, target)
+    if not ok:
+        return "dense", why
+    if method == "auto" and target == "jax_sprnn_forward":
+        slower, estimate = cost.auto_prefers_dense(meta, batch, dtype)
+        if slower:
+            return "dense", f"it is faster here ({estimate})"
+    return "persistent", why
+
+
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
                      spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False):
     """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback.
@@ -177,13 +195,13 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     """
     T, B, H = ctx.avals_in[0].shape
     dtype = ctx.avals_in[0].dtype
-    ok, why = cuda_fit(meta, B, dtype, target)
-    if not ok:
+    path, why = gpu_path(meta, B, dtype, method, target)
+    if path == "dense":
         if method == "native":
             raise ValueError(f"method='native': the persistent CUDA kernel ({target}) cannot run "
                              f"this layer: {why}")
-        _warn_once((target, meta, B), f"jax_sprnn: {target} uses the dense XLA fallback on the "
-                                      f"GPU: {why}")
+        _warn_once((target, meta, B), f"jax_sprnn: {target} uses the dense XLA path on the GPU: "
+                                      f"{why}")
         return _fallback_rule(fallback_impl)(ctx, *args, activation=activation, reverse=reverse,
                                              meta=meta)
     _native.initialize_cuda()

@@ -14,31 +14,34 @@ def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool
 
     ``x_tm`` is ``[T, B, H]``, ``lengths`` ``[B]`` int32. Accumulates in float32 and rounds the state
     to the input dtype after each step, as the native kernels do. Returns ``(y_tm, h_final)``.
+    The inputs are put in step order once, before the scan (a gather only when ``reverse``), so a
+    step is the matvec and one fused elementwise update.
     """
     act = ACTIVATIONS[activation]
-    T, B, _ = x_tm.shape
+    T = x_tm.shape[0]
     dtype = x_tm.dtype
-    batch = jnp.arange(B)
 
-    def position(s):
-        return jnp.clip(jnp.where(reverse, lengths - 1 - s, s), 0, max(T - 1, 0))
-
-    def step(h, s):
-        active = (s < lengths)[:, None]
-        x_s = x_tm[position(s), batch].astype(jnp.float32)
-        h_new = act(x_s + matvec(h.astype(jnp.float32))).astype(dtype)
-        h_next = jnp.where(active, h_new, h)
-        return h_next, jnp.where(active, h_new, jnp.zeros((), dtype))
-
-    h_final, y_steps = lax.scan(step, h0.astype(dtype), jnp.arange(T))
-    if reverse:  # step s wrote position L-1-s; bring outputs back to their positions
+    def in_step_order(a):
+        """``a[p(s, b), b]`` for every step s and example b: position ``L_b-1-s`` under reverse.
+        The map is its own inverse on the active steps, so it also puts outputs back in place."""
+        if not reverse:
+            return a
         pos = jnp.arange(T)[:, None]
         src = jnp.clip(lengths[None, :] - 1 - pos, 0, max(T - 1, 0))
-        y = jnp.take_along_axis(y_steps, src[:, :, None], axis=0)
-        y = jnp.where((pos < lengths[None, :])[:, :, None], y, jnp.zeros((), dtype))
-    else:
-        y = y_steps
-    return y, h_final
+        return jnp.take_along_axis(a, src[:, :, None], axis=0)
+
+    def step(h, xs):
+        x_s, s = xs
+        active = (s < lengths)[:, None]
+        h_new = act(x_s.astype(jnp.float32) + matvec(h.astype(jnp.float32))).astype(dtype)
+        return jnp.where(active, h_new, h), jnp.where(active, h_new, jnp.zeros((), dtype))
+
+    h_final, y_steps = lax.scan(step, h0.astype(dtype), (in_step_order(x_tm), jnp.arange(T)))
+    if not reverse:
+        return y_steps, h_final
+    y = in_step_order(y_steps)
+    pos = jnp.arange(T)[:, None]
+    return jnp.where((pos < lengths[None, :])[:, :, None], y, jnp.zeros((), dtype)), h_final
 
 
 def dense_matvec(kernel):

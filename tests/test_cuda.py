@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import _native, planner
+from jax_sprnn import _native, cost, planner
 from jax_sprnn.primitives import cuda_fit, sprnn_forward_p
 
 from conftest import TOLERANCE, make_problem, rel_err
@@ -92,9 +92,25 @@ def test_auto_falls_back_when_the_batch_does_not_fit():
     hb = jnp.tile(h0, (big // 2 + 1, 1))[:big]
     with pytest.raises(ValueError, match="exceeds the persistent kernel's limit"):
         js.sparse_rnn(xb, hb, w, method="native")
-    with pytest.warns(RuntimeWarning, match="fallback"):
+    with pytest.warns(RuntimeWarning, match="dense XLA path"):
         y, _ = js.sparse_rnn(xb, hb, w, method="auto")
     assert rel_err(y, js.reference_rnn(xb, hb, dense)[0]) < TOLERANCE["float16"]
+
+
+def test_auto_takes_the_dense_path_where_the_kernel_is_slower():
+    # H=2304 at 30% and B=16 in fp16: four batch planes make the kernel slower than a dense step
+    # (benchmarks/RESULTS.md, sweep), so auto lowers to XLA's dense matmul; native keeps the kernel.
+    dense, w, x, h0 = make_problem(8, 2304, 16, 6, 0.3, "float16")
+    assert cost.auto_prefers_dense(w.meta, 16, jnp.float16)[0]
+    auto = jax.jit(lambda x, h0, w: js.sparse_rnn(x, h0, w, method="auto"))
+    with pytest.warns(RuntimeWarning, match="faster here"):  # warned once, when first lowered
+        hlo = auto.lower(x, h0, w).as_text()
+    assert "jax_sprnn_forward" not in hlo
+    y, _ = auto(x, h0, w)
+    y_native, _ = js.sparse_rnn(x, h0, w, method="native")
+    with jax.default_matmul_precision("highest"):
+        y_ref, _ = js.reference_rnn(x, h0, dense)
+    assert rel_err(y, y_ref) < TOLERANCE["float16"] and rel_err(y_native, y_ref) < TOLERANCE["float16"]
 
 
 def test_pending_error_is_empty_after_good_calls():

@@ -124,3 +124,23 @@ def test_gpu_runs_the_persistent_kernel():
     hlo = jax.jit(lambda x, h0, w: js.sparse_rnn(x, h0, w, method="native")).lower(x, h0, w).as_text()
     assert "jax_sprnn_forward" in hlo
     _check(13, 256, 4, 64, 0.1, "float16")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dense_fallback_matches_reference(dtype, reverse, exact_matmuls):
+    # The pure-JAX dense path that method="auto" runs where the native kernel cannot, or would be
+    # slower: 16-bit storage runs its matmul in that dtype with float32 accumulation.
+    from jax_sprnn import fallback
+
+    dense, w, x, h0 = make_problem(11, 77, 5, 19, 0.15, dtype)
+    lengths = jnp.asarray([19, 0, 7, 1, 12], jnp.int32)
+    x_tm = jnp.swapaxes(x, 0, 1)
+    y, h = jax.jit(lambda x, h0, v: fallback.forward(
+        x, h0, v, w.indices, w.lane_row, lengths, activation="tanh", reverse=reverse,
+        meta=w.meta))(x_tm, h0, w.values)
+    y_ref, h_ref = js.reference_rnn(x_tm, h0, dense, time_major=True, reverse=reverse,
+                                    seq_lengths=lengths)
+    assert y.dtype == x.dtype and h.dtype == x.dtype
+    assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(h, h_ref) < TOLERANCE[dtype]
+    assert np.all(np.asarray(y[7:, 2], np.float32) == 0) and np.all(np.asarray(y[:, 1], np.float32) == 0)
