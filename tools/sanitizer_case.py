@@ -54,17 +54,22 @@ def run_case(rng, hidden, batch, steps, dtype, sms):
     lengths = jnp.asarray(lengths)
     kw = dict(activation="tanh", reverse=bool(batch % 2))
 
-    def loss(x, h0, values, method):
+    def loss(x, h0, values, lengths, w, method):
         y, h = js.sparse_rnn(x, h0, w.replace(values=values), seq_lengths=lengths, method=method,
                              **kw)
         return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(h.astype(jnp.float32))
 
     y, h = jax.jit(lambda x, h0, n: js.sparse_rnn(x, h0, w, seq_lengths=n, method="native", **kw))(
         x, h0, lengths)
-    y_ref, h_ref = js.reference_rnn(x, h0, w.to_dense(), seq_lengths=lengths, **kw)
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-    g = grad(x, h0, w.values, "native")
-    g_ref = grad(x, h0, w.values, "reference")
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=5)(
+        x, h0, w.values, lengths, w, "native")
+    # The references run on the CPU, so that the tools instrument our kernels rather than cuBLAS
+    # and cuDNN (synccheck and initcheck crashed in a run whose references used them).
+    cpu = jax.devices("cpu")[0]
+    xc, hc, nc, wc = jax.device_put((x, h0, lengths, w), cpu)
+    with jax.default_device(cpu):
+        y_ref, h_ref = js.reference_rnn(xc, hc, wc.to_dense(), seq_lengths=nc, **kw)
+        g_ref = jax.grad(loss, argnums=(0, 1, 2))(xc, hc, wc.values, nc, wc, "reference")
     errs = [rel_err(y, y_ref), rel_err(h, h_ref)] + [rel_err(a, b) for a, b in zip(g, g_ref)]
     finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in (y, h, *g))
     ok = finite and max(errs[:2]) < TOLERANCE[dtype] and max(errs[2:]) < 4 * TOLERANCE[dtype]
