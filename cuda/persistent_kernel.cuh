@@ -813,7 +813,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         } else {
           stage_words<X, 1, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
         }
-        if (p.partial_rem != 0) {  // the compacted [H][rem] partial plane, word by word
+        if (p.partial_rem != 0) {  // the compacted [H][rem] partial plane, one word per vector
           stage_vectors<X, 1, Cfg::kStageUnroll>(
               src + n_full_words, PartialPlaneDst{h_cur + n_full_words, p.partial_rem, TILE},
               p.partial_rem * H, tag, spin);

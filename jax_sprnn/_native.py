@@ -39,11 +39,11 @@ def cuda_module():
     return _cuda
 
 
+_CUDA_TARGETS = frozenset(_cuda.registrations()) if _cuda is not None else frozenset()
+
+
 def cuda_targets() -> frozenset:
     return _CUDA_TARGETS
-
-
-_CUDA_TARGETS = frozenset(_cuda.registrations()) if _cuda is not None else frozenset()
 
 
 @functools.cache

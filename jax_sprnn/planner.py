@@ -142,6 +142,18 @@ def bytes_per_slot(dtype) -> int:
     return 8 if np.dtype(dtype).itemsize == 4 else 4
 
 
+def weight_smem_bytes(slots_per_lane: int, reg_slots: int, threads: int, dtype) -> int:
+    """Shared memory of a CTA's weight tier: the slots beyond the register tier, for every thread."""
+    return (slots_per_lane - reg_slots) * threads * bytes_per_slot(dtype)
+
+
+def cta_smem_bytes(hidden: int, load_bytes: int, slots_per_lane: int, reg_slots: int, threads: int,
+                   dtype) -> int:
+    """Shared memory of one CTA with a single batch plane of staged h."""
+    return (hidden * load_bytes + weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype)
+            + KERNEL_SMEM_RESERVE)
+
+
 def _step_cost(plan: Plan) -> float:
     smem_slots = plan.slots_per_lane - plan.reg_slots
     return plan.warps_per_cta * (plan.reg_slots + SMEM_SLOT_COST * smem_slots)
@@ -168,8 +180,6 @@ def plan_layout(
     if load_bytes not in (4, 8, 16):
         raise ValueError(f"plan_layout: load_bytes must be 4, 8 or 16, got {load_bytes}")
     max_nnz = int(row_nnz.max())
-    words = bytes_per_slot(dtype) // 4
-    h_bytes = hidden * load_bytes
     best: Plan | None = None
     reasons = []
     for k in sorted(slot_sizes):
@@ -189,7 +199,7 @@ def plan_layout(
         if reg_slots is None:
             reasons.append(f"K={k}: no kernel instantiation runs {threads} threads per CTA")
             continue
-        smem = h_bytes + (k - reg_slots) * threads * words * 4 + KERNEL_SMEM_RESERVE
+        smem = cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype)
         if smem > device.smem_per_block:
             reasons.append(f"K={k}: needs {smem} bytes of shared memory per CTA "
                            f"> {device.smem_per_block}")
@@ -212,7 +222,7 @@ def plan_layout(
               f"on {device.name} ({device.sm_count} SMs, {device.smem_per_block} bytes of shared "
               f"memory per CTA): {detail}")
     return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
-                h_bytes + k * wpc * WARP * words * 4 + KERNEL_SMEM_RESERVE)
+                cta_smem_bytes(hidden, load_bytes, k, 0, wpc * WARP, dtype))
 
 
 def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
@@ -223,11 +233,10 @@ def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
         return plan
     warps = plan.num_warps
     limit = dict(device.thread_limits(dtype))[plan.reg_slots]
-    words = bytes_per_slot(dtype) // 4
     for wpc in range(min(want, warps, limit // WARP, device.max_threads_per_block // WARP),
                      plan.warps_per_cta, -1):
-        smem = (plan.hidden * plan.load_bytes + KERNEL_SMEM_RESERVE
-                + (plan.slots_per_lane - plan.reg_slots) * wpc * WARP * words * 4)
+        smem = cta_smem_bytes(plan.hidden, plan.load_bytes, plan.slots_per_lane, plan.reg_slots,
+                              wpc * WARP, dtype)
         if smem <= device.smem_per_block:
             return dataclasses.replace(plan, num_warps=-(-warps // wpc) * wpc, warps_per_cta=wpc,
                                        smem_bytes=smem)
@@ -238,8 +247,7 @@ def max_persistent_batch(plan: Plan, dtype, device: DeviceSpec = H200) -> int:
     """The largest batch the persistent kernel runs for this plan (more planes of staged h)."""
     if not plan.fits:
         return 0
-    words = bytes_per_slot(dtype) // 4
-    weight_smem = (plan.slots_per_lane - plan.reg_slots) * plan.threads_per_cta * words * 4
+    weight_smem = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
     free = device.smem_per_block - weight_smem - KERNEL_SMEM_RESERVE
     planes = free // (plan.hidden * plan.load_bytes)
     return int(planes * (plan.load_bytes // 4))
