@@ -74,6 +74,25 @@ def test_lengths_and_reverse(reverse, dtype):
     np.testing.assert_array_equal(np.asarray(h_final[1], np.float32), np.asarray(h0[1], np.float32))
 
 
+@pytest.mark.parametrize("load_bytes", [4, 8, 16])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_many_batch_planes_with_lengths(load_bytes, dtype, reverse):
+    """21 examples are 21, 11 or 6 batch planes (tiles of 1, 2, 4), more than the CUDA kernel keeps
+    in flight, so its operand prefetch wraps around within and across steps."""
+    rng = np.random.default_rng(load_bytes * 10 + reverse)
+    hidden, batch, steps = 53, 21, 9
+    dense, w, x, h0 = make_problem(load_bytes + 40, hidden, batch, steps, 0.2, dtype)
+    w = js.SparseWeights.from_dense(dense, dense != 0, dtype=DTYPES[dtype], load_bytes=load_bytes)
+    lengths = rng.integers(0, steps + 1, batch).astype(np.int32)
+    lengths[:2] = (steps, 0)
+    kw = dict(reverse=reverse, seq_lengths=lengths)
+    y, h_final = js.sparse_rnn(x, h0, w, method="native", **kw)
+    y_ref, h_ref = js.reference_rnn(x, h0, dense, **kw)
+    assert rel_err(y, y_ref) < TOLERANCE[dtype]
+    assert rel_err(h_final, h_ref) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_time_major(reverse):
     _check(8, 40, 3, 11, 0.25, time_major=True, reverse=reverse, lengths=np.array([11, 4, 9]))
