@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerCta, 1)
   using Word = X::Word;
   extern __shared__ __align__(16) unsigned char smem[];
   float* const stage0 = reinterpret_cast<float*>(smem);
-  float* const stage1 = stage0 + (p.h_buffers == 2 ? p.words : 0);
+  float* const stage1 = stage0 + (p.h_buffers == 2 ? (p.words + 3) / 4 * 4 : 0);  // 16-byte aligned
   const int per_cta = (p.words + gridDim.x - 1) / gridDim.x;
   const int own_begin = min(p.words, static_cast<int>(blockIdx.x) * per_cta);
   const int own_end = min(p.words, own_begin + per_cta);
@@ -218,7 +218,7 @@ ExchangeLayout exchange_layout(int64_t words, int word_bytes, int64_t workspace_
 
 // Shared-memory plan of one persistent launch.
 struct SmemPlan {
-  int h_floats = 0;
+  int h_stride = 0;
   int h_buffers = 0;
   int w_offset = 0;
   int len_offset = 0;
@@ -354,10 +354,12 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   // ---- shared memory: staged state (two copies when they fit), weight tier, lengths -----------
   const int64_t n_planes = (B + tile - 1) / tile;
   const int64_t h_floats = n_planes * H * tile;
+  // The second copy starts 16-byte aligned: staging writes it with vector stores.
+  const int64_t h_stride = align16(h_floats * 4) / 4;
   const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
   const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
   const int64_t len_bytes = B * 4;
-  auto plan_total = [&](int buffers) { return align16(buffers * h_floats * 4) + align16(w_bytes) + len_bytes; };
+  auto plan_total = [&](int buffers) { return buffers * h_stride * 4 + align16(w_bytes) + len_bytes; };
   SmemPlan smem;
   smem.h_buffers = plan_total(2) <= kinfo.max_dynamic_smem ? 2 : 1;
   const int64_t total = plan_total(smem.h_buffers);
@@ -367,8 +369,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                " = ceil(B/tile)*H*tile*4, weight tier " + std::to_string(w_bytes) +
                " = warps_per_cta*(K-reg_slots)*32*" + std::to_string(slot_bytes) + "), " +
                std::to_string(kinfo.max_dynamic_smem) + " available");
-  smem.h_floats = static_cast<int>(h_floats);
-  smem.w_offset = static_cast<int>(align16(smem.h_buffers * h_floats * 4));
+  smem.h_stride = static_cast<int>(h_stride);
+  smem.w_offset = static_cast<int>(smem.h_buffers * h_stride * 4);
   smem.len_offset = static_cast<int>(smem.w_offset + align16(w_bytes));
   smem.total = static_cast<int>(total);
 
@@ -416,7 +418,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.activation = static_cast<int>(a.activation);
   prm.reverse = static_cast<int>(a.reverse);
   prm.h_buffers = smem.h_buffers;
-  prm.h_floats = smem.h_floats;
+  prm.h_stride = smem.h_stride;
   prm.w_smem_offset = smem.w_offset;
   prm.len_smem_offset = smem.len_offset;
   prm.exchange_vector = xl.vector ? 1 : 0;

@@ -51,7 +51,7 @@ struct PersistentParams {
   int activation;
   int reverse;
   int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
-  int h_floats;          // floats of one staged copy: n_planes * H * tile
+  int h_stride;          // floats from one staged copy to the next: n_planes*H*tile, rounded up to 4
   int w_smem_offset;     // bytes: start of the shared-memory weight tier
   int len_smem_offset;   // bytes: start of the clamped lengths
   int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses
@@ -98,20 +98,6 @@ constexpr int persistent_stage_unroll(bool packed16, int rs, bool wide) {
   if (wide) return 4;
   if (packed16) return rs <= 32 ? 8 : rs <= 96 ? 4 : rs <= 160 ? 8 : 4;
   return rs == 0 ? 8 : rs <= 16 ? 4 : rs <= 48 ? 8 : 4;
-}
-// (phase, plane) items whose sequence operands a head lane keeps in flight, in a ring of
-// ahead * tile registers. The ring budgets come from ptxas -v: the largest that adds no spills
-// (a spilled ring register would make the load stall where it is issued). A budget of 16 keeps a
-// whole phase of B <= 16 at tile 4 in flight. The backward pass (two operands per item) keeps 1,
-// the plain one-plane-ahead prefetch.
-constexpr int persistent_seq_ring_regs(bool packed16, int rs, bool wide) {
-  if (packed16) return wide ? (rs == 8 || rs == 24 ? 8 : 4) : (rs <= 24 ? 16 : 4);
-  return !wide && (rs == 24 || rs == 32) ? 16 : 4;
-}
-constexpr int persistent_seq_ahead(bool packed16, int rs, bool wide, bool forward, int tile) {
-  if (!forward) return 1;
-  const int ahead = persistent_seq_ring_regs(packed16, rs, wide) / tile;
-  return ahead > 1 ? ahead : 1;
 }
 constexpr bool persistent_has_wide(bool packed16, int rs) {
   return persistent_max_threads(packed16, rs, true) > persistent_max_threads(packed16, rs, false);

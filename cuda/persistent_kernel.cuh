@@ -300,8 +300,6 @@ struct PersistentConfig {
   // of an SM's four schedulers owns a quarter of the register file.
   static constexpr int kMaxThreads = persistent_max_threads(S::kRegsPerSlot == 1, RS, WIDE);
   static constexpr int kStageUnroll = persistent_stage_unroll(S::kRegsPerSlot == 1, RS, WIDE);
-  static constexpr int kSeqAhead = persistent_seq_ahead(S::kRegsPerSlot == 1, RS, WIDE,
-                                                        DIR == Direction::kForward, TILE);
   static_assert(kMaxThreads >= 128, "no such variant");
 };
 
@@ -542,35 +540,17 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 // The cells: what a row's head lane does with its gathered sum, per (phase, plane)
 // ================================================================================================
 //
-// A cell prefetches the sequence operands of one (phase, plane) item into a ring of kAhead register
-// slots, kAhead items before their use (the kernel's loop schedules them), so a whole phase of up
-// to kAhead planes is in flight during the previous phase's wait: issued one plane ahead, the loads
-// of planes 1, 2, ... would each wait a full memory latency behind one short slot loop. `finish`
+// A cell prefetches the sequence operands of one (phase, plane) into registers (issued one plane
+// ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
 // computes the TILE values to publish and writes the outputs. `h_prev` is the staged state of the
 // row in this plane (fp32, stride 1 per batch entry of the tile).
-
-// out = ring[slot]. The slot is a runtime value: compare it with each compile-time index, so the
-// ring stays in registers (a dynamically indexed array would live in local memory).
-template <typename Bits, int A, int N>
-__device__ __forceinline__ void ring_pick(const Bits (&ring)[A][N], int slot, Bits (&out)[N]) {
-#pragma unroll
-  for (int t = 0; t < N; ++t) out[t] = ring[0][t];
-#pragma unroll
-  for (int a = 1; a < A; ++a) {
-    if (a == slot) {
-#pragma unroll
-      for (int t = 0; t < N; ++t) out[t] = ring[a][t];
-    }
-  }
-}
 
 template <class Cfg>
 struct ForwardCell {
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
   static constexpr int TILE = Cfg::kTile;
-  static constexpr int kAhead = Cfg::kSeqAhead;
-  Bits xr[kAhead][TILE];  // x at the step's position, per ring slot
+  Bits xr[TILE];
 
   __device__ static int phases(int n_steps) { return n_steps; }
 
@@ -584,28 +564,22 @@ struct ForwardCell {
   }
 
   __device__ void prefetch(const PersistentParams& p, const int* len, int row, int s, int plane,
-                           int /*n_steps*/, int slot) {
+                           int /*n_steps*/) {
     const Bits* x = static_cast<const Bits*>(p.seq_a);
 #pragma unroll
-    for (int a = 0; a < kAhead; ++a) {
-      if (a != slot) continue;
-#pragma unroll
-      for (int t = 0; t < TILE; ++t) {
-        const int b = plane * TILE + t;
-        xr[a][t] = Bits(0);
-        if (b < p.B && s < len[b])
-          xr[a][t] = __ldg(x + (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row);
-      }
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      xr[t] = Bits(0);
+      if (b < p.B && s < len[b])
+        xr[t] = __ldg(x + (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row);
     }
   }
 
   __device__ void finish(const PersistentParams& p, const int* len, int row, int s, int n_phases,
-                         int plane, int slot, const float (&acc)[TILE], const float* h_prev,
+                         int plane, const float (&acc)[TILE], const float* h_prev,
                          float (&publish)[TILE]) const {
     Bits* y = static_cast<Bits*>(p.seq_out);
     Bits* h_final = static_cast<Bits*>(p.final_out);
-    Bits x[TILE];
-    ring_pick(xr, slot, x);
 #pragma unroll
     for (int t = 0; t < TILE; ++t) {
       const int b = plane * TILE + t;
@@ -613,7 +587,7 @@ struct ForwardCell {
       if (b < p.B) {
         const int L = len[b];
         if (s < L) {
-          hb = S::to_bits(activate(p.activation, acc[t] + S::to_float(x[t])));
+          hb = S::to_bits(activate(p.activation, acc[t] + S::to_float(xr[t])));
           y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + b) * p.H + row] = hb;
         } else {  // past this sequence's end: the state is frozen, y is 0
           hb = S::to_bits(h_prev[t]);
@@ -631,8 +605,7 @@ struct BackwardCell {
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
   static constexpr int TILE = Cfg::kTile;
-  static constexpr int kAhead = Cfg::kSeqAhead;
-  Bits yr[kAhead][TILE], dyr[kAhead][TILE];  // y and dy at the step's position, per ring slot
+  Bits yr[TILE], dyr[TILE];  // y and dy at the step's position
 
   __device__ static int phases(int n_steps) { return n_steps + 1; }
 
@@ -643,32 +616,25 @@ struct BackwardCell {
 
   // Phase r handles step s = n_steps - 1 - r (s = -1: the dh0 phase).
   __device__ void prefetch(const PersistentParams& p, const int* len, int row, int r, int plane,
-                           int n_steps, int slot) {
+                           int n_steps) {
     const Bits* y = static_cast<const Bits*>(p.seq_a);
     const Bits* dy = static_cast<const Bits*>(p.seq_b);
     const int s = n_steps - 1 - r;
 #pragma unroll
-    for (int a = 0; a < kAhead; ++a) {
-      if (a != slot) continue;
-#pragma unroll
-      for (int t = 0; t < TILE; ++t) {
-        const int b = plane * TILE + t;
-        yr[a][t] = dyr[a][t] = Bits(0);
-        if (b < p.B && s >= 0 && s < len[b]) {
-          const size_t at = (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row;
-          yr[a][t] = __ldg(y + at);
-          dyr[a][t] = __ldg(dy + at);
-        }
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      yr[t] = dyr[t] = Bits(0);
+      if (b < p.B && s >= 0 && s < len[b]) {
+        const size_t at = (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row;
+        yr[t] = __ldg(y + at);
+        dyr[t] = __ldg(dy + at);
       }
     }
   }
 
   __device__ void finish(const PersistentParams& p, const int* len, int row, int r, int n_phases,
-                         int plane, int slot, const float (&acc)[TILE], const float* /*h_prev*/,
+                         int plane, const float (&acc)[TILE], const float* /*h_prev*/,
                          float (&publish)[TILE]) const {
-    Bits yv[TILE], dyv[TILE];
-    ring_pick(yr, slot, yv);
-    ring_pick(dyr, slot, dyv);
     Bits* dx = static_cast<Bits*>(p.seq_out);
     Bits* dh0 = static_cast<Bits*>(p.final_out);
     const Bits* dh_final = static_cast<const Bits*>(p.init);
@@ -685,7 +651,7 @@ struct BackwardCell {
       if (s < 0) {
         dh0[static_cast<size_t>(b) * p.H + row] = S::to_bits(dh);
       } else if (s < L) {
-        const float dz = (dh + S::to_float(dyv[t])) * activation_grad(p.activation, S::to_float(yv[t]));
+        const float dz = (dh + S::to_float(dyr[t])) * activation_grad(p.activation, S::to_float(yr[t]));
         dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + b) * p.H + row] = S::to_bits(dz);
         publish[t] = dz;
       } else {  // past this sequence's end: nothing flows back through its zero outputs
@@ -726,7 +692,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const int plane_floats = H * TILE;
 
   float* const h_stage0 = reinterpret_cast<float*>(smem);
-  float* const h_stage1 = h_stage0 + (p.h_buffers == 2 ? p.h_floats : 0);
+  float* const h_stage1 = h_stage0 + (p.h_buffers == 2 ? p.h_stride : 0);
   Slot* const w_tier = reinterpret_cast<Slot*>(smem + p.w_smem_offset);
   int* const len_smem = reinterpret_cast<int*>(smem + p.len_smem_offset);
 
@@ -831,20 +797,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   }
   if (cta_has_rows) {
     Cell cell;
-    // Item i = phase * n_planes + plane uses ring slot i % kAhead; finishing it refills that slot
-    // with item i + kAhead, given here as (phase, plane + kAhead) and normalized.
-    static_assert((Cell::kAhead & (Cell::kAhead - 1)) == 0, "the ring size is a power of two");
-    auto prefetch_item = [&](int phase, int plane, int slot) {
-      while (plane >= p.n_planes) {
-        plane -= p.n_planes;
-        ++phase;
-      }
-      if (phase < n_phases) cell.prefetch(p, len_smem, row, phase, plane, n_steps, slot);
-    };
-    if (is_head) {
-#pragma unroll
-      for (int a = 0; a < Cell::kAhead; ++a) prefetch_item(0, a, a);
-    }
+    if (is_head) cell.prefetch(p, len_smem, row, 0, 0, n_steps);
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
 
@@ -893,9 +846,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         }
 
         if (is_head) {
-          const int slot = (s * p.n_planes + plane) & (Cell::kAhead - 1);
           float out[TILE];
-          cell.finish(p, len_smem, row, s, n_phases, plane, slot, acc, hp + row * TILE, out);
+          cell.finish(p, len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
           if (publishes && !last_phase) {  // nobody reads the last phase's words
             Word words[TILE];
 #pragma unroll
@@ -910,7 +862,12 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
                 if (t < p.partial_rem) st_relaxed(dst + t, words[t]);
             }
           }
-          prefetch_item(s, plane + Cell::kAhead, slot);
+          // Prefetch the operands of the next (phase, plane).
+          if (plane + 1 < p.n_planes) {
+            cell.prefetch(p, len_smem, row, s, plane + 1, n_steps);
+          } else if (s + 1 < n_phases) {
+            cell.prefetch(p, len_smem, row, s + 1, 0, n_steps);
+          }
         }
       }
       // With one staged copy, the next phase's staging must wait for every warp's gather.
