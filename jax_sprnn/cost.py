@@ -1,4 +1,5 @@
-"""Per-step time estimates that let ``method="auto"`` pick the faster GPU path for the forward pass.
+"""Per-step time estimates that let ``method="auto"`` pick the faster GPU path: for the forward pass
+and for the weight gradient.
 
 The persistent kernel wins by 2-7x at small batches, but every 4-example batch plane adds a pass
 over the slots and over staged h, while a dense cuBLAS step costs about the same from B=1 to B=16.
@@ -13,7 +14,13 @@ jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` ch
 * Dense (16-bit): ``max(DENSE_MIN_US, 2 * H**2 / DENSE_BYTES_PER_US)`` µs: a fixed cost per step
   (launches, a small GEMM's latency) until the weights' bytes take longer to read.
 
-Only 16-bit storage is ever sent to the dense path: float32 must stay at full float32 precision,
+The weight gradient (``training_2026-11-30.json``, same GPU and versions): the pattern kernel costs
+about :data:`WGRAD_SLOT_US` per slot and example, XLA's dense einsum over time and batch then a
+gather about ``WGRAD_DENSE_FIXED_US + WGRAD_DENSE_US * H**2 * B``. The einsum wins from a few percent
+density (2.1x at H=2304, 10%; 4x at H=4608), the kernel below that, and where the dense
+``[groups, H, H]`` float32 product would not be small (:data:`WGRAD_DENSE_MAX_BYTES`).
+
+Only 16-bit storage is ever sent to the dense forward path: float32 must stay at full float32 precision,
 which makes its dense step several times slower than the fp16 one, and the kernel won every measured
 fp32 point. Other GPUs use the same constants; they are estimates, so ``auto`` switches only when
 the kernel is expected to be :data:`SWITCH_MARGIN` times slower.
@@ -32,6 +39,10 @@ KERNEL_SLOT_US = 0.0033  # per plane, per warp of a CTA and per (register-equiva
 DENSE_MIN_US = 8.5
 DENSE_BYTES_PER_US = 3.3e6  # ~3.3 TB/s: the H200's HBM rate as a dense GEMV step sees it
 SWITCH_MARGIN = 1.25
+WGRAD_SLOT_US = 1.2e-6  # per slot of the layout and per example, per step
+WGRAD_DENSE_FIXED_US = 0.3
+WGRAD_DENSE_US = 4e-8  # per H**2 and per example, per step
+WGRAD_DENSE_MAX_BYTES = 1 << 30
 
 
 def batch_planes(meta: LayoutMeta, batch: int) -> int:
@@ -58,4 +69,17 @@ def auto_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     kernel, dense = persistent_step_us(meta, batch), dense_step_us(meta.hidden, dtype)
     why = (f"estimated {kernel:.1f} µs per step for the persistent kernel ({batch_planes(meta, batch)} "
            f"batch planes) against {dense:.1f} µs for XLA's dense step")
+    return kernel > SWITCH_MARGIN * dense, why
+
+
+def weight_grad_prefers_dense(meta: LayoutMeta, batch: int, groups: int) -> tuple[bool, str]:
+    """Whether ``method="auto"`` should compute the weight gradient with XLA's dense einsum and a
+    gather (``fallback.weight_grad``) rather than the pattern kernel, and why."""
+    dense_bytes = 4 * groups * meta.hidden ** 2
+    if dense_bytes > WGRAD_DENSE_MAX_BYTES:
+        return False, f"the dense [groups, H, H] product would take {dense_bytes / 2**20:.0f} MiB"
+    kernel = WGRAD_SLOT_US * meta.num_slots * batch
+    dense = WGRAD_DENSE_FIXED_US + WGRAD_DENSE_US * meta.hidden ** 2 * batch
+    why = (f"estimated {kernel:.2f} µs per step for the pattern kernel ({meta.num_slots} slots) "
+           f"against {dense:.2f} µs for XLA's dense einsum and gather")
     return kernel > SWITCH_MARGIN * dense, why

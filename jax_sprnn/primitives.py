@@ -338,6 +338,10 @@ def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method, **_):
                                              f"fallback on the GPU: {why}")
         return _fallback_rule(lambda *a, **p: (fallback.weight_grad(*a, **p),))(
             ctx, *args, groups=groups, reverse=reverse, meta=meta)
+    if method == "auto" and cost.weight_grad_prefers_dense(meta, B, groups)[0]:
+        # faster, not a fallback: no warning (jax_sprnn.cost, the weight-gradient model)
+        return _fallback_rule(lambda *a, **p: (fallback.weight_grad(*a, **p),))(
+            ctx, *args, groups=groups, reverse=reverse, meta=meta)
     chunks = weight_grad_time_chunks(meta, groups, max(T, 1), device.sm_count)
     n_slots = ctx.avals_out[0].shape[1]
     workspace = jax.core.ShapedArray((chunks * groups * n_slots if chunks > 1 else 1,), np.float32)

@@ -1,5 +1,6 @@
-"""The GPU path choice of method="auto": its per-step models against the H200 sweep they were fitted
-to (benchmarks/results/sweep_fp16_2026-11-30.json; the dense figures are XLA's dense lax.scan)."""
+"""The GPU path choices of method="auto": the per-step models against the H200 runs they were fitted
+to (benchmarks/results/sweep_2026-11-30.json, whose dense figures are XLA's dense lax.scan, and
+training_2026-11-30.json for the weight gradient)."""
 
 import json
 import pathlib
@@ -10,7 +11,9 @@ import pytest
 from jax_sprnn import cost
 from jax_sprnn.layout import LayoutMeta
 
-SWEEP = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results/sweep_fp16_2026-11-30.json"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results"
+SWEEP = RESULTS / "sweep_2026-11-30.json"
+TRAINING = RESULTS / "training_2026-11-30.json"
 
 
 def _measured():
@@ -18,7 +21,7 @@ def _measured():
     out = []
     for r in rows:
         peers = r.get("peers", {})
-        if "us_per_step" in peers.get("ours", {}) and "us_per_step" in peers.get("dense", {}):
+        if r["dtype"] == "float16" and "us_per_step" in peers.get("ours", {}) and "us_per_step" in peers.get("dense", {}):
             meta = LayoutMeta(r["hidden"], r["K"], r["ctas"] * r["warps_per_cta"],
                               r["warps_per_cta"], r["reg_slots"], 16, True, "fits")
             out.append((meta, r["batch"], peers["ours"]["us_per_step"],
@@ -84,3 +87,21 @@ def test_gpu_path_of_a_layer():
     assert gpu_path(w.meta, 16, jnp.float16, target="jax_sprnn_backward")[0] == "persistent"
     too_big, why = gpu_path(w.meta, 10_000, jnp.float16, method="native")
     assert too_big == "dense" and "exceeds the persistent kernel's limit" in why
+
+
+def test_weight_grad_choice_matches_the_training_runs():
+    rows = json.loads(TRAINING.read_text())["rows"]
+    assert len(rows) >= 5
+    for r in rows:
+        meta = LayoutMeta(r["hidden"], r["K"], r["ctas"] * r["warps_per_cta"], r["warps_per_cta"],
+                          0, 16, True, "fits")
+        kernel, dense = (r["peers"][k]["us_per_step"] for k in ("wgrad", "wgrad_xla"))
+        prefers_dense, why = cost.weight_grad_prefers_dense(meta, r["batch"], 1)
+        picked = dense if prefers_dense else kernel
+        assert picked <= 1.35 * min(kernel, dense), (r["hidden"], r["density"], r["batch"], why)
+
+
+def test_weight_grad_stays_on_the_kernel_when_the_dense_product_is_large():
+    meta = LayoutMeta(16384, 8, 132 * 8, 8, 8, 16, True, "fits")  # 1 GiB of float32 [H, H]
+    prefers_dense, why = cost.weight_grad_prefers_dense(meta, 4, 2)
+    assert not prefers_dense and "MiB" in why

@@ -34,17 +34,19 @@ def _sum_loss(rnn):
     return lambda x, h0, w: jnp.sum(rnn(x, h0, w)[0].astype(jnp.float32))
 
 
-def _build_ours(layer: Layer, batch: int, T: int):
-    if jax.default_backend() == "gpu":
-        ok, why = persistent_fit(layer, batch)
-        if not ok:
-            raise Skip(why)
+def _build_ours(method: str):
+    def build(layer: Layer, batch: int, T: int):
+        if jax.default_backend() == "gpu" and method == "native":
+            ok, why = persistent_fit(layer, batch)
+            if not ok:
+                raise Skip(why)
 
-    def grads(x, h0, w):  # gradient on the nonzeros: with respect to w.values only
-        loss = _sum_loss(lambda x, h0, v: js.sparse_rnn(x, h0, w.replace(values=v),
-                                                        time_major=True, method="native"))
-        return jax.grad(loss, argnums=(0, 1, 2))(x, h0, w.values)
-    return jax_runner(grads, layer, batch, T, layer.weights, check=lambda g: g[0])
+        def grads(x, h0, w):  # gradient on the nonzeros: with respect to w.values only
+            loss = _sum_loss(lambda x, h0, v: js.sparse_rnn(x, h0, w.replace(values=v),
+                                                            time_major=True, method=method))
+            return jax.grad(loss, argnums=(0, 1, 2))(x, h0, w.values)
+        return jax_runner(grads, layer, batch, T, layer.weights, check=lambda g: g[0])
+    return build
 
 
 def _build_dense(layer: Layer, batch: int, T: int):
@@ -59,8 +61,10 @@ def _build_forward(layer: Layer, batch: int, T: int):
     return runner
 
 
-OURS = Peer("ours", "grad through sparse_rnn(method='native')", ALL_DTYPES, _build_ours,
+OURS = Peer("ours", "grad through sparse_rnn(method='native')", ALL_DTYPES, _build_ours("native"),
             competitor=False)
+OURS_AUTO = Peer("ours_auto", "grad through sparse_rnn(method='auto'): the paths jax_sprnn.cost picks",
+                 ALL_DTYPES, _build_ours("auto"), competitor=False)
 def _primitive_runner(layer: Layer, batch: int, T: int, body):
     """A runner for one primitive of the backward pass alone, fed with stand-in inputs derived
     from x (its cost does not depend on the values)."""
@@ -105,7 +109,7 @@ WGRAD = Peer("wgrad", "the weight gradient alone (sprnn_weight_grad kernel, on t
              ALL_DTYPES, _build_weight_grad(dense=False), competitor=False)
 WGRAD_DENSE = Peer("wgrad_xla", "the weight gradient as XLA's dense einsum + gather",
                    ALL_DTYPES, _build_weight_grad(dense=True), competitor=False)
-BREAKDOWN = (FORWARD, BACKWARD, WGRAD, WGRAD_DENSE)
+BREAKDOWN = (OURS_AUTO, FORWARD, BACKWARD, WGRAD, WGRAD_DENSE)
 DENSE = Peer("dense", "grad through lax.scan of a dense step (storage dtype)", ALL_DTYPES,
              _build_dense)
 
