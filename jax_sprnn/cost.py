@@ -5,7 +5,7 @@ The persistent kernel wins by 2-7x at small batches, but every 4-example batch p
 over the slots and over staged h, while a dense cuBLAS step costs about the same from B=1 to B=16.
 So at B=16 and H <= 2304 in 16-bit storage the dense path can win (benchmarks/RESULTS.md, sweep).
 
-Both models are fitted to the H200 sweep of 2026-11-30 (``benchmarks/results/sweep_fp16_2026-11-30.json``,
+Both models are fitted to the H200 sweep of 2026-11-30 (``benchmarks/results/sweep_2026-11-30.json``,
 jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` checks them against it.
 
 * Kernel: ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights the
@@ -20,9 +20,11 @@ gather about ``WGRAD_DENSE_FIXED_US + WGRAD_DENSE_US * H**2 * B``. The einsum wi
 density (2.1x at H=2304, 10%; 4x at H=4608), the kernel below that, and where the dense
 ``[groups, H, H]`` float32 product would not be small (:data:`WGRAD_DENSE_MAX_BYTES`).
 
-Only 16-bit storage is ever sent to the dense forward path: float32 must stay at full float32 precision,
-which makes its dense step several times slower than the fp16 one, and the kernel won every measured
-fp32 point. Other GPUs use the same constants; they are estimates, so ``auto`` switches only when
+Only 16-bit storage is ever sent to the dense forward path. float32 must stay at full float32
+precision: against the full-precision dense peer (the CUDA-graph cuBLAS loop, 9-194 µs) the kernel
+won every fp32 point of the sweep (``sweep_2026-11-30.json``). JAX's default-precision ``lax.scan``
+rounds to TF32 (relative error 2e-4 against the kernel's 1e-7) and is faster at B=16 (by 1.06-1.53x),
+but that is not the same computation, and the full-precision dense step was not measured. Other GPUs use the same constants; they are estimates, so ``auto`` switches only when
 the kernel is expected to be :data:`SWITCH_MARGIN` times slower.
 """
 
