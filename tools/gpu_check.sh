@@ -50,8 +50,9 @@ if has bench || has all; then
 fi
 if has profile; then
   echo "== nsight compute"
-  for cfg in "${PROFILE_CASE:-1152 0.1 4 float16 256}" "2304 0.1 4 float16 256"; do
-    ncu --clock-control none --kernel-name regex:sprnn_forward_kernel --launch-skip 2 --launch-count 1 \
+  # The open question (benchmarks/RESULTS.md): why a B=16 step costs ~1.8 µs per batch plane.
+  for cfg in "${PROFILE_CASE:-1152 0.01 16 float16 256}" "2304 0.1 4 float16 256"; do
+    ncu --clock-control none --kernel-name regex:sprnn_persistent_kernel --launch-skip 2 --launch-count 1 \
       --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section SpeedOfLight --section MemoryWorkloadAnalysis \
       python3 "$OLDPWD/tools/profile_case.py" $cfg > "$OUT/ncu_${cfg// /_}.txt" 2>&1
