@@ -24,8 +24,10 @@ Only 16-bit storage is ever sent to the dense forward path. float32 must stay at
 precision: against the full-precision dense peer (the CUDA-graph cuBLAS loop, 9-194 µs) the kernel
 won every fp32 point of the sweep (``sweep_2026-11-30.json``). JAX's default-precision ``lax.scan``
 rounds to TF32 (relative error 2e-4 against the kernel's 1e-7) and is faster at B=16 (by 1.06-1.53x),
-but that is not the same computation, and the full-precision dense step was not measured. Other GPUs use the same constants; they are estimates, so ``auto`` switches only when
-the kernel is expected to be :data:`SWITCH_MARGIN` times slower.
+but that is not the same computation, and the full-precision dense step was not measured.
+
+Other GPUs use the same constants; they are estimates, so ``auto`` switches only when the kernel is
+expected to be :data:`SWITCH_MARGIN` times slower.
 """
 
 from __future__ import annotations

@@ -336,10 +336,8 @@ def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method, **_):
             raise ValueError(f"method='native': the CUDA weight-gradient kernel cannot run: {why}")
         _warn_once(("weight_grad", meta, B), f"jax_sprnn: the weight gradient uses the dense XLA "
                                              f"fallback on the GPU: {why}")
-        return _fallback_rule(lambda *a, **p: (fallback.weight_grad(*a, **p),))(
-            ctx, *args, groups=groups, reverse=reverse, meta=meta)
-    if method == "auto" and cost.weight_grad_prefers_dense(meta, B, groups)[0]:
-        # faster, not a fallback: no warning (jax_sprnn.cost, the weight-gradient model)
+    # "auto" also takes XLA's einsum where it is expected faster (jax_sprnn.cost): no warning then.
+    if not fits or (method == "auto" and cost.weight_grad_prefers_dense(meta, B, groups)[0]):
         return _fallback_rule(lambda *a, **p: (fallback.weight_grad(*a, **p),))(
             ctx, *args, groups=groups, reverse=reverse, meta=meta)
     chunks = weight_grad_time_chunks(meta, groups, max(T, 1), device.sm_count)

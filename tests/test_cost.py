@@ -21,7 +21,8 @@ def _measured():
     out = []
     for r in rows:
         peers = r.get("peers", {})
-        if r["dtype"] == "float16" and "us_per_step" in peers.get("ours", {}) and "us_per_step" in peers.get("dense", {}):
+        measured = all("us_per_step" in peers.get(k, {}) for k in ("ours", "dense"))
+        if r["dtype"] == "float16" and measured:
             meta = LayoutMeta(r["hidden"], r["K"], r["ctas"] * r["warps_per_cta"],
                               r["warps_per_cta"], r["reg_slots"], 16, True, "fits")
             out.append((meta, r["batch"], peers["ours"]["us_per_step"],

@@ -78,8 +78,8 @@ def test_lengths_and_reverse(reverse, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_many_batch_planes_with_lengths(load_bytes, dtype, reverse):
-    """21 examples are 21, 11 or 6 batch planes (tiles of 1, 2, 4), more than the CUDA kernel keeps
-    in flight, so its operand prefetch wraps around within and across steps."""
+    """21 examples are 21, 11 or 6 batch planes (tiles of 1, 2, 4): many planes, a partial one, and
+    an odd number of staged floats (the CUDA kernel's second staged copy must still be aligned)."""
     rng = np.random.default_rng(load_bytes * 10 + reverse)
     hidden, batch, steps = 53, 21, 9
     dense, w, x, h0 = make_problem(load_bytes + 40, hidden, batch, steps, 0.2, dtype)
