@@ -14,6 +14,10 @@
 //                state never leaves the cluster; DSMEM pushes and one cluster barrier a step.
 //                N = 1 is a layer in one CTA (a __syncthreads a step).
 //   barrier      a bare grid-wide flag barrier, no data (the floor of any grid-wide design).
+//   all-wide     as `all`, with 16-byte words of 7 values and one tag (one ld/st.b128 each):
+//                87.5% payload instead of 50%. Relies on 16-byte single-copy atomicity of the
+//                aligned .b128 accesses; the count check below would show a torn word as a
+//                wrong value.
 //
 // Every mode checks its result (each word counts the steps) and reports a timeout, never hangs.
 // Build and run: nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/exchange_probe exchange_probe.cu &&
@@ -40,7 +44,7 @@ namespace cg = cooperative_groups;
     }                                                                                    \
   } while (0)
 
-enum Mode : int { kAll, kAllSleep, kPollOne, kClusterSplit, kClusterLocal, kBarrier };
+enum Mode : int { kAll, kAllSleep, kPollOne, kClusterSplit, kClusterLocal, kBarrier, kAllWide };
 
 struct Params {
   uint32_t* buf[2];  // exchange buffers of `words` words (global modes)
@@ -142,7 +146,55 @@ __device__ __forceinline__ uint2 low_halves(const uint4& v) {  // 4 values as 4 
   return make_uint2((v.x & 0xffffu) | (v.y << 16), (v.z & 0xffffu) | (v.w << 16));
 }
 
-__global__ void __launch_bounds__(512, 1) exchange_kernel(const __grid_constant__ Params p) {
+using u128 = unsigned __int128;
+__device__ __forceinline__ u128 ld_wide(const u128* p) {
+  u128 v;
+  asm volatile("ld.relaxed.gpu.global.b128 %0, [%1];" : "=q"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void st_wide(u128* p, u128 v) {
+  asm volatile("st.relaxed.gpu.global.b128 [%0], %1;" ::"l"(p), "q"(v) : "memory");
+}
+constexpr int kWideValues = 7;  // 7 x 16-bit values + a 16-bit tag in the top bits
+
+// Stages wide words [0, n_words) carrying `tag` into stage[7 * word + j] (values past `words` dropped).
+template <int U>
+__device__ __forceinline__ void stage_wide(const u128* __restrict__ src, int n_words, int words,
+                                           uint32_t tag, uint16_t* stage, Spin& spin) {
+  const int lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+  constexpr int kChunk = 32 * U;
+  for (int chunk = (threadIdx.x >> 5) * kChunk; chunk < n_words && !spin.aborted;
+       chunk += n_warps * kChunk) {
+    const int base = chunk + lane;
+    u128 v[U];
+    uint32_t pending = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * 32 < n_words) {
+        v[u] = ld_wide(src + base + u * 32);
+        pending |= 1u << u;
+      }
+    unsigned long long deadline = 0;
+    for (uint32_t it = 1;; ++it) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (((pending >> u) & 1u) && static_cast<uint32_t>(v[u] >> 112) == tag) {
+          const int first = (base + u * 32) * kWideValues;
+#pragma unroll
+          for (int j = 0; j < kWideValues; ++j)
+            if (first + j < words) stage[first + j] = static_cast<uint16_t>(v[u] >> (16 * j));
+          pending &= ~(1u << u);
+        }
+      if (pending == 0) break;
+      if (it % 64 == 0 && spin.give_up(deadline)) break;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if ((pending >> u) & 1u) v[u] = ld_wide(src + base + u * 32);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(256, 1) exchange_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint16_t stage_buf[];  // [2][words] uint16 values
   Spin spin{p.err, p.timeout_ns};
   const int G = gridDim.x;
@@ -154,7 +206,9 @@ __global__ void __launch_bounds__(512, 1) exchange_kernel(const __grid_constant_
   // The words this CTA produces: the whole grid's share (global modes) or the cluster's.
   const int owners = p.mode == kClusterLocal ? N : G;
   const int me = p.mode == kClusterLocal ? rank : static_cast<int>(blockIdx.x);
-  const int per = (p.words + owners - 1) / owners;
+  const bool wide = p.mode == kAllWide;
+  const int n_wide = (p.words + kWideValues - 1) / kWideValues;
+  const int per = wide ? (n_wide + owners - 1) / owners * kWideValues : (p.words + owners - 1) / owners;
   const int own_begin = min(p.words, me * per), own_end = min(p.words, own_begin + per);
   uint32_t last = 0;
   // A CTA that publishes nothing must not read either: nothing would stop it from falling two
@@ -191,7 +245,10 @@ __global__ void __launch_bounds__(512, 1) exchange_kernel(const __grid_constant_
       const uint32_t* src = p.buf[(s - 1) & 1];
       const uint32_t tag = static_cast<uint32_t>(s) & 0xffffu;
       const int n_vec = p.words / 4;
-      if (p.mode == kClusterSplit) {
+      if (wide) {
+        stage_wide<8>(reinterpret_cast<const u128*>(src), n_wide, p.words, tag, cur, spin);
+        __syncthreads();
+      } else if (p.mode == kClusterSplit) {
         const int vper = (n_vec + N - 1) / N;
         const int vb = min(n_vec, rank * vper), ve = min(n_vec, vb + vper);
         stage<8>(src, vb, ve, tag, p.sleep_ns, false, spin, [&](int vi, const uint4& v) {
@@ -208,13 +265,32 @@ __global__ void __launch_bounds__(512, 1) exchange_kernel(const __grid_constant_
     }
     // "Compute": every owned word + 1, published with the tag of step s + 1.
     if (p.mode == kClusterLocal) {
+      // 4 values (8 bytes) per push: own ranges are multiples of 4 words here (checked on the host).
       uint16_t* next = stage_buf + ((s + 1) & 1) * p.words;
-      for (int i = own_begin + static_cast<int>(threadIdx.x); i < own_end; i += blockDim.x) {
-        const uint16_t v = static_cast<uint16_t>(cur[i] + 1);
-        if (i == own_begin) last = v;
-        for (int r = 0; r < N; ++r) cluster.map_shared_rank(next, r)[i] = v;
+      for (int i = own_begin + 4 * static_cast<int>(threadIdx.x); i < own_end; i += 4 * blockDim.x) {
+        const uint2 in = *reinterpret_cast<const uint2*>(cur + i);
+        const uint32_t lo = ((in.x + 1u) & 0xffffu) | ((((in.x >> 16) + 1u) & 0xffffu) << 16);
+        const uint32_t hi = ((in.y + 1u) & 0xffffu) | ((((in.y >> 16) + 1u) & 0xffffu) << 16);
+        if (i == own_begin) last = lo & 0xffffu;
+        for (int r = 0; r < N; ++r)
+          *reinterpret_cast<uint2*>(cluster.map_shared_rank(next, r) + i) = make_uint2(lo, hi);
       }
       if (N > 1) cluster.sync(); else __syncthreads();
+    } else if (wide) {
+      u128* dst = reinterpret_cast<u128*>(p.buf[s & 1]);
+      const u128 tag = static_cast<u128>(static_cast<uint32_t>(s + 1) & 0xffffu) << 112;
+      for (int wi = own_begin / kWideValues + static_cast<int>(threadIdx.x);
+           wi * kWideValues < own_end; wi += blockDim.x) {
+        u128 word = tag;
+#pragma unroll
+        for (int j = 0; j < kWideValues; ++j) {
+          const int i = wi * kWideValues + j;
+          const uint32_t v = i < p.words ? (cur[i] + 1u) & 0xffffu : 0u;
+          if (i == own_begin) last = v;
+          word |= static_cast<u128>(v) << (16 * j);
+        }
+        st_wide(dst + wi, word);
+      }
     } else {
       uint32_t* dst = p.buf[s & 1];
       const uint32_t tag = static_cast<uint32_t>(s + 1) & 0xffffu;
@@ -277,8 +353,9 @@ static float launch(const Case& c, int steps, Params p, cudaStream_t st, std::st
   }
   cfg.attrs = attrs;
   cfg.numAttrs = n;
-  CHECK(cudaMemsetAsync(p.buf[0], 0, c.words * 4ull, st));
-  CHECK(cudaMemsetAsync(p.buf[1], 0, c.words * 4ull, st));
+  const size_t buf_bytes = std::max<size_t>(c.words * 4ull, (c.words + 6) / 7 * 16ull);
+  CHECK(cudaMemsetAsync(p.buf[0], 0, buf_bytes, st));
+  CHECK(cudaMemsetAsync(p.buf[1], 0, buf_bytes, st));
   CHECK(cudaMemsetAsync(p.counter, 0, 4, st));
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
@@ -301,8 +378,9 @@ static float launch(const Case& c, int steps, Params p, cudaStream_t st, std::st
 
 static Result run_case(const Case& c) {
   Params p = {};
-  CHECK(cudaMalloc(&p.buf[0], c.words * 4ull));
-  CHECK(cudaMalloc(&p.buf[1], c.words * 4ull));
+  const size_t buf_bytes = std::max<size_t>(c.words * 4ull, (c.words + 6) / 7 * 16ull);
+  CHECK(cudaMalloc(&p.buf[0], buf_bytes));
+  CHECK(cudaMalloc(&p.buf[1], buf_bytes));
   CHECK(cudaMalloc(&p.err, 4));
   CHECK(cudaMalloc(&p.counter, 4));
   CHECK(cudaMalloc(&p.out, c.ctas * 4ull));
@@ -368,7 +446,9 @@ int main(int argc, char** argv) {
     cases.push_back({tag + " all+sleep64", kAllSleep, w, G, 1, 256, 64});
     cases.push_back({tag + " all+sleep256", kAllSleep, w, G, 1, 256, 256});
     cases.push_back({tag + " poll-one", kPollOne, w, G, 1, 256, 64});
-    cases.push_back({tag + " cluster-8", kClusterSplit, w, G, 8, 256, 0});
+    cases.push_back({tag + " all-wide", kAllWide, w, G, 1, 256, 0});
+    cases.push_back({tag + " cluster-4", kClusterSplit, w, G, 4, 256, 0});
+    cases.push_back({tag + " cluster-8", kClusterSplit, w, 120, 8, 256, 0});
     cases.push_back({tag + " cluster-16", kClusterSplit, w, 112, 16, 256, 0});
   }
   // Layers inside one cluster: R replicas of N CTAs (batch replicas, or other recurrences).
@@ -377,7 +457,9 @@ int main(int argc, char** argv) {
     const std::string tag = "H=" + std::to_string(s.H) + " B=" + std::to_string(s.B);
     for (int n : {1, 2, 4, 8, 16}) {
       if (2 * w * 2 > 227 * 1024) continue;
-      const int ctas = n * std::max(1, std::min(8, 128 / n));  // several replicas, as in a real launch
+      // Several replicas, as in a real launch (at most 7 clusters of 16 fit on the H200).
+      const int ctas = n * (n == 16 ? 6 : std::max(1, std::min(8, 128 / n)));
+      if (w % (4 * n) != 0) continue;  // the pushes move 4 values at a time
       cases.push_back({tag + " local-" + std::to_string(n), kClusterLocal, w, ctas, n, 256, 0});
     }
   }
