@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # so an installed jax_sprnn still wins)
 
 import jax_sprnn as js
+from jax_sprnn.layout import bank_conflicts
 
 from benchmarks.peers_jax import dense_scan, sync_floor_fn
 from benchmarks.problems import DTYPES, row_balanced_kernel
@@ -51,7 +52,7 @@ def bench_config(hidden, density, batch, dtype, args):
     row = dict(hidden=hidden, density=density, batch=batch, dtype=dtype, nnz=int(mask.sum()),
                K=meta.slots_per_lane, ctas=meta.num_ctas, warps_per_cta=meta.warps_per_cta,
                reg_slots=meta.reg_slots, fits=meta.fits, pack_s=round(pack_s, 2),
-               bank_conflicts=js.bank_conflicts(np.asarray(w.indices), meta.load_bytes))
+               bank_conflicts=bank_conflicts(np.asarray(w.indices), meta.load_bytes))
     kernel_d = jnp.asarray(kernel, dt)
 
     def make_args(T, seed):
@@ -79,7 +80,7 @@ def bench_config(hidden, density, batch, dtype, args):
         w_plain = js.SparseWeights.from_dense(kernel_d, mask, dtype=dt, bank_aware=False)
         unordered = jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w_plain, method="native"))
         row["unordered_us"], _ = slope(lambda T: unordered, make_args, args)
-        row["unordered_conflicts"] = js.bank_conflicts(np.asarray(w_plain.indices),
+        row["unordered_conflicts"] = bank_conflicts(np.asarray(w_plain.indices),
                                                        w_plain.meta.load_bytes)
     row["speedup_vs_dense"] = row["dense_us"] / row["sparse_us"]
     if "floor_us" in row:

@@ -223,10 +223,10 @@ class SparseRNN(nnx.Module):
         stored = self.sparsity.get_value()
         return np.asarray(stored.mask) if isinstance(stored, PackedMask) else stored.mask()
 
-    def prune(self, sparsity: float, *, method: str = "row_balanced") -> None:
+    def prune(self, sparsity: float, *, rule: str = "row_balanced") -> None:
         """Recompute this layer's mask at ``sparsity`` from the kernel's magnitudes (nested in
         the current mask), repack it into the same layout, and zero the pruned weights."""
-        prune(self, sparsity, method=method)
+        prune(self, sparsity, rule=rule)
 
     def to_inference(self) -> SparseWeights:
         """The packed inference weights of this layer (tightly packed by the planner)."""
@@ -249,9 +249,9 @@ def _sparse_layers(model) -> dict[tuple, SparseRNN]:
     return layers
 
 
-def prune(model, sparsity: float, *, method: str = "row_balanced") -> None:
+def prune(model, sparsity: float, *, rule: str = "row_balanced") -> None:
     """Prune every :class:`SparseRNN` of ``model`` in place (see
-    :func:`jax_sprnn.pruning.update_sparsity`; ``method="global"`` shares one threshold across
+    :func:`jax_sprnn.pruning.update_sparsity`; ``rule="global"`` shares one threshold across
     the layers). The layouts stay the same, so a jitted step does not recompile."""
     layers = _sparse_layers(model)
     for path, layer in layers.items():
@@ -264,7 +264,7 @@ def prune(model, sparsity: float, *, method: str = "row_balanced") -> None:
     keys = {path: "/".join(map(str, path)) or "." for path in layers}
     new_params, new_masks = pruning.update_sparsity(
         {keys[p]: v for p, v in params.items()}, {keys[p]: v for p, v in masks.items()},
-        sparsity, method=method)
+        sparsity, rule=rule)
     for path, layer in layers.items():
         layer.dense_h.kernel[...] = new_params[keys[path]]
         layer.sparsity.set_value(new_masks[keys[path]])
@@ -283,8 +283,7 @@ def param_masks(model):
     params = nnx.state(model, nnx.Param)
     if hasattr(nnx, "as_pure"):  # what nnx.Optimizer hands to optax
         params = nnx.as_pure(params)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: masks.get(pruning._path(p), jnp.ones((), bool)), params)
+    return pruning.masks_at_paths(params, masks)
 
 
 def to_inference(model):

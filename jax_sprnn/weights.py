@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +22,63 @@ def check_weight_dtype(dtype, what: str) -> np.dtype:
     return dtype
 
 
-def magnitude_mask(kernel: np.ndarray, density: float) -> np.ndarray:
-    """Keep the ``round(density * size)`` largest-magnitude entries (ties broken by position)."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    flat = np.abs(np.asarray(kernel, np.float32)).ravel()
-    keep = int(round(density * flat.size))
-    if keep == 0:
-        return np.zeros(np.shape(kernel), bool)
-    # Everything above the keep-th largest magnitude, then the ties at it in position order.
-    threshold = np.partition(flat, flat.size - keep)[flat.size - keep]
-    mask = flat > threshold
-    ties = np.flatnonzero(flat == threshold)[: keep - int(mask.sum())]
-    mask[ties] = True
-    return mask.reshape(np.shape(kernel))
+def top_k_mask(scores, k: int, axis: int | None = None) -> np.ndarray:
+    """Boolean mask of the ``k`` largest ``scores`` along ``axis`` (over all entries if None).
+
+    Ties go to the earlier position, so the result is deterministic. It is the one ranking behind
+    :meth:`SparseWeights.from_dense`'s ``density=`` and every rule of ``jax_sprnn.pruning``.
+    """
+    scores = np.asarray(scores)
+    if axis is None:
+        flat = scores.ravel()
+        if k <= 0 or k >= flat.size:
+            return np.full(scores.shape, k > 0)
+        # Everything above the k-th largest score, then the ties at it in position order
+        # (a partition, not a sort: this runs on whole kernels).
+        threshold = np.partition(flat, flat.size - k)[flat.size - k]
+        keep = flat > threshold
+        keep[np.flatnonzero(flat == threshold)[: k - int(keep.sum())]] = True
+        return keep.reshape(scores.shape)
+    order = np.argsort(-scores, axis=axis, kind="stable")
+    keep = np.zeros(scores.shape, bool)
+    np.put_along_axis(keep, np.take(order, np.arange(k), axis=axis), True, axis=axis)
+    return keep
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackedLayout:
+    """The index half of a packed layer (docs/format.md): the int32 arrays ``indices``,
+    ``lane_row`` (forward layout) and ``indices_t``, ``lane_row_t``, ``perm_t`` (the transposed
+    layout for the backward pass), and the two layouts' static sizes ``meta`` and ``meta_t``.
+
+    :class:`SparseWeights` adds the values; ``jax_sprnn.pruning.PackedMask`` adds the boolean mask
+    the layout was packed from. The fields are keyword-only, so each subclass puts its own first.
+    """
+
+    #: The names of the index arrays, in the order the pytrees flatten them.
+    INDEX_LEAVES: ClassVar[tuple[str, ...]] = ("indices", "lane_row", "indices_t", "lane_row_t",
+                                               "perm_t")
+
+    indices: Any
+    lane_row: Any
+    indices_t: Any
+    lane_row_t: Any
+    perm_t: Any
+    meta: LayoutMeta
+    meta_t: LayoutMeta
+
+    @property
+    def hidden(self) -> int:
+        return self.meta.hidden
+
+    def layout_fields(self) -> dict[str, Any]:
+        """The fields of the layout alone (index arrays and metas), as keywords for a subclass."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PackedLayout)}
 
 
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
-class SparseWeights:
+class SparseWeights(PackedLayout):
     """A square recurrent kernel ``[H, H]`` (Flax orientation: ``h_t = act(x_t + h_{t-1} @ kernel)``)
     kept as its nonzeros in the packed layout of docs/format.md.
 
@@ -54,23 +92,15 @@ class SparseWeights:
     """
 
     values: Any
-    indices: Any
-    lane_row: Any
-    indices_t: Any
-    lane_row_t: Any
-    perm_t: Any
-    meta: LayoutMeta
-    meta_t: LayoutMeta
 
     # ---- pytree -------------------------------------------------------------------------------
     def tree_flatten(self):
-        leaves = (self.values, self.indices, self.lane_row, self.indices_t, self.lane_row_t,
-                  self.perm_t)
-        return leaves, (self.meta, self.meta_t)
+        return (self.values, *(getattr(self, n) for n in self.INDEX_LEAVES)), (self.meta, self.meta_t)
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
-        return cls(*leaves, *aux)
+        values, *index = leaves
+        return cls(values, **dict(zip(cls.INDEX_LEAVES, index)), meta=aux[0], meta_t=aux[1])
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -97,7 +127,10 @@ class SparseWeights:
         if (mask is None) == (density is None):
             raise ValueError("pass exactly one of mask= or density=")
         if mask is None:
-            mask = magnitude_mask(kernel, density)
+            if not 0.0 <= density <= 1.0:
+                raise ValueError(f"density must be in [0, 1], got {density}")
+            scores = np.abs(np.asarray(kernel, np.float32))
+            mask = top_k_mask(scores, int(round(density * scores.size)))
         mask = np.asarray(mask)
         if mask.shape != kernel.shape:
             raise ValueError(f"mask must have the kernel's shape {kernel.shape}, got {mask.shape}")
@@ -139,15 +172,12 @@ class SparseWeights:
         values[fwd.slot_of_nonzero] = vals
         perm_t = np.full(bwd.meta.num_slots, -1, np.int64)
         perm_t[bwd.slot_of_nonzero] = fwd.slot_of_nonzero
-        return cls(jnp.asarray(values), jnp.asarray(fwd.indices), jnp.asarray(fwd.lane_row),
-                   jnp.asarray(bwd.indices), jnp.asarray(bwd.lane_row),
-                   jnp.asarray(perm_t.astype(np.int32)), fwd.meta, bwd.meta)
+        return cls(jnp.asarray(values), indices=jnp.asarray(fwd.indices),
+                   lane_row=jnp.asarray(fwd.lane_row), indices_t=jnp.asarray(bwd.indices),
+                   lane_row_t=jnp.asarray(bwd.lane_row), perm_t=jnp.asarray(perm_t.astype(np.int32)),
+                   meta=fwd.meta, meta_t=bwd.meta)
 
     # ---- properties ---------------------------------------------------------------------------
-    @property
-    def hidden(self) -> int:
-        return self.meta.hidden
-
     @property
     def shape(self) -> tuple[int, int]:
         return (self.meta.hidden, self.meta.hidden)
@@ -225,9 +255,8 @@ class SparseWeights:
                                 ("perm_t", self.perm_t, mt.num_slots)):
             if np.shape(arr) != (size,):
                 raise ValueError(f"SparseWeights.{name} must have shape ({size},), got {np.shape(arr)}")
-        for name, arr in (("indices", self.indices), ("lane_row", self.lane_row),
-                          ("indices_t", self.indices_t), ("lane_row_t", self.lane_row_t),
-                          ("perm_t", self.perm_t)):
+        for name in self.INDEX_LEAVES:
+            arr = getattr(self, name)
             if np.dtype(arr.dtype) != np.int32:
                 raise TypeError(f"SparseWeights.{name} must be int32, got {arr.dtype}")
         check_weight_dtype(self.values.dtype, "SparseWeights.values")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
+from jax_sprnn import api
 
 from conftest import DTYPES, TOLERANCE, make_problem, on_gpu, rel_err
 
@@ -110,7 +111,7 @@ def test_reverse_runs_backwards_in_time():
 
 def test_methods_agree():
     dense, w, x, h0 = make_problem(10, 57, 3, 12, 0.2)
-    outs = [js.sparse_rnn(x, h0, w, method=m) for m in js.METHODS]
+    outs = [js.sparse_rnn(x, h0, w, method=m) for m in api.METHODS]
     for y, h in outs[1:]:
         assert rel_err(y, outs[0][0]) < 1e-5 and rel_err(h, outs[0][1]) < 1e-5
 

@@ -172,10 +172,10 @@ def test_is_a_pytree_with_static_layout():
     np.testing.assert_array_equal(np.asarray(doubled.to_dense()), 2 * np.asarray(w.to_dense()))
 
 
-def test_magnitude_mask_keeps_largest():
+def test_density_keeps_the_largest_magnitudes():
     rng = np.random.default_rng(5)
-    k = rng.standard_normal((50, 50))
-    m = js.magnitude_mask(k, 0.2)
+    k = rng.standard_normal((50, 50)).astype(np.float32)
+    m = js.SparseWeights.from_dense(k, density=0.2).mask()
     assert m.sum() == 500
     assert np.abs(k[m]).min() >= np.abs(k[~m]).max()
 

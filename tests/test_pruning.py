@@ -32,11 +32,11 @@ def random_kernel(seed, shape=(H, H), scale=1.0):
 
 # ---- masks ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,axis", [("layer", None), ("global", None), ("per_row", 1),
+@pytest.mark.parametrize("rule,axis", [("layer", None), ("global", None), ("per_row", 1),
                                          ("row_balanced", 0)])
-def test_magnitude_mask_keeps_the_largest(method, axis):
+def test_magnitude_mask_keeps_the_largest(rule, axis):
     kernel = random_kernel(1)
-    mask = pruning.magnitude_mask(kernel, 0.75, method=method)
+    mask = pruning.magnitude_mask(kernel, 0.75, rule=rule)
     assert mask.dtype == bool and mask.shape == kernel.shape
     mag = np.abs(kernel)
     if axis is None:
@@ -52,11 +52,11 @@ def test_magnitude_mask_keeps_the_largest(method, axis):
 
 def test_global_threshold_is_shared_across_layers():
     kernels = {"a": random_kernel(2), "b": random_kernel(3, scale=3.0)}
-    masks = pruning.magnitude_masks(kernels, 0.8, method="global")
+    masks = pruning.magnitude_masks(kernels, 0.8, rule="global")
     total = sum(int(m.sum()) for m in masks.values())
     assert total == round(0.2 * 2 * H * H)
     assert masks["b"].sum() > 2 * masks["a"].sum()  # the larger layer keeps more
-    per_layer = pruning.magnitude_masks(kernels, 0.8, method="layer")
+    per_layer = pruning.magnitude_masks(kernels, 0.8, rule="layer")
     assert per_layer["a"].sum() == per_layer["b"].sum() == round(0.2 * H * H)
 
 
@@ -169,7 +169,7 @@ def test_update_sparsity_warns_when_it_must_trim_to_the_budgets():
     _, variables, _, _ = model_and_data(11, max_density=0.25)
     with pytest.warns(RuntimeWarning, match="budgets"):
         _, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.7,
-                                              method="layer")
+                                              rule="layer")
     mask = np.asarray(sparsity["h"]["kernel"].mask)
     assert mask.sum(axis=0).max() <= sparsity["h"]["kernel"].row_budget
     with warnings.catch_warnings():
@@ -238,7 +238,7 @@ def test_mask_changes_do_not_recompile_the_training_step():
 
 def test_to_inference_of_stacked_layers():
     kernels = random_kernel(30, (3, H, H))
-    masks = pruning.magnitude_masks(kernels, 0.8, method="global")
+    masks = pruning.magnitude_masks(kernels, 0.8, rule="global")
     packed = pruning.pack_inference(kernels, masks)
     assert packed.values.shape[0] == 3
     for i in range(3):
@@ -268,8 +268,11 @@ def test_bad_arguments():
     kernel = random_kernel(50)
     with pytest.raises(ValueError, match="sparsity"):
         pruning.magnitude_mask(kernel, 1.5)
-    with pytest.raises(ValueError, match="method"):
-        pruning.magnitude_mask(kernel, 0.5, method="random")
+    with pytest.raises(ValueError, match="rule"):
+        pruning.magnitude_mask(kernel, 0.5, rule="random")
+    with pytest.raises(TypeError, match="method"):  # method= is the execution path, not a rule
+        pruning.update_sparsity({"w": kernel}, {"w": np.ones(kernel.shape, bool)}, 0.5,
+                                method="layer")
     with pytest.raises(ValueError, match="kernel"):
         pruning.magnitude_mask(kernel[0], 0.5)
     with pytest.raises(ValueError, match="max_density"):
@@ -280,3 +283,14 @@ def test_bad_arguments():
         pruning.update_sparsity({"w": kernel}, {"v": np.ones((H, H), bool)}, 0.5)
     with pytest.raises(ValueError, match="sparsity"):
         pruning.to_inference({"params": {}})
+
+
+def test_public_names_do_not_clash():
+    """Each public name means one thing: the package and its pruning module share none, and the
+    pruning rules are not the execution methods."""
+    from jax_sprnn import api
+
+    assert not set(js.__all__) & set(pruning.__all__)
+    assert all(hasattr(js, name) for name in js.__all__)
+    assert all(hasattr(pruning, name) for name in pruning.__all__)
+    assert not set(pruning.RULES) & set(api.METHODS)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_sprnn as js
+from jax_sprnn.layout import bank_conflicts
 from jax_sprnn.primitives import cuda_fit, sprnn_forward_p
 
 from .. import plots
@@ -67,7 +68,7 @@ def _variant(name: str) -> Peer:
             lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
             return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths, **params)
         runner = jax_runner(fn, layer, batch, T, w)
-        runner.info.update(bank_conflicts=js.bank_conflicts(jax.device_get(w.indices), load_bytes))
+        runner.info.update(bank_conflicts=bank_conflicts(jax.device_get(w.indices), load_bytes))
         return runner
 
     return Peer(name, f"load_bytes={load_bytes}, bank_aware={bank_aware}, "

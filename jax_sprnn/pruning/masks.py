@@ -1,0 +1,205 @@
+"""Magnitude masks, the balanced starting patterns, and layout budgets: NumPy, on the host.
+
+Masks are boolean arrays in Flax orientation (``[H_in, H_out]``, like the kernel they mask). A
+*rule* says how the kept weights are counted:
+
+* ``"layer"``: one threshold over the whole kernel (rows end up with different counts);
+* ``"global"``: one threshold across all the kernels pruned together (layers end up with
+  different densities); for a single kernel it is ``"layer"``;
+* ``"per_row"``: an equal count in every row of the kernel as Flax stores it (the weights leaving
+  one input unit);
+* ``"row_balanced"``: an equal count in every row of ``U = kernel.T`` (every output unit), the
+  balance the persistent kernel's layout wants.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..weights import top_k_mask
+
+#: The rules of :func:`magnitude_mask` and :func:`magnitude_masks` (see the module docstring).
+RULES = ("layer", "global", "per_row", "row_balanced")
+
+
+def check_sparsity(sparsity) -> float:
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return sparsity
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    return rule
+
+
+def check_square_mask(mask, hidden: int | None = None) -> np.ndarray:
+    """``mask`` as a NumPy boolean ``[H, H]`` array (``H == hidden`` when given), or a clear error."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.shape[0] != mask.shape[1] or mask.shape[0] == 0:
+        raise ValueError(f"mask must be a non-empty square [H, H] array, got shape {mask.shape}")
+    if hidden is not None and mask.shape[0] != hidden:
+        raise ValueError(f"mask must be [{hidden}, {hidden}] (the layer's size), got {mask.shape}")
+    if mask.dtype != bool:
+        raise TypeError(f"mask must be a boolean array, got {mask.dtype}")
+    return mask
+
+
+def _scores(kernel, current) -> np.ndarray:
+    """Magnitudes, with weights outside ``current`` ranked below every kept weight.
+
+    So a new mask is nested in the current one unless it needs more weights than the current mask
+    holds (only ``row_balanced`` ever does, and then it tops up with the already-pruned weights).
+    """
+    kernel = np.asarray(jnp.asarray(kernel, jnp.float32))
+    if kernel.ndim != 2:
+        raise ValueError(f"kernel must be a 2-D [H_in, H_out] matrix, got shape {kernel.shape}")
+    scores = np.abs(kernel)
+    if current is not None:
+        current = np.asarray(current)
+        if current.shape != kernel.shape:
+            raise ValueError(f"current must have the kernel's shape {kernel.shape}, got {current.shape}")
+        if current.dtype != bool:
+            raise TypeError(f"current must be a boolean mask, got {current.dtype}")
+        scores = np.where(current, scores, -1.0)
+    return scores
+
+
+def _mask_from_scores(scores: np.ndarray, sparsity: float, rule: str) -> np.ndarray:
+    density = 1.0 - sparsity
+    if rule in ("layer", "global"):
+        return top_k_mask(scores, int(round(density * scores.size)))
+    if rule == "per_row":  # rows of the stored kernel: the weights leaving one input unit
+        return top_k_mask(scores, int(round(density * scores.shape[1])), 1)
+    # row_balanced: rows of U = kernel.T, i.e. the columns of the stored kernel
+    return top_k_mask(scores, int(round(density * scores.shape[0])), 0)
+
+
+def magnitude_mask(kernel, sparsity: float, *, rule: str = "row_balanced", current=None
+                   ) -> np.ndarray:
+    """The boolean mask that keeps the largest-magnitude weights of one kernel.
+
+    Args:
+      kernel: ``[H_in, H_out]`` weights (Flax orientation).
+      sparsity: the fraction of weights to remove, in ``[0, 1]``.
+      rule: ``"layer"`` or ``"global"`` (one threshold over the whole kernel; rows end up with
+        different counts), ``"per_row"`` (every row ``kernel[j, :]`` keeps
+        ``round((1 - sparsity) * H_out)`` weights), or ``"row_balanced"`` (every output unit,
+        ``kernel[:, i]``, a row of ``U = kernel.T``, keeps ``round((1 - sparsity) * H_in)``).
+      current: optional boolean mask of the weights still alive. Pruned weights rank below every
+        live one, so masks computed along a schedule are nested.
+
+    Returns:
+      A NumPy boolean array of the kernel's shape. Ties are broken by position.
+    """
+    sparsity = check_sparsity(sparsity)
+    return _mask_from_scores(_scores(kernel, current), sparsity, check_rule(rule))
+
+
+def magnitude_masks(kernels, sparsity: float, *, rule: str = "row_balanced", current=None):
+    """:func:`magnitude_mask` over a pytree of kernels (each ``[H_in, H_out]``, or stacked
+    ``[..., H_in, H_out]`` as ``nn.scan`` over layers stores them).
+
+    With ``rule="global"`` one threshold is shared by all the kernels (the layers end up with
+    different densities); every other rule treats each kernel (and each stacked layer) alone.
+    ``current``: an optional pytree of boolean masks with the structure of ``kernels``.
+    """
+    sparsity = check_sparsity(sparsity)
+    check_rule(rule)
+    leaves, treedef = jax.tree_util.tree_flatten(kernels)
+    cur = [None] * len(leaves) if current is None else treedef.flatten_up_to(current)
+    layers = []  # the shape of each leaf, in order
+    scores = []
+    for k, c in zip(leaves, cur):
+        k = np.asarray(jnp.asarray(k, jnp.float32))
+        if k.ndim < 2:
+            raise ValueError(f"kernels must be [..., H_in, H_out] arrays, got shape {k.shape}")
+        flat_k = k.reshape((-1,) + k.shape[-2:])
+        flat_c = None if c is None else np.asarray(c).reshape(flat_k.shape)
+        for i in range(flat_k.shape[0]):
+            scores.append(_scores(flat_k[i], None if flat_c is None else flat_c[i]))
+        layers.append(k.shape)
+    if rule == "global" and scores:
+        every = np.concatenate([s.ravel() for s in scores])
+        keep = top_k_mask(every, int(round((1.0 - sparsity) * every.size)))
+        ends = np.cumsum([s.size for s in scores])[:-1]
+        masks = [m.reshape(s.shape) for m, s in zip(np.split(keep, ends), scores)]
+    else:
+        masks = [_mask_from_scores(s, sparsity, rule) for s in scores]
+    out, pos = [], 0
+    for shape in layers:
+        count = int(np.prod(shape[:-2], dtype=np.int64))
+        out.append(np.stack(masks[pos:pos + count]).reshape(shape))
+        pos += count
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def fit_to_budgets(mask, scores, row_budget: int, col_budget: int) -> tuple[np.ndarray, int]:
+    """Drop the lowest-scoring entries of rows and columns over their budgets.
+
+    Returns ``(mask, dropped)``. Output units (``mask[:, i]``) are trimmed to ``row_budget`` first,
+    then input units (``mask[j, :]``) to ``col_budget``; the second step cannot refill a row.
+    """
+    mask = np.array(check_square_mask(mask))
+    scores = np.where(mask, np.asarray(scores, np.float32), -np.inf)
+    before = int(mask.sum())
+    if mask.sum(axis=0).max() > row_budget:
+        mask &= top_k_mask(scores, row_budget, 0)
+        scores = np.where(mask, scores, -np.inf)
+    if mask.sum(axis=1).max() > col_budget:
+        mask &= top_k_mask(scores, col_budget, 1)
+    return mask, before - int(mask.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting patterns and budgets (no weights needed: init may run under jit or nn.scan)
+# ---------------------------------------------------------------------------------------------
+
+def balanced_pattern(hidden: int, per_row: int, seed: int = 0) -> np.ndarray:
+    """A ``[hidden, hidden]`` boolean pattern with exactly ``per_row`` entries in every row and
+    every column, chosen pseudo-randomly from ``seed`` (NumPy, independent of any weights).
+
+    It is the union of ``per_row`` shifted diagonals with a random column permutation, so it also
+    balances the transposed layout. The modules start from it when ``max_density < 1``: it has to
+    be computable without the weights, because ``init`` may run under ``jit`` or ``nn.scan``.
+    """
+    if not 0 <= per_row <= hidden:
+        raise ValueError(f"per_row must be in [0, {hidden}], got {per_row}")
+    rng = np.random.default_rng(seed)
+    offsets = rng.choice(hidden, size=per_row, replace=False)
+    perm = rng.permutation(hidden)
+    pattern = np.zeros((hidden, hidden), bool)
+    rows = np.arange(hidden)
+    for offset in offsets:
+        pattern[rows, perm[(rows + offset) % hidden]] = True
+    return pattern
+
+
+def budgets_for_density(hidden: int, max_density: float) -> tuple[int, int]:
+    """``(row_budget, col_budget)`` of a layer whose masks keep at most ``max_density``.
+
+    The row budget (nonzeros per output unit) is ``ceil(max_density * hidden)``. Row-balanced masks
+    leave the column counts uneven, so the transposed layout (the backward pass) gets headroom:
+    ``max(2 * row_budget, row_budget + 32)``, at most ``hidden``.
+    """
+    max_density = float(max_density)
+    if not 0.0 < max_density <= 1.0:
+        raise ValueError(f"max_density must be in (0, 1], got {max_density}")
+    rows = min(hidden, max(1, math.ceil(round(max_density * hidden, 6))))
+    cols = hidden if rows == hidden else min(hidden, max(2 * rows, rows + 32))
+    return rows, cols
+
+
+def initial_mask(hidden: int, max_density: float = 1.0, seed: int = 0) -> np.ndarray:
+    """The mask a layer starts from: dense when ``max_density == 1``, otherwise
+    :func:`balanced_pattern` with the row budget of :func:`budgets_for_density`."""
+    rows, _ = budgets_for_density(hidden, max_density)
+    if rows == hidden:
+        return np.ones((hidden, hidden), bool)
+    return balanced_pattern(hidden, rows, seed)

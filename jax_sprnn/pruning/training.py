@@ -1,0 +1,136 @@
+"""Pruning during training: recompute the masks between steps, and keep pruned weights at zero.
+
+The loop (docs/flax.md): every step runs ``keep_pruned``'s optimizer with ``param_masks``; when the
+schedule says so, ``update_sparsity`` recomputes the masks from the weights and repacks them into
+their layouts, so the jitted step does not recompile.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .masks import check_rule, check_sparsity, fit_to_budgets, magnitude_masks
+from .packed import PackedMask
+from .tree import get_at, is_packed, mask_leaves, masks_at_paths, path_name, replace_at
+
+
+def masks_of(sparsity):
+    """The boolean masks of a sparsity tree (PackedMask leaves become their ``mask``)."""
+    return jax.tree_util.tree_map(lambda x: x.mask if isinstance(x, PackedMask) else x, sparsity,
+                                  is_leaf=is_packed)
+
+
+def param_masks(params, sparsity):
+    """A pytree with the structure of ``params``: each pruned kernel's boolean mask, and a scalar
+    ``True`` for every other parameter. What :func:`keep_pruned` takes as ``masks=``.
+
+    ``sparsity`` is the model's sparsity collection (PackedMask leaves at the paths of their
+    kernels in ``params``), or a tree of boolean masks with those paths. Usable under jit.
+    """
+    masks = {}
+    for path, entry in mask_leaves(sparsity).items():
+        mask = entry.mask if isinstance(entry, PackedMask) else entry
+        kernel = get_at(params, path, "params")
+        if np.shape(kernel) != np.shape(mask):
+            raise ValueError(f"the mask at {path_name(path)} has shape {np.shape(mask)}, "
+                             f"its kernel {np.shape(kernel)}")
+        masks[path] = jnp.asarray(mask)
+    return masks_at_paths(params, masks)
+
+
+def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "row_balanced"):
+    """Recompute every mask from the current weights and zero the pruned weights.
+
+    Call it between training steps, when the schedule says so
+    (``schedule.is_update_step(step)``). For each mask in ``sparsity`` (the model's sparsity
+    collection: PackedMask leaves, or plain boolean masks at the kernels' paths) the new mask keeps
+    the largest magnitudes of ``kernel * current_mask`` (so masks are nested) at
+    ``target_sparsity``, by ``rule`` (see :func:`magnitude_mask`; ``"global"`` shares one
+    threshold across all masked kernels). A PackedMask is repacked into its own layout, so the
+    training step does not recompile; where a mask exceeds the layout's budgets (only possible
+    for ``max_density < 1``) the lowest-magnitude excess is dropped, with a warning.
+
+    Returns ``(params, sparsity)``, both new pytrees of the same structure.
+    """
+    target_sparsity = check_sparsity(target_sparsity)
+    check_rule(rule)
+    found = mask_leaves(sparsity)
+    if not found:
+        raise ValueError("sparsity holds no masks (expected the 'sparsity' collection of a model "
+                         "with jax_sprnn.flax.SparseRNN layers, or boolean masks)")
+    paths = list(found)  # a list, not a dict: paths mix str and int keys, which do not sort
+    kernels = [np.asarray(jnp.asarray(get_at(params, p, "params"), jnp.float32)) for p in paths]
+    current = [np.asarray(found[p].mask if isinstance(found[p], PackedMask) else found[p])
+               for p in paths]
+    for p, k, c in zip(paths, kernels, current):
+        if k.shape != c.shape:
+            raise ValueError(f"the mask at {path_name(p)} has shape {c.shape}, its kernel {k.shape}")
+    new_masks = dict(zip(paths, magnitude_masks(kernels, target_sparsity, rule=rule,
+                                                current=current)))
+    kernels = dict(zip(paths, kernels))
+    new_params, new_sparsity = {}, {}
+    for path, entry in found.items():
+        mask = new_masks[path]
+        if isinstance(entry, PackedMask):
+            lead = mask.shape[:-2]
+            layers = []
+            flat_mask = mask.reshape((-1,) + mask.shape[-2:])
+            flat_kernel = kernels[path].reshape(flat_mask.shape)
+            for i, layer in enumerate(entry.unstack()):
+                fitted, dropped = fit_to_budgets(flat_mask[i], np.abs(flat_kernel[i]),
+                                                 layer.row_budget, layer.col_budget)
+                if dropped:
+                    warnings.warn(f"update_sparsity: {dropped} weights of {path_name(path)} "
+                                  f"dropped to fit the layer's layout budgets "
+                                  f"({layer.row_budget} per output unit, {layer.col_budget} per "
+                                  f"input unit)", RuntimeWarning, stacklevel=2)
+                flat_mask[i] = fitted
+                layers.append(layer.with_mask(fitted))
+            mask = flat_mask.reshape(mask.shape)
+            new_sparsity[path] = PackedMask.stack(layers, lead)
+        else:
+            new_sparsity[path] = jnp.asarray(mask)
+        kernel = get_at(params, path, "params")
+        new_params[path] = jnp.where(jnp.asarray(mask), kernel, jnp.zeros((), kernel.dtype))
+    return replace_at(params, new_params), replace_at(sparsity, new_sparsity)
+
+
+def keep_pruned(inner):
+    """Wrap an optax optimizer so that pruned weights stay at exactly zero.
+
+    The wrapped transformation's ``update(grads, state, params, *, masks)`` takes ``masks`` (from
+    :func:`param_masks`, a pytree with the structure of ``params``) as data, so a new mask does
+    not recompile a jitted step. Gradients of pruned weights are zeroed before ``inner`` sees them
+    (its moments never learn from them), and its updates of pruned weights are replaced by
+    ``-params``, so ``optax.apply_updates`` lands them on exactly zero, also right after a mask
+    change. Needs optax (``pip install 'jax_sprnn[flax]'``).
+    """
+    try:
+        import optax
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("jax_sprnn.pruning.keep_pruned needs optax: "
+                                  "pip install 'jax_sprnn[flax]'") from e
+
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return inner.init(params)
+
+    # ``extra``: the other keyword arguments of GradientTransformationExtraArgs, passed on to inner.
+    def update(updates, state, params=None, *, masks=None, **extra):
+        if masks is None:
+            raise ValueError("keep_pruned: pass masks=pruning.param_masks(params, sparsity)")
+        if params is None:
+            raise ValueError("keep_pruned: pass params (the update zeroes pruned params)")
+        updates = jax.tree_util.tree_map(
+            lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, masks)
+        updates, state = inner.update(updates, state, params, **extra)
+        updates = jax.tree_util.tree_map(
+            lambda u, m, p: jnp.where(m, u, -p.astype(u.dtype)), updates, masks, params)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init, update)
