@@ -7,9 +7,10 @@ import pytest
 
 import jax_sprnn as js
 from jax_sprnn import _native, cost, planner
-from jax_sprnn.primitives import cuda_fit, sprnn_forward_p
+from jax_sprnn.dispatch import cuda_fit
+from jax_sprnn.primitives import sprnn_forward_p
 
-from conftest import TOLERANCE, make_problem, rel_err
+from jax_sprnn.testing import TOLERANCE, make_problem, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -83,10 +84,7 @@ def test_forced_timeout_is_reported_and_the_next_call_works():
 
 def test_auto_falls_back_when_the_batch_does_not_fit():
     dense, w, x, h0 = make_problem(5, 4608, 2, 4, 0.1, "float16")
-    limit = planner.max_persistent_batch(
-        planner.Plan(4608, w.meta.slots_per_lane, w.meta.num_warps, w.meta.warps_per_cta,
-                     w.meta.reg_slots, w.meta.load_bytes, True, "", 0), jnp.float16,
-        _native.current_device_spec())
+    limit = planner.max_persistent_batch(w.meta, jnp.float16, _native.current_device_spec())
     big = limit + 4
     xb = jnp.tile(x, (big // 2 + 1, 1, 1))[:big]
     hb = jnp.tile(h0, (big // 2 + 1, 1))[:big]

@@ -7,7 +7,7 @@ import pytest
 
 import jax_sprnn as js
 
-from conftest import make_problem, on_gpu
+from jax_sprnn.testing import make_problem, on_gpu
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import jax_sprnn as js
 import jax_sprnn.export
 
-from conftest import make_problem, rel_err
+from jax_sprnn.testing import make_problem, rel_err
 
 pytest.importorskip("flatbuffers")
 

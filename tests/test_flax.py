@@ -11,7 +11,7 @@ import jax_sprnn as js
 from jax_sprnn import pruning
 from jax_sprnn.flax import SparseRNN, SparseRNNCell
 
-from conftest import TOLERANCE, normal, rel_err
+from jax_sprnn.testing import TOLERANCE, normal, rel_err
 
 H, F, B, T = 24, 5, 3, 7
 

@@ -11,7 +11,7 @@ import jax_sprnn as js
 from jax_sprnn import layout, planner
 from jax_sprnn.layout import bank_conflicts, decode_columns, lane_of_slot
 
-from conftest import DTYPES, rel_err
+from jax_sprnn.testing import DTYPES, rel_err
 
 
 def _masks(rng, hidden):

@@ -11,7 +11,7 @@ import jax_sprnn as js
 from jax_sprnn import nnx as jnnx
 from jax_sprnn import pruning
 
-from conftest import TOLERANCE, normal, rel_err
+from jax_sprnn.testing import TOLERANCE, normal, rel_err
 
 optax = pytest.importorskip("optax")  # a declared dependency; skip cleanly if absent
 

@@ -12,7 +12,7 @@ import jax_sprnn as js
 from jax_sprnn import api, layout, planner
 from jax_sprnn.layout import lane_of_slot
 
-from conftest import DTYPES, TOLERANCE, rel_err
+from jax_sprnn.testing import DTYPES, TOLERANCE, rel_err
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

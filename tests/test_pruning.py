@@ -12,7 +12,7 @@ import jax_sprnn as js
 from jax_sprnn import pruning
 from jax_sprnn.flax import SparseRNN
 
-from conftest import rel_err
+from jax_sprnn.testing import rel_err
 
 optax = pytest.importorskip("optax")  # a declared dependency; skip cleanly if absent
 
@@ -242,7 +242,7 @@ def test_to_inference_of_stacked_layers():
     packed = pruning.pack_inference(kernels, masks)
     assert packed.values.shape[0] == 3
     for i in range(3):
-        layer = jax.tree.map(lambda v: v[i], packed)
+        layer = jax.tree.map(lambda v, i=i: v[i], packed)
         np.testing.assert_array_equal(np.asarray(layer.to_dense()), np.where(masks[i], kernels[i], 0))
 
 

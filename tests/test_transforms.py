@@ -7,7 +7,7 @@ import pytest
 
 import jax_sprnn as js
 
-from conftest import make_problem, rel_err
+from jax_sprnn.testing import make_problem, rel_err
 
 
 def test_jit_matches_eager():

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # one source of tolerances
-import jax_sprnn as js  # noqa: E402
-from conftest import TOLERANCE, make_problem, rel_err  # noqa: E402
+import jax_sprnn as js
+from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_problem, on_gpu, rel_err
 
 MIB = 1 << 20
 
@@ -73,15 +72,6 @@ GPU_POOL = (
     Config(200, 32, 12, 0.25, "float16", activation="relu", reverse=True, lengths=True, grad=True),
     Config(1536, 1, 100, 0.08, "float32"),
 )
-
-
-def grad_tolerance(dtype: str) -> float:
-    # Two recurrences: tests/test_grad.py's low-precision bound, a few times the forward one.
-    return 4 * TOLERANCE[dtype]
-
-
-def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def pool(kind: str = "auto", max_configs: int | None = None) -> list[Config]:
@@ -178,7 +168,7 @@ def build_jobs(configs, *, seed: int = 0, device=None) -> list[Job]:
             args = (x, h0, w.values, w, lengths, cot_y, cot_h)
             ref = jax.jit(grad, static_argnums=7)(*args, "reference")
             fn = jax.jit(lambda *a, grad=grad: grad(*a, "native"))
-            jobs.append(Job(f"grad {cfg.name}", "grad", cfg.dtype, grad_tolerance(cfg.dtype), fn,
+            jobs.append(Job(f"grad {cfg.name}", "grad", cfg.dtype, GRAD_TOLERANCE[cfg.dtype], fn,
                             _place([args], device), [[np.asarray(g) for g in ref]]))
     return jobs
 
@@ -289,7 +279,7 @@ def run_soak(calls: int = 10_000, *, seconds: float | None = None, seed: int = 0
         "reference_build_s": round(build_s, 3),
         "backend": jax.default_backend(), "device": device.device_kind, "jax": jax.__version__,
         "memory": memory, "max_rel_err": max_err,
-        "tolerance": {"forward": TOLERANCE, "grad": {d: grad_tolerance(d) for d in TOLERANCE}},
+        "tolerance": {"forward": TOLERANCE, "grad": GRAD_TOLERANCE},
         "pending_error_at_start": stale or "", "pending_error_at_end": final_error,
         "failures": failures,
     }

@@ -1,0 +1,67 @@
+"""What the tests, the tools (``tools/soak.py``, ``tools/sanitizer_case.py``) and the benchmarks share:
+random problems reproducible from a seed, the tolerances of each storage dtype and the error measure
+they bound. Not imported by ``jax_sprnn`` itself; it needs nothing beyond jax and numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .weights import SparseWeights
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+#: Relative error of a forward pass against the float32 reference on the same (rounded) inputs. The
+#: native kernels and the reference both round the state to the storage dtype each step, so the gap
+#: is summation order plus the occasional rounding flip: a few ulps of the storage dtype.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 3e-3}
+
+#: The same for gradients: two recurrences (forward and backward), a few times the forward bound.
+GRAD_TOLERANCE = {dtype: 4 * tol for dtype, tol in TOLERANCE.items()}
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def rel_err(out, ref) -> float:
+    """``|out - ref| / |ref|`` (Frobenius norms, in float64; ``|out - ref|`` when ``ref`` is zero).
+
+    Raises AssertionError, as ``numpy.testing`` does, when ``out`` has non-finite values: a NaN
+    would otherwise compare as "not above the tolerance" in a careless check."""
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.all(np.isfinite(out)), "output has non-finite values"
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+def random_kernel(rng: np.random.Generator, hidden: int, density: float, *, gain: float = 0.9,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel, mask)``: a masked float32 kernel whose recurrence is contractive (so errors do
+    not grow with T); the mask is drawn with ``density`` unless given."""
+    if mask is None:
+        mask = rng.random((hidden, hidden)) < density
+    nnz_per_col = max(1.0, float(mask.mean()) * hidden)
+    kernel = rng.standard_normal((hidden, hidden)).astype(np.float32) * (gain / np.sqrt(nnz_per_col))
+    return np.where(mask, kernel, 0.0).astype(np.float32), mask
+
+
+def make_problem(seed: int, hidden: int, batch: int, steps: int, density: float,
+                 dtype: str = "float32", *, mask: np.ndarray | None = None, scale: float = 1.0):
+    """``(dense, weights, x, h0)`` from ``seed``: the float32 kernel as stored in ``dtype`` (masked),
+    its packed :class:`SparseWeights`, inputs ``x [batch, steps, hidden]`` and ``h0``."""
+    rng = np.random.default_rng(seed)
+    kernel, mask = random_kernel(rng, hidden, density, mask=mask)
+    dt = DTYPES[dtype]
+    kernel_d = np.asarray(jnp.asarray(kernel, dt).astype(jnp.float32))  # as stored
+    weights = SparseWeights.from_dense(kernel_d, mask, dtype=dt)
+    x = jnp.asarray(rng.standard_normal((batch, steps, hidden)).astype(np.float32) * scale, dt)
+    h0 = jnp.asarray(rng.standard_normal((batch, hidden)).astype(np.float32) * 0.5, dt)
+    return kernel_d * mask, weights, x, h0
+
+
+def normal(seed: int, shape) -> jax.Array:
+    """A float32 array of standard normals, reproducible from ``seed``."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
