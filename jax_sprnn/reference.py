@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
+from ._checks import ACTIVATIONS, check_rnn_args
 
 
 def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool):
@@ -59,15 +58,14 @@ def reference_rnn(inputs, h0, kernel, *, activation: str = "tanh", time_major: b
     the state to ``inputs.dtype`` each step. Returns ``(outputs, final_state)``, outputs laid out like
     ``inputs``. ``method`` is accepted for signature compatibility and must be ``"reference"``.
     """
-    from .api import _validate  # shared argument checks
-
     if method != "reference":
         raise ValueError(f"reference_rnn: method must be 'reference', got {method!r}")
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"kernel must be a square [H, H] matrix, got shape {kernel.shape}")
-    x_tm, h0, lengths = _validate(inputs, h0, kernel.shape[0], inputs_dtype=None, activation=activation,
-                                  time_major=time_major, seq_lengths=seq_lengths)
+    x_tm, h0, lengths = check_rnn_args(inputs, h0, kernel.shape[0], inputs_dtype=None,
+                                       activation=activation, time_major=time_major,
+                                       seq_lengths=seq_lengths)
     y, h_final = scan_recurrence(x_tm, h0, dense_matvec(kernel), lengths, activation=activation,
                                  reverse=reverse)
     return (y if time_major else jnp.swapaxes(y, 0, 1)), h_final

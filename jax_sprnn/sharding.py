@@ -16,20 +16,11 @@ import math
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .api import _is_concrete, sparse_rnn
+from ._checks import as_array, check_seq_lengths
+from .api import sparse_rnn
 from .weights import SparseWeights
-
-if hasattr(jax, "shard_map"):  # jax >= 0.7
-    _shard_map = jax.shard_map
-    # Our primitives carry no varying-manual-axes rule, so the per-device type check is off.
-    _NO_CHECK = {"check_vma": False}
-else:  # pragma: no cover - older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
-    _NO_CHECK = {"check_rep": False}
 
 
 def _batch_axes(mesh: Mesh, batch_axis) -> tuple[str, ...]:
@@ -73,8 +64,7 @@ def sparse_rnn_sharded(inputs, h0, weights: SparseWeights, *, mesh: Mesh, batch_
     axes = _batch_axes(mesh, batch_axis)
     if not isinstance(weights, SparseWeights):
         raise TypeError(f"weights must be a jax_sprnn.SparseWeights, got {type(weights).__name__}")
-    if not hasattr(inputs, "ndim"):
-        inputs = jnp.asarray(inputs)
+    inputs = as_array(inputs)
     if inputs.ndim != 3:
         raise ValueError(f"inputs must be {'[T, B, H]' if time_major else '[B, T, H]'}, got shape "
                          f"{tuple(inputs.shape)}")
@@ -95,17 +85,12 @@ def sparse_rnn_sharded(inputs, h0, weights: SparseWeights, *, mesh: Mesh, batch_
     else:
         def body(x, h, w, lengths):
             return sparse_rnn(x, h, w, seq_lengths=lengths, **kwargs)
-        if not hasattr(seq_lengths, "dtype"):
-            seq_lengths = jnp.asarray(seq_lengths)
-        steps = inputs.shape[0 if time_major else 1]
-        if _is_concrete(seq_lengths):  # inside shard_map the lengths are traced: check them here
-            host = np.asarray(seq_lengths)
-            if host.size and (host.min() < 0 or host.max() > steps):
-                raise ValueError(f"seq_lengths must lie in [0, T={steps}], got values from "
-                                 f"{host.min()} to {host.max()}")
+        # Inside shard_map the lengths are traced: check them here, on the whole batch.
+        seq_lengths = check_seq_lengths(seq_lengths, batch, inputs.shape[0 if time_major else 1])
         args, in_specs = (inputs, h0, weights, seq_lengths), (seq_spec, batch_spec, P(), batch_spec)
-    fn = _shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(seq_spec, batch_spec),
-                    **_NO_CHECK)
+    # Our primitives carry no varying-manual-axes rule, so the per-device type check is off.
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(seq_spec, batch_spec),
+                       check_vma=False)
     return fn(*args)
 
 

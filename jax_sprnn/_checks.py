@@ -1,0 +1,90 @@
+"""Argument checks shared by the entry points (:func:`jax_sprnn.sparse_rnn`,
+:func:`jax_sprnn.reference_rnn`, :func:`jax_sprnn.sharding.sparse_rnn_sharded`, the Flax modules).
+
+Each check raises a ``ValueError`` or ``TypeError`` that names the argument and what it must be.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .weights import check_weight_dtype
+
+#: The activations the native kernels implement, by name.
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
+
+#: The values of ``sparse_rnn``'s ``method``.
+METHODS = ("auto", "native", "reference")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def is_concrete(x) -> bool:
+    """Whether ``x`` has values here (it is not a tracer), so that they can be checked."""
+    try:
+        np.asarray(x)
+        return True
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+
+
+def as_array(x):
+    """``x`` as it is when it has a shape and a dtype, else as a JAX array."""
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else jnp.asarray(x)
+
+
+def check_seq_lengths(seq_lengths, batch: int, steps: int):
+    """``seq_lengths`` checked as ``[batch]`` integers in ``[0, steps]``, as int32.
+
+    Traced lengths cannot be range-checked: they come back unchecked (``sparse_rnn`` then poisons
+    the outputs of out-of-range entries with NaN rather than giving a plausible wrong number).
+    """
+    if not hasattr(seq_lengths, "dtype"):
+        seq_lengths = np.asarray(seq_lengths)
+    if tuple(seq_lengths.shape) != (batch,):
+        raise ValueError(f"seq_lengths must be [B] = ({batch},), got shape {tuple(seq_lengths.shape)}")
+    if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+        raise TypeError(f"seq_lengths must be an integer array, got {seq_lengths.dtype}")
+    if not is_concrete(seq_lengths):
+        return jnp.asarray(seq_lengths).astype(jnp.int32)
+    host = np.asarray(seq_lengths)
+    if host.size and (host.min() < 0 or host.max() > steps):
+        raise ValueError(f"seq_lengths must lie in [0, T={steps}], got values from "
+                         f"{host.min()} to {host.max()}")
+    return jnp.asarray(host, jnp.int32)
+
+
+def check_rnn_args(inputs, h0, hidden: int, *, inputs_dtype, activation, time_major, seq_lengths):
+    """Check the arguments shared by sparse_rnn and reference_rnn; return time-major x, h0, lengths."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    inputs, h0 = as_array(inputs), as_array(h0)
+    layout = "[T, B, H]" if time_major else "[B, T, H]"
+    if inputs.ndim != 3:
+        raise ValueError(f"inputs must be {layout}, got shape {tuple(inputs.shape)}")
+    dtype = check_weight_dtype(inputs.dtype, "inputs")
+    if inputs_dtype is not None and dtype != inputs_dtype:
+        raise TypeError(f"inputs must have the weights' dtype {inputs_dtype}, got {dtype} "
+                        f"(cast the inputs, or the weights with SparseWeights.astype)")
+    x_tm = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
+    T, B, H = x_tm.shape
+    if H != hidden:
+        raise ValueError(f"inputs must have hidden size {hidden} (the kernel's) in their last axis, "
+                         f"got shape {tuple(inputs.shape)}")
+    if B == 0:
+        raise ValueError("inputs must have a batch of at least 1")
+    if tuple(h0.shape) != (B, H):
+        raise ValueError(f"h0 must be [B, H] = {(B, H)}, got shape {tuple(h0.shape)}")
+    if np.dtype(h0.dtype) != dtype:
+        raise TypeError(f"h0 must have the inputs' dtype {dtype}, got {np.dtype(h0.dtype)}")
+    if seq_lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    else:
+        lengths = check_seq_lengths(seq_lengths, B, T)
+    return x_tm, h0, lengths
