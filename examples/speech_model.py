@@ -293,9 +293,9 @@ def bench_only(args) -> None:
     whole = bench.random_whole_model(config, args.density, seed=args.seed)
     rows = bench.speed_table(config, args.density, args.bench_batches, args.bench_steps,
                              reps=args.bench_reps, whole_model=whole)
-    table = bench.format_table(rows, f"Recurrent layers and whole model, {device['device']}, H={args.hidden}, "
-                                     f"density {args.density:g}, T={args.bench_steps}, "
-                                     f"{args.dtype}")
+    table = bench.format_table(rows, f"Recurrent layers and whole model, {device['device']}, "
+                                     f"H={args.hidden}, density {args.density:g}, "
+                                     f"T={args.bench_steps}, {args.dtype}")
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": sys.argv, "device": device, "hidden": args.hidden, "layers": args.layers,

@@ -11,7 +11,7 @@ the layout and the execution paths live in ``jax_sprnn.planner``, ``jax_sprnn.la
 ``jax_sprnn.api``.
 """
 
-from . import _native  # registers the FFI targets
+from . import _native  # noqa: F401 (imported to register the FFI targets)
 from .api import sparse_rnn
 from .planner import DeviceSpec
 from .reference import reference_rnn

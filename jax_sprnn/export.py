@@ -7,6 +7,8 @@ the program must have imported ``jax_sprnn`` (which registers the targets) befor
     exported = jax.export.export(jitted, disabled_checks=jax_sprnn.export.disabled_checks())(*args)
     blob = exported.serialize()
     # elsewhere: import jax_sprnn; jax.export.deserialize(blob).call(*args)
+
+Serializing needs flatbuffers (``pip install 'jax_sprnn[export]'``).
 """
 
 from __future__ import annotations

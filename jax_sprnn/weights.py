@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import planner as _planner
-from .layout import LayoutMeta, PackedPattern, decode_columns, lane_of_slot, pack_pattern
+from .layout import LayoutMeta, decode_columns, lane_of_slot, pack_pattern
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 

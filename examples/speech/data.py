@@ -288,7 +288,7 @@ class Batcher:
             raise ValueError(f"bucket_seconds must be positive, got {bucket_seconds}")
         quantum = max(1, int(round(bucket_seconds * audio.sample_rate)))
         self.padded_lengths = np.maximum(1, -(-audio.lengths // quantum)) * quantum
-        label_sizes = np.array([len(l) for l in audio.labels])
+        label_sizes = np.array([len(labels) for labels in audio.labels])
         self.label_pad = {}
         for n in np.unique(self.padded_lengths):
             longest = int(label_sizes[self.padded_lengths == n].max())
@@ -347,7 +347,7 @@ def trainable(audio: AudioSet, features: FeatureConfig, time_stride: int,
     not longer than ``max_seconds``."""
     frames = features.num_frames(audio.lengths)
     out_frames = -(-frames // time_stride)
-    need = np.array([text_lib.min_ctc_frames(l) for l in audio.labels])
+    need = np.array([text_lib.min_ctc_frames(labels) for labels in audio.labels])
     ok = (out_frames >= need) & (need > 0)
     if max_seconds is not None:
         ok &= audio.lengths <= max_seconds * audio.sample_rate
