@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import LayoutMeta
-from .planner import SMEM_SLOT_COST
+from .planner import SMEM_SLOT_COST, LayoutMeta
 
 KERNEL_FIXED_US = 1.6
 KERNEL_PLANE_US = 1.85

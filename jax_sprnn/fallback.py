@@ -4,7 +4,8 @@ They lower wherever no native kernel runs (an unsupported platform, or a layer t
 chip) and serve as the dense path of ``method="auto"`` (also chosen where the persistent kernel would
 be slower, see :mod:`jax_sprnn.cost`). They rebuild the dense kernel from the packed arrays once per
 call (a scatter of the nonzeros) and run XLA's dense matmul per step, which on a GPU beats a per-step
-sparse library call at every size DESIGN.md measured.
+sparse library call at every size benchmarks/RESULTS.md measured (the ``bcsr``, ``bcoo`` and
+``torch_csr`` peers).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .layout import LayoutMeta, lane_of_slot
-from .reference import ACTIVATIONS, dense_matvec, scan_recurrence
+from ._checks import ACTIVATIONS
+from .layout import lane_of_slot
+from .planner import LayoutMeta
+from .reference import dense_matvec, scan_recurrence
 
 
 def slot_coordinates(indices, lane_row, meta: LayoutMeta):
@@ -41,7 +44,7 @@ def storage_matvec(kernel, dtype):
     return lambda h: jnp.dot(h.astype(dtype), kernel16, preferred_element_type=jnp.float32)
 
 
-def forward(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta, **_):
+def forward(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta):
     kernel = dense_from_packed(values, indices, lane_row, meta)
     return scan_recurrence(x, h0, storage_matvec(kernel, x.dtype), lengths, activation=activation,
                            reverse=reverse)
@@ -56,7 +59,7 @@ assert _GRADS.keys() == ACTIVATIONS.keys()
 
 
 def backward(y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final, *, activation,
-             reverse, meta, **_):
+             reverse, meta):
     """The backward recurrence: returns ``(dx, dh0)``; ``dx`` is ``dL/dz`` per position."""
     T, B, H = y.shape
     dtype = y.dtype
@@ -91,7 +94,7 @@ def states_before(y, h0, lengths, reverse):
     return jnp.where(first, h0[None], nxt)
 
 
-def weight_grad(y, h0, dz, indices, lane_row, lengths, *, groups, reverse, meta, **_):
+def weight_grad(y, h0, dz, indices, lane_row, lengths, *, groups, reverse, meta):
     """``[groups, S]`` float32: each group's sum of ``h_before[j] * dz[i]`` on the real slots.
 
     ``dz`` is zero at inactive positions, so summing over every position is exact.

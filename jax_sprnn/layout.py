@@ -10,50 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .planner import WARP, Plan, pack_rows_into_warps, lanes_per_row
-
-
-@dataclasses.dataclass(frozen=True)
-class LayoutMeta:
-    """The static half of a packed layout (hashable: it is pytree aux data and primitive params)."""
-
-    hidden: int
-    slots_per_lane: int
-    num_warps: int
-    warps_per_cta: int
-    reg_slots: int
-    load_bytes: int
-    fits: bool
-    reason: str
-
-    @classmethod
-    def from_plan(cls, plan: Plan) -> "LayoutMeta":
-        return cls(plan.hidden, plan.slots_per_lane, plan.num_warps, plan.warps_per_cta,
-                   plan.reg_slots, plan.load_bytes, plan.fits, plan.reason)
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_warps * self.slots_per_lane * WARP
-
-    @property
-    def num_lanes(self) -> int:
-        return self.num_warps * WARP
-
-    @property
-    def num_ctas(self) -> int:
-        return self.num_warps // self.warps_per_cta
-
-    @property
-    def phase_lanes(self) -> int:
-        """Lanes served together by shared memory for one load of ``load_bytes`` each."""
-        return 128 // self.load_bytes
-
-    def ffi_attrs(self) -> dict:
-        """The attributes every native target of this layout takes."""
-        return dict(slots_per_lane=np.int64(self.slots_per_lane),
-                    warps_per_cta=np.int64(self.warps_per_cta),
-                    reg_slots=np.int64(self.reg_slots),
-                    load_bytes=np.int64(self.load_bytes))
+from .planner import WARP, LayoutMeta, pack_rows_into_warps, lanes_per_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +47,7 @@ def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
     return idx - np.maximum.accumulate(np.where(is_start, idx, 0))
 
 
-def _assign_lanes(row_nnz: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+def _assign_lanes(row_nnz: np.ndarray, plan: LayoutMeta) -> tuple[np.ndarray, np.ndarray]:
     """Give each row its contiguous lanes inside one warp, and deal warps to CTAs evenly.
 
     Returns ``(first_global_lane, lanes)`` per row.
@@ -112,11 +69,11 @@ def _assign_lanes(row_nnz: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarr
     return final_warp[warp_of_row] * WARP + first_lane, lanes
 
 
-def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: Plan, *, bank_aware: bool = True
+def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_aware: bool = True
                  ) -> PackedPattern:
     """Place nonzeros ``(rows[n], cols[n])`` of a ``hidden x hidden`` pattern into slots.
 
-    Bank-aware order (DESIGN.md, optimization 2): lane ``l`` in slot ``k`` should read a column of
+    Bank-aware order (docs/design.md): lane ``l`` in slot ``k`` should read a column of
     bank group ``(l + k) mod P`` (``P`` lanes share one shared-memory phase and there are ``P``
     groups), which is conflict-free for every phase. Inside each row the nonzeros of group ``g`` are
     matched to the row's positions whose target group is ``g``; what cannot be matched fills the

@@ -4,7 +4,7 @@ The planner is a pure function of the layer (hidden size, nonzeros per row, dtyp
 :class:`DeviceSpec`, so tests can call it with made-up devices. Its model of the persistent kernel
 (docs/format.md, docs/design.md):
 
-* one CTA per SM at most (DESIGN.md: more CTAs per SM raise the synchronization cost);
+* one CTA per SM at most (more CTAs per SM would raise the cost of the steps' synchronization);
 * a warp owns whole rows; a row owns ``ceil(nnz / K)`` contiguous lanes (at least one), so a warp
   can hold several short rows; every lane holds ``K`` slots (``K`` from :data:`SLOT_SIZES`);
 * per thread, ``reg_slots`` of the K slots sit in registers (one 32-bit register per slot for 16-bit
@@ -73,8 +73,12 @@ H200 = DeviceSpec()
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """A layout decision. ``fits`` says whether the persistent kernel can run it on the device."""
+class LayoutMeta:
+    """The static half of a packed layout: its sizes, and whether the persistent kernel runs it.
+
+    It holds no dtype, so one meta serves a layout in any storage dtype. Hashable: it is pytree aux
+    data and a primitive parameter. A :class:`Plan` is a LayoutMeta plus the planner's accounting.
+    """
 
     hidden: int
     slots_per_lane: int
@@ -84,8 +88,11 @@ class Plan:
     load_bytes: int
     fits: bool
     reason: str
-    #: shared memory of one CTA with a single batch plane, in bytes
-    smem_bytes: int
+
+    @classmethod
+    def from_plan(cls, plan: "LayoutMeta") -> "LayoutMeta":
+        """The layout half of a :class:`Plan` (or a copy of a LayoutMeta)."""
+        return cls(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def num_ctas(self) -> int:
@@ -94,6 +101,28 @@ class Plan:
     @property
     def threads_per_cta(self) -> int:
         return self.warps_per_cta * WARP
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_warps * self.slots_per_lane * WARP
+
+    @property
+    def num_lanes(self) -> int:
+        return self.num_warps * WARP
+
+    @property
+    def phase_lanes(self) -> int:
+        """Lanes served together by shared memory for one load of ``load_bytes`` each."""
+        return 128 // self.load_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan(LayoutMeta):
+    """A layout decision for one dtype and device: the layout (``fits`` says whether the persistent
+    kernel can run it on the device) and the shared memory it was planned with."""
+
+    #: shared memory of one CTA with a single batch plane, in bytes
+    smem_bytes: int
 
 
 def lanes_per_row(row_nnz: np.ndarray, slots_per_lane: int) -> np.ndarray:
@@ -243,8 +272,8 @@ def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
     return plan
 
 
-def max_persistent_batch(plan: Plan, dtype, device: DeviceSpec = H200) -> int:
-    """The largest batch the persistent kernel runs for this plan (more planes of staged h)."""
+def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> int:
+    """The largest batch the persistent kernel runs for this layout (more planes of staged h)."""
     if not plan.fits:
         return 0
     weight_smem = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)

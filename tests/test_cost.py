@@ -70,7 +70,7 @@ def test_dense_estimate_grows_with_the_weights(hidden):
 def test_gpu_path_of_a_layer():
     # Which GPU path a layer's forward lowers to (planned for this machine's GPU, else an H200).
     from jax_sprnn import _native
-    from jax_sprnn.primitives import gpu_path
+    from jax_sprnn.dispatch import gpu_path
 
     if "jax_sprnn_forward" not in _native.cuda_targets():
         pytest.skip("the CUDA module was not built")

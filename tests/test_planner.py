@@ -112,7 +112,7 @@ def test_weight_grad_time_chunks(hidden, density, groups, steps):
     # The CUDA weight-gradient kernel's time split: within [1, steps] (and 64), and its waves of
     # CTAs are at least 90% busy or as busy as any split allows.
     from jax_sprnn.layout import LayoutMeta
-    from jax_sprnn.primitives import weight_grad_time_chunks
+    from jax_sprnn.dispatch import weight_grad_time_chunks
     nnz = max(1, int(density * hidden))
     meta = LayoutMeta.from_plan(planner.plan_layout(np.full(hidden, nnz), np.float16))
     chunks = weight_grad_time_chunks(meta, groups, steps, 132)

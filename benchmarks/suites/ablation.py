@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 
 import jax_sprnn as js
+from jax_sprnn.dispatch import cuda_fit
 from jax_sprnn.layout import bank_conflicts
-from jax_sprnn.primitives import cuda_fit, sprnn_forward_p
+from jax_sprnn.primitives import sprnn_forward_p
 
 from .. import plots
 from ..harness import Peer, Skip

@@ -1,0 +1,157 @@
+"""What runs: the choice between a native kernel and the pure-JAX fallback for each primitive call.
+
+The choice depends on what was built (:mod:`jax_sprnn._native`), the layer's layout
+(:class:`jax_sprnn.planner.LayoutMeta`), the device (``_native.current_device_spec()``), the call's
+shapes and the cost model (:mod:`jax_sprnn.cost`). :mod:`jax_sprnn.primitives` asks here while it
+lowers, and lowers what the :class:`Decision` says.
+
+``method`` (``sparse_rnn``'s): ``"auto"`` takes the kernel where it runs and is expected to be
+faster; ``"native"`` takes the kernel or raises an error that says why it cannot run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import _native, cost, planner
+from .planner import LayoutMeta
+
+FORWARD, BACKWARD, WEIGHT_GRAD = "jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad"
+
+# The CUDA weight-gradient kernel's work split (cuda/weight_grad.cu: kWgThreads, slots_per_thread):
+# a thread takes up to 8 or 16 slots of one lane and a CTA 1024 threads, one CTA per SM at a time.
+_WG_THREADS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What one primitive call lowers to.
+
+    ``path``: ``"kernel"`` (the native target) or ``"fallback"`` (the pure-JAX code of
+    :mod:`jax_sprnn.fallback`: XLA's dense path on a GPU). ``why``: the reason, in words.
+    ``warning``: what to tell the user once, for a fallback they may not expect (None when the
+    fallback is the faster path). ``time_chunks``: how many time chunks the CUDA weight-gradient
+    kernel splits the sequence into (1 elsewhere).
+    """
+
+    path: str
+    why: str
+    warning: str | None = None
+    time_chunks: int = 1
+
+
+_CPU_NOT_BUILT = "the CPU module jax_sprnn._sprnn_cpu was not built"
+
+
+def on_cpu(method: str) -> Decision:
+    """The CPU kernels where the CPU module was built, else the pure-JAX fallback."""
+    if _native.has_cpu_kernels():
+        return Decision("kernel", "the CPU module is built")
+    if method == "native":
+        raise RuntimeError(f"method='native': {_CPU_NOT_BUILT}")
+    return Decision("fallback", _CPU_NOT_BUILT,
+                    "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
+
+
+def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = FORWARD) -> tuple[bool, str]:
+    """Whether the persistent CUDA kernel runs this layout at this batch here, and if not, why.
+
+    Both directions share launch bounds and shared-memory needs, so one answer serves the forward
+    kernel (``meta``) and the backward one (``meta_t``, with ``target=BACKWARD``).
+    """
+    if target not in _native.cuda_targets():
+        return False, f"the CUDA module of jax_sprnn was not built with {target}"
+    if not meta.fits:
+        return False, meta.reason
+    device = _native.current_device_spec()
+    if meta.num_ctas > device.sm_count or meta.threads_per_cta > device.max_threads_per_block:
+        return False, (f"the layout was planned for more SMs or threads ({meta.num_ctas} CTAs of "
+                       f"{meta.threads_per_cta} threads) than {device.name} has; repack it with "
+                       f"SparseWeights.from_dense on this machine")
+    limits = dict(device.thread_limits(dtype))
+    if meta.threads_per_cta > limits.get(meta.reg_slots, 0):
+        return False, (f"no kernel instantiation runs {meta.reg_slots} register slots with "
+                       f"{meta.threads_per_cta} threads per CTA")
+    max_batch = planner.max_persistent_batch(meta, dtype, device)
+    if batch > max_batch:
+        return False, (f"batch {batch} exceeds the persistent kernel's limit of {max_batch} for "
+                       f"H={meta.hidden} (shared memory holds h for at most that many examples)")
+    return True, "fits"
+
+
+def gpu_path(meta: LayoutMeta, batch: int, dtype, method: str = "auto",
+             target: str = FORWARD) -> tuple[str, str]:
+    """``("persistent", why)`` or ``("dense", why)``: what a GPU call of this layer runs.
+
+    The dense XLA path runs where the kernel does not fit, and, for ``method="auto"`` in the
+    forward direction, where :mod:`jax_sprnn.cost` expects the kernel to be clearly slower. (The
+    backward keeps the kernel: its dense path must stay in float32, which is slower still.)
+    """
+    ok, why = cuda_fit(meta, batch, dtype, target)
+    if not ok:
+        return "dense", why
+    if method == "auto" and target == FORWARD:
+        slower, estimate = cost.auto_prefers_dense(meta, batch, dtype)
+        if slower:
+            return "dense", f"it is faster here ({estimate})"
+    return "persistent", why
+
+
+def on_cuda_recurrence(target: str, meta: LayoutMeta, batch: int, dtype, method: str) -> Decision:
+    """The persistent kernel of ``target`` (forward or backward) or XLA's dense path."""
+    path, why = gpu_path(meta, batch, dtype, method, target)
+    if path == "persistent":
+        return Decision("kernel", why)
+    if method == "native":
+        raise ValueError(f"method='native': the persistent CUDA kernel ({target}) cannot run "
+                         f"this layer: {why}")
+    return Decision("fallback", why, f"jax_sprnn: {target} uses the dense XLA path on the GPU: {why}")
+
+
+def weight_grad_smem_bytes(hidden: int, batch: int) -> int:
+    """Shared memory of one weight-gradient CTA: h and dz of one step as float32, and the lengths."""
+    return 2 * hidden * 4 + batch * 4
+
+
+def weight_grad_time_chunks(meta: LayoutMeta, groups: int, steps: int, sm_count: int) -> int:
+    """How many time chunks the weight-gradient kernel splits ``steps`` into: the fewest that fill
+    at least one wave of CTAs with whole waves (at least 90% busy), else the best filled."""
+    per_thread = 8 if meta.slots_per_lane <= 8 else 16
+    threads = meta.num_warps * 32 * -(-meta.slots_per_lane // per_thread)
+    blocks = max(1, -(-threads // _WG_THREADS)) * groups
+    limit = max(1, min(steps, 64, 65535 // groups))
+
+    def filled(c):  # the share of SM time the chunks keep busy
+        return blocks * c / (-(-blocks * c // sm_count) * sm_count)
+    for c in range(1, limit + 1):
+        if blocks * c >= sm_count and filled(c) >= 0.9:
+            return c
+    return max(range(1, limit + 1), key=lambda c: (filled(c), -c))
+
+
+def on_cuda_weight_grad(meta: LayoutMeta, steps: int, batch: int, hidden: int, groups: int,
+                        method: str) -> Decision:
+    """The pattern kernel (with its time split) or XLA's dense einsum and gather.
+
+    ``"auto"`` takes the einsum without a warning where :mod:`jax_sprnn.cost` expects it faster.
+    """
+    if not _native.cuda_targets():
+        why = "the CUDA module of jax_sprnn was not built"
+    elif WEIGHT_GRAD not in _native.cuda_targets():
+        why = f"the CUDA module of jax_sprnn was not built with {WEIGHT_GRAD}"
+    else:
+        device = _native.current_device_spec()
+        smem = weight_grad_smem_bytes(hidden, batch)
+        why = (None if smem <= device.smem_per_block else
+               f"H={hidden} needs {smem} bytes of shared memory per CTA")
+    if why is not None:
+        if method == "native":
+            raise ValueError(f"method='native': the CUDA weight-gradient kernel cannot run: {why}")
+        return Decision("fallback", why, f"jax_sprnn: the weight gradient uses the dense XLA "
+                                         f"fallback on the GPU: {why}")
+    if method == "auto":
+        prefers_dense, estimate = cost.weight_grad_prefers_dense(meta, batch, groups)
+        if prefers_dense:
+            return Decision("fallback", f"it is faster here ({estimate})")
+    chunks = weight_grad_time_chunks(meta, groups, max(steps, 1), device.sm_count)
+    return Decision("kernel", "fits", time_chunks=chunks)
