@@ -28,8 +28,12 @@ the same outputs in both modules.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from typing import Any
+
+if importlib.util.find_spec("flax") is None:  # an extra, not a dependency of jax_sprnn
+    raise ModuleNotFoundError("jax_sprnn.flax needs Flax: pip install 'jax_sprnn[flax]'", name="flax")
 
 import flax.linen as nn
 import jax

@@ -15,7 +15,11 @@ zeroes the pruned weights; the layout stays the same, so an ``nnx.jit`` step doe
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
+
+if importlib.util.find_spec("flax") is None:  # an extra, not a dependency of jax_sprnn
+    raise ModuleNotFoundError("jax_sprnn.nnx needs Flax: pip install 'jax_sprnn[flax]'", name="flax")
 
 import jax
 import jax.numpy as jnp
