@@ -7,7 +7,7 @@ import pytest
 
 import jax_sprnn as js
 
-from jax_sprnn.testing import make_problem, rel_err
+from jax_sprnn.testing import make_problem, random_kernel, rel_err
 
 
 def test_jit_matches_eager():
@@ -98,9 +98,12 @@ def test_two_layers_in_one_jit():
 
 
 def test_new_mask_same_layout_does_not_recompile():
-    d1, w1, x, h0 = make_problem(40, 32, 2, 5, 0.2)
+    # Circulant masks (column i holds rows i + o mod H for six offsets o) have six nonzeros in every
+    # row and every column, so whatever the offsets, their layout and their transpose's are the same.
+    hidden = 32
+    _, _, x, h0 = make_problem(40, hidden, 2, 5, 0.2)
     rng = np.random.default_rng(41)
-    k = rng.standard_normal((32, 32)).astype(np.float32)
+    cols = np.arange(hidden)
     traces = []
 
     @jax.jit
@@ -108,14 +111,21 @@ def test_new_mask_same_layout_does_not_recompile():
         traces.append(1)
         return js.sparse_rnn(x, h0, w, method="native")
 
-    f(x, w1)
-    for seed in range(3):  # row-balanced masks of one size share one layout
-        mask = np.zeros((32, 32), bool)
-        for i in range(32):
-            mask[np.random.default_rng(seed * 100 + i).choice(32, 6, replace=False), i] = True
-        w = js.SparseWeights.from_dense(k, mask)
-        if seed == 0:
-            first_meta = w.meta
-        if w.meta == first_meta and w.meta_t == js.SparseWeights.from_dense(k, mask).meta_t:
-            f(x, w)
-    assert len(traces) <= 2
+    metas = set()
+    for seed in range(3):
+        offsets = np.random.default_rng(seed).choice(hidden, 6, replace=False)
+        mask = np.zeros((hidden, hidden), bool)
+        mask[(cols + offsets[:, None]) % hidden, cols] = True
+        kernel, _ = random_kernel(rng, hidden, 0.0, mask=mask)
+        w = js.SparseWeights.from_dense(kernel, mask)
+        metas.add((w.meta, w.meta_t))
+        y, h = f(x, w)
+        y_ref, h_ref = js.reference_rnn(x, h0, kernel)  # this mask's answer, not a cached one
+        assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+        assert len(traces) == 1, f"mask {seed} retraced"
+    assert len(metas) == 1
+    # the counter counts: a layer of another layout is traced again
+    _, w_other, _, _ = make_problem(42, hidden, 2, 5, 0.5)
+    assert (w_other.meta, w_other.meta_t) not in metas
+    f(x, w_other)
+    assert len(traces) == 2
