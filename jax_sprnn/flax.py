@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from typing import Any
 
 if importlib.util.find_spec("flax") is None:  # an extra, not a dependency of jax_sprnn
@@ -43,140 +42,42 @@ from flax.linen import initializers
 from flax.linen.linear import default_kernel_init
 
 from . import pruning
-from .api import METHODS, sparse_rnn
-from .pruning import COLLECTION, PackedMask, initial_mask
-from .reference import ACTIVATIONS
-from .weights import SUPPORTED_DTYPES, SparseWeights
+from ._checks import ACTIVATIONS, check_method
+from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
+                       flip_padded, initial_layout, masked_init, run_sequence, sequence_shape,
+                       storage_dtype)
+from .pruning import COLLECTION, PackedMask
+from .weights import SparseWeights
 
 Initializer = Any
 
-# The activations the native kernels implement, by the callables a Flax user would pass.
-_ACTIVATION_FNS = {jnp.tanh: "tanh", jax.nn.tanh: "tanh", nn.tanh: "tanh", jax.nn.relu: "relu",
-                   nn.relu: "relu"}
+
+class _SimpleRNNAttributes(nn.Module):
+    """The attributes, and the carry, of both linen layers (documented on :class:`SparseRNNCell`)."""
+
+    features: int
+    max_density: float = 1.0
+    activation_fn: Any = "tanh"
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = initializers.orthogonal()
+    bias_init: Initializer = initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Initializer = initializers.zeros_init()
+    mask_seed: int = 0
+    precision: Any = None
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
+        return self.carry_init(rng, tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
 
 
-def activation_name(activation) -> str:
-    """``"tanh"``, ``"relu"`` or ``"identity"`` for a name or one of the matching callables."""
-    if isinstance(activation, str):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation_fn must be one of {sorted(ACTIVATIONS)} (or jnp.tanh / "
-                             f"jax.nn.relu), got {activation!r}")
-        return activation
-    try:
-        return _ACTIVATION_FNS[activation]
-    except (KeyError, TypeError):
-        raise ValueError(f"activation_fn must be 'tanh', 'relu', 'identity', jnp.tanh or "
-                         f"jax.nn.relu (what the native kernels implement), got {activation!r}"
-                         ) from None
-
-
-def storage_dtype(dtype, param_dtype) -> np.dtype:
-    """The dtype the recurrence runs in: ``dtype`` if given, else ``param_dtype``."""
-    chosen = np.dtype(param_dtype if dtype is None else dtype)
-    if chosen not in SUPPORTED_DTYPES:
-        name = "param_dtype" if dtype is None else "dtype"
-        raise TypeError(f"{name} must be float32, bfloat16 or float16 for a sparse recurrence, "
-                        f"got {chosen}")
-    return chosen
-
-
-def check_features(features, name: str = "features") -> int:
-    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
-        raise ValueError(f"{name} must be a positive integer, got {features!r}")
-    return int(features)
-
-
-def masked_init(init: Initializer, mask_fn):
-    """An initializer that zeroes what ``mask_fn()`` (a boolean array) prunes."""
-    def initializer(key, shape, dtype=jnp.float32):
-        return init(key, shape, dtype) * jnp.asarray(mask_fn(), dtype)
-    return initializer
-
-
-@functools.lru_cache(maxsize=64)
-def _initial_layout_host(hidden: int, max_density: float, seed: int, dtype_name: str) -> PackedMask:
-    return PackedMask.for_density(hidden, max_density, seed=seed, dtype=np.dtype(dtype_name),
-                                  host=True)
-
-
-def initial_layout(hidden: int, max_density: float, seed: int, dtype_name: str) -> PackedMask:
-    """The packed starting mask of a layer. The NumPy packing is cached (packing a dense layer
-    takes a moment, and ``init`` may trace a module several times); the arrays are made afresh
-    for each call, since inside a trace they belong to that trace."""
-    return jax.tree_util.tree_map(jnp.asarray,
-                                  _initial_layout_host(hidden, max_density, seed, dtype_name))
-
-
-@functools.lru_cache(maxsize=64)
-def _initial_mask(hidden: int, max_density: float, seed: int) -> np.ndarray:
-    mask = initial_mask(hidden, max_density, seed)
-    mask.setflags(write=False)
-    return mask
-
-
-def flip_padded(y, lengths, *, time_major: bool):
-    """Reverse each sequence's first ``lengths[b]`` steps, keeping padding at the end (what
-    ``nn.RNN`` does to return a reversed pass's outputs in processing order). ``y``: ``[B, T, H]``
-    or ``[T, B, H]``; ``lengths``: ``[B]`` or None (then the whole time axis is flipped)."""
-    axis = 0 if time_major else 1
-    if lengths is None:
-        return jnp.flip(y, axis)
-    steps = y.shape[axis]
-    idx = (jnp.arange(steps - 1, -1, -1)[None, :] + lengths[:, None]) % steps  # [B, T]
-    idx = (idx.T if time_major else idx)[:, :, None]
-    return jnp.take_along_axis(y, idx, axis=axis)
-
-
-def sequence_shape(inputs, time_major: bool):
-    """``(inputs, T, batch_shape)`` of ``[*batch, T, F]`` (or ``[T, *batch, F]``) inputs."""
-    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
-        inputs = jnp.asarray(inputs)
-    if inputs.ndim < 2:
-        raise ValueError(f"inputs must be {'[T, *batch, F]' if time_major else '[*batch, T, F]'}, "
-                         f"got shape {tuple(inputs.shape)}")
-    if time_major:
-        return inputs, inputs.shape[0], tuple(inputs.shape[1:-1])
-    return inputs, inputs.shape[-2], tuple(inputs.shape[:-2])
-
-
-def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps: int,
-                 batch_shape: tuple, activation: str, dtype, time_major: bool, reverse: bool,
-                 keep_order: bool, method: str, mesh=None, batch_axis="data"):
-    """The recurrence of a whole layer on the projected inputs ``x`` (``[*batch, T, H]`` or
-    ``[T, *batch, H]``), with ``nn.RNN``'s conventions. Returns ``(carry, outputs)``.
-
-    The batch dimensions are folded into one for the native call and unfolded after.
-    """
-    hidden = weights.hidden
-    batch = math.prod(batch_shape)
-    x = x.astype(dtype).reshape((steps, batch, hidden) if time_major else (batch, steps, hidden))
-    if not hasattr(initial_carry, "shape") or tuple(initial_carry.shape) != batch_shape + (hidden,):
-        raise ValueError(f"initial_carry must be [*batch, H] = {batch_shape + (hidden,)}, got "
-                         f"{getattr(initial_carry, 'shape', type(initial_carry).__name__)}")
-    h0 = jnp.asarray(initial_carry).astype(dtype).reshape(batch, hidden)
-    lengths = None
-    if seq_lengths is not None:
-        if not hasattr(seq_lengths, "shape"):
-            seq_lengths = np.asarray(seq_lengths)
-        if tuple(seq_lengths.shape) != batch_shape:
-            raise ValueError(f"seq_lengths must be [*batch] = {batch_shape}, got shape "
-                             f"{tuple(seq_lengths.shape)}")
-        lengths = seq_lengths.reshape(batch)
-    kwargs = dict(activation=activation, time_major=time_major, reverse=bool(reverse),
-                  seq_lengths=lengths, method=method)
-    if mesh is None:
-        y, carry = sparse_rnn(x, h0, weights, **kwargs)
-    else:
-        from .sharding import sparse_rnn_sharded
-        y, carry = sparse_rnn_sharded(x, h0, weights, mesh=mesh, batch_axis=batch_axis, **kwargs)
-    if reverse and not keep_order:
-        y = flip_padded(y, None if lengths is None else jnp.asarray(lengths, jnp.int32),
-                        time_major=time_major)
-    out_shape = ((steps,) + batch_shape if time_major else batch_shape + (steps,)) + (hidden,)
-    return carry.reshape(batch_shape + (hidden,)), y.reshape(out_shape)
-
-
-class SparseRNNCell(nn.RNNCellBase):
+class SparseRNNCell(_SimpleRNNAttributes, nn.RNNCellBase):
     """A simple recurrent cell with a pruned recurrent kernel: ``h' = act(x W_i + b + h W_h)``.
 
     Drop-in for ``nn.SimpleCell`` (same parameter names and shapes: ``i/kernel [F, H]``,
@@ -199,18 +100,6 @@ class SparseRNNCell(nn.RNNCellBase):
       precision: precision of the two matmuls.
     """
 
-    features: int
-    max_density: float = 1.0
-    activation_fn: Any = "tanh"
-    kernel_init: Initializer = default_kernel_init
-    recurrent_kernel_init: Initializer = initializers.orthogonal()
-    bias_init: Initializer = initializers.zeros_init()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    carry_init: Initializer = initializers.zeros_init()
-    mask_seed: int = 0
-    precision: Any = None
-
     @nn.compact
     def __call__(self, carry, inputs):
         """One step. ``carry``: ``[*batch, H]``; ``inputs``: ``[*batch, F]``. Returns
@@ -218,10 +107,9 @@ class SparseRNNCell(nn.RNNCellBase):
         hidden = check_features(self.features)
         act = ACTIVATIONS[activation_name(self.activation_fn)]
         pruning.budgets_for_density(hidden, self.max_density)  # validates max_density
-        if not hasattr(carry, "shape") or carry.shape[-1:] != (hidden,):
-            raise ValueError(f"carry must be [*batch, {hidden}], got shape "
-                             f"{getattr(carry, 'shape', type(carry).__name__)}")
-        mask = functools.partial(_initial_mask, hidden, float(self.max_density), self.mask_seed)
+        check_carry(carry, hidden)
+        mask = functools.partial(cached_initial_mask, hidden, float(self.max_density),
+                                 self.mask_seed)
         dense_h = nn.Dense(hidden, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                            kernel_init=masked_init(self.recurrent_kernel_init, mask),
                            precision=self.precision, name="h")
@@ -230,15 +118,6 @@ class SparseRNNCell(nn.RNNCellBase):
                            precision=self.precision, name="i")
         new_carry = act(dense_i(inputs) + dense_h(carry))
         return new_carry, new_carry
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
-        """The initial carry ``[*batch, H]`` for inputs of shape ``[*batch, F]``."""
-        return self.carry_init(rng, tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
 
 
 class SparseKernel(nn.Module):
@@ -283,7 +162,8 @@ class SparseKernel(nn.Module):
                              f"{hidden}")
         # The init mask comes from the host (the variable's value may be a tracer of a lifted
         # transform here); it is the same pattern the variable starts from.
-        init_mask = functools.partial(_initial_mask, hidden, float(self.max_density), self.mask_seed)
+        init_mask = functools.partial(cached_initial_mask, hidden, float(self.max_density),
+                                      self.mask_seed)
         kernel = self.param("kernel", masked_init(self.kernel_init, init_mask), (hidden, hidden),
                             self.param_dtype)
         if tuple(kernel.shape) != (hidden, hidden):
@@ -291,7 +171,7 @@ class SparseKernel(nn.Module):
         return layout.weights(kernel, dtype)
 
 
-class SparseRNN(nn.Module):
+class SparseRNN(_SimpleRNNAttributes):
     """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
 
     A drop-in for ``nn.RNN(nn.SimpleCell(features))`` with the parameters of
@@ -319,17 +199,6 @@ class SparseRNN(nn.Module):
         (:func:`jax_sprnn.sharding.sparse_rnn_sharded`).
     """
 
-    features: int
-    max_density: float = 1.0
-    activation_fn: Any = "tanh"
-    kernel_init: Initializer = default_kernel_init
-    recurrent_kernel_init: Initializer = initializers.orthogonal()
-    bias_init: Initializer = initializers.zeros_init()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    carry_init: Initializer = initializers.zeros_init()
-    mask_seed: int = 0
-    precision: Any = None
     time_major: bool = False
     return_carry: bool = False
     reverse: bool = False
@@ -365,8 +234,7 @@ class SparseRNN(nn.Module):
         hidden = check_features(self.features)
         activation = activation_name(self.activation_fn)
         dtype = storage_dtype(self.dtype, self.param_dtype)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_method(self.method)
         inputs, steps, batch_shape = sequence_shape(inputs, time_major)
         weights = SparseKernel(hidden, self.max_density, self.recurrent_kernel_init,
                                self.param_dtype, dtype, self.mask_seed, name="h")()
@@ -381,15 +249,6 @@ class SparseRNN(nn.Module):
                                 time_major=time_major, reverse=reverse, keep_order=keep_order,
                                 method=self.method, mesh=self.mesh, batch_axis=self.batch_axis)
         return (carry, y) if return_carry else y
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
-        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
-        return self.carry_init(rng, tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
 
 
 __all__ = ["SparseRNNCell", "SparseRNN", "SparseKernel", "activation_name", "flip_padded"]

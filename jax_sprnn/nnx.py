@@ -28,11 +28,10 @@ from flax import nnx
 from flax.nnx import initializers
 
 from . import pruning
-from .api import METHODS
-from .flax import (_initial_mask, activation_name, check_features, initial_layout, masked_init,
-                   run_sequence, sequence_shape, storage_dtype)
+from ._checks import ACTIVATIONS, check_method
+from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
+                       initial_layout, masked_init, run_sequence, sequence_shape, storage_dtype)
 from .pruning import PackedMask
-from .reference import ACTIVATIONS
 from .weights import SparseWeights
 
 Initializer = Any
@@ -44,20 +43,40 @@ class Sparsity(nnx.Variable):
     packed inference weights (:class:`jax_sprnn.SparseWeights`). Not a parameter."""
 
 
-def _carry(shape, dtype, rngs, carry_init):
-    """A carry from ``carry_init`` (zeros when None), drawing a key only when it is needed."""
-    if carry_init is None:
-        return jnp.zeros(shape, dtype)
-    if isinstance(rngs, nnx.Rngs):
-        key = rngs.carry()
-    elif rngs is None:
-        key = jax.random.key(0)
-    else:
-        key = rngs()
-    return carry_init(key, shape, dtype)
+class _SimpleRNNAttributes:
+    """What both NNX layers share: their checked common arguments, and the carry."""
+
+    def _set_common(self, in_features, hidden_features, activation_fn, max_density, param_dtype,
+                    carry_init) -> None:
+        self.in_features = check_features(in_features, "in_features")
+        self.hidden_features = check_features(hidden_features, "hidden_features")
+        self.activation = activation_name(activation_fn)
+        self.max_density = float(max_density)
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs=None,
+                         carry_init: Initializer | None = None):
+        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``, from
+        ``carry_init`` (zeros when None), drawing a key only when it is needed."""
+        shape = tuple(input_shape[:-1]) + (self.hidden_features,)
+        carry_init = carry_init or self.carry_init
+        if carry_init is None:
+            return jnp.zeros(shape, self.param_dtype)
+        if isinstance(rngs, nnx.Rngs):
+            key = rngs.carry()
+        elif rngs is None:
+            key = jax.random.key(0)
+        else:
+            key = rngs()
+        return carry_init(key, shape, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
 
 
-class SparseRNNCell(nnx.RNNCellBase):
+class SparseRNNCell(_SimpleRNNAttributes, nnx.RNNCellBase):
     """A simple recurrent cell with a pruned recurrent kernel: ``h' = act(W_i x + b + W_h h)``.
 
     The NNX twin of :class:`jax_sprnn.flax.SparseRNNCell` and a drop-in for ``nnx.SimpleCell``
@@ -81,16 +100,12 @@ class SparseRNNCell(nnx.RNNCellBase):
                  recurrent_kernel_init: Initializer = initializers.orthogonal(),
                  bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
                  precision: Any = None, rngs: nnx.Rngs):
-        self.in_features = check_features(in_features, "in_features")
-        self.hidden_features = check_features(hidden_features, "hidden_features")
-        self.activation = activation_name(activation_fn)
-        self.max_density = float(max_density)
+        self._set_common(in_features, hidden_features, activation_fn, max_density, param_dtype,
+                         carry_init)
         pruning.budgets_for_density(self.hidden_features, self.max_density)  # validates it
         self.mask_seed = int(mask_seed)
-        self.param_dtype = param_dtype
-        self.carry_init = carry_init
         hidden = self.hidden_features
-        mask = lambda: _initial_mask(hidden, self.max_density, self.mask_seed)  # noqa: E731
+        mask = lambda: cached_initial_mask(hidden, self.max_density, self.mask_seed)  # noqa: E731
         # nnx.SimpleCell creates dense_h first: keep the order so equal rngs give equal weights.
         self.dense_h = nnx.Linear(hidden, hidden, use_bias=False, dtype=dtype,
                                   param_dtype=param_dtype,
@@ -102,24 +117,12 @@ class SparseRNNCell(nnx.RNNCellBase):
 
     def __call__(self, carry, inputs):  # type: ignore[override]
         """One step. ``carry``: ``[*batch, H]``; ``inputs``: ``[*batch, F]``."""
-        if not hasattr(carry, "shape") or carry.shape[-1:] != (self.hidden_features,):
-            raise ValueError(f"carry must be [*batch, {self.hidden_features}], got shape "
-                             f"{getattr(carry, 'shape', type(carry).__name__)}")
+        check_carry(carry, self.hidden_features)
         new_carry = ACTIVATIONS[self.activation](self.dense_i(inputs) + self.dense_h(carry))
         return new_carry, new_carry
 
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs=None,  # type: ignore[override]
-                         carry_init: Initializer | None = None):
-        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
-        shape = tuple(input_shape[:-1]) + (self.hidden_features,)
-        return _carry(shape, self.param_dtype, rngs, carry_init or self.carry_init)
 
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
-
-class SparseRNN(nnx.Module):
+class SparseRNN(_SimpleRNNAttributes, nnx.Module):
     """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
 
     The NNX twin of :class:`jax_sprnn.flax.SparseRNN`: a drop-in for
@@ -151,16 +154,10 @@ class SparseRNN(nnx.Module):
                  precision: Any = None, time_major: bool = False, return_carry: bool = False,
                  reverse: bool = False, keep_order: bool = False, method: str = "auto",
                  mesh: Any = None, batch_axis: Any = "data", rngs: nnx.Rngs):
-        self.in_features = check_features(in_features, "in_features")
-        self.hidden_features = check_features(hidden_features, "hidden_features")
-        self.activation = activation_name(activation_fn)
-        self.max_density = float(max_density)
+        self._set_common(in_features, hidden_features, activation_fn, max_density, param_dtype,
+                         carry_init)
         self.dtype = storage_dtype(dtype, param_dtype).name
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.method = method
-        self.param_dtype = param_dtype
-        self.carry_init = carry_init
+        self.method = check_method(method)
         self.time_major, self.return_carry = bool(time_major), bool(return_carry)
         self.reverse, self.keep_order = bool(reverse), bool(keep_order)
         self.mesh, self.batch_axis = mesh, batch_axis
@@ -210,16 +207,6 @@ class SparseRNN(nnx.Module):
                                 mesh=self.mesh, batch_axis=self.batch_axis)
         return (carry, y) if return_carry else y
 
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs=None,
-                         carry_init: Initializer | None = None):
-        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``."""
-        shape = tuple(input_shape[:-1]) + (self.hidden_features,)
-        return _carry(shape, self.param_dtype, rngs, carry_init or self.carry_init)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
     # ---- pruning ------------------------------------------------------------------------------
     @property
     def mask(self) -> np.ndarray:
@@ -240,14 +227,8 @@ class SparseRNN(nnx.Module):
         return pruning.pack_inference(self.dense_h.kernel[...], stored.mask, dtype=self.dtype)
 
 
-def _iter_modules(model):
-    if hasattr(nnx, "iter_modules"):
-        return nnx.iter_modules(model)
-    return model.iter_modules()  # pragma: no cover - older flax
-
-
 def _sparse_layers(model) -> dict[tuple, SparseRNN]:
-    layers = {tuple(path): m for path, m in _iter_modules(model) if isinstance(m, SparseRNN)}
+    layers = {tuple(path): m for path, m in nnx.iter_modules(model) if isinstance(m, SparseRNN)}
     if not layers:
         raise ValueError("the model has no jax_sprnn.nnx.SparseRNN layers")
     return layers
@@ -284,9 +265,7 @@ def param_masks(model):
         stored = layer.sparsity.get_value()
         if isinstance(stored, PackedMask):
             masks[path + ("dense_h", "kernel")] = jnp.asarray(stored.mask)
-    params = nnx.state(model, nnx.Param)
-    if hasattr(nnx, "as_pure"):  # what nnx.Optimizer hands to optax
-        params = nnx.as_pure(params)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))  # what nnx.Optimizer hands to optax
     return pruning.masks_at_paths(params, masks)
 
 
