@@ -82,7 +82,7 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_a
     fill positions in column order (the unordered baseline the tests compare against).
     """
     meta = LayoutMeta.from_plan(plan)
-    hidden, K, P = meta.hidden, meta.slots_per_lane, meta.phase_lanes
+    hidden, K = meta.hidden, meta.slots_per_lane
     rows = np.asarray(rows, np.int64)
     cols = np.asarray(cols, np.int64)
     nnz = rows.size
@@ -140,7 +140,7 @@ def _place(er, pos_row, pos_flat, hidden, matched_e, taken, slot_sorted):
 
 def _place_bank_aware(er, ec, pos_row, pos_k, pos_lane, pos_flat, meta):
     """Match each row's nonzeros of bank group g to its positions whose target group is g."""
-    hidden, K, P = meta.hidden, meta.slots_per_lane, meta.phase_lanes
+    hidden, P = meta.hidden, meta.phase_lanes
     nnz = er.size
     slot_sorted = np.empty(nnz, np.int64)
     tg = (pos_lane % WARP + pos_k) % P

@@ -240,7 +240,6 @@ def _unfold(x, size, batch_axis):
 
 def _loop_over_weights(prim, args, dims, params):
     """vmap with batched weights: run the primitive once per weight set (lax.map)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
     mapped = [jnp.moveaxis(a, d, 0) if d is not _NOT_MAPPED else None
               for a, d in zip(args, dims)]
 
