@@ -1,0 +1,134 @@
+"""What runs where: jax_sprnn.dispatch's decisions for made-up builds and devices (no GPU needed), the
+CPU lowering of the fallback, and the primitives' named parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import _native, cost, dispatch, planner, primitives
+from jax_sprnn.dispatch import BACKWARD, FORWARD, WEIGHT_GRAD
+from jax_sprnn.planner import H200, LayoutMeta
+from jax_sprnn.testing import TOLERANCE, make_problem, rel_err
+
+
+def _meta(hidden, nnz_per_row, dtype=np.float16) -> LayoutMeta:
+    return LayoutMeta.from_plan(planner.plan_layout(np.full(hidden, nnz_per_row), dtype, H200))
+
+
+@pytest.fixture
+def h200_build(monkeypatch):
+    """A CUDA module with every target, on an H200."""
+    monkeypatch.setattr(_native, "cuda_targets", lambda: frozenset(_native.TARGETS))
+    monkeypatch.setattr(_native, "current_device_spec", lambda: H200)
+
+
+@pytest.fixture
+def no_cuda_build(monkeypatch):
+    monkeypatch.setattr(_native, "cuda_targets", lambda: frozenset())
+
+
+def test_cpu_takes_the_kernel_where_the_module_was_built(monkeypatch):
+    assert dispatch.on_cpu("auto") == dispatch.Decision("kernel", "the CPU module is built")
+    monkeypatch.setattr(_native, "has_cpu_kernels", lambda: False)
+    decision = dispatch.on_cpu("auto")
+    assert decision.path == "fallback" and "CPU module was not built" in decision.warning
+    with pytest.raises(RuntimeError, match="method='native': the CPU module"):
+        dispatch.on_cpu("native")
+
+
+def test_recurrences_without_a_cuda_build(no_cuda_build):
+    meta = _meta(256, 26)
+    decision = dispatch.on_cuda_recurrence(FORWARD, meta, 4, np.float16, "auto")
+    assert decision.path == "fallback"
+    assert decision.why == "the CUDA module of jax_sprnn was not built with jax_sprnn_forward"
+    assert decision.warning.startswith("jax_sprnn: jax_sprnn_forward uses the dense XLA path")
+    with pytest.raises(ValueError, match=r"persistent CUDA kernel \(jax_sprnn_backward\) cannot run"):
+        dispatch.on_cuda_recurrence(BACKWARD, meta, 4, np.float16, "native")
+
+
+def test_recurrences_on_an_h200(h200_build):
+    meta = _meta(2304, 230)
+    assert meta.fits
+    assert dispatch.on_cuda_recurrence(FORWARD, meta, 4, np.float16, "auto").path == "kernel"
+    # At B=16 the cost model expects the dense step to be faster: "auto" takes it, silently...
+    assert cost.auto_prefers_dense(meta, 16, np.float16)[0]
+    decision = dispatch.on_cuda_recurrence(FORWARD, meta, 16, np.float16, "auto")
+    assert decision.path == "fallback" and "faster here" in decision.why
+    # ... but "native" keeps the kernel, and so does the backward (its dense path is float32).
+    assert dispatch.on_cuda_recurrence(FORWARD, meta, 16, np.float16, "native").path == "kernel"
+    assert dispatch.on_cuda_recurrence(BACKWARD, meta, 16, np.float16, "auto").path == "kernel"
+    too_big = planner.max_persistent_batch(meta, np.float16, H200) + 1
+    decision = dispatch.on_cuda_recurrence(FORWARD, meta, too_big, np.float16, "auto")
+    assert decision.path == "fallback" and "exceeds the persistent kernel's limit" in decision.warning
+    with pytest.raises(ValueError, match="exceeds the persistent kernel's limit"):
+        dispatch.on_cuda_recurrence(FORWARD, meta, too_big, np.float16, "native")
+
+
+def test_a_layout_that_does_not_fit_says_why(h200_build):
+    meta = _meta(8192, 8192, np.float32)  # dense: no register and shared-memory split holds it
+    assert not meta.fits
+    assert dispatch.cuda_fit(meta, 1, np.float32) == (False, meta.reason)
+    assert dispatch.on_cuda_recurrence(FORWARD, meta, 1, np.float32, "auto").why == meta.reason
+
+
+def test_weight_grad_on_an_h200(h200_build):
+    sparse, dense = _meta(2304, 4), _meta(2304, 230)
+    assert not cost.weight_grad_prefers_dense(sparse, 16, 1)[0]
+    decision = dispatch.on_cuda_weight_grad(sparse, 300, 16, 2304, 1, "auto")
+    assert decision.path == "kernel"
+    assert decision.time_chunks == dispatch.weight_grad_time_chunks(sparse, 1, 300, H200.sm_count) > 1
+    # Where the einsum is expected faster, "auto" takes it without a warning; "native" does not.
+    assert cost.weight_grad_prefers_dense(dense, 16, 1)[0]
+    decision = dispatch.on_cuda_weight_grad(dense, 300, 16, 2304, 1, "auto")
+    assert decision.path == "fallback" and decision.warning is None
+    assert dispatch.on_cuda_weight_grad(dense, 300, 16, 2304, 1, "native").path == "kernel"
+    # A layer too wide for one CTA's shared memory falls back with a warning, or raises.
+    wide = H200.smem_per_block // 8 + 1
+    decision = dispatch.on_cuda_weight_grad(sparse, 10, 1, wide, 1, "auto")
+    assert decision.path == "fallback" and "bytes of shared memory per CTA" in decision.warning
+    with pytest.raises(ValueError, match="weight-gradient kernel cannot run: H="):
+        dispatch.on_cuda_weight_grad(sparse, 10, 1, wide, 1, "native")
+
+
+def test_weight_grad_without_its_cuda_target(monkeypatch, no_cuda_build):
+    meta = _meta(256, 26)
+    decision = dispatch.on_cuda_weight_grad(meta, 10, 4, 256, 1, "auto")
+    assert decision.path == "fallback" and decision.why == "the CUDA module of jax_sprnn was not built"
+    monkeypatch.setattr(_native, "cuda_targets", lambda: frozenset({FORWARD, BACKWARD}))
+    with pytest.raises(ValueError, match=f"not built with {WEIGHT_GRAD}"):
+        dispatch.on_cuda_weight_grad(meta, 10, 4, 256, 1, "native")
+
+
+def test_cpu_fallback_lowering_runs_and_warns_once(monkeypatch):
+    # Without the CPU module every primitive lowers its pure-JAX fallback; forward and gradient
+    # still match the reference, and the warning comes once.
+    monkeypatch.setattr(_native, "has_cpu_kernels", lambda: False)
+    monkeypatch.setattr(primitives, "_warned", set())
+    dense, w, x, h0 = make_problem(7, 40, 3, 6, 0.3)
+
+    def loss(values, x):
+        y, h = js.sparse_rnn(x, h0, w.replace(values=values), reverse=True)
+        return jnp.sum(y ** 2) + jnp.sum(h)
+
+    def loss_ref(kernel, x):
+        y, h = js.reference_rnn(x, h0, kernel, reverse=True)
+        return jnp.sum(y ** 2) + jnp.sum(h)
+
+    with pytest.warns(RuntimeWarning, match="CPU module was not built") as record:
+        value, (dvalues, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w.values, x)
+    assert sum("CPU module" in str(r.message) for r in record) == 1
+    value_ref, (dkernel, dx_ref) = jax.value_and_grad(loss_ref, argnums=(0, 1))(dense, x)
+    assert rel_err(value, value_ref) < TOLERANCE["float32"]
+    assert rel_err(dx, dx_ref) < 1e-4
+    assert rel_err(dvalues, w.gather(dkernel).values) < 1e-4
+
+
+def test_a_misspelled_parameter_is_an_error():
+    dense, w, x, h0 = make_problem(1, 16, 2, 3, 0.5)
+    x_tm = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.full((2,), 3, jnp.int32)
+    with pytest.raises(TypeError, match="activaton"):
+        primitives.sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
+                                        activaton="tanh", reverse=False, meta=w.meta, method="auto")
