@@ -12,7 +12,7 @@ import jax_sprnn as js
 from jax_sprnn import pruning
 from jax_sprnn.flax import SparseRNN
 
-from conftest import rel_err
+from jax_sprnn.testing import rel_err
 
 optax = pytest.importorskip("optax")  # a declared dependency; skip cleanly if absent
 
