@@ -83,12 +83,16 @@ def test_tiny_device_does_not_fit_and_says_why():
 #   CTA; shared memory 1000 * 16 (staged h) + 4 * 32 * 8 (the slots, all in shared memory even in
 #   float32) + 1024 (reserve) = 18048 bytes <= 24 KiB;
 # - 64 rows of 8, 2 SMs of 256 threads: K=1 gives 8 lanes per row, 4 rows per warp, 16 warps, 8 per
-#   CTA (256 threads); 64 * 16 + 256 * 8 + 1024 = 4096 bytes <= 16 KiB.
+#   CTA (256 threads); 64 * 16 + 256 * 8 + 1024 = 4096 bytes <= 16 KiB;
+# - 1024 rows of 1 nonzero, 32 SMs, 17600 bytes: in 16-bit storage K=1 (32 rows per warp, 32 warps,
+#   one per CTA) needs 1024 * 16 + 32 * 4 + 1024 = 17536 bytes. Its CTAs are thin (the planner would
+#   like 4 warps to stage h) but 2 warps already need 17664 bytes, so they must stay thin.
 MUST_FIT = [
     (DeviceSpec(name="many SMs", sm_count=1000, smem_per_block=24 * 1024, max_threads_per_block=256),
      np.full(1000, 100)),
     (DeviceSpec(name="two SMs", sm_count=2, smem_per_block=16 * 1024, max_threads_per_block=256),
      np.full(64, 8)),
+    (DeviceSpec(name="no room to widen", sm_count=32, smem_per_block=17600), np.full(1024, 1)),
 ]
 # Layers that cannot fit whatever the planner does:
 # - h alone, 2000 rows * 16 bytes + the 1024-byte reserve, exceeds 32 KiB of shared memory;
@@ -117,6 +121,19 @@ def test_made_up_devices_refuse_what_cannot_fit(device, nnz, dtype):
     plan = plan_layout(nnz, dtype, device)
     assert not plan.fits
     assert device.name in plan.reason and str(nnz.size) in plan.reason
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_shared_memory_bound_is_exact(dtype):
+    # 64 rows of 8 nonzeros: with K=8 each row takes one lane, the 64 rows two warps, and every slot
+    # sits in the 8-slot register tier. What is left is h (64 * 16 bytes) and the kernel's reserve:
+    # the least shared memory any layout of this layer needs.
+    least = 64 * 16 + planner.KERNEL_SMEM_RESERVE
+    device = DeviceSpec(name="exact", sm_count=2, smem_per_block=least, max_threads_per_block=256)
+    plan = plan_layout(np.full(64, 8), dtype, device)
+    assert plan.fits, plan.reason
+    assert (plan.slots_per_lane, plan.reg_slots, plan.smem_bytes) == (8, 8, least)
+    assert not plan_layout(np.full(64, 8), dtype, dataclasses.replace(device, smem_per_block=least - 1)).fits
 
 
 def test_bad_arguments():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import jax_sprnn as js
@@ -74,22 +74,66 @@ def test_bank_order_never_worse_than_unordered(mask_seed, load_bytes):
     assert conflicts[0] <= conflicts[1]
 
 
-@SETTINGS
-@given(st.integers(1, 3000), st.integers(0, 2**31 - 1), st.integers(1, 200),
-       st.integers(8, 228), st.sampled_from([128, 256, 512, 1024]), st.sampled_from(list(DTYPES)))
-def test_planner_never_exceeds_its_budget(hidden, seed, sms, smem_kb, max_threads, dtype):
+def _some_layout_fits(nnz, dtype, device, load_bytes=16) -> bool:
+    """Whether any layout of the kernel's model fits ``device``: every slot size K, every width of
+    CTA and every register tier whose instantiation runs that width, not only the planner's picks
+    (the fewest warps per CTA, the largest tier). Shared memory: staged h, the slots beyond the
+    register tier, the kernel's reserve."""
+    pair_bytes = 8 if np.dtype(dtype).itemsize == 4 else 4
+    for k in planner.SLOT_SIZES:
+        if 32 * k < nnz.max():
+            continue
+        warps = planner.pack_rows_into_warps(planner.lanes_per_row(nnz, k))[2]
+        for warps_per_cta in range(1, device.max_threads_per_block // 32 + 1):
+            threads = 32 * warps_per_cta
+            if -(-warps // warps_per_cta) > device.sm_count:
+                continue
+            for reg_slots, most_threads in device.thread_limits(dtype):
+                smem = (nnz.size * load_bytes + (k - reg_slots) * threads * pair_bytes
+                        + planner.KERNEL_SMEM_RESERVE)
+                if reg_slots <= k and threads <= most_threads and smem <= device.smem_per_block:
+                    return True
+    return False
+
+
+_LAYERS_AND_DEVICES = (st.integers(1, 3000), st.integers(0, 2**31 - 1), st.integers(1, 200),
+                       st.integers(8, 228), st.sampled_from([128, 256, 512, 1024]),
+                       st.sampled_from(list(DTYPES)))
+
+
+def _layer_and_device(hidden, seed, sms, smem_kb, max_threads):
     device = planner.DeviceSpec(name="made-up", sm_count=sms, smem_per_block=smem_kb * 1024,
                                 max_threads_per_block=max_threads)
-    nnz = np.random.default_rng(seed).integers(0, hidden + 1, size=hidden)
+    return np.random.default_rng(seed).integers(0, hidden + 1, size=hidden), device
+
+
+@SETTINGS
+@given(*_LAYERS_AND_DEVICES)
+def test_planner_fits_exactly_when_some_layout_does(hidden, seed, sms, smem_kb, max_threads, dtype):
+    nnz, device = _layer_and_device(hidden, seed, sms, smem_kb, max_threads)
     plan = planner.plan_layout(nnz, DTYPES[dtype], device)
-    assert plan.slots_per_lane * 32 >= nnz.max()
-    if plan.fits:
-        limits = dict(device.thread_limits(DTYPES[dtype]))
-        assert plan.num_ctas <= sms
-        assert plan.threads_per_cta <= min(max_threads, limits[plan.reg_slots])
-        assert plan.smem_bytes <= device.smem_per_block
-        lanes = planner.lanes_per_row(nnz, plan.slots_per_lane)
-        assert planner.pack_rows_into_warps(lanes)[2] <= plan.num_warps
+    assert plan.slots_per_lane * 32 >= nnz.max()  # a valid layout for the CPU kernel either way
+    event(f"fits: {plan.fits}")
+    assert plan.fits == _some_layout_fits(nnz, DTYPES[dtype], device), plan.reason
+
+
+@SETTINGS
+@given(*_LAYERS_AND_DEVICES)
+def test_planner_never_exceeds_its_budget(hidden, seed, sms, smem_kb, max_threads, dtype):
+    nnz, device = _layer_and_device(hidden, seed, sms, smem_kb, max_threads)
+    assume(_some_layout_fits(nnz, DTYPES[dtype], device))  # hypothesis fails if this rejects most
+    plan = planner.plan_layout(nnz, DTYPES[dtype], device)
+    assert plan.fits, plan.reason
+    limits = dict(device.thread_limits(DTYPES[dtype]))
+    assert plan.num_ctas <= sms
+    assert plan.threads_per_cta <= min(max_threads, limits[plan.reg_slots])
+    assert plan.reg_slots <= plan.slots_per_lane
+    pair_bytes = 8 if dtype == "float32" else 4
+    weights_smem = (plan.slots_per_lane - plan.reg_slots) * plan.threads_per_cta * pair_bytes
+    assert hidden * plan.load_bytes + weights_smem + planner.KERNEL_SMEM_RESERVE <= plan.smem_bytes
+    assert plan.smem_bytes <= device.smem_per_block
+    lanes = planner.lanes_per_row(nnz, plan.slots_per_lane)
+    assert planner.pack_rows_into_warps(lanes)[2] <= plan.num_warps
 
 
 @SETTINGS
