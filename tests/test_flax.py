@@ -200,8 +200,9 @@ def test_nn_scan_over_layers():
     def layer_by_layer(variables):
         h = x
         for i in range(layers):
-            layer = jax.tree.map(lambda v: v[i], {"params": variables["params"]["SparseRNN_0"],
-                                                  "sparsity": variables["sparsity"]["SparseRNN_0"]})
+            layer = jax.tree.map(lambda v, i=i: v[i],
+                                 {"params": variables["params"]["SparseRNN_0"],
+                                  "sparsity": variables["sparsity"]["SparseRNN_0"]})
             h = single.apply(layer, h)
         return h
 

@@ -9,7 +9,7 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import api
 
-from jax_sprnn.testing import DTYPES, TOLERANCE, make_problem, on_gpu, rel_err
+from jax_sprnn.testing import DTYPES, TOLERANCE, make_problem, rel_err
 
 
 def _check(seed, hidden, batch, steps, density, dtype="float32", *, activation="tanh",

@@ -1,7 +1,6 @@
 """The NNX modules: SparseRNN against nnx.RNN(SparseRNNCell) and nnx.SimpleCell, call keywords,
 Bidirectional, grad, pruning in place without recompiling, and the inference copy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -102,7 +102,7 @@ def results():
     proc = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True,
                           timeout=300, cwd=package_root)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS "))
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULTS "))
     return json.loads(line[len("RESULTS "):])
 
 
