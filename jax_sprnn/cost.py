@@ -6,7 +6,8 @@ over the slots and over staged h, while a dense cuBLAS step costs about the same
 So at B=16 and H <= 2304 in 16-bit storage the dense path can win (benchmarks/RESULTS.md, sweep).
 
 Both models are fitted to the H200 sweep of 2026-11-30 (``benchmarks/results/sweep_2026-11-30.json``,
-jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` checks them against it.
+jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` checks the formulas
+(values worked by hand, monotonicity, the margin), not the fit.
 
 * Kernel: ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights the
   shared-memory tier's slots by :data:`jax_sprnn.planner.SMEM_SLOT_COST`: one step walks every plane,
