@@ -1,6 +1,4 @@
-"""The packer: exact round trips, every nonzero once, bank order, transposed permutation, speed."""
-
-import time
+"""The packer: exact round trips, every nonzero once, bank order, transposed permutation."""
 
 import jax
 import jax.numpy as jnp
@@ -132,16 +130,24 @@ def test_bank_model_counts_by_hand():
     assert bank_conflicts(idx, 16) == 0
 
 
-def test_pack_4608_at_10_percent_is_fast():
-    rng = np.random.default_rng(4)
-    kernel = rng.standard_normal((4608, 4608)).astype(np.float32)
-    js.SparseWeights.from_dense(kernel[:64, :64], density=0.1)  # warm up JAX
-    start = time.perf_counter()
+def test_pack_4608_at_10_percent_keeps_every_nonzero_once():
+    # The packer at a benchmark's size (its time is each benchmark row's pack_s, not a unit test's
+    # business): all 2.1M nonzeros stored once, with their values, and each row on the fewest lanes.
+    hidden = 4608
+    kernel = np.random.default_rng(4).standard_normal((hidden, hidden)).astype(np.float32)
     w = js.SparseWeights.from_dense(kernel, density=0.1)
-    elapsed = time.perf_counter() - start
-    print(f"packing 4608x4608 at 10%: {elapsed:.2f} s")
-    assert w.nnz == round(0.1 * 4608 * 4608)
-    assert elapsed < 2.0 * 2  # the budget is 2 s; CI machines vary, so allow headroom
+    nnz = round(0.1 * hidden * hidden)
+    assert w.nnz == nnz
+    idx = np.asarray(w.indices)
+    rows = np.asarray(w.lane_row)[lane_of_slot(w.meta)]
+    real = idx >= 0
+    pairs = idx[real].astype(np.int64) * hidden + rows[real]
+    assert real.sum() == nnz and np.unique(pairs).size == nnz
+    np.testing.assert_array_equal(np.asarray(w.values)[real], kernel[idx[real], rows[real]])
+    row_nnz = np.bincount(rows[real], minlength=hidden)
+    lane_row = np.asarray(w.lane_row)
+    lanes = np.bincount(lane_row[lane_row >= 0], minlength=hidden)
+    np.testing.assert_array_equal(lanes, np.maximum(1, -(-row_nnz // w.meta.slots_per_lane)))
 
 
 def test_from_dense_bad_input():
