@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import _native, cost, planner
+from . import _constants, _native, cost, planner
 from .planner import LayoutMeta
 
 FORWARD, BACKWARD, WEIGHT_GRAD = "jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad"
 
-# The CUDA weight-gradient kernel's work split (cuda/weight_grad.cu: kWgThreads, slots_per_thread):
-# a thread takes up to 8 or 16 slots of one lane and a CTA 1024 threads, one CTA per SM at a time.
-_WG_THREADS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +105,14 @@ def on_cuda_recurrence(target: str, meta: LayoutMeta, batch: int, dtype, method:
     return Decision("fallback", why, f"jax_sprnn: {target} uses the dense XLA path on the GPU: {why}")
 
 
-def weight_grad_smem_bytes(hidden: int, batch: int) -> int:
-    """Shared memory of one weight-gradient CTA: h and dz of one step as float32, and the lengths."""
-    return 2 * hidden * 4 + batch * 4
-
-
 def weight_grad_time_chunks(meta: LayoutMeta, groups: int, steps: int, sm_count: int) -> int:
     """How many time chunks the weight-gradient kernel splits ``steps`` into: the fewest that fill
     at least one wave of CTAs with whole waves (at least 90% busy), else the best filled."""
-    per_thread = 8 if meta.slots_per_lane <= 8 else 16
+    # The kernel's work split (jax_sprnn/_constants.py): a thread takes up to 8 or 16 slots of one
+    # lane, a CTA 1024 threads, one CTA per SM at a time.
+    per_thread = _constants.weight_grad_slots_per_thread(meta.slots_per_lane)
     threads = meta.num_warps * 32 * -(-meta.slots_per_lane // per_thread)
-    blocks = max(1, -(-threads // _WG_THREADS)) * groups
+    blocks = max(1, -(-threads // _constants.WEIGHT_GRAD_THREADS)) * groups
     limit = max(1, min(steps, 64, 65535 // groups))
 
     def filled(c):  # the share of SM time the chunks keep busy
@@ -141,7 +135,7 @@ def on_cuda_weight_grad(meta: LayoutMeta, steps: int, batch: int, hidden: int, g
         why = f"the CUDA module of jax_sprnn was not built with {WEIGHT_GRAD}"
     else:
         device = _native.current_device_spec()
-        smem = weight_grad_smem_bytes(hidden, batch)
+        smem = _constants.weight_grad_smem_bytes(hidden, batch)  # one staged step, the least
         why = (None if smem <= device.smem_per_block else
                f"H={hidden} needs {smem} bytes of shared memory per CTA")
     if why is not None:

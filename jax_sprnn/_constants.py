@@ -1,0 +1,240 @@
+"""The facts the Python package and the C++/CUDA kernels share, in one place.
+
+This file is the only source of these values. CMake runs it at configure time
+(``python jax_sprnn/_constants.py --header OUT.h``) to write a C++ header with the same values and
+formulas; the kernels read only that header. Both compiled modules export what they were built with
+(``constants()``), and ``tests/test_constants.py`` compares that with this file.
+
+It imports only the standard library: CMake runs it before the package (or jax) can be imported.
+Each formula below is written twice, in Python and as the C++ text beside it, so that one edit
+changes both; the test evaluates the two over a grid of inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import NamedTuple
+
+# ---- the persistent kernel's instantiation set --------------------------------------------------
+
+
+class Tier(NamedTuple):
+    """The compiled variants of one register-tier size (``reg_slots``) of the persistent kernel.
+
+    A launch bound is a multiple of 128 threads; it fixes ptxas's register cap per thread, so each
+    was chosen so that its kernels compile without spilling (nvcc 13.0 ``-Xptxas -v``, sm_90: the
+    register tier plus ~50-65 registers for staging, the gather pipeline and the epilogue).
+    """
+
+    #: launch bound of the narrow variant: at most 512 threads, with room for more staging vectors
+    narrow_threads: int
+    #: launch bound of the wide variant (more threads at a tighter register cap), or 0: none
+    wide_threads: int
+    #: 16-byte exchange vectors a thread of the narrow variant keeps in flight while staging
+    narrow_unroll: int
+
+
+#: Staging vectors in flight per thread in every wide variant (its register cap is tighter).
+WIDE_STAGE_UNROLL = 4
+
+#: 16-bit storage (float16, bfloat16): one register per slot.
+PERSISTENT_TIERS_16: dict[int, Tier] = {
+    0: Tier(512, 1024, 8),
+    8: Tier(512, 768, 8),
+    16: Tier(512, 768, 8),
+    24: Tier(512, 640, 8),
+    32: Tier(512, 640, 8),
+    48: Tier(512, 0, 4),
+    64: Tier(512, 0, 4),
+    96: Tier(384, 0, 4),
+    128: Tier(256, 0, 8),
+    160: Tier(256, 0, 8),
+    192: Tier(256, 0, 4),
+}
+
+#: float32 storage: two registers per slot, so the set stops where the budget (2 * reg_slots plus
+#: the overhead) reaches the 255-register limit.
+PERSISTENT_TIERS_32: dict[int, Tier] = {
+    0: Tier(384, 768, 8),
+    8: Tier(384, 512, 4),
+    16: Tier(384, 512, 4),
+    24: Tier(256, 0, 8),
+    32: Tier(256, 0, 8),
+    48: Tier(256, 0, 8),
+    64: Tier(256, 0, 4),
+    96: Tier(256, 0, 4),
+}
+
+#: The register-tier sizes instantiated per storage class.
+REG_SLOTS_16: tuple[int, ...] = tuple(PERSISTENT_TIERS_16)
+REG_SLOTS_32: tuple[int, ...] = tuple(PERSISTENT_TIERS_32)
+
+
+def thread_limits(tiers: dict[int, Tier]) -> tuple[tuple[int, int], ...]:
+    """``(reg_slots, the most threads per CTA any variant of that tier runs)`` for each tier."""
+    return tuple((rs, max(t.narrow_threads, t.wide_threads)) for rs, t in tiers.items())
+
+
+# ---- shared memory, workspace, spin bound -------------------------------------------------------
+
+#: Shared-memory bytes of a persistent CTA that the planner keeps free besides staged h and the
+#: weight tier: the kernel's static shared memory and the 16-byte alignment of its regions.
+KERNEL_SMEM_RESERVE = 1024
+
+#: The CUDA recurrences' workspace: a header (word 0: error flag, word 1: head count), then two
+#: exchange buffers of B*H words of at most 8 bytes (double buffering across steps).
+WORKSPACE_HEADER_BYTES = 256
+EXCHANGE_BUFFERS = 2
+EXCHANGE_WORD_BYTES = 8
+
+#: How long a CTA waits for another's state before it gives up (a timeout error, NaN outputs).
+DEFAULT_SPIN_TIMEOUT_US = 2_000_000
+
+
+def cuda_workspace_bytes(batch: int, hidden: int) -> int:
+    """Bytes of the workspace result of the CUDA forward and backward targets."""
+    return WORKSPACE_HEADER_BYTES + EXCHANGE_BUFFERS * batch * hidden * EXCHANGE_WORD_BYTES
+
+
+_CUDA_WORKSPACE_BYTES_CXX = """\
+constexpr int64_t cuda_workspace_bytes(int64_t batch, int64_t hidden) {
+  return kWorkspaceHeaderBytes + kExchangeBuffers * batch * hidden * kExchangeWordBytes;
+}"""
+
+
+# ---- the weight-gradient kernel -----------------------------------------------------------------
+
+#: Threads per CTA of the weight-gradient kernel (one CTA per SM at a time).
+WEIGHT_GRAD_THREADS = 1024
+#: A thread owns up to this many slots of one lane: the smaller count when a lane has no more
+#: slots than that, else the larger one (the kernel is compiled for both).
+WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL = 8
+WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE = 16
+
+
+def weight_grad_slots_per_thread(slots_per_lane: int) -> int:
+    """The slots one thread of the weight-gradient kernel owns, for lanes of ``slots_per_lane``."""
+    if slots_per_lane <= WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL:
+        return WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL
+    return WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE
+
+
+_WEIGHT_GRAD_SLOTS_PER_THREAD_CXX = """\
+constexpr int weight_grad_slots_per_thread(int64_t slots_per_lane) {
+  return slots_per_lane <= kWeightGradSlotsPerThreadSmall ? kWeightGradSlotsPerThreadSmall
+                                                          : kWeightGradSlotsPerThreadLarge;
+}"""
+
+
+def weight_grad_smem_bytes(hidden: int, batch: int, pairs: int = 1) -> int:
+    """Shared memory of a weight-gradient CTA that stages ``pairs`` (position, example) pairs as
+    float32 rows (``h_before`` and ``dz``), plus the clamped lengths. One pair is the least."""
+    return pairs * 2 * hidden * 4 + batch * 4
+
+
+_WEIGHT_GRAD_SMEM_BYTES_CXX = """\
+constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t pairs = 1) {
+  return pairs * 2 * hidden * 4 + batch * 4;
+}"""
+
+
+# ---- what the compiled modules export, and the C++ header ---------------------------------------
+
+#: The names (of this module) that the compiled modules' ``constants()`` exports.
+EXPORTED = ("PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
+            "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
+            "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "WEIGHT_GRAD_THREADS",
+            "WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL", "WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE",
+            "cuda_workspace_bytes", "weight_grad_slots_per_thread", "weight_grad_smem_bytes")
+
+
+def _check_tiers(tiers: dict[int, Tier], name: str) -> None:
+    rs = list(tiers)
+    if rs != sorted(set(rs)) or rs[0] != 0:
+        raise ValueError(f"{name}: register-tier sizes must be ascending, distinct, from 0: {rs}")
+    for r, t in tiers.items():
+        bounds = [t.narrow_threads] + ([t.wide_threads] if t.wide_threads else [])
+        if any(b % 128 or not 128 <= b <= 1024 for b in bounds):
+            raise ValueError(f"{name}[{r}]: launch bounds must be multiples of 128 in [128, 1024]")
+        if t.wide_threads and t.wide_threads <= t.narrow_threads:
+            raise ValueError(f"{name}[{r}]: a wide variant must raise the launch bound")
+        if t.narrow_unroll not in (1, 2, 4, 8):
+            raise ValueError(f"{name}[{r}]: the staging unroll must be 1, 2, 4 or 8")
+
+
+def _tier_switch(tiers: dict[int, Tier], narrow, wide) -> str:
+    cases = "\n".join(f"      case {rs}: return wide ? {wide(t)} : {narrow(t)};"
+                      for rs, t in tiers.items())
+    return f"    switch (reg_slots) {{\n{cases}\n    }}"
+
+
+def cxx_header() -> str:
+    """The C++ rendering of this file (namespace ``jax_sprnn::constants``)."""
+    _check_tiers(PERSISTENT_TIERS_16, "PERSISTENT_TIERS_16")
+    _check_tiers(PERSISTENT_TIERS_32, "PERSISTENT_TIERS_32")
+
+    def seq(values):
+        return ", ".join(str(v) for v in values)
+
+    def tier_function(name, narrow, wide, doc):
+        return (f"// {doc}\n"
+                f"constexpr int {name}(bool packed16, int reg_slots, bool wide) {{\n"
+                f"  if (packed16) {{\n{_tier_switch(PERSISTENT_TIERS_16, narrow, wide)}\n"
+                f"  }} else {{\n{_tier_switch(PERSISTENT_TIERS_32, narrow, wide)}\n  }}\n"
+                f"  return 0;\n}}")
+
+    return f"""\
+// Generated from jax_sprnn/_constants.py at configure time; do not edit (edit that file).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+namespace jax_sprnn::constants {{
+
+// Register-tier sizes instantiated for 16-bit and float32 storage.
+using RegSlots16 = std::integer_sequence<int, {seq(REG_SLOTS_16)}>;
+using RegSlots32 = std::integer_sequence<int, {seq(REG_SLOTS_32)}>;
+inline constexpr int kWideStageUnroll = {WIDE_STAGE_UNROLL};
+
+{tier_function("persistent_max_threads", lambda t: t.narrow_threads, lambda t: t.wide_threads,
+               "Launch bound of a variant; 0 where the tier has no such variant.")}
+
+{tier_function("persistent_stage_unroll", lambda t: t.narrow_unroll,
+               lambda t: "kWideStageUnroll" if t.wide_threads else 0,
+               "Staging unroll of a variant; 0 where the tier has no such variant.")}
+
+inline constexpr int64_t kKernelSmemReserve = {KERNEL_SMEM_RESERVE};
+inline constexpr int64_t kWorkspaceHeaderBytes = {WORKSPACE_HEADER_BYTES};
+inline constexpr int64_t kExchangeBuffers = {EXCHANGE_BUFFERS};
+inline constexpr int64_t kExchangeWordBytes = {EXCHANGE_WORD_BYTES};
+inline constexpr int64_t kDefaultSpinTimeoutUs = {DEFAULT_SPIN_TIMEOUT_US};
+
+{_CUDA_WORKSPACE_BYTES_CXX}
+
+inline constexpr int kWeightGradThreads = {WEIGHT_GRAD_THREADS};
+inline constexpr int kWeightGradSlotsPerThreadSmall = {WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL};
+inline constexpr int kWeightGradSlotsPerThreadLarge = {WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE};
+
+{_WEIGHT_GRAD_SLOTS_PER_THREAD_CXX}
+
+{_WEIGHT_GRAD_SMEM_BYTES_CXX}
+
+}}  // namespace jax_sprnn::constants
+"""
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--header", type=pathlib.Path, required=True, help="the C++ header to write")
+    out = parser.parse_args(argv).header
+    text = cxx_header()
+    # Rewrite only on change, so that a re-configure does not rebuild every kernel.
+    if not out.exists() or out.read_text() != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
