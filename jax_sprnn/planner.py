@@ -28,13 +28,15 @@ from typing import Sequence
 
 import numpy as np
 
+from . import _constants
+
 WARP = 32
 
 #: The "nonzeros per lane" sizes a layout may use.
 SLOT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 #: Shared-memory bytes the kernel reserves for itself besides h and the weight tier.
-KERNEL_SMEM_RESERVE = 1024
+KERNEL_SMEM_RESERVE = _constants.KERNEL_SMEM_RESERVE
 
 #: Relative cost of a slot read from the shared-memory tier against one held in a register (one more
 #: shared load per slot); an estimate, see benchmarks/RESULTS.md.
@@ -56,14 +58,11 @@ class DeviceSpec:
     sm_count: int = 132
     smem_per_block: int = 232448  # the opt-in maximum for one block
     max_threads_per_block: int = 1024
-    #: (register-tier slots, the most threads per CTA that instantiation runs) for 16-bit storage;
-    #: mirrors cuda/cuda_forward.cu's forward_max_threads (a GPU test checks they agree)
-    max_threads_16: tuple[tuple[int, int], ...] = (
-        (0, 1024), (8, 768), (16, 768), (24, 640), (32, 640), (48, 512), (64, 512), (96, 384),
-        (128, 256), (160, 256), (192, 256))
+    #: (register-tier slots, the most threads per CTA any compiled variant of that tier runs) for
+    #: 16-bit storage: derived from the kernel's instantiation table in jax_sprnn/_constants.py
+    max_threads_16: tuple[tuple[int, int], ...] = _constants.thread_limits(_constants.PERSISTENT_TIERS_16)
     #: the same for float32 storage (two registers per slot)
-    max_threads_32: tuple[tuple[int, int], ...] = (
-        (0, 768), (8, 512), (16, 512), (24, 256), (32, 256), (48, 256), (64, 256), (96, 256))
+    max_threads_32: tuple[tuple[int, int], ...] = _constants.thread_limits(_constants.PERSISTENT_TIERS_32)
 
     def thread_limits(self, dtype) -> tuple[tuple[int, int], ...]:
         return self.max_threads_32 if bytes_per_slot(dtype) == 8 else self.max_threads_16
