@@ -15,7 +15,7 @@ from jax.experimental import sparse
 import jax_sprnn as js
 from jax_sprnn import _native
 from jax_sprnn.dispatch import cuda_fit, gpu_path
-from jax_sprnn.primitives import cuda_workspace_bytes
+from jax_sprnn._constants import cuda_workspace_bytes
 
 from .harness import Peer, Runner, Skip
 from .problems import Layer

@@ -1,6 +1,8 @@
-// The CPU module: hands the CPU handlers to Python as capsules for jax.ffi.register_ffi_target.
+// The CPU module: hands the CPU handlers to Python as capsules for jax.ffi.register_ffi_target,
+// and exports the shared constants it was built with (always built, so CI checks them).
 #include <nanobind/nanobind.h>
 
+#include "constants_export.h"
 #include "cpu_kernels.h"
 
 namespace nb = nanobind;
@@ -20,4 +22,6 @@ NB_MODULE(_sprnn_cpu, m) {
     d["jax_sprnn_weight_grad"] = capsule_of(JaxSprnnWeightGradCpu);
     return d;
   });
+  m.def("constants", &jax_sprnn::exported_constants,
+        "The values and formulas of jax_sprnn/_constants.py this module was built with.");
 }

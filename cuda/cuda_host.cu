@@ -110,6 +110,23 @@ bool kernel_dtype(ffi::DataType dtype, Dtype* out) {
   }
 }
 
+ExchangeLayout exchange_layout(int64_t words, int word_bytes, int64_t workspace_bytes,
+                               const void* workspace) {
+  ExchangeLayout l;
+  const int64_t packed = words * word_bytes;
+  const int64_t aligned = align16(packed);
+  const bool base_aligned = reinterpret_cast<uintptr_t>(workspace) % 16 == 0;
+  if (base_aligned && kHeaderBytes + 2 * aligned <= workspace_bytes) {
+    l.stride_bytes = aligned;
+    l.vector = true;
+  } else {
+    l.stride_bytes = packed;
+    l.vector = false;
+  }
+  l.used_bytes = kHeaderBytes + l.stride_bytes + packed;
+  return l;
+}
+
 std::string shape_string(ffi::Span<const int64_t> dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);

@@ -1,5 +1,5 @@
 // Host-side helpers shared by the CUDA handlers: cached device and kernel facts, error messages,
-// dtype names and shape strings. Compiled by nvcc (the handlers are .cu files).
+// dtype names, the workspace layout and shape strings. Compiled by nvcc (the handlers are .cu files).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,6 +41,17 @@ const char* dtype_name(ffi::DataType dtype);
 bool parse_dtype(const std::string& s, ffi::DataType* out);
 // The kernel dtype of an XLA element type; false for anything but F32, F16, BF16.
 bool kernel_dtype(ffi::DataType dtype, Dtype* out);
+
+// The persistent kernels' workspace: [header kHeaderBytes][exchange buffer 0][exchange buffer 1],
+// each buffer `words` words. The buffers are 16-byte aligned (vector accesses) when the workspace has
+// room for the padding; otherwise they are packed and the kernel uses scalar accesses.
+struct ExchangeLayout {
+  int64_t stride_bytes = 0;  // offset of buffer 1 from buffer 0
+  int64_t used_bytes = 0;    // header + both buffers: what the handler memsets
+  bool vector = false;
+};
+ExchangeLayout exchange_layout(int64_t words, int word_bytes, int64_t workspace_bytes,
+                               const void* workspace);
 
 std::string shape_string(ffi::Span<const int64_t> dims);
 bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b);

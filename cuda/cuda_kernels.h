@@ -10,13 +10,19 @@
 
 #include "xla/ffi/api/api.h"
 
-// `jax_sprnn_forward` / `jax_sprnn_backward` on CUDA: the persistent recurrences; see
-// docs/format.md for the arguments, results and attributes.
+// Production targets. `jax_sprnn_forward` / `jax_sprnn_backward` on CUDA: the persistent
+// recurrences; see docs/format.md for the arguments, results and attributes.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardCuda);
 // `jax_sprnn_weight_grad` on CUDA: the sampled weight gradient, deterministic (weight_grad.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnWeightGradCuda);
-// `jax_sprnn_sync_floor`: the forward kernel's exchange protocol with no compute, for benchmarks.
+
+// Test and benchmark targets, registered apart from the production ones.
+// `jax_sprnn_forward_hooked` / `jax_sprnn_backward_hooked`: the recurrences with the test hooks
+// (spin bound, a stalled CTA, a grid barrier per phase) as attributes (cuda_persistent.cu).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardHookedCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardHookedCuda);
+// `jax_sprnn_sync_floor`: the forward kernel's exchange protocol with no compute (sync_floor.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda);
 
 namespace jax_sprnn::cuda {
@@ -44,8 +50,7 @@ struct KernelAttributes {
   int64_t static_smem_bytes = 0;
 };
 
-// All helpers below return "" on success and an error message otherwise.
-std::string GetDeviceCount(int* count);
+// All helpers below return "" on success and an error message otherwise (device_queries.cu).
 std::string GetDeviceProperties(int device, DeviceProperties* out);
 
 // The compile-time register-slot counts instantiated for `dtype` ("float32", "float16", "bfloat16",
@@ -60,7 +65,7 @@ std::vector<int> SupportedRegSlots(const std::string& dtype);
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
                                 int threads, bool backward, KernelAttributes* out);
 
-// The deferred error of an earlier persistent-kernel call (see cuda_persistent.cu), or "" if none.
+// The deferred error of an earlier persistent-kernel call (see deferred_errors.h), or "" if none.
 // Clears it. Only meaningful once the stream that ran the call has been synchronized.
 std::string TakePendingError();
 

@@ -1,5 +1,6 @@
-// _sprnn_cuda: hands the CUDA XLA FFI handlers to Python as capsules, and gives the planner the
-// device and kernel facts it needs (see cuda_kernels.h).
+// _sprnn_cuda: hands the CUDA XLA FFI handlers to Python as capsules (the production targets, and
+// apart from them the test and benchmark ones), gives the planner the device and kernel facts it
+// needs (see cuda_kernels.h), and exports the shared constants it was built with.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -7,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "constants_export.h"
 #include "cuda_kernels.h"
 
 namespace nb = nanobind;
@@ -41,25 +43,30 @@ NB_MODULE(_sprnn_cuda, m) {
         d["jax_sprnn_forward"] = handler_capsule(JaxSprnnForwardCuda);
         d["jax_sprnn_backward"] = handler_capsule(JaxSprnnBackwardCuda);
         d["jax_sprnn_weight_grad"] = handler_capsule(JaxSprnnWeightGradCuda);
-        d["jax_sprnn_sync_floor"] = handler_capsule(JaxSprnnSyncFloorCuda);
         return d;
       },
       "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
+
+  m.def(
+      "testing_registrations",
+      []() {
+        nb::dict d;
+        d["jax_sprnn_forward_hooked"] = handler_capsule(JaxSprnnForwardHookedCuda);
+        d["jax_sprnn_backward_hooked"] = handler_capsule(JaxSprnnBackwardHookedCuda);
+        d["jax_sprnn_sync_floor"] = handler_capsule(JaxSprnnSyncFloorCuda);
+        return d;
+      },
+      "The test and benchmark targets, like registrations(): the recurrences with their test "
+      "hooks as attributes, and the synchronization floor.");
+
+  m.def("constants", &jax_sprnn::exported_constants,
+        "The values and formulas of jax_sprnn/_constants.py this module was built with.");
 
   m.def(
       "initialize", []() { sc::Initialize(); },
       "Allocates the pinned error word (best effort). Call it once the framework has set up CUDA, "
       "outside any CUDA-graph capture, e.g. when a kernel call is lowered; importing the package "
       "touches no CUDA state.");
-
-  m.def(
-      "device_count",
-      []() {
-        int n = 0;
-        check(sc::GetDeviceCount(&n));
-        return n;
-      },
-      "Number of visible CUDA devices (0 when there is no device or driver).");
 
   m.def(
       "device_properties",

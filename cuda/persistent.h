@@ -8,15 +8,25 @@
 #include <utility>
 #include <vector>
 
+#include "jax_sprnn_constants.h"  // generated from jax_sprnn/_constants.py
+
 namespace jax_sprnn::cuda {
 
 // ---- protocol constants --------------------------------------------------------------------------
-constexpr int kHeaderBytes = 256;        // workspace header: word 0 error flag, word 1 heads
+// Workspace: [header][exchange buffer 0][exchange buffer 1]; its size is constants::cuda_workspace_bytes.
+constexpr int kHeaderBytes = static_cast<int>(constants::kWorkspaceHeaderBytes);
 constexpr int kHeadCountWord = 1;        // header word counting head lanes (must end up == H)
 constexpr uint32_t kErrTimeout = 1u;     // a spin exceeded its bound
 constexpr uint32_t kErrBadLayout = 2u;   // the packed layout broke an invariant
-constexpr int64_t kDefaultSpinTimeoutUs = 2'000'000;
+constexpr int64_t kDefaultSpinTimeoutUs = constants::kDefaultSpinTimeoutUs;
 constexpr int kMaxThreadsPerCta = 1024;
+using constants::cuda_workspace_bytes;
+
+// The header holds the error word and the head count, and keeps the exchange buffers after it
+// 16-byte aligned (vector accesses).
+static_assert(kHeaderBytes % 16 == 0 && kHeaderBytes >= (kHeadCountWord + 1) * 4,
+              "the workspace header must hold its words and keep the buffers 16-byte aligned");
+static_assert(constants::kExchangeBuffers == 2, "the kernels double-buffer the exchange");
 
 // The two recurrences that run as one persistent kernel. They share the packed-weight tiers, the
 // staging of the exchanged state and the gather; they differ in the cell (epilogue) and the word
@@ -61,44 +71,22 @@ struct PersistentParams {
   unsigned long long timeout_ns;
 };
 
-struct FloorParams {
-  uint32_t* error_flag;
-  unsigned char* exchange[2];
-  float* out;
-  int steps, words, h_buffers, exchange_vector;
-  unsigned long long timeout_ns;
-};
-
 using PersistentKernelFn = void (*)(PersistentParams);
 
 // ---- the instantiation set -----------------------------------------------------------------------
 //
-// Register-tier sizes. 16-bit types hold one slot per register, float32 two, so the float32 set
-// stops where its budget (2*RS + overhead) reaches the 255-register limit.
-using RegSlots16 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192>;
-using RegSlots32 = std::integer_sequence<int, 0, 8, 16, 24, 32, 48, 64, 96>;
-
-// Launch bound (a multiple of 128 threads) and staging unroll per register-tier size, chosen so the
-// kernels compile without spilling (nvcc 13.0 -Xptxas -v for sm_90: the register tier plus ~50-65
-// registers for staging, the gather pipeline and the epilogue). Two variants:
-//   narrow: at most 512 threads, with room for 8 staging vectors in flight per thread;
-//   wide:   more threads (for layouts whose CTAs need them) at a tighter register cap and 4
+// Register-tier sizes, and per size the launch bound (a multiple of 128 threads) and staging unroll
+// of its variants: jax_sprnn/_constants.py holds them (PERSISTENT_TIERS_16/32, where the bounds are
+// explained) and the planner derives its thread limits from the same tables. Two variants:
+//   narrow: at most 512 threads, with room for more staging vectors in flight per thread;
+//   wide:   more threads (for layouts whose CTAs need them) at a tighter register cap and fewer
 //           staging vectors per thread; instantiated only where it raises the bound.
 // Both directions use the same bounds, so a layout planned for the forward kernel also runs
-// backward. The planner reads them back through kernel_attributes()["max_threads_per_block"].
-constexpr int persistent_max_threads(bool packed16, int rs, bool wide) {
-  if (packed16) {
-    if (wide) return rs == 0 ? 1024 : rs <= 16 ? 768 : rs <= 32 ? 640 : 0;
-    return rs <= 64 ? 512 : rs <= 96 ? 384 : 256;
-  }
-  if (wide) return rs == 0 ? 768 : rs <= 16 ? 512 : 0;
-  return rs <= 16 ? 384 : 256;
-}
-constexpr int persistent_stage_unroll(bool packed16, int rs, bool wide) {
-  if (wide) return 4;
-  if (packed16) return rs <= 32 ? 8 : rs <= 96 ? 4 : rs <= 160 ? 8 : 4;
-  return rs == 0 ? 8 : rs <= 16 ? 4 : rs <= 48 ? 8 : 4;
-}
+// backward.
+using constants::RegSlots16;  // 16-bit types hold one slot per register
+using constants::RegSlots32;  // float32 two, so its set stops where its budget reaches 255 registers
+using constants::persistent_max_threads;
+using constants::persistent_stage_unroll;
 constexpr bool persistent_has_wide(bool packed16, int rs) {
   return persistent_max_threads(packed16, rs, true) > persistent_max_threads(packed16, rs, false);
 }

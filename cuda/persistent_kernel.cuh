@@ -152,7 +152,6 @@ struct Storage<float> {
   using Slot = F32Slot;
   static constexpr int kRegsPerSlot = 2;
   static constexpr Bits kNaNBits = 0x7fc00000u;
-  static constexpr const char* kName = "float32";
 
   __device__ static float to_float(Bits b) { return __uint_as_float(b); }
   __device__ static Bits to_bits(float f) { return __float_as_uint(f); }
@@ -199,7 +198,6 @@ struct Storage16 {
 template <>
 struct Storage<__half> : Storage16<Storage<__half>> {
   static constexpr Bits kNaNBits = 0x7e00u;
-  static constexpr const char* kName = "float16";
   __device__ static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
   __device__ static Bits to_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
   __device__ static float low_to_float(uint32_t w) { return to_float(static_cast<Bits>(w)); }
@@ -209,7 +207,6 @@ struct Storage<__half> : Storage16<Storage<__half>> {
 template <>
 struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16>> {
   static constexpr Bits kNaNBits = 0x7fc0u;
-  static constexpr const char* kName = "bfloat16";
   __device__ static float to_float(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
   __device__ static Bits to_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
   __device__ static float low_to_float(uint32_t w) { return __uint_as_float(w << 16); }
@@ -300,7 +297,11 @@ struct PersistentConfig {
   // of an SM's four schedulers owns a quarter of the register file.
   static constexpr int kMaxThreads = persistent_max_threads(S::kRegsPerSlot == 1, RS, WIDE);
   static constexpr int kStageUnroll = persistent_stage_unroll(S::kRegsPerSlot == 1, RS, WIDE);
-  static_assert(kMaxThreads >= 128, "no such variant");
+  static_assert(kMaxThreads >= 128 && kMaxThreads % 128 == 0 && kMaxThreads <= kMaxThreadsPerCta,
+                "no such variant (jax_sprnn/_constants.py: PERSISTENT_TIERS_16/32)");
+  static_assert(kStageUnroll >= 1, "a variant stages at least one vector per thread");
+  // The workspace (constants::cuda_workspace_bytes) sizes each exchange buffer for the widest word.
+  static_assert(X::kWordBytes <= constants::kExchangeWordBytes, "exchange word wider than the workspace");
 };
 
 // ================================================================================================
@@ -681,6 +682,10 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
   __shared__ uint32_t s_error;   // layout errors found at init by this CTA
+  // The planner keeps constants::kKernelSmemReserve bytes free for these and for the 16-byte
+  // alignment of the dynamic regions (at most 12 + 15 bytes: launch_persistent's smem plan).
+  static_assert(sizeof(s_steps) + sizeof(s_error) + 12 + 15 <= constants::kKernelSmemReserve,
+                "the kernel's static shared memory outgrew the planner's reserve");
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;

@@ -37,9 +37,4 @@ JAX_SPRNN_HOST_DEVICE float activation_grad(int64_t act, float h) {
   }
 }
 
-// Bytes of the CUDA handler's workspace result; primitives.py computes the same number.
-inline int64_t cuda_workspace_bytes(int64_t batch, int64_t hidden) {
-  return 256 + 2 * batch * hidden * 8;
-}
-
 }  // namespace jax_sprnn

@@ -9,9 +9,11 @@
 // silent wrong value). Deterministic: every thread sums its slots over a fixed sequence of
 // (position, example) pairs, and time chunks are added in a fixed order, with no atomics.
 //
-// Work split: a thread owns up to SPT (8 or 16) slots of one lane (a lane's slots all belong to one
-// row, so the row's dz is one value per pair). A CTA of 1024 threads stages the pairs' h_before and
-// dz as fp32 rows in shared memory, up to 16 pairs at a time, and its threads gather from them.
+// Work split: a thread owns up to SPT (8 or 16: constants::weight_grad_slots_per_thread) slots of
+// one lane (a lane's slots all belong to one row, so the row's dz is one value per pair). A CTA of
+// constants::kWeightGradThreads (1024) threads stages the pairs' h_before and dz as fp32 rows in
+// shared memory, up to 16 pairs at a time, and its threads gather from them. These numbers come from
+// jax_sprnn/_constants.py, which the Python dispatch reads too (time chunks, shared-memory check).
 // Big CTAs matter: every CTA stages whole rows, so the staging traffic is (slot blocks) x pairs x
 // 2H, and only a block of many slots (8-16K) makes it small next to the gathers. The positions are
 // then split into time chunks (grid.y) so that the GPU fills with one such CTA per SM; their partial
@@ -27,6 +29,7 @@
 #include "cuda_host.h"
 #include "cuda_kernels.h"
 #include "ffi_bindings.h"
+#include "jax_sprnn_constants.h"  // generated from jax_sprnn/_constants.py
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,8 +38,11 @@ namespace ffi = xla::ffi;
 namespace jax_sprnn::cuda {
 namespace {
 
-constexpr int kWgThreads = 1024;             // primitives.py mirrors these three constants
-constexpr int kMaxSlotsPerThread = 16;       // SPT: 8 when slots_per_lane <= 8, else 16
+constexpr int kWgThreads = constants::kWeightGradThreads;
+constexpr int kSptSmall = constants::kWeightGradSlotsPerThreadSmall;
+constexpr int kSptLarge = constants::kWeightGradSlotsPerThreadLarge;
+static_assert(kWgThreads % kWarpSize == 0 && kWgThreads <= 1024, "a CTA of whole warps");
+static_assert(0 < kSptSmall && kSptSmall < kSptLarge, "launch() instantiates the two SPT");
 constexpr int kMaxPairsPerStage = 16;
 constexpr int64_t kStageBudgetBytes = 160 * 1024;  // one CTA per SM: most of its shared memory
 
@@ -168,8 +174,6 @@ __global__ void sum_chunks_kernel(const float* __restrict__ partial, float* __re
   }
 }
 
-int slots_per_thread(int64_t slots_per_lane) { return slots_per_lane <= 8 ? 8 : kMaxSlotsPerThread; }
-
 template <typename T, int SPT>
 cudaError_t launch_spt(cudaStream_t stream, const WeightGradParams& p, dim3 grid, int smem_bytes,
                        const DeviceInfo& dev, int device) {
@@ -184,8 +188,9 @@ cudaError_t launch_spt(cudaStream_t stream, const WeightGradParams& p, dim3 grid
 template <typename T>
 cudaError_t launch(cudaStream_t stream, const WeightGradParams& p, dim3 grid, int smem_bytes,
                    const DeviceInfo& dev, int device) {
-  return slots_per_thread(p.K) == 8 ? launch_spt<T, 8>(stream, p, grid, smem_bytes, dev, device)
-                                    : launch_spt<T, kMaxSlotsPerThread>(stream, p, grid, smem_bytes, dev, device);
+  return constants::weight_grad_slots_per_thread(p.K) == kSptSmall
+             ? launch_spt<T, kSptSmall>(stream, p, grid, smem_bytes, dev, device)
+             : launch_spt<T, kSptLarge>(stream, p, grid, smem_bytes, dev, device);
 }
 
 ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0,
@@ -243,10 +248,13 @@ ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer 
   if (e != cudaSuccess) return cuda_error("cudaGetDevice", e);
   DeviceInfo dev;
   if ((e = device_info(device, &dev)) != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
-  const int64_t pair_bytes = 2 * H * 4;
-  const int64_t budget = std::min<int64_t>(kStageBudgetBytes, dev.smem_optin - B * 4);
+  // As many pairs as the budget holds besides the lengths; at least one (the least the Python
+  // dispatch checks: constants::weight_grad_smem_bytes with one pair).
+  const int64_t lengths_bytes = constants::weight_grad_smem_bytes(H, B, 0);
+  const int64_t pair_bytes = constants::weight_grad_smem_bytes(H, B, 1) - lengths_bytes;
+  const int64_t budget = std::min<int64_t>(kStageBudgetBytes, dev.smem_optin - lengths_bytes);
   const int64_t pairs = std::clamp<int64_t>(budget / pair_bytes, 1, kMaxPairsPerStage);
-  const int64_t smem_bytes = pairs * pair_bytes + B * 4;
+  const int64_t smem_bytes = constants::weight_grad_smem_bytes(H, B, pairs);
   if (smem_bytes > dev.smem_optin)
     return bad("H = " + std::to_string(H) + ", B = " + std::to_string(B) + " need " +
                std::to_string(smem_bytes) + " bytes of shared memory (2*H*4 + B*4), " +
@@ -270,7 +278,7 @@ ffi::Error WeightGradImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer 
   p.time_chunks = static_cast<int>(time_chunks);
   p.pairs_per_stage = static_cast<int>(pairs);
   p.n_slots = S;
-  const int spt = slots_per_thread(K);
+  const int spt = constants::weight_grad_slots_per_thread(K);
   const int64_t threads_needed = n_lanes * ((K + spt - 1) / spt);
   const int64_t blocks = (threads_needed + kWgThreads - 1) / kWgThreads;
   if (blocks > INT32_MAX) return bad("the layout is too large for one grid");

@@ -28,17 +28,12 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from . import _native, dispatch, fallback
+from . import _constants, _native, dispatch, fallback
 from .dispatch import BACKWARD, FORWARD, WEIGHT_GRAD
 from .planner import LayoutMeta
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "identity": 2}
 _NOT_MAPPED = None  # how a batching rule sees an operand without a vmapped axis
-
-
-def cuda_workspace_bytes(batch: int, hidden: int) -> int:
-    """Bytes of the CUDA forward handler's workspace; cuda/sprnn_common.h has the same formula."""
-    return 256 + 2 * batch * hidden * 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +135,12 @@ sprnn_forward_p = _make_primitive("sprnn_forward", _forward_abstract, fallback.f
 sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallback.backward)
 
 
+# The CUDA module registers the hooks' targets apart from the production ones (same kernels, the
+# hooks as extra attributes); a call binds one only when it sets a hook.
+_HOOKED_TARGETS = {FORWARD: "jax_sprnn_forward_hooked", BACKWARD: "jax_sprnn_backward_hooked"}
+_HOOK_DEFAULTS = dict(spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=0)
+
+
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
                      spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False):
     """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback."""
@@ -150,12 +151,15 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
         return _lower_fallback(fallback_impl)(ctx, *args, activation=activation, reverse=reverse,
                                               meta=meta, method=method)
     _native.initialize_cuda()
-    workspace = jax.core.ShapedArray((cuda_workspace_bytes(B, H),), np.uint8)
+    workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, H),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
-    outs = jax.ffi.ffi_lowering(target)(
-        ctx, *args, **_recurrence_attrs(activation=activation, reverse=reverse, meta=meta),
-        spin_timeout_us=np.int64(spin_timeout_us), debug_stall_cta=np.int64(debug_stall_cta),
-        grid_barrier=np.int64(bool(grid_barrier)))
+    attrs = _recurrence_attrs(activation=activation, reverse=reverse, meta=meta)
+    hooks = dict(spin_timeout_us=int(spin_timeout_us), debug_stall_cta=int(debug_stall_cta),
+                 grid_barrier=int(bool(grid_barrier)))
+    if hooks != _HOOK_DEFAULTS:
+        target = _HOOKED_TARGETS[target]
+        attrs.update({name: np.int64(value) for name, value in hooks.items()})
+    outs = jax.ffi.ffi_lowering(target)(ctx, *args, **attrs)
     return outs[:2]
 
 

@@ -1,0 +1,67 @@
+// `constants()` of both compiled modules: the values and formulas of jax_sprnn/_constants.py as
+// this build compiled them (through the generated jax_sprnn_constants.h), under the Python names,
+// so that tests/test_constants.py can compare the two.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "jax_sprnn_constants.h"
+
+namespace jax_sprnn {
+
+namespace detail {
+
+template <int... RS>
+nanobind::tuple reg_slots(std::integer_sequence<int, RS...>) {
+  return nanobind::make_tuple(RS...);
+}
+
+// {reg_slots: (narrow_threads, wide_threads, narrow_unroll)}, read through the kernels' lookups.
+template <int... RS>
+nanobind::dict tiers(bool packed16, std::integer_sequence<int, RS...>) {
+  namespace c = constants;
+  nanobind::dict d;
+  ((d[nanobind::cast(RS)] = nanobind::make_tuple(c::persistent_max_threads(packed16, RS, false),
+                                                 c::persistent_max_threads(packed16, RS, true),
+                                                 c::persistent_stage_unroll(packed16, RS, false))),
+   ...);
+  return d;
+}
+
+}  // namespace detail
+
+inline nanobind::dict exported_constants() {
+  namespace nb = nanobind;
+  namespace c = constants;
+  nb::dict d;
+  d["PERSISTENT_TIERS_16"] = detail::tiers(true, c::RegSlots16{});
+  d["PERSISTENT_TIERS_32"] = detail::tiers(false, c::RegSlots32{});
+  d["REG_SLOTS_16"] = detail::reg_slots(c::RegSlots16{});
+  d["REG_SLOTS_32"] = detail::reg_slots(c::RegSlots32{});
+  d["WIDE_STAGE_UNROLL"] = c::kWideStageUnroll;
+  d["KERNEL_SMEM_RESERVE"] = c::kKernelSmemReserve;
+  d["WORKSPACE_HEADER_BYTES"] = c::kWorkspaceHeaderBytes;
+  d["EXCHANGE_BUFFERS"] = c::kExchangeBuffers;
+  d["EXCHANGE_WORD_BYTES"] = c::kExchangeWordBytes;
+  d["DEFAULT_SPIN_TIMEOUT_US"] = c::kDefaultSpinTimeoutUs;
+  d["WEIGHT_GRAD_THREADS"] = c::kWeightGradThreads;
+  d["WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL"] = c::kWeightGradSlotsPerThreadSmall;
+  d["WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE"] = c::kWeightGradSlotsPerThreadLarge;
+  d["cuda_workspace_bytes"] = nb::cpp_function(
+      [](int64_t batch, int64_t hidden) { return c::cuda_workspace_bytes(batch, hidden); },
+      nb::arg("batch"), nb::arg("hidden"));
+  d["weight_grad_slots_per_thread"] = nb::cpp_function(
+      [](int64_t slots_per_lane) { return c::weight_grad_slots_per_thread(slots_per_lane); },
+      nb::arg("slots_per_lane"));
+  d["weight_grad_smem_bytes"] = nb::cpp_function(
+      [](int64_t hidden, int64_t batch, int64_t pairs) {
+        return c::weight_grad_smem_bytes(hidden, batch, pairs);
+      },
+      nb::arg("hidden"), nb::arg("batch"), nb::arg("pairs") = 1);
+  return d;
+}
+
+}  // namespace jax_sprnn
