@@ -1,0 +1,72 @@
+"""The constants that Python and the kernels share have one source, jax_sprnn/_constants.py.
+
+The compiled modules export what they were built with (through the header CMake generates from
+that file); these tests compare it with the file, and check that the planner's tables are derived
+from it. The CPU module is always built, so this runs in CI without a GPU.
+"""
+
+import itertools
+
+import pytest
+
+from jax_sprnn import _constants, _native, planner
+
+_MODULES = {"cpu": _native.cpu_module(), "cuda": _native.cuda_module()}
+
+
+def _compiled(platform):
+    module = _MODULES[platform]
+    if module is None:
+        pytest.skip(f"the {platform} module is not loaded: "
+                    f"{_native.unavailable_reason(f'_sprnn_{platform}')}")
+    return module.constants()
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_compiled_values_are_the_python_ones(platform):
+    compiled = _compiled(platform)
+    assert sorted(compiled) == sorted(_constants.EXPORTED)
+    for name in _constants.EXPORTED:
+        want = getattr(_constants, name)
+        if not callable(want):
+            assert compiled[name] == want, name
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_compiled_formulas_are_the_python_ones(platform):
+    compiled = _compiled(platform)
+    sizes = (0, 1, 3, 17, 64, 1000, 8192)
+    for batch, hidden in itertools.product(sizes, sizes):
+        assert (compiled["cuda_workspace_bytes"](batch, hidden)
+                == _constants.cuda_workspace_bytes(batch, hidden)), (batch, hidden)
+        for pairs in (0, 1, 5, 16):
+            assert (compiled["weight_grad_smem_bytes"](hidden, batch, pairs)
+                    == _constants.weight_grad_smem_bytes(hidden, batch, pairs)), (hidden, batch, pairs)
+        assert (compiled["weight_grad_smem_bytes"](hidden, batch)
+                == _constants.weight_grad_smem_bytes(hidden, batch))
+    for k in range(0, 300):
+        assert (compiled["weight_grad_slots_per_thread"](k)
+                == _constants.weight_grad_slots_per_thread(k)), k
+
+
+def test_weight_grad_threads_cover_every_slot_of_a_lane():
+    for k in range(1, 300):
+        spt = _constants.weight_grad_slots_per_thread(k)
+        assert spt in (8, 16)
+        assert spt >= min(k, 16)  # one thread covers a short lane, at most 16 slots otherwise
+
+
+def test_planner_thread_limits_are_the_widest_compiled_variant():
+    for tiers, limits in ((_constants.PERSISTENT_TIERS_16, planner.H200.max_threads_16),
+                          (_constants.PERSISTENT_TIERS_32, planner.H200.max_threads_32)):
+        assert [rs for rs, _ in limits] == list(tiers)
+        for rs, most in limits:
+            assert most in (tiers[rs].narrow_threads, tiers[rs].wide_threads)
+            assert most >= tiers[rs].narrow_threads and most >= tiers[rs].wide_threads
+    assert planner.KERNEL_SMEM_RESERVE == _constants.KERNEL_SMEM_RESERVE
+
+
+def test_header_generation_rejects_a_bad_table(monkeypatch):
+    monkeypatch.setitem(_constants.PERSISTENT_TIERS_32, 8, _constants.Tier(384, 256, 4))
+    with pytest.raises(ValueError, match="wide variant must raise"):
+        _constants.cxx_header()
