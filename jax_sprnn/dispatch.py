@@ -19,7 +19,6 @@ from .planner import LayoutMeta
 FORWARD, BACKWARD, WEIGHT_GRAD = "jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """What one primitive call lowers to.
