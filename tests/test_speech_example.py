@@ -200,6 +200,7 @@ def test_tiny_end_to_end_run_with_resume(tmp_path):
             "--layers", "1", "--conv-channels", "4", "--n-mels", "16", "--steps", "6",
             "--prune-begin", "0.34", "--prune-end", "0.67", "--prune-every", "1",
             "--density", "0.25", "--eval-every", "6", "--checkpoint-every", "3",
+            "--lr", "2e-2", "--warmup", "1",  # six steps that learn something
             "--bucket-seconds", "5", "--one-shot-densities", "0.5", "--latency-densities", "0.25",
             "--latency-batches", "2", "--bench-steps", "8", "--bench-reps", "2",
             "--no-progress"]
@@ -207,9 +208,14 @@ def test_tiny_end_to_end_run_with_resume(tmp_path):
     assert set(results["models"]) == {"dense", "pruned"}
     pruned = results["models"]["pruned"]
     assert pruned["density"] == pytest.approx(8 / 32)  # round(0.25 * 32) per output unit
+    # Six steps are enough to beat silence: an empty transcript scores 100% CER (every character
+    # deleted), the untrained model about 110% (insertions); these runs score 83-86% on CPU.
+    assert text.error_rates(["go do you hear", "hello"], ["", ""])["cer"] == 100
     for name in ("dense", "pruned"):
+        losses = [r["loss"] for r in results["history"][name]["train"]]
+        assert losses[-1] < 0.75 * losses[0], (name, losses)  # 5.1 -> 3.1 on CPU
         for split in ("valid", "test"):
-            assert 0 <= results["models"][name][split]["cer"] <= 100 * 10
+            assert results["models"][name][split]["cer"] < 95, (name, split)
     # The packed weights served the same decisions as the training form.
     assert pruned["test"]["cer"] == pytest.approx(pruned["test_training_form"]["cer"], abs=1.0)
     assert results["history"]["pruned"]["train"][-1]["density"] == pytest.approx(0.25)
