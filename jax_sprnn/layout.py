@@ -20,7 +20,7 @@ class PackedPattern:
     meta: LayoutMeta
     indices: np.ndarray  # int32 [num_slots], ~j on padding
     lane_row: np.ndarray  # int32 [num_lanes], -1 on idle lanes
-    slot_of_nonzero: np.ndarray  # int64 [nnz], flat slot of each input nonzero
+    slot_of_nonzero: np.ndarray  # int32 [nnz], flat slot of each input nonzero
 
 
 def lane_of_slot(meta: LayoutMeta) -> np.ndarray:
@@ -35,16 +35,27 @@ def decode_columns(indices: np.ndarray) -> np.ndarray:
     return np.where(indices < 0, ~indices, indices)
 
 
-def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
-    """For a sorted key array, each element's position inside its run of equal keys."""
-    n = sorted_keys.size
-    if n == 0:
-        return np.zeros(0, np.int64)
-    idx = np.arange(n, dtype=np.int64)
-    is_start = np.empty(n, bool)
-    is_start[0] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=is_start[1:])
-    return idx - np.maximum.accumulate(np.where(is_start, idx, 0))
+def _rank_within_runs(sorted_keys: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """For a sorted array of non-negative integer keys, each element's position inside its run of
+    equal keys. ``counts`` is ``np.bincount(sorted_keys)`` when the caller has it already."""
+    if counts is None:
+        counts = np.bincount(sorted_keys)
+    starts = np.cumsum(counts) - counts
+    return np.arange(sorted_keys.size) - starts[sorted_keys]
+
+
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for integer keys in ``[0, bound)``.
+
+    NumPy sorts 16-bit keys by radix, several times faster than a comparison sort of these arrays,
+    so wider keys are sorted as two 16-bit digits (least significant first; both passes stable).
+    """
+    if bound <= 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    if bound > 1 << 32:
+        return np.argsort(keys, kind="stable")
+    low = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    return low[np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")]
 
 
 def _assign_lanes(row_nnz: np.ndarray, plan: LayoutMeta) -> tuple[np.ndarray, np.ndarray]:
@@ -83,35 +94,39 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_a
     """
     meta = LayoutMeta.from_plan(plan)
     hidden, K = meta.hidden, meta.slots_per_lane
-    rows = np.asarray(rows, np.int64)
-    cols = np.asarray(cols, np.int64)
+    # The arrays with an entry per nonzero or per slot are int32 (a layout has far fewer than 2**31
+    # slots): half the memory traffic, and half the fresh pages a first call faults in, of int64.
+    rows = np.asarray(rows, np.int32)
+    cols = np.asarray(cols, np.int32)
     nnz = rows.size
     row_nnz = np.bincount(rows, minlength=hidden)
-    first_lane, lanes = _assign_lanes(row_nnz, plan)
+    first_lane, lanes = (a.astype(np.int32) for a in _assign_lanes(row_nnz, plan))
 
     # Every position (lane, slot) of every row, generated in (row, slot, lane) order: the order in
     # which leftovers fill a row, earliest slots first.
-    lane_row = np.full(meta.num_lanes, -1, np.int64)
-    lane_ids = np.repeat(first_lane, lanes) + (np.arange(lanes.sum()) -
-                                                np.repeat(np.cumsum(lanes) - lanes, lanes))
-    lane_row[lane_ids] = np.repeat(np.arange(hidden), lanes)
+    lane_row = np.full(meta.num_lanes, -1, np.int32)
+    lane_ids = np.repeat(first_lane, lanes) + (np.arange(lanes.sum(), dtype=np.int32) -
+                                                np.repeat(np.cumsum(lanes, dtype=np.int32) - lanes, lanes))
+    lane_row[lane_ids] = np.repeat(np.arange(hidden, dtype=np.int32), lanes)
     per_row = lanes * K
-    pos_row = np.repeat(np.arange(hidden), per_row)
-    local = np.arange(per_row.sum()) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    pos_row = np.repeat(np.arange(hidden, dtype=np.int32), per_row)
+    local = (np.arange(per_row.sum(), dtype=np.int32) -
+             np.repeat(np.cumsum(per_row, dtype=np.int32) - per_row, per_row))
     row_lanes = lanes[pos_row]
     pos_k = local // row_lanes
     pos_lane = first_lane[pos_row] + local % row_lanes
     pos_flat = ((pos_lane // WARP) * K + pos_k) * WARP + pos_lane % WARP
 
     # Elements in (row, column) order.
-    row_major = rows * hidden + cols
+    row_major = rows.astype(np.int64) * hidden + cols
     if np.all(row_major[1:] >= row_major[:-1]):  # callers usually pass row-sorted nonzeros
-        order_e = np.arange(nnz)
+        order_e = None
+        er, ec = rows, cols
     else:
-        order_e = np.argsort(row_major, kind="stable")
-    er, ec = rows[order_e], cols[order_e]
+        order_e = _stable_order(row_major, hidden * hidden)
+        er, ec = rows[order_e], cols[order_e]
     plain = _place(er, pos_row, pos_flat, hidden, np.zeros(nnz, bool),
-                   np.zeros(pos_flat.size, bool), np.empty(nnz, np.int64))
+                   np.zeros(pos_flat.size, bool), np.empty(nnz, np.int32))
     indices = _indices_with_padding(plain, ec, meta)
     if bank_aware:
         aware = _place_bank_aware(er, ec, pos_row, pos_k, pos_lane, pos_flat, meta)
@@ -119,21 +134,24 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_a
         # Keep, warp by warp, whichever order has fewer conflicts: rows never straddle warps, so
         # mixing is consistent, and the result is never worse than the unordered layout.
         better = (_conflicts_per_warp(aware_indices, meta) <= _conflicts_per_warp(indices, meta))
-        slot_warp = np.arange(meta.num_slots) // (K * WARP)
-        indices = np.where(better[slot_warp], aware_indices, indices)
+        indices = np.where(np.repeat(better, K * WARP), aware_indices, indices)  # a warp's slots
         plain = np.where(better[plain // (K * WARP)], aware, plain)
-    slot_of_nonzero = np.empty(nnz, np.int64)
-    slot_of_nonzero[order_e] = plain
-    return PackedPattern(meta, indices.astype(np.int32), lane_row.astype(np.int32), slot_of_nonzero)
+    if order_e is None:
+        slot_of_nonzero = plain
+    else:
+        slot_of_nonzero = np.empty(nnz, np.int32)
+        slot_of_nonzero[order_e] = plain
+    return PackedPattern(meta, indices, lane_row, slot_of_nonzero)
 
 
 def _place(er, pos_row, pos_flat, hidden, matched_e, taken, slot_sorted):
     """The i-th unmatched element of a row takes the row's i-th free position (slot-major)."""
     left_e = np.flatnonzero(~matched_e)
     free_p = np.flatnonzero(~taken)  # positions are generated in (row, slot, lane) order
-    free_rank = _rank_within_runs(pos_row[free_p])
+    free_row = pos_row[free_p]
+    free_rank = _rank_within_runs(free_row, np.bincount(free_row, minlength=hidden))
     left_per_row = np.bincount(er[left_e], minlength=hidden)
-    use_p = free_p[free_rank < left_per_row[pos_row[free_p]]]
+    use_p = free_p[free_rank < left_per_row[free_row]]
     slot_sorted[left_e] = pos_flat[use_p]  # both in row order
     return slot_sorted
 
@@ -142,17 +160,18 @@ def _place_bank_aware(er, ec, pos_row, pos_k, pos_lane, pos_flat, meta):
     """Match each row's nonzeros of bank group g to its positions whose target group is g."""
     hidden, P = meta.hidden, meta.phase_lanes
     nnz = er.size
-    slot_sorted = np.empty(nnz, np.int64)
+    slot_sorted = np.empty(nnz, np.int32)
     tg = (pos_lane % WARP + pos_k) % P
     key_p = pos_row * P + tg
-    order_p = np.argsort(key_p, kind="stable")  # keeps (slot, lane) order inside a group
+    order_p = _stable_order(key_p, hidden * P)  # keeps (slot, lane) order inside a group
     kp = key_p[order_p]
     key_e = er * P + ec % P
-    order_g = np.argsort(key_e, kind="stable")
+    order_g = _stable_order(key_e, hidden * P)
     ke = key_e[order_g]
-    m = np.minimum(np.bincount(kp, minlength=hidden * P), np.bincount(ke, minlength=hidden * P))
-    sel_p = order_p[_rank_within_runs(kp) < m[kp]]
-    sel_e = order_g[_rank_within_runs(ke) < m[ke]]
+    count_p, count_e = np.bincount(kp, minlength=hidden * P), np.bincount(ke, minlength=hidden * P)
+    m = np.minimum(count_p, count_e)
+    sel_p = order_p[_rank_within_runs(kp, count_p) < m[kp]]
+    sel_e = order_g[_rank_within_runs(ke, count_e) < m[ke]]
     slot_sorted[sel_e] = pos_flat[sel_p]  # both lists run in (row, group, rank) order
     matched_e = np.zeros(nnz, bool)
     matched_e[sel_e] = True
@@ -165,7 +184,7 @@ def _indices_with_padding(slot_of_element, ec, meta: LayoutMeta) -> np.ndarray:
     """The index array: real columns, and ``~j`` on padding with ``j`` read elsewhere in the phase
     (one address: a broadcast, not a conflict)."""
     P = meta.phase_lanes
-    indices = np.zeros(meta.num_slots, np.int64)
+    indices = np.zeros(meta.num_slots, np.int32)
     real = np.zeros(meta.num_slots, bool)
     indices[slot_of_element] = ec
     real[slot_of_element] = True
@@ -177,10 +196,10 @@ def _indices_with_padding(slot_of_element, ec, meta: LayoutMeta) -> np.ndarray:
 def _wavefronts(indices: np.ndarray, load_bytes: int) -> np.ndarray:
     """Wavefronts of each phase (row of ``P`` lanes) under the bank model of bank_conflicts."""
     P = 128 // load_bytes
-    cols = np.sort(decode_columns(indices).astype(np.int64).reshape(-1, P), axis=1)
+    cols = np.sort(decode_columns(indices).astype(np.int32).reshape(-1, P), axis=1)
     distinct = np.ones(cols.shape, bool)
     distinct[:, 1:] = cols[:, 1:] != cols[:, :-1]
-    phase = np.repeat(np.arange(cols.shape[0]), P).reshape(cols.shape)
+    phase = np.repeat(np.arange(cols.shape[0], dtype=np.int32), P).reshape(cols.shape)
     per_group = np.bincount((phase * P + cols % P)[distinct], minlength=cols.size)
     return per_group.reshape(-1, P).max(axis=1)
 

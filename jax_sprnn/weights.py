@@ -22,6 +22,23 @@ def check_weight_dtype(dtype, what: str) -> np.dtype:
     return dtype
 
 
+def check_finite(values, what: str) -> None:
+    """Raise ValueError when ``values`` holds NaN or infinite entries, saying how many and where.
+
+    Ranking by magnitude has no place for a NaN (it would be pruned silently, and a model with NaN
+    weights would give finite outputs), so pruning and packing refuse non-finite weights.
+    """
+    values = np.asarray(values)
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    nans = int(np.count_nonzero(np.isnan(values)))
+    counts = [f"{n} {kind}" for n, kind in ((nans, "NaN"), (int(bad.sum()) - nans, "infinite")) if n]
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)]
+    raise ValueError(f"{what} has {' and '.join(counts)} entries (first at {first}); pruning and "
+                     f"packing need finite weights")
+
+
 def top_k_mask(scores, k: int, axis: int | None = None) -> np.ndarray:
     """Boolean mask of the ``k`` largest ``scores`` along ``axis`` (over all entries if None).
 
@@ -121,6 +138,7 @@ class SparseWeights(PackedLayout):
             raise ValueError(f"kernel must be a non-empty square [H, H] matrix, got shape {kernel.shape}")
         if not np.issubdtype(kernel.dtype, np.floating) and kernel.dtype != jnp.bfloat16:
             raise TypeError(f"kernel must be a floating-point array, got {kernel.dtype}")
+        check_finite(kernel, "kernel")
         if dtype is None:
             dtype = np.float32 if kernel.dtype == np.float64 else kernel.dtype
         dtype = check_weight_dtype(dtype, "dtype")
@@ -142,7 +160,7 @@ class SparseWeights(PackedLayout):
         # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i]. Reading
         # the transposed mask yields them sorted by row, as the packer likes.
         rows, cols = np.nonzero(mask.T)
-        vals = kernel.T[rows, cols].astype(dtype)
+        vals = kernel.reshape(-1)[cols * kernel.shape[0] + rows].astype(dtype)  # kernel[cols, rows]
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], device=device, load_bytes=load_bytes,
                                 bank_aware=bank_aware)
 
@@ -172,10 +190,11 @@ class SparseWeights(PackedLayout):
         values[fwd.slot_of_nonzero] = vals
         perm_t = np.full(bwd.meta.num_slots, -1, np.int64)
         perm_t[bwd.slot_of_nonzero] = fwd.slot_of_nonzero
-        return cls(jnp.asarray(values), indices=jnp.asarray(fwd.indices),
-                   lane_row=jnp.asarray(fwd.lane_row), indices_t=jnp.asarray(bwd.indices),
-                   lane_row_t=jnp.asarray(bwd.lane_row), perm_t=jnp.asarray(perm_t.astype(np.int32)),
-                   meta=fwd.meta, meta_t=bwd.meta)
+        # device_put, not jnp.asarray: the latter compiles a conversion per dtype on a first call.
+        return cls(jax.device_put(values), indices=jax.device_put(fwd.indices),
+                   lane_row=jax.device_put(fwd.lane_row), indices_t=jax.device_put(bwd.indices),
+                   lane_row_t=jax.device_put(bwd.lane_row),
+                   perm_t=jax.device_put(perm_t.astype(np.int32)), meta=fwd.meta, meta_t=bwd.meta)
 
     # ---- properties ---------------------------------------------------------------------------
     @property
