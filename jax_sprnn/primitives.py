@@ -12,6 +12,9 @@ kernel) or the pure-JAX code of :mod:`jax_sprnn.fallback`, which every other pla
 Differentiation sits on top, in :mod:`jax_sprnn.api` (a ``custom_vjp``), so these primitives need
 no JVP rules.
 
+Partitioning: under ``jax.jit`` with a batch-sharded input, every device runs a primitive on its
+own batch shard (:mod:`jax_sprnn._partitioning`; the rules are the ``SplitRule`` strings below).
+
 Batching: a vmapped axis of the sequence operands folds into the RNN batch (one kernel call for
 all); a vmapped weight operand runs the kernel once per weight set with ``lax.map``.
 """
@@ -29,6 +32,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from . import _constants, _native, dispatch, fallback
+from ._partitioning import SplitRule, mesh_lowering
 from .dispatch import BACKWARD, FORWARD, WEIGHT_GRAD
 from .planner import LayoutMeta
 
@@ -52,8 +56,17 @@ def _lower_fallback(impl):
     return rule
 
 
-def _make_primitive(name: str, abstract_eval, fallback_impl) -> Primitive:
+_SPLITS: dict = {}  # each primitive's SplitRule
+
+
+def _register_lowering(prim: Primitive, rule, platform: str | None = None) -> None:
+    """Register ``rule`` for ``platform`` (every platform when None), made to split over a mesh."""
+    mlir.register_lowering(prim, mesh_lowering(prim, _SPLITS[prim], rule), platform=platform)
+
+
+def _make_primitive(name: str, abstract_eval, fallback_impl, split: SplitRule) -> Primitive:
     prim = Primitive(name)
+    _SPLITS[prim] = split
     prim.multiple_results = True
     prim.def_abstract_eval(abstract_eval)
 
@@ -64,7 +77,7 @@ def _make_primitive(name: str, abstract_eval, fallback_impl) -> Primitive:
     # Eager calls compile the primitive alone, once per set of static parameters.
     prim.def_impl(lambda *args, **params: jitted(tuple(sorted(params.items())))(*args))
     # Platforms without a native kernel lower the pure-JAX implementation.
-    mlir.register_lowering(prim, _lower_fallback(fallback_impl))
+    _register_lowering(prim, _lower_fallback(fallback_impl))
     return prim
 
 
@@ -131,8 +144,12 @@ def _backward_abstract(y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_f
     return _recurrence_shapes("sprnn_backward", "y", y, h0, meta)
 
 
-sprnn_forward_p = _make_primitive("sprnn_forward", _forward_abstract, fallback.forward)
-sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallback.backward)
+# The sharding rules: t steps, b batch, h hidden, s slots, l lanes (the layout's arrays are whole on
+# every device; so are the steps and the hidden units).
+sprnn_forward_p = _make_primitive("sprnn_forward", _forward_abstract, fallback.forward,
+                                  SplitRule("t b h, b h, s, s, l, b -> t b h, b h"))
+sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallback.backward,
+                                   SplitRule("t b h, b h, s, s, l, b, t b h, b h -> t b h, b h"))
 
 
 # The CUDA module registers the hooks' targets apart from the production ones (same kernels, the
@@ -163,17 +180,14 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     return outs[:2]
 
 
-mlir.register_lowering(sprnn_forward_p, _cpu_lowering(FORWARD, fallback.forward, _recurrence_attrs),
-                       platform="cpu")
-mlir.register_lowering(sprnn_forward_p,
-                       functools.partial(_persistent_cuda, FORWARD, fallback.forward),
-                       platform="cuda")
-mlir.register_lowering(sprnn_backward_p,
-                       _cpu_lowering(BACKWARD, fallback.backward, _recurrence_attrs),
-                       platform="cpu")
-mlir.register_lowering(sprnn_backward_p,
-                       functools.partial(_persistent_cuda, BACKWARD, fallback.backward),
-                       platform="cuda")
+_register_lowering(sprnn_forward_p, _cpu_lowering(FORWARD, fallback.forward, _recurrence_attrs),
+                   "cpu")
+_register_lowering(sprnn_forward_p, functools.partial(_persistent_cuda, FORWARD, fallback.forward),
+                   "cuda")
+_register_lowering(sprnn_backward_p,
+                   _cpu_lowering(BACKWARD, fallback.backward, _recurrence_attrs), "cpu")
+_register_lowering(sprnn_backward_p,
+                   functools.partial(_persistent_cuda, BACKWARD, fallback.backward), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +205,10 @@ def _weight_grad_fallback(y, h0, dz, indices, lane_row, lengths, *, groups, reve
                                  reverse=reverse, meta=meta),)
 
 
+# The result sums over the batch, in ``g`` groups (one all-reduce over the batch's mesh axes).
 sprnn_weight_grad_p = _make_primitive("sprnn_weight_grad", _weight_grad_abstract,
-                                      _weight_grad_fallback)
+                                      _weight_grad_fallback,
+                                      SplitRule("t b h, b h, t b h, s, l, b -> g s"))
 
 
 def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method):
@@ -212,10 +228,9 @@ def _weight_grad_cuda(ctx, *args, groups, reverse, meta, method):
     return outs[:1]
 
 
-mlir.register_lowering(sprnn_weight_grad_p,
-                       _cpu_lowering(WEIGHT_GRAD, _weight_grad_fallback, _weight_grad_attrs),
-                       platform="cpu")
-mlir.register_lowering(sprnn_weight_grad_p, _weight_grad_cuda, platform="cuda")
+_register_lowering(sprnn_weight_grad_p,
+                   _cpu_lowering(WEIGHT_GRAD, _weight_grad_fallback, _weight_grad_attrs), "cpu")
+_register_lowering(sprnn_weight_grad_p, _weight_grad_cuda, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
