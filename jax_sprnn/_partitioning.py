@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
