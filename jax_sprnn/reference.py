@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._checks import ACTIVATIONS, check_rnn_args
+from .weights import SparseWeights
 
 
 def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool):
@@ -50,17 +51,24 @@ def dense_matvec(kernel):
 
 def reference_rnn(inputs, h0, kernel, *, activation: str = "tanh", time_major: bool = False,
                   reverse: bool = False, seq_lengths=None, method: str = "reference"):
-    """The pure-JAX reference with the signature of :func:`jax_sprnn.sparse_rnn`, on a dense kernel.
+    """The pure-JAX reference with the signature of :func:`jax_sprnn.sparse_rnn`, as a dense scan.
 
     ``inputs``: ``[B, T, H]`` (``[T, B, H]`` if ``time_major``), the input projection with bias.
-    ``h0``: ``[B, H]``. ``kernel``: dense ``[H, H]``, Flax orientation
-    (``h_t = act(x_t + h_{t-1} @ kernel)``). Accumulates in float32 at HIGHEST precision and rounds
+    ``h0``: ``[B, H]``. ``kernel``: a dense ``[H, H]`` array, Flax orientation
+    (``h_t = act(x_t + h_{t-1} @ kernel)``), or a :class:`~jax_sprnn.SparseWeights` (run as its
+    ``to_dense()``). Accumulates in float32 at HIGHEST precision and rounds
     the state to ``inputs.dtype`` each step. Returns ``(outputs, final_state)``, outputs laid out like
     ``inputs``. ``method`` is accepted for signature compatibility and must be ``"reference"``.
     """
     if method != "reference":
         raise ValueError(f"reference_rnn: method must be 'reference', got {method!r}")
-    kernel = jnp.asarray(kernel)
+    if isinstance(kernel, SparseWeights):
+        kernel = kernel.to_dense()
+    try:
+        kernel = jnp.asarray(kernel)
+    except TypeError:
+        raise TypeError(f"kernel must be a dense [H, H] array or a jax_sprnn.SparseWeights, got "
+                        f"{type(kernel).__name__}") from None
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"kernel must be a square [H, H] matrix, got shape {kernel.shape}")
     x_tm, h0, lengths = check_rnn_args(inputs, h0, kernel.shape[0], inputs_dtype=None,
