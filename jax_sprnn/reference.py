@@ -66,7 +66,7 @@ def reference_rnn(inputs, h0, kernel, *, activation: str = "tanh", time_major: b
         kernel = kernel.to_dense()
     try:
         kernel = jnp.asarray(kernel)
-    except TypeError:
+    except (TypeError, ValueError):  # not array-like (a dict, None, a string)
         raise TypeError(f"kernel must be a dense [H, H] array or a jax_sprnn.SparseWeights, got "
                         f"{type(kernel).__name__}") from None
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
