@@ -5,8 +5,8 @@
 Writes ``DIR/<suite>.json`` (rewritten after every row) and PNG plots, and prints a table. Every peer
 runs in this process on the same inputs; per-step time is the slope between two sequence lengths of
 the median of N timed calls (after warm-up, inputs rotated over several sets). Without a GPU the
-suites run a tiny smoke grid (also forced by --smoke) and GPU-only peers say why they skipped.
-See benchmarks/RESULTS.md.
+suites run a tiny smoke grid (also forced by --smoke; the capacity suite's planner grid needs no GPU
+and stays whole) and GPU-only peers say why they skipped. See benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -71,12 +71,25 @@ def test_sweep_suite_and_resume(tmp_path):
 
 
 def test_capacity_suite(tmp_path):
+    # The planner's whole grid runs in every mode (no GPU needed); smoke verifies tiny layers only.
     data = _run("capacity", tmp_path, "--verify")
     limits = data["limits"]
     assert limits["dense_register_limit_hidden"] > limits["cudnn_persistent_max_hidden"]
-    for row in data["rows"]:
-        assert row["largest_hidden"] > 0 and row["register_limit_hidden"] > 0
-        assert row["verified"]["ran"] and row["verified"]["rel_err"] < 5e-2
+    rows = {(r["density"], r["dtype"]): r for r in data["rows"]}
+    assert len(rows) == 10
+    for dtype in ("float16", "float32"):
+        largest = [rows[d, dtype]["largest_hidden"] for d in (0.01, 0.05, 0.1, 0.2, 0.3)]
+        assert all(a >= b for a, b in zip(largest, largest[1:])), largest  # denser: no larger
+        assert largest[0] > largest[-1]
+        for d in (0.01, 0.05, 0.1, 0.2, 0.3):
+            assert 0 < rows[d, dtype]["largest_hidden_b4"] <= rows[d, dtype]["largest_hidden"]
+    for d in (0.01, 0.05, 0.1, 0.2, 0.3):  # 4-byte pairs hold at least as much as 8-byte ones
+        assert rows[d, "float16"]["largest_hidden"] >= rows[d, "float32"]["largest_hidden"]
+    assert rows[0.1, "float16"]["largest_hidden"] > rows[0.1, "float32"]["largest_hidden"]
+    verified = [r["verified"] for r in data["rows"] if "verified" in r]
+    assert len(verified) == 4
+    for v in verified:
+        assert v["ran"] and v["rel_err"] < 5e-2
     assert len(data["cudnn_probe"]) == 2
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Build jax_sprnn with its CUDA module, run the test suite on the GPU and the benchmarks, in one
-# command (the lent GPU machine runs exactly this). Logs go to $OUT (or ./out).
-#   tools/gpu_check.sh [tests|bench|sanitize|all] [pytest args (default: the whole tests/ folder)]
-#   BENCH_ARGS="--quick" tools/gpu_check.sh bench
-#   SUITE=paper|sweep|capacity|training SUITE_ARGS=--quick tools/gpu_check.sh suite
+# command on a machine with an NVIDIA GPU. Logs go to $OUT (or ./out).
+#   tools/gpu_check.sh [tests|suite|sanitize|all] [pytest args (default: the whole tests/ folder)]
+#   SUITE=paper|sweep|capacity|training|ablation SUITE_ARGS=--quick tools/gpu_check.sh suite
+#     (python benchmarks/run.py --suite ...; 'bench' is another name for 'suite'; all = tests,suite)
 #   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
 #   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 #   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
-# DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (one 600-s run).
+# DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (to fit a
+# 600-s limit on the whole run, for example).
 set -uo pipefail
 script_start=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
 grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
-rm -f "$OUT/build.log"  # $OUT returns at most 8 files: keep them for results
+rm -f "$OUT/build.log"  # keep $OUT for results (the build log is large and the build passed)
 cd /tmp  # import the installed package, not the source tree
 has() { [[ ",$what," == *",$1,"* ]]; }
 # Packages the image lacks (the speech example's), carried as wheels in .whl/ when present.
@@ -43,10 +44,6 @@ if has tests || has all || has final; then
   echo "== tests"
   if [ $# -eq 0 ]; then set -- "$OLDPWD/tests"; fi
   timeout -k 10 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
-fi
-if has bench || has all; then
-  echo "== benchmarks"
-  python3 "$OLDPWD/benchmarks/bench_forward.py" --out "$OUT/bench_forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 if has profile; then
   echo "== nsight compute"
@@ -63,7 +60,7 @@ if has multi || has final; then
   echo "== multi-GPU sharding"
   NCCL_NVLS_ENABLE=0 python3 "$OLDPWD/tools/multi_gpu_check.py" 2>&1 | tee "$OUT/multi_gpu.log" | tail -6
 fi
-if has suite; then
+if has suite || has bench || has all; then
   for suite in ${SUITE:-paper}; do  # SUITE may list several, e.g. "training ablation"
     echo "== benchmark suite $suite"
     budget=()

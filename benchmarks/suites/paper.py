@@ -13,9 +13,10 @@ import math
 
 from jax_sprnn import _native
 
-from .. import capacity, plots
+from .. import plots
 from ..problems import DTYPES, Layer
 from ..report import Column
+from .capacity import largest_hidden
 from .common import Context, case_columns, case_row, print_skips
 
 # (label, H, density, B, dtype)
@@ -35,8 +36,7 @@ def claim_sizes(smoke: bool) -> tuple[int, int]:
         hidden, step = 256, 32
     else:
         device = _native.current_device_spec()
-        hidden = capacity.largest_hidden(CLAIM_DENSITY, DTYPES[CLAIM_DTYPE], device,
-                                         batch=CLAIM_BATCH)
+        hidden = largest_hidden(CLAIM_DENSITY, DTYPES[CLAIM_DTYPE], device, batch=CLAIM_BATCH)
         step = 128
     nnz = int(round(CLAIM_DENSITY * hidden)) * hidden
     return hidden, max(step, int(math.sqrt(nnz / SIZE_RATIO)) // step * step)
