@@ -146,8 +146,9 @@ def test_bad_arguments():
 def test_max_batch_shrinks_with_hidden():
     small = plan_layout(np.full(1152, 115), np.float16)
     big = plan_layout(np.full(4608, 460), np.float16)
-    assert planner.max_persistent_batch(small, np.float16) > planner.max_persistent_batch(big, np.float16) >= 4
-    assert planner.max_persistent_batch(dataclasses.replace(small, fits=False), np.float16) == 0
+    batch = lambda plan: planner.max_persistent_batch(plan, np.float16)
+    assert batch(small) > batch(big) >= 4
+    assert batch(dataclasses.replace(small, fits=False)) == 0
 
 
 @pytest.mark.parametrize("hidden, nnz", [(1152, 115), (4608, 460), (300, 60)])

@@ -1,7 +1,6 @@
 """Property-based tests (hypothesis): the packer, the planner, the CPU kernel against the reference,
 and the public API under malformed arguments. Bounded example counts keep CI time fixed."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,7 +144,8 @@ def test_cpu_kernel_matches_reference(hidden, batch, steps, density, dtype, acti
     rng = np.random.default_rng(seed)
     mask = rng.random((hidden, hidden)) < density
     gain = 0.9 if activation != "identity" else 0.5  # identity: keep the state bounded
-    kernel = rng.standard_normal((hidden, hidden)).astype(np.float32) * gain / np.sqrt(max(1, mask.sum() / hidden))
+    kernel = (rng.standard_normal((hidden, hidden)).astype(np.float32) * gain
+              / np.sqrt(max(1, mask.sum() / hidden)))
     dt = DTYPES[dtype]
     kernel = np.asarray(jnp.asarray(kernel * mask, dt).astype(jnp.float32))
     w = js.SparseWeights.from_dense(kernel, mask, dtype=dt)
@@ -167,10 +167,13 @@ _BAD = [
     ("h0 hidden", lambda x, h0, w: (x, h0[:, :-1], w, {}), ValueError),
     ("h0 rank", lambda x, h0, w: (x, h0[0], w, {}), ValueError),
     ("h0 dtype", lambda x, h0, w: (x, h0.astype(jnp.float16), w, {}), TypeError),
-    ("lengths negative", lambda x, h0, w: (x, h0, w, {"seq_lengths": -np.ones(x.shape[0], np.int32)}), ValueError),
-    ("lengths too long", lambda x, h0, w: (x, h0, w, {"seq_lengths": np.full(x.shape[0], 99, np.int32)}), ValueError),
-    ("lengths shape", lambda x, h0, w: (x, h0, w, {"seq_lengths": np.ones((x.shape[0], 1), np.int32)}), ValueError),
-    ("lengths float", lambda x, h0, w: (x, h0, w, {"seq_lengths": np.ones(x.shape[0], np.float32)}), TypeError),
+    ("lengths negative",
+     lambda x, h0, w: (x, h0, w, {"seq_lengths": -np.ones(len(x), np.int32)}), ValueError),
+    ("lengths too long",
+     lambda x, h0, w: (x, h0, w, {"seq_lengths": np.full(len(x), 99, np.int32)}), ValueError),
+    ("lengths shape",
+     lambda x, h0, w: (x, h0, w, {"seq_lengths": np.ones((len(x), 1), np.int32)}), ValueError),
+    ("lengths float", lambda x, h0, w: (x, h0, w, {"seq_lengths": np.ones(len(x), np.float32)}), TypeError),
     ("activation", lambda x, h0, w: (x, h0, w, {"activation": "gelu"}), ValueError),
     ("method", lambda x, h0, w: (x, h0, w, {"method": "gpu"}), ValueError),
     ("weights", lambda x, h0, w: (x, h0, np.eye(x.shape[-1]), {}), TypeError),

@@ -32,8 +32,8 @@ def test_text_round_trip_and_greedy_ctc_decoding():
     assert text.decode(ids) == "hello"
     assert text.min_ctc_frames(ids) == 6  # the double l needs a blank between
     b = text.BLANK
-    h, e, l, o = (int(i) for i in text.encode("helo"))
-    frames = np.array([[h, h, b, e, l, l, b, l, o, o, b, b]])
+    h, e, ell, o = (int(i) for i in text.encode("helo"))
+    frames = np.array([[h, h, b, e, ell, ell, b, ell, o, o, b, b]])
     assert text.greedy_decode(frames, [12]) == ["hello"]
     assert text.greedy_decode(frames, [6]) == ["hel"]  # frames past the length are ignored
     with pytest.raises(ValueError, match="outside the alphabet"):

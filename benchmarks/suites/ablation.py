@@ -24,7 +24,6 @@ from .. import plots
 from ..harness import Peer, Skip
 from ..peers_jax import ALL_DTYPES, FLOOR, jax_runner
 from ..problems import Layer
-from ..report import Column
 from .common import Context, case_columns, case_row, print_skips
 
 # (load_bytes, bank_aware, grid_barrier) per step of the table
