@@ -1,12 +1,14 @@
 """What the linen modules (:mod:`jax_sprnn.flax`) and the NNX modules (:mod:`jax_sprnn.nnx`) share:
-their argument checks, the layer's initial mask and layout, and the run of a whole sequence with
-the conventions of ``nn.RNN`` / ``nnx.RNN``. Nothing here imports Flax.
+their argument checks, the layer's initial mask and layout, the dense layout of a layer given no
+mask, and the run of a whole sequence with the conventions of ``nn.RNN`` / ``nnx.RNN``. Nothing
+here imports Flax.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -92,6 +94,24 @@ def initial_layout(hidden: int, max_density: float, seed: int, dtype_name: str) 
     for each call, since inside a trace they belong to that trace."""
     return jax.tree_util.tree_map(jnp.asarray,
                                   _initial_layout_host(hidden, max_density, seed, dtype_name))
+
+
+def dense_layout(hidden: int, dtype_name: str) -> PackedMask:
+    """The all-ones mask of a layer given none: it runs dense, through the same kernel path (and
+    the same layout) as a layer that ``init`` made at ``max_density=1``."""
+    return initial_layout(hidden, 1.0, 0, dtype_name)
+
+
+_warned_no_mask: set = set()
+
+
+def warn_no_mask_once(message: str) -> None:
+    """Warn once per process (per message) that a layer runs dense because it was given no
+    mask: a checkpoint of ``nn.RNN`` / ``nnx.RNN`` loads without one, and that is legitimate, but
+    a user who meant to prune should hear that the mask is missing."""
+    if message not in _warned_no_mask:
+        _warned_no_mask.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def flip_padded(y, lengths, *, time_major: bool):

@@ -1,23 +1,28 @@
 """Flax linen modules for sparse recurrent layers.
 
 * :class:`SparseRNNCell`: one step, ``h' = act(x W_i + b + h W_h)``, for ``nn.RNN``, ``nn.scan`` and
-  step-by-step decoding. Its parameters are named like ``nn.SimpleCell``'s.
+  step-by-step decoding. Its parameters are ``nn.SimpleCell``'s.
 * :class:`SparseRNN`: the whole sequence in one :func:`jax_sprnn.sparse_rnn` call (the persistent
   kernel on a GPU), a drop-in for ``nn.RNN(nn.SimpleCell(features))`` with ``nn.RNN``'s call
-  keywords, and the same parameters as the cell.
+  keywords and its parameters.
 
-Parameters (both modules, the names of ``nn.SimpleCell``, so its checkpoints load unchanged)::
+Parameters: the cell's are ``nn.SimpleCell``'s, and the layer's are ``nn.RNN(nn.SimpleCell)``'s,
+which keeps them under ``'cell'``. Names, nesting, shapes and dtypes are the same, so those
+checkpoints load unchanged::
 
-    params:   {'i': {'kernel': [F, H], 'bias': [H]}, 'h': {'kernel': [H, H]}}
+    SparseRNNCell:  {'i': {'kernel': [F, H], 'bias': [H]}, 'h': {'kernel': [H, H]}}
+    SparseRNN:      {'cell': {'i': {'kernel': [F, H], 'bias': [H]}, 'h': {'kernel': [H, H]}}}
 
-``SparseRNN`` also keeps the mask of ``h/kernel``, packed for the kernel, in a variable collection
-that mirrors the parameter path::
+``SparseRNN`` also keeps the mask of ``cell/h/kernel``, packed for the kernel, in a variable
+collection that mirrors the parameter path::
 
-    sparsity: {'h': {'kernel': jax_sprnn.pruning.PackedMask}}
+    sparsity: {'cell': {'h': {'kernel': jax_sprnn.pruning.PackedMask}}}
 
-Pass it to ``apply`` with the params (``model.apply(variables, x)`` does). The mask is data: a new
-mask from :func:`jax_sprnn.pruning.update_sparsity` does not recompile a jitted step. After
-training, :func:`jax_sprnn.pruning.to_inference` replaces it with the packed weights
+``model.init`` creates it; pass it to ``apply`` with the params (``model.apply(variables, x)``
+does). The mask is data: a new mask from :func:`jax_sprnn.pruning.update_sparsity` does not
+recompile a jitted step. Without the collection (``apply({'params': params}, x)``, e.g. the params
+of an ``nn.RNN`` checkpoint) the layer runs dense, through the all-ones mask, and warns once. After
+training, :func:`jax_sprnn.pruning.to_inference` replaces the mask with the packed weights
 (``SparseWeights``), which ``SparseRNN`` then runs directly.
 
 The cell has no mask variable: ``nn.RNN`` scans only the ``params`` collection. The cell's mask is
@@ -44,8 +49,8 @@ from flax.linen.linear import default_kernel_init
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
-                       flip_padded, initial_layout, masked_init, run_sequence, sequence_shape,
-                       storage_dtype)
+                       dense_layout, flip_padded, initial_layout, masked_init, run_sequence,
+                       sequence_shape, storage_dtype, warn_no_mask_once)
 from .pruning import COLLECTION, PackedMask
 from .weights import SparseWeights
 
@@ -120,13 +125,22 @@ class SparseRNNCell(_SimpleRNNAttributes, nn.RNNCellBase):
         return new_carry, new_carry
 
 
+_NO_MASK = (f"jax_sprnn.flax.SparseRNN got no mask (no '{COLLECTION}' collection in apply's "
+            f"variables), so it runs dense: every weight of its recurrent kernel counts. To prune "
+            f"it, take the collection from init (sparsity = model.init(key, x)['{COLLECTION}']), "
+            f"prune with params, sparsity = jax_sprnn.pruning.update_sparsity(params, sparsity, "
+            f"target), and apply both: model.apply({{'params': params, '{COLLECTION}': "
+            f"sparsity}}, x).")
+
+
 class SparseKernel(nn.Module):
-    """The recurrent kernel ``h/kernel [H, H]`` of :class:`SparseRNN` and its packed mask
-    (``sparsity/h/kernel``). Returns the :class:`SparseWeights` for one ``sparse_rnn`` call.
+    """The recurrent kernel ``cell/h/kernel [H, H]`` of :class:`SparseRNN` and its packed mask
+    (``sparsity/cell/h/kernel``). Returns the :class:`SparseWeights` for one ``sparse_rnn`` call.
 
     When the sparsity collection holds ``SparseWeights`` instead of a mask (the inference form of
     :func:`jax_sprnn.pruning.to_inference`) they are returned as they are and ``params`` needs no
-    kernel.
+    kernel. When it holds nothing for this kernel and cannot be written (``apply`` with params
+    alone), the kernel runs dense, through the all-ones mask, with a one-time warning.
     """
 
     features: int
@@ -151,12 +165,12 @@ class SparseKernel(nn.Module):
                 raise TypeError(f"variables['{COLLECTION}'] must hold a jax_sprnn.pruning."
                                 f"PackedMask (or SparseWeights) at {self.path}, got "
                                 f"{type(stored).__name__}")
-        elif not self.is_mutable_collection(COLLECTION):
-            raise ValueError(f"SparseRNN needs the '{COLLECTION}' collection (it holds the mask): "
-                             f"pass all of model.init's variables to apply, e.g. "
-                             f"{{'params': params, '{COLLECTION}': variables['{COLLECTION}']}}")
-        layout = self.variable(COLLECTION, "kernel", initial_layout, hidden,
-                               float(self.max_density), self.mask_seed, dtype.name).value
+        if self.has_variable(COLLECTION, "kernel") or self.is_mutable_collection(COLLECTION):
+            layout = self.variable(COLLECTION, "kernel", initial_layout, hidden,
+                                   float(self.max_density), self.mask_seed, dtype.name).value
+        else:
+            warn_no_mask_once(_NO_MASK)
+            layout = dense_layout(hidden, dtype.name)
         if layout.hidden != hidden:
             raise ValueError(f"the mask in '{COLLECTION}' is {layout.hidden} wide, the layer "
                              f"{hidden}")
@@ -166,18 +180,44 @@ class SparseKernel(nn.Module):
                                       self.mask_seed)
         kernel = self.param("kernel", masked_init(self.kernel_init, init_mask), (hidden, hidden),
                             self.param_dtype)
-        if tuple(kernel.shape) != (hidden, hidden):
-            raise ValueError(f"params h/kernel must be [{hidden}, {hidden}], got {kernel.shape}")
         return layout.weights(kernel, dtype)
+
+
+class FusedCell(nn.Module):
+    """The parameters of :class:`SparseRNN`, at ``'cell'`` where ``nn.RNN`` keeps its cell's, with
+    ``nn.SimpleCell``'s names: ``i`` (the input projection) and ``h`` (the recurrent kernel, and
+    its mask in the sparsity collection). Returns ``(x W_i + b, SparseWeights)`` for all steps of
+    ``inputs`` at once: the projection is one matmul, the recurrence one ``sparse_rnn`` call."""
+
+    features: int
+    max_density: float = 1.0
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = initializers.orthogonal()
+    bias_init: Initializer = initializers.zeros_init()
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # the recurrence's dtype
+    mask_seed: int = 0
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, inputs) -> tuple[jax.Array, SparseWeights]:
+        # 'h' before 'i', as nn.SimpleCell creates them.
+        weights = SparseKernel(self.features, self.max_density, self.recurrent_kernel_init,
+                               self.param_dtype, self.dtype, self.mask_seed, name="h")()
+        x = nn.Dense(self.features, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=self.kernel_init, bias_init=self.bias_init,
+                     precision=self.precision, name="i")(inputs)
+        return x, weights
 
 
 class SparseRNN(_SimpleRNNAttributes):
     """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
 
-    A drop-in for ``nn.RNN(nn.SimpleCell(features))`` with the parameters of
-    :class:`SparseRNNCell` (which equal ``nn.SimpleCell``'s) plus the packed mask in the
-    ``'sparsity'`` collection. The input projection ``x W_i + b`` of all steps is one matmul;
-    the recurrence ``h_t = act(x_t W_i + b + h_{t-1} W_h)`` runs in :func:`jax_sprnn.sparse_rnn`.
+    A drop-in for ``nn.RNN(nn.SimpleCell(features))``: the same parameters (``cell/i/kernel``,
+    ``cell/i/bias``, ``cell/h/kernel``), plus the packed mask of ``cell/h/kernel`` in the
+    ``'sparsity'`` collection (without it the layer runs dense and warns once). The input
+    projection ``x W_i + b`` of all steps is one matmul; the recurrence
+    ``h_t = act(x_t W_i + b + h_{t-1} W_h)`` runs in :func:`jax_sprnn.sparse_rnn`.
 
     Inputs are ``[*batch, T, F]`` (``[T, *batch, F]`` when ``time_major``); the carry is
     ``[*batch, H]``. Outputs are in the recurrence dtype (``dtype``, else ``param_dtype``).
@@ -236,11 +276,9 @@ class SparseRNN(_SimpleRNNAttributes):
         dtype = storage_dtype(self.dtype, self.param_dtype)
         check_method(self.method)
         inputs, steps, batch_shape = sequence_shape(inputs, time_major)
-        weights = SparseKernel(hidden, self.max_density, self.recurrent_kernel_init,
-                               self.param_dtype, dtype, self.mask_seed, name="h")()
-        x = nn.Dense(hidden, use_bias=True, dtype=dtype, param_dtype=self.param_dtype,
-                     kernel_init=self.kernel_init, bias_init=self.bias_init,
-                     precision=self.precision, name="i")(inputs)
+        x, weights = FusedCell(hidden, self.max_density, self.kernel_init,
+                               self.recurrent_kernel_init, self.bias_init, self.param_dtype, dtype,
+                               self.mask_seed, self.precision, name="cell")(inputs)
         if initial_carry is None:
             key = jax.random.key(0) if init_key is None else init_key
             initial_carry = self.initialize_carry(key, batch_shape + (inputs.shape[-1],))
@@ -251,4 +289,4 @@ class SparseRNN(_SimpleRNNAttributes):
         return (carry, y) if return_carry else y
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "SparseKernel", "activation_name", "flip_padded"]
+__all__ = ["SparseRNNCell", "SparseRNN", "FusedCell", "SparseKernel", "activation_name", "flip_padded"]

@@ -4,8 +4,11 @@
   the names of ``nnx.SimpleCell``: ``dense_i`` (``Linear`` with bias) and ``dense_h`` (``Linear``,
   no bias), so ``nnx.SimpleCell`` weights load unchanged.
 * :class:`SparseRNN`: the whole sequence in one :func:`jax_sprnn.sparse_rnn` call, with
-  ``nnx.RNN``'s call keywords, the same ``dense_i`` / ``dense_h`` parameters, and the packed mask in
-  a :class:`Sparsity` variable (not an ``nnx.Param``, so optimizers leave it alone).
+  ``nnx.RNN``'s call keywords and its parameters: its ``cell`` is a :class:`SparseRNNCell`, so
+  ``nnx.state(layer, nnx.Param)`` equals that of ``nnx.RNN(nnx.SimpleCell(F, H))``
+  (``cell/dense_h/kernel``, ``cell/dense_i/{kernel,bias}``). The packed mask is in a
+  :class:`Sparsity` variable (not an ``nnx.Param``, so optimizers leave it alone); a layer whose
+  ``sparsity`` holds None runs dense and warns once, until :func:`prune` gives it a mask.
 
 Pruning an NNX model: :func:`prune` (or ``SparseRNN.prune``) recomputes the masks in place and
 zeroes the pruned weights; the layout stays the same, so an ``nnx.jit`` step does not recompile.
@@ -30,7 +33,8 @@ from flax.nnx import initializers
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
-                       initial_layout, masked_init, run_sequence, sequence_shape, storage_dtype)
+                       dense_layout, initial_layout, masked_init, run_sequence, sequence_shape,
+                       storage_dtype, warn_no_mask_once)
 from .pruning import PackedMask
 from .weights import SparseWeights
 
@@ -39,8 +43,14 @@ default_kernel_init = initializers.lecun_normal()
 
 
 class Sparsity(nnx.Variable):
-    """The packed mask (:class:`jax_sprnn.pruning.PackedMask`) of a :class:`SparseRNN`, or its
-    packed inference weights (:class:`jax_sprnn.SparseWeights`). Not a parameter."""
+    """The packed mask (:class:`jax_sprnn.pruning.PackedMask`) of a :class:`SparseRNN`, its
+    packed inference weights (:class:`jax_sprnn.SparseWeights`), or None (no mask: the layer runs
+    dense). Not a parameter."""
+
+
+_NO_MASK = ("jax_sprnn.nnx.SparseRNN has no mask (its sparsity variable holds None), so it runs "
+            "dense: every weight of its recurrent kernel counts. jax_sprnn.nnx.prune(model, "
+            "target) (or layer.prune(target)) gives it one.")
 
 
 class _SimpleRNNAttributes:
@@ -126,9 +136,11 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
     """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
 
     The NNX twin of :class:`jax_sprnn.flax.SparseRNN`: a drop-in for
-    ``nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs))``, with the parameters of :class:`SparseRNNCell`
-    plus ``sparsity``, a :class:`Sparsity` variable holding the packed mask. Inputs are
-    ``[*batch, T, F]`` (``[T, *batch, F]`` when ``time_major``).
+    ``nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs))``, with its parameters (``cell``, a
+    :class:`SparseRNNCell`, so the same ``rngs`` give the same weights when ``max_density == 1``)
+    plus ``sparsity``, a :class:`Sparsity` variable holding the packed mask of
+    ``cell.dense_h.kernel``. Inputs are ``[*batch, T, F]`` (``[T, *batch, F]`` when
+    ``time_major``). ``layer.cell`` also runs one step at a time (decoding).
 
     Past an example's ``seq_lengths`` its outputs are zero, and an example of length 0 returns its
     initial carry (``nnx.RNN`` gives padding-dependent values there).
@@ -161,27 +173,32 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
         self.time_major, self.return_carry = bool(time_major), bool(return_carry)
         self.reverse, self.keep_order = bool(reverse), bool(keep_order)
         self.mesh, self.batch_axis = mesh, batch_axis
-        hidden = self.hidden_features
-        layout = initial_layout(hidden, self.max_density, int(mask_seed), self.dtype)
-        self.dense_h = nnx.Linear(hidden, hidden, use_bias=False, param_dtype=param_dtype,
-                                  kernel_init=masked_init(recurrent_kernel_init,
-                                                          lambda: layout.mask),
+        self.mask_seed = int(mask_seed)
+        # The cell starts masked by the initial mask, the same pattern as the layout's.
+        self.cell = SparseRNNCell(in_features, hidden_features, max_density=max_density,
+                                  activation_fn=activation_fn, dtype=self.dtype,
+                                  param_dtype=param_dtype, carry_init=carry_init,
+                                  kernel_init=kernel_init,
+                                  recurrent_kernel_init=recurrent_kernel_init,
+                                  bias_init=bias_init, mask_seed=mask_seed, precision=precision,
                                   rngs=rngs)
-        self.dense_i = nnx.Linear(self.in_features, hidden, use_bias=True, dtype=self.dtype,
-                                  param_dtype=param_dtype, kernel_init=kernel_init,
-                                  bias_init=bias_init, precision=precision, rngs=rngs)
-        self.sparsity = Sparsity(layout)
+        self.sparsity = Sparsity(initial_layout(self.hidden_features, self.max_density,
+                                                self.mask_seed, self.dtype))
 
     # ---- running ------------------------------------------------------------------------------
     def weights(self) -> SparseWeights:
-        """The packed recurrent weights of the current kernel and mask (usable under jit)."""
+        """The packed recurrent weights of the current kernel and mask (usable under jit); with
+        no mask, of the whole kernel (the all-ones mask), with a one-time warning."""
         stored = self.sparsity.get_value()
         if isinstance(stored, SparseWeights):
             return stored if stored.dtype == np.dtype(self.dtype) else stored.astype(self.dtype)
+        if stored is None:
+            warn_no_mask_once(_NO_MASK)
+            stored = dense_layout(self.hidden_features, self.dtype)
         if not isinstance(stored, PackedMask):
-            raise TypeError(f"SparseRNN.sparsity must hold a PackedMask or SparseWeights, got "
-                            f"{type(stored).__name__}")
-        return stored.weights(self.dense_h.kernel[...], self.dtype)
+            raise TypeError(f"SparseRNN.sparsity must hold a PackedMask, SparseWeights or None, "
+                            f"got {type(stored).__name__}")
+        return stored.weights(self.cell.dense_h.kernel[...], self.dtype)
 
     def __call__(self, inputs, *, initial_carry=None, seq_lengths=None,
                  return_carry: bool | None = None, time_major: bool | None = None,
@@ -200,8 +217,8 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
                              f"got shape {tuple(inputs.shape)}")
         if initial_carry is None:
             initial_carry = self.initialize_carry(batch_shape + (self.in_features,), rngs)
-        carry, y = run_sequence(self.dense_i(inputs), self.weights(), initial_carry, seq_lengths,
-                                steps=steps, batch_shape=batch_shape, activation=self.activation,
+        carry, y = run_sequence(self.cell.dense_i(inputs), self.weights(), initial_carry,
+                                seq_lengths, steps=steps, batch_shape=batch_shape, activation=self.activation,
                                 dtype=np.dtype(self.dtype), time_major=time_major,
                                 reverse=reverse, keep_order=keep_order, method=self.method,
                                 mesh=self.mesh, batch_axis=self.batch_axis)
@@ -210,13 +227,16 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
     # ---- pruning ------------------------------------------------------------------------------
     @property
     def mask(self) -> np.ndarray:
-        """The boolean mask ``[H, H]`` of the recurrent kernel (host)."""
+        """The boolean mask ``[H, H]`` of the recurrent kernel (host); all ones with no mask."""
         stored = self.sparsity.get_value()
+        if stored is None:
+            return np.ones((self.hidden_features,) * 2, bool)
         return np.asarray(stored.mask) if isinstance(stored, PackedMask) else stored.mask()
 
     def prune(self, sparsity: float, *, rule: str = "row_balanced") -> None:
         """Recompute this layer's mask at ``sparsity`` from the kernel's magnitudes (nested in
-        the current mask), repack it into the same layout, and zero the pruned weights."""
+        the current mask), repack it into the same layout, and zero the pruned weights. A layer
+        with no mask starts from its initial one (all ones when ``max_density == 1``)."""
         prune(self, sparsity, rule=rule)
 
     def to_inference(self) -> SparseWeights:
@@ -224,7 +244,7 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
         stored = self.sparsity.get_value()
         if isinstance(stored, SparseWeights):
             return stored
-        return pruning.pack_inference(self.dense_h.kernel[...], stored.mask, dtype=self.dtype)
+        return pruning.pack_inference(self.cell.dense_h.kernel[...], self.mask, dtype=self.dtype)
 
 
 def _sparse_layers(model) -> dict[tuple, SparseRNN]:
@@ -237,13 +257,19 @@ def _sparse_layers(model) -> dict[tuple, SparseRNN]:
 def prune(model, sparsity: float, *, rule: str = "row_balanced") -> None:
     """Prune every :class:`SparseRNN` of ``model`` in place (see
     :func:`jax_sprnn.pruning.update_sparsity`; ``rule="global"`` shares one threshold across
-    the layers). The layouts stay the same, so a jitted step does not recompile."""
+    the layers). The layouts stay the same, so a jitted step does not recompile. A layer with no
+    mask first gets its initial layout (``max_density``, ``mask_seed``); that one change of the
+    model's structure retraces a jitted step once."""
     layers = _sparse_layers(model)
     for path, layer in layers.items():
-        if not isinstance(layer.sparsity.get_value(), PackedMask):
+        if isinstance(layer.sparsity.get_value(), SparseWeights):
             raise ValueError(f"layer {'/'.join(map(str, path)) or '(root)'} is already in its "
                              f"packed inference form; prune the training model")
-    params = {path: layer.dense_h.kernel[...] for path, layer in layers.items()}
+    for layer in layers.values():
+        if layer.sparsity.get_value() is None:
+            layer.sparsity.set_value(initial_layout(layer.hidden_features, layer.max_density,
+                                                    layer.mask_seed, layer.dtype))
+    params = {path: layer.cell.dense_h.kernel[...] for path, layer in layers.items()}
     masks = {path: layer.sparsity.get_value() for path, layer in layers.items()}
     # update_sparsity looks kernels up by path: give it one-level dicts with string keys.
     keys = {path: "/".join(map(str, path)) or "." for path in layers}
@@ -251,32 +277,33 @@ def prune(model, sparsity: float, *, rule: str = "row_balanced") -> None:
         {keys[p]: v for p, v in params.items()}, {keys[p]: v for p, v in masks.items()},
         sparsity, rule=rule)
     for path, layer in layers.items():
-        layer.dense_h.kernel[...] = new_params[keys[path]]
+        layer.cell.dense_h.kernel[...] = new_params[keys[path]]
         layer.sparsity.set_value(new_masks[keys[path]])
 
 
 def param_masks(model):
     """The masks for :func:`jax_sprnn.pruning.keep_pruned`, shaped like
-    ``nnx.state(model, nnx.Param)``: each SparseRNN's mask at its ``dense_h/kernel``, a scalar
-    ``True`` elsewhere. Pass them as ``optimizer.update(model, grads, masks=param_masks(model))``.
-    Usable under ``nnx.jit``."""
+    ``nnx.state(model, nnx.Param)``: each SparseRNN's mask at its ``cell/dense_h/kernel``, a
+    scalar ``True`` elsewhere (also at the kernel of a layer with no mask). Pass them as
+    ``optimizer.update(model, grads, masks=param_masks(model))``. Usable under ``nnx.jit``."""
     masks = {}
     for path, layer in _sparse_layers(model).items():
         stored = layer.sparsity.get_value()
         if isinstance(stored, PackedMask):
-            masks[path + ("dense_h", "kernel")] = jnp.asarray(stored.mask)
+            masks[path + ("cell", "dense_h", "kernel")] = jnp.asarray(stored.mask)
     params = nnx.as_pure(nnx.state(model, nnx.Param))  # what nnx.Optimizer hands to optax
     return pruning.masks_at_paths(params, masks)
 
 
 def to_inference(model):
     """A copy of ``model`` in which every :class:`SparseRNN` runs its packed inference weights
-    (its ``sparsity`` holds :class:`jax_sprnn.SparseWeights`, its dense kernel is gone)."""
+    (its ``sparsity`` holds :class:`jax_sprnn.SparseWeights`, its dense kernel
+    ``cell.dense_h`` is gone)."""
     model = nnx.clone(model)
     for layer in _sparse_layers(model).values():
         packed = layer.to_inference()
         layer.sparsity.set_value(packed)
-        del layer.dense_h
+        del layer.cell.dense_h
     return model
 
 

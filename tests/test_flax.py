@@ -1,6 +1,10 @@
-"""The linen modules: SparseRNN against nn.RNN(SparseRNNCell) and nn.SimpleCell, nn.RNN's call
+"""The linen modules: SparseRNN against nn.RNN(SparseRNNCell) and nn.SimpleCell, nn.RNN's
+checkpoints (the same parameter tree, restored by orbax), apply without a mask, nn.RNN's call
 keywords, Bidirectional, jit / vmap / grad, nn.scan over layers, decoding, the inference form."""
 
+import warnings
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import pruning
+from jax_sprnn import _modules, pruning
 from jax_sprnn.flax import SparseRNN, SparseRNNCell
 
 from jax_sprnn.testing import TOLERANCE, normal, rel_err
@@ -28,19 +32,19 @@ def init(model, seed, x):
 
 
 def cell_rnn(params, x, max_density=1.0, activation_fn="tanh", **call):
-    """The same layer scanned by nn.RNN over the per-step cell."""
+    """The same layer scanned by nn.RNN over the per-step cell (the same params tree)."""
     rnn = nn.RNN(SparseRNNCell(H, max_density=max_density, activation_fn=activation_fn))
-    return rnn.apply({"params": {"cell": params}}, x, **call)
+    return rnn.apply({"params": params}, x, **call)
 
 
 def randomize_kernel(variables, seed):
     """Give h/kernel fresh random values on its mask (so tests do not run on the orthogonal
     init alone) and zero off it, as training with the pruning tools keeps it."""
-    mask = np.asarray(variables["sparsity"]["h"]["kernel"].mask)
+    mask = np.asarray(variables["sparsity"]["cell"]["h"]["kernel"].mask)
     kernel = np.random.default_rng(seed).standard_normal((H, H)).astype(np.float32)
     kernel *= 0.9 / np.sqrt(max(1.0, mask.mean() * H))
     params = jax.tree.map(lambda x: x, variables["params"])
-    params["h"]["kernel"] = jnp.asarray(np.where(mask, kernel, 0.0))
+    params["cell"]["h"]["kernel"] = jnp.asarray(np.where(mask, kernel, 0.0))
     return {**variables, "params": params}
 
 
@@ -59,10 +63,10 @@ def test_matches_nn_rnn_of_the_cell(activation, max_density):
 def test_init_masks_the_kernel_and_matches_the_cell_init():
     x = random_inputs(13)
     variables = init(SparseRNN(H, max_density=0.25, mask_seed=3), 14, x)
-    packed = variables["sparsity"]["h"]["kernel"]
+    packed = variables["sparsity"]["cell"]["h"]["kernel"]
     mask = np.asarray(packed.mask)
     np.testing.assert_array_equal(mask, pruning.initial_mask(H, 0.25, 3))
-    kernel = np.asarray(variables["params"]["h"]["kernel"])
+    kernel = np.asarray(variables["params"]["cell"]["h"]["kernel"])
     assert np.all(kernel[~mask] == 0) and np.all(kernel[mask] != 0)
     # The cell starts from the same mask.
     cell_params = nn.RNN(SparseRNNCell(H, max_density=0.25, mask_seed=3)).init(
@@ -78,18 +82,104 @@ def test_init_masks_the_kernel_and_matches_the_cell_init():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_simple_cell_params_load_unchanged():
-    """A trained nn.RNN(nn.SimpleCell) drops in: same parameter tree, same outputs."""
+def shapes_and_dtypes(tree):
+    return jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), tree)
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(None, jnp.float32), (jnp.bfloat16, jnp.float32),
+                                               (None, jnp.bfloat16)])
+def test_params_are_nn_rnn_simple_cells(dtype, param_dtype):
+    """Names, nesting, shapes and dtypes of nn.RNN(nn.SimpleCell) (and the cell's of
+    nn.SimpleCell); at max_density 1 the same key even gives the same values."""
     x = random_inputs(15)
+    attrs = dict(dtype=dtype, param_dtype=param_dtype)
+    # nn.RNN's scan needs a carry of the steps' output dtype (float32 inputs promote).
+    carry = jnp.zeros((B, H), jnp.float32 if dtype is None else dtype)
+    key = jax.random.key(16)
+    dense_init = lambda: nn.RNN(nn.SimpleCell(H, **attrs)).init(key, x, initial_carry=carry)  # noqa: E731
+    sparse_init = lambda: SparseRNN(H, **attrs).init(key, x)  # noqa: E731
+    # Shapes alone (the CPU has no bfloat16 QR for the orthogonal init).
+    dense, sparse = jax.eval_shape(dense_init), jax.eval_shape(sparse_init)
+    assert set(sparse) == {"params", "sparsity"}
+    assert jax.tree.structure(sparse["params"]) == jax.tree.structure(dense["params"])
+    assert shapes_and_dtypes(sparse["params"]) == shapes_and_dtypes(dense["params"])
+    # The mask sits at the kernel's own path.
+    assert isinstance(sparse["sparsity"]["cell"]["h"]["kernel"], pruning.PackedMask)
+    assert jax.tree.structure(sparse["sparsity"], is_leaf=lambda v: isinstance(v, pruning.PackedMask)) == \
+        jax.tree.structure({"cell": {"h": {"kernel": 0}}})
+    cell = jax.eval_shape(lambda: SparseRNNCell(H, **attrs).init(key, carry, x[:, 0]))
+    simple = jax.eval_shape(lambda: nn.SimpleCell(H, **attrs).init(key, carry, x[:, 0]))
+    assert shapes_and_dtypes(cell) == shapes_and_dtypes(simple)
+    assert shapes_and_dtypes(cell["params"]) == shapes_and_dtypes(dense["params"]["cell"])
+    if param_dtype == jnp.float32:
+        for a, b in zip(jax.tree.leaves(dense_init()["params"]),
+                        jax.tree.leaves(sparse_init()["params"])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nn_rnn_checkpoint_restores_into_sparse_rnn(tmp_path, monkeypatch):
+    """A trained nn.RNN(nn.SimpleCell) checkpoint, saved by orbax, restores into SparseRNN's
+    params and gives nn.RNN's outputs: alone (dense, one warning) and with init's mask."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    monkeypatch.setattr(_modules, "_warned_no_mask", set())
+    x = random_inputs(18)
     dense = nn.RNN(nn.SimpleCell(H))
-    dense_params = dense.init(jax.random.key(16), x)["params"]["cell"]
+    trained = dense.init(jax.random.key(19), x)
+    # Weights unlike the init's (a random, not orthogonal, recurrent kernel).
+    kernel = np.random.default_rng(20).standard_normal((H, H)).astype(np.float32) * 0.9 / H ** 0.5
+    trained["params"]["cell"]["h"]["kernel"] = jnp.asarray(kernel)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "rnn", trained["params"])
+    checkpointer.wait_until_finished()
+
     model = SparseRNN(H)
-    variables = init(model, 17, x)
-    assert (jax.tree.map(jnp.shape, dense_params) ==
-            jax.tree.map(jnp.shape, variables["params"]))
-    out = model.apply({**variables, "params": dense_params}, x)
-    ref = dense.apply({"params": {"cell": dense_params}}, x)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
+    params = checkpointer.restore(tmp_path / "rnn", abstract)
+    assert jax.tree.structure(params) == jax.tree.structure(trained["params"])
+    ref = dense.apply(trained, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.apply({"params": params}, x)
+        jitted = jax.jit(model.apply)({"params": params}, x)
+    no_mask = [w for w in caught if "no mask" in str(w.message)]
+    assert len(no_mask) == 1, [str(w.message) for w in caught]
+    assert "runs dense" in str(no_mask[0].message)
+    assert "update_sparsity" in str(no_mask[0].message)  # and says how to add one
     assert rel_err(out, ref) < TOLERANCE["float32"]
+    assert rel_err(jitted, ref) < TOLERANCE["float32"]
+    # With init's mask (all ones at max_density 1) the same, and no warning.
+    sparsity = model.init(jax.random.key(0), x)["sparsity"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        masked = model.apply({"params": params, "sparsity": sparsity}, x)
+    assert rel_err(masked, ref) < TOLERANCE["float32"]
+    # Restored without a target too (plain nested dicts of arrays).
+    untargeted = checkpointer.restore(tmp_path / "rnn")
+    assert rel_err(model.apply({"params": untargeted, "sparsity": sparsity}, x), ref) < \
+        TOLERANCE["float32"]
+
+
+def test_without_a_mask_the_layer_is_dense_until_pruned(monkeypatch):
+    """params alone: dense even where max_density < 1 (the kernel counts in full, unlike init's
+    mask); the mask arrives with update_sparsity on init's collection."""
+    monkeypatch.setattr(_modules, "_warned_no_mask", set())
+    x = random_inputs(81)
+    model = SparseRNN(H, max_density=0.5)
+    variables = init(model, 82, x)
+    params = jax.tree.map(lambda a: a, variables["params"])
+    full = np.random.default_rng(83).standard_normal((H, H)).astype(np.float32) * 0.9 / H ** 0.5
+    params["cell"]["h"]["kernel"] = jnp.asarray(full)
+    with pytest.warns(UserWarning, match="runs dense"):
+        out = model.apply({"params": params}, x)
+    dense = nn.RNN(nn.SimpleCell(H)).apply({"params": params}, x)
+    assert rel_err(out, dense) < TOLERANCE["float32"]
+    masked = model.apply({"params": params, "sparsity": variables["sparsity"]}, x)
+    assert rel_err(masked, dense) > 1e-2  # init's mask would have pruned half the kernel
+    pruned, sparsity = pruning.update_sparsity(params, variables["sparsity"], 0.75)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = model.apply({"params": pruned, "sparsity": sparsity}, x)
+    assert rel_err(out, cell_rnn(pruned, x, 0.5)) < TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("reverse,keep_order,use_lengths,time_major", [
@@ -149,8 +239,7 @@ def test_bidirectional():
         variables["params"][name] = layer["params"]
     out = sparse.apply(variables, x, seq_lengths=lengths)
     cells = nn.Bidirectional(nn.RNN(SparseRNNCell(H)), nn.RNN(SparseRNNCell(H)))
-    ref = cells.apply({"params": {n: {"cell": p} for n, p in variables["params"].items()}}, x,
-                      seq_lengths=lengths)
+    ref = cells.apply({"params": variables["params"]}, x, seq_lengths=lengths)
     valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
     assert out.shape == (B, T, 2 * H)
     assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
@@ -173,12 +262,12 @@ def test_jit_vmap_and_grad():
         return jnp.mean((apply(params) - target) ** 2)
     grads = jax.grad(loss)(variables["params"], lambda p: model.apply({**variables, "params": p}, x))
     ref = jax.grad(loss)(variables["params"], lambda p: cell_rnn(p, x, 0.25))
-    mask = np.asarray(variables["sparsity"]["h"]["kernel"].mask)
-    g = np.asarray(grads["h"]["kernel"])
+    mask = np.asarray(variables["sparsity"]["cell"]["h"]["kernel"].mask)
+    g = np.asarray(grads["cell"]["h"]["kernel"])
     assert np.all(g[~mask] == 0), "the gradient must be exactly zero off the mask"
-    assert rel_err(g[mask], np.asarray(ref["h"]["kernel"])[mask]) < 1e-4
-    for path in (("i", "kernel"), ("i", "bias")):
-        assert rel_err(grads[path[0]][path[1]], ref[path[0]][path[1]]) < 1e-4
+    assert rel_err(g[mask], np.asarray(ref["cell"]["h"]["kernel"])[mask]) < 1e-4
+    for name in ("kernel", "bias"):
+        assert rel_err(grads["cell"]["i"][name], ref["cell"]["i"][name]) < 1e-4
 
 
 def test_nn_scan_over_layers():
@@ -193,7 +282,7 @@ def test_nn_scan_over_layers():
                     split_rngs={"params": True}, length=layers)()
     x = random_inputs(50, (B, T, H))
     variables = stack.init(jax.random.key(51), x, None)
-    kernel = variables["params"]["SparseRNN_0"]["h"]["kernel"]
+    kernel = variables["params"]["SparseRNN_0"]["cell"]["h"]["kernel"]
     assert kernel.shape == (layers, H, H)
     single = SparseRNN(H, max_density=0.5)
 
@@ -211,7 +300,7 @@ def test_nn_scan_over_layers():
     assert rel_err(out, layer_by_layer(variables)) < 1e-5
     # Stacked masks prune layer by layer, keep one shared layout, and export stacked.
     params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.75)
-    masks = np.asarray(sparsity["SparseRNN_0"]["h"]["kernel"].mask)
+    masks = np.asarray(sparsity["SparseRNN_0"]["cell"]["h"]["kernel"].mask)
     assert masks.shape == (layers, H, H) and np.all(masks.sum(axis=1) == H // 4)
     pruned = {"params": params, "sparsity": sparsity}
     out, _ = apply(pruned, x, None)
@@ -226,7 +315,7 @@ def test_step_by_step_decoding_matches_the_sequence():
     variables = randomize_kernel(init(model, 61, x), 62)
     carry, out = model.apply(variables, x, return_carry=True)
     cell = SparseRNNCell(H, max_density=0.25)
-    step = jax.jit(lambda c, xt: cell.apply({"params": variables["params"]}, c, xt))
+    step = jax.jit(lambda c, xt: cell.apply({"params": variables["params"]["cell"]}, c, xt))
     c = cell.initialize_carry(jax.random.key(0), (B, F))
     outs = []
     for t in range(T):
@@ -240,7 +329,7 @@ def test_bfloat16_recurrence():
     x = random_inputs(63)
     model = SparseRNN(H, dtype=jnp.bfloat16)
     variables = randomize_kernel(init(model, 64, x), 65)
-    assert variables["sparsity"]["h"]["kernel"].dtype == "bfloat16"
+    assert variables["sparsity"]["cell"]["h"]["kernel"].dtype == "bfloat16"
     out = model.apply(variables, x)
     assert out.dtype == jnp.bfloat16
     ref = SparseRNN(H).apply(variables, x)  # same params in float32
@@ -254,15 +343,15 @@ def test_inference_form_runs_the_packed_weights():
     params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.8)
     trained = {"params": params, "sparsity": sparsity}
     inference = pruning.to_inference(trained)
-    assert "h" not in inference["params"]
-    packed = inference["sparsity"]["h"]["kernel"]
+    assert "h" not in inference["params"]["cell"]
+    packed = inference["sparsity"]["cell"]["h"]["kernel"]
     assert isinstance(packed, js.SparseWeights)
-    np.testing.assert_array_equal(packed.mask(), np.asarray(sparsity["h"]["kernel"].mask))
-    assert packed.meta.num_slots < sparsity["h"]["kernel"].meta.num_slots  # tighter layout
+    np.testing.assert_array_equal(packed.mask(), np.asarray(sparsity["cell"]["h"]["kernel"].mask))
+    assert packed.meta.num_slots < sparsity["cell"]["h"]["kernel"].meta.num_slots  # tighter layout
     out = jax.jit(model.apply)(inference, x)
     assert rel_err(out, model.apply(trained, x)) < 1e-6
     # The packed weights run through the functional API too.
-    proj = x @ params["i"]["kernel"] + params["i"]["bias"]
+    proj = x @ params["cell"]["i"]["kernel"] + params["cell"]["i"]["bias"]
     y, _ = js.sparse_rnn(proj, jnp.zeros((B, H)), packed)
     assert rel_err(y, out) < 1e-5
 
@@ -288,7 +377,12 @@ def test_bad_arguments_name_the_argument():
         SparseRNN(H).apply(variables, x, initial_carry=jnp.zeros((B, H + 1)))
     with pytest.raises(ValueError, match="seq_lengths"):
         SparseRNN(H).apply(variables, x, seq_lengths=jnp.ones((B + 1,), jnp.int32))
-    with pytest.raises(ValueError, match="sparsity"):
-        SparseRNN(H).apply({"params": variables["params"]}, x)
+    with pytest.raises(TypeError, match="PackedMask"):
+        SparseRNN(H).apply({"params": variables["params"],
+                            "sparsity": {"cell": {"h": {"kernel": np.ones((H, H), bool)}}}}, x)
+    with pytest.raises(flax.errors.ScopeParamShapeError, match="/cell/h"):
+        params = jax.tree.map(lambda a: a, variables["params"])
+        params["cell"]["h"]["kernel"] = jnp.zeros((H + 1, H + 1))
+        SparseRNN(H).apply({"params": params, "sparsity": variables["sparsity"]}, x)
     with pytest.raises(ValueError, match="carry"):
         SparseRNNCell(H).init(jax.random.key(0), jnp.zeros((B, H + 2)), x[:, 0])

@@ -154,15 +154,16 @@ def model_and_data(seed, max_density=1.0, batch=2, steps=5, features=3):
 def test_update_sparsity_zeroes_pruned_weights_and_keeps_the_layout():
     model, variables, x, _ = model_and_data(10)
     params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.75)
-    packed = sparsity["h"]["kernel"]
+    packed = sparsity["cell"]["h"]["kernel"]
     mask = np.asarray(packed.mask)
     assert np.all(mask.sum(axis=0) == H // 4)
-    kernel = np.asarray(params["h"]["kernel"])
+    kernel = np.asarray(params["cell"]["h"]["kernel"])
     assert np.all(kernel[~mask] == 0)
-    np.testing.assert_array_equal(kernel[mask], np.asarray(variables["params"]["h"]["kernel"])[mask])
+    np.testing.assert_array_equal(kernel[mask],
+                                  np.asarray(variables["params"]["cell"]["h"]["kernel"])[mask])
     assert jax.tree.structure(sparsity) == jax.tree.structure(variables["sparsity"])
-    np.testing.assert_array_equal(np.asarray(params["i"]["kernel"]),
-                                  np.asarray(variables["params"]["i"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(params["cell"]["i"]["kernel"]),
+                                  np.asarray(variables["params"]["cell"]["i"]["kernel"]))
 
 
 def test_update_sparsity_warns_when_it_must_trim_to_the_budgets():
@@ -170,8 +171,8 @@ def test_update_sparsity_warns_when_it_must_trim_to_the_budgets():
     with pytest.warns(RuntimeWarning, match="budgets"):
         _, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.7,
                                               rule="layer")
-    mask = np.asarray(sparsity["h"]["kernel"].mask)
-    assert mask.sum(axis=0).max() <= sparsity["h"]["kernel"].row_budget
+    mask = np.asarray(sparsity["cell"]["h"]["kernel"].mask)
+    assert mask.sum(axis=0).max() <= sparsity["cell"]["h"]["kernel"].row_budget
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # row-balanced masks within the budget need no trimming
         pruning.update_sparsity(variables["params"], variables["sparsity"], 0.8)
@@ -225,10 +226,11 @@ def test_mask_changes_do_not_recompile_the_training_step():
     for step in range(10):
         if schedule.is_update_step(step):
             params, sparsity = pruning.update_sparsity(params, sparsity, schedule(step))
-            densities.append(float(np.asarray(sparsity["h"]["kernel"].mask).mean()))
+            densities.append(float(np.asarray(sparsity["cell"]["h"]["kernel"].mask).mean()))
             outputs.append(model.apply({"params": params, "sparsity": sparsity}, x))
         params, opt_state, loss = train_step(params, sparsity, opt_state, x, target)
-        assert np.all(np.asarray(params["h"]["kernel"])[~np.asarray(sparsity["h"]["kernel"].mask)] == 0)
+        mask = np.asarray(sparsity["cell"]["h"]["kernel"].mask)
+        assert np.all(np.asarray(params["cell"]["h"]["kernel"])[~mask] == 0)
     assert len(traces) == 1, "a new mask must not retrace the step"
     assert densities == sorted(densities, reverse=True) and len(set(densities)) == len(densities)
     assert densities[-1] == pytest.approx(0.1, abs=1 / H)

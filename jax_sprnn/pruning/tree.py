@@ -1,8 +1,9 @@
 """Masks in a model's variable trees: where they are, and trees rebuilt around them.
 
 A mask sits in the ``sparsity`` collection at the path of the kernel it masks in ``params`` (for a
-linen ``SparseRNN``, ``{'h': {'kernel': PackedMask}}`` beside ``{'h': {'kernel': array}}``). Paths
-are tuples of plain keys (dict keys, sequence indices, attribute names).
+linen ``SparseRNN``, ``{'cell': {'h': {'kernel': PackedMask}}}`` beside
+``{'cell': {'h': {'kernel': array}}}``). Paths are tuples of plain keys (dict keys, sequence
+indices, attribute names).
 """
 
 from __future__ import annotations
