@@ -63,7 +63,7 @@ def main():
     # One call: the packed inference form. model.apply runs it directly.
     trained = {"params": params, "sparsity": sparsity}
     inference = pruning.to_inference(trained)
-    weights = inference["sparsity"]["SparseRNN_0"]["h"]["kernel"]  # a jax_sprnn.SparseWeights
+    weights = inference["sparsity"]["SparseRNN_0"]["cell"]["h"]["kernel"]  # a jax_sprnn.SparseWeights
     print(weights)
 
     x, _ = batch(rng)

@@ -341,18 +341,15 @@ def train_runs(args, program, config: ModelConfig, train, valid, impl: str):
     return states, histories, timing
 
 
-def cell_form(config: ModelConfig, features: FeatureConfig, params, impl: str, seed: int,
-              program=None):
-    """``(program, params)`` of the cell form (dense lax.scan) for parameters of either form;
-    ``program``: the training program, reused when it is already the cell form."""
-    from speech import model as model_lib
+def cell_program(config: ModelConfig, features: FeatureConfig, impl: str, program=None):
+    """The program of the cell form (dense lax.scan), which runs the parameters of either form
+    as they are (SparseRNN's are nn.RNN(SparseRNNCell)'s); ``program``: the training program,
+    reused when it is already the cell form."""
     from speech import train as train_lib
 
     if impl == "cell":
-        return program or train_lib.Program(config, features), params
-    cell_cfg = dataclasses.replace(config, rnn_impl="cell")
-    return (train_lib.Program(cell_cfg, features),
-            _cell_params(model_lib.to_layer_params(params), config, seed))
+        return program or train_lib.Program(config, features)
+    return train_lib.Program(dataclasses.replace(config, rnn_impl="cell"), features)
 
 
 def evaluate_runs(args, program, config: ModelConfig, features: FeatureConfig, states: dict,
@@ -372,12 +369,11 @@ def evaluate_runs(args, program, config: ModelConfig, features: FeatureConfig, s
                            "test": train_lib.evaluate(program, variables, test)}
         points["dense"] = models["dense"]["test"]["cer"]
         # The dense model pruned once, without retraining: what gradual pruning is up against.
-        cell_program, params = cell_form(config, features, state["params"], impl, args.seed,
-                                         program)
+        cells, params = cell_program(config, features, impl, program), state["params"]
         for d in (d for d in args.one_shot_densities if d < 1.0):
             pruned, masks = pruning.update_sparsity(params, model_lib.dense_masks(params), 1 - d)
             points["one_shot"][f"{d:g}"] = train_lib.evaluate(
-                cell_program, cell_program.variables(pruned, masks), test)["cer"]
+                cells, cells.variables(pruned, masks), test)["cer"]
     if "pruned" in states:
         state = states["pruned"]
         served_cfg, packed = model_lib.export(config, state["params"], state["sparsity"])
@@ -416,7 +412,7 @@ def time_inference(args, config: ModelConfig, features: FeatureConfig, states: d
         return latency, None
     whole = None
     if "dense" in states and "pruned" in states:
-        _, dense_params = cell_form(config, features, states["dense"]["params"], impl, args.seed)
+        dense_params = states["dense"]["params"]
         served_cfg, packed = model_lib.export(config, states["pruned"]["params"],
                                               states["pruned"]["sparsity"], method=timed.method)
         whole = (dataclasses.replace(config, rnn_impl="cell"), {"params": dense_params},
@@ -504,24 +500,6 @@ def main(argv=None) -> dict | None:
                         f"T={args.bench_steps}")
     print_summary(results, args.out)
     return results
-
-
-def _cell_params(layer_params, config: ModelConfig, seed: int):
-    """Parameters of the cell form from the layer form's (nn.RNN keeps its cell under 'cell')."""
-    import jax
-
-    from speech import model as model_lib
-
-    cell_like = model_lib.init_variables(dataclasses.replace(config, rnn_impl="cell"),
-                                         jax.random.key(seed))["params"]
-
-    def fill(like, source):
-        if isinstance(like, dict):
-            if "cell" in like and "cell" not in source:
-                return {"cell": fill(like["cell"], source)}
-            return {k: fill(v, source[k]) for k, v in like.items()}
-        return source
-    return fill(cell_like, layer_params)
 
 
 def print_summary(results: dict, out: Path) -> None:

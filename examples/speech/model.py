@@ -5,8 +5,8 @@
       -> layers x [LayerNorm -> SparseRNN (or nn.Bidirectional of two)]
       -> LayerNorm -> Dense(characters + blank)            trained with CTC
 
-The recurrent layers exist in two interchangeable forms with the same parameters
-(``jax_sprnn.flax`` guarantees it):
+The recurrent layers exist in two interchangeable forms with the same parameter tree, that of
+``nn.RNN(nn.SimpleCell)`` (``jax_sprnn.flax`` guarantees it):
 
 * ``"layer"``: :class:`jax_sprnn.flax.SparseRNN`, the whole sequence in one ``sparse_rnn`` call: the
   persistent kernel on a GPU, the C++ kernel on a CPU. Its mask lives in the ``'sparsity'``
@@ -80,8 +80,8 @@ class RecurrentStack(nn.Module):
 
     def _rnn(self, **name) -> nn.Module:
         # parent=None leaves the module unbound until nn.Bidirectional (or nn.RNN, for the cell)
-        # adopts it, so the parameters sit at the standard paths: rnn_0/forward_rnn/{h,i} for the
-        # layer and rnn_0/forward_rnn/cell/{h,i} for the cell.
+        # adopts it, so the parameters sit at the standard paths, rnn_0/forward_rnn/cell/{h,i},
+        # in both forms.
         c = self.config
         if not name:
             name = {"parent": None}
@@ -180,21 +180,6 @@ def boolean_masks(sparsity) -> dict:
     return jax.tree_util.tree_map(np.asarray, pruning.masks_of(sparsity))
 
 
-def to_layer_params(params) -> dict:
-    """The layer form's parameters from either form: ``nn.RNN`` keeps its cell under ``'cell'``,
-    ``SparseRNN`` keeps the same parameters one level up."""
-    if not isinstance(params, dict):
-        return params
-    out = {}
-    for key, value in params.items():
-        value = to_layer_params(value)
-        if key == "cell" and isinstance(value, dict) and "h" in value:
-            out.update(value)
-        else:
-            out[key] = value
-    return out
-
-
 def density(sparsity) -> float:
     """Fraction of recurrent weights kept, over all recurrent kernels."""
     masks = jax.tree_util.tree_leaves(boolean_masks(sparsity))
@@ -207,14 +192,12 @@ def export(config: ModelConfig, params, sparsity, *, method: str = "auto") -> tu
     (packed tightly for its mask by ``jax_sprnn.pruning.pack_inference``) and whose ``params`` no
     longer hold the dense recurrent kernels. ``SpeechModel(config).apply(variables, ...)`` runs it.
     """
-    layer_params = to_layer_params(params)
-    masks = boolean_masks(to_layer_params(sparsity))
-    paths = recurrent_kernel_paths(layer_params)
+    masks = boolean_masks(sparsity)
     dtype = np.dtype(config.dtype)
-    packed = {p: pruning.pack_inference(_get(layer_params, p), _get(masks, p), dtype=dtype)
-              for p in paths}
+    packed = {p: pruning.pack_inference(_get(params, p), _get(masks, p), dtype=dtype)
+              for p in recurrent_kernel_paths(params)}
     stripped = jax.tree_util.tree_map_with_path(
-        lambda path, x: None if _path_keys(path) in packed else x, layer_params)
+        lambda path, x: None if _path_keys(path) in packed else x, params)
     stripped = _drop_none(stripped)
     inference = dataclasses.replace(config, rnn_impl="layer", method=method)
     return inference, {"params": stripped, pruning.COLLECTION: _nested(packed)}
