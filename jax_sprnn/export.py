@@ -1,23 +1,114 @@
-"""Deployment with ``jax.export``: what a serialized program that calls jax_sprnn needs.
+"""Deployment with ``jax.export``: serialize a program that calls jax_sprnn, and run it elsewhere.
 
-jax.export refuses custom calls that have no compatibility guarantee unless the caller disables that
-check per target. Our targets are stable within a jax_sprnn release; the process that deserializes
-the program must have imported ``jax_sprnn`` (which registers the targets) before calling it.
+    import jax_sprnn as js
+    exported = js.export.export(jax.jit(model))(*args)   # jax.export.export, our targets allowed
+    blob = js.export.serialize(exported)                 # needs pip install 'jax_sprnn[export]'
+    # elsewhere: import jax_sprnn, then
+    outputs = js.export.deserialize(blob).call(*args)
 
-    exported = jax.export.export(jitted, disabled_checks=jax_sprnn.export.disabled_checks())(*args)
-    blob = exported.serialize()
-    # elsewhere: import jax_sprnn; jax.export.deserialize(blob).call(*args)
-
-Serializing needs flatbuffers (``pip install 'jax_sprnn[export]'``).
+``jax.export.export`` refuses a custom call whose target has no compatibility guarantee unless the
+caller disables that check for the target; :func:`export` disables it for jax_sprnn's own targets
+(:data:`jax_sprnn._native.TARGETS`) and no others. Those targets are stable within a jax_sprnn
+release. The process that runs the program must ``import jax_sprnn`` first: that registers the
+targets (without it XLA says "No FFI handler registered for jax_sprnn_forward") and the
+serialization of :class:`~jax_sprnn.SparseWeights` and ``PackedMask`` arguments. docs/export.md
+walks through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+
+import jax
 from jax import export as _export
 
 from ._native import TARGETS
+from .planner import LayoutMeta
+from .pruning.packed import PackedMask
+from .weights import SparseWeights
+
+_EXTRA_HINT = "pip install 'jax_sprnn[export]'"
 
 
 def disabled_checks() -> list:
     """The ``disabled_checks`` that let ``jax.export.export`` serialize calls to our targets."""
     return [_export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]
+
+
+_our_checks = disabled_checks  # export() takes a parameter of that name, as jax.export.export does
+
+
+def export(fun: Callable, *, platforms: Sequence[str] | None = None,
+           disabled_checks: Sequence[_export.DisabledSafetyCheck] = ()) -> Callable[..., _export.Exported]:
+    """``jax.export.export`` for a function that calls jax_sprnn.
+
+    ``fun`` is a ``jax.jit``-wrapped function (a plain one is jitted here). ``platforms`` as in
+    ``jax.export.export`` (default: the current backend). ``disabled_checks``: further checks to
+    disable, beside the custom-call checks of jax_sprnn's targets, which are always disabled.
+    Returns a function that takes ``fun``'s arguments (or ``jax.ShapeDtypeStruct`` specs) and
+    returns a ``jax.export.Exported``.
+    """
+    if not callable(fun):
+        raise TypeError(f"fun must be a function, got {type(fun).__name__}")
+    if not hasattr(fun, "trace"):  # what jax.export.export needs: a jax.jit-wrapped function
+        fun = jax.jit(fun)
+    return _export.export(fun, platforms=platforms,
+                          disabled_checks=[*disabled_checks, *_our_checks()])
+
+
+def _check_flatbuffers(what: str) -> None:
+    try:
+        import flatbuffers  # noqa: F401 (jax's serialization format needs it)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"{what} a jax.export program needs flatbuffers: {_EXTRA_HINT}",
+                                  name="flatbuffers") from None
+
+
+def serialize(exported: _export.Exported) -> bytearray:
+    """``exported.serialize()``, with the install hint when flatbuffers is missing."""
+    if not isinstance(exported, _export.Exported):
+        raise TypeError(f"exported must be a jax.export.Exported, got {type(exported).__name__}")
+    _check_flatbuffers("serializing")
+    return exported.serialize()
+
+
+def deserialize(blob: bytes | bytearray) -> _export.Exported:
+    """``jax.export.deserialize(blob)``. Calling it means jax_sprnn is imported, so the program's
+    jax_sprnn targets are registered."""
+    _check_flatbuffers("deserializing")
+    return _export.deserialize(bytearray(blob))
+
+
+# ---- SparseWeights and PackedMask as arguments of an exported function --------------------------
+# jax.export serializes the argument tree of a program; a custom node needs a name and its static
+# (aux) data as bytes. Registered on `import jax_sprnn` (which imports this module), so that a
+# deserializing process knows them too.
+
+def _metas_to_bytes(metas: Sequence[LayoutMeta]) -> bytes:
+    return json.dumps([dataclasses.asdict(m) for m in metas]).encode()
+
+
+def _metas_from_bytes(data: bytes) -> tuple[LayoutMeta, ...]:
+    return tuple(LayoutMeta(**fields) for fields in json.loads(data))
+
+
+def _packed_mask_aux_to_bytes(aux) -> bytes:
+    meta, meta_t, dtype, row_budget, col_budget = aux
+    return json.dumps({"metas": json.loads(_metas_to_bytes((meta, meta_t))), "dtype": dtype,
+                       "row_budget": row_budget, "col_budget": col_budget}).encode()
+
+
+def _packed_mask_aux_from_bytes(data: bytes) -> tuple:
+    fields = json.loads(data)
+    meta, meta_t = (LayoutMeta(**m) for m in fields["metas"])
+    return meta, meta_t, fields["dtype"], fields["row_budget"], fields["col_budget"]
+
+
+_export.register_pytree_node_serialization(
+    SparseWeights, serialized_name="jax_sprnn.SparseWeights",
+    serialize_auxdata=_metas_to_bytes, deserialize_auxdata=_metas_from_bytes)
+_export.register_pytree_node_serialization(
+    PackedMask, serialized_name="jax_sprnn.pruning.PackedMask",
+    serialize_auxdata=_packed_mask_aux_to_bytes, deserialize_auxdata=_packed_mask_aux_from_bytes)

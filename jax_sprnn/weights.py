@@ -93,7 +93,7 @@ class PackedLayout:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(PackedLayout)}
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True)
 class SparseWeights(PackedLayout):
     """A square recurrent kernel ``[H, H]`` (Flax orientation: ``h_t = act(x_t + h_{t-1} @ kernel)``)
@@ -104,20 +104,31 @@ class SparseWeights(PackedLayout):
     for the backward pass). The layouts' static sizes are aux data, so a new mask with the same
     layout sizes reuses compiled programs. Build one with :meth:`from_dense`.
 
-    ``jax.grad`` with respect to a whole ``SparseWeights`` needs ``allow_int=True`` (its index leaves
-    are integers); differentiate with respect to ``weights.values`` instead, or use :meth:`gather`.
+    Its index leaves are integers, so ``jax.grad`` with respect to a whole ``SparseWeights`` (or a
+    params tree holding one) refuses them: use :func:`jax_sprnn.grad` / :func:`jax_sprnn.value_and_grad`
+    (the gradient's ``values``, float0 index leaves), differentiate ``weights.values``, or a dense
+    kernel through :meth:`gather`.
+
+    The leaves are named (a keyed pytree), so a checkpointer restoring without a target gives a dict
+    of these names; ``jax_sprnn.pruning.from_restored`` packs it back into SparseWeights.
     """
+
+    #: The names of the leaves, in the order the pytree flattens them.
+    LEAVES: ClassVar[tuple[str, ...]] = ("values",) + PackedLayout.INDEX_LEAVES
 
     values: Any
 
     # ---- pytree -------------------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        return (tuple((jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in self.LEAVES),
+                (self.meta, self.meta_t))
+
     def tree_flatten(self):
-        return (self.values, *(getattr(self, n) for n in self.INDEX_LEAVES)), (self.meta, self.meta_t)
+        return tuple(getattr(self, n) for n in self.LEAVES), (self.meta, self.meta_t)
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
-        values, *index = leaves
-        return cls(values, **dict(zip(cls.INDEX_LEAVES, index)), meta=aux[0], meta_t=aux[1])
+        return cls(**dict(zip(cls.LEAVES, leaves)), meta=aux[0], meta_t=aux[1])
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

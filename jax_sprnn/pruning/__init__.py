@@ -13,14 +13,15 @@ The pieces, in the order a training loop uses them (docs/flax.md walks through t
   docs/format.md), planned for fixed budgets so that a new mask does not recompile a jitted step.
 * :func:`update_sparsity` and :func:`keep_pruned` (``training.py``): recompute, repack and apply
   the masks between steps; an optax wrapper that keeps pruned weights at exactly zero.
-* :func:`to_inference` (``inference.py``): the trained model in its packed inference form.
+* :func:`to_inference` (``inference.py``): the trained model in its packed inference form;
+  :func:`from_restored` reads that form back from a checkpoint restored without a target.
 
 ``tree.py`` finds the masks in a model's variable trees. Masks are boolean arrays in Flax
 orientation (``[H_in, H_out]``, like the kernel they mask). Mask computation and packing run on the
 host in NumPy, between steps; nothing here needs a GPU.
 """
 
-from .inference import pack_inference, to_inference
+from .inference import from_restored, pack_inference, to_inference
 from .masks import (RULES, balanced_pattern, budgets_for_density, fit_to_budgets, initial_mask,
                     magnitude_mask, magnitude_masks)
 from .packed import PackedMask
@@ -32,5 +33,5 @@ __all__ = [
     "RULES", "COLLECTION", "magnitude_mask", "magnitude_masks", "CubicSchedule", "cubic_schedule",
     "balanced_pattern", "budgets_for_density", "initial_mask", "PackedMask", "fit_to_budgets",
     "masks_of", "param_masks", "masks_at_paths", "update_sparsity", "keep_pruned",
-    "pack_inference", "to_inference",
+    "pack_inference", "to_inference", "from_restored",
 ]

@@ -1,4 +1,5 @@
-"""A trained model in its packed inference form: each kernel and its mask become SparseWeights."""
+"""A trained model in its packed inference form: each kernel and its mask become SparseWeights;
+and that form read back from a checkpoint restored without a target."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import SparseWeights, check_weight_dtype
+from ..planner import WARP, LayoutMeta
+from ..weights import SparseWeights, check_finite, check_weight_dtype
 from .packed import PackedMask
 from .tree import COLLECTION, drop_at, get_at, mask_leaves, replace_at
 
@@ -29,6 +31,7 @@ def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
     dtype = check_weight_dtype(np.float32 if dtype is None else dtype, "dtype")
     if kernel.ndim == 2:
         return SparseWeights.from_dense(kernel, mask.astype(bool), dtype=dtype)
+    check_finite(kernel, "kernel")
     lead = kernel.shape[:-2]
     k = kernel.reshape((-1,) + kernel.shape[-2:])
     m = mask.astype(bool).reshape(k.shape)
@@ -62,3 +65,83 @@ def to_inference(variables: Mapping) -> dict:
     out["params"] = drop_at(params, set(packed))
     out[COLLECTION] = replace_at(sparsity, packed)
     return out
+
+
+def from_restored(tree):
+    """The inference form of :func:`to_inference` from a checkpoint restored without a target.
+
+    A checkpointer restoring without a target (``orbax.checkpoint.StandardCheckpointer().restore(
+    path)``) gives each SparseWeights back as its raw leaves: a dict of ``values``, ``indices``,
+    ``lane_row``, ``indices_t``, ``lane_row_t`` and ``perm_t`` (or a list of those six arrays, from
+    checkpoints written before SparseWeights named its leaves). The layout's static sizes are not in
+    the checkpoint, so each one is read back (pattern and values) and packed again as
+    :func:`to_inference` packs it: on the same kind of device the layout, and so every output, is
+    the same bit for bit; on another device the layout is planned for that device.
+
+    ``tree``: the restored variables (only their ``'sparsity'`` collection is read), or any tree
+    holding restored SparseWeights. Returns it with SparseWeights in their places; SparseWeights
+    already there are kept. A training checkpoint (``PackedMask`` leaves) is restored with a target
+    from ``model.init`` instead (docs/flax.md, Checkpoints).
+    """
+    if isinstance(tree, Mapping) and COLLECTION in tree:
+        out = dict(tree)
+        out[COLLECTION] = _rebuild(tree[COLLECTION])
+        return out
+    return _rebuild(tree)
+
+
+def _rebuild(node):
+    if isinstance(node, (SparseWeights, PackedMask)):
+        return node
+    leaves = _raw_weights_leaves(node)
+    if leaves is not None:
+        return _repack(leaves)
+    if isinstance(node, Mapping):
+        if set(node) == set(PackedMask.LEAVES):
+            raise ValueError("found a PackedMask restored without a target (the training form): "
+                             "restore it with a target from model.init (docs/flax.md, "
+                             "Checkpoints); from_restored reads the inference form")
+        return {key: _rebuild(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rebuild(value) for value in node)
+    return node
+
+
+def _raw_weights_leaves(node) -> list | None:
+    """The leaves of a SparseWeights restored without a target, in ``SparseWeights.LEAVES`` order,
+    or None when ``node`` is something else."""
+    if isinstance(node, Mapping):
+        return [node[n] for n in SparseWeights.LEAVES] if set(node) == set(SparseWeights.LEAVES) else None
+    if not (isinstance(node, (list, tuple)) and len(node) == len(SparseWeights.LEAVES)
+            and all(hasattr(a, "dtype") for a in node)):
+        return None
+    values_ok = np.dtype(node[0].dtype) in (np.float32, np.float16, jnp.bfloat16)
+    return list(node) if values_ok and all(np.dtype(a.dtype) == np.int32 for a in node[1:]) else None
+
+
+def _repack(leaves) -> SparseWeights:
+    """Unpack the forward layout of raw SparseWeights leaves (stacked layers too) to kernel and
+    mask, and pack those as :func:`to_inference` does."""
+    values, indices, lane_row = (np.asarray(a) for a in leaves[:3])
+    lead = values.shape[:-1]
+    if indices.shape != values.shape or lane_row.shape[:-1] != lead:
+        raise ValueError(f"restored SparseWeights leaves disagree: values {values.shape}, indices "
+                         f"{indices.shape}, lane_row {lane_row.shape}")
+    lanes, slots = lane_row.shape[-1], values.shape[-1]
+    if lanes == 0 or lanes % WARP or slots % lanes:
+        raise ValueError(f"restored SparseWeights leaves have {slots} slots and {lanes} lanes, "
+                         f"not a layout of whole warps")
+    # Only the sizes that locate a slot (its lane and row) are needed to read a layout back.
+    meta = LayoutMeta(hidden=int(lane_row.max()) + 1, slots_per_lane=slots // lanes,
+                      num_warps=lanes // WARP, warps_per_cta=1, reg_slots=0, load_bytes=16,
+                      fits=False, reason="read back from a checkpoint")
+    kernels, masks = [], []
+    for v, idx, rows in zip(values.reshape(-1, slots), indices.reshape(-1, slots),
+                            lane_row.reshape(-1, lanes)):
+        layer = SparseWeights(v, indices=idx, lane_row=rows, indices_t=None, lane_row_t=None,
+                              perm_t=None, meta=meta, meta_t=meta)
+        kernels.append(np.asarray(layer.to_dense()))
+        masks.append(layer.mask())
+    shape = lead + kernels[0].shape
+    return pack_inference(np.stack(kernels).reshape(shape), np.stack(masks).reshape(shape),
+                          dtype=values.dtype)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import top_k_mask
+from ..weights import check_finite, top_k_mask
 
 #: The rules of :func:`magnitude_mask` and :func:`magnitude_masks` (see the module docstring).
 RULES = ("layer", "global", "per_row", "row_balanced")
@@ -51,15 +51,17 @@ def check_square_mask(mask, hidden: int | None = None) -> np.ndarray:
     return mask
 
 
-def _scores(kernel, current) -> np.ndarray:
+def _scores(kernel, current, what: str = "kernel") -> np.ndarray:
     """Magnitudes, with weights outside ``current`` ranked below every kept weight.
 
     So a new mask is nested in the current one unless it needs more weights than the current mask
     holds (only ``row_balanced`` ever does, and then it tops up with the already-pruned weights).
+    A NaN or infinite weight is an error naming ``what`` (a NaN has no rank: it would vanish).
     """
     kernel = np.asarray(jnp.asarray(kernel, jnp.float32))
     if kernel.ndim != 2:
         raise ValueError(f"kernel must be a 2-D [H_in, H_out] matrix, got shape {kernel.shape}")
+    check_finite(kernel, what)
     scores = np.abs(kernel)
     if current is not None:
         current = np.asarray(current)
@@ -96,7 +98,8 @@ def magnitude_mask(kernel, sparsity: float, *, rule: str = "row_balanced", curre
         live one, so masks computed along a schedule are nested.
 
     Returns:
-      A NumPy boolean array of the kernel's shape. Ties are broken by position.
+      A NumPy boolean array of the kernel's shape. Ties are broken by position. A NaN or infinite
+      weight raises ValueError (ranking by magnitude has no place for it).
     """
     sparsity = check_sparsity(sparsity)
     return _mask_from_scores(_scores(kernel, current), sparsity, check_rule(rule))
@@ -112,18 +115,19 @@ def magnitude_masks(kernels, sparsity: float, *, rule: str = "row_balanced", cur
     """
     sparsity = check_sparsity(sparsity)
     check_rule(rule)
-    leaves, treedef = jax.tree_util.tree_flatten(kernels)
-    cur = [None] * len(leaves) if current is None else treedef.flatten_up_to(current)
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(kernels)
+    cur = ([None] * len(paths_and_leaves) if current is None else treedef.flatten_up_to(current))
     layers = []  # the shape of each leaf, in order
     scores = []
-    for k, c in zip(leaves, cur):
+    for (path, k), c in zip(paths_and_leaves, cur):
         k = np.asarray(jnp.asarray(k, jnp.float32))
         if k.ndim < 2:
             raise ValueError(f"kernels must be [..., H_in, H_out] arrays, got shape {k.shape}")
         flat_k = k.reshape((-1,) + k.shape[-2:])
         flat_c = None if c is None else np.asarray(c).reshape(flat_k.shape)
         for i in range(flat_k.shape[0]):
-            scores.append(_scores(flat_k[i], None if flat_c is None else flat_c[i]))
+            what = f"kernels{jax.tree_util.keystr(path)}" + (f" (layer {i})" if k.ndim > 2 else "")
+            scores.append(_scores(flat_k[i], None if flat_c is None else flat_c[i], what))
         layers.append(k.shape)
     if rule == "global" and scores:
         every = np.concatenate([s.ravel() for s in scores])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..weights import check_finite
 from .masks import check_rule, check_sparsity, fit_to_budgets, magnitude_masks
 from .packed import PackedMask
 from .tree import get_at, is_packed, mask_leaves, masks_at_paths, path_name, replace_at
@@ -69,6 +70,7 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
     for p, k, c in zip(paths, kernels, current):
         if k.shape != c.shape:
             raise ValueError(f"the mask at {path_name(p)} has shape {c.shape}, its kernel {k.shape}")
+        check_finite(k, f"the kernel at params/{path_name(p)}")
     new_masks = dict(zip(paths, magnitude_masks(kernels, target_sparsity, rule=rule,
                                                 current=current)))
     kernels = dict(zip(paths, kernels))
