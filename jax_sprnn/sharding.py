@@ -1,11 +1,12 @@
 """Data parallelism for :func:`jax_sprnn.sparse_rnn`: the batch split over a device mesh.
 
-XLA's SPMD partitioner does not know how to split a custom call. Given a batch-sharded input it
-would gather the whole batch onto every device and run the recurrence replicated. Wrapping the
-call in ``shard_map`` tells it what we know: the examples of a batch are independent, so every
-device runs the native kernel on its own shard of the batch with the (replicated) weights, and
-no activation crosses devices. Only the weight gradient is summed over the mesh (one all-reduce of
-the nonzeros, as in any data-parallel step).
+Nothing here is needed for it: under ``jax.jit`` (or pjit, or Flax's partitioning) the primitives
+split themselves over a batch-sharded input (:mod:`jax_sprnn._partitioning`). Every device runs the
+recurrence on its own shard of the batch with the replicated weights, no activation crosses devices,
+and the weight gradient is summed over the batch's mesh axes with one all-reduce.
+
+This module keeps two conveniences: :func:`batch_sharding`, the ``NamedSharding`` that splits the
+batch, and :func:`sparse_rnn_sharded`, ``sparse_rnn`` with its inputs constrained to that sharding.
 
 docs/distributed.md shows a whole data-parallel training step across GPUs and hosts.
 """
@@ -18,7 +19,7 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._checks import as_array, check_seq_lengths
+from ._checks import as_array
 from .api import sparse_rnn
 from .weights import SparseWeights
 
@@ -53,13 +54,12 @@ def batch_sharding(mesh: Mesh, batch_axis="data", *, ndim: int = 3, batch_dim: i
 def sparse_rnn_sharded(inputs, h0, weights: SparseWeights, *, mesh: Mesh, batch_axis="data",
                        activation: str = "tanh", time_major: bool = False, reverse: bool = False,
                        seq_lengths=None, method: str = "auto"):
-    """:func:`jax_sprnn.sparse_rnn` with the batch split over ``mesh``.
+    """:func:`jax_sprnn.sparse_rnn` with its inputs' batch split over ``mesh``.
 
-    Same arguments and results as ``sparse_rnn``, plus ``mesh`` and ``batch_axis`` (a mesh axis
-    name, or a tuple of names whose product splits the batch). The batch must divide evenly. Use
-    it under ``jax.jit`` with inputs sharded by :func:`batch_sharding` (unsharded inputs work too:
-    XLA slices them first). Each device runs the recurrence on ``B / n`` examples; the weights are
-    replicated; differentiation works, and the weight gradient is summed across the mesh.
+    ``sparse_rnn`` itself splits over a batch-sharded input; this only constrains ``inputs`` and
+    ``h0`` to :func:`batch_sharding` first, for inputs that arrive with another sharding (or
+    none). Same arguments and results as ``sparse_rnn``, plus ``mesh`` and ``batch_axis`` (a mesh
+    axis name, or a tuple of names whose product splits the batch). The batch must divide evenly.
     """
     axes = _batch_axes(mesh, batch_axis)
     if not isinstance(weights, SparseWeights):
@@ -68,30 +68,18 @@ def sparse_rnn_sharded(inputs, h0, weights: SparseWeights, *, mesh: Mesh, batch_
     if inputs.ndim != 3:
         raise ValueError(f"inputs must be {'[T, B, H]' if time_major else '[B, T, H]'}, got shape "
                          f"{tuple(inputs.shape)}")
-    batch = inputs.shape[1 if time_major else 0]
+    batch_dim = 1 if time_major else 0
     devices = math.prod(mesh.shape[a] for a in axes)
-    if batch % devices:
-        raise ValueError(f"the batch ({batch}) must be divisible by the {devices} devices of mesh "
-                         f"axes {axes}")
-    entry = _spec_entry(axes)
-    seq_spec = P(None, entry) if time_major else P(entry)
-    batch_spec = P(entry)
-    kwargs = dict(activation=activation, time_major=time_major, reverse=reverse, method=method)
-
-    if seq_lengths is None:
-        def body(x, h, w):
-            return sparse_rnn(x, h, w, **kwargs)
-        args, in_specs = (inputs, h0, weights), (seq_spec, batch_spec, P())
-    else:
-        def body(x, h, w, lengths):
-            return sparse_rnn(x, h, w, seq_lengths=lengths, **kwargs)
-        # Inside shard_map the lengths are traced: check them here, on the whole batch.
-        seq_lengths = check_seq_lengths(seq_lengths, batch, inputs.shape[0 if time_major else 1])
-        args, in_specs = (inputs, h0, weights, seq_lengths), (seq_spec, batch_spec, P(), batch_spec)
-    # Our primitives carry no varying-manual-axes rule, so the per-device type check is off.
-    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(seq_spec, batch_spec),
-                       check_vma=False)
-    return fn(*args)
+    if inputs.shape[batch_dim] % devices:
+        raise ValueError(f"the batch ({inputs.shape[batch_dim]}) must be divisible by the "
+                         f"{devices} devices of mesh axes {axes}")
+    constrain = jax.lax.with_sharding_constraint
+    inputs = constrain(inputs, batch_sharding(mesh, axes, ndim=3, batch_dim=batch_dim))
+    h0 = as_array(h0)
+    if h0.ndim == 2:  # else sparse_rnn says what h0 must be
+        h0 = constrain(h0, batch_sharding(mesh, axes, ndim=2))
+    return sparse_rnn(inputs, h0, weights, activation=activation, time_major=time_major,
+                      reverse=reverse, seq_lengths=seq_lengths, method=method)
 
 
 __all__ = ["sparse_rnn_sharded", "batch_sharding"]
