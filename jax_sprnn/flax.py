@@ -164,7 +164,9 @@ class SparseKernel(nn.Module):
             if not isinstance(stored, PackedMask):
                 raise TypeError(f"variables['{COLLECTION}'] must hold a jax_sprnn.pruning."
                                 f"PackedMask (or SparseWeights) at {self.path}, got "
-                                f"{type(stored).__name__}")
+                                f"{type(stored).__name__} (a checkpoint restored without a "
+                                f"target? jax_sprnn.pruning.from_restored reads the inference "
+                                f"form back; restore the training form with a target)")
         if self.has_variable(COLLECTION, "kernel") or self.is_mutable_collection(COLLECTION):
             layout = self.variable(COLLECTION, "kernel", initial_layout, hidden,
                                    float(self.max_density), self.mask_seed, dtype.name).value
