@@ -110,6 +110,15 @@ for name, spec in (("t_sharded", (None, "data")), ("h_sharded", (None, None, "da
     out[name] = dict(collectives=collectives(text), calls=call_shapes(text, "jax_sprnn_forward"),
                      bitwise=bool(np.array_equal(y, ref[0]) and np.array_equal(h_final, ref[1])))
 
+# A batch of 6 that XLA shards unevenly over 4 devices (padded shards): the call runs whole.
+uneven = jax.jit(lambda x, h: jax.lax.with_sharding_constraint(
+    js.sparse_rnn(x * 2, h, w)[0], NamedSharding(mesh4, P("data"))))
+text = compiled(uneven, x[:6], h0[:6])
+out["uneven"] = dict(calls=call_shapes(text, "jax_sprnn_forward"),
+                     bitwise=bool(np.array_equal(uneven(x[:6], h0[:6]),
+                                                 jax.jit(lambda x, h: js.sparse_rnn(x * 2, h, w)[0])(
+                                                     x[:6], h0[:6]))))
+
 # Gradient: one all-reduce, of the weight gradient; dx stays batch-sharded.
 def loss(values, x, h):
     y, h_final = js.sparse_rnn(x, h, w.replace(values=values), reverse=True)
@@ -222,6 +231,11 @@ def test_steps_or_hidden_sharded_are_gathered_and_correct(results, name):
     assert "all-gather" in r["collectives"]
     assert r["calls"] and all(s == "f32[6,8,32]" for s in r["calls"]), r["calls"]
     assert r["bitwise"]
+
+
+def test_uneven_batch_runs_whole_not_on_padded_shards(results):
+    assert results["uneven"]["calls"] == ["f32[6,6,32]"]
+    assert results["uneven"]["bitwise"]
 
 
 def test_gradient_has_one_all_reduce_of_the_weight_gradient(results):
