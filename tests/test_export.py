@@ -13,6 +13,7 @@ import pytest
 import jax_sprnn as js
 import jax_sprnn.export
 
+from jax_sprnn._native import TARGETS
 from jax_sprnn.testing import make_problem, rel_err
 
 pytest.importorskip("flatbuffers")
@@ -52,3 +53,67 @@ def test_export_round_trip_in_a_fresh_process(tmp_path, exact_matmuls):
     np.testing.assert_allclose(np.load(tmp_path / "h.npy"), np.asarray(want_h), rtol=1e-5, atol=1e-6)
     y_ref, _ = js.reference_rnn(x, h0, dense)
     assert rel_err(np.load(tmp_path / "s.npy"), jnp.tanh(y_ref).sum(axis=-1)) < 1e-5
+
+
+def run_fresh(script: str, cwd) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python process (no jax_sprnn imported unless it does so)."""
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # the parent holds the GPU
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=str(cwd),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_js_export_is_reachable_from_the_package(tmp_path):
+    # `import jax_sprnn as js; js.export` raised AttributeError when the submodule was not imported.
+    done = run_fresh("""
+        import jax_sprnn as js
+        assert callable(js.export.export) and callable(js.export.serialize)
+        assert len(js.export.disabled_checks()) == 3
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+def test_export_wrapper_allows_only_our_targets_and_round_trips_sparse_weights(tmp_path):
+    dense, w, x, h0 = make_problem(1, 40, 2, 6, 0.25)
+    model = lambda x, h0, w: js.sparse_rnn(x, h0, w)  # not jitted: the wrapper jits it
+    exported = js.export.export(model)(x, h0, w)  # SparseWeights as an argument
+    assert set(exported.disabled_safety_checks) == set(js.export.disabled_checks())
+    allowed = {c.is_custom_call() for c in exported.disabled_safety_checks}
+    assert allowed == set(TARGETS) and len(allowed) == 3  # forward, backward, weight gradient
+    assert all(name.startswith("jax_sprnn_") for name in allowed)
+    blob = js.export.serialize(exported)
+    (tmp_path / "model.bin").write_bytes(blob)
+    for name, a in (("x", x), ("h0", h0), ("dense", dense)):
+        np.save(tmp_path / f"{name}.npy", np.asarray(a))
+    # Another process: deserializing a SparseWeights argument needs only `import jax_sprnn`.
+    done = run_fresh("""
+        import numpy as np, jax_sprnn as js
+        exp = js.export.deserialize(open("model.bin", "rb").read())
+        w = js.SparseWeights.from_dense(np.load("dense.npy"), np.load("dense.npy") != 0)
+        y, h = exp.call(np.load("x.npy"), np.load("h0.npy"), w)
+        np.save("y.npy", np.asarray(y))
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    want, _ = js.sparse_rnn(x, h0, w)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(want))
+
+
+def test_loading_without_importing_jax_sprnn_names_the_target(tmp_path):
+    _, w, x, h0 = make_problem(2, 24, 2, 4, 0.3)
+    exported = js.export.export(lambda x, h0: js.sparse_rnn(x, h0, w, method="native"))(x, h0)
+    (tmp_path / "model.bin").write_bytes(js.export.serialize(exported))
+    done = run_fresh("""
+        import jax, numpy as np
+        exp = jax.export.deserialize(bytearray(open("model.bin", "rb").read()))
+        exp.call(np.zeros((2, 4, 24), np.float32), np.zeros((2, 24), np.float32))
+    """, tmp_path)
+    assert done.returncode != 0
+    assert "jax_sprnn_forward" in done.stderr  # the hint docs/export.md points to
+
+
+def test_serialize_without_flatbuffers_names_the_extra(monkeypatch):
+    exported = js.export.export(lambda x: x * 2)(jnp.ones(3))
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)  # as if it were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'jax_sprnn\[export\]'"):
+        js.export.serialize(exported)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'jax_sprnn\[export\]'"):
+        js.export.deserialize(b"")
