@@ -1,15 +1,29 @@
 // CPU kernels of jax_sprnn as XLA FFI handlers. They read the same packed arrays as the CUDA kernel
 // (docs/format.md), so CI exercises the packer, the handlers and the primitive plumbing for real.
 // The numerics mirror the GPU: float32 accumulation, the state rounded to the storage dtype each step.
+//
+// Where the speed comes from:
+// - each call walks the packed slots once into U's rows (CSR: column and float32 value of every real
+//   nonzero), so a step is a row-by-row sparse product with 16-bit values converted once per call;
+// - the state is float32 in batch tiles [H][BT]: a nonzero multiplies BT contiguous floats, the loop
+//   the compiler vectorizes, with several independent partial sums per row;
+// - the rows of a step are split over XLA's CPU thread pool (cpu_parallel.h);
+// - the hot loops are compiled for AVX-512, AVX2 and the baseline ISA, picked at run time.
 #include "cpu_kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "ffi_bindings.h"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -106,41 +120,6 @@ ffi::Error check_indices(const char* who, const int32_t* indices, const int32_t*
   return ffi::Error::Success();
 }
 
-// Slot e of the flat layout belongs to lane (e / (32*K)) * 32 + e % 32.
-inline int64_t lane_of_slot(int64_t e, int64_t slots) {
-  return (e / (kWarpSize * slots)) * kWarpSize + e % kWarpSize;
-}
-
-// acc[b, row(lane)] += sum_k w[slot] * vec[b, col(slot)] for the active examples; the shared sparse
-// product of the forward (U h) and the backward (U^T dz) recurrences.
-void sparse_matvec(const std::vector<float>& w, const int32_t* indices, const int32_t* lane_row,
-                   const Layout& lay, const std::vector<float>& vec, const std::vector<int64_t>& active,
-                   std::vector<float>& acc) {
-  const int64_t H = lay.hidden, K = lay.slots;
-  for (int64_t g = 0; g < lay.num_lanes; ++g) {
-    const int64_t row = lane_row[g];
-    if (row < 0) continue;
-    const int64_t base = (g / kWarpSize) * kWarpSize * K + g % kWarpSize;
-    for (int64_t b : active) {
-      const float* v = &vec[b * H];
-      float partial = 0.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t e = base + k * kWarpSize;
-        partial += w[e] * v[column_of(indices[e])];
-      }
-      acc[b * H + row] += partial;
-    }
-  }
-}
-
-template <typename S>
-std::vector<float> to_float(const void* data, int64_t n) {
-  const auto* raw = static_cast<const typename S::Raw*>(data);
-  std::vector<float> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = S::load(raw[i]);
-  return out;
-}
-
 ffi::Error check_lengths(const char* who, const int32_t* lengths, int64_t B, int64_t T) {
   for (int64_t b = 0; b < B; ++b)
     if (lengths[b] < 0 || lengths[b] > T)
@@ -150,51 +129,808 @@ ffi::Error check_lengths(const char* who, const int32_t* lengths, int64_t B, int
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------ forward ----------------------------------------
 
+// ---- U row by row, built once per call -------------------------------------------------------------
+
+// An uninitialized array (std::vector would zero it first, a pass the build below does not need)
+// that keeps its memory when asked for less.
+template <typename T>
+struct Buffer {
+  std::unique_ptr<T[]> data;
+  int64_t capacity = 0;
+  void reserve(int64_t n) {
+    if (n <= capacity) return;
+    data.reset(new T[size_t(n)]);
+    capacity = n;
+  }
+  T* get() const { return data.get(); }
+  T& operator[](int64_t i) const { return data[i]; }
+};
+
+// U's rows over the packed slots. A row's lanes are one run inside one warp (docs/format.md,
+// invariant 1; check_indices enforces it), so each warp's slot range can hold its own rows' entries:
+// the real nonzeros from the front, the padding from the back, each warp built independently.
+// Padding adds 0 * h, which is 0 unless h is not finite, and then NaN, as on the GPU and in the
+// dense reference; the kernels visit it only in a step whose state is not all finite.
+struct Rows {
+  int64_t hidden = 0, nnz = 0;
+  // [H]: row i's real entries are [begin[i], end[i]), its padding [pad_begin[i], pad_end[i])
+  std::vector<int32_t> begin, end, pad_begin, pad_end;
+  Buffer<int32_t> col;   // [slots]: the column an entry reads
+  Buffer<float> val;     // [slots]: a real entry's value in float32 (the recurrences)
+  Buffer<int32_t> slot;  // [slots]: a real entry's flat offset in the packed arrays (weight gradient)
+
+  int64_t count(int64_t r) const { return end[r] - begin[r]; }
+};
+
+// Rows reused from call to call: filling fresh memory cost more in page faults than the build
+// itself. A call takes one (or a new one) and gives it back; as many are kept as ran at once.
+class RowsCache {
+ public:
+  struct GiveBack {
+    void operator()(Rows* rows) const { RowsCache::instance().give(rows); }
+  };
+  using Lease = std::unique_ptr<Rows, GiveBack>;
+
+  static RowsCache& instance() {
+    static RowsCache* cache = new RowsCache;  // never destroyed: a lease may end during exit
+    return *cache;
+  }
+  Lease take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) return Lease(new Rows);
+    Lease lease(free_.back().release());
+    free_.pop_back();
+    return lease;
+  }
+
+ private:
+  void give(Rows* rows) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace_back(rows);
+  }
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Rows>> free_;
+};
+
+// Warp w's part of `m` (and its count of real entries). With `raw` values the entries get val,
+// without, slot.
 template <typename S>
-void forward(const void* x_, const void* h0_, const void* values_, const int32_t* indices,
-             const int32_t* lane_row, const int32_t* lengths, void* y_, void* hT_, int64_t T,
-             int64_t B, const Layout& lay, int64_t act, bool reverse) {
-  using Raw = typename S::Raw;
-  const int64_t H = lay.hidden;
-  const auto* x = static_cast<const Raw*>(x_);
-  auto* y = static_cast<Raw*>(y_);
-  auto* hT = static_cast<Raw*>(hT_);
-  const std::vector<float> w = to_float<S>(values_, lay.num_lanes * lay.slots);
-  std::vector<float> h = to_float<S>(h0_, B * H), acc(B * H);
-  std::vector<int64_t> active;
-  for (int64_t s = 0; s < T; ++s) {
-    active.clear();
-    for (int64_t b = 0; b < B; ++b) {
-      if (s < lengths[b]) {
-        active.push_back(b);
+int64_t build_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
+                   const typename S::Raw* raw) {
+  const int64_t base = w * K * kWarpSize;
+  const int32_t* rows = lane_row + w * kWarpSize;
+  int32_t real[kWarpSize] = {}, pad[kWarpSize] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int l = 0; l < kWarpSize; ++l)
+      if (rows[l] >= 0) ++(indices[base + k * kWarpSize + l] >= 0 ? real : pad)[l];
+  // Each lane's first entry, row by row: real ones up from the front, padding down from the back.
+  int32_t next_real[kWarpSize], next_pad[kWarpSize];
+  int32_t front = int32_t(base), back = int32_t(base + K * kWarpSize);
+  for (int l = 0; l < kWarpSize;) {
+    const int32_t row = rows[l];
+    if (row < 0) {
+      ++l;
+      continue;
+    }
+    m.begin[row] = front;
+    m.pad_end[row] = back;
+    for (; l < kWarpSize && rows[l] == row; ++l) {
+      next_real[l] = front;
+      front += real[l];
+      back -= pad[l];
+      next_pad[l] = back;
+    }
+    m.end[row] = front;
+    m.pad_begin[row] = back;
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int l = 0; l < kWarpSize; ++l) {
+      if (rows[l] < 0) continue;
+      const int64_t e = base + k * kWarpSize + l;
+      const int32_t idx = indices[e];
+      if (idx < 0) {
+        m.col[next_pad[l]++] = ~idx;
+        continue;
+      }
+      const int32_t at = next_real[l]++;
+      m.col[at] = idx;
+      if (raw != nullptr) {
+        m.val[at] = S::load(raw[e]);
       } else {
-        std::fill(y + (s * B + b) * H, y + (s * B + b + 1) * H, S::store(0.0f));
+        m.slot[at] = int32_t(e);
       }
     }
-    for (int64_t b : active) std::fill(&acc[b * H], &acc[(b + 1) * H], 0.0f);
-    sparse_matvec(w, indices, lane_row, lay, h, active, acc);
-    for (int64_t b : active) {
-      const int64_t p = position(s, lengths[b], reverse);
+  return front - base;
+}
+
+// ---- how the work is split ----------------------------------------------------------------------
+
+// The batch runs in tiles of BT examples (BT one of these; padding examples of the last tile stay 0).
+int64_t tile_width(int64_t batch) { return batch <= 1 ? 1 : batch <= 4 ? 4 : batch <= 8 ? 8 : 16; }
+
+// Row boundaries of `chunks` ranges of about equal cost, a row costing its nonzeros times
+// `per_nonzero` plus `per_row`.
+std::vector<int64_t> balanced_rows(const Rows& m, int64_t chunks, int64_t per_nonzero, int64_t per_row) {
+  const int64_t H = m.hidden;
+  const double total = double(m.nnz) * per_nonzero + double(H) * per_row;
+  std::vector<int64_t> bounds(chunks + 1, H);
+  bounds[0] = 0;
+  double cost = 0;
+  int64_t c = 1;
+  for (int64_t i = 0; i < H && c < chunks; ++i) {
+    cost += double(m.count(i)) * per_nonzero + per_row;
+    while (c < chunks && cost >= total * c / chunks) bounds[c++] = i + 1;
+  }
+  return bounds;
+}
+
+int64_t widest(const std::vector<int64_t>& bounds) {
+  int64_t w = 0;
+  for (size_t c = 0; c + 1 < bounds.size(); ++c) w = std::max(w, bounds[c + 1] - bounds[c]);
+  return w;
+}
+
+// ---- the hot loops (compiled once per ISA below) --------------------------------------------------
+
+#if defined(__GNUC__) || defined(__clang__)
+#define JAX_SPRNN_INLINE __attribute__((always_inline)) inline
+#else
+#define JAX_SPRNN_INLINE inline
+#endif
+
+// An empty asm statement: the loop vectorizer leaves a loop that holds one alone. The product loops
+// are already vector code; vectorized again over the nonzeros, they became gathers and spills.
+#if defined(__GNUC__) || defined(__clang__)
+#define JAX_SPRNN_NO_LOOP_VECTORIZE() __asm__ volatile("")
+#else
+#define JAX_SPRNN_NO_LOOP_VECTORIZE()
+#endif
+
+// A batch tile of floats as a GCC/Clang vector: each ISA variant lowers it to its own registers
+// (one zmm, two ymm or four xmm for 16 floats). Explicit vectors keep the partial sums in registers.
+// (Specializations, not an alias template: GCC drops a dependent vector_size there.) Loads are
+// unaligned memcpy's.
+template <int BT>
+struct Tile;
+template <>
+struct Tile<4> {
+  typedef float Vec __attribute__((vector_size(16)));
+};
+template <>
+struct Tile<8> {
+  typedef float Vec __attribute__((vector_size(32)));
+};
+template <>
+struct Tile<16> {
+  typedef float Vec __attribute__((vector_size(64)));
+};
+
+// out[0, BT) = sum over row r's nonzeros of value * h[col, 0, BT) (h in [H][BT] tiles), then 0 * h
+// for the padding slots when asked. U independent partial sums keep the FMA units busy (a single
+// chain would wait on every add's latency).
+template <int BT>
+JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool visit_padding,
+                                  float* out) {
+  const int32_t* col = m.col.get() + m.begin[r];
+  const float* val = m.val.get() + m.begin[r];
+  const int64_t n = m.count(r);
+  if constexpr (BT == 1) {
+    constexpr int U = 8;
+    float acc[U] = {};
+    int64_t k = 0;
+    for (; k + U <= n; k += U) {
+      JAX_SPRNN_NO_LOOP_VECTORIZE();  // faster than AVX2 or AVX-512 gathers on a Zen 5
+      for (int u = 0; u < U; ++u) acc[u] += val[k + u] * h[col[k + u]];
+    }
+    for (; k < n; ++k) acc[0] += val[k] * h[col[k]];
+    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    if (visit_padding)
+      for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) sum += 0.0f * h[m.col[p]];
+    out[0] = sum;
+  } else {
+    using V = typename Tile<BT>::Vec;
+    constexpr int U = BT >= 16 ? 4 : 8;
+    V acc[U] = {};
+    V hv;
+    int64_t k = 0;
+    for (; k + U <= n; k += U) {
+      JAX_SPRNN_NO_LOOP_VECTORIZE();
+      for (int u = 0; u < U; ++u) {
+        std::memcpy(&hv, h + int64_t(col[k + u]) * BT, sizeof(V));
+        acc[u] += val[k + u] * hv;
+      }
+    }
+    for (; k < n; ++k) {
+      std::memcpy(&hv, h + int64_t(col[k]) * BT, sizeof(V));
+      acc[0] += val[k] * hv;
+    }
+    for (int u = 1; u < U; ++u) acc[0] += acc[u];
+    if (visit_padding)
+      for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) {
+        std::memcpy(&hv, h + int64_t(m.col[p]) * BT, sizeof(V));
+        acc[0] += 0.0f * hv;
+      }
+    std::memcpy(out, &acc[0], sizeof(V));
+  }
+}
+
+// ---- the activation over a row of values, in a loop the compiler vectorizes ---------------------------
+
+inline uint64_t bits_of(double d) { uint64_t u; std::memcpy(&u, &d, 8); return u; }
+inline double double_of(uint64_t u) { double d; std::memcpy(&d, &u, 8); return d; }
+
+// tanh for float32 in straight-line code that vectorizes (glibc's tanhf, through expm1f, cost twice
+// the rest of a step). Evaluated in double as expm1(2|x|) / (expm1(2|x|) + 2), which has no
+// cancellation anywhere, so the float is the correctly rounded tanh but in the rarest ties (checked
+// over every float: 15 of 2^32 are 1 ulp off; glibc's tanhf is 1 ulp off on ~3%). No selects on
+// floating-point values: GCC would move the arithmetic into branches, which do not vectorize.
+JAX_SPRNN_INLINE float tanh_f32(float x) {
+  const uint32_t xb = bits_of(x), mag = xb & 0x7fffffffu;
+  // |x| clamped to 10, where tanh rounds to 1.0f (NaN too: it is restored at the end)
+  const double y = 2.0 * double(float_of(std::min(mag, 0x41200000u)));
+  // expm1(y) = 2^n (exp(r) - 1) + 2^n - 1, with n = round(y / ln 2) and |r| <= ln(2) / 2
+  const double shift = 0x1.8p52;
+  const double nd = y * 1.4426950408889634 + shift;
+  const double k = nd - shift;
+  const double r = (y - k * 0x1.62e42fefa39efp-1) - k * 0x1.abc9e3b39803fp-56;
+  const double scale = double_of((bits_of(nd) - bits_of(shift) + 1023) << 52);
+  double p = 1.0 / 39916800;  // exp(r) - 1 = r + r^2/2 + ... + r^11/11!: relative error < 2e-14
+  p = p * r + 1.0 / 3628800;
+  p = p * r + 1.0 / 362880;
+  p = p * r + 1.0 / 40320;
+  p = p * r + 1.0 / 5040;
+  p = p * r + 1.0 / 720;
+  p = p * r + 1.0 / 120;
+  p = p * r + 1.0 / 24;
+  p = p * r + 1.0 / 6;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  const double em1 = scale * (p * r) + (scale - 1.0);
+  const uint32_t t = bits_of(float(em1 / (em1 + 2.0))) | (xb & 0x80000000u);
+  const uint32_t nan = 0u - uint32_t(mag > 0x7f800000u);  // all ones for NaN: give x back
+  return float_of((t & ~nan) | (xb & nan));
+}
+
+// z[0, n) = act(z[0, n)) in place.
+template <int ACT>
+JAX_SPRNN_INLINE void activate_row(float* z, int64_t n) {
+  if constexpr (ACT == kTanh) {
+    for (int64_t i = 0; i < n; ++i) z[i] = tanh_f32(z[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) z[i] = activate(ACT, z[i]);
+  }
+}
+
+// Rows [r0, r1) of U h for one batch tile: acc[(r - r0) * BT + j].
+template <int BT>
+JAX_SPRNN_INLINE void tile_products(const Rows& m, int64_t r0, int64_t r1, const float* h,
+                                    bool visit_padding, float* acc) {
+  for (int64_t r = r0; r < r1; ++r) row_product<BT>(m, r, h, visit_padding, acc + (r - r0) * BT);
+}
+
+// What the stages of a recurrence share. The state it carries from step to step is float32 in batch
+// tiles, [tiles][H][BT]; stage q reads state[q % 2] and writes state[(q + 1) % 2].
+struct Recurrence {
+  const Rows* rows;
+  int64_t T, B, H, BT, tiles, threads;
+  const int32_t* lengths;
+  bool reverse;
+  float* state[2];
+  // [stages + 1]: whether some value of the state stage q reads is not finite (then padding counts).
+  std::atomic<uint8_t>* nonfinite;
+};
+
+struct Forward : Recurrence {
+  const void* x;
+  void* y;
+};
+
+// The forward step s of batch tile t on rows [r0, r1), given acc = U h: y[p] = h' = act(x[p] + acc)
+// rounded to the storage type for the examples still running; the others keep h and get y[s] = 0.
+// Returns whether every new state value is finite. z: scratch for r1 - r0 floats.
+template <typename S, int ACT>
+JAX_SPRNN_INLINE bool forward_epilogue(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,
+                                       const float* acc, float* z) {
+  using Raw = typename S::Raw;
+  const int64_t H = f.H, B = f.B, BT = f.BT;
+  const auto* x = static_cast<const Raw*>(f.x);
+  auto* y = static_cast<Raw*>(f.y);
+  const float* h = f.state[s & 1] + t * H * BT;
+  float* next = f.state[(s + 1) & 1] + t * H * BT;
+  bool finite = true;
+  for (int64_t j = 0; j < BT && t * BT + j < B; ++j) {
+    const int64_t b = t * BT + j, len = f.lengths[b];
+    if (s < len) {
+      const int64_t p = position(s, len, f.reverse);
       const Raw* xp = x + (p * B + b) * H;
       Raw* yp = y + (p * B + b) * H;
-      for (int64_t i = 0; i < H; ++i) {
-        const Raw r = S::store(activate(act, S::load(xp[i]) + acc[b * H + i]));
-        yp[i] = r;
-        h[b * H + i] = S::load(r);
+      for (int64_t r = r0; r < r1; ++r) z[r - r0] = S::load(xp[r]) + acc[(r - r0) * BT + j];
+      activate_row<ACT>(z, r1 - r0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const Raw out = S::store(z[r - r0]);
+        const float v = S::load(out);
+        yp[r] = out;
+        next[r * BT + j] = v;
+        finite &= std::isfinite(v);
+      }
+    } else {
+      Raw* ys = y + (s * B + b) * H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float v = h[r * BT + j];
+        ys[r] = S::store(0.0f);
+        next[r * BT + j] = v;
+        finite &= std::isfinite(v);
       }
     }
   }
-  for (int64_t e = 0; e < B * H; ++e) hT[e] = S::store(h[e]);
+  return finite;
 }
+
+struct Backward : Recurrence {
+  const void* y;
+  const void* dy;
+  void* dx;
+  float* dh;  // [B][H]
+};
+
+// The backward pass's stage q runs kernel step s = T - q: first dh = U^T dz_s for the examples
+// running at s (acc; no product at q = 0, where dh is dh_final), then for step s - 1:
+// dz = (dh + dy[p]) * act'(y[p]), dx[p] = dz, the state the next stage multiplies (float32).
+// This is its elementwise part for batch tile t on rows [r0, r1); returns whether dz is finite.
+template <typename S, int ACT>
+JAX_SPRNN_INLINE bool backward_epilogue(const Backward& g, int64_t q, int64_t t, int64_t r0, int64_t r1,
+                                        const float* acc, float* z) {
+  using Raw = typename S::Raw;
+  const int64_t H = g.H, B = g.B, BT = g.BT, T = g.T, s = T - q;
+  const auto* y = static_cast<const Raw*>(g.y);
+  const auto* dy = static_cast<const Raw*>(g.dy);
+  auto* dx = static_cast<Raw*>(g.dx);
+  float* next = g.state[(q + 1) & 1] + t * H * BT;
+  bool finite = true;
+  for (int64_t j = 0; j < BT && t * BT + j < B; ++j) {
+    const int64_t b = t * BT + j, len = g.lengths[b];
+    float* dh = g.dh + b * H;
+    if (s < T && s < len)
+      for (int64_t r = r0; r < r1; ++r) dh[r] = acc[(r - r0) * BT + j];
+    if (s == 0) continue;
+    if (s - 1 < len) {
+      const int64_t p = position(s - 1, len, g.reverse);
+      const Raw* yp = y + (p * B + b) * H;
+      const Raw* dyp = dy + (p * B + b) * H;
+      Raw* dxp = dx + (p * B + b) * H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float dz = (dh[r] + S::load(dyp[r])) * activation_grad(ACT, S::load(yp[r]));
+        next[r * BT + j] = dz;
+        dxp[r] = S::store(dz);
+        finite &= std::isfinite(dz);
+      }
+    } else {  // outputs past the length are constant zeros: nothing flows back through them
+      Raw* dxs = dx + ((s - 1) * B + b) * H;
+      for (int64_t r = r0; r < r1; ++r) {
+        next[r * BT + j] = 0.0f;
+        dxs[r] = S::store(0.0f);
+      }
+    }
+  }
+  return finite;
+}
+
+// The weight gradient runs over blocks of kPairBlock (example, step) pairs: a stage packs the block's
+// h_before and dz rows transposed, [H][kPairBlock] float32, the next one adds, for every nonzero
+// (i, j), the block's dot product of dz[i] and h_before[j] to its slot.
+constexpr int64_t kPairBlock = 128;
+
+struct WeightGrad {
+  const Rows* rows;
+  int64_t B, H;
+  const int32_t* lengths;
+  bool reverse;
+  const void* y;
+  const void* h0;
+  const void* dz;
+  const std::vector<std::pair<int32_t, int32_t>>* pairs;  // (b, s) of the group, b-major
+  float* h_t;   // [H][kPairBlock]
+  float* dz_t;  // [H][kPairBlock]
+  float* dvalues;
+};
+
+// The state that step s of example b started from: h0, or the output of the previous active step.
+template <typename Raw>
+const Raw* state_before(const Raw* y, const Raw* h0, int64_t s, int64_t b, int64_t B, int64_t H,
+                        int64_t len, bool reverse) {
+  if (s == 0) return h0 + b * H;
+  return y + (position(s - 1, len, reverse) * B + b) * H;
+}
+
+// Packs the columns [c0, c1) (multiples of 16) of pair block `block`; pairs past the end give zeros.
+template <typename S>
+JAX_SPRNN_INLINE void pack_pairs(const WeightGrad& w, int64_t block, int64_t c0, int64_t c1) {
+  using Raw = typename S::Raw;
+  constexpr int64_t kGroup = 16;
+  const int64_t H = w.H, B = w.B, n = int64_t(w.pairs->size());
+  const auto* y = static_cast<const Raw*>(w.y);
+  const auto* h0 = static_cast<const Raw*>(w.h0);
+  const auto* dz = static_cast<const Raw*>(w.dz);
+  static const Raw zero = S::store(0.0f);
+  for (int64_t c = c0; c < c1; c += kGroup) {
+    const Raw* hp[kGroup];
+    const Raw* dzp[kGroup];
+    int64_t live[kGroup];  // 1 for a real pair, 0 for padding (reads a zero, stride 0)
+    for (int64_t u = 0; u < kGroup; ++u) {
+      const int64_t at = block * kPairBlock + c + u;
+      if (at < n) {
+        const auto [b, s] = (*w.pairs)[at];
+        const int64_t len = w.lengths[b];
+        hp[u] = state_before(y, h0, s, b, B, H, len, w.reverse);
+        dzp[u] = dz + (position(s, len, w.reverse) * B + b) * H;
+        live[u] = 1;
+      } else {
+        hp[u] = dzp[u] = &zero;
+        live[u] = 0;
+      }
+    }
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t u = 0; u < kGroup; ++u) {
+        w.h_t[i * kPairBlock + c + u] = S::load(hp[u][i * live[u]]);
+        w.dz_t[i * kPairBlock + c + u] = S::load(dzp[u][i * live[u]]);
+      }
+  }
+}
+
+// a . b over n floats (a multiple of 16), in a fixed order: 4 x 16 lanes, then a fixed tree.
+JAX_SPRNN_INLINE float block_dot(const float* a, const float* b, int64_t n) {
+  float acc[4][16] = {};
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64)
+    for (int u = 0; u < 4; ++u)
+      for (int j = 0; j < 16; ++j) acc[u][j] += a[k + 16 * u + j] * b[k + 16 * u + j];
+  for (; k < n; k += 16)
+    for (int j = 0; j < 16; ++j) acc[0][j] += a[k + j] * b[k + j];
+  for (int j = 0; j < 16; ++j) acc[0][j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+  for (int width = 8; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) acc[0][j] += acc[0][j + width];
+  return acc[0][0];
+}
+
+// Rows [r0, r1): every nonzero's slot gets the block's sum of h_before[col] * dz[row].
+JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t width, int64_t r0, int64_t r1) {
+  const Rows& m = *w.rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* dz = w.dz_t + r * kPairBlock;
+    for (int64_t k = m.begin[r]; k < m.end[r]; ++k)
+      w.dvalues[m.slot[k]] += block_dot(w.h_t + int64_t(m.col[k]) * kPairBlock, dz, width);
+  }
+}
+
+// ---- one copy of the hot loops per instruction set --------------------------------------------------
+
+// Each ISA is a struct of entry points that force-inline the loops above under its target attribute.
+#define JAX_SPRNN_ISA_ENTRY_POINTS(NAME, ATTRIBUTE)                                                  \
+  struct NAME {                                                                                      \
+    template <int BT>                                                                                \
+    ATTRIBUTE static void products(const Rows& m, int64_t r0, int64_t r1, const float* h,            \
+                                   bool visit_padding, float* acc) {                                 \
+      tile_products<BT>(m, r0, r1, h, visit_padding, acc);                                           \
+    }                                                                                                \
+    template <typename S, int ACT>                                                                   \
+    ATTRIBUTE static bool forward(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,    \
+                                  const float* acc, float* z) {                                      \
+      return forward_epilogue<S, ACT>(f, s, t, r0, r1, acc, z);                                      \
+    }                                                                                                \
+    template <typename S, int ACT>                                                                   \
+    ATTRIBUTE static bool backward(const Backward& g, int64_t q, int64_t t, int64_t r0, int64_t r1, \
+                                   const float* acc, float* z) {                                     \
+      return backward_epilogue<S, ACT>(g, q, t, r0, r1, acc, z);                                     \
+    }                                                                                                \
+    template <typename S>                                                                            \
+    ATTRIBUTE static void pack(const WeightGrad& w, int64_t block, int64_t c0, int64_t c1) {         \
+      pack_pairs<S>(w, block, c0, c1);                                                               \
+    }                                                                                                \
+    ATTRIBUTE static void block_sums(const WeightGrad& w, int64_t width, int64_t r0, int64_t r1) {   \
+      block_products(w, width, r0, r1);                                                              \
+    }                                                                                                \
+  };
+
+JAX_SPRNN_ISA_ENTRY_POINTS(Baseline, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define JAX_SPRNN_X86_VARIANTS 1
+JAX_SPRNN_ISA_ENTRY_POINTS(Avx2, __attribute__((target("avx2,fma"))))
+JAX_SPRNN_ISA_ENTRY_POINTS(
+    Avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"))))
+#endif
+#undef JAX_SPRNN_ISA_ENTRY_POINTS
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The widest ISA this CPU runs; JAX_SPRNN_CPU_ISA=baseline|avx2 narrows it (tests use it to run
+// every variant on one machine).
+Isa cpu_isa() {
+#if JAX_SPRNN_X86_VARIANTS
+  static const Isa widest = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kBaseline;
+  }();
+  const char* env = std::getenv("JAX_SPRNN_CPU_ISA");
+  const Isa asked = env == nullptr                      ? widest
+                    : std::strcmp(env, "baseline") == 0 ? Isa::kBaseline
+                    : std::strcmp(env, "avx2") == 0     ? Isa::kAvx2
+                                                        : widest;
+  return std::min(asked, widest);
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// pick(isa) with the entry-point struct of this CPU's ISA.
+template <typename Pick>
+auto with_isa(Pick&& pick) {
+#if JAX_SPRNN_X86_VARIANTS
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return pick(Avx512{});
+    case Isa::kAvx2: return pick(Avx2{});
+    default: break;
+  }
+#endif
+  return pick(Baseline{});
+}
+
+// The entry points one recurrence call uses, chosen once per call.
+template <typename Epilogue>
+struct RecurrenceKernels {
+  void (*products)(const Rows&, int64_t, int64_t, const float*, bool, float*);
+  Epilogue epilogue;
+};
+
+template <typename S, bool kForward>
+auto recurrence_kernels(int64_t tile, int64_t act) {
+  return with_isa([&](auto isa) {
+    using I = decltype(isa);
+    auto epilogue = [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      if constexpr (kForward) {
+        return &I::template forward<S, A>;
+      } else {
+        return &I::template backward<S, A>;
+      }
+    };
+    using Epilogue = decltype(epilogue(Int<kTanh>{}));
+    RecurrenceKernels<Epilogue> k;
+    k.products = tile == 1 ? &I::template products<1>
+                 : tile == 4 ? &I::template products<4>
+                 : tile == 8 ? &I::template products<8>
+                             : &I::template products<16>;
+    k.epilogue = act == kTanh ? epilogue(Int<kTanh>{})
+                 : act == kRelu ? epilogue(Int<kRelu>{})
+                                : epilogue(Int<kIdentity>{});
+    return k;
+  });
+}
+
+// Stage q of a recurrence on rows [r0, r1): the sparse product of every batch tile (skipped when
+// `multiply` is false), then its epilogue; flags stage q + 1 when the new state is not all finite.
+// acc: scratch for (r1 - r0) * (BT + 1) floats.
+template <typename R, typename Kernels>
+void run_stage(const R& rec, const Kernels& k, int64_t q, bool multiply, int64_t r0, int64_t r1,
+               float* acc) {
+  const bool visit_padding = rec.nonfinite[q].load(std::memory_order_relaxed) != 0;
+  bool finite = true;
+  for (int64_t t = 0; t < rec.tiles; ++t) {
+    if (multiply)
+      k.products(*rec.rows, r0, r1, rec.state[q & 1] + t * rec.H * rec.BT, visit_padding, acc);
+    finite &= k.epilogue(rec, q, t, r0, r1, acc, acc + (r1 - r0) * rec.BT);
+  }
+  if (!finite) rec.nonfinite[q + 1].store(1, std::memory_order_relaxed);
+}
+
+// ---- the drivers ------------------------------------------------------------------------------------
+
+// How many threads a call may use: JAX_SPRNN_CPU_THREADS caps it (1: single-threaded).
+int64_t max_threads(ffi::ThreadPool* pool) {
+  int64_t n = cpu::pool_threads(pool);
+  if (const char* env = std::getenv("JAX_SPRNN_CPU_THREADS")) n = std::min<int64_t>(n, std::max(1, std::atoi(env)));
+  return n;
+}
+
+// Below this many multiply-adds per stage, handing part of a stage to another thread costs more
+// than it saves.
+constexpr int64_t kMinParallelWork = 1 << 14;
+
+int64_t threads_for(ffi::ThreadPool* pool, int64_t work_per_stage) {
+  return work_per_stage < kMinParallelWork ? 1 : max_threads(pool);
+}
+
+// U's rows of a packed layout (values: storage-type values for the recurrences, or nullptr for
+// the weight gradient), the warps split over the threads.
+template <typename S>
+void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const Layout& lay,
+                const void* values, ffi::ThreadPool* pool, int64_t threads) {
+  const int64_t H = lay.hidden, warps = lay.num_lanes / kWarpSize;
+  m.hidden = H;
+  for (auto* v : {&m.begin, &m.end, &m.pad_begin, &m.pad_end}) v->assign(H, 0);
+  m.col.reserve(lay.num_lanes * lay.slots);
+  if (values != nullptr) {
+    m.val.reserve(lay.num_lanes * lay.slots);
+  } else {
+    m.slot.reserve(lay.num_lanes * lay.slots);
+  }
+  const auto* raw = static_cast<const typename S::Raw*>(values);
+  std::vector<int64_t> nnz(threads, 0);
+  auto build = [&](int64_t, int64_t c, int64_t) {
+    for (int64_t w = warps * c / threads; w < warps * (c + 1) / threads; ++w)
+      nnz[c] += build_warp<S>(m, indices, lane_row, lay.slots, w, raw);
+  };
+  cpu::run_stages(pool, threads, 1, threads, build);
+  m.nnz = 0;
+  for (int64_t n : nnz) m.nnz += n;
+}
+
+// A float32 buffer whose start is 64-byte aligned: a batch tile read at any column then stays within
+// whole cache lines.
+struct AlignedFloats {
+  std::vector<float> storage;
+  float* data = nullptr;
+  explicit AlignedFloats(int64_t n) : storage(n + 16, 0.0f) {
+    const auto at = reinterpret_cast<uintptr_t>(storage.data());
+    data = storage.data() + ((64 - at % 64) % 64) / sizeof(float);
+  }
+};
+
+// The tiled float32 state buffers and the per-stage non-finite flags of a recurrence.
+struct RecurrenceBuffers {
+  AlignedFloats state;
+  std::unique_ptr<std::atomic<uint8_t>[]> nonfinite;
+
+  RecurrenceBuffers(Recurrence& r, int64_t stages)
+      : state(2 * r.tiles * r.H * r.BT), nonfinite(new std::atomic<uint8_t>[stages + 1]) {
+    for (int64_t q = 0; q <= stages; ++q) nonfinite[q].store(0, std::memory_order_relaxed);
+    r.state[0] = state.data;
+    r.state[1] = state.data + r.tiles * r.H * r.BT;
+    r.nonfinite = nonfinite.get();
+  }
+};
+
+// The rows and the shape of a recurrence, and how many threads it runs on.
+template <typename S>
+void init_recurrence(Recurrence& r, Rows& rows, const int32_t* indices, const int32_t* lane_row,
+                     const void* values, const Layout& lay, int64_t T, int64_t B,
+                     const int32_t* lengths, bool reverse, ffi::ThreadPool* pool) {
+  r.T = T, r.B = B, r.H = lay.hidden, r.BT = tile_width(B), r.tiles = (B + r.BT - 1) / r.BT;
+  r.lengths = lengths, r.reverse = reverse;
+  r.threads = threads_for(pool, lay.num_lanes * lay.slots * r.tiles * r.BT + 8 * r.H * B);
+  build_rows<S>(rows, indices, lane_row, lay, values, pool, r.threads);
+  r.rows = &rows;
+}
+
+// Runs `stages` stages of a recurrence (stage q multiplies unless q < skip_products), its rows
+// split over the threads.
+template <typename R, typename Kernels>
+void run_recurrence(const R& rec, const Kernels& k, int64_t stages, int64_t skip_products,
+                    ffi::ThreadPool* pool) {
+  const int64_t threads = rec.threads;
+  const std::vector<int64_t> bounds = balanced_rows(*rec.rows, threads, rec.tiles * rec.BT, 8 * rec.B);
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(widest(bounds) * (rec.BT + 1)));
+  auto stage = [&](int64_t q, int64_t c, int64_t thread) {
+    run_stage(rec, k, q, q >= skip_products, bounds[c], bounds[c + 1], scratch[thread].data());
+  };
+  cpu::run_stages(pool, threads, stages, threads, stage);
+}
+
+template <typename S>
+void forward(const void* x, const void* h0_, const void* values, const int32_t* indices,
+             const int32_t* lane_row, const int32_t* lengths, void* y, void* hT_, int64_t T, int64_t B,
+             const Layout& lay, int64_t act, bool reverse, ffi::ThreadPool* pool) {
+  using Raw = typename S::Raw;
+  const RowsCache::Lease rows = RowsCache::instance().take();
+  Forward f;
+  init_recurrence<S>(f, *rows, indices, lane_row, values, lay, T, B, lengths, reverse, pool);
+  f.x = x, f.y = y;
+  RecurrenceBuffers buffers(f, T);
+  const int64_t H = f.H, BT = f.BT;
+  const auto* h0 = static_cast<const Raw*>(h0_);
+  bool finite = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H; ++i) {
+      const float v = S::load(h0[b * H + i]);
+      f.state[0][(b / BT) * H * BT + i * BT + b % BT] = v;
+      finite &= std::isfinite(v);
+    }
+  if (!finite) f.nonfinite[0].store(1, std::memory_order_relaxed);
+
+  run_recurrence(f, recurrence_kernels<S, true>(BT, act), T, 0, pool);
+
+  auto* hT = static_cast<Raw*>(hT_);
+  const float* h = f.state[T & 1];
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H; ++i) hT[b * H + i] = S::store(h[(b / BT) * H * BT + i * BT + b % BT]);
+}
+
+template <typename S>
+void backward(const void* y, const void* h0, const void* values_t, const int32_t* indices_t,
+              const int32_t* lane_row_t, const int32_t* lengths, const void* dy, const void* dhT_,
+              void* dx, void* dh0_, int64_t T, int64_t B, const Layout& lay, int64_t act, bool reverse,
+              ffi::ThreadPool* pool) {
+  using Raw = typename S::Raw;
+  const RowsCache::Lease rows = RowsCache::instance().take();
+  Backward g;
+  init_recurrence<S>(g, *rows, indices_t, lane_row_t, values_t, lay, T, B, lengths, reverse, pool);
+  g.y = y, g.dy = dy, g.dx = dx;
+  RecurrenceBuffers buffers(g, T + 1);
+  const int64_t H = g.H;
+  const auto* dhT = static_cast<const Raw*>(dhT_);
+  std::vector<float> dh(B * H);
+  for (int64_t e = 0; e < B * H; ++e) dh[e] = S::load(dhT[e]);
+  g.dh = dh.data();
+
+  // Stage 0 only computes dz of the last step from dh_final (nothing to multiply yet).
+  run_recurrence(g, recurrence_kernels<S, false>(g.BT, act), T + 1, 1, pool);
+
+  auto* dh0 = static_cast<Raw*>(dh0_);
+  for (int64_t e = 0; e < B * H; ++e) dh0[e] = S::store(dh[e]);
+}
+
+// dvalues[g, slot] = sum over the examples b of group g and their active steps s of
+// h_before[s, b, col(slot)] * dz[p(s), b, row(slot)]; padding slots stay exactly 0. The summation
+// order is fixed (blocks of pairs in (b, s) order, a fixed tree inside a block), whatever the
+// number of threads, so the result is bitwise reproducible.
+template <typename S>
+void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* indices,
+                 const int32_t* lane_row, const int32_t* lengths, float* dvalues, int64_t T, int64_t B,
+                 int64_t groups, const Layout& lay, bool reverse, ffi::ThreadPool* pool) {
+  const int64_t H = lay.hidden, n = lay.num_lanes * lay.slots, per_group = B / groups;
+  std::fill(dvalues, dvalues + groups * n, 0.0f);
+  const int64_t threads = threads_for(pool, n * std::min<int64_t>(kPairBlock, per_group * T));
+  const RowsCache::Lease lease = RowsCache::instance().take();
+  Rows& rows = *lease;
+  build_rows<S>(rows, indices, lane_row, lay, nullptr, pool, threads);
+  AlignedFloats h_t(H * kPairBlock), dz_t(H * kPairBlock);
+  std::vector<std::pair<int32_t, int32_t>> pairs;
+  WeightGrad w;
+  w.rows = &rows;
+  w.B = B, w.H = H, w.lengths = lengths, w.reverse = reverse, w.y = y, w.h0 = h0, w.dz = dz;
+  w.pairs = &pairs, w.h_t = h_t.data, w.dz_t = dz_t.data;
+  const auto pack = with_isa([](auto isa) { return &decltype(isa)::template pack<S>; });
+  const auto products = with_isa([](auto isa) { return &decltype(isa)::block_sums; });
+  const std::vector<int64_t> bounds = balanced_rows(rows, threads, 1, 0);
+
+  for (int64_t group = 0; group < groups; ++group) {
+    pairs.clear();
+    for (int64_t b = group * per_group; b < (group + 1) * per_group; ++b)
+      for (int32_t s = 0; s < lengths[b]; ++s) pairs.emplace_back(int32_t(b), s);
+    if (pairs.empty()) continue;
+    w.dvalues = dvalues + group * n;
+    const int64_t blocks = (int64_t(pairs.size()) + kPairBlock - 1) / kPairBlock;
+    // the width of a block: the pairs it holds rounded up to 16 (only the last block is narrower)
+    auto width = [&](int64_t block) {
+      return std::min<int64_t>(kPairBlock, (int64_t(pairs.size()) - block * kPairBlock + 15) / 16 * 16);
+    };
+    auto stage = [&](int64_t st, int64_t c, int64_t thread) {
+      const int64_t block = st / 2, wd = width(block);
+      if (st % 2 == 0) {  // pack: the block's columns in 16-wide groups, split over the threads
+        const int64_t groups16 = wd / 16;
+        pack(w, block, groups16 * c / threads * 16, groups16 * (c + 1) / threads * 16);
+      } else {
+        products(w, wd, bounds[c], bounds[c + 1]);
+      }
+    };
+    cpu::run_stages(pool, threads, 2 * blocks, threads, stage);
+  }
+}
+
+// ---- the handlers ------------------------------------------------------------------------------
 
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer values,
                        ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
                        ffi::Buffer<ffi::S32> lengths, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> h_final, int64_t activation, int64_t reverse,
                        int64_t slots_per_lane, int64_t warps_per_cta, int64_t reg_slots,
-                       int64_t load_bytes) {
+                       int64_t load_bytes, ffi::ThreadPool pool) {
   auto dims = x.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jax_sprnn_forward: x must be [T, B, H]");
   const int64_t T = dims[0], B = dims[1], H = dims[2];
@@ -220,17 +956,17 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer value
     case ffi::F32:
       forward<F32>(x.untyped_data(), h0.untyped_data(), values.untyped_data(), indices.typed_data(),
                    lane_row.typed_data(), lengths.typed_data(), y->untyped_data(),
-                   h_final->untyped_data(), T, B, lay, activation, rev);
+                   h_final->untyped_data(), T, B, lay, activation, rev, &pool);
       break;
     case ffi::BF16:
       forward<BF16>(x.untyped_data(), h0.untyped_data(), values.untyped_data(), indices.typed_data(),
                     lane_row.typed_data(), lengths.typed_data(), y->untyped_data(),
-                    h_final->untyped_data(), T, B, lay, activation, rev);
+                    h_final->untyped_data(), T, B, lay, activation, rev, &pool);
       break;
     case ffi::F16:
       forward<F16>(x.untyped_data(), h0.untyped_data(), values.untyped_data(), indices.typed_data(),
                    lane_row.typed_data(), lengths.typed_data(), y->untyped_data(),
-                   h_final->untyped_data(), T, B, lay, activation, rev);
+                   h_final->untyped_data(), T, B, lay, activation, rev, &pool);
       break;
     default:
       return ffi::Error::InvalidArgument("jax_sprnn_forward: dtype must be float32, bfloat16 or float16");
@@ -238,63 +974,13 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer value
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------ backward ---------------------------------------
-
-// The state that step s of example b started from: h0, or the output of the previous active step.
-template <typename S>
-const typename S::Raw* state_before(const typename S::Raw* y, const typename S::Raw* h0, int64_t s,
-                                    int64_t b, int64_t B, int64_t H, int64_t len, bool reverse) {
-  if (s == 0) return h0 + b * H;
-  return y + (position(s - 1, len, reverse) * B + b) * H;
-}
-
-template <typename S>
-void backward(const void* y_, const void* h0_, const void* values_t_, const int32_t* indices_t,
-              const int32_t* lane_row_t, const int32_t* lengths, const void* dy_,
-              const void* dhT_, void* dx_, void* dh0_, int64_t T, int64_t B, const Layout& lay,
-              int64_t act, bool reverse) {
-  using Raw = typename S::Raw;
-  const int64_t H = lay.hidden;
-  const auto* y = static_cast<const Raw*>(y_);
-  const auto* dy = static_cast<const Raw*>(dy_);
-  auto* dx = static_cast<Raw*>(dx_);
-  const std::vector<float> wt = to_float<S>(values_t_, lay.num_lanes * lay.slots);
-  std::vector<float> dh = to_float<S>(dhT_, B * H), dz(B * H), acc(B * H);
-  std::vector<int64_t> active;
-  for (int64_t s = T - 1; s >= 0; --s) {
-    active.clear();
-    for (int64_t b = 0; b < B; ++b) {
-      if (s < lengths[b]) {
-        active.push_back(b);
-      } else {  // outputs past the length are constant zeros: nothing flows back through them
-        std::fill(dx + (s * B + b) * H, dx + (s * B + b + 1) * H, S::store(0.0f));
-      }
-    }
-    for (int64_t b : active) {
-      const int64_t p = position(s, lengths[b], reverse);
-      const Raw* yp = y + (p * B + b) * H;
-      const Raw* dyp = dy + (p * B + b) * H;
-      Raw* dxp = dx + (p * B + b) * H;
-      for (int64_t i = 0; i < H; ++i) {
-        const float g = (dh[b * H + i] + S::load(dyp[i])) * activation_grad(act, S::load(yp[i]));
-        dz[b * H + i] = g;
-        dxp[i] = S::store(g);
-      }
-      std::fill(&acc[b * H], &acc[(b + 1) * H], 0.0f);
-    }
-    sparse_matvec(wt, indices_t, lane_row_t, lay, dz, active, acc);
-    for (int64_t b : active) std::copy(&acc[b * H], &acc[(b + 1) * H], &dh[b * H]);
-  }
-  auto* dh0 = static_cast<Raw*>(dh0_);
-  for (int64_t e = 0; e < B * H; ++e) dh0[e] = S::store(dh[e]);
-}
-
 ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer values_t,
                         ffi::Buffer<ffi::S32> indices_t, ffi::Buffer<ffi::S32> lane_row_t,
                         ffi::Buffer<ffi::S32> lengths, ffi::AnyBuffer dy, ffi::AnyBuffer dh_final,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dh0,
                         int64_t activation, int64_t reverse, int64_t slots_per_lane,
-                        int64_t warps_per_cta, int64_t reg_slots, int64_t load_bytes) {
+                        int64_t warps_per_cta, int64_t reg_slots, int64_t load_bytes,
+                        ffi::ThreadPool pool) {
   auto dims = y.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jax_sprnn_backward: y must be [T, B, H]");
   const int64_t T = dims[0], B = dims[1], H = dims[2];
@@ -321,7 +1007,7 @@ ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer valu
   backward<S>(y.untyped_data(), h0.untyped_data(), values_t.untyped_data(), indices_t.typed_data(), \
               lane_row_t.typed_data(), lengths.typed_data(), dy.untyped_data(),                     \
               dh_final.untyped_data(), dx->untyped_data(), dh0->untyped_data(), T, B, lay,          \
-              activation, rev)
+              activation, rev, &pool)
   switch (dt) {
     case ffi::F32: JAX_SPRNN_BACKWARD(F32); break;
     case ffi::BF16: JAX_SPRNN_BACKWARD(BF16); break;
@@ -333,45 +1019,11 @@ ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer valu
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------ weight gradient --------------------------------
-
-// dvalues[g, slot] = sum over the examples b of group g and their active steps s of
-// h_before[s, b, col(slot)] * dz[p(s), b, row(slot)]; padding slots stay exactly 0. The loop order
-// is fixed, so the result is bitwise reproducible.
-template <typename S>
-void weight_grad(const void* y_, const void* h0_, const void* dz_, const int32_t* indices,
-                 const int32_t* lane_row, const int32_t* lengths, float* dvalues, int64_t T,
-                 int64_t B, int64_t groups, const Layout& lay, bool reverse) {
-  using Raw = typename S::Raw;
-  const int64_t H = lay.hidden, K = lay.slots, n = lay.num_lanes * K, per_group = B / groups;
-  const auto* y = static_cast<const Raw*>(y_);
-  const auto* h0 = static_cast<const Raw*>(h0_);
-  const auto* dz = static_cast<const Raw*>(dz_);
-  std::fill(dvalues, dvalues + groups * n, 0.0f);
-  std::vector<float> hb(H), dzb(H);
-  for (int64_t b = 0; b < B; ++b) {
-    float* out = dvalues + (b / per_group) * n;
-    for (int64_t s = 0; s < lengths[b]; ++s) {
-      const Raw* hp = state_before<S>(y, h0, s, b, B, H, lengths[b], reverse);
-      const Raw* dzp = dz + (position(s, lengths[b], reverse) * B + b) * H;
-      for (int64_t i = 0; i < H; ++i) {
-        hb[i] = S::load(hp[i]);
-        dzb[i] = S::load(dzp[i]);
-      }
-      for (int64_t e = 0; e < n; ++e) {
-        const int32_t idx = indices[e];
-        const int64_t row = lane_row[lane_of_slot(e, K)];
-        if (idx < 0 || row < 0) continue;
-        out[e] += hb[idx] * dzb[row];
-      }
-    }
-  }
-}
-
 ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz,
                           ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
                           ffi::Buffer<ffi::S32> lengths, ffi::Result<ffi::Buffer<ffi::F32>> dvalues,
-                          int64_t groups, int64_t reverse, int64_t slots_per_lane) {
+                          int64_t groups, int64_t reverse, int64_t slots_per_lane,
+                          ffi::ThreadPool pool) {
   auto dims = y.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jax_sprnn_weight_grad: y must be [T, B, H]");
   const int64_t T = dims[0], B = dims[1], H = dims[2];
@@ -397,8 +1049,8 @@ ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz
   const bool rev = reverse != 0;
 #define JAX_SPRNN_WGRAD(S)                                                                         \
   weight_grad<S>(y.untyped_data(), h0.untyped_data(), dz.untyped_data(), indices.typed_data(),     \
-                 lane_row.typed_data(), lengths.typed_data(), dvalues->typed_data(), T, B, groups, \
-                 lay, rev)
+                 lane_row.typed_data(), lengths.typed_data(), dvalues->typed_data(), T, B, groups, lay, \
+                 rev, &pool)
   switch (dt) {
     case ffi::F32: JAX_SPRNN_WGRAD(F32); break;
     case ffi::BF16: JAX_SPRNN_WGRAD(BF16); break;
@@ -416,13 +1068,16 @@ ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz
 namespace binds = jax_sprnn::bindings;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardCpu, jax_sprnn::ForwardImpl,
-                              binds::layout_attrs(binds::forward_operands(ffi::Ffi::Bind())));
+                              binds::layout_attrs(binds::forward_operands(ffi::Ffi::Bind()))
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCpu, jax_sprnn::BackwardImpl,
-                              binds::layout_attrs(binds::backward_operands(ffi::Ffi::Bind())));
+                              binds::layout_attrs(binds::backward_operands(ffi::Ffi::Bind()))
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnWeightGradCpu, jax_sprnn::WeightGradImpl,
                               binds::weight_grad_operands(ffi::Ffi::Bind())
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("slots_per_lane"));
+                                  .Attr<int64_t>("slots_per_lane")
+                                  .Ctx<ffi::ThreadPool>());
