@@ -4,8 +4,10 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "constants_export.h"
@@ -16,9 +18,11 @@ namespace sc = jax_sprnn::cuda;
 
 namespace {
 
-template <typename Fn>
-nb::capsule handler_capsule(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
+// FFI target name -> handler capsule, for jax.ffi.register_ffi_target.
+nb::dict capsules(std::initializer_list<std::pair<const char*, XLA_FFI_Handler*>> handlers) {
+  nb::dict d;
+  for (const auto& [name, fn] : handlers) d[name] = nb::capsule(reinterpret_cast<void*>(fn));
+  return d;
 }
 
 void check(const std::string& error) {
@@ -39,22 +43,18 @@ NB_MODULE(_sprnn_cuda, m) {
   m.def(
       "registrations",
       []() {
-        nb::dict d;
-        d["jax_sprnn_forward"] = handler_capsule(JaxSprnnForwardCuda);
-        d["jax_sprnn_backward"] = handler_capsule(JaxSprnnBackwardCuda);
-        d["jax_sprnn_weight_grad"] = handler_capsule(JaxSprnnWeightGradCuda);
-        return d;
+        return capsules({{"jax_sprnn_forward", JaxSprnnForwardCuda},
+                         {"jax_sprnn_backward", JaxSprnnBackwardCuda},
+                         {"jax_sprnn_weight_grad", JaxSprnnWeightGradCuda}});
       },
       "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
   m.def(
       "testing_registrations",
       []() {
-        nb::dict d;
-        d["jax_sprnn_forward_hooked"] = handler_capsule(JaxSprnnForwardHookedCuda);
-        d["jax_sprnn_backward_hooked"] = handler_capsule(JaxSprnnBackwardHookedCuda);
-        d["jax_sprnn_sync_floor"] = handler_capsule(JaxSprnnSyncFloorCuda);
-        return d;
+        return capsules({{"jax_sprnn_forward_hooked", JaxSprnnForwardHookedCuda},
+                         {"jax_sprnn_backward_hooked", JaxSprnnBackwardHookedCuda},
+                         {"jax_sprnn_sync_floor", JaxSprnnSyncFloorCuda}});
       },
       "The test and benchmark targets, like registrations(): the recurrences with their test "
       "hooks as attributes, and the synchronization floor.");

@@ -388,6 +388,18 @@ constexpr auto BackwardProduction = &BackwardImpl<>;
 constexpr auto ForwardHooked = &ForwardImpl<int64_t, int64_t, int64_t>;
 constexpr auto BackwardHooked = &BackwardImpl<int64_t, int64_t, int64_t>;
 
+// The production bindings: the operands, the workspace result, the layout attributes.
+auto forward_binding() {
+  return bindings::layout_attrs(
+      bindings::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+}
+auto backward_binding() {
+  return bindings::layout_attrs(
+      bindings::backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+}
+
 }  // namespace
 }  // namespace jax_sprnn::cuda
 
@@ -395,34 +407,18 @@ constexpr auto BackwardHooked = &BackwardImpl<int64_t, int64_t, int64_t>;
 // FFI symbols
 // ================================================================================================
 
-namespace binds = jax_sprnn::bindings;
+namespace sc = jax_sprnn::cuda;
 
-// Production targets (registrations()): the layout attributes only.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxSprnnForwardCuda, jax_sprnn::cuda::ForwardProduction,
-    binds::layout_attrs(
-        binds::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-            .Ret<ffi::Buffer<ffi::U8>>()),  // workspace
-    {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxSprnnBackwardCuda, jax_sprnn::cuda::BackwardProduction,
-    binds::layout_attrs(
-        binds::backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-            .Ret<ffi::Buffer<ffi::U8>>()),  // workspace
-    {ffi::Traits::kCmdBufferCompatible});
+// Production targets (registrations()).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardCuda, sc::ForwardProduction, sc::forward_binding(),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCuda, sc::BackwardProduction, sc::backward_binding(),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 // Test and benchmark targets (testing_registrations()): the same, plus the hooks.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxSprnnForwardHookedCuda, jax_sprnn::cuda::ForwardHooked,
-    binds::cuda_hook_attrs(binds::layout_attrs(
-        binds::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-            .Ret<ffi::Buffer<ffi::U8>>())),  // workspace
-    {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxSprnnBackwardHookedCuda, jax_sprnn::cuda::BackwardHooked,
-    binds::cuda_hook_attrs(binds::layout_attrs(
-        binds::backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-            .Ret<ffi::Buffer<ffi::U8>>())),  // workspace
-    {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardHookedCuda, sc::ForwardHooked,
+                              jax_sprnn::bindings::cuda_hook_attrs(sc::forward_binding()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardHookedCuda, sc::BackwardHooked,
+                              jax_sprnn::bindings::cuda_hook_attrs(sc::backward_binding()),
+                              {ffi::Traits::kCmdBufferCompatible});

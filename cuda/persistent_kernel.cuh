@@ -43,7 +43,8 @@
 //   * Out-of-range indices / lane_row entries (clamped, so memory stays safe), a row with two runs
 //     in one warp, and a grid-wide head count != H (checked by the finisher) set the layout bit.
 //   * lengths are clamped to [0, T] on the device (the host cannot read them).
-//   * The handlers (cuda_persistent.cu) turn the flag into NaN outputs and a deferred XLA error.
+//   * The finisher the handlers launch after the kernel (deferred_errors.h) turns the flag into NaN
+//     outputs and a deferred XLA error.
 #pragma once
 
 #include <cooperative_groups.h>
