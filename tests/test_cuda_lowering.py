@@ -1,0 +1,67 @@
+"""What the CUDA lowering of the recurrences emits, checked on any machine (lowered for CUDA with
+jax.export, never run): production calls bind the production targets with the layout attributes
+only; a call that sets a test hook binds the hooked target, hooks included (docs/format.md)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jax_sprnn import _native
+from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p
+from jax_sprnn.testing import make_problem
+
+LAYOUT_ATTRS = {"activation", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
+HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us"}
+
+
+@pytest.fixture
+def cuda_targets_registered(monkeypatch):
+    """Lower as if the CUDA module were built (the lowering asks _native what it registered)."""
+    names = {"jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad",
+             "jax_sprnn_forward_hooked", "jax_sprnn_backward_hooked", "jax_sprnn_sync_floor"}
+    monkeypatch.setattr(_native, "_CUDA_TARGETS", frozenset(names))
+    monkeypatch.setattr(_native, "initialize_cuda", lambda: None)
+
+
+def _custom_calls(fn, *args):
+    """(target, attribute names) of each custom call in fn lowered for CUDA."""
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _native.cuda_targets()]
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+    calls = []
+    for target, config in re.findall(r"stablehlo\.custom_call @(\w+)\(.*?backend_config = \{([^}]*)\}",
+                                     text):
+        calls.append((target, set(re.findall(r"(\w+) = ", config))))
+    return calls
+
+
+@pytest.mark.parametrize("hooks, target, attrs", [
+    ({}, "jax_sprnn_forward", LAYOUT_ATTRS),
+    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "jax_sprnn_forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
+    ({"grid_barrier": True}, "jax_sprnn_forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
+])
+def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered, hooks, target, attrs):
+    _, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")
+    x_tm = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.full((2,), 16, jnp.int32)
+
+    def fn(x_tm, h0):
+        return sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
+                                    activation="tanh", reverse=False, meta=w.meta, method="native",
+                                    **hooks)
+    assert _custom_calls(fn, x_tm, h0) == [(target, attrs)]
+
+
+def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered):
+    _, w, x, h0 = make_problem(7, 300, 2, 16, 0.1, "float16")
+    y = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.full((2,), 16, jnp.int32)
+
+    def fn(y, h0, **hooks):
+        return sprnn_backward_p.bind(y, h0, w.transposed_values(), w.indices_t, w.lane_row_t, lengths,
+                                     jnp.ones_like(y), jnp.zeros_like(h0), activation="tanh",
+                                     reverse=False, meta=w.meta_t, method="native", **hooks)
+    assert _custom_calls(fn, y, h0) == [("jax_sprnn_backward", LAYOUT_ATTRS)]
+    assert _custom_calls(lambda y, h0: fn(y, h0, debug_stall_cta=0), y, h0) == [
+        ("jax_sprnn_backward_hooked", LAYOUT_ATTRS | HOOK_ATTRS)]
