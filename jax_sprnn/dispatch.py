@@ -36,7 +36,10 @@ class Decision:
     time_chunks: int = 1
 
 
-_CPU_NOT_BUILT = "the CPU module jax_sprnn._sprnn_cpu was not built"
+def _cpu_missing() -> str:
+    """Why there are no CPU kernels: the loader's reason where it refused a built module."""
+    return "the CPU module " + (_native.unavailable_reason("_sprnn_cpu")
+                                or "jax_sprnn._sprnn_cpu was not built")
 
 
 def on_cpu(method: str) -> Decision:
@@ -44,8 +47,8 @@ def on_cpu(method: str) -> Decision:
     if _native.has_cpu_kernels():
         return Decision("kernel", "the CPU module is built")
     if method == "native":
-        raise RuntimeError(f"method='native': {_CPU_NOT_BUILT}")
-    return Decision("fallback", _CPU_NOT_BUILT,
+        raise RuntimeError(f"method='native': {_cpu_missing()}")
+    return Decision("fallback", _cpu_missing(),
                     "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
 
 
