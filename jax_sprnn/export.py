@@ -106,9 +106,15 @@ def _packed_mask_aux_from_bytes(data: bytes) -> tuple:
     return meta, meta_t, fields["dtype"], fields["row_budget"], fields["col_budget"]
 
 
-_export.register_pytree_node_serialization(
-    SparseWeights, serialized_name="jax_sprnn.SparseWeights",
-    serialize_auxdata=_metas_to_bytes, deserialize_auxdata=_metas_from_bytes)
-_export.register_pytree_node_serialization(
-    PackedMask, serialized_name="jax_sprnn.pruning.PackedMask",
-    serialize_auxdata=_packed_mask_aux_to_bytes, deserialize_auxdata=_packed_mask_aux_from_bytes)
+def _register(nodetype: type, name: str, to_bytes, from_bytes) -> None:
+    try:
+        _export.register_pytree_node_serialization(nodetype, serialized_name=name,
+                                                   serialize_auxdata=to_bytes,
+                                                   deserialize_auxdata=from_bytes)
+    except ValueError:  # registered already: this module is imported again (importlib.reload)
+        pass
+
+
+_register(SparseWeights, "jax_sprnn.SparseWeights", _metas_to_bytes, _metas_from_bytes)
+_register(PackedMask, "jax_sprnn.pruning.PackedMask", _packed_mask_aux_to_bytes,
+          _packed_mask_aux_from_bytes)

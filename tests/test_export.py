@@ -1,5 +1,6 @@
 """jax.export: a jitted model that uses the op serializes, and runs in a fresh process."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -117,3 +118,11 @@ def test_serialize_without_flatbuffers_names_the_extra(monkeypatch):
         js.export.serialize(exported)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'jax_sprnn\[export\]'"):
         js.export.deserialize(b"")
+
+
+def test_reloading_export_keeps_its_registrations():
+    # jax.export refuses a second registration of a name; a reload must not make the import fail.
+    importlib.reload(jax_sprnn.export)
+    dense, w, x, h0 = make_problem(3, 16, 1, 2, 0.5)
+    exported = js.export.export(lambda x, h0, w: js.sparse_rnn(x, h0, w))(x, h0, w)
+    assert js.export.deserialize(js.export.serialize(exported)).in_tree == exported.in_tree
