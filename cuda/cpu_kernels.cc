@@ -12,6 +12,7 @@
 #include "cpu_kernels.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -54,25 +55,28 @@ struct BF16 {
   }
 };
 
+// Branch-free: integer masks select among the cases, so that loops over a row vectorize (a branch,
+// or a select on floats, keeps GCC from vectorizing them).
 struct F16 {
   using Raw = uint16_t;
   static float load(Raw h) {
-    uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    if (exp == 0) return std::copysign(float(mant) * (1.0f / 16777216.0f), sign ? -1.0f : 1.0f);
-    if (exp == 31) return float_of(sign | 0x7f800000u | (mant << 13));
-    return float_of(sign | ((exp + 112u) << 23) | (mant << 13));
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    const uint32_t normal = ((exp + 112u) << 23) | (mant << 13);
+    const uint32_t special = 0x7f800000u | (mant << 13);  // Inf or NaN
+    // a subnormal (or zero) as 2^-14 * (1 + m/1024) - 2^-14: exact, and no denormal operand (which
+    // denormals-are-zero would flush)
+    const uint32_t tiny = bits_of(float_of(0x38800000u | (mant << 13)) - float_of(0x38800000u));
+    const uint32_t is_tiny = 0u - uint32_t(exp == 0), is_special = 0u - uint32_t(exp == 31);
+    return float_of(sign | (tiny & is_tiny) | (special & is_special) | (normal & ~(is_tiny | is_special)));
   }
   static Raw store(float f) {
-    uint32_t u = bits_of(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    if (a >= 0x47800000u) {  // overflow, Inf or NaN
-      return Raw(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u));
-    }
-    if (a < 0x38800000u) {  // result is a float16 subnormal or zero: let the FPU round it
-      float r = float_of(a) + 0.5f;
-      return Raw(sign | (bits_of(r) - 0x3f000000u));
-    }
-    a += 0xc8000fffu + ((a >> 13) & 1u);  // rebias the exponent, round to nearest even
-    return Raw(sign | (a >> 13));
+    const uint32_t u = bits_of(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // overflow, Inf or NaN
+    // a float16 subnormal or zero: let the FPU round it
+    const uint32_t tiny = bits_of(float_of(a) + 0.5f) - 0x3f000000u;
+    const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias, round to nearest even
+    const uint32_t is_big = 0u - uint32_t(a >= 0x47800000u), is_tiny = 0u - uint32_t(a < 0x38800000u);
+    return Raw(sign | (big & is_big) | (tiny & is_tiny) | (normal & ~(is_big | is_tiny)));
   }
 };
 
@@ -330,7 +334,7 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
     out[0] = sum;
   } else {
     using V = typename Tile<BT>::Vec;
-    constexpr int U = BT >= 16 ? 4 : 8;
+    constexpr int U = 4;
     V acc[U] = {};
     V hv;
     int64_t k = 0;
@@ -392,6 +396,9 @@ JAX_SPRNN_INLINE float tanh_f32(float x) {
   return float_of((t & ~nan) | (xb & nan));
 }
 
+// 1 for Inf or NaN, 0 otherwise, in integer arithmetic (an OR over a row then vectorizes).
+JAX_SPRNN_INLINE uint32_t not_finite(float v) { return uint32_t((bits_of(v) & 0x7f800000u) == 0x7f800000u); }
+
 // z[0, n) = act(z[0, n)) in place.
 template <int ACT>
 JAX_SPRNN_INLINE void activate_row(float* z, int64_t n) {
@@ -447,13 +454,15 @@ JAX_SPRNN_INLINE bool forward_epilogue(const Forward& f, int64_t s, int64_t t, i
       Raw* yp = y + (p * B + b) * H;
       for (int64_t r = r0; r < r1; ++r) z[r - r0] = S::load(xp[r]) + acc[(r - r0) * BT + j];
       activate_row<ACT>(z, r1 - r0);
+      uint32_t nonfinite = 0;
       for (int64_t r = r0; r < r1; ++r) {
         const Raw out = S::store(z[r - r0]);
-        const float v = S::load(out);
         yp[r] = out;
-        next[r * BT + j] = v;
-        finite &= std::isfinite(v);
+        z[r - r0] = S::load(out);
+        nonfinite |= not_finite(z[r - r0]);
       }
+      finite &= nonfinite == 0;
+      for (int64_t r = r0; r < r1; ++r) next[r * BT + j] = z[r - r0];
     } else {
       Raw* ys = y + (s * B + b) * H;
       for (int64_t r = r0; r < r1; ++r) {
@@ -499,12 +508,15 @@ JAX_SPRNN_INLINE bool backward_epilogue(const Backward& g, int64_t q, int64_t t,
       const Raw* yp = y + (p * B + b) * H;
       const Raw* dyp = dy + (p * B + b) * H;
       Raw* dxp = dx + (p * B + b) * H;
+      uint32_t nonfinite = 0;
       for (int64_t r = r0; r < r1; ++r) {
         const float dz = (dh[r] + S::load(dyp[r])) * activation_grad(ACT, S::load(yp[r]));
-        next[r * BT + j] = dz;
+        z[r - r0] = dz;
         dxp[r] = S::store(dz);
-        finite &= std::isfinite(dz);
+        nonfinite |= not_finite(dz);
       }
+      finite &= nonfinite == 0;
+      for (int64_t r = r0; r < r1; ++r) next[r * BT + j] = z[r - r0];
     } else {  // outputs past the length are constant zeros: nothing flows back through them
       Raw* dxs = dx + ((s - 1) * B + b) * H;
       for (int64_t r = r0; r < r1; ++r) {
@@ -519,7 +531,7 @@ JAX_SPRNN_INLINE bool backward_epilogue(const Backward& g, int64_t q, int64_t t,
 // The weight gradient runs over blocks of kPairBlock (example, step) pairs: a stage packs the block's
 // h_before and dz rows transposed, [H][kPairBlock] float32, the next one adds, for every nonzero
 // (i, j), the block's dot product of dz[i] and h_before[j] to its slot.
-constexpr int64_t kPairBlock = 128;
+constexpr int64_t kPairBlock = 128;  // 16 * 8: block_sums<8>
 
 struct WeightGrad {
   const Rows* rows;
@@ -544,62 +556,74 @@ const Raw* state_before(const Raw* y, const Raw* h0, int64_t s, int64_t b, int64
 }
 
 // Packs the columns [c0, c1) (multiples of 16) of pair block `block`; pairs past the end give zeros.
+// 16 pairs at a time: their rows converted to float32 one after the other (contiguous, so the
+// conversion vectorizes) into `rows` (scratch for 32 * H floats), then transposed.
 template <typename S>
-JAX_SPRNN_INLINE void pack_pairs(const WeightGrad& w, int64_t block, int64_t c0, int64_t c1) {
+JAX_SPRNN_INLINE void pack_pairs(const WeightGrad& w, int64_t block, int64_t c0, int64_t c1, float* rows) {
   using Raw = typename S::Raw;
   constexpr int64_t kGroup = 16;
   const int64_t H = w.H, B = w.B, n = int64_t(w.pairs->size());
   const auto* y = static_cast<const Raw*>(w.y);
   const auto* h0 = static_cast<const Raw*>(w.h0);
   const auto* dz = static_cast<const Raw*>(w.dz);
-  static const Raw zero = S::store(0.0f);
+  float* h_rows = rows;
+  float* dz_rows = rows + kGroup * H;
   for (int64_t c = c0; c < c1; c += kGroup) {
-    const Raw* hp[kGroup];
-    const Raw* dzp[kGroup];
-    int64_t live[kGroup];  // 1 for a real pair, 0 for padding (reads a zero, stride 0)
     for (int64_t u = 0; u < kGroup; ++u) {
       const int64_t at = block * kPairBlock + c + u;
-      if (at < n) {
-        const auto [b, s] = (*w.pairs)[at];
-        const int64_t len = w.lengths[b];
-        hp[u] = state_before(y, h0, s, b, B, H, len, w.reverse);
-        dzp[u] = dz + (position(s, len, w.reverse) * B + b) * H;
-        live[u] = 1;
-      } else {
-        hp[u] = dzp[u] = &zero;
-        live[u] = 0;
+      float* hr = h_rows + u * H;
+      float* dr = dz_rows + u * H;
+      if (at >= n) {
+        std::fill(hr, hr + H, 0.0f);
+        std::fill(dr, dr + H, 0.0f);
+        continue;
       }
+      const auto [b, s] = (*w.pairs)[at];
+      const int64_t len = w.lengths[b];
+      const Raw* hp = state_before(y, h0, s, b, B, H, len, w.reverse);
+      const Raw* dzp = dz + (position(s, len, w.reverse) * B + b) * H;
+      for (int64_t i = 0; i < H; ++i) hr[i] = S::load(hp[i]);
+      for (int64_t i = 0; i < H; ++i) dr[i] = S::load(dzp[i]);
     }
     for (int64_t i = 0; i < H; ++i)
       for (int64_t u = 0; u < kGroup; ++u) {
-        w.h_t[i * kPairBlock + c + u] = S::load(hp[u][i * live[u]]);
-        w.dz_t[i * kPairBlock + c + u] = S::load(dzp[u][i * live[u]]);
+        w.h_t[i * kPairBlock + c + u] = h_rows[u * H + i];
+        w.dz_t[i * kPairBlock + c + u] = dz_rows[u * H + i];
       }
   }
 }
 
-// a . b over n floats (a multiple of 16), in a fixed order: 4 x 16 lanes, then a fixed tree.
-JAX_SPRNN_INLINE float block_dot(const float* a, const float* b, int64_t n) {
-  float acc[4][16] = {};
-  int64_t k = 0;
-  for (; k + 64 <= n; k += 64)
-    for (int u = 0; u < 4; ++u)
-      for (int j = 0; j < 16; ++j) acc[u][j] += a[k + 16 * u + j] * b[k + 16 * u + j];
-  for (; k < n; k += 16)
-    for (int j = 0; j < 16; ++j) acc[0][j] += a[k + j] * b[k + j];
-  for (int j = 0; j < 16; ++j) acc[0][j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
-  for (int width = 8; width >= 1; width /= 2)
-    for (int j = 0; j < width; ++j) acc[0][j] += acc[0][j + width];
-  return acc[0][0];
-}
-
-// Rows [r0, r1): every nonzero's slot gets the block's sum of h_before[col] * dz[row].
-JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t width, int64_t r0, int64_t r1) {
+// Rows [r0, r1): every real entry's slot gets the block's sum over its 16 * NV pairs of
+// h_before[col] * dz[row]. The row's dz block stays in registers; a slot's products go into two
+// vector partial sums, then a fixed tree over the 16 lanes (the same order on every ISA and thread).
+template <int NV>
+JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1) {
+  using V = Tile<16>::Vec;
+  using V8 = Tile<8>::Vec;
+  using V4 = Tile<4>::Vec;
   const Rows& m = *w.rows;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* dz = w.dz_t + r * kPairBlock;
-    for (int64_t k = m.begin[r]; k < m.end[r]; ++k)
-      w.dvalues[m.slot[k]] += block_dot(w.h_t + int64_t(m.col[k]) * kPairBlock, dz, width);
+    V dz[NV], hv;
+    for (int v = 0; v < NV; ++v) std::memcpy(&dz[v], w.dz_t + r * kPairBlock + 16 * v, sizeof(V));
+    for (int64_t k = m.begin[r]; k < m.end[r]; ++k) {
+      JAX_SPRNN_NO_LOOP_VECTORIZE();
+      const float* h = w.h_t + int64_t(m.col[k]) * kPairBlock;
+      V acc[2] = {};
+      for (int v = 0; v < NV; ++v) {
+        std::memcpy(&hv, h + 16 * v, sizeof(V));
+        acc[v & 1] += hv * dz[v];
+      }
+      acc[0] += acc[1];
+      V8 lo8, hi8;
+      std::memcpy(&lo8, &acc[0], sizeof(V8));
+      std::memcpy(&hi8, reinterpret_cast<const char*>(&acc[0]) + sizeof(V8), sizeof(V8));
+      lo8 += hi8;
+      V4 lo4, hi4;
+      std::memcpy(&lo4, &lo8, sizeof(V4));
+      std::memcpy(&hi4, reinterpret_cast<const char*>(&lo8) + sizeof(V4), sizeof(V4));
+      lo4 += hi4;
+      w.dvalues[m.slot[k]] += (lo4[0] + lo4[2]) + (lo4[1] + lo4[3]);
+    }
   }
 }
 
@@ -624,11 +648,13 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t width, int64_t
       return backward_epilogue<S, ACT>(g, q, t, r0, r1, acc, z);                                     \
     }                                                                                                \
     template <typename S>                                                                            \
-    ATTRIBUTE static void pack(const WeightGrad& w, int64_t block, int64_t c0, int64_t c1) {         \
-      pack_pairs<S>(w, block, c0, c1);                                                               \
+    ATTRIBUTE static void pack(const WeightGrad& w, int64_t block, int64_t c0, int64_t c1,           \
+                               float* rows) {                                                        \
+      pack_pairs<S>(w, block, c0, c1, rows);                                                         \
     }                                                                                                \
-    ATTRIBUTE static void block_sums(const WeightGrad& w, int64_t width, int64_t r0, int64_t r1) {   \
-      block_products(w, width, r0, r1);                                                              \
+    template <int NV>                                                                                \
+    ATTRIBUTE static void block_sums(const WeightGrad& w, int64_t r0, int64_t r1) {                  \
+      block_products<NV>(w, r0, r1);                                                                 \
     }                                                                                                \
   };
 
@@ -896,8 +922,14 @@ void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* i
   w.B = B, w.H = H, w.lengths = lengths, w.reverse = reverse, w.y = y, w.h0 = h0, w.dz = dz;
   w.pairs = &pairs, w.h_t = h_t.data, w.dz_t = dz_t.data;
   const auto pack = with_isa([](auto isa) { return &decltype(isa)::template pack<S>; });
-  const auto products = with_isa([](auto isa) { return &decltype(isa)::block_sums; });
+  using BlockSums = void (*)(const WeightGrad&, int64_t, int64_t);
+  const auto block_sums = with_isa([](auto isa) {
+    using I = decltype(isa);
+    return std::array<BlockSums, 4>{&I::template block_sums<1>, &I::template block_sums<2>,
+                                    &I::template block_sums<4>, &I::template block_sums<8>};
+  });
   const std::vector<int64_t> bounds = balanced_rows(rows, threads, 1, 0);
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(32 * H));
 
   for (int64_t group = 0; group < groups; ++group) {
     pairs.clear();
@@ -906,17 +938,23 @@ void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* i
     if (pairs.empty()) continue;
     w.dvalues = dvalues + group * n;
     const int64_t blocks = (int64_t(pairs.size()) + kPairBlock - 1) / kPairBlock;
-    // the width of a block: the pairs it holds rounded up to 16 (only the last block is narrower)
-    auto width = [&](int64_t block) {
-      return std::min<int64_t>(kPairBlock, (int64_t(pairs.size()) - block * kPairBlock + 15) / 16 * 16);
+    // A block is 16 * 2^v pairs wide, the narrowest that holds its pairs (only the last one is
+    // not full); the pack stage pads it with zeros.
+    auto log2_vectors = [&](int64_t block) {
+      const int64_t held = std::min<int64_t>(kPairBlock, int64_t(pairs.size()) - block * kPairBlock);
+      int v = 0;
+      while (16 << v < held) ++v;
+      return v;
     };
     auto stage = [&](int64_t st, int64_t c, int64_t thread) {
-      const int64_t block = st / 2, wd = width(block);
+      const int64_t block = st / 2;
+      const int v = log2_vectors(block);
       if (st % 2 == 0) {  // pack: the block's columns in 16-wide groups, split over the threads
-        const int64_t groups16 = wd / 16;
-        pack(w, block, groups16 * c / threads * 16, groups16 * (c + 1) / threads * 16);
+        const int64_t groups16 = int64_t(1) << v;
+        pack(w, block, groups16 * c / threads * 16, groups16 * (c + 1) / threads * 16,
+             scratch[thread].data());
       } else {
-        products(w, wd, bounds[c], bounds[c + 1]);
+        block_sums[v](w, bounds[c], bounds[c + 1]);
       }
     };
     cpu::run_stages(pool, threads, 2 * blocks, threads, stage);
