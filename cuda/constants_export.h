@@ -53,6 +53,12 @@ inline nanobind::dict exported_constants() {
   d["cuda_workspace_bytes"] = nb::cpp_function(
       [](int64_t batch, int64_t hidden) { return c::cuda_workspace_bytes(batch, hidden); },
       nb::arg("batch"), nb::arg("hidden"));
+  d["persistent_smem_bytes"] = nb::cpp_function(
+      [](int64_t hidden, int64_t batch, int64_t tile, int64_t weight_tier_bytes, int64_t h_buffers) {
+        return c::persistent_smem_bytes(hidden, batch, tile, weight_tier_bytes, h_buffers);
+      },
+      nb::arg("hidden"), nb::arg("batch"), nb::arg("tile"), nb::arg("weight_tier_bytes"),
+      nb::arg("h_buffers") = 1);
   d["weight_grad_slots_per_thread"] = nb::cpp_function(
       [](int64_t slots_per_lane) { return c::weight_grad_slots_per_thread(slots_per_lane); },
       nb::arg("slots_per_lane"));

@@ -55,6 +55,6 @@ ExchangeLayout exchange_layout(int64_t words, int word_bytes, int64_t workspace_
 
 std::string shape_string(ffi::Span<const int64_t> dims);
 bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b);
-inline int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+using constants::align16;
 
 }  // namespace jax_sprnn::cuda

@@ -181,8 +181,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int64_t h_stride = align16(h_floats * 4) / 4;
   const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
   const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
-  const int64_t len_bytes = B * 4;
-  auto plan_total = [&](int buffers) { return buffers * h_stride * 4 + align16(w_bytes) + len_bytes; };
+  auto plan_total = [&](int buffers) { return constants::persistent_smem_bytes(H, B, tile, w_bytes, buffers); };
   SmemPlan smem;
   smem.h_buffers = plan_total(2) <= kinfo.max_dynamic_smem ? 2 : 1;
   const int64_t total = plan_total(smem.h_buffers);

@@ -103,6 +103,29 @@ constexpr int64_t cuda_workspace_bytes(int64_t batch, int64_t hidden) {
 }"""
 
 
+def persistent_smem_bytes(hidden: int, batch: int, tile: int, weight_tier_bytes: int,
+                          h_buffers: int = 1) -> int:
+    """Dynamic shared memory of one persistent CTA: ``h_buffers`` staged copies of the state as
+    float32 ``[ceil(B / tile)][H][tile]`` (each 16-byte aligned, as staging stores vectors), the
+    weight tier (16-byte aligned), then the clamped lengths (one int32 per example)."""
+    planes = -(-batch // tile)
+    return (h_buffers * _align16(planes * hidden * tile * 4) + _align16(weight_tier_bytes)
+            + batch * 4)
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+_PERSISTENT_SMEM_BYTES_CXX = """\
+constexpr int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+constexpr int64_t persistent_smem_bytes(int64_t hidden, int64_t batch, int64_t tile,
+                                        int64_t weight_tier_bytes, int64_t h_buffers = 1) {
+  return h_buffers * align16((batch + tile - 1) / tile * hidden * tile * 4) +
+         align16(weight_tier_bytes) + batch * 4;
+}"""
+
+
 # ---- the weight-gradient kernel -----------------------------------------------------------------
 
 #: Threads per CTA of the weight-gradient kernel (one CTA per SM at a time).
@@ -146,7 +169,8 @@ EXPORTED = ("PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_S
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "WEIGHT_GRAD_THREADS",
             "WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL", "WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE",
-            "cuda_workspace_bytes", "weight_grad_slots_per_thread", "weight_grad_smem_bytes")
+            "cuda_workspace_bytes", "persistent_smem_bytes", "weight_grad_slots_per_thread",
+            "weight_grad_smem_bytes")
 
 
 def _check_tiers(tiers: dict[int, Tier], name: str) -> None:
@@ -212,6 +236,8 @@ inline constexpr int64_t kExchangeWordBytes = {EXCHANGE_WORD_BYTES};
 inline constexpr int64_t kDefaultSpinTimeoutUs = {DEFAULT_SPIN_TIMEOUT_US};
 
 {_CUDA_WORKSPACE_BYTES_CXX}
+
+{_PERSISTENT_SMEM_BYTES_CXX}
 
 inline constexpr int kWeightGradThreads = {WEIGHT_GRAD_THREADS};
 inline constexpr int kWeightGradSlotsPerThreadSmall = {WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL};

@@ -177,9 +177,11 @@ def weight_smem_bytes(slots_per_lane: int, reg_slots: int, threads: int, dtype) 
 
 def cta_smem_bytes(hidden: int, load_bytes: int, slots_per_lane: int, reg_slots: int, threads: int,
                    dtype) -> int:
-    """Shared memory of one CTA with a single batch plane of staged h."""
-    return (hidden * load_bytes + weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype)
-            + KERNEL_SMEM_RESERVE)
+    """Shared memory of one CTA with a single batch plane of staged h (the kernel's own plan,
+    :func:`jax_sprnn._constants.persistent_smem_bytes`, plus the reserve)."""
+    tile = load_bytes // 4
+    weights = weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype)
+    return _constants.persistent_smem_bytes(hidden, tile, tile, weights) + KERNEL_SMEM_RESERVE
 
 
 def _step_cost(plan: Plan) -> float:
@@ -275,7 +277,14 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     """The largest batch the persistent kernel runs for this layout (more planes of staged h)."""
     if not plan.fits:
         return 0
-    weight_smem = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
-    free = device.smem_per_block - weight_smem - KERNEL_SMEM_RESERVE
-    planes = free // (plan.hidden * plan.load_bytes)
-    return int(planes * (plan.load_bytes // 4))
+    tile = plan.load_bytes // 4
+    weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
+    budget = device.smem_per_block - KERNEL_SMEM_RESERVE
+
+    def fits(batch):  # the handler's plan with one staged copy of h
+        return _constants.persistent_smem_bytes(plan.hidden, batch, tile, weights) <= budget
+    # Staged h alone bounds the batch from above; the lengths (4 bytes an example) trim it.
+    batch = max(0, (budget - weights) // (plan.hidden * plan.load_bytes)) * tile
+    while batch > 0 and not fits(batch):
+        batch -= 1
+    return int(batch)

@@ -44,6 +44,10 @@ def test_compiled_formulas_are_the_python_ones(platform):
                     == _constants.weight_grad_smem_bytes(hidden, batch, pairs)), (hidden, batch, pairs)
         assert (compiled["weight_grad_smem_bytes"](hidden, batch)
                 == _constants.weight_grad_smem_bytes(hidden, batch))
+    for hidden, batch, tile, weights, buffers in itertools.product(
+            (1, 63, 256, 2304), (1, 3, 16, 21), (1, 2, 4), (0, 4, 4100), (1, 2)):
+        assert (compiled["persistent_smem_bytes"](hidden, batch, tile, weights, buffers)
+                == _constants.persistent_smem_bytes(hidden, batch, tile, weights, buffers))
     for k in range(0, 300):
         assert (compiled["weight_grad_slots_per_thread"](k)
                 == _constants.weight_grad_slots_per_thread(k)), k
@@ -70,3 +74,21 @@ def test_header_generation_rejects_a_bad_table(monkeypatch):
     monkeypatch.setitem(_constants.PERSISTENT_TIERS_32, 8, _constants.Tier(384, 256, 4))
     with pytest.raises(ValueError, match="wide variant must raise"):
         _constants.cxx_header()
+
+
+def test_max_persistent_batch_is_the_largest_the_handler_accepts():
+    """The planner's batch limit is exactly where the handler's shared-memory plan stops fitting
+    (it once ignored the lengths, promising B=900 at H=64 float32 where the handler took 888)."""
+    import numpy as np
+
+    for hidden, nnz, dtype in ((64, 6, np.float32), (256, 26, np.float16), (1024, 100, np.float32)):
+        plan = planner.plan_layout(np.full(hidden, nnz), dtype)
+        assert plan.fits
+        tile = plan.load_bytes // 4
+        weights = planner.weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta,
+                                            dtype)
+        budget = planner.H200.smem_per_block - _constants.KERNEL_SMEM_RESERVE
+        most = planner.max_persistent_batch(plan, dtype)
+        assert most >= tile
+        assert _constants.persistent_smem_bytes(hidden, most, tile, weights) <= budget
+        assert _constants.persistent_smem_bytes(hidden, most + 1, tile, weights) > budget

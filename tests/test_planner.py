@@ -126,9 +126,10 @@ def test_made_up_devices_refuse_what_cannot_fit(device, nnz, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_shared_memory_bound_is_exact(dtype):
     # 64 rows of 8 nonzeros: with K=8 each row takes one lane, the 64 rows two warps, and every slot
-    # sits in the 8-slot register tier. What is left is h (64 * 16 bytes) and the kernel's reserve:
-    # the least shared memory any layout of this layer needs.
-    least = 64 * 16 + planner.KERNEL_SMEM_RESERVE
+    # sits in the 8-slot register tier. What is left is h (64 * 16 bytes), the lengths of the one
+    # plane's 4 examples (16 bytes) and the kernel's reserve: the least shared memory any layout of
+    # this layer needs.
+    least = 64 * 16 + 4 * 4 + planner.KERNEL_SMEM_RESERVE
     device = DeviceSpec(name="exact", sm_count=2, smem_per_block=least, max_threads_per_block=256)
     plan = plan_layout(np.full(64, 8), dtype, device)
     assert plan.fits, plan.reason
