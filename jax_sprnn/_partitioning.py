@@ -73,13 +73,24 @@ def _spec(dims: list[str], batch_entry) -> P:
     return P(*(batch_entry if f == _BATCH else None for f in dims))
 
 
+def _partition_spec(sharding, mesh, ndim: int):
+    """``sharding`` as a PartitionSpec over ``mesh``, or None where it is not one: Shardy may split
+    a mesh axis into sub-axes (for a batch that a whole axis does not divide), which no
+    PartitionSpec of ``mesh`` names. (Hence ``decode_shardings=False``: jax's own decoding raises
+    there, before any callback of ours could choose to gather instead.)"""
+    try:
+        spec = _sharding_impls.parse_flatten_op_sharding(sharding._to_xla_hlo_sharding(ndim), mesh)[0]
+    except (ValueError, NotImplementedError):
+        return None
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
 def _batch_axes(mesh, x, dims: list[str]) -> tuple[str, ...]:
     """The mesh axes that split the batch of operand ``x`` (its ``dims`` factors): the ones it
-    arrives with, unless the batch does not divide evenly over them."""
-    sharding = x.sharding
-    if not isinstance(sharding, NamedSharding):
+    arrives with, unless they are not whole mesh axes or the batch does not divide evenly."""
+    spec = _partition_spec(x.sharding, mesh, len(dims))
+    if spec is None:
         return ()
-    spec = tuple(sharding.spec) + (None,) * (len(dims) - len(sharding.spec))
     entry = spec[dims.index(_BATCH)]
     axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
     devices = math.prod(mesh.shape[a] for a in axes)
@@ -132,7 +143,7 @@ def _partitioned_call(prim, split: SplitRule, params: dict, batch: int):
 
     call = custom_partitioning(bind)
     call.def_partition(partition=partition, infer_sharding_from_operands=infer_sharding_from_operands,
-                       **split.sharding_rule(batch, params.get("groups", 1)))
+                       decode_shardings=False, **split.sharding_rule(batch, params.get("groups", 1)))
     return call
 
 
