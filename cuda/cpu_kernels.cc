@@ -108,10 +108,19 @@ ffi::Error check_layout(const char* who, int64_t hidden, int64_t num_slots, int6
 
 ffi::Error check_indices(const char* who, const int32_t* indices, const int32_t* lane_row,
                          const Layout& lay) {
+  std::vector<bool> seen(lay.hidden, false);  // rows whose run of lanes has started
   for (int64_t g = 0; g < lay.num_lanes; ++g) {
-    if (lane_row[g] < -1 || lane_row[g] >= lay.hidden)
+    const int32_t row = lane_row[g];
+    if (row < -1 || row >= lay.hidden)
       return ffi::Error::InvalidArgument(std::string(who) + ": lane_row[" + std::to_string(g) +
                                          "] is out of range [-1, hidden)");
+    const bool continues = g % kWarpSize != 0 && lane_row[g - 1] == row;
+    if (row < 0 || continues) continue;
+    if (seen[row])  // the kernels build each warp's rows on their own (docs/format.md, invariant 1)
+      return ffi::Error::InvalidArgument(std::string(who) + ": the lanes of row " + std::to_string(row) +
+                                         " are not one contiguous run inside one warp (lane_row[" +
+                                         std::to_string(g) + "])");
+    seen[row] = true;
   }
   const int64_t n = lay.num_lanes * lay.slots;
   for (int64_t e = 0; e < n; ++e) {
@@ -291,11 +300,11 @@ int64_t widest(const std::vector<int64_t>& bounds) {
 #define JAX_SPRNN_NO_LOOP_VECTORIZE()
 #endif
 
-// A batch tile of floats as a GCC/Clang vector: each ISA variant lowers it to its own registers
-// (one zmm, two ymm or four xmm for 16 floats). Explicit vectors keep the partial sums in registers.
-// (Specializations, not an alias template: GCC drops a dependent vector_size there.) Loads are
-// unaligned memcpy's.
-template <int BT>
+// L floats as a GCC/Clang vector. The kernels use vectors of the ISA's native width W (4, 8 or 16
+// floats) and hold a batch tile of BT floats as BT / W of them: a wider generic vector, lowered by
+// GCC for a narrower ISA, went through the stack. (Specializations, not an alias template: GCC drops
+// a dependent vector_size there.) Loads and stores are unaligned memcpy's.
+template <int L>
 struct Tile;
 template <>
 struct Tile<4> {
@@ -310,10 +319,27 @@ struct Tile<16> {
   typedef float Vec __attribute__((vector_size(64)));
 };
 
+// The sum of the L floats at p, in a fixed order (halves added lane by lane down to 4, then a tree).
+template <int L>
+JAX_SPRNN_INLINE float lane_sum(const float* p) {
+  if constexpr (L == 4) {
+    return (p[0] + p[2]) + (p[1] + p[3]);
+  } else {
+    using Half = typename Tile<L / 2>::Vec;
+    Half a, b;
+    std::memcpy(&a, p, sizeof(Half));
+    std::memcpy(&b, p + L / 2, sizeof(Half));
+    a += b;
+    float q[L / 2];
+    std::memcpy(q, &a, sizeof(Half));
+    return lane_sum<L / 2>(q);
+  }
+}
+
 // out[0, BT) = sum over row r's nonzeros of value * h[col, 0, BT) (h in [H][BT] tiles), then 0 * h
-// for the padding slots when asked. U independent partial sums keep the FMA units busy (a single
-// chain would wait on every add's latency).
-template <int BT>
+// for the padding slots when asked; W: the ISA's vector width in floats. U independent partial sums
+// keep the FMA units busy (a single chain would wait on every add's latency).
+template <int BT, int W>
 JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool visit_padding,
                                   float* out) {
   const int32_t* col = m.col.get() + m.begin[r];
@@ -333,29 +359,37 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
       for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) sum += 0.0f * h[m.col[p]];
     out[0] = sum;
   } else {
-    using V = typename Tile<BT>::Vec;
-    constexpr int U = 4;
-    V acc[U] = {};
+    constexpr int L = BT < W ? BT : W;  // floats per vector
+    constexpr int P = BT / L;           // vectors per batch tile
+    constexpr int U = P <= 2 ? 4 : 2;
+    using V = typename Tile<L>::Vec;
+    V acc[U][P] = {};
     V hv;
     int64_t k = 0;
     for (; k + U <= n; k += U) {
       JAX_SPRNN_NO_LOOP_VECTORIZE();
       for (int u = 0; u < U; ++u) {
-        std::memcpy(&hv, h + int64_t(col[k + u]) * BT, sizeof(V));
-        acc[u] += val[k + u] * hv;
+        const float* hc = h + int64_t(col[k + u]) * BT;
+        for (int p = 0; p < P; ++p) {
+          std::memcpy(&hv, hc + p * L, sizeof(V));
+          acc[u][p] += val[k + u] * hv;
+        }
       }
     }
-    for (; k < n; ++k) {
-      std::memcpy(&hv, h + int64_t(col[k]) * BT, sizeof(V));
-      acc[0] += val[k] * hv;
-    }
-    for (int u = 1; u < U; ++u) acc[0] += acc[u];
+    for (; k < n; ++k)
+      for (int p = 0; p < P; ++p) {
+        std::memcpy(&hv, h + int64_t(col[k]) * BT + p * L, sizeof(V));
+        acc[0][p] += val[k] * hv;
+      }
+    for (int u = 1; u < U; ++u)
+      for (int p = 0; p < P; ++p) acc[0][p] += acc[u][p];
     if (visit_padding)
-      for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) {
-        std::memcpy(&hv, h + int64_t(m.col[p]) * BT, sizeof(V));
-        acc[0] += 0.0f * hv;
-      }
-    std::memcpy(out, &acc[0], sizeof(V));
+      for (int64_t q = m.pad_begin[r]; q < m.pad_end[r]; ++q)
+        for (int p = 0; p < P; ++p) {
+          std::memcpy(&hv, h + int64_t(m.col[q]) * BT + p * L, sizeof(V));
+          acc[0][p] += 0.0f * hv;
+        }
+    for (int p = 0; p < P; ++p) std::memcpy(out + p * L, &acc[0][p], sizeof(V));
   }
 }
 
@@ -410,10 +444,10 @@ JAX_SPRNN_INLINE void activate_row(float* z, int64_t n) {
 }
 
 // Rows [r0, r1) of U h for one batch tile: acc[(r - r0) * BT + j].
-template <int BT>
+template <int BT, int W>
 JAX_SPRNN_INLINE void tile_products(const Rows& m, int64_t r0, int64_t r1, const float* h,
                                     bool visit_padding, float* acc) {
-  for (int64_t r = r0; r < r1; ++r) row_product<BT>(m, r, h, visit_padding, acc + (r - r0) * BT);
+  for (int64_t r = r0; r < r1; ++r) row_product<BT, W>(m, r, h, visit_padding, acc + (r - r0) * BT);
 }
 
 // What the stages of a recurrence share. The state it carries from step to step is float32 in batch
@@ -594,35 +628,30 @@ JAX_SPRNN_INLINE void pack_pairs(const WeightGrad& w, int64_t block, int64_t c0,
 }
 
 // Rows [r0, r1): every real entry's slot gets the block's sum over its 16 * NV pairs of
-// h_before[col] * dz[row]. The row's dz block stays in registers; a slot's products go into two
-// vector partial sums, then a fixed tree over the 16 lanes (the same order on every ISA and thread).
-template <int NV>
+// h_before[col] * dz[row]: up to four vector partial sums of the ISA's width W, then lane_sum. The order is
+// fixed for an ISA, whatever the number of threads.
+template <int NV, int W>
 JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1) {
-  using V = Tile<16>::Vec;
-  using V8 = Tile<8>::Vec;
-  using V4 = Tile<4>::Vec;
+  constexpr int L = W, P = 16 * NV / L;  // P vectors of L floats per block row
+  using V = typename Tile<L>::Vec;
   const Rows& m = *w.rows;
   for (int64_t r = r0; r < r1; ++r) {
-    V dz[NV], hv;
-    for (int v = 0; v < NV; ++v) std::memcpy(&dz[v], w.dz_t + r * kPairBlock + 16 * v, sizeof(V));
+    const float* dz = w.dz_t + r * kPairBlock;
     for (int64_t k = m.begin[r]; k < m.end[r]; ++k) {
       JAX_SPRNN_NO_LOOP_VECTORIZE();
       const float* h = w.h_t + int64_t(m.col[k]) * kPairBlock;
-      V acc[2] = {};
-      for (int v = 0; v < NV; ++v) {
-        std::memcpy(&hv, h + 16 * v, sizeof(V));
-        acc[v & 1] += hv * dz[v];
-      }
-      acc[0] += acc[1];
-      V8 lo8, hi8;
-      std::memcpy(&lo8, &acc[0], sizeof(V8));
-      std::memcpy(&hi8, reinterpret_cast<const char*>(&acc[0]) + sizeof(V8), sizeof(V8));
-      lo8 += hi8;
-      V4 lo4, hi4;
-      std::memcpy(&lo4, &lo8, sizeof(V4));
-      std::memcpy(&hi4, reinterpret_cast<const char*>(&lo8) + sizeof(V4), sizeof(V4));
-      lo4 += hi4;
-      w.dvalues[m.slot[k]] += (lo4[0] + lo4[2]) + (lo4[1] + lo4[3]);
+      constexpr int C = P < 4 ? P : 4;  // independent partial sums
+      V acc[C] = {}, hv, dv;
+      for (int p = 0; p < P; p += C)
+        for (int c = 0; c < C; ++c) {  // a constant count: unrolled, the sums stay in registers
+          std::memcpy(&hv, h + (p + c) * L, sizeof(V));
+          std::memcpy(&dv, dz + (p + c) * L, sizeof(V));
+          acc[c] += hv * dv;
+        }
+      for (int c = 1; c < C; ++c) acc[0] += acc[c];
+      float lanes[L];
+      std::memcpy(lanes, &acc[0], sizeof(V));
+      w.dvalues[m.slot[k]] += lane_sum<L>(lanes);
     }
   }
 }
@@ -630,12 +659,12 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1
 // ---- one copy of the hot loops per instruction set --------------------------------------------------
 
 // Each ISA is a struct of entry points that force-inline the loops above under its target attribute.
-#define JAX_SPRNN_ISA_ENTRY_POINTS(NAME, ATTRIBUTE)                                                  \
+#define JAX_SPRNN_ISA_ENTRY_POINTS(NAME, ATTRIBUTE, WIDTH)                                           \
   struct NAME {                                                                                      \
     template <int BT>                                                                                \
     ATTRIBUTE static void products(const Rows& m, int64_t r0, int64_t r1, const float* h,            \
                                    bool visit_padding, float* acc) {                                 \
-      tile_products<BT>(m, r0, r1, h, visit_padding, acc);                                           \
+      tile_products<BT, WIDTH>(m, r0, r1, h, visit_padding, acc);                                    \
     }                                                                                                \
     template <typename S, int ACT>                                                                   \
     ATTRIBUTE static bool forward(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,    \
@@ -654,16 +683,17 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1
     }                                                                                                \
     template <int NV>                                                                                \
     ATTRIBUTE static void block_sums(const WeightGrad& w, int64_t r0, int64_t r1) {                  \
-      block_products<NV>(w, r0, r1);                                                                 \
+      block_products<NV, WIDTH>(w, r0, r1);                                                          \
     }                                                                                                \
   };
 
-JAX_SPRNN_ISA_ENTRY_POINTS(Baseline, )
+JAX_SPRNN_ISA_ENTRY_POINTS(Baseline, , 4)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define JAX_SPRNN_X86_VARIANTS 1
-JAX_SPRNN_ISA_ENTRY_POINTS(Avx2, __attribute__((target("avx2,fma"))))
+JAX_SPRNN_ISA_ENTRY_POINTS(Avx2, __attribute__((target("avx2,fma"))), 8)
 JAX_SPRNN_ISA_ENTRY_POINTS(
-    Avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"))))
+    Avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"))),
+    16)
 #endif
 #undef JAX_SPRNN_ISA_ENTRY_POINTS
 
