@@ -166,6 +166,13 @@ out["flax"] = dict(err=rel(apply(variables, inputs_s), model.apply(variables, in
                    grad=collectives(compiled(train, variables["params"], inputs_s)),
                    calls=call_shapes(compiled(apply, variables, inputs_s), "jax_sprnn_forward"))
 
+# SparseRNN(mesh=...): the module constrains unsharded inputs to the batch sharding.
+single = SparseRNN(H, max_density=0.5)
+single_vars = single.init(jax.random.key(1), inputs)
+meshed = jax.jit(SparseRNN(H, max_density=0.5, mesh=mesh4).apply)
+out["flax_mesh"] = dict(err=rel(meshed(single_vars, inputs), single.apply(single_vars, inputs)),
+                        calls=call_shapes(compiled(meshed, single_vars, inputs), "jax_sprnn_forward"))
+
 # The wrapper: constrains replicated inputs to the batch sharding.
 wrapped = jax.jit(lambda x, h: sharding.sparse_rnn_sharded(x, h, w, mesh=mesh4))
 y, _ = wrapped(x, h0)
@@ -269,6 +276,11 @@ def test_flax_bidirectional_under_plain_jit(results):
     assert len(r["calls"]) == 2 and all(s == "f32[6,2,32]" for s in r["calls"]), r["calls"]
     # Training: only parameter gradients are summed; no activation is gathered.
     assert set(r["grad"]) == {"all-reduce"}
+
+
+def test_flax_mesh_attribute_splits_unsharded_inputs(results):
+    assert results["flax_mesh"]["err"] < 1e-6
+    assert results["flax_mesh"]["calls"] == ["f32[6,2,32]"]
 
 
 def test_wrapper_splits_replicated_inputs(results):
