@@ -106,6 +106,12 @@ def test_cpu_fallback_lowering_runs_and_warns_once(monkeypatch):
     # still match the reference, and the warning comes once.
     monkeypatch.setattr(_native, "has_cpu_kernels", lambda: False)
     monkeypatch.setattr(primitives, "_warned", set())
+    # On the CPU even where a GPU is the default backend: the CPU lowering is what is tested.
+    with jax.default_device(jax.devices("cpu")[0]):
+        _check_cpu_fallback()
+
+
+def _check_cpu_fallback():
     dense, w, x, h0 = make_problem(7, 40, 3, 6, 0.3)
 
     def loss(values, x):
