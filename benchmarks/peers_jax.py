@@ -15,10 +15,12 @@ from jax.experimental import sparse
 import jax_sprnn as js
 from jax_sprnn import _native
 from jax_sprnn.dispatch import cuda_fit, gpu_path
-from jax_sprnn._constants import cuda_workspace_bytes
+from jax_sprnn._constants import cuda_workspace_bytes, ffi_target
 
 from .harness import Peer, Runner, Skip
 from .problems import Layer
+
+SYNC_FLOOR = ffi_target("sync_floor")
 
 ALL_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -36,7 +38,7 @@ def sync_floor_fn(meta, batch: int, steps: int):
     """The persistent kernel's exchange protocol alone (no compute) on the layer's grid."""
     ws = jax.ShapeDtypeStruct((cuda_workspace_bytes(batch, meta.hidden),), jnp.uint8)
     out = jax.ShapeDtypeStruct((1,), jnp.float32)
-    call = jax.ffi.ffi_call("jax_sprnn_sync_floor", (ws, out))
+    call = jax.ffi.ffi_call(SYNC_FLOOR, (ws, out))
 
     @jax.jit
     def run(x):
@@ -151,8 +153,8 @@ def _sparse_scan(make):
 
 
 def _floor_unavailable() -> str | None:
-    if "jax_sprnn_sync_floor" not in _native.cuda_targets():
-        return "needs the CUDA module's jax_sprnn_sync_floor target"
+    if SYNC_FLOOR not in _native.cuda_targets():
+        return f"needs the CUDA module's {SYNC_FLOOR} target"
     if jax.default_backend() != "gpu":
         return "needs a GPU"
     return None

@@ -41,6 +41,7 @@ inline nanobind::dict exported_constants() {
   d["PERSISTENT_TIERS_32"] = detail::tiers(false, c::RegSlots32{});
   d["REG_SLOTS_16"] = detail::reg_slots(c::RegSlots16{});
   d["REG_SLOTS_32"] = detail::reg_slots(c::RegSlots32{});
+  d["FFI_ABI_VERSION"] = c::kFfiAbiVersion;
   d["WIDE_STAGE_UNROLL"] = c::kWideStageUnroll;
   d["KERNEL_SMEM_RESERVE"] = c::kKernelSmemReserve;
   d["WORKSPACE_HEADER_BYTES"] = c::kWorkspaceHeaderBytes;

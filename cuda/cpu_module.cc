@@ -17,9 +17,10 @@ nb::capsule capsule_of(Fn* fn) {
 NB_MODULE(_sprnn_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["jax_sprnn_forward"] = capsule_of(JaxSprnnForwardCpu);
-    d["jax_sprnn_backward"] = capsule_of(JaxSprnnBackwardCpu);
-    d["jax_sprnn_weight_grad"] = capsule_of(JaxSprnnWeightGradCpu);
+    namespace c = jax_sprnn::constants;
+    d[c::kForwardTarget] = capsule_of(JaxSprnnForwardCpu);
+    d[c::kBackwardTarget] = capsule_of(JaxSprnnBackwardCpu);
+    d[c::kWeightGradTarget] = capsule_of(JaxSprnnWeightGradCpu);
     return d;
   });
   m.def("constants", &jax_sprnn::exported_constants,

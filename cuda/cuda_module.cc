@@ -14,6 +14,7 @@
 #include "cuda_kernels.h"
 
 namespace nb = nanobind;
+namespace c = jax_sprnn::constants;
 namespace sc = jax_sprnn::cuda;
 
 namespace {
@@ -43,18 +44,18 @@ NB_MODULE(_sprnn_cuda, m) {
   m.def(
       "registrations",
       []() {
-        return capsules({{"jax_sprnn_forward", JaxSprnnForwardCuda},
-                         {"jax_sprnn_backward", JaxSprnnBackwardCuda},
-                         {"jax_sprnn_weight_grad", JaxSprnnWeightGradCuda}});
+        return capsules({{c::kForwardTarget, JaxSprnnForwardCuda},
+                         {c::kBackwardTarget, JaxSprnnBackwardCuda},
+                         {c::kWeightGradTarget, JaxSprnnWeightGradCuda}});
       },
       "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
   m.def(
       "testing_registrations",
       []() {
-        return capsules({{"jax_sprnn_forward_hooked", JaxSprnnForwardHookedCuda},
-                         {"jax_sprnn_backward_hooked", JaxSprnnBackwardHookedCuda},
-                         {"jax_sprnn_sync_floor", JaxSprnnSyncFloorCuda}});
+        return capsules({{c::kForwardHookedTarget, JaxSprnnForwardHookedCuda},
+                         {c::kBackwardHookedTarget, JaxSprnnBackwardHookedCuda},
+                         {c::kSyncFloorTarget, JaxSprnnSyncFloorCuda}});
       },
       "The test and benchmark targets, like registrations(): the recurrences with their test "
       "hooks as attributes, and the synchronization floor.");

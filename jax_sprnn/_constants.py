@@ -126,6 +126,26 @@ constexpr int64_t persistent_smem_bytes(int64_t hidden, int64_t batch, int64_t t
 }"""
 
 
+# ---- the FFI targets ----------------------------------------------------------------------------
+
+#: The version of the native calling convention (operands, attributes, the packed format's meaning).
+#: It is part of every target's name, so a program exported against another version fails loudly
+#: ("No FFI handler registered for jax_sprnn_forward_v1") instead of miscomputing. Raise it with
+#: any change of a production target's signature or of what its operands mean.
+FFI_ABI_VERSION = 1
+
+#: The targets' kinds: production ones first, then the test and benchmark ones.
+PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad")
+TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "sync_floor")
+
+
+def ffi_target(kind: str) -> str:
+    """The registered name of a target kind, e.g. ``jax_sprnn_forward_v1``."""
+    if kind not in PRODUCTION_TARGET_KINDS + TESTING_TARGET_KINDS:
+        raise ValueError(f"unknown FFI target kind {kind!r}")
+    return f"jax_sprnn_{kind}_v{FFI_ABI_VERSION}"
+
+
 # ---- the weight-gradient kernel -----------------------------------------------------------------
 
 #: Threads per CTA of the weight-gradient kernel (one CTA per SM at a time).
@@ -165,7 +185,7 @@ constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t 
 # ---- what the compiled modules export, and the C++ header ---------------------------------------
 
 #: The names (of this module) that the compiled modules' ``constants()`` exports.
-EXPORTED = ("PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
+EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "WEIGHT_GRAD_THREADS",
             "WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL", "WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE",
@@ -191,6 +211,13 @@ def _tier_switch(tiers: dict[int, Tier], narrow, wide) -> str:
     cases = "\n".join(f"      case {rs}: return wide ? {wide(t)} : {narrow(t)};"
                       for rs, t in tiers.items())
     return f"    switch (reg_slots) {{\n{cases}\n    }}"
+
+
+def _target_names_cxx() -> str:
+    kinds = PRODUCTION_TARGET_KINDS + TESTING_TARGET_KINDS
+    lines = [f'inline constexpr char k{"".join(w.title() for w in k.split("_"))}Target[] = '
+             f'"{ffi_target(k)}";' for k in kinds]
+    return "// The registered FFI target names (ffi_target).\n" + "\n".join(lines)
 
 
 def cxx_header() -> str:
@@ -228,6 +255,9 @@ inline constexpr int kWideStageUnroll = {WIDE_STAGE_UNROLL};
 {tier_function("persistent_stage_unroll", lambda t: t.narrow_unroll,
                lambda t: "kWideStageUnroll" if t.wide_threads else 0,
                "Staging unroll of a variant; 0 where the tier has no such variant.")}
+
+inline constexpr int64_t kFfiAbiVersion = {FFI_ABI_VERSION};
+{_target_names_cxx()}
 
 inline constexpr int64_t kKernelSmemReserve = {KERNEL_SMEM_RESERVE};
 inline constexpr int64_t kWorkspaceHeaderBytes = {WORKSPACE_HEADER_BYTES};

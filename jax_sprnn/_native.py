@@ -16,9 +16,10 @@ import warnings
 
 import jax
 
+from . import _constants
 from . import planner as _planner
 
-TARGETS = ("jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad")
+TARGETS = tuple(_constants.ffi_target(kind) for kind in _constants.PRODUCTION_TARGET_KINDS)
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 _reasons: dict[str, str] = {}  # module name -> why it is not loaded

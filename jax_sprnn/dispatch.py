@@ -16,7 +16,7 @@ import dataclasses
 from . import _constants, _native, cost, planner
 from .planner import LayoutMeta
 
-FORWARD, BACKWARD, WEIGHT_GRAD = "jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad"
+FORWARD, BACKWARD, WEIGHT_GRAD = (_constants.ffi_target(k) for k in _constants.PRODUCTION_TARGET_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)

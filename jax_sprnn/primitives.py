@@ -154,7 +154,8 @@ sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallbac
 
 # The CUDA module registers the hooks' targets apart from the production ones (same kernels, the
 # hooks as extra attributes); a call binds one only when it sets a hook.
-_HOOKED_TARGETS = {FORWARD: "jax_sprnn_forward_hooked", BACKWARD: "jax_sprnn_backward_hooked"}
+_HOOKED_TARGETS = {FORWARD: _constants.ffi_target("forward_hooked"),
+                   BACKWARD: _constants.ffi_target("backward_hooked")}
 _HOOK_DEFAULTS = dict(spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=0)
 
 

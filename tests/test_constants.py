@@ -92,3 +92,19 @@ def test_max_persistent_batch_is_the_largest_the_handler_accepts():
         assert most >= tile
         assert _constants.persistent_smem_bytes(hidden, most, tile, weights) <= budget
         assert _constants.persistent_smem_bytes(hidden, most + 1, tile, weights) > budget
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_registered_targets_carry_the_abi_version(platform):
+    """A program exported against another calling convention names other targets, so loading it
+    fails with "no handler registered" instead of miscomputing."""
+    module = _MODULES[platform]
+    if module is None:
+        pytest.skip(f"the {platform} module is not loaded")
+    names = set(module.registrations())
+    if platform == "cuda":
+        names |= set(module.testing_registrations())
+    kinds = _constants.PRODUCTION_TARGET_KINDS + (
+        _constants.TESTING_TARGET_KINDS if platform == "cuda" else ())
+    assert names == {f"jax_sprnn_{kind}_v{_constants.FFI_ABI_VERSION}" for kind in kinds}
+    assert set(_native.TARGETS) == {_constants.ffi_target(k) for k in _constants.PRODUCTION_TARGET_KINDS}

@@ -119,9 +119,10 @@ def test_gpu_path_of_a_layer():
 
     import jax_sprnn as js
     from jax_sprnn import _native
+    from jax_sprnn import dispatch
     from jax_sprnn.dispatch import gpu_path
 
-    if "jax_sprnn_forward" not in _native.cuda_targets():
+    if dispatch.FORWARD not in _native.cuda_targets():
         pytest.skip("the CUDA module was not built")
     rng = np.random.default_rng(0)
     w = js.SparseWeights.from_dense(rng.standard_normal((2304, 2304)).astype(np.float32),
@@ -132,6 +133,6 @@ def test_gpu_path_of_a_layer():
     assert path == ("dense" if prefers_dense else "persistent")
     assert (estimate in why) == prefers_dense
     assert gpu_path(w.meta, 16, jnp.float16, method="native")[0] == "persistent"
-    assert gpu_path(w.meta, 16, jnp.float16, target="jax_sprnn_backward")[0] == "persistent"
+    assert gpu_path(w.meta, 16, jnp.float16, target=dispatch.BACKWARD)[0] == "persistent"
     too_big, why = gpu_path(w.meta, 10_000, jnp.float16, method="native")
     assert too_big == "dense" and "exceeds the persistent kernel's limit" in why

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_sprnn import _native
+from jax_sprnn import _constants, _native
 from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p
 from jax_sprnn.testing import make_problem
 
@@ -19,8 +19,8 @@ HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us"}
 @pytest.fixture
 def cuda_targets_registered(monkeypatch):
     """Lower as if the CUDA module were built (the lowering asks _native what it registered)."""
-    names = {"jax_sprnn_forward", "jax_sprnn_backward", "jax_sprnn_weight_grad",
-             "jax_sprnn_forward_hooked", "jax_sprnn_backward_hooked", "jax_sprnn_sync_floor"}
+    names = {_constants.ffi_target(kind)
+             for kind in _constants.PRODUCTION_TARGET_KINDS + _constants.TESTING_TARGET_KINDS}
     monkeypatch.setattr(_native, "_CUDA_TARGETS", frozenset(names))
     monkeypatch.setattr(_native, "initialize_cuda", lambda: None)
 
@@ -37,9 +37,9 @@ def _custom_calls(fn, *args):
 
 
 @pytest.mark.parametrize("hooks, target, attrs", [
-    ({}, "jax_sprnn_forward", LAYOUT_ATTRS),
-    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "jax_sprnn_forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
-    ({"grid_barrier": True}, "jax_sprnn_forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
+    ({}, "forward", LAYOUT_ATTRS),
+    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
+    ({"grid_barrier": True}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
 ])
 def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered, hooks, target, attrs):
     _, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")
@@ -50,7 +50,7 @@ def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered
         return sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
                                     activation="tanh", reverse=False, meta=w.meta, method="native",
                                     **hooks)
-    assert _custom_calls(fn, x_tm, h0) == [(target, attrs)]
+    assert _custom_calls(fn, x_tm, h0) == [(_constants.ffi_target(target), attrs)]
 
 
 def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered):
@@ -62,6 +62,6 @@ def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered
         return sprnn_backward_p.bind(y, h0, w.transposed_values(), w.indices_t, w.lane_row_t, lengths,
                                      jnp.ones_like(y), jnp.zeros_like(h0), activation="tanh",
                                      reverse=False, meta=w.meta_t, method="native", **hooks)
-    assert _custom_calls(fn, y, h0) == [("jax_sprnn_backward", LAYOUT_ATTRS)]
+    assert _custom_calls(fn, y, h0) == [(_constants.ffi_target("backward"), LAYOUT_ATTRS)]
     assert _custom_calls(lambda y, h0: fn(y, h0, debug_stall_cta=0), y, h0) == [
-        ("jax_sprnn_backward_hooked", LAYOUT_ATTRS | HOOK_ATTRS)]
+        (_constants.ffi_target("backward_hooked"), LAYOUT_ATTRS | HOOK_ATTRS)]

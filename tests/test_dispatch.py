@@ -42,9 +42,9 @@ def test_recurrences_without_a_cuda_build(no_cuda_build):
     meta = _meta(256, 26)
     decision = dispatch.on_cuda_recurrence(FORWARD, meta, 4, np.float16, "auto")
     assert decision.path == "fallback"
-    assert decision.why == "the CUDA module of jax_sprnn was not built with jax_sprnn_forward"
-    assert decision.warning.startswith("jax_sprnn: jax_sprnn_forward uses the dense XLA path")
-    with pytest.raises(ValueError, match=r"persistent CUDA kernel \(jax_sprnn_backward\) cannot run"):
+    assert decision.why == f"the CUDA module of jax_sprnn was not built with {FORWARD}"
+    assert decision.warning.startswith(f"jax_sprnn: {FORWARD} uses the dense XLA path")
+    with pytest.raises(ValueError, match=rf"persistent CUDA kernel \({BACKWARD}\) cannot run"):
         dispatch.on_cuda_recurrence(BACKWARD, meta, 4, np.float16, "native")
 
 

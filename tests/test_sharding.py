@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_sprnn as js
 import jax_sprnn.export
 from jax_sprnn import sharding
+from jax_sprnn.dispatch import BACKWARD, FORWARD
 from jax_sprnn.flax import SparseRNN
 
 COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|all-to-all|collective-permute|"
@@ -88,7 +89,7 @@ for name, mesh, entry in (("mesh4", mesh4, "data"), ("mesh2", mesh2, "data"),
     text = compiled(fwd, *args)
     shards = per_shard(mesh.devices.size)
     out[name] = dict(
-        collectives=collectives(text), calls=call_shapes(text, "jax_sprnn_forward"),
+        collectives=collectives(text), calls=call_shapes(text, FORWARD),
         spec=batch_entry(y), h_spec=batch_entry(h_final),
         bitwise=bool(np.array_equal(y, shards[0]) and np.array_equal(h_final, shards[1])),
         err=max(rel(y, full[0]), rel(h_final, full[1])))
@@ -107,7 +108,7 @@ for name, spec in (("t_sharded", (None, "data")), ("h_sharded", (None, None, "da
     y, h_final = plain(xs, h0)
     text = compiled(plain, xs, h0)
     ref = jax.jit(lambda x, h: js.sparse_rnn(x, h, w))(x, h0)
-    out[name] = dict(collectives=collectives(text), calls=call_shapes(text, "jax_sprnn_forward"),
+    out[name] = dict(collectives=collectives(text), calls=call_shapes(text, FORWARD),
                      bitwise=bool(np.array_equal(y, ref[0]) and np.array_equal(h_final, ref[1])))
 
 # A batch of 6 constrained to 4 devices: XLA pads the shards (jax 0.10) or splits the axis into
@@ -117,7 +118,7 @@ uneven = jax.jit(lambda x, h: jax.lax.with_sharding_constraint(js.sparse_rnn(
     jax.lax.with_sharding_constraint(x * 2, NamedSharding(mesh4, P("data"))), h, w)[0],
     NamedSharding(mesh4, P())))
 text = compiled(uneven, x[:6], h0[:6])
-out["uneven"] = dict(calls=call_shapes(text, "jax_sprnn_forward"),
+out["uneven"] = dict(calls=call_shapes(text, FORWARD),
                      bitwise=bool(np.array_equal(uneven(x[:6], h0[:6]),
                                                  jax.jit(lambda x, h: js.sparse_rnn(x * 2, h, w)[0])(
                                                      x[:6], h0[:6]))))
@@ -132,7 +133,7 @@ g = grad(*args)
 ref = jax.grad(loss, argnums=(0, 1, 2))(w.values, x, h0)
 text = compiled(grad, *args)
 out["grad"] = dict(collectives=collectives(text), slots=int(w.values.shape[0]),
-                   calls=call_shapes(text, "jax_sprnn_backward"),
+                   calls=call_shapes(text, BACKWARD),
                    dx_spec=batch_entry(g[1]), dvalues_spec=batch_entry(g[0]),
                    err=max(rel(a, b) for a, b in zip(g, ref)))
 
@@ -164,20 +165,20 @@ train = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply({**variables, "params"
 out["flax"] = dict(err=rel(apply(variables, inputs_s), model.apply(variables, inputs)),
                    collectives=collectives(compiled(apply, variables, inputs_s)),
                    grad=collectives(compiled(train, variables["params"], inputs_s)),
-                   calls=call_shapes(compiled(apply, variables, inputs_s), "jax_sprnn_forward"))
+                   calls=call_shapes(compiled(apply, variables, inputs_s), FORWARD))
 
 # SparseRNN(mesh=...): the module constrains unsharded inputs to the batch sharding.
 single = SparseRNN(H, max_density=0.5)
 single_vars = single.init(jax.random.key(1), inputs)
 meshed = jax.jit(SparseRNN(H, max_density=0.5, mesh=mesh4).apply)
 out["flax_mesh"] = dict(err=rel(meshed(single_vars, inputs), single.apply(single_vars, inputs)),
-                        calls=call_shapes(compiled(meshed, single_vars, inputs), "jax_sprnn_forward"))
+                        calls=call_shapes(compiled(meshed, single_vars, inputs), FORWARD))
 
 # The wrapper: constrains replicated inputs to the batch sharding.
 wrapped = jax.jit(lambda x, h: sharding.sparse_rnn_sharded(x, h, w, mesh=mesh4))
 y, _ = wrapped(x, h0)
 text = compiled(wrapped, x, h0)
-out["wrapper"] = dict(collectives=collectives(text), calls=call_shapes(text, "jax_sprnn_forward"),
+out["wrapper"] = dict(collectives=collectives(text), calls=call_shapes(text, FORWARD),
                       err=rel(y, js.sparse_rnn(x, h0, w)[0]), spec=batch_entry(y))
 try:
     sharding.sparse_rnn_sharded(x[:6], h0[:6], w, mesh=mesh4)

@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 import jax_sprnn as js
+from jax_sprnn.dispatch import FORWARD
 from jax_sprnn.sharding import batch_sharding
 
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
@@ -43,7 +44,7 @@ np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
 np.testing.assert_array_equal(np.asarray(h1), np.asarray(h2))
 hlo = run.lower(xs, hs).compile().as_text()
 assert not collectives(hlo), f"the forward program has collectives: {collectives(hlo)}"
-calls = re.findall(r"custom_call_target=\"jax_sprnn_forward\"", hlo)
+calls = re.findall(f"custom_call_target=\"{FORWARD}\"", hlo)
 shapes = re.findall(r"f16\[(\d+),(\d+),(\d+)\][^\n]*custom-call", hlo)
 assert shapes and all(int(b) == B // n for _, b, _ in shapes), shapes
 print("sharded == one device per shard: True; collectives in the forward HLO: none; custom calls:",
