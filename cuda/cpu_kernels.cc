@@ -160,15 +160,16 @@ struct Buffer {
   T& operator[](int64_t i) const { return data[i]; }
 };
 
-// U's rows over the packed slots. A row's lanes are one run inside one warp (docs/format.md,
-// invariant 1; check_indices enforces it), so each warp's slot range can hold its own rows' entries:
-// the real nonzeros from the front, the padding from the back, each warp built independently.
-// Padding adds 0 * h, which is 0 unless h is not finite, and then NaN, as on the GPU and in the
-// dense reference; the kernels visit it only in a step whose state is not all finite.
+// U's rows over the packed slots, in row order: real entries first, then the padding. Padding adds
+// 0 * h, which is 0 unless h is not finite, and then NaN, as on the GPU and in the dense reference;
+// the kernels visit it only in a step whose state is not all finite. A row's lanes are one run inside
+// one warp (docs/format.md, invariant 1; check_indices enforces it), so warps count and fill their
+// rows independently.
 struct Rows {
   int64_t hidden = 0, nnz = 0;
   // [H]: row i's real entries are [begin[i], end[i]), its padding [pad_begin[i], pad_end[i])
   std::vector<int32_t> begin, end, pad_begin, pad_end;
+  std::vector<int32_t> lane_real, lane_pad;  // [lanes]: each lane's real and padding slots
   Buffer<int32_t> col;   // [slots]: the column an entry reads
   Buffer<float> val;     // [slots]: a real entry's value in float32 (the recurrences)
   Buffer<int32_t> slot;  // [slots]: a real entry's flat offset in the packed arrays (weight gradient)
@@ -206,55 +207,63 @@ class RowsCache {
   std::vector<std::unique_ptr<Rows>> free_;
 };
 
-// Warp w's part of `m` (and its count of real entries). With `raw` values the entries get val,
-// without, slot.
-template <typename S>
-int64_t build_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
-                   const typename S::Raw* raw) {
+// Counts warp w's real and padding slots, lane by lane and row by row (its rows are its own).
+void count_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w) {
   const int64_t base = w * K * kWarpSize;
   const int32_t* rows = lane_row + w * kWarpSize;
-  int32_t real[kWarpSize] = {}, pad[kWarpSize] = {};
+  int32_t* real = m.lane_real.data() + w * kWarpSize;
+  int32_t* pad = m.lane_pad.data() + w * kWarpSize;
+  std::fill(real, real + kWarpSize, 0);
+  std::fill(pad, pad + kWarpSize, 0);
   for (int64_t k = 0; k < K; ++k)
-    for (int l = 0; l < kWarpSize; ++l)
-      if (rows[l] >= 0) ++(indices[base + k * kWarpSize + l] >= 0 ? real : pad)[l];
-  // Each lane's first entry, row by row: real ones up from the front, padding down from the back.
-  int32_t next_real[kWarpSize], next_pad[kWarpSize];
-  int32_t front = int32_t(base), back = int32_t(base + K * kWarpSize);
-  for (int l = 0; l < kWarpSize;) {
-    const int32_t row = rows[l];
-    if (row < 0) {
-      ++l;
+    for (int l = 0; l < kWarpSize; ++l) {  // branch-free: a fifth of the slots, at random, are padding
+      const int32_t used = rows[l] >= 0, padding = int32_t(uint32_t(indices[base + k * kWarpSize + l]) >> 31);
+      real[l] += used & (padding ^ 1);
+      pad[l] += used & padding;
+    }
+  for (int l = 0; l < kWarpSize; ++l)
+    if (rows[l] >= 0) {
+      m.end[rows[l]] += real[l];  // counts for now; build_rows turns them into offsets
+      m.pad_end[rows[l]] += pad[l];
+    }
+}
+
+// Writes warp w's entries at their rows' offsets (begin, pad_begin). With `raw` values the entries
+// get val, without, slot. Branch-free (padding slots come at random): a padding slot writes its
+// column (and a value or slot nobody reads) at the padding cursor, an idle lane at index `trash`.
+template <typename S>
+void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
+               const typename S::Raw* raw, int32_t trash) {
+  const int64_t base = w * K * kWarpSize;
+  const int32_t* rows = lane_row + w * kWarpSize;
+  int32_t next_real[kWarpSize], next_pad[kWarpSize], used[kWarpSize];  // each lane's first entries
+  for (int l = 0; l < kWarpSize; ++l) {
+    used[l] = rows[l] >= 0;
+    if (!used[l]) {
+      next_real[l] = next_pad[l] = trash;
       continue;
     }
-    m.begin[row] = front;
-    m.pad_end[row] = back;
-    for (; l < kWarpSize && rows[l] == row; ++l) {
-      next_real[l] = front;
-      front += real[l];
-      back -= pad[l];
-      next_pad[l] = back;
-    }
-    m.end[row] = front;
-    m.pad_begin[row] = back;
+    const bool first = l == 0 || rows[l - 1] != rows[l];
+    next_real[l] = first ? m.begin[rows[l]] : next_real[l - 1] + m.lane_real[w * kWarpSize + l - 1];
+    next_pad[l] = first ? m.pad_begin[rows[l]] : next_pad[l - 1] + m.lane_pad[w * kWarpSize + l - 1];
   }
-  for (int64_t k = 0; k < K; ++k)
-    for (int l = 0; l < kWarpSize; ++l) {
-      if (rows[l] < 0) continue;
+  for (int l = 0; l < kWarpSize; ++l) {  // lane by lane: its cursors stay in registers
+    int32_t real_at = next_real[l], pad_at = next_pad[l];
+    const int32_t live = used[l];
+    for (int64_t k = 0; k < K; ++k) {
       const int64_t e = base + k * kWarpSize + l;
-      const int32_t idx = indices[e];
-      if (idx < 0) {
-        m.col[next_pad[l]++] = ~idx;
-        continue;
-      }
-      const int32_t at = next_real[l]++;
-      m.col[at] = idx;
+      const int32_t idx = indices[e], padding = int32_t(uint32_t(idx) >> 31);
+      const int32_t at = padding ? pad_at : real_at;
+      pad_at += live & padding;
+      real_at += live & (padding ^ 1);
+      m.col[at] = idx ^ -padding;  // ~idx for padding
       if (raw != nullptr) {
         m.val[at] = S::load(raw[e]);
       } else {
         m.slot[at] = int32_t(e);
       }
     }
-  return front - base;
+  }
 }
 
 // ---- how the work is split ----------------------------------------------------------------------
@@ -803,28 +812,45 @@ int64_t threads_for(ffi::ThreadPool* pool, int64_t work_per_stage) {
 }
 
 // U's rows of a packed layout (values: storage-type values for the recurrences, or nullptr for
-// the weight gradient), the warps split over the threads.
+// the weight gradient): the warps count, one thread turns counts into offsets, the warps fill.
 template <typename S>
 void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const Layout& lay,
                 const void* values, ffi::ThreadPool* pool, int64_t threads) {
   const int64_t H = lay.hidden, warps = lay.num_lanes / kWarpSize;
   m.hidden = H;
   for (auto* v : {&m.begin, &m.end, &m.pad_begin, &m.pad_end}) v->assign(H, 0);
-  m.col.reserve(lay.num_lanes * lay.slots);
+  m.lane_real.resize(lay.num_lanes);
+  m.lane_pad.resize(lay.num_lanes);
+  const int64_t slots = lay.num_lanes * lay.slots;  // and one more: fill_warp's trash
+  m.col.reserve(slots + 1);
   if (values != nullptr) {
-    m.val.reserve(lay.num_lanes * lay.slots);
+    m.val.reserve(slots + 1);
   } else {
-    m.slot.reserve(lay.num_lanes * lay.slots);
+    m.slot.reserve(slots + 1);
   }
   const auto* raw = static_cast<const typename S::Raw*>(values);
-  std::vector<int64_t> nnz(threads, 0);
-  auto build = [&](int64_t, int64_t c, int64_t) {
-    for (int64_t w = warps * c / threads; w < warps * (c + 1) / threads; ++w)
-      nnz[c] += build_warp<S>(m, indices, lane_row, lay.slots, w, raw);
+  auto build = [&](int64_t stage, int64_t c, int64_t) {
+    const int64_t w0 = warps * c / threads, w1 = warps * (c + 1) / threads;
+    if (stage == 0) {
+      for (int64_t w = w0; w < w1; ++w) count_warp(m, indices, lane_row, lay.slots, w);
+    } else if (stage == 1 && c == 0) {
+      int64_t at = 0;
+      for (int64_t r = 0; r < H; ++r) {
+        m.begin[r] = int32_t(at);
+        at += m.end[r];
+        m.end[r] = int32_t(at);
+      }
+      m.nnz = at;
+      for (int64_t r = 0; r < H; ++r) {
+        m.pad_begin[r] = int32_t(at);
+        at += m.pad_end[r];
+        m.pad_end[r] = int32_t(at);
+      }
+    } else if (stage == 2) {
+      for (int64_t w = w0; w < w1; ++w) fill_warp<S>(m, indices, lane_row, lay.slots, w, raw, slots);
+    }
   };
-  cpu::run_stages(pool, threads, 1, threads, build);
-  m.nnz = 0;
-  for (int64_t n : nnz) m.nnz += n;
+  cpu::run_stages(pool, threads, 3, threads, build);
 }
 
 // A float32 buffer whose start is 64-byte aligned: a batch tile read at any column then stays within

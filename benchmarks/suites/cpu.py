@@ -1,0 +1,167 @@
+"""cpu: jax_sprnn's C++ CPU kernels against XLA's dense lax.scan, on the CPU, per call.
+
+    python -m benchmarks.run --suite cpu [--quick] [--budget-s 1800]
+
+Four peers on the same inputs: ``sparse_rnn(method='native')`` (the C++ kernel) and the dense
+``lax.scan`` of the storage dtype, each forward only and forward + backward (the gradient with
+respect to x, h0 and the weights: on the nonzeros for ours, the dense kernel for lax.scan). Grid:
+H in {256, 512, 1024, 2048}, 10% density, B in {1, 4, 16}, float32 and float16. Each peer is timed
+as every suite times it (benchmarks/timing.py: warm-up, then the median of N calls, inputs rotated)
+at T1 and T2; the table shows milliseconds per call at T2 and the speedup over dense, the JSON also
+the per-step slope and the fixed cost per call (the kernel rebuilds its rows once per call).
+
+The JSON's ``crossovers`` give, per dtype, batch and direction, the smallest H of the grid from
+which the kernel is faster than dense at every larger H (what ``auto`` on the CPU should follow);
+``targets`` checks issue 18's goals (at least dense's speed at H >= 512, 3x at H >= 2048). The
+load average is recorded before and after: on a shared machine both peers slow down together.
+
+It measures the CPU backend (on a GPU machine: JAX_PLATFORMS=cpu). A full run (not smoke) also
+copies its JSON to benchmarks/results/cpu_<date>.json.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import jax
+
+from .. import plots
+from ..harness import Case, Peer, measure_all, ran
+from ..peers_jax import ALL_DTYPES, DENSE, OURS, auto_choice
+from ..problems import SHORT, Layer
+from ..report import Column
+from . import training
+from .common import Context, forward_reference
+
+#: wanted by the CPU suite however run.py was asked (its timing is its own: see run.TIMINGS)
+RUNS_ON_CPU = True
+
+HIDDEN = (256, 512, 1024, 2048)
+QUICK_HIDDEN = (512, 2048)
+BATCH = (1, 4, 16)
+DTYPES = ("float32", "float16")
+DENSITY = 0.1
+SMOKE = [(64, 2, "float32"), (64, 2, "float16")]  # (H, B, dtype)
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+FWD = Peer("ours", "sparse_rnn(method='native'): the C++ CPU kernel, forward", ALL_DTYPES,
+           OURS.build, competitor=False)
+DENSE_FWD = Peer("dense", "lax.scan of tanh(x_t + h @ K), dense K in the storage dtype, forward",
+                 ALL_DTYPES, DENSE.build)
+GRAD = Peer("ours_grad", "forward + backward through the C++ CPU kernel (gradient on the nonzeros)",
+            ALL_DTYPES, training.OURS.build, competitor=False)
+DENSE_GRAD = Peer("dense_grad", "forward + backward through the dense lax.scan", ALL_DTYPES,
+                  training.DENSE.build)
+DIRECTIONS = {"forward": (FWD, DENSE_FWD), "grad": (GRAD, DENSE_GRAD)}
+
+
+def cpu_info() -> dict:
+    """The CPU the numbers were taken on, and how busy it was."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return dict(cpu=model, cores=os.cpu_count(), load_average=os.getloadavg(),
+                isa_override=os.environ.get("JAX_SPRNN_CPU_ISA"),
+                threads_cap=os.environ.get("JAX_SPRNN_CPU_THREADS"))
+
+
+def speedup(row: dict, direction: str) -> float | None:
+    """Dense's time per call over ours (> 1: the kernel is faster)."""
+    ours, dense = (row["peers"].get(p.name) for p in DIRECTIONS[direction])
+    if not (ran(ours) and ran(dense)):
+        return None
+    return dense["call_ms"] / ours["call_ms"]
+
+
+def measure_case(ctx: Context, hidden: int, batch: int, dtype: str) -> dict:
+    layer = Layer.make(hidden, DENSITY, dtype)
+    row = dict(hidden=hidden, density=layer.density, batch=batch, dtype=dtype, nnz=layer.nnz,
+               T=ctx.timing.t2, auto=auto_choice(layer, batch), peers={})
+    row["peers"].update(measure_all(DIRECTIONS["forward"], Case(layer, batch, ctx.timing,
+                                                                 forward_reference)))
+    row["peers"].update(measure_all(DIRECTIONS["grad"], Case(layer, batch, ctx.timing,
+                                                              training.grad_reference)))
+    for direction in DIRECTIONS:
+        row[f"speedup_{direction}"] = speedup(row, direction)
+    return row
+
+
+def crossovers(rows) -> dict:
+    """Per ``dtype/batch/direction``: the smallest H from which ours is faster at every larger H of
+    the grid (None: never, or not at the largest)."""
+    out = {}
+    keys = sorted({(r["dtype"], r["batch"]) for r in rows if "peers" in r})
+    for dtype, batch in keys:
+        cells = sorted((r for r in rows if "peers" in r and (r["dtype"], r["batch"]) == (dtype, batch)),
+                       key=lambda r: r["hidden"])
+        for direction in DIRECTIONS:
+            from_h = None
+            for r in reversed(cells):
+                s = r.get(f"speedup_{direction}")
+                if s is None or s < 1:
+                    break
+                from_h = r["hidden"]
+            out[f"{dtype}/{batch}/{direction}"] = from_h
+    return out
+
+
+def targets(rows) -> list[dict]:
+    """Issue 18's goals per row: at least dense's speed at H >= 512, 3x at H >= 2048."""
+    out = []
+    for r in rows:
+        for direction in DIRECTIONS:
+            s = r.get(f"speedup_{direction}")
+            goal = 3.0 if r["hidden"] >= 2048 else 1.0 if r["hidden"] >= 512 else None
+            if goal is not None and s is not None:
+                out.append(dict(hidden=r["hidden"], batch=r["batch"], dtype=r["dtype"],
+                                direction=direction, speedup=s, goal=goal, met=s >= goal))
+    return out
+
+
+def run(ctx: Context) -> None:
+    ctx.recorder.set(peers={p.name: dict(title=p.title, dtypes_tried=list(p.dtypes))
+                            for pair in DIRECTIONS.values() for p in pair},
+                     cpu_before=cpu_info())
+    if jax.default_backend() != "cpu":
+        ctx.recorder.set(skipped=f"measures the CPU backend, not {jax.default_backend()}: run with "
+                                 "JAX_PLATFORMS=cpu", plots=[])
+        print(ctx.recorder.payload["skipped"], flush=True)
+        return
+    grid = SMOKE if ctx.smoke else [(h, b, d) for d in DTYPES for b in BATCH
+                                    for h in (QUICK_HIDDEN if ctx.quick else HIDDEN)]
+    for hidden, batch, dtype in grid:
+        if ctx.over_budget():
+            ctx.recorder.add(dict(hidden=hidden, density=DENSITY, batch=batch, dtype=dtype,
+                                  not_run="time budget"))
+            continue
+        ctx.recorder.add(measure_case(ctx, hidden, batch, dtype))
+    rows = ctx.recorder.rows
+    ctx.recorder.set(cpu_after=cpu_info(), crossovers=crossovers(rows), targets=targets(rows),
+                     plots=[str(plots.per_step_bars(rows, ctx.out_dir / "cpu.png",
+                                                    "µs per step on the CPU (log scale)"))])
+    if not ctx.smoke:
+        dated = RESULTS / f"cpu_{time.strftime('%Y-%m-%d')}.json"
+        shutil.copyfile(ctx.recorder.path, dated)
+        print(f"copied to {dated}", flush=True)
+
+
+def _ms(name: str):
+    return lambda row: row["peers"][name].get("call_ms")
+
+
+def columns(peers):
+    return [Column("H", lambda r: r["hidden"], 5), Column("B", lambda r: r["batch"], 3),
+            Column("dtype", lambda r: SHORT[r["dtype"]], 5),
+            *[Column(f"{p.name} ms", _ms(p.name), 10) for p in (FWD, DENSE_FWD)],
+            Column("x fwd", lambda r: r.get("speedup_forward"), 6),
+            *[Column(f"{p.name} ms", _ms(p.name), 14) for p in (GRAD, DENSE_GRAD)],
+            Column("x grad", lambda r: r.get("speedup_grad"), 6)]
