@@ -1,6 +1,6 @@
 """The benchmark suites of jax_sprnn, each sized for one 10-minute run on an H200.
 
-    python -m benchmarks.run --suite paper|sweep|capacity|training|ablation [--quick] [--out DIR]
+    python -m benchmarks.run --suite paper|sweep|capacity|training|ablation|cpu [--quick] [--out DIR]
 
 Writes ``DIR/<suite>.json`` (rewritten after every row) and PNG plots, and prints a table. Every peer
 runs in this process on the same inputs; per-step time is the slope between two sequence lengths of
@@ -44,6 +44,8 @@ TIMINGS = {
     "capacity": (Timing(), Timing()),  # only its cuDNN probe times anything, with its own
     "training": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
     "ablation": (Timing(64, 256, reps=20, rotate=4), Timing(64, 256, reps=10, rotate=2)),
+    "cpu": (Timing(20, 100, reps=7, rotate=2, max_seconds=4.0),
+            Timing(20, 100, reps=5, rotate=2, max_seconds=2.0)),
 }
 SMOKE_TIMING = Timing(t1=8, t2=256, reps=7, rotate=2, warmup=1, max_seconds=1.0)
 DEFAULT_PEERS = {"training": ("ours", "dense"), "ablation": ("ours",)}  # ablation: its own variants
@@ -95,10 +97,10 @@ def main(argv=None) -> Path:
         sys.exit(f"jax_sprnn was imported from {Path(jax_sprnn.__file__).parent} without its CUDA "
                  "module: run from a folder where the installed package is found first (see "
                  "benchmarks/RESULTS.md), or build the modules in place")
-    smoke = args.smoke or not on_gpu
+    suite = SUITES[args.suite]
+    smoke = args.smoke or not (on_gpu or getattr(suite, "RUNS_ON_CPU", False))
     if smoke and not args.smoke:
         print(f"no GPU ({jax.default_backend()} backend): running the smoke grid", flush=True)
-    suite = SUITES[args.suite]
     peers = peer_registry.select(args.peers, DEFAULT_PEERS.get(args.suite, tuple(peer_registry.ALL)))
     timing = timing_for(args, smoke)
     out_dir = args.out or Path("bench_out") / args.suite

@@ -105,3 +105,16 @@ def test_ablation_suite(tmp_path):
     for row in data["rows"]:
         _check_case(row, must_run=("naive", "wide", "bank", "ours"))
         assert set(row["peers"]["naive"]) >= {"rel_err"}
+
+
+def test_cpu_suite(tmp_path):
+    data = _run("cpu", tmp_path)
+    assert [(r["hidden"], r["dtype"]) for r in data["rows"]] == [(64, "float32"), (64, "float16")]
+    for row in data["rows"]:
+        for name in ("ours", "dense", "ours_grad", "dense_grad"):
+            result = row["peers"][name]
+            assert result["call_ms"] > 0 and result["rel_err"] < 5e-2, (name, result)
+        assert row["speedup_forward"] > 0 and row["speedup_grad"] > 0
+    assert set(data["crossovers"]) == {f"{d}/2/{k}" for d in ("float32", "float16")
+                                       for k in ("forward", "grad")}
+    assert data["cpu_before"]["cores"] >= 1
