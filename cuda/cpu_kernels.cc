@@ -170,12 +170,30 @@ struct Rows {
   // [H]: row i's real entries are [begin[i], end[i]), its padding [pad_begin[i], pad_end[i])
   std::vector<int32_t> begin, end, pad_begin, pad_end;
   std::vector<int32_t> lane_real, lane_pad;  // [lanes]: each lane's real and padding slots
-  Buffer<int32_t> col;   // [slots]: the column an entry reads
+  // [slots]: the column an entry reads, as uint16_t up to H = 65536 (the weights' bytes per entry
+  // bound a step: each thread streams its rows' entries from L3), else int32_t
+  bool narrow = false;
+  Buffer<uint16_t> col16;
+  Buffer<int32_t> col32;
   Buffer<float> val;     // [slots]: a real entry's value in float32 (the recurrences)
   Buffer<int32_t> slot;  // [slots]: a real entry's flat offset in the packed arrays (weight gradient)
 
   int64_t count(int64_t r) const { return end[r] - begin[r]; }
+  template <typename Index>
+  const Index* col() const {
+    if constexpr (std::is_same_v<Index, uint16_t>) {
+      return col16.get();
+    } else {
+      return col32.get();
+    }
+  }
 };
+
+// Calls fn(Index{}) with the column type of `m`.
+template <typename Fn>
+auto with_index(const Rows& m, Fn&& fn) {
+  return m.narrow ? fn(uint16_t{}) : fn(int32_t{});
+}
 
 // Rows reused from call to call: filling fresh memory cost more in page faults than the build
 // itself. A call takes one (or a new one) and gives it back; as many are kept as ran at once.
@@ -231,9 +249,10 @@ void count_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_
 // Writes warp w's entries at their rows' offsets (begin, pad_begin). With `raw` values the entries
 // get val, without, slot. Branch-free (padding slots come at random): a padding slot writes its
 // column (and a value or slot nobody reads) at the padding cursor, an idle lane at index `trash`.
-template <typename S>
+template <typename S, typename Index>
 void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
                const typename S::Raw* raw, int32_t trash) {
+  Index* col = const_cast<Index*>(m.col<Index>());
   const int64_t base = w * K * kWarpSize;
   const int32_t* rows = lane_row + w * kWarpSize;
   int32_t next_real[kWarpSize], next_pad[kWarpSize], used[kWarpSize];  // each lane's first entries
@@ -256,7 +275,7 @@ void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t
       const int32_t at = padding ? pad_at : real_at;
       pad_at += live & padding;
       real_at += live & (padding ^ 1);
-      m.col[at] = idx ^ -padding;  // ~idx for padding
+      col[at] = Index(idx ^ -padding);  // ~idx for padding
       if (raw != nullptr) {
         m.val[at] = S::load(raw[e]);
       } else {
@@ -348,10 +367,11 @@ JAX_SPRNN_INLINE float lane_sum(const float* p) {
 // out[0, BT) = sum over row r's nonzeros of value * h[col, 0, BT) (h in [H][BT] tiles), then 0 * h
 // for the padding slots when asked; W: the ISA's vector width in floats. U independent partial sums
 // keep the FMA units busy (a single chain would wait on every add's latency).
-template <int BT, int W>
+template <int BT, int W, typename Index>
 JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool visit_padding,
                                   float* out) {
-  const int32_t* col = m.col.get() + m.begin[r];
+  const Index* cols = m.col<Index>();
+  const Index* col = cols + m.begin[r];
   const float* val = m.val.get() + m.begin[r];
   const int64_t n = m.count(r);
   if constexpr (BT == 1) {
@@ -365,7 +385,7 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
     for (; k < n; ++k) acc[0] += val[k] * h[col[k]];
     float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     if (visit_padding)
-      for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) sum += 0.0f * h[m.col[p]];
+      for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) sum += 0.0f * h[cols[p]];
     out[0] = sum;
   } else {
     constexpr int L = BT < W ? BT : W;  // floats per vector
@@ -395,7 +415,7 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
     if (visit_padding)
       for (int64_t q = m.pad_begin[r]; q < m.pad_end[r]; ++q)
         for (int p = 0; p < P; ++p) {
-          std::memcpy(&hv, h + int64_t(m.col[q]) * BT + p * L, sizeof(V));
+          std::memcpy(&hv, h + int64_t(cols[q]) * BT + p * L, sizeof(V));
           acc[0][p] += 0.0f * hv;
         }
     for (int p = 0; p < P; ++p) std::memcpy(out + p * L, &acc[0][p], sizeof(V));
@@ -453,10 +473,11 @@ JAX_SPRNN_INLINE void activate_row(float* z, int64_t n) {
 }
 
 // Rows [r0, r1) of U h for one batch tile: acc[(r - r0) * BT + j].
-template <int BT, int W>
+template <int BT, int W, typename Index>
 JAX_SPRNN_INLINE void tile_products(const Rows& m, int64_t r0, int64_t r1, const float* h,
                                     bool visit_padding, float* acc) {
-  for (int64_t r = r0; r < r1; ++r) row_product<BT, W>(m, r, h, visit_padding, acc + (r - r0) * BT);
+  for (int64_t r = r0; r < r1; ++r)
+    row_product<BT, W, Index>(m, r, h, visit_padding, acc + (r - r0) * BT);
 }
 
 // What the stages of a recurrence share. The state it carries from step to step is float32 in batch
@@ -639,16 +660,17 @@ JAX_SPRNN_INLINE void pack_pairs(const WeightGrad& w, int64_t block, int64_t c0,
 // Rows [r0, r1): every real entry's slot gets the block's sum over its 16 * NV pairs of
 // h_before[col] * dz[row]: up to four vector partial sums of the ISA's width W, then lane_sum. The order is
 // fixed for an ISA, whatever the number of threads.
-template <int NV, int W>
+template <int NV, int W, typename Index>
 JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1) {
   constexpr int L = W, P = 16 * NV / L;  // P vectors of L floats per block row
   using V = typename Tile<L>::Vec;
   const Rows& m = *w.rows;
+  const Index* cols = m.col<Index>();
   for (int64_t r = r0; r < r1; ++r) {
     const float* dz = w.dz_t + r * kPairBlock;
     for (int64_t k = m.begin[r]; k < m.end[r]; ++k) {
       JAX_SPRNN_NO_LOOP_VECTORIZE();
-      const float* h = w.h_t + int64_t(m.col[k]) * kPairBlock;
+      const float* h = w.h_t + int64_t(cols[k]) * kPairBlock;
       constexpr int C = P < 4 ? P : 4;  // independent partial sums
       V acc[C] = {}, hv, dv;
       for (int p = 0; p < P; p += C)
@@ -670,10 +692,10 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1
 // Each ISA is a struct of entry points that force-inline the loops above under its target attribute.
 #define JAX_SPRNN_ISA_ENTRY_POINTS(NAME, ATTRIBUTE, WIDTH)                                           \
   struct NAME {                                                                                      \
-    template <int BT>                                                                                \
+    template <int BT, typename Index>                                                                \
     ATTRIBUTE static void products(const Rows& m, int64_t r0, int64_t r1, const float* h,            \
                                    bool visit_padding, float* acc) {                                 \
-      tile_products<BT, WIDTH>(m, r0, r1, h, visit_padding, acc);                                    \
+      tile_products<BT, WIDTH, Index>(m, r0, r1, h, visit_padding, acc);                             \
     }                                                                                                \
     template <typename S, int ACT>                                                                   \
     ATTRIBUTE static bool forward(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,    \
@@ -690,9 +712,9 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1
                                float* rows) {                                                        \
       pack_pairs<S>(w, block, c0, c1, rows);                                                         \
     }                                                                                                \
-    template <int NV>                                                                                \
+    template <int NV, typename Index>                                                                \
     ATTRIBUTE static void block_sums(const WeightGrad& w, int64_t r0, int64_t r1) {                  \
-      block_products<NV, WIDTH>(w, r0, r1);                                                          \
+      block_products<NV, WIDTH, Index>(w, r0, r1);                                                   \
     }                                                                                                \
   };
 
@@ -754,9 +776,17 @@ struct RecurrenceKernels {
 };
 
 template <typename S, bool kForward>
-auto recurrence_kernels(int64_t tile, int64_t act) {
+auto recurrence_kernels(const Rows& rows, int64_t tile, int64_t act) {
   return with_isa([&](auto isa) {
     using I = decltype(isa);
+    using Products = void (*)(const Rows&, int64_t, int64_t, const float*, bool, float*);
+    auto products = [&](auto index) -> Products {
+      using Index = decltype(index);
+      return tile == 1   ? &I::template products<1, Index>
+             : tile == 4 ? &I::template products<4, Index>
+             : tile == 8 ? &I::template products<8, Index>
+                         : &I::template products<16, Index>;
+    };
     auto epilogue = [&](auto a) {
       constexpr int A = decltype(a)::value;
       if constexpr (kForward) {
@@ -767,10 +797,7 @@ auto recurrence_kernels(int64_t tile, int64_t act) {
     };
     using Epilogue = decltype(epilogue(Int<kTanh>{}));
     RecurrenceKernels<Epilogue> k;
-    k.products = tile == 1 ? &I::template products<1>
-                 : tile == 4 ? &I::template products<4>
-                 : tile == 8 ? &I::template products<8>
-                             : &I::template products<16>;
+    k.products = with_index(rows, products);
     k.epilogue = act == kTanh ? epilogue(Int<kTanh>{})
                  : act == kRelu ? epilogue(Int<kRelu>{})
                                 : epilogue(Int<kIdentity>{});
@@ -822,7 +849,12 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
   m.lane_real.resize(lay.num_lanes);
   m.lane_pad.resize(lay.num_lanes);
   const int64_t slots = lay.num_lanes * lay.slots;  // and one more: fill_warp's trash
-  m.col.reserve(slots + 1);
+  m.narrow = H <= 65536;
+  if (m.narrow) {
+    m.col16.reserve(slots + 1);
+  } else {
+    m.col32.reserve(slots + 1);
+  }
   if (values != nullptr) {
     m.val.reserve(slots + 1);
   } else {
@@ -847,7 +879,13 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
         m.pad_end[r] = int32_t(at);
       }
     } else if (stage == 2) {
-      for (int64_t w = w0; w < w1; ++w) fill_warp<S>(m, indices, lane_row, lay.slots, w, raw, slots);
+      for (int64_t w = w0; w < w1; ++w) {
+        if (m.narrow) {
+          fill_warp<S, uint16_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
+        } else {
+          fill_warp<S, int32_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
+        }
+      }
     }
   };
   cpu::run_stages(pool, threads, 3, threads, build);
@@ -925,7 +963,7 @@ void forward(const void* x, const void* h0_, const void* values, const int32_t* 
     }
   if (!finite) f.nonfinite[0].store(1, std::memory_order_relaxed);
 
-  run_recurrence(f, recurrence_kernels<S, true>(BT, act), T, 0, pool);
+  run_recurrence(f, recurrence_kernels<S, true>(*rows, BT, act), T, 0, pool);
 
   auto* hT = static_cast<Raw*>(hT_);
   const float* h = f.state[T & 1];
@@ -951,7 +989,7 @@ void backward(const void* y, const void* h0, const void* values_t, const int32_t
   g.dh = dh.data();
 
   // Stage 0 only computes dz of the last step from dh_final (nothing to multiply yet).
-  run_recurrence(g, recurrence_kernels<S, false>(g.BT, act), T + 1, 1, pool);
+  run_recurrence(g, recurrence_kernels<S, false>(*rows, g.BT, act), T + 1, 1, pool);
 
   auto* dh0 = static_cast<Raw*>(dh0_);
   for (int64_t e = 0; e < B * H; ++e) dh0[e] = S::store(dh[e]);
@@ -979,10 +1017,13 @@ void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* i
   w.pairs = &pairs, w.h_t = h_t.data, w.dz_t = dz_t.data;
   const auto pack = with_isa([](auto isa) { return &decltype(isa)::template pack<S>; });
   using BlockSums = void (*)(const WeightGrad&, int64_t, int64_t);
-  const auto block_sums = with_isa([](auto isa) {
+  const auto block_sums = with_isa([&](auto isa) {
     using I = decltype(isa);
-    return std::array<BlockSums, 4>{&I::template block_sums<1>, &I::template block_sums<2>,
-                                    &I::template block_sums<4>, &I::template block_sums<8>};
+    return with_index(rows, [](auto index) {
+      using Index = decltype(index);
+      return std::array<BlockSums, 4>{&I::template block_sums<1, Index>, &I::template block_sums<2, Index>,
+                                      &I::template block_sums<4, Index>, &I::template block_sums<8, Index>};
+    });
   });
   const std::vector<int64_t> bounds = balanced_rows(rows, threads, 1, 0);
   std::vector<std::vector<float>> scratch(threads, std::vector<float>(32 * H));
