@@ -5,10 +5,11 @@
 Four peers on the same inputs: ``sparse_rnn(method='native')`` (the C++ kernel) and the dense
 ``lax.scan`` of the storage dtype, each forward only and forward + backward (the gradient with
 respect to x, h0 and the weights: on the nonzeros for ours, the dense kernel for lax.scan). Grid:
-H in {256, 512, 1024, 2048}, 10% density, B in {1, 4, 16}, float32 and float16. Each peer is timed
-as every suite times it (benchmarks/timing.py: warm-up, then the median of N calls, inputs rotated)
-at T1 and T2; the table shows milliseconds per call at T2 and the speedup over dense, the JSON also
-the per-step slope and the fixed cost per call (the kernel rebuilds its rows once per call).
+H in {256, 512, 1024, 2048}, 10% density, B in {1, 4, 16}, float32 and float16. Ours and dense run
+in turns, call for call (after warm-up, inputs rotated), at T1 and T2, so that both see the same
+load on a shared machine; each keeps the median of its N calls. The table shows milliseconds per
+call at T2 and the speedup over dense; the JSON also the per-step slope and the fixed cost per call
+(the kernel rebuilds its rows once per call), and the fastest call.
 
 The JSON's ``crossovers`` give, per dtype, batch and direction, the smallest H of the grid from
 which the kernel is faster than dense at every larger H (what ``auto`` on the CPU should follow);
@@ -29,12 +30,15 @@ from pathlib import Path
 
 import jax
 
+import statistics
+
 from .. import plots
-from ..harness import Case, Peer, measure_all, ran
+from ..harness import Case, Peer, Skip, as_numpy, ran
 from ..peers_jax import ALL_DTYPES, DENSE, OURS, auto_choice
-from ..problems import SHORT, Layer
+from ..problems import SHORT, Layer, rel_err
 from ..report import Column
 from . import training
+from ..timing import per_step, wall_clock
 from .common import Context, forward_reference
 
 #: wanted by the CPU suite however run.py was asked (its timing is its own: see run.TIMINGS)
@@ -82,14 +86,54 @@ def speedup(row: dict, direction: str) -> float | None:
     return dense["call_ms"] / ours["call_ms"]
 
 
+def measure_pair(pair, case: Case) -> dict:
+    """Each peer of ``pair`` timed in turns with the other at T1 and T2 (the median of the timing's
+    calls), its per-step slope and fixed cost, and its error against the case's reference."""
+    timing = case.timing
+    results = {p.name: {} for p in pair}
+    medians = {p.name: {} for p in pair}
+    for T in (timing.t1, timing.t2):
+        runners, sets = {}, {}
+        for p in pair:
+            if "skipped" in results[p.name] or "error" in results[p.name]:
+                continue
+            try:
+                runners[p.name] = p.build(case.layer, case.batch, T)
+            except Skip as e:
+                results[p.name] = dict(skipped=str(e))
+                continue
+            except Exception as e:  # one failing peer must not hide the other
+                results[p.name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+                continue
+            sets[p.name] = [runners[p.name].prepare(*inp) for inp in case.inputs(T)]
+        times = {name: [] for name in runners}
+        for i in range(timing.warmup + timing.reps):
+            order = list(runners) if i % 2 == 0 else list(reversed(runners))
+            for name in order:
+                seconds = wall_clock(runners[name].run, sets[name][i % len(sets[name])])
+                if i >= timing.warmup:
+                    times[name].append(seconds)
+        for name, runner in runners.items():
+            medians[name][T] = statistics.median(times[name])
+            results[name]["min_ms"] = min(times[name]) * 1e3
+            if T == timing.t1 and runner.check is not None:
+                out = as_numpy(runner.check(runner.run(*sets[name][0])))
+                results[name]["rel_err"] = rel_err(out, case.expected())
+    for name, at in medians.items():
+        if len(at) == 2:
+            results[name].update(per_step(at.__getitem__, timing.t1, timing.t2))
+    jax.clear_caches()  # programs compiled for this size are not needed again
+    return results
+
+
 def measure_case(ctx: Context, hidden: int, batch: int, dtype: str) -> dict:
     layer = Layer.make(hidden, DENSITY, dtype)
     row = dict(hidden=hidden, density=layer.density, batch=batch, dtype=dtype, nnz=layer.nnz,
                T=ctx.timing.t2, auto=auto_choice(layer, batch), peers={})
-    row["peers"].update(measure_all(DIRECTIONS["forward"], Case(layer, batch, ctx.timing,
-                                                                 forward_reference)))
-    row["peers"].update(measure_all(DIRECTIONS["grad"], Case(layer, batch, ctx.timing,
-                                                              training.grad_reference)))
+    row["peers"].update(measure_pair(DIRECTIONS["forward"], Case(layer, batch, ctx.timing,
+                                                                  forward_reference)))
+    row["peers"].update(measure_pair(DIRECTIONS["grad"], Case(layer, batch, ctx.timing,
+                                                               training.grad_reference)))
     for direction in DIRECTIONS:
         row[f"speedup_{direction}"] = speedup(row, direction)
     return row
