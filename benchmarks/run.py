@@ -44,8 +44,7 @@ TIMINGS = {
     "capacity": (Timing(), Timing()),  # only its cuDNN probe times anything, with its own
     "training": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
     "ablation": (Timing(64, 256, reps=20, rotate=4), Timing(64, 256, reps=10, rotate=2)),
-    "cpu": (Timing(20, 100, reps=7, rotate=2, max_seconds=4.0),
-            Timing(20, 100, reps=5, rotate=2, max_seconds=2.0)),
+    "cpu": (Timing(20, 100, reps=15, rotate=2), Timing(20, 100, reps=7, rotate=2)),
 }
 SMOKE_TIMING = Timing(t1=8, t2=256, reps=7, rotate=2, warmup=1, max_seconds=1.0)
 DEFAULT_PEERS = {"training": ("ours", "dense"), "ablation": ("ours",)}  # ablation: its own variants
