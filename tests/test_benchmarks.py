@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 pytest.importorskip("matplotlib", reason="the benchmark plots need matplotlib")
@@ -108,6 +109,8 @@ def test_ablation_suite(tmp_path):
 
 
 def test_cpu_suite(tmp_path):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the cpu suite measures the CPU backend (it refuses to run beside a GPU)")
     data = _run("cpu", tmp_path)
     assert [(r["hidden"], r["dtype"]) for r in data["rows"]] == [(64, "float32"), (64, "float16")]
     for row in data["rows"]:

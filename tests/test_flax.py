@@ -91,6 +91,8 @@ def shapes_and_dtypes(tree):
 def test_params_are_nn_rnn_simple_cells(dtype, param_dtype):
     """Names, nesting, shapes and dtypes of nn.RNN(nn.SimpleCell) (and the cell's of
     nn.SimpleCell); at max_density 1 the same key even gives the same values."""
+    if param_dtype == jnp.bfloat16 and jax.default_backend() != "cpu":
+        pytest.skip("the bfloat16 orthogonal init (QR) traces only on the CPU backend")
     x = random_inputs(15)
     attrs = dict(dtype=dtype, param_dtype=param_dtype)
     # nn.RNN's scan needs a carry of the steps' output dtype (float32 inputs promote).
