@@ -142,6 +142,22 @@ ffi::Error check_lengths(const char* who, const int32_t* lengths, int64_t B, int
   return ffi::Error::Success();
 }
 
+// Every check of a packed layout (indices and lane_row as given, with `num_values` values, or any
+// number when it is negative) and of the lengths of B sequences of T steps; fills `lay`.
+ffi::Error check_packed(const char* who, int64_t hidden, ffi::Buffer<ffi::S32> indices,
+                        ffi::Buffer<ffi::S32> lane_row, int64_t num_values, int64_t slots_per_lane,
+                        int64_t activation, ffi::Buffer<ffi::S32> lengths, int64_t B, int64_t T,
+                        Layout* lay) {
+  if (auto e = check_layout(who, hidden, indices.element_count(), lane_row.element_count(),
+                            slots_per_lane, activation, lay);
+      e.failure())
+    return e;
+  if (num_values >= 0 && num_values != int64_t(indices.element_count()))
+    return ffi::Error::InvalidArgument(std::string(who) + ": the values and the indices must have the same size");
+  if (auto e = check_indices(who, indices.typed_data(), lane_row.typed_data(), *lay); e.failure()) return e;
+  return check_lengths(who, lengths.typed_data(), B, T);
+}
+
 
 // ---- U row by row, built once per call -------------------------------------------------------------
 
@@ -1060,6 +1076,19 @@ void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* i
 
 // ---- the handlers ------------------------------------------------------------------------------
 
+// run(S{}) for the storage type `dt`, or the error that names the dtypes there are.
+template <typename Run>
+ffi::Error with_storage_type(const char* who, ffi::DataType dt, Run&& run) {
+  switch (dt) {
+    case ffi::F32: run(F32{}); break;
+    case ffi::BF16: run(BF16{}); break;
+    case ffi::F16: run(F16{}); break;
+    default:
+      return ffi::Error::InvalidArgument(std::string(who) + ": dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer values,
                        ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
                        ffi::Buffer<ffi::S32> lengths, ffi::Result<ffi::AnyBuffer> y,
@@ -1076,37 +1105,16 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer value
   if (h0.element_count() != size_t(B * H) || lengths.element_count() != size_t(B))
     return ffi::Error::InvalidArgument("jax_sprnn_forward: h0 must be [B, H] and lengths [B]");
   Layout lay;
-  if (auto e = check_layout("jax_sprnn_forward", H, indices.element_count(), lane_row.element_count(),
-                            slots_per_lane, activation, &lay);
+  if (auto e = check_packed("jax_sprnn_forward", H, indices, lane_row, values.element_count(),
+                            slots_per_lane, activation, lengths, B, T, &lay);
       e.failure())
     return e;
-  if (values.element_count() != indices.element_count())
-    return ffi::Error::InvalidArgument("jax_sprnn_forward: values and indices must have the same size");
-  if (auto e = check_indices("jax_sprnn_forward", indices.typed_data(), lane_row.typed_data(), lay);
-      e.failure())
-    return e;
-  if (auto e = check_lengths("jax_sprnn_forward", lengths.typed_data(), B, T); e.failure()) return e;
-  const bool rev = reverse != 0;
-  switch (dt) {
-    case ffi::F32:
-      forward<F32>(x.untyped_data(), h0.untyped_data(), values.untyped_data(), indices.typed_data(),
-                   lane_row.typed_data(), lengths.typed_data(), y->untyped_data(),
-                   h_final->untyped_data(), T, B, lay, activation, rev, &pool);
-      break;
-    case ffi::BF16:
-      forward<BF16>(x.untyped_data(), h0.untyped_data(), values.untyped_data(), indices.typed_data(),
-                    lane_row.typed_data(), lengths.typed_data(), y->untyped_data(),
-                    h_final->untyped_data(), T, B, lay, activation, rev, &pool);
-      break;
-    case ffi::F16:
-      forward<F16>(x.untyped_data(), h0.untyped_data(), values.untyped_data(), indices.typed_data(),
-                   lane_row.typed_data(), lengths.typed_data(), y->untyped_data(),
-                   h_final->untyped_data(), T, B, lay, activation, rev, &pool);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("jax_sprnn_forward: dtype must be float32, bfloat16 or float16");
-  }
-  return ffi::Error::Success();
+  return with_storage_type("jax_sprnn_forward", dt, [&](auto type) {
+    forward<decltype(type)>(x.untyped_data(), h0.untyped_data(), values.untyped_data(),
+                            indices.typed_data(), lane_row.typed_data(), lengths.typed_data(),
+                            y->untyped_data(), h_final->untyped_data(), T, B, lay, activation,
+                            reverse != 0, &pool);
+  });
 }
 
 ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer values_t,
@@ -1127,31 +1135,16 @@ ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer valu
       h0.element_count() != size_t(B * H) || lengths.element_count() != size_t(B))
     return ffi::Error::InvalidArgument("jax_sprnn_backward: dy must match y, h0/dh_final be [B, H], lengths [B]");
   Layout lay;
-  if (auto e = check_layout("jax_sprnn_backward", H, indices_t.element_count(),
-                            lane_row_t.element_count(), slots_per_lane, activation, &lay);
+  if (auto e = check_packed("jax_sprnn_backward", H, indices_t, lane_row_t, values_t.element_count(),
+                            slots_per_lane, activation, lengths, B, T, &lay);
       e.failure())
     return e;
-  if (values_t.element_count() != indices_t.element_count())
-    return ffi::Error::InvalidArgument("jax_sprnn_backward: values_t and indices_t must have the same size");
-  if (auto e = check_indices("jax_sprnn_backward", indices_t.typed_data(), lane_row_t.typed_data(), lay);
-      e.failure())
-    return e;
-  if (auto e = check_lengths("jax_sprnn_backward", lengths.typed_data(), B, T); e.failure()) return e;
-  const bool rev = reverse != 0;
-#define JAX_SPRNN_BACKWARD(S)                                                                       \
-  backward<S>(y.untyped_data(), h0.untyped_data(), values_t.untyped_data(), indices_t.typed_data(), \
-              lane_row_t.typed_data(), lengths.typed_data(), dy.untyped_data(),                     \
-              dh_final.untyped_data(), dx->untyped_data(), dh0->untyped_data(), T, B, lay,          \
-              activation, rev, &pool)
-  switch (dt) {
-    case ffi::F32: JAX_SPRNN_BACKWARD(F32); break;
-    case ffi::BF16: JAX_SPRNN_BACKWARD(BF16); break;
-    case ffi::F16: JAX_SPRNN_BACKWARD(F16); break;
-    default:
-      return ffi::Error::InvalidArgument("jax_sprnn_backward: dtype must be float32, bfloat16 or float16");
-  }
-#undef JAX_SPRNN_BACKWARD
-  return ffi::Error::Success();
+  return with_storage_type("jax_sprnn_backward", dt, [&](auto type) {
+    backward<decltype(type)>(y.untyped_data(), h0.untyped_data(), values_t.untyped_data(),
+                             indices_t.typed_data(), lane_row_t.typed_data(), lengths.typed_data(),
+                             dy.untyped_data(), dh_final.untyped_data(), dx->untyped_data(),
+                             dh0->untyped_data(), T, B, lay, activation, reverse != 0, &pool);
+  });
 }
 
 ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz,
@@ -1171,30 +1164,17 @@ ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz
       lengths.element_count() != size_t(B))
     return ffi::Error::InvalidArgument("jax_sprnn_weight_grad: dz must match y, h0 be [B, H], lengths [B]");
   Layout lay;
-  if (auto e = check_layout("jax_sprnn_weight_grad", H, indices.element_count(),
-                            lane_row.element_count(), slots_per_lane, kTanh, &lay);
+  if (auto e = check_packed("jax_sprnn_weight_grad", H, indices, lane_row, -1, slots_per_lane, kTanh,
+                            lengths, B, T, &lay);
       e.failure())
     return e;
   if (dvalues->element_count() != size_t(groups) * indices.element_count())
     return ffi::Error::InvalidArgument("jax_sprnn_weight_grad: dvalues must be [groups, slots]");
-  if (auto e = check_indices("jax_sprnn_weight_grad", indices.typed_data(), lane_row.typed_data(), lay);
-      e.failure())
-    return e;
-  if (auto e = check_lengths("jax_sprnn_weight_grad", lengths.typed_data(), B, T); e.failure()) return e;
-  const bool rev = reverse != 0;
-#define JAX_SPRNN_WGRAD(S)                                                                         \
-  weight_grad<S>(y.untyped_data(), h0.untyped_data(), dz.untyped_data(), indices.typed_data(),     \
-                 lane_row.typed_data(), lengths.typed_data(), dvalues->typed_data(), T, B, groups, lay, \
-                 rev, &pool)
-  switch (dt) {
-    case ffi::F32: JAX_SPRNN_WGRAD(F32); break;
-    case ffi::BF16: JAX_SPRNN_WGRAD(BF16); break;
-    case ffi::F16: JAX_SPRNN_WGRAD(F16); break;
-    default:
-      return ffi::Error::InvalidArgument("jax_sprnn_weight_grad: dtype must be float32, bfloat16 or float16");
-  }
-#undef JAX_SPRNN_WGRAD
-  return ffi::Error::Success();
+  return with_storage_type("jax_sprnn_weight_grad", dt, [&](auto type) {
+    weight_grad<decltype(type)>(y.untyped_data(), h0.untyped_data(), dz.untyped_data(),
+                                indices.typed_data(), lane_row.typed_data(), lengths.typed_data(),
+                                dvalues->typed_data(), T, B, groups, lay, reverse != 0, &pool);
+  });
 }
 
 }  // namespace
