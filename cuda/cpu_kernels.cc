@@ -3,28 +3,30 @@
 // The numerics mirror the GPU: float32 accumulation, the state rounded to the storage dtype each step.
 //
 // Where the speed comes from:
-// - each call walks the packed slots once into U's rows (CSR: column and float32 value of every real
-//   nonzero), so a step is a row-by-row sparse product with 16-bit values converted once per call;
-// - the state is float32 in batch tiles [H][BT]: a nonzero multiplies BT contiguous floats, the loop
-//   the compiler vectorizes, with several independent partial sums per row;
+// - each call walks the packed slots once into U's rows (cpu_rows.h: the column and float32 value
+//   of every real nonzero, row by row), so a step is a row-by-row sparse product with 16-bit values
+//   converted once per call;
+// - the state is float32 in batch tiles [H][BT]: a nonzero multiplies BT contiguous floats, vectors
+//   of the ISA's width, with several independent partial sums per row;
 // - the rows of a step are split over XLA's CPU thread pool (cpu_parallel.h);
-// - the hot loops are compiled for AVX-512, AVX2 and the baseline ISA, picked at run time.
+// - the hot loops are compiled for AVX-512, AVX2 and the baseline ISA, picked at run time
+//   (JAX_SPRNN_CPU_ISA=baseline|avx2 narrows the choice, JAX_SPRNN_CPU_THREADS=n caps the threads);
+// - the row's activation and the 16-bit conversions are branch-free loops (cpu_numerics.h).
 #include "cpu_kernels.h"
 
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <type_traits>
 #include <vector>
 
+#include "cpu_numerics.h"
 #include "cpu_parallel.h"
+#include "cpu_rows.h"
 #include "ffi_bindings.h"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -34,61 +36,12 @@ namespace ffi = xla::ffi;
 namespace jax_sprnn {
 namespace {
 
-// ---- storage types: float32 as is; bfloat16 and float16 as raw bits with round-to-nearest-even ----
-
-inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-struct F32 {
-  using Raw = float;
-  static float load(Raw v) { return v; }
-  static Raw store(float f) { return f; }
-};
-
-struct BF16 {
-  using Raw = uint16_t;
-  static float load(Raw v) { return float_of(uint32_t(v) << 16); }
-  static Raw store(float f) {
-    uint32_t u = bits_of(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return Raw((u >> 16) | 0x40u);  // quiet NaN
-    return Raw((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-};
-
-// Branch-free: integer masks select among the cases, so that loops over a row vectorize (a branch,
-// or a select on floats, keeps GCC from vectorizing them).
-struct F16 {
-  using Raw = uint16_t;
-  static float load(Raw h) {
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    const uint32_t normal = ((exp + 112u) << 23) | (mant << 13);
-    const uint32_t special = 0x7f800000u | (mant << 13);  // Inf or NaN
-    // a subnormal (or zero) as 2^-14 * (1 + m/1024) - 2^-14: exact, and no denormal operand (which
-    // denormals-are-zero would flush)
-    const uint32_t tiny = bits_of(float_of(0x38800000u | (mant << 13)) - float_of(0x38800000u));
-    const uint32_t is_tiny = 0u - uint32_t(exp == 0), is_special = 0u - uint32_t(exp == 31);
-    return float_of(sign | (tiny & is_tiny) | (special & is_special) | (normal & ~(is_tiny | is_special)));
-  }
-  static Raw store(float f) {
-    const uint32_t u = bits_of(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // overflow, Inf or NaN
-    // a float16 subnormal or zero: let the FPU round it
-    const uint32_t tiny = bits_of(float_of(a) + 0.5f) - 0x3f000000u;
-    const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias, round to nearest even
-    const uint32_t is_big = 0u - uint32_t(a >= 0x47800000u), is_tiny = 0u - uint32_t(a < 0x38800000u);
-    return Raw(sign | (big & is_big) | (tiny & is_tiny) | (normal & ~(is_big | is_tiny)));
-  }
-};
+using namespace cpu;  // NOLINT: the CPU kernels' own pieces (cpu_numerics.h, cpu_rows.h)
 
 inline int64_t column_of(int32_t idx) { return idx < 0 ? ~idx : idx; }
 
 // Position of kernel step s for an example of length len.
 inline int64_t position(int64_t s, int64_t len, bool reverse) { return reverse ? len - 1 - s : s; }
-
-// The checks every handler shares; the Python layer validates first, so these guard direct calls.
-struct Layout {
-  int64_t num_lanes = 0, slots = 0, hidden = 0;
-};
 
 ffi::Error check_layout(const char* who, int64_t hidden, int64_t num_slots, int64_t num_lanes,
                         int64_t slots_per_lane, int64_t activation, Layout* out) {
@@ -159,182 +112,12 @@ ffi::Error check_packed(const char* who, int64_t hidden, ffi::Buffer<ffi::S32> i
 }
 
 
-// ---- U row by row, built once per call -------------------------------------------------------------
-
-// An uninitialized array (std::vector would zero it first, a pass the build below does not need)
-// that keeps its memory when asked for less.
-template <typename T>
-struct Buffer {
-  std::unique_ptr<T[]> data;
-  int64_t capacity = 0;
-  void reserve(int64_t n) {
-    if (n <= capacity) return;
-    data.reset(new T[size_t(n)]);
-    capacity = n;
-  }
-  T* get() const { return data.get(); }
-  T& operator[](int64_t i) const { return data[i]; }
-};
-
-// U's rows over the packed slots, in row order: real entries first, then the padding. Padding adds
-// 0 * h, which is 0 unless h is not finite, and then NaN, as on the GPU and in the dense reference;
-// the kernels visit it only in a step whose state is not all finite. A row's lanes are one run inside
-// one warp (docs/format.md, invariant 1; check_indices enforces it), so warps count and fill their
-// rows independently.
-struct Rows {
-  int64_t hidden = 0, nnz = 0;
-  // [H]: row i's real entries are [begin[i], end[i]), its padding [pad_begin[i], pad_end[i])
-  std::vector<int32_t> begin, end, pad_begin, pad_end;
-  std::vector<int32_t> lane_real, lane_pad;  // [lanes]: each lane's real and padding slots
-  // [slots]: the column an entry reads, as uint16_t up to H = 65536 (the weights' bytes per entry
-  // bound a step: each thread streams its rows' entries from L3), else int32_t
-  bool narrow = false;
-  Buffer<uint16_t> col16;
-  Buffer<int32_t> col32;
-  Buffer<float> val;     // [slots]: a real entry's value in float32 (the recurrences)
-  Buffer<int32_t> slot;  // [slots]: a real entry's flat offset in the packed arrays (weight gradient)
-
-  int64_t count(int64_t r) const { return end[r] - begin[r]; }
-  template <typename Index>
-  const Index* col() const {
-    if constexpr (std::is_same_v<Index, uint16_t>) {
-      return col16.get();
-    } else {
-      return col32.get();
-    }
-  }
-};
-
-// Calls fn(Index{}) with the column type of `m`.
-template <typename Fn>
-auto with_index(const Rows& m, Fn&& fn) {
-  return m.narrow ? fn(uint16_t{}) : fn(int32_t{});
-}
-
-// Rows reused from call to call: filling fresh memory cost more in page faults than the build
-// itself. A call takes one (or a new one) and gives it back; as many are kept as ran at once.
-class RowsCache {
- public:
-  struct GiveBack {
-    void operator()(Rows* rows) const { RowsCache::instance().give(rows); }
-  };
-  using Lease = std::unique_ptr<Rows, GiveBack>;
-
-  static RowsCache& instance() {
-    static RowsCache* cache = new RowsCache;  // never destroyed: a lease may end during exit
-    return *cache;
-  }
-  Lease take() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (free_.empty()) return Lease(new Rows);
-    Lease lease(free_.back().release());
-    free_.pop_back();
-    return lease;
-  }
-
- private:
-  void give(Rows* rows) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.emplace_back(rows);
-  }
-  std::mutex mu_;
-  std::vector<std::unique_ptr<Rows>> free_;
-};
-
-// Counts warp w's real and padding slots, lane by lane and row by row (its rows are its own).
-void count_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w) {
-  const int64_t base = w * K * kWarpSize;
-  const int32_t* rows = lane_row + w * kWarpSize;
-  int32_t* real = m.lane_real.data() + w * kWarpSize;
-  int32_t* pad = m.lane_pad.data() + w * kWarpSize;
-  std::fill(real, real + kWarpSize, 0);
-  std::fill(pad, pad + kWarpSize, 0);
-  for (int64_t k = 0; k < K; ++k)
-    for (int l = 0; l < kWarpSize; ++l) {  // branch-free: a fifth of the slots, at random, are padding
-      const int32_t used = rows[l] >= 0, padding = int32_t(uint32_t(indices[base + k * kWarpSize + l]) >> 31);
-      real[l] += used & (padding ^ 1);
-      pad[l] += used & padding;
-    }
-  for (int l = 0; l < kWarpSize; ++l)
-    if (rows[l] >= 0) {
-      m.end[rows[l]] += real[l];  // counts for now; build_rows turns them into offsets
-      m.pad_end[rows[l]] += pad[l];
-    }
-}
-
-// Writes warp w's entries at their rows' offsets (begin, pad_begin). With `raw` values the entries
-// get val, without, slot. Branch-free (padding slots come at random): a padding slot writes its
-// column (and a value or slot nobody reads) at the padding cursor, an idle lane at index `trash`.
-template <typename S, typename Index>
-void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
-               const typename S::Raw* raw, int32_t trash) {
-  Index* col = const_cast<Index*>(m.col<Index>());
-  const int64_t base = w * K * kWarpSize;
-  const int32_t* rows = lane_row + w * kWarpSize;
-  int32_t next_real[kWarpSize], next_pad[kWarpSize], used[kWarpSize];  // each lane's first entries
-  for (int l = 0; l < kWarpSize; ++l) {
-    used[l] = rows[l] >= 0;
-    if (!used[l]) {
-      next_real[l] = next_pad[l] = trash;
-      continue;
-    }
-    const bool first = l == 0 || rows[l - 1] != rows[l];
-    next_real[l] = first ? m.begin[rows[l]] : next_real[l - 1] + m.lane_real[w * kWarpSize + l - 1];
-    next_pad[l] = first ? m.pad_begin[rows[l]] : next_pad[l - 1] + m.lane_pad[w * kWarpSize + l - 1];
-  }
-  for (int l = 0; l < kWarpSize; ++l) {  // lane by lane: its cursors stay in registers
-    int32_t real_at = next_real[l], pad_at = next_pad[l];
-    const int32_t live = used[l];
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t e = base + k * kWarpSize + l;
-      const int32_t idx = indices[e], padding = int32_t(uint32_t(idx) >> 31);
-      const int32_t at = padding ? pad_at : real_at;
-      pad_at += live & padding;
-      real_at += live & (padding ^ 1);
-      col[at] = Index(idx ^ -padding);  // ~idx for padding
-      if (raw != nullptr) {
-        m.val[at] = S::load(raw[e]);
-      } else {
-        m.slot[at] = int32_t(e);
-      }
-    }
-  }
-}
-
 // ---- how the work is split ----------------------------------------------------------------------
 
 // The batch runs in tiles of BT examples (BT one of these; padding examples of the last tile stay 0).
 int64_t tile_width(int64_t batch) { return batch <= 1 ? 1 : batch <= 4 ? 4 : batch <= 8 ? 8 : 16; }
 
-// Row boundaries of `chunks` ranges of about equal cost, a row costing its nonzeros times
-// `per_nonzero` plus `per_row`.
-std::vector<int64_t> balanced_rows(const Rows& m, int64_t chunks, int64_t per_nonzero, int64_t per_row) {
-  const int64_t H = m.hidden;
-  const double total = double(m.nnz) * per_nonzero + double(H) * per_row;
-  std::vector<int64_t> bounds(chunks + 1, H);
-  bounds[0] = 0;
-  double cost = 0;
-  int64_t c = 1;
-  for (int64_t i = 0; i < H && c < chunks; ++i) {
-    cost += double(m.count(i)) * per_nonzero + per_row;
-    while (c < chunks && cost >= total * c / chunks) bounds[c++] = i + 1;
-  }
-  return bounds;
-}
-
-int64_t widest(const std::vector<int64_t>& bounds) {
-  int64_t w = 0;
-  for (size_t c = 0; c + 1 < bounds.size(); ++c) w = std::max(w, bounds[c + 1] - bounds[c]);
-  return w;
-}
-
 // ---- the hot loops (compiled once per ISA below) --------------------------------------------------
-
-#if defined(__GNUC__) || defined(__clang__)
-#define JAX_SPRNN_INLINE __attribute__((always_inline)) inline
-#else
-#define JAX_SPRNN_INLINE inline
-#endif
 
 // An empty asm statement: the loop vectorizer leaves a loop that holds one alone. The product loops
 // are already vector code; vectorized again over the nonzeros, they became gathers and spills.
@@ -435,56 +218,6 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
           acc[0][p] += 0.0f * hv;
         }
     for (int p = 0; p < P; ++p) std::memcpy(out + p * L, &acc[0][p], sizeof(V));
-  }
-}
-
-// ---- the activation over a row of values, in a loop the compiler vectorizes ---------------------------
-
-inline uint64_t bits_of(double d) { uint64_t u; std::memcpy(&u, &d, 8); return u; }
-inline double double_of(uint64_t u) { double d; std::memcpy(&d, &u, 8); return d; }
-
-// tanh for float32 in straight-line code that vectorizes (glibc's tanhf, through expm1f, cost twice
-// the rest of a step). Evaluated in double as expm1(2|x|) / (expm1(2|x|) + 2), which has no
-// cancellation anywhere, so the float is the correctly rounded tanh but in the rarest ties (checked
-// over every float: 15 of 2^32 are 1 ulp off; glibc's tanhf is 1 ulp off on ~3%). No selects on
-// floating-point values: GCC would move the arithmetic into branches, which do not vectorize.
-JAX_SPRNN_INLINE float tanh_f32(float x) {
-  const uint32_t xb = bits_of(x), mag = xb & 0x7fffffffu;
-  // |x| clamped to 10, where tanh rounds to 1.0f (NaN too: it is restored at the end)
-  const double y = 2.0 * double(float_of(std::min(mag, 0x41200000u)));
-  // expm1(y) = 2^n (exp(r) - 1) + 2^n - 1, with n = round(y / ln 2) and |r| <= ln(2) / 2
-  const double shift = 0x1.8p52;
-  const double nd = y * 1.4426950408889634 + shift;
-  const double k = nd - shift;
-  const double r = (y - k * 0x1.62e42fefa39efp-1) - k * 0x1.abc9e3b39803fp-56;
-  const double scale = double_of((bits_of(nd) - bits_of(shift) + 1023) << 52);
-  double p = 1.0 / 39916800;  // exp(r) - 1 = r + r^2/2 + ... + r^11/11!: relative error < 2e-14
-  p = p * r + 1.0 / 3628800;
-  p = p * r + 1.0 / 362880;
-  p = p * r + 1.0 / 40320;
-  p = p * r + 1.0 / 5040;
-  p = p * r + 1.0 / 720;
-  p = p * r + 1.0 / 120;
-  p = p * r + 1.0 / 24;
-  p = p * r + 1.0 / 6;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  const double em1 = scale * (p * r) + (scale - 1.0);
-  const uint32_t t = bits_of(float(em1 / (em1 + 2.0))) | (xb & 0x80000000u);
-  const uint32_t nan = 0u - uint32_t(mag > 0x7f800000u);  // all ones for NaN: give x back
-  return float_of((t & ~nan) | (xb & nan));
-}
-
-// 1 for Inf or NaN, 0 otherwise, in integer arithmetic (an OR over a row then vectorizes).
-JAX_SPRNN_INLINE uint32_t not_finite(float v) { return uint32_t((bits_of(v) & 0x7f800000u) == 0x7f800000u); }
-
-// z[0, n) = act(z[0, n)) in place.
-template <int ACT>
-JAX_SPRNN_INLINE void activate_row(float* z, int64_t n) {
-  if constexpr (ACT == kTanh) {
-    for (int64_t i = 0; i < n; ++i) z[i] = tanh_f32(z[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) z[i] = activate(ACT, z[i]);
   }
 }
 
@@ -852,59 +585,6 @@ constexpr int64_t kMinParallelWork = 1 << 14;
 
 int64_t threads_for(ffi::ThreadPool* pool, int64_t work_per_stage) {
   return work_per_stage < kMinParallelWork ? 1 : max_threads(pool);
-}
-
-// U's rows of a packed layout (values: storage-type values for the recurrences, or nullptr for
-// the weight gradient): the warps count, one thread turns counts into offsets, the warps fill.
-template <typename S>
-void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const Layout& lay,
-                const void* values, ffi::ThreadPool* pool, int64_t threads) {
-  const int64_t H = lay.hidden, warps = lay.num_lanes / kWarpSize;
-  m.hidden = H;
-  for (auto* v : {&m.begin, &m.end, &m.pad_begin, &m.pad_end}) v->assign(H, 0);
-  m.lane_real.resize(lay.num_lanes);
-  m.lane_pad.resize(lay.num_lanes);
-  const int64_t slots = lay.num_lanes * lay.slots;  // and one more: fill_warp's trash
-  m.narrow = H <= 65536;
-  if (m.narrow) {
-    m.col16.reserve(slots + 1);
-  } else {
-    m.col32.reserve(slots + 1);
-  }
-  if (values != nullptr) {
-    m.val.reserve(slots + 1);
-  } else {
-    m.slot.reserve(slots + 1);
-  }
-  const auto* raw = static_cast<const typename S::Raw*>(values);
-  auto build = [&](int64_t stage, int64_t c, int64_t) {
-    const int64_t w0 = warps * c / threads, w1 = warps * (c + 1) / threads;
-    if (stage == 0) {
-      for (int64_t w = w0; w < w1; ++w) count_warp(m, indices, lane_row, lay.slots, w);
-    } else if (stage == 1 && c == 0) {
-      int64_t at = 0;
-      for (int64_t r = 0; r < H; ++r) {
-        m.begin[r] = int32_t(at);
-        at += m.end[r];
-        m.end[r] = int32_t(at);
-      }
-      m.nnz = at;
-      for (int64_t r = 0; r < H; ++r) {
-        m.pad_begin[r] = int32_t(at);
-        at += m.pad_end[r];
-        m.pad_end[r] = int32_t(at);
-      }
-    } else if (stage == 2) {
-      for (int64_t w = w0; w < w1; ++w) {
-        if (m.narrow) {
-          fill_warp<S, uint16_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
-        } else {
-          fill_warp<S, int32_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
-        }
-      }
-    }
-  };
-  cpu::run_stages(pool, threads, 3, threads, build);
 }
 
 // A float32 buffer whose start is 64-byte aligned: a batch tile read at any column then stays within

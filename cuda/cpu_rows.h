@@ -1,0 +1,238 @@
+// U's rows, built once per call from the packed layout (docs/format.md) for the CPU kernels, and
+// how they are split over threads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_parallel.h"
+#include "sprnn_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_sprnn::cpu {
+
+// The shape of a packed layout (the handlers check it against their operands first).
+struct Layout {
+  int64_t num_lanes = 0, slots = 0, hidden = 0;
+};
+
+// An uninitialized array (std::vector would zero it first, a pass the build below does not need)
+// that keeps its memory when asked for less.
+template <typename T>
+struct Buffer {
+  std::unique_ptr<T[]> data;
+  int64_t capacity = 0;
+  void reserve(int64_t n) {
+    if (n <= capacity) return;
+    data.reset(new T[size_t(n)]);
+    capacity = n;
+  }
+  T* get() const { return data.get(); }
+  T& operator[](int64_t i) const { return data[i]; }
+};
+
+// U's rows over the packed slots, in row order: real entries first, then the padding. Padding adds
+// 0 * h, which is 0 unless h is not finite, and then NaN, as on the GPU and in the dense reference;
+// the kernels visit it only in a step whose state is not all finite. A row's lanes are one run inside
+// one warp (docs/format.md, invariant 1; check_indices enforces it), so warps count and fill their
+// rows independently.
+struct Rows {
+  int64_t hidden = 0, nnz = 0;
+  // [H]: row i's real entries are [begin[i], end[i]), its padding [pad_begin[i], pad_end[i])
+  std::vector<int32_t> begin, end, pad_begin, pad_end;
+  std::vector<int32_t> lane_real, lane_pad;  // [lanes]: each lane's real and padding slots
+  // [slots]: the column an entry reads, as uint16_t up to H = 65536 (the weights' bytes per entry
+  // bound a step: each thread streams its rows' entries from L3), else int32_t
+  bool narrow = false;
+  Buffer<uint16_t> col16;
+  Buffer<int32_t> col32;
+  Buffer<float> val;     // [slots]: a real entry's value in float32 (the recurrences)
+  Buffer<int32_t> slot;  // [slots]: a real entry's flat offset in the packed arrays (weight gradient)
+
+  int64_t count(int64_t r) const { return end[r] - begin[r]; }
+  template <typename Index>
+  const Index* col() const {
+    if constexpr (std::is_same_v<Index, uint16_t>) {
+      return col16.get();
+    } else {
+      return col32.get();
+    }
+  }
+};
+
+// Calls fn(Index{}) with the column type of `m`.
+template <typename Fn>
+auto with_index(const Rows& m, Fn&& fn) {
+  return m.narrow ? fn(uint16_t{}) : fn(int32_t{});
+}
+
+// Rows reused from call to call: filling fresh memory cost more in page faults than the build
+// itself. A call takes one (or a new one) and gives it back; as many are kept as ran at once.
+class RowsCache {
+ public:
+  struct GiveBack {
+    void operator()(Rows* rows) const { RowsCache::instance().give(rows); }
+  };
+  using Lease = std::unique_ptr<Rows, GiveBack>;
+
+  static RowsCache& instance() {
+    static RowsCache* cache = new RowsCache;  // never destroyed: a lease may end during exit
+    return *cache;
+  }
+  Lease take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) return Lease(new Rows);
+    Lease lease(free_.back().release());
+    free_.pop_back();
+    return lease;
+  }
+
+ private:
+  void give(Rows* rows) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace_back(rows);
+  }
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Rows>> free_;
+};
+
+// Counts warp w's real and padding slots, lane by lane and row by row (its rows are its own).
+inline void count_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w) {
+  const int64_t base = w * K * kWarpSize;
+  const int32_t* rows = lane_row + w * kWarpSize;
+  int32_t* real = m.lane_real.data() + w * kWarpSize;
+  int32_t* pad = m.lane_pad.data() + w * kWarpSize;
+  std::fill(real, real + kWarpSize, 0);
+  std::fill(pad, pad + kWarpSize, 0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int l = 0; l < kWarpSize; ++l) {  // branch-free: a fifth of the slots, at random, are padding
+      const int32_t used = rows[l] >= 0, padding = int32_t(uint32_t(indices[base + k * kWarpSize + l]) >> 31);
+      real[l] += used & (padding ^ 1);
+      pad[l] += used & padding;
+    }
+  for (int l = 0; l < kWarpSize; ++l)
+    if (rows[l] >= 0) {
+      m.end[rows[l]] += real[l];  // counts for now; build_rows turns them into offsets
+      m.pad_end[rows[l]] += pad[l];
+    }
+}
+
+// Writes warp w's entries at their rows' offsets (begin, pad_begin). With `raw` values the entries
+// get val, without, slot. Branch-free (padding slots come at random): a padding slot writes its
+// column (and a value or slot nobody reads) at the padding cursor, an idle lane at index `trash`.
+template <typename S, typename Index>
+void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
+               const typename S::Raw* raw, int32_t trash) {
+  Index* col = const_cast<Index*>(m.col<Index>());
+  const int64_t base = w * K * kWarpSize;
+  const int32_t* rows = lane_row + w * kWarpSize;
+  int32_t next_real[kWarpSize], next_pad[kWarpSize], used[kWarpSize];  // each lane's first entries
+  for (int l = 0; l < kWarpSize; ++l) {
+    used[l] = rows[l] >= 0;
+    if (!used[l]) {
+      next_real[l] = next_pad[l] = trash;
+      continue;
+    }
+    const bool first = l == 0 || rows[l - 1] != rows[l];
+    next_real[l] = first ? m.begin[rows[l]] : next_real[l - 1] + m.lane_real[w * kWarpSize + l - 1];
+    next_pad[l] = first ? m.pad_begin[rows[l]] : next_pad[l - 1] + m.lane_pad[w * kWarpSize + l - 1];
+  }
+  for (int l = 0; l < kWarpSize; ++l) {  // lane by lane: its cursors stay in registers
+    int32_t real_at = next_real[l], pad_at = next_pad[l];
+    const int32_t live = used[l];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = base + k * kWarpSize + l;
+      const int32_t idx = indices[e], padding = int32_t(uint32_t(idx) >> 31);
+      const int32_t at = padding ? pad_at : real_at;
+      pad_at += live & padding;
+      real_at += live & (padding ^ 1);
+      col[at] = Index(idx ^ -padding);  // ~idx for padding
+      if (raw != nullptr) {
+        m.val[at] = S::load(raw[e]);
+      } else {
+        m.slot[at] = int32_t(e);
+      }
+    }
+  }
+}
+
+// U's rows of a packed layout (values: storage-type values for the recurrences, or nullptr for
+// the weight gradient): the warps count, one thread turns counts into offsets, the warps fill.
+template <typename S>
+void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const Layout& lay,
+                const void* values, xla::ffi::ThreadPool* pool, int64_t threads) {
+  const int64_t H = lay.hidden, warps = lay.num_lanes / kWarpSize;
+  m.hidden = H;
+  for (auto* v : {&m.begin, &m.end, &m.pad_begin, &m.pad_end}) v->assign(H, 0);
+  m.lane_real.resize(lay.num_lanes);
+  m.lane_pad.resize(lay.num_lanes);
+  const int64_t slots = lay.num_lanes * lay.slots;  // and one more: fill_warp's trash
+  m.narrow = H <= 65536;
+  if (m.narrow) {
+    m.col16.reserve(slots + 1);
+  } else {
+    m.col32.reserve(slots + 1);
+  }
+  if (values != nullptr) {
+    m.val.reserve(slots + 1);
+  } else {
+    m.slot.reserve(slots + 1);
+  }
+  const auto* raw = static_cast<const typename S::Raw*>(values);
+  auto build = [&](int64_t stage, int64_t c, int64_t) {
+    const int64_t w0 = warps * c / threads, w1 = warps * (c + 1) / threads;
+    if (stage == 0) {
+      for (int64_t w = w0; w < w1; ++w) count_warp(m, indices, lane_row, lay.slots, w);
+    } else if (stage == 1 && c == 0) {
+      int64_t at = 0;
+      for (int64_t r = 0; r < H; ++r) {
+        m.begin[r] = int32_t(at);
+        at += m.end[r];
+        m.end[r] = int32_t(at);
+      }
+      m.nnz = at;
+      for (int64_t r = 0; r < H; ++r) {
+        m.pad_begin[r] = int32_t(at);
+        at += m.pad_end[r];
+        m.pad_end[r] = int32_t(at);
+      }
+    } else if (stage == 2) {
+      for (int64_t w = w0; w < w1; ++w) {
+        if (m.narrow) {
+          fill_warp<S, uint16_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
+        } else {
+          fill_warp<S, int32_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
+        }
+      }
+    }
+  };
+  run_stages(pool, threads, 3, threads, build);
+}
+
+// Row boundaries of `chunks` ranges of about equal cost, a row costing its nonzeros times
+// `per_nonzero` plus `per_row`.
+inline std::vector<int64_t> balanced_rows(const Rows& m, int64_t chunks, int64_t per_nonzero, int64_t per_row) {
+  const int64_t H = m.hidden;
+  const double total = double(m.nnz) * per_nonzero + double(H) * per_row;
+  std::vector<int64_t> bounds(chunks + 1, H);
+  bounds[0] = 0;
+  double cost = 0;
+  int64_t c = 1;
+  for (int64_t i = 0; i < H && c < chunks; ++i) {
+    cost += double(m.count(i)) * per_nonzero + per_row;
+    while (c < chunks && cost >= total * c / chunks) bounds[c++] = i + 1;
+  }
+  return bounds;
+}
+
+inline int64_t widest(const std::vector<int64_t>& bounds) {
+  int64_t w = 0;
+  for (size_t c = 0; c + 1 < bounds.size(); ++c) w = std::max(w, bounds[c + 1] - bounds[c]);
+  return w;
+}
+
+}  // namespace jax_sprnn::cpu
