@@ -87,3 +87,45 @@ def weight_grad_prefers_dense(meta: LayoutMeta, batch: int, groups: int) -> tupl
     why = (f"estimated {kernel:.2f} µs per step for the pattern kernel ({meta.num_slots} slots) "
            f"against {dense:.2f} µs for XLA's dense einsum and gather")
     return kernel > SWITCH_MARGIN * dense, why
+
+
+# ---- the CPU -----------------------------------------------------------------------------------
+#
+# The C++ kernel against XLA's dense lax.scan on a 2-core CPU (benchmarks/results/cpu_2026-12-02.json,
+# `python -m benchmarks.run --suite cpu`, jax 0.10.2). Each nonzero costs one random load of a state
+# tile, about a cycle a core, while dense runs at the CPU's matmul rate, and a call first builds its
+# rows (0.4-1.6 ms at H=1024-2048). So the kernel wins once a row has enough nonzeros to amortize
+# that, at low density, over more than a few steps: at 10% from H=512 for every batch and dtype
+# (1.1-3.8x forward), at H=256 only from B=16; the backward recurrence and the weight gradient from
+# H=256 (2-13x). Only 10% was measured across the grid; higher densities were spot-checked (at 30%
+# dense wins at B <= 4), hence the conservative density limits below. The limits are on the
+# layout's density, padding included (what a lowering can see: the nonzero count is data): that is
+# about 1.25x the real density at 10-30% (10% -> 0.125, 30% -> 0.34-0.375).
+CPU_MIN_STEPS = 4               # below this the rows' set-up dominates
+CPU_MIN_NNZ_PER_ROW = 48        # forward: enough slots per row to amortize the gather
+CPU_FORWARD_MAX_DENSITY = 0.2   # forward at small batches: ~15% real; measured at 10%, not 30%
+CPU_BATCH_WIDE = 16             # forward: a batch this wide amortizes the gather up to ...
+CPU_MAX_DENSITY = 0.38          # ... ~30% real, as do the backward and weight gradient
+
+
+def layout_density(meta: LayoutMeta) -> float:
+    """The layout's slots over ``H**2``: its density, padding included (so an over-estimate)."""
+    return meta.num_slots / float(meta.hidden * meta.hidden)
+
+
+def cpu_prefers_dense(meta: LayoutMeta, batch: int, steps: int, *, forward: bool
+                      ) -> tuple[bool, str]:
+    """Whether ``method="auto"`` should run XLA's dense path rather than the C++ kernel on the CPU
+    (``forward``: the forward recurrence; else the backward recurrence or the weight gradient)."""
+    density = layout_density(meta)
+    if steps < CPU_MIN_STEPS:
+        return True, f"{steps} steps are too few to amortize building the sparse rows"
+    if density > CPU_MAX_DENSITY:
+        return True, f"a layout of density {density:.2f} is denser than the C++ kernel's gain"
+    if not forward or batch >= CPU_BATCH_WIDE:
+        return False, f"density {density:.2f}: the C++ kernel"
+    per_row = density * meta.hidden
+    if per_row >= CPU_MIN_NNZ_PER_ROW and density <= CPU_FORWARD_MAX_DENSITY:
+        return False, f"{per_row:.0f} nonzeros per row at density {density:.2f}: the C++ kernel"
+    return True, (f"{per_row:.0f} nonzeros per row at density {density:.2f} and batch {batch}: "
+                  f"XLA's dense step is faster")

@@ -42,14 +42,20 @@ def _cpu_missing() -> str:
                                 or "jax_sprnn._sprnn_cpu was not built")
 
 
-def on_cpu(method: str) -> Decision:
-    """The CPU kernels where the CPU module was built, else the pure-JAX fallback."""
-    if _native.has_cpu_kernels():
-        return Decision("kernel", "the CPU module is built")
-    if method == "native":
-        raise RuntimeError(f"method='native': {_cpu_missing()}")
-    return Decision("fallback", _cpu_missing(),
-                    "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
+def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bool) -> Decision:
+    """The CPU kernels where the CPU module was built, else the pure-JAX fallback; for
+    ``method="auto"`` also XLA's dense path where :func:`jax_sprnn.cost.cpu_prefers_dense` expects
+    the C++ kernel to be slower (``forward``: the forward recurrence, else a backward primitive)."""
+    if not _native.has_cpu_kernels():
+        if method == "native":
+            raise RuntimeError(f"method='native': {_cpu_missing()}")
+        return Decision("fallback", _cpu_missing(),
+                        "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
+    if method == "auto":
+        dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=forward)
+        if dense:
+            return Decision("fallback", f"it is faster here ({why})")
+    return Decision("kernel", "the CPU module is built")
 
 
 def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = FORWARD) -> tuple[bool, str]:

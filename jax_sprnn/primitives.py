@@ -95,7 +95,8 @@ def _cpu_lowering(target: str, fallback_impl, ffi_attrs):
     module was not built. ``ffi_attrs`` maps the primitive's other parameters to the target's
     attributes."""
     def rule(ctx, *args, method, **params):
-        decision = dispatch.on_cpu(method)
+        steps, batch = ctx.avals_in[0].shape[:2]  # every primitive's first operand is [T, B, H]
+        decision = dispatch.on_cpu(method, params["meta"], batch, steps, forward=target == FORWARD)
         if decision.path == "fallback":
             _warn_once(decision.warning)
             return _lower_fallback(fallback_impl)(ctx, *args, method=method, **params)

@@ -30,12 +30,44 @@ def no_cuda_build(monkeypatch):
 
 
 def test_cpu_takes_the_kernel_where_the_module_was_built(monkeypatch):
-    assert dispatch.on_cpu("auto") == dispatch.Decision("kernel", "the CPU module is built")
+    big = _meta(1024, 102)  # 10%: the C++ kernel wins at every batch (benchmarks, cpu suite)
+    assert dispatch.on_cpu("auto", big, 4, 100, forward=True) == dispatch.Decision(
+        "kernel", "the CPU module is built")
     monkeypatch.setattr(_native, "has_cpu_kernels", lambda: False)
-    decision = dispatch.on_cpu("auto")
+    decision = dispatch.on_cpu("auto", big, 4, 100, forward=True)
     assert decision.path == "fallback" and "CPU module was not built" in decision.warning
     with pytest.raises(RuntimeError, match="method='native': the CPU module"):
-        dispatch.on_cpu("native")
+        dispatch.on_cpu("native", big, 4, 100, forward=True)
+
+
+@pytest.mark.parametrize("hidden, per_row, batch, steps, forward, path", [
+    (1024, 102, 1, 100, True, "kernel"),     # 10% from H=512 on: the kernel, any batch
+    (512, 51, 4, 100, True, "kernel"),
+    (256, 26, 4, 100, True, "fallback"),     # H=256 at 10%: dense, but for a wide batch
+    (256, 26, 16, 100, True, "kernel"),
+    (256, 26, 4, 100, False, "kernel"),      # the backward pieces win from H=256
+    (1024, 102, 4, 2, True, "fallback"),     # too few steps to amortize building the rows
+    (1024, 102, 4, 2, False, "fallback"),
+    (1024, 280, 4, 100, True, "fallback"),   # 27% (0.375 with padding) at a small batch: dense
+    (1024, 280, 16, 100, True, "kernel"),
+    (512, 256, 16, 100, False, "fallback"),  # 50%: dense everywhere
+])
+def test_cpu_auto_takes_the_faster_path(hidden, per_row, batch, steps, forward, path):
+    meta = _meta(hidden, per_row, np.float32)
+    decision = dispatch.on_cpu("auto", meta, batch, steps, forward=forward)
+    assert decision.path == path, decision.why
+    assert decision.warning is None  # the faster path is no surprise
+    # 'native' always runs the C++ kernel
+    assert dispatch.on_cpu("native", meta, batch, steps, forward=forward).path == "kernel"
+
+
+def test_cpu_auto_lowers_a_small_layer_to_dense_and_a_large_one_to_the_kernel():
+    def hlo(hidden, density):
+        dense, w, x, h0 = make_problem(3, hidden, 4, 20, density)
+        return jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w)).lower(x, h0).as_text()
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert FORWARD not in hlo(128, 0.1)
+        assert FORWARD in hlo(640, 0.1)
 
 
 def test_recurrences_without_a_cuda_build(no_cuda_build):

@@ -30,6 +30,9 @@ from jax_sprnn import sharding
 from jax_sprnn.dispatch import BACKWARD, FORWARD
 from jax_sprnn.flax import SparseRNN
 
+# The C++ kernel, whatever auto would pick for these small layers: its partitioning is tested.
+native = dict(method="native")
+
 COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|all-to-all|collective-permute|"
                         r"reduce-scatter)(-start)?\(")
 CALL = re.compile(r'= \(?(\w+\[[\d,]*\]).* custom-call\(.*custom_call_target="([\w]+)"')
@@ -70,7 +73,7 @@ x = jnp.asarray(rng.standard_normal((B, T, H)).astype(np.float32))
 h0 = jnp.asarray(rng.standard_normal((B, H)).astype(np.float32) * 0.5)
 lengths = jnp.asarray(rng.integers(0, T + 1, size=B))
 put = lambda a, mesh, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
-one_device = jax.jit(lambda x, h, l: js.sparse_rnn(x, h, w, seq_lengths=l, reverse=True))
+one_device = jax.jit(lambda x, h, l: js.sparse_rnn(x, h, w, seq_lengths=l, reverse=True, **native))
 
 def per_shard(n):
     # One device, one batch shard at a time: the arithmetic each device of an n-way split does.
@@ -80,7 +83,7 @@ def per_shard(n):
     return [jnp.concatenate(p) for p in zip(*parts)]
 
 # Forward, plain jit: x, h0, lengths batch-sharded over 4, 2 and 2x2 devices.
-fwd = jax.jit(lambda x, h, l: js.sparse_rnn(x, h, w, seq_lengths=l, reverse=True))
+fwd = jax.jit(lambda x, h, l: js.sparse_rnn(x, h, w, seq_lengths=l, reverse=True, **native))
 full = one_device(x, h0, lengths)
 for name, mesh, entry in (("mesh4", mesh4, "data"), ("mesh2", mesh2, "data"),
                           ("mesh2x2", mesh2x2, ("replica", "data"))):
@@ -95,11 +98,11 @@ for name, mesh, entry in (("mesh4", mesh4, "data"), ("mesh2", mesh2, "data"),
         err=max(rel(y, full[0]), rel(h_final, full[1])))
 
 # h0 and lengths left unsharded: the partitioner slices them on each device, still no collective.
-plain = jax.jit(lambda x, h: js.sparse_rnn(x, h, w))
+plain = jax.jit(lambda x, h: js.sparse_rnn(x, h, w, **native))
 xs = put(x, mesh4, "data")
 y, _ = plain(xs, h0)
 out["unsharded_h0"] = dict(collectives=collectives(compiled(plain, xs, h0)),
-                           err=rel(y, js.sparse_rnn(x, h0, w)[0]))
+                           err=rel(y, js.sparse_rnn(x, h0, w, **native)[0]))
 
 # The steps or the hidden units sharded: gathered (the control: the counter sees collectives),
 # each device runs the whole problem, and the answer is one device's.
@@ -107,7 +110,7 @@ for name, spec in (("t_sharded", (None, "data")), ("h_sharded", (None, None, "da
     xs = put(x, mesh2, *spec)
     y, h_final = plain(xs, h0)
     text = compiled(plain, xs, h0)
-    ref = jax.jit(lambda x, h: js.sparse_rnn(x, h, w))(x, h0)
+    ref = jax.jit(lambda x, h: js.sparse_rnn(x, h, w, **native))(x, h0)
     out[name] = dict(collectives=collectives(text), calls=call_shapes(text, FORWARD),
                      bitwise=bool(np.array_equal(y, ref[0]) and np.array_equal(h_final, ref[1])))
 
@@ -115,17 +118,17 @@ for name, spec in (("t_sharded", (None, "data")), ("h_sharded", (None, None, "da
 # 2-device sub-axes (0.11, which no PartitionSpec names); either way the call runs whole, not on
 # padded shards. The result is replicated: jax 0.11 cannot name a sub-axis output sharding.
 uneven = jax.jit(lambda x, h: jax.lax.with_sharding_constraint(js.sparse_rnn(
-    jax.lax.with_sharding_constraint(x * 2, NamedSharding(mesh4, P("data"))), h, w)[0],
+    jax.lax.with_sharding_constraint(x * 2, NamedSharding(mesh4, P("data"))), h, w, **native)[0],
     NamedSharding(mesh4, P())))
 text = compiled(uneven, x[:6], h0[:6])
 out["uneven"] = dict(calls=call_shapes(text, FORWARD),
                      bitwise=bool(np.array_equal(uneven(x[:6], h0[:6]),
-                                                 jax.jit(lambda x, h: js.sparse_rnn(x * 2, h, w)[0])(
+                                                 jax.jit(lambda x, h: js.sparse_rnn(x * 2, h, w, **native)[0])(
                                                      x[:6], h0[:6]))))
 
 # Gradient: one all-reduce, of the weight gradient; dx stays batch-sharded.
 def loss(values, x, h):
-    y, h_final = js.sparse_rnn(x, h, w.replace(values=values), reverse=True)
+    y, h_final = js.sparse_rnn(x, h, w.replace(values=values), reverse=True, **native)
     return jnp.sum(jnp.tanh(y) ** 2) + jnp.sum(h_final ** 2)
 grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 args = (w.values, put(x, mesh4, "data"), put(h0, mesh4, "data"))
@@ -147,16 +150,16 @@ out["per_example"] = dict(collectives=collectives(compiled(per_example, *args)),
 
 # The GSPMD partitioner (Shardy off) takes the same callbacks.
 jax.config.update("jax_use_shardy_partitioner", False)
-gspmd_fwd = jax.jit(lambda x, h: js.sparse_rnn(x, h, w))
+gspmd_fwd = jax.jit(lambda x, h: js.sparse_rnn(x, h, w, **native))
 gspmd_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
 xs, hs = put(x, mesh4, "data"), put(h0, mesh4, "data")
 out["gspmd"] = dict(fwd=collectives(compiled(gspmd_fwd, xs, hs)),
                     grad=collectives(compiled(gspmd_grad, w.values, xs, hs)),
-                    err=rel(gspmd_fwd(xs, hs)[0], js.sparse_rnn(x, h0, w)[0]))
+                    err=rel(gspmd_fwd(xs, hs)[0], js.sparse_rnn(x, h0, w, **native)[0]))
 jax.config.update("jax_use_shardy_partitioner", True)
 
 # Flax: both directions of nn.Bidirectional under plain jit.
-model = nn.Bidirectional(SparseRNN(H, max_density=0.5), SparseRNN(H, max_density=0.5))
+model = nn.Bidirectional(SparseRNN(H, max_density=0.5, **native), SparseRNN(H, max_density=0.5, **native))
 inputs = jnp.asarray(rng.standard_normal((B, T, 5)).astype(np.float32))
 variables = model.init(jax.random.key(0), inputs)
 inputs_s = put(inputs, mesh4, "data")
@@ -168,18 +171,18 @@ out["flax"] = dict(err=rel(apply(variables, inputs_s), model.apply(variables, in
                    calls=call_shapes(compiled(apply, variables, inputs_s), FORWARD))
 
 # SparseRNN(mesh=...): the module constrains unsharded inputs to the batch sharding.
-single = SparseRNN(H, max_density=0.5)
+single = SparseRNN(H, max_density=0.5, **native)
 single_vars = single.init(jax.random.key(1), inputs)
-meshed = jax.jit(SparseRNN(H, max_density=0.5, mesh=mesh4).apply)
+meshed = jax.jit(SparseRNN(H, max_density=0.5, mesh=mesh4, **native).apply)
 out["flax_mesh"] = dict(err=rel(meshed(single_vars, inputs), single.apply(single_vars, inputs)),
                         calls=call_shapes(compiled(meshed, single_vars, inputs), FORWARD))
 
 # The wrapper: constrains replicated inputs to the batch sharding.
-wrapped = jax.jit(lambda x, h: sharding.sparse_rnn_sharded(x, h, w, mesh=mesh4))
+wrapped = jax.jit(lambda x, h: sharding.sparse_rnn_sharded(x, h, w, mesh=mesh4, **native))
 y, _ = wrapped(x, h0)
 text = compiled(wrapped, x, h0)
 out["wrapper"] = dict(collectives=collectives(text), calls=call_shapes(text, FORWARD),
-                      err=rel(y, js.sparse_rnn(x, h0, w)[0]), spec=batch_entry(y))
+                      err=rel(y, js.sparse_rnn(x, h0, w, **native)[0]), spec=batch_entry(y))
 try:
     sharding.sparse_rnn_sharded(x[:6], h0[:6], w, mesh=mesh4)
     out["indivisible"] = "no error"
@@ -189,12 +192,12 @@ except ValueError as e:
 # jax.export of a 4-device program: the exported module holds no process-local partitioning
 # callback (the deserialized program gathers the batch instead), and it computes the same.
 bs = NamedSharding(mesh4, P("data"))
-exportable = jax.jit(lambda x, h: js.sparse_rnn(x, h, w), in_shardings=(bs, bs))
+exportable = jax.jit(lambda x, h: js.sparse_rnn(x, h, w, **native), in_shardings=(bs, bs))
 exported = jax.export.export(exportable, disabled_checks=jax_sprnn.export.disabled_checks())(
     x, h0)
 out["export"] = dict(partitioning_call="CustomSPMDPartitioning" in exported.mlir_module(),
                      err=rel(exported.call(put(x, mesh4, "data"), put(h0, mesh4, "data"))[0],
-                             js.sparse_rnn(x, h0, w)[0]))
+                             js.sparse_rnn(x, h0, w, **native)[0]))
 print("RESULTS " + json.dumps(out))
 """
 
