@@ -39,6 +39,7 @@ struct DeviceProperties {
   int max_threads_per_sm = 0;
   int max_threads_per_block = 0;
   bool cooperative_launch = false;
+  bool cluster_launch = false;  // thread-block clusters (sm_90 and newer)
   int64_t l2_bytes = 0;
 };
 

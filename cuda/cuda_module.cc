@@ -60,6 +60,19 @@ NB_MODULE(_sprnn_cuda, m) {
       "The test and benchmark targets, like registrations(): the recurrences with their test "
       "hooks as attributes, and the synchronization floor.");
 
+  m.def(
+      "cuda_architectures",
+      []() {
+        nb::dict d;
+        d["cmake"] = JAX_SPRNN_CUDA_ARCHITECTURES;
+        d["sass"] = JAX_SPRNN_CUDA_SASS;
+        d["ptx"] = JAX_SPRNN_CUDA_PTX;
+        return d;
+      },
+      "The architectures the kernels were compiled for: 'cmake' (CMAKE_CUDA_ARCHITECTURES, "
+      "comma-separated), 'sass' (the sm_N with machine code) and 'ptx' (the compute_N with PTX the "
+      "driver can JIT-compile for newer GPUs), each comma-separated, e.g. '80,86,89,90,100'.");
+
   m.def("constants", &jax_sprnn::exported_constants,
         "The values and formulas of jax_sprnn/_constants.py this module was built with.");
 
@@ -85,6 +98,7 @@ NB_MODULE(_sprnn_cuda, m) {
         d["max_threads_per_sm"] = p.max_threads_per_sm;
         d["max_threads_per_block"] = p.max_threads_per_block;
         d["cooperative_launch"] = p.cooperative_launch;
+        d["cluster_launch"] = p.cluster_launch;
         d["l2_bytes"] = p.l2_bytes;
         return d;
       },

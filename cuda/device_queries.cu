@@ -29,6 +29,13 @@ std::string GetDeviceProperties(int device, DeviceProperties* out) {
   out->max_threads_per_sm = p.maxThreadsPerMultiProcessor;
   out->max_threads_per_block = p.maxThreadsPerBlock;
   out->cooperative_launch = p.cooperativeLaunch != 0;
+  int cluster = 0;
+  e = cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_message("cudaDeviceGetAttribute(cudaDevAttrClusterLaunch)", e);
+  }
+  out->cluster_launch = cluster != 0;
   out->l2_bytes = static_cast<int64_t>(p.l2CacheSize);
   return "";
 }

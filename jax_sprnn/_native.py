@@ -7,6 +7,7 @@ module that was built but does not load is one: importing warns with the loader'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.machinery
@@ -139,18 +140,78 @@ def _visible_gpu() -> int | None:
 
 @functools.lru_cache(maxsize=None)
 def device_spec(device_index: int) -> _planner.DeviceSpec:
-    """The planner's DeviceSpec read from a real GPU through the CUDA module."""
+    """The planner's DeviceSpec read from a real GPU through the CUDA module, at run time."""
     props = _cuda.device_properties(device_index)
+    major, minor = props["compute_capability"]
     return _planner.DeviceSpec(
         name=str(props["name"]),
         sm_count=int(props["sm_count"]),
         smem_per_block=int(props["smem_per_block_optin"]),
         max_threads_per_block=int(props["max_threads_per_block"]),
+        compute_capability=(int(major), int(minor)),
+        regs_per_sm=int(props["regs_per_sm"]),
+        cooperative_launch=bool(props["cooperative_launch"]),
+        cluster_launch=bool(props["cluster_launch"]),
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class CudaArchitectures:
+    """What the CUDA module was compiled for (CMAKE_CUDA_ARCHITECTURES at build time).
+
+    ``sass``: the ``sm_N`` with machine code, ``ptx``: the ``compute_N`` with PTX, as CMake spells
+    them (``"90"``, ``"90a"``); ``cmake``: the list as given, which may be a special value (``all``,
+    ``native``) that leaves both lists empty.
+    """
+
+    cmake: tuple[str, ...]
+    sass: tuple[str, ...]
+    ptx: tuple[str, ...]
+
+    def kernel_image(self, compute_capability: tuple[int, int]) -> str | None:
+        """The image a GPU of this compute capability loads (``"sm_86"`` SASS, ``"compute_100"``
+        PTX that the driver JIT-compiles), or None when the module has none for it.
+
+        SASS for ``sm_XY`` runs on compute capability ``X.Z`` with ``Z >= Y`` (an arch-specific
+        ``sm_XYa`` only on ``X.Y``); PTX for ``compute_XY`` on any ``>= X.Y``.
+        """
+        major, minor = compute_capability
+        for arch in sorted(self.sass, key=_arch_version, reverse=True):
+            a_major, a_minor = divmod(_arch_version(arch), 10)
+            exact_only = arch.endswith("a")
+            if a_major == major and (a_minor == minor if exact_only else a_minor <= minor):
+                return f"sm_{arch}"
+        for arch in sorted(self.ptx, key=_arch_version, reverse=True):
+            if not arch.endswith("a") and divmod(_arch_version(arch), 10) <= (major, minor):
+                return f"compute_{arch}"
+        return None
+
+    @property
+    def known(self) -> bool:
+        """False when the build used a special value (``all``, ``native``) and the lists are empty."""
+        return bool(self.sass or self.ptx)
+
+
+def _arch_version(arch: str) -> int:
+    """``"90a"`` -> 90."""
+    return int(arch.rstrip("af"))
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(a for a in text.split(",") if a)
+
+
+def cuda_architectures() -> CudaArchitectures | None:
+    """The architectures the loaded CUDA module was compiled for, or None without one."""
+    if _cuda is None:
+        return None
+    archs = _cuda.cuda_architectures()
+    return CudaArchitectures(_split(archs["cmake"]), _split(archs["sass"]), _split(archs["ptx"]))
+
+
 def current_device_spec() -> _planner.DeviceSpec:
-    """The GPU layouts are planned for: JAX's default CUDA device, else an H200."""
+    """The GPU layouts are planned for: JAX's default CUDA device, read at run time; without a GPU
+    (or without the CUDA module), :data:`jax_sprnn.planner.H200`, the planning default."""
     if _cuda is not None:
         index = _visible_gpu()
         if index is not None:

@@ -58,17 +58,53 @@ def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bo
     return Decision("kernel", "the CPU module is built")
 
 
+def cuda_image_missing(device: planner.DeviceSpec) -> str | None:
+    """Why the CUDA module has no code for this GPU (neither SASS for its compute capability nor
+    PTX the driver can JIT-compile for it), or None when it has."""
+    archs = _native.cuda_architectures()
+    if archs is None or not archs.known:  # built for CMake's 'all'/'native': trust the build
+        return None
+    if archs.kernel_image(device.compute_capability) is not None:
+        return None
+    major, minor = device.compute_capability
+    return (f"the CUDA module of jax_sprnn has no code for {device.name} (compute capability "
+            f"{major}.{minor}): it was built for SASS {', '.join('sm_' + a for a in archs.sass) or 'none'}"
+            f" and PTX {', '.join('compute_' + a for a in archs.ptx) or 'none'}; rebuild with "
+            f"-DCMAKE_CUDA_ARCHITECTURES including {major}{minor}")
+
+
+def _recurrence_device_refusal(device: planner.DeviceSpec) -> str | None:
+    """Why no persistent kernel runs on this GPU whatever the layer, or None."""
+    missing = cuda_image_missing(device)
+    if missing is not None:
+        return missing
+    if not device.cooperative_launch:
+        return (f"{device.name} does not support cooperative launches, which the persistent "
+                f"kernels need")
+    return None
+
+
+def _device_warning(why: str) -> str:
+    """The one warning of every primitive on a GPU the kernels do not run on (the same text for
+    each target, so the user sees it once)."""
+    return f"jax_sprnn: the CUDA kernels do not run on this GPU; using the dense XLA path: {why}"
+
+
 def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = FORWARD) -> tuple[bool, str]:
     """Whether the persistent CUDA kernel runs this layout at this batch here, and if not, why.
 
     Both directions share launch bounds and shared-memory needs, so one answer serves the forward
-    kernel (``meta``) and the backward one (``meta_t``, with ``target=BACKWARD``).
+    kernel (``meta``) and the backward one (``meta_t``, with ``target=BACKWARD``). The device is
+    the one JAX uses, read at run time (:func:`jax_sprnn._native.current_device_spec`).
     """
     if target not in _native.cuda_targets():
         return False, f"the CUDA module of jax_sprnn was not built with {target}"
+    device = _native.current_device_spec()
+    unusable = _recurrence_device_refusal(device)
+    if unusable is not None:
+        return False, unusable
     if not meta.fits:
         return False, meta.reason
-    device = _native.current_device_spec()
     if meta.num_ctas > device.sm_count or meta.threads_per_cta > device.max_threads_per_block:
         return False, (f"the layout was planned for more SMs or threads ({meta.num_ctas} CTAs of "
                        f"{meta.threads_per_cta} threads) than {device.name} has; repack it with "
@@ -110,6 +146,9 @@ def on_cuda_recurrence(target: str, meta: LayoutMeta, batch: int, dtype, method:
     if method == "native":
         raise ValueError(f"method='native': the persistent CUDA kernel ({target}) cannot run "
                          f"this layer: {why}")
+    if target in _native.cuda_targets() and _recurrence_device_refusal(
+            _native.current_device_spec()) == why:  # the GPU, not this layer: one warning for all
+        return Decision("fallback", why, _device_warning(why))
     return Decision("fallback", why, f"jax_sprnn: {target} uses the dense XLA path on the GPU: {why}")
 
 
@@ -144,6 +183,12 @@ def on_cuda_weight_grad(meta: LayoutMeta, steps: int, batch: int, hidden: int, g
     else:
         device = _native.current_device_spec()
         smem = _constants.weight_grad_smem_bytes(hidden, batch)  # one staged step, the least
+        missing = cuda_image_missing(device)
+        if missing is not None:
+            if method == "native":
+                raise ValueError(f"method='native': the CUDA weight-gradient kernel cannot run: "
+                                 f"{missing}")
+            return Decision("fallback", missing, _device_warning(missing))
         why = (None if smem <= device.smem_per_block else
                f"H={hidden} needs {smem} bytes of shared memory per CTA")
     if why is not None:

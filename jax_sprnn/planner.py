@@ -52,12 +52,23 @@ STAGE_WORDS_PER_THREAD = 8
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
-    """What the planner needs to know about a GPU. Defaults describe one NVIDIA H200 (sm_90)."""
+    """What the planner and dispatch need to know about a GPU.
+
+    On a machine with a GPU, :func:`jax_sprnn._native.current_device_spec` reads every field from
+    the device at run time. The defaults describe one NVIDIA H200 (sm_90): :data:`H200` is only the
+    planning default for packing layouts on a machine without a GPU (or without the CUDA module).
+    """
 
     name: str = "NVIDIA H200"
     sm_count: int = 132
     smem_per_block: int = 232448  # the opt-in maximum for one block
     max_threads_per_block: int = 1024
+    compute_capability: tuple[int, int] = (9, 0)
+    regs_per_sm: int = 65536
+    #: the persistent kernels need a cooperative (grid-synchronized) launch
+    cooperative_launch: bool = True
+    #: thread-block clusters (sm_90 and newer); the production kernels use none today
+    cluster_launch: bool = True
     #: (register-tier slots, the most threads per CTA any compiled variant of that tier runs) for
     #: 16-bit storage: derived from the kernel's instantiation table in jax_sprnn/_constants.py
     max_threads_16: tuple[tuple[int, int], ...] = _constants.thread_limits(_constants.PERSISTENT_TIERS_16)
@@ -68,6 +79,7 @@ class DeviceSpec:
         return self.max_threads_32 if bytes_per_slot(dtype) == 8 else self.max_threads_16
 
 
+#: The planning default without a GPU (see :class:`DeviceSpec`); never used for dispatch on a GPU.
 H200 = DeviceSpec()
 
 
