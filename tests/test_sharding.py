@@ -122,9 +122,9 @@ uneven = jax.jit(lambda x, h: jax.lax.with_sharding_constraint(js.sparse_rnn(
     NamedSharding(mesh4, P())))
 text = compiled(uneven, x[:6], h0[:6])
 out["uneven"] = dict(calls=call_shapes(text, FORWARD),
-                     bitwise=bool(np.array_equal(uneven(x[:6], h0[:6]),
-                                                 jax.jit(lambda x, h: js.sparse_rnn(x * 2, h, w, **native)[0])(
-                                                     x[:6], h0[:6]))))
+                     bitwise=bool(np.array_equal(
+                         uneven(x[:6], h0[:6]),
+                         jax.jit(lambda x, h: js.sparse_rnn(x * 2, h, w, **native)[0])(x[:6], h0[:6]))))
 
 # Gradient: one all-reduce, of the weight gradient; dx stays batch-sharded.
 def loss(values, x, h):
