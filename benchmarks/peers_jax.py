@@ -14,7 +14,7 @@ from jax.experimental import sparse
 
 import jax_sprnn as js
 from jax_sprnn import _native
-from jax_sprnn.dispatch import cuda_fit, gpu_path
+from jax_sprnn.dispatch import cuda_fit, gpu_path, on_cpu
 from jax_sprnn._constants import cuda_workspace_bytes, ffi_target
 
 from .harness import Peer, Runner, Skip
@@ -85,15 +85,17 @@ def persistent_fit(layer: Layer, batch: int) -> tuple[bool, str]:
     return cuda_fit(layer.plan_meta, batch, layer.jnp_dtype)
 
 
-def auto_choice(layer: Layer, batch: int) -> dict:
-    """What ``sparse_rnn(..., method="auto")`` runs for this layer on this backend."""
+def auto_choice(layer: Layer, batch: int, steps: int = 256) -> dict:
+    """What ``sparse_rnn(..., method="auto")`` runs forward for this layer on this backend."""
     backend = jax.default_backend()
     if backend == "gpu":
         path, why = gpu_path(layer.plan_meta, batch, layer.jnp_dtype)
         return dict(pick="persistent kernel" if path == "persistent" else "dense XLA path",
                     reason=why)
     if backend == "cpu" and _native.has_cpu_kernels():
-        return dict(pick="C++ CPU kernel", reason="CPU backend")
+        decision = on_cpu("auto", layer.weights.meta, batch, steps, forward=True)
+        return dict(pick="C++ CPU kernel" if decision.path == "kernel" else "dense XLA path",
+                    reason=decision.why)
     return dict(pick="pure-JAX fallback", reason=f"{backend} backend")
 
 

@@ -129,7 +129,7 @@ def measure_pair(pair, case: Case) -> dict:
 def measure_case(ctx: Context, hidden: int, batch: int, dtype: str) -> dict:
     layer = Layer.make(hidden, DENSITY, dtype)
     row = dict(hidden=hidden, density=layer.density, batch=batch, dtype=dtype, nnz=layer.nnz,
-               T=ctx.timing.t2, auto=auto_choice(layer, batch), peers={})
+               T=ctx.timing.t2, auto=auto_choice(layer, batch, ctx.timing.t2), peers={})
     row["peers"].update(measure_pair(DIRECTIONS["forward"], Case(layer, batch, ctx.timing,
                                                                   forward_reference)))
     row["peers"].update(measure_pair(DIRECTIONS["grad"], Case(layer, batch, ctx.timing,
