@@ -138,18 +138,25 @@ def gpu_path(meta: LayoutMeta, batch: int, dtype, method: str = "auto",
     return "persistent", why
 
 
+def _fallback(method: str, refused: str, why: str, warning: str | None) -> Decision:
+    """XLA's dense path for ``method="auto"``; for ``"native"`` the error ``refused: why``."""
+    if method == "native":
+        raise ValueError(f"method='native': {refused}: {why}")
+    return Decision("fallback", why, warning)
+
+
 def on_cuda_recurrence(target: str, meta: LayoutMeta, batch: int, dtype, method: str) -> Decision:
     """The persistent kernel of ``target`` (forward or backward) or XLA's dense path."""
+    kernel = f"the persistent CUDA kernel ({target}) cannot run"
+    if target in _native.cuda_targets():
+        refusal = _recurrence_device_refusal(_native.current_device_spec())
+        if refusal is not None:  # the GPU, not this layer: one warning for every target
+            return _fallback(method, kernel, refusal, _device_warning(refusal))
     path, why = gpu_path(meta, batch, dtype, method, target)
     if path == "persistent":
         return Decision("kernel", why)
-    if method == "native":
-        raise ValueError(f"method='native': the persistent CUDA kernel ({target}) cannot run "
-                         f"this layer: {why}")
-    if target in _native.cuda_targets() and _recurrence_device_refusal(
-            _native.current_device_spec()) == why:  # the GPU, not this layer: one warning for all
-        return Decision("fallback", why, _device_warning(why))
-    return Decision("fallback", why, f"jax_sprnn: {target} uses the dense XLA path on the GPU: {why}")
+    return _fallback(method, f"{kernel} this layer", why,
+                     f"jax_sprnn: {target} uses the dense XLA path on the GPU: {why}")
 
 
 def weight_grad_time_chunks(meta: LayoutMeta, groups: int, steps: int, sm_count: int) -> int:
@@ -176,26 +183,21 @@ def on_cuda_weight_grad(meta: LayoutMeta, steps: int, batch: int, hidden: int, g
 
     ``"auto"`` takes the einsum without a warning where :mod:`jax_sprnn.cost` expects it faster.
     """
-    if not _native.cuda_targets():
-        why = "the CUDA module of jax_sprnn was not built"
-    elif WEIGHT_GRAD not in _native.cuda_targets():
-        why = f"the CUDA module of jax_sprnn was not built with {WEIGHT_GRAD}"
-    else:
-        device = _native.current_device_spec()
-        smem = _constants.weight_grad_smem_bytes(hidden, batch)  # one staged step, the least
-        missing = cuda_image_missing(device)
-        if missing is not None:
-            if method == "native":
-                raise ValueError(f"method='native': the CUDA weight-gradient kernel cannot run: "
-                                 f"{missing}")
-            return Decision("fallback", missing, _device_warning(missing))
-        why = (None if smem <= device.smem_per_block else
-               f"H={hidden} needs {smem} bytes of shared memory per CTA")
-    if why is not None:
-        if method == "native":
-            raise ValueError(f"method='native': the CUDA weight-gradient kernel cannot run: {why}")
-        return Decision("fallback", why, f"jax_sprnn: the weight gradient uses the dense XLA "
-                                         f"fallback on the GPU: {why}")
+    kernel = "the CUDA weight-gradient kernel cannot run"
+    if WEIGHT_GRAD not in _native.cuda_targets():
+        why = ("the CUDA module of jax_sprnn was not built" if not _native.cuda_targets() else
+               f"the CUDA module of jax_sprnn was not built with {WEIGHT_GRAD}")
+        return _fallback(method, kernel, why, f"jax_sprnn: the weight gradient uses the dense XLA "
+                                              f"fallback on the GPU: {why}")
+    device = _native.current_device_spec()
+    missing = cuda_image_missing(device)
+    if missing is not None:
+        return _fallback(method, kernel, missing, _device_warning(missing))
+    smem = _constants.weight_grad_smem_bytes(hidden, batch)  # one staged step, the least
+    if smem > device.smem_per_block:
+        why = f"H={hidden} needs {smem} bytes of shared memory per CTA"
+        return _fallback(method, kernel, why, f"jax_sprnn: the weight gradient uses the dense XLA "
+                                              f"fallback on the GPU: {why}")
     if method == "auto":
         prefers_dense, estimate = cost.weight_grad_prefers_dense(meta, batch, groups)
         if prefers_dense:
