@@ -18,10 +18,12 @@ from . import _native  # noqa: F401 (imported to register the FFI targets)
 from . import export  # noqa: F401 (jax_sprnn.export; registers SparseWeights' export serialization)
 from .api import sparse_rnn
 from .autodiff import grad, value_and_grad
+from .bidirectional import sparse_rnn_bidirectional
 from .planner import DeviceSpec
 from .reference import reference_rnn
 from .weights import SparseWeights
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseWeights", "sparse_rnn", "reference_rnn", "DeviceSpec", "grad", "value_and_grad"]
+__all__ = ["SparseWeights", "sparse_rnn", "sparse_rnn_bidirectional", "reference_rnn", "DeviceSpec",
+           "grad", "value_and_grad"]
