@@ -19,6 +19,7 @@ from . import export  # noqa: F401 (jax_sprnn.export; registers SparseWeights' e
 from .api import sparse_rnn
 from .autodiff import grad, value_and_grad
 from .bidirectional import sparse_rnn_bidirectional
+from .gated import sparse_gru, sparse_lstm
 from .planner import DeviceSpec
 from .reference import reference_rnn
 from .weights import SparseWeights
@@ -26,4 +27,4 @@ from .weights import SparseWeights
 __version__ = "0.1.0"
 
 __all__ = ["SparseWeights", "sparse_rnn", "sparse_rnn_bidirectional", "reference_rnn", "DeviceSpec",
-           "grad", "value_and_grad"]
+           "grad", "value_and_grad", "sparse_lstm", "sparse_gru"]

@@ -64,8 +64,19 @@ def check_rnn_args(inputs, h0, hidden: int, *, inputs_dtype, activation, time_ma
     """Check the arguments shared by sparse_rnn and reference_rnn; return time-major x, h0, lengths."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    inputs, h0 = as_array(inputs), as_array(h0)
-    layout = "[T, B, H]" if time_major else "[B, T, H]"
+    x_tm, (h0,), lengths = check_sequence_args(inputs, {"h0": h0}, hidden, inputs_dtype=inputs_dtype,
+                                               time_major=time_major, seq_lengths=seq_lengths)
+    return x_tm, h0, lengths
+
+
+def check_sequence_args(inputs, states: dict, hidden: int, *, inputs_dtype, time_major, seq_lengths,
+                        gates: int = 1, gate_order: str = ""):
+    """Check a recurrence's ``inputs`` (``[B, T, G*H]``, the input projections of its ``gates``
+    gates in ``gate_order``), its ``states`` (``{name in errors: array}``, each ``[B, H]``) and
+    ``seq_lengths``; return time-major x, the states in order, and the lengths as int32."""
+    inputs = as_array(inputs)
+    width = "H" if gates == 1 else f"{gates}H"
+    layout = f"[T, B, {width}]" if time_major else f"[B, T, {width}]"
     if inputs.ndim != 3:
         raise ValueError(f"inputs must be {layout}, got shape {tuple(inputs.shape)}")
     dtype = check_weight_dtype(inputs.dtype, "inputs")
@@ -73,18 +84,26 @@ def check_rnn_args(inputs, h0, hidden: int, *, inputs_dtype, activation, time_ma
         raise TypeError(f"inputs must have the weights' dtype {inputs_dtype}, got {dtype} "
                         f"(cast the inputs, or the weights with SparseWeights.astype)")
     x_tm = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
-    T, B, H = x_tm.shape
-    if H != hidden:
+    T, B, width_in = x_tm.shape
+    if gates == 1 and width_in != hidden:
         raise ValueError(f"inputs must have hidden size {hidden} (the kernel's) in their last axis, "
                          f"got shape {tuple(inputs.shape)}")
+    if width_in != gates * hidden:
+        raise ValueError(f"inputs must be {layout} with {width} = {gates * hidden} in their last axis "
+                         f"(gates {gate_order} of the weights' H = {hidden} units), got shape "
+                         f"{tuple(inputs.shape)}")
     if B == 0:
         raise ValueError("inputs must have a batch of at least 1")
-    if tuple(h0.shape) != (B, H):
-        raise ValueError(f"h0 must be [B, H] = {(B, H)}, got shape {tuple(h0.shape)}")
-    if np.dtype(h0.dtype) != dtype:
-        raise TypeError(f"h0 must have the inputs' dtype {dtype}, got {np.dtype(h0.dtype)}")
+    checked = []
+    for name, state in states.items():
+        state = as_array(state)
+        if tuple(state.shape) != (B, hidden):
+            raise ValueError(f"{name} must be [B, H] = {(B, hidden)}, got shape {tuple(state.shape)}")
+        if np.dtype(state.dtype) != dtype:
+            raise TypeError(f"{name} must have the inputs' dtype {dtype}, got {np.dtype(state.dtype)}")
+        checked.append(state)
     if seq_lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
     else:
         lengths = check_seq_lengths(seq_lengths, B, T)
-    return x_tm, h0, lengths
+    return x_tm, tuple(checked), lengths

@@ -27,10 +27,11 @@ def slot_coordinates(indices, lane_row, meta: LayoutMeta):
 
 
 def dense_from_packed(values, indices, lane_row, meta: LayoutMeta):
-    """The dense ``[H, H]`` kernel (Flax orientation, ``[column j, row i]``) of a packed layout."""
+    """The dense float32 kernel (Flax orientation, ``[column j, row i]``) of a packed layout:
+    ``[H, H]``, or ``[H, G*H]`` for a gated kernel's forward layout."""
     cols, rows, real = slot_coordinates(indices, lane_row, meta)
     vals = jnp.where(real, values, jnp.zeros((), values.dtype)).astype(jnp.float32)
-    return jnp.zeros((meta.hidden, meta.hidden), jnp.float32).at[cols, rows].add(vals)
+    return jnp.zeros((meta.num_cols, meta.num_rows), jnp.float32).at[cols, rows].add(vals)
 
 
 def storage_matvec(kernel, dtype):

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .planner import WARP, LayoutMeta, pack_rows_into_warps, lanes_per_row
+from .planner import WARP, LayoutMeta, Plan, pack_rows_into_warps, lanes_per_row, plan_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,18 @@ class PackedPattern:
     indices: np.ndarray  # int32 [num_slots], ~j on padding
     lane_row: np.ndarray  # int32 [num_lanes], -1 on idle lanes
     slot_of_nonzero: np.ndarray  # int32 [nnz], flat slot of each input nonzero
+
+
+def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int = 16
+                 ) -> tuple[Plan, Plan]:
+    """The plans of a layer's forward layout (``row_nnz``: nonzeros of each of its ``G*H`` rows,
+    the output units or gate rows) and of its transposed layout (``col_nnz``: nonzeros of each of
+    the ``H`` input units, which are its rows; over ``G*H`` columns)."""
+    fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates)
+    bwd = plan_layout(col_nnz, dtype, device, load_bytes=load_bytes)
+    if gates > 1:
+        bwd = dataclasses.replace(bwd, gates=gates, transposed=True)
+    return fwd, bwd
 
 
 def lane_of_slot(meta: LayoutMeta) -> np.ndarray:
@@ -61,13 +73,17 @@ def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
 def _assign_lanes(row_nnz: np.ndarray, plan: LayoutMeta) -> tuple[np.ndarray, np.ndarray]:
     """Give each row its contiguous lanes inside one warp, and deal warps to CTAs evenly.
 
+    In the forward layout of a gated kernel the G rows ``g*H + i`` of unit ``i`` take adjacent runs
+    of one warp, in gate order, so that a kernel can update the unit's cell inside the warp.
     Returns ``(first_global_lane, lanes)`` per row.
     """
     lanes = lanes_per_row(row_nnz, plan.slots_per_lane)
-    warp_of_row, first_lane, used_warps = pack_rows_into_warps(lanes)
+    by_gate = lanes.reshape(1 if plan.transposed else plan.gates, -1)
+    per_unit = by_gate.sum(axis=0)
+    warp_of_unit, first_lane, used_warps = pack_rows_into_warps(per_unit)
     # Deal the packed warps to CTAs fullest first in a snake order, so every CTA carries about the
     # same number of busy lanes (a step waits for the slowest CTA).
-    fill = np.bincount(warp_of_row, weights=lanes, minlength=used_warps)
+    fill = np.bincount(warp_of_unit, weights=per_unit, minlength=used_warps)
     order = np.argsort(-fill, kind="stable")
     ctas, wpc = plan.num_ctas, plan.warps_per_cta
     rank = np.arange(used_warps)
@@ -77,12 +93,16 @@ def _assign_lanes(row_nnz: np.ndarray, plan: LayoutMeta) -> tuple[np.ndarray, np
     final_warp[order] = cta * wpc + rnd
     if used_warps and final_warp.max() >= plan.num_warps:
         raise AssertionError("layout: the plan has fewer warps than the packing needs")
-    return final_warp[warp_of_row] * WARP + first_lane, lanes
+    unit_start = final_warp[warp_of_unit] * WARP + first_lane
+    offset_in_unit = np.cumsum(by_gate, axis=0) - by_gate
+    return (unit_start[None, :] + offset_in_unit).reshape(-1), lanes
 
 
 def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_aware: bool = True
                  ) -> PackedPattern:
-    """Place nonzeros ``(rows[n], cols[n])`` of a ``hidden x hidden`` pattern into slots.
+    """Place nonzeros ``(rows[n], cols[n])`` of a ``num_rows x num_cols`` pattern (``plan``'s;
+    ``hidden x hidden`` for the simple cell, ``G*H x H`` for a gated kernel's forward layout) into
+    slots.
 
     Bank-aware order (docs/design.md): lane ``l`` in slot ``k`` should read a column of
     bank group ``(l + k) mod P`` (``P`` lanes share one shared-memory phase and there are ``P``
@@ -93,13 +113,13 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_a
     fill positions in column order (the unordered baseline the tests compare against).
     """
     meta = LayoutMeta.from_plan(plan)
-    hidden, K = meta.hidden, meta.slots_per_lane
+    num_rows, K = meta.num_rows, meta.slots_per_lane
     # The arrays with an entry per nonzero or per slot are int32 (a layout has far fewer than 2**31
     # slots): half the memory traffic, and half the fresh pages a first call faults in, of int64.
     rows = np.asarray(rows, np.int32)
     cols = np.asarray(cols, np.int32)
     nnz = rows.size
-    row_nnz = np.bincount(rows, minlength=hidden)
+    row_nnz = np.bincount(rows, minlength=num_rows)
     first_lane, lanes = (a.astype(np.int32) for a in _assign_lanes(row_nnz, plan))
 
     # Every position (lane, slot) of every row, generated in (row, slot, lane) order: the order in
@@ -107,9 +127,9 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_a
     lane_row = np.full(meta.num_lanes, -1, np.int32)
     lane_ids = np.repeat(first_lane, lanes) + (np.arange(lanes.sum(), dtype=np.int32) -
                                                 np.repeat(np.cumsum(lanes, dtype=np.int32) - lanes, lanes))
-    lane_row[lane_ids] = np.repeat(np.arange(hidden, dtype=np.int32), lanes)
+    lane_row[lane_ids] = np.repeat(np.arange(num_rows, dtype=np.int32), lanes)
     per_row = lanes * K
-    pos_row = np.repeat(np.arange(hidden, dtype=np.int32), per_row)
+    pos_row = np.repeat(np.arange(num_rows, dtype=np.int32), per_row)
     local = (np.arange(per_row.sum(), dtype=np.int32) -
              np.repeat(np.cumsum(per_row, dtype=np.int32) - per_row, per_row))
     row_lanes = lanes[pos_row]
@@ -118,14 +138,14 @@ def pack_pattern(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta, *, bank_a
     pos_flat = ((pos_lane // WARP) * K + pos_k) * WARP + pos_lane % WARP
 
     # Elements in (row, column) order.
-    row_major = rows.astype(np.int64) * hidden + cols
+    row_major = rows.astype(np.int64) * meta.num_cols + cols
     if np.all(row_major[1:] >= row_major[:-1]):  # callers usually pass row-sorted nonzeros
         order_e = None
         er, ec = rows, cols
     else:
-        order_e = _stable_order(row_major, hidden * hidden)
+        order_e = _stable_order(row_major, num_rows * meta.num_cols)
         er, ec = rows[order_e], cols[order_e]
-    plain = _place(er, pos_row, pos_flat, hidden, np.zeros(nnz, bool),
+    plain = _place(er, pos_row, pos_flat, num_rows, np.zeros(nnz, bool),
                    np.zeros(pos_flat.size, bool), np.empty(nnz, np.int32))
     indices = _indices_with_padding(plain, ec, meta)
     if bank_aware:
@@ -158,7 +178,7 @@ def _place(er, pos_row, pos_flat, hidden, matched_e, taken, slot_sorted):
 
 def _place_bank_aware(er, ec, pos_row, pos_k, pos_lane, pos_flat, meta):
     """Match each row's nonzeros of bank group g to its positions whose target group is g."""
-    hidden, P = meta.hidden, meta.phase_lanes
+    hidden, P = meta.num_rows, meta.phase_lanes
     nnz = er.size
     slot_sorted = np.empty(nnz, np.int32)
     tg = (pos_lane % WARP + pos_k) % P

@@ -99,6 +99,13 @@ class LayoutMeta:
     load_bytes: int
     fits: bool
     reason: str
+    #: G, gate rows per hidden unit: 1 for the simple cell, 3 (GRU) or 4 (LSTM) for a gated kernel
+    #: ``[H, G*H]``. The forward layout of a gated kernel has ``G*H`` rows (row ``g*H + i`` is gate
+    #: ``g`` of unit ``i``) over ``H`` columns, and a unit's G rows share a warp (docs/format.md).
+    gates: int = dataclasses.field(default=1, kw_only=True)
+    #: whether this is the transposed (backward) layout of a gated kernel: ``H`` rows over ``G*H``
+    #: columns. A square layer's two layouts have one shape, so its ``meta_t`` leaves it False.
+    transposed: bool = dataclasses.field(default=False, kw_only=True)
 
     @classmethod
     def from_plan(cls, plan: "LayoutMeta") -> "LayoutMeta":
@@ -120,6 +127,16 @@ class LayoutMeta:
     @property
     def num_lanes(self) -> int:
         return self.num_warps * WARP
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the packed matrix (the values of ``lane_row``)."""
+        return self.hidden if self.transposed else self.gates * self.hidden
+
+    @property
+    def num_cols(self) -> int:
+        """Columns of the packed matrix (the length of the vector a step reads)."""
+        return self.gates * self.hidden if self.transposed else self.hidden
 
     @property
     def phase_lanes(self) -> int:
@@ -170,6 +187,12 @@ def pack_rows_into_warps(row_lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return warp_of_row, first_lane, num_warps
 
 
+def unit_lanes(row_nnz: np.ndarray, slots_per_lane: int, gates: int = 1) -> np.ndarray:
+    """Lanes each hidden unit needs: the lanes of its ``gates`` rows ``g*H + i``, which share a
+    warp (for ``gates=1``, :func:`lanes_per_row`)."""
+    return lanes_per_row(row_nnz, slots_per_lane).reshape(gates, -1).sum(axis=0)
+
+
 def _warps_needed(row_lanes: np.ndarray) -> int:
     # Equal-size rows (row-balanced pruning, the common case) pack exactly; otherwise run the packer.
     if row_lanes.size and np.all(row_lanes == row_lanes[0]):
@@ -208,15 +231,22 @@ def plan_layout(
     *,
     load_bytes: int = 16,
     slot_sizes: Sequence[int] = SLOT_SIZES,
+    gates: int = 1,
 ) -> Plan:
     """Plan the layout of a layer whose row ``i`` (output unit ``i``) has ``row_nnz[i]`` nonzeros.
 
     ``load_bytes`` (4, 8 or 16) is the width of one staged-h load, i.e. a batch tile of
     ``load_bytes / 4`` examples. When nothing fits on chip the returned plan has ``fits=False``,
     a ``reason`` with the numbers, and a layout that the CPU kernel and the fallbacks can still use.
+
+    ``gates`` (G): ``row_nnz`` holds the ``G*H`` rows of a gated kernel's forward layout (row
+    ``g*H + i``: gate ``g`` of unit ``i``); each unit's G rows are kept in one warp, and the plan's
+    ``hidden`` is H.
     """
     row_nnz = np.asarray(row_nnz, np.int64)
-    hidden = int(row_nnz.size)
+    if gates < 1 or row_nnz.size % gates:
+        raise ValueError(f"plan_layout: {row_nnz.size} rows are not {gates} gates of whole units")
+    hidden = int(row_nnz.size) // gates
     if hidden == 0:
         raise ValueError("plan_layout: the layer must have at least one row")
     if load_bytes not in (4, 8, 16):
@@ -225,9 +255,10 @@ def plan_layout(
     best: Plan | None = None
     reasons = []
     for k in sorted(slot_sizes):
-        if k * WARP < max_nnz:
+        lanes = unit_lanes(row_nnz, k, gates)
+        if lanes.max() > WARP:  # a unit's rows must fit in one warp
             continue
-        warps = _warps_needed(lanes_per_row(row_nnz, k))
+        warps = _warps_needed(lanes)
         num_ctas = min(device.sm_count, warps)
         wpc = -(-warps // num_ctas)
         threads = wpc * WARP
@@ -246,17 +277,20 @@ def plan_layout(
             reasons.append(f"K={k}: needs {smem} bytes of shared memory per CTA "
                            f"> {device.smem_per_block}")
             continue
-        plan = Plan(hidden, k, num_ctas * wpc, wpc, reg_slots, load_bytes, True, "fits", smem)
+        plan = Plan(hidden, k, num_ctas * wpc, wpc, reg_slots, load_bytes, True, "fits", smem,
+                    gates=gates)
         if best is None or (_step_cost(plan), k) < (_step_cost(best), best.slots_per_lane):
             best = plan
     if best is not None:
         return _widen_thin_ctas(best, dtype, device)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.
-    k = next((s for s in sorted(slot_sizes) if s * WARP >= max_nnz), None)
+    k = next((s for s in sorted(slot_sizes) if unit_lanes(row_nnz, s, gates).max() <= WARP), None)
     if k is None:
         k = int(math.ceil(max_nnz / WARP))
-    warps = _warps_needed(lanes_per_row(row_nnz, k))
+        while unit_lanes(row_nnz, k, gates).max() > WARP:
+            k += 1
+    warps = _warps_needed(unit_lanes(row_nnz, k, gates))
     wpc = max(1, min(warps, device.max_threads_per_block // WARP))
     num_warps = -(-warps // wpc) * wpc
     detail = "; ".join(reasons[-3:]) if reasons else f"a row has {max_nnz} nonzeros"
@@ -264,7 +298,7 @@ def plan_layout(
               f"on {device.name} ({device.sm_count} SMs, {device.smem_per_block} bytes of shared "
               f"memory per CTA): {detail}")
     return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
-                cta_smem_bytes(hidden, load_bytes, k, 0, wpc * WARP, dtype))
+                cta_smem_bytes(hidden, load_bytes, k, 0, wpc * WARP, dtype), gates=gates)
 
 
 def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:

@@ -14,10 +14,30 @@ def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool
 
     ``x_tm`` is ``[T, B, H]``, ``lengths`` ``[B]`` int32. Accumulates in float32 and rounds the state
     to the input dtype after each step, as the native kernels do. Returns ``(y_tm, h_final)``.
-    The inputs are put in step order once, before the scan (a gather only when ``reverse``), so a
-    step is the matvec and one fused elementwise update.
     """
     act = ACTIVATIONS[activation]
+    dtype = x_tm.dtype
+
+    def cell(carry, x_s):
+        (h,) = carry
+        h_new = act(x_s.astype(jnp.float32) + matvec(h.astype(jnp.float32))).astype(dtype)
+        return (h_new,), h_new
+
+    y, (h_final,) = scan_cell(x_tm, (h0,), cell, lengths, reverse=reverse)
+    return y, h_final
+
+
+def scan_cell(x_tm, carry: tuple, cell, lengths, *, reverse: bool):
+    """Run a recurrent ``cell`` over a sequence with the semantics of docs/format.md, in JAX.
+
+    ``x_tm``: ``[T, B, ...]``; ``carry``: a tuple of ``[B, H]`` states, cast to ``x_tm``'s dtype;
+    ``cell(carry, x_s) -> (new_carry, y_s)`` is one step of every example (it rounds the new states
+    to the storage dtype); ``lengths``: ``[B]`` int32. Example ``b`` runs ``lengths[b]`` steps, on
+    positions ``0, 1, ...`` or, with ``reverse``, ``L-1, L-2, ...``; past its length its carry is
+    held and its outputs are zero. Returns ``(y_tm, final_carry)``, outputs at their positions.
+    The inputs are put in step order once, before the scan (a gather only when ``reverse``), so a
+    step is the cell and one fused select.
+    """
     T = x_tm.shape[0]
     dtype = x_tm.dtype
 
@@ -28,20 +48,22 @@ def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool
             return a
         pos = jnp.arange(T)[:, None]
         src = jnp.clip(lengths[None, :] - 1 - pos, 0, max(T - 1, 0))
-        return jnp.take_along_axis(a, src[:, :, None], axis=0)
+        return jnp.take_along_axis(a, src.reshape(src.shape + (1,) * (a.ndim - 2)), axis=0)
 
-    def step(h, xs):
+    def step(carry, xs):
         x_s, s = xs
         active = (s < lengths)[:, None]
-        h_new = act(x_s.astype(jnp.float32) + matvec(h.astype(jnp.float32))).astype(dtype)
-        return jnp.where(active, h_new, h), jnp.where(active, h_new, jnp.zeros((), dtype))
+        new, y = cell(carry, x_s)
+        carry = tuple(jnp.where(active, n, c) for n, c in zip(new, carry))
+        return carry, jnp.where(active, y, jnp.zeros((), y.dtype))
 
-    h_final, y_steps = lax.scan(step, h0.astype(dtype), (in_step_order(x_tm), jnp.arange(T)))
+    carry = tuple(c.astype(dtype) for c in carry)
+    final, y_steps = lax.scan(step, carry, (in_step_order(x_tm), jnp.arange(T)))
     if not reverse:
-        return y_steps, h_final
+        return y_steps, final
     y = in_step_order(y_steps)
     pos = jnp.arange(T)[:, None]
-    return jnp.where((pos < lengths[None, :])[:, :, None], y, jnp.zeros((), dtype)), h_final
+    return jnp.where((pos < lengths[None, :])[:, :, None], y, jnp.zeros((), y.dtype)), final
 
 
 def dense_matvec(kernel):

@@ -10,9 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import planner as _planner
-from .layout import LayoutMeta, decode_columns, lane_of_slot, pack_pattern
+from .layout import LayoutMeta, decode_columns, lane_of_slot, pack_pattern, plan_layouts
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+#: The gate counts G of a packed kernel ``[H, G*H]``: 1 (the simple cell), 3 (GRU), 4 (LSTM).
+GATES = (1, 3, 4)
+
+
+def kernel_gates(shape, what: str) -> int:
+    """G of a kernel (or mask) shape ``[H, G*H]``, or a ValueError naming ``what`` and the shapes
+    it may have."""
+    shape = tuple(shape)
+    if (len(shape) != 2 or shape[0] == 0 or shape[1] % shape[0]
+            or shape[1] // shape[0] not in GATES):
+        raise ValueError(f"{what} must be a non-empty square [H, H] matrix, or a gated [H, 3H] (GRU: "
+                         f"gates r, z, n) or [H, 4H] (LSTM: gates i, f, g, o) one, got shape {shape}")
+    return shape[1] // shape[0]
 
 
 def check_weight_dtype(dtype, what: str) -> np.dtype:
@@ -62,6 +76,24 @@ def top_k_mask(scores, k: int, axis: int | None = None) -> np.ndarray:
     return keep
 
 
+def _check_units_in_warps(lane_row: np.ndarray, meta: LayoutMeta) -> None:
+    """The gated forward layout's invariant: unit ``i``'s rows ``g*H + i`` run on adjacent lanes
+    of one warp, in gate order (docs/format.md)."""
+    lanes = np.flatnonzero(lane_row >= 0)
+    rows = lane_row[lanes]
+    first = np.full(meta.num_rows, np.iinfo(np.int64).max)
+    last = np.full(meta.num_rows, -1)
+    np.minimum.at(first, rows, lanes)
+    np.maximum.at(last, rows, lanes)
+    first, last = first.reshape(meta.gates, -1), last.reshape(meta.gates, -1)
+    same_warp = np.all(first // _planner.WARP == first[:1] // _planner.WARP, axis=0)
+    adjacent = np.all(first[1:] == last[:-1] + 1, axis=0)
+    bad = np.flatnonzero(~(same_warp & adjacent))
+    if bad.size:
+        raise ValueError(f"SparseWeights.lane_row must keep the {meta.gates} gate rows of a unit on "
+                         f"adjacent lanes of one warp; unit {int(bad[0])} does not")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PackedLayout:
     """The index half of a packed layer (docs/format.md): the int32 arrays ``indices``,
@@ -88,6 +120,16 @@ class PackedLayout:
     def hidden(self) -> int:
         return self.meta.hidden
 
+    @property
+    def gates(self) -> int:
+        """G: 1 for the simple cell, 3 for a GRU, 4 for an LSTM kernel."""
+        return self.meta.gates
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The dense kernel's shape, Flax orientation: ``(H, G*H)``."""
+        return (self.meta.hidden, self.meta.gates * self.meta.hidden)
+
     def layout_fields(self) -> dict[str, Any]:
         """The fields of the layout alone (index arrays and metas), as keywords for a subclass."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(PackedLayout)}
@@ -96,7 +138,9 @@ class PackedLayout:
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True)
 class SparseWeights(PackedLayout):
-    """A square recurrent kernel ``[H, H]`` (Flax orientation: ``h_t = act(x_t + h_{t-1} @ kernel)``)
+    """A recurrent kernel ``[H, H]`` (Flax orientation: ``h_t = act(x_t + h_{t-1} @ kernel)``), or a
+    gated one ``[H, G*H]`` (G = 3 for :func:`jax_sprnn.sparse_gru`, 4 for
+    :func:`jax_sprnn.sparse_lstm`; the gates concatenated along the last axis as Flax fuses them),
     kept as its nonzeros in the packed layout of docs/format.md.
 
     Leaves: ``values`` (differentiable, the storage dtype) and the int32 arrays ``indices``,
@@ -135,7 +179,8 @@ class SparseWeights(PackedLayout):
     def from_dense(cls, kernel, mask=None, *, density: float | None = None, dtype=None,
                    device: _planner.DeviceSpec | None = None, load_bytes: int = 16,
                    bank_aware: bool = True) -> "SparseWeights":
-        """Pack a dense ``[H, H]`` kernel (Flax orientation) keeping the entries where ``mask`` is
+        """Pack a dense ``[H, H]`` kernel (Flax orientation), or a gated ``[H, 3H]`` / ``[H, 4H]``
+        one (column ``g*H + i``: gate ``g`` of unit ``i``), keeping the entries where ``mask`` is
         true, or the ``density`` fraction of largest magnitudes. Exactly one of the two is needed.
 
         ``dtype`` is the storage dtype (default: the kernel's; float64 becomes float32).
@@ -145,8 +190,7 @@ class SparseWeights(PackedLayout):
         ablation baseline). Both change only speed, never the result.
         """
         kernel = np.asarray(kernel)
-        if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
-            raise ValueError(f"kernel must be a non-empty square [H, H] matrix, got shape {kernel.shape}")
+        gates = kernel_gates(kernel.shape, "kernel")
         if not np.issubdtype(kernel.dtype, np.floating) and kernel.dtype != jnp.bfloat16:
             raise TypeError(f"kernel must be a floating-point array, got {kernel.dtype}")
         check_finite(kernel, "kernel")
@@ -171,14 +215,16 @@ class SparseWeights(PackedLayout):
         # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i]. Reading
         # the transposed mask yields them sorted by row, as the packer likes.
         rows, cols = np.nonzero(mask.T)
-        vals = kernel.reshape(-1)[cols * kernel.shape[0] + rows].astype(dtype)  # kernel[cols, rows]
-        return cls.from_pattern(rows, cols, vals, kernel.shape[0], device=device, load_bytes=load_bytes,
-                                bank_aware=bank_aware)
+        vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows].astype(dtype)  # kernel[cols, rows]
+        return cls.from_pattern(rows, cols, vals, kernel.shape[0], gates=gates, device=device,
+                                load_bytes=load_bytes, bank_aware=bank_aware)
 
     @classmethod
-    def from_pattern(cls, rows, cols, vals, hidden: int, *, device: _planner.DeviceSpec | None = None,
-                     load_bytes: int = 16, bank_aware: bool = True) -> "SparseWeights":
-        """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``) of an ``H x H`` layer
+    def from_pattern(cls, rows, cols, vals, hidden: int, *, gates: int = 1,
+                     device: _planner.DeviceSpec | None = None, load_bytes: int = 16,
+                     bank_aware: bool = True) -> "SparseWeights":
+        """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
+        ``[0, gates * hidden)``, columns in ``[0, hidden)``) of a layer of ``hidden`` units
         (options as in :meth:`from_dense`)."""
         rows = np.asarray(rows, np.int64)
         cols = np.asarray(cols, np.int64)
@@ -186,16 +232,18 @@ class SparseWeights(PackedLayout):
         dtype = check_weight_dtype(vals.dtype, "values")
         if not (rows.shape == cols.shape == vals.shape and rows.ndim == 1):
             raise ValueError("rows, cols and vals must be 1-D arrays of one length")
-        if rows.size and (min(rows.min(), cols.min()) < 0 or max(rows.max(), cols.max()) >= hidden):
-            raise ValueError(f"rows and cols must lie in [0, {hidden})")
+        if gates not in GATES:
+            raise ValueError(f"gates must be one of {GATES}, got {gates!r}")
+        if rows.size and (min(rows.min(), cols.min()) < 0 or rows.max() >= gates * hidden
+                          or cols.max() >= hidden):
+            raise ValueError(f"rows must lie in [0, {gates * hidden}) and cols in [0, {hidden})")
         if device is None:
             from ._native import current_device_spec
             device = current_device_spec()
-        fwd_plan = _planner.plan_layout(np.bincount(rows, minlength=hidden), dtype, device,
-                                        load_bytes=load_bytes)
+        fwd_plan, bwd_plan = plan_layouts(np.bincount(rows, minlength=gates * hidden),
+                                          np.bincount(cols, minlength=hidden), dtype, device,
+                                          gates=gates, load_bytes=load_bytes)
         fwd = pack_pattern(rows, cols, fwd_plan, bank_aware=bank_aware)
-        bwd_plan = _planner.plan_layout(np.bincount(cols, minlength=hidden), dtype, device,
-                                        load_bytes=load_bytes)
         bwd = pack_pattern(cols, rows, bwd_plan, bank_aware=bank_aware)
         values = np.zeros(fwd.meta.num_slots, dtype)
         values[fwd.slot_of_nonzero] = vals
@@ -209,10 +257,6 @@ class SparseWeights(PackedLayout):
 
     # ---- properties ---------------------------------------------------------------------------
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.meta.hidden, self.meta.hidden)
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.values.dtype)
 
@@ -223,7 +267,8 @@ class SparseWeights(PackedLayout):
 
     @property
     def density(self) -> float:
-        return self.nnz / float(self.meta.hidden ** 2)
+        rows, cols = self.shape
+        return self.nnz / float(rows * cols)
 
     def replace(self, **changes) -> "SparseWeights":
         return dataclasses.replace(self, **changes)
@@ -242,7 +287,7 @@ class SparseWeights(PackedLayout):
         return cols, jnp.maximum(rows, 0), real
 
     def to_dense(self) -> jax.Array:
-        """The dense ``[H, H]`` kernel in Flax orientation; zero where the mask removed weights."""
+        """The dense ``[H, G*H]`` kernel in Flax orientation; zero where the mask removed weights."""
         cols, rows, real = self._coordinates()
         vals = jnp.where(real, self.values, jnp.zeros((), self.values.dtype))
         dense = jnp.zeros(self.shape, self.values.dtype)
@@ -267,7 +312,7 @@ class SparseWeights(PackedLayout):
         return jnp.where(perm >= 0, vals, jnp.zeros((), vals.dtype))
 
     def mask(self) -> np.ndarray:
-        """The boolean ``[H, H]`` pattern (host NumPy)."""
+        """The boolean ``[H, G*H]`` pattern (host NumPy)."""
         idx = np.asarray(self.indices)
         rows = np.asarray(self.lane_row)[lane_of_slot(self.meta)]
         real = (idx >= 0) & (rows >= 0)
@@ -290,17 +335,24 @@ class SparseWeights(PackedLayout):
             if np.dtype(arr.dtype) != np.int32:
                 raise TypeError(f"SparseWeights.{name} must be int32, got {arr.dtype}")
         check_weight_dtype(self.values.dtype, "SparseWeights.values")
-        H = m.hidden
-        for name, idx, rows in (("indices", self.indices, self.lane_row),
-                                ("indices_t", self.indices_t, self.lane_row_t)):
+        if (mt.hidden, mt.gates, m.transposed, mt.transposed) != (m.hidden, m.gates, False,
+                                                                 m.gates > 1):
+            raise ValueError(f"SparseWeights: meta_t (H={mt.hidden}, gates={mt.gates}, transposed="
+                             f"{mt.transposed}) is not the transposed layout of meta (H={m.hidden}, "
+                             f"gates={m.gates})")
+        for name, idx, rows, lay in (("indices", self.indices, self.lane_row, m),
+                                     ("indices_t", self.indices_t, self.lane_row_t, mt)):
             cols = decode_columns(np.asarray(idx))
-            if cols.size and (cols.min() < 0 or cols.max() >= H):
-                raise ValueError(f"SparseWeights.{name} has columns outside [0, {H})")
+            if cols.size and (cols.min() < 0 or cols.max() >= lay.num_cols):
+                raise ValueError(f"SparseWeights.{name} has columns outside [0, {lay.num_cols})")
             rows = np.asarray(rows)
-            if rows.size and (rows.min() < -1 or rows.max() >= H):
-                raise ValueError(f"SparseWeights.lane_row{name[7:]} has rows outside [-1, {H})")
-            if not np.array_equal(np.unique(rows[rows >= 0]), np.arange(H)):
+            if rows.size and (rows.min() < -1 or rows.max() >= lay.num_rows):
+                raise ValueError(f"SparseWeights.lane_row{name[7:]} has rows outside "
+                                 f"[-1, {lay.num_rows})")
+            if not np.array_equal(np.unique(rows[rows >= 0]), np.arange(lay.num_rows)):
                 raise ValueError(f"SparseWeights.lane_row{name[7:]} must give every row a lane")
+        if m.gates > 1:
+            _check_units_in_warps(np.asarray(self.lane_row), m)
         perm = np.asarray(self.perm_t)
         if perm.size and (perm.min() < -1 or perm.max() >= m.num_slots):
             raise ValueError(f"SparseWeights.perm_t has entries outside [-1, {m.num_slots})")
