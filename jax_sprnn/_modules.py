@@ -1,7 +1,7 @@
 """What the linen modules (:mod:`jax_sprnn.flax`) and the NNX modules (:mod:`jax_sprnn.nnx`) share:
 their argument checks, the layer's initial mask and layout, the dense layout of a layer given no
-mask, and the run of a whole sequence with the conventions of ``nn.RNN`` / ``nnx.RNN``. Nothing
-here imports Flax.
+mask, and the run of a whole sequence with the conventions of ``nn.RNN`` / ``nnx.RNN`` (both
+directions with those of ``nn.Bidirectional``). Nothing here imports Flax.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from ._checks import ACTIVATIONS
 from .api import sparse_rnn
+from .bidirectional import sparse_rnn_bidirectional
 from .pruning import PackedMask, initial_mask
 from .sharding import sparse_rnn_sharded
 from .weights import SUPPORTED_DTYPES, SparseWeights
@@ -139,6 +140,32 @@ def sequence_shape(inputs, time_major: bool):
     return inputs, inputs.shape[-2], tuple(inputs.shape[:-2])
 
 
+def _fold_batch(x, initial_carry, *, steps: int, batch_shape: tuple, hidden: int, dtype,
+                time_major: bool, carry_name: str = "initial_carry"):
+    """``x`` and the carry with their batch dimensions folded into one, in ``dtype``."""
+    batch = math.prod(batch_shape)
+    x = x.astype(dtype).reshape((steps, batch, hidden) if time_major else (batch, steps, hidden))
+    if not hasattr(initial_carry, "shape") or tuple(initial_carry.shape) != batch_shape + (hidden,):
+        raise ValueError(f"{carry_name} must be [*batch, H] = {batch_shape + (hidden,)}, got "
+                         f"{getattr(initial_carry, 'shape', type(initial_carry).__name__)}")
+    return x, jnp.asarray(initial_carry).astype(dtype).reshape(batch, hidden)
+
+
+def _fold_lengths(seq_lengths, batch_shape: tuple):
+    if seq_lengths is None:
+        return None
+    if not hasattr(seq_lengths, "shape"):
+        seq_lengths = np.asarray(seq_lengths)
+    if tuple(seq_lengths.shape) != batch_shape:
+        raise ValueError(f"seq_lengths must be [*batch] = {batch_shape}, got shape "
+                         f"{tuple(seq_lengths.shape)}")
+    return seq_lengths.reshape(math.prod(batch_shape))
+
+
+def _output_shape(steps: int, batch_shape: tuple, features: int, time_major: bool) -> tuple:
+    return ((steps,) + batch_shape if time_major else batch_shape + (steps,)) + (features,)
+
+
 def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps: int,
                  batch_shape: tuple, activation: str, dtype, time_major: bool, reverse: bool,
                  keep_order: bool, method: str, mesh=None, batch_axis="data"):
@@ -148,20 +175,9 @@ def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps
     The batch dimensions are folded into one for the native call and unfolded after.
     """
     hidden = weights.hidden
-    batch = math.prod(batch_shape)
-    x = x.astype(dtype).reshape((steps, batch, hidden) if time_major else (batch, steps, hidden))
-    if not hasattr(initial_carry, "shape") or tuple(initial_carry.shape) != batch_shape + (hidden,):
-        raise ValueError(f"initial_carry must be [*batch, H] = {batch_shape + (hidden,)}, got "
-                         f"{getattr(initial_carry, 'shape', type(initial_carry).__name__)}")
-    h0 = jnp.asarray(initial_carry).astype(dtype).reshape(batch, hidden)
-    lengths = None
-    if seq_lengths is not None:
-        if not hasattr(seq_lengths, "shape"):
-            seq_lengths = np.asarray(seq_lengths)
-        if tuple(seq_lengths.shape) != batch_shape:
-            raise ValueError(f"seq_lengths must be [*batch] = {batch_shape}, got shape "
-                             f"{tuple(seq_lengths.shape)}")
-        lengths = seq_lengths.reshape(batch)
+    x, h0 = _fold_batch(x, initial_carry, steps=steps, batch_shape=batch_shape, hidden=hidden,
+                        dtype=dtype, time_major=time_major)
+    lengths = _fold_lengths(seq_lengths, batch_shape)
     kwargs = dict(activation=activation, time_major=time_major, reverse=bool(reverse),
                   seq_lengths=lengths, method=method)
     if mesh is None:
@@ -171,5 +187,27 @@ def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps
     if reverse and not keep_order:
         y = flip_padded(y, None if lengths is None else jnp.asarray(lengths, jnp.int32),
                         time_major=time_major)
-    out_shape = ((steps,) + batch_shape if time_major else batch_shape + (steps,)) + (hidden,)
-    return carry.reshape(batch_shape + (hidden,)), y.reshape(out_shape)
+    return (carry.reshape(batch_shape + (hidden,)),
+            y.reshape(_output_shape(steps, batch_shape, hidden, time_major)))
+
+
+def run_bidirectional(xs: tuple, weights: tuple, initial_carry: tuple, seq_lengths, *,
+                      steps: int, batch_shape: tuple, activation: str, dtype, time_major: bool,
+                      method: str):
+    """Both directions of a bidirectional layer in one :func:`sparse_rnn_bidirectional` call,
+    with ``nn.Bidirectional``'s conventions: ``xs``, ``weights`` and ``initial_carry`` are
+    (forward, backward) pairs; the outputs are concatenated, forward features first, and the
+    backward ones stay at their positions. Returns ``((carry_f, carry_b), outputs)``."""
+    if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
+        raise ValueError(f"initial_carry must be a pair (forward, backward) of [*batch, H] "
+                         f"arrays, got {type(initial_carry).__name__}")
+    hidden = weights[0].hidden
+    folded = [_fold_batch(x, c, steps=steps, batch_shape=batch_shape, hidden=hidden, dtype=dtype,
+                          time_major=time_major, carry_name=f"initial_carry[{i}]")
+              for i, (x, c) in enumerate(zip(xs, initial_carry))]
+    y, carries = sparse_rnn_bidirectional(
+        tuple(x for x, _ in folded), tuple(h for _, h in folded), tuple(weights),
+        activation=activation, time_major=time_major,
+        seq_lengths=_fold_lengths(seq_lengths, batch_shape), method=method)
+    return (tuple(c.reshape(batch_shape + (hidden,)) for c in carries),
+            y.reshape(_output_shape(steps, batch_shape, 2 * hidden, time_major)))

@@ -50,7 +50,8 @@ def _check_same(pair: tuple, name: str, parts: tuple[str, str]) -> tuple:
     the directions share ``seq_lengths``. The rest is checked by ``sparse_rnn``."""
     a, b = (as_array(v) for v in pair)
     if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
-        raise ValueError(f"{name}: {parts[0]} is {np.dtype(a.dtype)}{list(a.shape)} and {parts[1]} "
+        error = ValueError if tuple(a.shape) != tuple(b.shape) else TypeError
+        raise error(f"{name}: {parts[0]} is {np.dtype(a.dtype)}{list(a.shape)} and {parts[1]} "
                          f"{np.dtype(b.dtype)}{list(b.shape)}; both directions must have one shape "
                          f"and dtype")
     return a, b

@@ -49,8 +49,8 @@ from flax.linen.linear import default_kernel_init
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
-                       dense_layout, flip_padded, initial_layout, masked_init, run_sequence,
-                       sequence_shape, storage_dtype, warn_no_mask_once)
+                       dense_layout, flip_padded, initial_layout, masked_init, run_bidirectional,
+                       run_sequence, sequence_shape, storage_dtype, warn_no_mask_once)
 from .pruning import COLLECTION, PackedMask
 from .weights import SparseWeights
 
@@ -125,12 +125,12 @@ class SparseRNNCell(_SimpleRNNAttributes, nn.RNNCellBase):
         return new_carry, new_carry
 
 
-_NO_MASK = (f"jax_sprnn.flax.SparseRNN got no mask (no '{COLLECTION}' collection in apply's "
-            f"variables), so it runs dense: every weight of its recurrent kernel counts. To prune "
-            f"it, take the collection from init (sparsity = model.init(key, x)['{COLLECTION}']), "
-            f"prune with params, sparsity = jax_sprnn.pruning.update_sparsity(params, sparsity, "
-            f"target), and apply both: model.apply({{'params': params, '{COLLECTION}': "
-            f"sparsity}}, x).")
+_NO_MASK = ("jax_sprnn.flax.{layer} got no mask (no '" + COLLECTION + "' collection in apply's "
+            "variables), so it runs dense: every weight of its recurrent kernel counts. To prune "
+            "it, take the collection from init (sparsity = model.init(key, x)['" + COLLECTION +
+            "']), prune with params, sparsity = jax_sprnn.pruning.update_sparsity(params, "
+            "sparsity, target), and apply both: model.apply({{'params': params, '" + COLLECTION +
+            "': sparsity}}, x).")
 
 
 class SparseKernel(nn.Module):
@@ -149,6 +149,7 @@ class SparseKernel(nn.Module):
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # the storage dtype of the packed weights
     mask_seed: int = 0
+    layer: str = "SparseRNN"  # the layer named by the no-mask warning
 
     @nn.compact
     def __call__(self) -> SparseWeights:
@@ -171,7 +172,7 @@ class SparseKernel(nn.Module):
             layout = self.variable(COLLECTION, "kernel", initial_layout, hidden,
                                    float(self.max_density), self.mask_seed, dtype.name).value
         else:
-            warn_no_mask_once(_NO_MASK)
+            warn_no_mask_once(_NO_MASK.format(layer=self.layer))
             layout = dense_layout(hidden, dtype.name)
         if layout.hidden != hidden:
             raise ValueError(f"the mask in '{COLLECTION}' is {layout.hidden} wide, the layer "
@@ -200,12 +201,14 @@ class FusedCell(nn.Module):
     dtype: Any = jnp.float32  # the recurrence's dtype
     mask_seed: int = 0
     precision: Any = None
+    layer: str = "SparseRNN"
 
     @nn.compact
     def __call__(self, inputs) -> tuple[jax.Array, SparseWeights]:
         # 'h' before 'i', as nn.SimpleCell creates them.
         weights = SparseKernel(self.features, self.max_density, self.recurrent_kernel_init,
-                               self.param_dtype, self.dtype, self.mask_seed, name="h")()
+                               self.param_dtype, self.dtype, self.mask_seed, self.layer,
+                               name="h")()
         x = nn.Dense(self.features, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=self.kernel_init, bias_init=self.bias_init,
                      precision=self.precision, name="i")(inputs)
@@ -291,4 +294,94 @@ class SparseRNN(_SimpleRNNAttributes):
         return (carry, y) if return_carry else y
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "FusedCell", "SparseKernel", "activation_name", "flip_padded"]
+class RNNLevel(nn.Module):
+    """The level that ``nn.RNN`` adds to the parameter tree: its cell, at ``'cell'``. Runs the
+    cell (a :class:`FusedCell`) on the whole sequence; the recurrence is the caller's."""
+
+    cell: nn.Module
+
+    def __call__(self, inputs):
+        return self.cell(inputs)
+
+
+class SparseBidirectional(_SimpleRNNAttributes):
+    """A bidirectional simple recurrent layer; both directions run in one
+    :func:`jax_sprnn.sparse_rnn_bidirectional` call.
+
+    A drop-in for ``nn.Bidirectional(nn.RNN(nn.SimpleCell(features)),
+    nn.RNN(nn.SimpleCell(features)))`` with the default merge (concatenation, forward features
+    first): the same parameters (``forward_rnn/cell/{i,h}`` and ``backward_rnn/cell/{i,h}``), and
+    the packed masks of both recurrent kernels at the same paths in the ``'sparsity'`` collection
+    (without it the layer runs dense and warns once). Both directions start from the same
+    initial mask (``mask_seed``); pruning then gives each its own.
+
+    Outputs are ``[*batch, T, 2H]`` (``[T, *batch, 2H]`` when ``time_major``); past an example's
+    ``seq_lengths`` they are zero in both halves.
+
+    Attributes:
+      features, max_density, activation_fn, kernel_init, recurrent_kernel_init, bias_init, dtype,
+        param_dtype, carry_init, mask_seed, precision: as in :class:`SparseRNN`, for both
+        directions.
+      time_major, return_carry: defaults of the call keywords, as in ``nn.Bidirectional``.
+      method: ``sparse_rnn``'s ``method``.
+    """
+
+    time_major: bool = False
+    return_carry: bool = False
+    method: str = "auto"
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """``(forward, backward)`` initial carries ``[*batch, H]`` for one step's input shape
+        ``[*batch, F]``, from two keys split from ``rng``."""
+        one = super().initialize_carry
+        return tuple(one(key, input_shape) for key in jax.random.split(rng))
+
+    @nn.compact
+    def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None):
+        """Run both directions over ``inputs``; keywords as in ``nn.Bidirectional``.
+
+        Args:
+          inputs: ``[*batch, T, F]``, or ``[T, *batch, F]`` when ``time_major``.
+          initial_carry: ``(forward, backward)``, each ``[*batch, H]``; default from
+            ``carry_init``.
+          init_key: PRNG key for ``carry_init``, split between the directions (default: both use
+            ``jax.random.key(0)``, as ``nn.Bidirectional`` does).
+          seq_lengths: optional ``[*batch]`` integers in ``[0, T]``, for both directions.
+          return_carry: also return the final carries.
+          time_major: the layout of ``inputs`` and outputs.
+          reverse, keep_order: accepted and ignored, as ``nn.Bidirectional`` does.
+
+        Returns:
+          ``outputs``, or ``((carry_forward, carry_backward), outputs)``.
+        """
+        del reverse, keep_order  # nn.Bidirectional's signature; each direction has its own
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        hidden = check_features(self.features)
+        activation = activation_name(self.activation_fn)
+        dtype = storage_dtype(self.dtype, self.param_dtype)
+        check_method(self.method)
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        directions = []
+        for name in ("forward_rnn", "backward_rnn"):
+            cell = FusedCell(hidden, self.max_density, self.kernel_init,
+                             self.recurrent_kernel_init, self.bias_init, self.param_dtype, dtype,
+                             self.mask_seed, self.precision, "SparseBidirectional", parent=None)
+            directions.append(RNNLevel(cell, name=name)(inputs))
+        if initial_carry is None:
+            keys = (jax.random.key(0),) * 2 if init_key is None else jax.random.split(init_key)
+            step_shape = batch_shape + (inputs.shape[-1],)
+            initial_carry = tuple(_SimpleRNNAttributes.initialize_carry(self, key, step_shape)
+                                  for key in keys)
+        carry, y = run_bidirectional(tuple(x for x, _ in directions),
+                                     tuple(w for _, w in directions), initial_carry, seq_lengths,
+                                     steps=steps, batch_shape=batch_shape, activation=activation,
+                                     dtype=dtype, time_major=time_major, method=self.method)
+        return (carry, y) if return_carry else y
+
+
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "FusedCell", "SparseKernel",
+           "RNNLevel", "activation_name", "flip_padded"]

@@ -33,8 +33,8 @@ from flax.nnx import initializers
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
-                       dense_layout, initial_layout, masked_init, run_sequence, sequence_shape,
-                       storage_dtype, warn_no_mask_once)
+                       dense_layout, initial_layout, masked_init, run_bidirectional, run_sequence,
+                       sequence_shape, storage_dtype, warn_no_mask_once)
 from .pruning import PackedMask
 from .weights import SparseWeights
 
@@ -247,6 +247,63 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
         return pruning.pack_inference(self.cell.dense_h.kernel[...], self.mask, dtype=self.dtype)
 
 
+class SparseBidirectional(nnx.Module):
+    """A bidirectional simple recurrent layer; both directions run in one
+    :func:`jax_sprnn.sparse_rnn_bidirectional` call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseBidirectional` and a drop-in for
+    ``nnx.Bidirectional(nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs)), nnx.RNN(nnx.SimpleCell(F, H,
+    rngs=rngs)))``: its ``forward_rnn`` and ``backward_rnn`` are :class:`SparseRNN` layers, built
+    in that order from ``rngs``, so ``nnx.state(layer, nnx.Param)`` has that tree (and the same
+    ``rngs`` give the same weights when ``max_density == 1``). Each keeps its own mask;
+    :func:`prune`, :func:`param_masks` and :func:`to_inference` treat them as two layers. The
+    outputs are concatenated, forward features first.
+
+    Args:
+      in_features, hidden_features, max_density, activation_fn, kernel_init,
+        recurrent_kernel_init, bias_init, dtype, param_dtype, carry_init, mask_seed, precision,
+        method: as in :class:`SparseRNN`, for both directions.
+      time_major, return_carry: defaults of the call keywords, as in ``nnx.Bidirectional``.
+      rngs: the ``nnx.Rngs`` for the parameters.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, *, time_major: bool = False,
+                 return_carry: bool = False, rngs: nnx.Rngs, **layer_args):
+        if {"reverse", "keep_order", "mesh", "batch_axis"} & set(layer_args):
+            raise TypeError(f"SparseBidirectional got {sorted(layer_args)}: reverse and "
+                            f"keep_order are fixed per direction, and mesh is not supported")
+        self.time_major, self.return_carry = bool(time_major), bool(return_carry)
+        self.forward_rnn = SparseRNN(in_features, hidden_features, rngs=rngs, **layer_args)
+        self.backward_rnn = SparseRNN(in_features, hidden_features, rngs=rngs, **layer_args)
+
+    def __call__(self, inputs, *, initial_carry=None, seq_lengths=None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None, rngs=None):
+        """Run both directions; keywords as in ``nnx.Bidirectional`` (``reverse`` and
+        ``keep_order`` are ignored there too; ``rngs`` feeds ``carry_init``).
+
+        Returns ``outputs`` (``[*batch, T, 2H]`` or ``[T, *batch, 2H]``), or
+        ``((carry_forward, carry_backward), outputs)``.
+        """
+        del reverse, keep_order
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        fwd, bwd = self.forward_rnn, self.backward_rnn
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        if inputs.shape[-1] != fwd.in_features:
+            raise ValueError(f"inputs must have {fwd.in_features} features in their last axis, "
+                             f"got shape {tuple(inputs.shape)}")
+        if initial_carry is None:
+            step_shape = batch_shape + (fwd.in_features,)
+            initial_carry = tuple(layer.initialize_carry(step_shape, rngs) for layer in (fwd, bwd))
+        carry, y = run_bidirectional(
+            (fwd.cell.dense_i(inputs), bwd.cell.dense_i(inputs)), (fwd.weights(), bwd.weights()),
+            initial_carry, seq_lengths, steps=steps, batch_shape=batch_shape,
+            activation=fwd.activation, dtype=np.dtype(fwd.dtype), time_major=time_major,
+            method=fwd.method)
+        return (carry, y) if return_carry else y
+
+
 def _sparse_layers(model) -> dict[tuple, SparseRNN]:
     layers = {tuple(path): m for path, m in nnx.iter_modules(model) if isinstance(m, SparseRNN)}
     if not layers:
@@ -307,4 +364,5 @@ def to_inference(model):
     return model
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "Sparsity", "prune", "param_masks", "to_inference"]
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "Sparsity", "prune", "param_masks",
+           "to_inference"]
