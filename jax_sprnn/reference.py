@@ -58,7 +58,14 @@ def scan_cell(x_tm, carry: tuple, cell, lengths, *, reverse: bool):
         return carry, jnp.where(active, y, jnp.zeros((), y.dtype))
 
     carry = tuple(c.astype(dtype) for c in carry)
-    final, y_steps = lax.scan(step, carry, (in_step_order(x_tm), jnp.arange(T)))
+    # Inputs of steps past an example's length reach no output; zeroed (one select, before the
+    # scan), a NaN or Inf there reaches no gradient either, as in the native kernels (autodiff would
+    # multiply the held step's zero cotangent by its local derivative: 0 * NaN).
+    steps = jnp.arange(T)
+    x_steps = in_step_order(x_tm)
+    running = (steps[:, None] < lengths[None, :])[(...,) + (None,) * (x_tm.ndim - 2)]
+    x_steps = jnp.where(running, x_steps, jnp.zeros((), x_steps.dtype))
+    final, y_steps = lax.scan(step, carry, (x_steps, steps))
     if not reverse:
         return y_steps, final
     y = in_step_order(y_steps)
