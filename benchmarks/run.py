@@ -45,9 +45,11 @@ TIMINGS = {
     "training": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
     "ablation": (Timing(64, 256, reps=20, rotate=4), Timing(64, 256, reps=10, rotate=2)),
     "cpu": (Timing(20, 100, reps=15, rotate=2), Timing(20, 100, reps=7, rotate=2)),
+    "cluster": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
 }
 SMOKE_TIMING = Timing(t1=8, t2=256, reps=7, rotate=2, warmup=1, max_seconds=1.0)
-DEFAULT_PEERS = {"training": ("ours", "dense"), "ablation": ("ours",)}  # ablation: its own variants
+DEFAULT_PEERS = {"training": ("ours", "dense"), "ablation": ("ours",),  # ablation: its own variants
+                 "cluster": ("ours", "dense", "cudnn", "cuda_graph", "floor")}
 
 
 def _ints(text):

@@ -13,6 +13,7 @@ std::mutex g_cache_mutex;
 std::map<int, DeviceInfo> g_devices;
 std::map<std::pair<int, const void*>, KernelInfo> g_kernels;
 std::map<std::tuple<int, const void*, int, int>, int> g_occupancy;  // -> CTAs per SM
+std::map<std::tuple<int, const void*, int, int, int>, int> g_clusters;  // -> co-resident clusters
 
 }  // namespace
 
@@ -56,8 +57,11 @@ cudaError_t device_info(int device, DeviceInfo* out) {
   if (e == cudaSuccess)
     e = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  int cluster = 0;
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, device);
   if (e != cudaSuccess) return e;
   info.cooperative = coop != 0;
+  info.cluster = cluster != 0;
   g_devices[device] = info;
   *out = info;
   return cudaSuccess;
@@ -97,6 +101,42 @@ cudaError_t ctas_per_sm(int device, const void* fn, int threads, int smem_bytes,
   cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem_bytes);
   if (e != cudaSuccess) return e;
   g_occupancy[key] = n;
+  *out = n;
+  return cudaSuccess;
+}
+
+cudaError_t active_clusters(int device, const void* fn, int threads, int smem_bytes,
+                            int cluster_size, int* out) {
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  const auto key = std::make_tuple(device, fn, threads, smem_bytes, cluster_size);
+  auto it = g_clusters.find(key);
+  if (it != g_clusters.end()) {
+    *out = it->second;
+    return cudaSuccess;
+  }
+  cudaError_t e = cudaSuccess;
+  if (cluster_size > constants::kPortableClusterCtas)
+    e = cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  int n = 0;
+  if (e == cudaSuccess) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(cluster_size);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem_bytes;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = cluster_size;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    e = cudaOccupancyMaxActiveClusters(&n, fn, &cfg);
+  }
+  if (e != cudaSuccess) {  // e.g. a size the device does not allow: no cluster of that size fits
+    cudaGetLastError();  // not sticky: keep it from surfacing in an unrelated call
+    n = 0;
+  }
+  g_clusters[key] = n;
   *out = n;
   return cudaSuccess;
 }

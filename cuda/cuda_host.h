@@ -18,6 +18,7 @@ struct DeviceInfo {
   int sm_count = 0;
   int smem_optin = 0;
   bool cooperative = false;
+  bool cluster = false;  // thread-block clusters (sm_90 and newer)
 };
 
 struct KernelInfo {
@@ -32,6 +33,10 @@ cudaError_t device_info(int device, DeviceInfo* out);
 // maximum the first time.
 cudaError_t kernel_info(int device, const void* fn, const DeviceInfo& dev, KernelInfo* out);
 cudaError_t ctas_per_sm(int device, const void* fn, int threads, int smem_bytes, int* out);
+// How many clusters of `cluster_size` CTAs of `fn` can be resident at once (0: none, including a
+// size the device does not allow). Asks for the non-portable size past the portable one.
+cudaError_t active_clusters(int device, const void* fn, int threads, int smem_bytes,
+                            int cluster_size, int* out);
 
 std::string cuda_message(const char* what, cudaError_t e);
 // Clears a non-sticky error so that it does not surface in an unrelated call.

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -70,10 +71,86 @@ struct LayoutAttrs {
 
 // The hooked targets' extra attributes; production calls run with these defaults.
 struct TestHooks {
-  int64_t spin_timeout_us = 0;   // the spin bound; 0: constants::kDefaultSpinTimeoutUs
+  int64_t spin_timeout_us = 0;   // the spin bound; 0: $JAX_SPRNN_SPIN_TIMEOUT_US, else the default
   int64_t debug_stall_cta = -1;  // this CTA never publishes (forces a timeout); -1: none
   int64_t grid_barrier = 0;      // a grid-wide barrier before each phase (ablation of the timestamps)
+  int64_t exchange_mode = 0;     // 0: the handler's choice, 1: grid mode, 2: cluster mode (or an error)
 };
+constexpr int64_t kExchangeAuto = 0, kExchangeGrid = 1, kExchangeCluster = 2;
+
+// The spin bound of a call: the hook, else $JAX_SPRNN_SPIN_TIMEOUT_US (read per call, so a process
+// can change it between calls), else the default. Returns false on a malformed variable.
+bool spin_timeout_us(const TestHooks& hooks, int64_t* out) {
+  *out = hooks.spin_timeout_us > 0 ? hooks.spin_timeout_us : kDefaultSpinTimeoutUs;
+  if (hooks.spin_timeout_us > 0) return true;
+  const char* env = std::getenv("JAX_SPRNN_SPIN_TIMEOUT_US");
+  if (env == nullptr || *env == '\0') return true;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  if (*end != '\0' || v <= 0) return false;
+  *out = v;
+  return true;
+}
+
+// How one launch exchanges the state (see PersistentParams::cluster).
+struct ExchangePlan {
+  int cluster = 0;              // CTAs per cluster; 0: grid mode
+  int64_t replicas = 1;         // clusters in the grid
+  int64_t replica_batch = 0;    // examples per replica
+  std::string why_not_cluster;  // why cluster mode cannot run this call ("" where it can)
+};
+
+// Cluster mode runs the layout's CTAs as one thread-block cluster, and replicates the cluster over
+// the batch: one batch tile per replica while the device holds that many clusters at once, so a
+// batch costs about one tile's step. It needs clusters (sm_90+), a layout of at most
+// kMaxClusterCtas CTAs, two staged copies of the replica's state, and no grid-mode test hook.
+// `smem_for(batch)` is the shared memory of a CTA with two staged copies of `batch` examples.
+template <class SmemFor>
+ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, const KernelInfo& kinfo,
+                           int64_t layout_ctas, int threads, int64_t B, int tile,
+                           const TestHooks& hooks, SmemFor smem_for) {
+  ExchangePlan x;
+  x.replica_batch = B;
+  const std::string ctas = std::to_string(layout_ctas);
+  if (hooks.exchange_mode == kExchangeGrid) {
+    x.why_not_cluster = "grid mode was asked for";
+  } else if (!dev.cluster) {
+    x.why_not_cluster = "the device has no thread-block clusters (compute capability 9.0 and newer)";
+  } else if (layout_ctas > constants::kMaxClusterCtas) {
+    x.why_not_cluster = "the layout has " + ctas + " CTAs, more than a cluster's " +
+                        std::to_string(constants::kMaxClusterCtas);
+  } else if (hooks.debug_stall_cta != -1 || hooks.grid_barrier != 0) {
+    x.why_not_cluster = "debug_stall_cta and grid_barrier test the grid exchange";
+  } else if (smem_for(tile) > kinfo.max_dynamic_smem) {
+    x.why_not_cluster = "two staged copies of one batch tile need " + std::to_string(smem_for(tile)) +
+                        " bytes of shared memory, " + std::to_string(kinfo.max_dynamic_smem) +
+                        " available";
+  } else {
+    int active = 0;
+    active_clusters(device, fn, threads, static_cast<int>(smem_for(tile)), static_cast<int>(layout_ctas),
+                    &active);
+    if (active == 0) {
+      x.why_not_cluster = "no cluster of " + ctas + " CTAs (" + std::to_string(threads) +
+                          " threads, " + std::to_string(smem_for(tile)) + " B of shared memory each) fits";
+    } else {
+      const int64_t tiles = (B + tile - 1) / tile;
+      int64_t replicas = std::min<int64_t>(tiles, active);
+      int64_t per = (tiles + replicas - 1) / replicas * tile;
+      // Fewer, wider replicas would need more shared memory each: take as many as fit at once.
+      if (smem_for(per) > kinfo.max_dynamic_smem) {
+        x.why_not_cluster = "a replica of " + std::to_string(per) + " examples (" +
+                            std::to_string(active) + " clusters fit at once) needs " +
+                            std::to_string(smem_for(per)) + " bytes of shared memory, " +
+                            std::to_string(kinfo.max_dynamic_smem) + " available";
+      } else {
+        x.cluster = static_cast<int>(layout_ctas);
+        x.replica_batch = per;
+        x.replicas = (B + per - 1) / per;
+      }
+    }
+  }
+  return x;
+}
 
 ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const LayoutAttrs& a,
                              const TestHooks& hooks) {
@@ -112,6 +189,13 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     return bad("load_bytes must be 4, 8 or 16, got " + std::to_string(a.load_bytes));
   const int tile = static_cast<int>(a.load_bytes / 4);
   if (hooks.spin_timeout_us < 0) return bad("spin_timeout_us must be >= 0");
+  if (hooks.exchange_mode < kExchangeAuto || hooks.exchange_mode > kExchangeCluster)
+    return bad("exchange_mode must be 0 (auto), 1 (grid) or 2 (cluster), got " +
+               std::to_string(hooks.exchange_mode));
+  int64_t timeout_us = 0;
+  if (!spin_timeout_us(hooks, &timeout_us))
+    return bad("JAX_SPRNN_SPIN_TIMEOUT_US must be a positive integer (microseconds), got '" +
+               std::string(std::getenv("JAX_SPRNN_SPIN_TIMEOUT_US")) + "'");
   if (hooks.debug_stall_cta < -1) return bad("debug_stall_cta must be >= -1");
   if (hooks.grid_barrier != 0 && hooks.debug_stall_cta != -1)
     return bad("grid_barrier (an ablation) cannot be combined with debug_stall_cta: it would hang");
@@ -174,17 +258,29 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if ((e = kernel_info(device, reinterpret_cast<const void*>(fn), dev, &kinfo)) != cudaSuccess)
     return cuda_error("cudaFuncGetAttributes/cudaFuncSetAttribute(persistent kernel)", e);
 
+  // ---- exchange mode --------------------------------------------------------------------------
+  const int64_t layout_ctas = NW / a.warps_per_cta;
+  const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
+  const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
+  auto plan_total = [&](int64_t batch, int buffers) {
+    return constants::persistent_smem_bytes(H, batch, tile, w_bytes, buffers);
+  };
+  const ExchangePlan xp = plan_exchange(device, reinterpret_cast<const void*>(fn), dev, kinfo, layout_ctas,
+                                        threads, B, tile, hooks,
+                                        [&](int64_t batch) { return plan_total(batch, 2); });
+  if (hooks.exchange_mode == kExchangeCluster && xp.cluster == 0)
+    return bad("cluster mode was asked for but cannot run: " + xp.why_not_cluster);
+  const bool in_cluster = xp.cluster > 0;
+
   // ---- shared memory: staged state (two copies when they fit), weight tier, lengths -----------
-  const int64_t n_planes = (B + tile - 1) / tile;
+  const int64_t slice = xp.replica_batch;  // the examples one CTA stages
+  const int64_t n_planes = (slice + tile - 1) / tile;
   const int64_t h_floats = n_planes * H * tile;
   // The second copy starts 16-byte aligned: staging writes it with vector stores.
   const int64_t h_stride = align16(h_floats * 4) / 4;
-  const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
-  const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
-  auto plan_total = [&](int buffers) { return constants::persistent_smem_bytes(H, B, tile, w_bytes, buffers); };
   SmemPlan smem;
-  smem.h_buffers = plan_total(2) <= kinfo.max_dynamic_smem ? 2 : 1;
-  const int64_t total = plan_total(smem.h_buffers);
+  smem.h_buffers = in_cluster || plan_total(slice, 2) <= kinfo.max_dynamic_smem ? 2 : 1;
+  const int64_t total = plan_total(slice, smem.h_buffers);
   if (total > kinfo.max_dynamic_smem)
     return bad("the layer does not fit on chip: " + std::to_string(total) +
                " bytes of shared memory per CTA needed (staged state " + std::to_string(h_floats * 4) +
@@ -196,13 +292,14 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   smem.len_offset = static_cast<int>(smem.w_offset + align16(w_bytes));
   smem.total = static_cast<int>(total);
 
-  // ---- co-residency: every CTA must be resident at once --------------------------------------
-  const int64_t grid = NW / a.warps_per_cta;
+  // ---- co-residency (grid mode): every CTA must be resident at once. (In cluster mode only each
+  //      cluster's CTAs must be, which the cluster launch guarantees: replicas may run in waves.)
+  const int64_t grid = in_cluster ? xp.replicas * xp.cluster : layout_ctas;
   int per_sm = 0;
   if ((e = ctas_per_sm(device, reinterpret_cast<const void*>(fn), threads, smem.total, &per_sm)) !=
       cudaSuccess)
     return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
-  if (static_cast<int64_t>(per_sm) * dev.sm_count < grid)
+  if (!in_cluster && static_cast<int64_t>(per_sm) * dev.sm_count < grid)
     return bad("grid of " + std::to_string(grid) + " CTAs (" + std::to_string(threads) +
                " threads, " + std::to_string(smem.total) + " B shared memory each) exceeds the " +
                std::to_string(per_sm) + " CTAs/SM x " + std::to_string(dev.sm_count) +
@@ -214,7 +311,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int word_bytes = narrow ? 4 : 8;
   unsigned char* ws = c.workspace;
   const ExchangeLayout xl = exchange_layout(B * H, word_bytes, c.workspace_bytes, ws);
-  if ((e = cudaMemsetAsync(ws, 0, xl.used_bytes, stream)) != cudaSuccess)
+  // (Cluster mode exchanges nothing through the workspace: only its header is reset.)
+  if ((e = cudaMemsetAsync(ws, 0, in_cluster ? kHeaderBytes : xl.used_bytes, stream)) != cudaSuccess)
     return cuda_error("cudaMemsetAsync(workspace)", e);
 
   PersistentParams prm{};
@@ -234,9 +332,11 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.B = static_cast<int>(B);
   prm.H = static_cast<int>(H);
   prm.K = static_cast<int>(K);
+  prm.cluster = xp.cluster;
+  prm.replica_batch = static_cast<int>(slice);
   prm.n_planes = static_cast<int>(n_planes);
-  prm.n_full_planes = static_cast<int>(B / tile);
-  prm.partial_rem = static_cast<int>(B % tile);
+  prm.n_full_planes = static_cast<int>(slice / tile);
+  prm.partial_rem = static_cast<int>(slice % tile);
   prm.activation = static_cast<int>(a.activation);
   prm.reverse = static_cast<int>(a.reverse);
   prm.h_buffers = smem.h_buffers;
@@ -248,14 +348,30 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.stall_cta = static_cast<int>(std::min<int64_t>(hooks.debug_stall_cta, INT32_MAX));
   prm.grid_barrier = hooks.grid_barrier != 0 ? 1 : 0;
   constexpr int64_t kMaxSpinTimeoutUs = int64_t{3600} * 1'000'000;  // keeps the ns value in range
-  prm.timeout_ns = static_cast<unsigned long long>(std::min(
-                       hooks.spin_timeout_us > 0 ? hooks.spin_timeout_us : kDefaultSpinTimeoutUs,
-                       kMaxSpinTimeoutUs)) * 1000ull;
+  prm.timeout_ns =
+      static_cast<unsigned long long>(std::min(timeout_us, kMaxSpinTimeoutUs)) * 1000ull;
 
-  void* args[] = {&prm};
-  e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(fn), dim3(static_cast<unsigned>(grid)),
-                                  dim3(threads), args, static_cast<size_t>(smem.total), stream);
-  if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
+  if (in_cluster) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem.total);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(xp.cluster);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, fn, prm);
+    if (e != cudaSuccess) return cuda_error("cudaLaunchKernelEx(persistent kernel, cluster mode)", e);
+  } else {
+    void* args[] = {&prm};
+    e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(fn), dim3(static_cast<unsigned>(grid)),
+                                    dim3(threads), args, static_cast<size_t>(smem.total), stream);
+    if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
+  }
 
   const size_t n_seq = static_cast<size_t>(T * B * H);
   const size_t n_final = static_cast<size_t>(B * H);
@@ -277,13 +393,13 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 // Host: the forward and backward handlers (dtype and shape checks, then one launch)
 // ================================================================================================
 //
-// `Hooks` is empty for the production targets and (spin_timeout_us, debug_stall_cta, grid_barrier)
-// for the hooked ones: one implementation, two FFI signatures.
+// `Hooks` is empty for the production targets and (spin_timeout_us, debug_stall_cta, grid_barrier,
+// exchange_mode) for the hooked ones: one implementation, two FFI signatures.
 
 // The target's name, for messages.
 template <typename... Hooks>
 std::string target_name(const char* base) {
-  static_assert(sizeof...(Hooks) == 0 || sizeof...(Hooks) == 3, "no hooks, or all of TestHooks");
+  static_assert(sizeof...(Hooks) == 0 || sizeof...(Hooks) == 4, "no hooks, or all of TestHooks");
   return std::string(base) + (sizeof...(Hooks) ? "_hooked" : "");
 }
 
@@ -384,8 +500,8 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
 // Plain names for the instantiations: a template argument list would split the macros' arguments.
 constexpr auto ForwardProduction = &ForwardImpl<>;
 constexpr auto BackwardProduction = &BackwardImpl<>;
-constexpr auto ForwardHooked = &ForwardImpl<int64_t, int64_t, int64_t>;
-constexpr auto BackwardHooked = &BackwardImpl<int64_t, int64_t, int64_t>;
+constexpr auto ForwardHooked = &ForwardImpl<int64_t, int64_t, int64_t, int64_t>;
+constexpr auto BackwardHooked = &BackwardImpl<int64_t, int64_t, int64_t, int64_t>;
 
 // The production bindings: the operands, the workspace result, the layout attributes.
 auto forward_binding() {

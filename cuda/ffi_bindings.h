@@ -72,7 +72,8 @@ auto cuda_hook_attrs(Binding b) {
   return std::move(b)
       .template Attr<int64_t>("spin_timeout_us")
       .template Attr<int64_t>("debug_stall_cta")
-      .template Attr<int64_t>("grid_barrier");
+      .template Attr<int64_t>("grid_barrier")
+      .template Attr<int64_t>("exchange_mode");
 }
 
 }  // namespace jax_sprnn::bindings

@@ -54,14 +54,23 @@ struct PersistentParams {
   void* final_out;
   uint32_t* error_flag;  // workspace header word 0
   unsigned char* exchange[2];
-  int T, B, H, K;
-  int n_planes;          // ceil(B / tile)
-  int n_full_planes;     // B / tile
-  int partial_rem;       // B % tile
+  int T, B, H, K;       // B: the whole batch (the stride of the [T, B, H] operands)
+  // Exchange mode. 0: grid mode, one cooperative grid runs the layer and the state goes through the
+  // L2 exchange buffers. N > 0: cluster mode, the layer runs inside one thread-block cluster of N
+  // CTAs (the layout's CTAs) and the state is pushed into every peer's shared memory (DSMEM), one
+  // cluster barrier a step; the grid is R such clusters, replica r running examples
+  // [r * replica_batch, min(B, (r + 1) * replica_batch)).
+  int cluster;
+  int replica_batch;     // examples per replica (B in grid mode); the last replica may have fewer
+  // The batch planes of one replica (the last replica's surplus planes hold no example and compute
+  // zeros): parameters rather than values computed in the kernel, which has no register to spare.
+  int n_planes;          // ceil(replica_batch / tile)
+  int n_full_planes;     // replica_batch / tile
+  int partial_rem;       // replica_batch % tile
   int activation;
   int reverse;
   int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
-  int h_stride;          // floats from one staged copy to the next: n_planes*H*tile, rounded up to 4
+  int h_stride;          // floats from one staged copy to the next: ceil(replica_batch/tile)*H*tile, rounded up to 4
   int w_smem_offset;     // bytes: start of the shared-memory weight tier
   int len_smem_offset;   // bytes: start of the clamped lengths
   int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses

@@ -1,8 +1,8 @@
 // The persistent sparse RNN recurrences (Zhu et al., ICLR 2018): one kernel template, two cells.
 //
-// One cooperative launch runs a whole sequence. Every warp owns the nonzeros of the rows its lanes
-// serve (docs/format.md): the first RS slots of each lane live in registers, the rest in shared
-// memory. Per phase every CTA
+// One launch runs a whole sequence: a cooperative grid (grid mode), or clusters (cluster mode,
+// below). Every warp owns the nonzeros of the rows its lanes serve (docs/format.md): the first RS
+// slots of each lane live in registers, the rest in shared memory. Per phase every CTA (grid mode)
 //   1. stages the previous phase's state into shared memory as fp32 [plane][H][tile] (a plane is a
 //      batch tile, so one vector load fetches a column's whole tile), waiting word by word on
 //      Lamport timestamps,
@@ -35,6 +35,20 @@
 //   * Word layout in a buffer: the full batch planes as [plane][H][tile] (identical to the shared
 //     memory layout, so staging them is a straight vector copy), then the last, partial plane (B not
 //     a multiple of the tile) compacted as [H][B % tile]. Exactly B*H words.
+//
+// Cluster mode (p.cluster = N > 0; sm_90+; chosen by the handler for layouts of at most
+// constants::kMaxClusterCtas CTAs): the layout's N CTAs form one thread-block cluster, and the grid
+// holds R replicas of it, each running a slice of the batch with its own copy of the weights.
+//   * No L2 exchange: a head lane pushes its row's new state straight into the other staged copy of
+//     every CTA of its cluster (distributed shared memory), and one cluster barrier (release /
+//     acquire at cluster scope) ends the phase. Phase s reads copy s&1 and writes copy (s+1)&1 of
+//     every peer; the barrier after phase s orders those writes before phase s+1's reads, and every
+//     read of copy s&1 before phase s+1's writes into it. So two copies and one barrier suffice.
+//   * A cluster barrier before the first phase makes sure every peer is running before anyone
+//     writes its shared memory; the last phase pushes nothing, so CTAs may leave on their own.
+//   * Every CTA of a cluster takes part in every barrier, rows or not, and all agree on the number
+//     of phases (they read the same lengths). Nothing spins, so nothing can time out: the test hooks
+//     that force a timeout run in grid mode.
 //
 // Errors are never a hang and never a silent wrong answer:
 //   * Every spin checks %globaltimer every kSpinCheckPeriod iterations; past the bound it sets the
@@ -520,17 +534,50 @@ __device__ __forceinline__ void publish_tile(typename X::Word* dst, const typena
   for (int t = 0; t < TILE; ++t) st_relaxed(dst + t, w[t]);
 }
 
-// Grid-stride seq_out[s_begin:T] = 0 (steps past the longest sequence).
+// ---- cluster mode (sm_90 and newer; the host never launches it on older devices) -------------
+
+// One step's barrier of the whole cluster, release/acquire at cluster scope: every peer's pushes of
+// the step are visible afterwards, and every peer has finished reading the buffer that the next
+// step's pushes overwrite. Every thread of every CTA of the cluster must call it (it is .aligned).
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+// Writes the TILE values of one (row, plane) into the staged state of every CTA of the cluster
+// (`local_dst` is the address in this CTA's own copy; DSMEM maps it into each peer's).
+template <int TILE>
+__device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TILE], int n_ranks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  for (int r = 0; r < n_ranks; ++r) store_floats<TILE>(cluster.map_shared_rank(local_dst, r), v);
+#else
+  __trap();
+#endif
+}
+
+// The examples one launch's CTAs run together: the whole batch in grid mode, one replica's slice in
+// cluster mode. Cells index the [T, B, H] operands with b0 + b for a slice-local b in [0, n).
+struct BatchSlice {
+  int b0, n;
+};
+
+// seq_out[s_begin:T, slice] = 0 (steps past the slice's longest sequence), strided over the n_ctas
+// CTAs that run the slice (`cta` is this CTA's rank among them).
 template <class S>
-__device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
+__device__ void zero_tail_steps(const PersistentParams& p, int s_begin, BatchSlice bs, int cta,
+                                int n_ctas) {
   using Bits = typename S::Bits;
   Bits* out = static_cast<Bits*>(p.seq_out);
-  const size_t begin = static_cast<size_t>(s_begin) * p.B * p.H;
-  const size_t end = static_cast<size_t>(p.T) * p.B * p.H;
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t i = begin + static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
-       i += stride) {
-    out[i] = Bits(0);
+  const size_t step_elems = static_cast<size_t>(bs.n) * p.H;  // one step of the slice is contiguous
+  const size_t end = static_cast<size_t>(p.T - s_begin) * step_elems;
+  const size_t stride = static_cast<size_t>(n_ctas) * blockDim.x;
+  for (size_t i = static_cast<size_t>(cta) * blockDim.x + threadIdx.x; i < end; i += stride) {
+    const size_t s = s_begin + i / step_elems;
+    out[(s * p.B + bs.b0) * p.H + i % step_elems] = Bits(0);
   }
 }
 
@@ -556,29 +603,31 @@ struct ForwardCell {
 
   __device__ static int phases(int n_steps) { return n_steps; }
 
-  __device__ static void stage_initial(const PersistentParams& p, float* h, int plane_floats) {
+  __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
+                                       int plane_floats) {
     const Bits* h0 = static_cast<const Bits*>(p.init);
-    for (int b = 0; b < p.B; ++b) {
+    for (int b = 0; b < bs.n; ++b) {
       float* dst = h + (b / TILE) * plane_floats + (b % TILE);
       for (int j = threadIdx.x; j < p.H; j += blockDim.x)
-        dst[j * TILE] = S::to_float(__ldg(h0 + static_cast<size_t>(b) * p.H + j));
+        dst[j * TILE] = S::to_float(__ldg(h0 + static_cast<size_t>(bs.b0 + b) * p.H + j));
     }
   }
 
-  __device__ void prefetch(const PersistentParams& p, const int* len, int row, int s, int plane,
-                           int /*n_steps*/) {
+  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int row, int s,
+                           int plane, int /*n_steps*/) {
     const Bits* x = static_cast<const Bits*>(p.seq_a);
 #pragma unroll
     for (int t = 0; t < TILE; ++t) {
       const int b = plane * TILE + t;
       xr[t] = Bits(0);
-      if (b < p.B && s < len[b])
-        xr[t] = __ldg(x + (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row);
+      if (b < bs.n && s < len[b])
+        xr[t] = __ldg(x + (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) * p.H +
+                      row);
     }
   }
 
-  __device__ void finish(const PersistentParams& p, const int* len, int row, int s, int n_phases,
-                         int plane, const float (&acc)[TILE], const float* h_prev,
+  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int s,
+                         int n_phases, int plane, const float (&acc)[TILE], const float* h_prev,
                          float (&publish)[TILE]) const {
     Bits* y = static_cast<Bits*>(p.seq_out);
     Bits* h_final = static_cast<Bits*>(p.final_out);
@@ -586,16 +635,17 @@ struct ForwardCell {
     for (int t = 0; t < TILE; ++t) {
       const int b = plane * TILE + t;
       Bits hb = Bits(0);
-      if (b < p.B) {
+      if (b < bs.n) {
         const int L = len[b];
+        const int gb = bs.b0 + b;
         if (s < L) {
           hb = S::to_bits(activate(p.activation, acc[t] + S::to_float(xr[t])));
-          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + b) * p.H + row] = hb;
+          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + row] = hb;
         } else {  // past this sequence's end: the state is frozen, y is 0
           hb = S::to_bits(h_prev[t]);
-          y[(static_cast<size_t>(s) * p.B + b) * p.H + row] = Bits(0);
+          y[(static_cast<size_t>(s) * p.B + gb) * p.H + row] = Bits(0);
         }
-        if (s + 1 == n_phases) h_final[static_cast<size_t>(b) * p.H + row] = hb;
+        if (s + 1 == n_phases) h_final[static_cast<size_t>(gb) * p.H + row] = hb;
       }
       publish[t] = S::to_float(hb);
     }
@@ -612,13 +662,14 @@ struct BackwardCell {
   __device__ static int phases(int n_steps) { return n_steps + 1; }
 
   // Phase 0's matvec is never used (dh of the last step is dh_final): stage zeros.
-  __device__ static void stage_initial(const PersistentParams& p, float* h, int plane_floats) {
+  __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
+                                       int plane_floats) {
     for (int i = threadIdx.x; i < p.n_planes * plane_floats; i += blockDim.x) h[i] = 0.0f;
   }
 
   // Phase r handles step s = n_steps - 1 - r (s = -1: the dh0 phase).
-  __device__ void prefetch(const PersistentParams& p, const int* len, int row, int r, int plane,
-                           int n_steps) {
+  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int row, int r,
+                           int plane, int n_steps) {
     const Bits* y = static_cast<const Bits*>(p.seq_a);
     const Bits* dy = static_cast<const Bits*>(p.seq_b);
     const int s = n_steps - 1 - r;
@@ -626,16 +677,17 @@ struct BackwardCell {
     for (int t = 0; t < TILE; ++t) {
       const int b = plane * TILE + t;
       yr[t] = dyr[t] = Bits(0);
-      if (b < p.B && s >= 0 && s < len[b]) {
-        const size_t at = (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + b) * p.H + row;
+      if (b < bs.n && s >= 0 && s < len[b]) {
+        const size_t at =
+            (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) * p.H + row;
         yr[t] = __ldg(y + at);
         dyr[t] = __ldg(dy + at);
       }
     }
   }
 
-  __device__ void finish(const PersistentParams& p, const int* len, int row, int r, int n_phases,
-                         int plane, const float (&acc)[TILE], const float* /*h_prev*/,
+  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int r,
+                         int n_phases, int plane, const float (&acc)[TILE], const float* /*h_prev*/,
                          float (&publish)[TILE]) const {
     Bits* dx = static_cast<Bits*>(p.seq_out);
     Bits* dh0 = static_cast<Bits*>(p.final_out);
@@ -645,19 +697,20 @@ struct BackwardCell {
     for (int t = 0; t < TILE; ++t) {
       const int b = plane * TILE + t;
       publish[t] = 0.0f;
-      if (b >= p.B) continue;
+      if (b >= bs.n) continue;
       const int L = len[b];
+      const int gb = bs.b0 + b;
       // dL/dh_s: the matvec of dz_{s+1} while the example was still running at s+1, else
       // dh_final (loaded here, not prefetched: it is needed once per example).
-      const float dh = s + 1 < L ? acc[t] : S::to_float(__ldg(dh_final + static_cast<size_t>(b) * p.H + row));
+      const float dh = s + 1 < L ? acc[t] : S::to_float(__ldg(dh_final + static_cast<size_t>(gb) * p.H + row));
       if (s < 0) {
-        dh0[static_cast<size_t>(b) * p.H + row] = S::to_bits(dh);
+        dh0[static_cast<size_t>(gb) * p.H + row] = S::to_bits(dh);
       } else if (s < L) {
         const float dz = (dh + S::to_float(dyr[t])) * activation_grad(p.activation, S::to_float(yr[t]));
-        dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + b) * p.H + row] = S::to_bits(dz);
+        dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + row] = S::to_bits(dz);
         publish[t] = dz;
       } else {  // past this sequence's end: nothing flows back through its zero outputs
-        dx[(static_cast<size_t>(s) * p.B + b) * p.H + row] = Bits(0);
+        dx[(static_cast<size_t>(s) * p.B + gb) * p.H + row] = Bits(0);
       }
     }
   }
@@ -692,8 +745,18 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int warps_per_cta = blockDim.x >> 5;
-  const int gwarp = blockIdx.x * warps_per_cta + warp;
-  const int B = p.B, H = p.H, K = p.K;
+  // Grid mode: CTA = blockIdx.x, one slice = the whole batch. Cluster mode: CTA = rank in the
+  // cluster (the layout has one CTA per rank), one slice per cluster.
+  const bool in_cluster = p.cluster > 0;
+  const int cta = in_cluster ? static_cast<int>(blockIdx.x) % p.cluster : static_cast<int>(blockIdx.x);
+  const int n_ctas = in_cluster ? p.cluster : static_cast<int>(gridDim.x);
+  const int replica = in_cluster ? static_cast<int>(blockIdx.x) / p.cluster : 0;
+  const BatchSlice bs{replica * p.replica_batch, min(p.replica_batch, p.B - replica * p.replica_batch)};
+  const int gwarp = cta * warps_per_cta + warp;
+  const int H = p.H, K = p.K;
+  const int n_planes = p.n_planes;
+  const int n_full_planes = p.n_full_planes;
+  const int partial_rem = p.partial_rem;
   const int n_smem_slots = K - RS;
   const int plane_floats = H * TILE;
 
@@ -708,17 +771,17 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     s_error = 0;
   }
   // The partial plane's padded batch entries are never staged: they stay 0 in both copies.
-  if (p.partial_rem != 0) {
-    float* pad0 = h_stage0 + p.n_full_planes * plane_floats;
-    float* pad1 = h_stage1 + p.n_full_planes * plane_floats;
+  if (partial_rem != 0) {
+    float* pad0 = h_stage0 + n_full_planes * plane_floats;
+    float* pad1 = h_stage1 + n_full_planes * plane_floats;
     for (int i = tid; i < plane_floats; i += blockDim.x) {
       pad0[i] = 0.0f;
       pad1[i] = 0.0f;
     }
   }
   __syncthreads();
-  for (int b = tid; b < B; b += blockDim.x) {
-    const int L = min(max(__ldg(p.lengths + b), 0), p.T);  // clamp: lengths must be in [0, T]
+  for (int b = tid; b < bs.n; b += blockDim.x) {
+    const int L = min(max(__ldg(p.lengths + bs.b0 + b), 0), p.T);  // clamp: lengths must be in [0, T]
     len_smem[b] = L;
     atomicMax(&s_steps, L);
   }
@@ -742,7 +805,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     if (is_head && __popc(same_row & heads) > 1) atomicOr(&s_error, kErrBadLayout);
     // Every row needs exactly one head in the whole grid; the finisher compares the count with H
     // (a missing row would otherwise go unnoticed when no phase waits for it, e.g. T = 1).
-    if (lane == 0 && heads != 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
+    // (Replicas hold the same layout: only the first one counts.)
+    if (lane == 0 && heads != 0 && replica == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
   }
 
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
@@ -777,15 +841,16 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   if (tid == 0 && s_error != 0) atomicOr(p.error_flag, s_error);
   const int n_steps = s_steps;
 
-  if (n_steps == 0) {  // every sequence is empty: final_out = init, seq_out = 0
-    const Bits* init = static_cast<const Bits*>(p.init);
-    Bits* final_out = static_cast<Bits*>(p.final_out);
-    const size_t n = static_cast<size_t>(B) * H;
-    for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + tid; i < n;
-         i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+  if (n_steps == 0) {  // every sequence of the slice is empty: final_out = init, seq_out = 0
+    const size_t first = static_cast<size_t>(bs.b0) * H;
+    const Bits* init = static_cast<const Bits*>(p.init) + first;
+    Bits* final_out = static_cast<Bits*>(p.final_out) + first;
+    const size_t n = static_cast<size_t>(bs.n) * H;
+    for (size_t i = static_cast<size_t>(cta) * blockDim.x + tid; i < n;
+         i += static_cast<size_t>(n_ctas) * blockDim.x) {
       final_out[i] = init[i];
     }
-    zero_tail_steps<S>(p, 0);
+    zero_tail_steps<S>(p, 0, bs, cta, n_ctas);
     return;
   }
 
@@ -793,7 +858,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const bool publishes = static_cast<int>(blockIdx.x) != p.stall_cta;
   Word* const xbuf0 = reinterpret_cast<Word*>(p.exchange[0]);
   Word* const xbuf1 = reinterpret_cast<Word*>(p.exchange[1]);
-  const int n_full_words = p.n_full_planes * plane_floats;
+  const int n_full_words = n_full_planes * plane_floats;
   const int n_phases = Cell::phases(n_steps);
 
   // Ablation (benchmarks only): the per-phase grid barrier that the timestamps replace. Every CTA
@@ -801,16 +866,19 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   if (p.grid_barrier && !cta_has_rows) {
     for (int s = 1; s < n_phases; ++s) cooperative_groups::this_grid().sync();
   }
-  if (cta_has_rows) {
+  // Cluster mode: every peer must be running before anyone writes its shared memory, and every CTA
+  // takes part in every step's barrier, rows or not.
+  if (in_cluster) cluster_barrier();
+  if (cta_has_rows || in_cluster) {
     Cell cell;
-    if (is_head) cell.prefetch(p, len_smem, row, 0, 0, n_steps);
+    if (is_head) cell.prefetch(p, bs, len_smem, row, 0, 0, n_steps);
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
 
       // ---- 1. stage the state of phase s-1 ---------------------------------------------------
       if (s == 0) {
-        Cell::stage_initial(p, h_cur, plane_floats);
-      } else {
+        Cell::stage_initial(p, bs, h_cur, plane_floats);
+      } else if (!in_cluster) {  // (cluster mode: the peers pushed it before the last barrier)
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
         const uint32_t tag = static_cast<uint32_t>(s) & X::kTagMask;
@@ -819,19 +887,23 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         } else {
           stage_words<X, 1, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
         }
-        if (p.partial_rem != 0) {  // the compacted [H][rem] partial plane, one word per vector
+        if (partial_rem != 0) {  // the compacted [H][rem] partial plane, one word per vector
           stage_vectors<X, 1, Cfg::kStageUnroll>(
-              src + n_full_words, PartialPlaneDst{h_cur + n_full_words, p.partial_rem, TILE},
-              p.partial_rem * H, tag, spin);
+              src + n_full_words, PartialPlaneDst{h_cur + n_full_words, partial_rem, TILE},
+              partial_rem * H, tag, spin);
         }
       }
-      if (__syncthreads_or(spin.aborted)) break;  // staged state visible; leave together on error
+      if (in_cluster) {
+        if (s == 0) __syncthreads();  // the initial state staged by this CTA is visible
+      } else if (__syncthreads_or(spin.aborted)) {
+        break;  // staged state visible; leave together on error
+      }
 
       // ---- 2. per plane: gather, reduce, cell ----------------------------------------------
       Word* const dst_buf = (s & 1) ? xbuf1 : xbuf0;
       const uint32_t out_tag = static_cast<uint32_t>(s + 1) & X::kTagMask;
       const bool last_phase = s + 1 == n_phases;
-      for (int plane = 0; plane < p.n_planes; ++plane) {
+      for (int plane = 0; plane < n_planes; ++plane) {
         const float* hp = h_cur + plane * plane_floats;
         const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
         float acc[TILE];
@@ -853,34 +925,42 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
 
         if (is_head) {
           float out[TILE];
-          cell.finish(p, len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
-          if (publishes && !last_phase) {  // nobody reads the last phase's words
+          cell.finish(p, bs, len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
+          if (in_cluster && !last_phase) {  // into the other staged copy of every peer
+            float* const h_next = (s & 1) ? h_stage0 : h_stage1;
+            push_tile<TILE>(h_next + plane * plane_floats + row * TILE, out, p.cluster);
+          } else if (publishes && !last_phase) {  // nobody reads the last phase's words
             Word words[TILE];
 #pragma unroll
             for (int t = 0; t < TILE; ++t) words[t] = X::make_word(out[t], out_tag);
-            if (plane < p.n_full_planes) {
+            if (plane < n_full_planes) {
               publish_tile<X, TILE>(dst_buf + plane * plane_floats + row * TILE, words,
                                     p.exchange_vector != 0);
             } else {
-              Word* dst = dst_buf + n_full_words + row * p.partial_rem;
+              Word* dst = dst_buf + n_full_words + row * partial_rem;
 #pragma unroll
               for (int t = 0; t < TILE; ++t)
-                if (t < p.partial_rem) st_relaxed(dst + t, words[t]);
+                if (t < partial_rem) st_relaxed(dst + t, words[t]);
             }
           }
           // Prefetch the operands of the next (phase, plane).
-          if (plane + 1 < p.n_planes) {
-            cell.prefetch(p, len_smem, row, s, plane + 1, n_steps);
+          if (plane + 1 < n_planes) {
+            cell.prefetch(p, bs, len_smem, row, s, plane + 1, n_steps);
           } else if (s + 1 < n_phases) {
-            cell.prefetch(p, len_smem, row, s + 1, 0, n_steps);
+            cell.prefetch(p, bs, len_smem, row, s + 1, 0, n_steps);
           }
         }
       }
-      // With one staged copy, the next phase's staging must wait for every warp's gather.
-      if (p.h_buffers == 1) __syncthreads();
+      if (in_cluster) {
+        // The pushes of this phase are visible, and nobody reads h_cur any more. (The last phase
+        // pushes nothing: after it no CTA touches a peer, so each may leave on its own.)
+        if (!last_phase) cluster_barrier();
+      } else if (p.h_buffers == 1) {
+        __syncthreads();  // with one staged copy, the next staging must wait for every gather
+      }
     }
   }
-  zero_tail_steps<S>(p, n_steps);
+  zero_tail_steps<S>(p, n_steps, bs, cta, n_ctas);
 }
 
 // ================================================================================================

@@ -91,7 +91,14 @@ EXCHANGE_BUFFERS = 2
 EXCHANGE_WORD_BYTES = 8
 
 #: How long a CTA waits for another's state before it gives up (a timeout error, NaN outputs).
+#: The environment variable JAX_SPRNN_SPIN_TIMEOUT_US overrides it per call (read by the handlers).
 DEFAULT_SPIN_TIMEOUT_US = 2_000_000
+
+#: Cluster mode (sm_90 and newer): a layout of at most this many CTAs runs inside one thread-block
+#: cluster, exchanging the state through distributed shared memory. 8 is the portable cluster size;
+#: 16 needs the non-portable size, which the handler asks for and checks per device.
+MAX_CLUSTER_CTAS = 16
+PORTABLE_CLUSTER_CTAS = 8
 
 
 def cuda_workspace_bytes(batch: int, hidden: int) -> int:
@@ -189,7 +196,8 @@ constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t 
 #: The names (of this module) that the compiled modules' ``constants()`` exports.
 EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
-            "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "WEIGHT_GRAD_THREADS",
+            "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "MAX_CLUSTER_CTAS",
+            "PORTABLE_CLUSTER_CTAS", "WEIGHT_GRAD_THREADS",
             "WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL", "WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE",
             "cuda_workspace_bytes", "persistent_smem_bytes", "weight_grad_slots_per_thread",
             "weight_grad_smem_bytes")
@@ -266,6 +274,8 @@ inline constexpr int64_t kWorkspaceHeaderBytes = {WORKSPACE_HEADER_BYTES};
 inline constexpr int64_t kExchangeBuffers = {EXCHANGE_BUFFERS};
 inline constexpr int64_t kExchangeWordBytes = {EXCHANGE_WORD_BYTES};
 inline constexpr int64_t kDefaultSpinTimeoutUs = {DEFAULT_SPIN_TIMEOUT_US};
+inline constexpr int64_t kMaxClusterCtas = {MAX_CLUSTER_CTAS};
+inline constexpr int64_t kPortableClusterCtas = {PORTABLE_CLUSTER_CTAS};
 
 {_CUDA_WORKSPACE_BYTES_CXX}
 

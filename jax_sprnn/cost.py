@@ -61,6 +61,38 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
     return KERNEL_FIXED_US + batch_planes(meta, batch) * per_plane
 
 
+# Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
+# state into every peer's shared memory and ends in one cluster barrier; replicas of the cluster
+# run slices of the batch side by side. PROVISIONAL constants, from the exchange probe
+# (benchmarks/RESULTS.md, "The exchange floor": a cluster barrier and DSMEM pushes cost 0.25-0.87 µs
+# a step at H <= 1024, B <= 8), with the grid kernel's per-slot cost; refit them from the cluster
+# rows of the sweep.
+CLUSTER_FIXED_US = 0.3
+CLUSTER_PUSH_US = 0.03     # per CTA of the cluster, per plane: a head lane pushes to every peer
+CLUSTER_PLANE_US = 0.25
+
+
+def cluster_replicas(meta: LayoutMeta, batch: int, sm_count: int = 132) -> int:
+    """Replicas of the cluster a batch runs on: one batch tile each while the SMs last (the handler
+    takes as many as the device holds at once)."""
+    tiles = batch_planes(meta, batch)
+    return max(1, min(tiles, sm_count // max(1, meta.num_ctas)))
+
+
+def cluster_step_us(meta: LayoutMeta, batch: int, sm_count: int = 132) -> float:
+    """Estimated µs per step of the persistent kernel in cluster mode for this layout and batch."""
+    k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
+    planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
+    per_plane = (CLUSTER_PLANE_US + CLUSTER_PUSH_US * meta.num_ctas
+                 + KERNEL_SLOT_US * meta.warps_per_cta * k_eff)
+    return CLUSTER_FIXED_US + planes * per_plane
+
+
+def kernel_step_us(meta: LayoutMeta, batch: int) -> float:
+    """The persistent kernel's estimated step in the exchange mode its layout runs in."""
+    return cluster_step_us(meta, batch) if meta.exchange == "cluster" else persistent_step_us(meta, batch)
+
+
 def dense_step_us(hidden: int, dtype) -> float:
     """Estimated µs per step of XLA's dense recurrence in 16-bit storage."""
     return max(DENSE_MIN_US, np.dtype(dtype).itemsize * hidden * hidden / DENSE_BYTES_PER_US)
@@ -70,7 +102,7 @@ def auto_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     """Whether ``method="auto"`` should run the dense XLA path although the kernel fits, and why."""
     if np.dtype(dtype).itemsize != 2:
         return False, "float32 storage: the persistent kernel"
-    kernel, dense = persistent_step_us(meta, batch), dense_step_us(meta.hidden, dtype)
+    kernel, dense = kernel_step_us(meta, batch), dense_step_us(meta.hidden, dtype)
     why = (f"estimated {kernel:.1f} µs per step for the persistent kernel ({batch_planes(meta, batch)} "
            f"batch planes) against {dense:.1f} µs for XLA's dense step")
     return kernel > SWITCH_MARGIN * dense, why

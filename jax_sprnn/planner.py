@@ -49,6 +49,9 @@ SMEM_SLOT_COST = 1.5
 #: 5% density (benchmarks/RESULTS.md, sweep).
 STAGE_WORDS_PER_THREAD = 8
 
+#: Layouts of at most this many CTAs run in cluster mode (the kernel's non-portable cluster size).
+MAX_CLUSTER_CTAS = _constants.MAX_CLUSTER_CTAS
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
@@ -67,7 +70,8 @@ class DeviceSpec:
     regs_per_sm: int = 65536
     #: the persistent kernels need a cooperative (grid-synchronized) launch
     cooperative_launch: bool = True
-    #: thread-block clusters (sm_90 and newer); the production kernels use none today
+    #: thread-block clusters (sm_90 and newer): layouts of at most :data:`MAX_CLUSTER_CTAS` CTAs run
+    #: in cluster mode (docs/design.md)
     cluster_launch: bool = True
     #: (register-tier slots, the most threads per CTA any compiled variant of that tier runs) for
     #: 16-bit storage: derived from the kernel's instantiation table in jax_sprnn/_constants.py
@@ -137,6 +141,13 @@ class LayoutMeta:
     def num_cols(self) -> int:
         """Columns of the packed matrix (the length of the vector a step reads)."""
         return self.gates * self.hidden if self.transposed else self.hidden
+
+    @property
+    def exchange(self) -> str:
+        """How the persistent kernel exchanges the state for this layout on a GPU with thread-block
+        clusters: ``"cluster"`` (every CTA in one cluster, through distributed shared memory) or
+        ``"grid"`` (through L2). Devices without clusters always run ``"grid"``."""
+        return "cluster" if self.num_ctas <= MAX_CLUSTER_CTAS else "grid"
 
     @property
     def phase_lanes(self) -> int:
@@ -282,7 +293,9 @@ def plan_layout(
         if best is None or (_step_cost(plan), k) < (_step_cost(best), best.slots_per_lane):
             best = plan
     if best is not None:
-        return _widen_thin_ctas(best, dtype, device)
+        grid = _widen_thin_ctas(best, dtype, device)
+        cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates)
+        return _faster_of(grid, cluster)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.
     k = next((s for s in sorted(slot_sizes) if unit_lanes(row_nnz, s, gates).max() <= WARP), None)
@@ -334,3 +347,55 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     while batch > 0 and not fits(batch):
         batch -= 1
     return int(batch)
+
+
+def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: int,
+                    slot_sizes: Sequence[int], gates: int) -> Plan | None:
+    """The cheapest layout on at most :data:`MAX_CLUSTER_CTAS` CTAs, by the cluster-mode step
+    estimate at one batch tile (``jax_sprnn.cost.cluster_step_us``), or None (no clusters on the
+    device, or the layer does not fit in so few CTAs). Cluster mode keeps two staged copies of the
+    state, so the shared memory is planned for both."""
+    from . import cost  # cost imports this module
+
+    if not device.cluster_launch:
+        return None
+    hidden = int(row_nnz.size) // gates
+    tile = load_bytes // 4
+    best, best_us = None, float("inf")
+    for k in sorted(slot_sizes):
+        lanes = unit_lanes(row_nnz, k, gates)
+        if lanes.max() > WARP:
+            continue
+        warps = _warps_needed(lanes)
+        for ctas in range(1, MAX_CLUSTER_CTAS + 1):
+            wpc = -(-warps // ctas)
+            threads = wpc * WARP
+            if threads > device.max_threads_per_block or -(-warps // wpc) != ctas:
+                continue
+            reg_slots = max((r for r, most in device.thread_limits(dtype) if r <= k and threads <= most),
+                            default=None)
+            if reg_slots is None:
+                continue
+            weights = weight_smem_bytes(k, reg_slots, threads, dtype)
+            two_copies = (_constants.persistent_smem_bytes(hidden, tile, tile, weights, 2)
+                          + KERNEL_SMEM_RESERVE)
+            if two_copies > device.smem_per_block:
+                continue
+            plan = Plan(hidden, k, ctas * wpc, wpc, reg_slots, load_bytes, True,
+                        f"fits (cluster mode: {ctas} CTAs of {wpc} warps)",
+                        cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype), gates=gates)
+            us = cost.cluster_step_us(plan, tile)
+            if us < best_us:
+                best, best_us = plan, us
+    return best
+
+
+def _faster_of(grid: Plan, cluster: Plan | None) -> Plan:
+    """The grid-mode or the cluster-mode layout, whichever has the lower estimated step at one batch
+    tile (a layout is planned before its batch is known)."""
+    from . import cost
+
+    if cluster is None or grid.num_ctas <= MAX_CLUSTER_CTAS:
+        return grid
+    tile = grid.load_bytes // 4
+    return cluster if cost.cluster_step_us(cluster, tile) < cost.persistent_step_us(grid, tile) else grid

@@ -131,17 +131,23 @@ def _recurrence_shapes(name: str, seq_name: str, seq, h0, meta: LayoutMeta):
 
 
 # The keywords after ``method`` are test and benchmark hooks of the CUDA kernels: the spin bound, a
-# CTA that never publishes (forces a timeout), and a grid barrier per step (the ablation of the
-# timestamps). Other platforms reject them.
+# CTA that never publishes (forces a timeout), a grid barrier per step (the ablation of the
+# timestamps), and the exchange mode ("auto", or "grid" / "cluster" forced: docs/design.md). Other
+# platforms reject them.
+
+#: The CUDA kernels' exchange modes, as the hooked targets' ``exchange_mode`` codes.
+EXCHANGE_MODES = {"auto": 0, "grid": 1, "cluster": 2}
+
 
 def _forward_abstract(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta,
-                      method, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False):
+                      method, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
+                      exchange_mode="auto"):
     return _recurrence_shapes("sprnn_forward", "x", x, h0, meta)
 
 
 def _backward_abstract(y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final, *,
                        activation, reverse, meta, method, spin_timeout_us=0, debug_stall_cta=-1,
-                       grid_barrier=False):
+                       grid_barrier=False, exchange_mode="auto"):
     return _recurrence_shapes("sprnn_backward", "y", y, h0, meta)
 
 
@@ -157,11 +163,11 @@ sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallbac
 # hooks as extra attributes); a call binds one only when it sets a hook.
 _HOOKED_TARGETS = {FORWARD: _constants.ffi_target("forward_hooked"),
                    BACKWARD: _constants.ffi_target("backward_hooked")}
-_HOOK_DEFAULTS = dict(spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=0)
+_HOOK_DEFAULTS = dict(spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=0, exchange_mode=0)
 
 
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
-                     spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False):
+                     spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
     """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback."""
     T, B, H = ctx.avals_in[0].shape
     decision = dispatch.on_cuda_recurrence(target, meta, B, ctx.avals_in[0].dtype, method)
@@ -173,8 +179,10 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, H),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     attrs = _recurrence_attrs(activation=activation, reverse=reverse, meta=meta)
+    if exchange_mode not in EXCHANGE_MODES:
+        raise ValueError(f"exchange_mode must be one of {sorted(EXCHANGE_MODES)}, got {exchange_mode!r}")
     hooks = dict(spin_timeout_us=int(spin_timeout_us), debug_stall_cta=int(debug_stall_cta),
-                 grid_barrier=int(bool(grid_barrier)))
+                 grid_barrier=int(bool(grid_barrier)), exchange_mode=EXCHANGE_MODES[exchange_mode])
     if hooks != _HOOK_DEFAULTS:
         target = _HOOKED_TARGETS[target]
         attrs.update({name: np.int64(value) for name, value in hooks.items()})

@@ -13,7 +13,7 @@ from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p
 from jax_sprnn.testing import make_problem
 
 LAYOUT_ATTRS = {"activation", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
-HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us"}
+HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us", "exchange_mode"}
 
 
 @pytest.fixture
@@ -40,6 +40,8 @@ def _custom_calls(fn, *args):
     ({}, "forward", LAYOUT_ATTRS),
     ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
     ({"grid_barrier": True}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "cluster"}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "auto"}, "forward", LAYOUT_ATTRS),
 ])
 def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered, hooks, target, attrs):
     _, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")

@@ -10,6 +10,9 @@ from jax_sprnn.dispatch import weight_grad_time_chunks
 from jax_sprnn.layout import LayoutMeta
 from jax_sprnn.planner import H200, DeviceSpec, plan_layout
 
+#: The H200 without thread-block clusters: every layout is a grid-mode one (as before sm_90).
+GRID_ONLY = dataclasses.replace(H200, cluster_launch=False)
+
 
 def _check_budget(plan, device, dtype):
     words = planner.bytes_per_slot(dtype) // 4
@@ -39,9 +42,9 @@ def test_sparse_layers_get_ctas_wide_enough_to_stage_h(hidden, density, dtype):
     # Few warps hold a very sparse layer; spread over every SM they would leave one or two warps per
     # CTA to stage all of h each step. The planner regroups them into fewer, wider CTAs instead.
     nnz = np.full(hidden, max(1, int(round(density * hidden))))
-    plan = plan_layout(nnz, dtype, H200)
+    plan = plan_layout(nnz, dtype, GRID_ONLY)
     assert plan.fits, plan.reason
-    _check_budget(plan, H200, dtype)
+    _check_budget(plan, GRID_ONLY, dtype)
     warps = planner._warps_needed(planner.lanes_per_row(nnz, plan.slots_per_lane))
     want = -(-hidden // (32 * planner.STAGE_WORDS_PER_THREAD))
     assert plan.warps_per_cta >= min(want, warps)
@@ -190,3 +193,46 @@ WG_CASES = [
 def test_weight_grad_time_chunks(slots_per_lane, warps, groups, steps, chunks):
     meta = _wg_meta(slots_per_lane, warps)
     assert weight_grad_time_chunks(meta, groups, steps, 132) == chunks
+
+
+# ---- cluster mode (issue 16): small layers inside one thread-block cluster ----------------------
+
+@pytest.mark.parametrize("hidden, density", [(256, 0.1), (512, 0.1), (1024, 0.1), (300, 0.05)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_small_layers_are_planned_for_one_cluster(hidden, density, dtype):
+    nnz = np.full(hidden, max(1, int(density * hidden)))
+    plan = plan_layout(nnz, dtype, H200)
+    assert plan.fits, plan.reason
+    assert plan.exchange == "cluster" and plan.num_ctas <= planner.MAX_CLUSTER_CTAS, plan
+    assert "cluster mode" in plan.reason
+    # The kernel keeps two staged copies of the state in cluster mode: both must fit.
+    tile = plan.load_bytes // 4
+    weights = planner.weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
+    two = (planner._constants.persistent_smem_bytes(hidden, tile, tile, weights, 2)
+           + planner.KERNEL_SMEM_RESERVE)
+    assert two <= H200.smem_per_block
+    # Every row still has its lanes inside one warp, and the warps fill at most N CTAs.
+    warps = planner._warps_needed(planner.lanes_per_row(nnz, plan.slots_per_lane))
+    assert warps <= plan.num_warps and plan.num_warps % plan.warps_per_cta == 0
+    assert plan.threads_per_cta <= dict(H200.thread_limits(dtype))[plan.reg_slots]
+
+
+def test_cluster_mode_is_chosen_by_the_step_estimate():
+    from jax_sprnn import cost
+    for hidden, density in [(256, 0.1), (1024, 0.1), (2304, 0.1), (2304, 0.3), (4608, 0.05)]:
+        nnz = np.full(hidden, int(density * hidden))
+        plan = plan_layout(nnz, np.float16, H200)
+        grid = plan_layout(nnz, np.float16, GRID_ONLY)
+        assert grid.exchange == "grid" or grid.num_ctas <= planner.MAX_CLUSTER_CTAS
+        if plan.exchange == "cluster" and grid.exchange == "grid":
+            assert cost.cluster_step_us(plan, 4) < cost.persistent_step_us(grid, 4)
+        else:
+            assert plan == grid
+    # Large layers stay on the whole GPU.
+    assert plan_layout(np.full(2304, 230), np.float16, H200).exchange == "grid"
+
+
+def test_devices_without_clusters_get_grid_layouts_only():
+    plan = plan_layout(np.full(256, 25), np.float16, GRID_ONLY)
+    assert plan.fits and plan.reason == "fits"
+    assert plan.num_ctas > planner.MAX_CLUSTER_CTAS  # spread over the SMs, as before

@@ -1,0 +1,104 @@
+"""cluster: small and medium layers in cluster mode (issue 16) against the grid mode and the peers.
+
+Per case, on the same layer and inputs in the same run:
+* ``ours``: ``sparse_rnn(method="native")`` on the layout the planner picks (cluster mode where it
+  estimates a faster step: H <= 1024 at 10%);
+* ``grid_mode``: the same layout with the grid exchange forced (the hooked target's
+  ``exchange_mode="grid"``): what the cluster exchange alone gains;
+* ``grid_layout``: the layout planned for a GPU without clusters (spread over every SM, the kernel
+  before cluster mode);
+* the default peers: dense ``lax.scan``, cuDNN ``nn.RNN``, the CUDA-graph loop, and the sync floor.
+
+Targets (issue 16, fp16): <= 1.0 µs per step at H = 256-1024, 10%, B <= 8; faster than cuDNN's
+persistent kernel at (1024, 10%, 8) and (256, 10%, 1-8); at B=32 >= 1.0x cuDNN and >= 3x lax.scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import jax_sprnn as js
+from jax_sprnn import _native
+from jax_sprnn.dispatch import cuda_fit
+from jax_sprnn.primitives import sprnn_forward_p
+
+from .. import plots
+from ..harness import Peer, Skip
+from ..peers_jax import ALL_DTYPES, jax_runner
+from ..problems import Layer
+from .common import Context, case_columns, case_row, print_skips
+
+CONFIGS = [(h, 0.1, b, "float16") for h in (256, 512, 1024) for b in (1, 4, 8, 32)]
+# The speech example's recurrent layer (H=256, fp32), and denser or wider neighbours.
+MORE = [(256, 0.1, 1, "float32"), (256, 0.1, 8, "float32"), (1024, 0.3, 8, "float16"),
+        (1152, 0.1, 8, "float16"), (512, 0.1, 64, "float16")]
+QUICK = [(256, 0.1, 1, "float16"), (256, 0.1, 8, "float16"), (1024, 0.1, 8, "float16"),
+         (1024, 0.1, 32, "float16")]
+SMOKE = [(64, 0.2, 2, "float16")]
+
+_PACKED: dict = {}
+
+
+def _grid_layout(layer: Layer) -> js.SparseWeights:
+    key = (layer.hidden, layer.density, layer.dtype)
+    if key not in _PACKED:
+        device = dataclasses.replace(_native.current_device_spec(), cluster_launch=False)
+        _PACKED[key] = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype,
+                                                   device=device)
+    return _PACKED[key]
+
+
+def _forced(name: str, weights, exchange_mode: str) -> Peer:
+    def build(layer: Layer, batch: int, T: int):
+        w = weights(layer)
+        on_gpu = jax.default_backend() == "gpu"
+        if on_gpu:
+            ok, why = cuda_fit(w.meta, batch, layer.jnp_dtype)
+            if not ok:
+                raise Skip(why)
+        params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
+        if on_gpu:  # the CPU kernel has no exchange mode
+            params["exchange_mode"] = exchange_mode
+
+        def fn(x, h0, w):
+            lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
+            return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths, **params)
+        runner = jax_runner(fn, layer, batch, T, w)
+        runner.info.update(exchange=w.meta.exchange, ctas=w.meta.num_ctas,
+                           warps_per_cta=w.meta.warps_per_cta, K=w.meta.slots_per_lane)
+        return runner
+
+    return Peer(name, f"the {'planned' if weights is _planned else 'grid-only'} layout, "
+                      f"exchange_mode={exchange_mode}", ALL_DTYPES, build, competitor=False)
+
+
+def _planned(layer: Layer) -> js.SparseWeights:
+    return layer.weights
+
+
+PEERS = [_forced("grid_mode", _planned, "grid"), _forced("grid_layout", _grid_layout, "auto")]
+
+
+def run(ctx: Context) -> None:
+    peers = [*ctx.peers[:1], *PEERS, *ctx.peers[1:]]  # ours first, then the two grid variants
+    seen: set = set()
+    configs = SMOKE if ctx.smoke else QUICK if ctx.quick else CONFIGS + MORE
+    for hidden, density, batch, dtype in configs:
+        if ctx.over_budget():
+            ctx.recorder.add(dict(hidden=hidden, density=density, batch=batch, dtype=dtype,
+                                  not_run="time budget"))
+            continue
+        layer = Layer.make(hidden, density, dtype)
+        meta = layer.weights.meta
+        row = case_row(ctx, layer, batch, peers=peers, exchange=meta.exchange, ctas=meta.num_ctas)
+        ctx.recorder.add(row)
+        print_skips(row, seen)
+    ctx.recorder.set(plots=[str(plots.per_step_bars(
+        ctx.recorder.rows, ctx.out_dir / "cluster.png", "µs per step: cluster mode, grid mode, peers"))])
+
+
+def columns(peers):
+    return case_columns([*peers[:1], *PEERS, *peers[1:]])

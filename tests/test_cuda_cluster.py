@@ -1,0 +1,143 @@
+"""GPU-only tests of the persistent kernel's cluster mode (issue 16): a layout of at most
+MAX_CLUSTER_CTAS CTAs runs inside one thread-block cluster, the state pushed through distributed
+shared memory, with replicas of the cluster over the batch. Skipped without a GPU and the CUDA
+module; cluster mode itself needs compute capability 9.0 or newer."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import _native, planner
+from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p
+from jax_sprnn.testing import DTYPES, GRAD_TOLERANCE, TOLERANCE, make_problem, random_kernel, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _needs_clusters():
+    if not _native.current_device_spec().cluster_launch:
+        pytest.skip("the GPU has no thread-block clusters (compute capability < 9.0)")
+
+
+def _forward(x, h0, w, lengths, *, reverse=False, **hooks):
+    """The forward primitive on time-major x with the hooks (exchange_mode forces a mode)."""
+    return sprnn_forward_p.bind(jnp.swapaxes(x, 0, 1), h0, w.values, w.indices, w.lane_row, lengths,
+                                activation="tanh", reverse=reverse, meta=w.meta, method="native",
+                                **hooks)
+
+
+def _pack_on(n_ctas, hidden, density, dtype, seed):
+    """A problem whose layout was planned for n_ctas SMs (so it has at most n_ctas CTAs)."""
+    rng = np.random.default_rng(seed)
+    kernel, mask = random_kernel(rng, hidden, density)
+    dt = DTYPES[dtype]
+    kernel = np.asarray(jnp.asarray(kernel, dt).astype(jnp.float32)) * mask
+    device = dataclasses.replace(planner.H200, sm_count=n_ctas, cluster_launch=False)
+    return kernel, js.SparseWeights.from_dense(kernel, mask, dtype=dt, device=device)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("hidden, batch", [(256, 1), (300, 5), (1024, 8), (256, 32)])
+def test_small_layers_run_in_cluster_mode(dtype, hidden, batch):
+    dense, w, x, h0 = make_problem(hidden + batch, hidden, batch, 37, 0.1, dtype)
+    assert w.meta.exchange == "cluster", w.meta
+    lengths = np.random.default_rng(batch).integers(0, 38, batch)
+    lengths[0] = 37
+    for reverse in (False, True):
+        run = jax.jit(lambda x, h0, w, reverse=reverse: js.sparse_rnn(
+            x, h0, w, method="native", reverse=reverse, seq_lengths=lengths))
+        y, h = run(x, h0, w)
+        y_ref, h_ref = js.reference_rnn(x, h0, dense, reverse=reverse, seq_lengths=lengths)
+        assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(h, h_ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("n_ctas", [1, 2, 3, 5, 8, 12, 16])
+def test_every_cluster_size_matches_the_grid_mode_bitwise(n_ctas):
+    # The same layout in both modes: the same slots, the same fp32 sums, the same rounding.
+    dense, w = _pack_on(n_ctas, 777, 0.05, "float16", n_ctas)
+    assert w.meta.num_ctas <= n_ctas
+    rng = np.random.default_rng(n_ctas)
+    x = jnp.asarray(rng.standard_normal((6, 29, 777)), jnp.float16)
+    h0 = jnp.asarray(rng.standard_normal((6, 777)) * 0.5, jnp.float16)
+    lengths = jnp.asarray([29, 0, 13, 29, 1, 28], jnp.int32)
+    y_c, h_c = _forward(x, h0, w, lengths, exchange_mode="cluster")
+    y_g, h_g = _forward(x, h0, w, lengths, exchange_mode="grid")
+    np.testing.assert_array_equal(np.asarray(y_c), np.asarray(y_g))
+    np.testing.assert_array_equal(np.asarray(h_c), np.asarray(h_g))
+    y_ref, _ = js.reference_rnn(x, h0, dense, seq_lengths=lengths)
+    assert rel_err(jnp.swapaxes(y_c, 0, 1), y_ref) < TOLERANCE["float16"]
+
+
+@pytest.mark.parametrize("batch", [33, 64, 130])
+def test_batch_replicas_equal_one_big_grid_call(batch):
+    # B examples over many replicas of the cluster against the same layout in one grid launch.
+    dense, w, x, h0 = make_problem(batch, 512, batch, 17, 0.1, "float16")
+    assert w.meta.exchange == "cluster"
+    lengths = jnp.asarray(np.random.default_rng(batch).integers(0, 18, batch), jnp.int32)
+    y_c, h_c = _forward(x, h0, w, lengths, exchange_mode="cluster")
+    y_g, h_g = _forward(x, h0, w, lengths, exchange_mode="grid")
+    np.testing.assert_array_equal(np.asarray(y_c), np.asarray(y_g))
+    np.testing.assert_array_equal(np.asarray(h_c), np.asarray(h_g))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_backward_in_cluster_mode_matches_the_grid_mode_and_the_reference(dtype):
+    dense, w, x, h0 = make_problem(11, 384, 7, 23, 0.1, dtype)
+    assert w.meta_t.exchange == "cluster", w.meta_t
+    lengths = jnp.asarray([23, 5, 0, 23, 17, 1, 22], jnp.int32)
+    y, _ = _forward(x, h0, w, lengths)
+    rng = np.random.default_rng(5)
+    dy = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
+    dh = jnp.asarray(rng.standard_normal(h0.shape), y.dtype)
+    outs = {}
+    for mode in ("cluster", "grid"):
+        outs[mode] = sprnn_backward_p.bind(y, h0, w.transposed_values(), w.indices_t, w.lane_row_t,
+                                           lengths, dy, dh, activation="tanh", reverse=False,
+                                           meta=w.meta_t, method="native", exchange_mode=mode)
+    for a, b in zip(outs["cluster"], outs["grid"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def loss(x, h0, values, method):
+        y, h = js.sparse_rnn(x, h0, w.replace(values=values), method=method, seq_lengths=lengths)
+        return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(h.astype(jnp.float32))
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, h0, w.values, "native")
+    want = jax.grad(loss, argnums=(0, 1, 2))(x, h0, w.values, "reference")
+    for g, r in zip(got, want):
+        assert rel_err(g, r) < GRAD_TOLERANCE[dtype]
+
+
+def test_cluster_mode_is_refused_with_a_reason_where_it_cannot_run():
+    _, w, x, h0 = make_problem(3, 2304, 2, 4, 0.1, "float16")
+    assert w.meta.exchange == "grid" and w.meta.num_ctas > planner.MAX_CLUSTER_CTAS
+    lengths = jnp.full((2,), 4, jnp.int32)
+    with pytest.raises(Exception, match="cluster mode was asked for but cannot run: the layout has"):
+        jax.block_until_ready(_forward(x, h0, w, lengths, exchange_mode="cluster"))
+    _, w, x, h0 = make_problem(3, 256, 2, 4, 0.1, "float16")
+    with pytest.raises(Exception, match="debug_stall_cta and grid_barrier test the grid exchange"):
+        jax.block_until_ready(_forward(x, h0, w, jnp.full((2,), 4, jnp.int32), exchange_mode="cluster",
+                                       debug_stall_cta=0))
+
+
+def test_a_stall_in_a_small_layer_times_out_in_grid_mode(monkeypatch):
+    # A cluster waits on a hardware barrier that every CTA reaches (no CTA spins in cluster mode), so
+    # the stall hook runs the grid exchange, whose bound comes from JAX_SPRNN_SPIN_TIMEOUT_US here.
+    dense, w, x, h0 = make_problem(4, 256, 2, 16, 0.1, "float16")
+    assert w.meta.exchange == "cluster"
+    lengths = jnp.full((2,), 16, jnp.int32)
+    monkeypatch.setenv("JAX_SPRNN_SPIN_TIMEOUT_US", "2000")
+    y, _ = _forward(x, h0, w, lengths, debug_stall_cta=0)
+    assert np.all(np.isnan(np.asarray(y, np.float32)))
+    with pytest.raises(Exception, match="timed out"):
+        jax.block_until_ready(_forward(x, h0, w, lengths))
+    monkeypatch.setenv("JAX_SPRNN_SPIN_TIMEOUT_US", "soon")
+    with pytest.raises(Exception, match="JAX_SPRNN_SPIN_TIMEOUT_US must be a positive integer"):
+        jax.block_until_ready(_forward(x, h0, w, lengths))
+    monkeypatch.delenv("JAX_SPRNN_SPIN_TIMEOUT_US")
+    y, _ = _forward(x, h0, w, lengths)
+    y_ref, _ = js.reference_rnn(x, h0, dense)
+    assert rel_err(jnp.swapaxes(y, 0, 1), y_ref) < TOLERANCE["float16"]
