@@ -4,6 +4,13 @@ A mask sits in the ``sparsity`` collection at the path of the kernel it masks in
 linen ``SparseRNN``, ``{'cell': {'h': {'kernel': PackedMask}}}`` beside
 ``{'cell': {'h': {'kernel': array}}}``). Paths are tuples of plain keys (dict keys, sequence
 indices, attribute names).
+
+A gated kernel ``[H, G*H]`` that Flax keeps as G kernels ``[H, H]`` (linen's ``nn.LSTMCell``:
+``hi``, ``hf``, ``hg``, ``ho``) has one mask, at a path whose key joins the G names with
+:data:`JOIN`: ``{'cell': {'hi+hf+hg+ho': {'kernel': PackedMask}}}``. Its kernel in ``params`` is
+those G kernels side by side, in the joined order (:func:`get_at`), and a kernel or mask given at
+the joined path is split back into them (:func:`replace_at`, :func:`masks_at_paths`,
+:func:`drop_at`).
 """
 
 from __future__ import annotations
@@ -48,20 +55,68 @@ def mask_leaves(sparsity) -> dict[tuple, Any]:
             (hasattr(leaf, "dtype") and np.dtype(leaf.dtype) == bool and np.ndim(leaf) >= 2)}
 
 
-def get_at(tree, path: tuple, what: str):
-    """The entry of ``tree`` (named ``what`` in errors) at ``path``, a mask's path."""
+#: Joins, in one key of a mask's path, the names of the kernels it covers side by side.
+JOIN = "+"
+
+
+def _parts(path: tuple) -> list[tuple] | None:
+    """The paths of the kernels that a joined ``path`` covers, in order (None if not joined)."""
+    joined = [i for i, key in enumerate(path) if isinstance(key, str) and JOIN in key]
+    if len(joined) != 1:
+        return None
+    i = joined[0]
+    return [path[:i] + (name,) + path[i + 1:] for name in path[i].split(JOIN)]
+
+
+def _lookup(tree, path: tuple):
     node = tree
     for key in path:
-        try:
-            node = node[key]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"{what} has no entry at {path_name(path)} (the path of a mask in the "
-                             f"sparsity tree)") from None
+        node = node[key]
     return node
+
+
+def get_at(tree, path: tuple, what: str):
+    """The entry of ``tree`` (named ``what`` in errors) at ``path``, a mask's path; at a joined
+    path that ``tree`` lacks, its kernels side by side (last axis)."""
+    try:
+        return _lookup(tree, path)
+    except (KeyError, IndexError, TypeError):
+        pass
+    try:
+        parts = _parts(path)
+        if parts is not None:
+            return jnp.concatenate([_lookup(tree, p) for p in parts], axis=-1)
+    except (KeyError, IndexError, TypeError):
+        pass
+    raise ValueError(f"{what} has no entry at {path_name(path)} (the path of a mask in the "
+                     f"sparsity tree)")
+
+
+def _joined_parts(tree, paths) -> dict[tuple, list[tuple]]:
+    """For each joined path among ``paths`` that ``tree`` lacks, the paths of its kernels."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_packed)
+    present = {tree_path(p) for p, _ in flat}
+    return {path: parts for path in paths
+            if path not in present and (parts := _parts(path)) is not None}
+
+
+def _split_joined(tree, new: Mapping[tuple, Any]) -> dict:
+    """``new`` with each joined path that ``tree`` lacks replaced by its kernels' paths, the value
+    split evenly along its last axis among them."""
+    joined = _joined_parts(tree, new)
+    out = {}
+    for path, value in new.items():
+        if path in joined:
+            out.update(zip(joined[path], jnp.split(jnp.asarray(value), len(joined[path]), axis=-1)))
+        else:
+            out[path] = value
+    return out
 
 
 def replace_at(tree, new: Mapping[tuple, Any]):
     """``tree`` with the leaves at the paths of ``new`` replaced (any pytree of dicts and lists)."""
+    new = _split_joined(tree, new)
+
     def swap(path, leaf):
         return new.get(tree_path(path), leaf)
     return jax.tree_util.tree_map_with_path(swap, tree, is_leaf=is_packed)
@@ -70,6 +125,7 @@ def replace_at(tree, new: Mapping[tuple, Any]):
 def masks_at_paths(params, masks: Mapping[tuple, Any]):
     """A pytree with the structure of ``params``: ``masks[path]`` at each of its paths, and a
     scalar ``True`` for every other parameter. What ``keep_pruned`` takes as ``masks=``."""
+    masks = _split_joined(params, masks)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: masks.get(tree_path(p), jnp.ones((), bool)), params)
 
@@ -77,6 +133,9 @@ def masks_at_paths(params, masks: Mapping[tuple, Any]):
 def drop_at(tree, paths: set):
     """A copy of nested mappings ``tree`` without the leaves at ``paths``; a mapping emptied by
     the removal goes too."""
+    joined = _joined_parts(tree, paths)
+    paths = {part for path in paths for part in joined.get(path, [path])}
+
     def walk(node, prefix):
         out = {}
         for key, value in node.items():
