@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..planner import WARP, LayoutMeta
-from ..weights import SparseWeights, check_finite, check_weight_dtype
+from ..weights import SparseWeights, check_finite, check_weight_dtype, kernel_gates
 from .packed import PackedMask
 from .tree import COLLECTION, drop_at, get_at, mask_leaves, replace_at
 
 
 def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
-    """One layer's packed inference weights: ``kernel`` (``[H, H]``, or stacked ``[..., H, H]``)
-    at ``mask``.
+    """One layer's packed inference weights: ``kernel`` (``[H, H]`` or a gated ``[H, G*H]``, or
+    stacked ``[..., H, G*H]``) at ``mask``.
 
     A single layer is packed tightly by the planner (:meth:`SparseWeights.from_dense`). Stacked
     layers (``nn.scan``) must share one layout to stay stacked, so they are packed into the
@@ -26,8 +26,9 @@ def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
     kernel = np.asarray(jnp.asarray(kernel, jnp.float32))
     mask = np.asarray(mask)
     if kernel.shape != mask.shape or kernel.ndim < 2:
-        raise ValueError(f"kernel and mask must have one shape [..., H, H], got {kernel.shape} "
-                         f"and {mask.shape}")
+        raise ValueError(f"kernel and mask must have one shape [..., H, H] or [..., H, G*H], got "
+                         f"{kernel.shape} and {mask.shape}")
+    kernel_gates(kernel.shape[-2:], "kernel")
     dtype = check_weight_dtype(np.float32 if dtype is None else dtype, "dtype")
     if kernel.ndim == 2:
         return SparseWeights.from_dense(kernel, mask.astype(bool), dtype=dtype)
@@ -123,6 +124,7 @@ def _repack(leaves) -> SparseWeights:
     """Unpack the forward layout of raw SparseWeights leaves (stacked layers too) to kernel and
     mask, and pack those as :func:`to_inference` does."""
     values, indices, lane_row = (np.asarray(a) for a in leaves[:3])
+    lane_row_t = np.asarray(leaves[SparseWeights.LEAVES.index("lane_row_t")])
     lead = values.shape[:-1]
     if indices.shape != values.shape or lane_row.shape[:-1] != lead:
         raise ValueError(f"restored SparseWeights leaves disagree: values {values.shape}, indices "
@@ -131,10 +133,15 @@ def _repack(leaves) -> SparseWeights:
     if lanes == 0 or lanes % WARP or slots % lanes:
         raise ValueError(f"restored SparseWeights leaves have {slots} slots and {lanes} lanes, "
                          f"not a layout of whole warps")
-    # Only the sizes that locate a slot (its lane and row) are needed to read a layout back.
-    meta = LayoutMeta(hidden=int(lane_row.max()) + 1, slots_per_lane=slots // lanes,
-                      num_warps=lanes // WARP, warps_per_cta=1, reg_slots=0, load_bytes=16,
-                      fits=False, reason="read back from a checkpoint")
+    # Only the sizes that locate a slot (its lane and row) are needed to read a layout back. Every
+    # row owns a lane: the forward layout has G*H rows, the transposed one H (the input units).
+    num_rows, hidden = int(lane_row.max()) + 1, int(lane_row_t.max()) + 1
+    if hidden < 1 or num_rows % hidden:
+        raise ValueError(f"restored SparseWeights leaves have {num_rows} rows and {hidden} input units, "
+                         f"not a kernel [H, G*H]")
+    meta = LayoutMeta(hidden=hidden, slots_per_lane=slots // lanes, num_warps=lanes // WARP,
+                      warps_per_cta=1, reg_slots=0, load_bytes=16, fits=False,
+                      reason="read back from a checkpoint", gates=num_rows // hidden)
     kernels, masks = [], []
     for v, idx, rows in zip(values.reshape(-1, slots), indices.reshape(-1, slots),
                             lane_row.reshape(-1, lanes)):

@@ -1,15 +1,16 @@
 """Magnitude masks, the balanced starting patterns, and layout budgets: NumPy, on the host.
 
-Masks are boolean arrays in Flax orientation (``[H_in, H_out]``, like the kernel they mask). A
-*rule* says how the kept weights are counted:
+Masks are boolean arrays in Flax orientation (``[H_in, H_out]``, like the kernel they mask; a gated
+kernel's ``[H, G*H]`` holds its G gates side by side, column ``g*H + i`` being gate ``g`` of unit
+``i``, so each of its columns is one gate row). A *rule* says how the kept weights are counted:
 
 * ``"layer"``: one threshold over the whole kernel (rows end up with different counts);
 * ``"global"``: one threshold across all the kernels pruned together (layers end up with
   different densities); for a single kernel it is ``"layer"``;
 * ``"per_row"``: an equal count in every row of the kernel as Flax stores it (the weights leaving
   one input unit);
-* ``"row_balanced"``: an equal count in every row of ``U = kernel.T`` (every output unit), the
-  balance the persistent kernel's layout wants.
+* ``"row_balanced"``: an equal count in every row of ``U = kernel.T`` (every output unit; for a
+  gated kernel, every gate row of every unit), the balance the persistent kernel's layout wants.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import check_finite, top_k_mask
+from ..weights import check_finite, kernel_gates, top_k_mask
 
 #: The rules of :func:`magnitude_mask` and :func:`magnitude_masks` (see the module docstring).
 RULES = ("layer", "global", "per_row", "row_balanced")
@@ -39,13 +40,13 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def check_square_mask(mask, hidden: int | None = None) -> np.ndarray:
-    """``mask`` as a NumPy boolean ``[H, H]`` array (``H == hidden`` when given), or a clear error."""
+def check_kernel_mask(mask, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """``mask`` as a NumPy boolean ``[H, H]`` or gated ``[H, G*H]`` array (of ``shape``, the
+    layer's, when given), or a clear error."""
     mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.shape[0] != mask.shape[1] or mask.shape[0] == 0:
-        raise ValueError(f"mask must be a non-empty square [H, H] array, got shape {mask.shape}")
-    if hidden is not None and mask.shape[0] != hidden:
-        raise ValueError(f"mask must be [{hidden}, {hidden}] (the layer's size), got {mask.shape}")
+    kernel_gates(mask.shape, "mask")
+    if shape is not None and mask.shape != tuple(shape):
+        raise ValueError(f"mask must be {list(shape)} (the layer's shape), got {mask.shape}")
     if mask.dtype != bool:
         raise TypeError(f"mask must be a boolean array, got {mask.dtype}")
     return mask
@@ -150,7 +151,7 @@ def fit_to_budgets(mask, scores, row_budget: int, col_budget: int) -> tuple[np.n
     Returns ``(mask, dropped)``. Output units (``mask[:, i]``) are trimmed to ``row_budget`` first,
     then input units (``mask[j, :]``) to ``col_budget``; the second step cannot refill a row.
     """
-    mask = np.array(check_square_mask(mask))
+    mask = np.array(check_kernel_mask(mask))
     scores = np.where(mask, np.asarray(scores, np.float32), -np.inf)
     before = int(mask.sum())
     if mask.sum(axis=0).max() > row_budget:
@@ -185,25 +186,28 @@ def balanced_pattern(hidden: int, per_row: int, seed: int = 0) -> np.ndarray:
     return pattern
 
 
-def budgets_for_density(hidden: int, max_density: float) -> tuple[int, int]:
+def budgets_for_density(hidden: int, max_density: float, gates: int = 1) -> tuple[int, int]:
     """``(row_budget, col_budget)`` of a layer whose masks keep at most ``max_density``.
 
-    The row budget (nonzeros per output unit) is ``ceil(max_density * hidden)``. Row-balanced masks
-    leave the column counts uneven, so the transposed layout (the backward pass) gets headroom:
-    ``max(2 * row_budget, row_budget + 32)``, at most ``hidden``.
+    The row budget (nonzeros per output unit, or per gate row of a gated kernel) is
+    ``ceil(max_density * hidden)``. Row-balanced masks leave the column counts uneven, so the
+    transposed layout (the backward pass; its rows are the input units, each over ``gates * hidden``
+    columns) gets headroom: ``max(2 * G * row_budget, G * row_budget + 32)``, at most ``G * hidden``.
     """
     max_density = float(max_density)
     if not 0.0 < max_density <= 1.0:
         raise ValueError(f"max_density must be in (0, 1], got {max_density}")
     rows = min(hidden, max(1, math.ceil(round(max_density * hidden, 6))))
-    cols = hidden if rows == hidden else min(hidden, max(2 * rows, rows + 32))
+    width, mean = gates * hidden, gates * rows
+    cols = width if rows == hidden else min(width, max(2 * mean, mean + 32))
     return rows, cols
 
 
-def initial_mask(hidden: int, max_density: float = 1.0, seed: int = 0) -> np.ndarray:
-    """The mask a layer starts from: dense when ``max_density == 1``, otherwise
-    :func:`balanced_pattern` with the row budget of :func:`budgets_for_density`."""
-    rows, _ = budgets_for_density(hidden, max_density)
+def initial_mask(hidden: int, max_density: float = 1.0, seed: int = 0, gates: int = 1) -> np.ndarray:
+    """The mask a layer starts from, ``[hidden, gates * hidden]``: dense when
+    ``max_density == 1``, otherwise :func:`balanced_pattern` with the row budget of
+    :func:`budgets_for_density` for each gate (gate ``g`` drawn from ``seed + g``)."""
+    rows, _ = budgets_for_density(hidden, max_density, gates)
     if rows == hidden:
-        return np.ones((hidden, hidden), bool)
-    return balanced_pattern(hidden, rows, seed)
+        return np.ones((hidden, gates * hidden), bool)
+    return np.concatenate([balanced_pattern(hidden, rows, seed + g) for g in range(gates)], axis=1)

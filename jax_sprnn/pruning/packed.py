@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..layout import LayoutMeta, pack_pattern
-from ..planner import DeviceSpec, plan_layout
-from ..weights import PackedLayout, SparseWeights, check_weight_dtype
-from .masks import budgets_for_density, check_square_mask, initial_mask
+from ..layout import LayoutMeta, pack_pattern, plan_layouts
+from ..planner import DeviceSpec
+from ..weights import GATES, PackedLayout, SparseWeights, check_weight_dtype, kernel_gates
+from .masks import budgets_for_density, check_kernel_mask, initial_mask
 
 
 def _fillers(pattern: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,13 +45,14 @@ def _fillers(pattern: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True)
 class PackedMask(PackedLayout):
-    """A boolean mask ``[H, H]`` (Flax orientation) and its packed layout, as a pytree.
+    """A boolean mask ``[H, H]``, or ``[H, G*H]`` for a gated kernel (Flax orientation), and its
+    packed layout, as a pytree.
 
     Leaves: ``mask`` and the int32 index arrays of docs/format.md (``indices``, ``lane_row``,
     ``indices_t``, ``lane_row_t``, ``perm_t``). Static (aux) data: the two ``LayoutMeta``, the
     storage ``dtype`` the layout was planned for, and the ``row_budget`` / ``col_budget`` the
-    layout holds: at most ``row_budget`` nonzeros per output unit (``mask[:, i]``) and
-    ``col_budget`` per input unit (``mask[j, :]``). :meth:`with_mask` packs any mask within those
+    layout holds: at most ``row_budget`` nonzeros per output unit or gate row (``mask[:, i]``)
+    and ``col_budget`` per input unit (``mask[j, :]``). :meth:`with_mask` packs any mask within those
     budgets into the *same* layout, so the pytree structure, and with it every compiled program
     that takes this object as an argument, stays the same.
 
@@ -87,44 +88,49 @@ class PackedMask(PackedLayout):
     def create(cls, mask, *, row_budget: int | None = None, col_budget: int | None = None,
                dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int = 16,
                host: bool = False) -> "PackedMask":
-        """Pack ``mask`` into a layout planned for ``row_budget`` nonzeros in every output unit and
-        ``col_budget`` in every input unit (default: the mask's own largest counts).
+        """Pack ``mask`` (``[H, H]``, or a gated ``[H, G*H]``) into a layout planned for
+        ``row_budget`` nonzeros in every output unit (gate row) and ``col_budget`` in every input
+        unit (default: the mask's own largest counts).
 
         ``dtype`` is the storage dtype of the weights (the planner's register and shared-memory
         budget depends on it). ``device`` is the GPU to plan for (default: the current one, or an
         H200 when there is none). ``host``: NumPy leaves instead of device arrays.
         """
-        mask = check_square_mask(mask)
-        hidden = mask.shape[0]
+        mask = check_kernel_mask(mask)
+        hidden, width = mask.shape
+        gates = kernel_gates(mask.shape, "mask")
         dtype = check_weight_dtype(dtype, "dtype")
         row_budget = max(1, int(mask.sum(axis=0).max())) if row_budget is None else int(row_budget)
         col_budget = max(1, int(mask.sum(axis=1).max())) if col_budget is None else int(col_budget)
-        for name, value in (("row_budget", row_budget), ("col_budget", col_budget)):
-            if not 1 <= value <= hidden:
-                raise ValueError(f"{name} must be in [1, {hidden}], got {value}")
+        for name, value, most in (("row_budget", row_budget, hidden), ("col_budget", col_budget, width)):
+            if not 1 <= value <= most:
+                raise ValueError(f"{name} must be in [1, {most}], got {value}")
         if device is None:
             from .._native import current_device_spec
             device = current_device_spec()
         # Planning for uniform counts gives the layout every mask within the budgets packs into.
-        meta = LayoutMeta.from_plan(plan_layout(np.full(hidden, row_budget), dtype, device,
-                                                load_bytes=load_bytes))
-        meta_t = LayoutMeta.from_plan(plan_layout(np.full(hidden, col_budget), dtype, device,
-                                                  load_bytes=load_bytes))
+        meta, meta_t = (LayoutMeta.from_plan(p) for p in plan_layouts(
+            np.full(width, row_budget), np.full(hidden, col_budget), dtype, device, gates=gates,
+            load_bytes=load_bytes))
         empty = cls(**dict.fromkeys(cls.LEAVES), meta=meta, meta_t=meta_t, dtype=dtype.name,
                     row_budget=row_budget, col_budget=col_budget)
         return empty.with_mask(mask, host=host)
 
     @classmethod
-    def for_density(cls, hidden: int, max_density: float = 1.0, *, seed: int = 0, dtype=np.float32,
-                    device: DeviceSpec | None = None, load_bytes: int = 16, host: bool = False
-                    ) -> "PackedMask":
-        """The layout of a layer that will never hold more than ``max_density`` of its weights,
-        starting from :func:`initial_mask` (dense when ``max_density == 1``)."""
+    def for_density(cls, hidden: int, max_density: float = 1.0, *, gates: int = 1, seed: int = 0,
+                    dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int = 16,
+                    host: bool = False) -> "PackedMask":
+        """The layout of a layer (``gates``: 1, or 3 / 4 for a GRU / LSTM kernel ``[H, G*H]``)
+        that will never hold more than ``max_density`` of its weights, starting from
+        :func:`initial_mask` (dense when ``max_density == 1``)."""
         if not isinstance(hidden, (int, np.integer)) or hidden < 1:
             raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
-        rows, cols = budgets_for_density(hidden, max_density)
-        return cls.create(initial_mask(hidden, max_density, seed), row_budget=rows, col_budget=cols,
-                          dtype=dtype, device=device, load_bytes=load_bytes, host=host)
+        if gates not in GATES:
+            raise ValueError(f"gates must be one of {GATES}, got {gates!r}")
+        rows, cols = budgets_for_density(hidden, max_density, gates)
+        return cls.create(initial_mask(hidden, max_density, seed, gates), row_budget=rows,
+                          col_budget=cols, dtype=dtype, device=device, load_bytes=load_bytes,
+                          host=host)
 
     def with_mask(self, mask, *, host: bool = False) -> "PackedMask":
         """``mask`` packed into this object's layout (same metas, so no recompilation).
@@ -132,7 +138,7 @@ class PackedMask(PackedLayout):
         Raises ValueError if a row or column of ``mask`` exceeds the budgets; see
         :func:`fit_to_budgets`. The leaves are device arrays, or NumPy arrays with ``host=True``.
         """
-        mask = check_square_mask(mask, self.hidden)
+        mask = check_kernel_mask(mask, self.shape)
         row_counts, col_counts = mask.sum(axis=0), mask.sum(axis=1)
         if row_counts.max() > self.row_budget:
             raise ValueError(f"mask has an output unit (column of the kernel) with "
@@ -204,5 +210,6 @@ class PackedMask(PackedLayout):
         return float(np.asarray(self.mask).mean())
 
     def __repr__(self) -> str:
-        return (f"PackedMask(hidden={self.hidden}, dtype={self.dtype}, "
+        gates = f", gates={self.gates}" if self.gates > 1 else ""
+        return (f"PackedMask(hidden={self.hidden}{gates}, dtype={self.dtype}, "
                 f"row_budget={self.row_budget}, col_budget={self.col_budget})")
