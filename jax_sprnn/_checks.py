@@ -10,13 +10,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .weights import check_weight_dtype
+from .weights import SparseWeights, check_weight_dtype
 
 #: The activations the native kernels implement, by name.
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
 
 #: The values of ``sparse_rnn``'s ``method``.
 METHODS = ("auto", "native", "reference")
+
+
+#: For each gate count G: what a kernel of G gates is, and the function that runs it.
+_CELLS = {1: ("a square kernel [H, H] (the simple cell)", "sparse_rnn"),
+          3: ("a GRU kernel [H, 3H] (gates r, z, n side by side)", "sparse_gru"),
+          4: ("an LSTM kernel [H, 4H] (gates i, f, g, o side by side)", "sparse_lstm")}
+
+
+def check_weights(weights, gates: int) -> SparseWeights:
+    """``weights`` as SparseWeights of ``gates`` gates, or an error that says which function runs
+    the kernel it packs."""
+    if not isinstance(weights, SparseWeights):
+        raise TypeError(f"weights must be a jax_sprnn.SparseWeights, got {type(weights).__name__}")
+    if weights.gates != gates:
+        H = weights.hidden
+        raise ValueError(f"weights must pack {_CELLS[gates][0]}, expected shape {(H, gates * H)}, "
+                         f"got {weights.shape}: jax_sprnn.{_CELLS[weights.gates][1]} runs those")
+    return weights
 
 
 def check_method(method: str) -> str:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from . import dispatch, fallback, primitives
-from ._checks import as_array, check_method, check_sequence_args, is_concrete
+from ._checks import as_array, check_method, check_sequence_args, check_weights, is_concrete
 from .api import _poison_bad_lengths
 from .reference import dense_matvec, scan_cell
 from .weights import SparseWeights
@@ -38,18 +38,6 @@ class _Cell:
 
 LSTM = _Cell("LSTM", "sparse_lstm", 4, "i, f, g, o")
 GRU = _Cell("GRU", "sparse_gru", 3, "r, z, n")
-
-
-def _check_weights(weights, cell: _Cell) -> SparseWeights:
-    if not isinstance(weights, SparseWeights):
-        raise TypeError(f"weights must be a jax_sprnn.SparseWeights, got {type(weights).__name__}")
-    if weights.gates != cell.gates:
-        H = weights.hidden
-        raise ValueError(f"weights must pack a {cell.name} kernel [H, {cell.gates}H] (gates "
-                         f"{cell.gate_order} side by side), got one of shape {weights.shape} "
-                         f"(expected {(H, cell.gates * H)}); pack it with "
-                         f"SparseWeights.from_dense(kernel, ...)")
-    return weights
 
 
 def _matvec(weights: SparseWeights, method: str, cell: _Cell):
@@ -111,7 +99,7 @@ def sparse_lstm(inputs, carry, weights: SparseWeights, *, time_major: bool = Fal
       ``H`` features. Accumulation is float32; ``c`` and ``h`` are rounded to the storage dtype
       after every step (``h'`` is computed from the rounded ``c'``).
     """
-    _check_weights(weights, LSTM)
+    check_weights(weights, LSTM.gates)
     if not (isinstance(carry, (tuple, list)) and len(carry) == 2):
         raise TypeError(f"carry must be a pair (c0, h0) of [B, H] arrays, got "
                         f"{type(carry).__name__}" + (f" of length {len(carry)}"
@@ -172,7 +160,7 @@ def sparse_gru(inputs, h0, weights: SparseWeights, *, hn_bias=None, time_major: 
       ``(outputs, h_T)``, outputs laid out like ``inputs`` with ``H`` features. Accumulation is
       float32; the state is rounded to the storage dtype after every step.
     """
-    _check_weights(weights, GRU)
+    check_weights(weights, GRU.gates)
     dtype = weights.dtype
     x_tm, (h0,), lengths = check_sequence_args(
         inputs, {"h0": h0}, weights.hidden, inputs_dtype=dtype, time_major=time_major,

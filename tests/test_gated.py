@@ -378,9 +378,11 @@ def test_bad_inputs_name_the_argument_and_the_expected_shape():
     _, _, w4, x4, c0, h0, _ = problem(4, seed=16)
     _, _, w3, x3, *_ = problem(3, seed=16)
     _, _, w1, *_ = problem(1, seed=16)
-    with pytest.raises(ValueError, match=r"weights must pack a LSTM kernel \[H, 4H\].*\(37, 111\)"):
+    with pytest.raises(ValueError, match=r"weights must pack an LSTM kernel \[H, 4H\].*expected shape "
+                                         r"\(37, 148\), got \(37, 111\): jax_sprnn.sparse_gru runs"):
         js.sparse_lstm(x4, (c0, h0), w3)
-    with pytest.raises(ValueError, match=r"weights must pack a GRU kernel \[H, 3H\].*\(37, 37\)"):
+    with pytest.raises(ValueError, match=r"weights must pack a GRU kernel \[H, 3H\].*got \(37, 37\): "
+                                         r"jax_sprnn.sparse_rnn runs"):
         js.sparse_gru(x3, h0, w1)
     with pytest.raises(TypeError, match="weights must be a jax_sprnn.SparseWeights"):
         js.sparse_gru(x3, h0, np.zeros((H, 3 * H), np.float32))
