@@ -6,6 +6,7 @@ directions with those of ``nn.Bidirectional``). Nothing here imports Flax.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -18,6 +19,7 @@ import numpy as np
 from ._checks import ACTIVATIONS
 from .api import sparse_rnn
 from .bidirectional import sparse_rnn_bidirectional
+from .gated import sparse_gru, sparse_lstm
 from .pruning import PackedMask, initial_mask
 from .sharding import sparse_rnn_sharded
 from .weights import SUPPORTED_DTYPES, SparseWeights
@@ -75,32 +77,88 @@ def masked_init(init: Initializer, mask_fn):
 
 
 @functools.lru_cache(maxsize=64)
-def cached_initial_mask(hidden: int, max_density: float, seed: int) -> np.ndarray:
-    """:func:`jax_sprnn.pruning.initial_mask`, read-only and cached: a module may be traced (and
-    its initializers run) several times."""
-    mask = initial_mask(hidden, max_density, seed)
+def cached_initial_mask(hidden: int, max_density: float, seed: int, gates: int = 1) -> np.ndarray:
+    """:func:`jax_sprnn.pruning.initial_mask` (``[H, gates*H]``), read-only and cached: a module
+    may be traced (and its initializers run) several times."""
+    mask = initial_mask(hidden, max_density, seed, gates)
     mask.setflags(write=False)
     return mask
 
 
+def gate_mask(hidden: int, max_density: float, seed: int, gates: int, gate: int) -> np.ndarray:
+    """Gate ``gate``'s ``[H, H]`` slice of a gated layer's initial mask: what the Flax kernel of
+    that gate (``hi``, ``hf``, ...) starts masked by."""
+    return cached_initial_mask(hidden, max_density, seed, gates)[:, gate * hidden:(gate + 1) * hidden]
+
+
 @functools.lru_cache(maxsize=64)
-def _initial_layout_host(hidden: int, max_density: float, seed: int, dtype_name: str) -> PackedMask:
-    return PackedMask.for_density(hidden, max_density, seed=seed, dtype=np.dtype(dtype_name),
-                                  host=True)
+def _initial_layout_host(hidden: int, max_density: float, seed: int, dtype_name: str,
+                         gates: int) -> PackedMask:
+    return PackedMask.for_density(hidden, max_density, gates=gates, seed=seed,
+                                  dtype=np.dtype(dtype_name), host=True)
 
 
-def initial_layout(hidden: int, max_density: float, seed: int, dtype_name: str) -> PackedMask:
-    """The packed starting mask of a layer. The NumPy packing is cached (packing a dense layer
-    takes a moment, and ``init`` may trace a module several times); the arrays are made afresh
-    for each call, since inside a trace they belong to that trace."""
-    return jax.tree_util.tree_map(jnp.asarray,
-                                  _initial_layout_host(hidden, max_density, seed, dtype_name))
+def initial_layout(hidden: int, max_density: float, seed: int, dtype_name: str,
+                   gates: int = 1) -> PackedMask:
+    """The packed starting mask of a layer (of a kernel ``[H, gates*H]``). The NumPy packing is
+    cached (packing a dense layer takes a moment, and ``init`` may trace a module several times);
+    the arrays are made afresh for each call, since inside a trace they belong to that trace."""
+    return jax.tree_util.tree_map(jnp.asarray, _initial_layout_host(hidden, max_density, seed,
+                                                                    dtype_name, gates))
 
 
-def dense_layout(hidden: int, dtype_name: str) -> PackedMask:
+def dense_layout(hidden: int, dtype_name: str, gates: int = 1) -> PackedMask:
     """The all-ones mask of a layer given none: it runs dense, through the same kernel path (and
     the same layout) as a layer that ``init`` made at ``max_density=1``."""
-    return initial_layout(hidden, 1.0, 0, dtype_name)
+    return initial_layout(hidden, 1.0, 0, dtype_name, gates)
+
+
+# ---- gated cells ------------------------------------------------------------------------------
+
+def lstm_step(carry, zx, zh):
+    """One step of Flax's LSTM cell from the input and recurrent pre-activations ``[*batch, 4H]``
+    (gates i, f, g, o, biases included). ``carry``: ``(c, h)``. Returns ``((c', h'), h')``."""
+    c, _ = carry
+    i, f, g, o = jnp.split(zx + zh, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (c, h), h
+
+
+def gru_step(h, zx, zh):
+    """One step of Flax's GRU cell: ``zx`` the input pre-activations ``[*batch, 3H]`` (gates r,
+    z, n, biases included), ``zh`` the recurrent ones with the n-gate's recurrent bias. Returns
+    ``(h', h')``."""
+    x_r, x_z, x_n = jnp.split(zx, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(zh, 3, axis=-1)
+    r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    new_h = (1.0 - z) * n + z * h
+    return new_h, new_h
+
+
+@dataclasses.dataclass(frozen=True)
+class Gated:
+    """What the modules need to know of a gated cell: its gate count, its carry (a tuple of the
+    parts ``carry``, or one array when None, as Flax keeps them), one step (the per-step cells),
+    and the whole sequence (:func:`jax_sprnn.sparse_lstm` / :func:`jax_sprnn.sparse_gru`)."""
+
+    name: str
+    gates: int
+    carry: tuple[str, ...] | None
+
+    def step(self, carry, zx, zh):
+        return (lstm_step if self.name == "LSTM" else gru_step)(carry, zx, zh)
+
+    def recurrence(self, *, method: str, hn_bias=None):
+        """The whole-sequence call for :func:`run_sequence`."""
+        if self.name == "LSTM":
+            return functools.partial(sparse_lstm, method=method)
+        return functools.partial(sparse_gru, hn_bias=hn_bias, method=method)
+
+
+LSTM = Gated("LSTM", 4, ("c", "h"))
+GRU = Gated("GRU", 3, None)
 
 
 _warned_no_mask: set = set()
@@ -140,15 +198,30 @@ def sequence_shape(inputs, time_major: bool):
     return inputs, inputs.shape[-2], tuple(inputs.shape[:-2])
 
 
-def _fold_batch(x, initial_carry, *, steps: int, batch_shape: tuple, hidden: int, dtype,
-                time_major: bool, carry_name: str = "initial_carry"):
-    """``x`` and the carry with their batch dimensions folded into one, in ``dtype``."""
+def _fold_inputs(x, *, steps: int, batch_shape: tuple, dtype, time_major: bool):
+    """``x`` (``[*batch, T, W]`` or ``[T, *batch, W]``) with one batch dimension, in ``dtype``."""
     batch = math.prod(batch_shape)
-    x = x.astype(dtype).reshape((steps, batch, hidden) if time_major else (batch, steps, hidden))
-    if not hasattr(initial_carry, "shape") or tuple(initial_carry.shape) != batch_shape + (hidden,):
-        raise ValueError(f"{carry_name} must be [*batch, H] = {batch_shape + (hidden,)}, got "
-                         f"{getattr(initial_carry, 'shape', type(initial_carry).__name__)}")
-    return x, jnp.asarray(initial_carry).astype(dtype).reshape(batch, hidden)
+    width = x.shape[-1]
+    return x.astype(dtype).reshape((steps, batch, width) if time_major else (batch, steps, width))
+
+
+def _fold_carry(carry, *, batch_shape: tuple, hidden: int, dtype, name: str):
+    """A carry ``[*batch, H]`` (named ``name`` in errors) as ``[B, H]`` in ``dtype``."""
+    if not hasattr(carry, "shape") or tuple(carry.shape) != batch_shape + (hidden,):
+        raise ValueError(f"{name} must be [*batch, H] = {batch_shape + (hidden,)}, got "
+                         f"{getattr(carry, 'shape', type(carry).__name__)}")
+    return jnp.asarray(carry).astype(dtype).reshape(math.prod(batch_shape), hidden)
+
+
+def _fold_carries(carry, names: tuple[str, ...] | None, **kwargs):
+    """:func:`_fold_carry` of one array (``names`` None) or of a tuple with parts ``names``."""
+    if names is None:
+        return _fold_carry(carry, name="initial_carry", **kwargs)
+    if not isinstance(carry, (tuple, list)) or len(carry) != len(names):
+        raise ValueError(f"initial_carry must be a tuple ({', '.join(names)}) of [*batch, H] "
+                         f"arrays, got {type(carry).__name__}")
+    return tuple(_fold_carry(c, name=f"initial_carry[{i}] ({n})", **kwargs)
+                 for i, (c, n) in enumerate(zip(carry, names)))
 
 
 def _fold_lengths(seq_lengths, batch_shape: tuple):
@@ -166,28 +239,38 @@ def _output_shape(steps: int, batch_shape: tuple, features: int, time_major: boo
     return ((steps,) + batch_shape if time_major else batch_shape + (steps,)) + (features,)
 
 
-def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps: int,
-                 batch_shape: tuple, activation: str, dtype, time_major: bool, reverse: bool,
-                 keep_order: bool, method: str, mesh=None, batch_axis="data"):
-    """The recurrence of a whole layer on the projected inputs ``x`` (``[*batch, T, H]`` or
-    ``[T, *batch, H]``), with ``nn.RNN``'s conventions. Returns ``(carry, outputs)``.
+def simple_recurrence(*, activation: str, method: str, mesh=None, batch_axis="data"):
+    """The whole-sequence call of a simple layer for :func:`run_sequence`: :func:`sparse_rnn`,
+    or with a ``mesh`` :func:`jax_sprnn.sharding.sparse_rnn_sharded`."""
+    kwargs = dict(activation=activation, method=method)
+    if mesh is None:
+        return functools.partial(sparse_rnn, **kwargs)
+    return functools.partial(sparse_rnn_sharded, mesh=mesh, batch_axis=batch_axis, **kwargs)
 
-    The batch dimensions are folded into one for the native call and unfolded after.
+
+def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps: int,
+                 batch_shape: tuple, dtype, time_major: bool, reverse: bool, keep_order: bool,
+                 recurrence, carry_parts: tuple[str, ...] | None = None):
+    """The recurrence of a whole layer on the projected inputs ``x`` (``[*batch, T, W]`` or
+    ``[T, *batch, W]``; ``W`` is ``H``, or ``G*H`` for a gated cell), with ``nn.RNN``'s
+    conventions. Returns ``(carry, outputs)``.
+
+    ``recurrence(x, carry, weights, *, time_major, reverse, seq_lengths)`` is the functional
+    call (:func:`simple_recurrence`, :meth:`Gated.recurrence`); the carry is one array
+    ``[*batch, H]``, or a tuple of them with the parts ``carry_parts``. The batch dimensions are
+    folded into one for that call and unfolded after.
     """
     hidden = weights.hidden
-    x, h0 = _fold_batch(x, initial_carry, steps=steps, batch_shape=batch_shape, hidden=hidden,
-                        dtype=dtype, time_major=time_major)
+    x = _fold_inputs(x, steps=steps, batch_shape=batch_shape, dtype=dtype, time_major=time_major)
+    h0 = _fold_carries(initial_carry, carry_parts, batch_shape=batch_shape, hidden=hidden,
+                       dtype=dtype)
     lengths = _fold_lengths(seq_lengths, batch_shape)
-    kwargs = dict(activation=activation, time_major=time_major, reverse=bool(reverse),
-                  seq_lengths=lengths, method=method)
-    if mesh is None:
-        y, carry = sparse_rnn(x, h0, weights, **kwargs)
-    else:
-        y, carry = sparse_rnn_sharded(x, h0, weights, mesh=mesh, batch_axis=batch_axis, **kwargs)
+    y, carry = recurrence(x, h0, weights, time_major=time_major, reverse=bool(reverse),
+                          seq_lengths=lengths)
     if reverse and not keep_order:
         y = flip_padded(y, None if lengths is None else jnp.asarray(lengths, jnp.int32),
                         time_major=time_major)
-    return (carry.reshape(batch_shape + (hidden,)),
+    return (jax.tree_util.tree_map(lambda c: c.reshape(batch_shape + (hidden,)), carry),
             y.reshape(_output_shape(steps, batch_shape, hidden, time_major)))
 
 
@@ -202,12 +285,12 @@ def run_bidirectional(xs: tuple, weights: tuple, initial_carry: tuple, seq_lengt
         raise ValueError(f"initial_carry must be a pair (forward, backward) of [*batch, H] "
                          f"arrays, got {type(initial_carry).__name__}")
     hidden = weights[0].hidden
-    folded = [_fold_batch(x, c, steps=steps, batch_shape=batch_shape, hidden=hidden, dtype=dtype,
-                          time_major=time_major, carry_name=f"initial_carry[{i}]")
-              for i, (x, c) in enumerate(zip(xs, initial_carry))]
+    fold = dict(batch_shape=batch_shape, dtype=dtype)
     y, carries = sparse_rnn_bidirectional(
-        tuple(x for x, _ in folded), tuple(h for _, h in folded), tuple(weights),
-        activation=activation, time_major=time_major,
+        tuple(_fold_inputs(x, steps=steps, time_major=time_major, **fold) for x in xs),
+        tuple(_fold_carry(c, hidden=hidden, name=f"initial_carry[{i}]", **fold)
+              for i, c in enumerate(initial_carry)),
+        tuple(weights), activation=activation, time_major=time_major,
         seq_lengths=_fold_lengths(seq_lengths, batch_shape), method=method)
     return (tuple(c.reshape(batch_shape + (hidden,)) for c in carries),
             y.reshape(_output_shape(steps, batch_shape, 2 * hidden, time_major)))

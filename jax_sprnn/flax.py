@@ -32,9 +32,10 @@ the same outputs in both modules.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
-from typing import Any
+from typing import Any, ClassVar
 
 if importlib.util.find_spec("flax") is None:  # an extra, not a dependency of jax_sprnn
     raise ModuleNotFoundError("jax_sprnn.flax needs Flax: pip install 'jax_sprnn[flax]'", name="flax")
@@ -44,14 +45,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import initializers
+from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import default_kernel_init
 
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
-from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
-                       dense_layout, flip_padded, initial_layout, masked_init, run_bidirectional,
-                       run_sequence, sequence_shape, storage_dtype, warn_no_mask_once)
+from ._modules import (GRU, LSTM, Gated, activation_name, cached_initial_mask, check_carry,
+                       check_features, dense_layout, flip_padded, gate_mask, initial_layout,
+                       masked_init, run_bidirectional, run_sequence, sequence_shape,
+                       simple_recurrence, storage_dtype, warn_no_mask_once)
 from .pruning import COLLECTION, PackedMask
+from .pruning.tree import JOIN
 from .weights import SparseWeights
 
 Initializer = Any
@@ -133,6 +137,39 @@ _NO_MASK = ("jax_sprnn.flax.{layer} got no mask (no '" + COLLECTION + "' collect
             "': sparsity}}, x).")
 
 
+def _mask_or_weights(module: nn.Module, *, hidden: int, gates: int, max_density: float,
+                     mask_seed: int, dtype: np.dtype, layer: str):
+    """In ``module``'s scope (the path of a recurrent kernel's mask): the mask, a PackedMask of
+    the kernel ``[H, gates*H]`` (``init`` creates it), or the packed weights of the inference
+    form (:func:`jax_sprnn.pruning.to_inference`), a SparseWeights. When the collection holds
+    nothing and cannot be written (``apply`` with params alone), the all-ones mask, with a
+    one-time warning that the layer runs dense."""
+    shape = (hidden, gates * hidden)
+    if module.has_variable(COLLECTION, "kernel"):
+        stored = module.get_variable(COLLECTION, "kernel")
+        if isinstance(stored, SparseWeights):
+            if stored.shape != shape:
+                raise ValueError(f"the packed weights in '{COLLECTION}' at {module.path} are "
+                                 f"{stored.shape}, the layer's kernel {shape}")
+            return stored if stored.dtype == dtype else stored.astype(dtype)
+        if not isinstance(stored, PackedMask):
+            raise TypeError(f"variables['{COLLECTION}'] must hold a jax_sprnn.pruning."
+                            f"PackedMask (or SparseWeights) at {module.path}, got "
+                            f"{type(stored).__name__} (a checkpoint restored without a "
+                            f"target? jax_sprnn.pruning.from_restored reads the inference "
+                            f"form back; restore the training form with a target)")
+    if module.has_variable(COLLECTION, "kernel") or module.is_mutable_collection(COLLECTION):
+        layout = module.variable(COLLECTION, "kernel", initial_layout, hidden, float(max_density),
+                                 mask_seed, dtype.name, gates).value
+    else:
+        warn_no_mask_once(_NO_MASK.format(layer=layer))
+        layout = dense_layout(hidden, dtype.name, gates)
+    if layout.shape != shape:
+        raise ValueError(f"the mask in '{COLLECTION}' at {module.path} is {layout.shape}, the "
+                         f"layer's kernel {shape}")
+    return layout
+
+
 class SparseKernel(nn.Module):
     """The recurrent kernel ``cell/h/kernel [H, H]`` of :class:`SparseRNN` and its packed mask
     (``sparsity/cell/h/kernel``). Returns the :class:`SparseWeights` for one ``sparse_rnn`` call.
@@ -155,35 +192,17 @@ class SparseKernel(nn.Module):
     def __call__(self) -> SparseWeights:
         hidden = self.features
         dtype = np.dtype(self.dtype)
-        if self.has_variable(COLLECTION, "kernel"):
-            stored = self.get_variable(COLLECTION, "kernel")
-            if isinstance(stored, SparseWeights):
-                if stored.hidden != hidden:
-                    raise ValueError(f"the packed weights in '{COLLECTION}' are {stored.shape}, "
-                                     f"the layer is {hidden} wide")
-                return stored if stored.dtype == dtype else stored.astype(dtype)
-            if not isinstance(stored, PackedMask):
-                raise TypeError(f"variables['{COLLECTION}'] must hold a jax_sprnn.pruning."
-                                f"PackedMask (or SparseWeights) at {self.path}, got "
-                                f"{type(stored).__name__} (a checkpoint restored without a "
-                                f"target? jax_sprnn.pruning.from_restored reads the inference "
-                                f"form back; restore the training form with a target)")
-        if self.has_variable(COLLECTION, "kernel") or self.is_mutable_collection(COLLECTION):
-            layout = self.variable(COLLECTION, "kernel", initial_layout, hidden,
-                                   float(self.max_density), self.mask_seed, dtype.name).value
-        else:
-            warn_no_mask_once(_NO_MASK.format(layer=self.layer))
-            layout = dense_layout(hidden, dtype.name)
-        if layout.hidden != hidden:
-            raise ValueError(f"the mask in '{COLLECTION}' is {layout.hidden} wide, the layer "
-                             f"{hidden}")
+        stored = _mask_or_weights(self, hidden=hidden, gates=1, max_density=self.max_density,
+                                  mask_seed=self.mask_seed, dtype=dtype, layer=self.layer)
+        if isinstance(stored, SparseWeights):
+            return stored
         # The init mask comes from the host (the variable's value may be a tracer of a lifted
         # transform here); it is the same pattern the variable starts from.
         init_mask = functools.partial(cached_initial_mask, hidden, float(self.max_density),
                                       self.mask_seed)
         kernel = self.param("kernel", masked_init(self.kernel_init, init_mask), (hidden, hidden),
                             self.param_dtype)
-        return layout.weights(kernel, dtype)
+        return stored.weights(kernel, dtype)
 
 
 class FusedCell(nn.Module):
@@ -287,10 +306,11 @@ class SparseRNN(_SimpleRNNAttributes):
         if initial_carry is None:
             key = jax.random.key(0) if init_key is None else init_key
             initial_carry = self.initialize_carry(key, batch_shape + (inputs.shape[-1],))
+        recurrence = simple_recurrence(activation=activation, method=self.method, mesh=self.mesh,
+                                       batch_axis=self.batch_axis)
         carry, y = run_sequence(x, weights, initial_carry, seq_lengths, steps=steps,
-                                batch_shape=batch_shape, activation=activation, dtype=dtype,
-                                time_major=time_major, reverse=reverse, keep_order=keep_order,
-                                method=self.method, mesh=self.mesh, batch_axis=self.batch_axis)
+                                batch_shape=batch_shape, dtype=dtype, time_major=time_major,
+                                reverse=reverse, keep_order=keep_order, recurrence=recurrence)
         return (carry, y) if return_carry else y
 
 
@@ -383,5 +403,298 @@ class SparseBidirectional(_SimpleRNNAttributes):
         return (carry, y) if return_carry else y
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "FusedCell", "SparseKernel",
-           "RNNLevel", "activation_name", "flip_padded"]
+# ---- gated cells: LSTM and GRU -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _LinenGates:
+    """A gated cell's parameter names in Flax linen (``nn.LSTMCell``, ``nn.GRUCell``), in gate
+    order, and which of its Dense layers have a bias."""
+
+    cell: Gated
+    inputs: tuple[str, ...]
+    recurrent: tuple[str, ...]
+    input_bias: bool
+    recurrent_bias: tuple[bool, ...]
+
+
+_LSTM = _LinenGates(LSTM, ("ii", "if", "ig", "io"), ("hi", "hf", "hg", "ho"), False, (True,) * 4)
+_GRU = _LinenGates(GRU, ("ir", "iz", "in"), ("hr", "hz", "hn"), True, (False, False, True))
+
+
+class GateParams(nn.Module):
+    """The parameters of one of a gated cell's Dense layers (``ii``, ``hi``, ...), without its
+    matmul: ``kernel [in_features, features]`` (none when ``with_kernel`` is False: the inference
+    form keeps the recurrent kernels packed) and ``bias [features]`` when ``use_bias``."""
+
+    in_features: int
+    features: int
+    use_bias: bool
+    kernel_init: Initializer
+    bias_init: Initializer
+    param_dtype: Any
+    with_kernel: bool = True
+
+    @nn.compact
+    def __call__(self):
+        kernel = (self.param("kernel", self.kernel_init, (self.in_features, self.features),
+                             self.param_dtype) if self.with_kernel else None)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        return kernel, bias
+
+
+class MaskSlot(nn.Module):
+    """The sparsity entry of a gated kernel ``[H, G*H]``, at the joined path of its gates' kernels
+    (``cell/hi+hf+hg+ho/kernel``, see :mod:`jax_sprnn.pruning.tree`): its PackedMask, or the
+    packed weights of the inference form."""
+
+    hidden: int
+    gates: int
+    max_density: float
+    mask_seed: int
+    dtype: Any
+    layer: str
+
+    @nn.compact
+    def __call__(self):
+        return _mask_or_weights(self, hidden=self.hidden, gates=self.gates,
+                                max_density=self.max_density, mask_seed=self.mask_seed,
+                                dtype=np.dtype(self.dtype), layer=self.layer)
+
+
+def _side_by_side(arrays, features: int, dtype):
+    """The gates' kernels or biases concatenated on the last axis (zeros for a missing bias)."""
+    return jnp.concatenate([jnp.zeros((features,), dtype) if a is None else a for a in arrays],
+                           axis=-1)
+
+
+class _GatedAttributes(nn.Module):
+    """The attributes, the carry and the parameters of the linen gated cells and layers
+    (documented on :class:`SparseLSTMCell`)."""
+
+    features: int
+    max_density: float = 1.0
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = initializers.orthogonal()
+    bias_init: Initializer = initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Initializer = initializers.zeros_init()
+    mask_seed: int = 0
+    precision: Any = None
+
+    GATES: ClassVar[_LinenGates]
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """The initial carry for one step's input shape ``[*batch, F]``, as Flax's cell makes
+        it: ``(c, h)`` from two keys split from ``rng`` (LSTM), or ``h`` (GRU), each
+        ``[*batch, H]``."""
+        shape = tuple(input_shape[:-1]) + (self.features,)
+        if self.GATES.cell.carry is None:
+            return self.carry_init(rng, shape, self.param_dtype)
+        return tuple(self.carry_init(key, shape, self.param_dtype)
+                     for key in jax.random.split(rng, len(self.GATES.cell.carry)))
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+    @nn.nowrap
+    def _gate_params(self, gates: _LinenGates, in_features: int, *, with_recurrent: bool = True):
+        """Create (in a compact method) the parameters of Flax's cell, and return them side by
+        side: ``(W_i [F, G*H], b_i [G*H], W_h [H, G*H] or None, b_h [G*H])``, missing biases
+        zero. The recurrent kernels start masked by the layer's initial mask."""
+        hidden = self.features
+        count = gates.cell.gates
+        mask = functools.partial(gate_mask, hidden, float(self.max_density), self.mask_seed, count)
+        w_i, b_i, w_h, b_h = [], [], [], []
+        for g, (name_i, name_h) in enumerate(zip(gates.inputs, gates.recurrent)):  # Flax's order
+            k, b = GateParams(in_features, hidden, gates.input_bias, self.kernel_init,
+                              self.bias_init, self.param_dtype, name=name_i)()
+            w_i.append(k)
+            b_i.append(b)
+            k, b = GateParams(hidden, hidden, gates.recurrent_bias[g],
+                              masked_init(self.recurrent_kernel_init,
+                                          functools.partial(mask, g)),
+                              self.bias_init, self.param_dtype, with_recurrent, name=name_h)()
+            w_h.append(k)
+            b_h.append(b)
+        dtype = self.param_dtype
+        return (jnp.concatenate(w_i, axis=-1), _side_by_side(b_i, hidden, dtype),
+                jnp.concatenate(w_h, axis=-1) if with_recurrent else None,
+                _side_by_side(b_h, hidden, dtype))
+
+
+class _SparseGatedCell(_GatedAttributes, nn.RNNCellBase):
+    @nn.compact
+    def __call__(self, carry, inputs):
+        """One step. ``carry``: ``(c, h)`` (LSTM) or ``h`` (GRU), each ``[*batch, H]``;
+        ``inputs``: ``[*batch, F]``. Returns ``(new_carry, new_h)``."""
+        hidden = check_features(self.features)
+        cell = self.GATES.cell
+        pruning.budgets_for_density(hidden, self.max_density, cell.gates)  # validates max_density
+        if cell.carry is not None:
+            if not isinstance(carry, (tuple, list)) or len(carry) != len(cell.carry):
+                raise ValueError(f"carry must be a tuple ({', '.join(cell.carry)}) of "
+                                 f"[*batch, {hidden}] arrays, got {type(carry).__name__}")
+            for part in carry:
+                check_carry(part, hidden)
+            h = carry[-1]
+        else:
+            check_carry(carry, hidden)
+            h = carry
+        w_i, b_i, w_h, b_h = self._gate_params(self.GATES, jnp.shape(inputs)[-1])
+        inputs, h, w_i, b_i, w_h, b_h = promote_dtype(inputs, h, w_i, b_i, w_h, b_h,
+                                                      dtype=self.dtype)
+        zx = jnp.dot(inputs, w_i, precision=self.precision) + b_i
+        zh = jnp.dot(h, w_h, precision=self.precision) + b_h
+        return cell.step(carry, zx, zh)
+
+
+class SparseLSTMCell(_SparseGatedCell):
+    """An LSTM cell with a pruned recurrent kernel: Flax's ``nn.LSTMCell``, step for step.
+
+    Drop-in for ``nn.LSTMCell`` (the same parameters: ``ii``, ``if``, ``ig``, ``io`` (kernels
+    ``[F, H]``, no bias) and ``hi``, ``hf``, ``hg``, ``ho`` (kernels ``[H, H]`` and biases), the
+    same carry ``(c, h)``), for ``nn.RNN``, ``nn.scan`` or a decoding loop. Gates are
+    ``sigmoid`` / ``tanh`` (what the kernels implement). As :class:`SparseRNNCell`, the step is a
+    dense matmul whose mask is the zeros of the recurrent kernels, which start masked by the
+    layer's initial mask (:func:`jax_sprnn.pruning.initial_mask` with 4 gates: gate ``g``'s kernel
+    is its ``g``-th ``[H, H]`` block). :class:`SparseLSTM` runs the whole sequence fused.
+
+    Attributes:
+      features: the hidden size ``H``.
+      max_density: the density the layer starts from and never exceeds (1.0: start dense and
+        prune gradually). Must match the :class:`SparseLSTM` it shares parameters with.
+      kernel_init, recurrent_kernel_init, bias_init: initializers of the input kernels, the
+        recurrent kernels and the biases (``nn.LSTMCell``'s defaults).
+      dtype, param_dtype: the computation and parameter dtypes, as in Flax.
+      carry_init: initializer of the carry.
+      mask_seed: seed of the initial mask when ``max_density < 1``.
+      precision: precision of the matmuls.
+    """
+
+    GATES = _LSTM
+
+
+class SparseGRUCell(_SparseGatedCell):
+    """A GRU cell with a pruned recurrent kernel: Flax's ``nn.GRUCell``, step for step.
+
+    Drop-in for ``nn.GRUCell``: the same parameters (``ir``, ``iz``, ``in``: kernels ``[F, H]``
+    and biases; ``hr``, ``hz``: kernels ``[H, H]``; ``hn``: kernel and bias, the bias inside the
+    reset gate's product) and carry ``h``, so ``nn.RNN(SparseGRUCell(H))`` loads an
+    ``nn.RNN(nn.GRUCell(H))`` checkpoint unchanged. Attributes as :class:`SparseLSTMCell`; the
+    fused layer is :class:`SparseGRU`.
+    """
+
+    GATES = _GRU
+
+
+class FusedGatedCell(_GatedAttributes):
+    """The parameters of :class:`SparseLSTM` / :class:`SparseGRU` at ``'cell'``, with the names
+    of Flax's cell, and the mask of their recurrent kernels side by side (``[H, G*H]``) at the
+    joined path (``'hi+hf+hg+ho'``). Returns ``(x, weights, hn_bias)`` for all steps at once: the
+    input projection ``[..., G*H]`` (with the recurrent biases that add to it), the packed
+    recurrent kernel, and the GRU's ``hn`` bias (None for the LSTM)."""
+
+    gates: Any = None  # a _LinenGates
+    layer: str = ""
+
+    @nn.compact
+    def __call__(self, inputs):
+        cell, hidden, dtype = self.gates.cell, self.features, np.dtype(self.dtype)
+        stored = MaskSlot(hidden, cell.gates, float(self.max_density), self.mask_seed, dtype.name,
+                          self.layer, name=JOIN.join(self.gates.recurrent))()
+        packed = isinstance(stored, SparseWeights)
+        w_i, b_i, w_h, b_h = self._gate_params(self.gates, jnp.shape(inputs)[-1],
+                                               with_recurrent=not packed)
+        weights = stored if packed else stored.weights(w_h, dtype)
+        inputs, w_i, b_i = promote_dtype(inputs, w_i, b_i, dtype=dtype)
+        x = jnp.dot(inputs, w_i, precision=self.precision) + b_i
+        if cell is LSTM:  # every recurrent bias adds to the pre-activation: fold it in
+            return x + b_h.astype(x.dtype), weights, None
+        return x, weights, b_h[2 * hidden:]  # GRU: only hn has one, inside r's product
+
+
+class _SparseGatedLayer(_GatedAttributes):
+    time_major: bool = False
+    return_carry: bool = False
+    reverse: bool = False
+    keep_order: bool = False
+    method: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None):
+        """Run the layer over ``inputs``; the keywords override the attributes as in ``nn.RNN``
+        (see :meth:`SparseRNN.__call__`). ``initial_carry``: ``(c, h)`` for the LSTM, ``h`` for
+        the GRU, each ``[*batch, H]``. Returns ``outputs`` (``[*batch, T, H]`` or
+        ``[T, *batch, H]``), or ``(carry, outputs)``."""
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        check_features(self.features)
+        dtype = storage_dtype(self.dtype, self.param_dtype)
+        check_method(self.method)
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_GatedAttributes)
+                  if f.name not in ("parent", "name")}
+        x, weights, hn_bias = FusedGatedCell(**{**shared, "dtype": dtype}, gates=self.GATES,
+                                             layer=type(self).__name__, name="cell")(inputs)
+        if initial_carry is None:
+            key = jax.random.key(0) if init_key is None else init_key
+            initial_carry = self.initialize_carry(key, batch_shape + (inputs.shape[-1],))
+        cell = self.GATES.cell
+        carry, y = run_sequence(x, weights, initial_carry, seq_lengths, steps=steps,
+                                batch_shape=batch_shape, dtype=dtype, time_major=time_major,
+                                reverse=reverse, keep_order=keep_order,
+                                recurrence=cell.recurrence(method=self.method, hn_bias=hn_bias),
+                                carry_parts=cell.carry)
+        return (carry, y) if return_carry else y
+
+
+class SparseLSTM(_SparseGatedLayer):
+    """An LSTM layer over a whole sequence in one :func:`jax_sprnn.sparse_lstm` call.
+
+    A drop-in for ``nn.RNN(nn.LSTMCell(features))``: the same parameters (``cell/ii``, ...,
+    ``cell/ho``, see :class:`SparseLSTMCell`), the same call keywords (``initial_carry``,
+    ``init_key``, ``seq_lengths``, ``return_carry``, ``time_major``, ``reverse``,
+    ``keep_order``) and carry ``(c, h)``. The four recurrent kernels run side by side as one
+    kernel ``[H, 4H]`` (gates i, f, g, o), whose packed mask is in the ``'sparsity'`` collection at
+    ``cell/hi+hf+hg+ho/kernel``; without it the layer runs dense and warns once. The input
+    projection of all steps is one matmul, the recurrent biases folded into it.
+
+    Past an example's ``seq_lengths`` its outputs are zero and an example of length 0 returns its
+    initial carry (``nn.RNN`` gives padding-dependent values there).
+
+    Attributes:
+      features, max_density, kernel_init, recurrent_kernel_init, bias_init, param_dtype,
+        carry_init, mask_seed, precision: as in :class:`SparseLSTMCell`.
+      dtype: the dtype of the recurrence and its packed weights (float32, bfloat16 or float16;
+        default ``param_dtype``).
+      time_major, return_carry, reverse, keep_order: defaults of the call keywords.
+      method: ``sparse_lstm``'s ``method``.
+    """
+
+    GATES = _LSTM
+
+
+class SparseGRU(_SparseGatedLayer):
+    """A GRU layer over a whole sequence in one :func:`jax_sprnn.sparse_gru` call.
+
+    A drop-in for ``nn.RNN(nn.GRUCell(features))``: the same parameters (see
+    :class:`SparseGRUCell`), call keywords and carry ``h``. The recurrent kernels ``hr``, ``hz``,
+    ``hn`` run side by side as one kernel ``[H, 3H]`` (gates r, z, n), whose packed mask is at
+    ``cell/hr+hz+hn/kernel`` in the ``'sparsity'`` collection; ``hn``'s bias is
+    ``sparse_gru``'s ``hn_bias``. Otherwise as :class:`SparseLSTM`.
+    """
+
+    GATES = _GRU
+
+
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "SparseLSTMCell", "SparseGRUCell",
+           "SparseLSTM", "SparseGRU", "FusedCell", "FusedGatedCell", "SparseKernel", "RNNLevel",
+           "GateParams", "MaskSlot", "activation_name", "flip_padded"]

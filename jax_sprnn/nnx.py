@@ -18,8 +18,9 @@ zeroes the pruned weights; the layout stays the same, so an ``nnx.jit`` step doe
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from typing import Any
+from typing import Any, ClassVar
 
 if importlib.util.find_spec("flax") is None:  # an extra, not a dependency of jax_sprnn
     raise ModuleNotFoundError("jax_sprnn.nnx needs Flax: pip install 'jax_sprnn[flax]'", name="flax")
@@ -32,9 +33,10 @@ from flax.nnx import initializers
 
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
-from ._modules import (activation_name, cached_initial_mask, check_carry, check_features,
-                       dense_layout, initial_layout, masked_init, run_bidirectional, run_sequence,
-                       sequence_shape, storage_dtype, warn_no_mask_once)
+from ._modules import (GRU, LSTM, activation_name, cached_initial_mask, check_carry,
+                       check_features, dense_layout, gate_mask, initial_layout, masked_init,
+                       run_bidirectional, run_sequence, sequence_shape, simple_recurrence,
+                       storage_dtype, warn_no_mask_once)
 from .pruning import PackedMask
 from .weights import SparseWeights
 
@@ -42,51 +44,80 @@ Initializer = Any
 default_kernel_init = initializers.lecun_normal()
 
 
+def modified_orthogonal(key, shape, dtype=jnp.float32):
+    """``nnx.LSTMCell``'s default recurrent initializer: orthogonal in float32, then cast (for
+    half precision). The same function, so the same ``rngs`` give ``nnx.LSTMCell``'s weights."""
+    return initializers.orthogonal()(key, shape).astype(dtype)
+
+
 class Sparsity(nnx.Variable):
-    """The packed mask (:class:`jax_sprnn.pruning.PackedMask`) of a :class:`SparseRNN`, its
+    """The packed mask (:class:`jax_sprnn.pruning.PackedMask`) of a layer's recurrent kernel, its
     packed inference weights (:class:`jax_sprnn.SparseWeights`), or None (no mask: the layer runs
     dense). Not a parameter."""
 
 
-_NO_MASK = ("jax_sprnn.nnx.SparseRNN has no mask (its sparsity variable holds None), so it runs "
+_NO_MASK = ("jax_sprnn.nnx.{layer} has no mask (its sparsity variable holds None), so it runs "
             "dense: every weight of its recurrent kernel counts. jax_sprnn.nnx.prune(model, "
             "target) (or layer.prune(target)) gives it one.")
 
 
-class _SimpleRNNAttributes:
-    """What both NNX layers share: their checked common arguments, and the carry."""
+def _carry_keys(rngs, count: int) -> list:
+    """``count`` keys for ``carry_init``: from the ``carry`` stream of an ``nnx.Rngs``, from an
+    ``RngStream``, or fixed (``jax.random.key(0)`` split) without rngs."""
+    if rngs is None:
+        return list(jax.random.split(jax.random.key(0), count)) if count > 1 else [jax.random.key(0)]
+    stream = rngs.carry if isinstance(rngs, nnx.Rngs) else rngs
+    return [stream() for _ in range(count)]
 
-    def _set_common(self, in_features, hidden_features, activation_fn, max_density, param_dtype,
+
+class _RecurrentAttributes:
+    """What the NNX cells and layers share: their checked common arguments, and the carry
+    (one array, or the tuple of parts ``CARRY``, as Flax's cell keeps it)."""
+
+    CARRY: ClassVar[tuple[str, ...] | None] = None
+
+    def _set_common(self, in_features, hidden_features, max_density, param_dtype,
                     carry_init) -> None:
         self.in_features = check_features(in_features, "in_features")
         self.hidden_features = check_features(hidden_features, "hidden_features")
-        self.activation = activation_name(activation_fn)
         self.max_density = float(max_density)
         self.param_dtype = param_dtype
         self.carry_init = carry_init
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs=None,
                          carry_init: Initializer | None = None):
-        """The initial carry ``[*batch, H]`` for one step's input shape ``[*batch, F]``, from
-        ``carry_init`` (zeros when None), drawing a key only when it is needed."""
+        """The initial carry for one step's input shape ``[*batch, F]``: ``[*batch, H]``, or
+        ``(c, h)`` of those for an LSTM, from ``carry_init`` (zeros when None), drawing keys only
+        when they are needed."""
         shape = tuple(input_shape[:-1]) + (self.hidden_features,)
         carry_init = carry_init or self.carry_init
+        count = 1 if self.CARRY is None else len(self.CARRY)
         if carry_init is None:
-            return jnp.zeros(shape, self.param_dtype)
-        if isinstance(rngs, nnx.Rngs):
-            key = rngs.carry()
-        elif rngs is None:
-            key = jax.random.key(0)
+            parts = [jnp.zeros(shape, self.param_dtype) for _ in range(count)]
         else:
-            key = rngs()
-        return carry_init(key, shape, self.param_dtype)
+            parts = [carry_init(key, shape, self.param_dtype) for key in _carry_keys(rngs, count)]
+        return parts[0] if self.CARRY is None else tuple(parts)
 
     @property
     def num_feature_axes(self) -> int:
         return 1
 
 
-class SparseRNNCell(_SimpleRNNAttributes, nnx.RNNCellBase):
+def _check_cell_carry(carry, parts: tuple[str, ...] | None, hidden: int):
+    """The hidden state of a cell's carry, after checking it is one ``[*batch, H]`` array or a
+    tuple of them with ``parts``."""
+    if parts is None:
+        check_carry(carry, hidden)
+        return carry
+    if not isinstance(carry, (tuple, list)) or len(carry) != len(parts):
+        raise ValueError(f"carry must be a tuple ({', '.join(parts)}) of [*batch, {hidden}] "
+                         f"arrays, got {type(carry).__name__}")
+    for part in carry:
+        check_carry(part, hidden)
+    return carry[-1]
+
+
+class SparseRNNCell(_RecurrentAttributes, nnx.RNNCellBase):
     """A simple recurrent cell with a pruned recurrent kernel: ``h' = act(W_i x + b + W_h h)``.
 
     The NNX twin of :class:`jax_sprnn.flax.SparseRNNCell` and a drop-in for ``nnx.SimpleCell``
@@ -110,8 +141,8 @@ class SparseRNNCell(_SimpleRNNAttributes, nnx.RNNCellBase):
                  recurrent_kernel_init: Initializer = initializers.orthogonal(),
                  bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
                  precision: Any = None, rngs: nnx.Rngs):
-        self._set_common(in_features, hidden_features, activation_fn, max_density, param_dtype,
-                         carry_init)
+        self._set_common(in_features, hidden_features, max_density, param_dtype, carry_init)
+        self.activation = activation_name(activation_fn)
         pruning.budgets_for_density(self.hidden_features, self.max_density)  # validates it
         self.mask_seed = int(mask_seed)
         hidden = self.hidden_features
@@ -132,58 +163,132 @@ class SparseRNNCell(_SimpleRNNAttributes, nnx.RNNCellBase):
         return new_carry, new_carry
 
 
-class SparseRNN(_SimpleRNNAttributes, nnx.Module):
-    """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
+class SparseLSTMCell(_RecurrentAttributes, nnx.RNNCellBase):
+    """An LSTM cell with a pruned recurrent kernel: Flax's ``nnx.LSTMCell``, step for step.
 
-    The NNX twin of :class:`jax_sprnn.flax.SparseRNN`: a drop-in for
-    ``nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs))``, with its parameters (``cell``, a
-    :class:`SparseRNNCell`, so the same ``rngs`` give the same weights when ``max_density == 1``)
-    plus ``sparsity``, a :class:`Sparsity` variable holding the packed mask of
-    ``cell.dense_h.kernel``. Inputs are ``[*batch, T, F]`` (``[T, *batch, F]`` when
-    ``time_major``). ``layer.cell`` also runs one step at a time (decoding).
+    The NNX twin of :class:`jax_sprnn.flax.SparseLSTMCell` and a drop-in for ``nnx.LSTMCell``:
+    the same attributes (``ii``, ``if_``, ``ig``, ``io``: ``Linear`` without bias; ``hi``, ``hf``,
+    ``hg``, ``ho``: ``Linear`` with bias), created in the same order with the same default
+    initializers, so the same ``rngs`` give the same weights when ``max_density == 1``; the carry
+    is ``(c, h)``. The recurrent kernels start masked by the 4-gate initial mask (gate ``g``'s
+    kernel by its ``g``-th ``[H, H]`` block); afterwards the mask is their zeros.
 
-    Past an example's ``seq_lengths`` its outputs are zero, and an example of length 0 returns its
-    initial carry (``nnx.RNN`` gives padding-dependent values there).
+    Args: as :class:`SparseRNNCell` (no ``activation_fn``: the gates are sigmoid / tanh).
+    """
 
-    Args:
-      in_features, hidden_features, max_density, activation_fn, kernel_init,
-        recurrent_kernel_init, bias_init, param_dtype, carry_init, mask_seed, precision: as in
-        :class:`SparseRNNCell`.
-      dtype: the dtype of the recurrence and its packed weights (default ``param_dtype``).
-      time_major, return_carry, reverse, keep_order: defaults of the call keywords, as in
-        ``nnx.RNN``.
-      method: ``sparse_rnn``'s ``method``.
-      mesh, batch_axis: split the batch over these mesh axes (see :mod:`jax_sprnn.sharding`).
-      rngs: the ``nnx.Rngs`` for the parameters.
+    CARRY = LSTM.carry
+    INPUTS = ("ii", "if_", "ig", "io")
+    RECURRENT = ("hi", "hf", "hg", "ho")
+
+    def __init__(self, in_features: int, hidden_features: int, *, max_density: float = 1.0,
+                 dtype: Any = None, param_dtype: Any = jnp.float32,
+                 carry_init: Initializer | None = None,
+                 kernel_init: Initializer = default_kernel_init,
+                 recurrent_kernel_init: Initializer = modified_orthogonal,
+                 bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
+                 precision: Any = None, rngs: nnx.Rngs):
+        self._set_common(in_features, hidden_features, max_density, param_dtype, carry_init)
+        pruning.budgets_for_density(self.hidden_features, self.max_density, LSTM.gates)
+        self.mask_seed = int(mask_seed)
+        hidden = self.hidden_features
+        common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        for name in self.INPUTS:  # nnx.LSTMCell's order: equal rngs give equal weights
+            setattr(self, name, nnx.Linear(self.in_features, hidden, use_bias=False,
+                                           kernel_init=kernel_init, **common))
+        for g, name in enumerate(self.RECURRENT):
+            mask = functools.partial(gate_mask, hidden, self.max_density, self.mask_seed,
+                                     LSTM.gates, g)
+            setattr(self, name, nnx.Linear(hidden, hidden, use_bias=True,
+                                           kernel_init=masked_init(recurrent_kernel_init, mask),
+                                           bias_init=bias_init, **common))
+
+    def __call__(self, carry, inputs):  # type: ignore[override]
+        """One step. ``carry``: ``(c, h)``, each ``[*batch, H]``; ``inputs``: ``[*batch, F]``."""
+        h = _check_cell_carry(carry, self.CARRY, self.hidden_features)
+        zx = jnp.concatenate([getattr(self, n)(inputs) for n in self.INPUTS], axis=-1)
+        zh = jnp.concatenate([getattr(self, n)(h) for n in self.RECURRENT], axis=-1)
+        return LSTM.step(carry, zx, zh)
+
+
+class SparseGRUCell(_RecurrentAttributes, nnx.RNNCellBase):
+    """A GRU cell with a pruned recurrent kernel: Flax's ``nnx.GRUCell``, step for step.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseGRUCell` and a drop-in for ``nnx.GRUCell``:
+    ``dense_i`` (``Linear`` ``[F, 3H]`` with bias) and ``dense_h`` (``Linear`` ``[H, 3H]``, no
+    bias: ``nnx.GRUCell`` has no ``hn`` bias, unlike linen's), gates r, z, n side by side. The
+    recurrent kernel starts masked by the 3-gate initial mask.
+
+    Args: as :class:`SparseLSTMCell`; ``recurrent_kernel_init`` defaults to ``orthogonal()``,
+    as in ``nnx.GRUCell``.
     """
 
     def __init__(self, in_features: int, hidden_features: int, *, max_density: float = 1.0,
-                 activation_fn: Any = "tanh", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 dtype: Any = None, param_dtype: Any = jnp.float32,
                  carry_init: Initializer | None = None,
                  kernel_init: Initializer = default_kernel_init,
                  recurrent_kernel_init: Initializer = initializers.orthogonal(),
                  bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
-                 precision: Any = None, time_major: bool = False, return_carry: bool = False,
-                 reverse: bool = False, keep_order: bool = False, method: str = "auto",
-                 mesh: Any = None, batch_axis: Any = "data", rngs: nnx.Rngs):
-        self._set_common(in_features, hidden_features, activation_fn, max_density, param_dtype,
-                         carry_init)
-        self.dtype = storage_dtype(dtype, param_dtype).name
+                 precision: Any = None, rngs: nnx.Rngs):
+        self._set_common(in_features, hidden_features, max_density, param_dtype, carry_init)
+        pruning.budgets_for_density(self.hidden_features, self.max_density, GRU.gates)
+        self.mask_seed = int(mask_seed)
+        hidden, width = self.hidden_features, GRU.gates * self.hidden_features
+        mask = functools.partial(cached_initial_mask, hidden, self.max_density, self.mask_seed,
+                                 GRU.gates)
+        common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.dense_i = nnx.Linear(self.in_features, width, use_bias=True,
+                                  kernel_init=kernel_init, bias_init=bias_init, **common)
+        self.dense_h = nnx.Linear(hidden, width, use_bias=False,
+                                  kernel_init=masked_init(recurrent_kernel_init, mask), **common)
+
+    def __call__(self, carry, inputs):  # type: ignore[override]
+        """One step. ``carry``: ``[*batch, H]``; ``inputs``: ``[*batch, F]``."""
+        check_carry(carry, self.hidden_features)
+        return GRU.step(carry, self.dense_i(inputs), self.dense_h(carry))
+
+
+class _SparseLayer(_RecurrentAttributes, nnx.Module):
+    """What the NNX layers share: the mask of the recurrent kernel, running a whole sequence with
+    ``nnx.RNN``'s call keywords, pruning and the inference form. A subclass names its gate count
+    (``GATES``), the ``Linear`` layers of its cell that hold the recurrent kernel side by side
+    (``KERNELS``), and how the inputs are projected (``_project``) and the sequence run
+    (``_recurrence``)."""
+
+    GATES: ClassVar[int] = 1
+    KERNELS: ClassVar[tuple[str, ...]] = ("dense_h",)
+
+    def _set_layer(self, *, dtype, method, time_major, return_carry, reverse, keep_order,
+                   mask_seed) -> None:
+        self.dtype = storage_dtype(dtype, self.param_dtype).name
         self.method = check_method(method)
         self.time_major, self.return_carry = bool(time_major), bool(return_carry)
         self.reverse, self.keep_order = bool(reverse), bool(keep_order)
-        self.mesh, self.batch_axis = mesh, batch_axis
         self.mask_seed = int(mask_seed)
-        # The cell starts masked by the initial mask, the same pattern as the layout's.
-        self.cell = SparseRNNCell(in_features, hidden_features, max_density=max_density,
-                                  activation_fn=activation_fn, dtype=self.dtype,
-                                  param_dtype=param_dtype, carry_init=carry_init,
-                                  kernel_init=kernel_init,
-                                  recurrent_kernel_init=recurrent_kernel_init,
-                                  bias_init=bias_init, mask_seed=mask_seed, precision=precision,
-                                  rngs=rngs)
         self.sparsity = Sparsity(initial_layout(self.hidden_features, self.max_density,
-                                                self.mask_seed, self.dtype))
+                                                self.mask_seed, self.dtype, self.GATES))
+
+    # ---- the recurrent kernel -----------------------------------------------------------------
+    def _kernel_layers(self) -> list:
+        return [getattr(self.cell, name) for name in self.KERNELS]
+
+    def kernel(self):
+        """The recurrent kernel ``[H, G*H]``: the kernels of ``cell``'s ``KERNELS`` side by side."""
+        return jnp.concatenate([lin.kernel[...] for lin in self._kernel_layers()], axis=-1)
+
+    def _set_kernel(self, kernel) -> None:
+        for lin, part in zip(self._kernel_layers(),
+                             jnp.split(jnp.asarray(kernel), len(self.KERNELS), axis=-1)):
+            lin.kernel[...] = part
+
+    def _drop_kernel(self) -> None:
+        """Remove the dense recurrent kernel (the inference form runs the packed one); a
+        ``Linear`` left without parameters goes too."""
+        for name in self.KERNELS:
+            lin = getattr(self.cell, name)
+            if getattr(lin, "bias", None) is None:
+                delattr(self.cell, name)
+            else:
+                del lin.kernel
 
     # ---- running ------------------------------------------------------------------------------
     def weights(self) -> SparseWeights:
@@ -193,12 +298,20 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
         if isinstance(stored, SparseWeights):
             return stored if stored.dtype == np.dtype(self.dtype) else stored.astype(self.dtype)
         if stored is None:
-            warn_no_mask_once(_NO_MASK)
-            stored = dense_layout(self.hidden_features, self.dtype)
+            warn_no_mask_once(_NO_MASK.format(layer=type(self).__name__))
+            stored = dense_layout(self.hidden_features, self.dtype, self.GATES)
         if not isinstance(stored, PackedMask):
-            raise TypeError(f"SparseRNN.sparsity must hold a PackedMask, SparseWeights or None, "
-                            f"got {type(stored).__name__}")
-        return stored.weights(self.cell.dense_h.kernel[...], self.dtype)
+            raise TypeError(f"{type(self).__name__}.sparsity must hold a PackedMask, "
+                            f"SparseWeights or None, got {type(stored).__name__}")
+        return stored.weights(self.kernel(), self.dtype)
+
+    def _project(self, inputs):
+        """The input projection of all steps (biases that add to it included)."""
+        raise NotImplementedError
+
+    def _recurrence(self):
+        """The functional call for :func:`jax_sprnn._modules.run_sequence`."""
+        raise NotImplementedError
 
     def __call__(self, inputs, *, initial_carry=None, seq_lengths=None,
                  return_carry: bool | None = None, time_major: bool | None = None,
@@ -217,20 +330,20 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
                              f"got shape {tuple(inputs.shape)}")
         if initial_carry is None:
             initial_carry = self.initialize_carry(batch_shape + (self.in_features,), rngs)
-        carry, y = run_sequence(self.cell.dense_i(inputs), self.weights(), initial_carry,
-                                seq_lengths, steps=steps, batch_shape=batch_shape, activation=self.activation,
-                                dtype=np.dtype(self.dtype), time_major=time_major,
-                                reverse=reverse, keep_order=keep_order, method=self.method,
-                                mesh=self.mesh, batch_axis=self.batch_axis)
+        carry, y = run_sequence(self._project(inputs), self.weights(), initial_carry,
+                                seq_lengths, steps=steps, batch_shape=batch_shape,
+                                dtype=np.dtype(self.dtype),
+                                time_major=time_major, reverse=reverse, keep_order=keep_order,
+                                recurrence=self._recurrence(), carry_parts=self.CARRY)
         return (carry, y) if return_carry else y
 
     # ---- pruning ------------------------------------------------------------------------------
     @property
     def mask(self) -> np.ndarray:
-        """The boolean mask ``[H, H]`` of the recurrent kernel (host); all ones with no mask."""
+        """The boolean mask ``[H, G*H]`` of the recurrent kernel (host); all ones with no mask."""
         stored = self.sparsity.get_value()
         if stored is None:
-            return np.ones((self.hidden_features,) * 2, bool)
+            return np.ones((self.hidden_features, self.GATES * self.hidden_features), bool)
         return np.asarray(stored.mask) if isinstance(stored, PackedMask) else stored.mask()
 
     def prune(self, sparsity: float, *, rule: str = "row_balanced") -> None:
@@ -244,7 +357,134 @@ class SparseRNN(_SimpleRNNAttributes, nnx.Module):
         stored = self.sparsity.get_value()
         if isinstance(stored, SparseWeights):
             return stored
-        return pruning.pack_inference(self.cell.dense_h.kernel[...], self.mask, dtype=self.dtype)
+        return pruning.pack_inference(self.kernel(), self.mask, dtype=self.dtype)
+
+
+_LAYER_ARGS = """
+    Args:
+      in_features, hidden_features, max_density, kernel_init, recurrent_kernel_init, bias_init,
+        param_dtype, carry_init, mask_seed, precision: as in the cell.
+      dtype: the dtype of the recurrence and its packed weights (default ``param_dtype``).
+      time_major, return_carry, reverse, keep_order: defaults of the call keywords, as in
+        ``nnx.RNN``.
+      method: the functional call's ``method``.
+      rngs: the ``nnx.Rngs`` for the parameters.
+"""
+
+
+class SparseRNN(_SparseLayer):
+    """A simple recurrent layer over a whole sequence in one sparse persistent kernel call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseRNN`: a drop-in for
+    ``nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs))``, with its parameters (``cell``, a
+    :class:`SparseRNNCell`, so the same ``rngs`` give the same weights when ``max_density == 1``)
+    plus ``sparsity``, a :class:`Sparsity` variable holding the packed mask of
+    ``cell.dense_h.kernel``. Inputs are ``[*batch, T, F]`` (``[T, *batch, F]`` when
+    ``time_major``). ``layer.cell`` also runs one step at a time (decoding).
+
+    Past an example's ``seq_lengths`` its outputs are zero, and an example of length 0 returns its
+    initial carry (``nnx.RNN`` gives padding-dependent values there).
+    """ + _LAYER_ARGS + """      activation_fn: as in :class:`SparseRNNCell`.
+      mesh, batch_axis: split the batch over these mesh axes (see :mod:`jax_sprnn.sharding`).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, *, max_density: float = 1.0,
+                 activation_fn: Any = "tanh", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 carry_init: Initializer | None = None,
+                 kernel_init: Initializer = default_kernel_init,
+                 recurrent_kernel_init: Initializer = initializers.orthogonal(),
+                 bias_init: Initializer = initializers.zeros_init(), mask_seed: int = 0,
+                 precision: Any = None, time_major: bool = False, return_carry: bool = False,
+                 reverse: bool = False, keep_order: bool = False, method: str = "auto",
+                 mesh: Any = None, batch_axis: Any = "data", rngs: nnx.Rngs):
+        self._set_common(in_features, hidden_features, max_density, param_dtype, carry_init)
+        self.activation = activation_name(activation_fn)
+        self.mesh, self.batch_axis = mesh, batch_axis
+        self._set_layer(dtype=dtype, method=method, time_major=time_major,
+                        return_carry=return_carry, reverse=reverse, keep_order=keep_order,
+                        mask_seed=mask_seed)
+        # The cell starts masked by the initial mask, the same pattern as the layout's.
+        self.cell = SparseRNNCell(in_features, hidden_features, max_density=max_density,
+                                  activation_fn=activation_fn, dtype=self.dtype,
+                                  param_dtype=param_dtype, carry_init=carry_init,
+                                  kernel_init=kernel_init,
+                                  recurrent_kernel_init=recurrent_kernel_init,
+                                  bias_init=bias_init, mask_seed=mask_seed, precision=precision,
+                                  rngs=rngs)
+
+    def _project(self, inputs):
+        return self.cell.dense_i(inputs)
+
+    def _recurrence(self):
+        return simple_recurrence(activation=self.activation, method=self.method, mesh=self.mesh,
+                                 batch_axis=self.batch_axis)
+
+
+class _GatedLayer(_SparseLayer):
+    CELL: ClassVar[type]
+
+    def __init__(self, in_features: int, hidden_features: int, *, max_density: float = 1.0,
+                 dtype: Any = None, param_dtype: Any = jnp.float32,
+                 carry_init: Initializer | None = None, time_major: bool = False,
+                 return_carry: bool = False, reverse: bool = False, keep_order: bool = False,
+                 method: str = "auto", mask_seed: int = 0, precision: Any = None,
+                 rngs: nnx.Rngs, **initializers_):
+        self._set_common(in_features, hidden_features, max_density, param_dtype, carry_init)
+        self.precision = precision
+        self._set_layer(dtype=dtype, method=method, time_major=time_major,
+                        return_carry=return_carry, reverse=reverse, keep_order=keep_order,
+                        mask_seed=mask_seed)
+        self.cell = self.CELL(in_features, hidden_features, max_density=max_density,
+                              dtype=self.dtype, param_dtype=param_dtype, carry_init=carry_init,
+                              mask_seed=mask_seed, precision=precision, rngs=rngs, **initializers_)
+
+
+class SparseLSTM(_GatedLayer):
+    """An LSTM layer over a whole sequence in one :func:`jax_sprnn.sparse_lstm` call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseLSTM`: a drop-in for
+    ``nnx.RNN(nnx.LSTMCell(F, H, rngs=rngs))``, with its parameters (``cell``, a
+    :class:`SparseLSTMCell`) and carry ``(c, h)``, plus ``sparsity``, the packed mask of the
+    recurrent kernels ``cell.hi``, ``hf``, ``hg``, ``ho`` side by side (``[H, 4H]``). The input
+    projection of all steps is one matmul, with the recurrent biases folded in. ``kernel_init``,
+    ``recurrent_kernel_init`` and ``bias_init`` are passed to the cell.
+    """ + _LAYER_ARGS
+
+    CELL = SparseLSTMCell
+    CARRY = LSTM.carry
+    GATES = LSTM.gates
+    KERNELS = SparseLSTMCell.RECURRENT
+
+    def _project(self, inputs):
+        cell, dtype = self.cell, np.dtype(self.dtype)
+        w_i = jnp.concatenate([getattr(cell, n).kernel[...] for n in cell.INPUTS], axis=-1)
+        b_h = jnp.concatenate([getattr(cell, n).bias[...] for n in cell.RECURRENT], axis=-1)
+        x = jnp.dot(jnp.asarray(inputs, dtype), w_i.astype(dtype), precision=self.precision)
+        return x + b_h.astype(dtype)
+
+    def _recurrence(self):
+        return LSTM.recurrence(method=self.method)
+
+
+class SparseGRU(_GatedLayer):
+    """A GRU layer over a whole sequence in one :func:`jax_sprnn.sparse_gru` call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseGRU`: a drop-in for
+    ``nnx.RNN(nnx.GRUCell(F, H, rngs=rngs))``, with its parameters (``cell``, a
+    :class:`SparseGRUCell`) and carry, plus ``sparsity``, the packed mask of
+    ``cell.dense_h.kernel`` (``[H, 3H]``). ``nnx.GRUCell`` has no ``hn`` bias, so neither does
+    this layer. ``kernel_init``, ``recurrent_kernel_init`` and ``bias_init`` are passed to the
+    cell.
+    """ + _LAYER_ARGS
+
+    CELL = SparseGRUCell
+    GATES = GRU.gates
+
+    def _project(self, inputs):
+        return self.cell.dense_i(inputs)
+
+    def _recurrence(self):
+        return GRU.recurrence(method=self.method)
 
 
 class SparseBidirectional(nnx.Module):
@@ -304,19 +544,21 @@ class SparseBidirectional(nnx.Module):
         return (carry, y) if return_carry else y
 
 
-def _sparse_layers(model) -> dict[tuple, SparseRNN]:
-    layers = {tuple(path): m for path, m in nnx.iter_modules(model) if isinstance(m, SparseRNN)}
+def _sparse_layers(model) -> dict[tuple, _SparseLayer]:
+    layers = {tuple(path): m for path, m in nnx.iter_modules(model) if isinstance(m, _SparseLayer)}
     if not layers:
-        raise ValueError("the model has no jax_sprnn.nnx.SparseRNN layers")
+        raise ValueError("the model has no jax_sprnn.nnx.SparseRNN, SparseLSTM or SparseGRU layers")
     return layers
 
 
 def prune(model, sparsity: float, *, rule: str = "row_balanced") -> None:
-    """Prune every :class:`SparseRNN` of ``model`` in place (see
-    :func:`jax_sprnn.pruning.update_sparsity`; ``rule="global"`` shares one threshold across
-    the layers). The layouts stay the same, so a jitted step does not recompile. A layer with no
-    mask first gets its initial layout (``max_density``, ``mask_seed``); that one change of the
-    model's structure retraces a jitted step once."""
+    """Prune every sparse layer (:class:`SparseRNN`, :class:`SparseLSTM`, :class:`SparseGRU`) of
+    ``model`` in place (see :func:`jax_sprnn.pruning.update_sparsity`; ``rule="global"`` shares
+    one threshold across the layers; a gated layer's gates are pruned as one kernel
+    ``[H, G*H]``, and ``row_balanced`` balances every gate row). The layouts stay the same, so a
+    jitted step does not recompile. A layer with no mask first gets its initial layout
+    (``max_density``, ``mask_seed``); that one change of the model's structure retraces a jitted
+    step once."""
     layers = _sparse_layers(model)
     for path, layer in layers.items():
         if isinstance(layer.sparsity.get_value(), SparseWeights):
@@ -325,44 +567,44 @@ def prune(model, sparsity: float, *, rule: str = "row_balanced") -> None:
     for layer in layers.values():
         if layer.sparsity.get_value() is None:
             layer.sparsity.set_value(initial_layout(layer.hidden_features, layer.max_density,
-                                                    layer.mask_seed, layer.dtype))
-    params = {path: layer.cell.dense_h.kernel[...] for path, layer in layers.items()}
-    masks = {path: layer.sparsity.get_value() for path, layer in layers.items()}
+                                                    layer.mask_seed, layer.dtype, layer.GATES))
     # update_sparsity looks kernels up by path: give it one-level dicts with string keys.
     keys = {path: "/".join(map(str, path)) or "." for path in layers}
     new_params, new_masks = pruning.update_sparsity(
-        {keys[p]: v for p, v in params.items()}, {keys[p]: v for p, v in masks.items()},
-        sparsity, rule=rule)
+        {keys[p]: layer.kernel() for p, layer in layers.items()},
+        {keys[p]: layer.sparsity.get_value() for p, layer in layers.items()}, sparsity, rule=rule)
     for path, layer in layers.items():
-        layer.cell.dense_h.kernel[...] = new_params[keys[path]]
+        layer._set_kernel(new_params[keys[path]])
         layer.sparsity.set_value(new_masks[keys[path]])
 
 
 def param_masks(model):
     """The masks for :func:`jax_sprnn.pruning.keep_pruned`, shaped like
-    ``nnx.state(model, nnx.Param)``: each SparseRNN's mask at its ``cell/dense_h/kernel``, a
-    scalar ``True`` elsewhere (also at the kernel of a layer with no mask). Pass them as
+    ``nnx.state(model, nnx.Param)``: each sparse layer's mask at its recurrent kernel
+    (``cell/dense_h/kernel``; a gated layer's split among its gates' kernels), a scalar ``True``
+    elsewhere (also at the kernel of a layer with no mask). Pass them as
     ``optimizer.update(model, grads, masks=param_masks(model))``. Usable under ``nnx.jit``."""
     masks = {}
     for path, layer in _sparse_layers(model).items():
         stored = layer.sparsity.get_value()
         if isinstance(stored, PackedMask):
-            masks[path + ("cell", "dense_h", "kernel")] = jnp.asarray(stored.mask)
+            parts = jnp.split(jnp.asarray(stored.mask), len(layer.KERNELS), axis=-1)
+            masks.update({path + ("cell", name, "kernel"): part
+                          for name, part in zip(layer.KERNELS, parts)})
     params = nnx.as_pure(nnx.state(model, nnx.Param))  # what nnx.Optimizer hands to optax
     return pruning.masks_at_paths(params, masks)
 
 
 def to_inference(model):
-    """A copy of ``model`` in which every :class:`SparseRNN` runs its packed inference weights
-    (its ``sparsity`` holds :class:`jax_sprnn.SparseWeights`, its dense kernel
-    ``cell.dense_h`` is gone)."""
+    """A copy of ``model`` in which every sparse layer runs its packed inference weights (its
+    ``sparsity`` holds :class:`jax_sprnn.SparseWeights`, and its dense recurrent kernels are gone:
+    ``cell.dense_h`` entirely, the LSTM's ``cell.hi.kernel``, ... but not their biases)."""
     model = nnx.clone(model)
     for layer in _sparse_layers(model).values():
-        packed = layer.to_inference()
-        layer.sparsity.set_value(packed)
-        del layer.cell.dense_h
+        layer.sparsity.set_value(layer.to_inference())
+        layer._drop_kernel()
     return model
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "Sparsity", "prune", "param_masks",
-           "to_inference"]
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "SparseLSTMCell", "SparseGRUCell",
+           "SparseLSTM", "SparseGRU", "Sparsity", "prune", "param_masks", "to_inference"]
