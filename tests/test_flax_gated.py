@@ -387,10 +387,12 @@ def nnx_recurrent(kind, module):
 def randomize(module, seed):
     """Random weights in a layer (or an nnx.RNN), so tests do not rest on the init."""
     rng = np.random.default_rng(seed)
-    for _, param in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        shape = param.get_value().shape
-        scale = 0.6 / np.sqrt(shape[0]) if len(shape) == 2 else 0.3
-        param.set_value(jnp.asarray(rng.standard_normal(shape).astype(np.float32) * scale))
+    state = nnx.state(module, nnx.Param)
+    fresh = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)
+                                               * (0.6 / np.sqrt(a.shape[0]) if a.ndim == 2 else 0.3)),
+                         nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, fresh)
+    nnx.update(module, state)
 
 
 def nnx_twin(kind, layer):
