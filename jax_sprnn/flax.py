@@ -5,6 +5,12 @@
 * :class:`SparseRNN`: the whole sequence in one :func:`jax_sprnn.sparse_rnn` call (the persistent
   kernel on a GPU), a drop-in for ``nn.RNN(nn.SimpleCell(features))`` with ``nn.RNN``'s call
   keywords and its parameters.
+* :class:`SparseBidirectional`: both directions in one :func:`jax_sprnn.sparse_rnn_bidirectional`
+  call, a drop-in for ``nn.Bidirectional`` of two ``nn.RNN(nn.SimpleCell)``.
+* :class:`SparseLSTMCell`, :class:`SparseGRUCell` (``nn.LSTMCell``'s and ``nn.GRUCell``'s
+  parameters) and the fused :class:`SparseLSTM`, :class:`SparseGRU`, drop-ins for ``nn.RNN`` of
+  those cells; their mask covers the gates' recurrent kernels side by side, at the joined path
+  ``cell/hi+hf+hg+ho/kernel`` (docs/flax.md, LSTM and GRU).
 
 Parameters: the cell's are ``nn.SimpleCell``'s, and the layer's are ``nn.RNN(nn.SimpleCell)``'s,
 which keeps them under ``'cell'``. Names, nesting, shapes and dtypes are the same, so those

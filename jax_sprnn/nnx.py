@@ -9,8 +9,14 @@
   (``cell/dense_h/kernel``, ``cell/dense_i/{kernel,bias}``). The packed mask is in a
   :class:`Sparsity` variable (not an ``nnx.Param``, so optimizers leave it alone); a layer whose
   ``sparsity`` holds None runs dense and warns once, until :func:`prune` gives it a mask.
+* :class:`SparseBidirectional`: two :class:`SparseRNN` (``forward_rnn``, ``backward_rnn``) run in
+  one :func:`jax_sprnn.sparse_rnn_bidirectional` call, as ``nnx.Bidirectional`` of two
+  ``nnx.RNN(nnx.SimpleCell)``.
+* :class:`SparseLSTMCell`, :class:`SparseGRUCell` (``nnx.LSTMCell``'s and ``nnx.GRUCell``'s
+  state) and :class:`SparseLSTM`, :class:`SparseGRU` (``nnx.RNN`` of them, fused into one
+  ``sparse_lstm`` / ``sparse_gru`` call; ``sparsity`` masks the gates' kernels side by side).
 
-Pruning an NNX model: :func:`prune` (or ``SparseRNN.prune``) recomputes the masks in place and
+Pruning an NNX model: :func:`prune` (or ``layer.prune``) recomputes the masks in place and
 zeroes the pruned weights; the layout stays the same, so an ``nnx.jit`` step does not recompile.
 :func:`param_masks` feeds :func:`jax_sprnn.pruning.keep_pruned` through ``nnx.Optimizer.update``;
 :func:`to_inference` returns a copy of the model that runs the packed inference weights.
