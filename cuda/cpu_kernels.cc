@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -163,14 +164,31 @@ JAX_SPRNN_INLINE float lane_sum(const float* p) {
   }
 }
 
-// out[0, BT) = sum over row r's nonzeros of value * h[col, 0, BT) (h in [H][BT] tiles), then 0 * h
-// for the padding slots when asked; W: the ISA's vector width in floats. U independent partial sums
-// keep the FMA units busy (a single chain would wait on every add's latency).
+// Where the state is not all finite, the sparse sum alone would differ from the dense product
+// h @ (mask * kernel) that the reference and the dense path compute (docs/reliability.md): there a
+// pruned weight's 0 multiplies every h[j], and 0 * Inf and 0 * NaN are NaN. Row r of example j gets
+// that NaN exactly when one of the example's nonfinite[j] non-finite values sits in a column the
+// row has no entry in, i.e. when fewer of the row's entries than nonfinite[j] read a non-finite h.
+// (The real entries themselves are in the sum: value * Inf gives +-Inf or NaN, as in IEEE.)
+template <int BT, typename Index>
+JAX_SPRNN_INLINE void poison_row(const Rows& m, int64_t r, const float* h, const int32_t* nonfinite,
+                                 float* out) {
+  const Index* col = m.col<Index>();
+  int32_t seen[BT] = {};
+  for (int64_t k = m.begin[r]; k < m.end[r]; ++k)
+    for (int j = 0; j < BT; ++j) seen[j] += int32_t(not_finite(h[int64_t(col[k]) * BT + j]));
+  for (int j = 0; j < BT; ++j)
+    if (seen[j] < nonfinite[j]) out[j] = std::numeric_limits<float>::quiet_NaN();
+}
+
+// out[0, BT) = sum over row r's nonzeros of value * h[col, 0, BT) (h in [H][BT] tiles), made the
+// dense product's NaN by poison_row when `nonfinite` (per example of the tile, its count of
+// non-finite values of h) is given; W: the ISA's vector width in floats. U independent partial
+// sums keep the FMA units busy (a single chain would wait on every add's latency).
 template <int BT, int W, typename Index>
-JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool visit_padding,
+JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, const int32_t* nonfinite,
                                   float* out) {
-  const Index* cols = m.col<Index>();
-  const Index* col = cols + m.begin[r];
+  const Index* col = m.col<Index>() + m.begin[r];
   const float* val = m.val.get() + m.begin[r];
   const int64_t n = m.count(r);
   if constexpr (BT == 1) {
@@ -182,10 +200,7 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
       for (int u = 0; u < U; ++u) acc[u] += val[k + u] * h[col[k + u]];
     }
     for (; k < n; ++k) acc[0] += val[k] * h[col[k]];
-    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    if (visit_padding)
-      for (int64_t p = m.pad_begin[r]; p < m.pad_end[r]; ++p) sum += 0.0f * h[cols[p]];
-    out[0] = sum;
+    out[0] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   } else {
     constexpr int L = BT < W ? BT : W;  // floats per vector
     constexpr int P = BT / L;           // vectors per batch tile
@@ -211,22 +226,17 @@ JAX_SPRNN_INLINE void row_product(const Rows& m, int64_t r, const float* h, bool
       }
     for (int u = 1; u < U; ++u)
       for (int p = 0; p < P; ++p) acc[0][p] += acc[u][p];
-    if (visit_padding)
-      for (int64_t q = m.pad_begin[r]; q < m.pad_end[r]; ++q)
-        for (int p = 0; p < P; ++p) {
-          std::memcpy(&hv, h + int64_t(cols[q]) * BT + p * L, sizeof(V));
-          acc[0][p] += 0.0f * hv;
-        }
     for (int p = 0; p < P; ++p) std::memcpy(out + p * L, &acc[0][p], sizeof(V));
   }
+  if (nonfinite != nullptr) poison_row<BT, Index>(m, r, h, nonfinite, out);
 }
 
 // Rows [r0, r1) of U h for one batch tile: acc[(r - r0) * BT + j].
 template <int BT, int W, typename Index>
 JAX_SPRNN_INLINE void tile_products(const Rows& m, int64_t r0, int64_t r1, const float* h,
-                                    bool visit_padding, float* acc) {
+                                    const int32_t* nonfinite, float* acc) {
   for (int64_t r = r0; r < r1; ++r)
-    row_product<BT, W, Index>(m, r, h, visit_padding, acc + (r - r0) * BT);
+    row_product<BT, W, Index>(m, r, h, nonfinite, acc + (r - r0) * BT);
 }
 
 // What the stages of a recurrence share. The state it carries from step to step is float32 in batch
@@ -237,7 +247,7 @@ struct Recurrence {
   const int32_t* lengths;
   bool reverse;
   float* state[2];
-  // [stages + 1]: whether some value of the state stage q reads is not finite (then padding counts).
+  // [stages + 1]: whether some value of the state stage q reads is not finite (then poison_row runs).
   std::atomic<uint8_t>* nonfinite;
 };
 
@@ -443,8 +453,8 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1
   struct NAME {                                                                                      \
     template <int BT, typename Index>                                                                \
     ATTRIBUTE static void products(const Rows& m, int64_t r0, int64_t r1, const float* h,            \
-                                   bool visit_padding, float* acc) {                                 \
-      tile_products<BT, WIDTH, Index>(m, r0, r1, h, visit_padding, acc);                             \
+                                   const int32_t* nonfinite, float* acc) {                           \
+      tile_products<BT, WIDTH, Index>(m, r0, r1, h, nonfinite, acc);                                 \
     }                                                                                                \
     template <typename S, int ACT>                                                                   \
     ATTRIBUTE static bool forward(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,    \
@@ -520,7 +530,7 @@ auto with_isa(Pick&& pick) {
 // The entry points one recurrence call uses, chosen once per call.
 template <typename Epilogue>
 struct RecurrenceKernels {
-  void (*products)(const Rows&, int64_t, int64_t, const float*, bool, float*);
+  void (*products)(const Rows&, int64_t, int64_t, const float*, const int32_t*, float*);
   Epilogue epilogue;
 };
 
@@ -528,7 +538,7 @@ template <typename S, bool kForward>
 auto recurrence_kernels(const Rows& rows, int64_t tile, int64_t act) {
   return with_isa([&](auto isa) {
     using I = decltype(isa);
-    using Products = void (*)(const Rows&, int64_t, int64_t, const float*, bool, float*);
+    using Products = void (*)(const Rows&, int64_t, int64_t, const float*, const int32_t*, float*);
     auto products = [&](auto index) -> Products {
       using Index = decltype(index);
       return tile == 1   ? &I::template products<1, Index>
@@ -554,17 +564,29 @@ auto recurrence_kernels(const Rows& rows, int64_t tile, int64_t act) {
   });
 }
 
+// count[j] = how many of h[0, H)[j] are Inf or NaN, for each example j of a [H][BT] tile.
+inline void count_nonfinite(const float* h, int64_t H, int64_t BT, int32_t* count) {
+  std::fill(count, count + BT, 0);
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t j = 0; j < BT; ++j) count[j] += int32_t(not_finite(h[i * BT + j]));
+}
+
 // Stage q of a recurrence on rows [r0, r1): the sparse product of every batch tile (skipped when
 // `multiply` is false), then its epilogue; flags stage q + 1 when the new state is not all finite.
-// acc: scratch for (r1 - r0) * (BT + 1) floats.
+// In a flagged stage each thread counts a tile's non-finite values (O(H * BT), only then) for
+// poison_row. acc: scratch for (r1 - r0) * (BT + 1) floats.
 template <typename R, typename Kernels>
 void run_stage(const R& rec, const Kernels& k, int64_t q, bool multiply, int64_t r0, int64_t r1,
                float* acc) {
-  const bool visit_padding = rec.nonfinite[q].load(std::memory_order_relaxed) != 0;
+  const bool some_nonfinite = rec.nonfinite[q].load(std::memory_order_relaxed) != 0;
+  int32_t count[16];  // BT <= 16 (tile_width)
   bool finite = true;
   for (int64_t t = 0; t < rec.tiles; ++t) {
-    if (multiply)
-      k.products(*rec.rows, r0, r1, rec.state[q & 1] + t * rec.H * rec.BT, visit_padding, acc);
+    const float* h = rec.state[q & 1] + t * rec.H * rec.BT;
+    if (multiply) {
+      if (some_nonfinite) count_nonfinite(h, rec.H, rec.BT, count);
+      k.products(*rec.rows, r0, r1, h, some_nonfinite ? count : nullptr, acc);
+    }
     finite &= k.epilogue(rec, q, t, r0, r1, acc, acc + (r1 - r0) * rec.BT);
   }
   if (!finite) rec.nonfinite[q + 1].store(1, std::memory_order_relaxed);

@@ -35,16 +35,16 @@ struct Buffer {
   T& operator[](int64_t i) const { return data[i]; }
 };
 
-// U's rows over the packed slots, in row order: real entries first, then the padding. Padding adds
-// 0 * h, which is 0 unless h is not finite, and then NaN, as on the GPU and in the dense reference;
-// the kernels visit it only in a step whose state is not all finite. A row's lanes are one run inside
-// one warp (docs/format.md, invariant 1; check_indices enforces it), so warps count and fill their
-// rows independently.
+// U's real entries (the packed slots less the padding), in row order. The padding is not kept: a
+// pruned weight is 0 wherever it sits, and the kernels give a step whose state is not all finite
+// the dense product's NaN by counting (cpu_kernels.cc, poison_row), not through the padding slots,
+// whose columns are arbitrary (docs/format.md, invariant 3). A row's lanes are one run inside one
+// warp (docs/format.md, invariant 1; check_indices enforces it), so warps count and fill their rows
+// independently.
 struct Rows {
   int64_t hidden = 0, nnz = 0;
-  // [H]: row i's real entries are [begin[i], end[i]), its padding [pad_begin[i], pad_end[i])
-  std::vector<int32_t> begin, end, pad_begin, pad_end;
-  std::vector<int32_t> lane_real, lane_pad;  // [lanes]: each lane's real and padding slots
+  std::vector<int32_t> begin, end;  // [H]: row i's entries are [begin[i], end[i])
+  std::vector<int32_t> lane_real;   // [lanes]: each lane's real slots
   // [slots]: the column an entry reads, as uint16_t up to H = 65536 (the weights' bytes per entry
   // bound a step: each thread streams its rows' entries from L3), else int32_t
   bool narrow = false;
@@ -100,55 +100,48 @@ class RowsCache {
   std::vector<std::unique_ptr<Rows>> free_;
 };
 
-// Counts warp w's real and padding slots, lane by lane and row by row (its rows are its own).
+// Counts warp w's real slots, lane by lane and row by row (its rows are its own).
 inline void count_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w) {
   const int64_t base = w * K * kWarpSize;
   const int32_t* rows = lane_row + w * kWarpSize;
   int32_t* real = m.lane_real.data() + w * kWarpSize;
-  int32_t* pad = m.lane_pad.data() + w * kWarpSize;
   std::fill(real, real + kWarpSize, 0);
-  std::fill(pad, pad + kWarpSize, 0);
   for (int64_t k = 0; k < K; ++k)
     for (int l = 0; l < kWarpSize; ++l) {  // branch-free: a fifth of the slots, at random, are padding
       const int32_t used = rows[l] >= 0, padding = int32_t(uint32_t(indices[base + k * kWarpSize + l]) >> 31);
       real[l] += used & (padding ^ 1);
-      pad[l] += used & padding;
     }
   for (int l = 0; l < kWarpSize; ++l)
-    if (rows[l] >= 0) {
-      m.end[rows[l]] += real[l];  // counts for now; build_rows turns them into offsets
-      m.pad_end[rows[l]] += pad[l];
-    }
+    if (rows[l] >= 0) m.end[rows[l]] += real[l];  // counts for now; build_rows turns them into offsets
 }
 
-// Writes warp w's entries at their rows' offsets (begin, pad_begin). With `raw` values the entries
-// get val, without, slot. Branch-free (padding slots come at random): a padding slot writes its
-// column (and a value or slot nobody reads) at the padding cursor, an idle lane at index `trash`.
+// Writes warp w's real entries from their rows' offsets (begin). With `raw` values the entries get
+// val, without, slot. Branch-free (padding slots come at random): a padding slot, or any slot of an
+// idle lane, writes its column (and a value or slot nobody reads) at index `trash`, which only the
+// caller's thread writes.
 template <typename S, typename Index>
 void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t K, int64_t w,
                const typename S::Raw* raw, int32_t trash) {
   Index* col = const_cast<Index*>(m.col<Index>());
   const int64_t base = w * K * kWarpSize;
   const int32_t* rows = lane_row + w * kWarpSize;
-  int32_t next_real[kWarpSize], next_pad[kWarpSize], used[kWarpSize];  // each lane's first entries
+  int32_t next_real[kWarpSize], used[kWarpSize];  // each lane's first entry
   for (int l = 0; l < kWarpSize; ++l) {
     used[l] = rows[l] >= 0;
     if (!used[l]) {
-      next_real[l] = next_pad[l] = trash;
+      next_real[l] = trash;
       continue;
     }
     const bool first = l == 0 || rows[l - 1] != rows[l];
     next_real[l] = first ? m.begin[rows[l]] : next_real[l - 1] + m.lane_real[w * kWarpSize + l - 1];
-    next_pad[l] = first ? m.pad_begin[rows[l]] : next_pad[l - 1] + m.lane_pad[w * kWarpSize + l - 1];
   }
-  for (int l = 0; l < kWarpSize; ++l) {  // lane by lane: its cursors stay in registers
-    int32_t real_at = next_real[l], pad_at = next_pad[l];
+  for (int l = 0; l < kWarpSize; ++l) {  // lane by lane: its cursor stays in a register
+    int32_t real_at = next_real[l];
     const int32_t live = used[l];
     for (int64_t k = 0; k < K; ++k) {
       const int64_t e = base + k * kWarpSize + l;
       const int32_t idx = indices[e], padding = int32_t(uint32_t(idx) >> 31);
-      const int32_t at = padding ? pad_at : real_at;
-      pad_at += live & padding;
+      const int32_t at = padding ? trash : real_at;
       real_at += live & (padding ^ 1);
       col[at] = Index(idx ^ -padding);  // ~idx for padding
       if (raw != nullptr) {
@@ -167,20 +160,22 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
                 const void* values, xla::ffi::ThreadPool* pool, int64_t threads) {
   const int64_t H = lay.hidden, warps = lay.num_lanes / kWarpSize;
   m.hidden = H;
-  for (auto* v : {&m.begin, &m.end, &m.pad_begin, &m.pad_end}) v->assign(H, 0);
+  for (auto* v : {&m.begin, &m.end}) v->assign(H, 0);
   m.lane_real.resize(lay.num_lanes);
-  m.lane_pad.resize(lay.num_lanes);
-  const int64_t slots = lay.num_lanes * lay.slots;  // and one more: fill_warp's trash
+  // The entries fit in [0, slots); after them, each chunk of the fill gets its own trash index,
+  // kTrashStride apart so that two threads never write one cache line.
+  constexpr int64_t kTrashStride = 32;
+  const int64_t slots = lay.num_lanes * lay.slots, extra = kTrashStride * threads;
   m.narrow = H <= 65536;
   if (m.narrow) {
-    m.col16.reserve(slots + 1);
+    m.col16.reserve(slots + extra);
   } else {
-    m.col32.reserve(slots + 1);
+    m.col32.reserve(slots + extra);
   }
   if (values != nullptr) {
-    m.val.reserve(slots + 1);
+    m.val.reserve(slots + extra);
   } else {
-    m.slot.reserve(slots + 1);
+    m.slot.reserve(slots + extra);
   }
   const auto* raw = static_cast<const typename S::Raw*>(values);
   auto build = [&](int64_t stage, int64_t c, int64_t) {
@@ -195,17 +190,13 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
         m.end[r] = int32_t(at);
       }
       m.nnz = at;
-      for (int64_t r = 0; r < H; ++r) {
-        m.pad_begin[r] = int32_t(at);
-        at += m.pad_end[r];
-        m.pad_end[r] = int32_t(at);
-      }
     } else if (stage == 2) {
+      const auto trash = int32_t(slots + kTrashStride * c);
       for (int64_t w = w0; w < w1; ++w) {
         if (m.narrow) {
-          fill_warp<S, uint16_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
+          fill_warp<S, uint16_t>(m, indices, lane_row, lay.slots, w, raw, trash);
         } else {
-          fill_warp<S, int32_t>(m, indices, lane_row, lay.slots, w, raw, int32_t(slots));
+          fill_warp<S, int32_t>(m, indices, lane_row, lay.slots, w, raw, trash);
         }
       }
     }

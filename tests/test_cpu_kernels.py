@@ -1,6 +1,6 @@
 """The C++ CPU kernels' own paths: every batch-tile width, the rows split over XLA's thread pool,
-each instruction-set variant, the padding slots of a state that is not finite, and the layout
-invariant the row build relies on. Each runs on the CPU backend (the kernels are CPU-only)."""
+each instruction-set variant, and the layout invariant the row build relies on (a state that is
+not finite: tests/test_nan_parity.py). Each runs on the CPU backend (the kernels are CPU-only)."""
 
 import jax
 import jax.numpy as jnp
@@ -59,34 +59,6 @@ def test_weight_gradient_is_reproducible_across_thread_counts(monkeypatch):
     monkeypatch.setenv("JAX_SPRNN_CPU_THREADS", "1")
     one = np.asarray(grad(w.values))
     np.testing.assert_array_equal(many, one)
-
-
-def _packed_step_nans(w, x, h0, padding=True):
-    """Which outputs of one step are NaN when the sum runs over the packed slots: the real ones, and
-    with ``padding`` the padding ones too (each adds 0 * h: NaN where h is not finite)."""
-    indices, values = np.asarray(w.indices), np.asarray(w.values, np.float64)
-    K = w.meta.slots_per_lane
-    slot = np.arange(indices.size)
-    lane = (slot // (32 * K)) * 32 + slot % 32
-    rows = np.asarray(w.lane_row)[lane]
-    cols = np.where(indices < 0, ~indices, indices)
-    h = np.asarray(h0, np.float64)
-    z = np.zeros(h.shape)
-    with np.errstate(invalid="ignore"):
-        for e in np.flatnonzero((rows >= 0) & ((indices >= 0) | padding)):
-            z[:, rows[e]] += values[e] * h[:, cols[e]]
-        return np.isnan(np.tanh(np.asarray(x, np.float64)[:, 0] + z))
-
-
-@pytest.mark.parametrize("bad", [np.inf, np.nan])
-def test_non_finite_state_reaches_rows_through_padding(bad):
-    dense, w, x, h0 = make_problem(4, 128, 4, 1, 0.3)  # 2 slots per lane: padding in used lanes
-    h0 = h0.at[1, :8].set(bad).at[3, 17].set(-bad)
-    y, _ = js.sparse_rnn(x, h0, w, method="native")
-    want = _packed_step_nans(w, x, h0)
-    # the case exercises the padding slots: some rows are NaN through them alone
-    assert (want & ~_packed_step_nans(w, x, h0, padding=False)).any() and not want[0].any()
-    np.testing.assert_array_equal(np.isnan(np.asarray(y[:, 0])), want)
 
 
 def test_rows_split_across_warps_are_refused():
