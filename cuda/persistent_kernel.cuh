@@ -547,13 +547,16 @@ __device__ __forceinline__ void cluster_barrier() {
 #endif
 }
 
-// Writes the TILE values of one (row, plane) into the staged state of every CTA of the cluster
-// (`local_dst` is the address in this CTA's own copy; DSMEM maps it into each peer's).
+// Writes the TILE values of one (row, plane) into the staged state of the CTAs of the cluster with
+// ranks first, first + stride, ... < n_ranks (`local_dst` is the address in this CTA's own copy;
+// DSMEM maps it into each peer's). The lanes of a row's run share its pushes this way.
 template <int TILE>
-__device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TILE], int n_ranks) {
+__device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TILE], int first,
+                                          int stride, int n_ranks) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  for (int r = 0; r < n_ranks; ++r) store_floats<TILE>(cluster.map_shared_rank(local_dst, r), v);
+  for (int r = first; r < n_ranks; r += stride)
+    store_floats<TILE>(cluster.map_shared_rank(local_dst, r), v);
 #else
   __trap();
 #endif
@@ -565,11 +568,37 @@ struct BatchSlice {
   int b0, n;
 };
 
-// seq_out[s_begin:T, slice] = 0 (steps past the slice's longest sequence), strided over the n_ctas
-// CTAs that run the slice (`cta` is this CTA's rank among them).
+// Where this CTA sits: its rank among the CTAs that run its slice (the layout's CTA index), their
+// number, and the slice. Cheap enough to recompute where needed, which keeps them out of the
+// registers of the phase loop.
+__device__ __forceinline__ int cta_rank(const PersistentParams& p) {
+  return p.cluster > 0 ? static_cast<int>(blockIdx.x) % p.cluster : static_cast<int>(blockIdx.x);
+}
+__device__ __forceinline__ int slice_ctas(const PersistentParams& p) {
+  return p.cluster > 0 ? p.cluster : static_cast<int>(gridDim.x);
+}
+__device__ __forceinline__ int replica_of(const PersistentParams& p) {
+  if (p.cluster == 0) return 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Read per use (volatile: never hoisted into a register that lives through the phase loop).
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(id));
+  return static_cast<int>(id);
+#else
+  return static_cast<int>(blockIdx.x) / p.cluster;
+#endif
+}
+__device__ __forceinline__ BatchSlice batch_slice(const PersistentParams& p) {
+  const int b0 = replica_of(p) * p.replica_batch;
+  return BatchSlice{b0, min(p.replica_batch, p.B - b0)};
+}
+
+// seq_out[s_begin:T, slice] = 0 (steps past the slice's longest sequence), strided over the CTAs
+// that run the slice.
 template <class S>
-__device__ void zero_tail_steps(const PersistentParams& p, int s_begin, BatchSlice bs, int cta,
-                                int n_ctas) {
+__device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
+  const BatchSlice bs = batch_slice(p);
+  const int cta = cta_rank(p), n_ctas = slice_ctas(p);
   using Bits = typename S::Bits;
   Bits* out = static_cast<Bits*>(p.seq_out);
   const size_t step_elems = static_cast<size_t>(bs.n) * p.H;  // one step of the slice is contiguous
@@ -748,11 +777,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   // Grid mode: CTA = blockIdx.x, one slice = the whole batch. Cluster mode: CTA = rank in the
   // cluster (the layout has one CTA per rank), one slice per cluster.
   const bool in_cluster = p.cluster > 0;
-  const int cta = in_cluster ? static_cast<int>(blockIdx.x) % p.cluster : static_cast<int>(blockIdx.x);
-  const int n_ctas = in_cluster ? p.cluster : static_cast<int>(gridDim.x);
-  const int replica = in_cluster ? static_cast<int>(blockIdx.x) / p.cluster : 0;
-  const BatchSlice bs{replica * p.replica_batch, min(p.replica_batch, p.B - replica * p.replica_batch)};
-  const int gwarp = cta * warps_per_cta + warp;
+  const int gwarp = cta_rank(p) * warps_per_cta + warp;
   const int H = p.H, K = p.K;
   const int n_planes = p.n_planes;
   const int n_full_planes = p.n_full_planes;
@@ -780,8 +805,9 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     }
   }
   __syncthreads();
-  for (int b = tid; b < bs.n; b += blockDim.x) {
-    const int L = min(max(__ldg(p.lengths + bs.b0 + b), 0), p.T);  // clamp: lengths must be in [0, T]
+  const BatchSlice slice = batch_slice(p);
+  for (int b = tid; b < slice.n; b += blockDim.x) {
+    const int L = min(max(__ldg(p.lengths + slice.b0 + b), 0), p.T);  // clamp: lengths must be in [0, T]
     len_smem[b] = L;
     atomicMax(&s_steps, L);
   }
@@ -806,7 +832,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     // Every row needs exactly one head in the whole grid; the finisher compares the count with H
     // (a missing row would otherwise go unnoticed when no phase waits for it, e.g. T = 1).
     // (Replicas hold the same layout: only the first one counts.)
-    if (lane == 0 && heads != 0 && replica == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
+    if (lane == 0 && heads != 0 && replica_of(p) == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
   }
 
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
@@ -842,15 +868,16 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const int n_steps = s_steps;
 
   if (n_steps == 0) {  // every sequence of the slice is empty: final_out = init, seq_out = 0
+    const BatchSlice bs = batch_slice(p);
     const size_t first = static_cast<size_t>(bs.b0) * H;
     const Bits* init = static_cast<const Bits*>(p.init) + first;
     Bits* final_out = static_cast<Bits*>(p.final_out) + first;
     const size_t n = static_cast<size_t>(bs.n) * H;
-    for (size_t i = static_cast<size_t>(cta) * blockDim.x + tid; i < n;
-         i += static_cast<size_t>(n_ctas) * blockDim.x) {
+    for (size_t i = static_cast<size_t>(cta_rank(p)) * blockDim.x + tid; i < n;
+         i += static_cast<size_t>(slice_ctas(p)) * blockDim.x) {
       final_out[i] = init[i];
     }
-    zero_tail_steps<S>(p, 0, bs, cta, n_ctas);
+    zero_tail_steps<S>(p, 0);
     return;
   }
 
@@ -871,13 +898,13 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   if (in_cluster) cluster_barrier();
   if (cta_has_rows || in_cluster) {
     Cell cell;
-    if (is_head) cell.prefetch(p, bs, len_smem, row, 0, 0, n_steps);
+    if (is_head) cell.prefetch(p, batch_slice(p), len_smem, row, 0, 0, n_steps);
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
 
       // ---- 1. stage the state of phase s-1 ---------------------------------------------------
       if (s == 0) {
-        Cell::stage_initial(p, bs, h_cur, plane_floats);
+        Cell::stage_initial(p, batch_slice(p), h_cur, plane_floats);
       } else if (!in_cluster) {  // (cluster mode: the peers pushed it before the last barrier)
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
@@ -923,13 +950,10 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           }
         }
 
+        float out[TILE];
         if (is_head) {
-          float out[TILE];
-          cell.finish(p, bs, len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
-          if (in_cluster && !last_phase) {  // into the other staged copy of every peer
-            float* const h_next = (s & 1) ? h_stage0 : h_stage1;
-            push_tile<TILE>(h_next + plane * plane_floats + row * TILE, out, p.cluster);
-          } else if (publishes && !last_phase) {  // nobody reads the last phase's words
+          cell.finish(p, batch_slice(p), len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
+          if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
             Word words[TILE];
 #pragma unroll
             for (int t = 0; t < TILE; ++t) words[t] = X::make_word(out[t], out_tag);
@@ -945,9 +969,24 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           }
           // Prefetch the operands of the next (phase, plane).
           if (plane + 1 < n_planes) {
-            cell.prefetch(p, bs, len_smem, row, s, plane + 1, n_steps);
+            cell.prefetch(p, batch_slice(p), len_smem, row, s, plane + 1, n_steps);
           } else if (s + 1 < n_phases) {
-            cell.prefetch(p, bs, len_smem, row, s + 1, 0, n_steps);
+            cell.prefetch(p, batch_slice(p), len_smem, row, s + 1, 0, n_steps);
+          }
+        }
+        if (in_cluster && !last_phase) {
+          // Into the other staged copy of every peer. The row's lanes share the N pushes: lane j
+          // of a run of len lanes takes ranks j, j + len, ... (the run's head is recomputed here
+          // rather than kept in a register through the loop).
+          const int prev_row_now = __shfl_up_sync(kFullMask, row, 1);
+          const uint32_t run_starts = __ballot_sync(kFullMask, lane == 0 || row != prev_row_now);
+          const int head = 31 - __clz(run_starts & (kFullMask >> (31 - lane)));
+#pragma unroll
+          for (int t = 0; t < TILE; ++t) out[t] = __shfl_sync(kFullMask, out[t], head);
+          if (row >= 0) {
+            float* const h_next = (s & 1) ? h_stage0 : h_stage1;
+            push_tile<TILE>(h_next + plane * plane_floats + row * TILE, out, lane - head,
+                            seg_end - head, p.cluster);
           }
         }
       }
@@ -960,7 +999,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
       }
     }
   }
-  zero_tail_steps<S>(p, n_steps, bs, cta, n_ctas);
+  zero_tail_steps<S>(p, n_steps);
 }
 
 // ================================================================================================

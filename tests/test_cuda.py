@@ -27,7 +27,9 @@ def test_thread_limits_match_the_build():
         for rs, most in table:
             attrs = cuda.kernel_attributes(dtype, 4, rs, 0, most)
             assert attrs["max_threads_per_block"] >= most, (dtype, rs)
-            assert attrs["local_bytes"] <= 16, (dtype, rs, attrs)
+            # A few spilled words at most: 24 bytes in the largest register tiers (fp32 RS=96,
+            # 16-bit RS=192) since cluster mode's batch slice (docs/design.md, registers and spills).
+            assert attrs["local_bytes"] <= 24, (dtype, rs, attrs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

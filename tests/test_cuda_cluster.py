@@ -73,7 +73,9 @@ def test_every_cluster_size_matches_the_grid_mode_bitwise(n_ctas):
     assert rel_err(jnp.swapaxes(y_c, 0, 1), y_ref) < TOLERANCE["float16"]
 
 
-@pytest.mark.parametrize("batch", [33, 64, 130])
+# (The dispatch admits at most the grid mode's batch limit, 112 at H=512: cluster mode is not
+# assumed to be available when a program is compiled.)
+@pytest.mark.parametrize("batch", [33, 64, 100])
 def test_batch_replicas_equal_one_big_grid_call(batch):
     # B examples over many replicas of the cluster against the same layout in one grid launch.
     dense, w, x, h0 = make_problem(batch, 512, batch, 17, 0.1, "float16")

@@ -6,6 +6,7 @@
 #     (python benchmarks/run.py --suite ...; 'bench' is another name for 'suite'; all = tests,suite)
 #   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
 #   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/)
+#   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
@@ -32,6 +33,7 @@ CUDA_ARCHS=${CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,nohea
 arch_define=()
 if [ "$CUDA_ARCHS" != all ]; then arch_define=(-Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS"); fi
 echo "architectures: $CUDA_ARCHS"
+export JAX_SPRNN_EXPECTED_CUDA_ARCHS="$CUDA_ARCHS"  # tests/test_devices.py checks the build against it
 JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q "${arch_define[@]}" \
   -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
 rc=$?
@@ -86,6 +88,13 @@ if has speech; then
     python3 "$OLDPWD/examples/speech_model.py" --bench-only --hidden 2048 --density 0.1 --dtype "$dt" \
       --out "$OUT/speech_$dt" 2>&1 | tee "$OUT/speech_$dt.log" | tail -12
   done
+fi
+if has train; then
+  echo "== speech example, training on the GPU (steps/s and the run's wall time)"
+  start=$(date +%s)
+  timeout -k 10 "${TRAIN_TIMEOUT:-300}" python3 "$OLDPWD/examples/speech_model.py" ${TRAIN_ARGS:-} \
+    --out "$OUT/speech_train" > "$OUT/speech_train.log" 2>&1
+  echo "train rc=$? in $(( $(date +%s) - start )) s"; grep -v -E "^\s*$" "$OUT/speech_train.log" | tail -25
 fi
 if has sanitize || has final; then
   echo "== compute-sanitizer"

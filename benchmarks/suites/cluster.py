@@ -35,20 +35,31 @@ CONFIGS = [(h, 0.1, b, "float16") for h in (256, 512, 1024) for b in (1, 4, 8, 3
 # The speech example's recurrent layer (H=256, fp32), and denser or wider neighbours.
 MORE = [(256, 0.1, 1, "float32"), (256, 0.1, 8, "float32"), (1024, 0.3, 8, "float16"),
         (1152, 0.1, 8, "float16"), (512, 0.1, 64, "float16")]
-QUICK = [(256, 0.1, 1, "float16"), (256, 0.1, 8, "float16"), (1024, 0.1, 8, "float16"),
-         (1024, 0.1, 32, "float16")]
+QUICK = [(256, 0.1, 1, "float16"), (256, 0.1, 8, "float16"), (512, 0.1, 4, "float16"),
+         (1024, 0.1, 8, "float16"), (1024, 0.1, 32, "float16"), (256, 0.1, 1, "float32")]
 SMOKE = [(64, 0.2, 2, "float16")]
 
 _PACKED: dict = {}
 
 
-def _grid_layout(layer: Layer) -> js.SparseWeights:
-    key = (layer.hidden, layer.density, layer.dtype)
+def _packed_on(layer: Layer, sm_count: int | None) -> js.SparseWeights:
+    """The layer packed for a GPU without clusters, of ``sm_count`` SMs (None: this GPU's): a
+    grid-mode layout, or with few SMs a layout of at most that many CTAs (which runs in cluster
+    mode: the cluster-size sweep)."""
+    key = (layer.hidden, layer.density, layer.dtype, sm_count)
     if key not in _PACKED:
         device = dataclasses.replace(_native.current_device_spec(), cluster_launch=False)
-        _PACKED[key] = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype,
-                                                   device=device)
+        if sm_count is not None:
+            device = dataclasses.replace(device, sm_count=sm_count)
+        w = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype, device=device)
+        if not w.meta.fits:
+            raise Skip(w.meta.reason)
+        _PACKED[key] = w
     return _PACKED[key]
+
+
+def _grid_layout(layer: Layer) -> js.SparseWeights:
+    return _packed_on(layer, None)
 
 
 def _forced(name: str, weights, exchange_mode: str) -> Peer:
@@ -71,19 +82,32 @@ def _forced(name: str, weights, exchange_mode: str) -> Peer:
                            warps_per_cta=w.meta.warps_per_cta, K=w.meta.slots_per_lane)
         return runner
 
-    return Peer(name, f"the {'planned' if weights is _planned else 'grid-only'} layout, "
-                      f"exchange_mode={exchange_mode}", ALL_DTYPES, build, competitor=False)
+    return Peer(name, f"{weights.__doc__}, exchange_mode={exchange_mode}", ALL_DTYPES, build,
+                competitor=False)
 
 
 def _planned(layer: Layer) -> js.SparseWeights:
+    """the planned layout"""
     return layer.weights
 
 
+_grid_layout.__doc__ = "the layout planned without clusters"
+
+
+def _on(n: int):
+    def weights(layer: Layer) -> js.SparseWeights:
+        return _packed_on(layer, n)
+    weights.__doc__ = f"a layout of at most {n} CTAs"
+    return weights
+
+
 PEERS = [_forced("grid_mode", _planned, "grid"), _forced("grid_layout", _grid_layout, "auto")]
+#: The cluster-size sweep (--peers or SWEEP_SIZES): the same layer on 1-16 CTAs, in cluster mode.
+SIZES = [_forced(f"n{n}", _on(n), "cluster") for n in (1, 2, 4, 8, 16)]
 
 
 def run(ctx: Context) -> None:
-    peers = [*ctx.peers[:1], *PEERS, *ctx.peers[1:]]  # ours first, then the two grid variants
+    peers = [*ctx.peers[:1], *PEERS, *SIZES, *ctx.peers[1:]]  # ours, the grid variants, the sizes
     seen: set = set()
     configs = SMOKE if ctx.smoke else QUICK if ctx.quick else CONFIGS + MORE
     for hidden, density, batch, dtype in configs:
@@ -101,4 +125,4 @@ def run(ctx: Context) -> None:
 
 
 def columns(peers):
-    return case_columns([*peers[:1], *PEERS, *peers[1:]])
+    return case_columns([*peers[:1], *PEERS, *SIZES, *peers[1:]])
