@@ -188,6 +188,8 @@ nnx = pytest.importorskip("flax.nnx")
 from jax_sprnn import nnx as jnnx  # noqa: E402 (after the importorskip of flax)
 from jax_sprnn.flax import SparseBidirectional  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("exact_matmuls")  # comparisons at 1e-5 (tests/conftest.py)
+
 H, F, B, T = 13, 5, 3, 7
 LENGTHS = np.array([T, 4, 1], np.int32)
 

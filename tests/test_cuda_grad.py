@@ -56,7 +56,7 @@ def test_backward_kernels_share_the_forward_launch_bounds():
                 attrs = cuda.kernel_attributes(dtype, tile, rs, 0, most, backward=True)
                 assert attrs["max_threads_per_block"] >= most, (dtype, rs, tile)
                 # a few spilled words at most (outside the slot loop): see docs/design.md
-                assert attrs["local_bytes"] <= 48, (dtype, rs, tile, attrs)  # 40 since cluster mode
+                assert attrs["local_bytes"] <= 64, (dtype, rs, tile, attrs)  # 56 since cluster mode
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -20,11 +20,7 @@ LENGTHS = np.array([T, 0, 6], np.int32)  # a full sequence, an empty one, a part
 CELLS = {"lstm": 4, "gru": 3}
 
 
-@pytest.fixture(autouse=True)
-def exact_matmuls():
-    """GPUs run float32 matmuls at reduced precision by default; these comparisons are at 1e-5."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_matmuls")  # comparisons at 1e-5 (tests/conftest.py)
 
 
 def problem(gates: int, dtype: str = "float32", seed: int = 0, density: float = 0.3):
