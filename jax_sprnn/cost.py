@@ -62,30 +62,47 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 
 
 # Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
-# state into every peer's shared memory and ends in one cluster barrier; replicas of the cluster
-# run slices of the batch side by side. PROVISIONAL constants, from the exchange probe
-# (benchmarks/RESULTS.md, "The exchange floor": a cluster barrier and DSMEM pushes cost 0.25-0.87 µs
-# a step at H <= 1024, B <= 8), with the grid kernel's per-slot cost; refit them from the cluster
-# rows of the sweep.
-CLUSTER_FIXED_US = 0.3
-CLUSTER_PUSH_US = 0.03     # per CTA of the cluster, per plane: a head lane pushes to every peer
-CLUSTER_PLANE_US = 0.25
+# state into every peer's shared memory and ends in one cluster barrier; replicas of the cluster run
+# slices of the batch side by side. ``a + planes * (b + c * warps_per_cta * K_eff + d * [N > 8])``
+# µs, fitted to the cluster suite's sweep of layouts on 1-16 CTAs (H200, 2026-12-02,
+# benchmarks/results/cluster_2026-12-02.json: H 256-1024, B 1-32, fp16 and fp32): within about
+# ±25% of most points (the runs' own noise is ±15%). c came out equal to the grid fit's
+# KERNEL_SLOT_US. A cluster of more than 8 CTAs (the non-portable size) costs d more a plane, and
+# the H200 holds 7 such clusters at once rather than 132 // 16 = 8.
+CLUSTER_FIXED_US = 0.45
+CLUSTER_PLANE_US = 1.7
+CLUSTER_WIDE_US = 0.53
+PORTABLE_CLUSTER_CTAS = 8
+
+#: The batches a layout's step is estimated at when it is planned (before its batch is known), with
+#: their weights: small batches are the package's ground, and B=32 keeps a 16-CTA cluster (fastest at
+#: one batch tile) from being chosen where fewer of them fit at once and B=32 then costs twice.
+PLANNING_BATCHES = ((1, 1.0), (4, 1.0), (8, 1.0), (32, 0.5))
 
 
 def cluster_replicas(meta: LayoutMeta, batch: int, sm_count: int = 132) -> int:
-    """Replicas of the cluster a batch runs on: one batch tile each while the SMs last (the handler
-    takes as many as the device holds at once)."""
-    tiles = batch_planes(meta, batch)
-    return max(1, min(tiles, sm_count // max(1, meta.num_ctas)))
+    """Replicas of the cluster a batch runs on: one batch tile each while the device holds that many
+    clusters at once (the handler asks cudaOccupancyMaxActiveClusters; this is its estimate)."""
+    n = max(1, meta.num_ctas)
+    resident = max(1, sm_count // n - (1 if n > PORTABLE_CLUSTER_CTAS else 0))
+    return max(1, min(batch_planes(meta, batch), resident))
 
 
 def cluster_step_us(meta: LayoutMeta, batch: int, sm_count: int = 132) -> float:
     """Estimated µs per step of the persistent kernel in cluster mode for this layout and batch."""
     k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
     planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
-    per_plane = (CLUSTER_PLANE_US + CLUSTER_PUSH_US * meta.num_ctas
-                 + KERNEL_SLOT_US * meta.warps_per_cta * k_eff)
+    wide = CLUSTER_WIDE_US if meta.num_ctas > PORTABLE_CLUSTER_CTAS else 0.0
+    per_plane = CLUSTER_PLANE_US + wide + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
     return CLUSTER_FIXED_US + planes * per_plane
+
+
+def planning_step_us(meta: LayoutMeta, exchange: str) -> float:
+    """The mean estimated step over :data:`PLANNING_BATCHES` in the given exchange mode: how the
+    planner compares layouts whose batch is not known yet."""
+    step = cluster_step_us if exchange == "cluster" else persistent_step_us
+    return (sum(w * step(meta, b) for b, w in PLANNING_BATCHES)
+            / sum(w for _, w in PLANNING_BATCHES))
 
 
 def kernel_step_us(meta: LayoutMeta, batch: int) -> float:

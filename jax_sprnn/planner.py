@@ -352,7 +352,7 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
 def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: int,
                     slot_sizes: Sequence[int], gates: int) -> Plan | None:
     """The cheapest layout on at most :data:`MAX_CLUSTER_CTAS` CTAs, by the cluster-mode step
-    estimate at one batch tile (``jax_sprnn.cost.cluster_step_us``), or None (no clusters on the
+    estimate over a few batches (``jax_sprnn.cost.planning_step_us``), or None (no clusters on the
     device, or the layer does not fit in so few CTAs). Cluster mode keeps two staged copies of the
     state, so the shared memory is planned for both."""
     from . import cost  # cost imports this module
@@ -384,18 +384,18 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
             plan = Plan(hidden, k, ctas * wpc, wpc, reg_slots, load_bytes, True,
                         f"fits (cluster mode: {ctas} CTAs of {wpc} warps)",
                         cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype), gates=gates)
-            us = cost.cluster_step_us(plan, tile)
+            us = cost.planning_step_us(plan, "cluster")
             if us < best_us:
                 best, best_us = plan, us
     return best
 
 
 def _faster_of(grid: Plan, cluster: Plan | None) -> Plan:
-    """The grid-mode or the cluster-mode layout, whichever has the lower estimated step at one batch
-    tile (a layout is planned before its batch is known)."""
+    """The grid-mode or the cluster-mode layout, whichever has the lower estimated step over a few
+    batches (a layout is planned before its batch is known)."""
     from . import cost
 
     if cluster is None or grid.num_ctas <= MAX_CLUSTER_CTAS:
         return grid
-    tile = grid.load_bytes // 4
-    return cluster if cost.cluster_step_us(cluster, tile) < cost.persistent_step_us(grid, tile) else grid
+    faster = cost.planning_step_us(cluster, "cluster") < cost.planning_step_us(grid, "grid")
+    return cluster if faster else grid

@@ -136,3 +136,19 @@ def test_gpu_path_of_a_layer():
     assert gpu_path(w.meta, 16, jnp.float16, target=dispatch.BACKWARD)[0] == "persistent"
     too_big, why = gpu_path(w.meta, 10_000, jnp.float16, method="native")
     assert too_big == "dense" and "exceeds the persistent kernel's limit" in why
+
+
+def test_cluster_step_grows_with_planes_and_wide_clusters():
+    meta = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 8 CTAs of 16 warps, K=16
+    one = cost.cluster_step_us(meta, 4)
+    # by hand: fixed + one plane of (plane + slots * warps * K)
+    assert one == pytest.approx(cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.KERNEL_SLOT_US * 16 * 16)
+    # replicas take the batch: 16 tiles on 16 replicas of 8 CTAs is still one plane each
+    assert cost.cluster_step_us(meta, 64) == pytest.approx(one)
+    # ... until the SMs run out: 132 // 8 = 16 replicas, so 68 tiles need 5 planes each
+    assert cost.cluster_step_us(meta, 272) == pytest.approx(
+        cost.CLUSTER_FIXED_US + 5 * (one - cost.CLUSTER_FIXED_US))
+    wide = LayoutMeta(1024, 16, 16 * 8, 8, 16, 16, True, "fits")  # 16 CTAs: the non-portable size
+    assert cost.cluster_replicas(wide, 64) == 132 // 16 - 1
+    floor = cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.CLUSTER_WIDE_US
+    assert cost.cluster_step_us(wide, 4) > floor

@@ -225,11 +225,12 @@ def test_cluster_mode_is_chosen_by_the_step_estimate():
         grid = plan_layout(nnz, np.float16, GRID_ONLY)
         assert grid.exchange == "grid" or grid.num_ctas <= planner.MAX_CLUSTER_CTAS
         if plan.exchange == "cluster" and grid.exchange == "grid":
-            assert cost.cluster_step_us(plan, 4) < cost.persistent_step_us(grid, 4)
+            assert cost.planning_step_us(plan, "cluster") < cost.planning_step_us(grid, "grid")
         else:
             assert plan == grid
-    # Large layers stay on the whole GPU.
+    # Large layers stay on the whole GPU (the paper's headline layer among them).
     assert plan_layout(np.full(2304, 230), np.float16, H200).exchange == "grid"
+    assert plan_layout(np.full(2304, 691), np.float16, H200).exchange == "grid"
 
 
 def test_devices_without_clusters_get_grid_layouts_only():
