@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import fallback
-from ._checks import METHODS, check_method, check_rnn_args, is_concrete
+from ._checks import METHODS, check_method, check_rnn_args, check_weights, is_concrete
 from .planner import LayoutMeta
 from .primitives import sprnn_backward_p, sprnn_forward_p, sprnn_weight_grad_p
 from .reference import dense_matvec, scan_recurrence
@@ -101,8 +101,7 @@ def sparse_rnn(inputs, h0, weights: SparseWeights, *, activation: str = "tanh",
       ``(outputs, final_state)``: outputs laid out like ``inputs``, final state ``[B, H]``.
       Accumulation is float32; the state is rounded to the storage dtype after every step.
     """
-    if not isinstance(weights, SparseWeights):
-        raise TypeError(f"weights must be a jax_sprnn.SparseWeights, got {type(weights).__name__}")
+    check_weights(weights, 1)  # a gated kernel gets an error naming sparse_lstm / sparse_gru
     check_method(method)
     dtype = np.dtype(weights.values.dtype)
     x_tm, h0, lengths = check_rnn_args(inputs, h0, weights.hidden, inputs_dtype=dtype,

@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._checks import as_array
+from ._checks import as_array, check_weights
 from .api import sparse_rnn
 from .weights import SparseWeights
 
@@ -62,8 +62,7 @@ def sparse_rnn_sharded(inputs, h0, weights: SparseWeights, *, mesh: Mesh, batch_
     axis name, or a tuple of names whose product splits the batch). The batch must divide evenly.
     """
     axes = _batch_axes(mesh, batch_axis)
-    if not isinstance(weights, SparseWeights):
-        raise TypeError(f"weights must be a jax_sprnn.SparseWeights, got {type(weights).__name__}")
+    check_weights(weights, 1)
     inputs = as_array(inputs)
     if inputs.ndim != 3:
         raise ValueError(f"inputs must be {'[T, B, H]' if time_major else '[B, T, H]'}, got shape "

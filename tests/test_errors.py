@@ -113,3 +113,13 @@ def test_native_kernel_rejects_out_of_range_indices(problem):
         jax.block_until_ready(js.sparse_rnn(x, h0, w, method="native"))
     y, _ = js.sparse_rnn(x, h0, w, method="native")
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+@pytest.mark.parametrize("gates, runs", [(3, "sparse_gru"), (4, "sparse_lstm")])
+def test_sparse_rnn_refuses_gated_weights_naming_the_function_that_runs_them(gates, runs):
+    rng = np.random.default_rng(gates)
+    w = js.SparseWeights.from_dense(rng.standard_normal((6, gates * 6)).astype(np.float32), density=0.5)
+    x, h0 = jnp.zeros((2, 3, 6)), jnp.zeros((2, 6))
+    for method in ("auto", "native", "reference"):
+        with pytest.raises(ValueError, match=rf"expected shape \(6, 6\), got \(6, {gates * 6}\).*{runs}"):
+            js.sparse_rnn(x, h0, w, method=method)
