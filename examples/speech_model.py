@@ -29,7 +29,7 @@ if str(EXAMPLES) not in sys.path:  # `speech` is the package beside this script
     sys.path.insert(0, str(EXAMPLES))
 
 from speech import data as data_lib  # noqa: E402
-from speech.features import FeatureConfig, SpecAugment  # noqa: E402
+from speech.features import Augmenter, FeatureConfig, SpecAugment  # noqa: E402
 from speech.model import RNN_IMPLS, ModelConfig  # noqa: E402
 from speech.train import TrainConfig  # noqa: E402
 
@@ -78,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, help="use at most this many utterances of each split")
     d.add_argument("--max-seconds", type=float, default=20.0,
                    help="drop longer training utterances")
+    d.add_argument("--buckets", type=int, default=3,
+                   help="training batches come in this many lengths, chosen to minimize the "
+                        "padding; each compiles the step once (evaluation pads every batch to "
+                        "the longest validation or test utterance: one shape)")
     d.add_argument("--bucket-seconds", type=float,
-                   help="batches pad audio to a multiple of this; each bucket compiles the step "
-                        "once (default: 0.5, or a sixteenth of the longest utterance)")
+                   help="instead of --buckets, pad audio to a multiple of this many seconds "
+                        "(training and evaluation)")
     d.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep decoded audio in memory (default: for the embedded corpus and "
                         "splits under 20,000 utterances)")
@@ -137,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints in --out and start over")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    o.add_argument("--profile", action="store_true",
+                   help="print where each training run's time went (input waits, step dispatch, "
+                        "logging, evaluation, checkpoints, pruning) and every XLA compilation by "
+                        "function; the summary line (steps/s, compilations) is always printed")
     o.add_argument("--one-shot-densities", type=_numbers("--one-shot-densities", float, 0, 1),
                    default=(0.5, 0.3, 0.2, 0.1),
                    help="densities at which the dense model is also pruned once, without "
@@ -176,6 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.max_seconds > 0, f"--max-seconds must be positive, got {args.max_seconds}"),
         (args.bucket_seconds is None or args.bucket_seconds > 0,
          f"--bucket-seconds must be positive, got {args.bucket_seconds}"),
+        (args.buckets >= 1, f"--buckets must be at least 1, got {args.buckets}"),
         (0.0 <= args.noise_prob <= 1.0, f"--noise-prob must be in [0, 1], got {args.noise_prob}"),
         (args.snr_db[0] <= args.snr_db[1] and args.gain_db[0] <= args.gain_db[1],
          "--snr-db and --gain-db are LOW,HIGH with LOW <= HIGH"),
@@ -230,6 +239,7 @@ def run_config(args, impl: str) -> dict:
     return {"data": args.data, "data_dir": None if args.data_dir is None else str(args.data_dir),
             "splits": list(args.splits) if args.splits else None, "limit": args.limit,
             "max_seconds": args.max_seconds, "bucket_seconds": args.bucket_seconds,
+            "buckets": args.buckets,
             "sample_rate": args.sample_rate,
             "augment": [args.augment, args.noise_prob, list(args.snr_db), list(args.gain_db),
                         args.spec_augment],
@@ -305,13 +315,10 @@ def bench_only(args) -> None:
     print(f"wrote {args.out / 'bench.json'}")
 
 
-def train_runs(args, program, config: ModelConfig, train, valid, impl: str):
+def train_runs(args, program, config: ModelConfig, train, valid, impl: str, compiles=None):
     """The dense and the pruned run (whichever the flags ask for). Returns ``(states, histories,
     timing)``. The pruned run starts from the dense run's checkpoint at the branch step, where
     the two are still identical."""
-    import jax
-
-    from speech import model as model_lib
     from speech import train as train_lib
 
     runs = (["dense"] if args.compare_dense else []) + (["pruned"] if args.density < 1 else [])
@@ -321,11 +328,8 @@ def train_runs(args, program, config: ModelConfig, train, valid, impl: str):
     for name in runs:
         start_state = start_history = None
         if name == "pruned" and branch.latest_step() == pruned_cfg.branch_step:
-            fresh = model_lib.init_variables(config, jax.random.key(args.seed))
-            like = {"params": fresh["params"], "opt_state": program.tx.init(fresh["params"]),
-                    "sparsity": (fresh["sparsity"] if impl == "layer"
-                                 else model_lib.dense_masks(fresh["params"])), "step": 0}
-            start_state, start_history = branch.restore(pruned_cfg.branch_step, like)
+            start_state, start_history = branch.restore(
+                pruned_cfg.branch_step, train_lib.state_like(program, args.seed))
             start_history = {"train": start_history["train"], "valid": start_history["valid"],
                              "seconds": 0.0}
         began = time.perf_counter()
@@ -334,7 +338,8 @@ def train_runs(args, program, config: ModelConfig, train, valid, impl: str):
             valid, args.out, resume=args.resume, start_state=start_state,
             start_history=start_history,
             branch=branch if name == "dense" and "pruned" in runs else None,
-            progress=args.progress)
+            progress=args.progress, compiles=compiles)
+        print(timing_line(name, histories[name]["timing"]))
         timing[f"{name}_train_seconds"] = round(time.perf_counter() - began, 1)
         timing[f"{name}_train_seconds_total"] = round(histories[name]["seconds"], 1)
     branch.close()
@@ -433,13 +438,20 @@ def main(argv=None) -> dict | None:
         bench_only(args)
         return None
 
+    from speech.profiling import CompileCounter
+
+    with CompileCounter() as compiles:
+        return _run(args, argv, compiles)
+
+
+def _run(args, argv, compiles) -> dict:
     import jax
     import numpy as np
 
     from speech import bench, report
     from speech import model as model_lib
     from speech import train as train_lib
-    from speech.data import Augmenter, Batcher
+    from speech.data import Batcher
 
     began = time.perf_counter()
     impl = args.rnn_impl if args.rnn_impl != "auto" else ("layer" if on_gpu() else "cell")
@@ -450,10 +462,15 @@ def main(argv=None) -> dict | None:
     sets = load_data(args, features)
     augmenter = Augmenter(args.noise_prob, tuple(args.snr_db), tuple(args.gain_db)) \
         if args.augment else None
-    train = Batcher(sets["train"], args.batch_size, augmenter=augmenter,
+    train = Batcher(sets["train"], args.batch_size, buckets=args.buckets,
                     bucket_seconds=args.bucket_seconds)
-    valid = Batcher(sets["valid"], args.batch_size, bucket_seconds=args.bucket_seconds)
-    test = Batcher(sets["test"], args.batch_size, bucket_seconds=args.bucket_seconds)
+    # Evaluation: every batch of both splits at one length (one compilation of each decoder),
+    # unless --bucket-seconds asks for buckets.
+    longest = max(int(sets[role].lengths.max()) for role in ("valid", "test"))
+    quantum = int(data_lib.BUCKET_QUANTUM_SECONDS * args.sample_rate)
+    pad_to = None if args.bucket_seconds else -(-longest // quantum) * quantum
+    valid, test = (Batcher(sets[role], args.batch_size, bucket_seconds=args.bucket_seconds,
+                           pad_to=pad_to) for role in ("valid", "test"))
     timing = {"load_seconds": round(time.perf_counter() - began, 1)}
     print(f"data: {len(sets['train'])} train, {len(sets['valid'])} valid, {len(sets['test'])} test "
           f"utterances ({timing['load_seconds']} s to load); {impl} form on "
@@ -461,8 +478,9 @@ def main(argv=None) -> dict | None:
 
     program = train_lib.Program(config, features,
                                 train_lib.make_optimizer(train_config(args, args.density)),
-                                SpecAugment() if args.spec_augment else None)
-    states, histories, train_timing = train_runs(args, program, config, train, valid, impl)
+                                SpecAugment() if args.spec_augment else None, augmenter)
+    states, histories, train_timing = train_runs(args, program, config, train, valid, impl,
+                                                 compiles)
     timing.update(train_timing)
 
     t0 = time.perf_counter()
@@ -473,6 +491,11 @@ def main(argv=None) -> dict | None:
     latency, speed = time_inference(args, config, features, states, impl)
     timing["bench_seconds"] = round(time.perf_counter() - t0, 1)
     timing["total_seconds"] = round(time.perf_counter() - began, 1)
+    timing["compiles"] = compiles.count
+    timing["compile_seconds"] = round(compiles.seconds, 1)
+    timing["compiles_by_function"] = compiles.by_function()
+    timing["train_buckets_seconds"] = sorted(
+        round(int(n) / args.sample_rate, 2) for n in train.buckets())
 
     first = next(iter(states.values()))
     results = {
@@ -498,11 +521,39 @@ def main(argv=None) -> dict | None:
     report.plot_latency(args.out / "latency_vs_density.png", latency,
                         f"Recurrent layers, {bench.device_description()['device']}, "
                         f"T={args.bench_steps}")
-    print_summary(results, args.out)
+    print_summary(results, args.out, profile=args.profile)
     return results
 
 
-def print_summary(results: dict, out: Path) -> None:
+def timing_line(name: str, t: dict) -> str:
+    """One line of a training run's pace (speech.profiling.loop_report)."""
+    return (f"[{name}] {t['steps']} steps in {t['wall_seconds']:.1f} s: "
+            f"{t['steady_steps_per_second']:.1f} steps/s steady, {t['steps_per_second']:.1f} "
+            f"overall; {t['compiles']} compilations ({t['compile_seconds']:.1f} s); waited "
+            f"{t.get('input_seconds', 0.0):.1f} s for input")
+
+
+def print_profile(results: dict) -> None:
+    """Where the time went: each training loop's phases, the run's stages, the compilations."""
+    timing = results["timing"]
+    print("\nprofile: training loops (seconds; 'input': waiting for a batch; 'dispatch': step "
+          "calls; 'log': reading losses, waits when the device is behind)")
+    for name, history in results["history"].items():
+        t = history.get("timing", {})
+        phases = ", ".join(f"{k[:-8]} {v:.1f}" for k, v in t.items()
+                           if k.endswith("_seconds") and k not in ("wall_seconds",
+                                                                    "compile_seconds"))
+        print(f"  {name}: wall {t.get('wall_seconds', 0):.1f}: {phases}")
+    stages = ", ".join(f"{k[:-8]} {v}" for k, v in timing.items()
+                       if k.endswith("_seconds") and "train" not in k and k != "compile_seconds")
+    print(f"profile: stages (seconds): {stages}")
+    print(f"profile: {timing['compiles']} compilations, {timing['compile_seconds']} s "
+          f"(training buckets: {timing['train_buckets_seconds']} s of audio)")
+    for fun, c in list(timing["compiles_by_function"].items())[:12]:
+        print(f"  {c['count']:3d} x {fun}: {c['seconds']:.1f} s")
+
+
+def print_summary(results: dict, out: Path, *, profile: bool = False) -> None:
     print()
     print("| model | recurrent density | valid CER | valid WER | test CER | test WER |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -517,9 +568,14 @@ def print_summary(results: dict, out: Path) -> None:
     if results["speed"]:
         print()
         print(results["speed"]["table"])
+    if profile:
+        print_profile(results)
     timing = results["timing"]
-    print(f"\ntotal {timing['total_seconds']:.0f} s; results in {out}/results.json and "
-          f"{out}/*.png")
+    print()
+    for name, history in results["history"].items():
+        print(timing_line(name, history["timing"]))
+    print(f"total {timing['total_seconds']:.0f} s, {timing['compiles']} compilations "
+          f"({timing['compile_seconds']:.0f} s); results in {out}/results.json and {out}/*.png")
 
 
 if __name__ == "__main__":

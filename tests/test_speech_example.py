@@ -132,15 +132,61 @@ def test_readers_of_librispeech_folders_and_manifests(tmp_path):
         data.read_librispeech(tmp_path / "empty")
 
 
-def test_augmentation_sets_the_signal_to_noise_ratio():
-    rng = np.random.default_rng(0)
+def test_augmentation_sets_the_signal_to_noise_ratio_and_keeps_padding_zero():
+    import jax
+
     speech = (0.5 * np.sin(np.arange(16000) / 5)).astype(np.float32)
-    aug = data.Augmenter(noise_prob=1.0, snr_db=(10.0, 10.0), gain_db=(0.0, 0.0))
-    noisy = aug(speech, rng)
-    snr = 10 * np.log10(np.mean(speech ** 2) / np.mean((noisy - speech) ** 2))
-    assert abs(snr - 10.0) < 0.5
-    gain = data.Augmenter(noise_prob=0.0, gain_db=(-6.0, -6.0))(speech, rng)
-    np.testing.assert_allclose(gain, speech * 10 ** (-6 / 20), rtol=1e-5)
+    waves = np.stack([speech, np.concatenate([speech[:9000], np.zeros(7000, np.float32)])])
+    lengths = np.array([16000, 9000])
+    aug = features.Augmenter(noise_prob=1.0, snr_db=(10.0, 10.0), gain_db=(0.0, 0.0))
+    noisy = np.asarray(aug(waves, lengths, jax.random.key(0)))
+    for row, n in enumerate(lengths):
+        noise = noisy[row, :n] - waves[row, :n]
+        snr = 10 * np.log10(np.mean(waves[row, :n] ** 2) / np.mean(noise ** 2))
+        assert abs(snr - 10.0) < 0.5
+    assert np.all(noisy[1, 9000:] == 0)
+    quiet = features.Augmenter(noise_prob=0.0, gain_db=(-6.0, -6.0))(waves, lengths,
+                                                                       jax.random.key(1))
+    np.testing.assert_allclose(quiet, waves * 10 ** (-6 / 20), rtol=1e-5)
+    # a step's key decides its draws: the same key gives the same audio, another key other audio
+    again = np.asarray(aug(waves, lengths, jax.random.key(0)))
+    np.testing.assert_array_equal(noisy, again)
+    assert not np.allclose(noisy, np.asarray(aug(waves, lengths, jax.random.key(2))))
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0])
+def test_colored_noise_has_unit_power_and_its_spectral_slope(exponent):
+    import jax
+
+    n = 1 << 14
+    valid = np.ones((8, n), bool)
+    noise = np.asarray(features.colored_noise(jax.random.key(3), np.full(8, exponent, np.float32),
+                                              n, valid))
+    np.testing.assert_allclose(np.mean(noise ** 2, axis=1), 1.0, rtol=1e-4)
+    power = np.mean(np.abs(np.fft.rfft(noise, axis=1)) ** 2, axis=0)
+    # power in two octaves, an octave apart: the ratio is 2 ** exponent
+    low, high = power[64:128].mean(), power[128:256].mean()
+    assert abs(np.log2(low / high) - exponent) < 0.3
+
+
+def test_buckets_minimize_padding_and_hold_a_batch_each():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8_000, 60_000, 500)
+    padded = data.bucket_bounds(lengths, 3, 32, 1600)
+    bounds, counts = np.unique(padded, return_counts=True)
+    assert len(bounds) == 3 and counts.min() >= 32 and np.all(bounds % 1600 == 0)
+    assert np.all(padded >= lengths) and padded.max() == -(-lengths.max() // 1600) * 1600
+    # against every other choice of two inner bounds on the 0.1 s grid: none pads less
+    grid = np.arange(1600, padded.max() + 1, 1600)
+    best = min(
+        np.sum(np.where(lengths <= a, a, np.where(lengths <= b, b, padded.max())) - lengths)
+        for i, a in enumerate(grid) for b in grid[i + 1:]
+        if min(np.sum(lengths <= a), np.sum((lengths > a) & (lengths <= b)),
+               np.sum(lengths > b)) >= 32)
+    assert np.sum(padded - lengths) == best
+    # too few lengths for a batch in each bucket: fewer buckets; for one batch: one bucket
+    assert len(np.unique(data.bucket_bounds(lengths[:70], 3, 32, 1600))) == 2
+    assert len(np.unique(data.bucket_bounds(lengths[:10], 3, 32, 1600))) == 1
 
 
 def test_embedded_corpus_is_there_and_fits_the_budget():
@@ -201,7 +247,7 @@ def test_tiny_end_to_end_run_with_resume(tmp_path):
             "--prune-begin", "0.34", "--prune-end", "0.67", "--prune-every", "1",
             "--density", "0.25", "--eval-every", "6", "--checkpoint-every", "3",
             "--lr", "2e-2", "--warmup", "1",  # six steps that learn something
-            "--bucket-seconds", "5", "--one-shot-densities", "0.5", "--latency-densities", "0.25",
+            "--buckets", "2", "--one-shot-densities", "0.5", "--latency-densities", "0.25",
             "--latency-batches", "2", "--bench-steps", "8", "--bench-reps", "2",
             "--no-progress"]
     results = speech_model.main(argv)
@@ -221,6 +267,16 @@ def test_tiny_end_to_end_run_with_resume(tmp_path):
     assert results["history"]["pruned"]["train"][-1]["density"] == pytest.approx(0.25)
     assert results["history"]["dense"]["train"][-1]["density"] == 1.0
     assert set(results["latency_vs_density"]["by_batch"]["2"]["sparse"]) == {"0.25"}
+    # Compilations: the step once per training bucket (six steps cover both), decoding once per
+    # program (training form, served form: evaluation has one shape per split).
+    timing = results["timing"]
+    assert len(timing["train_buckets_seconds"]) == 2
+    assert timing["compiles_by_function"]["jit(_train_step)"]["count"] == 2
+    assert timing["compiles_by_function"]["jit(_decode_step)"]["count"] == 2
+    for name, steps in (("dense", 6), ("pruned", 4)):
+        t = results["history"][name]["timing"]
+        assert t["steps"] == steps and 0 < t["steps_per_second"] <= t["steady_steps_per_second"]
+        assert t["wall_seconds"] >= t["dispatch_seconds"] + t["eval_seconds"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["target"]["pruned_test_cer"] == pruned["test"]["cer"]
     for png in ("training_curves.png", "cer_vs_density.png", "latency_vs_density.png"):

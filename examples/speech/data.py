@@ -12,8 +12,9 @@ Three sources, picked by ``--data``:
   ``speaker-chapter.trans.txt`` (``utterance-id TRANSCRIPT`` lines).
 
 Audio is decoded with soundfile (any format libsndfile reads: FLAC, Ogg/Opus, WAV, ...), mixed to
-mono and resampled to the model's rate when it differs. Training audio gets random gain and noise
-each time it is loaded (:class:`Augmenter`); validation and test audio is used as it is.
+mono and resampled to the model's rate when it differs. Batches are plain padded audio: the random
+noise and gain of training (``features.Augmenter``) are applied on the device, inside the jitted
+step, so the host's work per step is a copy.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class AudioSet:
         self.sample_rate = sample_rate
         self.texts = [u.text for u in self.utterances]
         self.labels = [text_lib.encode(t) for t in self.texts]
-        jobs = jobs or min(4, os.cpu_count() or 1)
+        jobs = jobs or min(16, os.cpu_count() or 1)
         paths = [u.path for u in self.utterances]
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
@@ -203,52 +204,6 @@ class AudioSet:
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation
-# ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Augmenter:
-    """Random gain and additive noise, drawn afresh each time an utterance is loaded.
-
-    Noise is white, pink (1/f) or brown (1/f^2), at a signal-to-noise ratio drawn uniformly in
-    ``snr_db`` (in dB, against the utterance's mean power over its loud part) with probability
-    ``noise_prob``. Then the gain, uniform in ``gain_db``, scales speech and noise together.
-    """
-
-    noise_prob: float = 0.5
-    snr_db: tuple[float, float] = (10.0, 40.0)
-    gain_db: tuple[float, float] = (-12.0, 6.0)
-
-    def __post_init__(self):
-        if not 0.0 <= self.noise_prob <= 1.0:
-            raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}")
-        for name in ("snr_db", "gain_db"):
-            lo, hi = getattr(self, name)
-            if lo > hi:
-                raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)}")
-
-    def __call__(self, audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        audio = np.asarray(audio, np.float32)
-        if audio.size and rng.random() < self.noise_prob:
-            loud = audio[np.abs(audio) > 0.01 * np.abs(audio).max()] if np.any(audio) else audio
-            power = float(np.mean(loud ** 2)) if loud.size else 0.0
-            snr = rng.uniform(*self.snr_db)
-            noise = colored_noise(audio.size, rng.choice([0.0, 1.0, 2.0]), rng)
-            audio = audio + noise * np.sqrt(power / 10 ** (snr / 10))
-        return audio * np.float32(10 ** (rng.uniform(*self.gain_db) / 20))
-
-
-def colored_noise(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """Unit-power noise whose power spectrum falls as ``1 / f ** exponent`` (0 white, 1 pink,
-    2 brown): white Gaussian noise shaped in the frequency domain."""
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    freqs = np.arange(spectrum.size, dtype=np.float64)
-    freqs[0] = 1.0
-    noise = np.fft.irfft(spectrum / freqs ** (exponent / 2), n=n)
-    return (noise / max(np.sqrt(np.mean(noise ** 2)), 1e-12)).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
 
@@ -264,30 +219,81 @@ class Batch:
     size: int                  # real rows
 
 
+BUCKET_QUANTUM_SECONDS = 0.1  # bucket bounds are multiples of this
+
+
+def bucket_bounds(lengths, count: int, min_size: int, quantum: int) -> np.ndarray:
+    """The padded length of each of ``lengths``: at most ``count`` buckets whose upper bounds
+    (multiples of ``quantum``) minimize the total padding, each holding at least ``min_size``
+    lengths where that is possible (fewer buckets otherwise). Dynamic programming over the
+    distinct rounded lengths, so it is instant for any corpus size."""
+    lengths = np.asarray(lengths, np.int64)
+    rounded = np.maximum(1, -(-lengths // quantum)) * quantum
+    bounds, inverse = np.unique(rounded, return_inverse=True)
+    counts = np.bincount(inverse, minlength=bounds.size)
+    sums = np.bincount(inverse, weights=lengths.astype(np.float64), minlength=bounds.size)
+    n_pre = np.concatenate([[0], np.cumsum(counts)])
+    s_pre = np.concatenate([[0.0], np.cumsum(sums)])
+    n = bounds.size
+    buckets = max(1, min(count, n))
+    # cost[k, j]: the least padding of the first j distinct lengths in k buckets, the last ending
+    # at bound j - 1; start[k, j]: where that last bucket starts
+    cost = np.full((buckets + 1, n + 1), np.inf)
+    start = np.zeros((buckets + 1, n + 1), np.int64)
+    cost[0, 0] = 0.0
+    for k in range(1, buckets + 1):
+        for j in range(1, n + 1):
+            i = np.arange(j)
+            size = n_pre[j] - n_pre[i]
+            total = cost[k - 1, i] + size * bounds[j - 1] - (s_pre[j] - s_pre[i])
+            total = np.where(size >= min_size, total, np.inf)
+            start[k, j] = int(np.argmin(total))
+            cost[k, j] = total[start[k, j]]
+    k_best = int(np.argmin(cost[1:, n])) + 1
+    if not np.isfinite(cost[k_best, n]):  # fewer than min_size lengths in all: one bucket
+        return np.full(lengths.shape, bounds[-1])
+    upper, j = [], n
+    for k in range(k_best, 0, -1):
+        upper.append(bounds[j - 1])
+        j = start[k, j]
+    upper = np.array(sorted(upper))
+    return upper[np.searchsorted(upper, rounded)]
+
+
 class Batcher:
     """Length-bucketed batches of one :class:`AudioSet`.
 
-    Waveforms are padded to a multiple of ``bucket_seconds`` and labels to the longest label of
-    the bucket (over the whole set), so a jitted step compiles once per bucket, not per batch.
-    The default bucket is 0.5 s, or a sixteenth of the longest utterance if that is more (at most
-    16 compilations for long-form corpora such as LibriSpeech).
+    Waveforms are padded to their bucket's length and labels to the longest label of the bucket
+    (over the whole set), so a jitted step compiles once per bucket, not per batch. By default
+    there are ``buckets`` buckets whose bounds minimize the padding (:func:`bucket_bounds`):
+    each costs a compilation of every jitted function that sees it, and fewer buckets mean more
+    padding. ``bucket_seconds`` instead pads to multiples of that many seconds (one bucket per
+    multiple in use). ``pad_to`` (samples) pads every batch to that one length.
     """
 
-    def __init__(self, audio: AudioSet, batch_size: int, *, bucket_seconds: float | None = None,
-                 augmenter: Augmenter | None = None):
+    def __init__(self, audio: AudioSet, batch_size: int, *, buckets: int = 3,
+                 bucket_seconds: float | None = None, pad_to: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if buckets < 1:
+            raise ValueError(f"buckets must be positive, got {buckets}")
         if len(audio) == 0:
             raise DataError("a split has no usable utterances")
         self.audio = audio
         self.batch_size = batch_size
-        self.augmenter = augmenter
-        if bucket_seconds is None:
-            bucket_seconds = max(0.5, float(audio.lengths.max()) / audio.sample_rate / 16)
-        if bucket_seconds <= 0:
-            raise ValueError(f"bucket_seconds must be positive, got {bucket_seconds}")
-        quantum = max(1, int(round(bucket_seconds * audio.sample_rate)))
-        self.padded_lengths = np.maximum(1, -(-audio.lengths // quantum)) * quantum
+        if pad_to is not None:
+            if pad_to < audio.lengths.max():
+                raise ValueError(f"pad_to={pad_to} is shorter than the longest utterance "
+                                 f"({audio.lengths.max()} samples)")
+            self.padded_lengths = np.full(audio.lengths.shape, int(pad_to))
+        elif bucket_seconds is not None:
+            if bucket_seconds <= 0:
+                raise ValueError(f"bucket_seconds must be positive, got {bucket_seconds}")
+            quantum = max(1, int(round(bucket_seconds * audio.sample_rate)))
+            self.padded_lengths = np.maximum(1, -(-audio.lengths // quantum)) * quantum
+        else:
+            quantum = max(1, int(round(BUCKET_QUANTUM_SECONDS * audio.sample_rate)))
+            self.padded_lengths = bucket_bounds(audio.lengths, buckets, batch_size, quantum)
         label_sizes = np.array([len(labels) for labels in audio.labels])
         self.label_pad = {}
         for n in np.unique(self.padded_lengths):
@@ -316,9 +322,8 @@ class Batcher:
         return [idx[i:i + self.batch_size] for idx in self.buckets().values()
                 for i in range(0, len(idx), self.batch_size)]
 
-    def make(self, indices, rng: np.random.Generator | None = None) -> Batch:
-        """The padded batch of ``indices`` (augmented when the batcher has an augmenter and
-        ``rng`` is given)."""
+    def make(self, indices) -> Batch:
+        """The padded batch of ``indices``."""
         indices = np.asarray(indices)
         n = int(self.padded_lengths[indices[0]])
         if np.any(self.padded_lengths[indices] != n):
@@ -330,8 +335,6 @@ class Batcher:
         label_lengths = np.zeros(rows, np.int32)
         for row, i in enumerate(indices):
             audio = self.audio.audio(int(i))[:n]
-            if self.augmenter is not None and rng is not None:
-                audio = self.augmenter(audio, rng)
             waves[row, :audio.size] = audio
             wave_lengths[row] = audio.size
             label = self.audio.labels[int(i)]

@@ -1,4 +1,6 @@
-"""Log-mel features in JAX: frame, window, ``jnp.fft.rfft``, a mel filterbank, log, normalize.
+"""Log-mel features in JAX: frame, window, ``jnp.fft.rfft``, a mel filterbank, log, normalize; and
+the training augmentations, also in JAX so that they run on the device inside the jitted step:
+noise and gain on the waveform (:class:`Augmenter`), SpecAugment on the features.
 
 The filterbank is the usual triangular one on the HTK mel scale, ``mel(f) = 2595 log10(1 + f/700)``
 (as in HTK and ``librosa.filters.mel(htk=True)`` without area normalization). Each utterance's
@@ -153,3 +155,62 @@ def _bands(key_width, key_start, count: int, length, max_width, axis_len: int):
     pos = jnp.arange(axis_len)[None, None, :]
     inside = (pos >= start[..., None]) & (pos < (start + width)[..., None])
     return jnp.any(inside, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmenter:
+    """Random additive noise and gain on a batch of padded waveforms, drawn afresh for every
+    utterance of every step (from the step's key).
+
+    Noise is white, pink (1/f) or brown (1/f^2), at a signal-to-noise ratio drawn uniformly in
+    ``snr_db`` (in dB, against the utterance's mean power over its loud part: samples above 1% of
+    its peak) with probability ``noise_prob``. Then the gain, uniform in ``gain_db``, scales speech
+    and noise together. Samples past each utterance's length stay zero.
+    """
+
+    noise_prob: float = 0.5
+    snr_db: tuple[float, float] = (10.0, 40.0)
+    gain_db: tuple[float, float] = (-12.0, 6.0)
+
+    def __post_init__(self):
+        if not 0.0 <= self.noise_prob <= 1.0:
+            raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}")
+        for name in ("snr_db", "gain_db"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)}")
+
+    def __call__(self, waves, lengths, key):
+        """``waves [B, N]`` (zero past ``lengths [B]``) with noise and gain; ``key``: a PRNG key."""
+        waves = jnp.asarray(waves, jnp.float32)
+        batch, n = waves.shape
+        k_noise, k_use, k_snr, k_color, k_gain = jax.random.split(key, 5)
+        valid = jnp.arange(n)[None, :] < jnp.asarray(lengths)[:, None]
+        magnitude = jnp.abs(waves)
+        loud = valid & (magnitude > 0.01 * jnp.max(magnitude, axis=1, keepdims=True))
+        loud = jnp.where(jnp.any(loud, axis=1, keepdims=True), loud, valid)  # silence: all of it
+        power = (jnp.sum(jnp.where(loud, waves ** 2, 0.0), axis=1)
+                 / jnp.maximum(jnp.sum(loud, axis=1), 1))
+        exponent = jax.random.randint(k_color, (batch,), 0, 3).astype(jnp.float32)
+        noise = colored_noise(k_noise, exponent, n, valid)
+        snr = jax.random.uniform(k_snr, (batch,), minval=self.snr_db[0], maxval=self.snr_db[1])
+        use = jax.random.uniform(k_use, (batch,)) < self.noise_prob
+        level = jnp.where(use, jnp.sqrt(power / 10.0 ** (snr / 10.0)), 0.0)
+        gain = 10.0 ** (jax.random.uniform(k_gain, (batch,), minval=self.gain_db[0],
+                                           maxval=self.gain_db[1]) / 20.0)
+        return jnp.where(valid, (waves + level[:, None] * noise) * gain[:, None], 0.0)
+
+
+def colored_noise(key, exponent, n: int, valid):
+    """``[B, n]`` noise whose power spectrum falls as ``1 / f ** exponent[b]`` (0 white, 1 pink,
+    2 brown), of unit power over each row's ``valid`` samples: white Gaussian noise shaped in the
+    frequency domain (at a power-of-two length, cropped to ``n``)."""
+    size = 1 << max(0, (n - 1).bit_length())
+    spectrum = jnp.fft.rfft(jax.random.normal(key, (exponent.shape[0], size)), axis=-1)
+    freqs = np.arange(size // 2 + 1, dtype=np.float32)
+    freqs[0] = 1.0
+    shaped = spectrum * jnp.power(freqs[None, :], -exponent[:, None] / 2)
+    noise = jnp.fft.irfft(shaped, n=size, axis=-1)[:, :n]
+    rms = jnp.sqrt(jnp.sum(jnp.where(valid, noise ** 2, 0.0), axis=1, keepdims=True)
+                   / jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1))
+    return noise / jnp.maximum(rms, 1e-12)

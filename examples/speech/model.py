@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sprnn import pruning
-from jax_sprnn.flax import SparseRNN, SparseRNNCell
+from jax_sprnn.flax import SparseBidirectional, SparseRNN, SparseRNNCell
 
 from .text import NUM_CLASSES
 
@@ -101,7 +101,11 @@ class RecurrentStack(nn.Module):
                 # The cell's default carry has the parameter dtype (float32), its steps return
                 # the computation dtype, and nn.RNN's scan needs the two equal.
                 carry = jnp.zeros(x.shape[:-1][:-1] + (c.hidden,), jnp.dtype(c.dtype))
-            if c.bidirectional:
+            if c.bidirectional and c.rnn_impl == "layer":  # both directions in one call
+                x = SparseBidirectional(c.hidden, activation_fn=c.activation, method=c.method,
+                                        dtype=jnp.dtype(c.dtype), name=f"rnn_{i}")(
+                    x, seq_lengths=lengths)
+            elif c.bidirectional:
                 x = nn.Bidirectional(self._rnn(), self._rnn(), name=f"rnn_{i}")(
                     x, seq_lengths=lengths, initial_carry=None if carry is None else (carry, carry))
             else:

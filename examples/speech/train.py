@@ -10,10 +10,17 @@ the pruned run starts from the dense run's checkpoint at that step instead of re
 The masks are data of the jitted step (the cell form keeps boolean masks, the layer form
 ``PackedMask``s of a fixed layout), so a pruning update does not recompile it. The step compiles
 once per length bucket.
+
+So that the device never waits for the host, the host's work per step is small and off the main
+thread: a background thread copies the next batches (plain padded audio) to the device while the
+current step runs; the noise and gain augmentation, the features and the step's random key are
+computed on the device, in the jitted step; and losses are read only every ``log_every`` steps,
+one interval late, so that reading them does not wait for the step just dispatched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -30,7 +37,8 @@ from jax_sprnn import pruning
 from . import model as model_lib
 from . import text as text_lib
 from .data import Batcher
-from .features import FeatureConfig, SpecAugment, log_mel
+from .features import Augmenter, FeatureConfig, SpecAugment, log_mel
+from .profiling import CompileCounter, Phases, loop_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +100,18 @@ class Program:
     """The jitted computations of one model configuration: the training step and the decoder.
 
     The recurrent masks (``sparsity``) are arguments, so the dense and the pruned runs share the
-    compiled step.
+    compiled step. ``augment`` (waveform noise and gain) and ``spec_augment`` run inside the
+    training step, on the device.
     """
 
     def __init__(self, config: model_lib.ModelConfig, features: FeatureConfig, tx=None,
-                 spec_augment: SpecAugment | None = None):
+                 spec_augment: SpecAugment | None = None, augment: Augmenter | None = None):
         self.config = config
         self.features = features
         self.model = model_lib.SpeechModel(config)
         self.tx = tx
         self.spec_augment = spec_augment
+        self.augment = augment
         self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1))
         self.decode_step = jax.jit(self._decode_step)
 
@@ -117,7 +127,13 @@ class Program:
         return self.model.apply(variables, feats, frames)
 
     def _train_step(self, params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
-                    key):
+                    seed, step):
+        """One step; ``seed`` and ``step`` (int32 scalars, traced: no recompilation per step)
+        give its random key, so a resumed run draws what it would have drawn."""
+        key_wave, key = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+        if self.augment is not None:
+            waves = self.augment(waves, wave_lengths, key_wave)
+
         def loss_fn(p):
             logits, lengths = self.logits(self.variables(p, sparsity), waves, wave_lengths, key)
             logit_pad = (jnp.arange(logits.shape[1])[None, :] >= lengths[:, None]).astype(jnp.float32)
@@ -139,14 +155,26 @@ class Program:
         return jnp.argmax(logits, -1).astype(jnp.int8), lengths
 
 
-def evaluate(program: Program, variables, batcher: Batcher, *, examples: int = 3) -> dict:
-    """Greedy-decoded CER and WER (percent) of a whole split, and a few example transcripts."""
-    refs, hyps = [], []
+def evaluate(program: Program, variables, batcher: Batcher, *, examples: int = 3,
+             in_flight: int = 4) -> dict:
+    """Greedy-decoded CER and WER (percent) of a whole split, and a few example transcripts.
+    Up to ``in_flight`` batches are dispatched before the first result is read."""
+    refs, hyps, pending = [], [], []
+
+    def read(oldest):
+        nonlocal hyps
+        batch, best, lengths = oldest
+        hyps += text_lib.greedy_decode(np.asarray(best)[:batch.size],
+                                       np.asarray(lengths)[:batch.size])
+
     for indices in batcher.in_order():
         batch = batcher.make(indices)
-        best, lengths = program.decode_step(variables, batch.waves, batch.wave_lengths)
-        hyps += text_lib.greedy_decode(np.asarray(best)[:batch.size], np.asarray(lengths)[:batch.size])
+        pending.append((batch, *program.decode_step(variables, batch.waves, batch.wave_lengths)))
         refs += batch.texts
+        if len(pending) > in_flight:
+            read(pending.pop(0))
+    for oldest in pending:
+        read(oldest)
     scores = text_lib.error_rates(refs, hyps)
     scores["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:examples]]
     return scores
@@ -194,9 +222,9 @@ class Checkpoints:
 # A run
 # ---------------------------------------------------------------------------------------------
 
-def _prefetch(make, items, depth: int = 2):
-    """``make(item)`` for each item, computed one or two ahead in a background thread (the host
-    prepares the next batch while the device runs the current step)."""
+def _prefetch(make, items, depth: int = 3):
+    """``make(item)`` for each item, computed up to ``depth`` ahead in a background thread (the
+    host prepares and copies the next batches while the device runs the current step)."""
     out: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -227,8 +255,8 @@ def _prefetch(make, items, depth: int = 2):
 
 
 def _batch_stream(batcher: Batcher, seed: int, start: int, stop: int):
-    """``(step, batch)`` for steps ``start..stop-1``: epoch ``e`` is shuffled by ``(seed, e)`` and
-    step ``s`` augmented by ``(seed, s)``, so a resumed run sees exactly the batches it would have."""
+    """``(step, batch indices)`` for steps ``start..stop-1``: epoch ``e`` is shuffled by
+    ``(seed, e)``, so a resumed run sees exactly the batches it would have."""
     per_epoch = len(batcher.epoch(np.random.default_rng([seed, 0])))
     epoch, order = -1, None
     for step in range(start, stop):
@@ -238,28 +266,73 @@ def _batch_stream(batcher: Batcher, seed: int, start: int, stop: int):
         yield step, order[step % per_epoch]
 
 
+def fresh_state(program: Program, seed: int) -> dict:
+    """A new run's training state: initial params, optimizer state and masks (all-true boolean
+    masks in the cell form, the init's ``PackedMask``s in the layer form), at step 0."""
+    variables = model_lib.init_variables(program.config, jax.random.key(seed))
+    params = variables["params"]
+    sparsity = (variables[pruning.COLLECTION] if program.config.rnn_impl == "layer"
+                else model_lib.dense_masks(params))
+    return {"params": params, "opt_state": program.tx.init(params), "sparsity": sparsity,
+            "step": 0}
+
+
+def _arrays(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "step"}
+
+
+def state_like(program: Program, seed: int) -> dict:
+    """The shapes, dtypes and device of :func:`fresh_state`, traced but not run (nothing
+    compiles): the target a checkpoint restores into."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    arrays = jax.eval_shape(lambda: _arrays(fresh_state(program, seed)))
+    like = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), arrays)
+    return {**like, "step": 0}
+
+
+class _Log:
+    """The training history's loss records, read from the device one interval late: a record is
+    kept as device scalars when its step is dispatched and converted at the next log step, when
+    its step has long finished, so logging never waits for the step just dispatched."""
+
+    def __init__(self, history: dict, density: float):
+        self.history = history
+        self.density = density  # of the current masks; changes only at pruning updates
+        self.pending: list = []
+        self.smoothed = None
+
+    def add(self, step: int, loss, grad_norm) -> None:
+        self.pending.append((step, loss, grad_norm, self.density))
+
+    def flush(self, keep_last: bool = False) -> None:
+        ready = self.pending[:-1] if keep_last else self.pending
+        for step, loss, gnorm, density in ready:
+            loss = float(loss)
+            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+            self.history["train"].append({"step": step, "loss": loss, "grad_norm": float(gnorm),
+                                          "density": density})
+        self.pending = self.pending[len(ready):]
+
+
 def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, valid: Batcher,
               out_dir: Path, *, resume: bool, start_state: dict | None = None,
               start_history: dict | None = None, branch: Checkpoints | None = None,
-              progress: bool = True) -> tuple[dict, dict]:
+              progress: bool = True, compiles: CompileCounter | None = None) -> tuple[dict, dict]:
     """Train (or resume) one run. Returns ``(state, history)``; ``state`` holds ``params``,
-    ``opt_state``, ``sparsity`` and ``step``.
+    ``opt_state``, ``sparsity`` and ``step``; ``history["timing"]`` says where the loop's time
+    went (:func:`speech.profiling.loop_report`).
 
     ``start_state``: the state to start from (the dense run's state at the branch step, for a
     pruned run), else a fresh init. ``branch``: where a dense run saves its state at
-    ``cfg.branch_step`` for the pruned run.
+    ``cfg.branch_step`` for the pruned run. ``compiles``: the installed compile counter.
     """
     from tqdm.auto import tqdm
 
     ckpt = Checkpoints(out_dir / "checkpoints" / name)
     schedule = cfg.schedule()
-    if start_state is None:
-        variables = model_lib.init_variables(program.config, jax.random.key(cfg.seed))
-        params = variables["params"]
-        sparsity = (variables[pruning.COLLECTION] if program.config.rnn_impl == "layer"
-                    else model_lib.dense_masks(params))
-        state = {"params": params, "opt_state": program.tx.init(params), "sparsity": sparsity,
-                 "step": 0}
+    if start_state is None:  # (jitted: one compilation instead of one per small array op)
+        state = {**jax.jit(lambda: _arrays(fresh_state(program, cfg.seed)))(), "step": 0}
         history = {"train": [], "valid": [], "seconds": 0.0}
     else:
         state, history = start_state, start_history
@@ -267,71 +340,100 @@ def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, val
         state, history = ckpt.restore(ckpt.latest_step(), state)
         print(f"[{name}] resumed from step {int(state['step'])}")
     state["step"] = int(state["step"])
-    history = {k: (list(v) if isinstance(v, list) else v) for k, v in history.items()}
+    history = {k: (list(v) if isinstance(v, list) else v) for k, v in history.items()
+               if k != "timing"}
     # Commit the state to one device, as restored arrays are: a jitted step compiled for
     # uncommitted arguments compiles again for committed ones.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     commit = lambda tree: jax.device_put(tree, device)  # noqa: E731
     state.update(commit({k: state[k] for k in ("params", "opt_state", "sparsity")}))
+    seed = commit(np.int32(cfg.seed))
 
-    def make_batch(item):
+    def make_batch(item):  # in the prefetch thread: the copy to the device starts there
         step, indices = item
-        return step, train.make(indices, np.random.default_rng([cfg.seed, 1, step]))
+        b = train.make(indices)
+        return step, commit((b.waves, b.wave_lengths, b.labels, b.label_lengths, np.int32(step)))
 
     start, began = state["step"], time.perf_counter()
     seconds_before = float(history.get("seconds", 0.0))
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
-    pending = []  # (step, loss, grad norm) device values not yet read
-    smoothed = None
     params, opt_state, sparsity = state["params"], state["opt_state"], state["sparsity"]
+    log = _Log(history, model_lib.density(sparsity))
+    counter = compiles if compiles is not None else CompileCounter()
+    phases = Phases(counter)
 
-    def flush():
-        nonlocal smoothed
-        for s, loss, gnorm in pending:
-            loss = float(loss)
-            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
-            history["train"].append({"step": s, "loss": loss, "grad_norm": float(gnorm),
-                                     "density": model_lib.density(sparsity)})
-        pending.clear()
+    def drain():
+        """Wait for the dispatched steps (device work, part of the pace) before an occasional
+        phase, so that the phase's own seconds are host work alone."""
+        with phases("drain"):
+            jax.block_until_ready(params)
 
     def save(step):
-        flush()
-        history["seconds"] = seconds_before + time.perf_counter() - began
-        ckpt.save(step, {"params": params, "opt_state": opt_state, "sparsity": sparsity,
-                         "step": step}, history)
+        drain()
+        with phases("checkpoint"):
+            log.flush()
+            history["seconds"] = seconds_before + time.perf_counter() - began
+            ckpt.save(step, {"params": params, "opt_state": opt_state, "sparsity": sparsity,
+                             "step": step}, history)
 
+    batches = _prefetch(make_batch, _batch_stream(train, cfg.seed, start, cfg.steps))
+    loop_began = time.perf_counter()
     try:
-        for step, batch in _prefetch(make_batch, _batch_stream(train, cfg.seed, start, cfg.steps)):
-            if schedule is not None and schedule.is_update_step(step):
-                params, sparsity = commit(pruning.update_sparsity(params, sparsity, schedule(step)))
-            if branch is not None and step == cfg.branch_step:
-                flush()
-                branch.save(step, {"params": params, "opt_state": opt_state,
-                                   "sparsity": sparsity, "step": step}, history)
-            params, opt_state, loss, gnorm = program.train_step(
-                params, opt_state, sparsity, batch.waves, batch.wave_lengths, batch.labels,
-                batch.label_lengths, jax.random.fold_in(jax.random.key(cfg.seed), step))
-            done = step + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or done == cfg.steps:
-                pending.append((step, loss, gnorm))
-                flush()
-                bar.set_postfix(loss=f"{smoothed:.3f}", density=f"{model_lib.density(sparsity):.2f}",
-                                refresh=False)
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                scores = evaluate(program, program.variables(params, sparsity), valid, examples=1)
-                history["valid"].append({"step": done, "cer": scores["cer"], "wer": scores["wer"],
-                                         "density": model_lib.density(sparsity)})
-                bar.write(f"[{name}] step {done}: valid CER {scores['cer']:.2f}% WER "
-                          f"{scores['wer']:.2f}%  density {model_lib.density(sparsity):.3f}  "
-                          f"| {scores['examples'][0]['ref']!r} -> {scores['examples'][0]['hyp']!r}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save(done)
+        with contextlib.ExitStack() as stack:
+            if compiles is None:
+                stack.enter_context(counter)
+            while True:
+                with phases("input"):
+                    item = next(batches, None)
+                if item is None:
+                    break
+                step, (waves, wave_lengths, labels, label_lengths, step_array) = item
+                if schedule is not None and schedule.is_update_step(step):
+                    drain()
+                    with phases("prune"):
+                        params, sparsity = commit(pruning.update_sparsity(params, sparsity,
+                                                                          schedule(step)))
+                        log.density = model_lib.density(sparsity)
+                if branch is not None and step == cfg.branch_step:
+                    drain()
+                    with phases("checkpoint"):
+                        log.flush()
+                        branch.save(step, {"params": params, "opt_state": opt_state,
+                                           "sparsity": sparsity, "step": step}, history)
+                with phases("dispatch"):
+                    params, opt_state, loss, gnorm = program.train_step(
+                        params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
+                        seed, step_array)
+                done = step + 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or done == cfg.steps:
+                    with phases("log"):
+                        log.add(step, loss, gnorm)
+                        log.flush(keep_last=True)
+                        if log.smoothed is not None:
+                            bar.set_postfix(loss=f"{log.smoothed:.3f}",
+                                            density=f"{log.density:.2f}", refresh=False)
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    drain()
+                    with phases("eval"):
+                        scores = evaluate(program, program.variables(params, sparsity), valid,
+                                          examples=1)
+                    history["valid"].append({"step": done, "cer": scores["cer"],
+                                             "wer": scores["wer"], "density": log.density})
+                    bar.write(f"[{name}] step {done}: valid CER {scores['cer']:.2f}% WER "
+                              f"{scores['wer']:.2f}%  density {log.density:.3f}  "
+                              f"| {scores['examples'][0]['ref']!r} -> "
+                              f"{scores['examples'][0]['hyp']!r}")
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    save(done)
     finally:
+        batches.close()
         bar.close()
         ckpt.close()
-    flush()
+    log.flush()
     history["seconds"] = seconds_before + time.perf_counter() - began
+    history["timing"] = loop_report(max(0, cfg.steps - start), time.perf_counter() - loop_began,
+                                    phases)
     return {"params": params, "opt_state": opt_state, "sparsity": sparsity,
             "step": max(start, cfg.steps)}, history
