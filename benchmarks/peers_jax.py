@@ -16,6 +16,7 @@ import jax_sprnn as js
 from jax_sprnn import _native
 from jax_sprnn.dispatch import cuda_fit, gpu_path, on_cpu
 from jax_sprnn._constants import cuda_workspace_bytes, ffi_target
+from jax_sprnn.primitives import sprnn_forward_p
 
 from .harness import Peer, Runner, Skip
 from .problems import Layer
@@ -78,6 +79,24 @@ def jax_runner(fn, layer: Layer, batch: int, T: int, params, *, prepare=None, co
     compiled, info = compile_jax(fn, *example, params, config=config)
     return Runner(run=compiled, prepare=lambda x, h0: (*prepare(x, h0), params), check=check,
                   info=info)
+
+
+def forward_primitive_runner(layer: Layer, batch: int, T: int, w, **gpu_hooks) -> Runner:
+    """A Runner for the forward primitive on packed weights ``w``, full-length sequences, with the
+    CUDA kernel's test hooks (``grid_barrier``, ``exchange_mode``) on a GPU (the CPU kernel has
+    none); skipped where the persistent kernel does not take the batch."""
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu:
+        ok, why = cuda_fit(w.meta, batch, layer.jnp_dtype)
+        if not ok:
+            raise Skip(why)
+    params = dict(activation="tanh", reverse=False, meta=w.meta, method="native",
+                  **(gpu_hooks if on_gpu else {}))
+
+    def fn(x, h0, w):
+        lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
+        return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths, **params)
+    return jax_runner(fn, layer, batch, T, w)
 
 
 def persistent_fit(layer: Layer, batch: int) -> tuple[bool, str]:

@@ -13,16 +13,13 @@ Every variant is checked against the float32 reference; the synchronization floo
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import jax_sprnn as js
-from jax_sprnn.dispatch import cuda_fit
 from jax_sprnn.layout import bank_conflicts
-from jax_sprnn.primitives import sprnn_forward_p
 
 from .. import plots
-from ..harness import Peer, Skip
-from ..peers_jax import ALL_DTYPES, FLOOR, jax_runner
+from ..harness import Peer
+from ..peers_jax import ALL_DTYPES, FLOOR, forward_primitive_runner
 from ..problems import Layer
 from .common import Context, case_columns, case_row, print_skips
 
@@ -55,19 +52,7 @@ def _variant(name: str) -> Peer:
 
     def build(layer: Layer, batch: int, T: int):
         w = _packed(layer, load_bytes, bank_aware)
-        on_gpu = jax.default_backend() == "gpu"
-        if on_gpu:
-            ok, why = cuda_fit(w.meta, batch, layer.jnp_dtype)
-            if not ok:
-                raise Skip(why)
-        params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
-        if on_gpu:  # the CPU kernel has no barrier to ablate
-            params["grid_barrier"] = grid_barrier
-
-        def fn(x, h0, w):
-            lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
-            return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths, **params)
-        runner = jax_runner(fn, layer, batch, T, w)
+        runner = forward_primitive_runner(layer, batch, T, w, grid_barrier=grid_barrier)
         runner.info.update(bank_conflicts=bank_conflicts(jax.device_get(w.indices), load_bytes))
         return runner
 

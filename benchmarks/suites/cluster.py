@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-
 import jax_sprnn as js
 from jax_sprnn import _native
-from jax_sprnn.dispatch import cuda_fit
-from jax_sprnn.primitives import sprnn_forward_p
 
 from .. import plots
 from ..harness import Peer, Skip
-from ..peers_jax import ALL_DTYPES, jax_runner
+from ..peers_jax import ALL_DTYPES, forward_primitive_runner
 from ..problems import Layer
 from .common import Context, case_columns, case_row, print_skips
 
@@ -65,19 +60,7 @@ def _grid_layout(layer: Layer) -> js.SparseWeights:
 def _forced(name: str, weights, exchange_mode: str) -> Peer:
     def build(layer: Layer, batch: int, T: int):
         w = weights(layer)
-        on_gpu = jax.default_backend() == "gpu"
-        if on_gpu:
-            ok, why = cuda_fit(w.meta, batch, layer.jnp_dtype)
-            if not ok:
-                raise Skip(why)
-        params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
-        if on_gpu:  # the CPU kernel has no exchange mode
-            params["exchange_mode"] = exchange_mode
-
-        def fn(x, h0, w):
-            lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
-            return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths, **params)
-        runner = jax_runner(fn, layer, batch, T, w)
+        runner = forward_primitive_runner(layer, batch, T, w, exchange_mode=exchange_mode)
         runner.info.update(exchange=w.meta.exchange, ctas=w.meta.num_ctas,
                            warps_per_cta=w.meta.warps_per_cta, K=w.meta.slots_per_lane)
         return runner
