@@ -6,12 +6,14 @@
     python examples/speech_model.py --bench-only --hidden 2048 --density 0.1   # GPU speed only
 
 The model (examples/speech/model.py): log-mel features, two strided convolutions, a stack of
-(bidirectional) jax_sprnn SparseRNN layers, a linear layer to characters, CTC loss. The default run
-trains it twice on the embedded espeak-ng corpus, dense and pruned to 10% recurrent density with Zhu
-& Gupta's schedule, and writes into --out (default runs/speech): results.json (every number),
-training_curves.png, cer_vs_density.png, latency_vs_density.png, and orbax checkpoints. On a GPU it
-also times the recurrent layers and the whole model at batch 1, 4 and 16 against dense lax.scan
-layers. docs/speech.md describes the example.
+(bidirectional) jax_sprnn SparseRNN layers (--cell lstm or gru: SparseLSTM, SparseGRU), a linear
+layer to characters, CTC loss. The default run trains it twice on the embedded espeak-ng corpus,
+dense and pruned to 10% recurrent density with Zhu & Gupta's schedule, and writes into --out
+(default runs/speech): results.json (every number), training_curves.png, cer_vs_density.png,
+latency_vs_density.png, and orbax checkpoints. On a GPU it also times the recurrent layers and the
+whole model at batch 1, 4 and 16 against dense lax.scan layers. It ends with each training run's
+pace (steps per second, compilations; --profile: where the time went). docs/speech.md describes
+the example.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if str(EXAMPLES) not in sys.path:  # `speech` is the package beside this script
 
 from speech import data as data_lib  # noqa: E402
 from speech.features import Augmenter, FeatureConfig, SpecAugment  # noqa: E402
-from speech.model import RNN_IMPLS, ModelConfig  # noqa: E402
+from speech.model import CELLS, RNN_IMPLS, ModelConfig  # noqa: E402
 from speech.train import TrainConfig  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: at the default budget it slows learning more than it helps)")
 
     m = p.add_argument_group("model")
+    m.add_argument("--cell", choices=tuple(CELLS), default="simple",
+                   help="the recurrent cell: simple (tanh; SparseRNN), lstm (SparseLSTM) or gru "
+                        "(SparseGRU), each pruned in its recurrent kernels")
     m.add_argument("--hidden", type=int, default=256, help="recurrent units per direction")
     m.add_argument("--layers", type=int, default=2, help="recurrent layers")
     m.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
@@ -216,7 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_config(args, impl: str) -> ModelConfig:
     return ModelConfig(n_mels=args.n_mels, hidden=args.hidden, layers=args.layers,
                        bidirectional=args.bidirectional, conv_channels=args.conv_channels,
-                       time_stride=args.time_stride, rnn_impl=impl, dtype=args.dtype)
+                       time_stride=args.time_stride, cell=args.cell, rnn_impl=impl,
+                       dtype=args.dtype)
 
 
 def train_config(args, density: float) -> TrainConfig:
@@ -389,7 +395,7 @@ def evaluate_runs(args, program, config: ModelConfig, features: FeatureConfig, s
             "test": train_lib.evaluate(served, packed, test),
             "test_training_form": train_lib.evaluate(
                 program, program.variables(state["params"], state["sparsity"]), test),
-            "served_as": "packed SparseWeights in SparseRNN (jax_sprnn.sparse_rnn)"}
+            "served_as": f"packed SparseWeights in the layer form ({config.cell} cell)"}
         points["gradual"][f"{args.density:g}"] = models["pruned"]["test"]["cer"]
     target = None
     if "dense" in models and "pruned" in models:

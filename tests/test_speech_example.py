@@ -201,13 +201,25 @@ def test_embedded_corpus_is_there_and_fits_the_budget():
 
 # ---- model ----------------------------------------------------------------------------------
 
-def test_cell_and_layer_forms_and_the_packed_export_agree(exact_matmuls):
+@pytest.mark.parametrize("cell", ["simple", "lstm", "gru"])
+def test_cell_and_layer_forms_and_the_packed_export_agree(cell, exact_matmuls):
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     from jax_sprnn import pruning
 
-    cell_cfg = model.ModelConfig(hidden=24, layers=2, conv_channels=4, n_mels=16, time_stride=2)
+    cell_cfg = model.ModelConfig(hidden=24, layers=2, conv_channels=4, n_mels=16, time_stride=2,
+                                 cell=cell)
     params = model.init_variables(cell_cfg, jax.random.key(0))["params"]
+    layer = model.init_variables(dataclasses.replace(cell_cfg, rnn_impl="layer"), jax.random.key(0))
+    assert (jax.tree_util.tree_structure(layer["params"])
+            == jax.tree_util.tree_structure(params))  # one checkpoint fits both forms
+    paths = model.recurrent_kernel_paths(params)
+    gates = {"simple": 1, "lstm": 4, "gru": 3}[cell]
+    assert len(paths) == 4 and all(model.kernel_at(params, p).shape == (24, gates * 24)
+                                   for p in paths)
+    assert set(pruning.masks_of(layer[pruning.COLLECTION]).keys()) == {"rnn"}
     params, masks = pruning.update_sparsity(params, model.dense_masks(params), 0.75)
     x = jax.random.normal(jax.random.key(1), (3, 20, 16))
     lengths = jnp.array([20, 13, 5])
@@ -220,6 +232,11 @@ def test_cell_and_layer_forms_and_the_packed_export_agree(exact_matmuls):
     valid = (np.arange(10)[None] < np.asarray(out_len)[:, None])[..., None]
     np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=2e-5)
     assert model.density(masks) == pytest.approx(6 / 24)
+    for path in paths:  # the recurrent kernels go from the served params, their biases stay
+        kept = model._get(packed["params"], path[:-2])
+        names = path[-2].split("+")
+        assert not any("kernel" in kept.get(n, {}) for n in names)
+        assert any("bias" in kept.get(n, {}) for n in names) == (cell != "simple")
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -296,3 +313,24 @@ def test_tiny_end_to_end_run_with_resume(tmp_path):
     assert resumed["models"]["pruned"]["density"] == pytest.approx(8 / 32)
     with pytest.raises(SystemExit, match="different settings"):
         speech_model.main([a if a != "0.25" else "0.5" for a in argv] + ["--resume"])
+
+
+@pytest.mark.parametrize("cell, impl", [("lstm", "cell"), ("gru", "layer")])
+def test_tiny_run_with_a_gated_cell(cell, impl, tmp_path):
+    argv = ["--cell", cell, "--rnn-impl", impl, "--out", str(tmp_path / "run"), "--limit", "48",
+            "--batch-size", "8", "--hidden", "32", "--layers", "1", "--conv-channels", "4",
+            "--n-mels", "16", "--steps", "4", "--prune-begin", "0.25", "--prune-end", "0.5",
+            "--prune-every", "1", "--density", "0.5", "--no-compare-dense", "--eval-every", "4",
+            "--checkpoint-every", "4", "--lr", "2e-2", "--warmup", "1", "--buckets", "1",
+            "--one-shot-densities", "0.5", "--latency-densities", "0.5", "--latency-batches", "2",
+            "--bench-steps", "8", "--bench-reps", "2", "--no-progress"]
+    results = speech_model.main(argv)
+    pruned = results["models"]["pruned"]
+    assert results["model"]["cell"] == cell and pruned["density"] == pytest.approx(0.5)
+    gates = {"lstm": 4, "gru": 3}[cell]
+    assert results["recurrent_parameters"] == 2 * gates * 32 * 32  # two directions' [H, G*H]
+    # served packed (SparseLSTM / SparseGRU) it decides as its training form does
+    assert pruned["test"]["cer"] == pytest.approx(pruned["test_training_form"]["cer"], abs=1.0)
+    losses = [r["loss"] for r in results["history"]["pruned"]["train"]]
+    assert np.all(np.isfinite(losses)) and results["timing"]["compiles_by_function"][
+        "jit(_train_step)"]["count"] == 1

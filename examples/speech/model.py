@@ -2,17 +2,25 @@
 
     log-mel [B, T, n_mels]
       -> Conv 5x5 stride (2, 2) -> GELU -> Conv 5x5 stride (time_stride / 2, 2) -> GELU
-      -> layers x [LayerNorm -> SparseRNN (or nn.Bidirectional of two)]
+      -> layers x [LayerNorm -> SparseRNN (SparseBidirectional for both directions)]
       -> LayerNorm -> Dense(characters + blank)            trained with CTC
 
-The recurrent layers exist in two interchangeable forms with the same parameter tree, that of
-``nn.RNN(nn.SimpleCell)`` (``jax_sprnn.flax`` guarantees it):
+The recurrent cell is a simple tanh cell by default, or an LSTM or a GRU (``cell``). The recurrent
+layers exist in two interchangeable forms with the same parameter tree, that of
+``nn.RNN(nn.SimpleCell)`` (``nn.LSTMCell``, ``nn.GRUCell``; ``jax_sprnn.flax`` guarantees it):
 
-* ``"layer"``: :class:`jax_sprnn.flax.SparseRNN`, the whole sequence in one ``sparse_rnn`` call: the
-  persistent kernel on a GPU, the C++ kernel on a CPU. Its mask lives in the ``'sparsity'``
-  collection (a ``PackedMask`` while training; the packed ``SparseWeights`` after export).
-* ``"cell"``: ``nn.RNN(jax_sprnn.flax.SparseRNNCell)``, a ``lax.scan`` of dense steps whose pruned
-  weights are exact zeros; the masks are plain boolean arrays kept beside the parameters.
+* ``"layer"``: :class:`jax_sprnn.flax.SparseRNN` (``SparseBidirectional``, ``SparseLSTM``,
+  ``SparseGRU``), the whole sequence in one ``sparse_rnn`` (``sparse_rnn_bidirectional``,
+  ``sparse_lstm``, ``sparse_gru``) call: the persistent kernel on a GPU, the C++ kernel on a CPU.
+  Its mask lives in the ``'sparsity'`` collection (a ``PackedMask`` while training; the packed
+  ``SparseWeights`` after export).
+* ``"cell"``: ``nn.RNN`` of ``jax_sprnn.flax.SparseRNNCell`` (``SparseLSTMCell``,
+  ``SparseGRUCell``), a ``lax.scan`` of dense steps whose pruned weights are exact zeros; the masks
+  are plain boolean arrays kept beside the parameters, at the paths of the layer form's masks.
+
+A gated layer's recurrent kernels run side by side as one ``[H, G*H]`` kernel with one mask, at a
+path whose key joins the gates' kernels (``cell/hi+hf+hg+ho/kernel``, docs/flax.md);
+``jax_sprnn.pruning`` reads such a path in both forms.
 
 Training on a CPU uses the cell: XLA's dense matmul on a CPU is faster than the C++ sparse kernel
 (which is there for correctness and portability, not speed). Training on a GPU uses the layer. The
@@ -31,11 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sprnn import pruning
-from jax_sprnn.flax import SparseBidirectional, SparseRNN, SparseRNNCell
+from jax_sprnn.flax import (SparseBidirectional, SparseGRU, SparseGRUCell, SparseLSTM,
+                            SparseLSTMCell, SparseRNN, SparseRNNCell)
+from jax_sprnn.pruning.tree import JOIN, drop_at, get_at
 
 from .text import NUM_CLASSES
 
 RNN_IMPLS = ("layer", "cell")
+#: cell name: (the layer, the cell, the names of its recurrent kernels in gate order)
+CELLS = {"simple": (SparseRNN, SparseRNNCell, ("h",)),
+         "lstm": (SparseLSTM, SparseLSTMCell, ("hi", "hf", "hg", "ho")),
+         "gru": (SparseGRU, SparseGRUCell, ("hr", "hz", "hn"))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +62,7 @@ class ModelConfig:
     bidirectional: bool = True
     conv_channels: int = 16
     time_stride: int = 4
+    cell: str = "simple"        # "simple" (activation below), "lstm" or "gru"
     activation: str = "tanh"
     rnn_impl: str = "cell"      # "layer" or "cell" (see the module docstring)
     method: str = "auto"        # sparse_rnn's method, for the layer form
@@ -61,6 +76,8 @@ class ModelConfig:
             raise ValueError(f"time_stride must be 1, 2 or 4, got {self.time_stride}")
         if self.rnn_impl not in RNN_IMPLS:
             raise ValueError(f"rnn_impl must be one of {RNN_IMPLS}, got {self.rnn_impl!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {tuple(CELLS)}, got {self.cell!r}")
 
     def shape_fields(self) -> dict:
         """The fields that decide the parameters (a checkpoint restores only into these)."""
@@ -85,11 +102,11 @@ class RecurrentStack(nn.Module):
         c = self.config
         if not name:
             name = {"parent": None}
+        layer, cell, _ = CELLS[c.cell]
+        simple = {"activation_fn": c.activation} if c.cell == "simple" else {}
         if c.rnn_impl == "layer":
-            return SparseRNN(c.hidden, activation_fn=c.activation, method=c.method,
-                             dtype=jnp.dtype(c.dtype), **name)
-        return nn.RNN(SparseRNNCell(c.hidden, activation_fn=c.activation, dtype=jnp.dtype(c.dtype),
-                                    parent=None), **name)
+            return layer(c.hidden, method=c.method, dtype=jnp.dtype(c.dtype), **simple, **name)
+        return nn.RNN(cell(c.hidden, dtype=jnp.dtype(c.dtype), parent=None, **simple), **name)
 
     @nn.compact
     def __call__(self, x, lengths):
@@ -101,7 +118,8 @@ class RecurrentStack(nn.Module):
                 # The cell's default carry has the parameter dtype (float32), its steps return
                 # the computation dtype, and nn.RNN's scan needs the two equal.
                 carry = jnp.zeros(x.shape[:-1][:-1] + (c.hidden,), jnp.dtype(c.dtype))
-            if c.bidirectional and c.rnn_impl == "layer":  # both directions in one call
+                carry = (carry, carry) if c.cell == "lstm" else carry  # (c, h)
+            if c.bidirectional and c.rnn_impl == "layer" and c.cell == "simple":  # one call
                 x = SparseBidirectional(c.hidden, activation_fn=c.activation, method=c.method,
                                         dtype=jnp.dtype(c.dtype), name=f"rnn_{i}")(
                     x, seq_lengths=lengths)
@@ -152,9 +170,22 @@ def _path_keys(path) -> tuple:
 
 
 def recurrent_kernel_paths(params) -> list[tuple]:
-    """Paths of the recurrent kernels (``.../h/kernel``) in either form."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [_path_keys(p) for p, _ in flat if _path_keys(p)[-2:] == ("h", "kernel")]
+    """Paths of the masks of the recurrent kernels in either form: ``.../h/kernel`` for simple
+    cells, the joined ``.../hi+hf+hg+ho/kernel`` (``hr+hz+hn``) of a gated cell's kernels side by
+    side. :func:`kernel_at` reads the kernel at such a path."""
+    flat = [_path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = []
+    for _, _, names in CELLS.values():
+        for path in flat:
+            if path[-2:] == (names[0], "kernel") and all(
+                    path[:-2] + (name, "kernel") in flat for name in names):
+                paths.append(path[:-2] + (JOIN.join(names), "kernel"))
+    return paths
+
+
+def kernel_at(params, path: tuple):
+    """The recurrent kernel at a mask's path: ``[H, H]``, or a gated cell's ``[H, G*H]``."""
+    return get_at(params, path, "params")
 
 
 def _nested(items: dict[tuple, Any]) -> dict:
@@ -176,7 +207,8 @@ def _get(tree, path):
 def dense_masks(params) -> dict:
     """All-true boolean masks at the recurrent kernels' paths: the cell form's starting
     ``sparsity`` (what ``jax_sprnn.pruning.update_sparsity`` accepts in place of PackedMasks)."""
-    return _nested({p: jnp.ones(_get(params, p).shape, bool) for p in recurrent_kernel_paths(params)})
+    return _nested({p: jnp.ones(kernel_at(params, p).shape, bool)
+                    for p in recurrent_kernel_paths(params)})
 
 
 def boolean_masks(sparsity) -> dict:
@@ -198,20 +230,11 @@ def export(config: ModelConfig, params, sparsity, *, method: str = "auto") -> tu
     """
     masks = boolean_masks(sparsity)
     dtype = np.dtype(config.dtype)
-    packed = {p: pruning.pack_inference(_get(params, p), _get(masks, p), dtype=dtype)
+    packed = {p: pruning.pack_inference(kernel_at(params, p), _get(masks, p), dtype=dtype)
               for p in recurrent_kernel_paths(params)}
-    stripped = jax.tree_util.tree_map_with_path(
-        lambda path, x: None if _path_keys(path) in packed else x, params)
-    stripped = _drop_none(stripped)
     inference = dataclasses.replace(config, rnn_impl="layer", method=method)
-    return inference, {"params": stripped, pruning.COLLECTION: _nested(packed)}
-
-
-def _drop_none(tree):
-    if isinstance(tree, dict):
-        out = {k: _drop_none(v) for k, v in tree.items() if v is not None}
-        return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
-    return tree
+    return inference, {"params": drop_at(params, set(packed)),
+                       pruning.COLLECTION: _nested(packed)}
 
 
 def count_parameters(params) -> int:
