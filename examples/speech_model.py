@@ -542,8 +542,8 @@ def timing_line(name: str, t: dict) -> str:
 def print_profile(results: dict) -> None:
     """Where the time went: each training loop's phases, the run's stages, the compilations."""
     timing = results["timing"]
-    print("\nprofile: training loops (seconds; 'input': waiting for a batch; 'dispatch': step "
-          "calls; 'log': reading losses, waits when the device is behind)")
+    print("\nprofile: training loops (seconds; 'precompile': the step for every bucket; 'input': "
+          "waiting for a batch; 'dispatch': step calls; 'log', 'drain': waiting for the device)")
     for name, history in results["history"].items():
         t = history.get("timing", {})
         phases = ", ".join(f"{k[:-8]} {v:.1f}" for k, v in t.items()

@@ -2,10 +2,10 @@
 dense (``nn.RNN`` of the same cells: a ``lax.scan`` of dense matmuls), at several batch sizes and
 densities.
 
-Timing: each function is jitted and run once to compile, then called ``reps`` times on inputs that
-rotate among three arrays (so no cache keeps a result warm), each call waited for with
-``block_until_ready``; the figure is the median wall time per call. On a GPU that is the device time
-plus one dispatch.
+Timing: the functions of a table are jitted and compiled together first (in parallel threads),
+then each is run once and called ``reps`` times on inputs that rotate among three arrays (so no
+cache keeps a result warm), each call waited for with ``block_until_ready``; the figure is the
+median wall time per call. On a GPU that is the device time plus one dispatch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from jax_sprnn import pruning
 
 from . import model as model_lib
+from .profiling import compile_all
 
 
 def median_ms(fn, inputs: list, reps: int) -> float:
@@ -96,18 +97,12 @@ def recurrent_latency(config: model_lib.ModelConfig, densities, batch: int, step
     """Milliseconds per call of the recurrent stack: ``{"dense_scan": ms, "sparse": {density: ms}}``
     (``None`` where the sparse layer cannot run, e.g. ``method="native"`` and it does not fit)."""
     inputs = _inputs(batch, steps, _stack_input_features(config), jnp.float32)
-    out = {"sparse": {}}
-    dense_ms = None
-    for d in densities:
-        dense, sparse = recurrent_stack_variables(config, d, params=params)
-        if dense_ms is None:
-            dense_ms = median_ms(dense, inputs, reps)
-        try:
-            out["sparse"][f"{d:g}"] = median_ms(sparse, inputs, reps)
-        except Exception as e:  # a layer that does not fit with method="native": report, go on
-            print(f"  density {d:g}: sparse layer did not run ({type(e).__name__}: {e})")
-            out["sparse"][f"{d:g}"] = None
-    out["dense_scan"] = dense_ms
+    stacks = [recurrent_stack_variables(config, d, params=params) for d in densities]
+    jobs = [(stacks[0][0], inputs[0])] + [(sparse, inputs[0]) for _, sparse in stacks]
+    dense, *sparse = compile_all(jobs, return_errors=True)
+    out = {"sparse": {}, "dense_scan": median_ms(_raise(dense), inputs, reps)}
+    for d, fn in zip(densities, sparse):
+        out["sparse"][f"{d:g}"] = _try_ms(fn, inputs, reps, f"density {d:g}: ")
     return out
 
 
@@ -116,30 +111,38 @@ def speed_table(config: model_lib.ModelConfig, density: float, batches, steps: i
     """Rows ``{batch, part, dense_ms, sparse_ms, speedup}`` for the recurrent layers (random
     weights pruned to ``density``) and, with ``whole_model=(config, dense_variables,
     sparse_config, sparse_variables)``, the whole model from log-mel features to logits."""
-    rows = []
-    width = _stack_input_features(config)
-    dense, sparse = recurrent_stack_variables(config, density)
-    for b in batches:
-        inputs = _inputs(b, steps, width, jnp.float32)
-        rows.append(_row(b, "recurrent layers", median_ms(dense, inputs, reps),
-                         _try_ms(sparse, inputs, reps)))
+    parts = [("recurrent layers", *recurrent_stack_variables(config, density),
+              _stack_input_features(config), steps)]
     if whole_model is not None:
         dense_cfg, dense_vars, sparse_cfg, sparse_vars = whole_model
-        frames = steps * config.time_stride
-        dense_fn = jax.jit(lambda x, n: model_lib.SpeechModel(dense_cfg).apply(dense_vars, x, n))
-        sparse_fn = jax.jit(lambda x, n: model_lib.SpeechModel(sparse_cfg).apply(sparse_vars, x, n))
-        for b in batches:
-            inputs = _inputs(b, frames, config.n_mels, jnp.float32)
-            rows.append(_row(b, "whole model", median_ms(dense_fn, inputs, reps),
-                             _try_ms(sparse_fn, inputs, reps)))
-    return rows
+        parts.append(("whole model",
+                      jax.jit(lambda x, n: model_lib.SpeechModel(dense_cfg).apply(dense_vars, x, n)),
+                      jax.jit(lambda x, n: model_lib.SpeechModel(sparse_cfg).apply(sparse_vars, x,
+                                                                                     n)),
+                      config.n_mels, steps * config.time_stride))
+    cases = [(part, b, dense, sparse, _inputs(b, length, width, jnp.float32))
+             for part, dense, sparse, width, length in parts for b in batches]
+    jobs = [job for _, _, dense, sparse, inputs in cases
+            for job in ((dense, inputs[0]), (sparse, inputs[0]))]
+    compiled = compile_all(jobs, return_errors=True)
+    return [_row(b, part, median_ms(_raise(compiled[2 * i]), inputs, reps),
+                 _try_ms(compiled[2 * i + 1], inputs, reps))
+            for i, (part, b, _, _, inputs) in enumerate(cases)]
 
 
-def _try_ms(fn, inputs, reps):
+def _raise(fn):
+    if isinstance(fn, Exception):
+        raise fn
+    return fn
+
+
+def _try_ms(fn, inputs, reps, what: str = ""):
+    """Milliseconds per call, or None (reported) where the sparse layer did not compile or run,
+    e.g. ``method="native"`` for a layer that does not fit."""
     try:
-        return median_ms(fn, inputs, reps)
+        return median_ms(_raise(fn), inputs, reps)
     except Exception as e:
-        print(f"  sparse layer did not run ({type(e).__name__}: {e})")
+        print(f"  {what}sparse layer did not run ({type(e).__name__}: {e})")
         return None
 
 

@@ -305,6 +305,12 @@ class Batcher:
         return {int(n): np.flatnonzero(self.padded_lengths == n)
                 for n in np.unique(self.padded_lengths)}
 
+    def batch_shapes(self) -> list[tuple[int, int, int]]:
+        """``(rows, samples, label length)`` of the batches :meth:`epoch` makes, one per bucket
+        that holds a full batch."""
+        return [(self.batch_size, n, self.label_pad[n]) for n, idx in self.buckets().items()
+                if len(idx) >= self.batch_size]
+
     def epoch(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Full batches (index arrays) of one pass, shuffled within and across buckets; leftovers
         of a bucket (fewer than ``batch_size``) wait for a later epoch's shuffle."""

@@ -9,7 +9,9 @@ idle. :class:`Phases` sums those, and :func:`loop_report` turns them into steps 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import os
 import threading
 import time
 
@@ -65,6 +67,32 @@ class CompileCounter:
         return len(later), sum(d for _, d in later)
 
 
+def compile_all(jobs, threads: int | None = None, *, return_errors: bool = False) -> list:
+    """``[jitted.lower(*args).compile() for jitted, args in jobs]``, the compilations in parallel
+    threads (XLA releases the GIL while it compiles; the lowering, which traces Python, runs one
+    at a time here). Call the results instead of the jitted functions: a jitted function's own
+    cache does not see them. ``return_errors``: a job that fails gives its exception in its place
+    instead of raising."""
+    def guard(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 (handed back to the caller, which reports it)
+            if not return_errors:
+                raise
+            return e
+
+    lowered = [guard(lambda j, a: j.lower(*a), jitted, args) for jitted, args in jobs]
+
+    def compile_one(low):
+        return low if isinstance(low, Exception) else guard(low.compile)
+
+    threads = threads or max(1, min(len(lowered), os.cpu_count() or 1))
+    if threads == 1 or len(lowered) <= 1:
+        return [compile_one(low) for low in lowered]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(compile_one, lowered))
+
+
 class Phases:
     """Wall seconds of named phases of a loop (``with phases("eval"): ...``), and the seconds of
     the compilations inside each (from ``compiles``)."""
@@ -86,8 +114,8 @@ class Phases:
             self.compiled[name] = (old[0] + count, old[1] + seconds)
 
 
-#: Phases that happen every few hundred steps: the steady pace leaves them out.
-OCCASIONAL = ("eval", "checkpoint", "prune")
+#: Phases that happen once or every few hundred steps: the steady pace leaves them out.
+OCCASIONAL = ("precompile", "eval", "checkpoint", "prune")
 
 
 def loop_report(steps: int, wall: float, phases: Phases) -> dict:
@@ -95,8 +123,9 @@ def loop_report(steps: int, wall: float, phases: Phases) -> dict:
     phase: ``input`` (waiting for the next batch: the device may idle), ``dispatch`` (the step
     calls: asynchronous, they return before the device is done unless it is far behind),
     ``log`` (reading losses of earlier steps: it waits for the device when the host is ahead),
-    ``drain`` (waiting for the device before an occasional phase), and the occasional ``eval``,
-    ``checkpoint`` and ``prune``, which then time host work alone.
+    ``drain`` (waiting for the device before an occasional phase), and the occasional
+    ``precompile`` (the step for every bucket, ahead), ``eval``, ``checkpoint`` and ``prune``, which
+    then time host work alone.
 
     ``steady_steps_per_second`` leaves out the occasional phases and the step's compilations:
     it is the pace of training once every shape has compiled, input waits included. When the

@@ -38,7 +38,7 @@ from . import model as model_lib
 from . import text as text_lib
 from .data import Batcher
 from .features import Augmenter, FeatureConfig, SpecAugment, log_mel
-from .profiling import CompileCounter, Phases, loop_report
+from .profiling import CompileCounter, Phases, compile_all, loop_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +112,8 @@ class Program:
         self.tx = tx
         self.spec_augment = spec_augment
         self.augment = augment
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self._jit_step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self._compiled_steps: dict = {}  # (waves shape, labels shape) -> compiled step
         self.decode_step = jax.jit(self._decode_step)
 
     def variables(self, params, sparsity) -> dict:
@@ -125,6 +126,33 @@ class Program:
         if key is not None and self.spec_augment is not None:
             feats = self.spec_augment(feats, frames, key)
         return self.model.apply(variables, feats, frames)
+
+    def train_step(self, params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
+                   seed, step):
+        """``(params, opt_state, loss, grad_norm)`` after one step (``params`` and
+        ``opt_state`` donated); the step compiled ahead for this batch shape, if it was."""
+        step_fn = self._compiled_steps.get((waves.shape, labels.shape), self._jit_step)
+        return step_fn(params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
+                       seed, step)
+
+    def compile_steps(self, params, opt_state, sparsity, seed, shapes) -> None:
+        """Compile the training step for each batch shape ``(rows, samples, label length)``
+        not compiled yet, all at once in parallel threads, instead of one after the other at
+        each bucket's first step. Arguments as :meth:`train_step` takes them (committed to the
+        device; only their shapes matter)."""
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+        def spec(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=device)
+
+        todo = [s for s in dict.fromkeys(shapes)
+                if ((s[0], s[1]), (s[0], s[2])) not in self._compiled_steps]
+        jobs = [(self._jit_step, (params, opt_state, sparsity, spec((rows, n), jnp.float32),
+                                  spec((rows,), jnp.int32), spec((rows, length), jnp.int32),
+                                  spec((rows,), jnp.int32), seed, spec((), jnp.int32)))
+                for rows, n, length in todo]
+        for (rows, n, length), compiled in zip(todo, compile_all(jobs)):
+            self._compiled_steps[((rows, n), (rows, length))] = compiled
 
     def _train_step(self, params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
                     seed, step):
@@ -383,6 +411,10 @@ def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, val
         with contextlib.ExitStack() as stack:
             if compiles is None:
                 stack.enter_context(counter)
+            if start < cfg.steps:  # (the prefetch thread fills its queue meanwhile)
+                with phases("precompile"):
+                    program.compile_steps(params, opt_state, sparsity, seed,
+                                          train.batch_shapes())
             while True:
                 with phases("input"):
                     item = next(batches, None)
