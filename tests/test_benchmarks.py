@@ -117,7 +117,9 @@ def test_cpu_suite(tmp_path):
         for name in ("ours", "dense", "ours_grad", "dense_grad"):
             result = row["peers"][name]
             assert result["call_ms"] > 0 and result["rel_err"] < 5e-2, (name, result)
-        assert row["speedup_forward"] > 0 and row["speedup_grad"] > 0
+        # (A smoke run's per-step slope is noise on a loaded machine and may even be negative: the
+        # ratios must exist, not have a sign.)
+        assert math.isfinite(row["speedup_forward"]) and math.isfinite(row["speedup_grad"])
     assert set(data["crossovers"]) == {f"{d}/2/{k}" for d in ("float32", "float16")
                                        for k in ("forward", "grad")}
     assert data["cpu_before"]["cores"] >= 1
