@@ -373,6 +373,21 @@ def evaluate_runs(args, program, config: ModelConfig, features: FeatureConfig, s
     from speech import train as train_lib
 
     models, points = {}, {"one_shot": {}, "gradual": {}}
+    cells = cell_program(config, features, impl, program)
+    if "pruned" in states:
+        served_cfg, packed = model_lib.export(config, states["pruned"]["params"],
+                                              states["pruned"]["sparsity"])
+        served = train_lib.Program(served_cfg, features)
+    # Every decoder this evaluation runs, compiled at once for the evaluation's batch shape.
+    shapes = sorted(set(valid.decode_shapes() + test.decode_shapes()))
+    first = next(iter(states.values()))
+    entries = cells.decoder_entries(
+        cells.variables(first["params"], model_lib.dense_masks(first["params"])), shapes)
+    entries += program.decoder_entries(program.variables(first["params"], first["sparsity"]),
+                                       shapes)
+    if "pruned" in states:
+        entries += served.decoder_entries(packed, shapes)
+    train_lib.precompile(entries)
     if "dense" in states:
         state = states["dense"]
         variables = program.variables(state["params"], state["sparsity"])
@@ -380,15 +395,13 @@ def evaluate_runs(args, program, config: ModelConfig, features: FeatureConfig, s
                            "test": train_lib.evaluate(program, variables, test)}
         points["dense"] = models["dense"]["test"]["cer"]
         # The dense model pruned once, without retraining: what gradual pruning is up against.
-        cells, params = cell_program(config, features, impl, program), state["params"]
+        params = state["params"]
         for d in (d for d in args.one_shot_densities if d < 1.0):
             pruned, masks = pruning.update_sparsity(params, model_lib.dense_masks(params), 1 - d)
             points["one_shot"][f"{d:g}"] = train_lib.evaluate(
                 cells, cells.variables(pruned, masks), test)["cer"]
     if "pruned" in states:
         state = states["pruned"]
-        served_cfg, packed = model_lib.export(config, state["params"], state["sparsity"])
-        served = train_lib.Program(served_cfg, features)
         models["pruned"] = {
             "density": model_lib.density(state["sparsity"]),
             "valid": train_lib.evaluate(served, packed, valid),

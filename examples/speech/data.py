@@ -311,6 +311,10 @@ class Batcher:
         return [(self.batch_size, n, self.label_pad[n]) for n, idx in self.buckets().items()
                 if len(idx) >= self.batch_size]
 
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """``(rows, samples)`` of the batches :meth:`in_order` makes, one per bucket."""
+        return [(self.batch_size, n) for n in self.buckets()]
+
     def epoch(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Full batches (index arrays) of one pass, shuffled within and across buckets; leftovers
         of a bucket (fewer than ``batch_size``) wait for a later epoch's shuffle."""

@@ -113,8 +113,10 @@ class Program:
         self.spec_augment = spec_augment
         self.augment = augment
         self._jit_step = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self._compiled_steps: dict = {}  # (waves shape, labels shape) -> compiled step
-        self.decode_step = jax.jit(self._decode_step)
+        self._jit_decode = jax.jit(self._decode_step)
+        # compiled ahead (precompile): (waves shape, labels shape) -> step, waves shape -> decoder
+        self.compiled_steps: dict = {}
+        self.compiled_decoders: dict = {}
 
     def variables(self, params, sparsity) -> dict:
         if self.config.rnn_impl == "layer":
@@ -131,28 +133,37 @@ class Program:
                    seed, step):
         """``(params, opt_state, loss, grad_norm)`` after one step (``params`` and
         ``opt_state`` donated); the step compiled ahead for this batch shape, if it was."""
-        step_fn = self._compiled_steps.get((waves.shape, labels.shape), self._jit_step)
+        step_fn = self.compiled_steps.get((waves.shape, labels.shape), self._jit_step)
         return step_fn(params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
                        seed, step)
 
-    def compile_steps(self, params, opt_state, sparsity, seed, shapes) -> None:
-        """Compile the training step for each batch shape ``(rows, samples, label length)``
-        not compiled yet, all at once in parallel threads, instead of one after the other at
-        each bucket's first step. Arguments as :meth:`train_step` takes them (committed to the
-        device; only their shapes matter)."""
+    def decode_step(self, variables, waves, wave_lengths):
+        """``(best class per frame [B, T'] int8, output lengths [B])``; the decoder compiled
+        ahead for this batch shape, if it was."""
+        return self.compiled_decoders.get(np.shape(waves), self._jit_decode)(variables, waves,
+                                                                            wave_lengths)
+
+    def step_entries(self, params, opt_state, sparsity, seed, shapes) -> list:
+        """:func:`precompile` entries of the training step for batch shapes ``(rows, samples,
+        label length)``; arguments as :meth:`train_step` takes them (committed to the device;
+        only their shapes matter)."""
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
         def spec(shape, dtype):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=device)
 
-        todo = [s for s in dict.fromkeys(shapes)
-                if ((s[0], s[1]), (s[0], s[2])) not in self._compiled_steps]
-        jobs = [(self._jit_step, (params, opt_state, sparsity, spec((rows, n), jnp.float32),
-                                  spec((rows,), jnp.int32), spec((rows, length), jnp.int32),
-                                  spec((rows,), jnp.int32), seed, spec((), jnp.int32)))
-                for rows, n, length in todo]
-        for (rows, n, length), compiled in zip(todo, compile_all(jobs)):
-            self._compiled_steps[((rows, n), (rows, length))] = compiled
+        return [(self.compiled_steps, ((rows, n), (rows, length)), self._jit_step,
+                 (params, opt_state, sparsity, spec((rows, n), jnp.float32),
+                  spec((rows,), jnp.int32), spec((rows, length), jnp.int32),
+                  spec((rows,), jnp.int32), seed, spec((), jnp.int32)))
+                for rows, n, length in shapes]
+
+    def decoder_entries(self, variables, shapes) -> list:
+        """:func:`precompile` entries of the decoder for batch shapes ``(rows, samples)``."""
+        return [(self.compiled_decoders, shape, self._jit_decode,
+                 (variables, jax.ShapeDtypeStruct(shape, jnp.float32),
+                  jax.ShapeDtypeStruct(shape[:1], jnp.int32)))
+                for shape in shapes]
 
     def _train_step(self, params, opt_state, sparsity, waves, wave_lengths, labels, label_lengths,
                     seed, step):
@@ -181,6 +192,16 @@ class Program:
     def _decode_step(self, variables, waves, wave_lengths):
         logits, lengths = self.logits(variables, waves, wave_lengths)
         return jnp.argmax(logits, -1).astype(jnp.int8), lengths
+
+
+def precompile(entries) -> None:
+    """Compile, all at once in parallel threads (:func:`speech.profiling.compile_all`), the
+    entries ``(cache, key, jitted, args)`` not in their cache yet, and store each in
+    ``cache[key]``: a step or decoder for every shape up front, instead of one after the other at
+    each shape's first use."""
+    todo = list({(id(e[0]), e[1]): e for e in entries if e[1] not in e[0]}.values())
+    for (cache, key, _, _), compiled in zip(todo, compile_all([(j, a) for _, _, j, a in todo])):
+        cache[key] = compiled
 
 
 def evaluate(program: Program, variables, batcher: Batcher, *, examples: int = 3,
@@ -413,8 +434,10 @@ def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, val
                 stack.enter_context(counter)
             if start < cfg.steps:  # (the prefetch thread fills its queue meanwhile)
                 with phases("precompile"):
-                    program.compile_steps(params, opt_state, sparsity, seed,
-                                          train.batch_shapes())
+                    precompile(program.step_entries(params, opt_state, sparsity, seed,
+                                                    train.batch_shapes())
+                               + program.decoder_entries(program.variables(params, sparsity),
+                                                         valid.decode_shapes()))
             while True:
                 with phases("input"):
                     item = next(batches, None)
