@@ -146,7 +146,10 @@ class LayoutMeta:
     def exchange(self) -> str:
         """How the persistent kernel exchanges the state for this layout on a GPU with thread-block
         clusters: ``"cluster"`` (every CTA in one cluster, through distributed shared memory) or
-        ``"grid"`` (through L2). Devices without clusters always run ``"grid"``."""
+        ``"grid"`` (through L2). Devices without clusters always run ``"grid"``, and so does a
+        layout of few CTAs whose two staged copies of a batch tile do not fit in shared memory
+        (the handler checks; a grid layout widened into few CTAs can be one, e.g. H=8192 at 0.1%
+        in float32)."""
         return "cluster" if self.num_ctas <= MAX_CLUSTER_CTAS else "grid"
 
     @property

@@ -237,3 +237,13 @@ def test_devices_without_clusters_get_grid_layouts_only():
     plan = plan_layout(np.full(256, 25), np.float16, GRID_ONLY)
     assert plan.fits and plan.reason == "fits"
     assert plan.num_ctas > planner.MAX_CLUSTER_CTAS  # spread over the SMs, as before
+
+
+def test_cluster_layouts_need_two_staged_copies_in_shared_memory():
+    # H=8192 in float32: one staged copy of a batch tile (128 KiB) fits a CTA, two do not, so no
+    # layout on 1-16 CTAs can run in cluster mode however few weights it holds.
+    nnz = np.full(8192, 8)
+    assert planner._cluster_layout(nnz, np.float32, H200, 16, planner.SLOT_SIZES, 1) is None
+    # Half the state per copy (fp32 at 8-byte loads: a tile of 2) fits twice.
+    plan = planner._cluster_layout(nnz, np.float32, H200, 8, planner.SLOT_SIZES, 1)
+    assert plan is not None and plan.num_ctas <= planner.MAX_CLUSTER_CTAS
