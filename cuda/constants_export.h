@@ -31,6 +31,18 @@ nanobind::dict tiers(bool packed16, std::integer_sequence<int, RS...>) {
   return d;
 }
 
+// The same for the gated cells' kernels.
+template <int... RS>
+nanobind::dict gated_tiers(bool packed16, std::integer_sequence<int, RS...>) {
+  namespace c = constants;
+  nanobind::dict d;
+  ((d[nanobind::cast(RS)] = nanobind::make_tuple(c::gated_max_threads(packed16, RS, false),
+                                                 c::gated_max_threads(packed16, RS, true),
+                                                 c::gated_stage_unroll(packed16, RS, false))),
+   ...);
+  return d;
+}
+
 }  // namespace detail
 
 inline nanobind::dict exported_constants() {
@@ -41,6 +53,10 @@ inline nanobind::dict exported_constants() {
   d["PERSISTENT_TIERS_32"] = detail::tiers(false, c::RegSlots32{});
   d["REG_SLOTS_16"] = detail::reg_slots(c::RegSlots16{});
   d["REG_SLOTS_32"] = detail::reg_slots(c::RegSlots32{});
+  d["PERSISTENT_TIERS_GATED_16"] = detail::gated_tiers(true, c::RegSlotsGated16{});
+  d["PERSISTENT_TIERS_GATED_32"] = detail::gated_tiers(false, c::RegSlotsGated32{});
+  d["REG_SLOTS_GATED_16"] = detail::reg_slots(c::RegSlotsGated16{});
+  d["REG_SLOTS_GATED_32"] = detail::reg_slots(c::RegSlotsGated32{});
   d["FFI_ABI_VERSION"] = c::kFfiAbiVersion;
   d["WIDE_STAGE_UNROLL"] = c::kWideStageUnroll;
   d["KERNEL_SMEM_RESERVE"] = c::kKernelSmemReserve;
@@ -57,11 +73,17 @@ inline nanobind::dict exported_constants() {
       [](int64_t batch, int64_t hidden) { return c::cuda_workspace_bytes(batch, hidden); },
       nb::arg("batch"), nb::arg("hidden"));
   d["persistent_smem_bytes"] = nb::cpp_function(
-      [](int64_t hidden, int64_t batch, int64_t tile, int64_t weight_tier_bytes, int64_t h_buffers) {
-        return c::persistent_smem_bytes(hidden, batch, tile, weight_tier_bytes, h_buffers);
+      [](int64_t hidden, int64_t batch, int64_t tile, int64_t weight_tier_bytes, int64_t h_buffers,
+         int64_t cell_bytes) {
+        return c::persistent_smem_bytes(hidden, batch, tile, weight_tier_bytes, h_buffers, cell_bytes);
       },
       nb::arg("hidden"), nb::arg("batch"), nb::arg("tile"), nb::arg("weight_tier_bytes"),
-      nb::arg("h_buffers") = 1);
+      nb::arg("h_buffers") = 1, nb::arg("cell_bytes") = 0);
+  d["cell_state_smem_bytes"] = nb::cpp_function(
+      [](int64_t batch, int64_t tile, int64_t warps_per_cta, int64_t gates) {
+        return c::cell_state_smem_bytes(batch, tile, warps_per_cta, gates);
+      },
+      nb::arg("batch"), nb::arg("tile"), nb::arg("warps_per_cta"), nb::arg("gates"));
   d["weight_grad_slots_per_thread"] = nb::cpp_function(
       [](int64_t slots_per_lane) { return c::weight_grad_slots_per_thread(slots_per_lane); },
       nb::arg("slots_per_lane"));

@@ -54,6 +54,38 @@ auto weight_grad_operands(Binding b) {
       .template Ret<ffi::Buffer<ffi::F32>>();  // dvalues
 }
 
+// x [T, B, G*H], h0 [B, H], c0, values, indices, lane_row, lengths, hn_bias -> y [T, B, H], h_final, c_final
+// The gated cells' forward recurrence (docs/format.md, "Gated kernels"). LSTM (G = 4): c0 and c_final
+// are [B, H] and hn_bias has no element; GRU (G = 3): c0 and c_final have no element and hn_bias is
+// float32 [H].
+template <typename Binding>
+auto gated_forward_operands(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()          // x
+      .template Arg<ffi::AnyBuffer>()          // h0
+      .template Arg<ffi::AnyBuffer>()          // c0
+      .template Arg<ffi::AnyBuffer>()          // values
+      .template Arg<ffi::Buffer<ffi::S32>>()   // indices
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lane_row
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lengths
+      .template Arg<ffi::Buffer<ffi::F32>>()   // hn_bias
+      .template Ret<ffi::AnyBuffer>()          // y
+      .template Ret<ffi::AnyBuffer>()          // h_final
+      .template Ret<ffi::AnyBuffer>();         // c_final
+}
+
+// The gated cells' layout attributes: the gate count (3: GRU, 4: LSTM) names the cell.
+template <typename Binding>
+auto gated_attrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("gates")
+      .template Attr<int64_t>("reverse")
+      .template Attr<int64_t>("slots_per_lane")
+      .template Attr<int64_t>("warps_per_cta")
+      .template Attr<int64_t>("reg_slots")
+      .template Attr<int64_t>("load_bytes");
+}
+
 // The packed layout and the cell: what both recurrences take, on every platform.
 template <typename Binding>
 auto layout_attrs(Binding b) {

@@ -72,6 +72,23 @@ PERSISTENT_TIERS_32: dict[int, Tier] = {
 REG_SLOTS_16: tuple[int, ...] = tuple(PERSISTENT_TIERS_16)
 REG_SLOTS_32: tuple[int, ...] = tuple(PERSISTENT_TIERS_32)
 
+#: The gated cells' forward kernels (LSTM, GRU): a smaller set, since a unit's lane holds G gate sums
+#: and G input projections per batch column on top of the register tier (so each tier gets more
+#: registers per thread than the simple cell's), and each set is compiled twice (both cells).
+PERSISTENT_TIERS_GATED_16: dict[int, Tier] = {
+    0: Tier(512, 1024, 8),
+    16: Tier(512, 0, 8),
+    32: Tier(384, 0, 8),
+    64: Tier(256, 0, 8),
+}
+PERSISTENT_TIERS_GATED_32: dict[int, Tier] = {
+    0: Tier(384, 768, 8),
+    16: Tier(256, 0, 8),
+    32: Tier(256, 0, 4),
+}
+REG_SLOTS_GATED_16: tuple[int, ...] = tuple(PERSISTENT_TIERS_GATED_16)
+REG_SLOTS_GATED_32: tuple[int, ...] = tuple(PERSISTENT_TIERS_GATED_32)
+
 
 def thread_limits(tiers: dict[int, Tier]) -> tuple[tuple[int, int], ...]:
     """``(reg_slots, the most threads per CTA any variant of that tier runs)`` for each tier."""
@@ -113,13 +130,23 @@ constexpr int64_t cuda_workspace_bytes(int64_t batch, int64_t hidden) {
 
 
 def persistent_smem_bytes(hidden: int, batch: int, tile: int, weight_tier_bytes: int,
-                          h_buffers: int = 1) -> int:
+                          h_buffers: int = 1, cell_bytes: int = 0) -> int:
     """Dynamic shared memory of one persistent CTA: ``h_buffers`` staged copies of the state as
     float32 ``[ceil(B / tile)][H][tile]`` (each 16-byte aligned, as staging stores vectors), the
-    weight tier (16-byte aligned), then the clamped lengths (one int32 per example)."""
+    weight tier (16-byte aligned), the LSTM's cell state (``cell_bytes``, see
+    :func:`cell_state_smem_bytes`), then the clamped lengths (one int32 per example)."""
     planes = -(-batch // tile)
     return (h_buffers * _align16(planes * hidden * tile * 4) + _align16(weight_tier_bytes)
-            + batch * 4)
+            + cell_bytes + batch * 4)
+
+
+def cell_state_smem_bytes(batch: int, tile: int, warps_per_cta: int, gates: int) -> int:
+    """Shared memory of a CTA's LSTM cell state (0 for other cells): float32
+    ``[ceil(B / tile)][unit slot][tile]``, where a warp has ``32 // 4`` unit slots (a unit's four
+    gate rows take at least four of its lanes), 16-byte aligned."""
+    if gates != 4:
+        return 0
+    return _align16(-(-batch // tile) * tile * warps_per_cta * (32 // gates) * 4)
 
 
 def _align16(n: int) -> int:
@@ -129,9 +156,14 @@ def _align16(n: int) -> int:
 _PERSISTENT_SMEM_BYTES_CXX = """\
 constexpr int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 constexpr int64_t persistent_smem_bytes(int64_t hidden, int64_t batch, int64_t tile,
-                                        int64_t weight_tier_bytes, int64_t h_buffers = 1) {
+                                        int64_t weight_tier_bytes, int64_t h_buffers = 1,
+                                        int64_t cell_bytes = 0) {
   return h_buffers * align16((batch + tile - 1) / tile * hidden * tile * 4) +
-         align16(weight_tier_bytes) + batch * 4;
+         align16(weight_tier_bytes) + cell_bytes + batch * 4;
+}
+constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t warps_per_cta,
+                                        int64_t gates) {
+  return gates != 4 ? 0 : align16((batch + tile - 1) / tile * tile * warps_per_cta * (32 / gates) * 4);
 }"""
 
 
@@ -144,8 +176,8 @@ constexpr int64_t persistent_smem_bytes(int64_t hidden, int64_t batch, int64_t t
 FFI_ABI_VERSION = 1
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.
-PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad")
-TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "sync_floor")
+PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward")
+TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "gated_forward_hooked", "sync_floor")
 
 
 def ffi_target(kind: str) -> str:
@@ -195,6 +227,8 @@ constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t 
 
 #: The names (of this module) that the compiled modules' ``constants()`` exports.
 EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
+            "PERSISTENT_TIERS_GATED_16", "PERSISTENT_TIERS_GATED_32", "REG_SLOTS_GATED_16",
+            "REG_SLOTS_GATED_32", "cell_state_smem_bytes",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "MAX_CLUSTER_CTAS",
             "PORTABLE_CLUSTER_CTAS", "WEIGHT_GRAD_THREADS",
@@ -234,16 +268,23 @@ def cxx_header() -> str:
     """The C++ rendering of this file (namespace ``jax_sprnn::constants``)."""
     _check_tiers(PERSISTENT_TIERS_16, "PERSISTENT_TIERS_16")
     _check_tiers(PERSISTENT_TIERS_32, "PERSISTENT_TIERS_32")
+    _check_tiers(PERSISTENT_TIERS_GATED_16, "PERSISTENT_TIERS_GATED_16")
+    _check_tiers(PERSISTENT_TIERS_GATED_32, "PERSISTENT_TIERS_GATED_32")
 
     def seq(values):
         return ", ".join(str(v) for v in values)
 
-    def tier_function(name, narrow, wide, doc):
+    def tier_function(name, narrow, wide, doc, tiers16=PERSISTENT_TIERS_16,
+                      tiers32=PERSISTENT_TIERS_32):
         return (f"// {doc}\n"
                 f"constexpr int {name}(bool packed16, int reg_slots, bool wide) {{\n"
-                f"  if (packed16) {{\n{_tier_switch(PERSISTENT_TIERS_16, narrow, wide)}\n"
-                f"  }} else {{\n{_tier_switch(PERSISTENT_TIERS_32, narrow, wide)}\n  }}\n"
+                f"  if (packed16) {{\n{_tier_switch(tiers16, narrow, wide)}\n"
+                f"  }} else {{\n{_tier_switch(tiers32, narrow, wide)}\n  }}\n"
                 f"  return 0;\n}}")
+
+    def gated(name, narrow, wide, doc):
+        return tier_function(name, narrow, wide, doc, PERSISTENT_TIERS_GATED_16,
+                             PERSISTENT_TIERS_GATED_32)
 
     return f"""\
 // Generated from jax_sprnn/_constants.py at configure time; do not edit (edit that file).
@@ -257,6 +298,9 @@ namespace jax_sprnn::constants {{
 // Register-tier sizes instantiated for 16-bit and float32 storage.
 using RegSlots16 = std::integer_sequence<int, {seq(REG_SLOTS_16)}>;
 using RegSlots32 = std::integer_sequence<int, {seq(REG_SLOTS_32)}>;
+// ... and for the gated cells' forward kernels.
+using RegSlotsGated16 = std::integer_sequence<int, {seq(REG_SLOTS_GATED_16)}>;
+using RegSlotsGated32 = std::integer_sequence<int, {seq(REG_SLOTS_GATED_32)}>;
 inline constexpr int kWideStageUnroll = {WIDE_STAGE_UNROLL};
 
 {tier_function("persistent_max_threads", lambda t: t.narrow_threads, lambda t: t.wide_threads,
@@ -265,6 +309,13 @@ inline constexpr int kWideStageUnroll = {WIDE_STAGE_UNROLL};
 {tier_function("persistent_stage_unroll", lambda t: t.narrow_unroll,
                lambda t: "kWideStageUnroll" if t.wide_threads else 0,
                "Staging unroll of a variant; 0 where the tier has no such variant.")}
+
+{gated("gated_max_threads", lambda t: t.narrow_threads, lambda t: t.wide_threads,
+       "The same for the gated cells' kernels.")}
+
+{gated("gated_stage_unroll", lambda t: t.narrow_unroll,
+       lambda t: "kWideStageUnroll" if t.wide_threads else 0,
+       "The same for the gated cells' kernels.")}
 
 inline constexpr int64_t kFfiAbiVersion = {FFI_ABI_VERSION};
 {_target_names_cxx()}

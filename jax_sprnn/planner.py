@@ -78,9 +78,19 @@ class DeviceSpec:
     max_threads_16: tuple[tuple[int, int], ...] = _constants.thread_limits(_constants.PERSISTENT_TIERS_16)
     #: the same for float32 storage (two registers per slot)
     max_threads_32: tuple[tuple[int, int], ...] = _constants.thread_limits(_constants.PERSISTENT_TIERS_32)
+    #: the same for the gated cells' forward kernels (a smaller instantiation set)
+    max_threads_gated_16: tuple[tuple[int, int], ...] = _constants.thread_limits(
+        _constants.PERSISTENT_TIERS_GATED_16)
+    max_threads_gated_32: tuple[tuple[int, int], ...] = _constants.thread_limits(
+        _constants.PERSISTENT_TIERS_GATED_32)
 
-    def thread_limits(self, dtype) -> tuple[tuple[int, int], ...]:
-        return self.max_threads_32 if bytes_per_slot(dtype) == 8 else self.max_threads_16
+    def thread_limits(self, dtype, gates: int = 1) -> tuple[tuple[int, int], ...]:
+        """``(reg_slots, most threads)`` of the kernels that run a layout of ``gates`` gates in
+        ``dtype``."""
+        wide = bytes_per_slot(dtype) == 8
+        if gates > 1:
+            return self.max_threads_gated_32 if wide else self.max_threads_gated_16
+        return self.max_threads_32 if wide else self.max_threads_16
 
 
 #: The planning default without a GPU (see :class:`DeviceSpec`); never used for dispatch on a GPU.
@@ -225,12 +235,14 @@ def weight_smem_bytes(slots_per_lane: int, reg_slots: int, threads: int, dtype) 
 
 
 def cta_smem_bytes(hidden: int, load_bytes: int, slots_per_lane: int, reg_slots: int, threads: int,
-                   dtype) -> int:
+                   dtype, gates: int = 1) -> int:
     """Shared memory of one CTA with a single batch plane of staged h (the kernel's own plan,
-    :func:`jax_sprnn._constants.persistent_smem_bytes`, plus the reserve)."""
+    :func:`jax_sprnn._constants.persistent_smem_bytes`, plus the reserve; an LSTM's cell state
+    too)."""
     tile = load_bytes // 4
     weights = weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype)
-    return _constants.persistent_smem_bytes(hidden, tile, tile, weights) + KERNEL_SMEM_RESERVE
+    cell = _constants.cell_state_smem_bytes(tile, tile, threads // WARP, gates)
+    return _constants.persistent_smem_bytes(hidden, tile, tile, weights, 1, cell) + KERNEL_SMEM_RESERVE
 
 
 def _step_cost(plan: Plan) -> float:
@@ -281,12 +293,12 @@ def plan_layout(
                            f"> {device.max_threads_per_block}")
             continue
         num_ctas = -(-warps // wpc)
-        reg_slots = max((r for r, most in device.thread_limits(dtype) if r <= k and threads <= most),
+        reg_slots = max((r for r, most in device.thread_limits(dtype, gates) if r <= k and threads <= most),
                         default=None)
         if reg_slots is None:
             reasons.append(f"K={k}: no kernel instantiation runs {threads} threads per CTA")
             continue
-        smem = cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype)
+        smem = cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype, gates)
         if smem > device.smem_per_block:
             reasons.append(f"K={k}: needs {smem} bytes of shared memory per CTA "
                            f"> {device.smem_per_block}")
@@ -314,7 +326,7 @@ def plan_layout(
               f"on {device.name} ({device.sm_count} SMs, {device.smem_per_block} bytes of shared "
               f"memory per CTA): {detail}")
     return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
-                cta_smem_bytes(hidden, load_bytes, k, 0, wpc * WARP, dtype), gates=gates)
+                cta_smem_bytes(hidden, load_bytes, k, 0, wpc * WARP, dtype, gates), gates=gates)
 
 
 def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
@@ -324,11 +336,11 @@ def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
     if plan.warps_per_cta >= want:
         return plan
     warps = plan.num_warps
-    limit = dict(device.thread_limits(dtype))[plan.reg_slots]
+    limit = dict(device.thread_limits(dtype, plan.gates))[plan.reg_slots]
     for wpc in range(min(want, warps, limit // WARP, device.max_threads_per_block // WARP),
                      plan.warps_per_cta, -1):
         smem = cta_smem_bytes(plan.hidden, plan.load_bytes, plan.slots_per_lane, plan.reg_slots,
-                              wpc * WARP, dtype)
+                              wpc * WARP, dtype, plan.gates)
         if smem <= device.smem_per_block:
             return dataclasses.replace(plan, num_warps=-(-warps // wpc) * wpc, warps_per_cta=wpc,
                                        smem_bytes=smem)
@@ -343,8 +355,11 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
     budget = device.smem_per_block - KERNEL_SMEM_RESERVE
 
+    gates = 1 if plan.transposed else plan.gates
+
     def fits(batch):  # the handler's plan with one staged copy of h
-        return _constants.persistent_smem_bytes(plan.hidden, batch, tile, weights) <= budget
+        cell = _constants.cell_state_smem_bytes(batch, tile, plan.warps_per_cta, gates)
+        return _constants.persistent_smem_bytes(plan.hidden, batch, tile, weights, 1, cell) <= budget
     # Staged h alone bounds the batch from above; the lengths (4 bytes an example) trim it.
     batch = max(0, (budget - weights) // (plan.hidden * plan.load_bytes)) * tile
     while batch > 0 and not fits(batch):
@@ -375,18 +390,19 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
             threads = wpc * WARP
             if threads > device.max_threads_per_block or -(-warps // wpc) != ctas:
                 continue
-            reg_slots = max((r for r, most in device.thread_limits(dtype) if r <= k and threads <= most),
+            reg_slots = max((r for r, most in device.thread_limits(dtype, gates) if r <= k and threads <= most),
                             default=None)
             if reg_slots is None:
                 continue
             weights = weight_smem_bytes(k, reg_slots, threads, dtype)
-            two_copies = (_constants.persistent_smem_bytes(hidden, tile, tile, weights, 2)
+            cell = _constants.cell_state_smem_bytes(tile, tile, wpc, gates)
+            two_copies = (_constants.persistent_smem_bytes(hidden, tile, tile, weights, 2, cell)
                           + KERNEL_SMEM_RESERVE)
             if two_copies > device.smem_per_block:
                 continue
             plan = Plan(hidden, k, ctas * wpc, wpc, reg_slots, load_bytes, True,
                         f"fits (cluster mode: {ctas} CTAs of {wpc} warps)",
-                        cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype), gates=gates)
+                        cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype, gates), gates=gates)
             us = cost.planning_step_us(plan, "cluster")
             if us < best_us:
                 best, best_us = plan, us
