@@ -1,5 +1,7 @@
 """The JAX peers: ours (the persistent kernel), dense lax.scan, jax.experimental.sparse BCSR and
-BCOO inside lax.scan, and the synchronization floor of the persistent kernel."""
+BCOO inside lax.scan, and the synchronization floor of the persistent kernel; and for the gated
+suite (GATED_PEERS): sparse_lstm / sparse_gru, Flax's nn.RNN of OptimizedLSTMCell / GRUCell,
+jax.experimental.rnn.lstm and the input projection alone."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from jax import lax
 from jax.experimental import sparse
 
 import jax_sprnn as js
-from jax_sprnn import _native
+from jax_sprnn import _native, planner
 from jax_sprnn.dispatch import cuda_fit, gpu_path, on_cpu
 from jax_sprnn._constants import cuda_workspace_bytes, ffi_target
 from jax_sprnn.primitives import sprnn_forward_p
@@ -202,3 +204,194 @@ FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protocol, no
              ALL_DTYPES, _build_floor, unavailable=_floor_unavailable, competitor=False)
 
 PEERS = (OURS, DENSE, BCSR, BCOO, FLOOR)
+
+
+# ---- gated cells (the gated suite) ---------------------------------------------------------------
+# These peers run an LSTM or GRU layer of input size H: ``layer`` is a
+# :class:`benchmarks.suites.gated.GatedLayer` (``cell``, ``gates``, ``hidden``, ``dtype``, the float32
+# arrays ``kernel [H, G*H]``, ``w_in [H, G*H]``, ``bias [G*H]``, ``hn_bias [H]`` and the packed
+# ``weights``). Every peer gets the harness's time-major ``x [T, B, H]`` and ``h0 [B, H]`` (the LSTM
+# starts from ``c0 = h0``) and calls its library batch-first, as users do. The library peers include
+# the input projection ``x @ w_in + bias``; ours takes it precomputed (outside the timed region, as
+# sparse_lstm / sparse_gru take it), and the ``in_gemm`` peer times that projection alone.
+
+def gated_projection(layer):
+    """A jitted ``x [T, B, H] -> inputs [B, T, G*H]``: ``x @ w_in + bias`` with float32
+    accumulation, stored in the layer's dtype (what sparse_lstm / sparse_gru take)."""
+    dt = layer.jnp_dtype
+    w_in, bias = jnp.asarray(layer.w_in, dt), jnp.asarray(layer.bias, jnp.float32)
+
+    @jax.jit
+    def project(x):
+        y = jnp.einsum("tbh,hk->btk", x, w_in, preferred_element_type=jnp.float32)
+        return (y + bias).astype(dt)
+    return project
+
+
+def gated_path(custom_calls) -> str:
+    """What a compiled gated call ran: a jax_sprnn kernel, or XLA's dense path."""
+    ours = [c for c in custom_calls if c.startswith("jax_sprnn")]
+    return f"native ({', '.join(ours)})" if ours else "XLA dense path"
+
+
+def gated_call(layer, method: str):
+    """``fn(inputs [B, T, G*H], h0, (weights, hn_bias)) -> (outputs, h_T)`` for the layer's cell."""
+    if layer.cell == "lstm":
+        def fn(inputs, h0, params):
+            y, (_, h) = js.sparse_lstm(inputs, (h0, h0), params[0], method=method)
+            return y, h
+    else:
+        def fn(inputs, h0, params):
+            return js.sparse_gru(inputs, h0, params[0], hn_bias=params[1], method=method)
+    return fn
+
+
+def gated_params(layer) -> tuple:
+    """``(weights, hn_bias)`` as the gated calls take them (hn_bias None for the LSTM)."""
+    hn = None if layer.hn_bias is None else jnp.asarray(layer.hn_bias, jnp.float32)
+    return layer.weights, hn
+
+
+def native_refusal(method: str, error: Exception) -> str | None:
+    """The reason when ``method="native"`` refused to run (jax_sprnn's errors say
+    ``method='native': ...``), else None (any other error is a failure to report)."""
+    text = str(error)
+    if method == "native" and "method='native'" in text:
+        return f"not run: {type(error).__name__}: {text[:400]}"
+    return None
+
+
+def _build_ours_gated(method: str):
+    def build(layer, batch: int, T: int) -> Runner:
+        project = gated_projection(layer)
+        try:
+            runner = jax_runner(gated_call(layer, method), layer, batch, T, gated_params(layer),
+                                prepare=lambda x, h0: (project(x), h0))
+        except Exception as e:
+            reason = native_refusal(method, e)
+            if reason is None:
+                raise
+            raise Skip(reason) from e
+        runner.info.update(path=gated_path(runner.info["custom_calls"]),
+                           pack_s=round(getattr(layer, "pack_s", 0.0), 2))
+        return runner
+    return build
+
+
+def _batch_first(x, h0):
+    return jnp.swapaxes(x, 0, 1), h0
+
+
+def _build_input_gemm(layer, batch: int, T: int) -> Runner:
+    dt = layer.jnp_dtype
+    params = (jnp.asarray(layer.w_in, dt), jnp.asarray(layer.bias, dt))
+
+    def fn(xb, h0, params):  # what a user writes in the storage dtype
+        return xb @ params[0] + params[1]
+    return jax_runner(fn, layer, batch, T, params, prepare=_batch_first, check=None)
+
+
+def _flax_unavailable() -> str | None:
+    try:
+        import flax.linen  # noqa: F401
+    except ImportError as e:
+        return f"Flax is not installed ({e})"
+    return None
+
+
+def flax_gated(layer):
+    """``(nn.RNN(cell), params)``: ``nn.OptimizedLSTMCell(H)`` or ``nn.GRUCell(H)`` in the layer's
+    dtype, with the layer's weights (the kernels split per gate, as Flax names them; the LSTM's
+    projection bias sits on Flax's recurrent side, which computes the same sums)."""
+    import flax.linen as nn
+    dt, H = layer.jnp_dtype, layer.hidden
+    split = lambda a: [jnp.asarray(p, dt) for p in np.split(a, layer.gates, axis=-1)]
+    w_in, kernel, bias = split(layer.w_in), split(layer.kernel), split(layer.bias)
+    if layer.cell == "lstm":
+        cell = nn.OptimizedLSTMCell(H, dtype=dt, param_dtype=dt)
+        params = {f"i{g}": {"kernel": w_in[n]} for n, g in enumerate("ifgo")}
+        params.update({f"h{g}": {"kernel": kernel[n], "bias": bias[n]} for n, g in enumerate("ifgo")})
+    else:
+        cell = nn.GRUCell(H, dtype=dt, param_dtype=dt)
+        params = {f"i{g}": {"kernel": w_in[n], "bias": bias[n]} for n, g in enumerate("rzn")}
+        params.update({"hr": {"kernel": kernel[0]}, "hz": {"kernel": kernel[1]},
+                       "hn": {"kernel": kernel[2], "bias": jnp.asarray(layer.hn_bias, dt)}})
+    return nn.RNN(cell), {"cell": params}
+
+
+def flax_gated_call(layer):
+    """``fn(xb [B, T, H], h0, params) -> (outputs, h_T)`` through Flax's ``nn.RNN`` scan."""
+    model, _ = flax_gated(layer)
+    lstm = layer.cell == "lstm"
+
+    def fn(xb, h0, params):
+        carry, y = model.apply({"params": params}, xb, initial_carry=(h0, h0) if lstm else h0,
+                               return_carry=True)
+        return y, carry[1] if lstm else carry
+    return fn
+
+
+def _build_flax_gated(layer, batch: int, T: int) -> Runner:
+    return jax_runner(flax_gated_call(layer), layer, batch, T, flax_gated(layer)[1],
+                      prepare=_batch_first)
+
+
+def _jax_rnn_unavailable() -> str | None:
+    if jax.default_backend() != "gpu":
+        return f"jax.experimental.rnn.lstm runs through cuDNN only (no GPU: {jax.default_backend()})"
+    return None
+
+
+def _build_jax_rnn(layer, batch: int, T: int) -> Runner:
+    from jax.experimental import rnn
+    if layer.cell != "lstm":
+        raise Skip("jax.experimental.rnn has an LSTM only")
+    H = layer.hidden
+    # cuDNN's flat layout: W_ih [4H, I], W_hh [4H, H], b_ih, b_hh; gates i, f, g, o as Flax's.
+    flat = np.concatenate([layer.w_in.T.ravel(), layer.kernel.T.ravel(), layer.bias,
+                           np.zeros_like(layer.bias)]).astype(np.float32)
+    assert flat.size == rnn.get_num_params_in_lstm(H, H, 1, False)
+
+    def fn(xb, h0, w):
+        lengths = jnp.full((xb.shape[0],), xb.shape[1], jnp.int32)
+        y, h_n, _ = rnn.lstm(xb, h0[None], h0[None], w, lengths, input_size=H, hidden_size=H,
+                             num_layers=1, dropout=0.0, bidirectional=False)
+        return y, h_n[0]
+
+    def prepare(x, h0):  # float32 only: cast outside the timed region
+        return jnp.swapaxes(x, 0, 1).astype(jnp.float32), h0.astype(jnp.float32)
+    runner = jax_runner(fn, layer, batch, T, jnp.asarray(flat), prepare=prepare)
+    runner.info.update(ran_in="float32")
+    return runner
+
+
+def _build_gated_floor(layer, batch: int, T: int) -> Runner:
+    meta = layer.weights.meta
+    if not meta.fits:
+        raise Skip(meta.reason)
+    most = planner.max_persistent_batch(meta, layer.jnp_dtype, _native.current_device_spec())
+    if batch > most:
+        raise Skip(f"batch {batch} exceeds the layout's persistent limit of {most}")
+    dummy = jnp.zeros((1,), jnp.float32)
+    return Runner(run=sync_floor_fn(meta, batch, T), prepare=lambda x, h0: (dummy,), check=None)
+
+
+GATED_OURS_NATIVE = Peer("ours_native", "sparse_lstm / sparse_gru(method='native') on the "
+                         "precomputed input projection", ALL_DTYPES, _build_ours_gated("native"),
+                         competitor=False)
+GATED_OURS_AUTO = Peer("ours_auto", "sparse_lstm / sparse_gru(method='auto') on the precomputed "
+                       "input projection", ALL_DTYPES, _build_ours_gated("auto"), competitor=False)
+INPUT_GEMM = Peer("in_gemm", "the input projection x @ w_in + bias alone (XLA, storage dtype), "
+                  "which ours takes precomputed", ALL_DTYPES, _build_input_gemm, competitor=False)
+FLAX_GATED = Peer("flax", "Flax nn.RNN(nn.OptimizedLSTMCell(H)) / nn.RNN(nn.GRUCell(H)) under "
+                  "jax.jit (lax.scan, dense weights, storage dtype, input projection included)",
+                  ALL_DTYPES, _build_flax_gated, unavailable=_flax_unavailable)
+JAX_RNN = Peer("jax_rnn", "jax.experimental.rnn.lstm (cuDNN), float32 whatever the row's dtype "
+               "(its only dtype), input projection included", ALL_DTYPES, _build_jax_rnn,
+               unavailable=_jax_rnn_unavailable)
+GATED_FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protocol on the gated "
+                   "layout's grid, no compute", ALL_DTYPES, _build_gated_floor,
+                   unavailable=_floor_unavailable, competitor=False)
+
+#: Not in PEERS: the other suites run the simple cell and never take these.
+GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, FLAX_GATED, JAX_RNN, INPUT_GEMM, GATED_FLOOR)

@@ -1,5 +1,6 @@
 """The PyTorch peers, timed with CUDA events: a sparse CSR matmul per step in a Python loop, cuDNN's
-RNN (torch.nn.RNN), and a dense step loop captured once in a CUDA graph.
+RNN (torch.nn.RNN), and a dense step loop captured once in a CUDA graph; for the gated suite,
+cuDNN's LSTM and GRU (torch.nn.LSTM / nn.GRU).
 
 PyTorch is imported on first use, after JAX has set up the GPU; inputs come from JAX through
 DLPack (no copy). A peer that cannot run says why (no torch, no CUDA device, unsupported dtype).
@@ -199,6 +200,44 @@ def _build_graph(layer: Layer, batch: int, T: int) -> Runner:
                   probe=lambda *args: kernel_names(run, args))
 
 
+# ---- cuDNN LSTM and GRU (the gated suite) --------------------------------------------------------
+
+def _host_array(a, dtype: str):
+    return _torch().from_numpy(np.ascontiguousarray(a, np.float32)).to(DEVICE, _dtype(dtype))
+
+
+def _build_cudnn_gated(layer, batch: int, T: int) -> Runner:
+    """torch.nn.LSTM / nn.GRU (input size H, batch_first) on the layer's weights: W_ih = w_in^T,
+    W_hh = kernel^T (dense), b_ih = bias, b_hh = 0 except the GRU's n block, which is hn_bias
+    (PyTorch's GRU multiplies b_hn by the reset gate, as Flax does)."""
+    torch = _torch()
+    H, lstm = layer.hidden, layer.cell == "lstm"
+    rnn = (torch.nn.LSTM if lstm else torch.nn.GRU)(H, H, bias=True, batch_first=True)
+    rnn = rnn.to(DEVICE, _dtype(layer.dtype))
+    b_hh = np.zeros(layer.gates * H, np.float32)
+    if not lstm:
+        b_hh[2 * H:] = layer.hn_bias
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(_host_array(layer.w_in.T, layer.dtype))
+        rnn.weight_hh_l0.copy_(_host_array(layer.kernel.T, layer.dtype))
+        rnn.bias_ih_l0.copy_(_host_array(layer.bias, layer.dtype))
+        rnn.bias_hh_l0.copy_(_host_array(b_hh, layer.dtype))
+    rnn.flatten_parameters()
+
+    @torch.no_grad()
+    def run(xb, h0):
+        y, h_n = rnn(xb, (h0, h0) if lstm else h0)
+        return y, (h_n[0] if lstm else h_n)[0]
+
+    def prepare(x, h0):  # batch-first copies, outside the timed region
+        return to_torch(x).transpose(0, 1).contiguous(), to_torch(h0)[None].contiguous()
+
+    info = dict(cudnn_version=torch.backends.cudnn.version(),
+                note="includes cuDNN's input GEMM x @ W_ih (one batched GEMM for all steps)")
+    return Runner(run=run, prepare=prepare, clock=event_clock, info=info,
+                  probe=lambda *args: kernel_names(run, args))
+
+
 DTYPES = ("float16", "bfloat16", "float32")
 TORCH_CSR = Peer("torch_csr", "torch.sparse_csr_tensor addmm per step in a Python loop (cuSPARSE)",
                  DTYPES, _build_csr, unavailable=unavailable)
@@ -208,3 +247,9 @@ CUDA_GRAPH = Peer("cuda_graph", "T dense steps (addmm + tanh) captured in one CU
                   DTYPES, _build_graph, unavailable=unavailable)
 
 PEERS = (TORCH_CSR, CUDNN, CUDA_GRAPH)
+
+CUDNN_GATED = Peer("cudnn", "torch.nn.LSTM / torch.nn.GRU through cuDNN (PyTorch), dense weights, "
+                   "input size H, batch_first, input projection included", DTYPES,
+                   _build_cudnn_gated, unavailable=_cudnn_unavailable)
+#: Not in PEERS: the other suites run the simple cell and never take these.
+GATED_PEERS = (CUDNN_GATED,)

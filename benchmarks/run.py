@@ -1,6 +1,7 @@
 """The benchmark suites of jax_sprnn, each sized for one 10-minute run on an H200.
 
-    python -m benchmarks.run --suite paper|sweep|capacity|training|ablation|cpu [--quick] [--out DIR]
+    python -m benchmarks.run --suite paper|sweep|capacity|training|ablation|cpu|cluster|gated [--quick]
+        [--out DIR]
 
 Writes ``DIR/<suite>.json`` (rewritten after every row) and PNG plots, and prints a table. Every peer
 runs in this process on the same inputs; per-step time is the slope between two sequence lengths of
@@ -46,10 +47,12 @@ TIMINGS = {
     "ablation": (Timing(64, 256, reps=20, rotate=4), Timing(64, 256, reps=10, rotate=2)),
     "cpu": (Timing(20, 100, reps=15, rotate=2), Timing(20, 100, reps=7, rotate=2)),
     "cluster": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
+    "gated": (Timing(64, 256, reps=10, rotate=2), Timing(64, 256, reps=7, rotate=2)),
 }
 SMOKE_TIMING = Timing(t1=8, t2=256, reps=7, rotate=2, warmup=1, max_seconds=1.0)
 DEFAULT_PEERS = {"training": ("ours", "dense"), "ablation": ("ours",),  # ablation: its own variants
-                 "cluster": ("ours", "dense", "cudnn", "cuda_graph", "floor")}
+                 "cluster": ("ours", "dense", "cudnn", "cuda_graph", "floor"),
+                 "gated": ("ours",)}  # gated: its own LSTM / GRU peers (--peers does not apply)
 
 
 def _ints(text):
@@ -75,10 +78,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--t2", type=int)
     p.add_argument("--reps", type=int)
     p.add_argument("--rotate", type=int)
-    p.add_argument("--hidden", type=_ints, help="sweep: hidden sizes, e.g. 1152,2304")
-    p.add_argument("--batch", type=_ints, help="sweep: batch sizes")
-    p.add_argument("--density", type=_floats, help="sweep: densities")
-    p.add_argument("--dtype", type=lambda s: tuple(s.split(",")), help="sweep: float16,float32,...")
+    p.add_argument("--hidden", type=_ints, help="sweep, gated: hidden sizes, e.g. 1152,2304")
+    p.add_argument("--batch", type=_ints, help="sweep, gated: batch sizes")
+    p.add_argument("--density", type=_floats, help="sweep, gated: densities")
+    p.add_argument("--dtype", type=lambda s: tuple(s.split(",")), help="sweep, gated: float16,float32,...")
     p.add_argument("--resume", type=Path, help="sweep: a previous sweep.json whose cases are kept")
     p.add_argument("--verify", action="store_true",
                    help="capacity: run the largest admitted layer once (10%% fp16 with --quick)")

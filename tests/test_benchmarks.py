@@ -123,3 +123,50 @@ def test_cpu_suite(tmp_path):
     assert set(data["crossovers"]) == {f"{d}/2/{k}" for d in ("float32", "float16")
                                        for k in ("forward", "grad")}
     assert data["cpu_before"]["cores"] >= 1
+
+
+def test_gated_suite(tmp_path):
+    data = _run("gated", tmp_path)
+    rows = data["rows"]
+    assert [(r["kind"], r["cell"]) for r in rows] == [("training", "gru"), ("forward", "lstm"),
+                                                      ("forward", "gru")]
+    competitors = {"cudnn", "flax", "jax_rnn"}
+    for row in rows:
+        _check_case(row, must_run=())
+        peers = row["peers"]
+        assert ("jax_rnn" in peers) == (row["kind"] == "forward" and row["cell"] == "lstm")
+        for name in ("ours_auto", "flax", "in_gemm"):  # these run on every backend
+            assert 0 < peers[name]["call_ms"] < math.inf, (name, peers[name])
+        for name in ("ours_auto", "flax"):  # Flax's parameters mapped from the layer's arrays
+            assert peers[name]["rel_err"] < 5e-2, (name, peers[name])
+        path = peers["ours_auto"]["path"]  # what the compiled program called
+        assert path == "XLA dense path" or path.startswith("native (jax_sprnn"), path
+        native = peers["ours_native"]
+        assert "us_per_step" in native or "method='native'" in native["skipped"], native
+        # The ratios are same-run quotients of the recorded per-step times, where both are positive.
+        timed = {n: r["us_per_step"] for n, r in peers.items() if r.get("us_per_step", 0) > 0}
+        best = min(((us, n) for n, us in timed.items() if n in competitors), default=(None, None))
+        assert (row["best_us"], row["best_peer"]) == best
+        for method in ("native", "auto"):
+            ours = timed.get(f"ours_{method}")
+            expected = best[0] / ours if ours and best[0] else None
+            assert row[f"x_best_{method}"] == pytest.approx(expected), method
+            layer = best[0] / (ours + timed["in_gemm"]) if ours and best[0] and "in_gemm" in timed \
+                else None
+            assert row[f"x_layer_{method}"] == pytest.approx(layer), method
+    capacity = {(r["cell"], r["density"]): r for r in data["capacity"]}
+    assert len(capacity) == 6
+    for cell in ("lstm", "gru"):
+        largest = [capacity[cell, d]["largest_hidden"] for d in (0.05, 0.1, 0.2)]
+        assert largest[0] > largest[1] > largest[2] > 0, (cell, largest)  # denser: smaller
+        assert all(h % 256 == 0 for h in largest)
+        for d in (0.05, 0.1, 0.2):
+            row = capacity[cell, d]
+            assert 0 < row["largest_hidden_b4"] <= row["largest_hidden"]
+            assert row["max_batch"] >= 1 and row["next_refused"]
+    for d in (0.05, 0.1, 0.2):  # four gate rows per unit take more room than three
+        assert capacity["lstm", d]["largest_hidden"] <= capacity["gru", d]["largest_hidden"]
+    goals = {t["case"]: t for t in data["targets"]}
+    for cell, goal in (("lstm", 4096), ("gru", 4608)):
+        target = goals[f"capacity {cell.upper()} 10% fp16"]
+        assert target["goal"] == goal and target["met"] == (target["value"] >= goal)
