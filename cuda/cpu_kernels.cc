@@ -12,6 +12,10 @@
 // - the hot loops are compiled for AVX-512, AVX2 and the baseline ISA, picked at run time
 //   (JAX_SPRNN_CPU_ISA=baseline|avx2 narrows the choice, JAX_SPRNN_CPU_THREADS=n caps the threads);
 // - the row's activation and the 16-bit conversions are branch-free loops (cpu_numerics.h).
+//
+// The gated cells' forward (LSTM, GRU: docs/gated.md) is the same recurrence over U's G*H gate rows:
+// a thread owns a range of units and multiplies the rows of all their gates, then a per-unit
+// epilogue (LstmCell, GruCell) combines a unit's G sums; the LSTM's c stays in float32 [B][H].
 #include "cpu_kernels.h"
 
 #include <algorithm>
@@ -41,11 +45,14 @@ using namespace cpu;  // NOLINT: the CPU kernels' own pieces (cpu_numerics.h, cp
 
 inline int64_t column_of(int32_t idx) { return idx < 0 ? ~idx : idx; }
 
+// The gate counts of the gated cells (docs/gated.md); the simple cell has 1.
+constexpr int64_t kGru = 3, kLstm = 4;
+
 // Position of kernel step s for an example of length len.
 inline int64_t position(int64_t s, int64_t len, bool reverse) { return reverse ? len - 1 - s : s; }
 
-ffi::Error check_layout(const char* who, int64_t hidden, int64_t num_slots, int64_t num_lanes,
-                        int64_t slots_per_lane, int64_t activation, Layout* out) {
+ffi::Error check_layout(const char* who, int64_t hidden, int64_t gates, int64_t num_slots,
+                        int64_t num_lanes, int64_t slots_per_lane, int64_t activation, Layout* out) {
   std::string w(who);
   if (!valid_activation(activation))
     return ffi::Error::InvalidArgument(w + ": activation must be 0 (tanh), 1 (relu) or 2 (identity)");
@@ -57,17 +64,22 @@ ffi::Error check_layout(const char* who, int64_t hidden, int64_t num_slots, int6
   out->num_lanes = num_lanes;
   out->slots = slots_per_lane;
   out->hidden = hidden;
+  out->gates = gates;
   return ffi::Error::Success();
 }
 
 ffi::Error check_indices(const char* who, const int32_t* indices, const int32_t* lane_row,
                          const Layout& lay) {
-  std::vector<bool> seen(lay.hidden, false);  // rows whose run of lanes has started
+  std::vector<bool> seen(lay.rows(), false);  // rows whose run of lanes has started
   for (int64_t g = 0; g < lay.num_lanes; ++g) {
     const int32_t row = lane_row[g];
-    if (row < -1 || row >= lay.hidden)
-      return ffi::Error::InvalidArgument(std::string(who) + ": lane_row[" + std::to_string(g) +
-                                         "] is out of range [-1, hidden)");
+    if (row < -1 || row >= lay.rows())
+      return ffi::Error::InvalidArgument(
+          std::string(who) + ": lane_row[" + std::to_string(g) + "] = " + std::to_string(row) +
+          " is out of range [-1, " + std::to_string(lay.rows()) + ") (" +
+          (lay.gates == 1 ? std::string("the H rows") : "the G*H = " + std::to_string(lay.gates) + "*" +
+                                                            std::to_string(lay.hidden) + " gate rows") +
+          ")");
     const bool continues = g % kWarpSize != 0 && lane_row[g - 1] == row;
     if (row < 0 || continues) continue;
     if (seen[row])  // the kernels build each warp's rows on their own (docs/format.md, invariant 1)
@@ -96,13 +108,14 @@ ffi::Error check_lengths(const char* who, const int32_t* lengths, int64_t B, int
   return ffi::Error::Success();
 }
 
-// Every check of a packed layout (indices and lane_row as given, with `num_values` values, or any
-// number when it is negative) and of the lengths of B sequences of T steps; fills `lay`.
-ffi::Error check_packed(const char* who, int64_t hidden, ffi::Buffer<ffi::S32> indices,
+// Every check of a packed layout of `gates` * `hidden` rows and `hidden` columns (indices and
+// lane_row as given, with `num_values` values, or any number when it is negative) and of the
+// lengths of B sequences of T steps; fills `lay`.
+ffi::Error check_packed(const char* who, int64_t hidden, int64_t gates, ffi::Buffer<ffi::S32> indices,
                         ffi::Buffer<ffi::S32> lane_row, int64_t num_values, int64_t slots_per_lane,
                         int64_t activation, ffi::Buffer<ffi::S32> lengths, int64_t B, int64_t T,
                         Layout* lay) {
-  if (auto e = check_layout(who, hidden, indices.element_count(), lane_row.element_count(),
+  if (auto e = check_layout(who, hidden, gates, indices.element_count(), lane_row.element_count(),
                             slots_per_lane, activation, lay);
       e.failure())
     return e;
@@ -240,10 +253,13 @@ JAX_SPRNN_INLINE void tile_products(const Rows& m, int64_t r0, int64_t r1, const
 }
 
 // What the stages of a recurrence share. The state it carries from step to step is float32 in batch
-// tiles, [tiles][H][BT]; stage q reads state[q % 2] and writes state[(q + 1) % 2].
+// tiles, [tiles][H][BT]; stage q reads state[q % 2] and writes state[(q + 1) % 2]. U has gates * H
+// rows (the gated cells' gate rows), and a stage's rows come in whole units: unit i is rows
+// i, H + i, ..., (gates - 1) * H + i.
 struct Recurrence {
   const Rows* rows;
   int64_t T, B, H, BT, tiles, threads;
+  int64_t gates = 1;
   const int32_t* lengths;
   bool reverse;
   float* state[2];
@@ -252,15 +268,102 @@ struct Recurrence {
 };
 
 struct Forward : Recurrence {
-  const void* x;
-  void* y;
+  const void* x;  // [T, B, gates * H]
+  void* y;        // [T, B, H]
+  float* c = nullptr;              // the LSTM's cell state, [B][H], rounded to the storage type
+  const float* hn_bias = nullptr;  // the GRU's [H]
 };
 
-// The forward step s of batch tile t on rows [r0, r1), given acc = U h: y[p] = h' = act(x[p] + acc)
-// rounded to the storage type for the examples still running; the others keep h and get y[s] = 0.
-// Returns whether every new state value is finite. z: scratch for r1 - r0 floats.
+// Rounds the new state z[0, n) of one example to the storage type into yp[0, n) and, as the next
+// step reads it, back into z and the state tile (next[k * BT]); returns whether it is all finite.
+template <typename S>
+JAX_SPRNN_INLINE bool emit_state(float* z, int64_t n, typename S::Raw* yp, float* next, int64_t BT) {
+  uint32_t nonfinite = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const typename S::Raw out = S::store(z[k]);
+    yp[k] = out;
+    z[k] = S::load(out);
+    nonfinite |= not_finite(z[k]);
+  }
+  for (int64_t k = 0; k < n; ++k) next[k * BT] = z[k];
+  return nonfinite == 0;
+}
+
+// z[k] = x[g * H + k] + acc[(g * n + k) * BT] for k in [0, n): gate g's input plus its rows' sums
+// (acc: the stage's sums of one example, [gates][n][BT] from its column).
+template <typename S>
+JAX_SPRNN_INLINE void gate_sums(const typename S::Raw* x, const float* acc, int64_t g, int64_t H,
+                                int64_t n, int64_t BT, float* z) {
+  for (int64_t k = 0; k < n; ++k) z[k] = S::load(x[g * H + k]) + acc[(g * n + k) * BT];
+}
+
+// The cells: step() updates units [i0, i0 + n) of example b, still running, at its position, from
+// x (the position's inputs, [gates * H]), h (its state tile at unit i0, stride BT) and acc; it writes
+// y (at unit i0) and the next state tile (at unit i0, stride BT), and returns whether the new h is
+// finite. z: scratch for 5 * n floats.
+
+// The simple cell: h' = act(x + U h).
 template <typename S, int ACT>
-JAX_SPRNN_INLINE bool forward_epilogue(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,
+struct SimpleCell {
+  static JAX_SPRNN_INLINE bool step(const Forward& f, int64_t, int64_t i0, int64_t n,
+                                    const typename S::Raw* x, const float*, const float* acc,
+                                    typename S::Raw* y, float* next, float* z) {
+    gate_sums<S>(x + i0, acc, 0, f.H, n, f.BT, z);
+    activate_row<ACT>(z, n);
+    return emit_state<S>(z, n, y, next, f.BT);
+  }
+};
+
+// The LSTM (gates i, f, g, o); c' is rounded to the storage type before h' = o tanh(c') reads it.
+template <typename S>
+struct LstmCell {
+  static JAX_SPRNN_INLINE bool step(const Forward& f, int64_t b, int64_t i0, int64_t n,
+                                    const typename S::Raw* x, const float*, const float* acc,
+                                    typename S::Raw* y, float* next, float* z) {
+    for (int64_t g = 0; g < kLstm; ++g) gate_sums<S>(x + i0, acc, g, f.H, n, f.BT, z + g * n);
+    float* c = f.c + b * f.H + i0;
+    for (int64_t k = 0; k < n; ++k) {
+      const float in = sigmoid_f32(z[k]), forget = sigmoid_f32(z[n + k]);
+      const float cand = tanh_f32(z[2 * n + k]), out = sigmoid_f32(z[3 * n + k]);
+      const float c_new = S::load(S::store(forget * c[k] + in * cand));
+      c[k] = c_new;
+      z[k] = out * tanh_f32(c_new);
+    }
+    return emit_state<S>(z, n, y, next, f.BT);
+  }
+};
+
+// The GRU (gates r, z, n): n = tanh(x_n + r (u_n + hn_bias)), h' = (1 - z) n + z h.
+template <typename S>
+struct GruCell {
+  static JAX_SPRNN_INLINE bool step(const Forward& f, int64_t, int64_t i0, int64_t n,
+                                    const typename S::Raw* x, const float* h, const float* acc,
+                                    typename S::Raw* y, float* next, float* z) {
+    const int64_t H = f.H, BT = f.BT;
+    gate_sums<S>(x + i0, acc, 0, H, n, BT, z);
+    gate_sums<S>(x + i0, acc, 1, H, n, BT, z + n);
+    float* x_n = z + 2 * n;
+    float* u_n = z + 3 * n;  // plus hn_bias
+    float* h_old = z + 4 * n;
+    for (int64_t k = 0; k < n; ++k) {
+      x_n[k] = S::load(x[2 * H + i0 + k]);
+      u_n[k] = acc[(2 * n + k) * BT] + f.hn_bias[i0 + k];
+      h_old[k] = h[k * BT];
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const float reset = sigmoid_f32(z[k]), update = sigmoid_f32(z[n + k]);
+      const float cand = tanh_f32(x_n[k] + reset * u_n[k]);
+      z[k] = (1.0f - update) * cand + update * h_old[k];
+    }
+    return emit_state<S>(z, n, y, next, f.BT);
+  }
+};
+
+// The forward step s of batch tile t on units [i0, i1), given acc = U h ([gates][i1 - i0][BT]):
+// Cell::step for the examples still running; the others keep their carry (h, and an LSTM's c in
+// place) and get y[s] = 0. Returns whether every new h is finite. z: scratch for 5 (i1 - i0) floats.
+template <typename S, typename Cell>
+JAX_SPRNN_INLINE bool forward_epilogue(const Forward& f, int64_t s, int64_t t, int64_t i0, int64_t i1,
                                        const float* acc, float* z) {
   using Raw = typename S::Raw;
   const int64_t H = f.H, B = f.B, BT = f.BT;
@@ -272,23 +375,12 @@ JAX_SPRNN_INLINE bool forward_epilogue(const Forward& f, int64_t s, int64_t t, i
   for (int64_t j = 0; j < BT && t * BT + j < B; ++j) {
     const int64_t b = t * BT + j, len = f.lengths[b];
     if (s < len) {
-      const int64_t p = position(s, len, f.reverse);
-      const Raw* xp = x + (p * B + b) * H;
-      Raw* yp = y + (p * B + b) * H;
-      for (int64_t r = r0; r < r1; ++r) z[r - r0] = S::load(xp[r]) + acc[(r - r0) * BT + j];
-      activate_row<ACT>(z, r1 - r0);
-      uint32_t nonfinite = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        const Raw out = S::store(z[r - r0]);
-        yp[r] = out;
-        z[r - r0] = S::load(out);
-        nonfinite |= not_finite(z[r - r0]);
-      }
-      finite &= nonfinite == 0;
-      for (int64_t r = r0; r < r1; ++r) next[r * BT + j] = z[r - r0];
+      const int64_t at = position(s, len, f.reverse) * B + b;
+      finite &= Cell::step(f, b, i0, i1 - i0, x + at * f.gates * H, h + i0 * BT + j, acc + j,
+                           y + at * H + i0, next + i0 * BT + j, z);
     } else {
       Raw* ys = y + (s * B + b) * H;
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = i0; r < i1; ++r) {
         const float v = h[r * BT + j];
         ys[r] = S::store(0.0f);
         next[r * BT + j] = v;
@@ -456,10 +548,10 @@ JAX_SPRNN_INLINE void block_products(const WeightGrad& w, int64_t r0, int64_t r1
                                    const int32_t* nonfinite, float* acc) {                           \
       tile_products<BT, WIDTH, Index>(m, r0, r1, h, nonfinite, acc);                                 \
     }                                                                                                \
-    template <typename S, int ACT>                                                                   \
+    template <typename S, typename Cell>                                                             \
     ATTRIBUTE static bool forward(const Forward& f, int64_t s, int64_t t, int64_t r0, int64_t r1,    \
                                   const float* acc, float* z) {                                      \
-      return forward_epilogue<S, ACT>(f, s, t, r0, r1, acc, z);                                      \
+      return forward_epilogue<S, Cell>(f, s, t, r0, r1, acc, z);                                     \
     }                                                                                                \
     template <typename S, int ACT>                                                                   \
     ATTRIBUTE static bool backward(const Backward& g, int64_t q, int64_t t, int64_t r0, int64_t r1, \
@@ -534,8 +626,10 @@ struct RecurrenceKernels {
   Epilogue epilogue;
 };
 
-template <typename S, bool kForward>
-auto recurrence_kernels(const Rows& rows, int64_t tile, int64_t act) {
+// The products for batch tiles of `tile` examples and the epilogue that epilogue_of(isa) names, for
+// this CPU's ISA.
+template <typename EpilogueOf>
+auto recurrence_kernels(const Rows& rows, int64_t tile, EpilogueOf&& epilogue_of) {
   return with_isa([&](auto isa) {
     using I = decltype(isa);
     using Products = void (*)(const Rows&, int64_t, int64_t, const float*, const int32_t*, float*);
@@ -546,21 +640,38 @@ auto recurrence_kernels(const Rows& rows, int64_t tile, int64_t act) {
              : tile == 8 ? &I::template products<8, Index>
                          : &I::template products<16, Index>;
     };
-    auto epilogue = [&](auto a) {
-      constexpr int A = decltype(a)::value;
-      if constexpr (kForward) {
-        return &I::template forward<S, A>;
-      } else {
-        return &I::template backward<S, A>;
-      }
-    };
-    using Epilogue = decltype(epilogue(Int<kTanh>{}));
-    RecurrenceKernels<Epilogue> k;
+    RecurrenceKernels<decltype(epilogue_of(isa))> k;
     k.products = with_index(rows, products);
-    k.epilogue = act == kTanh ? epilogue(Int<kTanh>{})
-                 : act == kRelu ? epilogue(Int<kRelu>{})
-                                : epilogue(Int<kIdentity>{});
+    k.epilogue = epilogue_of(isa);
     return k;
+  });
+}
+
+// pick(Int<A>{}) for the activation code `act`.
+template <typename Pick>
+auto with_activation(int64_t act, Pick&& pick) {
+  return act == kTanh ? pick(Int<kTanh>{}) : act == kRelu ? pick(Int<kRelu>{}) : pick(Int<kIdentity>{});
+}
+
+// The forward recurrence's kernels: the simple cell with activation `act`, or the gated cell of
+// `gates` gates.
+template <typename S>
+auto forward_kernels(const Rows& rows, int64_t tile, int64_t gates, int64_t act) {
+  return recurrence_kernels(rows, tile, [&](auto isa) {
+    using I = decltype(isa);
+    if (gates == kLstm) return &I::template forward<S, LstmCell<S>>;
+    if (gates == kGru) return &I::template forward<S, GruCell<S>>;
+    return with_activation(act, [](auto a) {
+      return &I::template forward<S, SimpleCell<S, decltype(a)::value>>;
+    });
+  });
+}
+
+template <typename S>
+auto backward_kernels(const Rows& rows, int64_t tile, int64_t act) {
+  return recurrence_kernels(rows, tile, [&](auto isa) {
+    using I = decltype(isa);
+    return with_activation(act, [](auto a) { return &I::template backward<S, decltype(a)::value>; });
   });
 }
 
@@ -571,28 +682,35 @@ inline void count_nonfinite(const float* h, int64_t H, int64_t BT, int32_t* coun
     for (int64_t j = 0; j < BT; ++j) count[j] += int32_t(not_finite(h[i * BT + j]));
 }
 
-// Stage q of a recurrence on rows [r0, r1): the sparse product of every batch tile (skipped when
-// `multiply` is false), then its epilogue; flags stage q + 1 when the new state is not all finite.
-// In a flagged stage each thread counts a tile's non-finite values (O(H * BT), only then) for
-// poison_row. acc: scratch for (r1 - r0) * (BT + 1) floats.
+// Stage q of a recurrence on units [i0, i1): the sparse product of their rows (every gate's) for
+// every batch tile (skipped when `multiply` is false), then its epilogue; flags stage q + 1 when the
+// new state is not all finite. In a flagged stage each thread counts a tile's non-finite values
+// (O(H * BT), only then) for poison_row. acc: scratch for (i1 - i0) * stage_scratch(rec) floats.
 template <typename R, typename Kernels>
-void run_stage(const R& rec, const Kernels& k, int64_t q, bool multiply, int64_t r0, int64_t r1,
+void run_stage(const R& rec, const Kernels& k, int64_t q, bool multiply, int64_t i0, int64_t i1,
                float* acc) {
   const bool some_nonfinite = rec.nonfinite[q].load(std::memory_order_relaxed) != 0;
+  const int64_t n = i1 - i0;
   int32_t count[16];  // BT <= 16 (tile_width)
   bool finite = true;
   for (int64_t t = 0; t < rec.tiles; ++t) {
     const float* h = rec.state[q & 1] + t * rec.H * rec.BT;
     if (multiply) {
       if (some_nonfinite) count_nonfinite(h, rec.H, rec.BT, count);
-      k.products(*rec.rows, r0, r1, h, some_nonfinite ? count : nullptr, acc);
+      for (int64_t g = 0; g < rec.gates; ++g)
+        k.products(*rec.rows, g * rec.H + i0, g * rec.H + i1, h, some_nonfinite ? count : nullptr,
+                   acc + g * n * rec.BT);
     }
-    finite &= k.epilogue(rec, q, t, r0, r1, acc, acc + (r1 - r0) * rec.BT);
+    finite &= k.epilogue(rec, q, t, i0, i1, acc, acc + rec.gates * n * rec.BT);
   }
   if (!finite) rec.nonfinite[q + 1].store(1, std::memory_order_relaxed);
 }
 
 // ---- the drivers ------------------------------------------------------------------------------------
+
+// The scratch of a stage per unit: the rows' sums of a batch tile, then the epilogue's (5 floats at
+// most: GruCell).
+inline int64_t stage_scratch(const Recurrence& r) { return r.gates * r.BT + 5; }
 
 // How many threads a call may use: JAX_SPRNN_CPU_THREADS caps it (1: single-threaded).
 int64_t max_threads(ffi::ThreadPool* pool) {
@@ -640,38 +758,51 @@ void init_recurrence(Recurrence& r, Rows& rows, const int32_t* indices, const in
                      const void* values, const Layout& lay, int64_t T, int64_t B,
                      const int32_t* lengths, bool reverse, ffi::ThreadPool* pool) {
   r.T = T, r.B = B, r.H = lay.hidden, r.BT = tile_width(B), r.tiles = (B + r.BT - 1) / r.BT;
+  r.gates = lay.gates;
   r.lengths = lengths, r.reverse = reverse;
-  r.threads = threads_for(pool, lay.num_lanes * lay.slots * r.tiles * r.BT + 8 * r.H * B);
+  r.threads = threads_for(pool, lay.num_lanes * lay.slots * r.tiles * r.BT + 8 * lay.rows() * B);
   build_rows<S>(rows, indices, lane_row, lay, values, pool, r.threads);
   r.rows = &rows;
 }
 
-// Runs `stages` stages of a recurrence (stage q multiplies unless q < skip_products), its rows
+// Runs `stages` stages of a recurrence (stage q multiplies unless q < skip_products), its units
 // split over the threads.
 template <typename R, typename Kernels>
 void run_recurrence(const R& rec, const Kernels& k, int64_t stages, int64_t skip_products,
                     ffi::ThreadPool* pool) {
   const int64_t threads = rec.threads;
-  const std::vector<int64_t> bounds = balanced_rows(*rec.rows, threads, rec.tiles * rec.BT, 8 * rec.B);
-  std::vector<std::vector<float>> scratch(threads, std::vector<float>(widest(bounds) * (rec.BT + 1)));
+  const std::vector<int64_t> bounds =
+      balanced_units(*rec.rows, rec.gates, threads, rec.tiles * rec.BT, 8 * rec.gates * rec.B);
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(widest(bounds) * stage_scratch(rec)));
   auto stage = [&](int64_t q, int64_t c, int64_t thread) {
     run_stage(rec, k, q, q >= skip_products, bounds[c], bounds[c + 1], scratch[thread].data());
   };
   cpu::run_stages(pool, threads, stages, threads, stage);
 }
 
+// The operands and results of a forward recurrence (the simple cell's, or a gated cell's:
+// Layout::gates); c0 and c_final are the LSTM's, hn_bias the GRU's.
+struct ForwardCall {
+  const void *x, *h0, *c0 = nullptr, *values;
+  const int32_t *indices, *lane_row, *lengths;
+  const float* hn_bias = nullptr;
+  void *y, *h_final, *c_final = nullptr;
+  int64_t T, B, act = kTanh;
+  bool reverse;
+};
+
 template <typename S>
-void forward(const void* x, const void* h0_, const void* values, const int32_t* indices,
-             const int32_t* lane_row, const int32_t* lengths, void* y, void* hT_, int64_t T, int64_t B,
-             const Layout& lay, int64_t act, bool reverse, ffi::ThreadPool* pool) {
+void forward(const ForwardCall& call, const Layout& lay, ffi::ThreadPool* pool) {
   using Raw = typename S::Raw;
+  const int64_t T = call.T, B = call.B;
   const RowsCache::Lease rows = RowsCache::instance().take();
   Forward f;
-  init_recurrence<S>(f, *rows, indices, lane_row, values, lay, T, B, lengths, reverse, pool);
-  f.x = x, f.y = y;
+  init_recurrence<S>(f, *rows, call.indices, call.lane_row, call.values, lay, T, B, call.lengths,
+                     call.reverse, pool);
+  f.x = call.x, f.y = call.y, f.hn_bias = call.hn_bias;
   RecurrenceBuffers buffers(f, T);
   const int64_t H = f.H, BT = f.BT;
-  const auto* h0 = static_cast<const Raw*>(h0_);
+  const auto* h0 = static_cast<const Raw*>(call.h0);
   bool finite = true;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < H; ++i) {
@@ -680,13 +811,22 @@ void forward(const void* x, const void* h0_, const void* values, const int32_t* 
       finite &= std::isfinite(v);
     }
   if (!finite) f.nonfinite[0].store(1, std::memory_order_relaxed);
+  std::vector<float> c;  // the LSTM's cell state, [B][H]
+  if (lay.gates == kLstm) {
+    const auto* c0 = static_cast<const Raw*>(call.c0);
+    c.resize(B * H);
+    for (int64_t e = 0; e < B * H; ++e) c[e] = S::load(c0[e]);
+    f.c = c.data();
+  }
 
-  run_recurrence(f, recurrence_kernels<S, true>(*rows, BT, act), T, 0, pool);
+  run_recurrence(f, forward_kernels<S>(*rows, BT, lay.gates, call.act), T, 0, pool);
 
-  auto* hT = static_cast<Raw*>(hT_);
+  auto* hT = static_cast<Raw*>(call.h_final);
   const float* h = f.state[T & 1];
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < H; ++i) hT[b * H + i] = S::store(h[(b / BT) * H * BT + i * BT + b % BT]);
+  auto* cT = static_cast<Raw*>(call.c_final);
+  for (size_t e = 0; e < c.size(); ++e) cT[e] = S::store(c[e]);
 }
 
 template <typename S>
@@ -707,7 +847,7 @@ void backward(const void* y, const void* h0, const void* values_t, const int32_t
   g.dh = dh.data();
 
   // Stage 0 only computes dz of the last step from dh_final (nothing to multiply yet).
-  run_recurrence(g, recurrence_kernels<S, false>(*rows, g.BT, act), T + 1, 1, pool);
+  run_recurrence(g, backward_kernels<S>(*rows, g.BT, act), T + 1, 1, pool);
 
   auto* dh0 = static_cast<Raw*>(dh0_);
   for (int64_t e = 0; e < B * H; ++e) dh0[e] = S::store(dh[e]);
@@ -743,7 +883,7 @@ void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* i
                                       &I::template block_sums<4, Index>, &I::template block_sums<8, Index>};
     });
   });
-  const std::vector<int64_t> bounds = balanced_rows(rows, threads, 1, 0);
+  const std::vector<int64_t> bounds = balanced_units(rows, 1, threads, 1, 0);
   std::vector<std::vector<float>> scratch(threads, std::vector<float>(32 * H));
 
   for (int64_t group = 0; group < groups; ++group) {
@@ -807,16 +947,107 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer value
   if (h0.element_count() != size_t(B * H) || lengths.element_count() != size_t(B))
     return ffi::Error::InvalidArgument("jax_sprnn_forward: h0 must be [B, H] and lengths [B]");
   Layout lay;
-  if (auto e = check_packed("jax_sprnn_forward", H, indices, lane_row, values.element_count(),
+  if (auto e = check_packed("jax_sprnn_forward", H, 1, indices, lane_row, values.element_count(),
                             slots_per_lane, activation, lengths, B, T, &lay);
       e.failure())
     return e;
-  return with_storage_type("jax_sprnn_forward", dt, [&](auto type) {
-    forward<decltype(type)>(x.untyped_data(), h0.untyped_data(), values.untyped_data(),
-                            indices.typed_data(), lane_row.typed_data(), lengths.typed_data(),
-                            y->untyped_data(), h_final->untyped_data(), T, B, lay, activation,
-                            reverse != 0, &pool);
-  });
+  ForwardCall call;
+  call.x = x.untyped_data(), call.h0 = h0.untyped_data(), call.values = values.untyped_data();
+  call.indices = indices.typed_data(), call.lane_row = lane_row.typed_data();
+  call.lengths = lengths.typed_data();
+  call.y = y->untyped_data(), call.h_final = h_final->untyped_data();
+  call.T = T, call.B = B, call.act = activation, call.reverse = reverse != 0;
+  return with_storage_type("jax_sprnn_forward", dt, [&](auto type) { forward<decltype(type)>(call, lay, &pool); });
+}
+
+// ---- the gated cells' forward handler (its operands' shapes and dtypes checked one by one) ----------
+
+using Dims = ffi::AnyBuffer::Dimensions;
+
+std::string shape_text(const int64_t* dims, size_t rank) {
+  std::string text = "[";
+  for (size_t d = 0; d < rank; ++d) text += (d ? ", " : "") + std::to_string(dims[d]);
+  return text + "]";
+}
+
+const char* dtype_name(ffi::DataType dt) {
+  switch (dt) {
+    case ffi::F32: return "float32";
+    case ffi::BF16: return "bfloat16";
+    case ffi::F16: return "float16";
+    case ffi::F64: return "float64";
+    default: return "another dtype";
+  }
+}
+
+// What a gated handler's errors say: "<who>: <name> must ..." and the cell they are about.
+struct GatedChecks {
+  std::string who, cell;  // cell: "for the LSTM (gates = 4)"
+
+  ffi::Error fail(const std::string& what) const { return ffi::Error::InvalidArgument(who + ": " + what); }
+  // Buffer `name` must be `want` (written `what`, e.g. "[B, H]").
+  ffi::Error shape(const char* name, Dims got, std::vector<int64_t> want, const char* what) const {
+    if (got == Dims(want)) return ffi::Error::Success();
+    return fail(std::string(name) + " must be " + what + " = " + shape_text(want.data(), want.size()) +
+                " " + cell + ", got " + shape_text(got.begin(), got.size()));
+  }
+  // Buffer `name` must have no element (it belongs to the other cell).
+  ffi::Error empty(const char* name, Dims got) const {
+    size_t n = 1;
+    for (int64_t d : got) n *= size_t(d);
+    if (n == 0) return ffi::Error::Success();
+    return fail(std::string(name) + " must have no element " + cell + ", got " + shape_text(got.begin(), got.size()));
+  }
+};
+
+ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer values,
+                            ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
+                            ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> hn_bias,
+                            ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> h_final,
+                            ffi::Result<ffi::AnyBuffer> c_final, int64_t gates, int64_t reverse,
+                            int64_t slots_per_lane, int64_t warps_per_cta, int64_t reg_slots,
+                            int64_t load_bytes, ffi::ThreadPool pool) {
+  const char* who = "jax_sprnn_gated_forward";
+  const bool lstm = gates == kLstm;
+  GatedChecks check{who, lstm ? "for the LSTM (gates = 4)" : "for the GRU (gates = 3)"};
+  if (gates != kGru && gates != kLstm)
+    return check.fail("gates must be 3 (GRU) or 4 (LSTM), got " + std::to_string(gates));
+  const Dims dims = x.dimensions();
+  if (dims.size() != 3 || dims[2] % gates != 0)
+    return check.fail("x must be [T, B, G*H] with G = gates = " + std::to_string(gates) + ", got " +
+                      shape_text(dims.begin(), dims.size()));
+  const int64_t T = dims[0], B = dims[1], H = dims[2] / gates;
+  for (auto e : {check.shape("h0", h0.dimensions(), {B, H}, "[B, H]"),
+                 lstm ? check.shape("c0", c0.dimensions(), {B, H}, "[B, H]") : check.empty("c0", c0.dimensions()),
+                 lstm ? check.empty("hn_bias", hn_bias.dimensions())
+                      : check.shape("hn_bias", hn_bias.dimensions(), {H}, "float32 [H]"),
+                 check.shape("lengths", lengths.dimensions(), {B}, "int32 [B]"),
+                 check.shape("y", y->dimensions(), {T, B, H}, "[T, B, H]"),
+                 check.shape("h_final", h_final->dimensions(), {B, H}, "[B, H]"),
+                 lstm ? check.shape("c_final", c_final->dimensions(), {B, H}, "[B, H]")
+                      : check.empty("c_final", c_final->dimensions())})
+    if (e.failure()) return e;
+  const auto dt = x.element_type();
+  const std::pair<const char*, ffi::DataType> typed[] = {
+      {"h0", h0.element_type()}, {"c0", c0.element_type()}, {"values", values.element_type()},
+      {"y", y->element_type()}, {"h_final", h_final->element_type()}, {"c_final", c_final->element_type()}};
+  for (const auto& [name, type] : typed)
+    if (type != dt)
+      return check.fail(std::string(name) + " is " + dtype_name(type) + " but x is " + dtype_name(dt) +
+                        ": x, h0, c0, values, y, h_final and c_final must share one dtype");
+  Layout lay;
+  if (auto e = check_packed(who, H, gates, indices, lane_row, values.element_count(), slots_per_lane, kTanh,
+                            lengths, B, T, &lay);
+      e.failure())
+    return e;
+  ForwardCall call;
+  call.x = x.untyped_data(), call.h0 = h0.untyped_data(), call.c0 = c0.untyped_data();
+  call.values = values.untyped_data();
+  call.indices = indices.typed_data(), call.lane_row = lane_row.typed_data();
+  call.lengths = lengths.typed_data(), call.hn_bias = hn_bias.typed_data();
+  call.y = y->untyped_data(), call.h_final = h_final->untyped_data(), call.c_final = c_final->untyped_data();
+  call.T = T, call.B = B, call.reverse = reverse != 0;
+  return with_storage_type(who, dt, [&](auto type) { forward<decltype(type)>(call, lay, &pool); });
 }
 
 ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer values_t,
@@ -837,7 +1068,7 @@ ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer valu
       h0.element_count() != size_t(B * H) || lengths.element_count() != size_t(B))
     return ffi::Error::InvalidArgument("jax_sprnn_backward: dy must match y, h0/dh_final be [B, H], lengths [B]");
   Layout lay;
-  if (auto e = check_packed("jax_sprnn_backward", H, indices_t, lane_row_t, values_t.element_count(),
+  if (auto e = check_packed("jax_sprnn_backward", H, 1, indices_t, lane_row_t, values_t.element_count(),
                             slots_per_lane, activation, lengths, B, T, &lay);
       e.failure())
     return e;
@@ -866,7 +1097,7 @@ ffi::Error WeightGradImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer dz
       lengths.element_count() != size_t(B))
     return ffi::Error::InvalidArgument("jax_sprnn_weight_grad: dz must match y, h0 be [B, H], lengths [B]");
   Layout lay;
-  if (auto e = check_packed("jax_sprnn_weight_grad", H, indices, lane_row, -1, slots_per_lane, kTanh,
+  if (auto e = check_packed("jax_sprnn_weight_grad", H, 1, indices, lane_row, -1, slots_per_lane, kTanh,
                             lengths, B, T, &lay);
       e.failure())
     return e;
@@ -897,4 +1128,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnWeightGradCpu, jax_sprnn::WeightGradImpl,
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("reverse")
                                   .Attr<int64_t>("slots_per_lane")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedForwardCpu, jax_sprnn::GatedForwardImpl,
+                              binds::gated_attrs(binds::gated_forward_operands(ffi::Ffi::Bind()))
                                   .Ctx<ffi::ThreadPool>());

@@ -21,6 +21,7 @@ NB_MODULE(_sprnn_cpu, m) {
     d[c::kForwardTarget] = capsule_of(JaxSprnnForwardCpu);
     d[c::kBackwardTarget] = capsule_of(JaxSprnnBackwardCpu);
     d[c::kWeightGradTarget] = capsule_of(JaxSprnnWeightGradCpu);
+    d[c::kGatedForwardTarget] = capsule_of(JaxSprnnGatedForwardCpu);
     return d;
   });
   m.def("constants", &jax_sprnn::exported_constants,

@@ -69,22 +69,19 @@ struct F16 {
 inline uint64_t bits_of(double d) { uint64_t u; std::memcpy(&u, &d, 8); return u; }
 inline double double_of(uint64_t u) { double d; std::memcpy(&d, &u, 8); return d; }
 
-// tanh for float32 in straight-line code that vectorizes (glibc's tanhf, through expm1f, cost twice
-// the rest of a step). Evaluated in double as expm1(2|x|) / (expm1(2|x|) + 2), which has no
-// cancellation anywhere, so the float is the correctly rounded tanh but in the rarest ties (checked
-// over every float: 15 of 2^32 are 1 ulp off; glibc's tanhf is 1 ulp off on ~3%). No selects on
-// floating-point values: GCC would move the arithmetic into branches, which do not vectorize.
-JAX_SPRNN_INLINE float tanh_f32(float x) {
-  const uint32_t xb = bits_of(x), mag = xb & 0x7fffffffu;
-  // |x| clamped to 10, where tanh rounds to 1.0f (NaN too: it is restored at the end)
-  const double y = 2.0 * double(float_of(std::min(mag, 0x41200000u)));
-  // expm1(y) = 2^n (exp(r) - 1) + 2^n - 1, with n = round(y / ln 2) and |r| <= ln(2) / 2
+// exp(y) = scale * (1 + em1) for |y| <= 700, with scale = 2^n, n = round(y / ln 2), and em1 =
+// expm1(r) of the rest r = y - n ln 2 (|r| <= ln(2) / 2), relative error < 2e-14: straight-line
+// double arithmetic that vectorizes (the activations below build on it).
+struct ExpParts {
+  double scale, em1;
+};
+JAX_SPRNN_INLINE ExpParts exp_parts(double y) {
   const double shift = 0x1.8p52;
   const double nd = y * 1.4426950408889634 + shift;
   const double k = nd - shift;
   const double r = (y - k * 0x1.62e42fefa39efp-1) - k * 0x1.abc9e3b39803fp-56;
   const double scale = double_of((bits_of(nd) - bits_of(shift) + 1023) << 52);
-  double p = 1.0 / 39916800;  // exp(r) - 1 = r + r^2/2 + ... + r^11/11!: relative error < 2e-14
+  double p = 1.0 / 39916800;  // exp(r) - 1 = r + r^2/2 + ... + r^11/11!
   p = p * r + 1.0 / 3628800;
   p = p * r + 1.0 / 362880;
   p = p * r + 1.0 / 40320;
@@ -95,10 +92,38 @@ JAX_SPRNN_INLINE float tanh_f32(float x) {
   p = p * r + 1.0 / 6;
   p = p * r + 0.5;
   p = p * r + 1.0;
-  const double em1 = scale * (p * r) + (scale - 1.0);
+  return {scale, p * r};
+}
+
+// tanh for float32 in straight-line code that vectorizes (glibc's tanhf, through expm1f, cost twice
+// the rest of a step). Evaluated in double as expm1(2|x|) / (expm1(2|x|) + 2), which has no
+// cancellation anywhere, so the float is the correctly rounded tanh but in the rarest ties (checked
+// over every float: 15 of 2^32 are 1 ulp off; glibc's tanhf is 1 ulp off on ~3%). No selects on
+// floating-point values: GCC would move the arithmetic into branches, which do not vectorize.
+JAX_SPRNN_INLINE float tanh_f32(float x) {
+  const uint32_t xb = bits_of(x), mag = xb & 0x7fffffffu;
+  // |x| clamped to 10, where tanh rounds to 1.0f (NaN too: it is restored at the end)
+  const ExpParts e = exp_parts(2.0 * double(float_of(std::min(mag, 0x41200000u))));
+  // expm1(y) = 2^n (exp(r) - 1) + 2^n - 1
+  const double em1 = e.scale * e.em1 + (e.scale - 1.0);
   const uint32_t t = bits_of(float(em1 / (em1 + 2.0))) | (xb & 0x80000000u);
   const uint32_t nan = 0u - uint32_t(mag > 0x7f800000u);  // all ones for NaN: give x back
   return float_of((t & ~nan) | (xb & nan));
+}
+
+// The logistic sigmoid 1 / (1 + exp(-x)) for float32, the same way: with e = exp(-|x|) in double,
+// 1 / (1 + e) for x >= 0 and e / (1 + e) below (no cancellation: tiny results keep their relative
+// accuracy), selected by integer masks.
+JAX_SPRNN_INLINE float sigmoid_f32(float x) {
+  const uint32_t xb = bits_of(x), mag = xb & 0x7fffffffu;
+  // |x| clamped to 120, where sigmoid(-|x|) = 8e-53 rounds to 0.0f and sigmoid(|x|) to 1.0f
+  const ExpParts e = exp_parts(-double(float_of(std::min(mag, 0x42f00000u))));
+  const double ex = e.scale * e.em1 + e.scale;
+  const double d = 1.0 + ex;
+  const uint32_t above = bits_of(float(1.0 / d)), below = bits_of(float(ex / d));
+  const uint32_t negative = 0u - (xb >> 31), nan = 0u - uint32_t(mag > 0x7f800000u);
+  const uint32_t s = (below & negative) | (above & ~negative);
+  return float_of((s & ~nan) | (xb & nan));
 }
 
 // 1 for Inf or NaN, 0 otherwise, in integer arithmetic (an OR over a row then vectorizes).

@@ -15,9 +15,12 @@
 
 namespace jax_sprnn::cpu {
 
-// The shape of a packed layout (the handlers check it against their operands first).
+// The shape of a packed layout (the handlers check it against their operands first): U has
+// gates * hidden rows (a gated kernel's gate rows, row g * hidden + i gate g of unit i) and hidden
+// columns (the state).
 struct Layout {
-  int64_t num_lanes = 0, slots = 0, hidden = 0;
+  int64_t num_lanes = 0, slots = 0, hidden = 0, gates = 1;
+  int64_t rows() const { return gates * hidden; }
 };
 
 // An uninitialized array (std::vector would zero it first, a pass the build below does not need)
@@ -42,8 +45,8 @@ struct Buffer {
 // warp (docs/format.md, invariant 1; check_indices enforces it), so warps count and fill their rows
 // independently.
 struct Rows {
-  int64_t hidden = 0, nnz = 0;
-  std::vector<int32_t> begin, end;  // [H]: row i's entries are [begin[i], end[i])
+  int64_t num_rows = 0, nnz = 0;
+  std::vector<int32_t> begin, end;  // [rows]: row r's entries are [begin[r], end[r])
   std::vector<int32_t> lane_real;   // [lanes]: each lane's real slots
   // [slots]: the column an entry reads, as uint16_t up to H = 65536 (the weights' bytes per entry
   // bound a step: each thread streams its rows' entries from L3), else int32_t
@@ -158,15 +161,15 @@ void fill_warp(Rows& m, const int32_t* indices, const int32_t* lane_row, int64_t
 template <typename S>
 void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const Layout& lay,
                 const void* values, xla::ffi::ThreadPool* pool, int64_t threads) {
-  const int64_t H = lay.hidden, warps = lay.num_lanes / kWarpSize;
-  m.hidden = H;
-  for (auto* v : {&m.begin, &m.end}) v->assign(H, 0);
+  const int64_t R = lay.rows(), warps = lay.num_lanes / kWarpSize;
+  m.num_rows = R;
+  for (auto* v : {&m.begin, &m.end}) v->assign(R, 0);
   m.lane_real.resize(lay.num_lanes);
   // The entries fit in [0, slots); after them, each chunk of the fill gets its own trash index,
   // kTrashStride apart so that two threads never write one cache line.
   constexpr int64_t kTrashStride = 32;
   const int64_t slots = lay.num_lanes * lay.slots, extra = kTrashStride * threads;
-  m.narrow = H <= 65536;
+  m.narrow = lay.hidden <= 65536;
   if (m.narrow) {
     m.col16.reserve(slots + extra);
   } else {
@@ -184,7 +187,7 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
       for (int64_t w = w0; w < w1; ++w) count_warp(m, indices, lane_row, lay.slots, w);
     } else if (stage == 1 && c == 0) {
       int64_t at = 0;
-      for (int64_t r = 0; r < H; ++r) {
+      for (int64_t r = 0; r < R; ++r) {
         m.begin[r] = int32_t(at);
         at += m.end[r];
         m.end[r] = int32_t(at);
@@ -204,17 +207,20 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
   run_stages(pool, threads, 3, threads, build);
 }
 
-// Row boundaries of `chunks` ranges of about equal cost, a row costing its nonzeros times
-// `per_nonzero` plus `per_row`.
-inline std::vector<int64_t> balanced_rows(const Rows& m, int64_t chunks, int64_t per_nonzero, int64_t per_row) {
-  const int64_t H = m.hidden;
-  const double total = double(m.nnz) * per_nonzero + double(H) * per_row;
-  std::vector<int64_t> bounds(chunks + 1, H);
+// Unit boundaries of `chunks` ranges of about equal cost. Unit i of U's rows / gates is its rows
+// i, units + i, ..., (gates - 1) * units + i (a gated cell's epilogue needs all of a unit's gates;
+// gates = 1: the units are the rows) and costs its nonzeros times `per_nonzero` plus `per_unit`.
+inline std::vector<int64_t> balanced_units(const Rows& m, int64_t gates, int64_t chunks,
+                                           int64_t per_nonzero, int64_t per_unit) {
+  const int64_t units = m.num_rows / gates;
+  const double total = double(m.nnz) * per_nonzero + double(units) * per_unit;
+  std::vector<int64_t> bounds(chunks + 1, units);
   bounds[0] = 0;
   double cost = 0;
   int64_t c = 1;
-  for (int64_t i = 0; i < H && c < chunks; ++i) {
-    cost += double(m.count(i)) * per_nonzero + per_row;
+  for (int64_t i = 0; i < units && c < chunks; ++i) {
+    for (int64_t g = 0; g < gates; ++g) cost += double(m.count(g * units + i)) * per_nonzero;
+    cost += per_unit;
     while (c < chunks && cost >= total * c / chunks) bounds[c++] = i + 1;
   }
   return bounds;
