@@ -279,3 +279,39 @@ def test_dtypes_lengths_and_layout():
     indices[np.flatnonzero(indices >= 0)[0]] = 21
     with raises("names column 21 >= hidden 21"):
         call(x, h0, c0, w, lengths, hn_bias, indices=jnp.asarray(indices))
+
+
+# ---- through the public API ------------------------------------------------------------------------
+
+def _native_api(cell, weights, x, h0, c0, lengths, hn_bias, reverse):
+    """``(y [T, B, H], h_final, c_final, hlo)`` of ``sparse_lstm`` / ``sparse_gru`` with
+    ``method="native"`` (batch-major inputs), jitted."""
+    kwargs = dict(seq_lengths=jnp.asarray(lengths, jnp.int32), reverse=reverse, method="native")
+    if cell == "lstm":
+        f = jax.jit(lambda x, c0, h0: js.sparse_lstm(x, (c0, h0), weights, **kwargs))
+        args = (jnp.swapaxes(x, 0, 1), c0, h0)
+        y, (c, h) = f(*args)
+    else:
+        f = jax.jit(lambda x, h0: js.sparse_gru(x, h0, weights, hn_bias=hn_bias, **kwargs))
+        args = (jnp.swapaxes(x, 0, 1), h0)
+        y, h = f(*args)
+        c = c0
+    return jnp.swapaxes(y, 0, 1), h, c, f.lower(*args).as_text()
+
+
+@pytest.mark.skipif(not hasattr(js.primitives, "sprnn_lstm_p"),
+                    reason="sparse_lstm / sparse_gru do not lower the native gated target yet")
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_public_api_runs_this_kernel(cell, dtype):
+    gates, T = CELLS[cell], 13
+    kernel, w, x, h0, c0, hn_bias = problem(gates, 41, 5, T, dtype, seed=11)
+    lengths = np.array([T, 4, 0, 12, 1], np.int32)
+    for reverse in (False, True):
+        *out, hlo = _native_api(cell, w, x, h0, c0, lengths, hn_bias, reverse)
+        assert TARGET in hlo
+        assert_close(out, numpy_gated(gates, kernel, x, h0, c0, lengths, hn_bias, reverse, dtype),
+                     ROUNDED_TOLERANCE[dtype])
+        direct = call(x, h0, c0, w, lengths, hn_bias, reverse=reverse)
+        for a, b in zip(out, direct):  # the same kernel: the same bits
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
