@@ -16,12 +16,15 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardCuda);
 // `jax_sprnn_weight_grad` on CUDA: the sampled weight gradient, deterministic (weight_grad.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnWeightGradCuda);
+// `jax_sprnn_gated_forward` on CUDA: the LSTM's and the GRU's forward persistent recurrences.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedForwardCuda);
 
 // Test and benchmark targets, registered apart from the production ones.
 // `jax_sprnn_forward_hooked` / `jax_sprnn_backward_hooked`: the recurrences with the test hooks
 // (spin bound, a stalled CTA, a grid barrier per phase) as attributes (cuda_persistent.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardHookedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardHookedCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedForwardHookedCuda);
 // `jax_sprnn_sync_floor`: the forward kernel's exchange protocol with no compute (sync_floor.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda);
 
@@ -56,15 +59,16 @@ std::string GetDeviceProperties(int device, DeviceProperties* out);
 
 // The compile-time register-slot counts instantiated for `dtype` ("float32", "float16", "bfloat16",
 // or the short forms "f32", "f16", "bf16"). An empty dtype gives the counts instantiated for every
-// dtype. An unknown dtype gives an empty list.
-std::vector<int> SupportedRegSlots(const std::string& dtype);
+// dtype. gates: 1 (the simple cell), 3 (GRU) or 4 (LSTM). An unknown dtype or gate count gives an
+// empty list.
+std::vector<int> SupportedRegSlots(const std::string& dtype, int gates = 1);
 
 // `tile` is the staged-h load width in floats (1, 2 or 4, i.e. load_bytes / 4). Each (dtype, tile,
 // reg_slots) has one or two compiled variants with different launch bounds; `threads` picks the one
 // a CTA of that many threads would run, and threads <= 0 the one with the largest bound. `backward`
-// picks the backward-recurrence kernel.
+// picks the backward-recurrence kernel, gates = 3 / 4 the GRU's / LSTM's forward kernel.
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
-                                int threads, bool backward, KernelAttributes* out);
+                                int threads, bool backward, int gates, KernelAttributes* out);
 
 // The deferred error of an earlier persistent-kernel call (see deferred_errors.h), or "" if none.
 // Clears it. Only meaningful once the stream that ran the call has been synchronized.

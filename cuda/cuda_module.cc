@@ -46,7 +46,8 @@ NB_MODULE(_sprnn_cuda, m) {
       []() {
         return capsules({{c::kForwardTarget, JaxSprnnForwardCuda},
                          {c::kBackwardTarget, JaxSprnnBackwardCuda},
-                         {c::kWeightGradTarget, JaxSprnnWeightGradCuda}});
+                         {c::kWeightGradTarget, JaxSprnnWeightGradCuda},
+                         {c::kGatedForwardTarget, JaxSprnnGatedForwardCuda}});
       },
       "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
@@ -55,6 +56,7 @@ NB_MODULE(_sprnn_cuda, m) {
       []() {
         return capsules({{c::kForwardHookedTarget, JaxSprnnForwardHookedCuda},
                          {c::kBackwardHookedTarget, JaxSprnnBackwardHookedCuda},
+                         {c::kGatedForwardHookedTarget, JaxSprnnGatedForwardHookedCuda},
                          {c::kSyncFloorTarget, JaxSprnnSyncFloorCuda}});
       },
       "The test and benchmark targets, like registrations(): the recurrences with their test "
@@ -106,20 +108,24 @@ NB_MODULE(_sprnn_cuda, m) {
 
   m.def(
       "supported_reg_slots",
-      [](const std::string& dtype) {
-        std::vector<int> v = sc::SupportedRegSlots(dtype);
-        if (v.empty()) throw nb::value_error(("unknown dtype '" + dtype + "'").c_str());
+      [](const std::string& dtype, int gates) {
+        std::vector<int> v = sc::SupportedRegSlots(dtype, gates);
+        if (v.empty())
+          throw nb::value_error(("unknown dtype '" + dtype + "' or gates " + std::to_string(gates) +
+                                 " (1, 3 or 4)").c_str());
         return to_tuple(v);
       },
-      nb::arg("dtype") = "",
+      nb::arg("dtype") = "", nb::arg("gates") = 1,
       "Register-tier sizes (reg_slots) instantiated for dtype ('float32', 'float16', 'bfloat16'); "
-      "without a dtype, those instantiated for every dtype.");
+      "without a dtype, those instantiated for every dtype. gates: 1 (the simple cell), 3 (GRU) or "
+      "4 (LSTM).");
 
   m.def(
       "kernel_attributes",
-      [](const std::string& dtype, int tile, int reg_slots, int device, int threads, bool backward) {
+      [](const std::string& dtype, int tile, int reg_slots, int device, int threads, bool backward,
+         int gates) {
         sc::KernelAttributes a;
-        check(sc::GetKernelAttributes(dtype, tile, reg_slots, device, threads, backward, &a));
+        check(sc::GetKernelAttributes(dtype, tile, reg_slots, device, threads, backward, gates, &a));
         nb::dict d;
         d["num_regs"] = a.num_regs;
         d["local_bytes"] = a.local_bytes;
@@ -128,9 +134,10 @@ NB_MODULE(_sprnn_cuda, m) {
         return d;
       },
       nb::arg("dtype"), nb::arg("tile"), nb::arg("reg_slots"), nb::arg("device") = 0,
-      nb::arg("threads") = 0, nb::arg("backward") = false,
-      "cudaFuncGetAttributes of one persistent-kernel instantiation (the forward recurrence, or "
-      "the backward one with backward=True); tile = load_bytes / 4. A "
+      nb::arg("threads") = 0, nb::arg("backward") = false, nb::arg("gates") = 1,
+      "cudaFuncGetAttributes of one persistent-kernel instantiation (the forward recurrence, "
+      "the backward one with backward=True, or the GRU's / LSTM's forward with gates=3 / 4); "
+      "tile = load_bytes / 4. A "
       "(dtype, tile, reg_slots) may have two variants with different launch bounds: `threads` "
       "picks the one a CTA of that size runs; 0 gives the one with the largest "
       "max_threads_per_block.");

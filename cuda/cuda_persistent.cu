@@ -42,6 +42,7 @@ struct SmemPlan {
   int h_stride = 0;
   int h_buffers = 0;
   int w_offset = 0;
+  int cell_offset = 0;
   int len_offset = 0;
   int total = 0;
 };
@@ -49,7 +50,7 @@ struct SmemPlan {
 // The operands of one call, after its handler checked their dtypes and shapes.
 struct PersistentCall {
   const char* name;  // the FFI target, for messages
-  Direction direction;
+  Direction direction;  // kLstm / kGru: a gated cell's forward (gates_of(direction) rows per unit)
   ffi::DataType dt;
   int64_t T, B, H;
   const void* seq_a;
@@ -63,6 +64,9 @@ struct PersistentCall {
   void* final_out;
   unsigned char* workspace;
   int64_t workspace_bytes;
+  const void* c_init = nullptr;     // LSTM: c0
+  void* c_final = nullptr;          // LSTM: c_final
+  const float* hn_bias = nullptr;   // GRU: hn_bias
 };
 
 struct LayoutAttrs {
@@ -160,6 +164,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   Dtype kdt;
   if (!kernel_dtype(dt, &kdt)) return bad("the dtype must be float32, float16 or bfloat16");
   const int64_t T = c.T, B = c.B, H = c.H;
+  const int gates = gates_of(c.direction);
+  const int64_t rows = gates * H;  // the layout's rows: a gated cell's gate rows
 
   // ---- the packed layout ----------------------------------------------------------------------
   if (c.lengths.element_count() != static_cast<size_t>(B))
@@ -181,7 +187,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                std::to_string(n_slots));
 
   // ---- attributes -----------------------------------------------------------------------------
-  if (!valid_activation(a.activation))
+  if (gates == 1 && !valid_activation(a.activation))
     return bad("activation must be 0 (tanh), 1 (relu) or 2 (identity), got " +
                std::to_string(a.activation));
   if (a.reverse != 0 && a.reverse != 1) return bad("reverse must be 0 or 1");
@@ -201,12 +207,12 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     return bad("grid_barrier (an ablation) cannot be combined with debug_stall_cta: it would hang");
   if (a.warps_per_cta < 1 || a.warps_per_cta * kWarpSize > kMaxThreadsPerCta)
     return bad("warps_per_cta must be in [1, 32], got " + std::to_string(a.warps_per_cta));
-  const std::vector<int> rs_set = reg_slots_for(kdt);
+  const std::vector<int> rs_set = reg_slots_for(c.direction, kdt);
   if (std::find(rs_set.begin(), rs_set.end(), a.reg_slots) == rs_set.end()) {
     std::string s;
     for (int r : rs_set) s += (s.empty() ? "" : ", ") + std::to_string(r);
     return bad("reg_slots " + std::to_string(a.reg_slots) + " is not instantiated for " +
-               dtype_name(dt) + " (supported: " + s + ")");
+               dtype_name(dt) + (gates > 1 ? " gated cells" : "") + " (supported: " + s + ")");
   }
   if (a.reg_slots > K)
     return bad("reg_slots " + std::to_string(a.reg_slots) + " > slots_per_lane " + std::to_string(K));
@@ -217,12 +223,14 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (T == 0) {  // no step: the final state is the initial one
     cudaError_t e = cudaMemcpyAsync(c.final_out, c.init, B * H * elem_bytes,
                                     cudaMemcpyDeviceToDevice, stream);
+    if (e == cudaSuccess && c.c_final != nullptr)
+      e = cudaMemcpyAsync(c.c_final, c.c_init, B * H * elem_bytes, cudaMemcpyDeviceToDevice, stream);
     if (e != cudaSuccess) return cuda_error("cudaMemcpyAsync(final state <- initial state)", e);
     return ffi::Error::Success();
   }
 
   // ---- layout-dependent checks ----------------------------------------------------------------
-  if (NW == 0) return bad("lane_row is empty but H = " + std::to_string(H) + " rows need lanes");
+  if (NW == 0) return bad("lane_row is empty but " + std::to_string(rows) + " rows need lanes");
   if (NW % a.warps_per_cta != 0)
     return bad("NW = " + std::to_string(NW) + " warps is not a multiple of warps_per_cta = " +
                std::to_string(a.warps_per_cta));
@@ -249,7 +257,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const PersistentKernelFn fn = lookup_persistent(c.direction, kdt, tile, rs, threads);
   if (fn == nullptr) {
     return bad("warps_per_cta = " + std::to_string(a.warps_per_cta) + " (" + std::to_string(threads) +
-               " threads) exceeds the " + std::to_string(max_threads_of(kdt, rs)) +
+               " threads) exceeds the " + std::to_string(max_threads_of(c.direction, kdt, rs)) +
                "-thread launch bound of the " + dtype_name(dt) + " load_bytes-" +
                std::to_string(a.load_bytes) + " reg_slots-" + std::to_string(rs) +
                " kernel (kernel_attributes() gives it)");
@@ -262,8 +270,12 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int64_t layout_ctas = NW / a.warps_per_cta;
   const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
   const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
+  // The LSTM's cell state stays in shared memory too (one float per unit slot and example).
+  auto cell_bytes = [&](int64_t batch) {
+    return constants::cell_state_smem_bytes(batch, tile, a.warps_per_cta, gates);
+  };
   auto plan_total = [&](int64_t batch, int buffers) {
-    return constants::persistent_smem_bytes(H, batch, tile, w_bytes, buffers);
+    return constants::persistent_smem_bytes(H, batch, tile, w_bytes, buffers, cell_bytes(batch));
   };
   const ExchangePlan xp = plan_exchange(device, reinterpret_cast<const void*>(fn), dev, kinfo, layout_ctas,
                                         threads, B, tile, hooks,
@@ -285,11 +297,13 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     return bad("the layer does not fit on chip: " + std::to_string(total) +
                " bytes of shared memory per CTA needed (staged state " + std::to_string(h_floats * 4) +
                " = ceil(B/tile)*H*tile*4, weight tier " + std::to_string(w_bytes) +
-               " = warps_per_cta*(K-reg_slots)*32*" + std::to_string(slot_bytes) + "), " +
+               " = warps_per_cta*(K-reg_slots)*32*" + std::to_string(slot_bytes) +
+               (gates == 4 ? ", cell state " + std::to_string(cell_bytes(slice)) : std::string()) + "), " +
                std::to_string(kinfo.max_dynamic_smem) + " available");
   smem.h_stride = static_cast<int>(h_stride);
   smem.w_offset = static_cast<int>(smem.h_buffers * h_stride * 4);
-  smem.len_offset = static_cast<int>(smem.w_offset + align16(w_bytes));
+  smem.cell_offset = static_cast<int>(smem.w_offset + align16(w_bytes));
+  smem.len_offset = static_cast<int>(smem.cell_offset + cell_bytes(slice));
   smem.total = static_cast<int>(total);
 
   // ---- co-residency (grid mode): every CTA must be resident at once. (In cluster mode only each
@@ -325,6 +339,9 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.lengths = c.lengths.typed_data();
   prm.seq_out = c.seq_out;
   prm.final_out = c.final_out;
+  prm.c_init = c.c_init;
+  prm.c_final = c.c_final;
+  prm.hn_bias = c.hn_bias;
   prm.error_flag = reinterpret_cast<uint32_t*>(ws);
   prm.exchange[0] = ws + kHeaderBytes;
   prm.exchange[1] = ws + kHeaderBytes + xl.stride_bytes;
@@ -342,6 +359,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.h_buffers = smem.h_buffers;
   prm.h_stride = smem.h_stride;
   prm.w_smem_offset = smem.w_offset;
+  prm.cell_smem_offset = smem.cell_offset;
   prm.len_smem_offset = smem.len_offset;
   prm.exchange_vector = xl.vector ? 1 : 0;
   prm.byte_offsets = H * tile * 4 <= 65536 ? 1 : 0;
@@ -375,15 +393,18 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 
   const size_t n_seq = static_cast<size_t>(T * B * H);
   const size_t n_final = static_cast<size_t>(B * H);
-  if (dt == ffi::DataType::F32) {
-    e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, H, c.seq_out, n_seq, c.final_out,
-                                  n_final, Storage<float>::kNaNBits);
-  } else {
-    e = launch_finisher<uint16_t>(stream, dev, prm.error_flag, H, c.seq_out, n_seq, c.final_out,
-                                  n_final,
-                                  dt == ffi::DataType::F16 ? Storage<__half>::kNaNBits
-                                                           : Storage<__nv_bfloat16>::kNaNBits);
-  }
+  // Every layout row has exactly one head lane: G*H of them. The LSTM's c_final is poisoned by a
+  // second finisher on error (the same code reaches the host word twice, harmlessly).
+  auto finish = [&](void* out0, size_t n0, void* out1, size_t n1) {
+    if (dt == ffi::DataType::F32)
+      return launch_finisher<uint32_t>(stream, dev, prm.error_flag, rows, out0, n0, out1, n1,
+                                       Storage<float>::kNaNBits);
+    return launch_finisher<uint16_t>(stream, dev, prm.error_flag, rows, out0, n0, out1, n1,
+                                     dt == ffi::DataType::F16 ? Storage<__half>::kNaNBits
+                                                              : Storage<__nv_bfloat16>::kNaNBits);
+  };
+  e = finish(c.seq_out, n_seq, c.final_out, n_final);
+  if (e == cudaSuccess && c.c_final != nullptr) e = finish(c.c_final, n_final, nullptr, 0);
   if (e != cudaSuccess) return cuda_error("launching the finisher kernel", e);
   return ffi::Error::Success();
 }
@@ -497,16 +518,91 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
                            TestHooks{hooks...});
 }
 
+// The gated cells' forward (docs/format.md, "Gated kernels"): the LSTM (gates = 4) carries c0 /
+// c_final [B, H] and an empty hn_bias; the GRU (gates = 3) an empty c0 / c_final and hn_bias [H].
+template <typename... Hooks>
+ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
+                            ffi::AnyBuffer values, ffi::Buffer<ffi::S32> indices,
+                            ffi::Buffer<ffi::S32> lane_row, ffi::Buffer<ffi::S32> lengths,
+                            ffi::Buffer<ffi::F32> hn_bias, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Result<ffi::AnyBuffer> h_final, ffi::Result<ffi::AnyBuffer> c_final,
+                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
+                            int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
+                            int64_t reg_slots, int64_t load_bytes, Hooks... hooks) {
+  if (auto err = take_deferred_error(stream); err.failure()) return err;
+  const std::string name = target_name<Hooks...>("jax_sprnn_gated_forward");
+  auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
+  if (gates != 3 && gates != 4)
+    return bad("gates must be 3 (GRU) or 4 (LSTM), got " + std::to_string(gates));
+  const bool lstm = gates == 4;
+
+  const ffi::DataType dt = x.element_type();
+  Dtype kdt;
+  if (!kernel_dtype(dt, &kdt)) return bad("x must be float32, float16 or bfloat16");
+  if (auto err = check_float_operands(name, {{"h0", h0.element_type()}, {"c0", c0.element_type()},
+                                             {"values", values.element_type()}, {"y", y->element_type()},
+                                             {"h_final", h_final->element_type()},
+                                             {"c_final", c_final->element_type()}},
+                                      dt);
+      err.failure())
+    return err;
+  const auto xd = x.dimensions();
+  if (xd.size() != 3 || xd[2] % gates != 0)
+    return bad("x must be [T, B, " + std::to_string(gates) + "*H], got " + shape_string(xd));
+  const int64_t T = xd[0], B = xd[1], H = xd[2] / gates;
+  const int64_t state_dims[2] = {B, H};
+  const ffi::Span<const int64_t> state(state_dims, 2);
+  const int64_t seq_dims[3] = {T, B, H};
+  if (!same_dims(h0.dimensions(), state))
+    return bad("h0 must be [B, H] = " + shape_string(state) + ", got " + shape_string(h0.dimensions()));
+  if (!same_dims(y->dimensions(), ffi::Span<const int64_t>(seq_dims, 3)))
+    return bad("y must be [T, B, H] = " + shape_string(ffi::Span<const int64_t>(seq_dims, 3)));
+  if (!same_dims(h_final->dimensions(), state)) return bad("h_final must be [B, H] = " + shape_string(state));
+  if (lstm) {
+    if (!same_dims(c0.dimensions(), state) || !same_dims(c_final->dimensions(), state))
+      return bad("the LSTM's c0 and c_final must be [B, H] = " + shape_string(state) + ", got " +
+                 shape_string(c0.dimensions()) + " and " + shape_string(c_final->dimensions()));
+    if (hn_bias.element_count() != 0) return bad("the LSTM takes no hn_bias (it must be empty)");
+  } else {
+    if (c0.element_count() != 0 || c_final->element_count() != 0)
+      return bad("the GRU has no cell state: c0 and c_final must be empty");
+    if (hn_bias.element_count() != static_cast<size_t>(H))
+      return bad("hn_bias must be [H] = [" + std::to_string(H) + "], got " +
+                 shape_string(hn_bias.dimensions()));
+  }
+
+  PersistentCall call{name.c_str(), lstm ? Direction::kLstm : Direction::kGru, dt, T, B, H,
+                      x.untyped_data(), nullptr, h0.untyped_data(), values, indices, lane_row,
+                      lengths, y->untyped_data(), h_final->untyped_data(),
+                      workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
+  if (lstm) {
+    call.c_init = c0.untyped_data();
+    call.c_final = c_final->untyped_data();
+  } else {
+    call.hn_bias = hn_bias.typed_data();
+  }
+  return launch_persistent(stream, call,
+                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+                           TestHooks{hooks...});
+}
+
 // Plain names for the instantiations: a template argument list would split the macros' arguments.
 constexpr auto ForwardProduction = &ForwardImpl<>;
 constexpr auto BackwardProduction = &BackwardImpl<>;
 constexpr auto ForwardHooked = &ForwardImpl<int64_t, int64_t, int64_t, int64_t>;
 constexpr auto BackwardHooked = &BackwardImpl<int64_t, int64_t, int64_t, int64_t>;
+constexpr auto GatedForwardProduction = &GatedForwardImpl<>;
+constexpr auto GatedForwardHooked = &GatedForwardImpl<int64_t, int64_t, int64_t, int64_t>;
 
 // The production bindings: the operands, the workspace result, the layout attributes.
 auto forward_binding() {
   return bindings::layout_attrs(
       bindings::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+}
+auto gated_forward_binding() {
+  return bindings::gated_attrs(
+      bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
           .Ret<ffi::Buffer<ffi::U8>>());  // workspace
 }
 auto backward_binding() {
@@ -530,10 +626,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardCuda, sc::ForwardProduction, sc::fo
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCuda, sc::BackwardProduction, sc::backward_binding(),
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedForwardCuda, sc::GatedForwardProduction,
+                              sc::gated_forward_binding(), {ffi::Traits::kCmdBufferCompatible});
+
 // Test and benchmark targets (testing_registrations()): the same, plus the hooks.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardHookedCuda, sc::ForwardHooked,
                               jax_sprnn::bindings::cuda_hook_attrs(sc::forward_binding()),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardHookedCuda, sc::BackwardHooked,
                               jax_sprnn::bindings::cuda_hook_attrs(sc::backward_binding()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedForwardHookedCuda, sc::GatedForwardHooked,
+                              jax_sprnn::bindings::cuda_hook_attrs(sc::gated_forward_binding()),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -40,24 +40,41 @@ std::string GetDeviceProperties(int device, DeviceProperties* out) {
   return "";
 }
 
-std::vector<int> SupportedRegSlots(const std::string& dtype) {
-  if (dtype.empty()) return to_vector(RegSlots32{});  // RegSlots32 is a subset of RegSlots16
+namespace {
+// The recurrence of a gate count (1: the simple cell, 3: GRU, 4: LSTM), or false.
+bool direction_of(int gates, bool backward, Direction* out) {
+  if (gates == 1) *out = backward ? Direction::kBackward : Direction::kForward;
+  else if (gates == 3 && !backward) *out = Direction::kGru;
+  else if (gates == 4 && !backward) *out = Direction::kLstm;
+  else return false;
+  return true;
+}
+}  // namespace
+
+std::vector<int> SupportedRegSlots(const std::string& dtype, int gates) {
+  Direction dir;
+  if (!direction_of(gates, false, &dir)) return {};
+  // Without a dtype: float32's set, a subset of the 16-bit one.
+  if (dtype.empty()) return reg_slots_for(dir, Dtype::kF32);
   ffi::DataType dt;
   Dtype kdt;
   if (!parse_dtype(dtype, &dt) || !kernel_dtype(dt, &kdt)) return {};
-  return reg_slots_for(kdt);
+  return reg_slots_for(dir, kdt);
 }
 
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
-                                int threads, bool backward, KernelAttributes* out) {
+                                int threads, bool backward, int gates, KernelAttributes* out) {
   ffi::DataType dt;
   Dtype kdt;
   if (!parse_dtype(dtype, &dt) || !kernel_dtype(dt, &kdt))
     return "unknown dtype '" + dtype + "' (float32, float16, bfloat16)";
-  const PersistentKernelFn fn = lookup_persistent(
-      backward ? Direction::kBackward : Direction::kForward, kdt, tile, reg_slots, threads);
+  Direction dir;
+  if (!direction_of(gates, backward, &dir))
+    return "gates must be 1, 3 or 4 (3 and 4 only forward), got " + std::to_string(gates);
+  const PersistentKernelFn fn = lookup_persistent(dir, kdt, tile, reg_slots, threads);
   if (fn == nullptr)
-    return std::string("no ") + (backward ? "backward" : "forward") + " kernel for dtype " + dtype + ", tile " + std::to_string(tile) +
+    return std::string("no ") + (backward ? "backward" : "forward") + " kernel (gates " +
+           std::to_string(gates) + ") for dtype " + dtype + ", tile " + std::to_string(tile) +
            ", reg_slots " + std::to_string(reg_slots) + ", " + std::to_string(threads) + " threads";
   int previous = 0;
   cudaError_t e = cudaGetDevice(&previous);

@@ -28,10 +28,12 @@ static_assert(kHeaderBytes % 16 == 0 && kHeaderBytes >= (kHeadCountWord + 1) * 4
               "the workspace header must hold its words and keep the buffers 16-byte aligned");
 static_assert(constants::kExchangeBuffers == 2, "the kernels double-buffer the exchange");
 
-// The two recurrences that run as one persistent kernel. They share the packed-weight tiers, the
+// The recurrences that run as one persistent kernel. They share the packed-weight tiers, the
 // staging of the exchanged state and the gather; they differ in the cell (epilogue) and the word
-// they exchange (persistent_kernel.cuh: ForwardCell, BackwardCell).
-enum class Direction { kForward, kBackward };
+// they exchange (persistent_kernel.cuh: ForwardCell, BackwardCell, LstmCell, GruCell). kLstm and
+// kGru are the gated cells' forward recurrences, on a layout of G gate rows per hidden unit.
+enum class Direction { kForward, kBackward, kLstm, kGru };
+constexpr int gates_of(Direction d) { return d == Direction::kLstm ? 4 : d == Direction::kGru ? 3 : 1; }
 enum class Dtype { kF32, kF16, kBF16 };
 
 // ---- kernel parameters (computed by the host; passed as a __grid_constant__) --------------------
@@ -42,6 +44,8 @@ enum class Dtype { kF32, kF16, kBF16 };
 //   init         h0     [B, H]       dh_final [B, H]
 //   seq_out      y      [T, B, H]    dx [T, B, H] (dL/dz per position)
 //   final_out    h_final [B, H]      dh0 [B, H]
+// The gated cells' forward (kLstm, kGru) reads seq_a = x [T, B, G*H] and, for the LSTM, c_init
+// (c0 [B, H]) and writes c_final; the GRU reads hn_bias [H] (float32).
 struct PersistentParams {
   const void* seq_a;
   const void* seq_b;
@@ -52,6 +56,9 @@ struct PersistentParams {
   const int32_t* lengths;
   void* seq_out;
   void* final_out;
+  const void* c_init;    // LSTM: c0 [B, H]
+  void* c_final;         // LSTM: c_final [B, H]
+  const float* hn_bias;  // GRU: the recurrent n term's bias [H]
   uint32_t* error_flag;  // workspace header word 0
   unsigned char* exchange[2];
   int T, B, H, K;       // B: the whole batch (the stride of the [T, B, H] operands)
@@ -72,6 +79,7 @@ struct PersistentParams {
   int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
   int h_stride;          // floats from one staged copy to the next: ceil(replica_batch/tile)*H*tile, rounded up to 4
   int w_smem_offset;     // bytes: start of the shared-memory weight tier
+  int cell_smem_offset;  // bytes: start of the LSTM's cell state [plane][unit slot][tile]
   int len_smem_offset;   // bytes: start of the clamped lengths
   int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses
   int byte_offsets;      // 16-bit D: slots hold byte offsets (H * tile * 4 <= 65536), else columns
@@ -94,10 +102,19 @@ using PersistentKernelFn = void (*)(PersistentParams);
 // backward.
 using constants::RegSlots16;  // 16-bit types hold one slot per register
 using constants::RegSlots32;  // float32 two, so its set stops where its budget reaches 255 registers
-using constants::persistent_max_threads;
-using constants::persistent_stage_unroll;
-constexpr bool persistent_has_wide(bool packed16, int rs) {
-  return persistent_max_threads(packed16, rs, true) > persistent_max_threads(packed16, rs, false);
+using constants::RegSlotsGated16;  // the gated cells' smaller sets (_constants.py says why)
+using constants::RegSlotsGated32;
+constexpr bool is_gated(Direction d) { return gates_of(d) > 1; }
+constexpr int max_threads_of_variant(Direction d, bool packed16, int rs, bool wide) {
+  return is_gated(d) ? constants::gated_max_threads(packed16, rs, wide)
+                     : constants::persistent_max_threads(packed16, rs, wide);
+}
+constexpr int stage_unroll_of_variant(Direction d, bool packed16, int rs, bool wide) {
+  return is_gated(d) ? constants::gated_stage_unroll(packed16, rs, wide)
+                     : constants::persistent_stage_unroll(packed16, rs, wide);
+}
+constexpr bool persistent_has_wide(Direction d, bool packed16, int rs) {
+  return max_threads_of_variant(d, packed16, rs, true) > max_threads_of_variant(d, packed16, rs, false);
 }
 
 // The kernel of (direction, dtype, tile, reg_slots) for a CTA of `threads` threads: the narrow
@@ -108,6 +125,13 @@ template <Direction D, Dtype T>
 PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads);
 
 // Defined only in the instance translation units: other TUs must not instantiate the kernels.
+#define JAX_SPRNN_EXTERN_LOOKUPS(DIR)                                                            \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF32>(int, int, int);  \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF16>(int, int, int);  \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kBF16>(int, int, int);
+JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstm)
+JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGru)
+#undef JAX_SPRNN_EXTERN_LOOKUPS
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int);
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int);
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(int, int, int);
@@ -115,7 +139,19 @@ extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(int, int, int);
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(int, int, int);
 
+template <Direction D>
+PersistentKernelFn lookup_of_dtype(Dtype dt, int tile, int rs, int threads) {
+  switch (dt) {
+    case Dtype::kF32: return lookup_persistent_kernel<D, Dtype::kF32>(tile, rs, threads);
+    case Dtype::kF16: return lookup_persistent_kernel<D, Dtype::kF16>(tile, rs, threads);
+    case Dtype::kBF16: return lookup_persistent_kernel<D, Dtype::kBF16>(tile, rs, threads);
+  }
+  return nullptr;
+}
+
 inline PersistentKernelFn lookup_persistent(Direction dir, Dtype dt, int tile, int rs, int threads) {
+  if (dir == Direction::kLstm) return lookup_of_dtype<Direction::kLstm>(dt, tile, rs, threads);
+  if (dir == Direction::kGru) return lookup_of_dtype<Direction::kGru>(dt, tile, rs, threads);
   const bool fwd = dir == Direction::kForward;
   switch (dt) {
     case Dtype::kF32:
@@ -136,15 +172,17 @@ std::vector<int> to_vector(std::integer_sequence<int, RS...>) {
   return {RS...};
 }
 
-inline std::vector<int> reg_slots_for(Dtype dt) {
+inline std::vector<int> reg_slots_for(Direction dir, Dtype dt) {
+  if (is_gated(dir)) return dt == Dtype::kF32 ? to_vector(RegSlotsGated32{}) : to_vector(RegSlotsGated16{});
   return dt == Dtype::kF32 ? to_vector(RegSlots32{}) : to_vector(RegSlots16{});
 }
 
-// The largest launch bound over the variants of one (dtype, reg_slots); the tile does not matter.
-inline int max_threads_of(Dtype dt, int rs) {
+// The largest launch bound over the variants of one (direction, dtype, reg_slots); the tile does
+// not matter.
+inline int max_threads_of(Direction dir, Dtype dt, int rs) {
   const bool packed16 = dt != Dtype::kF32;
-  return std::max(persistent_max_threads(packed16, rs, false),
-                  persistent_has_wide(packed16, rs) ? persistent_max_threads(packed16, rs, true) : 0);
+  return std::max(max_threads_of_variant(dir, packed16, rs, false),
+                  persistent_has_wide(dir, packed16, rs) ? max_threads_of_variant(dir, packed16, rs, true) : 0);
 }
 
 }  // namespace jax_sprnn::cuda

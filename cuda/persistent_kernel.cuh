@@ -293,6 +293,8 @@ struct TileVec<4> {
 template <Direction DIR, typename T, int TILE, int RS, bool WIDE>
 struct PersistentConfig {
   using S = Storage<T>;
+  // Gate rows per hidden unit: 1 for the simple cell's recurrences, 3 (GRU) or 4 (LSTM).
+  static constexpr int kGates = gates_of(DIR);
   // The backward pass exchanges fp32 dz for every dtype (see the file comment).
   using X = std::conditional_t<DIR == Direction::kBackward || std::is_same_v<T, float>, WideWords,
                                NarrowWords<S>>;
@@ -310,8 +312,8 @@ struct PersistentConfig {
   // Launch bound and staging unroll (16-byte exchange vectors a thread keeps in flight). The launch
   // bound fixes ptxas's register cap: 65536 / (4 * 32 * ceil(threads / 128)) per thread, since each
   // of an SM's four schedulers owns a quarter of the register file.
-  static constexpr int kMaxThreads = persistent_max_threads(S::kRegsPerSlot == 1, RS, WIDE);
-  static constexpr int kStageUnroll = persistent_stage_unroll(S::kRegsPerSlot == 1, RS, WIDE);
+  static constexpr int kMaxThreads = max_threads_of_variant(DIR, S::kRegsPerSlot == 1, RS, WIDE);
+  static constexpr int kStageUnroll = stage_unroll_of_variant(DIR, S::kRegsPerSlot == 1, RS, WIDE);
   static_assert(kMaxThreads >= 128 && kMaxThreads % 128 == 0 && kMaxThreads <= kMaxThreadsPerCta,
                 "no such variant (jax_sprnn/_constants.py: PERSISTENT_TIERS_16/32)");
   static_assert(kStageUnroll >= 1, "a variant stages at least one vector per thread");
@@ -631,6 +633,8 @@ struct ForwardCell {
   Bits xr[TILE];
 
   __device__ static int phases(int n_steps) { return n_steps; }
+  __device__ void init_unit(const PersistentParams&, BatchSlice, int /*unit*/, float* /*cell*/, int) {}
+  __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
                                        int plane_floats) {
@@ -656,8 +660,8 @@ struct ForwardCell {
   }
 
   __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int s,
-                         int n_phases, int plane, const float (&acc)[TILE], const float* h_prev,
-                         float (&publish)[TILE]) const {
+                         int n_phases, int plane, const float (&acc)[1][TILE], const float* h_prev,
+                         float* /*cell*/, float (&publish)[TILE]) const {
     Bits* y = static_cast<Bits*>(p.seq_out);
     Bits* h_final = static_cast<Bits*>(p.final_out);
 #pragma unroll
@@ -668,7 +672,7 @@ struct ForwardCell {
         const int L = len[b];
         const int gb = bs.b0 + b;
         if (s < L) {
-          hb = S::to_bits(activate(p.activation, acc[t] + S::to_float(xr[t])));
+          hb = S::to_bits(activate(p.activation, acc[0][t] + S::to_float(xr[t])));
           y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + row] = hb;
         } else {  // past this sequence's end: the state is frozen, y is 0
           hb = S::to_bits(h_prev[t]);
@@ -689,6 +693,8 @@ struct BackwardCell {
   Bits yr[TILE], dyr[TILE];  // y and dy at the step's position
 
   __device__ static int phases(int n_steps) { return n_steps + 1; }
+  __device__ void init_unit(const PersistentParams&, BatchSlice, int /*unit*/, float* /*cell*/, int) {}
+  __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
   // Phase 0's matvec is never used (dh of the last step is dh_final): stage zeros.
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
@@ -716,8 +722,8 @@ struct BackwardCell {
   }
 
   __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int r,
-                         int n_phases, int plane, const float (&acc)[TILE], const float* /*h_prev*/,
-                         float (&publish)[TILE]) const {
+                         int n_phases, int plane, const float (&acc)[1][TILE], const float* /*h_prev*/,
+                         float* /*cell*/, float (&publish)[TILE]) const {
     Bits* dx = static_cast<Bits*>(p.seq_out);
     Bits* dh0 = static_cast<Bits*>(p.final_out);
     const Bits* dh_final = static_cast<const Bits*>(p.init);
@@ -731,7 +737,7 @@ struct BackwardCell {
       const int gb = bs.b0 + b;
       // dL/dh_s: the matvec of dz_{s+1} while the example was still running at s+1, else
       // dh_final (loaded here, not prefetched: it is needed once per example).
-      const float dh = s + 1 < L ? acc[t] : S::to_float(__ldg(dh_final + static_cast<size_t>(gb) * p.H + row));
+      const float dh = s + 1 < L ? acc[0][t] : S::to_float(__ldg(dh_final + static_cast<size_t>(gb) * p.H + row));
       if (s < 0) {
         dh0[static_cast<size_t>(gb) * p.H + row] = S::to_bits(dh);
       } else if (s < L) {
@@ -745,6 +751,162 @@ struct BackwardCell {
   }
 };
 
+
+// ---- the gated cells' forward recurrences (LSTM, GRU): Flax's math (docs/gated.md) -------------
+//
+// The layout has G gate rows per hidden unit, the rows of unit i (i, H+i, ..., (G-1)H+i) on adjacent
+// runs of one warp in gate order (docs/format.md, invariant 5). After the segmented reduction the
+// kernel shuffles the G row sums to the lane that heads gate 0's run (the unit's lane, row = i < H),
+// which runs the cell, writes the outputs and publishes h. Only h is exchanged: the LSTM's c stays in
+// this CTA's shared memory for the whole sequence. c and h are rounded to D after every step, and
+// the LSTM's h' is computed from the rounded c', as the other implementations do.
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+template <class Cfg>
+struct GatedInputs {
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  static constexpr int TILE = Cfg::kTile;
+  static constexpr int G = Cfg::kGates;
+  Bits xr[G][TILE];  // the unit's G input projections at the step's position
+
+  __device__ static int phases(int n_steps) { return n_steps; }
+
+  __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
+                                       int plane_floats) {
+    ForwardCell<Cfg>::stage_initial(p, bs, h, plane_floats);
+  }
+
+  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                           int plane, int /*n_steps*/) {
+    const Bits* x = static_cast<const Bits*>(p.seq_a);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      const bool active = b < bs.n && s < len[b];
+      const size_t at = active ? (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) *
+                                         (static_cast<size_t>(G) * p.H) + unit
+                               : 0;
+#pragma unroll
+      for (int g = 0; g < G; ++g) xr[g][t] = active ? __ldg(x + at + static_cast<size_t>(g) * p.H) : Bits(0);
+    }
+  }
+
+  __device__ float z(const float (&acc)[G][TILE], int g, int t) const {
+    return acc[g][t] + S::to_float(xr[g][t]);
+  }
+
+};
+
+template <class Cfg>
+struct LstmCell : GatedInputs<Cfg> {
+  using Base = GatedInputs<Cfg>;
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  static constexpr int TILE = Cfg::kTile;
+
+  // c0 of the unit into its cell-state slot, every plane (`cell` is plane 0's, planes `stride` apart).
+  __device__ void init_unit(const PersistentParams& p, BatchSlice bs, int unit, float* cell, int stride) {
+    const Bits* c0 = static_cast<const Bits*>(p.c_init);
+    for (int plane = 0; plane < p.n_planes; ++plane)
+#pragma unroll
+      for (int t = 0; t < TILE; ++t) {
+        const int b = plane * TILE + t;
+        cell[plane * stride + t] =
+            b < bs.n ? S::to_float(__ldg(c0 + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
+      }
+  }
+
+  // Every sequence of the slice is empty: c_final = c0, strided over the slice's threads.
+  __device__ static void copy_initial_carry(const PersistentParams& p, BatchSlice bs, size_t first,
+                                            size_t stride) {
+    const Bits* c0 = static_cast<const Bits*>(p.c_init) + static_cast<size_t>(bs.b0) * p.H;
+    Bits* c_final = static_cast<Bits*>(p.c_final) + static_cast<size_t>(bs.b0) * p.H;
+    for (size_t i = first; i < static_cast<size_t>(bs.n) * p.H; i += stride) c_final[i] = c0[i];
+  }
+
+  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                         int n_phases, int plane, const float (&acc)[4][TILE], const float* h_prev,
+                         float* cell, float (&publish)[TILE]) const {
+    Bits* y = static_cast<Bits*>(p.seq_out);
+    Bits* h_final = static_cast<Bits*>(p.final_out);
+    Bits* c_final = static_cast<Bits*>(p.c_final);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      Bits hb = Bits(0);
+      if (b < bs.n) {
+        const int L = len[b];
+        const int gb = bs.b0 + b;
+        if (s < L) {
+          const float i = sigmoid(this->z(acc, 0, t)), f = sigmoid(this->z(acc, 1, t));
+          const float g = tanhf(this->z(acc, 2, t)), o = sigmoid(this->z(acc, 3, t));
+          const float c = S::to_float(S::to_bits(f * cell[t] + i * g));
+          cell[t] = c;
+          hb = S::to_bits(o * tanhf(c));
+          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
+        } else {  // past this sequence's end: the carry is frozen, y is 0
+          hb = S::to_bits(h_prev[t]);
+          y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
+        }
+        if (s + 1 == n_phases) {
+          h_final[static_cast<size_t>(gb) * p.H + unit] = hb;
+          c_final[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(cell[t]);
+        }
+      }
+      publish[t] = S::to_float(hb);
+    }
+  }
+};
+
+template <class Cfg>
+struct GruCell : GatedInputs<Cfg> {
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  static constexpr int TILE = Cfg::kTile;
+  float hn_bias = 0.0f;  // the unit's bias of the recurrent n term (inside the reset gate's product)
+
+  __device__ void init_unit(const PersistentParams& p, BatchSlice, int unit, float*, int) {
+    hn_bias = __ldg(p.hn_bias + unit);
+  }
+  __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
+
+  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                         int n_phases, int plane, const float (&acc)[3][TILE], const float* h_prev,
+                         float* /*cell*/, float (&publish)[TILE]) const {
+    Bits* y = static_cast<Bits*>(p.seq_out);
+    Bits* h_final = static_cast<Bits*>(p.final_out);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int b = plane * TILE + t;
+      Bits hb = Bits(0);
+      if (b < bs.n) {
+        const int L = len[b];
+        const int gb = bs.b0 + b;
+        if (s < L) {
+          const float r = sigmoid(this->z(acc, 0, t)), zg = sigmoid(this->z(acc, 1, t));
+          const float n = tanhf(S::to_float(this->xr[2][t]) + r * (acc[2][t] + hn_bias));
+          hb = S::to_bits((1.0f - zg) * n + zg * h_prev[t]);
+          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
+        } else {
+          hb = S::to_bits(h_prev[t]);
+          y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
+        }
+        if (s + 1 == n_phases) h_final[static_cast<size_t>(gb) * p.H + unit] = hb;
+      }
+      publish[t] = S::to_float(hb);
+    }
+  }
+};
+
+// The cell of a recurrence.
+template <class Cfg>
+using CellOf = std::conditional_t<
+    Cfg::kDirection == Direction::kForward, ForwardCell<Cfg>,
+    std::conditional_t<Cfg::kDirection == Direction::kBackward, BackwardCell<Cfg>,
+                       std::conditional_t<Cfg::kDirection == Direction::kLstm, LstmCell<Cfg>, GruCell<Cfg>>>>;
+
 // ================================================================================================
 // The persistent kernel
 // ================================================================================================
@@ -757,10 +919,10 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   using Bits = typename S::Bits;
   using Word = typename X::Word;
   using Slot = typename S::Slot;
-  using Cell = std::conditional_t<Cfg::kDirection == Direction::kForward, ForwardCell<Cfg>,
-                                  BackwardCell<Cfg>>;
+  using Cell = CellOf<Cfg>;
   constexpr int TILE = Cfg::kTile;
   constexpr int RS = Cfg::kRegSlots;
+  constexpr int G = Cfg::kGates;
 
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
@@ -789,6 +951,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   float* const h_stage1 = h_stage0 + (p.h_buffers == 2 ? p.h_stride : 0);
   Slot* const w_tier = reinterpret_cast<Slot*>(smem + p.w_smem_offset);
   int* const len_smem = reinterpret_cast<int*>(smem + p.len_smem_offset);
+  float* const cell_state = reinterpret_cast<float*>(smem + p.cell_smem_offset);  // LSTM only
 
   // ---- init: lengths --------------------------------------------------------------------------
   if (tid == 0) {
@@ -813,8 +976,9 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   }
 
   // ---- init: which row each lane serves, and its segment for the reduction -------------------
+  // (A row is a gate row of a gated cell: G*H rows, unit i's gates at i, H+i, ...)
   int row = __ldg(p.lane_row + static_cast<size_t>(gwarp) * 32 + lane);
-  if (row < -1 || row >= H) {
+  if (row < -1 || row >= G * H) {
     atomicOr(&s_error, kErrBadLayout);
     row = -1;
   }
@@ -833,6 +997,28 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     // (a missing row would otherwise go unnoticed when no phase waits for it, e.g. T = 1).
     // (Replicas hold the same layout: only the first one counts.)
     if (lane == 0 && heads != 0 && replica_of(p) == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
+  }
+  // The lane that runs a unit's cell: the head of its (first) gate row.
+  const bool is_unit = is_head && row < H;
+  // Gated cells: the lanes heading gates 1..G-1 of this lane's unit (5 bits each), which are the
+  // next G-1 run starts (invariant 5); checked against their rows. Other lanes name themselves.
+  uint32_t gate_lanes = 0;
+  int unit_slot = 0;  // the LSTM's cell-state slot of a unit lane in this CTA
+  if constexpr (G > 1) {
+    uint32_t later = lane == 31 ? 0u : starts & (kFullMask << (lane + 1));
+    bool bad_unit = false;
+#pragma unroll
+    for (int g = 1; g < G; ++g) {
+      const int src = is_unit && later ? __ffs(later) - 1 : lane;
+      bad_unit |= is_unit && later == 0u;
+      later &= later - 1;
+      gate_lanes |= static_cast<uint32_t>(src) << (5 * (g - 1));
+      const int src_row = __shfl_sync(kFullMask, row, src);
+      bad_unit |= is_unit && src_row != g * H + row;
+    }
+    if (bad_unit) atomicOr(&s_error, kErrBadLayout);
+    const uint32_t units = __ballot_sync(kFullMask, is_unit);
+    unit_slot = warp * (32 / G) + __popc(units & ((1u << lane) - 1u));
   }
 
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
@@ -873,10 +1059,10 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     const Bits* init = static_cast<const Bits*>(p.init) + first;
     Bits* final_out = static_cast<Bits*>(p.final_out) + first;
     const size_t n = static_cast<size_t>(bs.n) * H;
-    for (size_t i = static_cast<size_t>(cta_rank(p)) * blockDim.x + tid; i < n;
-         i += static_cast<size_t>(slice_ctas(p)) * blockDim.x) {
-      final_out[i] = init[i];
-    }
+    const size_t first_thread = static_cast<size_t>(cta_rank(p)) * blockDim.x + tid;
+    const size_t n_threads = static_cast<size_t>(slice_ctas(p)) * blockDim.x;
+    for (size_t i = first_thread; i < n; i += n_threads) final_out[i] = init[i];
+    Cell::copy_initial_carry(p, bs, first_thread, n_threads);
     zero_tail_steps<S>(p, 0);
     return;
   }
@@ -898,7 +1084,12 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   if (in_cluster) cluster_barrier();
   if (cta_has_rows || in_cluster) {
     Cell cell;
-    if (is_head) cell.prefetch(p, batch_slice(p), len_smem, row, 0, 0, n_steps);
+    // The LSTM's cell state: [plane][unit slot][tile], a warp holding 32/G unit slots.
+    const int cell_plane_floats = warps_per_cta * (32 / G) * TILE;
+    if (is_unit) {
+      cell.init_unit(p, batch_slice(p), row, cell_state + unit_slot * TILE, cell_plane_floats);
+      cell.prefetch(p, batch_slice(p), len_smem, row, 0, 0, n_steps);
+    }
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
 
@@ -950,9 +1141,21 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           }
         }
 
+        // The unit's G gate sums, at its lane (gate g's sum from the head of gate g's run).
+        float gate_acc[G][TILE];
+#pragma unroll
+        for (int t = 0; t < TILE; ++t) gate_acc[0][t] = acc[t];
+#pragma unroll
+        for (int g = 1; g < G; ++g) {
+          const int src = (gate_lanes >> (5 * (g - 1))) & 31u;
+#pragma unroll
+          for (int t = 0; t < TILE; ++t) gate_acc[g][t] = __shfl_sync(kFullMask, acc[t], src);
+        }
+
         float out[TILE];
-        if (is_head) {
-          cell.finish(p, batch_slice(p), len_smem, row, s, n_phases, plane, acc, hp + row * TILE, out);
+        if (is_unit) {
+          cell.finish(p, batch_slice(p), len_smem, row, s, n_phases, plane, gate_acc, hp + row * TILE,
+                      cell_state + plane * cell_plane_floats + unit_slot * TILE, out);
           if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
             Word words[TILE];
 #pragma unroll
@@ -983,7 +1186,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           const int head = 31 - __clz(run_starts & (kFullMask >> (31 - lane)));
 #pragma unroll
           for (int t = 0; t < TILE; ++t) out[t] = __shfl_sync(kFullMask, out[t], head);
-          if (row >= 0) {
+          if (row >= 0 && row < H) {  // a unit's run (a gated cell's other gate rows publish nothing)
             float* const h_next = (s & 1) ? h_stage0 : h_stage1;
             push_tile<TILE>(h_next + plane * plane_floats + row * TILE, out, lane - head,
                             seg_end - head, p.cluster);
@@ -1012,7 +1215,7 @@ PersistentKernelFn pick_variant(int threads) {
   constexpr bool packed16 = Storage<T>::kRegsPerSlot == 1;
   using Narrow = PersistentConfig<DIR, T, TILE, RS, false>;
   if (threads > 0 && threads <= Narrow::kMaxThreads) return &sprnn_persistent_kernel<Narrow>;
-  if constexpr (persistent_has_wide(packed16, RS)) {
+  if constexpr (persistent_has_wide(DIR, packed16, RS)) {
     using Wide = PersistentConfig<DIR, T, TILE, RS, true>;
     if (threads <= Wide::kMaxThreads) return &sprnn_persistent_kernel<Wide>;
   } else {
@@ -1034,22 +1237,26 @@ template <>
 struct DtypeOf<Dtype::kF32> {
   using type = float;
   using slots = RegSlots32;
+  using gated_slots = RegSlotsGated32;
 };
 template <>
 struct DtypeOf<Dtype::kF16> {
   using type = __half;
   using slots = RegSlots16;
+  using gated_slots = RegSlotsGated16;
 };
 template <>
 struct DtypeOf<Dtype::kBF16> {
   using type = __nv_bfloat16;
   using slots = RegSlots16;
+  using gated_slots = RegSlotsGated16;
 };
 
 template <Direction DIR, Dtype DT>
 PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads) {
   using T = typename DtypeOf<DT>::type;
-  using Seq = typename DtypeOf<DT>::slots;
+  using Seq = std::conditional_t<is_gated(DIR), typename DtypeOf<DT>::gated_slots,
+                                 typename DtypeOf<DT>::slots>;
   switch (tile) {
     case 1: return pick_reg_slots<DIR, T, 1>(rs, threads, Seq{});
     case 2: return pick_reg_slots<DIR, T, 2>(rs, threads, Seq{});

@@ -76,13 +76,13 @@ REG_SLOTS_32: tuple[int, ...] = tuple(PERSISTENT_TIERS_32)
 #: and G input projections per batch column on top of the register tier (so each tier gets more
 #: registers per thread than the simple cell's), and each set is compiled twice (both cells).
 PERSISTENT_TIERS_GATED_16: dict[int, Tier] = {
-    0: Tier(512, 1024, 8),
-    16: Tier(512, 0, 8),
+    0: Tier(512, 640, 8),
+    16: Tier(384, 0, 8),
     32: Tier(384, 0, 8),
     64: Tier(256, 0, 8),
 }
 PERSISTENT_TIERS_GATED_32: dict[int, Tier] = {
-    0: Tier(384, 768, 8),
+    0: Tier(384, 640, 8),
     16: Tier(256, 0, 8),
     32: Tier(256, 0, 4),
 }

@@ -97,6 +97,14 @@ if _cuda is not None:
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
 
+_CPU_TARGETS = frozenset(_cpu.registrations()) if _cpu is not None else frozenset()
+
+
+def cpu_targets() -> frozenset:
+    """Every FFI target registered on the CPU."""
+    return _CPU_TARGETS
+
+
 def has_cpu_kernels() -> bool:
     return _cpu is not None
 

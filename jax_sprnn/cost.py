@@ -158,8 +158,9 @@ CPU_MAX_DENSITY = 0.38          # ... ~30% real, as do the backward and weight g
 
 
 def layout_density(meta: LayoutMeta) -> float:
-    """The layout's slots over ``H**2``: its density, padding included (so an over-estimate)."""
-    return meta.num_slots / float(meta.hidden * meta.hidden)
+    """The layout's slots over its ``rows * columns`` (``H**2``, ``G*H**2`` for a gated kernel):
+    its density, padding included (so an over-estimate)."""
+    return meta.num_slots / float(meta.num_rows * meta.num_cols)
 
 
 def cpu_prefers_dense(meta: LayoutMeta, batch: int, steps: int, *, forward: bool

@@ -59,6 +59,23 @@ def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bo
     return Decision("kernel", "the CPU module is built")
 
 
+def on_cpu_gated(method: str, meta: LayoutMeta, batch: int, steps: int) -> Decision:
+    """The C++ gated kernel (LSTM, GRU) where the CPU module has it, else XLA's dense path; for
+    ``method="auto"`` also the dense path where :func:`jax_sprnn.cost.cpu_prefers_dense` expects
+    the kernel to be slower (its estimate of the simple cell's forward pass, for the G*H rows)."""
+    if GATED_FORWARD not in _native.cpu_targets():
+        why = (_cpu_missing() if not _native.has_cpu_kernels()
+               else f"the CPU module of jax_sprnn was not built with {GATED_FORWARD}")
+        if method == "native":
+            raise RuntimeError(f"method='native': {why}")
+        return Decision("fallback", why)  # XLA's dense path is a good CPU path: no warning
+    if method == "auto":
+        dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=True)
+        if dense:
+            return Decision("fallback", f"it is faster here ({why})")
+    return Decision("kernel", "the CPU module is built")
+
+
 def cuda_image_missing(device: planner.DeviceSpec) -> str | None:
     """Why the CUDA module has no code for this GPU (neither SASS for its compute capability nor
     PTX the driver can JIT-compile for it), or None when it has."""

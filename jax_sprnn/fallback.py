@@ -10,13 +10,14 @@ sparse library call at every size benchmarks/RESULTS.md measured (the ``bcsr``, 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ._checks import ACTIVATIONS
 from .layout import lane_of_slot
 from .planner import LayoutMeta
-from .reference import dense_matvec, scan_recurrence
+from .reference import dense_matvec, scan_cell, scan_recurrence
 
 
 def slot_coordinates(indices, lane_row, meta: LayoutMeta):
@@ -106,3 +107,59 @@ def weight_grad(y, h0, dz, indices, lane_row, lengths, *, groups, reverse, meta)
     dense = jnp.einsum("tgbj,tgbi->gji", hb, dzg, precision=lax.Precision.HIGHEST)
     cols, rows, real = slot_coordinates(indices, lane_row, meta)
     return jnp.where(real[None], dense[:, cols, rows], 0.0)
+
+
+# ---- the gated cells (docs/gated.md): one step of every example, Flax's math --------------------
+
+def lstm_cell(matvec, dtype):
+    """One LSTM step ``((c, h), x_s) -> ((c', h'), h')``: gates i, f, g, o of ``x_s + h @ kernel``
+    (``matvec``, float32 out); c' and h' rounded to ``dtype``, h' computed from the rounded c'."""
+    def cell(state, x_s):
+        c, h = state
+        z = x_s.astype(jnp.float32) + matvec(h.astype(jnp.float32))
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c_new = (jax.nn.sigmoid(f) * c.astype(jnp.float32)
+                 + jax.nn.sigmoid(i) * jnp.tanh(g)).astype(dtype)
+        h_new = (jax.nn.sigmoid(o) * jnp.tanh(c_new.astype(jnp.float32))).astype(dtype)
+        return (c_new, h_new), h_new
+    return cell
+
+
+def gru_cell(matvec, dtype, hn_bias):
+    """One GRU step ``((h,), x_s) -> ((h',), h')``: gates r, z, n; ``hn_bias`` (float32 ``[H]``)
+    sits inside the reset gate's product; h' rounded to ``dtype``."""
+    def cell(state, x_s):
+        (h,) = state
+        h32 = h.astype(jnp.float32)
+        x_r, x_z, x_n = jnp.split(x_s.astype(jnp.float32), 3, axis=-1)
+        u_r, u_z, u_n = jnp.split(matvec(h32), 3, axis=-1)
+        r = jax.nn.sigmoid(x_r + u_r)
+        z = jax.nn.sigmoid(x_z + u_z)
+        n = jnp.tanh(x_n + r * (u_n + hn_bias))
+        h_new = ((1.0 - z) * n + z * h32).astype(dtype)
+        return (h_new,), h_new
+    return cell
+
+
+def gated_scan(x_tm, carry: tuple, matvec, lengths, hn_bias, *, gates: int, reverse: bool):
+    """The gated layer over a sequence: ``(y_tm, final carry)``, carry ``(c, h)`` (LSTM) or
+    ``(h,)`` (GRU)."""
+    dtype = x_tm.dtype
+    cell = lstm_cell(matvec, dtype) if gates == 4 else gru_cell(matvec, dtype, hn_bias)
+    return scan_cell(x_tm, carry, cell, lengths, reverse=reverse)
+
+
+def lstm_forward(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta):
+    """XLA's dense path of the LSTM primitive: ``(y, h_final, c_final)``."""
+    kernel = dense_from_packed(values, indices, lane_row, meta)
+    y, (c, h) = gated_scan(x, (c0, h0), storage_matvec(kernel, x.dtype), lengths, None, gates=4,
+                           reverse=reverse)
+    return y, h, c
+
+
+def gru_forward(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta):
+    """XLA's dense path of the GRU primitive: ``(y, h_final)``."""
+    kernel = dense_from_packed(values, indices, lane_row, meta)
+    y, (h,) = gated_scan(x, (h0,), storage_matvec(kernel, x.dtype), lengths, hn_bias, gates=3,
+                         reverse=reverse)
+    return y, h

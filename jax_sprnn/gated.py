@@ -5,24 +5,27 @@ checkpoint keeps its meaning (docs/gated.md). The recurrent kernel ``[H, G*H]`` 
 kernels side by side, as Flax fuses them: column ``g*H + i`` is gate ``g`` of unit ``i``
 (:meth:`SparseWeights.from_dense` packs it, docs/format.md).
 
-No native gated kernel is built yet (issue 17): ``method="auto"`` runs XLA's dense path on every
-platform (the packed kernel scattered to dense once per call, one dense matmul per step, as
-``sparse_rnn``'s dense fallback does), with a one-time warning on a GPU; ``"native"`` is an error
-that says so. Gradients, ``vmap`` and ``jax.export`` come from JAX's own transformations of that
-path.
+The forward pass is a primitive (``sprnn_lstm`` / ``sprnn_gru``, :mod:`jax_sprnn.primitives`): the
+persistent CUDA kernel on a GPU, the C++ kernel on a CPU, or XLA's dense path. Gradients come from
+a ``custom_vjp`` whose backward pass differentiates XLA's dense path (it recomputes the forward
+sequence in XLA: the native gated backward kernels are not built yet, issue 17), so every path
+gets the same gradients; ``vmap`` and ``jax.export`` work through the primitives' rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from . import dispatch, fallback, primitives
+from . import fallback
 from ._checks import as_array, check_method, check_sequence_args, check_weights, is_concrete
-from .api import _poison_bad_lengths
-from .reference import dense_matvec, scan_cell
+from .api import _float0_like, _poison_bad_lengths
+from .planner import LayoutMeta
+from .primitives import sprnn_gru_p, sprnn_lstm_p
+from .reference import dense_matvec
 from .weights import SparseWeights
 
 
@@ -40,30 +43,70 @@ LSTM = _Cell("LSTM", "sparse_lstm", 4, "i, f, g, o")
 GRU = _Cell("GRU", "sparse_gru", 3, "r, z, n")
 
 
-def _matvec(weights: SparseWeights, method: str, cell: _Cell):
-    """``h @ kernel`` (float32 in and out) for this call's path, or the error of
-    ``method="native"``."""
-    check_method(method)
-    kernel = fallback.dense_from_packed(weights.values, weights.indices, weights.lane_row,
-                                       weights.meta)
-    if method == "reference":
-        return dense_matvec(kernel)
-    platform = jax.default_backend()
-    why = f"jax_sprnn has no native {cell.name} kernel yet on {platform} (issue 17)"
-    warning = (f"jax_sprnn: {cell.function} uses the dense XLA path on the GPU: {why}"
-               if platform == "gpu" else None)
-    decision = dispatch._fallback(method, f"the native {cell.name} kernel cannot run", why, warning)
-    primitives._warn_once(decision.warning)
-    return fallback.storage_matvec(kernel, weights.dtype)
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    gates: int
+    reverse: bool
+    method: str
+    meta: LayoutMeta
 
 
-def _scan(x_tm, carry: tuple, cell, lengths, seq_lengths, reverse: bool):
-    """:func:`jax_sprnn.reference.scan_cell`, and ``sparse_rnn``'s treatment of traced lengths:
-    clipped for the scan, and NaN for the examples whose length is out of range."""
+def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config):
+    """The forward primitive: ``(y, final carry)``, carry ``(c, h)`` (LSTM) or ``(h,)`` (GRU)."""
+    params = dict(reverse=cfg.reverse, meta=cfg.meta, method=cfg.method)
+    if cfg.gates == 4:
+        c0, h0 = carry
+        y, h, c = sprnn_lstm_p.bind(x, h0, c0, values, w.indices, w.lane_row, lengths, **params)
+        return y, (c, h)
+    (h0,) = carry
+    y, h = sprnn_gru_p.bind(x, h0, values, w.indices, w.lane_row, lengths, hn_bias, **params)
+    return y, (h,)
+
+
+def _xla_path(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config):
+    """XLA's dense path of the same call: what the backward pass differentiates."""
+    kernel = fallback.dense_from_packed(values, w.indices, w.lane_row, cfg.meta)
+    return fallback.gated_scan(x, carry, fallback.storage_matvec(kernel, x.dtype), lengths, hn_bias,
+                               gates=cfg.gates, reverse=cfg.reverse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gated(x, carry, w, hn_bias, lengths, cfg):
+    return _bind(x, carry, w.values, w, hn_bias, lengths, cfg)
+
+
+def _gated_fwd(x, carry, w, hn_bias, lengths, cfg):
+    return _bind(x, carry, w.values, w, hn_bias, lengths, cfg), (x, carry, w, hn_bias, lengths)
+
+
+def _gated_bwd(cfg, residuals, cotangents):
+    x, carry, w, hn_bias, lengths = residuals
+    _, vjp = jax.vjp(lambda x_, carry_, values_, bias_: _xla_path(x_, carry_, values_, w, bias_,
+                                                                  lengths, cfg),
+                     x, carry, w.values, hn_bias)
+    dx, dcarry, dvalues, dbias = vjp(cotangents)
+    dw = w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})
+    return dx, dcarry, dw, dbias, _float0_like(lengths)
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+def _run(x_tm, carry: tuple, weights: SparseWeights, hn_bias, lengths, seq_lengths, *, cell: _Cell,
+         reverse: bool, method: str):
+    """The layer on one of its paths, with ``sparse_rnn``'s treatment of lengths: clipped for the
+    kernels, and NaN for the examples whose traced length is out of range."""
     T = x_tm.shape[0]
     checked = seq_lengths is None or is_concrete(seq_lengths)
-    y, final = scan_cell(x_tm, carry, cell, lengths if checked else jnp.clip(lengths, 0, T),
-                         reverse=bool(reverse))
+    safe = lengths if checked else jnp.clip(lengths, 0, T)
+    if method == "reference":
+        kernel = fallback.dense_from_packed(weights.values, weights.indices, weights.lane_row,
+                                            weights.meta)
+        y, final = fallback.gated_scan(x_tm, carry, dense_matvec(kernel), safe, hn_bias,
+                                       gates=cell.gates, reverse=bool(reverse))
+    else:
+        cfg = _Config(cell.gates, bool(reverse), method, weights.meta)
+        y, final = _gated(x_tm, carry, weights, hn_bias, safe, cfg)
     if not checked:
         y, stacked = _poison_bad_lengths(y, jnp.stack(final), lengths, T)
         final = tuple(stacked)
@@ -109,18 +152,9 @@ def sparse_lstm(inputs, carry, weights: SparseWeights, *, time_major: bool = Fal
         inputs, {"carry[0] (c0)": carry[0], "carry[1] (h0)": carry[1]}, weights.hidden,
         inputs_dtype=dtype, time_major=time_major, seq_lengths=seq_lengths, gates=LSTM.gates,
         gate_order=LSTM.gate_order)
-    matvec = _matvec(weights, method, LSTM)
-
-    def cell(state, x_s):
-        c, h = state
-        z = x_s.astype(jnp.float32) + matvec(h.astype(jnp.float32))
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c_new = (jax.nn.sigmoid(f) * c.astype(jnp.float32)
-                 + jax.nn.sigmoid(i) * jnp.tanh(g)).astype(dtype)
-        h_new = (jax.nn.sigmoid(o) * jnp.tanh(c_new.astype(jnp.float32))).astype(dtype)
-        return (c_new, h_new), h_new
-
-    y, (c, h) = _scan(x_tm, (c0, h0), cell, lengths, seq_lengths, reverse)
+    check_method(method)
+    y, (c, h) = _run(x_tm, (c0, h0), weights, None, lengths, seq_lengths, cell=LSTM,
+                     reverse=reverse, method=method)
     return _batch_major(y, time_major), (c, h)
 
 
@@ -166,20 +200,9 @@ def sparse_gru(inputs, h0, weights: SparseWeights, *, hn_bias=None, time_major: 
         inputs, {"h0": h0}, weights.hidden, inputs_dtype=dtype, time_major=time_major,
         seq_lengths=seq_lengths, gates=GRU.gates, gate_order=GRU.gate_order)
     b_hn = _check_hn_bias(hn_bias, weights.hidden)
-    matvec = _matvec(weights, method, GRU)
-
-    def cell(state, x_s):
-        (h,) = state
-        h32 = h.astype(jnp.float32)
-        x_r, x_z, x_n = jnp.split(x_s.astype(jnp.float32), 3, axis=-1)
-        u_r, u_z, u_n = jnp.split(matvec(h32), 3, axis=-1)
-        r = jax.nn.sigmoid(x_r + u_r)
-        z = jax.nn.sigmoid(x_z + u_z)
-        n = jnp.tanh(x_n + r * (u_n + b_hn))
-        h_new = ((1.0 - z) * n + z * h32).astype(dtype)
-        return (h_new,), h_new
-
-    y, (h,) = _scan(x_tm, (h0,), cell, lengths, seq_lengths, reverse)
+    check_method(method)
+    y, (h,) = _run(x_tm, (h0,), weights, b_hn, lengths, seq_lengths, cell=GRU, reverse=reverse,
+                   method=method)
     return _batch_major(y, time_major), h
 
 

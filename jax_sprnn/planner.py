@@ -390,8 +390,8 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
             threads = wpc * WARP
             if threads > device.max_threads_per_block or -(-warps // wpc) != ctas:
                 continue
-            reg_slots = max((r for r, most in device.thread_limits(dtype, gates) if r <= k and threads <= most),
-                            default=None)
+            reg_slots = max((r for r, most in device.thread_limits(dtype, gates)
+                             if r <= k and threads <= most), default=None)
             if reg_slots is None:
                 continue
             weights = weight_smem_bytes(k, reg_slots, threads, dtype)

@@ -33,7 +33,7 @@ from jax.interpreters import batching, mlir
 
 from . import _constants, _native, dispatch, fallback
 from ._partitioning import SplitRule, mesh_lowering
-from .dispatch import BACKWARD, FORWARD, WEIGHT_GRAD
+from .dispatch import BACKWARD, FORWARD, GATED_FORWARD, WEIGHT_GRAD
 from .planner import LayoutMeta
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "identity": 2}
@@ -162,8 +162,17 @@ sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallbac
 # The CUDA module registers the hooks' targets apart from the production ones (same kernels, the
 # hooks as extra attributes); a call binds one only when it sets a hook.
 _HOOKED_TARGETS = {FORWARD: _constants.ffi_target("forward_hooked"),
-                   BACKWARD: _constants.ffi_target("backward_hooked")}
+                   BACKWARD: _constants.ffi_target("backward_hooked"),
+                   GATED_FORWARD: _constants.ffi_target("gated_forward_hooked")}
 _HOOK_DEFAULTS = dict(spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=0, exchange_mode=0)
+
+
+def _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode) -> dict:
+    """The hooked targets' attribute values of a call's hook keywords."""
+    if exchange_mode not in EXCHANGE_MODES:
+        raise ValueError(f"exchange_mode must be one of {sorted(EXCHANGE_MODES)}, got {exchange_mode!r}")
+    return dict(spin_timeout_us=int(spin_timeout_us), debug_stall_cta=int(debug_stall_cta),
+                grid_barrier=int(bool(grid_barrier)), exchange_mode=EXCHANGE_MODES[exchange_mode])
 
 
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
@@ -179,10 +188,7 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, H),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     attrs = _recurrence_attrs(activation=activation, reverse=reverse, meta=meta)
-    if exchange_mode not in EXCHANGE_MODES:
-        raise ValueError(f"exchange_mode must be one of {sorted(EXCHANGE_MODES)}, got {exchange_mode!r}")
-    hooks = dict(spin_timeout_us=int(spin_timeout_us), debug_stall_cta=int(debug_stall_cta),
-                 grid_barrier=int(bool(grid_barrier)), exchange_mode=EXCHANGE_MODES[exchange_mode])
+    hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
     if hooks != _HOOK_DEFAULTS:
         target = _HOOKED_TARGETS[target]
         attrs.update({name: np.int64(value) for name, value in hooks.items()})
@@ -198,6 +204,116 @@ _register_lowering(sprnn_backward_p,
                    _cpu_lowering(BACKWARD, fallback.backward, _recurrence_attrs), "cpu")
 _register_lowering(sprnn_backward_p,
                    functools.partial(_persistent_cuda, BACKWARD, fallback.backward), "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gated cells' forward recurrences (LSTM, GRU): one native target for both
+# ---------------------------------------------------------------------------------------------
+#
+# ``sprnn_lstm``: ``(x [T, B, 4H], h0, c0, values, indices, lane_row, lengths) -> (y, h_final, c_final)``;
+# ``sprnn_gru``:  ``(x [T, B, 3H], h0, values, indices, lane_row, lengths, hn_bias) -> (y, h_final)``.
+# Both lower to the target ``gated_forward``, whose signature carries both cells' operands: the
+# lowering passes an empty array for the one the cell lacks (the GRU's c0 and c_final, the LSTM's
+# hn_bias). Differentiation is in :mod:`jax_sprnn.gated`.
+
+def _gated_shapes(name: str, gates: int, x, h0, meta: LayoutMeta, n_states: int):
+    H = meta.hidden
+    if x.ndim != 3 or x.shape[2] != gates * H or h0.shape != (x.shape[1], H):
+        raise ValueError(f"{name}: x must be [T, B, {gates}*{H}] and h0 [B, {H}], got {x.shape} and "
+                         f"{h0.shape}")
+    state = jax.core.ShapedArray(h0.shape, x.dtype)
+    return (jax.core.ShapedArray((x.shape[0], x.shape[1], H), x.dtype),) + (state,) * n_states
+
+
+def _lstm_abstract(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta, method,
+                   spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+    return _gated_shapes("sprnn_lstm", 4, x, h0, meta, 2)
+
+
+def _gru_abstract(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta, method,
+                  spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+    return _gated_shapes("sprnn_gru", 3, x, h0, meta, 1)
+
+
+def _lstm_fallback(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta, **hooks):
+    return fallback.lstm_forward(x, h0, c0, values, indices, lane_row, lengths, reverse=reverse,
+                                 meta=meta)
+
+
+def _gru_fallback(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta, **hooks):
+    return fallback.gru_forward(x, h0, values, indices, lane_row, lengths, hn_bias,
+                                reverse=reverse, meta=meta)
+
+
+# (g: the gate columns of x, whole on every device)
+sprnn_lstm_p = _make_primitive("sprnn_lstm", _lstm_abstract, _lstm_fallback,
+                               SplitRule("t b g, b h, b h, s, s, l, b -> t b h, b h, b h"))
+sprnn_gru_p = _make_primitive("sprnn_gru", _gru_abstract, _gru_fallback,
+                              SplitRule("t b g, b h, s, s, l, b, h -> t b h, b h"))
+_GATES = {sprnn_lstm_p: 4, sprnn_gru_p: 3}
+
+
+def _gated_attrs(gates: int, reverse: bool, meta: LayoutMeta) -> dict:
+    return dict(gates=np.int64(gates), reverse=np.int64(bool(reverse)),
+                slots_per_lane=np.int64(meta.slots_per_lane),
+                warps_per_cta=np.int64(meta.warps_per_cta), reg_slots=np.int64(meta.reg_slots),
+                load_bytes=np.int64(meta.load_bytes))
+
+
+def _gated_target_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=()):
+    """Lower the gated target with the empty operand and result of the cell that lacks them; returns
+    the cell's own results (``extra_out``: avals of results that follow them, e.g. a workspace)."""
+    x_aval = ctx.avals_in[0]
+    empty = jax.core.ShapedArray((0,), x_aval.dtype)
+    empty_bias = jax.core.ShapedArray((0,), np.float32)
+    if gates == 4:  # x, h0, c0, values, indices, lane_row, lengths (+ an empty hn_bias)
+        args = [*args, mlir.ir_constant(np.zeros((0,), np.float32))]
+        avals_in = [*ctx.avals_in, empty_bias]
+        avals_out = [*ctx.avals_out, *extra_out]
+    else:  # x, h0, values, ..., hn_bias (+ an empty c0 and c_final)
+        args = [args[0], args[1], mlir.ir_constant(np.zeros((0,), x_aval.dtype)), *args[2:]]
+        avals_in = [ctx.avals_in[0], ctx.avals_in[1], empty, *ctx.avals_in[2:]]
+        avals_out = [*ctx.avals_out, empty, *extra_out]
+    outs = jax.ffi.ffi_lowering(target)(ctx.replace(avals_in=avals_in, avals_out=avals_out), *args,
+                                        **attrs)
+    return outs[:len(ctx.avals_out)]
+
+
+def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
+    """The C++ gated kernel where the CPU module has it and ``method`` asks for it (``"native"``;
+    ``"auto"`` where :mod:`jax_sprnn.cost` expects it faster than XLA's dense path), else that path."""
+    steps, batch = ctx.avals_in[0].shape[:2]
+    decision = dispatch.on_cpu_gated(method, meta, batch, steps)
+    if decision.path == "fallback":
+        _warn_once(decision.warning)
+        return _lower_fallback(fallback_impl)(ctx, *args, reverse=reverse, meta=meta, method=method)
+    return _gated_target_call(ctx, GATED_FORWARD, _GATES[prim], args,
+                              _gated_attrs(_GATES[prim], reverse, meta))
+
+
+def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, spin_timeout_us=0,
+                debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+    """Lower a gated cell's forward recurrence to its persistent CUDA kernel, or to the fallback."""
+    T, B, _ = ctx.avals_in[0].shape
+    decision = dispatch.on_cuda_recurrence(GATED_FORWARD, meta, B, ctx.avals_in[0].dtype, method)
+    if decision.path == "fallback":
+        _warn_once(decision.warning)
+        return _lower_fallback(fallback_impl)(ctx, *args, reverse=reverse, meta=meta, method=method)
+    _native.initialize_cuda()
+    gates = _GATES[prim]
+    attrs = _gated_attrs(gates, reverse, meta)
+    target = GATED_FORWARD
+    hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
+    if hooks != _HOOK_DEFAULTS:
+        target = _HOOKED_TARGETS[target]
+        attrs.update({name: np.int64(value) for name, value in hooks.items()})
+    workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, meta.hidden),), np.uint8)
+    return _gated_target_call(ctx, target, gates, args, attrs, extra_out=(workspace,))
+
+
+for _prim, _impl in ((sprnn_lstm_p, _lstm_fallback), (sprnn_gru_p, _gru_fallback)):
+    _register_lowering(_prim, functools.partial(_gated_cpu, _prim, _impl), "cpu")
+    _register_lowering(_prim, functools.partial(_gated_cuda, _prim, _impl), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,3 +441,22 @@ def _weight_grad_batch(args, dims, *, groups, **params):
 
 
 batching.primitive_batchers[sprnn_weight_grad_p] = _weight_grad_batch
+
+
+def _gated_batch(prim, batch_axes, args, dims, **params):
+    """Fold a vmapped axis into the RNN batch of every operand with one (``batch_axes``: each
+    operand's batch axis, None for the weights' arrays and hn_bias); loop over vmapped weights."""
+    if any(d is not _NOT_MAPPED for d, ax in zip(dims, batch_axes) if ax is None):
+        return _loop_over_weights(prim, args, dims, params)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+    folded = [a if ax is None else _fold(a, d, size, ax) for a, d, ax in zip(args, dims, batch_axes)]
+    outs = prim.bind(*folded, **params)
+    result_axes = (1,) + (0,) * (len(outs) - 1)
+    return tuple(_unfold(o, size, ax) for o, ax in zip(outs, result_axes)), result_axes
+
+
+batching.primitive_batchers[sprnn_lstm_p] = functools.partial(
+    _gated_batch, sprnn_lstm_p, (1, 0, 0, None, None, None, 0))
+batching.primitive_batchers[sprnn_gru_p] = functools.partial(
+    _gated_batch, sprnn_gru_p, (1, 0, None, None, None, 0, None))
+

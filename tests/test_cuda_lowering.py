@@ -5,11 +5,13 @@ only; a call that sets a test hook binds the hooked target, hooks included (docs
 import re
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
+import jax_sprnn as js
 from jax_sprnn import _constants, _native
-from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p
+from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p, sprnn_gru_p, sprnn_lstm_p
 from jax_sprnn.testing import make_problem
 
 LAYOUT_ATTRS = {"activation", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
@@ -67,3 +69,43 @@ def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered
     assert _custom_calls(fn, y, h0) == [(_constants.ffi_target("backward"), LAYOUT_ATTRS)]
     assert _custom_calls(lambda y, h0: fn(y, h0, debug_stall_cta=0), y, h0) == [
         (_constants.ffi_target("backward_hooked"), LAYOUT_ATTRS | HOOK_ATTRS)]
+
+
+GATED_ATTRS = {"gates", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
+
+
+@pytest.mark.parametrize("gates", [3, 4])
+def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
+    """The LSTM and the GRU lower to the one gated target (with the gate count), hooks to its hooked
+    twin; the backward pass (XLA's dense path, differentiated) binds no target."""
+    H, B, T = 40, 3, 9
+    rng = np.random.default_rng(gates)
+    kernel = (rng.standard_normal((H, gates * H)) * 0.2).astype(np.float16)
+    w = js.SparseWeights.from_dense(kernel, density=0.2)
+    x = jnp.asarray(rng.standard_normal((B, T, gates * H)), jnp.float16)
+    h0 = jnp.zeros((B, H), jnp.float16)
+
+    def fn(x, h0):
+        if gates == 4:
+            return js.sparse_lstm(x, (h0, h0), w, method="native")
+        return js.sparse_gru(x, h0, w, method="native")
+    assert _custom_calls(fn, x, h0) == [(_constants.ffi_target("gated_forward"), GATED_ATTRS)]
+    # The backward pass differentiates XLA's dense path: with the loss's value the forward kernel
+    # runs once, and jax.grad alone (which needs no forward output) drops it.
+    loss = lambda x, h0: jnp.sum(fn(x, h0)[0].astype(jnp.float32))  # noqa: E731
+    assert _custom_calls(jax.value_and_grad(loss), x, h0) == [
+        (_constants.ffi_target("gated_forward"), GATED_ATTRS)]
+    assert _custom_calls(jax.grad(loss), x, h0) == []
+
+    lengths = jnp.full((B,), T, jnp.int32)
+    x_tm = jnp.swapaxes(x, 0, 1)
+
+    def hooked(x_tm, h0):
+        params = dict(reverse=False, meta=w.meta, method="native", exchange_mode="grid")
+        if gates == 4:
+            return sprnn_lstm_p.bind(x_tm, h0, h0, w.values, w.indices, w.lane_row, lengths, **params)
+        return sprnn_gru_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
+                                jnp.zeros((H,), jnp.float32), **params)
+    assert _custom_calls(hooked, x_tm, h0) == [(_constants.ffi_target("gated_forward_hooked"),
+                                                GATED_ATTRS | HOOK_ATTRS)]
+

@@ -3,7 +3,6 @@ NumPy LSTM and GRU and against Flax's cells, their transformations (grad, vmap, 
 and pruning of gated kernels."""
 
 import dataclasses
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -344,29 +343,21 @@ def test_export_round_trip(cell):
 
 # ---- paths -----------------------------------------------------------------------------------------
 
-def test_native_is_an_error_that_names_the_platform():
+def test_native_without_the_cpu_kernel_is_an_error(monkeypatch):
+    """Where the CPU module lacks the gated target, "native" says so and "auto" takes XLA's path."""
+    from jax_sprnn import _native
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU lowering")
     _, _, w, x, c0, h0, _ = problem(4, seed=14)
-    platform = jax.default_backend()
-    with pytest.raises(ValueError, match=rf"method='native'.*no native LSTM kernel yet on {platform}"):
+    want = js.sparse_lstm(x, (c0, h0), w, method="auto")
+    monkeypatch.setattr(_native, "_CPU_TARGETS", frozenset())
+    with pytest.raises(RuntimeError, match=r"method='native'.*CPU module"):
         js.sparse_lstm(x, (c0, h0), w, method="native")
+    got = js.sparse_lstm(x, (c0, h0), w, method="auto")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="method must be one of"):
         js.sparse_lstm(x, (c0, h0), w, method="fast")
-
-
-def test_auto_on_a_gpu_warns_once_and_runs_the_dense_path(monkeypatch):
-    from jax_sprnn import primitives
-    _, _, w, x, _, h0, _ = problem(3, seed=15)
-    want, _ = js.sparse_gru(x, h0, w)
-    monkeypatch.setattr(primitives, "_warned", set())
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with pytest.warns(RuntimeWarning, match="sparse_gru uses the dense XLA path on the GPU"):
-        got, _ = js.sparse_gru(x, h0, w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        js.sparse_gru(x, h0, w)  # once
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    with pytest.raises(ValueError, match="no native GRU kernel yet on gpu"):
-        js.sparse_gru(x, h0, w, method="native")
 
 
 # ---- bad inputs -------------------------------------------------------------------------------------
