@@ -1,0 +1,218 @@
+"""GPU-only tests of the gated cells' persistent forward kernels (issue 17): ``sparse_lstm`` and
+``sparse_gru`` with ``method="native"`` against XLA's dense path of the same math, in every dtype,
+tile, register tier, exchange mode and length pattern; gradients through the custom_vjp; vmap; the
+layout checks; the kernels' register spills. Skipped without a GPU and the CUDA module."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import _constants, _native, fallback, planner
+from jax_sprnn.primitives import sprnn_gru_p, sprnn_lstm_p
+from jax_sprnn.testing import DTYPES, GRAD_TOLERANCE, TOLERANCE, rel_err
+
+pytestmark = pytest.mark.gpu
+
+GATED_FORWARD = _constants.ffi_target("gated_forward")
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_gated_kernel():
+    if GATED_FORWARD not in _native.cuda_targets() or jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU and the CUDA module with the gated kernels")
+
+
+def problem(gates, hidden, batch, steps, density, dtype, seed, device=None, load_bytes=16):
+    """``(weights, x [B, T, G*H], c0, h0, hn_bias)`` with a recurrence in a moderate range."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    scale = 1.5 / np.sqrt(max(1.0, density * hidden))
+    kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) * scale
+    w = js.SparseWeights.from_dense(kernel, density=density, dtype=dt, device=device,
+                                    load_bytes=load_bytes)
+    x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)) * 0.8, dt)
+    c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
+    h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)
+    hn_bias = jnp.asarray(rng.standard_normal(hidden) * 0.3, jnp.float32)
+    return w, x, c0, h0, hn_bias
+
+
+def bind(gates, w, x, c0, h0, hn_bias, lengths, *, reverse=False, method="native", **hooks):
+    """The primitive on time-major x: ``(y_tm, [final states])``."""
+    x_tm = jnp.swapaxes(x, 0, 1)
+    params = dict(reverse=reverse, meta=w.meta, method=method, **hooks)
+    if gates == 4:
+        y, h, c = sprnn_lstm_p.bind(x_tm, h0, c0, w.values, w.indices, w.lane_row, lengths, **params)
+        return y, [c, h]
+    y, h = sprnn_gru_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, hn_bias, **params)
+    return y, [h]
+
+
+def xla_path(gates, w, x, c0, h0, hn_bias, lengths, *, reverse=False):
+    """XLA's dense path of the same math (16-bit products exact, float32 sums)."""
+    x_tm = jnp.swapaxes(x, 0, 1)
+    if gates == 4:
+        y, h, c = jax.jit(functools.partial(fallback.lstm_forward, reverse=reverse, meta=w.meta))(
+            x_tm, h0, c0, w.values, w.indices, w.lane_row, lengths)
+        return y, [c, h]
+    y, h = jax.jit(functools.partial(fallback.gru_forward, reverse=reverse, meta=w.meta))(
+        x_tm, h0, w.values, w.indices, w.lane_row, lengths, hn_bias)
+    return y, [h]
+
+
+def assert_close(got, want, dtype):
+    y, states = got
+    y_ref, states_ref = want
+    assert rel_err(y, y_ref) < TOLERANCE[dtype]
+    for s, s_ref in zip(states, states_ref):
+        assert rel_err(s, s_ref) < TOLERANCE[dtype]
+
+
+def lengths_of(batch, steps, seed):
+    lengths = np.random.default_rng(seed).integers(0, steps + 1, batch).astype(np.int32)
+    lengths[0] = steps
+    if batch > 2:
+        lengths[1] = 0
+    return jnp.asarray(lengths)
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("hidden, batch, density", [(37, 3, 0.3), (256, 1, 0.1), (300, 5, 0.1),
+                                                    (1024, 9, 0.1), (200, 37, 0.2)])
+def test_native_matches_xla_dense_path(gates, dtype, hidden, batch, density):
+    steps = 13
+    w, x, c0, h0, b = problem(gates, hidden, batch, steps, density, dtype, seed=hidden + batch)
+    assert w.meta.fits, w.meta.reason
+    lengths = lengths_of(batch, steps, batch)
+    for reverse in (False, True):
+        got = jax.jit(lambda *a, reverse=reverse: bind(gates, w, *a, lengths, reverse=reverse))(
+            x, c0, h0, b)
+        assert_close(got, xla_path(gates, w, x, c0, h0, b, lengths, reverse=reverse), dtype)
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("load_bytes", [4, 8, 16])
+@pytest.mark.parametrize("n_ctas", [1, 3, 16, 40])
+def test_grid_and_cluster_modes_agree_bitwise(gates, load_bytes, n_ctas):
+    """A layout planned for n_ctas SMs runs in grid mode and (up to 16 CTAs) in cluster mode: the
+    same arithmetic, so the same bits; both match XLA's path."""
+    device = dataclasses.replace(planner.H200, sm_count=n_ctas, cluster_launch=False)
+    w, x, c0, h0, b = problem(gates, 512, 6, 11, 0.1, "float16", seed=n_ctas, device=device,
+                              load_bytes=load_bytes)
+    assert w.meta.fits and w.meta.num_ctas <= n_ctas, w.meta
+    lengths = lengths_of(6, 11, n_ctas)
+    grid = bind(gates, w, x, c0, h0, b, lengths, exchange_mode="grid")
+    assert_close(grid, xla_path(gates, w, x, c0, h0, b, lengths), "float16")
+    if w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS and _native.current_device_spec().cluster_launch:
+        cluster = bind(gates, w, x, c0, h0, b, lengths, exchange_mode="cluster")
+        for a, c in zip(jax.tree_util.tree_leaves(grid), jax.tree_util.tree_leaves(cluster)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_every_register_tier_runs(gates, dtype):
+    """Layouts of growing slots per lane reach every instantiated register tier."""
+    tiers = _constants.REG_SLOTS_GATED_32 if dtype == "float32" else _constants.REG_SLOTS_GATED_16
+    seen = set()
+    for hidden, density in [(64, 0.05), (256, 0.2), (512, 0.3), (768, 0.5), (1024, 0.6)]:
+        w, x, c0, h0, b = problem(gates, hidden, 2, 7, density, dtype, seed=hidden)
+        if not w.meta.fits:
+            continue
+        seen.add(w.meta.reg_slots)
+        lengths = jnp.asarray([7, 5], jnp.int32)
+        assert_close(bind(gates, w, x, c0, h0, b, lengths), xla_path(gates, w, x, c0, h0, b, lengths),
+                     dtype)
+    assert len(seen) >= 2, (seen, tiers)
+
+
+def test_no_step_returns_the_initial_carry():
+    for gates in (4, 3):
+        w, x, c0, h0, b = problem(gates, 96, 3, 5, 0.2, "float16", seed=gates)
+        y, states = bind(gates, w, x, c0, h0, b, jnp.zeros((3,), jnp.int32))
+        assert not np.asarray(y, np.float32).any()
+        want = [c0, h0] if gates == 4 else [h0]
+        for s, s0 in zip(states, want):
+            np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s0, np.float32))
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+def test_gradients_through_the_native_forward(gates):
+    dtype = "float32"
+    w, x, c0, h0, b = problem(gates, 130, 3, 9, 0.2, dtype, seed=7)
+    lengths = [9, 4, 7]
+
+    def loss(x, c0, h0, w, b, method):
+        if gates == 4:
+            y, (c, h) = js.sparse_lstm(x, (c0, h0), w, seq_lengths=lengths, method=method)
+            return jnp.sum(y ** 2) + jnp.sum(c * h)
+        y, h = js.sparse_gru(x, h0, w, hn_bias=b, seq_lengths=lengths, method=method)
+        return jnp.sum(y ** 2) + jnp.sum(h)
+
+    args = (x, c0, h0, w, b)
+    v_native, g_native = js.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(*args, "native")
+    v_ref, g_ref = js.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(*args, "reference")
+    assert abs(float(v_native) - float(v_ref)) < 1e-4 * abs(float(v_ref))
+    for name, got, want in zip(("x", "c0", "h0", "values", "hn_bias"), g_native, g_ref):
+        if name == "values":
+            got, want = got.values, want.values
+        if (gates == 4 and name == "hn_bias") or (gates == 3 and name == "c0"):
+            continue
+        assert rel_err(got, want) < GRAD_TOLERANCE[dtype], name
+
+
+def test_vmap_folds_into_the_batch():
+    w, x, c0, h0, _ = problem(4, 160, 6, 8, 0.2, "bfloat16", seed=3)
+    xs, c0s, h0s = (a.reshape((2, 3) + a.shape[1:]) for a in (x, c0, h0))
+    run = lambda x, c, h: js.sparse_lstm(x, (c, h), w, method="native")  # noqa: E731
+    y_v, (c_v, h_v) = jax.vmap(run)(xs, c0s, h0s)
+    y, (c, h) = run(x, c0, h0)
+    for a, b in ((y_v, y), (c_v, c), (h_v, h)):
+        np.testing.assert_array_equal(np.asarray(a.reshape(b.shape), np.float32),
+                                      np.asarray(b, np.float32))
+
+
+def test_a_bad_layout_gives_nan_and_a_deferred_error():
+    """An out-of-range column: the kernel clamps it, reports it, and the outputs are NaN."""
+    w, x, c0, h0, _ = problem(4, 64, 2, 5, 0.2, "float16", seed=11)
+    bad = w.replace(indices=w.indices.at[0].set(10_000))
+    y, (c, h) = js.sparse_lstm(x, (c0, h0), bad, method="native")
+    for out in (y, c, h):
+        assert np.isnan(np.asarray(out, np.float32)).all()
+    with pytest.raises(Exception, match="invalid packed layout"):  # at the next call
+        jax.block_until_ready(js.sparse_lstm(x, (c0, h0), w, method="native"))
+    y, _ = js.sparse_lstm(x, (c0, h0), w, method="native")
+    assert np.isfinite(np.asarray(y, np.float32)).all()
+
+
+def test_a_unit_whose_gates_are_out_of_order_is_a_layout_error():
+    """Invariant 5: a unit's gate rows on adjacent runs in gate order. Swapping two gate rows'
+    lanes breaks it; the kernel must not mix the gates up silently."""
+    w, x, c0, h0, _ = problem(4, 64, 2, 5, 0.2, "float16", seed=12)
+    lane_row = np.asarray(w.lane_row)
+    H = 64
+    lanes_g0 = np.flatnonzero(lane_row == 0)
+    lanes_g1 = np.flatnonzero(lane_row == H)
+    swapped = lane_row.copy()
+    swapped[lanes_g0[0]], swapped[lanes_g1[0]] = H, 0
+    bad = w.replace(lane_row=jnp.asarray(swapped))
+    y, _ = js.sparse_lstm(x, (c0, h0), bad, method="native")
+    assert np.isnan(np.asarray(y, np.float32)).all()
+    with pytest.raises(Exception, match="invalid packed layout"):
+        jax.block_until_ready(js.sparse_lstm(x, (c0, h0), w, method="native"))
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_register_spills_stay_small(gates, dtype):
+    cuda = _native.cuda_module()
+    for reg_slots in cuda.supported_reg_slots(dtype, gates):
+        for tile in (1, 2, 4):
+            attrs = cuda.kernel_attributes(dtype, tile, reg_slots, gates=gates)
+            assert attrs["local_bytes"] <= 24, (reg_slots, tile, attrs)
