@@ -304,18 +304,21 @@ def flax_gated(layer):
     dtype, with the layer's weights (the kernels split per gate, as Flax names them; the LSTM's
     projection bias sits on Flax's recurrent side, which computes the same sums)."""
     import flax.linen as nn
+    # Parameters are float32 (Flax's default param_dtype; its orthogonal initializer, which flax
+    # 0.12.10 calls even when applying given params, has no float16 QR), computed in the layer's dtype.
     dt, H = layer.jnp_dtype, layer.hidden
-    split = lambda a: [jnp.asarray(p, dt) for p in np.split(a, layer.gates, axis=-1)]
+    pdt = jnp.float32
+    split = lambda a: [jnp.asarray(jnp.asarray(p, dt), pdt) for p in np.split(a, layer.gates, axis=-1)]
     w_in, kernel, bias = split(layer.w_in), split(layer.kernel), split(layer.bias)
     if layer.cell == "lstm":
-        cell = nn.OptimizedLSTMCell(H, dtype=dt, param_dtype=dt)
+        cell = nn.OptimizedLSTMCell(H, dtype=dt, param_dtype=pdt)
         params = {f"i{g}": {"kernel": w_in[n]} for n, g in enumerate("ifgo")}
         params.update({f"h{g}": {"kernel": kernel[n], "bias": bias[n]} for n, g in enumerate("ifgo")})
     else:
-        cell = nn.GRUCell(H, dtype=dt, param_dtype=dt)
+        cell = nn.GRUCell(H, dtype=dt, param_dtype=pdt)
         params = {f"i{g}": {"kernel": w_in[n], "bias": bias[n]} for n, g in enumerate("rzn")}
         params.update({"hr": {"kernel": kernel[0]}, "hz": {"kernel": kernel[1]},
-                       "hn": {"kernel": kernel[2], "bias": jnp.asarray(layer.hn_bias, dt)}})
+                       "hn": {"kernel": kernel[2], "bias": jnp.asarray(layer.hn_bias, pdt)}})
     return nn.RNN(cell), {"cell": params}
 
 
