@@ -177,7 +177,7 @@ class SparseWeights(PackedLayout):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, kernel, mask=None, *, density: float | None = None, dtype=None,
-                   device: _planner.DeviceSpec | None = None, load_bytes: int = 16,
+                   device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
                    bank_aware: bool = True) -> "SparseWeights":
         """Pack a dense ``[H, H]`` kernel (Flax orientation), or a gated ``[H, 3H]`` / ``[H, 4H]``
         one (column ``g*H + i``: gate ``g`` of unit ``i``), keeping the entries where ``mask`` is
@@ -186,8 +186,9 @@ class SparseWeights(PackedLayout):
         ``dtype`` is the storage dtype (default: the kernel's; float64 becomes float32).
         ``device`` is the GPU to plan for (default: the current one, or an H200 when there is none).
         ``load_bytes`` (4, 8 or 16) is the width of one staged-state load (a batch tile of
-        ``load_bytes / 4`` examples); ``bank_aware=False`` skips the bank-conflict-aware order (the
-        ablation baseline). Both change only speed, never the result.
+        ``load_bytes / 4`` examples); None (the default) takes the widest whose layout fits on chip.
+        ``bank_aware=False`` skips the bank-conflict-aware order (the ablation baseline). Both change
+        only speed and which layers fit, never the result.
         """
         kernel = np.asarray(kernel)
         gates = kernel_gates(kernel.shape, "kernel")
@@ -221,7 +222,7 @@ class SparseWeights(PackedLayout):
 
     @classmethod
     def from_pattern(cls, rows, cols, vals, hidden: int, *, gates: int = 1,
-                     device: _planner.DeviceSpec | None = None, load_bytes: int = 16,
+                     device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
                      bank_aware: bool = True) -> "SparseWeights":
         """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
         ``[0, gates * hidden)``, columns in ``[0, hidden)``) of a layer of ``hidden`` units

@@ -86,7 +86,7 @@ class PackedMask(PackedLayout):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def create(cls, mask, *, row_budget: int | None = None, col_budget: int | None = None,
-               dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int = 16,
+               dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int | None = None,
                host: bool = False) -> "PackedMask":
         """Pack ``mask`` (``[H, H]``, or a gated ``[H, G*H]``) into a layout planned for
         ``row_budget`` nonzeros in every output unit (gate row) and ``col_budget`` in every input
@@ -118,7 +118,7 @@ class PackedMask(PackedLayout):
 
     @classmethod
     def for_density(cls, hidden: int, max_density: float = 1.0, *, gates: int = 1, seed: int = 0,
-                    dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int = 16,
+                    dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int | None = None,
                     host: bool = False) -> "PackedMask":
         """The layout of a layer (``gates``: 1, or 3 / 4 for a GRU / LSTM kernel ``[H, G*H]``)
         that will never hold more than ``max_density`` of its weights, starting from
