@@ -7,9 +7,9 @@ kernels side by side, as Flax fuses them: column ``g*H + i`` is gate ``g`` of un
 
 The forward pass is a primitive (``sprnn_lstm`` / ``sprnn_gru``, :mod:`jax_sprnn.primitives`): the
 persistent CUDA kernel on a GPU, the C++ kernel on a CPU, or XLA's dense path. Gradients come from
-a ``custom_vjp`` whose backward pass differentiates XLA's dense path (it recomputes the forward
-sequence in XLA: the native gated backward kernels are not built yet, issue 17), so every path
-gets the same gradients; ``vmap`` and ``jax.export`` work through the primitives' rules.
+a ``custom_vjp`` whose backward pass runs in XLA from the forward's outputs
+(:mod:`jax_sprnn.gated_backward`; the native gated backward kernels are not built yet, issue 17), so
+every path gets the same gradients; ``vmap`` and ``jax.export`` work through the primitives' rules.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from . import fallback
 from ._checks import as_array, check_method, check_sequence_args, check_weights, is_concrete
 from .api import _float0_like, _poison_bad_lengths
+from .gated_backward import gated_backward
 from .planner import LayoutMeta
 from .primitives import sprnn_gru_p, sprnn_lstm_p
 from .reference import dense_matvec
@@ -63,28 +64,24 @@ def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config):
     return y, (h,)
 
 
-def _xla_path(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config):
-    """XLA's dense path of the same call: what the backward pass differentiates."""
-    kernel = fallback.dense_from_packed(values, w.indices, w.lane_row, cfg.meta)
-    return fallback.gated_scan(x, carry, fallback.storage_matvec(kernel, x.dtype), lengths, hn_bias,
-                               gates=cfg.gates, reverse=cfg.reverse)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gated(x, carry, w, hn_bias, lengths, cfg):
     return _bind(x, carry, w.values, w, hn_bias, lengths, cfg)
 
 
 def _gated_fwd(x, carry, w, hn_bias, lengths, cfg):
-    return _bind(x, carry, w.values, w, hn_bias, lengths, cfg), (x, carry, w, hn_bias, lengths)
+    y, final = _bind(x, carry, w.values, w, hn_bias, lengths, cfg)
+    return (y, final), (x, carry, w, hn_bias, lengths, y)
 
 
 def _gated_bwd(cfg, residuals, cotangents):
-    x, carry, w, hn_bias, lengths = residuals
-    _, vjp = jax.vjp(lambda x_, carry_, values_, bias_: _xla_path(x_, carry_, values_, w, bias_,
-                                                                  lengths, cfg),
-                     x, carry, w.values, hn_bias)
-    dx, dcarry, dvalues, dbias = vjp(cotangents)
+    """The backward recurrence from the forward's outputs (:mod:`jax_sprnn.gated_backward`)."""
+    x, carry, w, hn_bias, lengths, y = residuals
+    kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, cfg.meta)
+    dx, dcarry, dkernel, dbias = gated_backward(x, carry, kernel, hn_bias, lengths, y, cotangents,
+                                                gates=cfg.gates, reverse=cfg.reverse)
+    cols, rows, real = fallback.slot_coordinates(w.indices, w.lane_row, cfg.meta)
+    dvalues = jnp.where(real, dkernel[cols, rows], 0.0).astype(w.values.dtype)
     dw = w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})
     return dx, dcarry, dw, dbias, _float0_like(lengths)
 

@@ -27,6 +27,19 @@ def scan_recurrence(x_tm, h0, matvec, lengths, *, activation: str, reverse: bool
     return y, h_final
 
 
+def in_step_order(a, lengths, reverse: bool):
+    """``a[p(s, b), b]`` for every step s and example b of a ``[T, B, ...]`` array: position
+    ``L_b-1-s`` under reverse, ``s`` otherwise. The map is its own inverse on the active steps, so
+    it also puts outputs back in place."""
+    if not reverse:
+        return a
+    T = a.shape[0]
+    pos = jnp.arange(T)[:, None]
+    src = jnp.clip(lengths[None, :] - 1 - pos, 0, max(T - 1, 0))
+    return jnp.take_along_axis(a, src.reshape(src.shape + (1,) * (a.ndim - 2)), axis=0)
+
+
+
 def scan_cell(x_tm, carry: tuple, cell, lengths, *, reverse: bool):
     """Run a recurrent ``cell`` over a sequence with the semantics of docs/format.md, in JAX.
 
@@ -41,15 +54,6 @@ def scan_cell(x_tm, carry: tuple, cell, lengths, *, reverse: bool):
     T = x_tm.shape[0]
     dtype = x_tm.dtype
 
-    def in_step_order(a):
-        """``a[p(s, b), b]`` for every step s and example b: position ``L_b-1-s`` under reverse.
-        The map is its own inverse on the active steps, so it also puts outputs back in place."""
-        if not reverse:
-            return a
-        pos = jnp.arange(T)[:, None]
-        src = jnp.clip(lengths[None, :] - 1 - pos, 0, max(T - 1, 0))
-        return jnp.take_along_axis(a, src.reshape(src.shape + (1,) * (a.ndim - 2)), axis=0)
-
     def step(carry, xs):
         x_s, s = xs
         active = (s < lengths)[:, None]
@@ -62,13 +66,13 @@ def scan_cell(x_tm, carry: tuple, cell, lengths, *, reverse: bool):
     # scan), a NaN or Inf there reaches no gradient either, as in the native kernels (autodiff would
     # multiply the held step's zero cotangent by its local derivative: 0 * NaN).
     steps = jnp.arange(T)
-    x_steps = in_step_order(x_tm)
+    x_steps = in_step_order(x_tm, lengths, reverse)
     running = (steps[:, None] < lengths[None, :])[(...,) + (None,) * (x_tm.ndim - 2)]
     x_steps = jnp.where(running, x_steps, jnp.zeros((), x_steps.dtype))
     final, y_steps = lax.scan(step, carry, (x_steps, steps))
     if not reverse:
         return y_steps, final
-    y = in_step_order(y_steps)
+    y = in_step_order(y_steps, lengths, reverse)
     pos = jnp.arange(T)[:, None]
     return jnp.where((pos < lengths[None, :])[:, :, None], y, jnp.zeros((), y.dtype)), final
 

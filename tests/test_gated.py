@@ -12,7 +12,7 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import fallback, pruning
 from jax_sprnn.planner import WARP, plan_layout, unit_lanes
-from jax_sprnn.testing import DTYPES, TOLERANCE, rel_err
+from jax_sprnn.testing import DTYPES, GRAD_TOLERANCE, TOLERANCE, rel_err
 
 H, B, T = 37, 3, 11
 LENGTHS = np.array([T, 0, 6], np.int32)  # a full sequence, an empty one, a partial one
@@ -524,3 +524,44 @@ def test_inference_form_and_checkpoint_read_back(gates):
     assert stacked.values.shape[0] == 2 and stacked.meta.gates == gates
     back = pruning.from_restored({n: np.asarray(getattr(stacked, n)) for n in stacked.LEAVES})
     np.testing.assert_array_equal(np.asarray(back.values), np.asarray(stacked.values))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backward_from_outputs_equals_autodiff_of_the_xla_scan(cell, dtype, reverse):
+    """The custom_vjp's backward (from the forward's outputs, no forward recomputation) against
+    JAX's autodiff of XLA's dense scan of the same math, in the storage dtype, with lengths."""
+    gates = CELLS[cell]
+    _, _, w, x, c0, h0, hn_bias = problem(gates, dtype, seed=21)
+    carry = (c0, h0) if cell == "lstm" else (h0,)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    cot_rng = np.random.default_rng(22)
+    wy = jnp.asarray(cot_rng.standard_normal((B, T, H)), jnp.float32)
+    ws = [jnp.asarray(cot_rng.standard_normal((B, H)), jnp.float32) for _ in carry]
+
+    def loss(y, final):
+        return jnp.sum(y.astype(jnp.float32) * wy) + sum(
+            jnp.sum(s.astype(jnp.float32) * c) for s, c in zip(final, ws))
+
+    def ours(x, carry, values, b):
+        y, final = run(cell, x, *(carry if cell == "lstm" else (None, carry[0])),
+                       w.replace(values=values), b if cell == "gru" else None,
+                       seq_lengths=LENGTHS, reverse=reverse)
+        return loss(y, final)
+
+    def xla(x, carry, values, b):
+        kernel = fallback.dense_from_packed(values, w.indices, w.lane_row, w.meta)
+        y, final = fallback.gated_scan(jnp.swapaxes(x, 0, 1), carry,
+                                       fallback.storage_matvec(kernel, x.dtype), lengths,
+                                       b if cell == "gru" else None, gates=gates, reverse=reverse)
+        return loss(jnp.swapaxes(y, 0, 1), final)
+
+    got = jax.grad(ours, argnums=(0, 1, 2, 3))(x, carry, w.values, hn_bias)
+    want = jax.grad(xla, argnums=(0, 1, 2, 3))(x, carry, w.values, hn_bias)
+    tol = GRAD_TOLERANCE[dtype]
+    for name, g, r in zip(("x", "carry", "values", "hn_bias"), got, want):
+        if name == "hn_bias" and cell == "lstm":
+            continue
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(r)):
+            assert rel_err(a, b) < tol, name
