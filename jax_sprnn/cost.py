@@ -125,6 +125,29 @@ def auto_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     return kernel > SWITCH_MARGIN * dense, why
 
 
+# The gated cells' forward kernels (LSTM, GRU): the simple cell's step plus the gate epilogue per
+# batch plane (the unit's lane gathers G sums by shuffles and runs G activations); XLA's dense step
+# of a gated cell moves G times the weights and runs its gates' elementwise ops. Fitted to the gated
+# suite's runs (H200, fp16, 10%, H = 1024 and 2048, B = 1-32, 2026-12-02:
+# benchmarks/results/gated_*_2026-12-02.json): the kernel within about 20% at 1-8 planes, XLA's
+# dense LSTM/GRU step at 15-26 µs for H = 2048, B = 32.
+GATED_PLANE_US = 0.6
+DENSE_GATED_MIN_US = 12.0
+
+
+def gated_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
+    """Whether ``method="auto"`` should run a gated cell's dense XLA path although its kernel fits
+    (wide batches, whose planes the kernel walks one after the other), and why."""
+    if np.dtype(dtype).itemsize != 2:
+        return False, "float32 storage: the persistent kernel"
+    kernel = kernel_step_us(meta, batch) + batch_planes(meta, batch) * GATED_PLANE_US
+    dense = max(DENSE_GATED_MIN_US,
+                np.dtype(dtype).itemsize * meta.gates * meta.hidden ** 2 / DENSE_BYTES_PER_US)
+    why = (f"estimated {kernel:.1f} µs per step for the persistent kernel ({batch_planes(meta, batch)} "
+           f"batch planes) against {dense:.1f} µs for XLA's dense step")
+    return kernel > SWITCH_MARGIN * dense, why
+
+
 def weight_grad_prefers_dense(meta: LayoutMeta, batch: int, groups: int) -> tuple[bool, str]:
     """Whether ``method="auto"`` should compute the weight gradient with XLA's dense einsum and a
     gather (``fallback.weight_grad``) rather than the pattern kernel, and why."""

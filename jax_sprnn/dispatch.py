@@ -143,14 +143,16 @@ def gpu_path(meta: LayoutMeta, batch: int, dtype, method: str = "auto",
     """``("persistent", why)`` or ``("dense", why)``: what a GPU call of this layer runs.
 
     The dense XLA path runs where the kernel does not fit, and, for ``method="auto"`` in the
-    forward direction, where :mod:`jax_sprnn.cost` expects the kernel to be clearly slower. (The
-    backward keeps the kernel: its dense path must stay in float32, which is slower still.)
+    forward direction (the simple cell's and the gated cells'), where :mod:`jax_sprnn.cost` expects
+    the kernel to be clearly slower. (The backward keeps the kernel: its dense path must stay in
+    float32, which is slower still.)
     """
     ok, why = cuda_fit(meta, batch, dtype, target)
     if not ok:
         return "dense", why
-    if method == "auto" and target == FORWARD:
-        slower, estimate = cost.auto_prefers_dense(meta, batch, dtype)
+    if method == "auto" and target in (FORWARD, GATED_FORWARD):
+        rule = cost.auto_prefers_dense if target == FORWARD else cost.gated_prefers_dense
+        slower, estimate = rule(meta, batch, dtype)
         if slower:
             return "dense", f"it is faster here ({estimate})"
     return "persistent", why

@@ -152,3 +152,19 @@ def test_cluster_step_grows_with_planes_and_wide_clusters():
     assert cost.cluster_replicas(wide, 64) == 132 // 16 - 1
     floor = cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.CLUSTER_WIDE_US
     assert cost.cluster_step_us(wide, 4) > floor
+
+
+def test_gated_auto_switches_by_hand():
+    """The gated rule: the simple step plus 0.6 µs of gate epilogue per plane, against XLA's dense
+    gated step (at least 12 µs), with the switch margin."""
+    lstm = LayoutMeta(hidden=1024, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8, reg_slots=16,
+                      load_bytes=16, fits=True, reason="fits", gates=4)
+    per_plane = 1.85 + 0.0033 * 8 * 16 + 0.6
+    for batch, planes, dense in ((4, 1, False), (16, 4, False), (32, 8, True)):
+        prefers_dense, why = cost.gated_prefers_dense(lstm, batch, np.float16)
+        assert prefers_dense is dense, why
+        assert f"{1.6 + planes * per_plane:.1f} µs" in why and "12.0 µs" in why
+    assert not cost.gated_prefers_dense(lstm, 64, np.float32)[0]  # float32 never leaves the kernel
+    huge = LayoutMeta(hidden=8192, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8,
+                      reg_slots=16, load_bytes=16, fits=True, reason="fits", gates=4)
+    assert f"{2 * 4 * 8192 ** 2 / 3.3e6:.1f} µs for XLA" in cost.gated_prefers_dense(huge, 4, np.float16)[1]
