@@ -35,6 +35,15 @@ def row_balanced_kernel(hidden: int, density: float, seed: int | None = None):
     return kernel, mask
 
 
+def pack_timed(layer) -> js.SparseWeights:
+    """``layer.kernel`` under ``layer.mask`` packed in ``layer.jnp_dtype``; the packing time goes to
+    ``layer.pack_s``."""
+    start = time.perf_counter()
+    w = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype)
+    layer.pack_s = time.perf_counter() - start
+    return w
+
+
 @dataclasses.dataclass
 class Layer:
     """One recurrent layer at one dtype. ``kernel`` is float32 holding the values as stored."""
@@ -69,10 +78,7 @@ class Layer:
 
     @functools.cached_property
     def weights(self) -> js.SparseWeights:
-        start = time.perf_counter()
-        w = js.SparseWeights.from_dense(self.kernel, self.mask, dtype=self.jnp_dtype)
-        self.pack_s = time.perf_counter() - start
-        return w
+        return pack_timed(self)
 
     @functools.cached_property
     def dense_kernel(self) -> jax.Array:

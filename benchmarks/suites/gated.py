@@ -52,7 +52,7 @@ from .. import peers_jax, peers_torch, plots
 from ..harness import Case, Peer, Skip, best_competitor, measure_all, ran
 from ..peers_jax import (ALL_DTYPES, flax_gated, flax_gated_call, gated_params, gated_path,
                          gated_projection, jax_runner, native_refusal)
-from ..problems import DTYPES, SHORT, row_balanced_kernel
+from ..problems import DTYPES, SHORT, pack_timed, row_balanced_kernel
 from ..report import Column
 from .common import Context, peer_header, print_skips, release_torch_memory
 
@@ -123,10 +123,7 @@ class GatedLayer:
 
     @functools.cached_property
     def weights(self) -> js.SparseWeights:
-        start = time.perf_counter()
-        w = js.SparseWeights.from_dense(self.kernel, self.mask, dtype=self.jnp_dtype)
-        self.pack_s = time.perf_counter() - start
-        return w
+        return pack_timed(self)
 
     def describe(self) -> dict:
         """The configuration and the packed layout: what decides the path that runs."""
