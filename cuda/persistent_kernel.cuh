@@ -625,6 +625,41 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 // computes the TILE values to publish and writes the outputs. `h_prev` is the staged state of the
 // row in this plane (fp32, stride 1 per batch entry of the tile).
 
+// The frame of every forward cell's epilogue, per batch entry t of the plane: while the example
+// runs, the cell's new state `step(t)` (bits of D) and y at the step's position; past its end the
+// state is held and y is 0; at the last phase h_final, and whatever `at_last(t, gb)` adds (the LSTM's
+// c_final). Returns the published values.
+template <class S, int TILE, class Step, class AtLast>
+__device__ __forceinline__ void forward_epilogue(const PersistentParams& p, BatchSlice bs,
+                                                 const int* len, int unit, int s, int n_phases,
+                                                 int plane, const float* h_prev,
+                                                 float (&publish)[TILE], Step step, AtLast at_last) {
+  using Bits = typename S::Bits;
+  Bits* y = static_cast<Bits*>(p.seq_out);
+  Bits* h_final = static_cast<Bits*>(p.final_out);
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) {
+    const int b = plane * TILE + t;
+    Bits hb = Bits(0);
+    if (b < bs.n) {
+      const int L = len[b];
+      const int gb = bs.b0 + b;
+      if (s < L) {
+        hb = step(t);
+        y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
+      } else {  // past this sequence's end: the state is frozen, y is 0
+        hb = S::to_bits(h_prev[t]);
+        y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
+      }
+      if (s + 1 == n_phases) {
+        h_final[static_cast<size_t>(gb) * p.H + unit] = hb;
+        at_last(t, gb);
+      }
+    }
+    publish[t] = S::to_float(hb);
+  }
+}
+
 template <class Cfg>
 struct ForwardCell {
   using S = typename Cfg::S;
@@ -662,26 +697,10 @@ struct ForwardCell {
   __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int s,
                          int n_phases, int plane, const float (&acc)[1][TILE], const float* h_prev,
                          float* /*cell*/, float (&publish)[TILE]) const {
-    Bits* y = static_cast<Bits*>(p.seq_out);
-    Bits* h_final = static_cast<Bits*>(p.final_out);
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      Bits hb = Bits(0);
-      if (b < bs.n) {
-        const int L = len[b];
-        const int gb = bs.b0 + b;
-        if (s < L) {
-          hb = S::to_bits(activate(p.activation, acc[0][t] + S::to_float(xr[t])));
-          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + row] = hb;
-        } else {  // past this sequence's end: the state is frozen, y is 0
-          hb = S::to_bits(h_prev[t]);
-          y[(static_cast<size_t>(s) * p.B + gb) * p.H + row] = Bits(0);
-        }
-        if (s + 1 == n_phases) h_final[static_cast<size_t>(gb) * p.H + row] = hb;
-      }
-      publish[t] = S::to_float(hb);
-    }
+    forward_epilogue<S, TILE>(
+        p, bs, len, row, s, n_phases, plane, h_prev, publish,
+        [&](int t) { return S::to_bits(activate(p.activation, acc[0][t] + S::to_float(xr[t]))); },
+        [](int, int) {});
   }
 };
 
@@ -829,34 +848,18 @@ struct LstmCell : GatedInputs<Cfg> {
   __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
                          int n_phases, int plane, const float (&acc)[4][TILE], const float* h_prev,
                          float* cell, float (&publish)[TILE]) const {
-    Bits* y = static_cast<Bits*>(p.seq_out);
-    Bits* h_final = static_cast<Bits*>(p.final_out);
-    Bits* c_final = static_cast<Bits*>(p.c_final);
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      Bits hb = Bits(0);
-      if (b < bs.n) {
-        const int L = len[b];
-        const int gb = bs.b0 + b;
-        if (s < L) {
+    forward_epilogue<S, TILE>(
+        p, bs, len, unit, s, n_phases, plane, h_prev, publish,
+        [&](int t) {
           const float i = sigmoid(this->z(acc, 0, t)), f = sigmoid(this->z(acc, 1, t));
           const float g = tanhf(this->z(acc, 2, t)), o = sigmoid(this->z(acc, 3, t));
           const float c = S::to_float(S::to_bits(f * cell[t] + i * g));
           cell[t] = c;
-          hb = S::to_bits(o * tanhf(c));
-          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
-        } else {  // past this sequence's end: the carry is frozen, y is 0
-          hb = S::to_bits(h_prev[t]);
-          y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
-        }
-        if (s + 1 == n_phases) {
-          h_final[static_cast<size_t>(gb) * p.H + unit] = hb;
-          c_final[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(cell[t]);
-        }
-      }
-      publish[t] = S::to_float(hb);
-    }
+          return S::to_bits(o * tanhf(c));
+        },
+        [&](int t, int gb) {
+          static_cast<Bits*>(p.c_final)[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(cell[t]);
+        });
   }
 };
 
@@ -875,28 +878,14 @@ struct GruCell : GatedInputs<Cfg> {
   __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
                          int n_phases, int plane, const float (&acc)[3][TILE], const float* h_prev,
                          float* /*cell*/, float (&publish)[TILE]) const {
-    Bits* y = static_cast<Bits*>(p.seq_out);
-    Bits* h_final = static_cast<Bits*>(p.final_out);
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      Bits hb = Bits(0);
-      if (b < bs.n) {
-        const int L = len[b];
-        const int gb = bs.b0 + b;
-        if (s < L) {
+    forward_epilogue<S, TILE>(
+        p, bs, len, unit, s, n_phases, plane, h_prev, publish,
+        [&](int t) {
           const float r = sigmoid(this->z(acc, 0, t)), zg = sigmoid(this->z(acc, 1, t));
           const float n = tanhf(S::to_float(this->xr[2][t]) + r * (acc[2][t] + hn_bias));
-          hb = S::to_bits((1.0f - zg) * n + zg * h_prev[t]);
-          y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
-        } else {
-          hb = S::to_bits(h_prev[t]);
-          y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
-        }
-        if (s + 1 == n_phases) h_final[static_cast<size_t>(gb) * p.H + unit] = hb;
-      }
-      publish[t] = S::to_float(hb);
-    }
+          return S::to_bits((1.0f - zg) * n + zg * h_prev[t]);
+        },
+        [](int, int) {});
   }
 };
 
