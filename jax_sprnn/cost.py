@@ -10,7 +10,7 @@ jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` ch
 (values worked by hand, monotonicity, the margin), not the fit.
 
 * Kernel: ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights the
-  shared-memory tier's slots by :data:`jax_sprnn.planner.SMEM_SLOT_COST`: one step walks every plane,
+  shared-memory tier's slots by :data:`SMEM_SLOT_COST`: one step walks every plane,
   and a CTA's warps share its SM. Within about ±35% of every measured point, mostly ±15%.
 * Dense (16-bit): ``max(DENSE_MIN_US, 2 * H**2 / DENSE_BYTES_PER_US)`` µs: a fixed cost per step
   (launches, a small GEMM's latency) until the weights' bytes take longer to read.
@@ -35,7 +35,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .planner import SMEM_SLOT_COST, LayoutMeta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the planner imports this module
+    from .planner import LayoutMeta
+
+#: Relative cost of a slot read from the shared-memory tier against one held in a register (one more
+#: shared load per slot); an estimate, see benchmarks/RESULTS.md.
+SMEM_SLOT_COST = 1.5
 
 KERNEL_FIXED_US = 1.6
 KERNEL_PLANE_US = 1.85

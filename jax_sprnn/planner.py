@@ -28,7 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _constants
+from . import _constants, cost
+from .cost import SMEM_SLOT_COST
 
 WARP = 32
 
@@ -38,9 +39,6 @@ SLOT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128
 #: Shared-memory bytes the kernel reserves for itself besides h and the weight tier.
 KERNEL_SMEM_RESERVE = _constants.KERNEL_SMEM_RESERVE
 
-#: Relative cost of a slot read from the shared-memory tier against one held in a register (one more
-#: shared load per slot); an estimate, see benchmarks/RESULTS.md.
-SMEM_SLOT_COST = 1.5
 
 
 #: The most staged-h loads per thread per batch plane the planner accepts while it can widen CTAs:
@@ -373,7 +371,6 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
     estimate over a few batches (``jax_sprnn.cost.planning_step_us``), or None (no clusters on the
     device, or the layer does not fit in so few CTAs). Cluster mode keeps two staged copies of the
     state, so the shared memory is planned for both."""
-    from . import cost  # cost imports this module
 
     if not device.cluster_launch:
         return None
@@ -412,7 +409,6 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
 def _faster_of(grid: Plan, cluster: Plan | None) -> Plan:
     """The grid-mode or the cluster-mode layout, whichever has the lower estimated step over a few
     batches (a layout is planned before its batch is known)."""
-    from . import cost
 
     if cluster is None or grid.num_ctas <= MAX_CLUSTER_CTAS:
         return grid
