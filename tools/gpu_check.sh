@@ -9,6 +9,7 @@
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
+#     (cases: small, wide, gated: tools/sanitizer_case.py)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 #   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
 # DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (to fit a
@@ -125,9 +126,9 @@ if has sanitize || has final; then
   else
     for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
       case $tool in
-        memcheck) cases=small,wide; limit=420; opts=(${MEMCHECK_OPTS:-}) ;;
-        racecheck) cases=small; limit=300; opts=() ;;
-        synccheck|initcheck) cases=small; limit=240; opts=() ;;
+        memcheck) cases=small,wide,gated; limit=420; opts=(${MEMCHECK_OPTS:-}) ;;
+        racecheck) cases=small,gated; limit=300; opts=() ;;
+        synccheck|initcheck) cases=small,gated; limit=240; opts=() ;;
         *) echo "unknown sanitizer tool $tool"; continue ;;
       esac
       timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" env "${env_args[@]}" compute-sanitizer --tool "$tool" \

@@ -8,6 +8,9 @@ Cases:
          T=4 planned for 4 SMs (4 CTAs of 4 warps, a register tier): the second is the one where
          racecheck sees several warps of one CTA share the state in shared memory.
   wide   the earlier memcheck trio, T=20: H=300 B=3 float16, H=97 B=1 float32, H=200 B=5 bfloat16.
+  gated  the LSTM's and the GRU's forward kernels (the only native gated kernels; their backward
+         pass is XLA's): H=48 B=3 T=4 on this GPU's layout, H=96 B=5 T=6 planned for 4 SMs
+         (cluster mode where the GPU has clusters).
 Each case runs with traced lengths (an empty example when B > 2) and reverse when B is odd, checks
 against the reference, and then polls the deferred kernel error. Exit status 1 on a wrong result.
 """
@@ -27,6 +30,7 @@ CASES = {
     "small": [(64, 2, 4, None, None), (128, 3, 4, None, 4)],
     "wide": [(300, 3, 20, "float16", None), (97, 1, 20, "float32", None),
              (200, 5, 20, "bfloat16", None)],
+    "gated": [(48, 3, 4, None, None), (96, 5, 6, None, 4)],
 }
 
 
@@ -75,9 +79,48 @@ def run_case(rng, hidden, batch, steps, dtype, sms):
     return ok
 
 
+def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
+    """The forward kernel of the LSTM (gates=4) or the GRU (3) against the reference on the CPU."""
+    dt = DTYPES[dtype]
+    device = js._native.current_device_spec()
+    if sms:
+        device = dataclasses.replace(device, sm_count=sms)
+    kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) / np.sqrt(0.2 * hidden)
+    w = js.SparseWeights.from_dense(kernel, density=0.2, dtype=dt, device=device)
+    x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)), dt)
+    c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
+    h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)
+    b_hn = jnp.asarray(rng.standard_normal(hidden) * 0.3, jnp.float32)
+    lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
+    lengths[0] = steps
+    if batch > 2:
+        lengths[-1] = 0
+    reverse = bool(batch % 2)
+
+    def run(x, c0, h0, w, b_hn, n, method):
+        if gates == 4:
+            y, (c, h) = js.sparse_lstm(x, (c0, h0), w, seq_lengths=n, reverse=reverse, method=method)
+            return y, c, h
+        y, h = js.sparse_gru(x, h0, w, hn_bias=b_hn, seq_lengths=n, reverse=reverse, method=method)
+        return y, h
+
+    got = jax.jit(lambda *a: run(*a, "native"))(x, c0, h0, w, b_hn, jnp.asarray(lengths))
+    cpu = jax.devices("cpu")[0]
+    args = jax.device_put((x, c0, h0, w, b_hn, jnp.asarray(lengths)), cpu)
+    with jax.default_device(cpu):
+        want = run(*args, "reference")
+    finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in got)
+    err = max(rel_err(a, b) for a, b in zip(got, want)) if finite else float("nan")
+    ok = finite and err < TOLERANCE[dtype]
+    print(f"{'LSTM' if gates == 4 else 'GRU'} H={hidden} B={batch} T={steps} {dtype} "
+          f"ctas={w.meta.num_ctas} exchange={w.meta.exchange}: forward rel_err {err:.3g}"
+          f"{'' if finite else ', NON-FINITE'} -> {'ok' if ok else 'WRONG'}", flush=True)
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="small,wide", help="comma-separated: small, wide")
+    p.add_argument("--cases", default="small,wide", help="comma-separated: small, wide, gated")
     p.add_argument("--dtype", default="all", choices=("all", *DTYPES))
     a = p.parse_args(argv)
     dtypes = list(DTYPES) if a.dtype == "all" else [a.dtype]
@@ -86,7 +129,12 @@ def main(argv=None) -> int:
     for name in a.cases.split(","):
         for hidden, batch, steps, dtype, sms in CASES[name]:
             for dt in ([dtype] if dtype else dtypes):
-                if dt in dtypes:
+                if dt not in dtypes:
+                    continue
+                if name == "gated":
+                    for gates in (4, 3):
+                        ok &= run_gated_case(rng, gates, hidden, batch, steps, dt, sms)
+                else:
                     ok &= run_case(rng, hidden, batch, steps, dt, sms)
     cuda = js._native.cuda_module()
     if cuda is not None and jax.default_backend() == "gpu":
