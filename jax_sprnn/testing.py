@@ -65,3 +65,31 @@ def make_problem(seed: int, hidden: int, batch: int, steps: int, density: float,
 def normal(seed: int, shape) -> jax.Array:
     """A float32 array of standard normals, reproducible from ``seed``."""
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def make_gated_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
+                       dtype: str = "float32", *, device=None, load_bytes: int | None = None):
+    """``(weights, x, c0, h0, hn_bias)`` of an LSTM (``gates=4``) or GRU (3) from ``seed``: a
+    ``[hidden, gates*hidden]`` kernel at ``density`` (scaled so the gates stay out of saturation),
+    inputs ``x [batch, steps, gates*hidden]``, a carry and a float32 ``hn_bias`` (the GRU's)."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    scale = 1.5 / np.sqrt(max(1.0, density * hidden))
+    kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) * scale
+    weights = SparseWeights.from_dense(kernel, density=density, dtype=dt, device=device,
+                                       load_bytes=load_bytes)
+    x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)) * 0.8, dt)
+    c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
+    h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)
+    hn_bias = jnp.asarray(rng.standard_normal(hidden) * 0.3, jnp.float32)
+    return weights, x, c0, h0, hn_bias
+
+
+def run_gated(gates: int, x, c0, h0, weights, hn_bias, **kw):
+    """``sparse_lstm`` (``gates=4``) or ``sparse_gru`` (3) as ``(y, final states)``: ``(y, c, h)``
+    or ``(y, h)``; ``kw`` goes to the call (``seq_lengths``, ``reverse``, ``method``, ...)."""
+    from .gated import sparse_gru, sparse_lstm
+    if gates == 4:
+        y, (c, h) = sparse_lstm(x, (c0, h0), weights, **kw)
+        return y, c, h
+    return sparse_gru(x, h0, weights, hn_bias=hn_bias, **kw)

@@ -14,7 +14,7 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import _constants, _native, fallback, planner
 from jax_sprnn.primitives import sprnn_gru_p, sprnn_lstm_p
-from jax_sprnn.testing import DTYPES, GRAD_TOLERANCE, TOLERANCE, rel_err
+from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_gated_problem, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -27,19 +27,10 @@ def _needs_the_gated_kernel():
         pytest.skip("needs a GPU and the CUDA module with the gated kernels")
 
 
-def problem(gates, hidden, batch, steps, density, dtype, seed, device=None, load_bytes=16):
+def problem(gates, hidden, batch, steps, density, dtype, seed, device=None, load_bytes=None):
     """``(weights, x [B, T, G*H], c0, h0, hn_bias)`` with a recurrence in a moderate range."""
-    rng = np.random.default_rng(seed)
-    dt = DTYPES[dtype]
-    scale = 1.5 / np.sqrt(max(1.0, density * hidden))
-    kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) * scale
-    w = js.SparseWeights.from_dense(kernel, density=density, dtype=dt, device=device,
-                                    load_bytes=load_bytes)
-    x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)) * 0.8, dt)
-    c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
-    h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)
-    hn_bias = jnp.asarray(rng.standard_normal(hidden) * 0.3, jnp.float32)
-    return w, x, c0, h0, hn_bias
+    return make_gated_problem(seed, gates, hidden, batch, steps, density, dtype, device=device,
+                              load_bytes=load_bytes)
 
 
 def bind(gates, w, x, c0, h0, hn_bias, lengths, *, reverse=False, method="native", **hooks):

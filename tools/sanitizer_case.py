@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sprnn as js
-from jax_sprnn.testing import DTYPES, GRAD_TOLERANCE, TOLERANCE, rel_err
+from jax_sprnn.testing import DTYPES, GRAD_TOLERANCE, TOLERANCE, make_gated_problem, rel_err, run_gated
 # (hidden, batch, steps, dtype or None for every selected one, SMs to plan for or None)
 CASES = {
     "small": [(64, 2, 4, None, None), (128, 3, 4, None, 4)],
@@ -81,16 +81,11 @@ def run_case(rng, hidden, batch, steps, dtype, sms):
 
 def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
     """The forward kernel of the LSTM (gates=4) or the GRU (3) against the reference on the CPU."""
-    dt = DTYPES[dtype]
     device = js._native.current_device_spec()
     if sms:
         device = dataclasses.replace(device, sm_count=sms)
-    kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) / np.sqrt(0.2 * hidden)
-    w = js.SparseWeights.from_dense(kernel, density=0.2, dtype=dt, device=device)
-    x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)), dt)
-    c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
-    h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)
-    b_hn = jnp.asarray(rng.standard_normal(hidden) * 0.3, jnp.float32)
+    w, x, c0, h0, b_hn = make_gated_problem(int(rng.integers(1 << 30)), gates, hidden, batch, steps,
+                                            0.2, dtype, device=device)
     lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
     lengths[0] = steps
     if batch > 2:
@@ -98,11 +93,7 @@ def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
     reverse = bool(batch % 2)
 
     def run(x, c0, h0, w, b_hn, n, method):
-        if gates == 4:
-            y, (c, h) = js.sparse_lstm(x, (c0, h0), w, seq_lengths=n, reverse=reverse, method=method)
-            return y, c, h
-        y, h = js.sparse_gru(x, h0, w, hn_bias=b_hn, seq_lengths=n, reverse=reverse, method=method)
-        return y, h
+        return run_gated(gates, x, c0, h0, w, b_hn, seq_lengths=n, reverse=reverse, method=method)
 
     got = jax.jit(lambda *a: run(*a, "native"))(x, c0, h0, w, b_hn, jnp.asarray(lengths))
     cpu = jax.devices("cpu")[0]

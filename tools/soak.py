@@ -1,6 +1,7 @@
-"""Soak: many calls of jitted ``sparse_rnn`` (forward and ``jax.grad``) over a pool of pre-built
-problems, every result checked against the reference and bitwise against its own first result,
-device memory sampled to catch leaks, and the deferred kernel error polled (issue 8).
+"""Soak: many calls of jitted ``sparse_rnn``, ``sparse_lstm`` and ``sparse_gru`` (forward and
+``jax.grad``) over a pool of pre-built problems, every result checked against the reference and
+bitwise against its own first result, device memory sampled to catch leaks, and the deferred kernel
+error polled (issue 8).
 
   python tools/soak.py [--calls 10000] [--seconds S] [--out soak.json]
 
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sprnn as js
-from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_problem, on_gpu, rel_err
+from jax_sprnn.testing import (GRAD_TOLERANCE, TOLERANCE, make_gated_problem, make_problem, on_gpu,
+                               rel_err, run_gated)
 
 MIB = 1 << 20
 
@@ -42,12 +44,14 @@ class Config:
     reverse: bool = False
     lengths: bool = False  # traced per-example lengths in [0, T]
     grad: bool = False     # also a jax.grad job
+    cell: str = "simple"   # or "lstm", "gru" (sparse_lstm / sparse_gru; activation unused)
 
     @property
     def name(self) -> str:
         flags = ("-rev" if self.reverse else "") + ("-len" if self.lengths else "")
+        kind = self.activation if self.cell == "simple" else self.cell
         return (f"H{self.hidden}-B{self.batch}-T{self.steps}-d{self.density}-{self.dtype}-"
-                f"{self.activation}{flags}")
+                f"{kind}{flags}")
 
     def tiny(self) -> "Config":
         """The same structure at CPU-test size."""
@@ -71,7 +75,14 @@ GPU_POOL = (
     Config(4096, 2, 8, 0.1, "float16", lengths=True),
     Config(200, 32, 12, 0.25, "float16", activation="relu", reverse=True, lengths=True, grad=True),
     Config(1536, 1, 100, 0.08, "float32"),
+    # The gated cells' forward kernels (their backward pass is XLA's, from the outputs).
+    Config(1024, 4, 32, 0.1, "float16", cell="lstm", lengths=True, grad=True),
+    Config(333, 5, 20, 0.2, "bfloat16", cell="gru", reverse=True, lengths=True, grad=True),
+    Config(2048, 1, 24, 0.1, "float32", cell="lstm", reverse=True),
+    Config(96, 9, 16, 0.3, "float16", cell="gru"),
 )
+
+GATES = {"lstm": 4, "gru": 3}
 
 
 def pool(kind: str = "auto", max_configs: int | None = None) -> list[Config]:
@@ -132,11 +143,45 @@ def _lengths(rng, cfg: Config):
     return jnp.asarray(lengths, jnp.int32)
 
 
+def gated_jobs(cfg: Config, rng, seed: int, device) -> list[Job]:
+    """The forward job (two input variants) and the grad job of an LSTM or GRU configuration."""
+    gates = GATES[cfg.cell]
+    w, x, c0, h0, b_hn = make_gated_problem(seed, gates, cfg.hidden, cfg.batch, cfg.steps,
+                                            cfg.density, cfg.dtype)
+    lengths = _lengths(rng, cfg)
+    x2 = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32), x.dtype)
+
+    def forward(x, c0, h0, w, b_hn, lengths, method):
+        return run_gated(gates, x, c0, h0, w, b_hn, seq_lengths=lengths, reverse=cfg.reverse,
+                         method=method)
+
+    reference = jax.jit(forward, static_argnums=6)
+    variants = [(x, c0, h0, w, b_hn, lengths), (x2, c0, h0, w, b_hn, lengths)]
+    want = [[np.asarray(a) for a in reference(*v, "reference")] for v in variants]
+    jobs = [Job(f"forward {cfg.name}", "forward", cfg.dtype, TOLERANCE[cfg.dtype],
+                jax.jit(lambda *a: forward(*a, "native")), _place(variants, device), want)]
+    if cfg.grad:
+        def loss(x, c0, h0, values, b_hn, w, lengths, method):
+            outs = forward(x, c0, h0, w.replace(values=values), b_hn, lengths, method)
+            return sum(jnp.sum(jnp.sin(o.astype(jnp.float32))) for o in outs)
+
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+        args = (x, c0, h0, w.values, b_hn, w, lengths)
+        ref = jax.jit(grad, static_argnums=7)(*args, "reference")
+        jobs.append(Job(f"grad {cfg.name}", "grad", cfg.dtype, GRAD_TOLERANCE[cfg.dtype],
+                        jax.jit(lambda *a: grad(*a, "native")), _place([args], device),
+                        [[np.asarray(g) for g in ref]]))
+    return jobs
+
+
 def build_jobs(configs, *, seed: int = 0, device=None) -> list[Job]:
     """Forward jobs (two input variants each) and grad jobs, with host references."""
     jobs = []
     for k, cfg in enumerate(configs):
         rng = np.random.default_rng(seed + 1000 + k)
+        if cfg.cell != "simple":
+            jobs += gated_jobs(cfg, rng, seed + k, device)
+            continue
         dense, w, x, h0 = make_problem(seed + k, cfg.hidden, cfg.batch, cfg.steps, cfg.density,
                                        cfg.dtype)
         lengths = _lengths(rng, cfg)
