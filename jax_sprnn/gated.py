@@ -130,9 +130,10 @@ def sparse_lstm(inputs, carry, weights: SparseWeights, *, time_major: bool = Fal
       carry: ``(c0, h0)``, each ``[B, H]``, same dtype (Flax's carry order).
       weights: the recurrent kernel ``[H, 4H]`` as :class:`SparseWeights`.
       time_major, reverse, seq_lengths, method: as :func:`jax_sprnn.sparse_rnn` (past its length an
-        example's outputs are zero and its carry is held). ``method``: ``"auto"`` (XLA's dense path
-        until the native gated kernels exist; a one-time warning on a GPU), ``"native"`` (an error
-        for now), ``"reference"`` (pure JAX at float32 HIGHEST precision).
+        example's outputs are zero and its carry is held). ``method``: ``"auto"`` (the native
+        forward kernel where it fits and is expected faster, else XLA's dense path; docs/gated.md),
+        ``"native"`` (the native forward kernel or an error that says why), ``"reference"`` (pure
+        JAX at float32 HIGHEST precision). Gradients run in XLA from the forward's outputs.
 
     Returns:
       ``(outputs, (c_T, h_T))``: outputs ``h`` at every position, laid out like ``inputs`` with

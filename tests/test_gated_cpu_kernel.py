@@ -299,8 +299,6 @@ def _native_api(cell, weights, x, h0, c0, lengths, hn_bias, reverse):
     return jnp.swapaxes(y, 0, 1), h, c, f.lower(*args).as_text()
 
 
-@pytest.mark.skipif(not hasattr(js.primitives, "sprnn_lstm_p"),
-                    reason="sparse_lstm / sparse_gru do not lower the native gated target yet")
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_public_api_runs_this_kernel(cell, dtype):
