@@ -56,13 +56,23 @@ if has tests || has all || has final; then
 fi
 if has profile; then
   echo "== nsight compute"
-  # The open question (benchmarks/RESULTS.md): why a B=16 step costs ~1.8 µs per batch plane.
-  for cfg in "${PROFILE_CASE:-1152 0.01 16 float16 256}" "2304 0.1 4 float16 256"; do
-    ncu --clock-control none --kernel-name regex:sprnn_persistent_kernel --launch-skip 2 --launch-count 1 \
+  # PROFILE_CASES: ';'-separated "CELL HIDDEN DENSITY BATCH DTYPE STEPS" (tools/profile_case.py).
+  # Each case gives the summary sections and, from its report, the hottest SASS instructions by
+  # warp-stall samples (tools/ncu_hotspots.py).
+  IFS=';' read -ra cases <<< "${PROFILE_CASES:-lstm 1024 0.1 4 float16 256;lstm 1024 0.1 32 float16 256}"
+  for cfg in "${cases[@]}"; do
+    name="ncu_${cfg// /_}"
+    timeout -k 10 "${PROFILE_TIMEOUT:-240}" ncu --clock-control none --kernel-name regex:sprnn_persistent_kernel \
+      --launch-skip 2 --launch-count 1 --import-source no \
       --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      python3 "$OLDPWD/tools/profile_case.py" $cfg > "$OUT/ncu_${cfg// /_}.txt" 2>&1
-    echo "ncu rc=$? $cfg"; grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers|Achieved" "$OUT/ncu_${cfg// /_}.txt" | head -30
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section SourceCounters \
+      -o "/tmp/$name" -f python3 "$OLDPWD/tools/profile_case.py" $cfg > "$OUT/$name.log" 2>&1
+    echo "ncu rc=$? $cfg"
+    ncu -i "/tmp/$name.ncu-rep" --print-details all > "$OUT/$name.txt" 2>&1
+    grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers|Achieved|Eligible" "$OUT/$name.txt" | head -24
+    ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/$name.csv" 2>&1
+    python3 "$OLDPWD/tools/ncu_hotspots.py" "/tmp/$name.csv" --top "${PROFILE_TOP:-45}" > "$OUT/${name}_sass.txt" 2>&1
+    head -c 300 "/tmp/$name.csv"; echo; head -25 "$OUT/${name}_sass.txt"
   done
 fi
 if has multi || has final; then

@@ -1,6 +1,9 @@
 """One persistent-kernel configuration, run a few times, for Nsight Compute (tools/gpu_check.sh profile).
 
-    python3 tools/profile_case.py HIDDEN DENSITY BATCH DTYPE STEPS
+    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
+
+CELL is simple, lstm or gru. The call runs four times (ncu skips the first two launches, which
+include compilation and warm-up).
 """
 import sys
 
@@ -9,15 +12,36 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sprnn as js
+from jax_sprnn import testing
 
-hidden, density, batch, dtype, steps = (int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]),
-                                        sys.argv[4], int(sys.argv[5]))
-rng = np.random.default_rng(0)
-kernel = (rng.standard_normal((hidden, hidden)) / np.sqrt(density * hidden)).astype(np.float32)
-w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype))
-print(w)
-x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dtype)
-h0 = jnp.zeros((batch, hidden), dtype)
-f = jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w, method="native"))
-for _ in range(4):
-    jax.block_until_ready(f(x, h0))
+GATES = {"lstm": 4, "gru": 3}
+
+
+def simple_call(hidden, density, batch, dtype, steps):
+    rng = np.random.default_rng(0)
+    kernel = (rng.standard_normal((hidden, hidden)) / np.sqrt(density * hidden)).astype(np.float32)
+    w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype))
+    x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dtype)
+    h0 = jnp.zeros((batch, hidden), dtype)
+    return w, jax.jit(lambda: js.sparse_rnn(x, h0, w, method="native"))
+
+
+def gated_call(gates, hidden, density, batch, dtype, steps):
+    w, x, c0, h0, hn_bias = testing.make_gated_problem(0, gates, hidden, batch, steps, density, dtype)
+    return w, jax.jit(lambda: testing.run_gated(gates, x, c0, h0, w, hn_bias, method="native"))
+
+
+def main(argv):
+    cell, hidden, density, batch, dtype, steps = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
+                                                  argv[4], int(argv[5]))
+    if cell == "simple":
+        w, f = simple_call(hidden, density, batch, dtype, steps)
+    else:
+        w, f = gated_call(GATES[cell], hidden, density, batch, dtype, steps)
+    print(cell, w, flush=True)
+    for _ in range(4):
+        jax.block_until_ready(f())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
