@@ -148,3 +148,9 @@ if has sanitize || has final; then
     done
   fi
 fi
+# Only 8 files come back from a device run: past that, everything else goes into one archive.
+n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+if [ "$n_files" -gt 7 ]; then
+  (cd "$OUT" && tar czf logs.tar.gz --exclude logs.tar.gz $(find . -maxdepth 1 -type f -printf '%f\n' | grep -v -E '^(tests.log|device.txt)$') \
+    $(find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n') && find . -mindepth 1 -maxdepth 1 ! -name logs.tar.gz ! -name tests.log ! -name device.txt -exec rm -rf {} +)
+fi
