@@ -7,8 +7,8 @@
 //      batch tile, so one vector load fetches a column's whole tile), waiting word by word on
 //      Lamport timestamps,
 //   2. gathers sum_k value * state[col] per lane and per plane, reduces each row's contiguous lanes
-//      with a segmented shuffle, and lets the row's head lane run the cell, write its outputs and
-//      publish the new state with the tag of the phase.
+//      with a segmented shuffle, and lets the unit's cell lanes (one per batch entry of the plane)
+//      run the cell, write its outputs and publish the new state with the tag of the phase.
 // There is no grid barrier: a consumer spins only on the words it needs (all of them, in practice).
 //
 // The cells:
@@ -39,7 +39,7 @@
 // Cluster mode (p.cluster = N > 0; sm_90+; chosen by the handler for layouts of at most
 // constants::kMaxClusterCtas CTAs): the layout's N CTAs form one thread-block cluster, and the grid
 // holds R replicas of it, each running a slice of the batch with its own copy of the weights.
-//   * No L2 exchange: a head lane pushes its row's new state straight into the other staged copy of
+//   * No L2 exchange: a unit's lanes push its new state straight into the other staged copy of
 //     every CTA of its cluster (distributed shared memory), and one cluster barrier (release /
 //     acquire at cluster scope) ends the phase. Phase s reads copy s&1 and writes copy (s+1)&1 of
 //     every peer; the barrier after phase s orders those writes before phase s+1's reads, and every
@@ -515,27 +515,6 @@ __device__ __forceinline__ void gather_plane(float (&acc)[Cfg::kTile],
   }
 }
 
-// Publishes the TILE words of one (row, full plane). `dst` is the row's first word.
-template <class X, int TILE>
-__device__ __forceinline__ void publish_tile(typename X::Word* dst, const typename X::Word (&w)[TILE],
-                                             bool vector) {
-  if (vector) {
-    if constexpr (X::kWordBytes == 4 && TILE == 4) {
-      st_relaxed(dst, w[0], w[1], w[2], w[3]);
-      return;
-    } else if constexpr (X::kWordBytes == 4 && TILE == 2) {
-      st_relaxed(dst, w[0], w[1]);
-      return;
-    } else if constexpr (X::kWordBytes == 8 && TILE >= 2) {
-#pragma unroll
-      for (int t = 0; t < TILE; t += 2) st_relaxed(dst + t, w[t], w[t + 1]);
-      return;
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < TILE; ++t) st_relaxed(dst + t, w[t]);
-}
-
 // ---- cluster mode (sm_90 and newer; the host never launches it on older devices) -------------
 
 // One step's barrier of the whole cluster, release/acquire at cluster scope: every peer's pushes of
@@ -617,47 +596,55 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 }
 
 // ================================================================================================
-// The cells: what a row's head lane does with its gathered sum, per (phase, plane)
+// The cells: what a unit's cell lanes do with its gathered sums, per (phase, plane)
 // ================================================================================================
 //
-// A cell prefetches the sequence operands of one (phase, plane) into registers (issued one plane
-// ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
-// computes the TILE values to publish and writes the outputs. `h_prev` is the staged state of the
-// row in this plane (fp32, stride 1 per batch entry of the tile).
+// A unit's cell runs on its cell lanes: the first min(span, TILE) lanes of the unit (its G gate
+// runs, adjacent from the unit's lane), one batch entry t of the plane each, so the activations,
+// the outputs' stores and the operand loads of a plane run in parallel instead of TILE times on
+// one lane (Nsight Compute, LSTM H=1024 B=32: 74% of the warp instructions ran on one lane). A unit
+// whose span is narrower than the tile takes several rounds.
+//
+// A cell prefetches the sequence operands of one (phase, plane, entry) into registers (issued one
+// plane ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
+// computes the value to publish from the entry's G gate sums and writes the outputs. `h_prev` is
+// the entry's staged state (fp32), `cell` its cell-state slot (the LSTM's c; unused otherwise).
 
-// The frame of every forward cell's epilogue, per batch entry t of the plane: while the example
-// runs, the cell's new state `step(t)` (bits of D) and y at the step's position; past its end the
-// state is held and y is 0; at the last phase h_final, and whatever `at_last(t, gb)` adds (the LSTM's
-// c_final). Returns the published values.
-template <class S, int TILE, class Step, class AtLast>
-__device__ __forceinline__ void forward_epilogue(const PersistentParams& p, BatchSlice bs,
-                                                 const int* len, int unit, int s, int n_phases,
-                                                 int plane, const float* h_prev,
-                                                 float (&publish)[TILE], Step step, AtLast at_last) {
+// The frame of every forward cell's epilogue, for batch entry b of the slice: while the example
+// runs, the cell's new state `step()` (bits of D) and y at the step's position; past its end the
+// state is held and y is 0; at the last phase h_final, and whatever `at_last(gb)` adds (the LSTM's
+// c_final). Returns the published value (0 for the padding entries of a partial plane).
+template <class S, class Step, class AtLast>
+__device__ __forceinline__ float forward_epilogue(const PersistentParams& p, BatchSlice bs,
+                                                  const int* len, int unit, int s, int n_phases,
+                                                  int b, float h_prev, Step step, AtLast at_last) {
   using Bits = typename S::Bits;
+  if (b >= bs.n) return 0.0f;
   Bits* y = static_cast<Bits*>(p.seq_out);
-  Bits* h_final = static_cast<Bits*>(p.final_out);
-#pragma unroll
-  for (int t = 0; t < TILE; ++t) {
-    const int b = plane * TILE + t;
-    Bits hb = Bits(0);
-    if (b < bs.n) {
-      const int L = len[b];
-      const int gb = bs.b0 + b;
-      if (s < L) {
-        hb = step(t);
-        y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
-      } else {  // past this sequence's end: the state is frozen, y is 0
-        hb = S::to_bits(h_prev[t]);
-        y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
-      }
-      if (s + 1 == n_phases) {
-        h_final[static_cast<size_t>(gb) * p.H + unit] = hb;
-        at_last(t, gb);
-      }
-    }
-    publish[t] = S::to_float(hb);
+  const int L = len[b];
+  const int gb = bs.b0 + b;
+  Bits hb;
+  if (s < L) {
+    hb = step();
+    y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
+  } else {  // past this sequence's end: the state is frozen, y is 0
+    hb = S::to_bits(h_prev);
+    y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
   }
+  if (s + 1 == n_phases) {
+    static_cast<Bits*>(p.final_out)[static_cast<size_t>(gb) * p.H + unit] = hb;
+    at_last(gb);
+  }
+  return S::to_float(hb);
+}
+
+// Where the operands of (step s, entry b) of a [T, B, width] sequence operand are, or -1 when the
+// example does not run at s.
+__device__ __forceinline__ long long operand_at(const PersistentParams& p, BatchSlice bs,
+                                                const int* len, int s, int b, size_t width) {
+  if (b >= bs.n || s < 0 || s >= len[b]) return -1;
+  return static_cast<long long>((static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) *
+                                width);
 }
 
 template <class Cfg>
@@ -665,10 +652,10 @@ struct ForwardCell {
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
   static constexpr int TILE = Cfg::kTile;
-  Bits xr[TILE];
+  Bits xr;
 
   __device__ static int phases(int n_steps) { return n_steps; }
-  __device__ void init_unit(const PersistentParams&, BatchSlice, int /*unit*/, float* /*cell*/, int) {}
+  __device__ void init_entries(const PersistentParams&, BatchSlice, int, float*, int, int, int) {}
   __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
@@ -681,26 +668,17 @@ struct ForwardCell {
     }
   }
 
-  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int row, int s,
-                           int plane, int /*n_steps*/) {
-    const Bits* x = static_cast<const Bits*>(p.seq_a);
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      xr[t] = Bits(0);
-      if (b < bs.n && s < len[b])
-        xr[t] = __ldg(x + (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) * p.H +
-                      row);
-    }
+  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                           int b, int /*n_steps*/) {
+    const long long at = operand_at(p, bs, len, s, b, p.H);
+    xr = at >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + at + unit) : Bits(0);
   }
 
-  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int s,
-                         int n_phases, int plane, const float (&acc)[1][TILE], const float* h_prev,
-                         float* /*cell*/, float (&publish)[TILE]) const {
-    forward_epilogue<S, TILE>(
-        p, bs, len, row, s, n_phases, plane, h_prev, publish,
-        [&](int t) { return S::to_bits(activate(p.activation, acc[0][t] + S::to_float(xr[t]))); },
-        [](int, int) {});
+  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                          int n_phases, int b, const float (&z)[1], float h_prev, float* /*cell*/) const {
+    return forward_epilogue<S>(
+        p, bs, len, unit, s, n_phases, b, h_prev,
+        [&] { return S::to_bits(activate(p.activation, z[0] + S::to_float(xr))); }, [](int) {});
   }
 };
 
@@ -709,10 +687,10 @@ struct BackwardCell {
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
   static constexpr int TILE = Cfg::kTile;
-  Bits yr[TILE], dyr[TILE];  // y and dy at the step's position
+  Bits yr, dyr;  // y and dy at the step's position
 
   __device__ static int phases(int n_steps) { return n_steps + 1; }
-  __device__ void init_unit(const PersistentParams&, BatchSlice, int /*unit*/, float* /*cell*/, int) {}
+  __device__ void init_entries(const PersistentParams&, BatchSlice, int, float*, int, int, int) {}
   __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
   // Phase 0's matvec is never used (dh of the last step is dh_final): stage zeros.
@@ -722,51 +700,37 @@ struct BackwardCell {
   }
 
   // Phase r handles step s = n_steps - 1 - r (s = -1: the dh0 phase).
-  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int row, int r,
-                           int plane, int n_steps) {
-    const Bits* y = static_cast<const Bits*>(p.seq_a);
-    const Bits* dy = static_cast<const Bits*>(p.seq_b);
-    const int s = n_steps - 1 - r;
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      yr[t] = dyr[t] = Bits(0);
-      if (b < bs.n && s >= 0 && s < len[b]) {
-        const size_t at =
-            (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) * p.H + row;
-        yr[t] = __ldg(y + at);
-        dyr[t] = __ldg(dy + at);
-      }
-    }
+  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
+                           int b, int n_steps) {
+    const long long at = operand_at(p, bs, len, n_steps - 1 - r, b, p.H);
+    yr = at >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + at + unit) : Bits(0);
+    dyr = at >= 0 ? __ldg(static_cast<const Bits*>(p.seq_b) + at + unit) : Bits(0);
   }
 
-  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int row, int r,
-                         int n_phases, int plane, const float (&acc)[1][TILE], const float* /*h_prev*/,
-                         float* /*cell*/, float (&publish)[TILE]) const {
+  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
+                          int n_phases, int b, const float (&z)[1], float /*h_prev*/,
+                          float* /*cell*/) const {
+    if (b >= bs.n) return 0.0f;
     Bits* dx = static_cast<Bits*>(p.seq_out);
-    Bits* dh0 = static_cast<Bits*>(p.final_out);
-    const Bits* dh_final = static_cast<const Bits*>(p.init);
     const int s = n_phases - 2 - r;
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      publish[t] = 0.0f;
-      if (b >= bs.n) continue;
-      const int L = len[b];
-      const int gb = bs.b0 + b;
-      // dL/dh_s: the matvec of dz_{s+1} while the example was still running at s+1, else
-      // dh_final (loaded here, not prefetched: it is needed once per example).
-      const float dh = s + 1 < L ? acc[0][t] : S::to_float(__ldg(dh_final + static_cast<size_t>(gb) * p.H + row));
-      if (s < 0) {
-        dh0[static_cast<size_t>(gb) * p.H + row] = S::to_bits(dh);
-      } else if (s < L) {
-        const float dz = (dh + S::to_float(dyr[t])) * activation_grad(p.activation, S::to_float(yr[t]));
-        dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + row] = S::to_bits(dz);
-        publish[t] = dz;
-      } else {  // past this sequence's end: nothing flows back through its zero outputs
-        dx[(static_cast<size_t>(s) * p.B + gb) * p.H + row] = Bits(0);
-      }
+    const int L = len[b];
+    const int gb = bs.b0 + b;
+    // dL/dh_s: the matvec of dz_{s+1} while the example was still running at s+1, else dh_final
+    // (loaded here, not prefetched: it is needed once per example).
+    const float dh = s + 1 < L ? z[0]
+                               : S::to_float(__ldg(static_cast<const Bits*>(p.init) +
+                                                   static_cast<size_t>(gb) * p.H + unit));
+    if (s < 0) {
+      static_cast<Bits*>(p.final_out)[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(dh);
+      return 0.0f;
     }
+    if (s >= L) {  // past this sequence's end: nothing flows back through its zero outputs
+      dx[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
+      return 0.0f;
+    }
+    const float dz = (dh + S::to_float(dyr)) * activation_grad(p.activation, S::to_float(yr));
+    dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = S::to_bits(dz);
+    return dz;
   }
 };
 
@@ -774,11 +738,11 @@ struct BackwardCell {
 // ---- the gated cells' forward recurrences (LSTM, GRU): Flax's math (docs/gated.md) -------------
 //
 // The layout has G gate rows per hidden unit, the rows of unit i (i, H+i, ..., (G-1)H+i) on adjacent
-// runs of one warp in gate order (docs/format.md, invariant 5). After the segmented reduction the
-// kernel shuffles the G row sums to the lane that heads gate 0's run (the unit's lane, row = i < H),
-// which runs the cell, writes the outputs and publishes h. Only h is exchanged: the LSTM's c stays in
-// this CTA's shared memory for the whole sequence. c and h are rounded to D after every step, and
-// the LSTM's h' is computed from the rounded c', as the other implementations do.
+// runs of one warp in gate order (docs/format.md, invariant 5). After the segmented reduction each
+// cell lane takes its entry's G row sums from the heads of the unit's gate runs by shuffles, runs
+// the cell, writes the outputs and publishes h. Only h is exchanged: the LSTM's c stays in this
+// CTA's shared memory for the whole sequence. c and h are rounded to D after every step, and the
+// LSTM's h' is computed from the rounded c', as the other implementations do.
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
@@ -786,9 +750,8 @@ template <class Cfg>
 struct GatedInputs {
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
-  static constexpr int TILE = Cfg::kTile;
   static constexpr int G = Cfg::kGates;
-  Bits xr[G][TILE];  // the unit's G input projections at the step's position
+  Bits xr[G];  // the unit's G input projections at the step's position
 
   __device__ static int phases(int n_steps) { return n_steps; }
 
@@ -798,39 +761,29 @@ struct GatedInputs {
   }
 
   __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                           int plane, int /*n_steps*/) {
-    const Bits* x = static_cast<const Bits*>(p.seq_a);
+                           int b, int /*n_steps*/) {
+    const long long at = operand_at(p, bs, len, s, b, static_cast<size_t>(G) * p.H);
+    const Bits* x = static_cast<const Bits*>(p.seq_a) + (at >= 0 ? at + unit : 0);
 #pragma unroll
-    for (int t = 0; t < TILE; ++t) {
-      const int b = plane * TILE + t;
-      const bool active = b < bs.n && s < len[b];
-      const size_t at = active ? (static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) *
-                                         (static_cast<size_t>(G) * p.H) + unit
-                               : 0;
-#pragma unroll
-      for (int g = 0; g < G; ++g) xr[g][t] = active ? __ldg(x + at + static_cast<size_t>(g) * p.H) : Bits(0);
-    }
+    for (int g = 0; g < G; ++g) xr[g] = at >= 0 ? __ldg(x + static_cast<size_t>(g) * p.H) : Bits(0);
   }
 
-  __device__ float z(const float (&acc)[G][TILE], int g, int t) const {
-    return acc[g][t] + S::to_float(xr[g][t]);
-  }
-
+  __device__ float z(const float (&acc)[G], int g) const { return acc[g] + S::to_float(xr[g]); }
 };
 
 template <class Cfg>
 struct LstmCell : GatedInputs<Cfg> {
-  using Base = GatedInputs<Cfg>;
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
   static constexpr int TILE = Cfg::kTile;
 
-  // c0 of the unit into its cell-state slot, every plane (`cell` is plane 0's, planes `stride` apart).
-  __device__ void init_unit(const PersistentParams& p, BatchSlice bs, int unit, float* cell, int stride) {
+  // c0 of the unit's entries t_first, t_first + t_step, ... < TILE into their cell-state slots,
+  // every plane (`cell` is plane 0's entry 0, planes `stride` apart).
+  __device__ void init_entries(const PersistentParams& p, BatchSlice bs, int unit, float* cell,
+                               int stride, int t_first, int t_step) {
     const Bits* c0 = static_cast<const Bits*>(p.c_init);
     for (int plane = 0; plane < p.n_planes; ++plane)
-#pragma unroll
-      for (int t = 0; t < TILE; ++t) {
+      for (int t = t_first; t < TILE; t += t_step) {
         const int b = plane * TILE + t;
         cell[plane * stride + t] =
             b < bs.n ? S::to_float(__ldg(c0 + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
@@ -845,20 +798,19 @@ struct LstmCell : GatedInputs<Cfg> {
     for (size_t i = first; i < static_cast<size_t>(bs.n) * p.H; i += stride) c_final[i] = c0[i];
   }
 
-  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                         int n_phases, int plane, const float (&acc)[4][TILE], const float* h_prev,
-                         float* cell, float (&publish)[TILE]) const {
-    forward_epilogue<S, TILE>(
-        p, bs, len, unit, s, n_phases, plane, h_prev, publish,
-        [&](int t) {
-          const float i = sigmoid(this->z(acc, 0, t)), f = sigmoid(this->z(acc, 1, t));
-          const float g = tanhf(this->z(acc, 2, t)), o = sigmoid(this->z(acc, 3, t));
-          const float c = S::to_float(S::to_bits(f * cell[t] + i * g));
-          cell[t] = c;
+  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                          int n_phases, int b, const float (&acc)[4], float h_prev, float* cell) const {
+    return forward_epilogue<S>(
+        p, bs, len, unit, s, n_phases, b, h_prev,
+        [&] {
+          const float i = sigmoid(this->z(acc, 0)), f = sigmoid(this->z(acc, 1));
+          const float g = tanhf(this->z(acc, 2)), o = sigmoid(this->z(acc, 3));
+          const float c = S::to_float(S::to_bits(f * *cell + i * g));
+          *cell = c;
           return S::to_bits(o * tanhf(c));
         },
-        [&](int t, int gb) {
-          static_cast<Bits*>(p.c_final)[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(cell[t]);
+        [&](int gb) {
+          static_cast<Bits*>(p.c_final)[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(*cell);
         });
   }
 };
@@ -867,25 +819,24 @@ template <class Cfg>
 struct GruCell : GatedInputs<Cfg> {
   using S = typename Cfg::S;
   using Bits = typename S::Bits;
-  static constexpr int TILE = Cfg::kTile;
   float hn_bias = 0.0f;  // the unit's bias of the recurrent n term (inside the reset gate's product)
 
-  __device__ void init_unit(const PersistentParams& p, BatchSlice, int unit, float*, int) {
+  __device__ void init_entries(const PersistentParams& p, BatchSlice, int unit, float*, int, int, int) {
     hn_bias = __ldg(p.hn_bias + unit);
   }
   __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
-  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                         int n_phases, int plane, const float (&acc)[3][TILE], const float* h_prev,
-                         float* /*cell*/, float (&publish)[TILE]) const {
-    forward_epilogue<S, TILE>(
-        p, bs, len, unit, s, n_phases, plane, h_prev, publish,
-        [&](int t) {
-          const float r = sigmoid(this->z(acc, 0, t)), zg = sigmoid(this->z(acc, 1, t));
-          const float n = tanhf(S::to_float(this->xr[2][t]) + r * (acc[2][t] + hn_bias));
-          return S::to_bits((1.0f - zg) * n + zg * h_prev[t]);
+  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
+                          int n_phases, int b, const float (&acc)[3], float h_prev,
+                          float* /*cell*/) const {
+    return forward_epilogue<S>(
+        p, bs, len, unit, s, n_phases, b, h_prev,
+        [&] {
+          const float r = sigmoid(this->z(acc, 0)), zg = sigmoid(this->z(acc, 1));
+          const float n = tanhf(S::to_float(this->xr[2]) + r * (acc[2] + hn_bias));
+          return S::to_bits((1.0f - zg) * n + zg * h_prev);
         },
-        [](int, int) {});
+        [](int) {});
   }
 };
 
@@ -895,6 +846,26 @@ using CellOf = std::conditional_t<
     Cfg::kDirection == Direction::kForward, ForwardCell<Cfg>,
     std::conditional_t<Cfg::kDirection == Direction::kBackward, BackwardCell<Cfg>,
                        std::conditional_t<Cfg::kDirection == Direction::kLstm, LstmCell<Cfg>, GruCell<Cfg>>>>;
+
+// What a lane does in its unit's cell, packed into one register that the phase loop decodes per use
+// (kept whole, so the loop does not hold five more registers next to the register tier):
+//   bits 0-4   entry: the lane's first batch entry of a plane, 31 when it runs no cell;
+//   bits 5-10  the unit's span (lanes); 11-15 the unit's lane; 16: the lane belongs to a unit;
+//   bits 17-31 the lanes heading the unit's gates 1..G-1 (5 bits each; G <= 4).
+struct CellLane {
+  uint32_t bits;
+  __device__ CellLane(bool in_unit, int offset, int span, int unit_lane, uint32_t gate_lanes, int tile)
+      : bits(static_cast<uint32_t>(in_unit && offset < tile ? offset : 31) |
+             (static_cast<uint32_t>(in_unit ? span : 0) << 5) | (static_cast<uint32_t>(unit_lane) << 11) |
+             (static_cast<uint32_t>(in_unit) << 16) | (gate_lanes << 17)) {}
+  __device__ int entry() const { return bits & 31u; }
+  __device__ int span() const { return (bits >> 5) & 63u; }
+  __device__ int unit_lane() const { return (bits >> 11) & 31u; }
+  __device__ bool in_unit() const { return (bits >> 16) & 1u; }
+  __device__ bool runs_cell(int tile) const { return entry() < tile; }
+  // The head of gate g's run (g = 0: the unit's lane).
+  __device__ int gate_head(int g) const { return g == 0 ? unit_lane() : (bits >> (17 + 5 * (g - 1))) & 31u; }
+};
 
 // ================================================================================================
 // The persistent kernel
@@ -987,12 +958,12 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     // (Replicas hold the same layout: only the first one counts.)
     if (lane == 0 && heads != 0 && replica_of(p) == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
   }
-  // The lane that runs a unit's cell: the head of its (first) gate row.
+  // A unit's lane: the head of its (first) gate row.
   const bool is_unit = is_head && row < H;
+  const uint32_t units = __ballot_sync(kFullMask, is_unit);
   // Gated cells: the lanes heading gates 1..G-1 of this lane's unit (5 bits each), which are the
   // next G-1 run starts (invariant 5); checked against their rows. Other lanes name themselves.
   uint32_t gate_lanes = 0;
-  int unit_slot = 0;  // the LSTM's cell-state slot of a unit lane in this CTA
   if constexpr (G > 1) {
     uint32_t later = lane == 31 ? 0u : starts & (kFullMask << (lane + 1));
     bool bad_unit = false;
@@ -1006,9 +977,24 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
       bad_unit |= is_unit && src_row != g * H + row;
     }
     if (bad_unit) atomicOr(&s_error, kErrBadLayout);
-    const uint32_t units = __ballot_sync(kFullMask, is_unit);
-    unit_slot = warp * (32 / G) + __popc(units & ((1u << lane) - 1u));
   }
+  // The cell lanes (see "The cells"): a unit's lanes run from its lane to the end of its last gate
+  // run; lane unit_lane + t runs entry t of a plane for t < min(span, TILE), and entries t + span,
+  // t + 2 span, ... in later rounds where the span is narrower than the tile.
+  const uint32_t units_upto = units & (kFullMask >> (31 - lane));
+  const int unit_lane = units_upto ? 31 - __clz(units_upto) : lane;
+  int last_gate_head = lane;
+  if constexpr (G > 1) last_gate_head = (gate_lanes >> (5 * (G - 2))) & 31u;
+  // One past the unit's last lane: the seg_end of its last gate's head.
+  const int unit_end = __shfl_sync(kFullMask, __shfl_sync(kFullMask, seg_end, last_gate_head), unit_lane);
+  const bool in_unit = units_upto != 0 && lane < unit_end;
+  const int span = unit_end - unit_lane;
+  const int rounds = __reduce_max_sync(kFullMask, is_unit ? (TILE + span - 1) / span : 0);
+  CellLane cell_lane{in_unit, lane - unit_lane, span, unit_lane,
+                     __shfl_sync(kFullMask, gate_lanes, unit_lane), TILE};
+  const int unit = __shfl_sync(kFullMask, row, unit_lane);
+  // The LSTM's cell-state slot of the unit in this CTA (a warp holds at most 32/G units).
+  const int unit_slot = warp * (32 / G) + __popc(units & ((1u << unit_lane) - 1u));
 
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
   //      only), the rest go to shared memory as [warp][slot][lane] (conflict-free).
@@ -1075,9 +1061,11 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     Cell cell;
     // The LSTM's cell state: [plane][unit slot][tile], a warp holding 32/G unit slots.
     const int cell_plane_floats = warps_per_cta * (32 / G) * TILE;
-    if (is_unit) {
-      cell.init_unit(p, batch_slice(p), row, cell_state + unit_slot * TILE, cell_plane_floats);
-      cell.prefetch(p, batch_slice(p), len_smem, row, 0, 0, n_steps);
+    float* const unit_cell = cell_state + unit_slot * TILE;  // the LSTM's c of the unit, plane 0
+    if (cell_lane.runs_cell(TILE)) {
+      cell.init_entries(p, batch_slice(p), unit, unit_cell, cell_plane_floats, cell_lane.entry(),
+                        cell_lane.span());
+      cell.prefetch(p, batch_slice(p), len_smem, unit, 0, cell_lane.entry(), n_steps);
     }
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
@@ -1130,55 +1118,62 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           }
         }
 
-        // The unit's G gate sums, at its lane (gate g's sum from the head of gate g's run).
-        float gate_acc[G][TILE];
+        // The cells, on the cell lanes: entry t's G gate sums from the heads of the unit's gate
+        // runs (every lane takes part in the shuffles; each keeps its own entry's sums).
+        float* const h_next = (s & 1) ? h_stage0 : h_stage1;  // cluster mode: the peers' next copy
+        launder(cell_lane.bits);
+        float out = 0.0f;
+        for (int r = 0; r < rounds; ++r) {  // rounds is warp-uniform (1 unless a span < TILE)
+          const int t = cell_lane.entry() + r * cell_lane.span();
+          float z[G];
 #pragma unroll
-        for (int t = 0; t < TILE; ++t) gate_acc[0][t] = acc[t];
+          for (int g = 0; g < G; ++g) {
+            const int src = cell_lane.gate_head(g);
+            z[g] = 0.0f;
 #pragma unroll
-        for (int g = 1; g < G; ++g) {
-          const int src = (gate_lanes >> (5 * (g - 1))) & 31u;
-#pragma unroll
-          for (int t = 0; t < TILE; ++t) gate_acc[g][t] = __shfl_sync(kFullMask, acc[t], src);
-        }
-
-        float out[TILE];
-        if (is_unit) {
-          cell.finish(p, batch_slice(p), len_smem, row, s, n_phases, plane, gate_acc, hp + row * TILE,
-                      cell_state + plane * cell_plane_floats + unit_slot * TILE, out);
-          if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
-            Word words[TILE];
-#pragma unroll
-            for (int t = 0; t < TILE; ++t) words[t] = X::make_word(out[t], out_tag);
-            if (plane < n_full_planes) {
-              publish_tile<X, TILE>(dst_buf + plane * plane_floats + row * TILE, words,
-                                    p.exchange_vector != 0);
-            } else {
-              Word* dst = dst_buf + n_full_words + row * partial_rem;
-#pragma unroll
-              for (int t = 0; t < TILE; ++t)
-                if (t < partial_rem) st_relaxed(dst + t, words[t]);
+            for (int u = 0; u < TILE; ++u) {
+              const float v = __shfl_sync(kFullMask, acc[u], src);
+              if (u == t) z[g] = v;
             }
           }
-          // Prefetch the operands of the next (phase, plane).
-          if (plane + 1 < n_planes) {
-            cell.prefetch(p, batch_slice(p), len_smem, row, s, plane + 1, n_steps);
-          } else if (s + 1 < n_phases) {
-            cell.prefetch(p, batch_slice(p), len_smem, row, s + 1, 0, n_steps);
+          if (t < TILE) {
+            const int b = plane * TILE + t;
+            if (r > 0) cell.prefetch(p, batch_slice(p), len_smem, unit, s, b, n_steps);  // not ahead
+            out = cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z, hp[unit * TILE + t],
+                              unit_cell + plane * cell_plane_floats + t);
+            if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
+              const Word word = X::make_word(out, out_tag);
+              if (plane < n_full_planes) {
+                st_relaxed(dst_buf + plane * plane_floats + unit * TILE + t, word);
+              } else if (t < partial_rem) {
+                st_relaxed(dst_buf + n_full_words + unit * partial_rem + t, word);
+              }
+            }
+            if (in_cluster && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
+              const float v[1] = {out};
+              push_tile<1>(h_next + plane * plane_floats + unit * TILE + t, v, 0, 1, p.cluster);
+            }
           }
         }
-        if (in_cluster && !last_phase) {
-          // Into the other staged copy of every peer. The row's lanes share the N pushes: lane j
-          // of a run of len lanes takes ranks j, j + len, ... (the run's head is recomputed here
-          // rather than kept in a register through the loop).
-          const int prev_row_now = __shfl_up_sync(kFullMask, row, 1);
-          const uint32_t run_starts = __ballot_sync(kFullMask, lane == 0 || row != prev_row_now);
-          const int head = 31 - __clz(run_starts & (kFullMask >> (31 - lane)));
+        // Prefetch the operands of the next (phase, plane) for this lane's first entry.
+        if (cell_lane.runs_cell(TILE)) {
+          if (plane + 1 < n_planes) {
+            cell.prefetch(p, batch_slice(p), len_smem, unit, s, (plane + 1) * TILE + cell_lane.entry(),
+                          n_steps);
+          } else if (s + 1 < n_phases) {
+            cell.prefetch(p, batch_slice(p), len_smem, unit, s + 1, cell_lane.entry(), n_steps);
+          }
+        }
+        if (in_cluster && !last_phase && rounds == 1) {
+          // Into the other staged copy of every peer: every lane of the unit takes the plane's TILE
+          // new values from the cell lanes (spans are at least TILE wide here), and lane j of a span
+          // of n lanes pushes them to ranks j, j + n, ... (a gated unit's lanes push h only).
+          float v[TILE];
 #pragma unroll
-          for (int t = 0; t < TILE; ++t) out[t] = __shfl_sync(kFullMask, out[t], head);
-          if (row >= 0 && row < H) {  // a unit's run (a gated cell's other gate rows publish nothing)
-            float* const h_next = (s & 1) ? h_stage0 : h_stage1;
-            push_tile<TILE>(h_next + plane * plane_floats + row * TILE, out, lane - head,
-                            seg_end - head, p.cluster);
+          for (int u = 0; u < TILE; ++u) v[u] = __shfl_sync(kFullMask, out, (cell_lane.unit_lane() + u) & 31);
+          if (cell_lane.in_unit()) {
+            push_tile<TILE>(h_next + plane * plane_floats + unit * TILE, v, lane - cell_lane.unit_lane(),
+                            cell_lane.span(), p.cluster);
           }
         }
       }
