@@ -132,22 +132,22 @@ def auto_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     return kernel > SWITCH_MARGIN * dense, why
 
 
-# The gated cells' forward kernels (LSTM, GRU): the simple cell's step plus the gate epilogue per
-# batch plane (the unit's lane gathers G sums by shuffles and runs G activations); XLA's dense step
-# of a gated cell moves G times the weights and runs its gates' elementwise ops. Fitted to the gated
-# suite's runs (H200, fp16, 10%, H = 1024 and 2048, B = 1-32, 2026-12-02:
-# benchmarks/results/gated_*_2026-12-02.json): the kernel within about 20% at 1-8 planes, XLA's
-# dense LSTM/GRU step at 15-26 µs for H = 2048, B = 32.
-GATED_PLANE_US = 0.6
-DENSE_GATED_MIN_US = 12.0
+# The gated cells' forward kernels (LSTM, GRU): the simple cell's step estimate (a unit's cell runs
+# on one lane per batch entry of the plane, in parallel, so the gates add no measurable time per
+# plane), against XLA's dense step of a gated cell, which moves G times the weights and runs its
+# gates' elementwise ops: at least DENSE_GATED_MIN_US. Fitted to the gated suite's run of
+# 2026-12-02 (benchmarks/results/gated_lanes_2026-12-02.json, H200, fp16, 10%, H = 1024): the kernel
+# 2.3-4.6 µs at B = 1-8 and 15.0-16.5 at B = 32 (the estimate: 3.9-6.1 and 19.8), XLA's dense LSTM
+# and GRU steps 26.6-31.5 µs at B = 32 (15-26 at H = 2048, B = 32, in the earlier runs).
+DENSE_GATED_MIN_US = 20.0
 
 
 def gated_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     """Whether ``method="auto"`` should run a gated cell's dense XLA path although its kernel fits
-    (wide batches, whose planes the kernel walks one after the other), and why."""
+    (very wide batches, whose planes the kernel walks one after the other), and why."""
     if np.dtype(dtype).itemsize != 2:
         return False, "float32 storage: the persistent kernel"
-    kernel = kernel_step_us(meta, batch) + batch_planes(meta, batch) * GATED_PLANE_US
+    kernel = kernel_step_us(meta, batch)
     dense = max(DENSE_GATED_MIN_US,
                 np.dtype(dtype).itemsize * meta.gates * meta.hidden ** 2 / DENSE_BYTES_PER_US)
     why = (f"estimated {kernel:.1f} µs per step for the persistent kernel ({batch_planes(meta, batch)} "
