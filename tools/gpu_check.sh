@@ -3,6 +3,7 @@
 # command on a machine with an NVIDIA GPU. Logs go to $OUT (or ./out).
 #   tools/gpu_check.sh [tests|suite|sanitize|all] [pytest args (default: the whole tests/ folder)]
 #   SUITE=paper|sweep|capacity|training|ablation SUITE_ARGS=--quick tools/gpu_check.sh suite
+#     (SUITE="gated sweep" SUITE_ARGS_gated=... SUITE_ARGS_sweep=...: arguments per suite)
 #     (python benchmarks/run.py --suite ...; 'bench' is another name for 'suite'; all = tests,suite)
 #   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
 #   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/)
@@ -84,7 +85,8 @@ if has suite || has bench || has all; then
     echo "== benchmark suite $suite"
     budget=()
     if [ -n "${DEADLINE_S:-}" ]; then budget=(--budget-s $(( DEADLINE_S - $(date +%s) + script_start ))); fi
-    python3 "$OLDPWD/benchmarks/run.py" --suite "$suite" --out "$OUT/suite_$suite" ${SUITE_ARGS:-} "${budget[@]}" 2>&1 | tee "$OUT/suite_$suite.log" | tail -40
+    args_var="SUITE_ARGS_$suite"  # per-suite arguments (SUITE_ARGS_sweep=...) override SUITE_ARGS
+    python3 "$OLDPWD/benchmarks/run.py" --suite "$suite" --out "$OUT/suite_$suite" ${!args_var:-${SUITE_ARGS:-}} "${budget[@]}" 2>&1 | tee "$OUT/suite_$suite.log" | tail -40
   done
 fi
 if has reliability; then
