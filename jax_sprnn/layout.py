@@ -55,6 +55,27 @@ def lane_of_slot(meta: LayoutMeta) -> np.ndarray:
     return (flat // (WARP * meta.slots_per_lane)) * WARP + flat % WARP
 
 
+def unit_spans(lane_row: np.ndarray, hidden: int, gates: int = 1) -> np.ndarray:
+    """``[hidden]``: how many lanes each unit's rows hold together: from the start of its first
+    gate's run (row ``i``) to the end of its last gate's run (row ``(gates - 1) * hidden + i``),
+    which follow in one warp (docs/format.md, invariants 1 and 5). The persistent kernel runs a
+    unit's cell on the first ``min(span, tile)`` of these lanes, one batch entry each, and takes
+    ``ceil(tile / span)`` rounds where a span is narrower than the batch tile."""
+    lane_row = np.asarray(lane_row).reshape(-1, WARP)
+    lanes = np.arange(WARP)
+    starts = np.ones(lane_row.shape, bool)
+    starts[:, 1:] = lane_row[:, 1:] != lane_row[:, :-1]
+    spans = np.zeros(hidden, np.int64)
+    for warp, start in zip(lane_row, starts):
+        heads = lanes[start]
+        ends = np.append(heads[1:], WARP)  # one past each run's last lane
+        for k, lane in enumerate(heads):
+            unit = warp[lane]
+            if 0 <= unit < hidden:
+                spans[unit] = ends[min(k + gates - 1, len(heads) - 1)] - lane
+    return spans
+
+
 def decode_columns(indices: np.ndarray) -> np.ndarray:
     """Columns read by each slot (padding slots store ``~j``)."""
     indices = np.asarray(indices)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import _constants, _native, fallback, planner
+from jax_sprnn import _constants, _native, fallback, layout, planner
 from jax_sprnn.primitives import sprnn_gru_p, sprnn_lstm_p
 from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_gated_problem, rel_err
 
@@ -105,6 +105,22 @@ def test_grid_and_cluster_modes_agree_bitwise(gates, load_bytes, n_ctas):
         cluster = bind(gates, w, x, c0, h0, b, lengths, exchange_mode="cluster")
         for a, c in zip(jax.tree_util.tree_leaves(grid), jax.tree_util.tree_leaves(cluster)):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+
+
+@pytest.mark.parametrize("exchange_mode", ["grid", "cluster"])
+def test_units_narrower_than_the_tile_take_rounds(exchange_mode):
+    """A GRU unit whose three gate runs hold fewer lanes than the batch tile runs its cell in two
+    rounds of cell lanes (layout.unit_spans); B = 6 adds a partial plane."""
+    w, x, c0, h0, b = problem(3, 64, 6, 9, 0.03, "float16", seed=11, load_bytes=16)
+    tile = w.meta.load_bytes // 4
+    assert layout.unit_spans(np.asarray(w.lane_row), 64, 3).min() < tile
+    if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
+                                           and _native.current_device_spec().cluster_launch):
+        pytest.skip("this layout or device has no cluster mode")
+    lengths = lengths_of(6, 9, 3)
+    for reverse in (False, True):
+        got = bind(3, w, x, c0, h0, b, lengths, reverse=reverse, exchange_mode=exchange_mode)
+        assert_close(got, xla_path(3, w, x, c0, h0, b, lengths, reverse=reverse), "float16")
 
 
 @pytest.mark.parametrize("gates", [4, 3])

@@ -204,3 +204,26 @@ def test_packing_options_change_the_layout_not_the_result():
     want = js.sparse_rnn(x, h0, aware)[0]
     for w in (plain, narrow):  # another summation order: float32 rounding only
         assert rel_err(js.sparse_rnn(x, h0, w)[0], want) < 1e-6
+
+
+def test_unit_spans_by_hand():
+    # H = 2, G = 2: unit 0 is rows 0 (lanes 0-2) and 2 (lanes 3-4); unit 1 is rows 1 (lane 5) and 3
+    # (lanes 6-9); the rest of the warp is idle.
+    lane_row = np.full(32, -1, np.int32)
+    lane_row[:10] = [0, 0, 0, 2, 2, 1, 3, 3, 3, 3]
+    np.testing.assert_array_equal(layout.unit_spans(lane_row, 2, gates=2), [5, 5])
+    # the simple cell: a unit is its row
+    np.testing.assert_array_equal(layout.unit_spans(lane_row, 4), [3, 1, 2, 4])
+
+
+@pytest.mark.parametrize("gates, hidden, density", [(1, 77, 0.05), (1, 300, 0.1), (3, 64, 0.05),
+                                                    (4, 130, 0.2), (3, 200, 0.3)])
+def test_unit_spans_cover_every_used_lane_once(gates, hidden, density):
+    """Every lane that serves a row belongs to exactly one unit's span, and a span holds at least
+    one lane per gate (the kernel's cell lanes come from the spans)."""
+    rng = np.random.default_rng(hidden)
+    kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32)
+    w = js.SparseWeights.from_dense(kernel, density=density)
+    spans = layout.unit_spans(np.asarray(w.lane_row), hidden, gates)
+    assert spans.sum() == int((np.asarray(w.lane_row) >= 0).sum())
+    assert spans.min() >= gates
