@@ -565,3 +565,18 @@ def test_backward_from_outputs_equals_autodiff_of_the_xla_scan(cell, dtype, reve
             continue
         for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(r)):
             assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.parametrize("gates", [3, 4])
+def test_weights_closed_over_are_not_folded_into_a_dense_constant(gates):
+    """A jitted gradient that closes over the weights (constants of the program): the dense
+    kernel that the XLA paths scatter from the packed arrays must not be folded by XLA at compile
+    time (8 s at H = 1024 before the optimization barrier), i.e. no [H, G*H] constant remains."""
+    from jax_sprnn.testing import make_gated_problem, run_gated
+    H = 40
+    w, x, c0, h0, hn_bias = make_gated_problem(3, gates, H, 2, 5, 0.2)
+    loss = lambda x, h0: run_gated(gates, x, c0, h0, w, hn_bias)[0].sum()  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, h0).compile().as_text()
+    dense = f"f32[{H},{gates * H}]"
+    folded = [line for line in hlo.splitlines() if dense in line and " constant(" in line]
+    assert not folded, folded[:2]
