@@ -77,8 +77,9 @@ ffi::Error check_indices(const char* who, const int32_t* indices, const int32_t*
       return ffi::Error::InvalidArgument(
           std::string(who) + ": lane_row[" + std::to_string(g) + "] = " + std::to_string(row) +
           " is out of range [-1, " + std::to_string(lay.rows()) + ") (" +
-          (lay.gates == 1 ? std::string("the H rows") : "the G*H = " + std::to_string(lay.gates) + "*" +
-                                                            std::to_string(lay.hidden) + " gate rows") +
+          (lay.rows() == lay.hidden ? std::string("the H rows")
+                                    : "the G*H = " + std::to_string(lay.gates) + "*" +
+                                          std::to_string(lay.hidden) + " gate rows") +
           ")");
     const bool continues = g % kWarpSize != 0 && lane_row[g - 1] == row;
     if (row < 0 || continues) continue;
@@ -91,10 +92,10 @@ ffi::Error check_indices(const char* who, const int32_t* indices, const int32_t*
   const int64_t n = lay.num_lanes * lay.slots;
   for (int64_t e = 0; e < n; ++e) {
     int64_t j = column_of(indices[e]);
-    if (j >= lay.hidden)
+    if (j >= lay.cols())
       return ffi::Error::InvalidArgument(std::string(who) + ": indices[" + std::to_string(e) +
-                                         "] names column " + std::to_string(j) + " >= hidden " +
-                                         std::to_string(lay.hidden));
+                                         "] names column " + std::to_string(j) + " >= " +
+                                         (lay.transposed ? "G*H " : "hidden ") + std::to_string(lay.cols()));
   }
   return ffi::Error::Success();
 }
@@ -114,11 +115,12 @@ ffi::Error check_lengths(const char* who, const int32_t* lengths, int64_t B, int
 ffi::Error check_packed(const char* who, int64_t hidden, int64_t gates, ffi::Buffer<ffi::S32> indices,
                         ffi::Buffer<ffi::S32> lane_row, int64_t num_values, int64_t slots_per_lane,
                         int64_t activation, ffi::Buffer<ffi::S32> lengths, int64_t B, int64_t T,
-                        Layout* lay) {
+                        Layout* lay, bool transposed = false) {
   if (auto e = check_layout(who, hidden, gates, indices.element_count(), lane_row.element_count(),
                             slots_per_lane, activation, lay);
       e.failure())
     return e;
+  lay->transposed = transposed;
   if (num_values >= 0 && num_values != int64_t(indices.element_count()))
     return ffi::Error::InvalidArgument(std::string(who) + ": the values and the indices must have the same size");
   if (auto e = check_indices(who, indices.typed_data(), lane_row.typed_data(), *lay); e.failure()) return e;
@@ -916,6 +918,177 @@ void weight_grad(const void* y, const void* h0, const void* dz, const int32_t* i
   }
 }
 
+// ---- the gated cells' backward recurrence (docs/gated.md) ---------------------------------------
+//
+// What jax_sprnn/gated_backward.py's scan computes in XLA, with the same rounding points: per step,
+// from the last to the first, the cell's local derivative per unit gives the gate pre-activations'
+// cotangents dx, the recurrent products' cotangents du (both written out: du feeds the weight
+// gradient) and the carry's direct part; then the state's cotangent one step earlier is that part
+// plus U^T du, the product over the transposed layout's rows (unit j's weights into every gate
+// column), with du rounded to the storage type as the 16-bit product there reads it. The operands
+// are in step order: example b runs steps [0, lengths[b]); past that its carry is held and its dx
+// and du are 0. The two cotangents of h' (the carry's and dy's) meet in the storage type, as do the
+// LSTM's two of c'.
+
+struct GatedBackwardCall {
+  const void *x, *h_before, *c_before, *dy, *dh_final, *dc_final, *values_t;  // storage type
+  const float *u, *hn_bias;
+  const int32_t *indices_t, *lane_row_t, *lengths;
+  void *dx, *dh0, *dc0;  // storage type
+  float *du, *dbias;
+  int64_t T, B;
+};
+
+// The cells' backward for units [i0, i0 + n) of one running example at one step, in loops over the
+// units that vectorize (the activations are straight-line code). In: x and u (the step's [G*H] rows
+// at unit i0), h and c of the state the step started from, dh (h' cotangent: the carry's and dy's,
+// met in the storage type) and, for the LSTM, dc (c' cotangent; replaced by that of c). Out: dx
+// and du (the step's [G*H] rows at unit i0) and `direct` (the part of dh of the state before that
+// does not go through U: the GRU's dh * z, rounded; the LSTM has none). z: scratch for 5 n floats.
+template <typename S>
+JAX_SPRNN_INLINE void lstm_cells_backward(const typename S::Raw* x, const float* u, int64_t H, int64_t n,
+                                          const typename S::Raw* c, const float* dh, float* dc,
+                                          float* dx, float* du, float* z) {
+  float *si = z, *sf = z + n, *tg = z + 2 * n, *so = z + 3 * n, *tc = z + 4 * n;
+  for (int64_t k = 0; k < n; ++k) si[k] = sigmoid_f32(S::load(x[k]) + u[k]);
+  for (int64_t k = 0; k < n; ++k) sf[k] = sigmoid_f32(S::load(x[H + k]) + u[H + k]);
+  for (int64_t k = 0; k < n; ++k) tg[k] = tanh_f32(S::load(x[2 * H + k]) + u[2 * H + k]);
+  for (int64_t k = 0; k < n; ++k) so[k] = sigmoid_f32(S::load(x[3 * H + k]) + u[3 * H + k]);
+  for (int64_t k = 0; k < n; ++k) tc[k] = tanh_f32(S::load(S::store(sf[k] * S::load(c[k]) + si[k] * tg[k])));
+  for (int64_t k = 0; k < n; ++k) {
+    const float d = S::load(S::store(dc[k] + S::load(S::store(dh[k] * so[k] * (1.0f - tc[k] * tc[k])))));
+    du[k] = d * tg[k] * (si[k] * (1.0f - si[k]));
+    du[H + k] = d * S::load(c[k]) * (sf[k] * (1.0f - sf[k]));
+    du[2 * H + k] = d * si[k] * (1.0f - tg[k] * tg[k]);
+    du[3 * H + k] = dh[k] * tc[k] * (so[k] * (1.0f - so[k]));
+    dc[k] = S::load(S::store(d * sf[k]));
+  }
+  for (int64_t k = 0; k < 4 * H; k += H)
+    for (int64_t j = 0; j < n; ++j) dx[k + j] = du[k + j];
+}
+
+template <typename S>
+JAX_SPRNN_INLINE void gru_cells_backward(const typename S::Raw* x, const float* u, int64_t H, int64_t n,
+                                         const typename S::Raw* h, const float* hn_bias, const float* dh,
+                                         float* direct, float* dx, float* du, float* z) {
+  float *r = z, *zg = z + n, *a = z + 2 * n, *nn = z + 3 * n;
+  for (int64_t k = 0; k < n; ++k) r[k] = sigmoid_f32(S::load(x[k]) + u[k]);
+  for (int64_t k = 0; k < n; ++k) zg[k] = sigmoid_f32(S::load(x[H + k]) + u[H + k]);
+  for (int64_t k = 0; k < n; ++k) a[k] = u[2 * H + k] + hn_bias[k];
+  for (int64_t k = 0; k < n; ++k) nn[k] = tanh_f32(S::load(x[2 * H + k]) + r[k] * a[k]);
+  for (int64_t k = 0; k < n; ++k) {
+    const float dn = dh[k] * (1.0f - zg[k]) * (1.0f - nn[k] * nn[k]);
+    dx[k] = dn * a[k] * (r[k] * (1.0f - r[k]));
+    dx[H + k] = (dh[k] * S::load(h[k]) - dh[k] * nn[k]) * (zg[k] * (1.0f - zg[k]));
+    dx[2 * H + k] = dn;
+    du[k] = dx[k];
+    du[H + k] = dx[H + k];
+    du[2 * H + k] = dn * r[k];
+    direct[k] = S::load(S::store(dh[k] * zg[k]));
+  }
+}
+
+template <typename S>
+void gated_backward(const GatedBackwardCall& call, const Layout& lay, ffi::ThreadPool* pool) {
+  using Raw = typename S::Raw;
+  const int64_t T = call.T, B = call.B, H = lay.hidden, G = lay.gates, W = G * H;
+  const bool lstm = G == kLstm;
+  const int64_t BT = tile_width(B), tiles = (B + BT - 1) / BT;
+  const RowsCache::Lease lease = RowsCache::instance().take();
+  Rows& rows = *lease;
+  const int64_t threads = threads_for(pool, lay.num_lanes * lay.slots * tiles * BT + 16 * W * B);
+  build_rows<S>(rows, call.indices_t, call.lane_row_t, lay, call.values_t, pool, threads);
+  const auto products = recurrence_kernels(rows, BT, [](auto) { return 0; }).products;
+
+  const auto* x = static_cast<const Raw*>(call.x);
+  const auto* hb = static_cast<const Raw*>(call.h_before);
+  const auto* cb = static_cast<const Raw*>(call.c_before);
+  const auto* dy = static_cast<const Raw*>(call.dy);
+  auto* dx = static_cast<Raw*>(call.dx);
+  float* du = call.du;
+  // The carries, rounded to the storage type: dh (and the LSTM's dc) of the state a step starts
+  // from; `direct`: dh's part that does not go through U (the GRU's dh * z; 0 for the LSTM).
+  std::vector<float> dh(B * H), dc(lstm ? B * H : 0), direct(B * H, 0.0f), dbias(H, 0.0f);
+  for (int64_t e = 0; e < B * H; ++e) dh[e] = S::load(static_cast<const Raw*>(call.dh_final)[e]);
+  for (int64_t e = 0; lstm && e < B * H; ++e) dc[e] = S::load(static_cast<const Raw*>(call.dc_final)[e]);
+  AlignedFloats staged(tiles * W * BT);  // the step's du, [tiles][G*H][BT], what U^T multiplies
+  std::atomic<uint8_t> nonfinite{0};     // some staged du of the step is Inf or NaN
+  const std::vector<int64_t> bounds = balanced_units(rows, 1, threads, tiles * BT, 16 * G * B);
+  // per thread: the products' sums ([units][BT]), or the cells' scratch (5 n + n + 2 G H floats)
+  const int64_t widest_chunk = widest(bounds);
+  std::vector<std::vector<float>> scratch(
+      threads, std::vector<float>(std::max(widest_chunk * BT, 6 * widest_chunk + 2 * W)));
+
+  // Stage 2k: the cells of step s = T-1-k on units [i0, i1); stage 2k+1: their rows of U^T du.
+  auto stage = [&](int64_t q, int64_t c, int64_t thread) {
+    const int64_t s = T - 1 - q / 2, i0 = bounds[c], i1 = bounds[c + 1];
+    if (q % 2 == 0) {
+      const int64_t n = i1 - i0;
+      float* z = scratch[thread].data();  // 5 n floats of the cells, then dh, dx and du of the units
+      float *dh_out = z + 5 * n, *dxs = dh_out + n, *dus = dxs + W;
+      bool finite = true;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t at = s * B + b;
+        float* tile = staged.data + (b / BT) * W * BT + b % BT;
+        if (s < call.lengths[b]) {
+          for (int64_t k = 0; k < n; ++k)
+            dh_out[k] = S::load(S::store(dh[b * H + i0 + k] + S::load(dy[at * H + i0 + k])));
+          if (lstm) {
+            lstm_cells_backward<S>(x + at * W + i0, call.u + at * W + i0, H, n, cb + at * H + i0, dh_out,
+                                   dc.data() + b * H + i0, dxs, dus, z);
+          } else {
+            gru_cells_backward<S>(x + at * W + i0, call.u + at * W + i0, H, n, hb + at * H + i0,
+                                  call.hn_bias + i0, dh_out, direct.data() + b * H + i0, dxs, dus, z);
+            for (int64_t k = 0; k < n; ++k) dbias[i0 + k] += dus[2 * H + k];
+          }
+        } else {  // past the example's end: no cotangent flows, the carry is held
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t k = 0; k < n; ++k) dxs[g * H + k] = dus[g * H + k] = 0.0f;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          Raw* dxp = dx + at * W + g * H + i0;
+          float* dup = du + at * W + g * H + i0;
+          float* tp = tile + (g * H + i0) * BT;
+          uint32_t bad = 0;
+          for (int64_t k = 0; k < n; ++k) {
+            dxp[k] = S::store(dxs[g * H + k]);
+            dup[k] = dus[g * H + k];
+            const float v = S::load(S::store(dus[g * H + k]));  // the 16-bit product reads du in D
+            tp[k * BT] = v;
+            bad |= not_finite(v);
+          }
+          finite &= bad == 0;
+        }
+      }
+      if (!finite) nonfinite.store(1, std::memory_order_relaxed);
+    } else {
+      float* acc = scratch[thread].data();
+      const bool some_nonfinite = nonfinite.load(std::memory_order_relaxed) != 0;
+      int32_t count[16];  // BT <= 16
+      for (int64_t t = 0; t < tiles; ++t) {
+        const float* tile = staged.data + t * W * BT;
+        if (some_nonfinite) count_nonfinite(tile, W, BT, count);
+        products(rows, i0, i1, tile, some_nonfinite ? count : nullptr, acc);
+        for (int64_t j = 0; j < BT && t * BT + j < B; ++j) {
+          const int64_t b = t * BT + j;
+          if (s >= call.lengths[b]) continue;  // the carry is held
+          for (int64_t i = i0; i < i1; ++i)
+            dh[b * H + i] = S::load(S::store(direct[b * H + i] + acc[(i - i0) * BT + j]));
+        }
+      }
+    }
+  };
+  // (The nonfinite flag is per call, not per step: once set, later steps count too, which only
+  // costs time.)
+  cpu::run_stages(pool, threads, 2 * T, threads, stage);
+
+  auto* dh0 = static_cast<Raw*>(call.dh0);
+  for (int64_t e = 0; e < B * H; ++e) dh0[e] = S::store(dh[e]);
+  auto* dc0 = static_cast<Raw*>(call.dc0);
+  for (size_t e = 0; e < dc.size(); ++e) dc0[e] = S::store(dc[e]);
+  if (call.dbias != nullptr) std::copy(dbias.begin(), dbias.end(), call.dbias);
+}
+
 // ---- the handlers ------------------------------------------------------------------------------
 
 // run(S{}) for the storage type `dt`, or the error that names the dtypes there are.
@@ -1050,6 +1223,73 @@ ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer 
   return with_storage_type(who, dt, [&](auto type) { forward<decltype(type)>(call, lay, &pool); });
 }
 
+// The gated cells' backward recurrence (docs/format.md, "jax_sprnn_gated_backward"): operands in
+// step order, the kernel's transposed layout.
+ffi::Error GatedBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> u, ffi::AnyBuffer h_before,
+                             ffi::AnyBuffer c_before, ffi::AnyBuffer dy, ffi::AnyBuffer dh_final,
+                             ffi::AnyBuffer dc_final, ffi::Buffer<ffi::F32> hn_bias, ffi::AnyBuffer values_t,
+                             ffi::Buffer<ffi::S32> indices_t, ffi::Buffer<ffi::S32> lane_row_t,
+                             ffi::Buffer<ffi::S32> lengths, ffi::Result<ffi::AnyBuffer> dx,
+                             ffi::Result<ffi::Buffer<ffi::F32>> du, ffi::Result<ffi::AnyBuffer> dh0,
+                             ffi::Result<ffi::AnyBuffer> dc0, ffi::Result<ffi::Buffer<ffi::F32>> dbias,
+                             int64_t gates, int64_t slots_per_lane, ffi::ThreadPool pool) {
+  const char* who = "jax_sprnn_gated_backward";
+  const bool lstm = gates == kLstm;
+  GatedChecks check{who, lstm ? "for the LSTM (gates = 4)" : "for the GRU (gates = 3)"};
+  if (gates != kGru && gates != kLstm)
+    return check.fail("gates must be 3 (GRU) or 4 (LSTM), got " + std::to_string(gates));
+  const Dims dims = x.dimensions();
+  if (dims.size() != 3 || dims[2] % gates != 0)
+    return check.fail("x must be [T, B, G*H] with G = gates = " + std::to_string(gates) + ", got " +
+                      shape_text(dims.begin(), dims.size()));
+  const int64_t T = dims[0], B = dims[1], H = dims[2] / gates, W = gates * H;
+  for (auto e : {check.shape("u", u.dimensions(), {T, B, W}, "float32 [T, B, G*H]"),
+                 check.shape("h_before", h_before.dimensions(), {T, B, H}, "[T, B, H]"),
+                 lstm ? check.shape("c_before", c_before.dimensions(), {T, B, H}, "[T, B, H]")
+                      : check.empty("c_before", c_before.dimensions()),
+                 check.shape("dy", dy.dimensions(), {T, B, H}, "[T, B, H]"),
+                 check.shape("dh_final", dh_final.dimensions(), {B, H}, "[B, H]"),
+                 lstm ? check.shape("dc_final", dc_final.dimensions(), {B, H}, "[B, H]")
+                      : check.empty("dc_final", dc_final.dimensions()),
+                 lstm ? check.empty("hn_bias", hn_bias.dimensions())
+                      : check.shape("hn_bias", hn_bias.dimensions(), {H}, "float32 [H]"),
+                 check.shape("lengths", lengths.dimensions(), {B}, "int32 [B]"),
+                 check.shape("dx", dx->dimensions(), {T, B, W}, "[T, B, G*H]"),
+                 check.shape("du", du->dimensions(), {T, B, W}, "float32 [T, B, G*H]"),
+                 check.shape("dh0", dh0->dimensions(), {B, H}, "[B, H]"),
+                 lstm ? check.shape("dc0", dc0->dimensions(), {B, H}, "[B, H]")
+                      : check.empty("dc0", dc0->dimensions()),
+                 lstm ? check.empty("dbias", dbias->dimensions())
+                      : check.shape("dbias", dbias->dimensions(), {H}, "float32 [H]")})
+    if (e.failure()) return e;
+  const auto dt = x.element_type();
+  const std::pair<const char*, ffi::DataType> typed[] = {
+      {"h_before", h_before.element_type()}, {"c_before", c_before.element_type()},
+      {"dy", dy.element_type()}, {"dh_final", dh_final.element_type()},
+      {"dc_final", dc_final.element_type()}, {"values_t", values_t.element_type()},
+      {"dx", dx->element_type()}, {"dh0", dh0->element_type()}, {"dc0", dc0->element_type()}};
+  for (const auto& [name, type] : typed)
+    if (type != dt)
+      return check.fail(std::string(name) + " is " + dtype_name(type) + " but x is " + dtype_name(dt) +
+                        ": x, the states, the cotangents and values_t must share one dtype");
+  Layout lay;
+  if (auto e = check_packed(who, H, gates, indices_t, lane_row_t, values_t.element_count(), slots_per_lane,
+                            kTanh, lengths, B, T, &lay, /*transposed=*/true);
+      e.failure())
+    return e;
+  GatedBackwardCall call;
+  call.x = x.untyped_data(), call.u = u.typed_data(), call.h_before = h_before.untyped_data();
+  call.c_before = c_before.untyped_data(), call.dy = dy.untyped_data();
+  call.dh_final = dh_final.untyped_data(), call.dc_final = dc_final.untyped_data();
+  call.hn_bias = hn_bias.typed_data(), call.values_t = values_t.untyped_data();
+  call.indices_t = indices_t.typed_data(), call.lane_row_t = lane_row_t.typed_data();
+  call.lengths = lengths.typed_data();
+  call.dx = dx->untyped_data(), call.du = du->typed_data(), call.dh0 = dh0->untyped_data();
+  call.dc0 = dc0->untyped_data(), call.dbias = lstm ? nullptr : dbias->typed_data();
+  call.T = T, call.B = B;
+  return with_storage_type(who, dt, [&](auto type) { gated_backward<decltype(type)>(call, lay, &pool); });
+}
+
 ffi::Error BackwardImpl(ffi::AnyBuffer y, ffi::AnyBuffer h0, ffi::AnyBuffer values_t,
                         ffi::Buffer<ffi::S32> indices_t, ffi::Buffer<ffi::S32> lane_row_t,
                         ffi::Buffer<ffi::S32> lengths, ffi::AnyBuffer dy, ffi::AnyBuffer dh_final,
@@ -1132,4 +1372,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnWeightGradCpu, jax_sprnn::WeightGradImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedForwardCpu, jax_sprnn::GatedForwardImpl,
                               binds::gated_attrs(binds::gated_forward_operands(ffi::Ffi::Bind()))
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedBackwardCpu, jax_sprnn::GatedBackwardImpl,
+                              binds::gated_backward_operands(ffi::Ffi::Bind())
+                                  .Attr<int64_t>("gates")
+                                  .Attr<int64_t>("slots_per_lane")
                                   .Ctx<ffi::ThreadPool>());

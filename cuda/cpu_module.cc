@@ -22,6 +22,7 @@ NB_MODULE(_sprnn_cpu, m) {
     d[c::kBackwardTarget] = capsule_of(JaxSprnnBackwardCpu);
     d[c::kWeightGradTarget] = capsule_of(JaxSprnnWeightGradCpu);
     d[c::kGatedForwardTarget] = capsule_of(JaxSprnnGatedForwardCpu);
+    d[c::kGatedBackwardTarget] = capsule_of(JaxSprnnGatedBackwardCpu);
     return d;
   });
   m.def("constants", &jax_sprnn::exported_constants,

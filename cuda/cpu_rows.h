@@ -18,9 +18,13 @@ namespace jax_sprnn::cpu {
 // The shape of a packed layout (the handlers check it against their operands first): U has
 // gates * hidden rows (a gated kernel's gate rows, row g * hidden + i gate g of unit i) and hidden
 // columns (the state).
+// A transposed layout (the backward recurrences' U^T) swaps them: hidden rows, gates * hidden
+// columns (for a gated kernel, unit j's weights into every gate column).
 struct Layout {
   int64_t num_lanes = 0, slots = 0, hidden = 0, gates = 1;
-  int64_t rows() const { return gates * hidden; }
+  bool transposed = false;
+  int64_t rows() const { return transposed ? hidden : gates * hidden; }
+  int64_t cols() const { return transposed ? gates * hidden : hidden; }
 };
 
 // An uninitialized array (std::vector would zero it first, a pass the build below does not need)
@@ -169,7 +173,7 @@ void build_rows(Rows& m, const int32_t* indices, const int32_t* lane_row, const 
   // kTrashStride apart so that two threads never write one cache line.
   constexpr int64_t kTrashStride = 32;
   const int64_t slots = lay.num_lanes * lay.slots, extra = kTrashStride * threads;
-  m.narrow = lay.hidden <= 65536;
+  m.narrow = lay.cols() <= 65536;
   if (m.narrow) {
     m.col16.reserve(slots + extra);
   } else {

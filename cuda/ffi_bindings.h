@@ -98,6 +98,33 @@ auto layout_attrs(Binding b) {
       .template Attr<int64_t>("load_bytes");
 }
 
+// x [T, B, G*H], u (float32, same), h_before [T, B, H], c_before, dy [T, B, H], dh_final [B, H],
+// dc_final, hn_bias, values_t, indices_t, lane_row_t, lengths -> dx [T, B, G*H], du (float32, same),
+// dh0 [B, H], dc0, dbias. The gated cells' backward recurrence on the transposed layout, operands
+// in step order (docs/format.md). LSTM: c_before [T, B, H], dc_final and dc0 [B, H], hn_bias and
+// dbias without elements; GRU: the reverse, hn_bias and dbias float32 [H].
+template <typename Binding>
+auto gated_backward_operands(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()          // x
+      .template Arg<ffi::Buffer<ffi::F32>>()   // u
+      .template Arg<ffi::AnyBuffer>()          // h_before
+      .template Arg<ffi::AnyBuffer>()          // c_before
+      .template Arg<ffi::AnyBuffer>()          // dy
+      .template Arg<ffi::AnyBuffer>()          // dh_final
+      .template Arg<ffi::AnyBuffer>()          // dc_final
+      .template Arg<ffi::Buffer<ffi::F32>>()   // hn_bias
+      .template Arg<ffi::AnyBuffer>()          // values_t
+      .template Arg<ffi::Buffer<ffi::S32>>()   // indices_t
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lane_row_t
+      .template Arg<ffi::Buffer<ffi::S32>>()   // lengths
+      .template Ret<ffi::AnyBuffer>()          // dx
+      .template Ret<ffi::Buffer<ffi::F32>>()   // du
+      .template Ret<ffi::AnyBuffer>()          // dh0
+      .template Ret<ffi::AnyBuffer>()          // dc0
+      .template Ret<ffi::Buffer<ffi::F32>>();  // dbias
+}
+
 // The CUDA recurrences' test and benchmark hooks, after layout_attrs.
 template <typename Binding>
 auto cuda_hook_attrs(Binding b) {

@@ -176,7 +176,9 @@ constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t war
 FFI_ABI_VERSION = 1
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.
-PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward")
+PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward", "gated_backward")
+#: Production targets that only the CPU module registers (no CUDA kernel yet: docs/gated.md).
+CPU_ONLY_TARGET_KINDS = ("gated_backward",)
 TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "gated_forward_hooked", "sync_floor")
 
 

@@ -16,8 +16,8 @@ import dataclasses
 from . import _constants, _native, cost, planner
 from .planner import LayoutMeta
 
-FORWARD, BACKWARD, WEIGHT_GRAD, GATED_FORWARD = (_constants.ffi_target(k)
-                                                for k in _constants.PRODUCTION_TARGET_KINDS)
+FORWARD, BACKWARD, WEIGHT_GRAD, GATED_FORWARD, GATED_BACKWARD = (
+    _constants.ffi_target(k) for k in _constants.PRODUCTION_TARGET_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)

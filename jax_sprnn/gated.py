@@ -79,7 +79,7 @@ def _gated_bwd(cfg, residuals, cotangents):
     x, carry, w, hn_bias, lengths, y = residuals
     kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, cfg.meta)
     dx, dcarry, dkernel, dbias = gated_backward(x, carry, kernel, hn_bias, lengths, y, cotangents,
-                                                gates=cfg.gates, reverse=cfg.reverse)
+                                                gates=cfg.gates, reverse=cfg.reverse, weights=w)
     cols, rows, real = fallback.slot_coordinates(w.indices, w.lane_row, cfg.meta)
     dvalues = jnp.where(real, dkernel[cols, rows], 0.0).astype(w.values.dtype)
     dw = w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})

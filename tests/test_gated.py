@@ -580,3 +580,37 @@ def test_weights_closed_over_are_not_folded_into_a_dense_constant(gates):
     dense = f"f32[{H},{gates * H}]"
     folded = [line for line in hlo.splitlines() if dense in line and " constant(" in line]
     assert not folded, folded[:2]
+
+
+@pytest.mark.parametrize("gates", [3, 4])
+def test_the_cpu_runs_the_backward_recurrence_in_the_cpp_kernel(gates):
+    """On a CPU with the module, the gradient's backward recurrence is the C++ target (the tests
+    above then check its numbers against autodiff of XLA's scan): the compiled program keeps it
+    (XLA drops the platform branch not taken, the XLA scan)."""
+    from jax_sprnn import _constants, _native
+    from jax_sprnn.testing import make_gated_problem, run_gated
+    target = _constants.ffi_target("gated_backward")
+    if target not in _native.cpu_targets() or jax.default_backend() != "cpu":
+        pytest.skip("needs the CPU module on the CPU backend")
+    w, x, c0, h0, hn_bias = make_gated_problem(5, gates, 24, 3, 6, 0.3)
+    loss = lambda x, h0: run_gated(gates, x, c0, h0, w, hn_bias)[0].sum()  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, h0).compile().as_text()
+    assert target in hlo
+
+
+def test_the_cpp_backward_names_a_bad_operand():
+    """The C++ backward target checks its operands one by one and names the first that is wrong."""
+    from jax_sprnn import _constants, _native, gated_backward
+    if _constants.ffi_target("gated_backward") not in _native.cpu_targets() or jax.default_backend() != "cpu":
+        pytest.skip("needs the CPU module on the CPU backend")
+    from jax_sprnn.testing import make_gated_problem
+    T, B, H = 4, 2, 16
+    w, x, c0, h0, hn_bias = make_gated_problem(9, 3, H, B, T, 0.3)
+    x_steps = jnp.swapaxes(x, 0, 1)
+    u = jnp.zeros((T, B, 3 * H - 1), jnp.float32)  # one column short
+    h_before = jnp.zeros((T, B, H), x.dtype)
+    sequences = ((h_before,), x_steps, u, jnp.zeros((T, B, H), x.dtype))
+    with pytest.raises(Exception, match=r"u must be float32 \[T, B, G\*H\] = \[4, 2, 48\]"):
+        jax.block_until_ready(gated_backward._native_recurrence(
+            sequences, None, jnp.full((B,), T, jnp.int32), (h0,), None,
+            jnp.broadcast_to(hn_bias, (B, H)), w, gates=3))
