@@ -7,9 +7,9 @@ kernels side by side, as Flax fuses them: column ``g*H + i`` is gate ``g`` of un
 
 The forward pass is a primitive (``sprnn_lstm`` / ``sprnn_gru``, :mod:`jax_sprnn.primitives`): the
 persistent CUDA kernel on a GPU, the C++ kernel on a CPU, or XLA's dense path. Gradients come from
-a ``custom_vjp`` whose backward pass runs in XLA from the forward's outputs
-(:mod:`jax_sprnn.gated_backward`; the native gated backward kernels are not built yet, issue 17), so
-every path gets the same gradients; ``vmap`` and ``jax.export`` work through the primitives' rules.
+a ``custom_vjp`` whose backward pass runs from the forward's outputs
+(:mod:`jax_sprnn.gated_backward`: its recurrence in the C++ kernel on a CPU, in XLA elsewhere; the
+CUDA gated backward kernel is not built yet, issue 17), so every path gets the same gradients; ``vmap`` and ``jax.export`` work through the primitives' rules.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def sparse_lstm(inputs, carry, weights: SparseWeights, *, time_major: bool = Fal
         example's outputs are zero and its carry is held). ``method``: ``"auto"`` (the native
         forward kernel where it fits and is expected faster, else XLA's dense path; docs/gated.md),
         ``"native"`` (the native forward kernel or an error that says why), ``"reference"`` (pure
-        JAX at float32 HIGHEST precision). Gradients run in XLA from the forward's outputs.
+        JAX at float32 HIGHEST precision). Gradients run from the forward's outputs (the backward
+        recurrence in C++ on a CPU, in XLA elsewhere).
 
     Returns:
       ``(outputs, (c_T, h_T))``: outputs ``h`` at every position, laid out like ``inputs`` with
