@@ -9,7 +9,8 @@ The forward pass is a primitive (``sprnn_lstm`` / ``sprnn_gru``, :mod:`jax_sprnn
 persistent CUDA kernel on a GPU, the C++ kernel on a CPU, or XLA's dense path. Gradients come from
 a ``custom_vjp`` whose backward pass runs from the forward's outputs
 (:mod:`jax_sprnn.gated_backward`: its recurrence in the C++ kernel on a CPU, in XLA elsewhere; the
-CUDA gated backward kernel is not built yet, issue 17), so every path gets the same gradients; ``vmap`` and ``jax.export`` work through the primitives' rules.
+CUDA gated backward kernel is not built yet, issue 17), so every path gets the same gradients;
+``vmap`` and ``jax.export`` work through the primitives' rules.
 """
 
 from __future__ import annotations
