@@ -370,6 +370,10 @@ __device__ __forceinline__ void store_floats(float* dst, const float (&f)[N]) {
   }
 }
 
+// A NaN probe of staged values: probe = fma(v, 0, probe) stays 0 while every v is finite and turns
+// NaN for good at the first Inf or NaN (0 * Inf = NaN), one FMA a value (no fast-math here).
+__device__ __forceinline__ void probe_finite(float& probe, float v) { probe = fmaf(v, 0.0f, probe); }
+
 // Waits for one exchange word carrying `tag` and returns its value (garbage once aborted).
 template <class X>
 __device__ __forceinline__ float wait_word(const typename X::Word* src, uint32_t tag,
@@ -412,7 +416,7 @@ struct PartialPlaneDst {  // the compacted [H][rem] partial plane into its [H][T
 //     word by word instead made a B=1 step cost one L2 round trip per H/threads words.)
 template <class X, int VW, int U, class Dst>
 __device__ __forceinline__ void stage_vectors(const typename X::Word* __restrict__ src, Dst dst,
-                                              int n_vec, uint32_t tag, SpinControl& spin) {
+                                              int n_vec, uint32_t tag, SpinControl& spin, float& probe) {
   using Word = typename X::Word;
   constexpr int kChunk = 32 * U;
   const int lane = threadIdx.x & 31;
@@ -437,7 +441,10 @@ __device__ __forceinline__ void stage_vectors(const typename X::Word* __restrict
         if (((pending >> u) & 1u) && vec_has_tag<X, VW>(v[u], tag)) {
           float f[VW];
 #pragma unroll
-          for (int k = 0; k < VW; ++k) f[k] = X::word_value(v[u].w[k]);
+          for (int k = 0; k < VW; ++k) {
+            f[k] = X::word_value(v[u].w[k]);
+            probe_finite(probe, f[k]);
+          }
           store_floats<VW>(dst(chunk + lane + u * 32), f);
           pending &= ~(1u << u);
         }
@@ -456,12 +463,14 @@ __device__ __forceinline__ void stage_vectors(const typename X::Word* __restrict
 template <class X, int VW, int U>
 __device__ __forceinline__ void stage_words(const typename X::Word* __restrict__ src,
                                             float* __restrict__ dst, int n_words, uint32_t tag,
-                                            SpinControl& spin) {
+                                            SpinControl& spin, float& probe) {
   const int n_vec = n_words / VW;
-  stage_vectors<X, VW, U>(src, DenseDst{dst, VW}, n_vec, tag, spin);
+  stage_vectors<X, VW, U>(src, DenseDst{dst, VW}, n_vec, tag, spin, probe);
   // Words past the last whole vector.
-  for (int i = n_vec * VW + static_cast<int>(threadIdx.x); i < n_words; i += blockDim.x)
+  for (int i = n_vec * VW + static_cast<int>(threadIdx.x); i < n_words; i += blockDim.x) {
     dst[i] = wait_word<X>(src + i, tag, spin);
+    probe_finite(probe, dst[i]);
+  }
 }
 
 template <class S, int TILE, bool kByteOffsets>
@@ -515,6 +524,128 @@ __device__ __forceinline__ void gather_plane(float (&acc)[Cfg::kTile],
   }
 }
 
+// ---- non-finite states: the dense product's NaN (docs/reliability.md, "NaN and Inf") ---------
+//
+// Every path computes x + h @ (mask * kernel) in IEEE arithmetic: a pruned weight is a 0 that
+// multiplies every h[j], so row r of example b is NaN exactly when one of the n_bad[b] non-finite
+// values of b's state sits in a column that r reads with no nonzero weight. A phase whose staged
+// state holds an Inf or NaN (finite phases never come here) therefore counts, per row and entry,
+// the non-finite values that its nonzero slots read; fewer than n_bad means NaN. Its sum runs over
+// the nonzero slots only (a padding slot's 0 * Inf would give NaN where the rule can give +-Inf),
+// with the fast gather's chains and order, so the rows of finite examples keep their bits.
+
+// counts[t] += the non-finite values of entry t in a staged plane (strided over the CTA).
+template <int TILE>
+__device__ __forceinline__ void count_nonfinite_plane(const float* plane, int H, int* counts) {
+  int c[TILE] = {};
+  for (int j = threadIdx.x; j < H; j += blockDim.x)
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) c[t] += !isfinite(plane[j * TILE + t]);
+#pragma unroll
+  for (int t = 0; t < TILE; ++t)
+    if (c[t] != 0) atomicAdd(counts + t, c[t]);
+}
+
+template <int TILE>
+struct CountedSums {
+  float acc[TILE];   // the lane's partial sums per entry
+  int count[TILE];   // the non-finite values its nonzero slots read, per entry
+};
+
+// The slow gather: gather_plane's sums over this lane's nonzero slots only, each in the chain the
+// fast gather gives it, and per entry the count of non-finite values they read. The slots are read
+// from the packed arrays again (rare, and no second copy of the register tier's unrolled code).
+template <class Cfg>
+__device__ __forceinline__ CountedSums<Cfg::kTile> gather_plane_counting(const PersistentParams& p,
+                                                                      size_t lane_base,
+                                                                      const float* plane) {
+  CountedSums<Cfg::kTile> out;
+  float (&acc)[Cfg::kTile] = out.acc;
+  int (&count)[Cfg::kTile] = out.count;
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  constexpr int TILE = Cfg::kTile;
+  constexpr int CH = Cfg::kChains;
+  constexpr int RS = Cfg::kRegSlots;
+  static_assert(Cfg::kSmemUnroll % CH == 0, "an unrolled group of the shared tier spans whole chains");
+  const Bits* values = static_cast<const Bits*>(p.values);
+  const int n_smem = p.K - RS;
+  const int n_grouped = n_smem - n_smem % Cfg::kSmemUnroll;  // the shared tier's unrolled slots
+  float a[CH][TILE];
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) a[c][t] = 0.0f;
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) count[t] = 0;
+  for (int k = 0; k < p.K; ++k) {
+    const float value = S::to_float(__ldg(values + lane_base + static_cast<size_t>(k) * 32));
+    const int col = __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32);
+    if (value == 0.0f || col < 0) continue;  // padding, or a zero weight: the pruned 0's rule
+    const int chain = k < RS ? k % CH : (k - RS < n_grouped ? (k - RS) % CH : 0);
+    const float* h = plane + min(col, p.H - 1) * TILE;  // (an out-of-range column is flagged at init)
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      if (c != chain) continue;
+#pragma unroll
+      for (int t = 0; t < TILE; ++t) {
+        a[c][t] = fmaf(value, h[t], a[c][t]);
+        count[t] += !isfinite(h[t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) {
+    acc[t] = a[0][t];
+#pragma unroll
+    for (int c = 1; c < CH; ++c) acc[t] += a[c][t];
+  }
+  return out;
+}
+
+// Segmented reduction: lane l adds lane l+off while l+off is still in its row's run; after the loop
+// the head lane holds the row sum. max_seg is warp-uniform.
+template <int TILE, typename V>
+__device__ __forceinline__ void segmented_sum(V (&v)[TILE], int seg_end, int max_seg) {
+  const int lane = threadIdx.x & 31;
+  for (int off = 1; off < max_seg; off <<= 1) {
+    const bool take = lane + off < seg_end;
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const V other = __shfl_down_sync(kFullMask, v[t], off);
+      if (take) v[t] += other;
+    }
+  }
+}
+
+template <int TILE>
+struct RowSums {
+  float acc[TILE];
+};
+
+// A plane of a non-finite phase, start to end (every thread of the CTA calls it): the plane's
+// non-finite values per entry (`counts`, two planes' worth alternating, so no barrier is needed
+// after), the counting gather, the segmented sums, and the rule's NaN at the heads. Not inlined,
+// so that the fast path keeps its registers.
+template <class Cfg>
+__device__ __noinline__ RowSums<Cfg::kTile> nonfinite_row_sums(const PersistentParams& p,
+                                                               size_t lane_base, const float* plane,
+                                                               int* counts, int seg_end, int max_seg) {
+  constexpr int TILE = Cfg::kTile;
+  if (threadIdx.x < TILE) counts[threadIdx.x] = 0;
+  __syncthreads();
+  count_nonfinite_plane<TILE>(plane, p.H, counts);
+  CountedSums<TILE> sums = gather_plane_counting<Cfg>(p, lane_base, plane);
+  __syncthreads();  // the plane's counts are complete
+  segmented_sum<TILE>(sums.acc, seg_end, max_seg);
+  segmented_sum<TILE>(sums.count, seg_end, max_seg);
+  RowSums<TILE> out;
+#pragma unroll
+  for (int t = 0; t < TILE; ++t)  // (at the heads, whose sums the cells read)
+    out.acc[t] = sums.count[t] < counts[t] ? __int_as_float(0x7fc00000) : sums.acc[t];
+  return out;
+}
+
 // ---- cluster mode (sm_90 and newer; the host never launches it on older devices) -------------
 
 // One step's barrier of the whole cluster, release/acquire at cluster scope: every peer's pushes of
@@ -531,13 +662,20 @@ __device__ __forceinline__ void cluster_barrier() {
 // Writes the TILE values of one (row, plane) into the staged state of the CTAs of the cluster with
 // ranks first, first + stride, ... < n_ranks (`local_dst` is the address in this CTA's own copy;
 // DSMEM maps it into each peer's). The lanes of a row's run share its pushes this way.
+// A non-finite value also writes `flag_value` into those peers' `local_flag` (rare, so the finite
+// step pays one test a value): the readers then need no pass over their staged copy.
 template <int TILE>
 __device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TILE], int first,
-                                          int stride, int n_ranks) {
+                                          int stride, int n_ranks, int* local_flag, int flag_value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  for (int r = first; r < n_ranks; r += stride)
+  bool finite = true;
+#pragma unroll
+  for (int t = 0; t < TILE; ++t) finite &= isfinite(v[t]);
+  for (int r = first; r < n_ranks; r += stride) {
     store_floats<TILE>(cluster.map_shared_rank(local_dst, r), v);
+    if (!finite) *cluster.map_shared_rank(local_flag, r) = flag_value;
+  }
 #else
   __trap();
 #endif
@@ -659,12 +797,14 @@ struct ForwardCell {
   __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
-                                       int plane_floats) {
+                                       int plane_floats, float& probe) {
     const Bits* h0 = static_cast<const Bits*>(p.init);
     for (int b = 0; b < bs.n; ++b) {
       float* dst = h + (b / TILE) * plane_floats + (b % TILE);
-      for (int j = threadIdx.x; j < p.H; j += blockDim.x)
+      for (int j = threadIdx.x; j < p.H; j += blockDim.x) {
         dst[j * TILE] = S::to_float(__ldg(h0 + static_cast<size_t>(bs.b0 + b) * p.H + j));
+        probe_finite(probe, dst[j * TILE]);
+      }
     }
   }
 
@@ -695,7 +835,7 @@ struct BackwardCell {
 
   // Phase 0's matvec is never used (dh of the last step is dh_final): stage zeros.
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
-                                       int plane_floats) {
+                                       int plane_floats, float& /*probe*/) {
     for (int i = threadIdx.x; i < p.n_planes * plane_floats; i += blockDim.x) h[i] = 0.0f;
   }
 
@@ -756,8 +896,8 @@ struct GatedInputs {
   __device__ static int phases(int n_steps) { return n_steps; }
 
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
-                                       int plane_floats) {
-    ForwardCell<Cfg>::stage_initial(p, bs, h, plane_floats);
+                                       int plane_floats, float& probe) {
+    ForwardCell<Cfg>::stage_initial(p, bs, h, plane_floats, probe);
   }
 
   __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
@@ -887,9 +1027,15 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
   __shared__ uint32_t s_error;   // layout errors found at init by this CTA
+  __shared__ int s_nonfinite[2][4];  // (non-finite phases) per entry of a plane: its non-finite values
+  // Cluster mode: s_pushed_nonfinite[s & 1] == s when a peer pushed an Inf or NaN of phase s's
+  // staged state (push_tile). Phase numbers never repeat, so the words need no reset.
+  __shared__ int s_pushed_nonfinite[2];
   // The planner keeps constants::kKernelSmemReserve bytes free for these and for the 16-byte
   // alignment of the dynamic regions (at most 12 + 15 bytes: launch_persistent's smem plan).
-  static_assert(sizeof(s_steps) + sizeof(s_error) + 12 + 15 <= constants::kKernelSmemReserve,
+  static_assert(sizeof(s_steps) + sizeof(s_error) + sizeof(s_nonfinite) + sizeof(s_pushed_nonfinite) +
+                        12 + 15 <=
+                    constants::kKernelSmemReserve,
                 "the kernel's static shared memory outgrew the planner's reserve");
 
   const int tid = threadIdx.x;
@@ -917,6 +1063,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   if (tid == 0) {
     s_steps = 0;
     s_error = 0;
+    s_pushed_nonfinite[0] = s_pushed_nonfinite[1] = 0;  // (before the first cluster barrier)
   }
   // The partial plane's padded batch entries are never staged: they stay 0 in both copies.
   if (partial_rem != 0) {
@@ -1071,27 +1218,35 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
 
       // ---- 1. stage the state of phase s-1 ---------------------------------------------------
+      float probe = 0.0f;  // turns NaN where this thread staged an Inf or NaN
       if (s == 0) {
-        Cell::stage_initial(p, batch_slice(p), h_cur, plane_floats);
+        Cell::stage_initial(p, batch_slice(p), h_cur, plane_floats, probe);
       } else if (!in_cluster) {  // (cluster mode: the peers pushed it before the last barrier)
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
         const uint32_t tag = static_cast<uint32_t>(s) & X::kTagMask;
         if (p.exchange_vector) {
-          stage_words<X, Cfg::kVecWords, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
+          stage_words<X, Cfg::kVecWords, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin, probe);
         } else {
-          stage_words<X, 1, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin);
+          stage_words<X, 1, Cfg::kStageUnroll>(src, h_cur, n_full_words, tag, spin, probe);
         }
         if (partial_rem != 0) {  // the compacted [H][rem] partial plane, one word per vector
           stage_vectors<X, 1, Cfg::kStageUnroll>(
               src + n_full_words, PartialPlaneDst{h_cur + n_full_words, partial_rem, TILE},
-              partial_rem * H, tag, spin);
+              partial_rem * H, tag, spin, probe);
         }
       }
+      // The staged state is visible; `nonfinite` (CTA-uniform) says whether it holds an Inf or NaN.
+      bool nonfinite;
       if (in_cluster) {
-        if (s == 0) __syncthreads();  // the initial state staged by this CTA is visible
-      } else if (__syncthreads_or(spin.aborted)) {
-        break;  // staged state visible; leave together on error
+        // The peers' pushes and their flags landed before the last cluster barrier.
+        nonfinite = s == 0 ? __syncthreads_or(probe != probe)
+                           : *static_cast<volatile int*>(&s_pushed_nonfinite[s & 1]) == s;
+      } else if (__syncthreads_or(spin.aborted || probe != probe)) {
+        if (__syncthreads_or(spin.aborted)) break;  // leave together on error
+        nonfinite = true;
+      } else {
+        nonfinite = false;
       }
 
       // ---- 2. per plane: gather, reduce, cell ----------------------------------------------
@@ -1102,20 +1257,18 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         const float* hp = h_cur + plane * plane_floats;
         const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
         float acc[TILE];
-        if (!S::kHasColumnForm || byte_offsets) {
-          gather_plane<Cfg, true>(acc, reg, w_lane, n_smem_slots, hp_bytes);
-        } else {
-          gather_plane<Cfg, false>(acc, reg, w_lane, n_smem_slots, hp_bytes);
-        }
-        // Segmented reduction: lane l adds lane l+off while l+off is still in its row's run;
-        // after the loop the head lane holds the row sum. max_seg is warp-uniform.
-        for (int off = 1; off < max_seg; off <<= 1) {
-          const bool take = lane + off < seg_end;
-#pragma unroll
-          for (int t = 0; t < TILE; ++t) {
-            const float other = __shfl_down_sync(kFullMask, acc[t], off);
-            if (take) acc[t] += other;
+        if (!nonfinite) {
+          if (!S::kHasColumnForm || byte_offsets) {
+            gather_plane<Cfg, true>(acc, reg, w_lane, n_smem_slots, hp_bytes);
+          } else {
+            gather_plane<Cfg, false>(acc, reg, w_lane, n_smem_slots, hp_bytes);
           }
+          segmented_sum<TILE>(acc, seg_end, max_seg);
+        } else {
+          const RowSums<TILE> sums = nonfinite_row_sums<Cfg>(
+              p, static_cast<size_t>(gwarp) * K * 32 + lane, hp, s_nonfinite[plane & 1], seg_end, max_seg);
+#pragma unroll
+          for (int t = 0; t < TILE; ++t) acc[t] = sums.acc[t];
         }
 
         // The cells, on the cell lanes: entry t's G gate sums from the heads of the unit's gate
@@ -1151,7 +1304,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
             }
             if (in_cluster && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
               const float v[1] = {out};
-              push_tile<1>(h_next + plane * plane_floats + unit * TILE + t, v, 0, 1, p.cluster);
+              push_tile<1>(h_next + plane * plane_floats + unit * TILE + t, v, 0, 1, p.cluster,
+                           &s_pushed_nonfinite[(s + 1) & 1], s + 1);
             }
           }
         }
@@ -1173,7 +1327,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           for (int u = 0; u < TILE; ++u) v[u] = __shfl_sync(kFullMask, out, (cell_lane.unit_lane() + u) & 31);
           if (cell_lane.in_unit()) {
             push_tile<TILE>(h_next + plane * plane_floats + unit * TILE, v, lane - cell_lane.unit_lane(),
-                            cell_lane.span(), p.cluster);
+                            cell_lane.span(), p.cluster, &s_pushed_nonfinite[(s + 1) & 1], s + 1);
           }
         }
       }

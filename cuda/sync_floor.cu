@@ -56,10 +56,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerCta, 1)
     } else {
       const Word* src = (s & 1) ? buf0 : buf1;
       const uint32_t tag = static_cast<uint32_t>(s) & X::kTagMask;
+      float probe = 0.0f;  // the kernel's finiteness probe; unused here, so compiled away
       if (p.exchange_vector) {
-        stage_words<X, 4, 8>(src, cur, p.words, tag, spin);
+        stage_words<X, 4, 8>(src, cur, p.words, tag, spin, probe);
       } else {
-        stage_words<X, 1, 8>(src, cur, p.words, tag, spin);
+        stage_words<X, 1, 8>(src, cur, p.words, tag, spin, probe);
       }
     }
     if (__syncthreads_or(spin.aborted)) return;

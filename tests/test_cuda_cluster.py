@@ -73,6 +73,30 @@ def test_every_cluster_size_matches_the_grid_mode_bitwise(n_ctas):
     assert rel_err(jnp.swapaxes(y_c, 0, 1), y_ref) < TOLERANCE["float16"]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("where", ["x", "h0"])
+def test_nonfinite_states_propagate_alike_in_both_modes(dtype, where):
+    # The cluster mode learns of a non-finite staged state from its peers' pushes, the grid mode
+    # from its staging: both must give the reference's NaN and Inf positions (docs/reliability.md).
+    dense, w, x, h0 = make_problem(21, 300, 5, 9, 0.1, dtype)
+    assert w.meta.exchange == "cluster", w.meta
+    if where == "x":
+        x = x.at[1, 3, 7].set(np.inf).at[3, 2, 4].set(np.nan).at[3, 2, 11].set(-np.inf)
+    else:
+        h0 = h0.at[1, 7].set(np.inf).at[3, 0].set(np.nan).at[3, 11].set(-np.inf)
+    lengths = jnp.asarray([9, 9, 0, 6, 8], jnp.int32)
+    y_c, h_c = _forward(x, h0, w, lengths, reverse=True, exchange_mode="cluster")
+    y_g, h_g = _forward(x, h0, w, lengths, reverse=True, exchange_mode="grid")
+    np.testing.assert_array_equal(np.asarray(y_c, np.float32), np.asarray(y_g, np.float32))
+    np.testing.assert_array_equal(np.asarray(h_c, np.float32), np.asarray(h_g, np.float32))
+    y_ref, h_ref = js.sparse_rnn(x, h0, w, method="reference", reverse=True, seq_lengths=lengths)
+    for got, want in ((jnp.swapaxes(y_c, 0, 1), y_ref), (h_c, h_ref)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        for kind in (np.isnan, np.isposinf, np.isneginf):
+            np.testing.assert_array_equal(kind(got), kind(want), err_msg=kind.__name__)
+    assert np.isnan(np.asarray(y_c, np.float32)).any()
+
+
 # (The dispatch admits at most the grid mode's batch limit, 112 at H=512: cluster mode is not
 # assumed to be available when a program is compiled.)
 @pytest.mark.parametrize("batch", [33, 64, 100])

@@ -123,6 +123,35 @@ def test_units_narrower_than_the_tile_take_rounds(exchange_mode):
         assert_close(got, xla_path(3, w, x, c0, h0, b, lengths, reverse=reverse), "float16")
 
 
+def assert_same_nonfinite(got, want, dtype):
+    """Equal NaN, +Inf and -Inf positions, and the finite rest within the dtype's tolerance."""
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        for kind in (np.isnan, np.isposinf, np.isneginf):
+            np.testing.assert_array_equal(kind(a), kind(b), err_msg=kind.__name__)
+        finite = np.isfinite(b)
+        assert rel_err(a[finite], b[finite]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("exchange_mode", ["grid", "cluster"])
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_nonfinite_state_propagates_as_on_the_xla_path(gates, exchange_mode, bad):
+    """An Inf or NaN in h0 reaches the gate sums as in the dense product (a pruned 0 times Inf is
+    NaN): the kernel's non-finite phases count them (docs/reliability.md), in both exchange modes."""
+    w, x, c0, h0, b = problem(gates, 200, 5, 7, 0.1, "float16", seed=int(gates + np.isnan(bad)))
+    if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
+                                           and _native.current_device_spec().cluster_launch):
+        pytest.skip("this layout or device has no cluster mode")
+    h0 = h0.at[1, 7].set(bad).at[3, 0].set(bad).at[3, 11].set(-bad)
+    lengths = jnp.asarray([7, 7, 0, 4, 6], jnp.int32)
+    got = bind(gates, w, x, c0, h0, b, lengths, exchange_mode=exchange_mode)
+    want = xla_path(gates, w, x, c0, h0, b, lengths)
+    assert_same_nonfinite(got, want, "float16")
+    assert np.isnan(np.asarray(got[0], np.float32)).any()  # the rule did reach the outputs
+    assert np.isfinite(np.asarray(got[0], np.float32)[:, 0]).all()  # and spared example 0
+
+
 @pytest.mark.parametrize("gates", [4, 3])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_every_register_tier_runs(gates, dtype):

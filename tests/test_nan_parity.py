@@ -187,8 +187,6 @@ def test_a_state_held_past_its_length_poisons_only_autodiffs_weight_gradient(mon
 @pytest.mark.parametrize("where", ["x", "h0"])
 def test_native_forward_matches_the_reference_on_this_backend(dtype, where):
     # Not CPU-only: on a GPU this checks the CUDA kernel (docs/reliability.md says where it stands).
-    if jax.default_backend() == "gpu":
-        pytest.xfail("the CUDA kernel does not count non-finite state values yet (docs/reliability.md)")
     w, x, h0, lengths = _problem(dtype, where, "inf", ragged=True)
     x = x.at[4, 6, 20].set(np.nan)
     native = js.sparse_rnn(x, h0, w, method="native", reverse=True, seq_lengths=lengths)

@@ -11,6 +11,10 @@
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #     (cases: small, wide, gated: tools/sanitizer_case.py)
+#   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
+#     cost, and each kernel of a T=1 call under Nsight Compute: benchmarks/probes/fixed_cost.py)
+#   SASS_MATCH=forward tools/gpu_check.sh sass  (the built module's SASS of the matching kernels, and
+#     where its local-memory instructions are)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 #   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
 # DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (to fit a
@@ -75,6 +79,33 @@ if has profile; then
     python3 "$OLDPWD/tools/ncu_hotspots.py" "/tmp/$name.csv" --top "${PROFILE_TOP:-45}" > "$OUT/${name}_sass.txt" 2>&1
     head -c 300 "/tmp/$name.csv"; echo; head -25 "$OUT/${name}_sass.txt"
   done
+fi
+if has fixedcost; then
+  echo "== fixed cost of short calls"
+  # FIXED_CASES: one "--hidden H --batch B ..." per line; each is timed, and its T=1 programs run
+  # under Nsight Compute one at a time (each kernel of a call with its device time).
+  while IFS= read -r case_args; do
+    [ -z "$case_args" ] && continue
+    tag=$(echo "$case_args" | tr -c 'a-zA-Z0-9\n' '_' | tr -s '_')
+    echo "-- $case_args"
+    python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --out "$OUT/fixed_cost$tag.json" \
+      --hlo-dir "$OUT/hlo$tag" 2>&1 | tail -20
+    for prog in "ours, [B" "dense" "sync floor"; do
+      timeout -k 10 "${PROFILE_TIMEOUT:-120}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --ncu --steps 1 --only "$prog" \
+        > "/tmp/ncu.csv" 2>&1
+      echo "ncu ($prog) rc=$?"
+      python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" --summarize-ncu /tmp/ncu.csv 2>&1 | tail -12
+    done
+  done <<< "${FIXED_CASES:---hidden 2304}"
+fi
+if has sass; then
+  echo "== SASS"
+  so=$(python3 -c "import glob, os, jax_sprnn; print(glob.glob(os.path.join(os.path.dirname(jax_sprnn.__file__), '_sprnn_cuda*.so'))[0])")
+  cuobjdump -sass "$so" > /tmp/module.sass 2>&1
+  python3 "$OLDPWD/tools/sass_local.py" /tmp/module.sass --match "${SASS_MATCH:-sprnn_persistent_kernel}" \
+    --dump "$OUT/sass_matched.txt" 2>&1 | tail -40
+  gzip -f "$OUT/sass_matched.txt"
 fi
 if has multi || has final; then
   echo "== multi-GPU sharding"

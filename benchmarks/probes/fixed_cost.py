@@ -1,0 +1,137 @@
+"""Where the fixed cost of a short call goes (issue 18, item 6): blocking calls of T = 1 and a few
+short lengths, ours against XLA's dense scan and the dispatch of a trivial jitted program.
+
+    python benchmarks/probes/fixed_cost.py [--hidden 2304] [--density 0.1] [--batch 4]
+        [--dtype float16] [--reps 300] [--out fixed_cost.json]
+
+Run under Nsight Compute (``ncu --clock-control none --metrics gpu__time_duration.sum``) with
+``--ncu`` to get each kernel of one call with its device time: the probe then runs each program a
+few times only. Each program is timed as the median of ``reps`` blocking calls on the host clock
+(``benchmarks.timing``), inputs rotated over four sets.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_sprnn as js
+
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from benchmarks.peers_jax import dense_scan, sync_floor_fn  # noqa: E402
+from jax_sprnn import testing
+
+
+def blocking_us(fn, arg_sets, reps: int) -> float:
+    for args in arg_sets[:2]:
+        jax.block_until_ready(fn(*args))
+    times = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def programs(hidden: int, density: float, batch: int, dtype: str):
+    dense, w, _, _ = testing.make_problem(0, hidden, batch, 1, density, dtype)
+    kernel = jnp.asarray(dense, testing.DTYPES[dtype])
+    return w, {
+        "trivial jit (x + 1)": lambda x, h0: x + 1,
+        "ours, [B, T, H]": lambda x, h0: js.sparse_rnn(x, h0, w, method="native"),
+        "ours, [T, B, H]": lambda x, h0: js.sparse_rnn(jnp.swapaxes(x, 0, 1), h0, w, time_major=True,
+                                                       method="native"),
+        "dense lax.scan": lambda x, h0: dense_scan(x, h0, kernel),
+    }
+
+
+def floor_program(w, batch: int, steps: int):
+    """The same grid's launch, workspace reset, exchange protocol and finisher, with no weights and
+    no cell: what a call of the persistent kernel costs before its own init and compute."""
+    run = sync_floor_fn(w.meta, batch, steps)
+    dummy = jnp.zeros((1,), jnp.float32)
+    return lambda x, h0: run(dummy)
+
+
+def summarize_ncu(path: str) -> None:
+    """Each kernel of an ``ncu --csv --metrics gpu__time_duration.sum`` log with its median device
+    time, in launch order of its first appearance."""
+    lines = Path(path).read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    if start is None:
+        print("no ncu CSV in", path)
+        return
+    times: dict[str, list[float]] = {}
+    for row in csv.DictReader(lines[start:]):
+        if row.get("Metric Name") == "gpu__time_duration.sum":
+            value = float(row["Metric Value"].replace(",", ""))
+            unit = row.get("Metric Unit", "")
+            scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+                     "second": 1e6, "s": 1e6}.get(unit)
+            if scale is None:
+                raise ValueError(f"unknown ncu time unit {unit!r} in {path}")
+            times.setdefault(row["Kernel Name"][:90], []).append(value * scale)
+    for name, us in times.items():
+        print(f"{statistics.median(us):9.2f} us  x{len(us):3d}  {name}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=2304)
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--steps", default="1,2,8")
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--ncu", action="store_true", help="run each program 3 times, untimed")
+    ap.add_argument("--only", help="run only the programs whose name contains this text")
+    ap.add_argument("--hlo-dir", help="write each program's optimized HLO (its first length) here")
+    ap.add_argument("--out")
+    ap.add_argument("--summarize-ncu", metavar="LOG", help="print the kernels of an ncu --csv log")
+    args = ap.parse_args()
+    if args.summarize_ncu:
+        summarize_ncu(args.summarize_ncu)
+        return
+    w, progs = programs(args.hidden, args.density, args.batch, args.dtype)
+    rng = np.random.default_rng(1)
+    dt = testing.DTYPES[args.dtype]
+    rows = []
+    for T in (int(t) for t in args.steps.split(",")):
+        sets = [(jnp.asarray(rng.standard_normal((args.batch, T, args.hidden)), dt),
+                 jnp.asarray(rng.standard_normal((args.batch, args.hidden)) * 0.1, dt)) for _ in range(4)]
+        progs_t = dict(progs)
+        progs_t["sync floor (launch, reset, exchange, finisher)"] = floor_program(w, args.batch, T)
+        for name, fn in progs_t.items():
+            if args.only and args.only not in name:
+                continue
+            f = jax.jit(fn)
+            if args.hlo_dir:
+                Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
+                safe = "".join(c if c.isalnum() else "_" for c in name)
+                Path(args.hlo_dir, f"T{T}_{safe}.txt").write_text(f.lower(*sets[0]).compile().as_text())
+            if args.ncu:
+                for i in range(3):
+                    jax.block_until_ready(f(*sets[i]))
+                continue
+            us = blocking_us(f, sets, args.reps)
+            rows.append(dict(program=name, T=T, median_us=round(us, 1)))
+            print(f"T={T:3d}  {name:24s} {us:8.1f} us", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, hidden=args.hidden,
+                           density=args.density, batch=args.batch, dtype=args.dtype, rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
