@@ -798,12 +798,31 @@ struct ForwardCell {
 
   __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
                                        int plane_floats, float& probe) {
-    const Bits* h0 = static_cast<const Bits*>(p.init);
-    for (int b = 0; b < bs.n; ++b) {
-      float* dst = h + (b / TILE) * plane_floats + (b % TILE);
-      for (int j = threadIdx.x; j < p.H; j += blockDim.x) {
-        dst[j * TILE] = S::to_float(__ldg(h0 + static_cast<size_t>(bs.b0 + b) * p.H + j));
-        probe_finite(probe, dst[j * TILE]);
+    // A thread takes kColumns columns of a plane at a time: their TILE * kColumns loads are in
+    // flight together (one at a time, a T = 1 call spent most of its time in this loop's L2
+    // round trips), then one vector store per column. A partial plane's padding gets its 0 again.
+    constexpr int kColumns = 2;
+    const Bits* h0 = static_cast<const Bits*>(p.init) + static_cast<size_t>(bs.b0) * p.H;
+    for (int plane = 0; plane * TILE < bs.n; ++plane) {
+      const int rows = min(TILE, bs.n - plane * TILE);
+      const Bits* src = h0 + static_cast<size_t>(plane) * TILE * p.H;
+      for (int j0 = threadIdx.x; j0 < p.H; j0 += kColumns * blockDim.x) {
+        float f[kColumns][TILE];
+#pragma unroll
+        for (int c = 0; c < kColumns; ++c) {
+          const int j = j0 + c * blockDim.x;
+#pragma unroll
+          for (int t = 0; t < TILE; ++t)
+            f[c][t] = j < p.H && t < rows ? S::to_float(__ldg(src + static_cast<size_t>(t) * p.H + j)) : 0.0f;
+        }
+#pragma unroll
+        for (int c = 0; c < kColumns; ++c) {
+          const int j = j0 + c * blockDim.x;
+          if (j >= p.H) break;
+#pragma unroll
+          for (int t = 0; t < TILE; ++t) probe_finite(probe, f[c][t]);
+          store_floats<TILE>(h + plane * plane_floats + j * TILE, f[c]);
+        }
       }
     }
   }
@@ -1165,10 +1184,26 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
                        __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32));
   }
   Slot* const w_lane = w_tier + static_cast<size_t>(warp) * n_smem_slots * 32 + lane;
-  for (int k = 0; k < n_smem_slots; ++k) {
-    w_lane[static_cast<size_t>(k) * 32] =
-        make_slot(__ldg(values + lane_base + static_cast<size_t>(RS + k) * 32),
-                  __ldg(p.indices + lane_base + static_cast<size_t>(RS + k) * 32));
+  {  // kBatch slots' loads in flight at a time, then their stores
+    constexpr int kBatch = 4;
+    const Bits* lane_values = values + lane_base + static_cast<size_t>(RS) * 32;
+    const int* lane_indices = p.indices + lane_base + static_cast<size_t>(RS) * 32;
+    int k = 0;
+    for (; k + kBatch <= n_smem_slots; k += kBatch) {
+      Bits v[kBatch];
+      int col[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        v[u] = __ldg(lane_values + static_cast<size_t>(k + u) * 32);
+        col[u] = __ldg(lane_indices + static_cast<size_t>(k + u) * 32);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) w_lane[static_cast<size_t>(k + u) * 32] = make_slot(v[u], col[u]);
+    }
+    for (; k < n_smem_slots; ++k) {
+      w_lane[static_cast<size_t>(k) * 32] = make_slot(__ldg(lane_values + static_cast<size_t>(k) * 32),
+                                                      __ldg(lane_indices + static_cast<size_t>(k) * 32));
+    }
   }
   if (bad_index) atomicOr(&s_error, kErrBadLayout);
   const bool cta_has_rows = __syncthreads_or(row >= 0);  // also publishes s_steps, s_error, w_tier

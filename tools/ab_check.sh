@@ -22,3 +22,5 @@ patch -p1 -s < "$AB_PATCH"
 trap - EXIT
 echo "==== new (the tree as it is)"
 OUT="$OUT/new" bash tools/gpu_check.sh "${NEW_MODES:-suite}" "$@"
+# A device run returns a few files only: the two sides' logs as one archive.
+(cd "$OUT" && tar czf ab_logs.tar.gz base new && rm -rf base new)

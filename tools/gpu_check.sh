@@ -12,7 +12,9 @@
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #     (cases: small, wide, gated: tools/sanitizer_case.py)
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
-#     cost, and each kernel of a T=1 call under Nsight Compute: benchmarks/probes/fixed_cost.py)
+#     cost, and each kernel of a T=1 call under Nsight Compute: benchmarks/probes/fixed_cost.py;
+#     FIXED_NCU_PROGS="ours, [B|dense" picks the programs, FIXED_STALLS=1 adds the persistent
+#     kernel's warp stall reasons)
 #   SASS_MATCH=forward tools/gpu_check.sh sass  (the built module's SASS of the matching kernels, and
 #     where its local-memory instructions are)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
@@ -90,13 +92,23 @@ if has fixedcost; then
     echo "-- $case_args"
     python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --out "$OUT/fixed_cost$tag.json" \
       --hlo-dir "$OUT/hlo$tag" 2>&1 | tail -20
-    for prog in "ours, [B" "dense" "sync floor"; do
+    IFS='|' read -r -a ncu_progs <<< "${FIXED_NCU_PROGS:-ours, [B|dense|sync floor}"
+    for prog in "${ncu_progs[@]}"; do
       timeout -k 10 "${PROFILE_TIMEOUT:-120}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --ncu --steps 1 --only "$prog" \
         > "/tmp/ncu.csv" 2>&1
       echo "ncu ($prog) rc=$?"
       python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" --summarize-ncu /tmp/ncu.csv 2>&1 | tail -12
     done
+    if [ -n "${FIXED_STALLS:-}" ]; then  # where the warps of a T=1 call's persistent kernel wait
+      timeout -k 10 "${PROFILE_TIMEOUT:-120}" ncu --clock-control none \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,smsp__inst_executed.sum,sm__cycles_active.avg" \
+        --kernel-name regex:sprnn_persistent --launch-skip 1 --launch-count 1 \
+        python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --ncu --steps 1 --only "ours, [B" \
+        > "$OUT/stalls$tag.txt" 2>&1
+      echo "ncu stalls rc=$?"
+      grep -E "stalled|duration|inst_executed|cycles_active|==ERR|rror" "$OUT/stalls$tag.txt" | sort -k3 -g -r | head -14
+    fi
   done <<< "${FIXED_CASES:---hidden 2304}"
 fi
 if has sass; then
