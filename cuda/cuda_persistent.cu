@@ -71,6 +71,7 @@ struct PersistentCall {
 
 struct LayoutAttrs {
   int64_t activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes;
+  int64_t batch_major = 0;  // the forward's x and y are [B, T, H] in memory (their XLA layout)
 };
 
 // The hooked targets' extra attributes; production calls run with these defaults.
@@ -191,6 +192,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     return bad("activation must be 0 (tanh), 1 (relu) or 2 (identity), got " +
                std::to_string(a.activation));
   if (a.reverse != 0 && a.reverse != 1) return bad("reverse must be 0 or 1");
+  if (a.batch_major != 0 && a.batch_major != 1) return bad("batch_major must be 0 or 1");
   if (a.load_bytes != 4 && a.load_bytes != 8 && a.load_bytes != 16)
     return bad("load_bytes must be 4, 8 or 16, got " + std::to_string(a.load_bytes));
   const int tile = static_cast<int>(a.load_bytes / 4);
@@ -356,6 +358,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.partial_rem = static_cast<int>(slice % tile);
   prm.activation = static_cast<int>(a.activation);
   prm.reverse = static_cast<int>(a.reverse);
+  prm.batch_major = static_cast<int>(a.batch_major);
   prm.h_buffers = smem.h_buffers;
   prm.h_stride = smem.h_stride;
   prm.w_smem_offset = smem.w_offset;
@@ -441,7 +444,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> h_final,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t activation,
                        int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
-                       int64_t reg_slots, int64_t load_bytes, Hooks... hooks) {
+                       int64_t reg_slots, int64_t load_bytes, int64_t batch_major, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -454,6 +457,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                                       dt);
       err.failure())
     return err;
+  // (x and y are [T, B, H] to XLA; batch_major says that their layout puts B outermost.)
   const auto xd = x.dimensions();
   if (xd.size() != 3) return bad("x must be [T, B, H], got " + shape_string(xd));
   const int64_t B = xd[1], H = xd[2];
@@ -469,7 +473,8 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                             lengths, y->untyped_data(), h_final->untyped_data(),
                             workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
   return launch_persistent(stream, call,
-                           {activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+                           {activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes,
+                            batch_major},
                            TestHooks{hooks...});
 }
 
@@ -597,8 +602,9 @@ constexpr auto GatedForwardHooked = &GatedForwardImpl<int64_t, int64_t, int64_t,
 // The production bindings: the operands, the workspace result, the layout attributes.
 auto forward_binding() {
   return bindings::layout_attrs(
-      bindings::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+             bindings::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                 .Ret<ffi::Buffer<ffi::U8>>())  // workspace
+      .Attr<int64_t>("batch_major");
 }
 auto gated_forward_binding() {
   return bindings::gated_attrs(

@@ -76,6 +76,7 @@ struct PersistentParams {
   int partial_rem;       // replica_batch % tile
   int activation;
   int reverse;
+  int batch_major;       // the sequence operands are [B, T, width] in memory (else [T, B, width])
   int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
   int h_stride;          // floats from one staged copy to the next: ceil(replica_batch/tile)*H*tile, rounded up to 4
   int w_smem_offset;     // bytes: start of the shared-memory weight tier

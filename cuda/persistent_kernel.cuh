@@ -712,6 +712,13 @@ __device__ __forceinline__ BatchSlice batch_slice(const PersistentParams& p) {
   return BatchSlice{b0, min(p.replica_batch, p.B - b0)};
 }
 
+// The row of (step t, example gb) in a sequence operand of rows of `width` elements: [T, B, width]
+// in memory, or [B, T, width] where the lowering asked XLA for the batch-major layout (so that a
+// [B, T, H] call needs no transposes).
+__device__ __forceinline__ size_t seq_row(const PersistentParams& p, int t, int gb) {
+  return p.batch_major ? static_cast<size_t>(gb) * p.T + t : static_cast<size_t>(t) * p.B + gb;
+}
+
 // seq_out[s_begin:T, slice] = 0 (steps past the slice's longest sequence), strided over the CTAs
 // that run the slice.
 template <class S>
@@ -720,12 +727,14 @@ __device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
   const int cta = cta_rank(p), n_ctas = slice_ctas(p);
   using Bits = typename S::Bits;
   Bits* out = static_cast<Bits*>(p.seq_out);
-  const size_t step_elems = static_cast<size_t>(bs.n) * p.H;  // one step of the slice is contiguous
+  const size_t step_elems = static_cast<size_t>(bs.n) * p.H;
   const size_t end = static_cast<size_t>(p.T - s_begin) * step_elems;
   const size_t stride = static_cast<size_t>(n_ctas) * blockDim.x;
   for (size_t i = static_cast<size_t>(cta) * blockDim.x + threadIdx.x; i < end; i += stride) {
-    const size_t s = s_begin + i / step_elems;
-    out[(s * p.B + bs.b0) * p.H + i % step_elems] = Bits(0);
+    const int s = s_begin + static_cast<int>(i / step_elems);
+    const size_t at = i % step_elems;
+    const int b = static_cast<int>(at / p.H);
+    out[seq_row(p, s, bs.b0 + b) * p.H + (at - static_cast<size_t>(b) * p.H)] = Bits(0);
   }
 }
 
@@ -764,10 +773,10 @@ __device__ __forceinline__ float forward_epilogue(const PersistentParams& p, Bat
   Bits hb;
   if (s < L) {
     hb = step();
-    y[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = hb;
+    y[seq_row(p, position(s, L, p.reverse), gb) * p.H + unit] = hb;
   } else {  // past this sequence's end: the state is frozen, y is 0
     hb = S::to_bits(h_prev);
-    y[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
+    y[seq_row(p, s, gb) * p.H + unit] = Bits(0);
   }
   if (s + 1 == n_phases) {
     static_cast<Bits*>(p.final_out)[static_cast<size_t>(gb) * p.H + unit] = hb;
@@ -776,13 +785,12 @@ __device__ __forceinline__ float forward_epilogue(const PersistentParams& p, Bat
   return S::to_float(hb);
 }
 
-// Where the operands of (step s, entry b) of a [T, B, width] sequence operand are, or -1 when the
-// example does not run at s.
+// Where the operands of (step s, entry b) of a sequence operand of rows of `width` are, or -1 when
+// the example does not run at s.
 __device__ __forceinline__ long long operand_at(const PersistentParams& p, BatchSlice bs,
                                                 const int* len, int s, int b, size_t width) {
   if (b >= bs.n || s < 0 || s >= len[b]) return -1;
-  return static_cast<long long>((static_cast<size_t>(position(s, len[b], p.reverse)) * p.B + bs.b0 + b) *
-                                width);
+  return static_cast<long long>(seq_row(p, position(s, len[b], p.reverse), bs.b0 + b) * width);
 }
 
 template <class Cfg>
@@ -884,11 +892,11 @@ struct BackwardCell {
       return 0.0f;
     }
     if (s >= L) {  // past this sequence's end: nothing flows back through its zero outputs
-      dx[(static_cast<size_t>(s) * p.B + gb) * p.H + unit] = Bits(0);
+      dx[seq_row(p, s, gb) * p.H + unit] = Bits(0);
       return 0.0f;
     }
     const float dz = (dh + S::to_float(dyr)) * activation_grad(p.activation, S::to_float(yr));
-    dx[(static_cast<size_t>(position(s, L, p.reverse)) * p.B + gb) * p.H + unit] = S::to_bits(dz);
+    dx[seq_row(p, position(s, L, p.reverse), gb) * p.H + unit] = S::to_bits(dz);
     return dz;
   }
 };

@@ -120,9 +120,7 @@ def check_sequence_args(inputs, states: dict, hidden: int, *, inputs_dtype, time
         if np.dtype(state.dtype) != dtype:
             raise TypeError(f"{name} must have the inputs' dtype {dtype}, got {np.dtype(state.dtype)}")
         checked.append(state)
-    if seq_lengths is None and isinstance(B, int) and isinstance(T, int):
-        lengths = np.full((B,), T, np.int32)  # a literal: no broadcast kernel in every call
-    elif seq_lengths is None:  # symbolic sizes (jax.export's shape polymorphism)
+    if seq_lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
     else:
         lengths = check_seq_lengths(seq_lengths, B, T)

@@ -171,9 +171,9 @@ constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t war
 
 #: The version of the native calling convention (operands, attributes, the packed format's meaning).
 #: It is part of every target's name, so a program exported against another version fails loudly
-#: ("No FFI handler registered for jax_sprnn_forward_v1") instead of miscomputing. Raise it with
+#: ("No FFI handler registered for jax_sprnn_forward_v2") instead of miscomputing. Raise it with
 #: any change of a production target's signature or of what its operands mean.
-FFI_ABI_VERSION = 1
+FFI_ABI_VERSION = 2  # 2: the CUDA forward's batch_major attribute (2026-12-03)
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.
 PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward", "gated_backward")
@@ -183,7 +183,7 @@ TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "gated_forward_hook
 
 
 def ffi_target(kind: str) -> str:
-    """The registered name of a target kind, e.g. ``jax_sprnn_forward_v1``."""
+    """The registered name of a target kind, e.g. ``jax_sprnn_forward_v2``."""
     if kind not in PRODUCTION_TARGET_KINDS + TESTING_TARGET_KINDS:
         raise ValueError(f"unknown FFI target kind {kind!r}")
     return f"jax_sprnn_{kind}_v{FFI_ABI_VERSION}"

@@ -30,12 +30,13 @@ class _Config:
     method: str
     meta: LayoutMeta
     meta_t: LayoutMeta
+    batch_major: bool = False  # the caller's x and y are [B, T, H] (primitives._persistent_cuda)
 
 
 def _forward_bind(x, h0, w: SparseWeights, lengths, cfg: _Config):
     return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths,
                                 activation=cfg.activation, reverse=cfg.reverse, meta=cfg.meta,
-                                method=cfg.method)
+                                method=cfg.method, batch_major=cfg.batch_major)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -113,7 +114,8 @@ def sparse_rnn(inputs, h0, weights: SparseWeights, *, activation: str = "tanh",
     if method == "reference":
         y, h_final = _reference_sparse(x_tm, h0, weights, safe_lengths, activation, bool(reverse))
     else:
-        cfg = _Config(activation, bool(reverse), method, weights.meta, weights.meta_t)
+        cfg = _Config(activation, bool(reverse), method, weights.meta, weights.meta_t,
+                      batch_major=not time_major)
         y, h_final = _native_rnn(x_tm, h0, weights, safe_lengths, cfg)
     if not checked:
         y, h_final = _poison_bad_lengths(y, h_final, lengths, T)

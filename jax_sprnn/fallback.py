@@ -51,7 +51,9 @@ def storage_matvec(kernel, dtype):
     return lambda h: jnp.dot(h.astype(dtype), kernel16, preferred_element_type=jnp.float32)
 
 
-def forward(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta):
+def forward(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta,
+            batch_major=False):
+    del batch_major  # the memory layout of x and y: XLA's business here
     kernel = dense_from_packed(values, indices, lane_row, meta)
     return scan_recurrence(x, h0, storage_matvec(kernel, x.dtype), lengths, activation=activation,
                            reverse=reverse)

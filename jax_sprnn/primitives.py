@@ -94,7 +94,8 @@ def _cpu_lowering(target: str, fallback_impl, ffi_attrs):
     """The CPU rule of a primitive: its C++ kernel, or the pure-JAX ``fallback_impl`` where the CPU
     module was not built. ``ffi_attrs`` maps the primitive's other parameters to the target's
     attributes."""
-    def rule(ctx, *args, method, **params):
+    def rule(ctx, *args, method, batch_major=False, **params):
+        del batch_major  # a CUDA layout choice (see _persistent_cuda); the CPU takes [T, B, H]
         steps, batch = ctx.avals_in[0].shape[:2]  # every primitive's first operand is [T, B, H]
         decision = dispatch.on_cpu(method, params["meta"], batch, steps, forward=target == FORWARD)
         if decision.path == "fallback":
@@ -140,8 +141,8 @@ EXCHANGE_MODES = {"auto": 0, "grid": 1, "cluster": 2}
 
 
 def _forward_abstract(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta,
-                      method, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
-                      exchange_mode="auto"):
+                      method, batch_major=False, spin_timeout_us=0, debug_stall_cta=-1,
+                      grid_barrier=False, exchange_mode="auto"):
     return _recurrence_shapes("sprnn_forward", "x", x, h0, meta)
 
 
@@ -175,9 +176,18 @@ def _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode) -
                 grid_barrier=int(bool(grid_barrier)), exchange_mode=EXCHANGE_MODES[exchange_mode])
 
 
+# The [T, B, H] operand's layout (minor to major) when it is [B, T, H] in memory.
+_BATCH_MAJOR_LAYOUT = (2, 0, 1)
+
+
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
-                     spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
-    """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback."""
+                     batch_major=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
+                     exchange_mode="auto"):
+    """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback.
+
+    ``batch_major`` (the forward only: a caller whose x and y are ``[B, T, H]``): x and y keep
+    their logical ``[T, B, H]`` shape, but the custom call asks XLA for the layout that puts B
+    outermost, so the caller's ``swapaxes`` become bitcasts instead of two transpose kernels."""
     T, B, H = ctx.avals_in[0].shape
     decision = dispatch.on_cuda_recurrence(target, meta, B, ctx.avals_in[0].dtype, method)
     if decision.path == "fallback":
@@ -192,7 +202,15 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     if hooks != _HOOK_DEFAULTS:
         target = _HOOKED_TARGETS[target]
         attrs.update({name: np.int64(value) for name, value in hooks.items()})
-    outs = jax.ffi.ffi_lowering(target)(ctx, *args, **attrs)
+    layouts = {}
+    if target in (FORWARD, _HOOKED_TARGETS[FORWARD]):
+        attrs["batch_major"] = np.int64(bool(batch_major))
+        if batch_major:
+            rows = [None] * len(args)
+            rows[0] = _BATCH_MAJOR_LAYOUT
+            layouts = dict(operand_layouts=rows,
+                           result_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(ctx.avals_out) - 1))
+    outs = jax.ffi.ffi_lowering(target, **layouts)(ctx, *args, **attrs)
     return outs[:2]
 
 

@@ -1,5 +1,7 @@
 """GPU-only tests of the persistent CUDA kernel (skipped without a GPU and the CUDA module)."""
 
+import re
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -117,3 +119,32 @@ def test_pending_error_is_empty_after_good_calls():
     dense, w, x, h0 = make_problem(6, 200, 2, 8, 0.2, "float32")
     jax.block_until_ready(_native_fn()(x, h0, w))
     assert _native.cuda_module().pending_error() == ""
+
+
+def _transposes(compiled_text):
+    """The transpose and copy instructions of a compiled program (kernels that move x or y)."""
+    return re.findall(r"%(\S*(?:transpose|copy)\S*) = ", compiled_text)
+
+
+@pytest.mark.parametrize("exchange_mode", ["auto", "grid", "cluster"])
+@pytest.mark.parametrize("batch", [5, 8])
+def test_a_batch_major_call_runs_without_transposes_and_matches(exchange_mode, batch):
+    # batch_major: x and y are [B, T, H] in memory; the kernel indexes them so, and XLA's swapaxes
+    # around the call become bitcasts. The same bits as the time-major call (ragged, reverse).
+    dense, w, x, h0 = make_problem(31 + batch, 300, batch, 11, 0.1, "float16")
+    lengths = jnp.asarray(np.random.default_rng(batch).integers(0, 12, batch), jnp.int32)
+    hooks = {} if exchange_mode == "auto" else {"exchange_mode": exchange_mode}
+
+    def call(x, h0, batch_major):
+        y, h = sprnn_forward_p.bind(jnp.swapaxes(x, 0, 1), h0, w.values, w.indices, w.lane_row, lengths,
+                                    activation="tanh", reverse=True, meta=w.meta, method="native",
+                                    batch_major=batch_major, **hooks)
+        return jnp.swapaxes(y, 0, 1), h
+    batch_major = jax.jit(lambda x, h0: call(x, h0, True))
+    time_major = jax.jit(lambda x, h0: call(x, h0, False))
+    for got, want in zip(batch_major(x, h0), time_major(x, h0)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    y_ref, _ = js.reference_rnn(x, h0, dense, seq_lengths=lengths, reverse=True)
+    assert rel_err(batch_major(x, h0)[0], y_ref) < TOLERANCE["float16"]
+    assert _transposes(batch_major.lower(x, h0).compile().as_text()) == []
+    assert _transposes(time_major.lower(x, h0).compile().as_text()) != []  # what the layout saves

@@ -15,6 +15,7 @@ from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p, sprnn_gru_p,
 from jax_sprnn.testing import make_problem
 
 LAYOUT_ATTRS = {"activation", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
+FORWARD_ATTRS = LAYOUT_ATTRS | {"batch_major"}  # the CUDA forward also takes x's memory layout
 HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us", "exchange_mode"}
 
 
@@ -39,11 +40,11 @@ def _custom_calls(fn, *args):
 
 
 @pytest.mark.parametrize("hooks, target, attrs", [
-    ({}, "forward", LAYOUT_ATTRS),
-    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
-    ({"grid_barrier": True}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
-    ({"exchange_mode": "cluster"}, "forward_hooked", LAYOUT_ATTRS | HOOK_ATTRS),
-    ({"exchange_mode": "auto"}, "forward", LAYOUT_ATTRS),
+    ({}, "forward", FORWARD_ATTRS),
+    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
+    ({"grid_barrier": True}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "cluster"}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "auto"}, "forward", FORWARD_ATTRS),
 ])
 def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered, hooks, target, attrs):
     _, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")
@@ -55,6 +56,29 @@ def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered
                                     activation="tanh", reverse=False, meta=w.meta, method="native",
                                     **hooks)
     assert _custom_calls(fn, x_tm, h0) == [(_constants.ffi_target(target), attrs)]
+
+
+def _forward_layouts(text):
+    """(batch_major attribute, x's operand layout, y's result layout) of the forward custom call."""
+    call = re.search(r"stablehlo\.custom_call @jax_sprnn_forward_v\d+\(.*", text).group(0)
+    major = int(re.search(r"batch_major = (\d+)", call).group(1))
+    x_layout = re.search(r"operand_layouts = \[dense<\[([\d, ]+)\]>", call).group(1)
+    y_layout = re.search(r"result_layouts = \[dense<\[([\d, ]+)\]>", call).group(1)
+    return major, x_layout, y_layout
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_a_batch_major_call_asks_for_the_batch_major_layout(cuda_targets_registered, time_major):
+    # [B, T, H] in and out (the default): the custom call takes x and gives y with B outermost in
+    # memory (minor to major 2, 0, 1), so XLA turns the API's swapaxes into bitcasts (on the GPU,
+    # tests/test_cuda.py checks the compiled program); [T, B, H] callers keep the row-major layout.
+    _, w, x, h0 = make_problem(8, 300, 3, 5, 0.1, "float16")
+    x = jnp.swapaxes(x, 0, 1) if time_major else x
+    fn = jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w, method="native", time_major=time_major))
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _native.cuda_targets()]
+    text = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, h0).mlir_module()
+    want = "2, 1, 0" if time_major else "2, 0, 1"
+    assert _forward_layouts(text) == (int(not time_major), want, want)
 
 
 def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered):

@@ -6,8 +6,8 @@ short lengths, ours against XLA's dense scan and the dispatch of a trivial jitte
 
 Run under Nsight Compute (``ncu --clock-control none --metrics gpu__time_duration.sum``) with
 ``--ncu`` to get each kernel of one call with its device time: the probe then runs each program a
-few times only. Each program is timed as the median of ``reps`` blocking calls on the host clock
-(``benchmarks.timing``), inputs rotated over four sets.
+few times only. Each program is timed as the median of ``reps`` blocking calls on the host clock,
+the programs interleaved call by call, inputs rotated over four sets.
 """
 from __future__ import annotations
 
@@ -31,16 +31,20 @@ from benchmarks.peers_jax import dense_scan, sync_floor_fn  # noqa: E402
 from jax_sprnn import testing
 
 
-def blocking_us(fn, arg_sets, reps: int) -> float:
-    for args in arg_sets[:2]:
-        jax.block_until_ready(fn(*args))
-    times = []
+def blocking_us(fns: dict, arg_sets, reps: int) -> dict:
+    """Median wall time of a blocking call of each program, the programs interleaved call by call
+    (so that a drifting host shifts them alike)."""
+    for fn in fns.values():
+        for args in arg_sets[:2]:
+            jax.block_until_ready(fn(*args))
+    times: dict = {name: [] for name in fns}
     for i in range(reps):
         args = arg_sets[i % len(arg_sets)]
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def programs(hidden: int, density: float, batch: int, dtype: str):
@@ -111,10 +115,11 @@ def main() -> None:
                  jnp.asarray(rng.standard_normal((args.batch, args.hidden)) * 0.1, dt)) for _ in range(4)]
         progs_t = dict(progs)
         progs_t["sync floor (launch, reset, exchange, finisher)"] = floor_program(w, args.batch, T)
+        jitted = {}
         for name, fn in progs_t.items():
             if args.only and args.only not in name:
                 continue
-            f = jax.jit(fn)
+            f = jitted[name] = jax.jit(fn)
             if args.hlo_dir:
                 Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
                 safe = "".join(c if c.isalnum() else "_" for c in name)
@@ -122,8 +127,9 @@ def main() -> None:
             if args.ncu:
                 for i in range(3):
                     jax.block_until_ready(f(*sets[i]))
-                continue
-            us = blocking_us(f, sets, args.reps)
+        if args.ncu:
+            continue
+        for name, us in blocking_us(jitted, sets, args.reps).items():
             rows.append(dict(program=name, T=T, median_us=round(us, 1)))
             print(f"T={T:3d}  {name:24s} {us:8.1f} us", flush=True)
     if args.out:
