@@ -26,12 +26,16 @@ def test_thread_limits_match_the_build():
     spec = _native.current_device_spec()
     for dtype, table in (("float16", spec.max_threads_16), ("float32", spec.max_threads_32)):
         assert sorted(r for r, _ in table) == sorted(cuda.supported_reg_slots(dtype))
+        local = {}
         for rs, most in table:
             attrs = cuda.kernel_attributes(dtype, 4, rs, 0, most)
             assert attrs["max_threads_per_block"] >= most, (dtype, rs)
-            # A few spilled words at most: 24 bytes in the largest register tiers (fp32 RS=96,
-            # 16-bit RS=192) since cluster mode's batch slice (docs/design.md, registers and spills).
-            assert attrs["local_bytes"] <= 24, (dtype, rs, attrs)
+            local[rs] = attrs["local_bytes"]
+        # A few words at most: 24 bytes of spills in the largest register tiers (fp32 RS=96, 16-bit
+        # RS=192) since cluster mode's batch slice, and up to 48 since the non-finite phases' out-of-
+        # line call (its ABI frame, touched only in a phase whose state holds an Inf or NaN; ptxas
+        # reports no spill in the kernels' own code): docs/design.md, registers and spills.
+        assert max(local.values()) <= 48, (dtype, local)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

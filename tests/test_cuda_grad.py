@@ -51,12 +51,15 @@ def test_backward_kernels_share_the_forward_launch_bounds():
     spec = _native.current_device_spec()
     for dtype, table in (("float16", spec.max_threads_16), ("bfloat16", spec.max_threads_16),
                          ("float32", spec.max_threads_32)):
+        local = {}
         for rs, most in table:
             for tile in (1, 2, 4):
                 attrs = cuda.kernel_attributes(dtype, tile, rs, 0, most, backward=True)
                 assert attrs["max_threads_per_block"] >= most, (dtype, rs, tile)
-                # a few spilled words at most (outside the slot loop): see docs/design.md
-                assert attrs["local_bytes"] <= 64, (dtype, rs, tile, attrs)  # 56 since cluster mode
+                local[rs, tile] = attrs["local_bytes"]
+        # A few words at most (outside the slot loop): 56 since cluster mode, 80 since the non-finite
+        # phases' out-of-line call (its ABI frame, touched only in such a phase): docs/design.md.
+        assert max(local.values()) <= 80, (dtype, local)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
