@@ -32,10 +32,10 @@ def test_thread_limits_match_the_build():
             assert attrs["max_threads_per_block"] >= most, (dtype, rs)
             local[rs] = attrs["local_bytes"]
         # A few words at most: 24 bytes of spills in the largest register tiers (fp32 RS=96, 16-bit
-        # RS=192) since cluster mode's batch slice, and up to 48 since the non-finite phases' out-of-
-        # line call (its ABI frame, touched only in a phase whose state holds an Inf or NaN; ptxas
-        # reports no spill in the kernels' own code): docs/design.md, registers and spills.
-        assert max(local.values()) <= 48, (dtype, local)
+        # RS=192) since cluster mode's batch slice, plus, since the non-finite phases, the ABI frame
+        # of their out-of-line call (touched only in a phase whose state holds an Inf or NaN). On
+        # the H200 (2026-12-03): 16-bit tiers up to 48 bytes, fp32 up to 64 (RS=96): docs/design.md.
+        assert max(local.values()) <= 64, (dtype, local)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
