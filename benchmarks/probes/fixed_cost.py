@@ -47,6 +47,31 @@ def blocking_us(fns: dict, arg_sets, reps: int) -> dict:
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
+def trace_per_call(fn, arg_sets, calls: int, log_dir: str, top: int = 20) -> list[dict]:
+    """Run ``calls`` blocking calls under the JAX profiler (host threads and, on a GPU, CUPTI's
+    kernels and API calls) and return the costliest (plane, line, event) kinds per call: where a
+    short call's time goes between XLA, our handler and the device, which Nsight Compute's
+    one-kernel-at-a-time times do not show."""
+    jax.block_until_ready(fn(*arg_sets[0]))
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0  # the Python tracer's events would swamp the rest
+    opts.host_tracer_level = 2
+    with jax.profiler.trace(log_dir, profiler_options=opts):
+        for i in range(calls):
+            jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    newest = max(Path(log_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    durations: dict = {}
+    for plane in jax.profiler.ProfileData.from_file(str(newest)).planes:
+        for line in plane.lines:
+            for event in line.events:
+                key = (plane.name, line.name, event.name[:70])
+                durations.setdefault(key, []).append(event.duration_ns / 1e3)
+    rows = [dict(plane=k[0], line=k[1], event=k[2], per_call=round(len(d) / calls, 2),
+                 median_us=round(statistics.median(d), 2), us_per_call=round(sum(d) / calls, 2))
+            for k, d in durations.items()]
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+
+
 def programs(hidden: int, density: float, batch: int, dtype: str):
     dense, w, _, _ = testing.make_problem(0, hidden, batch, 1, density, dtype)
     kernel = jnp.asarray(dense, testing.DTYPES[dtype])
@@ -100,6 +125,8 @@ def main() -> None:
     ap.add_argument("--ncu", action="store_true", help="run each program 3 times, untimed")
     ap.add_argument("--only", help="run only the programs whose name contains this text")
     ap.add_argument("--hlo-dir", help="write each program's optimized HLO (its first length) here")
+    ap.add_argument("--trace", metavar="DIR", help="also profile each T=1 program's calls (JAX "
+                    "profiler) and print where a call's time goes; the traces stay in DIR")
     ap.add_argument("--out")
     ap.add_argument("--summarize-ncu", metavar="LOG", help="print the kernels of an ncu --csv log")
     args = ap.parse_args()
@@ -114,7 +141,8 @@ def main() -> None:
         sets = [(jnp.asarray(rng.standard_normal((args.batch, T, args.hidden)), dt),
                  jnp.asarray(rng.standard_normal((args.batch, args.hidden)) * 0.1, dt)) for _ in range(4)]
         progs_t = dict(progs)
-        progs_t["sync floor (launch, reset, exchange, finisher)"] = floor_program(w, args.batch, T)
+        if jax.default_backend() == "gpu":  # (a CUDA target only)
+            progs_t["sync floor (launch, reset, exchange, finisher)"] = floor_program(w, args.batch, T)
         jitted = {}
         for name, fn in progs_t.items():
             if args.only and args.only not in name:
@@ -132,6 +160,15 @@ def main() -> None:
         for name, us in blocking_us(jitted, sets, args.reps).items():
             rows.append(dict(program=name, T=T, median_us=round(us, 1)))
             print(f"T={T:3d}  {name:24s} {us:8.1f} us", flush=True)
+        if args.trace and T == 1:
+            for name, f in jitted.items():
+                safe = "".join(c if c.isalnum() else "_" for c in name)
+                events = trace_per_call(f, sets, 100, str(Path(args.trace, safe)))
+                rows.append(dict(program=name, T=T, trace=events))
+                print(f"-- trace of {name}, T=1: us per call, events per call, median us, event")
+                for e in events:
+                    print(f"{e['us_per_call']:9.2f} {e['per_call']:6.2f} {e['median_us']:9.2f}  "
+                          f"{e['line'][:28]:28s} {e['event']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, hidden=args.hidden,
