@@ -114,12 +114,14 @@ def test_cpu_suite(tmp_path):
     data = _run("cpu", tmp_path)
     assert [(r["hidden"], r["dtype"]) for r in data["rows"]] == [(64, "float32"), (64, "float16")]
     for row in data["rows"]:
-        for name in ("ours", "dense", "ours_grad", "dense_grad"):
+        for name in ("ours", "dense", "auto", "dense_path", "ours_grad", "dense_grad"):
             result = row["peers"][name]
             assert result["call_ms"] > 0 and result["rel_err"] < 5e-2, (name, result)
         # (A smoke run's per-step slope is noise on a loaded machine and may even be negative: the
         # ratios must exist, not have a sign.)
         assert math.isfinite(row["speedup_forward"]) and math.isfinite(row["speedup_grad"])
+        assert math.isfinite(row["auto_over_best"])
+    assert {t["direction"] for t in data["targets"]} == {"auto"}  # (H = 64: no speed goal)
     assert set(data["crossovers"]) == {f"{d}/2/{k}" for d in ("float32", "float16")
                                        for k in ("forward", "grad")}
     assert data["cpu_before"]["cores"] >= 1

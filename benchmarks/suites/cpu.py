@@ -22,19 +22,23 @@ copies its JSON to benchmarks/results/cpu_<date>.json.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
-import statistics
+import jax_sprnn as js
+from jax_sprnn import fallback
 
 from .. import plots
 from ..harness import Case, Peer, Skip, as_numpy
-from ..peers_jax import ALL_DTYPES, DENSE, OURS, auto_choice
+from ..peers_jax import ALL_DTYPES, DENSE, OURS, auto_choice, jax_runner
 from ..problems import SHORT, Layer, rel_err
 from ..report import Column
 from . import training
@@ -60,7 +64,37 @@ GRAD = Peer("ours_grad", "forward + backward through the C++ CPU kernel (gradien
             ALL_DTYPES, training.OURS.build, competitor=False)
 DENSE_GRAD = Peer("dense_grad", "forward + backward through the dense lax.scan", ALL_DTYPES,
                   training.DENSE.build)
-DIRECTIONS = {"forward": (FWD, DENSE_FWD), "grad": (GRAD, DENSE_GRAD)}
+
+
+def _build_path(method: str):
+    def build(layer: Layer, batch: int, T: int):
+        fn = lambda x, h0, w: js.sparse_rnn(x, h0, w, time_major=True, method=method)  # noqa: E731
+        return jax_runner(fn, layer, batch, T, layer.weights)
+    return build
+
+
+def _build_dense_path(layer: Layer, batch: int, T: int):
+    def fn(x, h0, w):
+        lengths = jnp.full((x.shape[1],), x.shape[0], jnp.int32)
+        return fallback.forward(x, h0, w.values, w.indices, w.lane_row, lengths, activation="tanh",
+                                reverse=False, meta=w.meta)
+    return jax_runner(fn, layer, batch, T, layer.weights)
+
+
+#: What ``method="auto"`` runs, and the path it runs where it does not take the kernel: XLA's
+#: dense scan of the kernel built from the packed layout in every call (the dense peer above keeps
+#: a dense K, which a SparseWeights user does not have).
+AUTO_FWD = Peer("auto", "sparse_rnn(method='auto'), forward", ALL_DTYPES, _build_path("auto"),
+                competitor=False)
+DENSE_PATH_FWD = Peer("dense_path", "XLA's dense path of sparse_rnn: K built from the packed layout "
+                      "in every call, then lax.scan, forward", ALL_DTYPES, _build_dense_path,
+                      competitor=False)
+#: The first two peers of a direction are ours and its dense peer (speedup, crossovers, targets).
+DIRECTIONS = {"forward": (FWD, DENSE_FWD, AUTO_FWD, DENSE_PATH_FWD), "grad": (GRAD, DENSE_GRAD)}
+#: Short calls (streaming chunks): T = 1 and 3, forward only, where building K or the rows is most
+#: of a call.
+SHORT_TIMING = dict(t1=1, t2=3)
+SHORT_GRID = [(256, 4, "float32"), (1024, 4, "float32"), (2048, 4, "float32"), (1024, 1, "float16")]
 
 
 def cpu_info() -> dict:
@@ -81,7 +115,7 @@ def cpu_info() -> dict:
 def speedup(row: dict, direction: str) -> float | None:
     """Dense's time per call over ours (> 1: the kernel is faster). A ratio of whole calls, so it
     exists whenever both were timed, even where a noisy per-step slope came out <= 0."""
-    ours, dense = (row["peers"].get(p.name) or {} for p in DIRECTIONS[direction])
+    ours, dense = (row["peers"].get(p.name) or {} for p in DIRECTIONS[direction][:2])
     if not (ours.get("call_ms", 0) > 0 and dense.get("call_ms", 0) > 0):
         return None
     return dense["call_ms"] / ours["call_ms"]
@@ -137,13 +171,38 @@ def measure_case(ctx: Context, hidden: int, batch: int, dtype: str) -> dict:
                                                                training.grad_reference)))
     for direction in DIRECTIONS:
         row[f"speedup_{direction}"] = speedup(row, direction)
+    row["auto_over_best"] = auto_over_best(row)
     return row
+
+
+def measure_short(ctx: Context, hidden: int, batch: int, dtype: str) -> dict:
+    """A short call (T = 1 and 3), forward only: the kernel, auto, and both dense paths."""
+    layer = Layer.make(hidden, DENSITY, dtype)
+    timing = dataclasses.replace(ctx.timing, **SHORT_TIMING)
+    row = dict(kind="short", hidden=hidden, density=layer.density, batch=batch, dtype=dtype,
+               nnz=layer.nnz, T=timing.t2, auto=auto_choice(layer, batch, timing.t2), peers={})
+    row["peers"].update(measure_pair(DIRECTIONS["forward"], Case(layer, batch, timing,
+                                                                  forward_reference)))
+    row["speedup_forward"] = speedup(row, "forward")
+    row["auto_over_best"] = auto_over_best(row)
+    return row
+
+
+def auto_over_best(row: dict) -> float | None:
+    """``method="auto"``'s call time over the faster of the two paths it chooses between (the
+    kernel and the dense path of the packed weights): issue 18 asks for at most 1.1."""
+    times = {name: (row["peers"].get(name) or {}).get("call_ms", 0) for name in
+             (FWD.name, DENSE_PATH_FWD.name, AUTO_FWD.name)}
+    if not all(t > 0 for t in times.values()):
+        return None
+    return times[AUTO_FWD.name] / min(times[FWD.name], times[DENSE_PATH_FWD.name])
 
 
 def crossovers(rows) -> dict:
     """Per ``dtype/batch/direction``: the smallest H from which ours is faster at every larger H of
     the grid (None: never, or not at the largest)."""
     out = {}
+    rows = [r for r in rows if r.get("kind") != "short"]
     keys = sorted({(r["dtype"], r["batch"]) for r in rows if "peers" in r})
     for dtype, batch in keys:
         cells = sorted((r for r in rows if "peers" in r and (r["dtype"], r["batch"]) == (dtype, batch)),
@@ -160,9 +219,16 @@ def crossovers(rows) -> dict:
 
 
 def targets(rows) -> list[dict]:
-    """Issue 18's goals per row: at least dense's speed at H >= 512, 3x at H >= 2048."""
+    """Issue 18's goals per row: at least dense's speed at H >= 512, 3x at H >= 2048 (the long
+    rows), and ``auto`` at most 10% over the faster of its two paths (every row)."""
     out = []
     for r in rows:
+        if r.get("auto_over_best") is not None:
+            out.append(dict(hidden=r["hidden"], batch=r["batch"], dtype=r["dtype"], T=r["T"],
+                            direction="auto", ratio=r["auto_over_best"], goal=1.1,
+                            met=r["auto_over_best"] <= 1.1))
+        if r.get("kind") == "short":
+            continue
         for direction in DIRECTIONS:
             s = r.get(f"speedup_{direction}")
             goal = 3.0 if r["hidden"] >= 2048 else 1.0 if r["hidden"] >= 512 else None
@@ -189,6 +255,12 @@ def run(ctx: Context) -> None:
                                   not_run="time budget"))
             continue
         ctx.recorder.add(measure_case(ctx, hidden, batch, dtype))
+    for hidden, batch, dtype in ([] if ctx.smoke else SHORT_GRID):
+        if ctx.over_budget():
+            ctx.recorder.add(dict(kind="short", hidden=hidden, batch=batch, dtype=dtype,
+                                  not_run="time budget"))
+            continue
+        ctx.recorder.add(measure_short(ctx, hidden, batch, dtype))
     rows = ctx.recorder.rows
     ctx.recorder.set(cpu_after=cpu_info(), crossovers=crossovers(rows), targets=targets(rows),
                      plots=[str(plots.per_step_bars(rows, ctx.out_dir / "cpu.png",
@@ -200,13 +272,15 @@ def run(ctx: Context) -> None:
 
 
 def _ms(name: str):
-    return lambda row: row["peers"][name].get("call_ms")
+    return lambda row: (row["peers"].get(name) or {}).get("call_ms")
 
 
 def columns(peers):
     return [Column("H", lambda r: r["hidden"], 5), Column("B", lambda r: r["batch"], 3),
-            Column("dtype", lambda r: SHORT[r["dtype"]], 5),
+            Column("dtype", lambda r: SHORT[r["dtype"]], 5), Column("T", lambda r: r.get("T"), 4),
             *[Column(f"{p.name} ms", _ms(p.name), 10) for p in (FWD, DENSE_FWD)],
             Column("x fwd", lambda r: r.get("speedup_forward"), 6),
+            *[Column(f"{p.name} ms", _ms(p.name), 13) for p in (DENSE_PATH_FWD, AUTO_FWD)],
+            Column("auto/best", lambda r: r.get("auto_over_best"), 9),
             *[Column(f"{p.name} ms", _ms(p.name), 14) for p in (GRAD, DENSE_GRAD)],
             Column("x grad", lambda r: r.get("speedup_grad"), 6)]
