@@ -180,7 +180,15 @@ def weight_grad_prefers_dense(meta: LayoutMeta, batch: int, groups: int) -> tupl
 # dense wins at B <= 4), hence the conservative density limits below. The limits are on the
 # layout's density, padding included (what a lowering can see: the nonzero count is data): that is
 # about 1.25x the real density at 10-30% (10% -> 0.125, 30% -> 0.34-0.375).
-CPU_MIN_STEPS = 4               # below this the rows' set-up dominates
+CPU_MIN_STEPS = 4               # below this the rows' set-up dominates (small layers)
+# XLA's dense path is not the dense scan of a kernel the caller keeps: it first rebuilds the
+# kernel from the packed layout, in every call (a scatter of every slot, ~20 ns a slot, into a
+# zeroed rows x cols array), where the C++ kernel builds its rows at ~4 ns a slot. From 512 x 512
+# cells that outweighs the dense steps' gain until long sequences (2-core CPU, 2026-12-03, fp32:
+# T=1-3 at H=512-2048 and 10%, the dense path 1.8-9x slower; H=1024 at 45%, 4x slower at T=8,
+# 1.35x at T=32, 1.2x faster at T=100; at H <= 256 the two are within the noise).
+CPU_BUILD_CELLS = 512 * 512
+CPU_BUILD_STEPS = 64
 CPU_MIN_NNZ_PER_ROW = 48        # forward: enough slots per row to amortize the gather
 CPU_FORWARD_MAX_DENSITY = 0.2   # forward at small batches: ~15% real; measured at 10%, not 30%
 CPU_BATCH_WIDE = 16             # forward: a batch this wide amortizes the gather up to ...
@@ -198,6 +206,10 @@ def cpu_prefers_dense(meta: LayoutMeta, batch: int, steps: int, *, forward: bool
     """Whether ``method="auto"`` should run XLA's dense path rather than the C++ kernel on the CPU
     (``forward``: the forward recurrence; else the backward recurrence or the weight gradient)."""
     density = layout_density(meta)
+    cells = meta.num_rows * meta.num_cols
+    if cells >= CPU_BUILD_CELLS and steps < CPU_BUILD_STEPS:
+        return False, (f"the dense path would rebuild the {meta.num_cols}x{meta.num_rows} kernel "
+                       f"from the packed layout for only {steps} steps: the C++ kernel")
     if steps < CPU_MIN_STEPS:
         return True, f"{steps} steps are too few to amortize building the sparse rows"
     if density > CPU_MAX_DENSITY:

@@ -10,6 +10,7 @@ import pytest
 
 from jax_sprnn import cost
 from jax_sprnn.layout import LayoutMeta
+from jax_sprnn.testing import make_problem
 
 
 def _meta(hidden, slots_per_lane, warps_per_cta, reg_slots, ctas=128, load_bytes=16):
@@ -168,3 +169,19 @@ def test_gated_auto_switches_by_hand():
     huge = LayoutMeta(hidden=8192, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8,
                       reg_slots=16, load_bytes=16, fits=True, reason="fits", gates=4)
     assert f"{2 * 4 * 8192 ** 2 / 3.3e6:.1f} µs for XLA" in cost.gated_prefers_dense(huge, 4, np.float16)[1]
+
+
+def test_cpu_auto_keeps_the_kernel_where_the_dense_path_would_rebuild_a_large_kernel():
+    # XLA's dense path rebuilds K from the packed layout in every call: for short sequences of a
+    # layer of 512 x 512 cells or more the C++ kernel is faster whatever the density (2026-12-03).
+    small = make_problem(1, 256, 4, 1, 0.1, "float32")[1].meta
+    large = make_problem(2, 1024, 4, 1, 0.1, "float32")[1].meta
+    dense_layout = make_problem(3, 1024, 4, 1, 0.45, "float32")[1].meta
+    assert cost.cpu_prefers_dense(small, 4, 1, forward=True)[0]  # small: the rows' set-up decides
+    for meta in (large, dense_layout):
+        for steps in (1, 3, 16, cost.CPU_BUILD_STEPS - 1):
+            prefers_dense, why = cost.cpu_prefers_dense(meta, 4, steps, forward=True)
+            assert not prefers_dense and "rebuild" in why, (meta.hidden, steps, why)
+    # Long sequences amortize the rebuild: the fitted per-step rule decides again.
+    assert cost.cpu_prefers_dense(dense_layout, 4, cost.CPU_BUILD_STEPS, forward=True)[0]
+    assert not cost.cpu_prefers_dense(large, 4, cost.CPU_BUILD_STEPS, forward=True)[0]

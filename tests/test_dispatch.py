@@ -46,8 +46,10 @@ def test_cpu_takes_the_kernel_where_the_module_was_built(monkeypatch):
     (256, 26, 4, 100, True, "fallback"),     # H=256 at 10%: dense, but for a wide batch
     (256, 26, 16, 100, True, "kernel"),
     (256, 26, 4, 100, False, "kernel"),      # the backward pieces win from H=256
-    (1024, 102, 4, 2, True, "fallback"),     # too few steps to amortize building the rows
-    (1024, 102, 4, 2, False, "fallback"),
+    (1024, 102, 4, 2, True, "kernel"),       # a short call: the dense path would rebuild K
+    (1024, 102, 4, 2, False, "kernel"),
+    (256, 26, 4, 2, True, "fallback"),       # ... which is cheap at H=256
+    (1024, 280, 4, 16, True, "kernel"),      # 16 steps do not pay for rebuilding K, even at 27%
     (1024, 280, 4, 100, True, "fallback"),   # 27% (0.375 with padding) at a small batch: dense
     (1024, 280, 16, 100, True, "kernel"),
     (512, 256, 16, 100, False, "fallback"),  # 50%: dense everywhere
