@@ -42,7 +42,7 @@ arch_define=()
 if [ "$CUDA_ARCHS" != all ]; then arch_define=(-Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS"); fi
 echo "architectures: $CUDA_ARCHS"
 export JAX_SPRNN_EXPECTED_CUDA_ARCHS="$CUDA_ARCHS"  # tests/test_devices.py checks the build against it
-JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q "${arch_define[@]}" \
+JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps "${arch_define[@]}" \
   -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
 rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
