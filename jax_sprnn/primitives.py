@@ -205,10 +205,8 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     layouts = {}
     if target in (FORWARD, _HOOKED_TARGETS[FORWARD]):
         attrs["batch_major"] = np.int64(bool(batch_major))
-        if batch_major:
-            rows = [None] * len(args)
-            rows[0] = _BATCH_MAJOR_LAYOUT
-            layouts = dict(operand_layouts=rows,
+        if batch_major:  # x (operand 0) and y (result 0); None: row-major
+            layouts = dict(operand_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(args) - 1),
                            result_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(ctx.avals_out) - 1))
     outs = jax.ffi.ffi_lowering(target, **layouts)(ctx, *args, **attrs)
     return outs[:2]
