@@ -189,6 +189,9 @@ CPU_MIN_STEPS = 4               # below this the rows' set-up dominates (small l
 # 1.35x at T=32, 1.2x faster at T=100; at H <= 256 the two are within the noise).
 CPU_BUILD_CELLS = 512 * 512
 CPU_BUILD_STEPS = 64
+# Rows with few slots (H = 256 at 10%) from this batch on: against the dense path with its
+# rebuild, the kernel was 8-58% faster at B = 4 and 4-13% slower at B = 1 (cpu_2026-12-03.json).
+CPU_SHORT_ROWS_BATCH = 4
 CPU_MIN_NNZ_PER_ROW = 48        # forward: enough slots per row to amortize the gather
 CPU_FORWARD_MAX_DENSITY = 0.2   # forward at small batches: ~15% real; measured at 10%, not 30%
 CPU_BATCH_WIDE = 16             # forward: a batch this wide amortizes the gather up to ...
@@ -219,5 +222,8 @@ def cpu_prefers_dense(meta: LayoutMeta, batch: int, steps: int, *, forward: bool
     per_row = density * meta.hidden
     if per_row >= CPU_MIN_NNZ_PER_ROW and density <= CPU_FORWARD_MAX_DENSITY:
         return False, f"{per_row:.0f} nonzeros per row at density {density:.2f}: the C++ kernel"
+    if batch >= CPU_SHORT_ROWS_BATCH and density <= CPU_FORWARD_MAX_DENSITY:
+        return False, (f"{per_row:.0f} nonzeros per row, but a batch of {batch} against a dense path "
+                       f"that rebuilds its kernel: the C++ kernel")
     return True, (f"{per_row:.0f} nonzeros per row at density {density:.2f} and batch {batch}: "
                   f"XLA's dense step is faster")

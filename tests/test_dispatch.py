@@ -43,7 +43,8 @@ def test_cpu_takes_the_kernel_where_the_module_was_built(monkeypatch):
 @pytest.mark.parametrize("hidden, per_row, batch, steps, forward, path", [
     (1024, 102, 1, 100, True, "kernel"),     # 10% from H=512 on: the kernel, any batch
     (512, 51, 4, 100, True, "kernel"),
-    (256, 26, 4, 100, True, "fallback"),     # H=256 at 10%: dense, but for a wide batch
+    (256, 26, 1, 100, True, "fallback"),     # H=256 at 10%: dense at B=1 ...
+    (256, 26, 4, 100, True, "kernel"),       # ... the kernel from B=4 (dense rebuilds K per call)
     (256, 26, 16, 100, True, "kernel"),
     (256, 26, 4, 100, False, "kernel"),      # the backward pieces win from H=256
     (1024, 102, 4, 2, True, "kernel"),       # a short call: the dense path would rebuild K
@@ -64,12 +65,13 @@ def test_cpu_auto_takes_the_faster_path(hidden, per_row, batch, steps, forward, 
 
 
 def test_cpu_auto_lowers_a_small_layer_to_dense_and_a_large_one_to_the_kernel():
-    def hlo(hidden, density):
-        dense, w, x, h0 = make_problem(3, hidden, 4, 20, density)
+    def hlo(hidden, density, batch):
+        dense, w, x, h0 = make_problem(3, hidden, batch, 20, density)
         return jax.jit(lambda x, h0: js.sparse_rnn(x, h0, w)).lower(x, h0).as_text()
     with jax.default_device(jax.devices("cpu")[0]):
-        assert FORWARD not in hlo(128, 0.1)
-        assert FORWARD in hlo(640, 0.1)
+        assert FORWARD not in hlo(128, 0.1, 1)
+        assert FORWARD in hlo(128, 0.1, 4)
+        assert FORWARD in hlo(640, 0.1, 1)
 
 
 def test_recurrences_without_a_cuda_build(no_cuda_build):
