@@ -175,7 +175,8 @@ def weight_grad_prefers_dense(meta: LayoutMeta, batch: int, groups: int) -> tupl
 # tile, about a cycle a core, while dense runs at the CPU's matmul rate, and a call first builds its
 # rows (0.4-1.6 ms at H=1024-2048). So the kernel wins once a row has enough nonzeros to amortize
 # that, at low density, over more than a few steps: at 10% from H=512 for every batch and dtype
-# (1.1-3.8x forward), at H=256 only from B=16; the backward recurrence and the weight gradient from
+# (1.1-3.8x forward), at H=256 only from B=16 (from B=4 against the dense path as it runs,
+# rebuilding K: see CPU_SHORT_ROWS_BATCH); the backward recurrence and the weight gradient from
 # H=256 (2-13x). Only 10% was measured across the grid; higher densities were spot-checked (at 30%
 # dense wins at B <= 4), hence the conservative density limits below. The limits are on the
 # layout's density, padding included (what a lowering can see: the nonzero count is data): that is
