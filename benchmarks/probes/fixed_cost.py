@@ -2,7 +2,11 @@
 short lengths, ours against XLA's dense scan and the dispatch of a trivial jitted program.
 
     python benchmarks/probes/fixed_cost.py [--hidden 2304] [--density 0.1] [--batch 4]
-        [--dtype float16] [--reps 300] [--out fixed_cost.json]
+        [--dtype float16] [--reps 300] [--out fixed_cost.json] [--trace DIR] [--hlo-dir DIR]
+
+``--trace DIR`` also runs 100 calls of each T = 1 program under the JAX profiler and prints the
+costliest host and device events per call (on a GPU, CUPTI's kernels and API calls beside XLA's
+thunks): where a call's time goes outside its kernels' own device time.
 
 Run under Nsight Compute (``ncu --clock-control none --metrics gpu__time_duration.sum``) with
 ``--ncu`` to get each kernel of one call with its device time: the probe then runs each program a
