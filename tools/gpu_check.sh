@@ -14,7 +14,8 @@
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
 #     cost, and each kernel of a T=1 call under Nsight Compute: benchmarks/probes/fixed_cost.py;
 #     FIXED_NCU_PROGS="ours, [B|dense" picks the programs, FIXED_STALLS=1 adds the persistent
-#     kernel's warp stall reasons)
+#     kernel's warp stall reasons, FIXED_TRACE=1 FIXED_TAIL=150 each call's events from the JAX
+#     profiler)
 #   SASS_MATCH=forward tools/gpu_check.sh sass  (the built module's SASS of the matching kernels, and
 #     where its local-memory instructions are)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
@@ -90,8 +91,10 @@ if has fixedcost; then
     [ -z "$case_args" ] && continue
     tag=$(echo "$case_args" | tr -c 'a-zA-Z0-9\n' '_' | tr -s '_')
     echo "-- $case_args"
+    trace=()  # FIXED_TRACE=1: each T=1 program's calls under the JAX profiler (events per call)
+    if [ -n "${FIXED_TRACE:-}" ]; then trace=(--trace /tmp/fixed_traces); fi
     python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --out "$OUT/fixed_cost$tag.json" \
-      --hlo-dir "$OUT/hlo$tag" 2>&1 | tail -20
+      --hlo-dir "$OUT/hlo$tag" "${trace[@]}" 2>&1 | tail -${FIXED_TAIL:-20}
     IFS='|' read -r -a ncu_progs <<< "${FIXED_NCU_PROGS:-ours, [B|dense|sync floor}"
     for prog in "${ncu_progs[@]}"; do
       timeout -k 10 "${PROFILE_TIMEOUT:-120}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
