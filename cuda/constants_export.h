@@ -80,10 +80,11 @@ inline nanobind::dict exported_constants() {
       nb::arg("hidden"), nb::arg("batch"), nb::arg("tile"), nb::arg("weight_tier_bytes"),
       nb::arg("h_buffers") = 1, nb::arg("cell_bytes") = 0);
   d["cell_state_smem_bytes"] = nb::cpp_function(
-      [](int64_t batch, int64_t tile, int64_t warps_per_cta, int64_t gates) {
-        return c::cell_state_smem_bytes(batch, tile, warps_per_cta, gates);
+      [](int64_t batch, int64_t tile, int64_t warps_per_cta, int64_t gates, bool transposed) {
+        return c::cell_state_smem_bytes(batch, tile, warps_per_cta, gates, transposed);
       },
-      nb::arg("batch"), nb::arg("tile"), nb::arg("warps_per_cta"), nb::arg("gates"));
+      nb::arg("batch"), nb::arg("tile"), nb::arg("warps_per_cta"), nb::arg("gates"),
+      nb::arg("transposed") = false);
   d["weight_grad_slots_per_thread"] = nb::cpp_function(
       [](int64_t slots_per_lane) { return c::weight_grad_slots_per_thread(slots_per_lane); },
       nb::arg("slots_per_lane"));

@@ -33,6 +33,7 @@
 #include "cpu_parallel.h"
 #include "cpu_rows.h"
 #include "ffi_bindings.h"
+#include "gated_backward_checks.h"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -935,7 +936,7 @@ struct GatedBackwardCall {
   const float *u, *hn_bias;
   const int32_t *indices_t, *lane_row_t, *lengths;
   void *dx, *dh0, *dc0;  // storage type
-  float *du, *dbias;
+  float* du;
   int64_t T, B;
 };
 
@@ -1008,7 +1009,7 @@ void gated_backward(const GatedBackwardCall& call, const Layout& lay, ffi::Threa
   float* du = call.du;
   // The carries, rounded to the storage type: dh (and the LSTM's dc) of the state a step starts
   // from; `direct`: dh's part that does not go through U (the GRU's dh * z; 0 for the LSTM).
-  std::vector<float> dh(B * H), dc(lstm ? B * H : 0), direct(B * H, 0.0f), dbias(H, 0.0f);
+  std::vector<float> dh(B * H), dc(lstm ? B * H : 0), direct(B * H, 0.0f);
   for (int64_t e = 0; e < B * H; ++e) dh[e] = S::load(static_cast<const Raw*>(call.dh_final)[e]);
   for (int64_t e = 0; lstm && e < B * H; ++e) dc[e] = S::load(static_cast<const Raw*>(call.dc_final)[e]);
   AlignedFloats staged(tiles * W * BT);  // the step's du, [tiles][G*H][BT], what U^T multiplies
@@ -1039,7 +1040,6 @@ void gated_backward(const GatedBackwardCall& call, const Layout& lay, ffi::Threa
           } else {
             gru_cells_backward<S>(x + at * W + i0, call.u + at * W + i0, H, n, hb + at * H + i0,
                                   call.hn_bias + i0, dh_out, direct.data() + b * H + i0, dxs, dus, z);
-            for (int64_t k = 0; k < n; ++k) dbias[i0 + k] += dus[2 * H + k];
           }
         } else {  // past the example's end: no cotangent flows, the carry is held
           for (int64_t g = 0; g < G; ++g)
@@ -1086,7 +1086,6 @@ void gated_backward(const GatedBackwardCall& call, const Layout& lay, ffi::Threa
   for (int64_t e = 0; e < B * H; ++e) dh0[e] = S::store(dh[e]);
   auto* dc0 = static_cast<Raw*>(call.dc0);
   for (size_t e = 0; e < dc.size(); ++e) dc0[e] = S::store(dc[e]);
-  if (call.dbias != nullptr) std::copy(dbias.begin(), dbias.end(), call.dbias);
 }
 
 // ---- the handlers ------------------------------------------------------------------------------
@@ -1153,25 +1152,8 @@ const char* dtype_name(ffi::DataType dt) {
   }
 }
 
-// What a gated handler's errors say: "<who>: <name> must ..." and the cell they are about.
-struct GatedChecks {
-  std::string who, cell;  // cell: "for the LSTM (gates = 4)"
-
-  ffi::Error fail(const std::string& what) const { return ffi::Error::InvalidArgument(who + ": " + what); }
-  // Buffer `name` must be `want` (written `what`, e.g. "[B, H]").
-  ffi::Error shape(const char* name, Dims got, std::vector<int64_t> want, const char* what) const {
-    if (got == Dims(want)) return ffi::Error::Success();
-    return fail(std::string(name) + " must be " + what + " = " + shape_text(want.data(), want.size()) +
-                " " + cell + ", got " + shape_text(got.begin(), got.size()));
-  }
-  // Buffer `name` must have no element (it belongs to the other cell).
-  ffi::Error empty(const char* name, Dims got) const {
-    size_t n = 1;
-    for (int64_t d : got) n *= size_t(d);
-    if (n == 0) return ffi::Error::Success();
-    return fail(std::string(name) + " must have no element " + cell + ", got " + shape_text(got.begin(), got.size()));
-  }
-};
+using gated_backward_checks::checks_for;
+using gated_backward_checks::GatedChecks;
 
 ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer values,
                             ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
@@ -1231,47 +1213,18 @@ ffi::Error GatedBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> u, ffi::Any
                              ffi::Buffer<ffi::S32> indices_t, ffi::Buffer<ffi::S32> lane_row_t,
                              ffi::Buffer<ffi::S32> lengths, ffi::Result<ffi::AnyBuffer> dx,
                              ffi::Result<ffi::Buffer<ffi::F32>> du, ffi::Result<ffi::AnyBuffer> dh0,
-                             ffi::Result<ffi::AnyBuffer> dc0, ffi::Result<ffi::Buffer<ffi::F32>> dbias,
-                             int64_t gates, int64_t slots_per_lane, ffi::ThreadPool pool) {
+                             ffi::Result<ffi::AnyBuffer> dc0, int64_t gates, int64_t slots_per_lane,
+                             ffi::ThreadPool pool) {
   const char* who = "jax_sprnn_gated_backward";
+  gated_backward_checks::Sizes sizes;
+  if (auto e = gated_backward_checks::check_operands(who, gates, x, u, h_before, c_before, dy, dh_final,
+                                                     dc_final, hn_bias, values_t, lengths, *dx, *du,
+                                                     *dh0, *dc0, &sizes);
+      e.failure())
+    return e;
+  const int64_t T = sizes.T, B = sizes.B, H = sizes.H;
   const bool lstm = gates == kLstm;
-  GatedChecks check{who, lstm ? "for the LSTM (gates = 4)" : "for the GRU (gates = 3)"};
-  if (gates != kGru && gates != kLstm)
-    return check.fail("gates must be 3 (GRU) or 4 (LSTM), got " + std::to_string(gates));
-  const Dims dims = x.dimensions();
-  if (dims.size() != 3 || dims[2] % gates != 0)
-    return check.fail("x must be [T, B, G*H] with G = gates = " + std::to_string(gates) + ", got " +
-                      shape_text(dims.begin(), dims.size()));
-  const int64_t T = dims[0], B = dims[1], H = dims[2] / gates, W = gates * H;
-  for (auto e : {check.shape("u", u.dimensions(), {T, B, W}, "float32 [T, B, G*H]"),
-                 check.shape("h_before", h_before.dimensions(), {T, B, H}, "[T, B, H]"),
-                 lstm ? check.shape("c_before", c_before.dimensions(), {T, B, H}, "[T, B, H]")
-                      : check.empty("c_before", c_before.dimensions()),
-                 check.shape("dy", dy.dimensions(), {T, B, H}, "[T, B, H]"),
-                 check.shape("dh_final", dh_final.dimensions(), {B, H}, "[B, H]"),
-                 lstm ? check.shape("dc_final", dc_final.dimensions(), {B, H}, "[B, H]")
-                      : check.empty("dc_final", dc_final.dimensions()),
-                 lstm ? check.empty("hn_bias", hn_bias.dimensions())
-                      : check.shape("hn_bias", hn_bias.dimensions(), {H}, "float32 [H]"),
-                 check.shape("lengths", lengths.dimensions(), {B}, "int32 [B]"),
-                 check.shape("dx", dx->dimensions(), {T, B, W}, "[T, B, G*H]"),
-                 check.shape("du", du->dimensions(), {T, B, W}, "float32 [T, B, G*H]"),
-                 check.shape("dh0", dh0->dimensions(), {B, H}, "[B, H]"),
-                 lstm ? check.shape("dc0", dc0->dimensions(), {B, H}, "[B, H]")
-                      : check.empty("dc0", dc0->dimensions()),
-                 lstm ? check.empty("dbias", dbias->dimensions())
-                      : check.shape("dbias", dbias->dimensions(), {H}, "float32 [H]")})
-    if (e.failure()) return e;
   const auto dt = x.element_type();
-  const std::pair<const char*, ffi::DataType> typed[] = {
-      {"h_before", h_before.element_type()}, {"c_before", c_before.element_type()},
-      {"dy", dy.element_type()}, {"dh_final", dh_final.element_type()},
-      {"dc_final", dc_final.element_type()}, {"values_t", values_t.element_type()},
-      {"dx", dx->element_type()}, {"dh0", dh0->element_type()}, {"dc0", dc0->element_type()}};
-  for (const auto& [name, type] : typed)
-    if (type != dt)
-      return check.fail(std::string(name) + " is " + dtype_name(type) + " but x is " + dtype_name(dt) +
-                        ": x, the states, the cotangents and values_t must share one dtype");
   Layout lay;
   if (auto e = check_packed(who, H, gates, indices_t, lane_row_t, values_t.element_count(), slots_per_lane,
                             kTanh, lengths, B, T, &lay, /*transposed=*/true);
@@ -1285,7 +1238,7 @@ ffi::Error GatedBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> u, ffi::Any
   call.indices_t = indices_t.typed_data(), call.lane_row_t = lane_row_t.typed_data();
   call.lengths = lengths.typed_data();
   call.dx = dx->untyped_data(), call.du = du->typed_data(), call.dh0 = dh0->untyped_data();
-  call.dc0 = dc0->untyped_data(), call.dbias = lstm ? nullptr : dbias->typed_data();
+  call.dc0 = dc0->untyped_data();
   call.T = T, call.B = B;
   return with_storage_type(who, dt, [&](auto type) { gated_backward<decltype(type)>(call, lay, &pool); });
 }

@@ -18,6 +18,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnWeightGradCuda);
 // `jax_sprnn_gated_forward` on CUDA: the LSTM's and the GRU's forward persistent recurrences.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedForwardCuda);
+// `jax_sprnn_gated_backward` on CUDA: their backward persistent recurrences.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedBackwardCuda);
 
 // Test and benchmark targets, registered apart from the production ones.
 // `jax_sprnn_forward_hooked` / `jax_sprnn_backward_hooked`: the recurrences with the test hooks
@@ -25,6 +27,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedForwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnForwardHookedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnBackwardHookedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedForwardHookedCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnGatedBackwardHookedCuda);
 // `jax_sprnn_sync_floor`: the forward kernel's exchange protocol with no compute (sync_floor.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxSprnnSyncFloorCuda);
 

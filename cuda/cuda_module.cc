@@ -47,7 +47,8 @@ NB_MODULE(_sprnn_cuda, m) {
         return capsules({{c::kForwardTarget, JaxSprnnForwardCuda},
                          {c::kBackwardTarget, JaxSprnnBackwardCuda},
                          {c::kWeightGradTarget, JaxSprnnWeightGradCuda},
-                         {c::kGatedForwardTarget, JaxSprnnGatedForwardCuda}});
+                         {c::kGatedForwardTarget, JaxSprnnGatedForwardCuda},
+                         {c::kGatedBackwardTarget, JaxSprnnGatedBackwardCuda}});
       },
       "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
@@ -57,6 +58,7 @@ NB_MODULE(_sprnn_cuda, m) {
         return capsules({{c::kForwardHookedTarget, JaxSprnnForwardHookedCuda},
                          {c::kBackwardHookedTarget, JaxSprnnBackwardHookedCuda},
                          {c::kGatedForwardHookedTarget, JaxSprnnGatedForwardHookedCuda},
+                         {c::kGatedBackwardHookedTarget, JaxSprnnGatedBackwardHookedCuda},
                          {c::kSyncFloorTarget, JaxSprnnSyncFloorCuda}});
       },
       "The test and benchmark targets, like registrations(): the recurrences with their test "

@@ -24,6 +24,7 @@
 #include "cuda_kernels.h"
 #include "deferred_errors.h"
 #include "ffi_bindings.h"
+#include "gated_backward_checks.h"
 #include "persistent_kernel.cuh"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -50,7 +51,7 @@ struct SmemPlan {
 // The operands of one call, after its handler checked their dtypes and shapes.
 struct PersistentCall {
   const char* name;  // the FFI target, for messages
-  Direction direction;  // kLstm / kGru: a gated cell's forward (gates_of(direction) rows per unit)
+  Direction direction;  // the recurrence: its cell, layout rows per unit and state width
   ffi::DataType dt;
   int64_t T, B, H;
   const void* seq_a;
@@ -67,6 +68,9 @@ struct PersistentCall {
   const void* c_init = nullptr;     // LSTM: c0
   void* c_final = nullptr;          // LSTM: c_final
   const float* hn_bias = nullptr;   // GRU: hn_bias
+  const float* seq_u = nullptr;     // gated backward: u [T, B, G*H]
+  const void* seq_state = nullptr;  // gated backward: c_before (LSTM) / h_before (GRU)
+  float* du_out = nullptr;          // gated backward: du [T, B, G*H]
 };
 
 struct LayoutAttrs {
@@ -166,7 +170,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (!kernel_dtype(dt, &kdt)) return bad("the dtype must be float32, float16 or bfloat16");
   const int64_t T = c.T, B = c.B, H = c.H;
   const int gates = gates_of(c.direction);
-  const int64_t rows = gates * H;  // the layout's rows: a gated cell's gate rows
+  const int64_t rows = row_gates_of(c.direction) * H;  // the layout's rows: a gated forward's gate rows
+  const int64_t cols = state_width_of(c.direction) * H;  // the staged state: a gated backward's du
 
   // ---- the packed layout ----------------------------------------------------------------------
   if (c.lengths.element_count() != static_cast<size_t>(B))
@@ -236,11 +241,12 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (NW % a.warps_per_cta != 0)
     return bad("NW = " + std::to_string(NW) + " warps is not a multiple of warps_per_cta = " +
                std::to_string(a.warps_per_cta));
-  if (dt != ffi::DataType::F32 && H > 65535)
-    return bad("H = " + std::to_string(H) + " > 65535: 16-bit dtypes pack column indices in 16 bits");
+  if (dt != ffi::DataType::F32 && cols > 65535)
+    return bad("the state has " + std::to_string(cols) +
+               " > 65535 columns: 16-bit dtypes pack column indices in 16 bits");
   if (T > INT32_MAX || B > INT32_MAX || H > INT32_MAX || K > INT32_MAX)
     return bad("T, B, H and slots_per_lane must fit in int32");
-  const int64_t ws_need = cuda_workspace_bytes(B, H);
+  const int64_t ws_need = cuda_workspace_bytes(B, cols);
   if (c.workspace_bytes < ws_need)
     return bad("workspace has " + std::to_string(c.workspace_bytes) + " bytes, needs " +
                std::to_string(ws_need) + " (jax_sprnn/_constants.py: cuda_workspace_bytes)");
@@ -272,12 +278,14 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int64_t layout_ctas = NW / a.warps_per_cta;
   const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
   const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
-  // The LSTM's cell state stays in shared memory too (one float per unit slot and example).
+  // The cell state stays in shared memory too (one float per unit slot and example): the LSTM's c,
+  // a gated backward's carry beside dh.
   auto cell_bytes = [&](int64_t batch) {
-    return constants::cell_state_smem_bytes(batch, tile, a.warps_per_cta, gates);
+    return constants::cell_state_smem_bytes(batch, tile, a.warps_per_cta, gates,
+                                            is_gated_backward(c.direction));
   };
   auto plan_total = [&](int64_t batch, int buffers) {
-    return constants::persistent_smem_bytes(H, batch, tile, w_bytes, buffers, cell_bytes(batch));
+    return constants::persistent_smem_bytes(cols, batch, tile, w_bytes, buffers, cell_bytes(batch));
   };
   const ExchangePlan xp = plan_exchange(device, reinterpret_cast<const void*>(fn), dev, kinfo, layout_ctas,
                                         threads, B, tile, hooks,
@@ -289,7 +297,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   // ---- shared memory: staged state (two copies when they fit), weight tier, lengths -----------
   const int64_t slice = xp.replica_batch;  // the examples one CTA stages
   const int64_t n_planes = (slice + tile - 1) / tile;
-  const int64_t h_floats = n_planes * H * tile;
+  const int64_t h_floats = n_planes * cols * tile;
   // The second copy starts 16-byte aligned: staging writes it with vector stores.
   const int64_t h_stride = align16(h_floats * 4) / 4;
   SmemPlan smem;
@@ -298,9 +306,9 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (total > kinfo.max_dynamic_smem)
     return bad("the layer does not fit on chip: " + std::to_string(total) +
                " bytes of shared memory per CTA needed (staged state " + std::to_string(h_floats * 4) +
-               " = ceil(B/tile)*H*tile*4, weight tier " + std::to_string(w_bytes) +
-               " = warps_per_cta*(K-reg_slots)*32*" + std::to_string(slot_bytes) +
-               (gates == 4 ? ", cell state " + std::to_string(cell_bytes(slice)) : std::string()) + "), " +
+               " = ceil(B/tile)*" + (cols == H ? "H" : "G*H") + "*tile*4, weight tier " +
+               std::to_string(w_bytes) + " = warps_per_cta*(K-reg_slots)*32*" + std::to_string(slot_bytes) +
+               (cell_bytes(slice) ? ", cell state " + std::to_string(cell_bytes(slice)) : std::string()) + "), " +
                std::to_string(kinfo.max_dynamic_smem) + " available");
   smem.h_stride = static_cast<int>(h_stride);
   smem.w_offset = static_cast<int>(smem.h_buffers * h_stride * 4);
@@ -322,11 +330,12 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                " SMs that can be co-resident");
 
   // ---- workspace: reset header and exchange buffers in-stream, then launch --------------------
-  // The forward pass of 16-bit dtypes exchanges 4-byte words, everything else 8-byte words.
-  const bool narrow = c.direction == Direction::kForward && dt != ffi::DataType::F32;
+  // 16-bit dtypes exchange 4-byte words (PersistentConfig::X), except the simple cell's backward,
+  // which exchanges fp32 dz in 8-byte words like float32.
+  const bool narrow = c.direction != Direction::kBackward && dt != ffi::DataType::F32;
   const int word_bytes = narrow ? 4 : 8;
   unsigned char* ws = c.workspace;
-  const ExchangeLayout xl = exchange_layout(B * H, word_bytes, c.workspace_bytes, ws);
+  const ExchangeLayout xl = exchange_layout(B * cols, word_bytes, c.workspace_bytes, ws);
   // (Cluster mode exchanges nothing through the workspace: only its header is reset.)
   if ((e = cudaMemsetAsync(ws, 0, in_cluster ? kHeaderBytes : xl.used_bytes, stream)) != cudaSuccess)
     return cuda_error("cudaMemsetAsync(workspace)", e);
@@ -344,6 +353,9 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.c_init = c.c_init;
   prm.c_final = c.c_final;
   prm.hn_bias = c.hn_bias;
+  prm.seq_u = c.seq_u;
+  prm.seq_state = c.seq_state;
+  prm.du_out = c.du_out;
   prm.error_flag = reinterpret_cast<uint32_t*>(ws);
   prm.exchange[0] = ws + kHeaderBytes;
   prm.exchange[1] = ws + kHeaderBytes + xl.stride_bytes;
@@ -365,7 +377,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.cell_smem_offset = smem.cell_offset;
   prm.len_smem_offset = smem.len_offset;
   prm.exchange_vector = xl.vector ? 1 : 0;
-  prm.byte_offsets = H * tile * 4 <= 65536 ? 1 : 0;
+  prm.byte_offsets = cols * tile * 4 <= 65536 ? 1 : 0;
   prm.stall_cta = static_cast<int>(std::min<int64_t>(hooks.debug_stall_cta, INT32_MAX));
   prm.grid_barrier = hooks.grid_barrier != 0 ? 1 : 0;
   constexpr int64_t kMaxSpinTimeoutUs = int64_t{3600} * 1'000'000;  // keeps the ns value in range
@@ -394,10 +406,10 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
   }
 
-  const size_t n_seq = static_cast<size_t>(T * B * H);
+  const size_t n_seq = static_cast<size_t>(T * B * cols);
   const size_t n_final = static_cast<size_t>(B * H);
-  // Every layout row has exactly one head lane: G*H of them. The LSTM's c_final is poisoned by a
-  // second finisher on error (the same code reaches the host word twice, harmlessly).
+  // Every layout row has exactly one head lane. The LSTM's c_final and a gated backward's du are
+  // poisoned by more finishers on error (the same code reaches the host word again, harmlessly).
   auto finish = [&](void* out0, size_t n0, void* out1, size_t n1) {
     if (dt == ffi::DataType::F32)
       return launch_finisher<uint32_t>(stream, dev, prm.error_flag, rows, out0, n0, out1, n1,
@@ -408,6 +420,9 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   };
   e = finish(c.seq_out, n_seq, c.final_out, n_final);
   if (e == cudaSuccess && c.c_final != nullptr) e = finish(c.c_final, n_final, nullptr, 0);
+  if (e == cudaSuccess && c.du_out != nullptr)
+    e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, rows, c.du_out, n_seq, nullptr, 0,
+                                  Storage<float>::kNaNBits);
   if (e != cudaSuccess) return cuda_error("launching the finisher kernel", e);
   return ffi::Error::Success();
 }
@@ -591,6 +606,48 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                            TestHooks{hooks...});
 }
 
+// The gated cells' backward recurrence (docs/gated.md; the operands of jax_sprnn_gated_backward,
+// checked as the CPU handler checks them, in step order on the transposed layout), plus the
+// workspace.
+template <typename... Hooks>
+ffi::Error GatedBackwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> u,
+                             ffi::AnyBuffer h_before, ffi::AnyBuffer c_before, ffi::AnyBuffer dy,
+                             ffi::AnyBuffer dh_final, ffi::AnyBuffer dc_final, ffi::Buffer<ffi::F32> hn_bias,
+                             ffi::AnyBuffer values_t, ffi::Buffer<ffi::S32> indices_t,
+                             ffi::Buffer<ffi::S32> lane_row_t, ffi::Buffer<ffi::S32> lengths,
+                             ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> du,
+                             ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
+                             ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
+                             int64_t slots_per_lane, int64_t warps_per_cta, int64_t reg_slots,
+                             int64_t load_bytes, Hooks... hooks) {
+  if (auto err = take_deferred_error(stream); err.failure()) return err;
+  const std::string name = target_name<Hooks...>("jax_sprnn_gated_backward");
+  gated_backward_checks::Sizes n;
+  if (auto err = gated_backward_checks::check_operands(name.c_str(), gates, x, u, h_before, c_before, dy,
+                                                       dh_final, dc_final, hn_bias, values_t, lengths,
+                                                       *dx, *du, *dh0, *dc0, &n);
+      err.failure())
+    return err;
+  const bool lstm = gates == 4;
+  PersistentCall call{name.c_str(), lstm ? Direction::kLstmBackward : Direction::kGruBackward,
+                      x.element_type(), n.T, n.B, n.H, x.untyped_data(), dy.untyped_data(),
+                      dh_final.untyped_data(), values_t, indices_t, lane_row_t, lengths,
+                      dx->untyped_data(), dh0->untyped_data(), workspace->typed_data(),
+                      static_cast<int64_t>(workspace->element_count())};
+  call.seq_u = u.typed_data();
+  call.seq_state = lstm ? c_before.untyped_data() : h_before.untyped_data();
+  call.du_out = du->typed_data();
+  if (lstm) {
+    call.c_init = dc_final.untyped_data();
+    call.c_final = dc0->untyped_data();
+  } else {
+    call.hn_bias = hn_bias.typed_data();
+  }
+  // T = 0 leaves dx and du without elements; the handler copies dh_final (and dc_final) over.
+  return launch_persistent(stream, call, {0, 0, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+                           TestHooks{hooks...});
+}
+
 // Plain names for the instantiations: a template argument list would split the macros' arguments.
 constexpr auto ForwardProduction = &ForwardImpl<>;
 constexpr auto BackwardProduction = &BackwardImpl<>;
@@ -598,6 +655,8 @@ constexpr auto ForwardHooked = &ForwardImpl<int64_t, int64_t, int64_t, int64_t>;
 constexpr auto BackwardHooked = &BackwardImpl<int64_t, int64_t, int64_t, int64_t>;
 constexpr auto GatedForwardProduction = &GatedForwardImpl<>;
 constexpr auto GatedForwardHooked = &GatedForwardImpl<int64_t, int64_t, int64_t, int64_t>;
+constexpr auto GatedBackwardProduction = &GatedBackwardImpl<>;
+constexpr auto GatedBackwardHooked = &GatedBackwardImpl<int64_t, int64_t, int64_t, int64_t>;
 
 // The production bindings: the operands, the workspace result, the layout attributes.
 auto forward_binding() {
@@ -610,6 +669,15 @@ auto gated_forward_binding() {
   return bindings::gated_attrs(
       bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
           .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+}
+auto gated_backward_binding() {
+  return bindings::gated_backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+      .Ret<ffi::Buffer<ffi::U8>>()  // workspace
+      .Attr<int64_t>("gates")
+      .Attr<int64_t>("slots_per_lane")
+      .Attr<int64_t>("warps_per_cta")
+      .Attr<int64_t>("reg_slots")
+      .Attr<int64_t>("load_bytes");
 }
 auto backward_binding() {
   return bindings::layout_attrs(
@@ -634,6 +702,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardCuda, sc::BackwardProduction, sc::
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedForwardCuda, sc::GatedForwardProduction,
                               sc::gated_forward_binding(), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedBackwardCuda, sc::GatedBackwardProduction,
+                              sc::gated_backward_binding(), {ffi::Traits::kCmdBufferCompatible});
 
 // Test and benchmark targets (testing_registrations()): the same, plus the hooks.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnForwardHookedCuda, sc::ForwardHooked,
@@ -644,4 +714,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnBackwardHookedCuda, sc::BackwardHooked,
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedForwardHookedCuda, sc::GatedForwardHooked,
                               jax_sprnn::bindings::cuda_hook_attrs(sc::gated_forward_binding()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSprnnGatedBackwardHookedCuda, sc::GatedBackwardHooked,
+                              jax_sprnn::bindings::cuda_hook_attrs(sc::gated_backward_binding()),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -44,8 +44,8 @@ namespace {
 // The recurrence of a gate count (1: the simple cell, 3: GRU, 4: LSTM), or false.
 bool direction_of(int gates, bool backward, Direction* out) {
   if (gates == 1) *out = backward ? Direction::kBackward : Direction::kForward;
-  else if (gates == 3 && !backward) *out = Direction::kGru;
-  else if (gates == 4 && !backward) *out = Direction::kLstm;
+  else if (gates == 3) *out = backward ? Direction::kGruBackward : Direction::kGru;
+  else if (gates == 4) *out = backward ? Direction::kLstmBackward : Direction::kLstm;
   else return false;
   return true;
 }
@@ -70,7 +70,7 @@ std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slot
     return "unknown dtype '" + dtype + "' (float32, float16, bfloat16)";
   Direction dir;
   if (!direction_of(gates, backward, &dir))
-    return "gates must be 1, 3 or 4 (3 and 4 only forward), got " + std::to_string(gates);
+    return "gates must be 1, 3 or 4, got " + std::to_string(gates);
   const PersistentKernelFn fn = lookup_persistent(dir, kdt, tile, reg_slots, threads);
   if (fn == nullptr)
     return std::string("no ") + (backward ? "backward" : "forward") + " kernel (gates " +

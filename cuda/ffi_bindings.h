@@ -100,9 +100,9 @@ auto layout_attrs(Binding b) {
 
 // x [T, B, G*H], u (float32, same), h_before [T, B, H], c_before, dy [T, B, H], dh_final [B, H],
 // dc_final, hn_bias, values_t, indices_t, lane_row_t, lengths -> dx [T, B, G*H], du (float32, same),
-// dh0 [B, H], dc0, dbias. The gated cells' backward recurrence on the transposed layout, operands
-// in step order (docs/format.md). LSTM: c_before [T, B, H], dc_final and dc0 [B, H], hn_bias and
-// dbias without elements; GRU: the reverse, hn_bias and dbias float32 [H].
+// dh0 [B, H], dc0. The gated cells' backward recurrence on the transposed layout, operands in step
+// order (docs/format.md). LSTM: c_before [T, B, H], dc_final and dc0 [B, H], hn_bias without
+// elements; GRU: the reverse, hn_bias float32 [H].
 template <typename Binding>
 auto gated_backward_operands(Binding b) {
   return std::move(b)
@@ -121,8 +121,7 @@ auto gated_backward_operands(Binding b) {
       .template Ret<ffi::AnyBuffer>()          // dx
       .template Ret<ffi::Buffer<ffi::F32>>()   // du
       .template Ret<ffi::AnyBuffer>()          // dh0
-      .template Ret<ffi::AnyBuffer>()          // dc0
-      .template Ret<ffi::Buffer<ffi::F32>>();  // dbias
+      .template Ret<ffi::AnyBuffer>();         // dc0
 }
 
 // The CUDA recurrences' test and benchmark hooks, after layout_attrs.

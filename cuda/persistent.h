@@ -31,9 +31,23 @@ static_assert(constants::kExchangeBuffers == 2, "the kernels double-buffer the e
 // The recurrences that run as one persistent kernel. They share the packed-weight tiers, the
 // staging of the exchanged state and the gather; they differ in the cell (epilogue) and the word
 // they exchange (persistent_kernel.cuh: ForwardCell, BackwardCell, LstmCell, GruCell). kLstm and
-// kGru are the gated cells' forward recurrences, on a layout of G gate rows per hidden unit.
-enum class Direction { kForward, kBackward, kLstm, kGru };
-constexpr int gates_of(Direction d) { return d == Direction::kLstm ? 4 : d == Direction::kGru ? 3 : 1; }
+// kGru are the gated cells' forward recurrences, on a layout of G gate rows per hidden unit;
+// kLstmBackward and kGruBackward their backward recurrences, on the transposed layout (one row per
+// unit over G*H columns), which exchange the G gate cotangents of every unit.
+enum class Direction { kForward, kBackward, kLstm, kGru, kLstmBackward, kGruBackward };
+// G: the cell's gates (1 for the simple cell).
+constexpr int gates_of(Direction d) {
+  return d == Direction::kLstm || d == Direction::kLstmBackward ? 4
+         : d == Direction::kGru || d == Direction::kGruBackward ? 3
+                                                                : 1;
+}
+constexpr bool is_gated_backward(Direction d) {
+  return d == Direction::kLstmBackward || d == Direction::kGruBackward;
+}
+// Layout rows per hidden unit (a gated forward's G gate rows), and words exchanged per unit and
+// example (a gated backward's G gate cotangents): the state a step stages is state_width_of * H wide.
+constexpr int row_gates_of(Direction d) { return is_gated_backward(d) ? 1 : gates_of(d); }
+constexpr int state_width_of(Direction d) { return is_gated_backward(d) ? gates_of(d) : 1; }
 enum class Dtype { kF32, kF16, kBF16 };
 
 // ---- kernel parameters (computed by the host; passed as a __grid_constant__) --------------------
@@ -46,6 +60,11 @@ enum class Dtype { kF32, kF16, kBF16 };
 //   final_out    h_final [B, H]      dh0 [B, H]
 // The gated cells' forward (kLstm, kGru) reads seq_a = x [T, B, G*H] and, for the LSTM, c_init
 // (c0 [B, H]) and writes c_final; the GRU reads hn_bias [H] (float32).
+// Their backward (kLstmBackward, kGruBackward; operands in step order, time-major, never reversed):
+//   seq_a x [T, B, G*H], seq_u u = h_before @ kernel [T, B, G*H] (float32), seq_b dy [T, B, H],
+//   seq_state c_before (LSTM) or h_before (GRU) [T, B, H], init dh_final, c_init dc_final (LSTM),
+//   hn_bias (GRU) -> seq_out dx [T, B, G*H], du_out du [T, B, G*H] (float32), final_out dh0,
+//   c_final dc0 (LSTM).
 struct PersistentParams {
   const void* seq_a;
   const void* seq_b;
@@ -59,6 +78,9 @@ struct PersistentParams {
   const void* c_init;    // LSTM: c0 [B, H]
   void* c_final;         // LSTM: c_final [B, H]
   const float* hn_bias;  // GRU: the recurrent n term's bias [H]
+  const float* seq_u;      // gated backward: the recurrent products u [T, B, G*H]
+  const void* seq_state;   // gated backward: c_before (LSTM) or h_before (GRU) [T, B, H]
+  float* du_out;           // gated backward: du [T, B, G*H]
   uint32_t* error_flag;  // workspace header word 0
   unsigned char* exchange[2];
   int T, B, H, K;       // B: the whole batch (the stride of the [T, B, H] operands)
@@ -132,6 +154,8 @@ PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads
   extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kBF16>(int, int, int);
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstm)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGru)
+JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstmBackward)
+JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGruBackward)
 #undef JAX_SPRNN_EXTERN_LOOKUPS
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int);
 extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int);
@@ -153,6 +177,8 @@ PersistentKernelFn lookup_of_dtype(Dtype dt, int tile, int rs, int threads) {
 inline PersistentKernelFn lookup_persistent(Direction dir, Dtype dt, int tile, int rs, int threads) {
   if (dir == Direction::kLstm) return lookup_of_dtype<Direction::kLstm>(dt, tile, rs, threads);
   if (dir == Direction::kGru) return lookup_of_dtype<Direction::kGru>(dt, tile, rs, threads);
+  if (dir == Direction::kLstmBackward) return lookup_of_dtype<Direction::kLstmBackward>(dt, tile, rs, threads);
+  if (dir == Direction::kGruBackward) return lookup_of_dtype<Direction::kGruBackward>(dt, tile, rs, threads);
   const bool fwd = dir == Direction::kForward;
   switch (dt) {
     case Dtype::kF32:

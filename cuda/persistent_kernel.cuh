@@ -293,9 +293,14 @@ struct TileVec<4> {
 template <Direction DIR, typename T, int TILE, int RS, bool WIDE>
 struct PersistentConfig {
   using S = Storage<T>;
-  // Gate rows per hidden unit: 1 for the simple cell's recurrences, 3 (GRU) or 4 (LSTM).
+  // The cell's gates (1 for the simple cell, 3 GRU, 4 LSTM), the layout rows of one unit (G for a
+  // gated forward, else 1) and the state words of one unit and example (G for a gated backward,
+  // whose state is the G gate cotangents, else 1).
   static constexpr int kGates = gates_of(DIR);
-  // The backward pass exchanges fp32 dz for every dtype (see the file comment).
+  static constexpr int kRowGates = row_gates_of(DIR);
+  static constexpr int kStateWidth = state_width_of(DIR);
+  // The simple cell's backward exchanges fp32 dz for every dtype (see the file comment); the gated
+  // backward's du is rounded to the storage type before the product, so 16-bit words carry it.
   using X = std::conditional_t<DIR == Direction::kBackward || std::is_same_v<T, float>, WideWords,
                                NarrowWords<S>>;
   static_assert(TILE == 1 || TILE == 2 || TILE == 4, "tile is 1, 2 or 4 floats (4, 8, 16 bytes)");
@@ -536,9 +541,9 @@ __device__ __forceinline__ void gather_plane(float (&acc)[Cfg::kTile],
 
 // counts[t] += the non-finite values of entry t in a staged plane (strided over the CTA).
 template <int TILE>
-__device__ __forceinline__ void count_nonfinite_plane(const float* plane, int H, int* counts) {
+__device__ __forceinline__ void count_nonfinite_plane(const float* plane, int cols, int* counts) {
   int c[TILE] = {};
-  for (int j = threadIdx.x; j < H; j += blockDim.x)
+  for (int j = threadIdx.x; j < cols; j += blockDim.x)
 #pragma unroll
     for (int t = 0; t < TILE; ++t) c[t] += !isfinite(plane[j * TILE + t]);
 #pragma unroll
@@ -583,7 +588,8 @@ __device__ __forceinline__ CountedSums<Cfg::kTile> gather_plane_counting(const P
     const int col = __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32);
     if (value == 0.0f || col < 0) continue;  // padding, or a zero weight: the pruned 0's rule
     const int chain = k < RS ? k % CH : (k - RS < n_grouped ? (k - RS) % CH : 0);
-    const float* h = plane + min(col, p.H - 1) * TILE;  // (an out-of-range column is flagged at init)
+    // (an out-of-range column is flagged at init)
+    const float* h = plane + min(col, Cfg::kStateWidth * p.H - 1) * TILE;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       if (c != chain) continue;
@@ -634,7 +640,7 @@ __device__ __noinline__ RowSums<Cfg::kTile> nonfinite_row_sums(const PersistentP
   constexpr int TILE = Cfg::kTile;
   if (threadIdx.x < TILE) counts[threadIdx.x] = 0;
   __syncthreads();
-  count_nonfinite_plane<TILE>(plane, p.H, counts);
+  count_nonfinite_plane<TILE>(plane, Cfg::kStateWidth * p.H, counts);
   CountedSums<TILE> sums = gather_plane_counting<Cfg>(p, lane_base, plane);
   __syncthreads();  // the plane's counts are complete
   segmented_sum<TILE>(sums.acc, seg_end, max_seg);
@@ -719,23 +725,30 @@ __device__ __forceinline__ size_t seq_row(const PersistentParams& p, int t, int 
   return p.batch_major ? static_cast<size_t>(gb) * p.T + t : static_cast<size_t>(t) * p.B + gb;
 }
 
-// seq_out[s_begin:T, slice] = 0 (steps past the slice's longest sequence), strided over the CTAs
-// that run the slice.
-template <class S>
-__device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
+// out[s_begin:T, slice] = 0 for a sequence output of rows of `width` elements (steps past the
+// slice's longest sequence), strided over the CTAs that run the slice.
+template <typename Elem>
+__device__ void zero_steps(const PersistentParams& p, Elem* out, int width, int s_begin) {
   const BatchSlice bs = batch_slice(p);
   const int cta = cta_rank(p), n_ctas = slice_ctas(p);
-  using Bits = typename S::Bits;
-  Bits* out = static_cast<Bits*>(p.seq_out);
-  const size_t step_elems = static_cast<size_t>(bs.n) * p.H;
+  const size_t step_elems = static_cast<size_t>(bs.n) * width;
   const size_t end = static_cast<size_t>(p.T - s_begin) * step_elems;
   const size_t stride = static_cast<size_t>(n_ctas) * blockDim.x;
   for (size_t i = static_cast<size_t>(cta) * blockDim.x + threadIdx.x; i < end; i += stride) {
     const int s = s_begin + static_cast<int>(i / step_elems);
     const size_t at = i % step_elems;
-    const int b = static_cast<int>(at / p.H);
-    out[seq_row(p, s, bs.b0 + b) * p.H + (at - static_cast<size_t>(b) * p.H)] = Bits(0);
+    const int b = static_cast<int>(at / width);
+    out[seq_row(p, s, bs.b0 + b) * width + (at - static_cast<size_t>(b) * width)] = Elem(0);
   }
+}
+
+// Every sequence output past step s_begin: seq_out (rows of kStateWidth * H: y, dz or dx) and the
+// gated backward's du.
+template <class Cfg>
+__device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
+  const int width = Cfg::kStateWidth * p.H;
+  zero_steps(p, static_cast<typename Cfg::S::Bits*>(p.seq_out), width, s_begin);
+  if constexpr (is_gated_backward(Cfg::kDirection)) zero_steps(p, p.du_out, width, s_begin);
 }
 
 __device__ __forceinline__ int position(int s, int len, int reverse) {
@@ -1007,12 +1020,147 @@ struct GruCell : GatedInputs<Cfg> {
   }
 };
 
+// ---- the gated cells' backward recurrences (docs/gated.md) --------------------------------------
+//
+// What jax_sprnn/gated_backward.py's scan (and the C++ kernel) computes, with the same rounding
+// points, on the transposed layout: row j holds unit j's weights into every gate column, and the
+// staged state is the G gate cotangents du of the step after (rounded to D, as the 16-bit product
+// reads them), so a unit's row sum is the part of its dh that went through U. Phase r handles step
+// s = n_steps - 1 - r of the step-ordered operands (s = -1: the carry's phase). A cell lane adds the
+// carry's direct part (the GRU's dh * z; the LSTM has none), meets dy in D, runs the cell's local
+// derivative from the forward's x and u, writes dx and du, and publishes du's G words. The carry
+// beside dh (the LSTM's dc, the GRU's direct part) stays in shared memory, like the forward's c.
+template <class Cfg>
+struct GatedBackwardCell {
+  using S = typename Cfg::S;
+  using Bits = typename S::Bits;
+  static constexpr int G = Cfg::kGates;
+  static constexpr int TILE = Cfg::kTile;
+  static constexpr bool kLstm = G == 4;
+  Bits xr[G];    // the step's x of the unit's gates
+  float ur[G];   // the step's recurrent products u = h_before @ kernel of the unit's gates
+  Bits state_r;  // c_before (LSTM) or h_before (GRU)
+  Bits dyr;
+  float hn_bias = 0.0f;  // GRU
+
+  __device__ static int phases(int n_steps) { return n_steps + 1; }
+
+  // The carry beside dh per entry: the LSTM's dc starts at dc_final, the GRU's direct part at 0.
+  __device__ void init_entries(const PersistentParams& p, BatchSlice bs, int unit, float* cell,
+                               int stride, int t_first, int t_step) {
+    if constexpr (!kLstm) hn_bias = __ldg(p.hn_bias + unit);
+    const Bits* dc_final = static_cast<const Bits*>(p.c_init);
+    for (int plane = 0; plane < p.n_planes; ++plane)
+      for (int t = t_first; t < TILE; t += t_step) {
+        const int b = plane * TILE + t;
+        cell[plane * stride + t] =
+            kLstm && b < bs.n ? S::to_float(__ldg(dc_final + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
+      }
+  }
+
+  // Every sequence of the slice is empty: the LSTM's dc0 = dc_final.
+  __device__ static void copy_initial_carry(const PersistentParams& p, BatchSlice bs, size_t first,
+                                            size_t stride) {
+    if constexpr (kLstm) LstmCell<Cfg>::copy_initial_carry(p, bs, first, stride);
+  }
+
+  __device__ static void stage_initial(const PersistentParams& p, BatchSlice bs, float* h,
+                                       int plane_floats, float& probe) {
+    BackwardCell<Cfg>::stage_initial(p, bs, h, plane_floats, probe);
+  }
+
+  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
+                           int b, int n_steps) {
+    const long long row = operand_at(p, bs, len, n_steps - 1 - r, b, 1);  // -1: not running
+    const size_t gates_at = row >= 0 ? static_cast<size_t>(row) * G * p.H + unit : 0;
+    const size_t state_at = row >= 0 ? static_cast<size_t>(row) * p.H + unit : 0;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      xr[g] = row >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + gates_at + static_cast<size_t>(g) * p.H) : Bits(0);
+      ur[g] = row >= 0 ? __ldg(p.seq_u + gates_at + static_cast<size_t>(g) * p.H) : 0.0f;
+    }
+    state_r = row >= 0 ? __ldg(static_cast<const Bits*>(p.seq_state) + state_at) : Bits(0);
+    dyr = row >= 0 ? __ldg(static_cast<const Bits*>(p.seq_b) + state_at) : Bits(0);
+  }
+
+  __device__ static float rounded(float v) { return S::to_float(S::to_bits(v)); }
+
+  // `z[0]`: the unit's row sum of the staged du; `carry`: the entry's carry beside dh; `out`: the
+  // G words to publish (du rounded to D; 0 where nothing flows).
+  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
+                         int n_phases, int b, const float (&z)[1], float* carry, float (&out)[G]) const {
+#pragma unroll
+    for (int g = 0; g < G; ++g) out[g] = 0.0f;
+    if (b >= bs.n) return;
+    const int s = n_phases - 2 - r;
+    const int L = len[b];
+    const int gb = bs.b0 + b;
+    const size_t at_state = static_cast<size_t>(gb) * p.H + unit;
+    // dh of the state step s produced: through U (plus the GRU's direct part) while the example ran
+    // at s + 1, else dh_final (loaded here: it is needed once per example).
+    const float dh = s + 1 < L ? rounded((kLstm ? 0.0f : *carry) + z[0])
+                               : S::to_float(__ldg(static_cast<const Bits*>(p.init) + at_state));
+    if (s < 0) {  // the carry's phase
+      static_cast<Bits*>(p.final_out)[at_state] = S::to_bits(dh);
+      if constexpr (kLstm) static_cast<Bits*>(p.c_final)[at_state] = S::to_bits(*carry);
+      return;
+    }
+    const size_t at = seq_row(p, s, gb) * G * p.H + unit;
+    Bits* dx = static_cast<Bits*>(p.seq_out) + at;
+    float* du = p.du_out + at;
+    float d[G];  // du of the unit's gates
+    if (s >= L) {  // past the example's end: no cotangent flows, the carry is held
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        dx[static_cast<size_t>(g) * p.H] = Bits(0);
+        du[static_cast<size_t>(g) * p.H] = 0.0f;
+      }
+      return;
+    }
+    const float dh_out = rounded(dh + S::to_float(dyr));  // the carry's and dy's parts meet in D
+    if constexpr (kLstm) {
+      const float i = sigmoid(S::to_float(xr[0]) + ur[0]), f = sigmoid(S::to_float(xr[1]) + ur[1]);
+      const float g = tanhf(S::to_float(xr[2]) + ur[2]), o = sigmoid(S::to_float(xr[3]) + ur[3]);
+      const float c_prev = S::to_float(state_r);
+      const float tc = tanhf(rounded(f * c_prev + i * g));
+      const float dc = rounded(*carry + rounded(dh_out * o * (1.0f - tc * tc)));
+      d[0] = dc * g * (i * (1.0f - i));
+      d[1] = dc * c_prev * (f * (1.0f - f));
+      d[2] = dc * i * (1.0f - g * g);
+      d[3] = dh_out * tc * (o * (1.0f - o));
+      *carry = rounded(dc * f);
+#pragma unroll
+      for (int k = 0; k < G; ++k) dx[static_cast<size_t>(k) * p.H] = S::to_bits(d[k]);
+    } else {
+      const float rg = sigmoid(S::to_float(xr[0]) + ur[0]), zg = sigmoid(S::to_float(xr[1]) + ur[1]);
+      const float a = ur[2] + hn_bias;
+      const float n = tanhf(S::to_float(xr[2]) + rg * a);
+      const float dn = dh_out * (1.0f - zg) * (1.0f - n * n);
+      d[0] = dn * a * (rg * (1.0f - rg));
+      d[1] = (dh_out * S::to_float(state_r) - dh_out * n) * (zg * (1.0f - zg));
+      d[2] = dn * rg;  // the recurrent n term's cotangent (its input part's is dn)
+      *carry = rounded(dh_out * zg);
+      dx[0] = S::to_bits(d[0]);
+      dx[p.H] = S::to_bits(d[1]);
+      dx[2 * static_cast<size_t>(p.H)] = S::to_bits(dn);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      du[static_cast<size_t>(g) * p.H] = d[g];
+      out[g] = rounded(d[g]);  // the 16-bit product reads du in D
+    }
+  }
+};
+
 // The cell of a recurrence.
 template <class Cfg>
 using CellOf = std::conditional_t<
     Cfg::kDirection == Direction::kForward, ForwardCell<Cfg>,
-    std::conditional_t<Cfg::kDirection == Direction::kBackward, BackwardCell<Cfg>,
-                       std::conditional_t<Cfg::kDirection == Direction::kLstm, LstmCell<Cfg>, GruCell<Cfg>>>>;
+    std::conditional_t<
+        Cfg::kDirection == Direction::kBackward, BackwardCell<Cfg>,
+        std::conditional_t<
+            Cfg::kDirection == Direction::kLstm, LstmCell<Cfg>,
+            std::conditional_t<Cfg::kDirection == Direction::kGru, GruCell<Cfg>, GatedBackwardCell<Cfg>>>>>;
 
 // What a lane does in its unit's cell, packed into one register that the phase loop decodes per use
 // (kept whole, so the loop does not hold five more registers next to the register tier):
@@ -1049,7 +1197,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   using Cell = CellOf<Cfg>;
   constexpr int TILE = Cfg::kTile;
   constexpr int RS = Cfg::kRegSlots;
-  constexpr int G = Cfg::kGates;
+  constexpr int RG = Cfg::kRowGates;    // layout rows per unit (a gated forward's G gates)
+  constexpr int SW = Cfg::kStateWidth;  // state words per unit (a gated backward's G cotangents)
 
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
@@ -1078,7 +1227,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const int n_full_planes = p.n_full_planes;
   const int partial_rem = p.partial_rem;
   const int n_smem_slots = K - RS;
-  const int plane_floats = H * TILE;
+  const int cols = SW * H;  // the staged state's columns
+  const int plane_floats = cols * TILE;
 
   float* const h_stage0 = reinterpret_cast<float*>(smem);
   float* const h_stage1 = h_stage0 + (p.h_buffers == 2 ? p.h_stride : 0);
@@ -1110,9 +1260,9 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   }
 
   // ---- init: which row each lane serves, and its segment for the reduction -------------------
-  // (A row is a gate row of a gated cell: G*H rows, unit i's gates at i, H+i, ...)
+  // (A row is a gate row of a gated forward: G*H rows, unit i's gates at i, H+i, ...)
   int row = __ldg(p.lane_row + static_cast<size_t>(gwarp) * 32 + lane);
-  if (row < -1 || row >= G * H) {
+  if (row < -1 || row >= RG * H) {
     atomicOr(&s_error, kErrBadLayout);
     row = -1;
   }
@@ -1138,11 +1288,11 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   // Gated cells: the lanes heading gates 1..G-1 of this lane's unit (5 bits each), which are the
   // next G-1 run starts (invariant 5); checked against their rows. Other lanes name themselves.
   uint32_t gate_lanes = 0;
-  if constexpr (G > 1) {
+  if constexpr (RG > 1) {
     uint32_t later = lane == 31 ? 0u : starts & (kFullMask << (lane + 1));
     bool bad_unit = false;
 #pragma unroll
-    for (int g = 1; g < G; ++g) {
+    for (int g = 1; g < RG; ++g) {
       const int src = is_unit && later ? __ffs(later) - 1 : lane;
       bad_unit |= is_unit && later == 0u;
       later &= later - 1;
@@ -1158,7 +1308,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const uint32_t units_upto = units & (kFullMask >> (31 - lane));
   const int unit_lane = units_upto ? 31 - __clz(units_upto) : lane;
   int last_gate_head = lane;
-  if constexpr (G > 1) last_gate_head = (gate_lanes >> (5 * (G - 2))) & 31u;
+  if constexpr (RG > 1) last_gate_head = (gate_lanes >> (5 * (RG - 2))) & 31u;
   // One past the unit's last lane: the seg_end of its last gate's head.
   const int unit_end = __shfl_sync(kFullMask, __shfl_sync(kFullMask, seg_end, last_gate_head), unit_lane);
   const bool in_unit = units_upto != 0 && lane < unit_end;
@@ -1167,8 +1317,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   CellLane cell_lane{in_unit, lane - unit_lane, span, unit_lane,
                      __shfl_sync(kFullMask, gate_lanes, unit_lane), TILE};
   const int unit = __shfl_sync(kFullMask, row, unit_lane);
-  // The LSTM's cell-state slot of the unit in this CTA (a warp holds at most 32/G units).
-  const int unit_slot = warp * (32 / G) + __popc(units & ((1u << unit_lane) - 1u));
+  // The cell-state slot of the unit in this CTA (a warp holds at most 32/RG units).
+  const int unit_slot = warp * (32 / RG) + __popc(units & ((1u << unit_lane) - 1u));
 
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
   //      only), the rest go to shared memory as [warp][slot][lane] (conflict-free).
@@ -1181,8 +1331,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   // the finisher then replaces the outputs with NaN.
   auto make_slot = [&](Bits v, int col) {
     col = col < 0 ? ~col : col;  // padding stores ~j (docs/format.md); its value is 0
-    bad_index |= static_cast<unsigned>(col) >= static_cast<unsigned>(H);
-    return S::template make_slot<TILE>(v, min(static_cast<unsigned>(col), static_cast<unsigned>(H - 1)),
+    bad_index |= static_cast<unsigned>(col) >= static_cast<unsigned>(cols);
+    return S::template make_slot<TILE>(v, min(static_cast<unsigned>(col), static_cast<unsigned>(cols - 1)),
                                        col_shift);
   };
   Slot reg[Cfg::kRegArray];
@@ -1228,7 +1378,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     const size_t n_threads = static_cast<size_t>(slice_ctas(p)) * blockDim.x;
     for (size_t i = first_thread; i < n; i += n_threads) final_out[i] = init[i];
     Cell::copy_initial_carry(p, bs, first_thread, n_threads);
-    zero_tail_steps<S>(p, 0);
+    zero_tail_steps<Cfg>(p, 0);
     return;
   }
 
@@ -1249,8 +1399,9 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   if (in_cluster) cluster_barrier();
   if (cta_has_rows || in_cluster) {
     Cell cell;
-    // The LSTM's cell state: [plane][unit slot][tile], a warp holding 32/G unit slots.
-    const int cell_plane_floats = warps_per_cta * (32 / G) * TILE;
+    // The cell state (the LSTM's c, a gated backward's carry beside dh): [plane][unit slot][tile],
+    // a warp holding 32/RG unit slots.
+    const int cell_plane_floats = warps_per_cta * (32 / RG) * TILE;
     float* const unit_cell = cell_state + unit_slot * TILE;  // the LSTM's c of the unit, plane 0
     if (cell_lane.runs_cell(TILE)) {
       cell.init_entries(p, batch_slice(p), unit, unit_cell, cell_plane_floats, cell_lane.entry(),
@@ -1276,7 +1427,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         if (partial_rem != 0) {  // the compacted [H][rem] partial plane, one word per vector
           stage_vectors<X, 1, Cfg::kStageUnroll>(
               src + n_full_words, PartialPlaneDst{h_cur + n_full_words, partial_rem, TILE},
-              partial_rem * H, tag, spin, probe);
+              partial_rem * cols, tag, spin, probe);
         }
       }
       // The staged state is visible; `nonfinite` (CTA-uniform) says whether it holds an Inf or NaN.
@@ -1318,12 +1469,12 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         // runs (every lane takes part in the shuffles; each keeps its own entry's sums).
         float* const h_next = (s & 1) ? h_stage0 : h_stage1;  // cluster mode: the peers' next copy
         launder(cell_lane.bits);
-        float out = 0.0f;
+        float out[SW] = {};  // the words this lane publishes for its entry (a gated backward: G)
         for (int r = 0; r < rounds; ++r) {  // rounds is warp-uniform (1 unless a span < TILE)
           const int t = cell_lane.entry() + r * cell_lane.span();
-          float z[G];
+          float z[RG];
 #pragma unroll
-          for (int g = 0; g < G; ++g) {
+          for (int g = 0; g < RG; ++g) {
             const int src = cell_lane.gate_head(g);
             z[g] = 0.0f;
 #pragma unroll
@@ -1335,20 +1486,29 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
           if (t < TILE) {
             const int b = plane * TILE + t;
             if (r > 0) cell.prefetch(p, batch_slice(p), len_smem, unit, s, b, n_steps);  // not ahead
-            out = cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z, hp[unit * TILE + t],
-                              unit_cell + plane * cell_plane_floats + t);
-            if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
-              const Word word = X::make_word(out, out_tag);
-              if (plane < n_full_planes) {
-                st_relaxed(dst_buf + plane * plane_floats + unit * TILE + t, word);
-              } else if (t < partial_rem) {
-                st_relaxed(dst_buf + n_full_words + unit * partial_rem + t, word);
-              }
+            float* const unit_entry_cell = unit_cell + plane * cell_plane_floats + t;
+            if constexpr (SW == 1) {
+              out[0] = cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z,
+                                   hp[unit * TILE + t], unit_entry_cell);
+            } else {
+              cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z, unit_entry_cell, out);
             }
-            if (in_cluster && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
-              const float v[1] = {out};
-              push_tile<1>(h_next + plane * plane_floats + unit * TILE + t, v, 0, 1, p.cluster,
-                           &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+#pragma unroll
+            for (int w = 0; w < SW; ++w) {  // word w of the unit is column w * H + unit
+              const int col = w * H + unit;
+              if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
+                const Word word = X::make_word(out[w], out_tag);
+                if (plane < n_full_planes) {
+                  st_relaxed(dst_buf + plane * plane_floats + col * TILE + t, word);
+                } else if (t < partial_rem) {
+                  st_relaxed(dst_buf + n_full_words + col * partial_rem + t, word);
+                }
+              }
+              if (in_cluster && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
+                const float v[1] = {out[w]};
+                push_tile<1>(h_next + plane * plane_floats + col * TILE + t, v, 0, 1, p.cluster,
+                             &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+              }
             }
           }
         }
@@ -1364,13 +1524,17 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         if (in_cluster && !last_phase && rounds == 1) {
           // Into the other staged copy of every peer: every lane of the unit takes the plane's TILE
           // new values from the cell lanes (spans are at least TILE wide here), and lane j of a span
-          // of n lanes pushes them to ranks j, j + n, ... (a gated unit's lanes push h only).
-          float v[TILE];
+          // of n lanes pushes them to ranks j, j + n, ... (a gated forward's lanes push h only).
 #pragma unroll
-          for (int u = 0; u < TILE; ++u) v[u] = __shfl_sync(kFullMask, out, (cell_lane.unit_lane() + u) & 31);
-          if (cell_lane.in_unit()) {
-            push_tile<TILE>(h_next + plane * plane_floats + unit * TILE, v, lane - cell_lane.unit_lane(),
-                            cell_lane.span(), p.cluster, &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+          for (int w = 0; w < SW; ++w) {
+            float v[TILE];
+#pragma unroll
+            for (int u = 0; u < TILE; ++u) v[u] = __shfl_sync(kFullMask, out[w], (cell_lane.unit_lane() + u) & 31);
+            if (cell_lane.in_unit()) {
+              push_tile<TILE>(h_next + plane * plane_floats + (w * H + unit) * TILE, v,
+                              lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
+                              &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+            }
           }
         }
       }
@@ -1383,7 +1547,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
       }
     }
   }
-  zero_tail_steps<S>(p, n_steps);
+  zero_tail_steps<Cfg>(p, n_steps);
 }
 
 // ================================================================================================

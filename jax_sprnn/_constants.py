@@ -140,13 +140,19 @@ def persistent_smem_bytes(hidden: int, batch: int, tile: int, weight_tier_bytes:
             + cell_bytes + batch * 4)
 
 
-def cell_state_smem_bytes(batch: int, tile: int, warps_per_cta: int, gates: int) -> int:
-    """Shared memory of a CTA's LSTM cell state (0 for other cells): float32
-    ``[ceil(B / tile)][unit slot][tile]``, where a warp has ``32 // 4`` unit slots (a unit's four
-    gate rows take at least four of its lanes), 16-byte aligned."""
-    if gates != 4:
+def cell_state_smem_bytes(batch: int, tile: int, warps_per_cta: int, gates: int,
+                          transposed: bool = False) -> int:
+    """Shared memory of a CTA's cell state, float32 ``[ceil(B / tile)][unit slot][tile]``, 16-byte
+    aligned: the LSTM forward's c, where a warp has ``32 // 4`` unit slots (a unit's four gate rows
+    take at least four of its lanes), and a gated backward's (``transposed``) carry beside dh, one
+    row and so up to 32 units a warp. 0 for the other recurrences."""
+    if gates > 1 and transposed:
+        units_per_warp = 32
+    elif gates == 4:
+        units_per_warp = 32 // gates
+    else:
         return 0
-    return _align16(-(-batch // tile) * tile * warps_per_cta * (32 // gates) * 4)
+    return _align16(-(-batch // tile) * tile * warps_per_cta * units_per_warp * 4)
 
 
 def _align16(n: int) -> int:
@@ -162,8 +168,9 @@ constexpr int64_t persistent_smem_bytes(int64_t hidden, int64_t batch, int64_t t
          align16(weight_tier_bytes) + cell_bytes + batch * 4;
 }
 constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t warps_per_cta,
-                                        int64_t gates) {
-  return gates != 4 ? 0 : align16((batch + tile - 1) / tile * tile * warps_per_cta * (32 / gates) * 4);
+                                        int64_t gates, bool transposed = false) {
+  const int64_t units_per_warp = gates > 1 && transposed ? 32 : gates == 4 ? 32 / gates : 0;
+  return align16((batch + tile - 1) / tile * tile * warps_per_cta * units_per_warp * 4);
 }"""
 
 
@@ -173,13 +180,16 @@ constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t war
 #: It is part of every target's name, so a program exported against another version fails loudly
 #: ("No FFI handler registered for jax_sprnn_forward_v2") instead of miscomputing. Raise it with
 #: any change of a production target's signature or of what its operands mean.
-FFI_ABI_VERSION = 2  # 2: the CUDA forward's batch_major attribute (2026-12-03)
+# 2: the CUDA forward's batch_major attribute (2026-12-03); 3: gated_backward returns no dbias (its
+# callers sum du) and has a CUDA target (2026-12-03).
+FFI_ABI_VERSION = 3
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.
 PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward", "gated_backward")
-#: Production targets that only the CPU module registers (no CUDA kernel yet: docs/gated.md).
-CPU_ONLY_TARGET_KINDS = ("gated_backward",)
-TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "gated_forward_hooked", "sync_floor")
+#: Production targets that only the CPU module registers.
+CPU_ONLY_TARGET_KINDS: tuple[str, ...] = ()
+TESTING_TARGET_KINDS = ("forward_hooked", "backward_hooked", "gated_forward_hooked",
+                        "gated_backward_hooked", "sync_floor")
 
 
 def ffi_target(kind: str) -> str:

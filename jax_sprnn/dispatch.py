@@ -127,7 +127,7 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = FORWARD) -> tupl
         return False, (f"the layout was planned for more SMs or threads ({meta.num_ctas} CTAs of "
                        f"{meta.threads_per_cta} threads) than {device.name} has; repack it with "
                        f"SparseWeights.from_dense on this machine")
-    limits = dict(device.thread_limits(dtype, 1 if meta.transposed else meta.gates))
+    limits = dict(device.thread_limits(dtype, meta.gates))
     if meta.threads_per_cta > limits.get(meta.reg_slots, 0):
         return False, (f"no kernel instantiation runs {meta.reg_slots} register slots with "
                        f"{meta.threads_per_cta} threads per CTA")

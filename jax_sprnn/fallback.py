@@ -170,3 +170,50 @@ def gru_forward(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, 
     y, (h,) = gated_scan(x, (h0,), storage_matvec(kernel, x.dtype), lengths, hn_bias, gates=3,
                          reverse=reverse)
     return y, h
+
+
+def _cell_given_products(gates: int, dtype):
+    """``f(state, x_s, u_s, hn_bias) -> (new_state, y_s)``: the gated cell with the recurrent
+    product ``u_s`` given (so its local derivative leaves the matmul out)."""
+    def f(state, x_s, u_s, hn_bias):
+        matvec = lambda _h: u_s  # noqa: E731  (the product is an input here)
+        if gates == 4:
+            return lstm_cell(matvec, dtype)(state, x_s)
+        return gru_cell(matvec, dtype, hn_bias)(state, x_s)
+    return f
+
+
+def gated_backward(x, u, h_before, c_before, dy, dh_final, dc_final, hn_bias, lengths, kernel, *,
+                   gates: int):
+    """The gated cells' backward recurrence as an XLA scan: ``(dx, du, dh0, dc0)`` (``dc0`` None
+    for the GRU), operands in step order (:mod:`jax_sprnn.gated_backward`). Per step, from the last
+    to the first: the cell's local derivative (``jax.vjp`` of the forward's own cell functions, so
+    the math cannot drift) and one product with the transposed dense ``kernel``. The carry's
+    cotangents are rounded to the storage dtype between steps, sums are float32. ``c_before`` and
+    ``dc_final``: the LSTM's, None for the GRU; ``hn_bias``: the GRU's ``[H]``, None for the LSTM."""
+    T, B, _ = x.shape
+    dtype = x.dtype
+    lstm = gates == 4
+    cell = _cell_given_products(gates, dtype)
+    kernel_t = kernel.astype(dtype if jnp.dtype(dtype).itemsize < 4 else jnp.float32).T
+    active = jnp.arange(T)[:, None] < lengths[None, :]
+    states_before = (c_before, h_before) if lstm else (h_before,)
+    dstate0 = (dc_final, dh_final) if lstm else (dh_final,)
+    # (the GRU's bias per example, as the cell sees it; the LSTM's is unused)
+    bias = jnp.zeros((B, 1), jnp.float32) if lstm else jnp.broadcast_to(hn_bias, (B, hn_bias.shape[0]))
+
+    def step(dstate, xs):
+        state, x_s, u_s, dy_s, active_s = xs
+        _, vjp = jax.vjp(cell, state, x_s, u_s, bias)
+        dprev, dx_s, du_s, _ = vjp((dstate, dy_s))
+        dh = dprev[-1].astype(jnp.float32) + jnp.dot(du_s.astype(kernel_t.dtype), kernel_t,
+                                                     preferred_element_type=jnp.float32,
+                                                     precision=lax.Precision.HIGHEST)
+        dprev = (*dprev[:-1], dh.astype(dstate[-1].dtype))
+        keep = active_s[:, None]
+        dstate = tuple(jnp.where(keep, n, o) for n, o in zip(dprev, dstate))
+        zero = lambda a: jnp.where(keep, a, jnp.zeros((), a.dtype))  # noqa: E731
+        return dstate, (zero(dx_s), zero(du_s))
+
+    dcarry0, (dx, du) = lax.scan(step, dstate0, (states_before, x, u, dy, active), reverse=True)
+    return dx, du, dcarry0[-1], dcarry0[0] if lstm else None

@@ -8,8 +8,8 @@ kernels side by side, as Flax fuses them: column ``g*H + i`` is gate ``g`` of un
 The forward pass is a primitive (``sprnn_lstm`` / ``sprnn_gru``, :mod:`jax_sprnn.primitives`): the
 persistent CUDA kernel on a GPU, the C++ kernel on a CPU, or XLA's dense path. Gradients come from
 a ``custom_vjp`` whose backward pass runs from the forward's outputs
-(:mod:`jax_sprnn.gated_backward`: its recurrence in the C++ kernel on a CPU, in XLA elsewhere; the
-CUDA gated backward kernel is not built yet, issue 17), so every path gets the same gradients;
+(:mod:`jax_sprnn.gated_backward`: its recurrence in the persistent CUDA kernel on a GPU, the C++
+kernel on a CPU, an XLA scan elsewhere), so every path gets the same gradients;
 ``vmap`` and ``jax.export`` work through the primitives' rules.
 """
 
@@ -80,7 +80,8 @@ def _gated_bwd(cfg, residuals, cotangents):
     x, carry, w, hn_bias, lengths, y = residuals
     kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, cfg.meta)
     dx, dcarry, dkernel, dbias = gated_backward(x, carry, kernel, hn_bias, lengths, y, cotangents,
-                                                gates=cfg.gates, reverse=cfg.reverse, weights=w)
+                                                gates=cfg.gates, reverse=cfg.reverse, weights=w,
+                                                method=cfg.method)
     cols, rows, real = fallback.slot_coordinates(w.indices, w.lane_row, cfg.meta)
     dvalues = jnp.where(real, dkernel[cols, rows], 0.0).astype(w.values.dtype)
     dw = w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})

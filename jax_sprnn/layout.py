@@ -43,9 +43,8 @@ def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes:
         else:
             load_bytes = LOAD_BYTES_CHOICES[0]
     fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates)
-    bwd = plan_layout(col_nnz, dtype, device, load_bytes=load_bytes)
-    if gates > 1:
-        bwd = dataclasses.replace(bwd, gates=gates, transposed=True)
+    bwd = plan_layout(col_nnz, dtype, device, load_bytes=load_bytes, gates=gates,
+                      transposed=gates > 1)
     return fwd, bwd
 
 

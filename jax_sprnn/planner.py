@@ -232,15 +232,15 @@ def weight_smem_bytes(slots_per_lane: int, reg_slots: int, threads: int, dtype) 
     return (slots_per_lane - reg_slots) * threads * bytes_per_slot(dtype)
 
 
-def cta_smem_bytes(hidden: int, load_bytes: int, slots_per_lane: int, reg_slots: int, threads: int,
-                   dtype, gates: int = 1) -> int:
-    """Shared memory of one CTA with a single batch plane of staged h (the kernel's own plan,
-    :func:`jax_sprnn._constants.persistent_smem_bytes`, plus the reserve; an LSTM's cell state
-    too)."""
+def cta_smem_bytes(cols: int, load_bytes: int, slots_per_lane: int, reg_slots: int, threads: int,
+                   dtype, gates: int = 1, transposed: bool = False) -> int:
+    """Shared memory of one CTA with a single batch plane of the staged state, ``cols`` wide (the
+    kernel's own plan, :func:`jax_sprnn._constants.persistent_smem_bytes`, plus the reserve; the
+    cell state too where the recurrence keeps one)."""
     tile = load_bytes // 4
     weights = weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype)
-    cell = _constants.cell_state_smem_bytes(tile, tile, threads // WARP, gates)
-    return _constants.persistent_smem_bytes(hidden, tile, tile, weights, 1, cell) + KERNEL_SMEM_RESERVE
+    cell = _constants.cell_state_smem_bytes(tile, tile, threads // WARP, gates, transposed)
+    return _constants.persistent_smem_bytes(cols, tile, tile, weights, 1, cell) + KERNEL_SMEM_RESERVE
 
 
 def _step_cost(plan: Plan) -> float:
@@ -256,6 +256,7 @@ def plan_layout(
     load_bytes: int = 16,
     slot_sizes: Sequence[int] = SLOT_SIZES,
     gates: int = 1,
+    transposed: bool = False,
 ) -> Plan:
     """Plan the layout of a layer whose row ``i`` (output unit ``i``) has ``row_nnz[i]`` nonzeros.
 
@@ -265,12 +266,16 @@ def plan_layout(
 
     ``gates`` (G): ``row_nnz`` holds the ``G*H`` rows of a gated kernel's forward layout (row
     ``g*H + i``: gate ``g`` of unit ``i``); each unit's G rows are kept in one warp, and the plan's
-    ``hidden`` is H.
+    ``hidden`` is H. ``transposed``: ``row_nnz`` holds the H rows of a gated kernel's transposed
+    (backward) layout instead, over ``G*H`` columns: its kernel stages ``G*H`` values an example and
+    runs the gated cells' register tiers.
     """
     row_nnz = np.asarray(row_nnz, np.int64)
-    if gates < 1 or row_nnz.size % gates:
+    row_gates = 1 if transposed else gates
+    if gates < 1 or row_nnz.size % row_gates:
         raise ValueError(f"plan_layout: {row_nnz.size} rows are not {gates} gates of whole units")
-    hidden = int(row_nnz.size) // gates
+    hidden = int(row_nnz.size) // row_gates
+    cols = gates * hidden if transposed else hidden
     if hidden == 0:
         raise ValueError("plan_layout: the layer must have at least one row")
     if load_bytes not in (4, 8, 16):
@@ -279,7 +284,7 @@ def plan_layout(
     best: Plan | None = None
     reasons = []
     for k in sorted(slot_sizes):
-        lanes = unit_lanes(row_nnz, k, gates)
+        lanes = unit_lanes(row_nnz, k, row_gates)
         if lanes.max() > WARP:  # a unit's rows must fit in one warp
             continue
         warps = _warps_needed(lanes)
@@ -296,27 +301,27 @@ def plan_layout(
         if reg_slots is None:
             reasons.append(f"K={k}: no kernel instantiation runs {threads} threads per CTA")
             continue
-        smem = cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype, gates)
+        smem = cta_smem_bytes(cols, load_bytes, k, reg_slots, threads, dtype, gates, transposed)
         if smem > device.smem_per_block:
             reasons.append(f"K={k}: needs {smem} bytes of shared memory per CTA "
                            f"> {device.smem_per_block}")
             continue
         plan = Plan(hidden, k, num_ctas * wpc, wpc, reg_slots, load_bytes, True, "fits", smem,
-                    gates=gates)
+                    gates=gates, transposed=transposed)
         if best is None or (_step_cost(plan), k) < (_step_cost(best), best.slots_per_lane):
             best = plan
     if best is not None:
         grid = _widen_thin_ctas(best, dtype, device)
-        cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates)
+        cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates, transposed)
         return _faster_of(grid, cluster)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.
-    k = next((s for s in sorted(slot_sizes) if unit_lanes(row_nnz, s, gates).max() <= WARP), None)
+    k = next((s for s in sorted(slot_sizes) if unit_lanes(row_nnz, s, row_gates).max() <= WARP), None)
     if k is None:
         k = int(math.ceil(max_nnz / WARP))
-        while unit_lanes(row_nnz, k, gates).max() > WARP:
+        while unit_lanes(row_nnz, k, row_gates).max() > WARP:
             k += 1
-    warps = _warps_needed(unit_lanes(row_nnz, k, gates))
+    warps = _warps_needed(unit_lanes(row_nnz, k, row_gates))
     wpc = max(1, min(warps, device.max_threads_per_block // WARP))
     num_warps = -(-warps // wpc) * wpc
     detail = "; ".join(reasons[-3:]) if reasons else f"a row has {max_nnz} nonzeros"
@@ -324,21 +329,22 @@ def plan_layout(
               f"on {device.name} ({device.sm_count} SMs, {device.smem_per_block} bytes of shared "
               f"memory per CTA): {detail}")
     return Plan(hidden, k, num_warps, wpc, 0, load_bytes, False, reason,
-                cta_smem_bytes(hidden, load_bytes, k, 0, wpc * WARP, dtype, gates), gates=gates)
+                cta_smem_bytes(cols, load_bytes, k, 0, wpc * WARP, dtype, gates, transposed),
+                gates=gates, transposed=transposed)
 
 
 def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
     """The same warps in fewer CTAs of at least ``H / (32 * STAGE_WORDS_PER_THREAD)`` warps, when
     the register tier's thread limit and shared memory allow (never fewer registers per slot)."""
-    want = -(-plan.hidden // (WARP * STAGE_WORDS_PER_THREAD))
+    want = -(-plan.num_cols // (WARP * STAGE_WORDS_PER_THREAD))
     if plan.warps_per_cta >= want:
         return plan
     warps = plan.num_warps
     limit = dict(device.thread_limits(dtype, plan.gates))[plan.reg_slots]
     for wpc in range(min(want, warps, limit // WARP, device.max_threads_per_block // WARP),
                      plan.warps_per_cta, -1):
-        smem = cta_smem_bytes(plan.hidden, plan.load_bytes, plan.slots_per_lane, plan.reg_slots,
-                              wpc * WARP, dtype, plan.gates)
+        smem = cta_smem_bytes(plan.num_cols, plan.load_bytes, plan.slots_per_lane, plan.reg_slots,
+                              wpc * WARP, dtype, plan.gates, plan.transposed)
         if smem <= device.smem_per_block:
             return dataclasses.replace(plan, num_warps=-(-warps // wpc) * wpc, warps_per_cta=wpc,
                                        smem_bytes=smem)
@@ -353,20 +359,20 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
     budget = device.smem_per_block - KERNEL_SMEM_RESERVE
 
-    gates = 1 if plan.transposed else plan.gates
-
-    def fits(batch):  # the handler's plan with one staged copy of h
-        cell = _constants.cell_state_smem_bytes(batch, tile, plan.warps_per_cta, gates)
-        return _constants.persistent_smem_bytes(plan.hidden, batch, tile, weights, 1, cell) <= budget
-    # Staged h alone bounds the batch from above; the lengths (4 bytes an example) trim it.
-    batch = max(0, (budget - weights) // (plan.hidden * plan.load_bytes)) * tile
+    def fits(batch):  # the handler's plan with one staged copy of the state
+        cell = _constants.cell_state_smem_bytes(batch, tile, plan.warps_per_cta, plan.gates,
+                                                plan.transposed)
+        return _constants.persistent_smem_bytes(plan.num_cols, batch, tile, weights, 1, cell) <= budget
+    # The staged state alone bounds the batch from above; the lengths (4 bytes an example) and the
+    # cell state trim it.
+    batch = max(0, (budget - weights) // (plan.num_cols * plan.load_bytes)) * tile
     while batch > 0 and not fits(batch):
         batch -= 1
     return int(batch)
 
 
 def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: int,
-                    slot_sizes: Sequence[int], gates: int) -> Plan | None:
+                    slot_sizes: Sequence[int], gates: int, transposed: bool = False) -> Plan | None:
     """The cheapest layout on at most :data:`MAX_CLUSTER_CTAS` CTAs, by the cluster-mode step
     estimate over a few batches (``jax_sprnn.cost.planning_step_us``), or None (no clusters on the
     device, or the layer does not fit in so few CTAs). Cluster mode keeps two staged copies of the
@@ -374,11 +380,13 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
 
     if not device.cluster_launch:
         return None
-    hidden = int(row_nnz.size) // gates
+    row_gates = 1 if transposed else gates
+    hidden = int(row_nnz.size) // row_gates
+    cols = gates * hidden if transposed else hidden
     tile = load_bytes // 4
     best, best_us = None, float("inf")
     for k in sorted(slot_sizes):
-        lanes = unit_lanes(row_nnz, k, gates)
+        lanes = unit_lanes(row_nnz, k, row_gates)
         if lanes.max() > WARP:
             continue
         warps = _warps_needed(lanes)
@@ -392,14 +400,15 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
             if reg_slots is None:
                 continue
             weights = weight_smem_bytes(k, reg_slots, threads, dtype)
-            cell = _constants.cell_state_smem_bytes(tile, tile, wpc, gates)
-            two_copies = (_constants.persistent_smem_bytes(hidden, tile, tile, weights, 2, cell)
+            cell = _constants.cell_state_smem_bytes(tile, tile, wpc, gates, transposed)
+            two_copies = (_constants.persistent_smem_bytes(cols, tile, tile, weights, 2, cell)
                           + KERNEL_SMEM_RESERVE)
             if two_copies > device.smem_per_block:
                 continue
             plan = Plan(hidden, k, ctas * wpc, wpc, reg_slots, load_bytes, True,
                         f"fits (cluster mode: {ctas} CTAs of {wpc} warps)",
-                        cta_smem_bytes(hidden, load_bytes, k, reg_slots, threads, dtype, gates), gates=gates)
+                        cta_smem_bytes(cols, load_bytes, k, reg_slots, threads, dtype, gates, transposed),
+                        gates=gates, transposed=transposed)
             us = cost.planning_step_us(plan, "cluster")
             if us < best_us:
                 best, best_us = plan, us

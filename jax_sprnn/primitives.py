@@ -1,10 +1,14 @@
 """The JAX primitives of jax_sprnn: abstract evaluation, per-platform lowering and batching.
 
-Three primitives, each a native target (docs/format.md):
+The simple cell's three primitives, each a native target (docs/format.md):
 
 * ``sprnn_forward``: the forward recurrence, ``(x, h0, values, indices, lane_row, lengths) -> (y, h_final)``;
 * ``sprnn_backward``: the backward recurrence on the transposed layout, ``-> (dx, dh0)``;
-* ``sprnn_weight_grad``: the weight gradient on the pattern, ``-> dvalues [groups, S]``.
+* ``sprnn_weight_grad``: the weight gradient on the pattern, ``-> dvalues [groups, S]``;
+
+and the gated cells' (LSTM, GRU), two targets for four primitives: ``sprnn_lstm`` / ``sprnn_gru``
+(the forward recurrences, target ``gated_forward``) and ``sprnn_lstm_backward`` /
+``sprnn_gru_backward`` (the backward recurrences, target ``gated_backward``).
 
 Lowering: on ``cpu`` and ``cuda`` the rules ask :mod:`jax_sprnn.dispatch` what runs, and lower
 either the native target (the C++ kernels; the persistent kernels and the sampled weight-gradient
@@ -33,7 +37,7 @@ from jax.interpreters import batching, mlir
 
 from . import _constants, _native, dispatch, fallback
 from ._partitioning import SplitRule, mesh_lowering
-from .dispatch import BACKWARD, FORWARD, GATED_FORWARD, WEIGHT_GRAD
+from .dispatch import BACKWARD, FORWARD, GATED_BACKWARD, GATED_FORWARD, WEIGHT_GRAD
 from .planner import LayoutMeta
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "identity": 2}
@@ -164,7 +168,8 @@ sprnn_backward_p = _make_primitive("sprnn_backward", _backward_abstract, fallbac
 # hooks as extra attributes); a call binds one only when it sets a hook.
 _HOOKED_TARGETS = {FORWARD: _constants.ffi_target("forward_hooked"),
                    BACKWARD: _constants.ffi_target("backward_hooked"),
-                   GATED_FORWARD: _constants.ffi_target("gated_forward_hooked")}
+                   GATED_FORWARD: _constants.ffi_target("gated_forward_hooked"),
+                   GATED_BACKWARD: _constants.ffi_target("gated_backward_hooked")}
 _HOOK_DEFAULTS = dict(spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=0, exchange_mode=0)
 
 
@@ -276,23 +281,33 @@ def _gated_attrs(gates: int, reverse: bool, meta: LayoutMeta) -> dict:
                 load_bytes=np.int64(meta.load_bytes))
 
 
-def _gated_target_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=()):
-    """Lower the gated target with the empty operand and result of the cell that lacks them; returns
-    the cell's own results (``extra_out``: avals of results that follow them, e.g. a workspace)."""
-    x_aval = ctx.avals_in[0]
-    empty = jax.core.ShapedArray((0,), x_aval.dtype)
-    empty_bias = jax.core.ShapedArray((0,), np.float32)
-    if gates == 4:  # x, h0, c0, values, indices, lane_row, lengths (+ an empty hn_bias)
-        args = [*args, mlir.ir_constant(np.zeros((0,), np.float32))]
-        avals_in = [*ctx.avals_in, empty_bias]
-        avals_out = [*ctx.avals_out, *extra_out]
-    else:  # x, h0, values, ..., hn_bias (+ an empty c0 and c_final)
-        args = [args[0], args[1], mlir.ir_constant(np.zeros((0,), x_aval.dtype)), *args[2:]]
-        avals_in = [ctx.avals_in[0], ctx.avals_in[1], empty, *ctx.avals_in[2:]]
-        avals_out = [*ctx.avals_out, empty, *extra_out]
+def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: dict,
+                       empty_result: bool, extra_out=(), drop_last: int = 0):
+    """Lower a gated target, whose signature carries both cells' operands, for one cell: with an
+    empty array of dtype ``empty_operands[i]`` at each operand position ``i`` the cell lacks (in
+    increasing order), an empty result of x's dtype after the cell's own when ``empty_result`` (the
+    GRU's c), and ``extra_out`` after those (e.g. a workspace); the last ``drop_last`` operands of
+    the primitive are not the target's. Returns the cell's own results."""
+    args = list(args[:len(args) - drop_last])
+    avals_in = list(ctx.avals_in[:len(ctx.avals_in) - drop_last])
+    for at, dtype in sorted(empty_operands.items()):
+        args.insert(at, mlir.ir_constant(np.zeros((0,), dtype)))
+        avals_in.insert(at, jax.core.ShapedArray((0,), dtype))
+    empty = [jax.core.ShapedArray((0,), ctx.avals_in[0].dtype)] if empty_result else []
+    avals_out = [*ctx.avals_out, *empty, *extra_out]
     outs = jax.ffi.ffi_lowering(target)(ctx.replace(avals_in=avals_in, avals_out=avals_out), *args,
                                         **attrs)
     return outs[:len(ctx.avals_out)]
+
+
+def _gated_target_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=()):
+    """The gated forward target: the LSTM's operands (x, h0, c0, values, indices, lane_row,
+    lengths) with an empty hn_bias; the GRU's (x, h0, values, ..., hn_bias) with an empty c0 and
+    c_final."""
+    dtype = ctx.avals_in[0].dtype
+    empties = {7: np.float32} if gates == 4 else {2: dtype}
+    return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
+                              empty_result=gates == 3, extra_out=extra_out)
 
 
 def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
@@ -330,6 +345,117 @@ def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, spin_tim
 for _prim, _impl in ((sprnn_lstm_p, _lstm_fallback), (sprnn_gru_p, _gru_fallback)):
     _register_lowering(_prim, functools.partial(_gated_cpu, _prim, _impl), "cpu")
     _register_lowering(_prim, functools.partial(_gated_cuda, _prim, _impl), "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gated cells' backward recurrences: one native target for both (``gated_backward``)
+# ---------------------------------------------------------------------------------------------
+#
+# ``sprnn_lstm_backward``: ``(x, u, h_before, c_before, dy, dh_final, dc_final, values_t,
+# indices_t, lane_row_t, lengths, kernel) -> (dx, du, dh0, dc0)``;
+# ``sprnn_gru_backward``: ``(x, u, h_before, dy, dh_final, hn_bias, values_t, indices_t, lane_row_t,
+# lengths, kernel) -> (dx, du, dh0)``.
+# Operands in step order (:mod:`jax_sprnn.gated_backward`): x and u ``[T, B, G*H]`` (u float32,
+# ``h_before @ kernel``), the states and dy ``[T, B, H]``; ``meta`` is the transposed layout's. The
+# target takes both cells' operands (the lowering passes empties for the other cell's). ``kernel``
+# (dense float32 ``[H, G*H]``) is the XLA fallback's: the native targets read the packed layout.
+
+def _gated_backward_shapes(name: str, gates: int, x, u, h_before, dy, dh_final, meta: LayoutMeta):
+    H = meta.hidden
+    T, B = x.shape[:2] if x.ndim == 3 else (None, None)
+    want = {"x": (x, (T, B, gates * H)), "u": (u, (T, B, gates * H)), "h_before": (h_before, (T, B, H)),
+            "dy": (dy, (T, B, H)), "dh_final": (dh_final, (B, H))}
+    for what, (a, shape) in want.items():
+        if a.shape != shape:
+            raise ValueError(f"{name}: {what} must be {list(shape)} (T, B, G={gates}, H={H}), got "
+                             f"{list(a.shape)}")
+    return (jax.core.ShapedArray(x.shape, x.dtype), jax.core.ShapedArray(x.shape, np.float32),
+            jax.core.ShapedArray(dh_final.shape, x.dtype))
+
+
+def _lstm_backward_abstract(x, u, h_before, c_before, dy, dh_final, dc_final, values_t, indices_t,
+                            lane_row_t, lengths, kernel, *, meta, method, **hooks):
+    dx, du, dh0 = _gated_backward_shapes("sprnn_lstm_backward", 4, x, u, h_before, dy, dh_final, meta)
+    return dx, du, dh0, dh0
+
+
+def _gru_backward_abstract(x, u, h_before, dy, dh_final, hn_bias, values_t, indices_t, lane_row_t,
+                           lengths, kernel, *, meta, method, **hooks):
+    return _gated_backward_shapes("sprnn_gru_backward", 3, x, u, h_before, dy, dh_final, meta)
+
+
+def _lstm_backward_fallback(x, u, h_before, c_before, dy, dh_final, dc_final, values_t, indices_t,
+                            lane_row_t, lengths, kernel, *, meta, **hooks):
+    return fallback.gated_backward(x, u, h_before, c_before, dy, dh_final, dc_final, None, lengths,
+                                   kernel, gates=4)
+
+
+def _gru_backward_fallback(x, u, h_before, dy, dh_final, hn_bias, values_t, indices_t, lane_row_t,
+                           lengths, kernel, *, meta, **hooks):
+    return fallback.gated_backward(x, u, h_before, None, dy, dh_final, None, hn_bias, lengths, kernel,
+                                   gates=3)[:3]
+
+
+# (g: the gate columns, whole on every device; k m: the dense kernel)
+sprnn_lstm_backward_p = _make_primitive(
+    "sprnn_lstm_backward", _lstm_backward_abstract, _lstm_backward_fallback,
+    SplitRule("t b g, t b g, t b h, t b h, t b h, b h, b h, s, s, l, b, k m -> t b g, t b g, b h, b h"))
+sprnn_gru_backward_p = _make_primitive(
+    "sprnn_gru_backward", _gru_backward_abstract, _gru_backward_fallback,
+    SplitRule("t b g, t b g, t b h, t b h, b h, h, s, s, l, b, k m -> t b g, t b g, b h"))
+_BACKWARD_GATES = {sprnn_lstm_backward_p: 4, sprnn_gru_backward_p: 3}
+
+
+def _gated_backward_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=()):
+    """The gated backward target: the LSTM's operands with an empty hn_bias; the GRU's with an
+    empty c_before, dc_final and dc0; the dense kernel left out."""
+    dtype = ctx.avals_in[0].dtype
+    empties = {7: np.float32} if gates == 4 else {3: dtype, 6: dtype}
+    return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
+                              empty_result=gates == 3, extra_out=extra_out, drop_last=1)
+
+
+def _gated_backward_attrs(gates: int, meta: LayoutMeta, platform: str) -> dict:
+    attrs = dict(gates=np.int64(gates), slots_per_lane=np.int64(meta.slots_per_lane))
+    if platform == "cuda":
+        attrs.update(warps_per_cta=np.int64(meta.warps_per_cta), reg_slots=np.int64(meta.reg_slots),
+                     load_bytes=np.int64(meta.load_bytes))
+    return attrs
+
+
+def _gated_backward_cpu(prim, fallback_impl, ctx, *args, meta, method, **hooks):
+    """The C++ recurrence where the CPU module has it, else the XLA scan."""
+    if GATED_BACKWARD not in _native.cpu_targets():
+        return _lower_fallback(fallback_impl)(ctx, *args, meta=meta, method=method)
+    gates = _BACKWARD_GATES[prim]
+    return _gated_backward_call(ctx, GATED_BACKWARD, gates, args, _gated_backward_attrs(gates, meta, "cpu"))
+
+
+def _gated_backward_cuda(prim, fallback_impl, ctx, *args, meta, method, spin_timeout_us=0,
+                         debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+    """The persistent CUDA recurrence where the transposed layout fits, else the XLA scan."""
+    T, B, _ = ctx.avals_in[0].shape
+    decision = dispatch.on_cuda_recurrence(GATED_BACKWARD, meta, B, ctx.avals_in[0].dtype, method)
+    if decision.path == "fallback":
+        _warn_once(decision.warning)
+        return _lower_fallback(fallback_impl)(ctx, *args, meta=meta, method=method)
+    _native.initialize_cuda()
+    gates = _BACKWARD_GATES[prim]
+    attrs = _gated_backward_attrs(gates, meta, "cuda")
+    target = GATED_BACKWARD
+    hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
+    if hooks != _HOOK_DEFAULTS:
+        target = _HOOKED_TARGETS[target]
+        attrs.update({name: np.int64(value) for name, value in hooks.items()})
+    workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, gates * meta.hidden),),
+                                     np.uint8)
+    return _gated_backward_call(ctx, target, gates, args, attrs, extra_out=(workspace,))
+
+
+for _prim, _impl in ((sprnn_lstm_backward_p, _lstm_backward_fallback),
+                     (sprnn_gru_backward_p, _gru_backward_fallback)):
+    _register_lowering(_prim, functools.partial(_gated_backward_cpu, _prim, _impl), "cpu")
+    _register_lowering(_prim, functools.partial(_gated_backward_cuda, _prim, _impl), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,20 +585,22 @@ def _weight_grad_batch(args, dims, *, groups, **params):
 batching.primitive_batchers[sprnn_weight_grad_p] = _weight_grad_batch
 
 
-def _gated_batch(prim, batch_axes, args, dims, **params):
+def _gated_batch(prim, batch_axes, result_axes, args, dims, **params):
     """Fold a vmapped axis into the RNN batch of every operand with one (``batch_axes``: each
-    operand's batch axis, None for the weights' arrays and hn_bias); loop over vmapped weights."""
+    operand's batch axis, None for the weights' arrays, hn_bias and the dense kernel; the results'
+    are ``result_axes``); loop over vmapped weights."""
     if any(d is not _NOT_MAPPED for d, ax in zip(dims, batch_axes) if ax is None):
         return _loop_over_weights(prim, args, dims, params)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
     folded = [a if ax is None else _fold(a, d, size, ax) for a, d, ax in zip(args, dims, batch_axes)]
     outs = prim.bind(*folded, **params)
-    result_axes = (1,) + (0,) * (len(outs) - 1)
     return tuple(_unfold(o, size, ax) for o, ax in zip(outs, result_axes)), result_axes
 
 
-batching.primitive_batchers[sprnn_lstm_p] = functools.partial(
-    _gated_batch, sprnn_lstm_p, (1, 0, 0, None, None, None, 0))
-batching.primitive_batchers[sprnn_gru_p] = functools.partial(
-    _gated_batch, sprnn_gru_p, (1, 0, None, None, None, 0, None))
+for _prim, _axes, _results in (
+        (sprnn_lstm_p, (1, 0, 0, None, None, None, 0), (1, 0, 0)),
+        (sprnn_gru_p, (1, 0, None, None, None, 0, None), (1, 0)),
+        (sprnn_lstm_backward_p, (1, 1, 1, 1, 1, 0, 0, None, None, None, 0, None), (1, 1, 0, 0)),
+        (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0))):
+    batching.primitive_batchers[_prim] = functools.partial(_gated_batch, _prim, _axes, _results)
 

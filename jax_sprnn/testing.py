@@ -93,3 +93,52 @@ def run_gated(gates: int, x, c0, h0, weights, hn_bias, **kw):
         y, (c, h) = sparse_lstm(x, (c0, h0), weights, **kw)
         return y, c, h
     return sparse_gru(x, h0, weights, hn_bias=hn_bias, **kw)
+
+
+def gated_backward_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
+                           dtype: str = "float32", *, device=None, load_bytes: int | None = None):
+    """The operands of a gated layer's backward recurrence (``sprnn_lstm_backward`` /
+    ``sprnn_gru_backward``), in step order, from a real forward pass (XLA's scan) on ragged lengths
+    (example 0 runs every step, example 1 none when ``batch > 1``), with random cotangents:
+    ``(weights, kernel, operands, lengths)``; ``operands`` leave out the layout and the kernel."""
+    from . import fallback, gated_backward
+    w, x, c0, h0, hn_bias = make_gated_problem(seed, gates, hidden, batch, steps, density, dtype,
+                                               device=device, load_bytes=load_bytes)
+    rng = np.random.default_rng(seed + 1)
+    x_steps = jnp.swapaxes(x, 0, 1)
+    lengths = rng.integers(0, steps + 1, batch).astype(np.int32)
+    lengths[0] = steps
+    if batch > 1:
+        lengths[1] = 0
+    lengths = jnp.asarray(lengths)
+    kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, w.meta)
+    matvec = fallback.storage_matvec(kernel, x.dtype)
+    carry = (c0, h0) if gates == 4 else (h0,)
+    y, _ = fallback.gated_scan(x_steps, carry, matvec, lengths, hn_bias if gates == 3 else None,
+                               gates=gates, reverse=False)
+    h_before = jnp.concatenate([h0[None], y[:-1]], axis=0)
+    u = matvec(h_before.astype(jnp.float32))
+    cotangent = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.3, x.dtype)  # noqa: E731
+    dy, dh_final = cotangent(steps, batch, hidden), cotangent(batch, hidden)
+    if gates == 4:
+        active = jnp.arange(steps)[:, None] < lengths[None, :]
+        c_before = gated_backward._lstm_cells_before(x_steps, u, c0, active, x.dtype)
+        operands = (x_steps, u, h_before, c_before, dy, dh_final, cotangent(batch, hidden))
+    else:
+        operands = (x_steps, u, h_before, dy, dh_final, hn_bias)
+    return w, kernel, operands, lengths
+
+
+def run_gated_backward(gates: int, weights, kernel, operands, lengths, *, xla: bool = False,
+                       method: str = "auto", **hooks):
+    """The backward primitive on :func:`gated_backward_problem`'s operands (``xla``: its XLA scan,
+    the fallback, instead): ``(dx, du, dh0, dc0)`` (LSTM) or ``(dx, du, dh0)`` (GRU). ``hooks`` go to
+    the primitive (``exchange_mode``, ...)."""
+    from . import primitives
+    prim, scan = ((primitives.sprnn_lstm_backward_p, primitives._lstm_backward_fallback) if gates == 4
+                  else (primitives.sprnn_gru_backward_p, primitives._gru_backward_fallback))
+    args = (*operands, weights.transposed_values(), weights.indices_t, weights.lane_row_t, lengths,
+            kernel)
+    if xla:
+        return tuple(scan(*args, meta=weights.meta_t))
+    return tuple(prim.bind(*args, meta=weights.meta_t, method=method, **hooks))

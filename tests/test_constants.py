@@ -50,10 +50,10 @@ def test_compiled_formulas_are_the_python_ones(platform):
                 == _constants.persistent_smem_bytes(hidden, batch, tile, weights, buffers))
         assert (compiled["persistent_smem_bytes"](hidden, batch, tile, weights, buffers, 528)
                 == _constants.persistent_smem_bytes(hidden, batch, tile, weights, buffers, 528))
-    for batch, tile, warps, gates in itertools.product((1, 3, 16, 21), (1, 2, 4), (1, 7, 32),
-                                                       (1, 3, 4)):
-        assert (compiled["cell_state_smem_bytes"](batch, tile, warps, gates)
-                == _constants.cell_state_smem_bytes(batch, tile, warps, gates))
+    for batch, tile, warps, gates, transposed in itertools.product(
+            (1, 3, 16, 21), (1, 2, 4), (1, 7, 32), (1, 3, 4), (False, True)):
+        assert (compiled["cell_state_smem_bytes"](batch, tile, warps, gates, transposed)
+                == _constants.cell_state_smem_bytes(batch, tile, warps, gates, transposed))
     for k in range(0, 300):
         assert (compiled["weight_grad_slots_per_thread"](k)
                 == _constants.weight_grad_slots_per_thread(k)), k

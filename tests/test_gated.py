@@ -599,45 +599,72 @@ def test_the_cpu_runs_the_backward_recurrence_in_the_cpp_kernel(gates):
 
 
 def test_the_cpp_backward_names_a_bad_operand():
-    """The C++ backward target checks its operands one by one and names the first that is wrong."""
-    from jax_sprnn import _constants, _native, gated_backward
-    if _constants.ffi_target("gated_backward") not in _native.cpu_targets() or jax.default_backend() != "cpu":
-        pytest.skip("needs the CPU module on the CPU backend")
+    """The backward target checks its operands one by one and names the first that is wrong (the
+    checks the CUDA target shares), and so does the primitive before any target sees them."""
+    from jax_sprnn import _constants, _native
+    from jax_sprnn.primitives import sprnn_gru_backward_p
     from jax_sprnn.testing import make_gated_problem
     T, B, H = 4, 2, 16
     w, x, c0, h0, hn_bias = make_gated_problem(9, 3, H, B, T, 0.3)
     x_steps = jnp.swapaxes(x, 0, 1)
     u = jnp.zeros((T, B, 3 * H - 1), jnp.float32)  # one column short
-    h_before = jnp.zeros((T, B, H), x.dtype)
-    sequences = ((h_before,), x_steps, u, jnp.zeros((T, B, H), x.dtype))
+    state = jnp.zeros((T, B, H), x.dtype)
+    empty = jnp.zeros((0,), x.dtype)
+    lengths = jnp.full((B,), T, jnp.int32)
+    layout = (w.transposed_values(), w.indices_t, w.lane_row_t)
+    kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, w.meta)
+    with pytest.raises(ValueError, match=r"sprnn_gru_backward: u must be \[4, 2, 48\]"):
+        sprnn_gru_backward_p.bind(x_steps, u, state, state, h0, hn_bias, *layout, lengths, kernel,
+                                  meta=w.meta_t, method="auto")
+    target = _constants.ffi_target("gated_backward")
+    if target not in _native.cpu_targets() or jax.default_backend() != "cpu":
+        pytest.skip("needs the CPU module on the CPU backend")
+    shapes = (jax.ShapeDtypeStruct((T, B, 3 * H), x.dtype), jax.ShapeDtypeStruct((T, B, 3 * H), jnp.float32),
+              jax.ShapeDtypeStruct((B, H), x.dtype), jax.ShapeDtypeStruct((0,), x.dtype))
+    call = jax.ffi.ffi_call(target, shapes)
     with pytest.raises(Exception, match=r"u must be float32 \[T, B, G\*H\] = \[4, 2, 48\]"):
-        jax.block_until_ready(gated_backward._native_recurrence(
-            sequences, None, jnp.full((B,), T, jnp.int32), (h0,), None,
-            jnp.broadcast_to(hn_bias, (B, H)), w, gates=3))
+        jax.block_until_ready(call(x_steps, u, state, empty, state, h0, empty, hn_bias, *layout, lengths,
+                                   gates=np.int64(3), slots_per_lane=np.int64(w.meta_t.slots_per_lane)))
 
 
 @pytest.mark.parametrize("gates", [3, 4])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_cpp_and_the_xla_backward_recurrences_agree(gates, dtype):
-    """gated_backward with the weights (the C++ recurrence on a CPU) against without (the XLA
-    scan, what a GPU runs), on ragged lengths in reverse: every output within the dtype's gradient
-    tolerance."""
-    from jax_sprnn import gated_backward
-    from jax_sprnn.testing import make_gated_problem
-    T, B, H = 7, 5, 29
-    w, x, c0, h0, hn_bias = make_gated_problem(13, gates, H, B, T, 0.25, dtype)
-    rng = np.random.default_rng(14)
-    x_tm = jnp.swapaxes(x, 0, 1)
-    lengths = jnp.asarray([7, 0, 3, 6, 1], jnp.int32)
-    y_tm = jnp.asarray(np.tanh(rng.standard_normal((T, B, H))), x.dtype)
-    carry = (c0, h0) if gates == 4 else (h0,)
-    cot = (jnp.asarray(rng.standard_normal((T, B, H)) * 0.3, x.dtype),
-           tuple(jnp.asarray(rng.standard_normal((B, H)) * 0.3, x.dtype) for _ in carry))
-    kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, w.meta)
-    b = hn_bias if gates == 3 else None
-    run = lambda weights: gated_backward.gated_backward(  # noqa: E731
-        x_tm, carry, kernel, b, lengths, y_tm, cot, gates=gates, reverse=True, weights=weights)
-    got, want = jax.jit(lambda: run(w))(), jax.jit(lambda: run(None))()
-    for a, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        assert a.shape == r.shape
+    """The backward primitive (the C++ recurrence on a CPU) against its XLA scan, on ragged lengths:
+    every output within the dtype's gradient tolerance, and exact zeros where nothing runs."""
+    from jax_sprnn.testing import gated_backward_problem, run_gated_backward
+    w, kernel, operands, lengths = gated_backward_problem(13, gates, 29, 5, 7, 0.25, dtype)
+    got = jax.jit(lambda: run_gated_backward(gates, w, kernel, operands, lengths))()
+    want = jax.jit(lambda: run_gated_backward(gates, w, kernel, operands, lengths, xla=True))()
+    assert len(got) == len(want) == (4 if gates == 4 else 3)
+    for a, r in zip(got, want):
+        assert a.shape == r.shape and a.dtype == r.dtype
         assert rel_err(a, r) < GRAD_TOLERANCE[dtype]
+    T = operands[0].shape[0]
+    idle = np.arange(T)[:, None] >= np.asarray(lengths)[None, :]
+    for a in got[:2]:  # dx, du: zero at the steps an example does not run
+        assert not np.asarray(a, np.float32)[idle].any()
+
+
+@pytest.mark.parametrize("gates", [3, 4])
+def test_the_backward_primitive_vmaps_into_the_batch(gates):
+    """vmap of the backward primitive folds into its batch: the same as one call per slice."""
+    from jax_sprnn.testing import gated_backward_problem, run_gated_backward
+    w, kernel, operands, lengths = gated_backward_problem(13, gates, 29, 6, 7, 0.25)
+    batch_axes = (1, 1, 1, 1, 1, 0, 0) if gates == 4 else (1, 1, 1, 1, 0, None)
+
+    def split(a, ax):  # [.., 6, ..] -> [2, .., 3, ..]
+        if ax is None:
+            return a
+        a = jnp.moveaxis(a, ax, 0).reshape((2, 3) + a.shape[:ax] + a.shape[ax + 1:])
+        return jnp.moveaxis(a, 1, ax + 1)
+    split_ops = [split(a, ax) for a, ax in zip(operands, batch_axes)]
+    in_axes = tuple(None if ax is None else 0 for ax in batch_axes)
+    run = lambda ops, ln: run_gated_backward(gates, w, kernel, ops, ln)  # noqa: E731
+    mapped = jax.vmap(lambda *a: run(a[:-1], a[-1]), in_axes=(*in_axes, 0))(
+        *split_ops, lengths.reshape(2, 3))
+    for i in range(2):
+        ops = [a if ax is None else a[i] for a, ax in zip(split_ops, batch_axes)]
+        one = run(ops, lengths.reshape(2, 3)[i])
+        for m, o in zip(mapped, one):
+            np.testing.assert_allclose(np.asarray(m[i]), np.asarray(o), rtol=1e-6, atol=1e-6)
