@@ -16,6 +16,8 @@
 #     FIXED_NCU_PROGS="ours, [B|dense" picks the programs, FIXED_STALLS=1 adds the persistent
 #     kernel's warp stall reasons, FIXED_TRACE=1 FIXED_TAIL=150 each call's events from the JAX
 #     profiler)
+#   GATED_STEP_CASES=$'--cell gru\n--cell lstm --batch 32' tools/gpu_check.sh gatedstep  (a gated
+#     layer's training step by part: benchmarks/probes/gated_backward_step.py)
 #   SASS_MATCH=forward tools/gpu_check.sh sass  (the built module's SASS of the matching kernels, and
 #     where its local-memory instructions are)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
@@ -113,6 +115,16 @@ if has fixedcost; then
       grep -E "stalled|duration|inst_executed|cycles_active|==ERR|rror" "$OUT/stalls$tag.txt" | sort -k3 -g -r | head -14
     fi
   done <<< "${FIXED_CASES:---hidden 2304}"
+fi
+if has gatedstep; then
+  echo "== gated training step, by part"
+  # GATED_STEP_CASES: one "--cell C --hidden H --batch B ..." per line (benchmarks/probes/gated_backward_step.py)
+  while IFS= read -r case_args; do
+    [ -z "$case_args" ] && continue
+    tag=$(echo "$case_args" | tr -c 'a-zA-Z0-9\n' '_' | tr -s '_')
+    echo "-- $case_args"
+    python3 "$OLDPWD/benchmarks/probes/gated_backward_step.py" $case_args --out "$OUT/gated_step$tag.json" 2>&1 | tail -6
+  done <<< "${GATED_STEP_CASES:---cell gru --hidden 1024 --batch 4}"
 fi
 if has sass; then
   echo "== SASS"
