@@ -191,4 +191,4 @@ def test_register_spills_stay_small(gates, dtype):
     for reg_slots in cuda.supported_reg_slots(dtype, gates):
         for tile in (1, 2, 4):
             attrs = cuda.kernel_attributes(dtype, tile, reg_slots, gates=gates, backward=True)
-            assert attrs["local_bytes"] <= 40, (reg_slots, tile, attrs)
+            assert attrs["local_bytes"] <= 48, (reg_slots, tile, attrs)

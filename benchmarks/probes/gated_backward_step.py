@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # (after the installed jax_sprnn)
 
 import jax_sprnn as js  # noqa: E402
 from benchmarks.timing import median_time, per_step  # noqa: E402
