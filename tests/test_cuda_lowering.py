@@ -96,12 +96,13 @@ def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered
 
 
 GATED_ATTRS = {"gates", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
+GATED_BACKWARD_ATTRS = GATED_ATTRS - {"reverse"}  # (its operands are in step order)
 
 
 @pytest.mark.parametrize("gates", [3, 4])
 def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
     """The LSTM and the GRU lower to the one gated target (with the gate count), hooks to its hooked
-    twin; the backward pass (XLA's dense path, differentiated) binds no target."""
+    twin; their gradients add the gated backward target."""
     H, B, T = 40, 3, 9
     rng = np.random.default_rng(gates)
     kernel = (rng.standard_normal((H, gates * H)) * 0.2).astype(np.float16)
@@ -114,11 +115,13 @@ def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
             return js.sparse_lstm(x, (h0, h0), w, method="native")
         return js.sparse_gru(x, h0, w, method="native")
     assert _custom_calls(fn, x, h0) == [(_constants.ffi_target("gated_forward"), GATED_ATTRS)]
-    # The backward pass runs in XLA from the forward kernel's outputs: one kernel call either way.
+    # The backward pass starts from the forward kernel's outputs: the forward and the backward
+    # recurrence, one kernel call each.
     loss = lambda x, h0: jnp.sum(fn(x, h0)[0].astype(jnp.float32))  # noqa: E731
     for transform in (jax.grad, jax.value_and_grad):
         assert _custom_calls(transform(loss), x, h0) == [
-            (_constants.ffi_target("gated_forward"), GATED_ATTRS)]
+            (_constants.ffi_target("gated_forward"), GATED_ATTRS),
+            (_constants.ffi_target("gated_backward"), GATED_BACKWARD_ATTRS)]
 
     lengths = jnp.full((B,), T, jnp.int32)
     x_tm = jnp.swapaxes(x, 0, 1)
