@@ -274,6 +274,7 @@ struct Forward : Recurrence {
   const void* x;  // [T, B, gates * H]
   void* y;        // [T, B, H]
   float* c = nullptr;              // the LSTM's cell state, [B][H], rounded to the storage type
+  void* cells = nullptr;           // the LSTM's cell state after each position [T, B, H], or none
   const float* hn_bias = nullptr;  // the GRU's [H]
 };
 
@@ -332,6 +333,10 @@ struct LstmCell {
       c[k] = c_new;
       z[k] = out * tanh_f32(c_new);
     }
+    if (f.cells != nullptr) {  // at y's place in the same-shaped cells
+      auto* cells = static_cast<typename S::Raw*>(f.cells) + (y - static_cast<const typename S::Raw*>(f.y));
+      for (int64_t k = 0; k < n; ++k) cells[k] = S::store(c[k]);
+    }
     return emit_state<S>(z, n, y, next, f.BT);
   }
 };
@@ -389,6 +394,8 @@ JAX_SPRNN_INLINE bool forward_epilogue(const Forward& f, int64_t s, int64_t t, i
         next[r * BT + j] = v;
         finite &= std::isfinite(v);
       }
+      if (f.cells != nullptr)
+        for (int64_t r = i0; r < i1; ++r) static_cast<Raw*>(f.cells)[(s * B + b) * H + r] = S::store(0.0f);
     }
   }
   return finite;
@@ -789,7 +796,7 @@ struct ForwardCall {
   const void *x, *h0, *c0 = nullptr, *values;
   const int32_t *indices, *lane_row, *lengths;
   const float* hn_bias = nullptr;
-  void *y, *h_final, *c_final = nullptr;
+  void *y, *h_final, *c_final = nullptr, *cells = nullptr;
   int64_t T, B, act = kTanh;
   bool reverse;
 };
@@ -802,7 +809,7 @@ void forward(const ForwardCall& call, const Layout& lay, ffi::ThreadPool* pool) 
   Forward f;
   init_recurrence<S>(f, *rows, call.indices, call.lane_row, call.values, lay, T, B, call.lengths,
                      call.reverse, pool);
-  f.x = call.x, f.y = call.y, f.hn_bias = call.hn_bias;
+  f.x = call.x, f.y = call.y, f.hn_bias = call.hn_bias, f.cells = call.cells;
   RecurrenceBuffers buffers(f, T);
   const int64_t H = f.H, BT = f.BT;
   const auto* h0 = static_cast<const Raw*>(call.h0);
@@ -1159,9 +1166,9 @@ ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer 
                             ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
                             ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> hn_bias,
                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> h_final,
-                            ffi::Result<ffi::AnyBuffer> c_final, int64_t gates, int64_t reverse,
-                            int64_t slots_per_lane, int64_t warps_per_cta, int64_t reg_slots,
-                            int64_t load_bytes, ffi::ThreadPool pool) {
+                            ffi::Result<ffi::AnyBuffer> c_final, ffi::Result<ffi::AnyBuffer> cells,
+                            int64_t gates, int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
+                            int64_t reg_slots, int64_t load_bytes, ffi::ThreadPool pool) {
   const char* who = "jax_sprnn_gated_forward";
   const bool lstm = gates == kLstm;
   GatedChecks check{who, lstm ? "for the LSTM (gates = 4)" : "for the GRU (gates = 3)"};
@@ -1180,16 +1187,19 @@ ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer 
                  check.shape("y", y->dimensions(), {T, B, H}, "[T, B, H]"),
                  check.shape("h_final", h_final->dimensions(), {B, H}, "[B, H]"),
                  lstm ? check.shape("c_final", c_final->dimensions(), {B, H}, "[B, H]")
-                      : check.empty("c_final", c_final->dimensions())})
+                      : check.empty("c_final", c_final->dimensions()),
+                 lstm ? check.shape_or_empty("cells", cells->dimensions(), {T, B, H}, "[T, B, H]")
+                      : check.empty("cells", cells->dimensions())})
     if (e.failure()) return e;
   const auto dt = x.element_type();
   const std::pair<const char*, ffi::DataType> typed[] = {
       {"h0", h0.element_type()}, {"c0", c0.element_type()}, {"values", values.element_type()},
-      {"y", y->element_type()}, {"h_final", h_final->element_type()}, {"c_final", c_final->element_type()}};
+      {"y", y->element_type()}, {"h_final", h_final->element_type()}, {"c_final", c_final->element_type()},
+      {"cells", cells->element_type()}};
   for (const auto& [name, type] : typed)
     if (type != dt)
       return check.fail(std::string(name) + " is " + dtype_name(type) + " but x is " + dtype_name(dt) +
-                        ": x, h0, c0, values, y, h_final and c_final must share one dtype");
+                        ": x, h0, c0, values, y, h_final, c_final and cells must share one dtype");
   Layout lay;
   if (auto e = check_packed(who, H, gates, indices, lane_row, values.element_count(), slots_per_lane, kTanh,
                             lengths, B, T, &lay);
@@ -1201,6 +1211,7 @@ ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer 
   call.indices = indices.typed_data(), call.lane_row = lane_row.typed_data();
   call.lengths = lengths.typed_data(), call.hn_bias = hn_bias.typed_data();
   call.y = y->untyped_data(), call.h_final = h_final->untyped_data(), call.c_final = c_final->untyped_data();
+  call.cells = cells->element_count() != 0 ? cells->untyped_data() : nullptr;
   call.T = T, call.B = B, call.reverse = reverse != 0;
   return with_storage_type(who, dt, [&](auto type) { forward<decltype(type)>(call, lay, &pool); });
 }

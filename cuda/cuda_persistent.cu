@@ -71,6 +71,7 @@ struct PersistentCall {
   const float* seq_u = nullptr;     // gated backward: u [T, B, G*H]
   const void* seq_state = nullptr;  // gated backward: c_before (LSTM) / h_before (GRU)
   float* du_out = nullptr;          // gated backward: du [T, B, G*H]
+  void* cells_out = nullptr;        // LSTM forward: c after each position [T, B, H], or none
 };
 
 struct LayoutAttrs {
@@ -356,6 +357,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.seq_u = c.seq_u;
   prm.seq_state = c.seq_state;
   prm.du_out = c.du_out;
+  prm.cells_out = c.cells_out;
   prm.error_flag = reinterpret_cast<uint32_t*>(ws);
   prm.exchange[0] = ws + kHeaderBytes;
   prm.exchange[1] = ws + kHeaderBytes + xl.stride_bytes;
@@ -419,7 +421,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                                                               : Storage<__nv_bfloat16>::kNaNBits);
   };
   e = finish(c.seq_out, n_seq, c.final_out, n_final);
-  if (e == cudaSuccess && c.c_final != nullptr) e = finish(c.c_final, n_final, nullptr, 0);
+  if (e == cudaSuccess && c.c_final != nullptr) e = finish(c.c_final, n_final, c.cells_out, c.cells_out ? n_seq : 0);
   if (e == cudaSuccess && c.du_out != nullptr)
     e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, rows, c.du_out, n_seq, nullptr, 0,
                                   Storage<float>::kNaNBits);
@@ -546,6 +548,7 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                             ffi::Buffer<ffi::S32> lane_row, ffi::Buffer<ffi::S32> lengths,
                             ffi::Buffer<ffi::F32> hn_bias, ffi::Result<ffi::AnyBuffer> y,
                             ffi::Result<ffi::AnyBuffer> h_final, ffi::Result<ffi::AnyBuffer> c_final,
+                            ffi::Result<ffi::AnyBuffer> cells,
                             ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
                             int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
                             int64_t reg_slots, int64_t load_bytes, Hooks... hooks) {
@@ -562,7 +565,8 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   if (auto err = check_float_operands(name, {{"h0", h0.element_type()}, {"c0", c0.element_type()},
                                              {"values", values.element_type()}, {"y", y->element_type()},
                                              {"h_final", h_final->element_type()},
-                                             {"c_final", c_final->element_type()}},
+                                             {"c_final", c_final->element_type()},
+                                             {"cells", cells->element_type()}},
                                       dt);
       err.failure())
     return err;
@@ -584,8 +588,8 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                  shape_string(c0.dimensions()) + " and " + shape_string(c_final->dimensions()));
     if (hn_bias.element_count() != 0) return bad("the LSTM takes no hn_bias (it must be empty)");
   } else {
-    if (c0.element_count() != 0 || c_final->element_count() != 0)
-      return bad("the GRU has no cell state: c0 and c_final must be empty");
+    if (c0.element_count() != 0 || c_final->element_count() != 0 || cells->element_count() != 0)
+      return bad("the GRU has no cell state: c0, c_final and cells must be empty");
     if (hn_bias.element_count() != static_cast<size_t>(H))
       return bad("hn_bias must be [H] = [" + std::to_string(H) + "], got " +
                  shape_string(hn_bias.dimensions()));
@@ -596,8 +600,12 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                       lengths, y->untyped_data(), h_final->untyped_data(),
                       workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
   if (lstm) {
+    if (cells->element_count() != 0 && !same_dims(cells->dimensions(), ffi::Span<const int64_t>(seq_dims, 3)))
+      return bad("the LSTM's cells must be [T, B, H] = " + shape_string(ffi::Span<const int64_t>(seq_dims, 3)) +
+                 " or empty, got " + shape_string(cells->dimensions()));
     call.c_init = c0.untyped_data();
     call.c_final = c_final->untyped_data();
+    call.cells_out = cells->element_count() != 0 ? cells->untyped_data() : nullptr;
   } else {
     call.hn_bias = hn_bias.typed_data();
   }

@@ -54,10 +54,11 @@ auto weight_grad_operands(Binding b) {
       .template Ret<ffi::Buffer<ffi::F32>>();  // dvalues
 }
 
-// x [T, B, G*H], h0 [B, H], c0, values, indices, lane_row, lengths, hn_bias -> y [T, B, H], h_final, c_final
-// The gated cells' forward recurrence (docs/format.md, "Gated kernels"). LSTM (G = 4): c0 and c_final
-// are [B, H] and hn_bias has no element; GRU (G = 3): c0 and c_final have no element and hn_bias is
-// float32 [H].
+// x [T, B, G*H], h0 [B, H], c0, values, indices, lane_row, lengths, hn_bias -> y [T, B, H], h_final,
+// c_final, cells. The gated cells' forward recurrence (docs/format.md, "Gated kernels"). LSTM (G = 4):
+// c0 and c_final are [B, H], hn_bias has no element, and cells is the cell state after each position
+// [T, B, H] (what the backward pass reads) or has no element (not written); GRU (G = 3): c0, c_final
+// and cells have no element and hn_bias is float32 [H].
 template <typename Binding>
 auto gated_forward_operands(Binding b) {
   return std::move(b)
@@ -71,7 +72,8 @@ auto gated_forward_operands(Binding b) {
       .template Arg<ffi::Buffer<ffi::F32>>()   // hn_bias
       .template Ret<ffi::AnyBuffer>()          // y
       .template Ret<ffi::AnyBuffer>()          // h_final
-      .template Ret<ffi::AnyBuffer>();         // c_final
+      .template Ret<ffi::AnyBuffer>()          // c_final
+      .template Ret<ffi::AnyBuffer>();         // cells
 }
 
 // The gated cells' layout attributes: the gate count (3: GRU, 4: LSTM) names the cell.

@@ -48,6 +48,13 @@ struct GatedChecks {
     if (n == 0) return ffi::Error::Success();
     return fail(std::string(name) + " must have no element " + cell + ", got " + shape_text(got.begin(), got.size()));
   }
+  // An optional buffer: `want`, or no element.
+  ffi::Error shape_or_empty(const char* name, Dims got, std::vector<int64_t> want, const char* what) const {
+    size_t n = 1;
+    for (int64_t d : got) n *= size_t(d);
+    if (n == 0) return ffi::Error::Success();
+    return shape(name, got, want, what);
+  }
 };
 
 inline GatedChecks checks_for(const char* who, int64_t gates) {

@@ -81,6 +81,7 @@ struct PersistentParams {
   const float* seq_u;      // gated backward: the recurrent products u [T, B, G*H]
   const void* seq_state;   // gated backward: c_before (LSTM) or h_before (GRU) [T, B, H]
   float* du_out;           // gated backward: du [T, B, G*H]
+  void* cells_out;         // LSTM forward: c after each position [T, B, H] (like y), or null
   uint32_t* error_flag;  // workspace header word 0
   unsigned char* exchange[2];
   int T, B, H, K;       // B: the whole batch (the stride of the [T, B, H] operands)

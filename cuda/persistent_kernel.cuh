@@ -749,6 +749,8 @@ __device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
   const int width = Cfg::kStateWidth * p.H;
   zero_steps(p, static_cast<typename Cfg::S::Bits*>(p.seq_out), width, s_begin);
   if constexpr (is_gated_backward(Cfg::kDirection)) zero_steps(p, p.du_out, width, s_begin);
+  if constexpr (Cfg::kDirection == Direction::kLstm)
+    if (p.cells_out != nullptr) zero_steps(p, static_cast<typename Cfg::S::Bits*>(p.cells_out), p.H, s_begin);
 }
 
 __device__ __forceinline__ int position(int s, int len, int reverse) {
@@ -773,23 +775,31 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 // The frame of every forward cell's epilogue, for batch entry b of the slice: while the example
 // runs, the cell's new state `step()` (bits of D) and y at the step's position; past its end the
 // state is held and y is 0; at the last phase h_final, and whatever `at_last(gb)` adds (the LSTM's
-// c_final). Returns the published value (0 for the padding entries of a partial plane).
+// c_final). `cell`: the LSTM's c (after step()), written like y into p.cells_out where the caller
+// asked for it (null otherwise). Returns the published value (0 for the padding entries of a
+// partial plane).
 template <class S, class Step, class AtLast>
 __device__ __forceinline__ float forward_epilogue(const PersistentParams& p, BatchSlice bs,
                                                   const int* len, int unit, int s, int n_phases,
-                                                  int b, float h_prev, Step step, AtLast at_last) {
+                                                  int b, float h_prev, Step step, AtLast at_last,
+                                                  const float* cell = nullptr) {
   using Bits = typename S::Bits;
   if (b >= bs.n) return 0.0f;
   Bits* y = static_cast<Bits*>(p.seq_out);
+  Bits* cells = cell != nullptr ? static_cast<Bits*>(p.cells_out) : nullptr;
   const int L = len[b];
   const int gb = bs.b0 + b;
   Bits hb;
   if (s < L) {
     hb = step();
-    y[seq_row(p, position(s, L, p.reverse), gb) * p.H + unit] = hb;
+    const size_t at = seq_row(p, position(s, L, p.reverse), gb) * p.H + unit;
+    y[at] = hb;
+    if (cells != nullptr) cells[at] = S::to_bits(*cell);
   } else {  // past this sequence's end: the state is frozen, y is 0
     hb = S::to_bits(h_prev);
-    y[seq_row(p, s, gb) * p.H + unit] = Bits(0);
+    const size_t at = seq_row(p, s, gb) * p.H + unit;
+    y[at] = Bits(0);
+    if (cells != nullptr) cells[at] = Bits(0);
   }
   if (s + 1 == n_phases) {
     static_cast<Bits*>(p.final_out)[static_cast<size_t>(gb) * p.H + unit] = hb;
@@ -991,7 +1001,8 @@ struct LstmCell : GatedInputs<Cfg> {
         },
         [&](int gb) {
           static_cast<Bits*>(p.c_final)[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(*cell);
-        });
+        },
+        p.cells_out != nullptr ? cell : nullptr);
   }
 };
 

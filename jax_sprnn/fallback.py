@@ -157,11 +157,17 @@ def gated_scan(x_tm, carry: tuple, matvec, lengths, hn_bias, *, gates: int, reve
 
 
 def lstm_forward(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta):
-    """XLA's dense path of the LSTM primitive: ``(y, h_final, c_final)``."""
+    """XLA's dense path of the LSTM primitives: ``(y, h_final, c_final, cells)``, ``cells`` the cell
+    state after each position (zero past a sequence's end, like y)."""
     kernel = dense_from_packed(values, indices, lane_row, meta)
-    y, (c, h) = gated_scan(x, (c0, h0), storage_matvec(kernel, x.dtype), lengths, None, gates=4,
-                           reverse=reverse)
-    return y, h, c
+    cell = lstm_cell(storage_matvec(kernel, x.dtype), x.dtype)
+
+    def with_cells(state, x_s):  # y and c side by side, so scan_cell places and masks both
+        (c, h), y = cell(state, x_s)
+        return (c, h), jnp.concatenate([y, c], axis=-1)
+    yc, (c, h) = scan_cell(x, (c0, h0), with_cells, lengths, reverse=reverse)
+    y, cells = jnp.split(yc, 2, axis=-1)
+    return y, h, c, cells
 
 
 def gru_forward(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta):

@@ -26,7 +26,7 @@ from ._checks import as_array, check_method, check_sequence_args, check_weights,
 from .api import _float0_like, _poison_bad_lengths
 from .gated_backward import gated_backward
 from .planner import LayoutMeta
-from .primitives import sprnn_gru_p, sprnn_lstm_p
+from .primitives import sprnn_gru_p, sprnn_lstm_p, sprnn_lstm_with_cells_p
 from .reference import dense_matvec
 from .weights import SparseWeights
 
@@ -53,35 +53,42 @@ class _Config:
     meta: LayoutMeta
 
 
-def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config):
-    """The forward primitive: ``(y, final carry)``, carry ``(c, h)`` (LSTM) or ``(h,)`` (GRU)."""
+def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config, *,
+          with_cells: bool = False):
+    """The forward primitive: ``(y, final carry, cells)``, carry ``(c, h)`` (LSTM) or ``(h,)``
+    (GRU); ``cells``: the LSTM's cell state after each position where ``with_cells`` asks for it
+    (what its backward pass reads), else None."""
     params = dict(reverse=cfg.reverse, meta=cfg.meta, method=cfg.method)
     if cfg.gates == 4:
         c0, h0 = carry
-        y, h, c = sprnn_lstm_p.bind(x, h0, c0, values, w.indices, w.lane_row, lengths, **params)
-        return y, (c, h)
+        operands = (x, h0, c0, values, w.indices, w.lane_row, lengths)
+        if with_cells:
+            y, h, c, cells = sprnn_lstm_with_cells_p.bind(*operands, **params)
+            return y, (c, h), cells
+        y, h, c = sprnn_lstm_p.bind(*operands, **params)
+        return y, (c, h), None
     (h0,) = carry
     y, h = sprnn_gru_p.bind(x, h0, values, w.indices, w.lane_row, lengths, hn_bias, **params)
-    return y, (h,)
+    return y, (h,), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gated(x, carry, w, hn_bias, lengths, cfg):
-    return _bind(x, carry, w.values, w, hn_bias, lengths, cfg)
+    return _bind(x, carry, w.values, w, hn_bias, lengths, cfg)[:2]
 
 
 def _gated_fwd(x, carry, w, hn_bias, lengths, cfg):
-    y, final = _bind(x, carry, w.values, w, hn_bias, lengths, cfg)
-    return (y, final), (x, carry, w, hn_bias, lengths, y)
+    y, final, cells = _bind(x, carry, w.values, w, hn_bias, lengths, cfg, with_cells=True)
+    return (y, final), (x, carry, w, hn_bias, lengths, y, cells)
 
 
 def _gated_bwd(cfg, residuals, cotangents):
     """The backward recurrence from the forward's outputs (:mod:`jax_sprnn.gated_backward`)."""
-    x, carry, w, hn_bias, lengths, y = residuals
+    x, carry, w, hn_bias, lengths, y, cells = residuals
     kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, cfg.meta)
     dx, dcarry, dkernel, dbias = gated_backward(x, carry, kernel, hn_bias, lengths, y, cotangents,
                                                 gates=cfg.gates, reverse=cfg.reverse, weights=w,
-                                                method=cfg.method)
+                                                method=cfg.method, cells=cells)
     cols, rows, real = fallback.slot_coordinates(w.indices, w.lane_row, cfg.meta)
     dvalues = jnp.where(real, dkernel[cols, rows], 0.0).astype(w.values.dtype)
     dw = w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})

@@ -5,7 +5,7 @@ the backward recurrence. The forward outputs already hold every state the backwa
 
 * the state each step started from is ``h0`` or the previous step's output;
 * so the recurrent products ``u_s = h_{s-1} @ kernel`` of every step are one matmul, in parallel;
-* the LSTM's cell states follow from them by an elementwise scan (no matmul in its loop).
+* the LSTM's cell states are an output of its forward pass (``sprnn_lstm_with_cells``).
 
 What remains sequential is the backward recurrence itself: per step, the cell's local derivative
 and one product with the transposed kernel. It is a primitive (``sprnn_lstm_backward`` /
@@ -21,7 +21,6 @@ storage dtype between steps, sums are float32.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import jax
 from jax import lax
 
 from . import fallback
@@ -29,23 +28,8 @@ from .primitives import sprnn_gru_backward_p, sprnn_lstm_backward_p
 from .reference import in_step_order
 
 
-def _lstm_cells_before(x_steps, u_steps, c0, active, dtype):
-    """``[T, B, H]``: the LSTM's cell state each step started from (c0 first), held past a
-    sequence's end, rounded to ``dtype`` as in the forward pass."""
-    z = x_steps.astype(jnp.float32) + u_steps
-    i, f, g, _ = jnp.split(z, 4, axis=-1)
-    forget, write = jax.nn.sigmoid(f), jax.nn.sigmoid(i) * jnp.tanh(g)
-
-    def step(c, xs):
-        forget_s, write_s, active_s = xs
-        new = (forget_s * c.astype(jnp.float32) + write_s).astype(dtype)
-        return jnp.where(active_s[:, None], new, c), c
-    _, before = lax.scan(step, c0.astype(dtype), (forget, write, active))
-    return before
-
-
 def gated_backward(x_tm, carry0: tuple, kernel, hn_bias, lengths, y_tm, cotangents, *, gates: int,
-                   reverse: bool, weights, method: str = "auto"):
+                   reverse: bool, weights, method: str = "auto", cells=None):
     """``(dx, dcarry0, dkernel, dhn_bias)`` of the gated layer whose forward pass gave ``y_tm``.
 
     ``x_tm``: ``[T, B, G*H]``; ``carry0``: ``(c0, h0)`` (LSTM) or ``(h0,)`` (GRU); ``kernel``: the
@@ -53,7 +37,8 @@ def gated_backward(x_tm, carry0: tuple, kernel, hn_bias, lengths, y_tm, cotangen
     ``[B]`` int32 in ``[0, T]``; ``cotangents``: ``(dy, dcarry_final)`` like the forward's results.
     ``dkernel`` is dense float32 (the caller keeps the pattern's entries). ``weights``: the layer's
     :class:`SparseWeights`, whose transposed layout the native recurrences read; ``method``: the
-    forward's (``"native"`` makes a GPU that cannot run the backward kernel an error).
+    forward's (``"native"`` makes a GPU that cannot run the backward kernel an error); ``cells``:
+    the LSTM's cell state after each position ``[T, B, H]``, as its forward pass gave it.
     """
     dtype = x_tm.dtype
     T = x_tm.shape[0]
@@ -62,8 +47,9 @@ def gated_backward(x_tm, carry0: tuple, kernel, hn_bias, lengths, y_tm, cotangen
     active = jnp.arange(T)[:, None] < lengths[None, :]               # [T, B]
     order = lambda a: in_step_order(a, lengths, reverse)             # noqa: E731  (its own inverse)
     x_steps, y_steps, dy_steps = order(x_tm), order(y_tm), order(dy)
+    before = lambda first, steps: jnp.concatenate([first[None].astype(dtype), steps[:-1]], axis=0)  # noqa: E731
 
-    h_before = jnp.concatenate([h0[None].astype(dtype), y_steps[:-1]], axis=0)
+    h_before = before(h0, y_steps)
     matvec = fallback.storage_matvec(kernel, dtype)
     u_steps = matvec(h_before.astype(jnp.float32))                   # [T, B, G*H], one matmul
     dfinal = tuple(d.astype(dtype) for d in dfinal)
@@ -71,7 +57,9 @@ def gated_backward(x_tm, carry0: tuple, kernel, hn_bias, lengths, y_tm, cotangen
     params = dict(meta=weights.meta_t, method=method)
     lengths = lengths.astype(jnp.int32)
     if gates == 4:
-        c_before = _lstm_cells_before(x_steps, u_steps, carry0[0], active, dtype)
+        if cells is None:
+            raise ValueError("gated_backward: the LSTM needs its forward pass's cells [T, B, H]")
+        c_before = before(carry0[0], order(cells))
         dc_final, dh_final = dfinal
         dx_steps, du_steps, dh0, dc0 = sprnn_lstm_backward_p.bind(
             x_steps, u_steps, h_before, c_before, dy_steps, dh_final, dc_final, *layout, lengths,

@@ -232,10 +232,14 @@ _register_lowering(sprnn_backward_p,
 # ---------------------------------------------------------------------------------------------
 #
 # ``sprnn_lstm``: ``(x [T, B, 4H], h0, c0, values, indices, lane_row, lengths) -> (y, h_final, c_final)``;
+# ``sprnn_lstm_with_cells``: the same ``-> (y, h_final, c_final, cells)``, ``cells [T, B, H]`` the
+# cell state after each position (zero past a sequence's end, like y): what the backward pass
+# reads, so the forward of a differentiated LSTM binds it;
 # ``sprnn_gru``:  ``(x [T, B, 3H], h0, values, indices, lane_row, lengths, hn_bias) -> (y, h_final)``.
-# Both lower to the target ``gated_forward``, whose signature carries both cells' operands: the
-# lowering passes an empty array for the one the cell lacks (the GRU's c0 and c_final, the LSTM's
-# hn_bias). Differentiation is in :mod:`jax_sprnn.gated`.
+# All lower to the target ``gated_forward``, whose signature carries both cells' operands: the
+# lowering passes an empty array for those the call lacks (the GRU's c0, c_final and cells, the
+# LSTM's hn_bias, and cells where they are not asked for). Differentiation is in
+# :mod:`jax_sprnn.gated`.
 
 def _gated_shapes(name: str, gates: int, x, h0, meta: LayoutMeta, n_states: int):
     H = meta.hidden
@@ -251,12 +255,23 @@ def _lstm_abstract(x, h0, c0, values, indices, lane_row, lengths, *, reverse, me
     return _gated_shapes("sprnn_lstm", 4, x, h0, meta, 2)
 
 
+def _lstm_with_cells_abstract(x, h0, c0, values, indices, lane_row, lengths, **params):
+    y, h, c = _lstm_abstract(x, h0, c0, values, indices, lane_row, lengths, **params)
+    return y, h, c, y
+
+
 def _gru_abstract(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta, method,
                   spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
     return _gated_shapes("sprnn_gru", 3, x, h0, meta, 1)
 
 
 def _lstm_fallback(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta, **hooks):
+    return fallback.lstm_forward(x, h0, c0, values, indices, lane_row, lengths, reverse=reverse,
+                                 meta=meta)[:3]
+
+
+def _lstm_with_cells_fallback(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta,
+                              **hooks):
     return fallback.lstm_forward(x, h0, c0, values, indices, lane_row, lengths, reverse=reverse,
                                  meta=meta)
 
@@ -269,9 +284,15 @@ def _gru_fallback(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse
 # (g: the gate columns of x, whole on every device)
 sprnn_lstm_p = _make_primitive("sprnn_lstm", _lstm_abstract, _lstm_fallback,
                                SplitRule("t b g, b h, b h, s, s, l, b -> t b h, b h, b h"))
+sprnn_lstm_with_cells_p = _make_primitive(
+    "sprnn_lstm_with_cells", _lstm_with_cells_abstract, _lstm_with_cells_fallback,
+    SplitRule("t b g, b h, b h, s, s, l, b -> t b h, b h, b h, t b h"))
 sprnn_gru_p = _make_primitive("sprnn_gru", _gru_abstract, _gru_fallback,
                               SplitRule("t b g, b h, s, s, l, b, h -> t b h, b h"))
-_GATES = {sprnn_lstm_p: 4, sprnn_gru_p: 3}
+_GATES = {sprnn_lstm_p: 4, sprnn_lstm_with_cells_p: 4, sprnn_gru_p: 3}
+#: results of the gated forward target a primitive lacks, given as empties: the GRU's c_final and
+#: cells, the plain LSTM's cells
+_EMPTY_FORWARD_RESULTS = {sprnn_lstm_p: 1, sprnn_lstm_with_cells_p: 0, sprnn_gru_p: 2}
 
 
 def _gated_attrs(gates: int, reverse: bool, meta: LayoutMeta) -> dict:
@@ -282,10 +303,10 @@ def _gated_attrs(gates: int, reverse: bool, meta: LayoutMeta) -> dict:
 
 
 def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: dict,
-                       empty_result: bool, extra_out=(), drop_last: int = 0):
+                       empty_results: int, extra_out=(), drop_last: int = 0):
     """Lower a gated target, whose signature carries both cells' operands, for one cell: with an
     empty array of dtype ``empty_operands[i]`` at each operand position ``i`` the cell lacks (in
-    increasing order), an empty result of x's dtype after the cell's own when ``empty_result`` (the
+    increasing order), ``empty_results`` empty results of x's dtype after the cell's own (e.g. the
     GRU's c), and ``extra_out`` after those (e.g. a workspace); the last ``drop_last`` operands of
     the primitive are not the target's. Returns the cell's own results."""
     args = list(args[:len(args) - drop_last])
@@ -293,21 +314,21 @@ def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: d
     for at, dtype in sorted(empty_operands.items()):
         args.insert(at, mlir.ir_constant(np.zeros((0,), dtype)))
         avals_in.insert(at, jax.core.ShapedArray((0,), dtype))
-    empty = [jax.core.ShapedArray((0,), ctx.avals_in[0].dtype)] if empty_result else []
+    empty = [jax.core.ShapedArray((0,), ctx.avals_in[0].dtype)] * empty_results
     avals_out = [*ctx.avals_out, *empty, *extra_out]
     outs = jax.ffi.ffi_lowering(target)(ctx.replace(avals_in=avals_in, avals_out=avals_out), *args,
                                         **attrs)
     return outs[:len(ctx.avals_out)]
 
 
-def _gated_target_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=()):
+def _gated_target_call(ctx, prim, target: str, args, attrs: dict, extra_out=()):
     """The gated forward target: the LSTM's operands (x, h0, c0, values, indices, lane_row,
-    lengths) with an empty hn_bias; the GRU's (x, h0, values, ..., hn_bias) with an empty c0 and
-    c_final."""
+    lengths) with an empty hn_bias; the GRU's (x, h0, values, ..., hn_bias) with an empty c0; the
+    results the primitive lacks as empties (the GRU's c_final and cells, the plain LSTM's cells)."""
     dtype = ctx.avals_in[0].dtype
-    empties = {7: np.float32} if gates == 4 else {2: dtype}
+    empties = {7: np.float32} if _GATES[prim] == 4 else {2: dtype}
     return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
-                              empty_result=gates == 3, extra_out=extra_out)
+                              empty_results=_EMPTY_FORWARD_RESULTS[prim], extra_out=extra_out)
 
 
 def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
@@ -318,8 +339,7 @@ def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
     if decision.path == "fallback":
         _warn_once(decision.warning)
         return _lower_fallback(fallback_impl)(ctx, *args, reverse=reverse, meta=meta, method=method)
-    return _gated_target_call(ctx, GATED_FORWARD, _GATES[prim], args,
-                              _gated_attrs(_GATES[prim], reverse, meta))
+    return _gated_target_call(ctx, prim, GATED_FORWARD, args, _gated_attrs(_GATES[prim], reverse, meta))
 
 
 def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, spin_timeout_us=0,
@@ -339,10 +359,11 @@ def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, spin_tim
         target = _HOOKED_TARGETS[target]
         attrs.update({name: np.int64(value) for name, value in hooks.items()})
     workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, meta.hidden),), np.uint8)
-    return _gated_target_call(ctx, target, gates, args, attrs, extra_out=(workspace,))
+    return _gated_target_call(ctx, prim, target, args, attrs, extra_out=(workspace,))
 
 
-for _prim, _impl in ((sprnn_lstm_p, _lstm_fallback), (sprnn_gru_p, _gru_fallback)):
+for _prim, _impl in ((sprnn_lstm_p, _lstm_fallback), (sprnn_lstm_with_cells_p, _lstm_with_cells_fallback),
+                     (sprnn_gru_p, _gru_fallback)):
     _register_lowering(_prim, functools.partial(_gated_cpu, _prim, _impl), "cpu")
     _register_lowering(_prim, functools.partial(_gated_cuda, _prim, _impl), "cuda")
 
@@ -412,7 +433,7 @@ def _gated_backward_call(ctx, target: str, gates: int, args, attrs: dict, extra_
     dtype = ctx.avals_in[0].dtype
     empties = {7: np.float32} if gates == 4 else {3: dtype, 6: dtype}
     return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
-                              empty_result=gates == 3, extra_out=extra_out, drop_last=1)
+                              empty_results=1 if gates == 3 else 0, extra_out=extra_out, drop_last=1)
 
 
 def _gated_backward_attrs(gates: int, meta: LayoutMeta, platform: str) -> dict:
@@ -599,6 +620,7 @@ def _gated_batch(prim, batch_axes, result_axes, args, dims, **params):
 
 for _prim, _axes, _results in (
         (sprnn_lstm_p, (1, 0, 0, None, None, None, 0), (1, 0, 0)),
+        (sprnn_lstm_with_cells_p, (1, 0, 0, None, None, None, 0), (1, 0, 0, 1)),
         (sprnn_gru_p, (1, 0, None, None, None, 0, None), (1, 0)),
         (sprnn_lstm_backward_p, (1, 1, 1, 1, 1, 0, 0, None, None, None, 0, None), (1, 1, 0, 0)),
         (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0))):

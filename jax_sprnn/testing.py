@@ -96,12 +96,14 @@ def run_gated(gates: int, x, c0, h0, weights, hn_bias, **kw):
 
 
 def gated_backward_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
-                           dtype: str = "float32", *, device=None, load_bytes: int | None = None):
+                           dtype: str = "float32", *, device=None, load_bytes: int | None = None,
+                           cotangent_scale: float = 0.3):
     """The operands of a gated layer's backward recurrence (``sprnn_lstm_backward`` /
     ``sprnn_gru_backward``), in step order, from a real forward pass (XLA's scan) on ragged lengths
-    (example 0 runs every step, example 1 none when ``batch > 1``), with random cotangents:
+    (example 0 runs every step, example 1 none when ``batch > 1``), with random cotangents of
+    standard deviation ``cotangent_scale``:
     ``(weights, kernel, operands, lengths)``; ``operands`` leave out the layout and the kernel."""
-    from . import fallback, gated_backward
+    from . import fallback
     w, x, c0, h0, hn_bias = make_gated_problem(seed, gates, hidden, batch, steps, density, dtype,
                                                device=device, load_bytes=load_bytes)
     rng = np.random.default_rng(seed + 1)
@@ -113,16 +115,17 @@ def gated_backward_problem(seed: int, gates: int, hidden: int, batch: int, steps
     lengths = jnp.asarray(lengths)
     kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, w.meta)
     matvec = fallback.storage_matvec(kernel, x.dtype)
-    carry = (c0, h0) if gates == 4 else (h0,)
-    y, _ = fallback.gated_scan(x_steps, carry, matvec, lengths, hn_bias if gates == 3 else None,
-                               gates=gates, reverse=False)
+    if gates == 4:
+        y, _, _, cells = fallback.lstm_forward(x_steps, h0, c0, w.values, w.indices, w.lane_row,
+                                               lengths, reverse=False, meta=w.meta)
+    else:
+        y, _ = fallback.gated_scan(x_steps, (h0,), matvec, lengths, hn_bias, gates=3, reverse=False)
     h_before = jnp.concatenate([h0[None], y[:-1]], axis=0)
     u = matvec(h_before.astype(jnp.float32))
-    cotangent = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.3, x.dtype)  # noqa: E731
+    cotangent = lambda *shape: jnp.asarray(rng.standard_normal(shape) * cotangent_scale, x.dtype)  # noqa: E731
     dy, dh_final = cotangent(steps, batch, hidden), cotangent(batch, hidden)
     if gates == 4:
-        active = jnp.arange(steps)[:, None] < lengths[None, :]
-        c_before = gated_backward._lstm_cells_before(x_steps, u, c0, active, x.dtype)
+        c_before = jnp.concatenate([c0[None], cells[:-1]], axis=0)
         operands = (x_steps, u, h_before, c_before, dy, dh_final, cotangent(batch, hidden))
     else:
         operands = (x_steps, u, h_before, dy, dh_final, hn_bias)

@@ -48,7 +48,7 @@ def xla_path(gates, w, x, c0, h0, hn_bias, lengths, *, reverse=False):
     """XLA's dense path of the same math (16-bit products exact, float32 sums)."""
     x_tm = jnp.swapaxes(x, 0, 1)
     if gates == 4:
-        y, h, c = jax.jit(functools.partial(fallback.lstm_forward, reverse=reverse, meta=w.meta))(
+        y, h, c, _ = jax.jit(functools.partial(fallback.lstm_forward, reverse=reverse, meta=w.meta))(
             x_tm, h0, c0, w.values, w.indices, w.lane_row, lengths)
         return y, [c, h]
     y, h = jax.jit(functools.partial(fallback.gru_forward, reverse=reverse, meta=w.meta))(
@@ -253,3 +253,33 @@ def test_register_spills_stay_small(gates, dtype):
         for tile in (1, 2, 4):
             attrs = cuda.kernel_attributes(dtype, tile, reg_slots, gates=gates)
             assert attrs["local_bytes"] <= 24, (reg_slots, tile, attrs)
+
+
+@pytest.mark.parametrize("exchange_mode", ["grid", "cluster"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_lstm_kernel_saves_its_cells(exchange_mode, dtype):
+    """The LSTM kernel writes its cell state after each position where asked
+    (``sprnn_lstm_with_cells``): the XLA path's cells, zero past each end, c_final at the last
+    position, and the plain call's other results bit for bit."""
+    from jax_sprnn.primitives import sprnn_lstm_with_cells_p
+    w, x, c0, h0, _ = problem(4, 200, 6, 9, 0.1, dtype, seed=23)
+    if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
+                                           and _native.current_device_spec().cluster_launch):
+        pytest.skip("this layout or device has no cluster mode")
+    lengths = lengths_of(6, 9, 23)
+    x_tm = jnp.swapaxes(x, 0, 1)
+    for reverse in (False, True):
+        params = dict(reverse=reverse, meta=w.meta, method="native", exchange_mode=exchange_mode)
+        y, h, c, cells = sprnn_lstm_with_cells_p.bind(x_tm, h0, c0, w.values, w.indices, w.lane_row,
+                                                      lengths, **params)
+        plain = bind(4, w, x, c0, h0, None, lengths, reverse=reverse, exchange_mode=exchange_mode)
+        for a, b in zip((y, c, h), (plain[0], *plain[1])):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        want = jax.jit(functools.partial(fallback.lstm_forward, reverse=reverse, meta=w.meta))(
+            x_tm, h0, c0, w.values, w.indices, w.lane_row, lengths)[3]
+        assert rel_err(cells, want) < TOLERANCE[dtype]
+        cells = np.asarray(cells, np.float32)
+        for b, L in enumerate(np.asarray(lengths)):
+            assert not cells[L:, b].any()
+            if L:
+                np.testing.assert_array_equal(cells[0 if reverse else L - 1, b], np.asarray(c, np.float32)[b])

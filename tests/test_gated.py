@@ -668,3 +668,32 @@ def test_the_backward_primitive_vmaps_into_the_batch(gates):
         one = run(ops, lengths.reshape(2, 3)[i])
         for m, o in zip(mapped, one):
             np.testing.assert_allclose(np.asarray(m[i]), np.asarray(o), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_lstm_forward_saves_its_cells(dtype, reverse):
+    """``sprnn_lstm_with_cells`` (what a differentiated LSTM binds) gives the plain primitive's
+    results and the cell state after each position: zero past a sequence's end, the final c at
+    its last position, and the XLA scan's cells within the dtype's tolerance."""
+    from jax_sprnn.primitives import sprnn_lstm_p, sprnn_lstm_with_cells_p
+    from jax_sprnn.testing import make_gated_problem
+    T, B, H = 8, 4, 33
+    w, x, c0, h0, _ = make_gated_problem(21, 4, H, B, T, 0.3, dtype)
+    x_tm = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.asarray([8, 0, 5, 3], jnp.int32)
+    operands = (x_tm, h0, c0, w.values, w.indices, w.lane_row, lengths)
+    params = dict(reverse=reverse, meta=w.meta, method="auto")
+    y, h, c, cells = jax.jit(lambda: sprnn_lstm_with_cells_p.bind(*operands, **params))()
+    for a, b in zip((y, h, c), jax.jit(lambda: sprnn_lstm_p.bind(*operands, **params))()):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    want = fallback.lstm_forward(*operands, reverse=reverse, meta=w.meta)
+    assert cells.shape == y.shape and cells.dtype == y.dtype
+    assert rel_err(cells, want[3]) < TOLERANCE[dtype]
+    cells = np.asarray(cells, np.float32)
+    for b, L in enumerate(np.asarray(lengths)):
+        assert not cells[L:, b].any()
+        if L:
+            last = 0 if reverse else L - 1
+            # (XLA may fuse the cell's arithmetic into each output apart: an ulp in float32)
+            np.testing.assert_allclose(cells[last, b], np.asarray(c, np.float32)[b], rtol=1e-6, atol=1e-7)
