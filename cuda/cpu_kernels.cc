@@ -33,7 +33,7 @@
 #include "cpu_parallel.h"
 #include "cpu_rows.h"
 #include "ffi_bindings.h"
-#include "gated_backward_checks.h"
+#include "ffi_checks.h"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -1143,24 +1143,10 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer value
 
 using Dims = ffi::AnyBuffer::Dimensions;
 
-std::string shape_text(const int64_t* dims, size_t rank) {
-  std::string text = "[";
-  for (size_t d = 0; d < rank; ++d) text += (d ? ", " : "") + std::to_string(dims[d]);
-  return text + "]";
-}
-
-const char* dtype_name(ffi::DataType dt) {
-  switch (dt) {
-    case ffi::F32: return "float32";
-    case ffi::BF16: return "bfloat16";
-    case ffi::F16: return "float16";
-    case ffi::F64: return "float64";
-    default: return "another dtype";
-  }
-}
-
-using gated_backward_checks::checks_for;
-using gated_backward_checks::GatedChecks;
+using ffi_checks::dtype_name;
+using ffi_checks::shape_text;
+using ffi_checks::checks_for;
+using ffi_checks::GatedChecks;
 
 ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer values,
                             ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lane_row,
@@ -1171,7 +1157,7 @@ ffi::Error GatedForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer 
                             int64_t reg_slots, int64_t load_bytes, ffi::ThreadPool pool) {
   const char* who = "jax_sprnn_gated_forward";
   const bool lstm = gates == kLstm;
-  GatedChecks check{who, lstm ? "for the LSTM (gates = 4)" : "for the GRU (gates = 3)"};
+  const GatedChecks check = checks_for(who, gates);
   if (gates != kGru && gates != kLstm)
     return check.fail("gates must be 3 (GRU) or 4 (LSTM), got " + std::to_string(gates));
   const Dims dims = x.dimensions();
@@ -1227,8 +1213,8 @@ ffi::Error GatedBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> u, ffi::Any
                              ffi::Result<ffi::AnyBuffer> dc0, int64_t gates, int64_t slots_per_lane,
                              ffi::ThreadPool pool) {
   const char* who = "jax_sprnn_gated_backward";
-  gated_backward_checks::Sizes sizes;
-  if (auto e = gated_backward_checks::check_operands(who, gates, x, u, h_before, c_before, dy, dh_final,
+  ffi_checks::Sizes sizes;
+  if (auto e = ffi_checks::check_operands(who, gates, x, u, h_before, c_before, dy, dh_final,
                                                      dc_final, hn_bias, values_t, lengths, *dx, *du,
                                                      *dh0, *dc0, &sizes);
       e.failure())

@@ -24,7 +24,7 @@
 #include "cuda_kernels.h"
 #include "deferred_errors.h"
 #include "ffi_bindings.h"
-#include "gated_backward_checks.h"
+#include "ffi_checks.h"
 #include "persistent_kernel.cuh"
 #include "sprnn_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -630,8 +630,8 @@ ffi::Error GatedBackwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
                              int64_t load_bytes, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_gated_backward");
-  gated_backward_checks::Sizes n;
-  if (auto err = gated_backward_checks::check_operands(name.c_str(), gates, x, u, h_before, c_before, dy,
+  ffi_checks::Sizes n;
+  if (auto err = ffi_checks::check_operands(name.c_str(), gates, x, u, h_before, c_before, dy,
                                                        dh_final, dc_final, hn_bias, values_t, lengths,
                                                        *dx, *du, *dh0, *dc0, &n);
       err.failure())

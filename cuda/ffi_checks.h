@@ -1,5 +1,6 @@
-// The operand checks of the gated cells' backward recurrence (target jax_sprnn_gated_backward),
-// shared by its C++ (CPU) and CUDA handlers, so both say the same about a bad call. Host code only.
+// Operand checks that the C++ (CPU) and CUDA handlers share, so both say the same about a bad call:
+// the gated targets' messages, and the gated backward recurrence's operands (jax_sprnn_gated_backward).
+// Host code only.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +10,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-namespace jax_sprnn::gated_backward_checks {
+namespace jax_sprnn::ffi_checks {
 
 namespace ffi = xla::ffi;
 using Dims = ffi::AnyBuffer::Dimensions;
@@ -20,7 +21,7 @@ inline std::string shape_text(const int64_t* dims, size_t rank) {
   return text + "]";
 }
 
-inline const char* type_name(ffi::DataType dt) {
+inline const char* dtype_name(ffi::DataType dt) {
   switch (dt) {
     case ffi::F32: return "float32";
     case ffi::BF16: return "bfloat16";
@@ -110,10 +111,10 @@ inline ffi::Error check_operands(const char* who, int64_t gates, const ffi::AnyB
       {"dx", dx.element_type()}, {"dh0", dh0.element_type()}, {"dc0", dc0.element_type()}};
   for (const auto& [name, type] : typed)
     if (type != dt)
-      return check.fail(std::string(name) + " is " + type_name(type) + " but x is " + type_name(dt) +
+      return check.fail(std::string(name) + " is " + dtype_name(type) + " but x is " + dtype_name(dt) +
                         ": x, the states, the cotangents and values_t must share one dtype");
   *sizes = Sizes{T, B, H};
   return ffi::Error::Success();
 }
 
-}  // namespace jax_sprnn::gated_backward_checks
+}  // namespace jax_sprnn::ffi_checks
