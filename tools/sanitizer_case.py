@@ -8,9 +8,9 @@ Cases:
          T=4 planned for 4 SMs (4 CTAs of 4 warps, a register tier): the second is the one where
          racecheck sees several warps of one CTA share the state in shared memory.
   wide   the earlier memcheck trio, T=20: H=300 B=3 float16, H=97 B=1 float32, H=200 B=5 bfloat16.
-  gated  the LSTM's and the GRU's forward kernels (the only native gated kernels; their backward
-         pass is XLA's): H=48 B=3 T=4 on this GPU's layout, H=96 B=5 T=6 planned for 4 SMs
-         (cluster mode where the GPU has clusters).
+  gated  the LSTM's and the GRU's forward kernels, then jax.grad through them (the LSTM's forward
+         with its cell states, and both backward kernels): H=48 B=3 T=4 on this GPU's layout,
+         H=96 B=5 T=6 planned for 4 SMs (cluster mode where the GPU has clusters).
 Each case runs with traced lengths (an empty example when B > 2) and reverse when B is odd, checks
 against the reference, and then polls the deferred kernel error. Exit status 1 on a wrong result.
 """
@@ -80,7 +80,8 @@ def run_case(rng, hidden, batch, steps, dtype, sms):
 
 
 def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
-    """The forward kernel of the LSTM (gates=4) or the GRU (3) against the reference on the CPU."""
+    """The forward kernel of the LSTM (gates=4) or the GRU (3), and the gradients through the
+    forward and backward kernels, against the reference on the CPU."""
     device = js._native.current_device_spec()
     if sms:
         device = dataclasses.replace(device, sm_count=sms)
@@ -102,10 +103,21 @@ def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
         want = run(*args, "reference")
     finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in got)
     err = max(rel_err(a, b) for a, b in zip(got, want)) if finite else float("nan")
-    ok = finite and err < TOLERANCE[dtype]
+
+    def loss(x, c0, h0, w, b_hn, n, method):
+        return sum(jnp.sum(a.astype(jnp.float32) ** 2) for a in run(x, c0, h0, w, b_hn, n, method))
+    grad = js.grad(loss, argnums=(0, 1, 2, 3, 4))
+    g_got = jax.jit(lambda *a: grad(*a, "native"))(x, c0, h0, w, b_hn, jnp.asarray(lengths))
+    with jax.default_device(cpu):
+        g_want = grad(*args, "reference")
+    g_err = max(rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_got),
+                                               jax.tree_util.tree_leaves(g_want))
+                if a.dtype != jax.dtypes.float0)
+    ok = finite and err < TOLERANCE[dtype] and g_err < GRAD_TOLERANCE[dtype]
     print(f"{'LSTM' if gates == 4 else 'GRU'} H={hidden} B={batch} T={steps} {dtype} "
-          f"ctas={w.meta.num_ctas} exchange={w.meta.exchange}: forward rel_err {err:.3g}"
-          f"{'' if finite else ', NON-FINITE'} -> {'ok' if ok else 'WRONG'}", flush=True)
+          f"ctas={w.meta.num_ctas}/{w.meta_t.num_ctas} exchange={w.meta.exchange}/{w.meta_t.exchange}: "
+          f"forward rel_err {err:.3g}{'' if finite else ', NON-FINITE'}, grad rel_err {g_err:.3g} "
+          f"-> {'ok' if ok else 'WRONG'}", flush=True)
     return ok
 
 

@@ -75,7 +75,7 @@ GPU_POOL = (
     Config(4096, 2, 8, 0.1, "float16", lengths=True),
     Config(200, 32, 12, 0.25, "float16", activation="relu", reverse=True, lengths=True, grad=True),
     Config(1536, 1, 100, 0.08, "float32"),
-    # The gated cells' forward kernels (their backward pass is XLA's, from the outputs).
+    # The gated cells' forward kernels, and (grad) their backward kernels.
     Config(1024, 4, 32, 0.1, "float16", cell="lstm", lengths=True, grad=True),
     Config(333, 5, 20, 0.2, "bfloat16", cell="gru", reverse=True, lengths=True, grad=True),
     Config(2048, 1, 24, 0.1, "float32", cell="lstm", reverse=True),
