@@ -59,18 +59,19 @@ def attrs(weights, gates=None, reverse=False):
 
 
 def call(x, h0, c0, weights, lengths, hn_bias, *, reverse=False, gates=None, values=None,
-         indices=None, lane_row=None, out_shapes=None):
-    """``(y, h_final, c_final)`` of the target (each operand overridable, to make bad calls)."""
+         indices=None, lane_row=None, out_shapes=None, cells_shape=(0,)):
+    """``(y, h_final, c_final)`` of the target (each operand overridable, to make bad calls; the
+    LSTM's cells are not asked for unless ``cells_shape`` is given)."""
     T, B = x.shape[:2]
     H = h0.shape[-1]
-    shapes = out_shapes or ((T, B, H), h0.shape, c0.shape)
+    shapes = (out_shapes or ((T, B, H), h0.shape, c0.shape)) + (cells_shape,)
     results = tuple(jax.ShapeDtypeStruct(s, x.dtype) for s in shapes)
     out = jax.ffi.ffi_call(TARGET, results)(
         x, h0, c0, weights.values if values is None else values,
         weights.indices if indices is None else indices,
         weights.lane_row if lane_row is None else lane_row,
         jnp.asarray(lengths, jnp.int32), hn_bias, **attrs(weights, gates, reverse))
-    return jax.block_until_ready(out)
+    return jax.block_until_ready(out[:3])
 
 
 # ---- the float64 NumPy truth ---------------------------------------------------------------------
@@ -249,6 +250,8 @@ def test_lstm_operand_shapes():
         call(x, jnp.zeros((2, 22), x.dtype), c0, w, lengths, hn_bias, out_shapes=outs)
     with raises("c_final must be [B, H] = [2, 21]", "got [0]"):
         call(x, h0, c0, w, lengths, hn_bias, out_shapes=outs[:2] + ((0,),))
+    with raises("cells must be [T, B, H] = [3, 2, 21]", "got [3, 2, 20]"):
+        call(x, h0, c0, w, lengths, hn_bias, cells_shape=(3, 2, 20))
 
 
 def test_gru_operand_shapes():
@@ -261,6 +264,8 @@ def test_gru_operand_shapes():
         call(x, h0, c0, w, np.array([3, 2, 1]), hn_bias)
     with raises("y must be [T, B, H] = [3, 2, 21]", "got [3, 2, 20]"):
         call(x, h0, c0, w, lengths, hn_bias, out_shapes=((3, 2, 20), (2, 21), (0,)))
+    with raises("cells must have no element for the GRU (gates = 3), got [3, 2, 21]"):
+        call(x, h0, c0, w, lengths, hn_bias, cells_shape=(3, 2, 21))
 
 
 def test_dtypes_lengths_and_layout():
