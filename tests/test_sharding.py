@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_sprnn as js
 import jax_sprnn.export
 from jax_sprnn import sharding
-from jax_sprnn.dispatch import BACKWARD, FORWARD
+from jax_sprnn.dispatch import BACKWARD, FORWARD, GATED_BACKWARD, GATED_FORWARD
 from jax_sprnn.flax import SparseRNN
 
 # The C++ kernel, whatever auto would pick for these small layers: its partitioning is tested.
@@ -139,6 +139,33 @@ out["grad"] = dict(collectives=collectives(text), slots=int(w.values.shape[0]),
                    calls=call_shapes(text, BACKWARD),
                    dx_spec=batch_entry(g[1]), dvalues_spec=batch_entry(g[0]),
                    err=max(rel(a, b) for a, b in zip(g, ref)))
+
+# The gated cells' training: the forward recurrence (the LSTM's with its cell states) and the
+# backward one run on each device's batch shard; only the parameter gradients are summed.
+for cell, G in (("lstm", 4), ("gru", 3)):
+    wg = js.SparseWeights.from_dense((rng.standard_normal((H, G * H)) * 0.2).astype(np.float32),
+                                     density=0.3)
+    xg = jnp.asarray(rng.standard_normal((B, T, G * H)).astype(np.float32))
+    bias = jnp.asarray(rng.standard_normal(H).astype(np.float32) * 0.1)
+
+    def gated_loss(values, bias, x, h, cell=cell, wg=wg):
+        if cell == "lstm":
+            y, (_, h_final) = js.sparse_lstm(x, (h, h), wg.replace(values=values), seq_lengths=lengths,
+                                             **native)
+        else:
+            y, h_final = js.sparse_gru(x, h, wg.replace(values=values), hn_bias=bias,
+                                       seq_lengths=lengths, **native)
+        return jnp.sum(y ** 2) + jnp.sum(h_final ** 2)
+    argnums = (0, 2, 3) if cell == "lstm" else (0, 1, 2, 3)  # (the LSTM has no hn_bias)
+    gated_grad = jax.jit(jax.grad(gated_loss, argnums=argnums))
+    args = (wg.values, bias, put(xg, mesh4, "data"), put(h0, mesh4, "data"))
+    g = gated_grad(*args)
+    ref = jax.grad(gated_loss, argnums=argnums)(wg.values, bias, xg, h0)
+    text = compiled(gated_grad, *args)
+    out["gated_grad_" + cell] = dict(
+        collectives=collectives(text), width=G * H,
+        calls=call_shapes(text, GATED_BACKWARD), forward_calls=call_shapes(text, GATED_FORWARD),
+        dx_spec=batch_entry(g[-2]), err=max(rel(a, b) for a, b in zip(g, ref)))
 
 # Per-example gradients (vmap over the sharded batch): each device's examples are its own groups.
 per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
@@ -257,6 +284,16 @@ def test_gradient_has_one_all_reduce_of_the_weight_gradient(results):
     assert r["collectives"] == {"all-reduce": [f"f32[1,{r['slots']}]"]}
     assert r["calls"] and all(s == "f32[6,2,32]" for s in r["calls"]), r["calls"]
     assert r["dx_spec"] == "data" and r["dvalues_spec"] is None
+    assert r["err"] < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gated_training_runs_each_shard_and_sums_only_parameter_gradients(results, cell):
+    r = results["gated_grad_" + cell]
+    assert set(r["collectives"]) == {"all-reduce"}, r["collectives"]
+    assert r["calls"] and all(s == f"f32[6,2,{r['width']}]" for s in r["calls"]), r["calls"]
+    assert r["forward_calls"] and all(s == "f32[6,2,32]" for s in r["forward_calls"]), r["forward_calls"]
+    assert r["dx_spec"] == "data"
     assert r["err"] < 1e-5
 
 
