@@ -134,7 +134,8 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = FORWARD) -> tupl
     max_batch = planner.max_persistent_batch(meta, dtype, device)
     if batch > max_batch:
         return False, (f"batch {batch} exceeds the persistent kernel's limit of {max_batch} for "
-                       f"H={meta.hidden} (shared memory holds h for at most that many examples)")
+                       f"H={meta.hidden} (shared memory holds the staged state, {meta.num_cols} values an "
+                       f"example, for at most that many)")
     return True, "fits"
 
 

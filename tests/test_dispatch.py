@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import _native, cost, dispatch, planner, primitives
-from jax_sprnn.dispatch import BACKWARD, FORWARD, WEIGHT_GRAD
+from jax_sprnn import _native, cost, dispatch, layout, planner, primitives
+from jax_sprnn.dispatch import BACKWARD, FORWARD, GATED_BACKWARD, WEIGHT_GRAD
 from jax_sprnn.planner import H200, LayoutMeta
 from jax_sprnn.testing import TOLERANCE, make_problem, rel_err
 
@@ -100,6 +100,26 @@ def test_recurrences_on_an_h200(h200_build):
     assert decision.path == "fallback" and "exceeds the persistent kernel's limit" in decision.warning
     with pytest.raises(ValueError, match="exceeds the persistent kernel's limit"):
         dispatch.on_cuda_recurrence(FORWARD, meta, too_big, np.float16, "native")
+
+
+@pytest.mark.parametrize("gates", [3, 4])
+def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates):
+    """The transposed gated layout stages G*H cotangents an example: its batch limit is the one
+    its own kernel has (smaller than the forward's), and past it "auto" takes the XLA scan with a
+    warning that says what the shared memory holds, while "native" raises."""
+    H = 1024
+    fwd, bwd = layout.plan_layouts(np.full(gates * H, 102), np.full(H, gates * 102), np.float16, H200,
+                                   gates=gates)
+    meta_t = LayoutMeta.from_plan(bwd)
+    assert meta_t.fits and meta_t.transposed and meta_t.num_cols == gates * H
+    limit = planner.max_persistent_batch(meta_t, np.float16, H200)
+    assert 0 < limit < planner.max_persistent_batch(LayoutMeta.from_plan(fwd), np.float16, H200)
+    assert dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit, np.float16, "auto").path == "kernel"
+    decision = dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit + 1, np.float16, "auto")
+    assert decision.path == "fallback"
+    assert f"limit of {limit}" in decision.warning and f"{gates * H} values an example" in decision.warning
+    with pytest.raises(ValueError, match=rf"\({GATED_BACKWARD}\) cannot run this layer: batch"):
+        dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit + 1, np.float16, "native")
 
 
 def test_a_layout_that_does_not_fit_says_why(h200_build):
