@@ -103,7 +103,7 @@ struct PersistentParams {
   int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
   int h_stride;          // floats from one staged copy to the next: ceil(replica_batch/tile)*H*tile, rounded up to 4
   int w_smem_offset;     // bytes: start of the shared-memory weight tier
-  int cell_smem_offset;  // bytes: start of the LSTM's cell state [plane][unit slot][tile]
+  int cell_smem_offset;  // bytes: the cell state [plane][unit slot][tile] (LSTM c, gated backward carry)
   int len_smem_offset;   // bytes: start of the clamped lengths
   int exchange_vector;   // 1: the exchange buffers are 16-byte aligned, use vector accesses
   int byte_offsets;      // 16-bit D: slots hold byte offsets (H * tile * 4 <= 65536), else columns

@@ -770,7 +770,8 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 // A cell prefetches the sequence operands of one (phase, plane, entry) into registers (issued one
 // plane ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
 // computes the value to publish from the entry's G gate sums and writes the outputs. `h_prev` is
-// the entry's staged state (fp32), `cell` its cell-state slot (the LSTM's c; unused otherwise).
+// the entry's staged state (fp32), `cell` its cell-state slot (the LSTM's c, a gated backward's
+// carry; unused otherwise). A gated backward cell publishes G values (its `finish` fills them).
 
 // The frame of every forward cell's epilogue, for batch entry b of the slice: while the example
 // runs, the cell's new state `step()` (bits of D) and y at the step's position; past its end the
@@ -1245,7 +1246,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   float* const h_stage1 = h_stage0 + (p.h_buffers == 2 ? p.h_stride : 0);
   Slot* const w_tier = reinterpret_cast<Slot*>(smem + p.w_smem_offset);
   int* const len_smem = reinterpret_cast<int*>(smem + p.len_smem_offset);
-  float* const cell_state = reinterpret_cast<float*>(smem + p.cell_smem_offset);  // LSTM only
+  float* const cell_state = reinterpret_cast<float*>(smem + p.cell_smem_offset);  // (LSTM, gated backward)
 
   // ---- init: lengths --------------------------------------------------------------------------
   if (tid == 0) {
