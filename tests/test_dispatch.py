@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import _native, cost, dispatch, layout, planner, primitives
+from jax_sprnn import _constants, _native, cost, dispatch, layout, planner, primitives
 from jax_sprnn.dispatch import BACKWARD, FORWARD, GATED_BACKWARD, WEIGHT_GRAD
 from jax_sprnn.planner import H200, LayoutMeta
 from jax_sprnn.testing import TOLERANCE, make_problem, rel_err
@@ -114,6 +114,16 @@ def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates)
     assert meta_t.fits and meta_t.transposed and meta_t.num_cols == gates * H
     limit = planner.max_persistent_batch(meta_t, np.float16, H200)
     assert 0 < limit < planner.max_persistent_batch(LayoutMeta.from_plan(fwd), np.float16, H200)
+    # The limit is where one staged copy of G*H columns (and the carries) stops fitting.
+    tile = meta_t.load_bytes // 4
+    weights = planner.weight_smem_bytes(meta_t.slots_per_lane, meta_t.reg_slots,
+                                        meta_t.threads_per_cta, np.float16)
+
+    def smem(batch):
+        cell = _constants.cell_state_smem_bytes(batch, tile, meta_t.warps_per_cta, gates, True)
+        return _constants.persistent_smem_bytes(gates * H, batch, tile, weights, 1, cell)
+    budget = H200.smem_per_block - planner.KERNEL_SMEM_RESERVE
+    assert smem(limit) <= budget < smem(limit + 1)
     assert dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit, np.float16, "auto").path == "kernel"
     decision = dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit + 1, np.float16, "auto")
     assert decision.path == "fallback"
