@@ -197,7 +197,7 @@ def gated_backward(x, u, h_before, c_before, dy, dh_final, dc_final, hn_bias, le
     the math cannot drift) and one product with the transposed dense ``kernel``. The carry's
     cotangents are rounded to the storage dtype between steps, sums are float32. ``c_before`` and
     ``dc_final``: the LSTM's, None for the GRU; ``hn_bias``: the GRU's ``[H]``, None for the LSTM."""
-    T, B, _ = x.shape
+    T = x.shape[0]
     dtype = x.dtype
     lstm = gates == 4
     cell = _cell_given_products(gates, dtype)
@@ -205,13 +205,12 @@ def gated_backward(x, u, h_before, c_before, dy, dh_final, dc_final, hn_bias, le
     active = jnp.arange(T)[:, None] < lengths[None, :]
     states_before = (c_before, h_before) if lstm else (h_before,)
     dstate0 = (dc_final, dh_final) if lstm else (dh_final,)
-    # (the GRU's bias per example, as the cell sees it; the LSTM's is unused)
-    bias = jnp.zeros((B, 1), jnp.float32) if lstm else jnp.broadcast_to(hn_bias, (B, hn_bias.shape[0]))
 
     def step(dstate, xs):
         state, x_s, u_s, dy_s, active_s = xs
-        _, vjp = jax.vjp(cell, state, x_s, u_s, bias)
-        dprev, dx_s, du_s, _ = vjp((dstate, dy_s))
+        # (hn_bias's gradient is du's n columns, summed by the caller: not differentiated here)
+        _, vjp = jax.vjp(lambda st, xv, uv: cell(st, xv, uv, hn_bias), state, x_s, u_s)
+        dprev, dx_s, du_s = vjp((dstate, dy_s))
         dh = dprev[-1].astype(jnp.float32) + jnp.dot(du_s.astype(kernel_t.dtype), kernel_t,
                                                      preferred_element_type=jnp.float32,
                                                      precision=lax.Precision.HIGHEST)

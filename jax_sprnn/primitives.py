@@ -381,11 +381,16 @@ for _prim, _impl in ((sprnn_lstm_p, _lstm_fallback), (sprnn_lstm_with_cells_p, _
 # target takes both cells' operands (the lowering passes empties for the other cell's). ``kernel``
 # (dense float32 ``[H, G*H]``) is the XLA fallback's: the native targets read the packed layout.
 
-def _gated_backward_shapes(name: str, gates: int, x, u, h_before, dy, dh_final, meta: LayoutMeta):
+def _gated_backward_shapes(name: str, gates: int, x, u, h_before, dy, dh_final, meta: LayoutMeta,
+                           **cell_operands):
+    """The results' avals, after checking every operand's shape (``cell_operands``: the LSTM's
+    c_before and dc_final, or the GRU's hn_bias)."""
     H = meta.hidden
     T, B = x.shape[:2] if x.ndim == 3 else (None, None)
     want = {"x": (x, (T, B, gates * H)), "u": (u, (T, B, gates * H)), "h_before": (h_before, (T, B, H)),
             "dy": (dy, (T, B, H)), "dh_final": (dh_final, (B, H))}
+    cell_shapes = {"c_before": (T, B, H), "dc_final": (B, H), "hn_bias": (H,)}
+    want.update({what: (a, cell_shapes[what]) for what, a in cell_operands.items()})
     for what, (a, shape) in want.items():
         if a.shape != shape:
             raise ValueError(f"{name}: {what} must be {list(shape)} (T, B, G={gates}, H={H}), got "
@@ -396,13 +401,15 @@ def _gated_backward_shapes(name: str, gates: int, x, u, h_before, dy, dh_final, 
 
 def _lstm_backward_abstract(x, u, h_before, c_before, dy, dh_final, dc_final, values_t, indices_t,
                             lane_row_t, lengths, kernel, *, meta, method, **hooks):
-    dx, du, dh0 = _gated_backward_shapes("sprnn_lstm_backward", 4, x, u, h_before, dy, dh_final, meta)
+    dx, du, dh0 = _gated_backward_shapes("sprnn_lstm_backward", 4, x, u, h_before, dy, dh_final, meta,
+                                         c_before=c_before, dc_final=dc_final)
     return dx, du, dh0, dh0
 
 
 def _gru_backward_abstract(x, u, h_before, dy, dh_final, hn_bias, values_t, indices_t, lane_row_t,
                            lengths, kernel, *, meta, method, **hooks):
-    return _gated_backward_shapes("sprnn_gru_backward", 3, x, u, h_before, dy, dh_final, meta)
+    return _gated_backward_shapes("sprnn_gru_backward", 3, x, u, h_before, dy, dh_final, meta,
+                                  hn_bias=hn_bias)
 
 
 def _lstm_backward_fallback(x, u, h_before, c_before, dy, dh_final, dc_final, values_t, indices_t,

@@ -616,6 +616,10 @@ def test_the_cpp_backward_names_a_bad_operand():
     with pytest.raises(ValueError, match=r"sprnn_gru_backward: u must be \[4, 2, 48\]"):
         sprnn_gru_backward_p.bind(x_steps, u, state, state, h0, hn_bias, *layout, lengths, kernel,
                                   meta=w.meta_t, method="auto")
+    good_u = jnp.zeros((T, B, 3 * H), jnp.float32)
+    with pytest.raises(ValueError, match=r"sprnn_gru_backward: hn_bias must be \[16\]"):
+        sprnn_gru_backward_p.bind(x_steps, good_u, state, state, h0, hn_bias[:15], *layout, lengths,
+                                  kernel, meta=w.meta_t, method="auto")
     target = _constants.ffi_target("gated_backward")
     if target not in _native.cpu_targets() or jax.default_backend() != "cpu":
         pytest.skip("needs the CPU module on the CPU backend")
