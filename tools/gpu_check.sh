@@ -97,8 +97,10 @@ if has fixedcost; then
     if [ -n "${FIXED_TRACE:-}" ]; then trace=(--trace /tmp/fixed_traces); fi
     python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --out "$OUT/fixed_cost$tag.json" \
       --hlo-dir "$OUT/hlo$tag" "${trace[@]}" 2>&1 | tail -${FIXED_TAIL:-20}
-    IFS='|' read -r -a ncu_progs <<< "${FIXED_NCU_PROGS:-ours, [B|dense|sync floor}"
+    # (FIXED_NCU_PROGS="" runs none under Nsight Compute)
+    IFS='|' read -r -a ncu_progs <<< "${FIXED_NCU_PROGS-ours, [B|dense|sync floor}"
     for prog in "${ncu_progs[@]}"; do
+      [ -z "$prog" ] && continue
       timeout -k 10 "${PROFILE_TIMEOUT:-120}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --ncu --steps 1 --only "$prog" \
         > "/tmp/ncu.csv" 2>&1
