@@ -11,6 +11,13 @@
 //      run the cell, write its outputs and publish the new state with the tag of the phase.
 // There is no grid barrier: a consumer spins only on the words it needs (all of them, in practice).
 //
+// The batch in passes: a kernel variant with kPlanesPerPass = 2 (tile 4; the handler launches it
+// for two planes or more) walks the planes two at a time. A pass decodes each slot once and loads
+// its column from both planes (8 accumulators), reduces the 8 sums in one segmented reduction, and
+// runs the 8 entries' cells on 8 cell lanes at once; an odd last plane takes a one-plane pass.
+// Each sum keeps its chain and order, so both variants give the same bits. (A B = 8 step was two
+// full passes, each repeating the slot decode, the reduction's loop and the cell.)
+//
 // The cells:
 //   ForwardCell   phase s = step s. Stages h_{s-1} (h0 first); h_s = act(x + U h_{s-1}), rounded to D.
 //   BackwardCell  the backward recurrence on the transposed layout (U^T), run from the last step
@@ -290,7 +297,7 @@ struct TileVec<4> {
 // The tunable shape of one kernel instantiation
 // ================================================================================================
 
-template <Direction DIR, typename T, int TILE, int RS, bool WIDE>
+template <Direction DIR, typename T, int TILE, int RS, bool WIDE, int PP = 1>
 struct PersistentConfig {
   using S = Storage<T>;
   // The cell's gates (1 for the simple cell, 3 GRU, 4 LSTM), the layout rows of one unit (G for a
@@ -306,10 +313,11 @@ struct PersistentConfig {
   static_assert(TILE == 1 || TILE == 2 || TILE == 4, "tile is 1, 2 or 4 floats (4, 8, 16 bytes)");
   static constexpr Direction kDirection = DIR;
   static constexpr int kTile = TILE;
-  // Batch planes one pass of the phase loop gathers together (see "The batch in passes"): two
-  // where a plane is 4 entries wide, so a slot is decoded once for 8 entries and their cells run
-  // on 8 lanes at once. (Narrower tiles are the plans whose state barely fits in shared memory.)
-  static constexpr int kPlanesPerPass = TILE == 4 ? 2 : 1;
+  // Batch planes one pass of the phase loop gathers together (see "The batch in passes"): 2 in
+  // the variants the handler launches for two planes or more (tile 4 only: narrower tiles are the
+  // plans whose state barely fits in shared memory), else 1.
+  static constexpr int kPlanesPerPass = PP;
+  static_assert(PP == 1 || (PP == 2 && TILE == 4), "two planes a pass with a tile of 4 only");
   static constexpr int kRegSlots = RS;
   static constexpr int kRegArray = RS > 0 ? RS : 1;
   // Independent accumulator sets: the slot loop is a chain of dependent FMAs per accumulator, so
@@ -771,17 +779,17 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 }
 
 // ================================================================================================
-// The cells: what a unit's cell lanes do with its gathered sums, per (phase, plane)
+// The cells: what a unit's cell lanes do with its gathered sums, per (phase, pass)
 // ================================================================================================
 //
-// A unit's cell runs on its cell lanes: the first min(span, TILE) lanes of the unit (its G gate
-// runs, adjacent from the unit's lane), one batch entry t of the plane each, so the activations,
-// the outputs' stores and the operand loads of a plane run in parallel instead of TILE times on
-// one lane (Nsight Compute, LSTM H=1024 B=32: 74% of the warp instructions ran on one lane). A unit
-// whose span is narrower than the tile takes several rounds.
+// A unit's cell runs on its cell lanes: the first min(span, PP * TILE) lanes of the unit (its G
+// gate runs, adjacent from the unit's lane), one batch entry t of the pass each, so the
+// activations, the outputs' stores and the operand loads of a pass run in parallel instead of
+// one entry after another on one lane (Nsight Compute, LSTM H=1024 B=32: 74% of the warp
+// instructions ran on one lane). A unit whose span is narrower than the pass takes several rounds.
 //
-// A cell prefetches the sequence operands of one (phase, plane, entry) into registers (issued one
-// plane ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
+// A cell prefetches the sequence operands of one (phase, pass, entry) into registers (issued one
+// pass ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
 // computes the value to publish from the entry's G gate sums and writes the outputs. `h_prev` is
 // the entry's staged state (fp32), `cell` its cell-state slot (the LSTM's c, a gated backward's
 // carry; unused otherwise). A gated backward cell publishes G values (its `finish` fills them).
@@ -1186,7 +1194,7 @@ using CellOf = std::conditional_t<
 
 // What a lane does in its unit's cell, packed into one register that the phase loop decodes per use
 // (kept whole, so the loop does not hold five more registers next to the register tier):
-//   bits 0-4   entry: the lane's first batch entry of a plane, 31 when it runs no cell;
+//   bits 0-4   entry: the lane's first batch entry of a pass, 31 when it runs no cell;
 //   bits 5-10  the unit's span (lanes); 11-15 the unit's lane; 16: the lane belongs to a unit;
 //   bits 17-31 the lanes heading the unit's gates 1..G-1 (5 bits each; G <= 4).
 struct CellLane {
@@ -1326,8 +1334,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     if (bad_unit) atomicOr(&s_error, kErrBadLayout);
   }
   // The cell lanes (see "The cells"): a unit's lanes run from its lane to the end of its last gate
-  // run; lane unit_lane + t runs entry t of a plane for t < min(span, TILE), and entries t + span,
-  // t + 2 span, ... in later rounds where the span is narrower than the tile.
+  // run; lane unit_lane + t runs entry t of a pass for t < min(span, PP * TILE), and entries
+  // t + span, t + 2 span, ... in later rounds where the span is narrower than the pass.
   const uint32_t units_upto = units & (kFullMask >> (31 - lane));
   const int unit_lane = units_upto ? 31 - __clz(units_upto) : lane;
   int last_gate_head = lane;
@@ -1605,13 +1613,13 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
 // cuda/instances/)
 // ================================================================================================
 
-template <Direction DIR, typename T, int TILE, int RS>
+template <Direction DIR, typename T, int TILE, int PP, int RS>
 PersistentKernelFn pick_variant(int threads) {
   constexpr bool packed16 = Storage<T>::kRegsPerSlot == 1;
-  using Narrow = PersistentConfig<DIR, T, TILE, RS, false>;
+  using Narrow = PersistentConfig<DIR, T, TILE, RS, false, PP>;
   if (threads > 0 && threads <= Narrow::kMaxThreads) return &sprnn_persistent_kernel<Narrow>;
   if constexpr (persistent_has_wide(DIR, packed16, RS)) {
-    using Wide = PersistentConfig<DIR, T, TILE, RS, true>;
+    using Wide = PersistentConfig<DIR, T, TILE, RS, true, PP>;
     if (threads <= Wide::kMaxThreads) return &sprnn_persistent_kernel<Wide>;
   } else {
     if (threads <= 0) return &sprnn_persistent_kernel<Narrow>;
@@ -1619,10 +1627,10 @@ PersistentKernelFn pick_variant(int threads) {
   return nullptr;
 }
 
-template <Direction DIR, typename T, int TILE, int... RS>
+template <Direction DIR, typename T, int TILE, int PP, int... RS>
 PersistentKernelFn pick_reg_slots(int rs, int threads, std::integer_sequence<int, RS...>) {
   PersistentKernelFn fn = nullptr;
-  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, RS>(threads), 0) : 0), ...);
+  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, PP, RS>(threads), 0) : 0), ...);
   return fn;
 }
 
@@ -1648,14 +1656,16 @@ struct DtypeOf<Dtype::kBF16> {
 };
 
 template <Direction DIR, Dtype DT>
-PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads) {
+PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int planes_per_pass) {
   using T = typename DtypeOf<DT>::type;
   using Seq = std::conditional_t<is_gated(DIR), typename DtypeOf<DT>::gated_slots,
                                  typename DtypeOf<DT>::slots>;
+  if (planes_per_pass == 2) return tile == 4 ? pick_reg_slots<DIR, T, 4, 2>(rs, threads, Seq{}) : nullptr;
+  if (planes_per_pass != 1) return nullptr;
   switch (tile) {
-    case 1: return pick_reg_slots<DIR, T, 1>(rs, threads, Seq{});
-    case 2: return pick_reg_slots<DIR, T, 2>(rs, threads, Seq{});
-    case 4: return pick_reg_slots<DIR, T, 4>(rs, threads, Seq{});
+    case 1: return pick_reg_slots<DIR, T, 1, 1>(rs, threads, Seq{});
+    case 2: return pick_reg_slots<DIR, T, 2, 1>(rs, threads, Seq{});
+    case 4: return pick_reg_slots<DIR, T, 4, 1>(rs, threads, Seq{});
     default: return nullptr;
   }
 }
