@@ -84,11 +84,11 @@ def test_simple_cell_forward_and_backward(dtype, batch, reverse):
 
 
 def test_cluster_replicas_of_several_planes():
-    # 25 planes over the clusters that fit at once (9 of 14 CTAs on an H200): each replica runs
-    # three planes, a two-plane pass and a one-plane pass.
+    # 13 planes over the clusters that fit at once (9 of 14 CTAs on an H200): replicas of two
+    # planes (one two-plane pass), the last of one partial plane. (56 is the batch limit here.)
     if not _native.current_device_spec().cluster_launch:
         pytest.skip("the GPU has no thread-block clusters")
-    batch, steps = 100, 9
+    batch, steps = 50, 9
     _, w, x, h0 = make_problem(7, 1024, batch, steps, 0.1, "float16")
     assert w.meta.exchange == "cluster" and w.meta.load_bytes == 16, w.meta
     lengths = _lengths(batch, steps, 7)
