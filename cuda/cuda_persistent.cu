@@ -298,6 +298,24 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   // ---- shared memory: staged state (two copies when they fit), weight tier, lengths -----------
   const int64_t slice = xp.replica_batch;  // the examples one CTA stages
   const int64_t n_planes = (slice + tile - 1) / tile;
+
+  // ---- the kernel: two planes or more take the variant that gathers two planes a pass ----------
+  // (persistent_kernel.cuh, "The batch in passes"). It has the same launch bound and shared memory,
+  // so the plan above holds for it; its own attributes, occupancy and cluster setting are what the
+  // launch uses.
+  PersistentKernelFn launch_fn = fn;
+  if (n_planes >= 2 && tile == 4) {
+    const PersistentKernelFn pair_fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 2);
+    KernelInfo pair_info;
+    if (pair_fn == nullptr) return bad("no two-plane kernel for this layout (a build without it?)");
+    if ((e = kernel_info(device, reinterpret_cast<const void*>(pair_fn), dev, &pair_info)) != cudaSuccess)
+      return cuda_error("cudaFuncGetAttributes/cudaFuncSetAttribute(persistent kernel)", e);
+    int pair_clusters = 1;
+    if (in_cluster)  // (also allows the non-portable cluster sizes for this kernel)
+      active_clusters(device, reinterpret_cast<const void*>(pair_fn), threads,
+                      static_cast<int>(plan_total(slice, 2)), xp.cluster, &pair_clusters);
+    if (pair_info.max_dynamic_smem == kinfo.max_dynamic_smem && pair_clusters > 0) launch_fn = pair_fn;
+  }
   const int64_t h_floats = n_planes * cols * tile;
   // The second copy starts 16-byte aligned: staging writes it with vector stores.
   const int64_t h_stride = align16(h_floats * 4) / 4;
@@ -321,7 +339,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   //      cluster's CTAs must be, which the cluster launch guarantees: replicas may run in waves.)
   const int64_t grid = in_cluster ? xp.replicas * xp.cluster : layout_ctas;
   int per_sm = 0;
-  if ((e = ctas_per_sm(device, reinterpret_cast<const void*>(fn), threads, smem.total, &per_sm)) !=
+  if ((e = ctas_per_sm(device, reinterpret_cast<const void*>(launch_fn), threads, smem.total, &per_sm)) !=
       cudaSuccess)
     return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
   if (!in_cluster && static_cast<int64_t>(per_sm) * dev.sm_count < grid)
@@ -399,11 +417,11 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     attr.val.clusterDim.z = 1;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    e = cudaLaunchKernelEx(&cfg, fn, prm);
+    e = cudaLaunchKernelEx(&cfg, launch_fn, prm);
     if (e != cudaSuccess) return cuda_error("cudaLaunchKernelEx(persistent kernel, cluster mode)", e);
   } else {
     void* args[] = {&prm};
-    e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(fn), dim3(static_cast<unsigned>(grid)),
+    e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(launch_fn), dim3(static_cast<unsigned>(grid)),
                                     dim3(threads), args, static_cast<size_t>(smem.total), stream);
     if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
   }

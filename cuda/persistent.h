@@ -146,51 +146,47 @@ constexpr bool persistent_has_wide(Direction d, bool packed16, int rs) {
 // for the variant with the largest bound. Each (direction, dtype) is compiled in its own
 // translation unit (cuda/instances/), so the build runs them in parallel.
 template <Direction D, Dtype T>
-PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads);
+PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads, int planes_per_pass);
 
 // Defined only in the instance translation units: other TUs must not instantiate the kernels.
 #define JAX_SPRNN_EXTERN_LOOKUPS(DIR)                                                            \
-  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF32>(int, int, int);  \
-  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF16>(int, int, int);  \
-  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kBF16>(int, int, int);
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF32>(int, int, int, int);  \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF16>(int, int, int, int);  \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kBF16>(int, int, int, int);
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstm)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGru)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstmBackward)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGruBackward)
 #undef JAX_SPRNN_EXTERN_LOOKUPS
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(int, int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(int, int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(int, int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(int, int, int, int);
 
 template <Direction D>
-PersistentKernelFn lookup_of_dtype(Dtype dt, int tile, int rs, int threads) {
+PersistentKernelFn lookup_of_dtype(Dtype dt, int tile, int rs, int threads, int pp) {
   switch (dt) {
-    case Dtype::kF32: return lookup_persistent_kernel<D, Dtype::kF32>(tile, rs, threads);
-    case Dtype::kF16: return lookup_persistent_kernel<D, Dtype::kF16>(tile, rs, threads);
-    case Dtype::kBF16: return lookup_persistent_kernel<D, Dtype::kBF16>(tile, rs, threads);
+    case Dtype::kF32: return lookup_persistent_kernel<D, Dtype::kF32>(tile, rs, threads, pp);
+    case Dtype::kF16: return lookup_persistent_kernel<D, Dtype::kF16>(tile, rs, threads, pp);
+    case Dtype::kBF16: return lookup_persistent_kernel<D, Dtype::kBF16>(tile, rs, threads, pp);
   }
   return nullptr;
 }
 
-inline PersistentKernelFn lookup_persistent(Direction dir, Dtype dt, int tile, int rs, int threads) {
-  if (dir == Direction::kLstm) return lookup_of_dtype<Direction::kLstm>(dt, tile, rs, threads);
-  if (dir == Direction::kGru) return lookup_of_dtype<Direction::kGru>(dt, tile, rs, threads);
-  if (dir == Direction::kLstmBackward) return lookup_of_dtype<Direction::kLstmBackward>(dt, tile, rs, threads);
-  if (dir == Direction::kGruBackward) return lookup_of_dtype<Direction::kGruBackward>(dt, tile, rs, threads);
-  const bool fwd = dir == Direction::kForward;
-  switch (dt) {
-    case Dtype::kF32:
-      return fwd ? lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(tile, rs, threads)
-                 : lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(tile, rs, threads);
-    case Dtype::kF16:
-      return fwd ? lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(tile, rs, threads)
-                 : lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(tile, rs, threads);
-    case Dtype::kBF16:
-      return fwd ? lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(tile, rs, threads)
-                 : lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(tile, rs, threads);
+// planes_per_pass: 1, or 2 for the variant that gathers two batch planes a pass (tile 4 only;
+// persistent_kernel.cuh, "The batch in passes"). nullptr where no such kernel exists.
+inline PersistentKernelFn lookup_persistent(Direction dir, Dtype dt, int tile, int rs, int threads,
+                                            int planes_per_pass = 1) {
+  const int pp = planes_per_pass;
+  switch (dir) {
+    case Direction::kForward: return lookup_of_dtype<Direction::kForward>(dt, tile, rs, threads, pp);
+    case Direction::kBackward: return lookup_of_dtype<Direction::kBackward>(dt, tile, rs, threads, pp);
+    case Direction::kLstm: return lookup_of_dtype<Direction::kLstm>(dt, tile, rs, threads, pp);
+    case Direction::kGru: return lookup_of_dtype<Direction::kGru>(dt, tile, rs, threads, pp);
+    case Direction::kLstmBackward: return lookup_of_dtype<Direction::kLstmBackward>(dt, tile, rs, threads, pp);
+    case Direction::kGruBackward: return lookup_of_dtype<Direction::kGruBackward>(dt, tile, rs, threads, pp);
   }
   return nullptr;
 }

@@ -11,6 +11,13 @@
 //      run the cell, write its outputs and publish the new state with the tag of the phase.
 // There is no grid barrier: a consumer spins only on the words it needs (all of them, in practice).
 //
+// The batch in passes: a kernel variant with kPlanesPerPass = 2 (tile 4; the handler launches it
+// for two planes or more) walks the planes two at a time. A pass decodes each slot once and loads
+// its column from both planes (8 accumulators), reduces the 8 sums in one segmented reduction, and
+// runs the 8 entries' cells on 8 cell lanes at once; an odd last plane takes a one-plane pass.
+// Each sum keeps its chain and order, so both variants give the same bits. (A B = 8 step was two
+// full passes, each repeating the slot decode, the reduction's loop and the cell.)
+//
 // The cells:
 //   ForwardCell   phase s = step s. Stages h_{s-1} (h0 first); h_s = act(x + U h_{s-1}), rounded to D.
 //   BackwardCell  the backward recurrence on the transposed layout (U^T), run from the last step
@@ -290,7 +297,7 @@ struct TileVec<4> {
 // The tunable shape of one kernel instantiation
 // ================================================================================================
 
-template <Direction DIR, typename T, int TILE, int RS, bool WIDE>
+template <Direction DIR, typename T, int TILE, int RS, bool WIDE, int PP = 1>
 struct PersistentConfig {
   using S = Storage<T>;
   // The cell's gates (1 for the simple cell, 3 GRU, 4 LSTM), the layout rows of one unit (G for a
@@ -306,6 +313,11 @@ struct PersistentConfig {
   static_assert(TILE == 1 || TILE == 2 || TILE == 4, "tile is 1, 2 or 4 floats (4, 8, 16 bytes)");
   static constexpr Direction kDirection = DIR;
   static constexpr int kTile = TILE;
+  // Batch planes one pass of the phase loop gathers together (see "The batch in passes"): 2 in
+  // the variants the handler launches for two planes or more (tile 4 only: narrower tiles are the
+  // plans whose state barely fits in shared memory), else 1.
+  static constexpr int kPlanesPerPass = PP;
+  static_assert(PP == 1 || (PP == 2 && TILE == 4), "two planes a pass with a tile of 4 only");
   static constexpr int kRegSlots = RS;
   static constexpr int kRegArray = RS > 0 ? RS : 1;
   // Independent accumulator sets: the slot loop is a chain of dependent FMAs per accumulator, so
@@ -478,51 +490,60 @@ __device__ __forceinline__ void stage_words(const typename X::Word* __restrict__
   }
 }
 
-template <class S, int TILE, bool kByteOffsets>
-__device__ __forceinline__ void fma_slot(float (&acc)[TILE], typename S::Slot slot,
-                                         const unsigned char* plane) {
+// One slot of the pass's PP planes (planes `plane_bytes` apart): the slot is decoded once, then
+// each plane's column tile is one shared-memory load and TILE FMAs into acc[q * TILE + t].
+template <class S, int TILE, int PP, bool kByteOffsets>
+__device__ __forceinline__ void fma_slot(float (&acc)[PP * TILE], typename S::Slot slot,
+                                         const unsigned char* plane, int plane_bytes) {
   using V = TileVec<TILE>;
   float value;
   uint32_t byte_offset;
   S::template decode_slot<TILE, kByteOffsets>(slot, value, byte_offset);
-  const typename V::type h = *reinterpret_cast<const typename V::type*>(plane + byte_offset);
 #pragma unroll
-  for (int t = 0; t < TILE; ++t) acc[t] = fmaf(value, V::get(h, t), acc[t]);
+  for (int q = 0; q < PP; ++q) {
+    const typename V::type h =
+        *reinterpret_cast<const typename V::type*>(plane + q * plane_bytes + byte_offset);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) acc[q * TILE + t] = fmaf(value, V::get(h, t), acc[q * TILE + t]);
+  }
 }
 
-// acc[t] = sum over this lane's slots of value * h[plane][col][t]: the register tier (unrolled,
-// compile-time indices only), then the shared-memory tier [warp][slot][lane].
-template <class Cfg, bool kByteOffsets>
-__device__ __forceinline__ void gather_plane(float (&acc)[Cfg::kTile],
-                                             typename Cfg::S::Slot (&reg)[Cfg::kRegArray],
-                                             const typename Cfg::S::Slot* w_lane, int n_smem_slots,
-                                             const unsigned char* plane) {
+// acc[q * TILE + t] = sum over this lane's slots of value * h[plane + q][col][t] for the PP planes
+// of a pass (see "The batch in passes"): the register tier (unrolled, compile-time indices only),
+// then the shared-memory tier [warp][slot][lane]. Each accumulator's chain, and so each sum's
+// rounding, is the same whatever PP is.
+template <class Cfg, bool kByteOffsets, int PP>
+__device__ __forceinline__ void gather_planes(float (&acc)[PP * Cfg::kTile],
+                                              typename Cfg::S::Slot (&reg)[Cfg::kRegArray],
+                                              const typename Cfg::S::Slot* w_lane, int n_smem_slots,
+                                              const unsigned char* plane, int plane_bytes) {
   using S = typename Cfg::S;
   using Slot = typename S::Slot;
   constexpr int TILE = Cfg::kTile;
+  constexpr int N = PP * TILE;
   constexpr int CH = Cfg::kChains;
   constexpr int SU = Cfg::kSmemUnroll;
-  float a[CH][TILE];
+  float a[CH][N];
 #pragma unroll
   for (int c = 0; c < CH; ++c)
 #pragma unroll
-    for (int t = 0; t < TILE; ++t) a[c][t] = 0.0f;
+    for (int t = 0; t < N; ++t) a[c][t] = 0.0f;
 #pragma unroll
   for (int k = 0; k < Cfg::kRegSlots; ++k) S::launder_slot(reg[k]);  // decode per use, not hoisted
 #pragma unroll
   for (int k = 0; k < Cfg::kRegSlots; ++k)
-    fma_slot<S, TILE, kByteOffsets>(a[k % CH], reg[k], plane);
+    fma_slot<S, TILE, PP, kByteOffsets>(a[k % CH], reg[k], plane, plane_bytes);
   int k = 0;
   for (; k + SU <= n_smem_slots; k += SU) {
     Slot w[SU];
 #pragma unroll
     for (int u = 0; u < SU; ++u) w[u] = w_lane[(k + u) * 32];
 #pragma unroll
-    for (int u = 0; u < SU; ++u) fma_slot<S, TILE, kByteOffsets>(a[u % CH], w[u], plane);
+    for (int u = 0; u < SU; ++u) fma_slot<S, TILE, PP, kByteOffsets>(a[u % CH], w[u], plane, plane_bytes);
   }
-  for (; k < n_smem_slots; ++k) fma_slot<S, TILE, kByteOffsets>(a[0], w_lane[k * 32], plane);
+  for (; k < n_smem_slots; ++k) fma_slot<S, TILE, PP, kByteOffsets>(a[0], w_lane[k * 32], plane, plane_bytes);
 #pragma unroll
-  for (int t = 0; t < TILE; ++t) {
+  for (int t = 0; t < N; ++t) {
     acc[t] = a[0][t];
 #pragma unroll
     for (int c = 1; c < CH; ++c) acc[t] += a[c][t];
@@ -758,17 +779,17 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 }
 
 // ================================================================================================
-// The cells: what a unit's cell lanes do with its gathered sums, per (phase, plane)
+// The cells: what a unit's cell lanes do with its gathered sums, per (phase, pass)
 // ================================================================================================
 //
-// A unit's cell runs on its cell lanes: the first min(span, TILE) lanes of the unit (its G gate
-// runs, adjacent from the unit's lane), one batch entry t of the plane each, so the activations,
-// the outputs' stores and the operand loads of a plane run in parallel instead of TILE times on
-// one lane (Nsight Compute, LSTM H=1024 B=32: 74% of the warp instructions ran on one lane). A unit
-// whose span is narrower than the tile takes several rounds.
+// A unit's cell runs on its cell lanes: the first min(span, PP * TILE) lanes of the unit (its G
+// gate runs, adjacent from the unit's lane), one batch entry t of the pass each, so the
+// activations, the outputs' stores and the operand loads of a pass run in parallel instead of
+// one entry after another on one lane (Nsight Compute, LSTM H=1024 B=32: 74% of the warp
+// instructions ran on one lane). A unit whose span is narrower than the pass takes several rounds.
 //
-// A cell prefetches the sequence operands of one (phase, plane, entry) into registers (issued one
-// plane ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
+// A cell prefetches the sequence operands of one (phase, pass, entry) into registers (issued one
+// pass ahead, so their latency hides behind the slot loop or the next phase's wait), then `finish`
 // computes the value to publish from the entry's G gate sums and writes the outputs. `h_prev` is
 // the entry's staged state (fp32), `cell` its cell-state slot (the LSTM's c, a gated backward's
 // carry; unused otherwise). A gated backward cell publishes G values (its `finish` fills them).
@@ -968,17 +989,16 @@ struct LstmCell : GatedInputs<Cfg> {
   using Bits = typename S::Bits;
   static constexpr int TILE = Cfg::kTile;
 
-  // c0 of the unit's entries t_first, t_first + t_step, ... < TILE into their cell-state slots,
-  // every plane (`cell` is plane 0's entry 0, planes `stride` apart).
+  // c0 of the unit's entries b_first, b_first + b_step, ... (over every plane, padding included)
+  // into their cell-state slots (`cell` is plane 0's entry 0, planes `stride` apart). The unit's
+  // lanes share the work whichever lane later runs which entry: they are one warp, and a barrier
+  // separates this from the first phase's cells.
   __device__ void init_entries(const PersistentParams& p, BatchSlice bs, int unit, float* cell,
-                               int stride, int t_first, int t_step) {
+                               int stride, int b_first, int b_step) {
     const Bits* c0 = static_cast<const Bits*>(p.c_init);
-    for (int plane = 0; plane < p.n_planes; ++plane)
-      for (int t = t_first; t < TILE; t += t_step) {
-        const int b = plane * TILE + t;
-        cell[plane * stride + t] =
-            b < bs.n ? S::to_float(__ldg(c0 + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
-      }
+    for (int b = b_first; b < p.n_planes * TILE; b += b_step)
+      cell[b / TILE * stride + b % TILE] =
+          b < bs.n ? S::to_float(__ldg(c0 + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
   }
 
   // Every sequence of the slice is empty: c_final = c0, strided over the slice's threads.
@@ -1058,16 +1078,14 @@ struct GatedBackwardCell {
   __device__ static int phases(int n_steps) { return n_steps + 1; }
 
   // The carry beside dh per entry: the LSTM's dc starts at dc_final, the GRU's direct part at 0.
+  // (Entries shared among the unit's lanes as LstmCell::init_entries does.)
   __device__ void init_entries(const PersistentParams& p, BatchSlice bs, int unit, float* cell,
-                               int stride, int t_first, int t_step) {
+                               int stride, int b_first, int b_step) {
     if constexpr (!kLstm) hn_bias = __ldg(p.hn_bias + unit);
     const Bits* dc_final = static_cast<const Bits*>(p.c_init);
-    for (int plane = 0; plane < p.n_planes; ++plane)
-      for (int t = t_first; t < TILE; t += t_step) {
-        const int b = plane * TILE + t;
-        cell[plane * stride + t] =
-            kLstm && b < bs.n ? S::to_float(__ldg(dc_final + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
-      }
+    for (int b = b_first; b < p.n_planes * TILE; b += b_step)
+      cell[b / TILE * stride + b % TILE] =
+          kLstm && b < bs.n ? S::to_float(__ldg(dc_final + static_cast<size_t>(bs.b0 + b) * p.H + unit)) : 0.0f;
   }
 
   // Every sequence of the slice is empty: the LSTM's dc0 = dc_final.
@@ -1176,7 +1194,7 @@ using CellOf = std::conditional_t<
 
 // What a lane does in its unit's cell, packed into one register that the phase loop decodes per use
 // (kept whole, so the loop does not hold five more registers next to the register tier):
-//   bits 0-4   entry: the lane's first batch entry of a plane, 31 when it runs no cell;
+//   bits 0-4   entry: the lane's first batch entry of a pass, 31 when it runs no cell;
 //   bits 5-10  the unit's span (lanes); 11-15 the unit's lane; 16: the lane belongs to a unit;
 //   bits 17-31 the lanes heading the unit's gates 1..G-1 (5 bits each; G <= 4).
 struct CellLane {
@@ -1209,6 +1227,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   using Cell = CellOf<Cfg>;
   constexpr int TILE = Cfg::kTile;
   constexpr int RS = Cfg::kRegSlots;
+  constexpr int kPassEntries = Cfg::kPlanesPerPass * TILE;  // the entries of the widest pass
   constexpr int RG = Cfg::kRowGates;    // layout rows per unit (a gated forward's G gates)
   constexpr int SW = Cfg::kStateWidth;  // state words per unit (a gated backward's G cotangents)
 
@@ -1315,8 +1334,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     if (bad_unit) atomicOr(&s_error, kErrBadLayout);
   }
   // The cell lanes (see "The cells"): a unit's lanes run from its lane to the end of its last gate
-  // run; lane unit_lane + t runs entry t of a plane for t < min(span, TILE), and entries t + span,
-  // t + 2 span, ... in later rounds where the span is narrower than the tile.
+  // run; lane unit_lane + t runs entry t of a pass for t < min(span, PP * TILE), and entries
+  // t + span, t + 2 span, ... in later rounds where the span is narrower than the pass.
   const uint32_t units_upto = units & (kFullMask >> (31 - lane));
   const int unit_lane = units_upto ? 31 - __clz(units_upto) : lane;
   int last_gate_head = lane;
@@ -1325,9 +1344,11 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const int unit_end = __shfl_sync(kFullMask, __shfl_sync(kFullMask, seg_end, last_gate_head), unit_lane);
   const bool in_unit = units_upto != 0 && lane < unit_end;
   const int span = unit_end - unit_lane;
-  const int rounds = __reduce_max_sync(kFullMask, is_unit ? (TILE + span - 1) / span : 0);
+  // A pass of PP planes has PP * TILE entries: the rounds of a one-plane and of a two-plane pass.
+  const int rounds1 = __reduce_max_sync(kFullMask, is_unit ? (TILE + span - 1) / span : 0);
+  const int rounds2 = __reduce_max_sync(kFullMask, is_unit ? (kPassEntries + span - 1) / span : 0);
   CellLane cell_lane{in_unit, lane - unit_lane, span, unit_lane,
-                     __shfl_sync(kFullMask, gate_lanes, unit_lane), TILE};
+                     __shfl_sync(kFullMask, gate_lanes, unit_lane), kPassEntries};
   const int unit = __shfl_sync(kFullMask, row, unit_lane);
   // The cell-state slot of the unit in this CTA (a warp holds at most 32/RG units).
   const int unit_slot = warp * (32 / RG) + __popc(units & ((1u << unit_lane) - 1u));
@@ -1415,9 +1436,11 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     // a warp holding 32/RG unit slots.
     const int cell_plane_floats = warps_per_cta * (32 / RG) * TILE;
     float* const unit_cell = cell_state + unit_slot * TILE;  // the LSTM's c of the unit, plane 0
-    if (cell_lane.runs_cell(TILE)) {
-      cell.init_entries(p, batch_slice(p), unit, unit_cell, cell_plane_floats, cell_lane.entry(),
-                        cell_lane.span());
+    if (cell_lane.in_unit()) {
+      cell.init_entries(p, batch_slice(p), unit, unit_cell, cell_plane_floats,
+                        lane - cell_lane.unit_lane(), cell_lane.span());
+    }
+    if (cell_lane.runs_cell(kPassEntries)) {
       cell.prefetch(p, batch_slice(p), len_smem, unit, 0, cell_lane.entry(), n_steps);
     }
     for (int s = 0; s < n_phases; ++s) {
@@ -1455,34 +1478,42 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
         nonfinite = false;
       }
 
-      // ---- 2. per plane: gather, reduce, cell ----------------------------------------------
+      // ---- 2. per pass of PP planes: gather, reduce, cell (see "The batch in passes") -------
       Word* const dst_buf = (s & 1) ? xbuf1 : xbuf0;
       const uint32_t out_tag = static_cast<uint32_t>(s + 1) & X::kTagMask;
       const bool last_phase = s + 1 == n_phases;
-      for (int plane = 0; plane < n_planes; ++plane) {
+      float* const h_next = (s & 1) ? h_stage0 : h_stage1;  // cluster mode: the peers' next copy
+      int plane = 0;  // the pass's first plane
+      auto pass = [&](auto planes_per_pass) {
+        constexpr int PP = decltype(planes_per_pass)::value;
+        constexpr int PT = PP * TILE;  // the pass's entries: entry t is plane + t / TILE, column t % TILE
         const float* hp = h_cur + plane * plane_floats;
-        const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
-        float acc[TILE];
+        float acc[PT];
         if (!nonfinite) {
+          const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
           if (!S::kHasColumnForm || byte_offsets) {
-            gather_plane<Cfg, true>(acc, reg, w_lane, n_smem_slots, hp_bytes);
+            gather_planes<Cfg, true, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
           } else {
-            gather_plane<Cfg, false>(acc, reg, w_lane, n_smem_slots, hp_bytes);
+            gather_planes<Cfg, false, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
           }
-          segmented_sum<TILE>(acc, seg_end, max_seg);
+          segmented_sum<PT>(acc, seg_end, max_seg);
         } else {
-          const RowSums<TILE> sums = nonfinite_row_sums<Cfg>(
-              p, static_cast<size_t>(gwarp) * K * 32 + lane, hp, s_nonfinite[plane & 1], seg_end, max_seg);
 #pragma unroll
-          for (int t = 0; t < TILE; ++t) acc[t] = sums.acc[t];
+          for (int q = 0; q < PP; ++q) {
+            const RowSums<TILE> sums = nonfinite_row_sums<Cfg>(
+                p, static_cast<size_t>(gwarp) * K * 32 + lane, hp + q * plane_floats,
+                s_nonfinite[(plane + q) & 1], seg_end, max_seg);
+#pragma unroll
+            for (int t = 0; t < TILE; ++t) acc[q * TILE + t] = sums.acc[t];
+          }
         }
 
         // The cells, on the cell lanes: entry t's G gate sums from the heads of the unit's gate
         // runs (every lane takes part in the shuffles; each keeps its own entry's sums).
-        float* const h_next = (s & 1) ? h_stage0 : h_stage1;  // cluster mode: the peers' next copy
         launder(cell_lane.bits);
+        const int rounds = PP == 1 ? rounds1 : rounds2;
         float out[SW] = {};  // the words this lane publishes for its entry (a gated backward: G)
-        for (int r = 0; r < rounds; ++r) {  // rounds is warp-uniform (1 unless a span < TILE)
+        for (int r = 0; r < rounds; ++r) {  // rounds is warp-uniform (1 unless a span < PT)
           const int t = cell_lane.entry() + r * cell_lane.span();
           float z[RG];
 #pragma unroll
@@ -1490,18 +1521,20 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
             const int src = cell_lane.gate_head(g);
             z[g] = 0.0f;
 #pragma unroll
-            for (int u = 0; u < TILE; ++u) {
+            for (int u = 0; u < PT; ++u) {
               const float v = __shfl_sync(kFullMask, acc[u], src);
               if (u == t) z[g] = v;
             }
           }
-          if (t < TILE) {
+          if (t < PT) {
+            const int pl = plane + t / TILE;  // the entry's plane and its column in the plane
+            const int tt = t % TILE;
             const int b = plane * TILE + t;
             if (r > 0) cell.prefetch(p, batch_slice(p), len_smem, unit, s, b, n_steps);  // not ahead
-            float* const unit_entry_cell = unit_cell + plane * cell_plane_floats + t;
+            float* const unit_entry_cell = unit_cell + pl * cell_plane_floats + tt;
             if constexpr (SW == 1) {
               out[0] = cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z,
-                                   hp[unit * TILE + t], unit_entry_cell);
+                                   h_cur[pl * plane_floats + unit * TILE + tt], unit_entry_cell);
             } else {
               cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z, unit_entry_cell, out);
             }
@@ -1510,44 +1543,57 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
               const int col = w * H + unit;
               if (!in_cluster && publishes && !last_phase) {  // nobody reads the last phase's words
                 const Word word = X::make_word(out[w], out_tag);
-                if (plane < n_full_planes) {
-                  st_relaxed(dst_buf + plane * plane_floats + col * TILE + t, word);
-                } else if (t < partial_rem) {
-                  st_relaxed(dst_buf + n_full_words + col * partial_rem + t, word);
+                if (pl < n_full_planes) {
+                  st_relaxed(dst_buf + pl * plane_floats + col * TILE + tt, word);
+                } else if (tt < partial_rem) {
+                  st_relaxed(dst_buf + n_full_words + col * partial_rem + tt, word);
                 }
               }
               if (in_cluster && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
                 const float v[1] = {out[w]};
-                push_tile<1>(h_next + plane * plane_floats + col * TILE + t, v, 0, 1, p.cluster,
+                push_tile<1>(h_next + pl * plane_floats + col * TILE + tt, v, 0, 1, p.cluster,
                              &s_pushed_nonfinite[(s + 1) & 1], s + 1);
               }
             }
           }
         }
-        // Prefetch the operands of the next (phase, plane) for this lane's first entry.
-        if (cell_lane.runs_cell(TILE)) {
-          if (plane + 1 < n_planes) {
-            cell.prefetch(p, batch_slice(p), len_smem, unit, s, (plane + 1) * TILE + cell_lane.entry(),
+        // Prefetch the operands of the next (phase, pass) for this lane's first entry.
+        if (cell_lane.runs_cell(kPassEntries)) {
+          if (plane + PP < n_planes) {
+            cell.prefetch(p, batch_slice(p), len_smem, unit, s, (plane + PP) * TILE + cell_lane.entry(),
                           n_steps);
           } else if (s + 1 < n_phases) {
             cell.prefetch(p, batch_slice(p), len_smem, unit, s + 1, cell_lane.entry(), n_steps);
           }
         }
         if (in_cluster && !last_phase && rounds == 1) {
-          // Into the other staged copy of every peer: every lane of the unit takes the plane's TILE
-          // new values from the cell lanes (spans are at least TILE wide here), and lane j of a span
+          // Into the other staged copy of every peer: every lane of the unit takes a plane's TILE
+          // new values from the cell lanes (spans are at least PT wide here), and lane j of a span
           // of n lanes pushes them to ranks j, j + n, ... (a gated forward's lanes push h only).
 #pragma unroll
-          for (int w = 0; w < SW; ++w) {
-            float v[TILE];
+          for (int q = 0; q < PP; ++q) {
 #pragma unroll
-            for (int u = 0; u < TILE; ++u) v[u] = __shfl_sync(kFullMask, out[w], (cell_lane.unit_lane() + u) & 31);
-            if (cell_lane.in_unit()) {
-              push_tile<TILE>(h_next + plane * plane_floats + (w * H + unit) * TILE, v,
-                              lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
-                              &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+            for (int w = 0; w < SW; ++w) {
+              float v[TILE];
+#pragma unroll
+              for (int u = 0; u < TILE; ++u)
+                v[u] = __shfl_sync(kFullMask, out[w], (cell_lane.unit_lane() + q * TILE + u) & 31);
+              if (cell_lane.in_unit()) {
+                push_tile<TILE>(h_next + (plane + q) * plane_floats + (w * H + unit) * TILE, v,
+                                lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
+                                &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+              }
             }
           }
+        }
+      };
+      while (plane < n_planes) {  // warp-uniform: two planes a pass while two remain
+        if (Cfg::kPlanesPerPass == 2 && plane + 1 < n_planes) {
+          pass(std::integral_constant<int, Cfg::kPlanesPerPass>{});
+          plane += Cfg::kPlanesPerPass;
+        } else {
+          pass(std::integral_constant<int, 1>{});
+          plane += 1;
         }
       }
       if (in_cluster) {
@@ -1567,13 +1613,13 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
 // cuda/instances/)
 // ================================================================================================
 
-template <Direction DIR, typename T, int TILE, int RS>
+template <Direction DIR, typename T, int TILE, int PP, int RS>
 PersistentKernelFn pick_variant(int threads) {
   constexpr bool packed16 = Storage<T>::kRegsPerSlot == 1;
-  using Narrow = PersistentConfig<DIR, T, TILE, RS, false>;
+  using Narrow = PersistentConfig<DIR, T, TILE, RS, false, PP>;
   if (threads > 0 && threads <= Narrow::kMaxThreads) return &sprnn_persistent_kernel<Narrow>;
   if constexpr (persistent_has_wide(DIR, packed16, RS)) {
-    using Wide = PersistentConfig<DIR, T, TILE, RS, true>;
+    using Wide = PersistentConfig<DIR, T, TILE, RS, true, PP>;
     if (threads <= Wide::kMaxThreads) return &sprnn_persistent_kernel<Wide>;
   } else {
     if (threads <= 0) return &sprnn_persistent_kernel<Narrow>;
@@ -1581,10 +1627,10 @@ PersistentKernelFn pick_variant(int threads) {
   return nullptr;
 }
 
-template <Direction DIR, typename T, int TILE, int... RS>
+template <Direction DIR, typename T, int TILE, int PP, int... RS>
 PersistentKernelFn pick_reg_slots(int rs, int threads, std::integer_sequence<int, RS...>) {
   PersistentKernelFn fn = nullptr;
-  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, RS>(threads), 0) : 0), ...);
+  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, PP, RS>(threads), 0) : 0), ...);
   return fn;
 }
 
@@ -1610,14 +1656,16 @@ struct DtypeOf<Dtype::kBF16> {
 };
 
 template <Direction DIR, Dtype DT>
-PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads) {
+PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int planes_per_pass) {
   using T = typename DtypeOf<DT>::type;
   using Seq = std::conditional_t<is_gated(DIR), typename DtypeOf<DT>::gated_slots,
                                  typename DtypeOf<DT>::slots>;
+  if (planes_per_pass == 2) return tile == 4 ? pick_reg_slots<DIR, T, 4, 2>(rs, threads, Seq{}) : nullptr;
+  if (planes_per_pass != 1) return nullptr;
   switch (tile) {
-    case 1: return pick_reg_slots<DIR, T, 1>(rs, threads, Seq{});
-    case 2: return pick_reg_slots<DIR, T, 2>(rs, threads, Seq{});
-    case 4: return pick_reg_slots<DIR, T, 4>(rs, threads, Seq{});
+    case 1: return pick_reg_slots<DIR, T, 1, 1>(rs, threads, Seq{});
+    case 2: return pick_reg_slots<DIR, T, 2, 1>(rs, threads, Seq{});
+    case 4: return pick_reg_slots<DIR, T, 4, 1>(rs, threads, Seq{});
     default: return nullptr;
   }
 }

@@ -36,6 +36,11 @@ def test_thread_limits_match_the_build():
         # of their out-of-line call (touched only in a phase whose state holds an Inf or NaN). On
         # the H200 (2026-12-03): 16-bit tiers up to 48 bytes, fp32 up to 64 (RS=96): docs/design.md.
         assert max(local.values()) <= 64, (dtype, local)
+        # The two-plane variants (tile 4) hold 4 more accumulators next to the same register tier:
+        # up to 104-112 bytes of local memory in the tightest tiers (nvcc 13.0, sm_90; docs/design.md).
+        pairs = {rs: cuda.kernel_attributes(dtype, 4, rs, 0, most, planes_per_pass=2)["local_bytes"]
+                 for rs, most in table}
+        assert max(pairs.values()) <= 112, (dtype, pairs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

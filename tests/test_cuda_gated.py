@@ -250,9 +250,9 @@ def test_a_unit_whose_gates_are_out_of_order_is_a_layout_error():
 def test_register_spills_stay_small(gates, dtype):
     cuda = _native.cuda_module()
     for reg_slots in cuda.supported_reg_slots(dtype, gates):
-        for tile in (1, 2, 4):
-            attrs = cuda.kernel_attributes(dtype, tile, reg_slots, gates=gates)
-            assert attrs["local_bytes"] <= 24, (reg_slots, tile, attrs)
+        for tile, planes in ((1, 1), (2, 1), (4, 1), (4, 2)):  # (4, 2): the two-plane variant
+            attrs = cuda.kernel_attributes(dtype, tile, reg_slots, gates=gates, planes_per_pass=planes)
+            assert attrs["local_bytes"] <= 24, (reg_slots, tile, planes, attrs)
 
 
 @pytest.mark.parametrize("exchange_mode", ["grid", "cluster"])

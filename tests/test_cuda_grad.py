@@ -60,6 +60,9 @@ def test_backward_kernels_share_the_forward_launch_bounds():
         # A few words at most (outside the slot loop): 56 since cluster mode, 80 since the non-finite
         # phases' out-of-line call (its ABI frame, touched only in such a phase): docs/design.md.
         assert max(local.values()) <= 80, (dtype, local)
+        pairs = {rs: cuda.kernel_attributes(dtype, 4, rs, 0, most, backward=True,
+                                            planes_per_pass=2)["local_bytes"] for rs, most in table}
+        assert max(pairs.values()) <= 112, (dtype, pairs)  # the two-plane variants (test_cuda.py)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
