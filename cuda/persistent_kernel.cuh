@@ -371,8 +371,9 @@ struct SpinControl {
 // error flag, or the grid's head count differs from the layout's rows, it fills the outputs with NaN
 // and leaves the error code in the pinned host word, which the next call's handler reports
 // (deferred_errors.h). Every thread of every CTA calls it. (It was a kernel of its own: one more
-// launch, and its gap, in every call.)
-__device__ __noinline__ void finish_call(uint32_t* header, const FinishParams& f) {
+// launch, and its gap, in every call.) Out of line, so that its registers leave the phase loop's
+// allocation as it was (inlined, ptxas moved a spill into the loop of the tightest tiers).
+inline __device__ __noinline__ void finish_call(uint32_t* header, const FinishParams& f) {
   bool last = false;
   __syncthreads();  // this CTA's outputs are written...
   if (threadIdx.x == 0) {
