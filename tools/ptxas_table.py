@@ -55,7 +55,8 @@ def main() -> None:
     if not lines:
         sys.exit(f"no persistent kernel in {args.log} (built with -Xptxas -v?)")
     if args.diff:
-        old = {ln.split(" regs")[0]: ln for ln in open(args.diff).read().splitlines() if not ln.startswith("#")}
+        old = {ln.split(" regs")[0]: ln
+               for ln in open(args.diff).read().splitlines() if not ln.startswith("#")}
         for ln in lines:
             before = old.get(ln.split(" regs")[0])
             if before != ln:
