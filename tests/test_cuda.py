@@ -183,4 +183,5 @@ def test_a_call_without_lengths_runs_every_step_like_full_lengths(cell, hidden):
         return js.sparse_rnn(x, h0, w, **kw)
     got, want = run(x, h0), run(x, h0, jnp.full((B,), T, jnp.int32))
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))  # (NaN would equal NaN below)
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
