@@ -1,6 +1,6 @@
 // XLA FFI handlers of the persistent recurrences (forward, backward): the operand checks, the
-// shared-memory plan, co-residency, the in-stream workspace reset and the launch, followed by the
-// finisher (deferred_errors.h says how errors are reported). The kernels are in
+// shared-memory plan, co-residency, the in-stream workspace reset and the launch (the kernel ends
+// the call itself: deferred_errors.h says how errors are reported). The kernels are in
 // persistent_kernel.cuh and are compiled per (direction, dtype) in cuda/instances/.
 //
 // Each recurrence has two targets sharing one implementation: the production one
@@ -175,9 +175,12 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int64_t cols = state_width_of(c.direction) * H;  // the staged state: a gated backward's du
 
   // ---- the packed layout ----------------------------------------------------------------------
-  if (c.lengths.element_count() != static_cast<size_t>(B))
-    return bad("lengths must have B = " + std::to_string(B) + " entries, got " +
-               std::to_string(c.lengths.element_count()));
+  // lengths: B of them, or none where every sequence runs all T steps (the lowering of a call
+  // without seq_lengths passes none, so that XLA builds no [B] array of T for it).
+  const size_t n_lengths = c.lengths.element_count();
+  if (n_lengths != static_cast<size_t>(B) && n_lengths != 0)
+    return bad("lengths must have B = " + std::to_string(B) +
+               " entries (or none: every sequence runs all T steps), got " + std::to_string(n_lengths));
   const int64_t n_lanes = static_cast<int64_t>(c.lane_row.element_count());
   if (n_lanes % kWarpSize != 0)
     return bad("lane_row size " + std::to_string(n_lanes) + " is not a multiple of 32");
@@ -366,7 +369,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.values = c.values.untyped_data();
   prm.indices = c.indices.typed_data();
   prm.lane_row = c.lane_row.typed_data();
-  prm.lengths = c.lengths.typed_data();
+  prm.lengths = n_lengths != 0 ? c.lengths.typed_data() : nullptr;
   prm.seq_out = c.seq_out;
   prm.final_out = c.final_out;
   prm.c_init = c.c_init;
@@ -404,6 +407,26 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.timeout_ns =
       static_cast<unsigned long long>(std::min(timeout_us, kMaxSpinTimeoutUs)) * 1000ull;
 
+  // ---- what a failed call fills with NaN (finish_call, at the kernel's end) --------------------
+  // Every layout row has exactly one head lane.
+  const unsigned long long n_seq = static_cast<unsigned long long>(T * B * cols);
+  const unsigned long long n_final = static_cast<unsigned long long>(B * H);
+  const uint32_t nan_bits = dt == ffi::DataType::F32   ? Storage<float>::kNaNBits
+                            : dt == ffi::DataType::F16 ? Storage<__half>::kNaNBits
+                                                       : Storage<__nv_bfloat16>::kNaNBits;
+  const int bytes = static_cast<int>(elem_bytes);
+  FinishParams& fin = prm.finish;
+  auto poison = [&](void* data, unsigned long long n, uint32_t bits, int width) {
+    if (data != nullptr && n > 0) fin.out[fin.n_out++] = FinishOutput{data, n, bits, width};
+  };
+  poison(c.seq_out, n_seq, nan_bits, bytes);
+  poison(c.final_out, n_final, nan_bits, bytes);
+  poison(c.c_final, n_final, nan_bits, bytes);
+  poison(c.cells_out, n_seq, nan_bits, bytes);
+  poison(c.du_out, n_seq, Storage<float>::kNaNBits, 4);
+  fin.expected_heads = rows;
+  fin.host_word = error_word_device();
+
   if (in_cluster) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
@@ -426,24 +449,6 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
   }
 
-  const size_t n_seq = static_cast<size_t>(T * B * cols);
-  const size_t n_final = static_cast<size_t>(B * H);
-  // Every layout row has exactly one head lane. The LSTM's c_final and a gated backward's du are
-  // poisoned by more finishers on error (the same code reaches the host word again, harmlessly).
-  auto finish = [&](void* out0, size_t n0, void* out1, size_t n1) {
-    if (dt == ffi::DataType::F32)
-      return launch_finisher<uint32_t>(stream, dev, prm.error_flag, rows, out0, n0, out1, n1,
-                                       Storage<float>::kNaNBits);
-    return launch_finisher<uint16_t>(stream, dev, prm.error_flag, rows, out0, n0, out1, n1,
-                                     dt == ffi::DataType::F16 ? Storage<__half>::kNaNBits
-                                                              : Storage<__nv_bfloat16>::kNaNBits);
-  };
-  e = finish(c.seq_out, n_seq, c.final_out, n_final);
-  if (e == cudaSuccess && c.c_final != nullptr) e = finish(c.c_final, n_final, c.cells_out, c.cells_out ? n_seq : 0);
-  if (e == cudaSuccess && c.du_out != nullptr)
-    e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, rows, c.du_out, n_seq, nullptr, 0,
-                                  Storage<float>::kNaNBits);
-  if (e != cudaSuccess) return cuda_error("launching the finisher kernel", e);
   return ffi::Error::Success();
 }
 

@@ -1,5 +1,6 @@
 // The deferred error reporting of the persistent kernels (see deferred_errors.h): the pinned host
-// word, the finisher kernel, and the module's pending_error() / initialize().
+// word, its device view for the kernels' finish_call, and the module's pending_error() /
+// initialize().
 #include "deferred_errors.h"
 
 #include <algorithm>
@@ -12,23 +13,6 @@
 
 namespace jax_sprnn::cuda {
 namespace {
-
-// `expected_heads` < 0 skips the head-count check (the sync-floor kernel has no layout).
-template <typename Bits>
-__global__ void finish_kernel(const uint32_t* __restrict__ header, int64_t expected_heads,
-                              Bits* out0, size_t n0, Bits* out1, size_t n1, Bits nan_bits,
-                              uint32_t* host_word) {
-  // The persistent kernel has completed (stream order): plain loads see its writes.
-  uint32_t code = header[0];
-  if (expected_heads >= 0 && header[kHeadCountWord] != static_cast<uint64_t>(expected_heads))
-    code |= kErrBadLayout;
-  if (code == 0) return;
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  const size_t first = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (size_t i = first; i < n0; i += stride) out0[i] = nan_bits;
-  for (size_t i = first; i < n1; i += stride) out1[i] = nan_bits;
-  if (first == 0 && host_word != nullptr) *reinterpret_cast<volatile uint32_t*>(host_word) = code;
-}
 
 // ---- the host word (pinned, mapped host memory, allocated once) ---------------------------------
 
@@ -98,24 +82,10 @@ ffi::Error take_deferred_error(cudaStream_t stream) {
   return ffi::Error::Success();
 }
 
-template <typename Bits>
-cudaError_t launch_finisher(cudaStream_t stream, const DeviceInfo& dev, const uint32_t* header,
-                            int64_t expected_heads, void* out0, size_t n0, void* out1, size_t n1,
-                            Bits nan_bits) {
-  const size_t n = std::max(n0, n1);
-  const int threads = 256;
-  const int blocks = static_cast<int>(
-      std::max<size_t>(1, std::min<size_t>((n + threads - 1) / threads, 2 * dev.sm_count)));
-  finish_kernel<Bits><<<blocks, threads, 0, stream>>>(header, expected_heads, static_cast<Bits*>(out0), n0,
-                                                      static_cast<Bits*>(out1), n1, nan_bits,
-                                                      g_error_device);
-  return cudaGetLastError();
+uint32_t* error_word_device() {
+  std::lock_guard<std::mutex> lock(g_error_word_mutex);
+  return g_error_device;
 }
-
-template cudaError_t launch_finisher<uint32_t>(cudaStream_t, const DeviceInfo&, const uint32_t*,
-                                               int64_t, void*, size_t, void*, size_t, uint32_t);
-template cudaError_t launch_finisher<uint16_t>(cudaStream_t, const DeviceInfo&, const uint32_t*,
-                                               int64_t, void*, size_t, void*, size_t, uint16_t);
 
 std::string TakePendingError() {
   const uint32_t code = take_error_code();

@@ -16,6 +16,7 @@ namespace jax_sprnn::cuda {
 // Workspace: [header][exchange buffer 0][exchange buffer 1]; its size is constants::cuda_workspace_bytes.
 constexpr int kHeaderBytes = static_cast<int>(constants::kWorkspaceHeaderBytes);
 constexpr int kHeadCountWord = 1;        // header word counting head lanes (must end up == H)
+constexpr int kDoneCountWord = 2;        // header word counting the CTAs that finished (finish_call)
 constexpr uint32_t kErrTimeout = 1u;     // a spin exceeded its bound
 constexpr uint32_t kErrBadLayout = 2u;   // the packed layout broke an invariant
 constexpr int64_t kDefaultSpinTimeoutUs = constants::kDefaultSpinTimeoutUs;
@@ -24,7 +25,7 @@ using constants::cuda_workspace_bytes;
 
 // The header holds the error word and the head count, and keeps the exchange buffers after it
 // 16-byte aligned (vector accesses).
-static_assert(kHeaderBytes % 16 == 0 && kHeaderBytes >= (kHeadCountWord + 1) * 4,
+static_assert(kHeaderBytes % 16 == 0 && kHeaderBytes >= (kDoneCountWord + 1) * 4,
               "the workspace header must hold its words and keep the buffers 16-byte aligned");
 static_assert(constants::kExchangeBuffers == 2, "the kernels double-buffer the exchange");
 
@@ -50,6 +51,23 @@ constexpr int row_gates_of(Direction d) { return is_gated_backward(d) ? 1 : gate
 constexpr int state_width_of(Direction d) { return is_gated_backward(d) ? gates_of(d) : 1; }
 enum class Dtype { kF32, kF16, kBF16 };
 
+// ---- the end of a call (persistent_kernel.cuh: finish_call; deferred_errors.h) -------------------
+// The outputs a failed call fills with NaN: a recurrence's sequence, final state, the LSTM's c_final
+// and cell states, a gated backward's du.
+constexpr int kMaxFinishOutputs = 5;
+struct FinishOutput {
+  void* data;
+  unsigned long long n;  // elements
+  uint32_t nan_bits;     // a quiet NaN of the element type
+  int bytes;             // 2 or 4
+};
+struct FinishParams {
+  FinishOutput out[kMaxFinishOutputs];
+  int n_out;
+  long long expected_heads;  // the layout's rows (each has exactly one head lane); < 0: no check
+  uint32_t* host_word;       // device view of the pinned word of the deferred error; null: none
+};
+
 // ---- kernel parameters (computed by the host; passed as a __grid_constant__) --------------------
 //
 //                forward             backward
@@ -72,7 +90,7 @@ struct PersistentParams {
   const void* values;    // [NW*K*32] D
   const int32_t* indices;
   const int32_t* lane_row;
-  const int32_t* lengths;
+  const int32_t* lengths;  // [B], or null: every sequence runs all T steps
   void* seq_out;
   void* final_out;
   const void* c_init;    // LSTM: c0 [B, H]
@@ -110,6 +128,7 @@ struct PersistentParams {
   int stall_cta;         // test hook: this CTA never publishes (-1: none)
   int grid_barrier;      // ablation only: a grid-wide barrier before each phase's staging
   unsigned long long timeout_ns;
+  FinishParams finish;
 };
 
 using PersistentKernelFn = void (*)(PersistentParams);

@@ -62,10 +62,10 @@
 //     timeout bit in the header flag, and every spin also gives up when it sees the flag set. A CTA
 //     whose thread gave up leaves the phase loop at the next __syncthreads_or.
 //   * Out-of-range indices / lane_row entries (clamped, so memory stays safe), a row with two runs
-//     in one warp, and a grid-wide head count != H (checked by the finisher) set the layout bit.
+//     in one warp, and a grid-wide head count != H (checked at the end of the call) set the layout bit.
 //   * lengths are clamped to [0, T] on the device (the host cannot read them).
-//   * The finisher the handlers launch after the kernel (deferred_errors.h) turns the flag into NaN
-//     outputs and a deferred XLA error.
+//   * At the end of the call the last CTA to finish (finish_call) turns the flag into NaN outputs
+//     and a deferred XLA error (deferred_errors.h).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -366,6 +366,39 @@ struct SpinControl {
     return false;
   }
 };
+
+// The end of every persistent kernel: the last CTA to finish checks the call. Where a CTA set the
+// error flag, or the grid's head count differs from the layout's rows, it fills the outputs with NaN
+// and leaves the error code in the pinned host word, which the next call's handler reports
+// (deferred_errors.h). Every thread of every CTA calls it. (It was a kernel of its own: one more
+// launch, and its gap, in every call.) Out of line, so that its registers leave the phase loop's
+// allocation as it was (inlined, ptxas moved a spill into the loop of the tightest tiers).
+inline __device__ __noinline__ void finish_call(uint32_t* header, const FinishParams& f) {
+  bool last = false;
+  __syncthreads();  // this CTA's outputs are written...
+  if (threadIdx.x == 0) {
+    __threadfence();  // ...and visible to the whole grid before the count includes this CTA
+    last = atomicAdd(header + kDoneCountWord, 1u) == gridDim.x - 1;
+  }
+  if (!__syncthreads_or(last)) return;
+  __threadfence();  // (the acquire side: every other CTA's outputs and flags, as counted)
+  uint32_t code = ld_relaxed_u32(header);
+  if (f.expected_heads >= 0 &&
+      ld_relaxed_u32(header + kHeadCountWord) != static_cast<unsigned long long>(f.expected_heads))
+    code |= kErrBadLayout;
+  if (code == 0) return;
+  for (int o = 0; o < f.n_out; ++o) {
+    const FinishOutput& out = f.out[o];
+    for (unsigned long long i = threadIdx.x; i < out.n; i += blockDim.x) {
+      if (out.bytes == 2) {
+        static_cast<uint16_t*>(out.data)[i] = static_cast<uint16_t>(out.nan_bits);
+      } else {
+        static_cast<uint32_t*>(out.data)[i] = out.nan_bits;
+      }
+    }
+  }
+  if (threadIdx.x == 0 && f.host_word != nullptr) *reinterpret_cast<volatile uint32_t*>(f.host_word) = code;
+}
 
 template <class X, int VW>
 __device__ __forceinline__ bool vec_has_tag(const WordVec<typename X::Word, VW>& v, uint32_t tag) {
@@ -1216,9 +1249,9 @@ struct CellLane {
 // The persistent kernel
 // ================================================================================================
 
+// The recurrence of one CTA (the kernel below adds the end of the call).
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
-    sprnn_persistent_kernel(const __grid_constant__ PersistentParams p) {
+__device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   using S = typename Cfg::S;
   using X = typename Cfg::X;
   using Bits = typename S::Bits;
@@ -1285,7 +1318,8 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   __syncthreads();
   const BatchSlice slice = batch_slice(p);
   for (int b = tid; b < slice.n; b += blockDim.x) {
-    const int L = min(max(__ldg(p.lengths + slice.b0 + b), 0), p.T);  // clamp: lengths must be in [0, T]
+    // (no lengths: every sequence runs all T steps; else clamped, since lengths must be in [0, T])
+    const int L = p.lengths == nullptr ? p.T : min(max(__ldg(p.lengths + slice.b0 + b), 0), p.T);
     len_smem[b] = L;
     atomicMax(&s_steps, L);
   }
@@ -1308,7 +1342,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     const uint32_t heads = __ballot_sync(kFullMask, is_head);
     const uint32_t same_row = __match_any_sync(kFullMask, row);
     if (is_head && __popc(same_row & heads) > 1) atomicOr(&s_error, kErrBadLayout);
-    // Every row needs exactly one head in the whole grid; the finisher compares the count with H
+    // Every row needs exactly one head in the whole grid; finish_call compares the count with H
     // (a missing row would otherwise go unnoticed when no phase waits for it, e.g. T = 1).
     // (Replicas hold the same layout: only the first one counts.)
     if (lane == 0 && heads != 0 && replica_of(p) == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
@@ -1361,7 +1395,7 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
   const bool byte_offsets = p.byte_offsets != 0;
   const uint32_t col_shift = byte_offsets ? (TILE == 4 ? 4u : TILE == 2 ? 3u : 2u) : 0u;
   // An out-of-range column is clamped (so the gather stays inside shared memory) and reported:
-  // the finisher then replaces the outputs with NaN.
+  // finish_call then replaces the outputs with NaN.
   auto make_slot = [&](Bits v, int col) {
     col = col < 0 ? ~col : col;  // padding stores ~j (docs/format.md); its value is 0
     bad_index |= static_cast<unsigned>(col) >= static_cast<unsigned>(cols);
@@ -1606,6 +1640,13 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     }
   }
   zero_tail_steps<Cfg>(p, n_steps);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
+    sprnn_persistent_kernel(const __grid_constant__ PersistentParams p) {
+  persistent_body<Cfg>(p);
+  finish_call(p.error_flag, p.finish);
 }
 
 // ================================================================================================

@@ -30,10 +30,10 @@ struct FloorParams {
   float* out;
   int steps, words, h_buffers, exchange_vector;
   unsigned long long timeout_ns;
+  FinishParams finish;
 };
 
-__global__ void __launch_bounds__(kMaxThreadsPerCta, 1)
-    sync_floor_kernel(const __grid_constant__ FloorParams p) {
+__device__ __forceinline__ void sync_floor_body(const FloorParams& p) {
   using X = NarrowWords<Storage<__half>>;
   using Word = X::Word;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -74,6 +74,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerCta, 1)
     if (p.h_buffers == 1) __syncthreads();
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.out = last;
+}
+
+__global__ void __launch_bounds__(kMaxThreadsPerCta, 1)
+    sync_floor_kernel(const __grid_constant__ FloorParams p) {
+  sync_floor_body(p);
+  finish_call(p.error_flag, p.finish);  // as the recurrences end their calls
 }
 
 ffi::Error SyncFloorImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> /*x*/,
@@ -131,13 +137,14 @@ ffi::Error SyncFloorImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> /*x*/,
   prm.h_buffers = h_buffers;
   prm.exchange_vector = xl.vector ? 1 : 0;
   prm.timeout_ns = static_cast<unsigned long long>(kDefaultSpinTimeoutUs) * 1000ull;
+  prm.finish.out[0] = FinishOutput{prm.out, 1, Storage<float>::kNaNBits, 4};
+  prm.finish.n_out = 1;
+  prm.finish.expected_heads = -1;  // (no layout)
+  prm.finish.host_word = error_word_device();
   void* args[] = {&prm};
   e = cudaLaunchCooperativeKernel(fn, dim3(static_cast<unsigned>(num_ctas)),
                                   dim3(static_cast<unsigned>(threads)), args, smem_bytes, stream);
   if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(jax_sprnn_sync_floor)", e);
-  e = launch_finisher<uint32_t>(stream, dev, prm.error_flag, -1, prm.out, 1, nullptr, 0,
-                                Storage<float>::kNaNBits);
-  if (e != cudaSuccess) return cuda_error("launching the finisher kernel", e);
   return ffi::Error::Success();
 }
 

@@ -31,12 +31,14 @@ class _Config:
     meta: LayoutMeta
     meta_t: LayoutMeta
     batch_major: bool = False  # the caller's x and y are [B, T, H] (primitives._persistent_cuda)
+    full_lengths: bool = False  # no seq_lengths: every sequence runs all T steps (the same)
 
 
 def _forward_bind(x, h0, w: SparseWeights, lengths, cfg: _Config):
     return sprnn_forward_p.bind(x, h0, w.values, w.indices, w.lane_row, lengths,
                                 activation=cfg.activation, reverse=cfg.reverse, meta=cfg.meta,
-                                method=cfg.method, batch_major=cfg.batch_major)
+                                method=cfg.method, batch_major=cfg.batch_major,
+                                full_lengths=cfg.full_lengths)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -115,7 +117,7 @@ def sparse_rnn(inputs, h0, weights: SparseWeights, *, activation: str = "tanh",
         y, h_final = _reference_sparse(x_tm, h0, weights, safe_lengths, activation, bool(reverse))
     else:
         cfg = _Config(activation, bool(reverse), method, weights.meta, weights.meta_t,
-                      batch_major=not time_major)
+                      batch_major=not time_major, full_lengths=seq_lengths is None)
         y, h_final = _native_rnn(x_tm, h0, weights, safe_lengths, cfg)
     if not checked:
         y, h_final = _poison_bad_lengths(y, h_final, lengths, T)

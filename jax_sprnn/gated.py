@@ -51,6 +51,7 @@ class _Config:
     reverse: bool
     method: str
     meta: LayoutMeta
+    full_lengths: bool = False  # no seq_lengths (primitives._persistent_cuda)
 
 
 def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config, *,
@@ -58,7 +59,7 @@ def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config, *,
     """The forward primitive: ``(y, final carry, cells)``, carry ``(c, h)`` (LSTM) or ``(h,)``
     (GRU); ``cells``: the LSTM's cell state after each position where ``with_cells`` asks for it
     (what its backward pass reads), else None."""
-    params = dict(reverse=cfg.reverse, meta=cfg.meta, method=cfg.method)
+    params = dict(reverse=cfg.reverse, meta=cfg.meta, method=cfg.method, full_lengths=cfg.full_lengths)
     if cfg.gates == 4:
         c0, h0 = carry
         operands = (x, h0, c0, values, w.indices, w.lane_row, lengths)
@@ -111,7 +112,7 @@ def _run(x_tm, carry: tuple, weights: SparseWeights, hn_bias, lengths, seq_lengt
         y, final = fallback.gated_scan(x_tm, carry, dense_matvec(kernel), safe, hn_bias,
                                        gates=cell.gates, reverse=bool(reverse))
     else:
-        cfg = _Config(cell.gates, bool(reverse), method, weights.meta)
+        cfg = _Config(cell.gates, bool(reverse), method, weights.meta, full_lengths=seq_lengths is None)
         y, final = _gated(x_tm, carry, weights, hn_bias, safe, cfg)
     if not checked:
         y, stacked = _poison_bad_lengths(y, jnp.stack(final), lengths, T)

@@ -54,8 +54,8 @@ def _lower_fallback(impl):
     lowered = mlir.lower_fun(lambda *args, **params: list(impl(*args, **params)),
                              multiple_results=True)
 
-    def rule(ctx, *args, method, **params):
-        del method
+    def rule(ctx, *args, method, full_lengths=False, **params):
+        del method, full_lengths  # (the lengths are there: the fallback reads them)
         return lowered(ctx, *args, **params)
     return rule
 
@@ -98,8 +98,9 @@ def _cpu_lowering(target: str, fallback_impl, ffi_attrs):
     """The CPU rule of a primitive: its C++ kernel, or the pure-JAX ``fallback_impl`` where the CPU
     module was not built. ``ffi_attrs`` maps the primitive's other parameters to the target's
     attributes."""
-    def rule(ctx, *args, method, batch_major=False, **params):
-        del batch_major  # a CUDA layout choice (see _persistent_cuda); the CPU takes [T, B, H]
+    def rule(ctx, *args, method, batch_major=False, full_lengths=False, **params):
+        # CUDA lowering choices (see _persistent_cuda): the CPU takes [T, B, H] and its lengths
+        del batch_major, full_lengths
         steps, batch = ctx.avals_in[0].shape[:2]  # every primitive's first operand is [T, B, H]
         decision = dispatch.on_cpu(method, params["meta"], batch, steps, forward=target == FORWARD)
         if decision.path == "fallback":
@@ -145,8 +146,8 @@ EXCHANGE_MODES = {"auto": 0, "grid": 1, "cluster": 2}
 
 
 def _forward_abstract(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta,
-                      method, batch_major=False, spin_timeout_us=0, debug_stall_cta=-1,
-                      grid_barrier=False, exchange_mode="auto"):
+                      method, batch_major=False, full_lengths=False, spin_timeout_us=0,
+                      debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
     return _recurrence_shapes("sprnn_forward", "x", x, h0, meta)
 
 
@@ -185,14 +186,27 @@ def _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode) -
 _BATCH_MAJOR_LAYOUT = (2, 0, 1)
 
 
+def _drop_full_lengths(ctx, args, at: int):
+    """The operands of a forward call whose ``lengths`` (operand ``at``) are all T, as the CUDA
+    targets take them: an empty lengths array (every sequence runs all T steps). XLA then builds no
+    ``[B]`` array of T, which in a short call is a kernel launch of its own (issue 18, item 6)."""
+    args = list(args)
+    avals_in = list(ctx.avals_in)
+    args[at] = mlir.ir_constant(np.zeros((0,), np.int32))
+    avals_in[at] = jax.core.ShapedArray((0,), np.int32)
+    return ctx.replace(avals_in=avals_in), args
+
+
 def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, meta, method,
-                     batch_major=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
-                     exchange_mode="auto"):
+                     batch_major=False, full_lengths=False, spin_timeout_us=0, debug_stall_cta=-1,
+                     grid_barrier=False, exchange_mode="auto"):
     """Lower a persistent recurrence (forward or backward) to its CUDA kernel, or to the fallback.
 
     ``batch_major`` (the forward only: a caller whose x and y are ``[B, T, H]``): x and y keep
     their logical ``[T, B, H]`` shape, but the custom call asks XLA for the layout that puts B
-    outermost, so the caller's ``swapaxes`` become bitcasts instead of two transpose kernels."""
+    outermost, so the caller's ``swapaxes`` become bitcasts instead of two transpose kernels.
+    ``full_lengths`` (the forward only: a call without ``seq_lengths``): the lengths operand is
+    all T, and the target gets none."""
     T, B, H = ctx.avals_in[0].shape
     decision = dispatch.on_cuda_recurrence(target, meta, B, ctx.avals_in[0].dtype, method)
     if decision.path == "fallback":
@@ -200,6 +214,8 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
         return _lower_fallback(fallback_impl)(ctx, *args, activation=activation, reverse=reverse,
                                               meta=meta, method=method)
     _native.initialize_cuda()
+    if full_lengths:
+        ctx, args = _drop_full_lengths(ctx, args, 5)
     workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, H),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     attrs = _recurrence_attrs(activation=activation, reverse=reverse, meta=meta)
@@ -251,7 +267,8 @@ def _gated_shapes(name: str, gates: int, x, h0, meta: LayoutMeta, n_states: int)
 
 
 def _lstm_abstract(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta, method,
-                   spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+                   full_lengths=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
+                   exchange_mode="auto"):
     return _gated_shapes("sprnn_lstm", 4, x, h0, meta, 2)
 
 
@@ -261,7 +278,8 @@ def _lstm_with_cells_abstract(x, h0, c0, values, indices, lane_row, lengths, **p
 
 
 def _gru_abstract(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta, method,
-                  spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+                  full_lengths=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
+                  exchange_mode="auto"):
     return _gated_shapes("sprnn_gru", 3, x, h0, meta, 1)
 
 
@@ -342,9 +360,10 @@ def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
     return _gated_target_call(ctx, prim, GATED_FORWARD, args, _gated_attrs(_GATES[prim], reverse, meta))
 
 
-def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, spin_timeout_us=0,
-                debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
-    """Lower a gated cell's forward recurrence to its persistent CUDA kernel, or to the fallback."""
+def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, full_lengths=False,
+                spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+    """Lower a gated cell's forward recurrence to its persistent CUDA kernel, or to the fallback
+    (``full_lengths``: as :func:`_persistent_cuda`)."""
     T, B, _ = ctx.avals_in[0].shape
     decision = dispatch.on_cuda_recurrence(GATED_FORWARD, meta, B, ctx.avals_in[0].dtype, method)
     if decision.path == "fallback":
@@ -352,6 +371,8 @@ def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, spin_tim
         return _lower_fallback(fallback_impl)(ctx, *args, reverse=reverse, meta=meta, method=method)
     _native.initialize_cuda()
     gates = _GATES[prim]
+    if full_lengths:  # (the LSTM's lengths follow its c0)
+        ctx, args = _drop_full_lengths(ctx, args, 6 if gates == 4 else 5)
     attrs = _gated_attrs(gates, reverse, meta)
     target = GATED_FORWARD
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)

@@ -86,7 +86,8 @@ def test_forced_timeout_is_reported_and_the_next_call_works():
     params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
     y, h = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params,
                                 spin_timeout_us=2000, debug_stall_cta=0)
-    assert np.all(np.isnan(np.asarray(y, np.float32)))  # never a silent wrong number
+    # Never a silent wrong number: the kernel's last CTA fills every output with NaN.
+    assert np.all(np.isnan(np.asarray(y, np.float32))) and np.all(np.isnan(np.asarray(h, np.float32)))
     with pytest.raises(Exception, match="timed out"):  # reported by the next call
         jax.block_until_ready(sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row,
                                                    lengths, **params))
@@ -157,3 +158,30 @@ def test_a_batch_major_call_runs_without_transposes_and_matches(exchange_mode, b
     assert rel_err(batch_major(x, h0)[0], y_ref) < TOLERANCE["float16"]
     assert _transposes(batch_major.lower(x, h0).compile().as_text()) == []
     assert _transposes(time_major.lower(x, h0).compile().as_text()) != []  # what the layout saves
+
+
+@pytest.mark.parametrize("cell, hidden", [("simple", 300), ("simple", 2304), ("lstm", 300), ("gru", 300)])
+def test_a_call_without_lengths_runs_every_step_like_full_lengths(cell, hidden):
+    # Without seq_lengths the kernel gets no lengths operand and runs all T steps for every
+    # example: the same bits as lengths of T passed explicitly (tests/test_cuda_lowering.py checks
+    # that the operand is empty). (H = 300 runs in cluster mode, 2304 in grid mode.)
+    B, T = 6, 9
+    gates = {"simple": 1, "lstm": 4, "gru": 3}[cell]
+    rng = np.random.default_rng(gates + hidden)
+    w = js.SparseWeights.from_dense((rng.standard_normal((hidden, gates * hidden)) * 0.1).astype(np.float16),
+                                    density=0.1)
+    x = jnp.asarray(rng.standard_normal((B, T, gates * hidden)), jnp.float16)
+    h0 = jnp.asarray(rng.standard_normal((B, hidden)) * 0.5, jnp.float16)
+
+    @jax.jit
+    def run(x, h0, seq_lengths=None):
+        kw = dict(method="native", seq_lengths=seq_lengths)
+        if cell == "lstm":
+            return js.sparse_lstm(x, (h0, h0), w, **kw)
+        if cell == "gru":
+            return js.sparse_gru(x, h0, w, **kw)
+        return js.sparse_rnn(x, h0, w, **kw)
+    got, want = run(x, h0), run(x, h0, jnp.full((B,), T, jnp.int32))
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))  # (NaN would equal NaN below)
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))

@@ -135,3 +135,41 @@ def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
     assert _custom_calls(hooked, x_tm, h0) == [(_constants.ffi_target("gated_forward_hooked"),
                                                 GATED_ATTRS | HOOK_ATTRS)]
 
+
+
+def _lengths_operand(text: str, kind: str) -> str:
+    """The MLIR type of the lengths operand of the first `kind` custom call in `text`."""
+    call = re.search(rf"stablehlo\.custom_call @{_constants.ffi_target(kind)}\(.*", text).group(0)
+    types = re.search(r"\}\s*:\s*\((.*?)\)\s*->", call).group(1)
+    operands = re.findall(r"tensor<[^>]*>", types)
+    at = {"forward": 5, "gated_forward": 6}[kind]  # (the gated target's c0 comes before lengths)
+    return operands[at]
+
+
+@pytest.mark.parametrize("cell", ["simple", "lstm", "gru"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_a_call_without_seq_lengths_passes_no_lengths(cuda_targets_registered, cell, with_lengths):
+    # Every sequence runs all T steps: the target gets an empty lengths operand (the kernel then
+    # runs T steps for every example), so XLA builds no [B] array of T, which in a short call is a
+    # kernel launch of its own (issue 18, item 6). Given lengths reach the kernel.
+    H, B, T = 40, 3, 5
+    gates = {"simple": 1, "lstm": 4, "gru": 3}[cell]
+    rng = np.random.default_rng(gates)
+    kernel = (rng.standard_normal((H, gates * H)) * 0.2).astype(np.float16)
+    w = js.SparseWeights.from_dense(kernel, density=0.2)
+    x = jnp.asarray(rng.standard_normal((B, T, gates * H)), jnp.float16)
+    h0 = jnp.zeros((B, H), jnp.float16)
+    kw = dict(method="native", seq_lengths=jnp.array([5, 2, 0]) if with_lengths else None)
+
+    def fn(x, h0):
+        if cell == "lstm":
+            return js.sparse_lstm(x, (h0, h0), w, **kw)
+        if cell == "gru":
+            return js.sparse_gru(x, h0, w, **kw)
+        return js.sparse_rnn(x, h0, w, **kw)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _native.cuda_targets()]
+    for f, batch in ((fn, B), (jax.vmap(fn), 2 * B)):  # (vmap folds its axis into the batch)
+        args = (x, h0) if f is fn else (jnp.stack([x, x]), jnp.stack([h0, h0]))
+        text = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+        want = f"tensor<{batch}xi32>" if with_lengths else "tensor<0xi32>"
+        assert _lengths_operand(text, "forward" if cell == "simple" else "gated_forward") == want

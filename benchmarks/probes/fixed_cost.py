@@ -89,7 +89,7 @@ def programs(hidden: int, density: float, batch: int, dtype: str):
 
 
 def floor_program(w, batch: int, steps: int):
-    """The same grid's launch, workspace reset, exchange protocol and finisher, with no weights and
+    """The same grid's launch, workspace reset, exchange protocol and end-of-call check, with no weights and
     no cell: what a call of the persistent kernel costs before its own init and compute."""
     run = sync_floor_fn(w.meta, batch, steps)
     dummy = jnp.zeros((1,), jnp.float32)
@@ -146,7 +146,7 @@ def main() -> None:
                  jnp.asarray(rng.standard_normal((args.batch, args.hidden)) * 0.1, dt)) for _ in range(4)]
         progs_t = dict(progs)
         if jax.default_backend() == "gpu":  # (a CUDA target only)
-            progs_t["sync floor (launch, reset, exchange, finisher)"] = floor_program(w, args.batch, T)
+            progs_t["sync floor (launch, reset, exchange, end check)"] = floor_program(w, args.batch, T)
         jitted = {}
         for name, fn in progs_t.items():
             if args.only and args.only not in name:
