@@ -62,6 +62,13 @@ fi
 if has tests || has all || has final; then
   echo "== tests"
   if [ $# -eq 0 ]; then set -- "$OLDPWD/tests"; fi
+  # pytest runs from /tmp: test paths relative to the repository (tests/x.py::name) are made absolute
+  test_args=()
+  for a in "$@"; do
+    if [[ "$a" != -* && "$a" != /* && -e "$OLDPWD/${a%%::*}" ]]; then a="$OLDPWD/$a"; fi
+    test_args+=("$a")
+  done
+  set -- "${test_args[@]}"
   timeout -k 10 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
 if has profile; then
