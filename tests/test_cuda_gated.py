@@ -252,7 +252,11 @@ def test_register_spills_stay_small(gates, dtype):
     for reg_slots in cuda.supported_reg_slots(dtype, gates):
         for tile, planes in ((1, 1), (2, 1), (4, 1), (4, 2)):  # (4, 2): the two-plane variant
             attrs = cuda.kernel_attributes(dtype, tile, reg_slots, gates=gates, planes_per_pass=planes)
-            assert attrs["local_bytes"] <= 24, (reg_slots, tile, planes, attrs)
+            # On the H200 (nvcc 13.0, 2026-12-03): one plane up to 16 bytes; two planes up to 32,
+            # in the fp32 LSTM's RS=0 wide tier (96 registers), 8 more since the kernels end the
+            # call out of line (finish_call). Inlining it saves those 8 and costs 8 in 24 of the
+            # simple cell's 16-bit tiers, so it stays out of line (docs/design.md).
+            assert attrs["local_bytes"] <= (16 if planes == 1 else 32), (reg_slots, tile, planes, attrs)
 
 
 @pytest.mark.parametrize("exchange_mode", ["grid", "cluster"])

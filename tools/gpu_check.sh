@@ -49,7 +49,7 @@ JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps "${arch_
   -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
 rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
-grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
+grep -E "ptxas info *: (Used|Compiling|Function properties)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 rm -f "$OUT/build.log"  # keep $OUT for results (the build log is large and the build passed)
 cd /tmp  # import the installed package, not the source tree
@@ -69,7 +69,9 @@ if has tests || has all || has final; then
     test_args+=("$a")
   done
   set -- "${test_args[@]}"
-  timeout -k 10 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rs --rootdir="$OLDPWD" -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
+  # SIGINT at the time limit: pytest then still prints the failures so far and its summary line.
+  timeout -s INT -k 30 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rfEs --durations=8 --rootdir="$OLDPWD" \
+    -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
 if has profile; then
   echo "== nsight compute"
