@@ -13,6 +13,9 @@
 //   local-N      a layer inside one cluster of N CTAs (R independent replicas fill the GPU): the
 //                state never leaves the cluster; DSMEM pushes and one cluster barrier a step.
 //                N = 1 is a layer in one CTA (a __syncthreads a step).
+//   mbar-N       local-N with no cluster barrier: each push is an st.async that completes its bytes
+//                on the receiving CTA's mbarrier for that buffer, and a CTA waits on its own
+//                mbarrier before reading the state (the design issue 16 points to, docs/design.md).
 //   barrier      a bare grid-wide flag barrier, no data (the floor of any grid-wide design).
 //   all-wide     as `all`, with 16-byte words of 7 values and one tag (one ld/st.b128 each):
 //                87.5% payload instead of 50%. Relies on 16-byte single-copy atomicity of the
@@ -44,7 +47,7 @@ namespace cg = cooperative_groups;
     }                                                                                    \
   } while (0)
 
-enum Mode : int { kAll, kAllSleep, kPollOne, kClusterSplit, kClusterLocal, kBarrier, kAllWide };
+enum Mode : int { kAll, kAllSleep, kPollOne, kClusterSplit, kClusterLocal, kBarrier, kAllWide, kClusterMbar };
 
 struct Params {
   uint32_t* buf[2];  // exchange buffers of `words` words (global modes)
@@ -194,18 +197,106 @@ __device__ __forceinline__ void stage_wide(const u128* __restrict__ src, int n_w
   }
 }
 
+// ---- mbar-N: transaction-counted pushes (sm_90) ----------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ uint32_t peer_addr(uint32_t addr, int rank) {  // the same place in a peer
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void mbar_init(uint64_t* m) {  // one arrival (the owner's expect_tx)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(m)) : "memory");
+}
+// The owner's arrival for a phase: it completes once `bytes` more have landed (they may land first).
+__device__ __forceinline__ void mbar_expect(uint64_t* m, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_addr(m)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* m, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done) : "r"(smem_addr(m)), "r"(parity) : "memory");
+  return done != 0;
+}
+// 8 bytes into a peer's shared memory, counted on that peer's mbarrier (release at cluster scope:
+// this thread's earlier reads of the buffer the peer will next overwrite are ordered before it).
+__device__ __forceinline__ void st_async8(uint32_t peer_dst, uint2 v, uint32_t peer_mbar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.u32 [%0], {%1, %2}, [%3];"
+               ::"r"(peer_dst), "r"(v.x), "r"(v.y), "r"(peer_mbar) : "memory");
+}
+
+// A layer inside one cluster of N CTAs, exchanged by st.async and mbarriers: no cluster barrier
+// between the first and the last step. Step s reads copy s&1 of the staged state and pushes copy
+// (s+1)&1 into every peer; mbar[b] counts the bytes of copy b that the other peers push (this
+// CTA's own words are plain stores, seen after its __syncthreads).
+// Copy b is reused two steps later, and that is safe without a barrier: a peer writes step s+2's
+// copy only after it received every word of step s+1, each of which its owner pushed after reading
+// step s's copy. The last step pushes nothing, and a closing cluster barrier keeps every CTA
+// resident until no peer can still write its shared memory.
+__device__ uint32_t mbar_steps(const Params& p, uint16_t* stage_buf, int N, int own_begin,
+                               int own_end, Spin& spin) {
+  __shared__ uint64_t mbar[2];
+  cg::cluster_group cluster = cg::this_cluster();
+  const uint32_t bytes = static_cast<uint32_t>(p.words - (own_end - own_begin)) * 2u;
+  const int me = static_cast<int>(cluster.block_rank());
+  if (threadIdx.x == 0) {
+    mbar_init(&mbar[0]);
+    mbar_init(&mbar[1]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    if (p.steps > 1) mbar_expect(&mbar[1], bytes);  // step 1's state, pushed at step 0
+    if (p.steps > 2) mbar_expect(&mbar[0], bytes);  // step 2's
+  }
+  for (int i = threadIdx.x; i < p.words; i += blockDim.x) stage_buf[i] = 0;
+  cluster.sync();  // every peer's mbarriers are armed before anyone pushes
+  uint32_t last = 0;
+  for (int s = 0; s < p.steps; ++s) {
+    const uint16_t* cur = stage_buf + (s & 1) * p.words;
+    if (s > 0) {
+      uint64_t* m = &mbar[s & 1];
+      const uint32_t parity = static_cast<uint32_t>((s - 1) >> 1) & 1u;  // copy (s&1)'s use number
+      unsigned long long deadline = 0;
+      for (uint32_t it = 1; !spin.aborted && !mbar_try_wait(m, parity); ++it)
+        if (it % 64 == 0) spin.give_up(deadline);
+      __syncthreads();  // (every thread has seen the phase complete before thread 0 re-arms it)
+      if (threadIdx.x == 0 && s + 2 < p.steps) mbar_expect(m, bytes);  // for step s+2
+    }
+    const bool push = s + 1 < p.steps;
+    uint16_t* next = stage_buf + ((s + 1) & 1) * p.words;
+    const uint32_t next_mbar = smem_addr(&mbar[(s + 1) & 1]);
+    for (int i = own_begin + 4 * static_cast<int>(threadIdx.x); i < own_end; i += 4 * blockDim.x) {
+      const uint2 in = *reinterpret_cast<const uint2*>(cur + i);
+      const uint32_t lo = ((in.x + 1u) & 0xffffu) | ((((in.x >> 16) + 1u) & 0xffffu) << 16);
+      const uint32_t hi = ((in.y + 1u) & 0xffffu) | ((((in.y >> 16) + 1u) & 0xffffu) << 16);
+      if (i == own_begin) last = lo & 0xffffu;
+      if (push) {
+        const uint32_t dst = smem_addr(next + i);
+        *reinterpret_cast<uint2*>(next + i) = make_uint2(lo, hi);
+        for (int r = 0; r < N; ++r)
+          if (r != me) st_async8(peer_addr(dst, r), make_uint2(lo, hi), peer_addr(next_mbar, r));
+      }
+    }
+  }
+  cluster.sync();
+  return last;
+}
+
 __global__ void __launch_bounds__(256, 1) exchange_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint16_t stage_buf[];  // [2][words] uint16 values
   Spin spin{p.err, p.timeout_ns};
   const int G = gridDim.x;
   cg::cluster_group cluster = cg::this_cluster();
-  const bool clustered = p.mode == kClusterSplit || p.mode == kClusterLocal;
+  const bool clustered = p.mode == kClusterSplit || p.mode == kClusterLocal || p.mode == kClusterMbar;
   const int N = clustered ? p.cluster : 1;
   const int rank = clustered ? static_cast<int>(cluster.block_rank()) : 0;
 
   // The words this CTA produces: the whole grid's share (global modes) or the cluster's.
-  const int owners = p.mode == kClusterLocal ? N : G;
-  const int me = p.mode == kClusterLocal ? rank : static_cast<int>(blockIdx.x);
+  const bool local = p.mode == kClusterLocal || p.mode == kClusterMbar;
+  const int owners = local ? N : G;
+  const int me = local ? rank : static_cast<int>(blockIdx.x);
   const bool wide = p.mode == kAllWide;
   const int n_wide = (p.words + kWideValues - 1) / kWideValues;
   const int per = wide ? (n_wide + owners - 1) / owners * kWideValues : (p.words + owners - 1) / owners;
@@ -215,6 +306,11 @@ __global__ void __launch_bounds__(256, 1) exchange_kernel(const __grid_constant_
   // steps behind a buffer's reuse (the kernel's rule too). The cases below give every CTA words.
   if (!clustered && p.mode != kBarrier && own_begin >= own_end) {
     if (threadIdx.x == 0) p.out[blockIdx.x] = p.steps & 0xffff;
+    return;
+  }
+  if (p.mode == kClusterMbar) {
+    const uint32_t v = mbar_steps(p, stage_buf, N, own_begin, own_end, spin);
+    if (threadIdx.x == 0) p.out[blockIdx.x] = own_begin < own_end ? v : p.steps & 0xffff;
     return;
   }
 
@@ -329,7 +425,7 @@ static float launch(const Case& c, int steps, Params p, cudaStream_t st, std::st
   cfg.stream = st;
   cudaLaunchAttribute attrs[2];
   int n = 0;
-  const bool clustered = c.mode == kClusterSplit || c.mode == kClusterLocal;
+  const bool clustered = c.mode == kClusterSplit || c.mode == kClusterLocal || c.mode == kClusterMbar;
   if (clustered) {
     attrs[n].id = cudaLaunchAttributeClusterDimension;
     attrs[n].val.clusterDim.x = c.cluster;
@@ -430,8 +526,24 @@ static Result run_case(const Case& c) {
   return r;
 }
 
+static bool matches(const std::string& name, const std::string& alternatives) {
+  size_t start = 0;
+  while (start <= alternatives.size()) {
+    const size_t bar = std::min(alternatives.find('|', start), alternatives.size());
+    if (name.find(alternatives.substr(start, bar - start)) != std::string::npos) return true;
+    start = bar + 1;
+  }
+  return false;
+}
+
 int main(int argc, char** argv) {
-  const bool csv = argc > 1 && std::strcmp(argv[1], "--csv") == 0;
+  // [--csv] [a|b|...]: only the cases whose name holds one of these substrings (all without).
+  bool csv = false;
+  const char* only = nullptr;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--csv") == 0) csv = true;
+    else only = argv[i];
+  }
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -461,11 +573,13 @@ int main(int argc, char** argv) {
       const int ctas = n * (n == 16 ? 6 : std::max(1, std::min(8, 128 / n)));
       if (w % (4 * n) != 0) continue;  // the pushes move 4 values at a time
       cases.push_back({tag + " local-" + std::to_string(n), kClusterLocal, w, ctas, n, 256, 0});
+      if (n > 1) cases.push_back({tag + " mbar-" + std::to_string(n), kClusterMbar, w, ctas, n, 256, 0});
     }
   }
   if (csv) std::printf("case,us_per_step,ok,note\n");
   else std::printf("%-28s %10s  %s\n", "case", "us/step", "note");
   for (const Case& c : cases) {
+    if (only != nullptr && !matches(c.name, only)) continue;
     const Result r = run_case(c);
     if (csv) std::printf("%s,%.3f,%d,%s\n", c.name.c_str(), r.us_per_step, r.ok, r.note.c_str());
     else std::printf("%-28s %10.3f  %s\n", c.name.c_str(), r.ok ? r.us_per_step : -1.0, r.note.c_str());
