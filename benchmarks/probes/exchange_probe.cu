@@ -416,7 +416,10 @@ struct Result {
 static float launch(const Case& c, int steps, Params p, cudaStream_t st, std::string* note) {
   p.steps = steps;
   const size_t smem = std::max<size_t>(2ull * c.words * 2, 120 * 1024);  // one CTA per SM
-  CHECK(cudaFuncSetAttribute(exchange_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  cudaFuncAttributes fa;  // (the dynamic share is what the static one, mbar-N's mbarriers, leaves)
+  CHECK(cudaFuncGetAttributes(&fa, exchange_kernel));
+  CHECK(cudaFuncSetAttribute(exchange_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(227 * 1024 - fa.sharedSizeBytes)));
   CHECK(cudaFuncSetAttribute(exchange_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(c.ctas);
