@@ -129,8 +129,8 @@ ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, co
   } else if (layout_ctas > constants::kMaxClusterCtas) {
     x.why_not_cluster = "the layout has " + ctas + " CTAs, more than a cluster's " +
                         std::to_string(constants::kMaxClusterCtas);
-  } else if (hooks.debug_stall_cta != -1 || hooks.grid_barrier != 0) {
-    x.why_not_cluster = "debug_stall_cta and grid_barrier test the grid exchange";
+  } else if (hooks.grid_barrier != 0) {
+    x.why_not_cluster = "grid_barrier (an ablation) tests the grid exchange";
   } else if (smem_for(tile) > kinfo.max_dynamic_smem) {
     x.why_not_cluster = "two staged copies of one batch tile need " + std::to_string(smem_for(tile)) +
                         " bytes of shared memory, " + std::to_string(kinfo.max_dynamic_smem) +
