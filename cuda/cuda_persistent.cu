@@ -425,7 +425,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   poison(c.cells_out, n_seq, nan_bits, bytes);
   poison(c.du_out, n_seq, Storage<float>::kNaNBits, 4);
   fin.expected_heads = rows;
-  fin.host_word = error_word_device();
+  const ErrorSlot slot = claim_error_slot({c.name, dt, T, B, H, in_cluster ? static_cast<int>(xp.cluster) : 0});
+  fin.host_word = slot.device;
 
   if (in_cluster) {
     cudaLaunchConfig_t cfg = {};
@@ -448,8 +449,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                                     dim3(threads), args, static_cast<size_t>(smem.total), stream);
     if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
   }
-
-  return ffi::Error::Success();
+  return check_call_now(stream, slot);  // (JAX_SPRNN_SYNC_ERRORS=1 only: this call's own error)
 }
 
 

@@ -375,7 +375,7 @@ struct SpinControl {
 
 // The end of every persistent kernel: the last CTA to finish checks the call. Where a CTA set the
 // error flag, or the grid's head count differs from the layout's rows, it fills the outputs with NaN
-// and leaves the error code in the pinned host word, which the next call's handler reports
+// and leaves the error code in the call's pinned error slot, which the next call's handler reports
 // (deferred_errors.h). Every thread of every CTA calls it. (It was a kernel of its own: one more
 // launch, and its gap, in every call.) Out of line, so that its registers leave the phase loop's
 // allocation as it was (inlined, ptxas moved a spill into the loop of the tightest tiers).

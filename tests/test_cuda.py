@@ -88,12 +88,33 @@ def test_forced_timeout_is_reported_and_the_next_call_works():
                                 spin_timeout_us=2000, debug_stall_cta=0)
     # Never a silent wrong number: the kernel's last CTA fills every output with NaN.
     assert np.all(np.isnan(np.asarray(y, np.float32))) and np.all(np.isnan(np.asarray(h, np.float32)))
-    with pytest.raises(Exception, match="timed out"):  # reported by the next call
-        jax.block_until_ready(sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row,
-                                                   lengths, **params))
+    # Reported by the next call, even an unrelated one, and the report names the call that failed.
+    _, w2, x2, h02 = make_problem(5, 200, 3, 7, 0.1, "float32")
+    with pytest.raises(Exception, match=r"call #\d+ \(jax_sprnn_forward_hooked, \w+, T=16, B=2, H=300, "
+                                        r"(grid mode|cluster mode, \d+ CTAs)\), timed out"):
+        jax.block_until_ready(js.sparse_rnn(x2, h02, w2, method="native"))
     y, h = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params)
     y_ref, _ = js.reference_rnn(x_tm, h0, dense, time_major=True)
     assert rel_err(y, y_ref) < TOLERANCE["float16"]
+
+
+def test_sync_errors_fail_the_call_whose_kernel_failed(monkeypatch):
+    # JAX_SPRNN_SYNC_ERRORS=1: the handler waits for its own kernel, so the stalled call itself
+    # raises, naming itself, and leaves nothing for the next call.
+    dense, w, x, h0 = make_problem(6, 300, 2, 16, 0.1, "float16")
+    x_tm = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.full((2,), 16, jnp.int32)
+    params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
+    monkeypatch.setenv("JAX_SPRNN_SYNC_ERRORS", "1")
+    with pytest.raises(Exception, match=r"this persistent kernel call, call #\d+ \(jax_sprnn_forward_hooked, "
+                                        r"\w+, T=16, B=2, H=300, .*timed out"):
+        jax.block_until_ready(sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
+                                                   **params, spin_timeout_us=2000, debug_stall_cta=0))
+    y, _ = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params)
+    y_ref, _ = js.reference_rnn(x_tm, h0, dense, time_major=True)
+    assert rel_err(y, y_ref) < TOLERANCE["float16"]
+    monkeypatch.delenv("JAX_SPRNN_SYNC_ERRORS")
+    assert _native.cuda_module().pending_error() == ""
 
 
 def test_auto_falls_back_when_the_batch_does_not_fit():
