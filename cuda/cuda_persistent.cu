@@ -574,7 +574,7 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                             ffi::Result<ffi::AnyBuffer> cells,
                             ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
                             int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
-                            int64_t reg_slots, int64_t load_bytes, Hooks... hooks) {
+                            int64_t reg_slots, int64_t load_bytes, int64_t batch_major, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_gated_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -632,8 +632,9 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   } else {
     call.hn_bias = hn_bias.typed_data();
   }
+  // (batch_major: x, y and the LSTM's cells are [B, T, .] in memory, as in the simple forward)
   return launch_persistent(stream, call,
-                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes, batch_major},
                            TestHooks{hooks...});
 }
 
@@ -698,8 +699,9 @@ auto forward_binding() {
 }
 auto gated_forward_binding() {
   return bindings::gated_attrs(
-      bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+             bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                 .Ret<ffi::Buffer<ffi::U8>>())  // workspace
+      .Attr<int64_t>("batch_major");
 }
 auto gated_backward_binding() {
   return bindings::gated_backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())

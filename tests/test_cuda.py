@@ -1,7 +1,5 @@
 """GPU-only tests of the persistent CUDA kernel (skipped without a GPU and the CUDA module)."""
 
-import re
-
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ from jax_sprnn import _native, cost, planner
 from jax_sprnn.dispatch import cuda_fit
 from jax_sprnn.primitives import sprnn_forward_p
 
-from jax_sprnn.testing import TOLERANCE, make_problem, rel_err
+from jax_sprnn.testing import TOLERANCE, make_problem, rel_err, transpose_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -152,11 +150,6 @@ def test_pending_error_is_empty_after_good_calls():
     assert _native.cuda_module().pending_error() == ""
 
 
-def _transposes(compiled_text):
-    """The transpose and copy instructions of a compiled program (kernels that move x or y)."""
-    return re.findall(r"%(\S*(?:transpose|copy)\S*) = ", compiled_text)
-
-
 @pytest.mark.parametrize("exchange_mode", ["auto", "grid", "cluster"])
 @pytest.mark.parametrize("batch", [5, 8])
 def test_a_batch_major_call_runs_without_transposes_and_matches(exchange_mode, batch):
@@ -177,8 +170,8 @@ def test_a_batch_major_call_runs_without_transposes_and_matches(exchange_mode, b
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     y_ref, _ = js.reference_rnn(x, h0, dense, seq_lengths=lengths, reverse=True)
     assert rel_err(batch_major(x, h0)[0], y_ref) < TOLERANCE["float16"]
-    assert _transposes(batch_major.lower(x, h0).compile().as_text()) == []
-    assert _transposes(time_major.lower(x, h0).compile().as_text()) != []  # what the layout saves
+    assert transpose_ops(batch_major.lower(x, h0).compile().as_text()) == []
+    assert transpose_ops(time_major.lower(x, h0).compile().as_text()) != []  # what the layout saves
 
 
 @pytest.mark.parametrize("cell, hidden", [("simple", 300), ("simple", 2304), ("lstm", 300), ("gru", 300)])
