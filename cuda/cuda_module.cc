@@ -148,6 +148,7 @@ NB_MODULE(_sprnn_cuda, m) {
       "max_threads_per_block.");
 
   m.def("pending_error", []() { return sc::TakePendingError(); },
-        "The deferred error of an earlier persistent-kernel call ('' if none), cleared on read. "
-        "Synchronize the device first: the kernel reports it asynchronously.");
+        "The deferred errors of earlier persistent-kernel calls ('' if none), naming the earliest "
+        "failed call, cleared on read. Synchronize the device first: the kernels report them "
+        "asynchronously.");
 }

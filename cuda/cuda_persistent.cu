@@ -129,8 +129,8 @@ ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, co
   } else if (layout_ctas > constants::kMaxClusterCtas) {
     x.why_not_cluster = "the layout has " + ctas + " CTAs, more than a cluster's " +
                         std::to_string(constants::kMaxClusterCtas);
-  } else if (hooks.debug_stall_cta != -1 || hooks.grid_barrier != 0) {
-    x.why_not_cluster = "debug_stall_cta and grid_barrier test the grid exchange";
+  } else if (hooks.grid_barrier != 0) {
+    x.why_not_cluster = "grid_barrier (an ablation) tests the grid exchange";
   } else if (smem_for(tile) > kinfo.max_dynamic_smem) {
     x.why_not_cluster = "two staged copies of one batch tile need " + std::to_string(smem_for(tile)) +
                         " bytes of shared memory, " + std::to_string(kinfo.max_dynamic_smem) +
@@ -425,7 +425,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   poison(c.cells_out, n_seq, nan_bits, bytes);
   poison(c.du_out, n_seq, Storage<float>::kNaNBits, 4);
   fin.expected_heads = rows;
-  fin.host_word = error_word_device();
+  const ErrorSlot slot = claim_error_slot({c.name, dt, T, B, H, in_cluster ? static_cast<int>(xp.cluster) : 0});
+  fin.host_word = slot.device;
 
   if (in_cluster) {
     cudaLaunchConfig_t cfg = {};
@@ -448,8 +449,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                                     dim3(threads), args, static_cast<size_t>(smem.total), stream);
     if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
   }
-
-  return ffi::Error::Success();
+  return check_call_now(stream, slot);  // (JAX_SPRNN_SYNC_ERRORS=1 only: this call's own error)
 }
 
 
@@ -574,7 +574,7 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                             ffi::Result<ffi::AnyBuffer> cells,
                             ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
                             int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
-                            int64_t reg_slots, int64_t load_bytes, Hooks... hooks) {
+                            int64_t reg_slots, int64_t load_bytes, int64_t batch_major, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_gated_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -632,8 +632,9 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   } else {
     call.hn_bias = hn_bias.typed_data();
   }
+  // (batch_major: x, y and the LSTM's cells are [B, T, .] in memory, as in the simple forward)
   return launch_persistent(stream, call,
-                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes, batch_major},
                            TestHooks{hooks...});
 }
 
@@ -698,8 +699,9 @@ auto forward_binding() {
 }
 auto gated_forward_binding() {
   return bindings::gated_attrs(
-      bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+             bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                 .Ret<ffi::Buffer<ffi::U8>>())  // workspace
+      .Attr<int64_t>("batch_major");
 }
 auto gated_backward_binding() {
   return bindings::gated_backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())

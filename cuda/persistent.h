@@ -65,7 +65,7 @@ struct FinishParams {
   FinishOutput out[kMaxFinishOutputs];
   int n_out;
   long long expected_heads;  // the layout's rows (each has exactly one head lane); < 0: no check
-  uint32_t* host_word;       // device view of the pinned word of the deferred error; null: none
+  uint32_t* host_word;       // device view of this call's pinned error slot (deferred_errors.h); null: none
 };
 
 // ---- kernel parameters (computed by the host; passed as a __grid_constant__) --------------------

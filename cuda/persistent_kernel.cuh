@@ -47,15 +47,21 @@
 // constants::kMaxClusterCtas CTAs): the layout's N CTAs form one thread-block cluster, and the grid
 // holds R replicas of it, each running a slice of the batch with its own copy of the weights.
 //   * No L2 exchange: a unit's lanes push its new state straight into the other staged copy of
-//     every CTA of its cluster (distributed shared memory), and one cluster barrier (release /
-//     acquire at cluster scope) ends the phase. Phase s reads copy s&1 and writes copy (s+1)&1 of
-//     every peer; the barrier after phase s orders those writes before phase s+1's reads, and every
-//     read of copy s&1 before phase s+1's writes into it. So two copies and one barrier suffice.
-//   * A cluster barrier before the first phase makes sure every peer is running before anyone
-//     writes its shared memory; the last phase pushes nothing, so CTAs may leave on their own.
-//   * Every CTA of a cluster takes part in every barrier, rows or not, and all agree on the number
-//     of phases (they read the same lengths). Nothing spins, so nothing can time out: the test hooks
-//     that force a timeout run in grid mode.
+//     every CTA of its cluster (distributed shared memory, `st.async`), and no barrier ends the
+//     phase. Each staged copy has an mbarrier that counts the bytes the peers push into it; a CTA
+//     waits on its own before it reads the copy (this CTA's own units are plain stores, seen after
+//     its __syncthreads). Phase s reads copy s&1 and writes copy (s+1)&1 of every peer.
+//   * Two copies suffice with no barrier: a peer writes phase s+1's pushes into copy s&1 only after
+//     it received every unit's phase-s state, and each unit's lanes pushed that state after their
+//     warp read copy s&1 (`complete_tx` has release semantics at cluster scope). An mbarrier phase
+//     completes on its owner's expect_tx and all its bytes, in either order, so a fast peer may
+//     push before the owner re-arms.
+//   * A cluster barrier before the first phase makes sure every peer is running, its mbarriers
+//     armed, before anyone writes its shared memory; one after the last phase keeps every CTA
+//     resident while a peer may still write to it (after an error cut a phase short).
+//   * Every CTA of a cluster runs every phase, rows or not, and all agree on the number of phases
+//     (they read the same lengths). The mbarrier waits spin under the same bound as the grid
+//     exchange's, so the stall test hook times out in either mode.
 //
 // Errors are never a hang and never a silent wrong answer:
 //   * Every spin checks %globaltimer every kSpinCheckPeriod iterations; past the bound it sets the
@@ -369,7 +375,7 @@ struct SpinControl {
 
 // The end of every persistent kernel: the last CTA to finish checks the call. Where a CTA set the
 // error flag, or the grid's head count differs from the layout's rows, it fills the outputs with NaN
-// and leaves the error code in the pinned host word, which the next call's handler reports
+// and leaves the error code in the call's pinned error slot, which the next call's handler reports
 // (deferred_errors.h). Every thread of every CTA calls it. (It was a kernel of its own: one more
 // launch, and its gap, in every call.) Out of line, so that its registers leave the phase loop's
 // allocation as it was (inlined, ptxas moved a spill into the loop of the tightest tiers).
@@ -708,9 +714,10 @@ __device__ __noinline__ RowSums<Cfg::kTile> nonfinite_row_sums(const PersistentP
 
 // ---- cluster mode (sm_90 and newer; the host never launches it on older devices) -------------
 
-// One step's barrier of the whole cluster, release/acquire at cluster scope: every peer's pushes of
-// the step are visible afterwards, and every peer has finished reading the buffer that the next
-// step's pushes overwrite. Every thread of every CTA of the cluster must call it (it is .aligned).
+// The cluster barrier, release/acquire at cluster scope. Every thread of every CTA of the cluster
+// must call it (it is .aligned). It runs twice a call: before the first phase (every peer is
+// running, its mbarriers armed, before anyone writes its shared memory) and after the last (no CTA
+// leaves while a peer may still write its shared memory, even where an error cut a phase short).
 __device__ __forceinline__ void cluster_barrier() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::this_cluster().sync();
@@ -719,22 +726,107 @@ __device__ __forceinline__ void cluster_barrier() {
 #endif
 }
 
+// The phases in between need no barrier: each staged copy of the state has an mbarrier that counts
+// the bytes the peers push into it (st.async ... complete_tx), and a CTA waits on its own mbarrier
+// before it reads the copy. (The cluster barrier a phase cost a third of a step: its arrive waits
+// for every outstanding DSMEM store of the warp. The exchange probe's mbar-N mode measured this
+// design at 1.4-2.1x below it: benchmarks/RESULTS.md.)
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// One arrival a phase (the owner thread's expect_tx), so a phase completes when that arrival and
+// all its bytes are in, in either order.
+__device__ __forceinline__ void mbar_init(uint64_t* mbar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(mbar)) : "memory");
+#endif
+}
+// Makes the initialised mbarriers visible to the peers' complete_tx (before the first barrier).
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* mbar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_u32(mbar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* mbar, uint32_t parity) {
+  uint32_t done = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(smem_u32(mbar)), "r"(parity)
+      : "memory");
+#endif
+  return done != 0;
+}
+
+// Waits, under the spin bound, until the phase of `mbar` with this parity has completed.
+__device__ __forceinline__ void wait_pushed_state(uint64_t* mbar, uint32_t parity, SpinControl& spin) {
+  unsigned long long deadline = 0;
+  for (uint32_t iter = 1; !spin.aborted && !mbar_try_wait(mbar, parity); ++iter) {
+    if (iter % kSpinCheckPeriod == 0) spin.give_up(deadline);
+  }
+}
+
+// N floats into the peer's shared memory at the cluster address `dst`, their bytes counted on the
+// peer's mbarrier at `mbar`. The complete_tx has release semantics at cluster scope, so everything
+// this thread did before (its reads of the copy the peer overwrites next, a flag store) is ordered
+// before the peer sees the bytes.
+template <int N>
+__device__ __forceinline__ void st_async_floats(uint32_t dst, const float (&f)[N], uint32_t mbar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (N == 4) {
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+        ::"r"(dst), "r"(__float_as_uint(f[0])), "r"(__float_as_uint(f[1])), "r"(__float_as_uint(f[2])),
+        "r"(__float_as_uint(f[3])), "r"(mbar) : "memory");
+  } else if constexpr (N == 2) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];"
+                 ::"r"(dst), "r"(__float_as_uint(f[0])), "r"(__float_as_uint(f[1])), "r"(mbar) : "memory");
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
+                   ::"r"(dst + 4u * i), "r"(__float_as_uint(f[i])), "r"(mbar) : "memory");
+  }
+#endif
+}
+
 // Writes the TILE values of one (row, plane) into the staged state of the CTAs of the cluster with
-// ranks first, first + stride, ... < n_ranks (`local_dst` is the address in this CTA's own copy;
-// DSMEM maps it into each peer's). The lanes of a row's run share its pushes this way.
-// A non-finite value also writes `flag_value` into those peers' `local_flag` (rare, so the finite
-// step pays one test a value): the readers then need no pass over their staged copy.
+// ranks first, first + stride, ... < n_ranks (`local_dst` is the address in this CTA's own copy,
+// `local_mbar` that copy's mbarrier; the same offsets in each peer). The lanes of a row's run share
+// its pushes this way. This CTA's own copy takes plain stores (seen after the __syncthreads that
+// follows the next phase's wait), so no peer counts them. A non-finite value first writes
+// `flag_value` into those peers' `local_flag` (rare, so the finite step pays one test a value):
+// the readers then need no pass over their staged copy.
 template <int TILE>
 __device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TILE], int first,
-                                          int stride, int n_ranks, int* local_flag, int flag_value) {
+                                          int stride, int n_ranks, uint64_t* local_mbar, int* local_flag,
+                                          int flag_value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int self = static_cast<int>(cluster.block_rank());  // (%cluster_ctarank: no live register)
   bool finite = true;
 #pragma unroll
   for (int t = 0; t < TILE; ++t) finite &= isfinite(v[t]);
+  const uint32_t dst = smem_u32(local_dst), mbar = smem_u32(local_mbar);
   for (int r = first; r < n_ranks; r += stride) {
-    store_floats<TILE>(cluster.map_shared_rank(local_dst, r), v);
     if (!finite) *cluster.map_shared_rank(local_flag, r) = flag_value;
+    if (r == self) {
+      store_floats<TILE>(local_dst, v);
+    } else {
+      uint32_t peer_dst, peer_mbar;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_dst) : "r"(dst), "r"(r));
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_mbar) : "r"(mbar), "r"(r));
+      st_async_floats<TILE>(peer_dst, v, peer_mbar);
+    }
   }
 #else
   __trap();
@@ -1271,10 +1363,14 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   // Cluster mode: s_pushed_nonfinite[s & 1] == s when a peer pushed an Inf or NaN of phase s's
   // staged state (push_tile). Phase numbers never repeat, so the words need no reset.
   __shared__ int s_pushed_nonfinite[2];
+  // Cluster mode: s_mbar[c] counts the bytes the peers push into staged copy c in a phase, which
+  // are the state of the units that other CTAs hold (s_own_units: this CTA's).
+  __shared__ uint64_t s_mbar[2];
+  __shared__ int s_own_units;
   // The planner keeps constants::kKernelSmemReserve bytes free for these and for the 16-byte
   // alignment of the dynamic regions (at most 12 + 15 bytes: launch_persistent's smem plan).
   static_assert(sizeof(s_steps) + sizeof(s_error) + sizeof(s_nonfinite) + sizeof(s_pushed_nonfinite) +
-                        12 + 15 <=
+                        sizeof(s_mbar) + sizeof(s_own_units) + 12 + 15 <=
                     constants::kKernelSmemReserve,
                 "the kernel's static shared memory outgrew the planner's reserve");
 
@@ -1305,6 +1401,12 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     s_steps = 0;
     s_error = 0;
     s_pushed_nonfinite[0] = s_pushed_nonfinite[1] = 0;  // (before the first cluster barrier)
+    s_own_units = 0;
+    if (in_cluster) {
+      mbar_init(&s_mbar[0]);
+      mbar_init(&s_mbar[1]);
+      mbar_init_fence();
+    }
   }
   // The partial plane's padded batch entries are never staged: they stay 0 in both copies.
   if (partial_rem != 0) {
@@ -1350,6 +1452,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   // A unit's lane: the head of its (first) gate row.
   const bool is_unit = is_head && row < H;
   const uint32_t units = __ballot_sync(kFullMask, is_unit);
+  if (lane == 0 && units != 0) atomicAdd(&s_own_units, __popc(units));
   // Gated cells: the lanes heading gates 1..G-1 of this lane's unit (5 bits each), which are the
   // next G-1 run starts (invariant 5); checked against their rows. Other lanes name themselves.
   uint32_t gate_lanes = 0;
@@ -1461,9 +1564,19 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   if (p.grid_barrier && !cta_has_rows) {
     for (int s = 1; s < n_phases; ++s) cooperative_groups::this_grid().sync();
   }
-  // Cluster mode: every peer must be running before anyone writes its shared memory, and every CTA
-  // takes part in every step's barrier, rows or not.
-  if (in_cluster) cluster_barrier();
+  // Cluster mode: every peer must be running, its mbarriers armed for the copies that phases 1 and 2
+  // read, before anyone writes its shared memory. Every CTA runs every phase, rows or not.
+  // (A phase's expected bytes: the state of every unit the other CTAs hold, in every plane.)
+  // (Recomputed at each use from shared memory: no register of the phase loop holds it.)
+  auto pushed_bytes = [&] {
+    return static_cast<uint32_t>(max(H - *static_cast<volatile int*>(&s_own_units), 0) * SW * n_planes *
+                                 TILE * static_cast<int>(sizeof(float)));
+  };
+  if (in_cluster) {
+    if (tid == 0 && n_phases > 1) mbar_expect(&s_mbar[1], pushed_bytes());
+    if (tid == 0 && n_phases > 2) mbar_expect(&s_mbar[0], pushed_bytes());
+    cluster_barrier();
+  }
   if (cta_has_rows || in_cluster) {
     Cell cell;
     // The cell state (the LSTM's c, a gated backward's carry beside dh): [plane][unit slot][tile],
@@ -1484,7 +1597,11 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
       float probe = 0.0f;  // turns NaN where this thread staged an Inf or NaN
       if (s == 0) {
         Cell::stage_initial(p, batch_slice(p), h_cur, plane_floats, probe);
-      } else if (!in_cluster) {  // (cluster mode: the peers pushed it before the last barrier)
+      } else if (in_cluster) {
+        // The peers' pushes of phase s-1 into copy s&1: that copy's (s-1)/2-th phase (its
+        // parity). The __syncthreads_or below then shows this CTA's own plain stores too.
+        wait_pushed_state(&s_mbar[s & 1], static_cast<uint32_t>((s - 1) >> 1) & 1u, spin);
+      } else {
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
         const uint32_t tag = static_cast<uint32_t>(s) & X::kTagMask;
@@ -1501,15 +1618,17 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
       }
       // The staged state is visible; `nonfinite` (CTA-uniform) says whether it holds an Inf or NaN.
       bool nonfinite;
-      if (in_cluster) {
-        // The peers' pushes and their flags landed before the last cluster barrier.
-        nonfinite = s == 0 ? __syncthreads_or(probe != probe)
-                           : *static_cast<volatile int*>(&s_pushed_nonfinite[s & 1]) == s;
-      } else if (__syncthreads_or(spin.aborted || probe != probe)) {
+      if (__syncthreads_or(spin.aborted || probe != probe)) {
         if (__syncthreads_or(spin.aborted)) break;  // leave together on error
         nonfinite = true;
       } else {
         nonfinite = false;
+      }
+      if (in_cluster && s > 0) {
+        // A peer's flag store came before its pushes' complete_tx (push_tile): seen with them.
+        nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & 1]) == s;
+        // Every thread has seen copy s&1's phase complete: re-arm it for phase s+2's state.
+        if (tid == 0 && s + 2 < n_phases) mbar_expect(&s_mbar[s & 1], pushed_bytes());
       }
 
       // ---- 2. per pass of PP planes: gather, reduce, cell (see "The batch in passes") -------
@@ -1583,10 +1702,10 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
                   st_relaxed(dst_buf + n_full_words + col * partial_rem + tt, word);
                 }
               }
-              if (in_cluster && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
+              if (in_cluster && publishes && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
                 const float v[1] = {out[w]};
                 push_tile<1>(h_next + pl * plane_floats + col * TILE + tt, v, 0, 1, p.cluster,
-                             &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+                             &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & 1], s + 1);
               }
             }
           }
@@ -1600,7 +1719,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
             cell.prefetch(p, batch_slice(p), len_smem, unit, s + 1, cell_lane.entry(), n_steps);
           }
         }
-        if (in_cluster && !last_phase && rounds == 1) {
+        if (in_cluster && publishes && !last_phase && rounds == 1) {
           // Into the other staged copy of every peer: every lane of the unit takes a plane's TILE
           // new values from the cell lanes (spans are at least PT wide here), and lane j of a span
           // of n lanes pushes them to ranks j, j + n, ... (a gated forward's lanes push h only).
@@ -1615,7 +1734,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
               if (cell_lane.in_unit()) {
                 push_tile<TILE>(h_next + (plane + q) * plane_floats + (w * H + unit) * TILE, v,
                                 lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
-                                &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+                                &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & 1], s + 1);
               }
             }
           }
@@ -1630,14 +1749,13 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
           plane += 1;
         }
       }
-      if (in_cluster) {
-        // The pushes of this phase are visible, and nobody reads h_cur any more. (The last phase
-        // pushes nothing: after it no CTA touches a peer, so each may leave on its own.)
-        if (!last_phase) cluster_barrier();
-      } else if (p.h_buffers == 1) {
+      if (!in_cluster && p.h_buffers == 1) {
         __syncthreads();  // with one staged copy, the next staging must wait for every gather
       }
     }
+    // (After a normal last phase every push has landed and been waited for; after an error, a peer
+    // may still be pushing into this CTA, which must stay resident until then.)
+    if (in_cluster && n_phases > 1) cluster_barrier();
   }
   zero_tail_steps<Cfg>(p, n_steps);
 }

@@ -140,12 +140,13 @@ ffi::Error SyncFloorImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> /*x*/,
   prm.finish.out[0] = FinishOutput{prm.out, 1, Storage<float>::kNaNBits, 4};
   prm.finish.n_out = 1;
   prm.finish.expected_heads = -1;  // (no layout)
-  prm.finish.host_word = error_word_device();
+  const ErrorSlot slot = claim_error_slot({"jax_sprnn_sync_floor", ffi::DataType::F16, steps, batch, hidden, 0});
+  prm.finish.host_word = slot.device;
   void* args[] = {&prm};
   e = cudaLaunchCooperativeKernel(fn, dim3(static_cast<unsigned>(num_ctas)),
                                   dim3(static_cast<unsigned>(threads)), args, smem_bytes, stream);
   if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(jax_sprnn_sync_floor)", e);
-  return ffi::Error::Success();
+  return check_call_now(stream, slot);
 }
 
 }  // namespace

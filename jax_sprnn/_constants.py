@@ -181,8 +181,9 @@ constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t war
 #: ("No FFI handler registered for jax_sprnn_forward_v2") instead of miscomputing. Raise it with
 #: any change of a production target's signature or of what its operands mean.
 # 2: the CUDA forward's batch_major attribute (2026-12-03); 3: gated_backward returns no dbias (its
-# callers sum du) and has a CUDA target (2026-12-03).
-FFI_ABI_VERSION = 3
+# callers sum du) and has a CUDA target (2026-12-03); 4: the CUDA gated forward's batch_major
+# attribute (2026-12-03).
+FFI_ABI_VERSION = 4
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.
 PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward", "gated_backward")

@@ -52,6 +52,7 @@ class _Config:
     method: str
     meta: LayoutMeta
     full_lengths: bool = False  # no seq_lengths (primitives._persistent_cuda)
+    batch_major: bool = False  # the caller's x and y are [B, T, .] (primitives._gated_cuda)
 
 
 def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config, *,
@@ -59,7 +60,8 @@ def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config, *,
     """The forward primitive: ``(y, final carry, cells)``, carry ``(c, h)`` (LSTM) or ``(h,)``
     (GRU); ``cells``: the LSTM's cell state after each position where ``with_cells`` asks for it
     (what its backward pass reads), else None."""
-    params = dict(reverse=cfg.reverse, meta=cfg.meta, method=cfg.method, full_lengths=cfg.full_lengths)
+    params = dict(reverse=cfg.reverse, meta=cfg.meta, method=cfg.method, full_lengths=cfg.full_lengths,
+                  batch_major=cfg.batch_major)
     if cfg.gates == 4:
         c0, h0 = carry
         operands = (x, h0, c0, values, w.indices, w.lane_row, lengths)
@@ -100,9 +102,10 @@ _gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def _run(x_tm, carry: tuple, weights: SparseWeights, hn_bias, lengths, seq_lengths, *, cell: _Cell,
-         reverse: bool, method: str):
+         reverse: bool, method: str, time_major: bool):
     """The layer on one of its paths, with ``sparse_rnn``'s treatment of lengths: clipped for the
-    kernels, and NaN for the examples whose traced length is out of range."""
+    kernels, and NaN for the examples whose traced length is out of range. (``time_major``: the
+    caller's layout; a ``[B, T, .]`` caller's kernel reads and writes that layout directly.)"""
     T = x_tm.shape[0]
     checked = seq_lengths is None or is_concrete(seq_lengths)
     safe = lengths if checked else jnp.clip(lengths, 0, T)
@@ -112,7 +115,8 @@ def _run(x_tm, carry: tuple, weights: SparseWeights, hn_bias, lengths, seq_lengt
         y, final = fallback.gated_scan(x_tm, carry, dense_matvec(kernel), safe, hn_bias,
                                        gates=cell.gates, reverse=bool(reverse))
     else:
-        cfg = _Config(cell.gates, bool(reverse), method, weights.meta, full_lengths=seq_lengths is None)
+        cfg = _Config(cell.gates, bool(reverse), method, weights.meta, full_lengths=seq_lengths is None,
+                      batch_major=not time_major)
         y, final = _gated(x_tm, carry, weights, hn_bias, safe, cfg)
     if not checked:
         y, stacked = _poison_bad_lengths(y, jnp.stack(final), lengths, T)
@@ -163,7 +167,7 @@ def sparse_lstm(inputs, carry, weights: SparseWeights, *, time_major: bool = Fal
         gate_order=LSTM.gate_order)
     check_method(method)
     y, (c, h) = _run(x_tm, (c0, h0), weights, None, lengths, seq_lengths, cell=LSTM,
-                     reverse=reverse, method=method)
+                     reverse=reverse, method=method, time_major=time_major)
     return _batch_major(y, time_major), (c, h)
 
 
@@ -211,7 +215,7 @@ def sparse_gru(inputs, h0, weights: SparseWeights, *, hn_bias=None, time_major: 
     b_hn = _check_hn_bias(hn_bias, weights.hidden)
     check_method(method)
     y, (h,) = _run(x_tm, (h0,), weights, b_hn, lengths, seq_lengths, cell=GRU, reverse=reverse,
-                   method=method)
+                   method=method, time_major=time_major)
     return _batch_major(y, time_major), h
 
 

@@ -267,8 +267,8 @@ def _gated_shapes(name: str, gates: int, x, h0, meta: LayoutMeta, n_states: int)
 
 
 def _lstm_abstract(x, h0, c0, values, indices, lane_row, lengths, *, reverse, meta, method,
-                   full_lengths=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
-                   exchange_mode="auto"):
+                   full_lengths=False, batch_major=False, spin_timeout_us=0, debug_stall_cta=-1,
+                   grid_barrier=False, exchange_mode="auto"):
     return _gated_shapes("sprnn_lstm", 4, x, h0, meta, 2)
 
 
@@ -278,8 +278,8 @@ def _lstm_with_cells_abstract(x, h0, c0, values, indices, lane_row, lengths, **p
 
 
 def _gru_abstract(x, h0, values, indices, lane_row, lengths, hn_bias, *, reverse, meta, method,
-                  full_lengths=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
-                  exchange_mode="auto"):
+                  full_lengths=False, batch_major=False, spin_timeout_us=0, debug_stall_cta=-1,
+                  grid_barrier=False, exchange_mode="auto"):
     return _gated_shapes("sprnn_gru", 3, x, h0, meta, 1)
 
 
@@ -321,12 +321,15 @@ def _gated_attrs(gates: int, reverse: bool, meta: LayoutMeta) -> dict:
 
 
 def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: dict,
-                       empty_results: int, extra_out=(), drop_last: int = 0):
+                       empty_results: int, extra_out=(), drop_last: int = 0,
+                       batch_major_operands=(), batch_major_results=()):
     """Lower a gated target, whose signature carries both cells' operands, for one cell: with an
     empty array of dtype ``empty_operands[i]`` at each operand position ``i`` the cell lacks (in
     increasing order), ``empty_results`` empty results of x's dtype after the cell's own (e.g. the
     GRU's c), and ``extra_out`` after those (e.g. a workspace); the last ``drop_last`` operands of
-    the primitive are not the target's. Returns the cell's own results."""
+    the primitive are not the target's. The operands and results at the ``batch_major_*``
+    positions (of the target's lists) get the layout that puts B outermost (see
+    :func:`_persistent_cuda`). Returns the cell's own results."""
     args = list(args[:len(args) - drop_last])
     avals_in = list(ctx.avals_in[:len(ctx.avals_in) - drop_last])
     for at, dtype in sorted(empty_operands.items()):
@@ -334,19 +337,31 @@ def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: d
         avals_in.insert(at, jax.core.ShapedArray((0,), dtype))
     empty = [jax.core.ShapedArray((0,), ctx.avals_in[0].dtype)] * empty_results
     avals_out = [*ctx.avals_out, *empty, *extra_out]
-    outs = jax.ffi.ffi_lowering(target)(ctx.replace(avals_in=avals_in, avals_out=avals_out), *args,
-                                        **attrs)
+    layouts = {}
+    if batch_major_operands or batch_major_results:  # None: row-major
+        layouts = dict(
+            operand_layouts=[_BATCH_MAJOR_LAYOUT if i in batch_major_operands else None
+                             for i in range(len(args))],
+            result_layouts=[_BATCH_MAJOR_LAYOUT if i in batch_major_results else None
+                            for i in range(len(avals_out))])
+    outs = jax.ffi.ffi_lowering(target, **layouts)(ctx.replace(avals_in=avals_in, avals_out=avals_out),
+                                                   *args, **attrs)
     return outs[:len(ctx.avals_out)]
 
 
-def _gated_target_call(ctx, prim, target: str, args, attrs: dict, extra_out=()):
+def _gated_target_call(ctx, prim, target: str, args, attrs: dict, extra_out=(), batch_major=False):
     """The gated forward target: the LSTM's operands (x, h0, c0, values, indices, lane_row,
     lengths) with an empty hn_bias; the GRU's (x, h0, values, ..., hn_bias) with an empty c0; the
-    results the primitive lacks as empties (the GRU's c_final and cells, the plain LSTM's cells)."""
+    results the primitive lacks as empties (the GRU's c_final and cells, the plain LSTM's cells).
+    ``batch_major``: x (operand 0), y (result 0) and the LSTM's cells (result 3) are ``[B, T, .]``
+    in memory."""
     dtype = ctx.avals_in[0].dtype
     empties = {7: np.float32} if _GATES[prim] == 4 else {2: dtype}
+    with_cells = prim is sprnn_lstm_with_cells_p
     return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
-                              empty_results=_EMPTY_FORWARD_RESULTS[prim], extra_out=extra_out)
+                              empty_results=_EMPTY_FORWARD_RESULTS[prim], extra_out=extra_out,
+                              batch_major_operands=(0,) if batch_major else (),
+                              batch_major_results=((0, 3) if with_cells else (0,)) if batch_major else ())
 
 
 def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
@@ -361,9 +376,10 @@ def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
 
 
 def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, full_lengths=False,
-                spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+                batch_major=False, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
+                exchange_mode="auto"):
     """Lower a gated cell's forward recurrence to its persistent CUDA kernel, or to the fallback
-    (``full_lengths``: as :func:`_persistent_cuda`)."""
+    (``full_lengths``, ``batch_major``: as :func:`_persistent_cuda`)."""
     T, B, _ = ctx.avals_in[0].shape
     decision = dispatch.on_cuda_recurrence(GATED_FORWARD, meta, B, ctx.avals_in[0].dtype, method)
     if decision.path == "fallback":
@@ -373,14 +389,15 @@ def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, full_len
     gates = _GATES[prim]
     if full_lengths:  # (the LSTM's lengths follow its c0)
         ctx, args = _drop_full_lengths(ctx, args, 6 if gates == 4 else 5)
-    attrs = _gated_attrs(gates, reverse, meta)
+    attrs = _gated_attrs(gates, reverse, meta) | dict(batch_major=np.int64(bool(batch_major)))
     target = GATED_FORWARD
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
     if hooks != _HOOK_DEFAULTS:
         target = _HOOKED_TARGETS[target]
         attrs.update({name: np.int64(value) for name, value in hooks.items()})
     workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(B, meta.hidden),), np.uint8)
-    return _gated_target_call(ctx, prim, target, args, attrs, extra_out=(workspace,))
+    return _gated_target_call(ctx, prim, target, args, attrs, extra_out=(workspace,),
+                              batch_major=batch_major)
 
 
 for _prim, _impl in ((sprnn_lstm_p, _lstm_fallback), (sprnn_lstm_with_cells_p, _lstm_with_cells_fallback),

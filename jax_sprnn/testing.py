@@ -4,6 +4,8 @@ they bound. Not imported by ``jax_sprnn`` itself; it needs nothing beyond jax an
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,12 @@ GRAD_TOLERANCE = {dtype: 4 * tol for dtype, tol in TOLERANCE.items()}
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def transpose_ops(compiled_text: str) -> list[str]:
+    """The transpose and copy instructions of a compiled program's text (the kernels that would move
+    a sequence operand between the [B, T, .] and [T, B, .] layouts)."""
+    return re.findall(r"%(\S*(?:transpose|copy)\S*) = ", compiled_text)
 
 
 def rel_err(out, ref) -> float:

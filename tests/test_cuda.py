@@ -1,7 +1,5 @@
 """GPU-only tests of the persistent CUDA kernel (skipped without a GPU and the CUDA module)."""
 
-import re
-
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ from jax_sprnn import _native, cost, planner
 from jax_sprnn.dispatch import cuda_fit
 from jax_sprnn.primitives import sprnn_forward_p
 
-from jax_sprnn.testing import TOLERANCE, make_problem, rel_err
+from jax_sprnn.testing import TOLERANCE, make_problem, rel_err, transpose_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -88,12 +86,33 @@ def test_forced_timeout_is_reported_and_the_next_call_works():
                                 spin_timeout_us=2000, debug_stall_cta=0)
     # Never a silent wrong number: the kernel's last CTA fills every output with NaN.
     assert np.all(np.isnan(np.asarray(y, np.float32))) and np.all(np.isnan(np.asarray(h, np.float32)))
-    with pytest.raises(Exception, match="timed out"):  # reported by the next call
-        jax.block_until_ready(sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row,
-                                                   lengths, **params))
+    # Reported by the next call, even an unrelated one, and the report names the call that failed.
+    _, w2, x2, h02 = make_problem(5, 200, 3, 7, 0.1, "float32")
+    with pytest.raises(Exception, match=r"call #\d+ \(jax_sprnn_forward_hooked, \w+, T=16, B=2, H=300, "
+                                        r"(grid mode|cluster mode, \d+ CTAs)\), timed out"):
+        jax.block_until_ready(js.sparse_rnn(x2, h02, w2, method="native"))
     y, h = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params)
     y_ref, _ = js.reference_rnn(x_tm, h0, dense, time_major=True)
     assert rel_err(y, y_ref) < TOLERANCE["float16"]
+
+
+def test_sync_errors_fail_the_call_whose_kernel_failed(monkeypatch):
+    # JAX_SPRNN_SYNC_ERRORS=1: the handler waits for its own kernel, so the stalled call itself
+    # raises, naming itself, and leaves nothing for the next call.
+    dense, w, x, h0 = make_problem(6, 300, 2, 16, 0.1, "float16")
+    x_tm = jnp.swapaxes(x, 0, 1)
+    lengths = jnp.full((2,), 16, jnp.int32)
+    params = dict(activation="tanh", reverse=False, meta=w.meta, method="native")
+    monkeypatch.setenv("JAX_SPRNN_SYNC_ERRORS", "1")
+    with pytest.raises(Exception, match=r"this persistent kernel call, call #\d+ \(jax_sprnn_forward_hooked, "
+                                        r"\w+, T=16, B=2, H=300, .*timed out"):
+        jax.block_until_ready(sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
+                                                   **params, spin_timeout_us=2000, debug_stall_cta=0))
+    y, _ = sprnn_forward_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths, **params)
+    y_ref, _ = js.reference_rnn(x_tm, h0, dense, time_major=True)
+    assert rel_err(y, y_ref) < TOLERANCE["float16"]
+    monkeypatch.delenv("JAX_SPRNN_SYNC_ERRORS")
+    assert _native.cuda_module().pending_error() == ""
 
 
 def test_auto_falls_back_when_the_batch_does_not_fit():
@@ -131,11 +150,6 @@ def test_pending_error_is_empty_after_good_calls():
     assert _native.cuda_module().pending_error() == ""
 
 
-def _transposes(compiled_text):
-    """The transpose and copy instructions of a compiled program (kernels that move x or y)."""
-    return re.findall(r"%(\S*(?:transpose|copy)\S*) = ", compiled_text)
-
-
 @pytest.mark.parametrize("exchange_mode", ["auto", "grid", "cluster"])
 @pytest.mark.parametrize("batch", [5, 8])
 def test_a_batch_major_call_runs_without_transposes_and_matches(exchange_mode, batch):
@@ -156,8 +170,8 @@ def test_a_batch_major_call_runs_without_transposes_and_matches(exchange_mode, b
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     y_ref, _ = js.reference_rnn(x, h0, dense, seq_lengths=lengths, reverse=True)
     assert rel_err(batch_major(x, h0)[0], y_ref) < TOLERANCE["float16"]
-    assert _transposes(batch_major.lower(x, h0).compile().as_text()) == []
-    assert _transposes(time_major.lower(x, h0).compile().as_text()) != []  # what the layout saves
+    assert transpose_ops(batch_major.lower(x, h0).compile().as_text()) == []
+    assert transpose_ops(time_major.lower(x, h0).compile().as_text()) != []  # what the layout saves
 
 
 @pytest.mark.parametrize("cell, hidden", [("simple", 300), ("simple", 2304), ("lstm", 300), ("gru", 300)])

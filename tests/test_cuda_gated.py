@@ -14,7 +14,7 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import _constants, _native, fallback, layout, planner
 from jax_sprnn.primitives import sprnn_gru_p, sprnn_lstm_p
-from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_gated_problem, rel_err
+from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_gated_problem, rel_err, transpose_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -243,6 +243,35 @@ def test_a_unit_whose_gates_are_out_of_order_is_a_layout_error():
     assert np.isnan(np.asarray(y, np.float32)).all()
     with pytest.raises(Exception, match="invalid packed layout"):
         jax.block_until_ready(js.sparse_lstm(x, (c0, h0), w, method="native"))
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("exchange_mode", ["grid", "cluster"])
+def test_a_batch_major_call_runs_without_transposes_and_matches(gates, exchange_mode):
+    # As the simple cell's (test_cuda.py): batch_major, x and y are [B, T, .] in memory, the kernel
+    # indexes them so, and the API's swapaxes become bitcasts. The same bits as the time-major call
+    # (ragged, reverse), in either exchange mode.
+    w, x, c0, h0, hn_bias = problem(gates, 200, 6, 9, 0.1, "float16", seed=43)
+    if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
+                                           and _native.current_device_spec().cluster_launch):
+        pytest.skip("this layout or device has no cluster mode")
+    lengths = lengths_of(6, 9, 43)
+
+    def call(x, c0, h0, batch_major):
+        y, states = bind(gates, w, x, c0, h0, hn_bias, lengths, reverse=True, batch_major=batch_major,
+                         exchange_mode=exchange_mode)
+        return jnp.swapaxes(y, 0, 1), states
+    batch_major = jax.jit(lambda x, c0, h0: call(x, c0, h0, True))
+    time_major = jax.jit(lambda x, c0, h0: call(x, c0, h0, False))
+    got, want = batch_major(x, c0, h0), time_major(x, c0, h0)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert transpose_ops(batch_major.lower(x, c0, h0).compile().as_text()) == []
+    assert transpose_ops(time_major.lower(x, c0, h0).compile().as_text()) != []  # what the layout saves
+    # The public functions take that path for [B, T, .] arrays (their default).
+    public = jax.jit(lambda x, c0, h0: (js.sparse_lstm(x, (c0, h0), w, method="native") if gates == 4
+                                        else js.sparse_gru(x, h0, w, hn_bias=hn_bias, method="native")))
+    assert transpose_ops(public.lower(x, c0, h0).compile().as_text()) == []
 
 
 @pytest.mark.parametrize("gates", [4, 3])

@@ -96,6 +96,7 @@ def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered
 
 
 GATED_ATTRS = {"gates", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
+GATED_FORWARD_ATTRS = GATED_ATTRS | {"batch_major"}  # (the CUDA gated forward takes x's layout too)
 GATED_BACKWARD_ATTRS = GATED_ATTRS - {"reverse"}  # (its operands are in step order)
 
 
@@ -114,13 +115,13 @@ def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
         if gates == 4:
             return js.sparse_lstm(x, (h0, h0), w, method="native")
         return js.sparse_gru(x, h0, w, method="native")
-    assert _custom_calls(fn, x, h0) == [(_constants.ffi_target("gated_forward"), GATED_ATTRS)]
+    assert _custom_calls(fn, x, h0) == [(_constants.ffi_target("gated_forward"), GATED_FORWARD_ATTRS)]
     # The backward pass starts from the forward kernel's outputs: the forward and the backward
     # recurrence, one kernel call each.
     loss = lambda x, h0: jnp.sum(fn(x, h0)[0].astype(jnp.float32))  # noqa: E731
     for transform in (jax.grad, jax.value_and_grad):
         assert _custom_calls(transform(loss), x, h0) == [
-            (_constants.ffi_target("gated_forward"), GATED_ATTRS),
+            (_constants.ffi_target("gated_forward"), GATED_FORWARD_ATTRS),
             (_constants.ffi_target("gated_backward"), GATED_BACKWARD_ATTRS)]
 
     lengths = jnp.full((B,), T, jnp.int32)
@@ -133,7 +134,49 @@ def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
         return sprnn_gru_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
                                 jnp.zeros((H,), jnp.float32), **params)
     assert _custom_calls(hooked, x_tm, h0) == [(_constants.ffi_target("gated_forward_hooked"),
-                                                GATED_ATTRS | HOOK_ATTRS)]
+                                                GATED_FORWARD_ATTRS | HOOK_ATTRS)]
+
+
+def _layouts(call: str, kind: str) -> list[str]:
+    """The minor-to-major layouts of a custom call's operands or results (kind), in order."""
+    found = re.search(rf"{kind}_layouts = \[(.*?)\]\s*(,|\}})", call)
+    return re.findall(r"dense<\[?([\d, ]*)\]?>", found.group(1)) if found else []
+
+
+@pytest.mark.parametrize("gates", [3, 4])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_a_batch_major_gated_call_asks_for_the_batch_major_layout(cuda_targets_registered, gates,
+                                                                   time_major):
+    # As the simple cell's: a [B, T, G*H] call's x, y (and, for the gradient, the LSTM's cells)
+    # have B outermost in memory at the custom call, so XLA compiles the swapaxes to bitcasts;
+    # [T, B, .] callers keep the row-major layout.
+    H, B, T = 40, 3, 9
+    rng = np.random.default_rng(10 + gates)
+    kernel = (rng.standard_normal((H, gates * H)) * 0.2).astype(np.float16)
+    w = js.SparseWeights.from_dense(kernel, density=0.2)
+    shape = (T, B, gates * H) if time_major else (B, T, gates * H)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float16)
+    h0 = jnp.zeros((B, H), jnp.float16)
+
+    def fn(x, h0):
+        if gates == 4:
+            return js.sparse_lstm(x, (h0, h0), w, method="native", time_major=time_major)[0]
+        return js.sparse_gru(x, h0, w, method="native", time_major=time_major)[0]
+    loss = lambda x, h0: jnp.sum(fn(x, h0).astype(jnp.float32))  # noqa: E731
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _native.cuda_targets()]
+    want = "2, 1, 0" if time_major else "2, 0, 1"
+    for f, seq_results in ((fn, (0,)), (jax.grad(loss), (0, 3) if gates == 4 else (0,))):
+        text = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(x, h0).mlir_module()
+        target = _constants.ffi_target("gated_forward")
+        call = re.search(rf"stablehlo\.custom_call @{target}\(.*", text).group(0)
+        assert int(re.search(r"batch_major = (\d+)", call).group(1)) == int(not time_major)
+        if time_major:
+            continue  # (row-major everywhere: the call may leave its layouts unstated)
+        operands, results = _layouts(call, "operand"), _layouts(call, "result")
+        assert operands[0] == want and results[0] == want, (operands, results)
+        for i in seq_results[1:]:  # the LSTM's cells, which its backward pass reads
+            assert results[i] == want, results
+        assert all(layout != want for i, layout in enumerate(results) if i not in seq_results)
 
 
 
