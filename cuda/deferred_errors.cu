@@ -93,11 +93,9 @@ std::vector<Failed> take_failed() {
 }
 
 std::string describe(const Note& n) {
-  std::string s = "call #" + std::to_string(n.number) + " (" + n.target + ", " + dtype_name(n.dtype) +
-                  ", T=" + std::to_string(n.T) + ", B=" + std::to_string(n.B) + ", H=" + std::to_string(n.H) +
-                  ", " + (n.cluster > 0 ? "cluster mode, " + std::to_string(n.cluster) + " CTAs" : "grid mode") +
-                  ")";
-  return s;
+  return "call #" + std::to_string(n.number) + " (" + n.target + ", " + dtype_name(n.dtype) +
+         ", T=" + std::to_string(n.T) + ", B=" + std::to_string(n.B) + ", H=" + std::to_string(n.H) + ", " +
+         (n.cluster > 0 ? "cluster mode, " + std::to_string(n.cluster) + " CTAs" : "grid mode") + ")";
 }
 
 std::string what_failed(uint32_t code) {
