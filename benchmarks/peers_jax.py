@@ -261,19 +261,45 @@ def native_refusal(method: str, error: Exception) -> str | None:
     return None
 
 
-def _build_ours_gated(method: str):
+def forced_exchange_weights(layer, exchange: str) -> js.SparseWeights:
+    """The layer packed for one exchange mode (``SparseWeights.from_dense(exchange=...)``); skipped
+    where no such layout fits, or where it is the planner's own (``ours_native`` times that one)."""
+    cache = layer.__dict__.setdefault("_forced_weights", {})
+    if exchange not in cache:
+        try:
+            cache[exchange] = js.SparseWeights.from_dense(layer.kernel, layer.mask,
+                                                          dtype=layer.jnp_dtype, exchange=exchange)
+        except ValueError as e:
+            cache[exchange] = Skip(str(e)[:300])
+    w = cache[exchange]
+    if isinstance(w, Skip):
+        raise w
+    if w.meta == layer.weights.meta:
+        raise Skip(f"the planner's own layout ({w.meta.exchange} mode, {w.meta.num_ctas} CTAs): "
+                   f"see ours_native")
+    return w
+
+
+def _build_ours_gated(method: str, exchange: str | None = None):
     def build(layer, batch: int, T: int) -> Runner:
         project = gated_projection(layer)
+        params = gated_params(layer)
+        if exchange is not None:
+            w = forced_exchange_weights(layer, exchange)
+            params = (w, params[1])
         try:
-            runner = jax_runner(gated_call(layer, method), layer, batch, T, gated_params(layer),
+            runner = jax_runner(gated_call(layer, method), layer, batch, T, params,
                                 prepare=lambda x, h0: (project(x), h0))
         except Exception as e:
             reason = native_refusal(method, e)
             if reason is None:
                 raise
             raise Skip(reason) from e
+        meta = params[0].meta
         runner.info.update(path=gated_path(runner.info["custom_calls"]),
-                           pack_s=round(getattr(layer, "pack_s", 0.0), 2))
+                           pack_s=round(getattr(layer, "pack_s", 0.0), 2), exchange=meta.exchange,
+                           ctas=meta.num_ctas, warps_per_cta=meta.warps_per_cta,
+                           K=meta.slots_per_lane)
         return runner
     return build
 
@@ -384,6 +410,12 @@ GATED_OURS_NATIVE = Peer("ours_native", "sparse_lstm / sparse_gru(method='native
                          competitor=False)
 GATED_OURS_AUTO = Peer("ours_auto", "sparse_lstm / sparse_gru(method='auto') on the precomputed "
                        "input projection", ALL_DTYPES, _build_ours_gated("auto"), competitor=False)
+GATED_OURS_CLUSTER = Peer("ours_cluster", "ours_native on the layout planned for cluster mode "
+                          "(from_dense(exchange='cluster'); skipped where it is the planner's pick)",
+                          ALL_DTYPES, _build_ours_gated("native", "cluster"), competitor=False)
+GATED_OURS_GRID = Peer("ours_grid", "ours_native on the layout planned for grid mode "
+                       "(from_dense(exchange='grid'); skipped where it is the planner's pick)",
+                       ALL_DTYPES, _build_ours_gated("native", "grid"), competitor=False)
 INPUT_GEMM = Peer("in_gemm", "the input projection x @ w_in + bias alone (XLA, storage dtype), "
                   "which ours takes precomputed", ALL_DTYPES, _build_input_gemm, competitor=False)
 FLAX_GATED = Peer("flax", "Flax nn.RNN(nn.OptimizedLSTMCell(H)) / nn.RNN(nn.GRUCell(H)) under "
@@ -397,4 +429,4 @@ GATED_FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protoc
                    unavailable=_floor_unavailable, competitor=False)
 
 #: Not in PEERS: the other suites run the simple cell and never take these.
-GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, FLAX_GATED, JAX_RNN, INPUT_GEMM, GATED_FLOOR)
+GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, GATED_OURS_CLUSTER, GATED_OURS_GRID, FLAX_GATED, JAX_RNN, INPUT_GEMM, GATED_FLOOR)

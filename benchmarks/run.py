@@ -82,6 +82,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=_ints, help="sweep, gated: batch sizes")
     p.add_argument("--density", type=_floats, help="sweep, gated: densities")
     p.add_argument("--dtype", type=lambda s: tuple(s.split(",")), help="sweep, gated: float16,float32,...")
+    p.add_argument("--cell", type=lambda s: tuple(s.split(",")), help="gated: lstm,gru")
+    p.add_argument("--parts", type=lambda s: tuple(s.split(",")),
+                   help="gated: which of capacity,training,forward run (default: all three)")
     p.add_argument("--resume", type=Path, help="sweep: a previous sweep.json whose cases are kept")
     p.add_argument("--verify", action="store_true",
                    help="capacity: run the largest admitted layer once (10%% fp16 with --quick)")
@@ -110,7 +113,8 @@ def main(argv=None) -> Path:
     out_dir = args.out or Path("bench_out") / args.suite
     ctx = Context(out_dir=Path(out_dir), timing=timing, peers=peers, quick=args.quick, smoke=smoke,
                   budget_s=args.budget_s, hidden=args.hidden, batch=args.batch,
-                  density=args.density, dtype=args.dtype, resume=args.resume, verify=args.verify)
+                  density=args.density, dtype=args.dtype, resume=args.resume, verify=args.verify,
+                  cell=args.cell, parts=args.parts)
     ctx.recorder = Recorder(ctx.out_dir, args.suite, suite.columns(peers), dict(
         info=environment(), smoke=smoke, quick=args.quick, timing=dataclasses.asdict(timing),
         peers=peer_header(peers)))

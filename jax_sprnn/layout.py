@@ -27,24 +27,25 @@ class PackedPattern:
 LOAD_BYTES_CHOICES = (16, 8, 4)
 
 
-def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None
-                 ) -> tuple[Plan, Plan]:
+def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None,
+                 exchange: str = "auto") -> tuple[Plan, Plan]:
     """The plans of a layer's forward layout (``row_nnz``: nonzeros of each of its ``G*H`` rows,
     the output units or gate rows) and of its transposed layout (``col_nnz``: nonzeros of each of
     the ``H`` input units, which are its rows; over ``G*H`` columns).
 
     ``load_bytes=None`` takes the widest staged-state load (16, 8, 4 bytes: a batch tile of 4, 2, 1
     examples) whose forward layout fits on chip: a narrower tile stages less state per CTA, which
-    leaves room for the weights of larger layers."""
+    leaves room for the weights of larger layers. ``exchange`` is ``plan_layout``'s, for both
+    layouts."""
     if load_bytes is None:
         for load_bytes in LOAD_BYTES_CHOICES:
             if plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates).fits:
                 break
         else:
             load_bytes = LOAD_BYTES_CHOICES[0]
-    fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates)
+    fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates, exchange=exchange)
     bwd = plan_layout(col_nnz, dtype, device, load_bytes=load_bytes, gates=gates,
-                      transposed=gates > 1)
+                      transposed=gates > 1, exchange=exchange)
     return fwd, bwd
 
 

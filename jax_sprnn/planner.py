@@ -49,6 +49,8 @@ STAGE_WORDS_PER_THREAD = 8
 
 #: Layouts of at most this many CTAs run in cluster mode (the kernel's non-portable cluster size).
 MAX_CLUSTER_CTAS = _constants.MAX_CLUSTER_CTAS
+#: ``plan_layout``'s choices of exchange: the planner's pick, or a layout for one mode
+EXCHANGES = ("auto", "cluster", "grid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +259,7 @@ def plan_layout(
     slot_sizes: Sequence[int] = SLOT_SIZES,
     gates: int = 1,
     transposed: bool = False,
+    exchange: str = "auto",
 ) -> Plan:
     """Plan the layout of a layer whose row ``i`` (output unit ``i``) has ``row_nnz[i]`` nonzeros.
 
@@ -269,7 +272,14 @@ def plan_layout(
     ``hidden`` is H. ``transposed``: ``row_nnz`` holds the H rows of a gated kernel's transposed
     (backward) layout instead, over ``G*H`` columns: its kernel stages ``G*H`` values an example and
     runs the gated cells' register tiers.
+
+    ``exchange`` picks between the two layouts that fit: ``"auto"`` the one with the lower estimated
+    step (``jax_sprnn.cost``), ``"cluster"`` the cheapest on at most :data:`MAX_CLUSTER_CTAS` CTAs
+    (one thread-block cluster) where one fits, ``"grid"`` the layout spread over the SMs as for a GPU
+    without clusters (a layer small enough to need few CTAs still runs in cluster mode).
     """
+    if exchange not in EXCHANGES:
+        raise ValueError(f"plan_layout: exchange must be one of {EXCHANGES}, got {exchange!r}")
     row_nnz = np.asarray(row_nnz, np.int64)
     row_gates = 1 if transposed else gates
     if gates < 1 or row_nnz.size % row_gates:
@@ -312,7 +322,11 @@ def plan_layout(
             best = plan
     if best is not None:
         grid = _widen_thin_ctas(best, dtype, device)
+        if exchange == "grid":
+            return grid
         cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates, transposed)
+        if exchange == "cluster" and cluster is not None:
+            return cluster
         return _faster_of(grid, cluster)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.

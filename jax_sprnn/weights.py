@@ -178,7 +178,7 @@ class SparseWeights(PackedLayout):
     @classmethod
     def from_dense(cls, kernel, mask=None, *, density: float | None = None, dtype=None,
                    device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
-                   bank_aware: bool = True) -> "SparseWeights":
+                   bank_aware: bool = True, exchange: str = "auto") -> "SparseWeights":
         """Pack a dense ``[H, H]`` kernel (Flax orientation), or a gated ``[H, 3H]`` / ``[H, 4H]``
         one (column ``g*H + i``: gate ``g`` of unit ``i``), keeping the entries where ``mask`` is
         true, or the ``density`` fraction of largest magnitudes. Exactly one of the two is needed.
@@ -187,8 +187,11 @@ class SparseWeights(PackedLayout):
         ``device`` is the GPU to plan for (default: the current one, or an H200 when there is none).
         ``load_bytes`` (4, 8 or 16) is the width of one staged-state load (a batch tile of
         ``load_bytes / 4`` examples); None (the default) takes the widest whose layout fits on chip.
-        ``bank_aware=False`` skips the bank-conflict-aware order (the ablation baseline). Both change
-        only speed and which layers fit, never the result.
+        ``bank_aware=False`` skips the bank-conflict-aware order (the ablation baseline).
+        ``exchange`` (``"auto"``, ``"cluster"``, ``"grid"``) is the GPU exchange to plan for: the
+        planner's pick by estimated step, a layout on one thread-block cluster (an error where none
+        fits the device), or one spread over the SMs (docs/design.md). These change only speed and
+        which layers fit, never the result.
         """
         kernel = np.asarray(kernel)
         gates = kernel_gates(kernel.shape, "kernel")
@@ -218,12 +221,12 @@ class SparseWeights(PackedLayout):
         rows, cols = np.nonzero(mask.T)
         vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows].astype(dtype)  # kernel[cols, rows]
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], gates=gates, device=device,
-                                load_bytes=load_bytes, bank_aware=bank_aware)
+                                load_bytes=load_bytes, bank_aware=bank_aware, exchange=exchange)
 
     @classmethod
     def from_pattern(cls, rows, cols, vals, hidden: int, *, gates: int = 1,
                      device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
-                     bank_aware: bool = True) -> "SparseWeights":
+                     bank_aware: bool = True, exchange: str = "auto") -> "SparseWeights":
         """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
         ``[0, gates * hidden)``, columns in ``[0, hidden)``) of a layer of ``hidden`` units
         (options as in :meth:`from_dense`)."""
@@ -241,9 +244,18 @@ class SparseWeights(PackedLayout):
         if device is None:
             from ._native import current_device_spec
             device = current_device_spec()
+        if exchange not in _planner.EXCHANGES:
+            raise ValueError(f"exchange must be one of {_planner.EXCHANGES}, got {exchange!r}")
         fwd_plan, bwd_plan = plan_layouts(np.bincount(rows, minlength=gates * hidden),
                                           np.bincount(cols, minlength=hidden), dtype, device,
-                                          gates=gates, load_bytes=load_bytes)
+                                          gates=gates, load_bytes=load_bytes, exchange=exchange)
+        if exchange == "cluster" and not (fwd_plan.fits and fwd_plan.exchange == "cluster"):
+            raise ValueError(
+                f"exchange='cluster': no layout of this layer (H={hidden}, {rows.size} nonzeros, "
+                f"{np.dtype(dtype).name}) fits in one thread-block cluster of at most "
+                f"{_planner.MAX_CLUSTER_CTAS} CTAs on {device.name}"
+                + ("" if device.cluster_launch else " (the device has no cluster launch)")
+                + f"; the planner's layout: {fwd_plan.num_ctas} CTAs, {fwd_plan.reason}")
         fwd = pack_pattern(rows, cols, fwd_plan, bank_aware=bank_aware)
         bwd = pack_pattern(cols, rows, bwd_plan, bank_aware=bank_aware)
         values = np.zeros(fwd.meta.num_slots, dtype)

@@ -1,5 +1,7 @@
 """The packer: exact round trips, every nonzero once, bank order, transposed permutation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,3 +229,31 @@ def test_unit_spans_cover_every_used_lane_once(gates, hidden, density):
     spans = layout.unit_spans(np.asarray(w.lane_row), hidden, gates)
     assert spans.sum() == int((np.asarray(w.lane_row) >= 0).sum())
     assert spans.min() >= gates
+
+
+@pytest.mark.parametrize("exchange", ["cluster", "grid"])
+def test_a_layout_packed_for_one_exchange_computes_the_same_layer(exchange):
+    # The layouts differ (CTAs, slots a lane), the layer they pack does not.
+    rng = np.random.default_rng(41)
+    H, B, T = 300, 3, 7
+    kernel = rng.standard_normal((H, H)).astype(np.float32) / np.sqrt(0.1 * H)
+    mask = rng.random((H, H)) < 0.1
+    auto = js.SparseWeights.from_dense(kernel, mask, device=planner.H200)
+    forced = js.SparseWeights.from_dense(kernel, mask, device=planner.H200, exchange=exchange)
+    assert forced.meta.exchange == exchange and forced.meta.fits
+    np.testing.assert_array_equal(np.asarray(forced.to_dense()), np.asarray(auto.to_dense()))
+    x = jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)
+    h0 = jnp.asarray(rng.standard_normal((B, H)), jnp.float32)
+    y_auto, h_auto = js.sparse_rnn(x, h0, auto)
+    y, h = js.sparse_rnn(x, h0, forced)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_auto), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_auto), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cluster_layout_that_cannot_be_had_is_an_error():
+    kernel = np.ones((1024, 1024), np.float32)  # too wide for a cluster without one (128 CTAs)
+    grid_only = dataclasses.replace(planner.H200, cluster_launch=False)
+    with pytest.raises(ValueError, match=r"exchange='cluster'.*no cluster launch"):
+        js.SparseWeights.from_dense(kernel, density=0.2, device=grid_only, exchange="cluster")
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        js.SparseWeights.from_dense(kernel, density=0.2, exchange="l2")

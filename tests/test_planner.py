@@ -247,3 +247,24 @@ def test_cluster_layouts_need_two_staged_copies_in_shared_memory():
     # Half the state per copy (fp32 at 8-byte loads: a tile of 2) fits twice.
     plan = planner._cluster_layout(nnz, np.float32, H200, 8, planner.SLOT_SIZES, 1)
     assert plan is not None and plan.num_ctas <= planner.MAX_CLUSTER_CTAS
+
+
+@pytest.mark.parametrize("hidden, gates", [(2304, 1), (1024, 4), (256, 1)])
+def test_an_exchange_mode_can_be_asked_for(hidden, gates):
+    nnz = np.full(gates * hidden, hidden // 10)
+    auto = plan_layout(nnz, np.float16, H200, gates=gates)
+    cluster = plan_layout(nnz, np.float16, H200, gates=gates, exchange="cluster")
+    grid = plan_layout(nnz, np.float16, H200, gates=gates, exchange="grid")
+    assert cluster.fits and cluster.exchange == "cluster", cluster
+    assert cluster == planner._cluster_layout(nnz, np.float16, H200, 16, planner.SLOT_SIZES, gates)
+    assert grid == plan_layout(nnz, np.float16, GRID_ONLY, gates=gates)
+    assert grid.num_ctas > planner.MAX_CLUSTER_CTAS
+    assert auto in (cluster, grid)  # the planner's pick is one of the two
+
+
+def test_an_exchange_mode_is_checked():
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        plan_layout(np.full(64, 6), np.float16, H200, exchange="dsmem")
+    # Without clusters on the device, "cluster" has no layout of its own: the grid one is planned.
+    nnz = np.full(1024, 102)
+    assert plan_layout(nnz, np.float16, GRID_ONLY, exchange="cluster") == plan_layout(nnz, np.float16, GRID_ONLY)

@@ -32,6 +32,8 @@ class Context:
     batch: tuple[int, ...] | None = None
     density: tuple[float, ...] | None = None
     dtype: tuple[str, ...] | None = None
+    cell: tuple[str, ...] | None = None  # gated: the cells
+    parts: tuple[str, ...] | None = None  # gated: capacity, training, forward (None: all)
     resume: Path | None = None
     verify: bool = False
     started: float = dataclasses.field(default_factory=time.perf_counter)

@@ -30,7 +30,10 @@ LSTM or GRU over ours, ``x_layer_<method>`` as said; the table shows them as "xb
 aut", "xlayr nat" and "xcuDNN nt". Each row records its target from issue 17 and whether it was met;
 the JSON's ``targets`` lists them all. Each forward row checks its final h (the training row
 dL/dh0) against a float32 reference. Without a GPU the smoke grid runs H=64 in well under a minute.
---peers does not apply (this suite's peers are its own).
+--peers does not apply (this suite's peers are its own); --cell lstm,gru picks the cells and --parts
+capacity,training,forward the parts. ``ours_cluster`` and ``ours_grid`` time ``ours_native`` on the
+layouts planned for one exchange mode (``SparseWeights.from_dense(exchange=...)``), where that is not
+the planner's own pick.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ QUICK = dict(GRID, hidden=(1024, 2048), batch=(1, 8))
 SMOKE = dict(GRID, hidden=(64,), batch=(2,))
 TRAINING = ("gru", 1024, 0.1, 4)
 SMOKE_TRAINING = ("gru", 64, 0.1, 2)
+#: the suite's parts, in the order they run (--parts picks some)
+PARTS = ("capacity", "training", "forward")
 
 CAPACITY_DENSITIES = (0.05, 0.1, 0.2)
 CAPACITY_STEP, CAPACITY_TOP = 256, 16384
@@ -249,7 +254,7 @@ TRAINING_PEERS = (
 
 
 #: the forward rows' peers, in table order
-FORWARD_ORDER = ("ours_native", "ours_auto", "cudnn", "flax", "jax_rnn", "in_gemm", "floor")
+FORWARD_ORDER = ("ours_native", "ours_auto", "ours_cluster", "ours_grid", "cudnn", "flax", "jax_rnn", "in_gemm", "floor")
 
 
 def forward_peers(cell: str) -> list[Peer]:
@@ -398,9 +403,12 @@ def grid(ctx: Context) -> list[tuple]:
     replace the grid's values (and drop its extra densities)."""
     base = SMOKE if ctx.smoke else QUICK if ctx.quick else GRID
     values = {k: getattr(ctx, k, None) or v for k, v in base.items()}
+    unknown = set(values["cell"]) - set(CELLS)
+    if unknown:
+        raise SystemExit(f"--cell: unknown {sorted(unknown)}; the cells are {sorted(CELLS)}")
     cases = [(c, h, d, b, t) for t in values["dtype"] for c in values["cell"]
              for h in values["hidden"] for d in values["density"] for b in values["batch"]]
-    if not (ctx.smoke or ctx.quick or ctx.hidden or ctx.batch or ctx.density):
+    if not (ctx.smoke or ctx.quick or ctx.hidden or ctx.batch or ctx.density or ctx.cell):
         cases += [(c, h, d, b, t) for t in values["dtype"] for c, h, d, b in MORE]
     return cases
 
@@ -429,15 +437,19 @@ def run(ctx: Context) -> None:
                                 training=peer_header(TRAINING_PEERS)),
                      versions=_versions(), layout="batch-first inputs; LSTM c0 = h0",
                      results_name=f"gated{'_quick' if ctx.quick else ''}_{time.strftime('%Y-%m-%d')}")
-    ctx.recorder.set(capacity=capacity(ctx, dtypes))
+    parts = ctx.parts or PARTS
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; the gated suite's parts are {PARTS}")
+    ctx.recorder.set(capacity=capacity(ctx, dtypes) if "capacity" in parts else [])
     seen: set = set()
     cell, hidden, density, batch = SMOKE_TRAINING if ctx.smoke else TRAINING
-    for dtype in dtypes:
+    for dtype in dtypes if "training" in parts else ():
         layer = GatedLayer.make(cell, hidden, density, dtype)
         row = case_row(ctx, "training", layer, batch, TRAINING_PEERS, grad_reference)
         ctx.recorder.add(row)
         print_skips(row, seen)
-    for cell, hidden, density, batch, dtype in grid(ctx):
+    for cell, hidden, density, batch, dtype in grid(ctx) if "forward" in parts else ():
         if ctx.over_budget():
             ctx.recorder.add(_not_run("forward", cell, hidden, density, batch, dtype))
             continue
