@@ -429,4 +429,5 @@ GATED_FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protoc
                    unavailable=_floor_unavailable, competitor=False)
 
 #: Not in PEERS: the other suites run the simple cell and never take these.
-GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, GATED_OURS_CLUSTER, GATED_OURS_GRID, FLAX_GATED, JAX_RNN, INPUT_GEMM, GATED_FLOOR)
+GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, GATED_OURS_CLUSTER, GATED_OURS_GRID, FLAX_GATED,
+               JAX_RNN, INPUT_GEMM, GATED_FLOOR)
