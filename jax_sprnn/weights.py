@@ -244,8 +244,6 @@ class SparseWeights(PackedLayout):
         if device is None:
             from ._native import current_device_spec
             device = current_device_spec()
-        if exchange not in _planner.EXCHANGES:
-            raise ValueError(f"exchange must be one of {_planner.EXCHANGES}, got {exchange!r}")
         fwd_plan, bwd_plan = plan_layouts(np.bincount(rows, minlength=gates * hidden),
                                           np.bincount(cols, minlength=hidden), dtype, device,
                                           gates=gates, load_bytes=load_bytes, exchange=exchange)
