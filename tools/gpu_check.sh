@@ -20,6 +20,8 @@
 #     layer's training step by part: benchmarks/probes/gated_backward_step.py)
 #   SASS_MATCH=forward tools/gpu_check.sh sass  (the built module's SASS of the matching kernels, and
 #     where its local-memory instructions are)
+#   tools/gpu_check.sh clusters     (clusters of 1-16 CTAs the GPU holds at once:
+#     benchmarks/probes/active_clusters.py)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 #   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
 # DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (to fit a
@@ -144,6 +146,10 @@ if has sass; then
   python3 "$OLDPWD/tools/sass_local.py" /tmp/module.sass --match "${SASS_MATCH:-sprnn_persistent_kernel}" \
     --dump "$OUT/sass_matched.txt" 2>&1 | tail -40
   gzip -f "$OUT/sass_matched.txt"
+fi
+if has clusters; then
+  echo "== active clusters"
+  python3 "$OLDPWD/benchmarks/probes/active_clusters.py" --out "$OUT/active_clusters.json" 2>&1 | tail -8
 fi
 if has multi || has final; then
   echo "== multi-GPU sharding"

@@ -86,7 +86,7 @@ def _on(n: int):
 
 PEERS = [_forced("grid_mode", _planned, "grid"), _forced("grid_layout", _grid_layout, "auto")]
 #: The cluster-size sweep (--peers or SWEEP_SIZES): the same layer on 1-16 CTAs, in cluster mode.
-SIZES = [_forced(f"n{n}", _on(n), "cluster") for n in (1, 2, 4, 8, 16)]
+SIZES = [_forced(f"n{n}", _on(n), "cluster") for n in (1, 2, 4, 8, 12, 16)]
 
 
 def run(ctx: Context) -> None:
