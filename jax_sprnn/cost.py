@@ -37,6 +37,8 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
+from . import _constants
+
 if TYPE_CHECKING:  # annotations only: the planner imports this module
     from .planner import LayoutMeta
 
@@ -61,24 +63,45 @@ def batch_planes(meta: LayoutMeta, batch: int) -> int:
     return -(-batch // max(1, meta.load_bytes // 4))
 
 
+#: A gated kernel walks its planes two a pass (tile 4: ``load_bytes = 16``), each slot decoded once
+#: for both: a two-plane pass cost about this many one-plane passes in the gated suite's run of
+#: 2026-12-04 (H200, fp16, 10%, H = 1024, grid mode: GRU 3.96 / 3.73 / 14.3 µs at B = 1 / 8 / 32,
+#: LSTM 4.30 / 5.18 / 13.0; benchmarks/results/gated_forward_2026-12-04.json). The simple cell's
+#: two-plane passes gained 0-20% (benchmarks/RESULTS.md, "Two planes a pass"): within this fit's
+#: noise, so its planes still count one by one.
+GATED_PAIR_PLANES = 1.2
+
+
+def plane_units(meta: LayoutMeta, planes: int) -> float:
+    """What walking ``planes`` batch planes costs, in one-plane passes."""
+    if meta.gates > 1 and meta.load_bytes == 16:
+        return (planes // 2) * GATED_PAIR_PLANES + planes % 2
+    return float(planes)
+
+
 def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
     """Estimated µs per step of the persistent forward kernel for this layout and batch."""
     k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
     per_plane = KERNEL_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
-    return KERNEL_FIXED_US + batch_planes(meta, batch) * per_plane
+    return KERNEL_FIXED_US + plane_units(meta, batch_planes(meta, batch)) * per_plane
 
 
 # Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
-# state into every peer's shared memory and ends in one cluster barrier; replicas of the cluster run
-# slices of the batch side by side. ``a + planes * (b + c * warps_per_cta * K_eff + d * [N > 8])``
-# µs, fitted to the cluster suite's sweep of layouts on 1-16 CTAs (H200, 2026-12-02,
-# benchmarks/results/cluster_2026-12-02.json: H 256-1024, B 1-32, fp16 and fp32): within about
-# ±25% of most points (the runs' own noise is ±15%). c came out equal to the grid fit's
-# KERNEL_SLOT_US. A cluster of more than 8 CTAs (the non-portable size) costs d more a plane, and
-# the H200 holds 7 such clusters at once rather than 132 // 16 = 8.
-CLUSTER_FIXED_US = 0.45
-CLUSTER_PLANE_US = 1.7
-CLUSTER_WIDE_US = 0.53
+# state into every peer's shared memory and waits on its own mbarrier; replicas of the cluster run
+# slices of the batch side by side. Per step, ``a + planes * (b + c * warps_per_cta * K_eff
+# + s * cols / 1024 + d * [N > 8] + e * [wide variant])`` µs: every CTA takes in and stages the
+# whole state (``cols`` values a batch entry); a cluster of more than 8 CTAs (the non-portable size)
+# waits on more peers; the wide variant of a register tier has a tighter register cap. c is the
+# grid fit's KERNEL_SLOT_US. Fitted by ``benchmarks/cost_fit.py`` (least squares on relative errors)
+# to the cluster suite's runs of 2026-12-04 (H200, fp16 and fp32, H 256-1152, B 1-64, layouts on
+# 1-16 CTAs: benchmarks/results/cluster_sizes_2026-12-04.json, cluster_mbar_quick_2026-12-04.json).
+# The runs' own noise is large (one layout timed twice in one run differed by up to 40%), so
+# the 10-90% band of measured / estimate is 0.87-1.33.
+CLUSTER_FIXED_US = 1.3
+CLUSTER_PLANE_US = 0.35
+CLUSTER_STATE_US = 0.4
+CLUSTER_WIDE_US = 0.1
+CLUSTER_WIDE_VARIANT_US = 0.5
 PORTABLE_CLUSTER_CTAS = 8
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
@@ -87,34 +110,70 @@ PORTABLE_CLUSTER_CTAS = 8
 PLANNING_BATCHES = ((1, 1.0), (4, 1.0), (8, 1.0), (32, 0.5))
 
 
+def _tiers(dtype, gates: int) -> dict:
+    wide = np.dtype(dtype).itemsize == 4
+    if gates > 1:
+        return _constants.PERSISTENT_TIERS_GATED_32 if wide else _constants.PERSISTENT_TIERS_GATED_16
+    return _constants.PERSISTENT_TIERS_32 if wide else _constants.PERSISTENT_TIERS_16
+
+
+def wide_variant(meta: LayoutMeta, dtype) -> bool:
+    """Whether the layout's CTAs run its register tier's wide variant (more threads than the narrow
+    launch bound): a tighter register cap, fewer staging loads in flight, and in the 16-bit tiers
+    of 16 and 32 slots 18-22 bytes of spills (nvcc 13.0, sm_90)."""
+    tier = _tiers(dtype, meta.gates).get(meta.reg_slots)
+    return tier is not None and meta.threads_per_cta > tier.narrow_threads
+
+
+#: A thread-block cluster's CTAs share one GPC (graphics processing cluster). Hopper's GPCs hold up
+#: to 18 SMs; the H200's 132 SMs are taken as 7 such GPCs and a partial one of 6, so it holds 7
+#: clusters of 10-16 CTAs and 14 of 8 or 9, not ``132 // N`` (benchmarks/probes/active_clusters.py
+#: measures the real count, which the handler asks the driver for).
+GPC_SMS = 18
+
+
+def resident_clusters(num_ctas: int, sm_count: int = 132) -> int:
+    """Estimated clusters of ``num_ctas`` CTAs (one per SM) the device holds at once."""
+    n = max(1, num_ctas)
+    full, rest = divmod(sm_count, GPC_SMS)
+    return max(1, full * (GPC_SMS // n) + rest // n)
+
+
 def cluster_replicas(meta: LayoutMeta, batch: int, sm_count: int = 132) -> int:
     """Replicas of the cluster a batch runs on: one batch tile each while the device holds that many
     clusters at once (the handler asks cudaOccupancyMaxActiveClusters; this is its estimate)."""
-    n = max(1, meta.num_ctas)
-    resident = max(1, sm_count // n - (1 if n > PORTABLE_CLUSTER_CTAS else 0))
-    return max(1, min(batch_planes(meta, batch), resident))
+    return max(1, min(batch_planes(meta, batch), resident_clusters(meta.num_ctas, sm_count)))
 
 
-def cluster_step_us(meta: LayoutMeta, batch: int, sm_count: int = 132) -> float:
-    """Estimated µs per step of the persistent kernel in cluster mode for this layout and batch."""
+def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) -> float:
+    """Estimated µs per step of the persistent kernel in cluster mode for this layout, batch and
+    storage dtype."""
     k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
     planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
-    wide = CLUSTER_WIDE_US if meta.num_ctas > PORTABLE_CLUSTER_CTAS else 0.0
-    per_plane = CLUSTER_PLANE_US + wide + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
-    return CLUSTER_FIXED_US + planes * per_plane
+    per_plane = (CLUSTER_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
+                 + CLUSTER_STATE_US * meta.num_cols / 1024)
+    if meta.num_ctas > PORTABLE_CLUSTER_CTAS:
+        per_plane += CLUSTER_WIDE_US
+    if wide_variant(meta, dtype):
+        per_plane += CLUSTER_WIDE_VARIANT_US
+    return CLUSTER_FIXED_US + plane_units(meta, planes) * per_plane
 
 
-def planning_step_us(meta: LayoutMeta, exchange: str) -> float:
+def planning_step_us(meta: LayoutMeta, exchange: str, dtype) -> float:
     """The mean estimated step over :data:`PLANNING_BATCHES` in the given exchange mode: how the
     planner compares layouts whose batch is not known yet."""
-    step = cluster_step_us if exchange == "cluster" else persistent_step_us
-    return (sum(w * step(meta, b) for b, w in PLANNING_BATCHES)
+    if exchange == "cluster":
+        return (sum(w * cluster_step_us(meta, b, dtype) for b, w in PLANNING_BATCHES)
+                / sum(w for _, w in PLANNING_BATCHES))
+    return (sum(w * persistent_step_us(meta, b) for b, w in PLANNING_BATCHES)
             / sum(w for _, w in PLANNING_BATCHES))
 
 
-def kernel_step_us(meta: LayoutMeta, batch: int) -> float:
+def kernel_step_us(meta: LayoutMeta, batch: int, dtype) -> float:
     """The persistent kernel's estimated step in the exchange mode its layout runs in."""
-    return cluster_step_us(meta, batch) if meta.exchange == "cluster" else persistent_step_us(meta, batch)
+    if meta.exchange == "cluster":
+        return cluster_step_us(meta, batch, dtype)
+    return persistent_step_us(meta, batch)
 
 
 def dense_step_us(hidden: int, dtype) -> float:
@@ -126,7 +185,7 @@ def auto_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]:
     """Whether ``method="auto"`` should run the dense XLA path although the kernel fits, and why."""
     if np.dtype(dtype).itemsize != 2:
         return False, "float32 storage: the persistent kernel"
-    kernel, dense = kernel_step_us(meta, batch), dense_step_us(meta.hidden, dtype)
+    kernel, dense = kernel_step_us(meta, batch, dtype), dense_step_us(meta.hidden, dtype)
     why = (f"estimated {kernel:.1f} µs per step for the persistent kernel ({batch_planes(meta, batch)} "
            f"batch planes) against {dense:.1f} µs for XLA's dense step")
     return kernel > SWITCH_MARGIN * dense, why
@@ -147,7 +206,7 @@ def gated_prefers_dense(meta: LayoutMeta, batch: int, dtype) -> tuple[bool, str]
     (very wide batches, whose planes the kernel walks one after the other), and why."""
     if np.dtype(dtype).itemsize != 2:
         return False, "float32 storage: the persistent kernel"
-    kernel = kernel_step_us(meta, batch)
+    kernel = kernel_step_us(meta, batch, dtype)
     dense = max(DENSE_GATED_MIN_US,
                 np.dtype(dtype).itemsize * meta.gates * meta.hidden ** 2 / DENSE_BYTES_PER_US)
     why = (f"estimated {kernel:.1f} µs per step for the persistent kernel ({batch_planes(meta, batch)} "

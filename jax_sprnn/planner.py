@@ -327,7 +327,7 @@ def plan_layout(
         cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates, transposed)
         if exchange == "cluster" and cluster is not None:
             return cluster
-        return _faster_of(grid, cluster)
+        return _faster_of(grid, cluster, dtype)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.
     k = next((s for s in sorted(slot_sizes) if unit_lanes(row_nnz, s, row_gates).max() <= WARP), None)
@@ -423,17 +423,17 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
                         f"fits (cluster mode: {ctas} CTAs of {wpc} warps)",
                         cta_smem_bytes(cols, load_bytes, k, reg_slots, threads, dtype, gates, transposed),
                         gates=gates, transposed=transposed)
-            us = cost.planning_step_us(plan, "cluster")
+            us = cost.planning_step_us(plan, "cluster", dtype)
             if us < best_us:
                 best, best_us = plan, us
     return best
 
 
-def _faster_of(grid: Plan, cluster: Plan | None) -> Plan:
+def _faster_of(grid: Plan, cluster: Plan | None, dtype) -> Plan:
     """The grid-mode or the cluster-mode layout, whichever has the lower estimated step over a few
     batches (a layout is planned before its batch is known)."""
 
     if cluster is None or grid.num_ctas <= MAX_CLUSTER_CTAS:
         return grid
-    faster = cost.planning_step_us(cluster, "cluster") < cost.planning_step_us(grid, "grid")
+    faster = cost.planning_step_us(cluster, "cluster", dtype) < cost.planning_step_us(grid, "grid", dtype)
     return cluster if faster else grid

@@ -3,6 +3,7 @@ in its docstring, and the shape any such model must have (more batch planes, slo
 cost less; float32 never leaves the kernel; the switch needs the margin). How well the constants
 fit the H200 runs is a benchmark question (benchmarks/RESULTS.md), not a unit test."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -141,18 +142,55 @@ def test_gpu_path_of_a_layer():
 
 def test_cluster_step_grows_with_planes_and_wide_clusters():
     meta = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 8 CTAs of 16 warps, K=16
-    one = cost.cluster_step_us(meta, 4)
-    # by hand: fixed + one plane of (plane + slots * warps * K)
-    assert one == pytest.approx(cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.KERNEL_SLOT_US * 16 * 16)
-    # replicas take the batch: 16 tiles on 16 replicas of 8 CTAs is still one plane each
-    assert cost.cluster_step_us(meta, 64) == pytest.approx(one)
-    # ... until the SMs run out: 132 // 8 = 16 replicas, so 68 tiles need 5 planes each
-    assert cost.cluster_step_us(meta, 272) == pytest.approx(
-        cost.CLUSTER_FIXED_US + 5 * (one - cost.CLUSTER_FIXED_US))
+    one = cost.cluster_step_us(meta, 4, np.float16)
+    # by hand: fixed + one plane of (plane + slots * warps * K + the state's 1024 columns)
+    assert one == pytest.approx(cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.CLUSTER_STATE_US
+                                + cost.KERNEL_SLOT_US * 16 * 16)
+    # replicas take the batch: 14 tiles on 14 replicas of 8 CTAs is still one plane each
+    assert cost.cluster_replicas(meta, 56) == 14
+    assert cost.cluster_step_us(meta, 56, np.float16) == pytest.approx(one)
+    # ... until the GPCs run out: 7 GPCs of 18 SMs hold 2 clusters of 8 each, the 6 SMs left none,
+    # so 15 tiles need 2 planes on one replica
+    assert cost.cluster_step_us(meta, 60, np.float16) == pytest.approx(
+        cost.CLUSTER_FIXED_US + 2 * (one - cost.CLUSTER_FIXED_US))
     wide = LayoutMeta(1024, 16, 16 * 8, 8, 16, 16, True, "fits")  # 16 CTAs: the non-portable size
-    assert cost.cluster_replicas(wide, 64) == 132 // 16 - 1
+    assert cost.cluster_replicas(wide, 64) == 7
     floor = cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.CLUSTER_WIDE_US
-    assert cost.cluster_step_us(wide, 4) > floor
+    assert cost.cluster_step_us(wide, 4, np.float16) > floor
+
+
+@pytest.mark.parametrize("num_ctas, sm_count, resident", [
+    (1, 132, 132), (2, 132, 66), (4, 132, 29), (8, 132, 14), (9, 132, 14), (10, 132, 7), (16, 132, 7),
+    (16, 16, 1), (8, 4, 1)])
+def test_resident_clusters_are_counted_per_gpc(num_ctas, sm_count, resident):
+    # A cluster's CTAs share a GPC of at most GPC_SMS SMs: 132 SMs = 7 x 18 + 6.
+    assert cost.resident_clusters(num_ctas, sm_count) == resident
+
+
+def test_a_wide_variant_costs_more_per_plane():
+    # 16-bit storage, register tier 16: the narrow variant runs up to 512 threads, the wide one 768.
+    narrow = LayoutMeta(1024, 16, 12 * 16, 16, 16, 16, True, "fits")
+    wide = LayoutMeta(1024, 16, 12 * 20, 20, 16, 16, True, "fits")
+    assert not cost.wide_variant(narrow, np.float16) and cost.wide_variant(wide, np.float16)
+    extra = cost.cluster_step_us(wide, 4, np.float16) - cost.cluster_step_us(narrow, 4, np.float16)
+    assert extra == pytest.approx(cost.CLUSTER_WIDE_VARIANT_US + cost.KERNEL_SLOT_US * 4 * 16)
+    # float32's tier 16 has a narrow bound of 384 threads: 512 is its wide variant
+    assert cost.wide_variant(LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits"), np.float32)
+    # a tier without a wide variant (RS = 64, 16-bit) never counts as wide
+    assert not cost.wide_variant(LayoutMeta(2048, 64, 16 * 16, 16, 64, 16, True, "fits"), np.float16)
+
+
+def test_gated_kernels_walk_two_planes_a_pass():
+    lstm = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits", gates=4)
+    simple = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits")
+    assert cost.plane_units(simple, 5) == 5
+    assert cost.plane_units(lstm, 5) == pytest.approx(2 * cost.GATED_PAIR_PLANES + 1)
+    per_plane = cost.KERNEL_PLANE_US + cost.KERNEL_SLOT_US * 8 * 16
+    assert cost.persistent_step_us(lstm, 8) == pytest.approx(
+        cost.KERNEL_FIXED_US + cost.GATED_PAIR_PLANES * per_plane)
+    # narrower tiles (float32 h loads of 8 bytes) have no two-plane variant
+    narrow_tiles = dataclasses.replace(lstm, load_bytes=8)
+    assert cost.plane_units(narrow_tiles, 4) == 4
 
 
 def test_gated_auto_switches_by_hand():
@@ -161,10 +199,11 @@ def test_gated_auto_switches_by_hand():
     lstm = LayoutMeta(hidden=1024, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8, reg_slots=16,
                       load_bytes=16, fits=True, reason="fits", gates=4)
     per_plane = 1.85 + 0.0033 * 8 * 16
-    for batch, planes, dense in ((4, 1, False), (32, 8, False), (64, 16, True)):
+    # a two-plane pass costs GATED_PAIR_PLANES (1.2) one-plane passes: 8 planes are 4.8 units
+    for batch, units, dense in ((4, 1, False), (32, 4.8, False), (64, 9.6, False), (128, 19.2, True)):
         prefers_dense, why = cost.gated_prefers_dense(lstm, batch, np.float16)
         assert prefers_dense is dense, why
-        assert f"{1.6 + planes * per_plane:.1f} µs" in why and "20.0 µs" in why
+        assert f"{1.6 + units * per_plane:.1f} µs" in why and "20.0 µs" in why
     assert not cost.gated_prefers_dense(lstm, 64, np.float32)[0]  # float32 never leaves the kernel
     huge = LayoutMeta(hidden=8192, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8,
                       reg_slots=16, load_bytes=16, fits=True, reason="fits", gates=4)

@@ -50,8 +50,8 @@ def main() -> None:
     driver = ctypes.CDLL("libcuda.so.1")
     props = cupy.cuda.runtime.getDeviceProperties(0)
     smem = props["sharedMemPerBlockOptin"] // 2 + 1024  # two CTAs never fit one SM
-    func = cupy.RawModule(code=_SRC).get_function("one_cta_per_sm")
-    handle = ctypes.c_void_p(func.ptr)
+    kernel = cupy.RawKernel(_SRC, "one_cta_per_sm")
+    handle = ctypes.c_void_p(kernel.kernel.ptr)  # the compiled cupy.cuda.Function's CUfunction
 
     def check(rc, what):
         if rc:

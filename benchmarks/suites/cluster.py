@@ -89,11 +89,19 @@ PEERS = [_forced("grid_mode", _planned, "grid"), _forced("grid_layout", _grid_la
 SIZES = [_forced(f"n{n}", _on(n), "cluster") for n in (1, 2, 4, 8, 12, 16)]
 
 
+def configs(ctx: Context) -> list[tuple]:
+    """``(H, density, B, dtype)`` of the cases; --hidden/--batch/--density/--dtype replace the
+    grid's values (and drop its extra cases)."""
+    if not (ctx.hidden or ctx.batch or ctx.density or ctx.dtype):
+        return SMOKE if ctx.smoke else QUICK if ctx.quick else CONFIGS + MORE
+    return [(h, d, b, t) for t in ctx.dtype or ("float16",) for h in ctx.hidden or (256, 512, 1024)
+            for d in ctx.density or (0.1,) for b in ctx.batch or (1, 4, 8, 32)]
+
+
 def run(ctx: Context) -> None:
     peers = [*ctx.peers[:1], *PEERS, *SIZES, *ctx.peers[1:]]  # ours, the grid variants, the sizes
     seen: set = set()
-    configs = SMOKE if ctx.smoke else QUICK if ctx.quick else CONFIGS + MORE
-    for hidden, density, batch, dtype in configs:
+    for hidden, density, batch, dtype in configs(ctx):
         if ctx.over_budget():
             ctx.recorder.add(dict(hidden=hidden, density=density, batch=batch, dtype=dtype,
                                   not_run="time budget"))
