@@ -7,7 +7,8 @@ Every layout the suite timed (the planner's, ``nN``: the layer on at most N CTAs
 measured µs per step against ``cost.cluster_step_us`` for the layout and batch. The fit is a
 least-squares solve of the estimate's linear form, ``a + planes * (b + c * warps * K_eff
 + s * cols / 1024 + d * [N > 8] + e * [wide variant])`` with ``c`` held at ``KERNEL_SLOT_US``, on
-relative errors (each point weighted by 1/measured), so that 2-µs and 10-µs steps count alike. The constants in ``cost.py`` are rounded from its output.
+relative errors (each point weighted by 1/measured), so that 2-µs and 10-µs steps count alike.
+The constants in ``cost.py`` are rounded from its output.
 """
 from __future__ import annotations
 

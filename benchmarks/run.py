@@ -81,7 +81,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=_ints, help="sweep, gated, cluster: hidden sizes, e.g. 1152,2304")
     p.add_argument("--batch", type=_ints, help="sweep, gated, cluster: batch sizes")
     p.add_argument("--density", type=_floats, help="sweep, gated, cluster: densities")
-    p.add_argument("--dtype", type=lambda s: tuple(s.split(",")), help="sweep, gated, cluster: float16,float32,...")
+    p.add_argument("--dtype", type=lambda s: tuple(s.split(",")),
+                   help="sweep, gated, cluster: float16,float32,...")
     p.add_argument("--cell", type=lambda s: tuple(s.split(",")), help="gated: lstm,gru")
     p.add_argument("--parts", type=lambda s: tuple(s.split(",")),
                    help="gated: which of capacity,training,forward run (default: all three)")
