@@ -5,6 +5,7 @@ jax.experimental.rnn.lstm and the input projection alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 
@@ -261,17 +262,16 @@ def native_refusal(method: str, error: Exception) -> str | None:
     return None
 
 
-def forced_exchange_weights(layer, exchange: str) -> js.SparseWeights:
-    """The layer packed for one exchange mode (``SparseWeights.from_dense(exchange=...)``); skipped
-    where no such layout fits, or where it is the planner's own (``ours_native`` times that one)."""
+def _alternative_weights(layer, key, pack) -> js.SparseWeights:
+    """``pack()``, cached on the layer under ``key``; skipped where no such layout fits, or where it
+    is the planner's own (``ours_native`` times that one)."""
     cache = layer.__dict__.setdefault("_forced_weights", {})
-    if exchange not in cache:
+    if key not in cache:
         try:
-            cache[exchange] = js.SparseWeights.from_dense(layer.kernel, layer.mask,
-                                                          dtype=layer.jnp_dtype, exchange=exchange)
+            cache[key] = pack()
         except ValueError as e:
-            cache[exchange] = Skip(str(e)[:300])
-    w = cache[exchange]
+            cache[key] = Skip(str(e)[:300])
+    w = cache[key]
     if isinstance(w, Skip):
         raise w
     if w.meta == layer.weights.meta:
@@ -280,13 +280,37 @@ def forced_exchange_weights(layer, exchange: str) -> js.SparseWeights:
     return w
 
 
-def _build_ours_gated(method: str, exchange: str | None = None):
+def forced_exchange_weights(layer, exchange: str) -> js.SparseWeights:
+    """The layer packed for one exchange mode (``SparseWeights.from_dense(exchange=...)``)."""
+    return _alternative_weights(layer, exchange, lambda: js.SparseWeights.from_dense(
+        layer.kernel, layer.mask, dtype=layer.jnp_dtype, exchange=exchange))
+
+
+def pack_without_clusters(layer, sm_count: int | None = None) -> js.SparseWeights:
+    """The layer packed for this GPU without thread-block clusters (a grid-mode layout), or for one
+    of ``sm_count`` SMs: a layout of at most that many CTAs, which runs in cluster mode here (the
+    cluster-size sweep). Raises ValueError where it does not fit."""
+    device = dataclasses.replace(_native.current_device_spec(), cluster_launch=False)
+    if sm_count is not None:
+        device = dataclasses.replace(device, sm_count=sm_count)
+    w = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype, device=device)
+    if not w.meta.fits:
+        raise ValueError(w.meta.reason)
+    return w
+
+
+def weights_on_ctas(layer, num_ctas: int) -> js.SparseWeights:
+    """:func:`pack_without_clusters` on ``num_ctas`` SMs, skipped where it is the planner's pick."""
+    return _alternative_weights(layer, f"n{num_ctas}", lambda: pack_without_clusters(layer, num_ctas))
+
+
+def _build_ours_gated(method: str, weights=None):
+    """``weights(layer)``: another layout than the planner's, or None."""
     def build(layer, batch: int, T: int) -> Runner:
         project = gated_projection(layer)
         params = gated_params(layer)
-        if exchange is not None:
-            w = forced_exchange_weights(layer, exchange)
-            params = (w, params[1])
+        if weights is not None:
+            params = (weights(layer), params[1])
         try:
             runner = jax_runner(gated_call(layer, method), layer, batch, T, params,
                                 prepare=lambda x, h0: (project(x), h0))
@@ -410,12 +434,22 @@ GATED_OURS_NATIVE = Peer("ours_native", "sparse_lstm / sparse_gru(method='native
                          competitor=False)
 GATED_OURS_AUTO = Peer("ours_auto", "sparse_lstm / sparse_gru(method='auto') on the precomputed "
                        "input projection", ALL_DTYPES, _build_ours_gated("auto"), competitor=False)
+def _forced(exchange: str):
+    return lambda layer: forced_exchange_weights(layer, exchange)
+
+
 GATED_OURS_CLUSTER = Peer("ours_cluster", "ours_native on the layout planned for cluster mode "
                           "(from_dense(exchange='cluster'); skipped where it is the planner's pick)",
-                          ALL_DTYPES, _build_ours_gated("native", "cluster"), competitor=False)
+                          ALL_DTYPES, _build_ours_gated("native", _forced("cluster")),
+                          competitor=False)
 GATED_OURS_GRID = Peer("ours_grid", "ours_native on the layout planned for grid mode "
                        "(from_dense(exchange='grid'); skipped where it is the planner's pick)",
-                       ALL_DTYPES, _build_ours_gated("native", "grid"), competitor=False)
+                       ALL_DTYPES, _build_ours_gated("native", _forced("grid")),
+                       competitor=False)
+GATED_OURS_N8 = Peer("ours_n8", "ours_native on a layout of at most 8 CTAs (one portable cluster; "
+                     "skipped where it is the planner's pick)",
+                     ALL_DTYPES, _build_ours_gated("native", lambda layer: weights_on_ctas(layer, 8)),
+                     competitor=False)
 INPUT_GEMM = Peer("in_gemm", "the input projection x @ w_in + bias alone (XLA, storage dtype), "
                   "which ours takes precomputed", ALL_DTYPES, _build_input_gemm, competitor=False)
 FLAX_GATED = Peer("flax", "Flax nn.RNN(nn.OptimizedLSTMCell(H)) / nn.RNN(nn.GRUCell(H)) under "
@@ -429,5 +463,5 @@ GATED_FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protoc
                    unavailable=_floor_unavailable, competitor=False)
 
 #: Not in PEERS: the other suites run the simple cell and never take these.
-GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, GATED_OURS_CLUSTER, GATED_OURS_GRID, FLAX_GATED,
-               JAX_RNN, INPUT_GEMM, GATED_FLOOR)
+GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, GATED_OURS_CLUSTER, GATED_OURS_GRID, GATED_OURS_N8,
+               FLAX_GATED, JAX_RNN, INPUT_GEMM, GATED_FLOOR)

@@ -15,14 +15,12 @@ persistent kernel at (1024, 10%, 8) and (256, 10%, 1-8); at B=32 >= 1.0x cuDNN a
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax_sprnn as js
-from jax_sprnn import _native
 
 from .. import plots
 from ..harness import Peer, Skip
-from ..peers_jax import ALL_DTYPES, forward_primitive_runner
+from ..peers_jax import ALL_DTYPES, forward_primitive_runner, pack_without_clusters
 from ..problems import Layer
 from .common import Context, case_columns, case_row, print_skips
 
@@ -38,18 +36,13 @@ _PACKED: dict = {}
 
 
 def _packed_on(layer: Layer, sm_count: int | None) -> js.SparseWeights:
-    """The layer packed for a GPU without clusters, of ``sm_count`` SMs (None: this GPU's): a
-    grid-mode layout, or with few SMs a layout of at most that many CTAs (which runs in cluster
-    mode: the cluster-size sweep)."""
+    """``peers_jax.pack_without_clusters``, cached per layer; skipped where it does not fit."""
     key = (layer.hidden, layer.density, layer.dtype, sm_count)
     if key not in _PACKED:
-        device = dataclasses.replace(_native.current_device_spec(), cluster_launch=False)
-        if sm_count is not None:
-            device = dataclasses.replace(device, sm_count=sm_count)
-        w = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype, device=device)
-        if not w.meta.fits:
-            raise Skip(w.meta.reason)
-        _PACKED[key] = w
+        try:
+            _PACKED[key] = pack_without_clusters(layer, sm_count)
+        except ValueError as e:
+            raise Skip(str(e)) from e
     return _PACKED[key]
 
 
