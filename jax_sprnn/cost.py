@@ -63,19 +63,20 @@ def batch_planes(meta: LayoutMeta, batch: int) -> int:
     return -(-batch // max(1, meta.load_bytes // 4))
 
 
-#: A gated kernel walks its planes two a pass (tile 4: ``load_bytes = 16``), each slot decoded once
-#: for both: a two-plane pass cost about this many one-plane passes in the gated suite's run of
-#: 2026-12-04 (H200, fp16, 10%, H = 1024, grid mode: GRU 3.96 / 3.73 / 14.3 µs at B = 1 / 8 / 32,
-#: LSTM 4.30 / 5.18 / 13.0; benchmarks/results/gated_forward_2026-12-04.json). The simple cell's
-#: two-plane passes gained 0-20% (benchmarks/RESULTS.md, "Two planes a pass"): within this fit's
-#: noise, so its planes still count one by one.
-GATED_PAIR_PLANES = 1.2
+#: From two batch planes on, the kernels walk them two a pass (tile 4: ``load_bytes = 16``), each
+#: slot decoded once for both. In grid mode, where a step waits mostly on the grid's exchange, a
+#: two-plane pass costs about this many one-plane passes (H200, fp16, 10%, 2026-12-04: the simple
+#: cell's grid layout at H = 1024 took 2.99-3.6 / 3.13-3.46 / 11.2-12.1 µs at B = 1 / 8 / 32, at
+#: H = 2048 3.66 / 3.76 at B = 1 / 8; the GRU at H = 1024 3.96 / 3.73 / 14.3, the LSTM 4.30 / 5.18 /
+#: 13.0: benchmarks/results/cluster_*_2026-12-04.json, gated_forward_2026-12-04.json). In cluster
+#: mode each plane's state crosses the cluster on its own, so its planes count one by one.
+PAIR_PLANES = 1.2
 
 
 def plane_units(meta: LayoutMeta, planes: int) -> float:
-    """What walking ``planes`` batch planes costs, in one-plane passes."""
-    if meta.gates > 1 and meta.load_bytes == 16:
-        return (planes // 2) * GATED_PAIR_PLANES + planes % 2
+    """What walking ``planes`` batch planes costs a grid-mode step, in one-plane passes."""
+    if meta.load_bytes == 16:
+        return (planes // 2) * PAIR_PLANES + planes % 2
     return float(planes)
 
 
@@ -105,9 +106,10 @@ CLUSTER_WIDE_VARIANT_US = 0.5
 PORTABLE_CLUSTER_CTAS = 8
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
-#: their weights: small batches are the package's ground, and B=32 keeps a 16-CTA cluster (fastest at
-#: one batch tile) from being chosen where fewer of them fit at once and B=32 then costs twice.
-PLANNING_BATCHES = ((1, 1.0), (4, 1.0), (8, 1.0), (32, 0.5))
+#: their weights: single examples and the 16-64 where most training runs count alike. B = 16-32 keep
+#: a 16-CTA cluster (fast at one batch tile) from being chosen where only 7 of them fit at once and
+#: B = 32 then walks two planes.
+PLANNING_BATCHES = ((1, 1.0), (4, 1.0), (8, 1.0), (16, 1.0), (32, 1.0))
 
 
 def _tiers(dtype, gates: int) -> dict:
@@ -125,16 +127,20 @@ def wide_variant(meta: LayoutMeta, dtype) -> bool:
     return tier is not None and meta.threads_per_cta > tier.narrow_threads
 
 
-#: A thread-block cluster's CTAs share one GPC (graphics processing cluster). Hopper's GPCs hold up
-#: to 18 SMs; the H200's 132 SMs are taken as 7 such GPCs and a partial one of 6, so it holds 7
-#: clusters of 10-16 CTAs and 14 of 8 or 9, not ``132 // N`` (benchmarks/probes/active_clusters.py
-#: measures the real count, which the handler asks the driver for).
+#: A thread-block cluster's CTAs share one GPC (graphics processing cluster), so a GPU holds fewer
+#: clusters at once than ``sm_count // N``. The H200's counts for N = 1..16, one CTA per SM, from
+#: ``cuOccupancyMaxActiveClusters`` (benchmarks/probes/active_clusters.py, 2026-12-04; the same for
+#: 128-768 threads): the handler asks the driver the same question at run time.
+H200_RESIDENT_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15, 9, 7, 7, 7, 7, 7, 7, 7)
+#: Other GPUs: GPCs of about this many SMs (Hopper's hold up to 18), each holding its own clusters.
 GPC_SMS = 18
 
 
 def resident_clusters(num_ctas: int, sm_count: int = 132) -> int:
     """Estimated clusters of ``num_ctas`` CTAs (one per SM) the device holds at once."""
     n = max(1, num_ctas)
+    if sm_count == 132 and n <= len(H200_RESIDENT_CLUSTERS):
+        return H200_RESIDENT_CLUSTERS[n - 1]
     full, rest = divmod(sm_count, GPC_SMS)
     return max(1, full * (GPC_SMS // n) + rest // n)
 
@@ -156,7 +162,7 @@ def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) ->
         per_plane += CLUSTER_WIDE_US
     if wide_variant(meta, dtype):
         per_plane += CLUSTER_WIDE_VARIANT_US
-    return CLUSTER_FIXED_US + plane_units(meta, planes) * per_plane
+    return CLUSTER_FIXED_US + planes * per_plane
 
 
 def planning_step_us(meta: LayoutMeta, exchange: str, dtype) -> float:

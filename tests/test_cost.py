@@ -25,9 +25,11 @@ H2304 = _meta(2304, 24, 18, 24)
 
 
 def test_kernel_estimate_by_hand():
-    # 1.6 + planes * (1.85 + 0.0033 * warps_per_cta * (reg + 1.5 * (K - reg)))
+    # 1.6 + units * (1.85 + 0.0033 * warps_per_cta * (reg + 1.5 * (K - reg))), where a pass of two
+    # planes is 1.2 units
     assert cost.persistent_step_us(H2304, 4) == pytest.approx(1.6 + 1.85 + 0.0033 * 18 * 24)  # 4.8756
-    assert cost.persistent_step_us(H2304, 16) == pytest.approx(1.6 + 4 * 3.2756)  # 14.7024
+    assert cost.persistent_step_us(H2304, 16) == pytest.approx(1.6 + 2 * 1.2 * 3.2756)  # 9.4614
+    assert cost.persistent_step_us(H2304, 12) == pytest.approx(1.6 + 2.2 * 3.2756)  # a pair and one
     in_smem = _meta(2304, 24, 18, 0)  # every slot in shared memory: 1.5 x 24 register-equivalents
     assert cost.persistent_step_us(in_smem, 4) == pytest.approx(1.6 + 1.85 + 0.0033 * 18 * 36)
     narrow = _meta(2304, 24, 18, 24, load_bytes=8)  # 2 examples per plane: B=4 is two planes
@@ -42,15 +44,15 @@ def test_dense_estimate_by_hand():
 
 def test_auto_switches_by_hand():
     # dense 8.5 µs, so the kernel must exceed 1.25 * 8.5 = 10.625 µs
-    assert not cost.auto_prefers_dense(H2304, 8, np.float16)[0]  # 8.15 µs: faster anyway
-    prefers_dense, why = cost.auto_prefers_dense(H2304, 16, np.float16)  # 14.70 µs
-    assert prefers_dense and "14.7 µs" in why and "8.5 µs" in why
-    # 32 slots: 1.6 + 2 * (1.85 + 0.0033 * 18 * 32) = 9.10 µs at B=8, 7% slower than the dense
-    # estimate but inside the margin, so it stays; 12.85 µs at B=12 does not.
+    assert not cost.auto_prefers_dense(H2304, 16, np.float16)[0]  # 9.46 µs: faster anyway
+    prefers_dense, why = cost.auto_prefers_dense(H2304, 24, np.float16)  # 1.6 + 3.6 * 3.2756
+    assert prefers_dense and "13.4 µs" in why and "8.5 µs" in why
+    # 32 slots: 1.6 + 2.4 * (1.85 + 0.0033 * 18 * 32) = 10.60 µs at B=16, 25% slower than the dense
+    # estimate but inside the margin, so it stays; 14.35 µs at B=20 (3.4 units) does not.
     k32 = _meta(2304, 32, 18, 32)
-    assert cost.dense_step_us(2304, np.float16) < cost.persistent_step_us(k32, 8) < 10.625
-    assert not cost.auto_prefers_dense(k32, 8, np.float16)[0]
-    assert cost.auto_prefers_dense(k32, 12, np.float16)[0]
+    assert cost.dense_step_us(2304, np.float16) < cost.persistent_step_us(k32, 16) < 10.625
+    assert not cost.auto_prefers_dense(k32, 16, np.float16)[0]
+    assert cost.auto_prefers_dense(k32, 20, np.float16)[0]
 
 
 GRID = [_meta(h, k, w, r) for h, k, w, r in [(1152, 8, 4, 8), (2304, 24, 18, 24), (2304, 24, 18, 16),
@@ -149,9 +151,9 @@ def test_cluster_step_grows_with_planes_and_wide_clusters():
     # replicas take the batch: 14 tiles on 14 replicas of 8 CTAs is still one plane each
     assert cost.cluster_replicas(meta, 56) == 14
     assert cost.cluster_step_us(meta, 56, np.float16) == pytest.approx(one)
-    # ... until the GPCs run out: 7 GPCs of 18 SMs hold 2 clusters of 8 each, the 6 SMs left none,
-    # so 15 tiles need 2 planes on one replica
-    assert cost.cluster_step_us(meta, 60, np.float16) == pytest.approx(
+    # ... until the GPCs run out: the H200 holds 15 clusters of 8 CTAs, so 16 tiles need two planes
+    assert cost.cluster_step_us(meta, 60, np.float16) == pytest.approx(one)
+    assert cost.cluster_step_us(meta, 64, np.float16) == pytest.approx(
         cost.CLUSTER_FIXED_US + 2 * (one - cost.CLUSTER_FIXED_US))
     wide = LayoutMeta(1024, 16, 16 * 8, 8, 16, 16, True, "fits")  # 16 CTAs: the non-portable size
     assert cost.cluster_replicas(wide, 64) == 7
@@ -160,10 +162,11 @@ def test_cluster_step_grows_with_planes_and_wide_clusters():
 
 
 @pytest.mark.parametrize("num_ctas, sm_count, resident", [
-    (1, 132, 132), (2, 132, 66), (4, 132, 29), (8, 132, 14), (9, 132, 14), (10, 132, 7), (16, 132, 7),
-    (16, 16, 1), (8, 4, 1)])
+    (1, 132, 132), (3, 132, 39), (4, 132, 30), (8, 132, 15), (9, 132, 9), (10, 132, 7), (16, 132, 7),
+    (8, 144, 16), (16, 16, 1), (8, 4, 1), (3, 40, 13)])
 def test_resident_clusters_are_counted_per_gpc(num_ctas, sm_count, resident):
-    # A cluster's CTAs share a GPC of at most GPC_SMS SMs: 132 SMs = 7 x 18 + 6.
+    # The H200 (132 SMs): the driver's counts. Other GPUs: GPCs of GPC_SMS (18) SMs hold
+    # 18 // N clusters each, and a partial GPC its own (40 SMs = 2 x 18 + 4: 2 x 6 + 1 of 3 CTAs).
     assert cost.resident_clusters(num_ctas, sm_count) == resident
 
 
@@ -180,17 +183,21 @@ def test_a_wide_variant_costs_more_per_plane():
     assert not cost.wide_variant(LayoutMeta(2048, 64, 16 * 16, 16, 64, 16, True, "fits"), np.float16)
 
 
-def test_gated_kernels_walk_two_planes_a_pass():
+def test_grid_steps_walk_two_planes_a_pass():
     lstm = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits", gates=4)
     simple = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits")
-    assert cost.plane_units(simple, 5) == 5
-    assert cost.plane_units(lstm, 5) == pytest.approx(2 * cost.GATED_PAIR_PLANES + 1)
+    for meta in (simple, lstm):
+        assert cost.plane_units(meta, 1) == 1
+        assert cost.plane_units(meta, 5) == pytest.approx(2 * cost.PAIR_PLANES + 1)
     per_plane = cost.KERNEL_PLANE_US + cost.KERNEL_SLOT_US * 8 * 16
     assert cost.persistent_step_us(lstm, 8) == pytest.approx(
-        cost.KERNEL_FIXED_US + cost.GATED_PAIR_PLANES * per_plane)
+        cost.KERNEL_FIXED_US + cost.PAIR_PLANES * per_plane)
     # narrower tiles (float32 h loads of 8 bytes) have no two-plane variant
-    narrow_tiles = dataclasses.replace(lstm, load_bytes=8)
-    assert cost.plane_units(narrow_tiles, 4) == 4
+    assert cost.plane_units(dataclasses.replace(lstm, load_bytes=8), 4) == 4
+    # in cluster mode every plane's state crosses the cluster on its own: planes count one by one
+    small = LayoutMeta(1024, 16, 16 * 16, 16, 16, 16, True, "fits")  # 16 CTAs: 7 replicas at most
+    one, two = (cost.cluster_step_us(small, b, np.float16) for b in (4, 32))  # 1 and 8 tiles
+    assert two - cost.CLUSTER_FIXED_US == pytest.approx(2 * (one - cost.CLUSTER_FIXED_US))
 
 
 def test_gated_auto_switches_by_hand():
