@@ -90,20 +90,18 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
 # state into every peer's shared memory and waits on its own mbarrier; replicas of the cluster run
 # slices of the batch side by side. Per step, ``a + planes * (b + c * warps_per_cta * K_eff
-# + s * cols / 1024 + d * [N > 8] + e * [wide variant])`` µs: every CTA takes in and stages the
-# whole state (``cols`` values a batch entry); a cluster of more than 8 CTAs (the non-portable size)
-# waits on more peers; the wide variant of a register tier has a tighter register cap. c is the
-# grid fit's KERNEL_SLOT_US. Fitted by ``benchmarks/cost_fit.py`` (least squares on relative errors)
-# to the cluster suite's runs of 2026-12-04 (H200, fp16 and fp32, H 256-1152, B 1-64, layouts on
-# 1-16 CTAs: benchmarks/results/cluster_sizes_2026-12-04.json, cluster_mbar_quick_2026-12-04.json).
-# The runs' own noise is large (one layout timed twice in one run differed by up to 40%), so
-# the 10-90% band of measured / estimate is 0.87-1.33.
-CLUSTER_FIXED_US = 1.3
-CLUSTER_PLANE_US = 0.35
-CLUSTER_STATE_US = 0.4
-CLUSTER_WIDE_US = 0.1
-CLUSTER_WIDE_VARIANT_US = 0.5
-PORTABLE_CLUSTER_CTAS = 8
+# + d * N * cols / 16384 + e * [wide variant])`` µs. Every one of the N CTAs takes in the whole
+# state (``cols`` values a batch entry), so a plane moves N * cols values across the GPC; the wide
+# variant of a register tier has a tighter register cap. c is the grid fit's KERNEL_SLOT_US. Fitted
+# by ``benchmarks/cost_fit.py`` (least squares on relative errors) to the cluster suite's four runs
+# of 2026-12-04 (H200, fp16 and fp32, H 256-2048, B 1-64, layouts on 1-16 CTAs:
+# benchmarks/results/cluster_*_2026-12-04.json). The runs' own noise is large (one layout timed in
+# two runs differs by up to 40%): the 10-90% band of measured / estimate is 0.87-1.37.
+CLUSTER_FIXED_US = 1.7
+CLUSTER_PLANE_US = 0.0
+CLUSTER_TRAFFIC_US = 0.6
+CLUSTER_TRAFFIC_UNIT = 16 * 1024  # N * cols: a cluster of 16 CTAs exchanging 1024 values
+CLUSTER_WIDE_VARIANT_US = 0.55
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
 #: their weights: single examples and the 16-64 where most training runs count alike. B = 16-32 keep
@@ -157,9 +155,7 @@ def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) ->
     k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
     planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
     per_plane = (CLUSTER_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
-                 + CLUSTER_STATE_US * meta.num_cols / 1024)
-    if meta.num_ctas > PORTABLE_CLUSTER_CTAS:
-        per_plane += CLUSTER_WIDE_US
+                 + CLUSTER_TRAFFIC_US * meta.num_ctas * meta.num_cols / CLUSTER_TRAFFIC_UNIT)
     if wide_variant(meta, dtype):
         per_plane += CLUSTER_WIDE_VARIANT_US
     return CLUSTER_FIXED_US + planes * per_plane
