@@ -88,13 +88,15 @@ def test_recurrences_on_an_h200(h200_build):
     meta = _meta(2304, 230)
     assert meta.fits
     assert dispatch.on_cuda_recurrence(FORWARD, meta, 4, np.float16, "auto").path == "kernel"
-    # At B=16 the cost model expects the dense step to be faster: "auto" takes it, silently...
-    assert cost.auto_prefers_dense(meta, 16, np.float16)[0]
-    decision = dispatch.on_cuda_recurrence(FORWARD, meta, 16, np.float16, "auto")
+    # At B=20 (five planes: two two-plane passes and one) the cost model expects the dense step to
+    # be faster: "auto" takes it, silently...
+    assert not cost.auto_prefers_dense(meta, 16, np.float16)[0]
+    assert cost.auto_prefers_dense(meta, 20, np.float16)[0]
+    decision = dispatch.on_cuda_recurrence(FORWARD, meta, 20, np.float16, "auto")
     assert decision.path == "fallback" and "faster here" in decision.why
     # ... but "native" keeps the kernel, and so does the backward (its dense path is float32).
-    assert dispatch.on_cuda_recurrence(FORWARD, meta, 16, np.float16, "native").path == "kernel"
-    assert dispatch.on_cuda_recurrence(BACKWARD, meta, 16, np.float16, "auto").path == "kernel"
+    assert dispatch.on_cuda_recurrence(FORWARD, meta, 20, np.float16, "native").path == "kernel"
+    assert dispatch.on_cuda_recurrence(BACKWARD, meta, 20, np.float16, "auto").path == "kernel"
     too_big = planner.max_persistent_batch(meta, np.float16, H200) + 1
     decision = dispatch.on_cuda_recurrence(FORWARD, meta, too_big, np.float16, "auto")
     assert decision.path == "fallback" and "exceeds the persistent kernel's limit" in decision.warning
