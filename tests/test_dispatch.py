@@ -88,15 +88,17 @@ def test_recurrences_on_an_h200(h200_build):
     meta = _meta(2304, 230)
     assert meta.fits
     assert dispatch.on_cuda_recurrence(FORWARD, meta, 4, np.float16, "auto").path == "kernel"
-    # At B=20 (five planes: two two-plane passes and one) the cost model expects the dense step to
-    # be faster: "auto" takes it, silently...
-    assert not cost.auto_prefers_dense(meta, 16, np.float16)[0]
-    assert cost.auto_prefers_dense(meta, 20, np.float16)[0]
-    decision = dispatch.on_cuda_recurrence(FORWARD, meta, 20, np.float16, "auto")
+    # At 10% the kernel is expected faster up to its batch limit (24; two planes a pass)...
+    assert not any(cost.auto_prefers_dense(meta, b, np.float16)[0] for b in (16, 20, 24))
+    # ... at 30% and B=20 (two two-plane passes and one) the dense step: "auto" takes it, silently...
+    dense_meta = _meta(2304, 691)
+    assert not cost.auto_prefers_dense(dense_meta, 16, np.float16)[0]
+    assert cost.auto_prefers_dense(dense_meta, 20, np.float16)[0]
+    decision = dispatch.on_cuda_recurrence(FORWARD, dense_meta, 20, np.float16, "auto")
     assert decision.path == "fallback" and "faster here" in decision.why
     # ... but "native" keeps the kernel, and so does the backward (its dense path is float32).
-    assert dispatch.on_cuda_recurrence(FORWARD, meta, 20, np.float16, "native").path == "kernel"
-    assert dispatch.on_cuda_recurrence(BACKWARD, meta, 20, np.float16, "auto").path == "kernel"
+    assert dispatch.on_cuda_recurrence(FORWARD, dense_meta, 20, np.float16, "native").path == "kernel"
+    assert dispatch.on_cuda_recurrence(BACKWARD, dense_meta, 20, np.float16, "auto").path == "kernel"
     too_big = planner.max_persistent_batch(meta, np.float16, H200) + 1
     decision = dispatch.on_cuda_recurrence(FORWARD, meta, too_big, np.float16, "auto")
     assert decision.path == "fallback" and "exceeds the persistent kernel's limit" in decision.warning
