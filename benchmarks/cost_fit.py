@@ -6,7 +6,7 @@ and refit its constants.
 Every layout the suite timed (the planner's, ``nN``: the layer on at most N CTAs) is one point: its
 measured µs per step against ``cost.cluster_step_us`` for the layout and batch. The fit is a
 least-squares solve of the estimate's linear form, ``a + planes * (b + c * warps * K_eff
-+ d * N * cols / 16384 + e * [wide variant])`` with ``c`` held at ``KERNEL_SLOT_US``, on
++ (s + d * [N > 8]) * cols / 1024 + e * [wide variant])`` with ``c`` held at ``KERNEL_SLOT_US``, on
 relative errors (each point weighted by 1/measured), so that 2-µs and 10-µs steps count alike.
 The constants in ``cost.py`` are rounded from its output.
 """
@@ -53,13 +53,14 @@ def points(paths):
 
 
 def features(meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarray:
-    """The estimate's linear form: ``[1, planes, planes * w * K_eff, planes * N * cols / 16384,
-    planes * [wide]]``."""
+    """The estimate's linear form: ``[1, planes, planes * w * K_eff, planes * cols / 1024,
+    planes * [N > 8] * cols / 1024, planes * [wide variant]]``."""
     planes = math.ceil(cost.batch_planes(meta, batch) / cost.cluster_replicas(meta, batch))
     k_eff = meta.reg_slots + cost.SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
-    traffic = meta.num_ctas * meta.num_cols / cost.CLUSTER_TRAFFIC_UNIT
-    return np.array([1.0, planes, planes * meta.warps_per_cta * k_eff, planes * traffic,
-                     planes * cost.wide_variant(meta, dtype)])
+    state = meta.num_cols / 1024
+    wide_cluster = meta.num_ctas > cost.PORTABLE_CLUSTER_CTAS
+    return np.array([1.0, planes, planes * meta.warps_per_cta * k_eff, planes * state,
+                     planes * wide_cluster * state, planes * cost.wide_variant(meta, dtype)])
 
 
 def main() -> None:
@@ -85,12 +86,13 @@ def main() -> None:
           f"10-90% {np.percentile(ratio, 10):.2f}-{np.percentile(ratio, 90):.2f}")
     x = np.array(rows) / measured[:, None]
     # The slot rate is the grid fit's KERNEL_SLOT_US (shared by both modes): the others are solved.
-    free = [0, 1, 3, 4]
+    free = [0, 1, 3, 4, 5]
     target = np.ones(len(pts)) - x[:, 2] * cost.KERNEL_SLOT_US
     solved, *_ = np.linalg.lstsq(x[:, free], target, rcond=None)
-    coef = np.zeros(5)
+    coef = np.zeros(6)
     coef[free], coef[2] = solved, cost.KERNEL_SLOT_US
-    names = ["fixed", "plane", "slot (fixed)", "traffic (N * cols / 16384)", "wide variant"]
+    names = ["fixed", "plane", "slot (fixed)", "state (cols / 1024)", "wide cluster (N > 8, cols / 1024)",
+             "wide variant"]
     print("least-squares constants (relative errors):",
           ", ".join(f"{n} {c:.4g}" for n, c in zip(names, coef)))
     fit_ratio = measured / (np.array(rows) @ coef)

@@ -90,18 +90,20 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
 # state into every peer's shared memory and waits on its own mbarrier; replicas of the cluster run
 # slices of the batch side by side. Per step, ``a + planes * (b + c * warps_per_cta * K_eff
-# + d * N * cols / 16384 + e * [wide variant])`` µs. Every one of the N CTAs takes in the whole
-# state (``cols`` values a batch entry), so a plane moves N * cols values across the GPC; the wide
-# variant of a register tier has a tighter register cap. c is the grid fit's KERNEL_SLOT_US. Fitted
-# by ``benchmarks/cost_fit.py`` (least squares on relative errors) to the cluster suite's four runs
-# of 2026-12-04 (H200, fp16 and fp32, H 256-2048, B 1-64, layouts on 1-16 CTAs:
-# benchmarks/results/cluster_*_2026-12-04.json). The runs' own noise is large (one layout timed in
-# two runs differs by up to 40%): the 10-90% band of measured / estimate is 0.87-1.37.
+# + (s + d * [N > 8]) * cols / 1024 + e * [wide variant])`` µs: every CTA takes in and stages the
+# whole state (``cols`` values a batch entry), and a cluster above the portable 8 CTAs pays more for
+# it (at H = 1024 the same warps ran faster on 8 CTAs of 16 than on 16 of 16 at every batch, 1.9x at
+# B = 32); the wide variant of a register tier has a tighter register cap. c is the grid fit's
+# KERNEL_SLOT_US. Fitted by ``benchmarks/cost_fit.py`` (least squares on relative errors) to the
+# cluster suite's five runs of 2026-12-04 (H200, fp16 and fp32, H 256-2048, B 1-64, layouts on 1-16
+# CTAs: benchmarks/results/cluster_*_2026-12-04.json). The runs' own noise is large (one layout
+# timed in two runs differs by up to 40%): the 10-90% band of measured / estimate is 0.87-1.38.
 CLUSTER_FIXED_US = 1.7
 CLUSTER_PLANE_US = 0.0
-CLUSTER_TRAFFIC_US = 0.6
-CLUSTER_TRAFFIC_UNIT = 16 * 1024  # N * cols: a cluster of 16 CTAs exchanging 1024 values
-CLUSTER_WIDE_VARIANT_US = 0.55
+CLUSTER_STATE_US = 0.2
+CLUSTER_WIDE_US = 0.5
+CLUSTER_WIDE_VARIANT_US = 0.45
+PORTABLE_CLUSTER_CTAS = 8
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
 #: their weights: single examples and the 16-64 where most training runs count alike. B = 16-32 keep
@@ -154,8 +156,9 @@ def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) ->
     storage dtype."""
     k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
     planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
+    state_us = CLUSTER_STATE_US + (CLUSTER_WIDE_US if meta.num_ctas > PORTABLE_CLUSTER_CTAS else 0.0)
     per_plane = (CLUSTER_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
-                 + CLUSTER_TRAFFIC_US * meta.num_ctas * meta.num_cols / CLUSTER_TRAFFIC_UNIT)
+                 + state_us * meta.num_cols / 1024)
     if wide_variant(meta, dtype):
         per_plane += CLUSTER_WIDE_VARIANT_US
     return CLUSTER_FIXED_US + planes * per_plane

@@ -142,12 +142,12 @@ def test_gpu_path_of_a_layer():
     assert too_big == "dense" and "exceeds the persistent kernel's limit" in why
 
 
-def test_cluster_step_grows_with_planes_and_the_clusters_traffic():
+def test_cluster_step_grows_with_planes_and_wide_clusters():
     meta = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 8 CTAs of 16 warps, K=16
     one = cost.cluster_step_us(meta, 4, np.float16)
-    # by hand: fixed + one plane of (plane + slots * warps * K + 8 CTAs taking in 1024 values each)
+    # by hand: fixed + one plane of (plane + slots * warps * K + the state's 1024 columns)
     assert one == pytest.approx(cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.KERNEL_SLOT_US * 16 * 16
-                                + cost.CLUSTER_TRAFFIC_US * 8 * 1024 / (16 * 1024))
+                                + cost.CLUSTER_STATE_US)
     # replicas take the batch: 14 tiles on 14 replicas of 8 CTAs is still one plane each
     assert cost.cluster_replicas(meta, 56) == 14
     assert cost.cluster_step_us(meta, 56, np.float16) == pytest.approx(one)
@@ -155,11 +155,14 @@ def test_cluster_step_grows_with_planes_and_the_clusters_traffic():
     assert cost.cluster_step_us(meta, 60, np.float16) == pytest.approx(one)
     assert cost.cluster_step_us(meta, 64, np.float16) == pytest.approx(
         cost.CLUSTER_FIXED_US + 2 * (one - cost.CLUSTER_FIXED_US))
-    # the same warps on 16 CTAs of 8: half the slot rounds a CTA, twice the cluster's traffic
+    # the same warps on 16 CTAs of 8 (a non-portable cluster): half the slot rounds a CTA, and the
+    # wide cluster's cost of taking in the state
     wide = LayoutMeta(1024, 16, 16 * 8, 8, 16, 16, True, "fits")
     assert cost.cluster_replicas(wide, 64) == 7
     assert cost.cluster_step_us(wide, 4, np.float16) - one == pytest.approx(
-        cost.CLUSTER_TRAFFIC_US * 8 * 1024 / (16 * 1024) - cost.KERNEL_SLOT_US * 8 * 16)
+        cost.CLUSTER_WIDE_US - cost.KERNEL_SLOT_US * 8 * 16)
+    # a wider state costs more in both
+    assert cost.cluster_step_us(dataclasses.replace(meta, hidden=2048), 4, np.float16) > one
 
 
 @pytest.mark.parametrize("num_ctas, sm_count, resident", [

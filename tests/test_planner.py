@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jax_sprnn import planner
+from jax_sprnn import cost, planner
 from jax_sprnn.dispatch import weight_grad_time_chunks
 from jax_sprnn.layout import LayoutMeta
 from jax_sprnn.planner import H200, DeviceSpec, plan_layout
@@ -218,7 +218,6 @@ def test_small_layers_are_planned_for_one_cluster(hidden, density, dtype):
 
 
 def test_cluster_mode_is_chosen_by_the_step_estimate():
-    from jax_sprnn import cost
     for hidden, density in [(256, 0.1), (1024, 0.1), (2304, 0.1), (2304, 0.3), (4608, 0.05)]:
         nnz = np.full(hidden, int(density * hidden))
         plan = plan_layout(nnz, np.float16, H200)
@@ -270,3 +269,17 @@ def test_an_exchange_mode_is_checked():
     nnz = np.full(1024, 102)
     forced = plan_layout(nnz, np.float16, GRID_ONLY, exchange="cluster")
     assert forced == plan_layout(nnz, np.float16, GRID_ONLY)
+
+
+def test_a_portable_cluster_is_preferred_within_the_estimates_error(monkeypatch):
+    # H=1024 at 10% in fp16: 16 CTAs of 16 warps (K=16) are estimated 1% cheaper than 8 of 16
+    # (K=32); within PORTABLE_TOLERANCE the 8-CTA cluster is taken (15 fit an H200 at once, not 7).
+    nnz = np.full(1024, 102)
+    plan = planner._cluster_layout(nnz, np.float16, H200, 16, planner.SLOT_SIZES, 1)
+    assert plan.num_ctas <= cost.PORTABLE_CLUSTER_CTAS, plan
+    tolerance = planner.PORTABLE_TOLERANCE
+    monkeypatch.setattr(planner, "PORTABLE_TOLERANCE", 0.0)
+    cheapest = planner._cluster_layout(nnz, np.float16, H200, 16, planner.SLOT_SIZES, 1)
+    assert cheapest.num_ctas > cost.PORTABLE_CLUSTER_CTAS, cheapest
+    est = [cost.planning_step_us(p, "cluster", np.float16) for p in (plan, cheapest)]
+    assert est[1] < est[0] <= est[1] * (1 + tolerance)
