@@ -97,7 +97,7 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # KERNEL_SLOT_US. Fitted by ``benchmarks/cost_fit.py`` (least squares on relative errors) to the
 # cluster suite's five runs of 2026-12-04 (H200, fp16 and fp32, H 256-2048, B 1-64, layouts on 1-16
 # CTAs: benchmarks/results/cluster_*_2026-12-04.json). The runs' own noise is large (one layout
-# timed in two runs differs by up to 40%): the 10-90% band of measured / estimate is 0.87-1.38.
+# timed in two runs differs by up to 40%): the 10-90% band of measured / estimate is 0.84-1.32.
 CLUSTER_FIXED_US = 1.7
 CLUSTER_PLANE_US = 0.0
 CLUSTER_STATE_US = 0.2
