@@ -172,3 +172,24 @@ def test_gated_suite(tmp_path):
     for cell, goal in (("lstm", 4096), ("gru", 4608)):
         target = goals[f"capacity {cell.upper()} 10% fp16"]
         assert target["goal"] == goal and target["met"] == (target["value"] >= goal)
+
+
+def test_cost_fit_reads_the_cluster_runs_and_cost_py_matches_them():
+    """benchmarks/cost_fit.py on the committed H200 runs: every timed cluster-mode layout becomes a
+    point with its own register tier, and cost.py's cluster constants are the fit's (a change to
+    either without refitting moves the median off 1)."""
+    import numpy as np
+
+    from benchmarks import cost_fit
+    from jax_sprnn import cost
+
+    paths = sorted((ROOT / "benchmarks" / "results").glob("cluster_*_2026-12-04.json"))
+    assert paths
+    points = list(cost_fit.points(paths))
+    assert len(points) > 300
+    ratios = []
+    for _, row, _, meta, batch, us in points:
+        assert meta.num_ctas <= 16 and meta.reg_slots <= meta.slots_per_lane
+        ratios.append(us / cost.cluster_step_us(meta, batch, row["dtype"]))
+    assert 0.9 < np.median(ratios) < 1.1
+    assert np.percentile(ratios, 10) > 0.75 and np.percentile(ratios, 90) < 1.45
