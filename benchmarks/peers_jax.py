@@ -304,6 +304,11 @@ def weights_on_ctas(layer, num_ctas: int) -> js.SparseWeights:
     return _alternative_weights(layer, f"n{num_ctas}", lambda: pack_without_clusters(layer, num_ctas))
 
 
+def _forced(exchange: str):
+    """The layer's layout for one exchange mode, as a ``weights`` of :func:`_build_ours_gated`."""
+    return lambda layer: forced_exchange_weights(layer, exchange)
+
+
 def _build_ours_gated(method: str, weights=None):
     """``weights(layer)``: another layout than the planner's, or None."""
     def build(layer, batch: int, T: int) -> Runner:
@@ -434,10 +439,6 @@ GATED_OURS_NATIVE = Peer("ours_native", "sparse_lstm / sparse_gru(method='native
                          competitor=False)
 GATED_OURS_AUTO = Peer("ours_auto", "sparse_lstm / sparse_gru(method='auto') on the precomputed "
                        "input projection", ALL_DTYPES, _build_ours_gated("auto"), competitor=False)
-def _forced(exchange: str):
-    return lambda layer: forced_exchange_weights(layer, exchange)
-
-
 GATED_OURS_CLUSTER = Peer("ours_cluster", "ours_native on the layout planned for cluster mode "
                           "(from_dense(exchange='cluster'); skipped where it is the planner's pick)",
                           ALL_DTYPES, _build_ours_gated("native", _forced("cluster")),

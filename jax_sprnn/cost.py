@@ -103,7 +103,7 @@ CLUSTER_PLANE_US = 0.0
 CLUSTER_STATE_US = 0.2
 CLUSTER_WIDE_US = 0.5
 CLUSTER_WIDE_VARIANT_US = 0.45
-PORTABLE_CLUSTER_CTAS = 8
+PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
 #: their weights: single examples and the 16-64 where most training runs count alike. B = 16-32 keep
@@ -167,11 +167,11 @@ def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) ->
 def planning_step_us(meta: LayoutMeta, exchange: str, dtype) -> float:
     """The mean estimated step over :data:`PLANNING_BATCHES` in the given exchange mode: how the
     planner compares layouts whose batch is not known yet."""
-    if exchange == "cluster":
-        return (sum(w * cluster_step_us(meta, b, dtype) for b, w in PLANNING_BATCHES)
-                / sum(w for _, w in PLANNING_BATCHES))
-    return (sum(w * persistent_step_us(meta, b) for b, w in PLANNING_BATCHES)
-            / sum(w for _, w in PLANNING_BATCHES))
+    def step(batch):
+        if exchange == "cluster":
+            return cluster_step_us(meta, batch, dtype)
+        return persistent_step_us(meta, batch)
+    return sum(w * step(b) for b, w in PLANNING_BATCHES) / sum(w for _, w in PLANNING_BATCHES)
 
 
 def kernel_step_us(meta: LayoutMeta, batch: int, dtype) -> float:

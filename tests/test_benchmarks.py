@@ -174,6 +174,15 @@ def test_gated_suite(tmp_path):
         assert target["goal"] == goal and target["met"] == (target["value"] >= goal)
 
 
+def test_cluster_suite_takes_the_cases_it_is_given(tmp_path):
+    data = _run("cluster", tmp_path, "--hidden", "48,64", "--batch", "1,3", "--density", "0.2")
+    cases = [(r["hidden"], r["batch"], r["density"], r["dtype"]) for r in data["rows"]]
+    assert cases == [(h, b, 0.2, "float16") for h in (48, 64) for b in (1, 3)]
+    for row in data["rows"]:
+        _check_case(row, must_run=["ours"])
+        assert {"grid_mode", "grid_layout", "n1", "n12", "n16"} <= row["peers"].keys()
+
+
 def test_cost_fit_reads_the_cluster_runs_and_cost_py_matches_them():
     """benchmarks/cost_fit.py on the committed H200 runs: every timed cluster-mode layout becomes a
     point with its own register tier, and cost.py's cluster constants are the fit's (a change to

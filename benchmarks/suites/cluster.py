@@ -15,7 +15,6 @@ persistent kernel at (1024, 10%, 8) and (256, 10%, 1-8); at B=32 >= 1.0x cuDNN a
 
 from __future__ import annotations
 
-
 import jax_sprnn as js
 
 from .. import plots
