@@ -6,7 +6,8 @@
 #     (SUITE="gated sweep" SUITE_ARGS_gated=... SUITE_ARGS_sweep=...: arguments per suite)
 #     (python benchmarks/run.py --suite ...; 'bench' is another name for 'suite'; all = tests,suite)
 #   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
-#   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/)
+#   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/;
+#     SPEECH_ARGS="--hidden 256 --bench-batches 1" SPEECH_DTYPES=float32 for another layer)
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
@@ -93,6 +94,7 @@ if has profile; then
     grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers|Achieved|Eligible" "$OUT/$name.txt" | head -24
     ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/$name.csv" 2>&1
     python3 "$OLDPWD/tools/ncu_hotspots.py" "/tmp/$name.csv" --top "${PROFILE_TOP:-45}" > "$OUT/${name}_sass.txt" 2>&1
+    gzip -c "/tmp/$name.csv" > "$OUT/$name.csv.gz"  # every instruction, for tools/ncu_lines.py
     head -c 300 "/tmp/$name.csv"; echo; head -25 "$OUT/${name}_sass.txt"
   done
 fi
@@ -173,7 +175,7 @@ fi
 if has speech; then
   echo "== speech example, GPU speed table"
   for dt in ${SPEECH_DTYPES:-float32 float16}; do
-    python3 "$OLDPWD/examples/speech_model.py" --bench-only --hidden 2048 --density 0.1 --dtype "$dt" \
+    python3 "$OLDPWD/examples/speech_model.py" --bench-only ${SPEECH_ARGS:---hidden 2048 --density 0.1} --dtype "$dt" \
       --out "$OUT/speech_$dt" 2>&1 | tee "$OUT/speech_$dt.log" | tail -12
   done
 fi
