@@ -85,6 +85,9 @@ inline nanobind::dict exported_constants() {
       },
       nb::arg("batch"), nb::arg("tile"), nb::arg("warps_per_cta"), nb::arg("gates"),
       nb::arg("transposed") = false);
+  d["batch_tile"] = nb::cpp_function(
+      [](int64_t layout_tile, int64_t batch) { return c::batch_tile(layout_tile, batch); },
+      nb::arg("layout_tile"), nb::arg("batch"));
   d["weight_grad_slots_per_thread"] = nb::cpp_function(
       [](int64_t slots_per_lane) { return c::weight_grad_slots_per_thread(slots_per_lane); },
       nb::arg("slots_per_lane"));

@@ -204,7 +204,9 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (a.batch_major != 0 && a.batch_major != 1) return bad("batch_major must be 0 or 1");
   if (a.load_bytes != 4 && a.load_bytes != 8 && a.load_bytes != 16)
     return bad("load_bytes must be 4, 8 or 16, got " + std::to_string(a.load_bytes));
-  const int tile = static_cast<int>(a.load_bytes / 4);
+  // The layout's tile (load_bytes / 4), or a narrower one for a batch of one or two: every step
+  // gathers, reduces, runs the cell for and exchanges each entry of a tile, padding included.
+  const int tile = constants::batch_tile(a.load_bytes / 4, c.B);
   if (hooks.spin_timeout_us < 0) return bad("spin_timeout_us must be >= 0");
   if (hooks.exchange_mode < kExchangeAuto || hooks.exchange_mode > kExchangeCluster)
     return bad("exchange_mode must be 0 (auto), 1 (grid) or 2 (cluster), got " +

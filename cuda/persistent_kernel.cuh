@@ -426,6 +426,20 @@ __device__ __forceinline__ void store_floats(float* dst, const float (&f)[N]) {
   }
 }
 
+template <int N>
+__device__ __forceinline__ void load_floats(const float* src, float (&f)[N]) {
+  if constexpr (N == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+  } else if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    f[0] = v.x, f[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = src[i];
+  }
+}
+
 // A NaN probe of staged values: probe = fma(v, 0, probe) stays 0 while every v is finite and turns
 // NaN for good at the first Inf or NaN (0 * Inf = NaN), one FMA a value (no fast-math here).
 __device__ __forceinline__ void probe_finite(float& probe, float v) { probe = fmaf(v, 0.0f, probe); }
@@ -799,15 +813,15 @@ __device__ __forceinline__ void st_async_floats(uint32_t dst, const float (&f)[N
 #endif
 }
 
-// Writes the TILE values of one (row, plane) into the staged state of the CTAs of the cluster with
-// ranks first, first + stride, ... < n_ranks (`local_dst` is the address in this CTA's own copy,
-// `local_mbar` that copy's mbarrier; the same offsets in each peer). The lanes of a row's run share
-// its pushes this way. This CTA's own copy takes plain stores (seen after the __syncthreads that
-// follows the next phase's wait), so no peer counts them. A non-finite value first writes
-// `flag_value` into those peers' `local_flag` (rare, so the finite step pays one test a value):
-// the readers then need no pass over their staged copy.
+// Copies the TILE values of one (row, plane), already in this CTA's own staged copy at
+// `local_dst`, into the same place of the CTAs of the cluster with ranks first, first + stride, ...
+// < n_ranks (`local_mbar` is that copy's mbarrier; the same offsets in each peer). The lanes of a
+// unit's run share its pushes this way. The own copy took plain stores from the cell lanes (seen
+// after the __syncthreads that follows the next phase's wait), so no peer counts them. A
+// non-finite value first writes `flag_value` into those CTAs' `local_flag`, this one's included
+// (rare, so the finite step pays one test a value): the readers then need no pass over their copy.
 template <int TILE>
-__device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TILE], int first,
+__device__ __forceinline__ void push_tile(const float* local_dst, const float (&v)[TILE], int first,
                                           int stride, int n_ranks, uint64_t* local_mbar, int* local_flag,
                                           int flag_value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -819,9 +833,7 @@ __device__ __forceinline__ void push_tile(float* local_dst, const float (&v)[TIL
   const uint32_t dst = smem_u32(local_dst), mbar = smem_u32(local_mbar);
   for (int r = first; r < n_ranks; r += stride) {
     if (!finite) *cluster.map_shared_rank(local_flag, r) = flag_value;
-    if (r == self) {
-      store_floats<TILE>(local_dst, v);
-    } else {
+    if (r != self) {
       uint32_t peer_dst, peer_mbar;
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_dst) : "r"(dst), "r"(r));
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_mbar) : "r"(mbar), "r"(r));
@@ -1367,10 +1379,14 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   // are the state of the units that other CTAs hold (s_own_units: this CTA's).
   __shared__ uint64_t s_mbar[2];
   __shared__ int s_own_units;
+  // This CTA's batch slice, read per use in the phase loop: from shared memory it costs one load,
+  // where batch_slice() costs a dozen instructions (%clusterid is a division) and a register pair
+  // kept through the loop would cost the large register tiers spills.
+  __shared__ BatchSlice s_slice;
   // The planner keeps constants::kKernelSmemReserve bytes free for these and for the 16-byte
   // alignment of the dynamic regions (at most 12 + 15 bytes: launch_persistent's smem plan).
   static_assert(sizeof(s_steps) + sizeof(s_error) + sizeof(s_nonfinite) + sizeof(s_pushed_nonfinite) +
-                        sizeof(s_mbar) + sizeof(s_own_units) + 12 + 15 <=
+                        sizeof(s_mbar) + sizeof(s_own_units) + sizeof(s_slice) + 12 + 15 <=
                     constants::kKernelSmemReserve,
                 "the kernel's static shared memory outgrew the planner's reserve");
 
@@ -1402,6 +1418,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     s_error = 0;
     s_pushed_nonfinite[0] = s_pushed_nonfinite[1] = 0;  // (before the first cluster barrier)
     s_own_units = 0;
+    s_slice = batch_slice(p);
     if (in_cluster) {
       mbar_init(&s_mbar[0]);
       mbar_init(&s_mbar[1]);
@@ -1584,11 +1601,11 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     const int cell_plane_floats = warps_per_cta * (32 / RG) * TILE;
     float* const unit_cell = cell_state + unit_slot * TILE;  // the LSTM's c of the unit, plane 0
     if (cell_lane.in_unit()) {
-      cell.init_entries(p, batch_slice(p), unit, unit_cell, cell_plane_floats,
+      cell.init_entries(p, s_slice, unit, unit_cell, cell_plane_floats,
                         lane - cell_lane.unit_lane(), cell_lane.span());
     }
     if (cell_lane.runs_cell(kPassEntries)) {
-      cell.prefetch(p, batch_slice(p), len_smem, unit, 0, cell_lane.entry(), n_steps);
+      cell.prefetch(p, s_slice, len_smem, unit, 0, cell_lane.entry(), n_steps);
     }
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
@@ -1596,7 +1613,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
       // ---- 1. stage the state of phase s-1 ---------------------------------------------------
       float probe = 0.0f;  // turns NaN where this thread staged an Inf or NaN
       if (s == 0) {
-        Cell::stage_initial(p, batch_slice(p), h_cur, plane_floats, probe);
+        Cell::stage_initial(p, s_slice, h_cur, plane_floats, probe);
       } else if (in_cluster) {
         // The peers' pushes of phase s-1 into copy s&1: that copy's (s-1)/2-th phase (its
         // parity). The __syncthreads_or below then shows this CTA's own plain stores too.
@@ -1683,13 +1700,13 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
             const int pl = plane + t / TILE;  // the entry's plane and its column in the plane
             const int tt = t % TILE;
             const int b = plane * TILE + t;
-            if (r > 0) cell.prefetch(p, batch_slice(p), len_smem, unit, s, b, n_steps);  // not ahead
+            if (r > 0) cell.prefetch(p, s_slice, len_smem, unit, s, b, n_steps);  // not ahead
             float* const unit_entry_cell = unit_cell + pl * cell_plane_floats + tt;
             if constexpr (SW == 1) {
-              out[0] = cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z,
+              out[0] = cell.finish(p, s_slice, len_smem, unit, s, n_phases, b, z,
                                    h_cur[pl * plane_floats + unit * TILE + tt], unit_entry_cell);
             } else {
-              cell.finish(p, batch_slice(p), len_smem, unit, s, n_phases, b, z, unit_entry_cell, out);
+              cell.finish(p, s_slice, len_smem, unit, s, n_phases, b, z, unit_entry_cell, out);
             }
 #pragma unroll
             for (int w = 0; w < SW; ++w) {  // word w of the unit is column w * H + unit
@@ -1702,10 +1719,8 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
                   st_relaxed(dst_buf + n_full_words + col * partial_rem + tt, word);
                 }
               }
-              if (in_cluster && publishes && !last_phase && rounds > 1) {  // narrow spans: each entry on its own
-                const float v[1] = {out[w]};
-                push_tile<1>(h_next + pl * plane_floats + col * TILE + tt, v, 0, 1, p.cluster,
-                             &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+              if (in_cluster && publishes && !last_phase) {  // this CTA's own copy (pushed below)
+                h_next[pl * plane_floats + col * TILE + tt] = out[w];
               }
             }
           }
@@ -1713,27 +1728,27 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         // Prefetch the operands of the next (phase, pass) for this lane's first entry.
         if (cell_lane.runs_cell(kPassEntries)) {
           if (plane + PP < n_planes) {
-            cell.prefetch(p, batch_slice(p), len_smem, unit, s, (plane + PP) * TILE + cell_lane.entry(),
+            cell.prefetch(p, s_slice, len_smem, unit, s, (plane + PP) * TILE + cell_lane.entry(),
                           n_steps);
           } else if (s + 1 < n_phases) {
-            cell.prefetch(p, batch_slice(p), len_smem, unit, s + 1, cell_lane.entry(), n_steps);
+            cell.prefetch(p, s_slice, len_smem, unit, s + 1, cell_lane.entry(), n_steps);
           }
         }
-        if (in_cluster && publishes && !last_phase && rounds == 1) {
-          // Into the other staged copy of every peer: every lane of the unit takes a plane's TILE
-          // new values from the cell lanes (spans are at least PT wide here), and lane j of a span
-          // of n lanes pushes them to ranks j, j + n, ... (a gated forward's lanes push h only).
+        if (in_cluster && publishes && !last_phase) {
+          // Into the other staged copy of every peer: the cell lanes stored the pass's new values
+          // in this CTA's copy (in one round or several, where a span is narrower than the pass);
+          // every lane of the unit reads a plane's TILE of them back as one vector, and lane j of a
+          // span of n lanes pushes it to ranks j, j + n, ... (a gated forward's lanes push h only).
+          __syncwarp();  // the cell lanes' stores, seen by the other lanes of their units
+          if (cell_lane.in_unit()) {
 #pragma unroll
-          for (int q = 0; q < PP; ++q) {
+            for (int q = 0; q < PP; ++q) {
 #pragma unroll
-            for (int w = 0; w < SW; ++w) {
-              float v[TILE];
-#pragma unroll
-              for (int u = 0; u < TILE; ++u)
-                v[u] = __shfl_sync(kFullMask, out[w], (cell_lane.unit_lane() + q * TILE + u) & 31);
-              if (cell_lane.in_unit()) {
-                push_tile<TILE>(h_next + (plane + q) * plane_floats + (w * H + unit) * TILE, v,
-                                lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
+              for (int w = 0; w < SW; ++w) {
+                const float* own = h_next + (plane + q) * plane_floats + (w * H + unit) * TILE;
+                float v[TILE];
+                load_floats<TILE>(own, v);
+                push_tile<TILE>(own, v, lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
                                 &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & 1], s + 1);
               }
             }

@@ -129,6 +129,25 @@ constexpr int64_t cuda_workspace_bytes(int64_t batch, int64_t hidden) {
 }"""
 
 
+def batch_tile(layout_tile: int, batch: int) -> int:
+    """The batch tile a call runs with: the smallest power of two that holds ``batch`` examples,
+    at most the layout's tile (``load_bytes / 4``). A batch of one or two takes a narrower tile
+    than the layout's: a tile of 4 would gather, reduce, run the cell for and exchange padding
+    entries every step (at B = 1, three of four), which the small layers' steps are made of."""
+    tile = 1
+    while tile < min(batch, layout_tile):
+        tile *= 2
+    return tile
+
+
+_BATCH_TILE_CXX = """\
+constexpr int batch_tile(int64_t layout_tile, int64_t batch) {
+  int tile = 1;
+  while (tile < batch && tile < layout_tile) tile *= 2;
+  return tile;
+}"""
+
+
 def persistent_smem_bytes(hidden: int, batch: int, tile: int, weight_tier_bytes: int,
                           h_buffers: int = 1, cell_bytes: int = 0) -> int:
     """Dynamic shared memory of one persistent CTA: ``h_buffers`` staged copies of the state as
@@ -241,7 +260,7 @@ constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t 
 #: The names (of this module) that the compiled modules' ``constants()`` exports.
 EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
             "PERSISTENT_TIERS_GATED_16", "PERSISTENT_TIERS_GATED_32", "REG_SLOTS_GATED_16",
-            "REG_SLOTS_GATED_32", "cell_state_smem_bytes",
+            "REG_SLOTS_GATED_32", "cell_state_smem_bytes", "batch_tile",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "MAX_CLUSTER_CTAS",
             "PORTABLE_CLUSTER_CTAS", "WEIGHT_GRAD_THREADS",
@@ -342,6 +361,8 @@ inline constexpr int64_t kMaxClusterCtas = {MAX_CLUSTER_CTAS};
 inline constexpr int64_t kPortableClusterCtas = {PORTABLE_CLUSTER_CTAS};
 
 {_CUDA_WORKSPACE_BYTES_CXX}
+
+{_BATCH_TILE_CXX}
 
 {_PERSISTENT_SMEM_BYTES_CXX}
 

@@ -376,17 +376,18 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     """The largest batch the persistent kernel runs for this layout (more planes of staged h)."""
     if not plan.fits:
         return 0
-    tile = plan.load_bytes // 4
+    layout_tile = plan.load_bytes // 4
     weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
     budget = device.smem_per_block - KERNEL_SMEM_RESERVE
 
-    def fits(batch):  # the handler's plan with one staged copy of the state
+    def fits(batch):  # the handler's plan with one staged copy of the state, in its batch tile
+        tile = _constants.batch_tile(layout_tile, batch)
         cell = _constants.cell_state_smem_bytes(batch, tile, plan.warps_per_cta, plan.gates,
                                                 plan.transposed)
         return _constants.persistent_smem_bytes(plan.num_cols, batch, tile, weights, 1, cell) <= budget
     # The staged state alone bounds the batch from above; the lengths (4 bytes an example) and the
     # cell state trim it.
-    batch = max(0, (budget - weights) // (plan.num_cols * plan.load_bytes)) * tile
+    batch = max(0, (budget - weights) // (plan.num_cols * plan.load_bytes)) * layout_tile
     while batch > 0 and not fits(batch):
         batch -= 1
     return int(batch)

@@ -54,6 +54,9 @@ def test_compiled_formulas_are_the_python_ones(platform):
             (1, 3, 16, 21), (1, 2, 4), (1, 7, 32), (1, 3, 4), (False, True)):
         assert (compiled["cell_state_smem_bytes"](batch, tile, warps, gates, transposed)
                 == _constants.cell_state_smem_bytes(batch, tile, warps, gates, transposed))
+    for layout_tile, batch in itertools.product((1, 2, 4), range(0, 12)):
+        assert (compiled["batch_tile"](layout_tile, batch)
+                == _constants.batch_tile(layout_tile, batch)), (layout_tile, batch)
     for k in range(0, 300):
         assert (compiled["weight_grad_slots_per_thread"](k)
                 == _constants.weight_grad_slots_per_thread(k)), k
@@ -80,6 +83,13 @@ def test_header_generation_rejects_a_bad_table(monkeypatch):
     monkeypatch.setitem(_constants.PERSISTENT_TIERS_32, 8, _constants.Tier(384, 256, 4))
     with pytest.raises(ValueError, match="wide variant must raise"):
         _constants.cxx_header()
+
+
+def test_batch_tile_is_the_narrowest_power_of_two_that_holds_the_batch():
+    """A batch of one or two runs on a narrower tile than the layout's; more take the layout's."""
+    assert [_constants.batch_tile(4, b) for b in (1, 2, 3, 4, 5, 33)] == [1, 2, 4, 4, 4, 4]
+    assert [_constants.batch_tile(2, b) for b in (1, 2, 3)] == [1, 2, 2]
+    assert [_constants.batch_tile(1, b) for b in (1, 2, 7)] == [1, 1, 1]
 
 
 def test_max_persistent_batch_is_the_largest_the_handler_accepts():
