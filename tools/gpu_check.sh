@@ -10,6 +10,8 @@
 #     SPEECH_ARGS="--hidden 256 --bench-batches 1" SPEECH_DTYPES=float32 for another layer)
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
+#   KT_CASES="simple 256 0.1 1 float16;lstm 256 0.1 8 float16" tools/gpu_check.sh kerneltime
+#     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #     (cases: small, wide, gated: tools/sanitizer_case.py)
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
@@ -97,6 +99,17 @@ if has profile; then
     gzip -c "/tmp/$name.csv" > "$OUT/$name.csv.gz"  # every instruction, for tools/ncu_lines.py
     head -c 300 "/tmp/$name.csv"; echo; head -25 "$OUT/${name}_sass.txt"
   done
+fi
+if has kerneltime; then
+  echo "== kernel time (Nsight Compute: device duration and instructions of each launch)"
+  # KT_CASES: ';'-separated "CELL HIDDEN DENSITY BATCH DTYPE" (tools/kernel_time.py)
+  IFS=';' read -ra cases <<< "${KT_CASES:-simple 256 0.1 1 float16;simple 1024 0.1 8 float16}"
+  timeout -k 10 "${KT_TIMEOUT:-300}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
+    --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+    python3 "$OLDPWD/tools/kernel_time.py" run --manifest /tmp/kt_manifest.json "${cases[@]}" > /tmp/kt.csv 2> "$OUT/kernel_time_run.log"
+  echo "ncu rc=$?"
+  python3 "$OLDPWD/tools/kernel_time.py" summarize /tmp/kt.csv --manifest /tmp/kt_manifest.json \
+    --json "$OUT/kernel_time.json" 2>&1 | tee "$OUT/kernel_time.txt"
 fi
 if has fixedcost; then
   echo "== fixed cost of short calls"

@@ -1,0 +1,110 @@
+"""The persistent kernel's device time per step, from Nsight Compute, free of the host's jitter.
+
+    ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
+        --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+        python3 tools/kernel_time.py run --manifest m.json "simple 256 0.1 1 float16" ... > k.csv
+    python3 tools/kernel_time.py summarize k.csv --manifest m.json
+
+`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE, as tools/profile_case.py takes them) at two
+sequence lengths, WARMUP + CALLS times each, one persistent-kernel launch a call, and writes the
+order of those calls to the manifest. `summarize` matches ncu's launches to it and prints, per case,
+the median kernel duration at each length, the slope between them (µs per step: the kernel's own
+step, where `benchmarks.run`'s wall-clock slope also holds the host's jitter, ±0.3 µs a step at
+these sizes), and the warp instructions per step. `tools/gpu_check.sh kerneltime` runs both.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+STEPS = (64, 256)
+WARMUP = 2
+CALLS = 5
+
+
+def run(cases: list[str], manifest: Path) -> None:
+    import jax
+
+    from profile_case import GATES, gated_call, simple_call
+
+    order = []
+    for case in cases:
+        cell, hidden, density, batch, dtype = case.split()
+        for steps in STEPS:
+            args = (int(hidden), float(density), int(batch), dtype, steps)
+            if cell == "simple":
+                _, f = simple_call(*args)
+            else:
+                _, f = gated_call(GATES[cell], *args)
+            for _ in range(WARMUP + CALLS):
+                jax.block_until_ready(f())
+            order.append({"case": case, "steps": steps, "launches": WARMUP + CALLS})
+    manifest.write_text(json.dumps(order))
+
+
+#: ncu's units, to nanoseconds and instructions (`--print-units base` asks for these already)
+_SCALE = {"usecond": 1e3, "msecond": 1e6, "second": 1e9, "Kinst": 1e3, "Minst": 1e6, "Ginst": 1e9}
+
+
+def launches(ncu_csv: Path) -> list[dict]:
+    """ncu's --csv rows, one per (launch, metric), folded into one dict per launch, in order."""
+    with open(ncu_csv, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]
+    by_id: dict[int, dict] = {}
+    for row in csv.DictReader(lines):
+        value = float(row["Metric Value"].replace(",", "")) * _SCALE.get(row["Metric Unit"], 1.0)
+        by_id.setdefault(int(row["ID"]), {})[row["Metric Name"]] = value
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def summarize(ncu_csv: Path, manifest: Path) -> list[dict]:
+    order = json.loads(manifest.read_text())
+    found = launches(ncu_csv)
+    expected = sum(o["launches"] for o in order)
+    if len(found) != expected:
+        sys.exit(f"{ncu_csv}: {len(found)} kernel launches, the manifest expects {expected}")
+    rows: dict[str, dict] = {}
+    i = 0
+    for o in order:
+        timed = found[i + WARMUP:i + o["launches"]]
+        i += o["launches"]
+        row = rows.setdefault(o["case"], {"case": o["case"]})
+        row[f"us_T{o['steps']}"] = statistics.median(k["gpu__time_duration.sum"] for k in timed) / 1e3
+        row[f"all_us_T{o['steps']}"] = [round(k["gpu__time_duration.sum"] / 1e3, 2) for k in timed]
+        row[f"inst_T{o['steps']}"] = statistics.median(k["smsp__inst_executed.sum"] for k in timed)
+    t1, t2 = STEPS
+    for row in rows.values():
+        row["us_per_step"] = (row[f"us_T{t2}"] - row[f"us_T{t1}"]) / (t2 - t1)
+        row["inst_per_step"] = (row[f"inst_T{t2}"] - row[f"inst_T{t1}"]) / (t2 - t1)
+        print(f"{row['case']:28s} {row['us_per_step']:6.3f} µs/step  "
+              f"{row['inst_per_step']:8.0f} warp-inst/step"
+              f"  (T={t1}: {row[f'us_T{t1}']:.1f} µs, T={t2}: {row[f'us_T{t2}']:.1f} µs;"
+              f" T={t2} launches {row[f'all_us_T{t2}']})")
+    return list(rows.values())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--manifest", type=Path, required=True)
+    r.add_argument("cases", nargs="+")
+    s = sub.add_parser("summarize")
+    s.add_argument("ncu_csv", type=Path)
+    s.add_argument("--manifest", type=Path, required=True)
+    s.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.what == "run":
+        run(args.cases, args.manifest)
+    else:
+        rows = summarize(args.ncu_csv, args.manifest)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
