@@ -26,17 +26,23 @@ def _batch_axis(shape, batch):
 
 def assert_two_plane_passes_match_one_plane_calls(call, args, batch_axes, batch):
     """``call(*args)`` on the whole batch against ``call`` on each plane's examples alone
-    (``batch_axes[i]``: the batch axis of ``args[i]``, None where it has none)."""
+    (``batch_axes[i]``: the batch axis of ``args[i]``, None where it has none). A plane of fewer
+    than 4 examples is padded to 4 with copies of its first example, whose results are dropped:
+    a call of one or two examples would run a narrower batch tile (``_constants.batch_tile``),
+    whose sums round differently."""
     whole = jax.block_until_ready(jax.jit(call)(*args))
     parts = []
     for b0 in range(0, batch, PLANE):
         sl = slice(b0, min(b0 + PLANE, batch))
-        part_args = [a if ax is None else jax.lax.slice_in_dim(a, sl.start, sl.stop, axis=ax)
+        pad = [b0] * (PLANE - (sl.stop - sl.start))
+        part_args = [a if ax is None else jnp.take(a, jnp.asarray(list(range(sl.start, sl.stop)) + pad),
+                                                   axis=ax)
                      for a, ax in zip(args, batch_axes)]
-        parts.append(jax.jit(call)(*part_args))
+        parts.append((jax.jit(call)(*part_args), sl.stop - sl.start))
     for i, got in enumerate(whole):
         axis = _batch_axis(got.shape, batch)
-        want = np.concatenate([np.asarray(p[i]) for p in parts], axis=axis)
+        want = np.concatenate([np.take(np.asarray(p[i]), np.arange(n), axis=axis) for p, n in parts],
+                              axis=axis)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"result {i}")
 
 
