@@ -1,0 +1,128 @@
+"""The profile readers in tools/: kernel_time.py (device time per step from Nsight Compute's
+per-launch metrics) and ncu_lines.py (a profile's instructions by source line), on small
+hand-made reports in the formats those tools read."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.append(str(TOOLS))
+
+import kernel_time  # noqa: E402
+import ncu_lines  # noqa: E402
+
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+          '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def _ncu_csv(path, launches):
+    """An `ncu --csv --metrics ...` log: one row per (launch, metric), ncu's own lines between."""
+    rows = ["==PROF== Connected to process 1", HEADER]
+    for i, (ns, inst, unit) in enumerate(launches):
+        metrics = (("gpu__time_duration.sum", ns, unit), ("smsp__inst_executed.sum", inst, "inst"))
+        for name, value, u in metrics:
+            rows.append(f'"{i}","1","python3","h","void k<>(P)","1","7","(128, 1, 1)","(8, 1, 1)","0",'
+                        f'"9.0","Command line profiler metrics","{name}","{u}","{value:,}"')
+    rows.append("==PROF== Disconnected from process 1")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_kernel_time_takes_the_slope_of_the_median_launches(tmp_path, capsys):
+    warm, timed = kernel_time.WARMUP, kernel_time.CALLS
+    t1, t2 = kernel_time.STEPS
+    launches, order = [], []
+    cases = (("simple 256 0.1 1 float16", 1.5, 20.0), ("gru 256 0.1 8 float16", 2.0, 9.0))
+    for case, us_per_step, fixed in cases:
+        for steps in (t1, t2):
+            order.append({"case": case, "steps": steps, "launches": warm + timed})
+            us = fixed + us_per_step * steps
+            # warm-up launches far off (compilation), the timed ones around `us`, one outlier
+            launches += [(int(us * 1e3 * 50), 10, "nsecond")] * warm
+            launches += [(int(us * 1e3) + d, 1000 + 64 * steps, "nsecond") for d in (0, 40, -40, 20)]
+            launches += [(int(us * 1e3 * 3), 1000 + 64 * steps, "nsecond")][:timed - 4]
+    _ncu_csv(tmp_path / "k.csv", launches)
+    (tmp_path / "m.json").write_text(json.dumps(order))
+    rows = {r["case"]: r for r in kernel_time.summarize(tmp_path / "k.csv", tmp_path / "m.json")}
+    assert rows["simple 256 0.1 1 float16"]["us_per_step"] == pytest.approx(1.5, abs=1e-3)
+    assert rows["gru 256 0.1 8 float16"]["us_per_step"] == pytest.approx(2.0, abs=1e-3)
+    assert rows["gru 256 0.1 8 float16"]["inst_per_step"] == pytest.approx(64)
+    assert "1.500 µs/step" in capsys.readouterr().out
+
+
+def test_kernel_time_reads_scaled_units_and_refuses_a_short_report(tmp_path):
+    order = [{"case": "c", "steps": s, "launches": kernel_time.WARMUP + kernel_time.CALLS}
+             for s in kernel_time.STEPS]
+    (tmp_path / "m.json").write_text(json.dumps(order))
+    n = kernel_time.WARMUP + kernel_time.CALLS
+    launches = [(100, 1, "usecond")] * n + [(400, 1, "usecond")] * n
+    _ncu_csv(tmp_path / "k.csv", launches)
+    (row,) = kernel_time.summarize(tmp_path / "k.csv", tmp_path / "m.json")
+    t1, t2 = kernel_time.STEPS
+    assert row["us_per_step"] == pytest.approx(300 / (t2 - t1))
+    _ncu_csv(tmp_path / "short.csv", launches[:-1])
+    with pytest.raises(SystemExit, match="expects"):
+        kernel_time.summarize(tmp_path / "short.csv", tmp_path / "m.json")
+
+
+KERNEL = ("void jax_sprnn::cuda::sprnn_persistent_kernel<jax_sprnn::cuda::PersistentConfig<"
+          "(jax_sprnn::cuda::Direction)0, __half, (int)1, (int)8, (bool)0, (int)1>>"
+          "(jax_sprnn::cuda::PersistentParams)")
+MANGLED = ("_ZN9jax_sprnn4cuda23sprnn_persistent_kernelINS0_16PersistentConfigILNS0_9DirectionE0E6"
+           "__halfLi1ELi8ELb0ELi1EEEEEvNS0_16PersistentParamsE")
+
+
+def _sass(path, instructions):
+    """nvdisasm -gi output: each instruction after its inlining chain, innermost line first."""
+    out = [f"\t.section\t.text.{MANGLED},\"ax\",@progbits", f".text.{MANGLED}:"]
+    for offset, (chain, text) in enumerate(instructions):
+        for i, (f, line) in enumerate(chain):
+            outer = chain[i + 1] if i + 1 < len(chain) else None
+            tail = f' inlined at "/src/{outer[0]}", line {outer[1]}' if outer else ""
+            out.append(f'\t//## File "/src/{f}", line {line}{tail}')
+        out.append(f"        /*{offset * 16:04x}*/                   {text} ;")
+    out.append("\t.section\t.text.other,\"ax\",@progbits")
+    path.write_text("\n".join(out) + "\n")
+
+
+def _profile(path, rows):
+    lines = [f'"Kernel Name","{KERNEL}",',
+             '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"']
+    for offset, (text, stalls, executed) in enumerate(rows):
+        lines.append(f'"0x{0x7f0000 + 16 * offset:x}","      {text}","{stalls}","{executed}"')
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_ncu_lines_counts_each_instruction_at_its_line_of_the_body(tmp_path, capsys):
+    body = ("persistent_kernel.cuh", 1600)
+    kernel_line = ("persistent_kernel.cuh", 1800)
+    call_site = ("persistent_kernel.cuh", 1748)  # a lambda of the body, called from the body
+    _sass(tmp_path / "k.sass", [
+        ([("persistent_kernel.cuh", 700), body, call_site, kernel_line], "FFMA R1, R2, R3, R1"),
+        ([("sprnn_common.h", 25), ("persistent_kernel.cuh", 1650), kernel_line], "MUFU.TANH R4, R1"),
+        ([body, kernel_line], "@P0 BRA 0x10"),
+    ])
+    _profile(tmp_path / "p.csv.gz", [("FFMA R1, R2, R3, R1", 6, 800), ("MUFU.TANH R4, R1", 2, 400),
+                                     ("@P0 BRA 0x7f0000", 2, 800)])
+    ncu_lines.main([str(tmp_path / "p.csv.gz"), str(tmp_path / "k.sass"), "--per", "8",
+                    "--body", "persistent_kernel.cuh:1346-1790"])
+    out = capsys.readouterr().out
+    assert "250.0 instructions executed" in out
+    assert "    1600     200.0  80.0%" in out  # the FFMA and the branch, at their body line
+    assert "    1650      50.0  20.0%" in out
+    assert "sprnn_common.h:25      50.0  20.0%" in out
+
+
+def test_ncu_lines_refuses_a_profile_of_another_build(tmp_path):
+    chain = [("persistent_kernel.cuh", 1600), ("persistent_kernel.cuh", 1800)]
+    _sass(tmp_path / "k.sass", [(chain, "FFMA R1, R2, R3, R1"), (chain, "EXIT")])
+    _profile(tmp_path / "p.csv.gz", [("FFMA R1, R2, R3, R1", 1, 32), ("IADD3 R1, R1, 1, RZ", 0, 32)])
+    with pytest.raises(SystemExit, match="not the same build"):
+        ncu_lines.main([str(tmp_path / "p.csv.gz"), str(tmp_path / "k.sass")])
