@@ -69,6 +69,9 @@ def test_kernel_time_reads_scaled_units_and_refuses_a_short_report(tmp_path):
     _ncu_csv(tmp_path / "short.csv", launches[:-1])
     with pytest.raises(SystemExit, match="expects"):
         kernel_time.summarize(tmp_path / "short.csv", tmp_path / "m.json")
+    _ncu_csv(tmp_path / "odd.csv", [(100, 1, "cycle")] * n)
+    with pytest.raises(ValueError, match="unknown unit 'cycle'"):
+        kernel_time.launches(tmp_path / "odd.csv")
 
 
 KERNEL = ("void jax_sprnn::cuda::sprnn_persistent_kernel<jax_sprnn::cuda::PersistentConfig<"

@@ -15,11 +15,14 @@ these sizes), and the warp instructions per step. `tools/gpu_check.sh kerneltime
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
 from pathlib import Path
+
+# The repository, for benchmarks.ncu_csv: appended, so that jax_sprnn stays the installed one.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from benchmarks.ncu_csv import launches  # noqa: E402
 
 STEPS = (64, 256)
 WARMUP = 2
@@ -44,21 +47,6 @@ def run(cases: list[str], manifest: Path) -> None:
                 jax.block_until_ready(f())
             order.append({"case": case, "steps": steps, "launches": WARMUP + CALLS})
     manifest.write_text(json.dumps(order))
-
-
-#: ncu's units, to nanoseconds and instructions (`--print-units base` asks for these already)
-_SCALE = {"usecond": 1e3, "msecond": 1e6, "second": 1e9, "Kinst": 1e3, "Minst": 1e6, "Ginst": 1e9}
-
-
-def launches(ncu_csv: Path) -> list[dict]:
-    """ncu's --csv rows, one per (launch, metric), folded into one dict per launch, in order."""
-    with open(ncu_csv, newline="") as f:
-        lines = [line for line in f if line.startswith('"')]
-    by_id: dict[int, dict] = {}
-    for row in csv.DictReader(lines):
-        value = float(row["Metric Value"].replace(",", "")) * _SCALE.get(row["Metric Unit"], 1.0)
-        by_id.setdefault(int(row["ID"]), {})[row["Metric Name"]] = value
-    return [by_id[i] for i in sorted(by_id)]
 
 
 def summarize(ncu_csv: Path, manifest: Path) -> list[dict]:

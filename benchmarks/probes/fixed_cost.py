@@ -16,7 +16,6 @@ the programs interleaved call by call, inputs rotated over four sets.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -31,6 +30,7 @@ import jax_sprnn as js
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.append(str(Path(__file__).resolve().parents[2]))
+from benchmarks.ncu_csv import launches  # noqa: E402
 from benchmarks.peers_jax import dense_scan, sync_floor_fn  # noqa: E402
 from jax_sprnn import testing
 
@@ -99,21 +99,14 @@ def floor_program(w, batch: int, steps: int):
 def summarize_ncu(path: str) -> None:
     """Each kernel of an ``ncu --csv --metrics gpu__time_duration.sum`` log with its median device
     time, in launch order of its first appearance."""
-    lines = Path(path).read_text().splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
-    if start is None:
+    found = launches(path)
+    if not found:
         print("no ncu CSV in", path)
         return
     times: dict[str, list[float]] = {}
-    for row in csv.DictReader(lines[start:]):
-        if row.get("Metric Name") == "gpu__time_duration.sum":
-            value = float(row["Metric Value"].replace(",", ""))
-            unit = row.get("Metric Unit", "")
-            scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
-                     "second": 1e6, "s": 1e6}.get(unit)
-            if scale is None:
-                raise ValueError(f"unknown ncu time unit {unit!r} in {path}")
-            times.setdefault(row["Kernel Name"][:90], []).append(value * scale)
+    for launch in found:
+        if "gpu__time_duration.sum" in launch:
+            times.setdefault(launch["kernel"][:90], []).append(launch["gpu__time_duration.sum"] / 1e3)
     for name, us in times.items():
         print(f"{statistics.median(us):9.2f} us  x{len(us):3d}  {name}")
 
