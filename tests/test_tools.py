@@ -123,6 +123,13 @@ def test_ncu_lines_counts_each_instruction_at_its_line_of_the_body(tmp_path, cap
     assert "sprnn_common.h:25      50.0  20.0%" in out
 
 
+def test_ncu_lines_finds_the_kernel_body_in_the_source(tmp_path):
+    source = tmp_path / "persistent_kernel.cuh"
+    source.write_text("template <class Cfg>\n__device__ void persistent_body(const P& p) {\n"
+                      "  if (x) {\n  }\n}\n\n__global__ void k() {\n}\n")
+    assert ncu_lines.body_lines(source) == "persistent_kernel.cuh:2-5"
+
+
 def test_ncu_lines_refuses_a_profile_of_another_build(tmp_path):
     chain = [("persistent_kernel.cuh", 1600), ("persistent_kernel.cuh", 1800)]
     _sass(tmp_path / "k.sass", [(chain, "FFMA R1, R2, R3, R1"), (chain, "EXIT")])

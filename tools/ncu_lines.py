@@ -23,6 +23,7 @@ import gzip
 import io
 import re
 import sys
+from pathlib import Path
 
 FILE_LINE = re.compile(r'\s*//## File ".*?/([^/"]+)", line (\d+)')
 INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -67,13 +68,26 @@ def mangled(kernel_name: str, sass_path: str) -> str:
     return found[0]
 
 
+KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "cuda" / "persistent_kernel.cuh"
+
+
+def body_lines(source: Path) -> str:
+    """``FILE:FIRST-LAST`` of persistent_body in `source`: its signature's line to the first line
+    after it that is a lone ``}`` (the file's functions close at column 0)."""
+    lines = source.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if "void persistent_body(" in line) + 1
+    last = next(i for i in range(first, len(lines)) if lines[i] == "}") + 1
+    return f"{source.name}:{first}-{last}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile_csv", help="ncu --page source --csv --print-source sass (.gz or not)")
     parser.add_argument("sass", help="nvdisasm -c -gi output of the same build")
     parser.add_argument("--per", type=float, default=1.0, help="divide executed counts by this")
-    parser.add_argument("--body", default="persistent_kernel.cuh:1346-1790",
-                        help="FILE:FIRST-LAST, the source lines of the kernel's body")
+    parser.add_argument("--body", default=None,
+                        help="FILE:FIRST-LAST, the source lines of the kernel's body (default: "
+                             "persistent_body in this checkout's cuda/persistent_kernel.cuh)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
     opener = gzip.open if args.profile_csv.endswith(".gz") else open
@@ -85,7 +99,7 @@ def main(argv=None) -> None:
     stalls = header.index("Warp Stall Sampling (All Samples)")
     sass = kernel_sass(args.sass, mangled(name, args.sass))
     base = int(body[0][0], 16)
-    body_file, span = args.body.split(":")
+    body_file, span = (args.body or body_lines(KERNEL_SOURCE)).split(":")
     first, last = (int(v) for v in span.split("-"))
     by_body, by_inner = collections.Counter(), collections.Counter()
     stall_body, stall_inner = collections.Counter(), collections.Counter()
