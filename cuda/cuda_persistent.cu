@@ -72,6 +72,10 @@ struct PersistentCall {
   const void* seq_state = nullptr;  // gated backward: c_before (LSTM) / h_before (GRU)
   float* du_out = nullptr;          // gated backward: du [T, B, G*H]
   void* cells_out = nullptr;        // LSTM forward: c after each position [T, B, H], or none
+  // Independent problems of B / problems examples each (PersistentParams::problem_batch): the
+  // sequence operands are [problems * B', T, .] in memory (batch-major), the weights' arrays hold
+  // one block per problem, and the problems share lengths [B'].
+  int64_t problems = 1;
 };
 
 struct LayoutAttrs {
@@ -105,19 +109,20 @@ bool spin_timeout_us(const TestHooks& hooks, int64_t* out) {
 // How one launch exchanges the state (see PersistentParams::cluster).
 struct ExchangePlan {
   int cluster = 0;              // CTAs per cluster; 0: grid mode
-  int64_t replicas = 1;         // clusters in the grid
+  int64_t replicas = 1;         // clusters per problem
   int64_t replica_batch = 0;    // examples per replica
   std::string why_not_cluster;  // why cluster mode cannot run this call ("" where it can)
 };
 
 // Cluster mode runs the layout's CTAs as one thread-block cluster, and replicates the cluster over
-// the batch: one batch tile per replica while the device holds that many clusters at once, so a
+// each problem's batch `B` (the problems share out the clusters the device holds at once): one
+// batch tile per replica while the device holds that many clusters at once, so a
 // batch costs about one tile's step. It needs clusters (sm_90+), a layout of at most
 // kMaxClusterCtas CTAs, two staged copies of the replica's state, and no grid-mode test hook.
 // `smem_for(batch)` is the shared memory of a CTA with two staged copies of `batch` examples.
 template <class SmemFor>
 ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, const KernelInfo& kinfo,
-                           int64_t layout_ctas, int threads, int64_t B, int tile,
+                           int64_t layout_ctas, int threads, int64_t B, int64_t problems, int tile,
                            const TestHooks& hooks, SmemFor smem_for) {
   ExchangePlan x;
   x.replica_batch = B;
@@ -144,12 +149,13 @@ ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, co
                           " threads, " + std::to_string(smem_for(tile)) + " B of shared memory each) fits";
     } else {
       const int64_t tiles = (B + tile - 1) / tile;
-      int64_t replicas = std::min<int64_t>(tiles, active);
+      int64_t replicas = std::min<int64_t>(tiles, std::max<int64_t>(active / problems, 1));
       int64_t per = (tiles + replicas - 1) / replicas * tile;
       // Fewer, wider replicas would need more shared memory each: take as many as fit at once.
       if (smem_for(per) > kinfo.max_dynamic_smem) {
         x.why_not_cluster = "a replica of " + std::to_string(per) + " examples (" +
-                            std::to_string(active) + " clusters fit at once) needs " +
+                            std::to_string(active) + " clusters fit at once, for " + std::to_string(problems) +
+                            " problem(s)) needs " +
                             std::to_string(smem_for(per)) + " bytes of shared memory, " +
                             std::to_string(kinfo.max_dynamic_smem) + " available";
       } else {
@@ -170,6 +176,11 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   Dtype kdt;
   if (!kernel_dtype(dt, &kdt)) return bad("the dtype must be float32, float16 or bfloat16");
   const int64_t T = c.T, B = c.B, H = c.H;
+  const int64_t problems = c.problems;
+  if (problems < 1 || problems > 31 || B % problems != 0)  // (reverse holds a bit per problem)
+    return bad("the batch of " + std::to_string(B) + " examples does not split into " +
+               std::to_string(problems) + " problems (1 to 31)");
+  const int64_t Bp = B / problems;  // one problem's examples
   const int gates = gates_of(c.direction);
   const int64_t rows = row_gates_of(c.direction) * H;  // the layout's rows: a gated forward's gate rows
   const int64_t cols = state_width_of(c.direction) * H;  // the staged state: a gated backward's du
@@ -178,35 +189,41 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   // lengths: B of them, or none where every sequence runs all T steps (the lowering of a call
   // without seq_lengths passes none, so that XLA builds no [B] array of T for it).
   const size_t n_lengths = c.lengths.element_count();
-  if (n_lengths != static_cast<size_t>(B) && n_lengths != 0)
-    return bad("lengths must have B = " + std::to_string(B) +
+  if (n_lengths != static_cast<size_t>(Bp) && n_lengths != 0)
+    return bad("lengths must have B = " + std::to_string(Bp) +
                " entries (or none: every sequence runs all T steps), got " + std::to_string(n_lengths));
   const int64_t n_lanes = static_cast<int64_t>(c.lane_row.element_count());
-  if (n_lanes % kWarpSize != 0)
-    return bad("lane_row size " + std::to_string(n_lanes) + " is not a multiple of 32");
-  const int64_t NW = n_lanes / kWarpSize;
+  if (n_lanes % (kWarpSize * problems) != 0)
+    return bad("lane_row size " + std::to_string(n_lanes) + " is not a multiple of 32" +
+               (problems > 1 ? " times the " + std::to_string(problems) + " problems" : std::string()));
+  const int64_t NW = n_lanes / kWarpSize / problems;  // one problem's warps
   const int64_t K = a.slots_per_lane;
   if (K < 0) return bad("slots_per_lane must be >= 0");
-  const int64_t n_slots = NW * K * kWarpSize;
-  if (static_cast<int64_t>(c.values.element_count()) != n_slots)
-    return bad("values size " + std::to_string(c.values.element_count()) + " != NW*K*32 = " +
-               std::to_string(n_slots) + " (NW = lane_row.size/32 = " + std::to_string(NW) +
-               ", K = slots_per_lane = " + std::to_string(K) + ")");
-  if (static_cast<int64_t>(c.indices.element_count()) != n_slots)
+  const int64_t n_slots = NW * K * kWarpSize;  // one problem's slots
+  const std::string per = problems > 1 ? std::to_string(problems) + "*" : "";
+  if (static_cast<int64_t>(c.values.element_count()) != problems * n_slots)
+    return bad("values size " + std::to_string(c.values.element_count()) + " != " + per + "NW*K*32 = " +
+               std::to_string(problems * n_slots) + " (NW = lane_row.size/" + per + "32 = " +
+               std::to_string(NW) + ", K = slots_per_lane = " + std::to_string(K) + ")");
+  if (static_cast<int64_t>(c.indices.element_count()) != problems * n_slots)
     return bad("indices size " + std::to_string(c.indices.element_count()) + " != values size " +
-               std::to_string(n_slots));
+               std::to_string(problems * n_slots));
 
   // ---- attributes -----------------------------------------------------------------------------
   if (gates == 1 && !valid_activation(a.activation))
     return bad("activation must be 0 (tanh), 1 (relu) or 2 (identity), got " +
                std::to_string(a.activation));
-  if (a.reverse != 0 && a.reverse != 1) return bad("reverse must be 0 or 1");
+  if (a.reverse < 0 || a.reverse >= (int64_t{1} << std::min<int64_t>(problems, 32)))
+    return bad(problems == 1 ? std::string("reverse must be 0 or 1")
+                             : "reverse must be a bit mask of the " + std::to_string(problems) + " problems");
   if (a.batch_major != 0 && a.batch_major != 1) return bad("batch_major must be 0 or 1");
+  if (problems > 1 && a.batch_major != 1)
+    return bad("several problems in one call need batch-major sequence operands (batch_major = 1)");
   if (a.load_bytes != 4 && a.load_bytes != 8 && a.load_bytes != 16)
     return bad("load_bytes must be 4, 8 or 16, got " + std::to_string(a.load_bytes));
   // The layout's tile (load_bytes / 4), or a narrower one for a batch of one or two: every step
   // gathers, reduces, runs the cell for and exchanges each entry of a tile, padding included.
-  const int tile = constants::batch_tile(a.load_bytes / 4, c.B);
+  const int tile = constants::batch_tile(a.load_bytes / 4, Bp);
   if (hooks.spin_timeout_us < 0) return bad("spin_timeout_us must be >= 0");
   if (hooks.exchange_mode < kExchangeAuto || hooks.exchange_mode > kExchangeCluster)
     return bad("exchange_mode must be 0 (auto), 1 (grid) or 2 (cluster), got " +
@@ -294,7 +311,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     return constants::persistent_smem_bytes(cols, batch, tile, w_bytes, buffers, cell_bytes(batch));
   };
   const ExchangePlan xp = plan_exchange(device, reinterpret_cast<const void*>(fn), dev, kinfo, layout_ctas,
-                                        threads, B, tile, hooks,
+                                        threads, Bp, problems, tile, hooks,
                                         [&](int64_t batch) { return plan_total(batch, 2); });
   if (hooks.exchange_mode == kExchangeCluster && xp.cluster == 0)
     return bad("cluster mode was asked for but cannot run: " + xp.why_not_cluster);
@@ -342,7 +359,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 
   // ---- co-residency (grid mode): every CTA must be resident at once. (In cluster mode only each
   //      cluster's CTAs must be, which the cluster launch guarantees: replicas may run in waves.)
-  const int64_t grid = in_cluster ? xp.replicas * xp.cluster : layout_ctas;
+  const int64_t grid = in_cluster ? problems * xp.replicas * xp.cluster : layout_ctas;
   int per_sm = 0;
   if ((e = ctas_per_sm(device, reinterpret_cast<const void*>(launch_fn), threads, smem.total, &per_sm)) !=
       cudaSuccess)
@@ -390,6 +407,11 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   prm.K = static_cast<int>(K);
   prm.cluster = xp.cluster;
   prm.replica_batch = static_cast<int>(slice);
+  prm.problem_batch = static_cast<int>(Bp);
+  prm.problem_replicas = in_cluster ? static_cast<int>(xp.replicas) : 1;
+  prm.first_problem = 0;
+  prm.problem_lanes = static_cast<int>(NW * kWarpSize);
+  prm.problem_slots = static_cast<long long>(n_slots);
   prm.n_planes = static_cast<int>(n_planes);
   prm.n_full_planes = static_cast<int>(slice / tile);
   prm.partial_rem = static_cast<int>(slice % tile);
@@ -426,7 +448,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   poison(c.c_final, n_final, nan_bits, bytes);
   poison(c.cells_out, n_seq, nan_bits, bytes);
   poison(c.du_out, n_seq, Storage<float>::kNaNBits, 4);
-  fin.expected_heads = rows;
+  fin.expected_heads = rows * (in_cluster ? problems : 1);  // (grid mode: a launch per problem)
   const ErrorSlot slot = claim_error_slot({c.name, dt, T, B, H, in_cluster ? static_cast<int>(xp.cluster) : 0});
   fin.host_word = slot.device;
 
@@ -446,10 +468,17 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     e = cudaLaunchKernelEx(&cfg, launch_fn, prm);
     if (e != cudaSuccess) return cuda_error("cudaLaunchKernelEx(persistent kernel, cluster mode)", e);
   } else {
-    void* args[] = {&prm};
-    e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(launch_fn), dim3(static_cast<unsigned>(grid)),
-                                    dim3(threads), args, static_cast<size_t>(smem.total), stream);
-    if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
+    // Grid mode runs the problems one after another, each on the whole grid, with the workspace
+    // reset in between (the first launch's reset is above).
+    for (int64_t q = 0; q < problems; ++q) {
+      if (q > 0 && (e = cudaMemsetAsync(ws, 0, xl.used_bytes, stream)) != cudaSuccess)
+        return cuda_error("cudaMemsetAsync(workspace)", e);
+      prm.first_problem = static_cast<int>(q);
+      void* args[] = {&prm};
+      e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(launch_fn), dim3(static_cast<unsigned>(grid)),
+                                      dim3(threads), args, static_cast<size_t>(smem.total), stream);
+      if (e != cudaSuccess) return cuda_error("cudaLaunchCooperativeKernel(persistent kernel)", e);
+    }
   }
   return check_call_now(stream, slot);  // (JAX_SPRNN_SYNC_ERRORS=1 only: this call's own error)
 }
@@ -479,6 +508,33 @@ ffi::Error check_float_operands(const std::string& name,
   return ffi::Error::Success();
 }
 
+// The sequence operand of a forward or backward call: [T, B, H] for one problem, or
+// [problems, T, B, H] for several (whose memory is [problems, B, T, H]: batch_major). Sets
+// (T, B, H), B counting every problem's examples, and `state`, the [B, H] (or [problems, B, H])
+// shape of the states; an empty string where the shape is right, else what it must be.
+struct SeqShape {
+  int64_t T = 0, B = 0, H = 0;
+  std::vector<int64_t> state;
+};
+std::string seq_shape(const char* what, ffi::Span<const int64_t> d, int64_t problems, SeqShape* out) {
+  if (problems == 1 && d.size() == 3) {
+    *out = SeqShape{d[0], d[1], d[2], {d[1], d[2]}};
+    return "";
+  }
+  if (problems > 1 && d.size() == 4 && d[0] == problems) {
+    *out = SeqShape{d[1], d[0] * d[2], d[3], {d[0], d[2], d[3]}};
+    return "";
+  }
+  return std::string(what) + " must be " +
+         (problems == 1 ? "[T, B, H]" : "[" + std::to_string(problems) + ", T, B, H] (one [T, B, H] a problem)") +
+         ", got " + shape_string(d);
+}
+std::string state_shape_error(const char* what, ffi::Span<const int64_t> got, const SeqShape& s) {
+  if (same_dims(got, ffi::Span<const int64_t>(s.state.data(), s.state.size()))) return "";
+  return std::string(what) + " must be " + shape_string(ffi::Span<const int64_t>(s.state.data(), s.state.size())) +
+         ", got " + shape_string(got);
+}
+
 template <typename... Hooks>
 ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                        ffi::AnyBuffer values, ffi::Buffer<ffi::S32> indices,
@@ -486,7 +542,8 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> h_final,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t activation,
                        int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
-                       int64_t reg_slots, int64_t load_bytes, int64_t batch_major, Hooks... hooks) {
+                       int64_t reg_slots, int64_t load_bytes, int64_t batch_major, int64_t problems,
+                       Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -500,20 +557,21 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
       err.failure())
     return err;
   // (x and y are [T, B, H] to XLA; batch_major says that their layout puts B outermost.)
+  if (problems < 1) return bad("problems must be >= 1, got " + std::to_string(problems));
   const auto xd = x.dimensions();
-  if (xd.size() != 3) return bad("x must be [T, B, H], got " + shape_string(xd));
-  const int64_t B = xd[1], H = xd[2];
-  if (h0.dimensions().size() != 2 || h0.dimensions()[0] != B || h0.dimensions()[1] != H)
-    return bad("h0 must be [B, H] = [" + std::to_string(B) + ", " + std::to_string(H) + "], got " +
-               shape_string(h0.dimensions()));
+  SeqShape sh;
+  std::string why = seq_shape("x", xd, problems, &sh);
+  if (why.empty()) why = state_shape_error("h0", h0.dimensions(), sh);
+  if (!why.empty()) return bad(why);
   if (!same_dims(y->dimensions(), xd)) return bad("y must have x's shape " + shape_string(xd));
   if (!same_dims(h_final->dimensions(), h0.dimensions()))
     return bad("h_final must have h0's shape " + shape_string(h0.dimensions()));
 
-  const PersistentCall call{name.c_str(), Direction::kForward, dt, xd[0], B, H,
-                            x.untyped_data(), nullptr, h0.untyped_data(), values, indices, lane_row,
-                            lengths, y->untyped_data(), h_final->untyped_data(),
-                            workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
+  PersistentCall call{name.c_str(), Direction::kForward, dt, sh.T, sh.B, sh.H,
+                      x.untyped_data(), nullptr, h0.untyped_data(), values, indices, lane_row,
+                      lengths, y->untyped_data(), h_final->untyped_data(),
+                      workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
+  call.problems = problems;
   return launch_persistent(stream, call,
                            {activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes,
                             batch_major},
@@ -528,7 +586,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
                         ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
                         int64_t activation, int64_t reverse, int64_t slots_per_lane,
                         int64_t warps_per_cta, int64_t reg_slots, int64_t load_bytes,
-                        Hooks... hooks) {
+                        int64_t batch_major, int64_t problems, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_backward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -543,25 +601,25 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
           dt);
       err.failure())
     return err;
+  if (problems < 1) return bad("problems must be >= 1, got " + std::to_string(problems));
   const auto yd = y.dimensions();
-  if (yd.size() != 3) return bad("y must be [T, B, H], got " + shape_string(yd));
-  const int64_t B = yd[1], H = yd[2];
-  const int64_t state_dims[2] = {B, H};
-  const ffi::Span<const int64_t> state(state_dims, 2);
+  SeqShape sh;
+  if (std::string why = seq_shape("y", yd, problems, &sh); !why.empty()) return bad(why);
   if (!same_dims(dy.dimensions(), yd)) return bad("dy must have y's shape " + shape_string(yd));
   if (!same_dims(dx->dimensions(), yd)) return bad("dx must have y's shape " + shape_string(yd));
   for (const auto& [what, dims] : {std::pair{"h0", h0.dimensions()}, std::pair{"dh_final", dh_final.dimensions()},
                                    std::pair{"dh0", dh0->dimensions()}})
-    if (!same_dims(dims, state))
-      return bad(std::string(what) + " must be [B, H] = " + shape_string(state) + ", got " +
-                 shape_string(dims));
+    if (std::string why = state_shape_error(what, dims, sh); !why.empty()) return bad(why);
 
-  const PersistentCall call{name.c_str(), Direction::kBackward, dt, yd[0], B, H,
-                            y.untyped_data(), dy.untyped_data(), dh_final.untyped_data(), values_t,
-                            indices_t, lane_row_t, lengths, dx->untyped_data(), dh0->untyped_data(),
-                            workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
+  PersistentCall call{name.c_str(), Direction::kBackward, dt, sh.T, sh.B, sh.H,
+                      y.untyped_data(), dy.untyped_data(), dh_final.untyped_data(), values_t,
+                      indices_t, lane_row_t, lengths, dx->untyped_data(), dh0->untyped_data(),
+                      workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
+  call.problems = problems;
+  // (batch_major: y, dy and dx are [B, T, H] in memory, as the forward's x and y can be)
   return launch_persistent(stream, call,
-                           {activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+                           {activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes,
+                            batch_major},
                            TestHooks{hooks...});
 }
 
@@ -697,7 +755,8 @@ auto forward_binding() {
   return bindings::layout_attrs(
              bindings::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                  .Ret<ffi::Buffer<ffi::U8>>())  // workspace
-      .Attr<int64_t>("batch_major");
+      .Attr<int64_t>("batch_major")
+      .Attr<int64_t>("problems");
 }
 auto gated_forward_binding() {
   return bindings::gated_attrs(
@@ -716,8 +775,10 @@ auto gated_backward_binding() {
 }
 auto backward_binding() {
   return bindings::layout_attrs(
-      bindings::backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-          .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+             bindings::backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                 .Ret<ffi::Buffer<ffi::U8>>())  // workspace
+      .Attr<int64_t>("batch_major")
+      .Attr<int64_t>("problems");
 }
 
 }  // namespace

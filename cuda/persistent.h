@@ -110,13 +110,24 @@ struct PersistentParams {
   // [r * replica_batch, min(B, (r + 1) * replica_batch)).
   int cluster;
   int replica_batch;     // examples per replica (B in grid mode); the last replica may have fewer
+  // Independent problems in one launch (a bidirectional layer's two directions): examples
+  // [q * problem_batch, (q + 1) * problem_batch) are problem q, which has its own weights (the
+  // q-th block of problem_slots slots in values/indices, of problem_lanes entries in lane_row),
+  // runs from its end where bit q of `reverse` is set, and reads lengths[0, problem_batch).
+  // Cluster mode: problem_replicas clusters per problem, problem-major. Grid mode: one launch per
+  // problem, first_problem being its index. One problem: problem_batch = B, first_problem = 0.
+  int problem_batch;
+  int problem_replicas;
+  int first_problem;
+  int problem_lanes;
+  long long problem_slots;
   // The batch planes of one replica (the last replica's surplus planes hold no example and compute
   // zeros): parameters rather than values computed in the kernel, which has no register to spare.
   int n_planes;          // ceil(replica_batch / tile)
   int n_full_planes;     // replica_batch / tile
   int partial_rem;       // replica_batch % tile
   int activation;
-  int reverse;
+  int reverse;           // bit q: problem q runs from each sequence's last valid step
   int batch_major;       // the sequence operands are [B, T, width] in memory (else [T, B, width])
   int h_buffers;         // staged copies of the state in shared memory: 2 (one __syncthreads a step) or 1
   int h_stride;          // floats from one staged copy to the next: ceil(replica_batch/tile)*H*tile, rounded up to 4

@@ -849,6 +849,8 @@ __device__ __forceinline__ void push_tile(const float* local_dst, const float (&
 // cluster mode. Cells index the [T, B, H] operands with b0 + b for a slice-local b in [0, n).
 struct BatchSlice {
   int b0, n;
+  int problem;  // the problem the slice belongs to (PersistentParams::problem_batch)
+  int reverse;  // whether that problem runs from each sequence's end
 };
 
 // Where this CTA sits: its rank among the CTAs that run its slice (the layout's CTA index), their
@@ -872,8 +874,20 @@ __device__ __forceinline__ int replica_of(const PersistentParams& p) {
 #endif
 }
 __device__ __forceinline__ BatchSlice batch_slice(const PersistentParams& p) {
-  const int b0 = replica_of(p) * p.replica_batch;
-  return BatchSlice{b0, min(p.replica_batch, p.B - b0)};
+  const int r = replica_of(p);
+  const int local = r % p.problem_replicas;  // the replica's rank among its problem's
+  const int problem = p.first_problem + r / p.problem_replicas;
+  const int b0 = local * p.replica_batch;    // (within the problem)
+  return BatchSlice{problem * p.problem_batch + b0, min(p.replica_batch, p.problem_batch - b0), problem,
+                    (p.reverse >> problem) & 1};
+}
+
+// Where the slice's problem's weights start: its block of values/indices and of lane_row.
+__device__ __forceinline__ size_t problem_slot_base(const PersistentParams& p, const BatchSlice& bs) {
+  return static_cast<size_t>(bs.problem) * static_cast<size_t>(p.problem_slots);
+}
+__device__ __forceinline__ size_t problem_lane_base(const PersistentParams& p, const BatchSlice& bs) {
+  return static_cast<size_t>(bs.problem) * static_cast<size_t>(p.problem_lanes);
 }
 
 // The row of (step t, example gb) in a sequence operand of rows of `width` elements: [T, B, width]
@@ -951,7 +965,7 @@ __device__ __forceinline__ float forward_epilogue(const PersistentParams& p, Bat
   Bits hb;
   if (s < L) {
     hb = step();
-    const size_t at = seq_row(p, position(s, L, p.reverse), gb) * p.H + unit;
+    const size_t at = seq_row(p, position(s, L, bs.reverse), gb) * p.H + unit;
     y[at] = hb;
     if (cells != nullptr) cells[at] = S::to_bits(*cell);
   } else {  // past this sequence's end: the state is frozen, y is 0
@@ -972,7 +986,7 @@ __device__ __forceinline__ float forward_epilogue(const PersistentParams& p, Bat
 __device__ __forceinline__ long long operand_at(const PersistentParams& p, BatchSlice bs,
                                                 const int* len, int s, int b, size_t width) {
   if (b >= bs.n || s < 0 || s >= len[b]) return -1;
-  return static_cast<long long>(seq_row(p, position(s, len[b], p.reverse), bs.b0 + b) * width);
+  return static_cast<long long>(seq_row(p, position(s, len[b], bs.reverse), bs.b0 + b) * width);
 }
 
 template <class Cfg>
@@ -1078,7 +1092,7 @@ struct BackwardCell {
       return 0.0f;
     }
     const float dz = (dh + S::to_float(dyr)) * activation_grad(p.activation, S::to_float(yr));
-    dx[seq_row(p, position(s, L, p.reverse), gb) * p.H + unit] = S::to_bits(dz);
+    dx[seq_row(p, position(s, L, bs.reverse), gb) * p.H + unit] = S::to_bits(dz);
     return dz;
   }
 };
@@ -1438,14 +1452,15 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   const BatchSlice slice = batch_slice(p);
   for (int b = tid; b < slice.n; b += blockDim.x) {
     // (no lengths: every sequence runs all T steps; else clamped, since lengths must be in [0, T])
-    const int L = p.lengths == nullptr ? p.T : min(max(__ldg(p.lengths + slice.b0 + b), 0), p.T);
+    const int lb = slice.b0 - slice.problem * p.problem_batch + b;  // (the problems share lengths)
+    const int L = p.lengths == nullptr ? p.T : min(max(__ldg(p.lengths + lb), 0), p.T);
     len_smem[b] = L;
     atomicMax(&s_steps, L);
   }
 
   // ---- init: which row each lane serves, and its segment for the reduction -------------------
   // (A row is a gate row of a gated forward: G*H rows, unit i's gates at i, H+i, ...)
-  int row = __ldg(p.lane_row + static_cast<size_t>(gwarp) * 32 + lane);
+  int row = __ldg(p.lane_row + problem_lane_base(p, slice) + static_cast<size_t>(gwarp) * 32 + lane);
   if (row < -1 || row >= RG * H) {
     atomicOr(&s_error, kErrBadLayout);
     row = -1;
@@ -1463,8 +1478,9 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     if (is_head && __popc(same_row & heads) > 1) atomicOr(&s_error, kErrBadLayout);
     // Every row needs exactly one head in the whole grid; finish_call compares the count with H
     // (a missing row would otherwise go unnoticed when no phase waits for it, e.g. T = 1).
-    // (Replicas hold the same layout: only the first one counts.)
-    if (lane == 0 && heads != 0 && replica_of(p) == 0) atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
+    // (A problem's replicas hold the same layout: only its first one counts.)
+    if (lane == 0 && heads != 0 && replica_of(p) % p.problem_replicas == 0)
+      atomicAdd(p.error_flag + kHeadCountWord, __popc(heads));
   }
   // A unit's lane: the head of its (first) gate row.
   const bool is_unit = is_head && row < H;
@@ -1510,7 +1526,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   // ---- init: weights. The first RS slots stay in registers (indexed by compile-time constants
   //      only), the rest go to shared memory as [warp][slot][lane] (conflict-free).
   const Bits* values = static_cast<const Bits*>(p.values);
-  const size_t lane_base = static_cast<size_t>(gwarp) * K * 32 + lane;
+  const size_t lane_base = problem_slot_base(p, slice) + static_cast<size_t>(gwarp) * K * 32 + lane;
   bool bad_index = false;
   const bool byte_offsets = p.byte_offsets != 0;
   const uint32_t col_shift = byte_offsets ? (TILE == 4 ? 4u : TILE == 2 ? 3u : 2u) : 0u;
@@ -1671,7 +1687,8 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
 #pragma unroll
           for (int q = 0; q < PP; ++q) {
             const RowSums<TILE> sums = nonfinite_row_sums<Cfg>(
-                p, static_cast<size_t>(gwarp) * K * 32 + lane, hp + q * plane_floats,
+                p, problem_slot_base(p, s_slice) + static_cast<size_t>(gwarp) * K * 32 + lane,
+                hp + q * plane_floats,
                 s_nonfinite[(plane + q) & 1], seg_end, max_seg);
 #pragma unroll
             for (int t = 0; t < TILE; ++t) acc[q * TILE + t] = sums.acc[t];

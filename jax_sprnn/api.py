@@ -63,12 +63,19 @@ def _native_rnn_bwd(cfg, residuals, cotangents):
     dx, dh0 = sprnn_backward_p.bind(y, h0, w.transposed_values(), w.indices_t, w.lane_row_t, lengths,
                                     dy, dh_final, activation=cfg.activation, reverse=cfg.reverse,
                                     meta=cfg.meta_t, method=cfg.method)
-    (dvalues,) = sprnn_weight_grad_p.bind(y, h0, dx, w.indices, w.lane_row, lengths, groups=1,
-                                          reverse=cfg.reverse, meta=cfg.meta, method=cfg.method)
-    dw = w.replace(values=dvalues[0].astype(w.values.dtype),
-                   **{name: _float0_like(getattr(w, name))
-                      for name in ("indices", "lane_row", "indices_t", "lane_row_t", "perm_t")})
+    dw = weights_cotangent(y, h0, dx, w, lengths, reverse=cfg.reverse, method=cfg.method)
     return dx, dh0, dw, _float0_like(lengths)
+
+
+def weights_cotangent(y, h0, dz, w: SparseWeights, lengths, *, reverse: bool, method: str
+                      ) -> SparseWeights:
+    """The cotangent of ``w`` in a simple-cell call's VJP, from its outputs ``y`` and ``dz``
+    (``dL/dz`` per position, the backward recurrence's ``dx``): the sampled weight gradient in
+    ``values``, float0 zeros in the index leaves."""
+    (dvalues,) = sprnn_weight_grad_p.bind(y, h0, dz, w.indices, w.lane_row, lengths, groups=1,
+                                          reverse=reverse, meta=w.meta, method=method)
+    return w.replace(values=dvalues[0].astype(w.values.dtype),
+                     **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})
 
 
 _native_rnn.defvjp(_native_rnn_fwd, _native_rnn_bwd)
@@ -104,24 +111,48 @@ def sparse_rnn(inputs, h0, weights: SparseWeights, *, activation: str = "tanh",
       ``(outputs, final_state)``: outputs laid out like ``inputs``, final state ``[B, H]``.
       Accumulation is float32; the state is rounded to the storage dtype after every step.
     """
-    check_weights(weights, 1)  # a gated kernel gets an error naming sparse_lstm / sparse_gru
     check_method(method)
-    dtype = np.dtype(weights.values.dtype)
-    x_tm, h0, lengths = check_rnn_args(inputs, h0, weights.hidden, inputs_dtype=dtype,
-                                       activation=activation, time_major=time_major,
-                                       seq_lengths=seq_lengths)
-    T = x_tm.shape[0]
-    checked = seq_lengths is None or is_concrete(seq_lengths)
-    safe_lengths = lengths if checked else jnp.clip(lengths, 0, T)
+    args = prepare_call(inputs, h0, weights, activation=activation, time_major=time_major,
+                        seq_lengths=seq_lengths)
     if method == "reference":
-        y, h_final = _reference_sparse(x_tm, h0, weights, safe_lengths, activation, bool(reverse))
+        y, h_final = _reference_sparse(args.x_tm, args.h0, weights, args.safe_lengths, activation,
+                                       bool(reverse))
     else:
         cfg = _Config(activation, bool(reverse), method, weights.meta, weights.meta_t,
                       batch_major=not time_major, full_lengths=seq_lengths is None)
-        y, h_final = _native_rnn(x_tm, h0, weights, safe_lengths, cfg)
-    if not checked:
-        y, h_final = _poison_bad_lengths(y, h_final, lengths, T)
+        y, h_final = _native_rnn(args.x_tm, args.h0, weights, args.safe_lengths, cfg)
+    y, h_final = args.finish(y, h_final)
     return (y if time_major else jnp.swapaxes(y, 0, 1)), h_final
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedCall:
+    """A simple-cell call's checked operands: x time-major, h0, and the lengths twice: as given
+    (``lengths``) and as the kernels may read them (``safe_lengths``, clipped to ``[0, T]`` where
+    traced values could not be checked)."""
+    x_tm: jax.Array
+    h0: jax.Array
+    lengths: jax.Array
+    safe_lengths: jax.Array
+    checked: bool  # the lengths were checked here (absent, or concrete)
+
+    def finish(self, y_tm, h_final):
+        """The results, with NaN for the examples whose traced lengths were out of range."""
+        if self.checked:
+            return y_tm, h_final
+        return _poison_bad_lengths(y_tm, h_final, self.lengths, self.x_tm.shape[0])
+
+
+def prepare_call(inputs, h0, weights, *, activation, time_major, seq_lengths) -> PreparedCall:
+    """Check one simple-cell call's arguments (shared by sparse_rnn and the bidirectional layer)."""
+    check_weights(weights, 1)  # a gated kernel gets an error naming sparse_lstm / sparse_gru
+    x_tm, h0, lengths = check_rnn_args(inputs, h0, weights.hidden,
+                                       inputs_dtype=np.dtype(weights.values.dtype),
+                                       activation=activation, time_major=time_major,
+                                       seq_lengths=seq_lengths)
+    checked = seq_lengths is None or is_concrete(seq_lengths)
+    safe = lengths if checked else jnp.clip(lengths, 0, x_tm.shape[0])
+    return PreparedCall(x_tm, h0, lengths, safe, checked)
 
 
 __all__ = ["sparse_rnn", "METHODS"]

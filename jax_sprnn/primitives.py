@@ -6,6 +6,10 @@ The simple cell's three primitives, each a native target (docs/format.md):
 * ``sprnn_backward``: the backward recurrence on the transposed layout, ``-> (dx, dh0)``;
 * ``sprnn_weight_grad``: the weight gradient on the pattern, ``-> dvalues [groups, S]``;
 
+``sprnn_forward_stack`` and ``sprnn_backward_stack`` are the first two over independent problems
+stacked on a leading axis, each with its own weights and direction (a bidirectional layer's two
+directions): one launch of the same targets on CUDA, one call per problem elsewhere;
+
 and the gated cells' (LSTM, GRU), two targets for four primitives: ``sprnn_lstm`` / ``sprnn_gru``
 (the forward recurrences, target ``gated_forward``) and ``sprnn_lstm_backward`` /
 ``sprnn_gru_backward`` (the backward recurrences, target ``gated_backward``).
@@ -220,15 +224,20 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     attrs = _recurrence_attrs(activation=activation, reverse=reverse, meta=meta)
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
+    layouts = {}
+    if target == FORWARD and batch_major:  # x (operand 0) and y (result 0); None: row-major
+        layouts = dict(operand_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(args) - 1),
+                       result_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(ctx.avals_out) - 1))
+    attrs.update(batch_major=np.int64(bool(batch_major)), problems=np.int64(1))
+    return _recurrence_call(ctx, target, args, attrs, hooks, layouts)
+
+
+def _recurrence_call(ctx, target: str, args, attrs: dict, hooks: dict, layouts: dict):
+    """The custom call of a persistent recurrence (forward or backward, one problem or several):
+    the hooked target where a hook is set. Returns the two results (the workspace is dropped)."""
     if hooks != _HOOK_DEFAULTS:
         target = _HOOKED_TARGETS[target]
-        attrs.update({name: np.int64(value) for name, value in hooks.items()})
-    layouts = {}
-    if target in (FORWARD, _HOOKED_TARGETS[FORWARD]):
-        attrs["batch_major"] = np.int64(bool(batch_major))
-        if batch_major:  # x (operand 0) and y (result 0); None: row-major
-            layouts = dict(operand_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(args) - 1),
-                           result_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(ctx.avals_out) - 1))
+        attrs = dict(attrs, **{name: np.int64(value) for name, value in hooks.items()})
     outs = jax.ffi.ffi_lowering(target, **layouts)(ctx, *args, **attrs)
     return outs[:2]
 
@@ -241,6 +250,121 @@ _register_lowering(sprnn_backward_p,
                    _cpu_lowering(BACKWARD, fallback.backward, _recurrence_attrs), "cpu")
 _register_lowering(sprnn_backward_p,
                    functools.partial(_persistent_cuda, BACKWARD, fallback.backward), "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent problems stacked on a leading axis: one launch for both directions of a layer
+# ---------------------------------------------------------------------------------------------
+#
+# ``sprnn_forward_stack``: ``(x [P, T, B, H], h0 [P, B, H], values [P, S], indices [P, S],
+# lane_row [P, L], lengths [B]) -> (y [P, T, B, H], h_final [P, B, H])``, problem ``q`` being
+# ``sprnn_forward(x[q], h0[q], values[q], indices[q], lane_row[q], lengths)`` run from the end where
+# ``reverse[q]``; ``sprnn_backward_stack`` likewise. The problems share one layout ``meta`` (so one
+# kernel instance runs them all) and the lengths. On CUDA the native path is one launch: cluster
+# mode gives each problem its own clusters at once, grid mode runs them one after another. Its
+# sequence operands are batch-major per problem ([P, B, T, H] in memory, the kernel's view of
+# P * B examples); XLA transposes to that where a producer differs. Elsewhere, and where the
+# dispatch falls back, each problem is a call of the one-problem primitive.
+
+def _stack_shapes(name: str, seq_name: str, seq, h0, values, lane_row, reverse, meta: LayoutMeta):
+    P = len(reverse)
+    if (seq.ndim != 4 or seq.shape[0] != P or seq.shape[3] != meta.hidden
+            or h0.shape != (P, seq.shape[2], meta.hidden)
+            or values.ndim != 2 or values.shape[0] != P or lane_row.ndim != 2 or lane_row.shape[0] != P):
+        raise ValueError(f"{name}: {seq_name} must be [{P}, T, B, {meta.hidden}], h0 "
+                         f"[{P}, B, {meta.hidden}] and the layout's arrays [{P}, n] (one row per "
+                         f"problem, {P} = len(reverse)), got {seq.shape}, {h0.shape}, "
+                         f"{values.shape} and {lane_row.shape}")
+    return (jax.core.ShapedArray(seq.shape, seq.dtype), jax.core.ShapedArray(h0.shape, seq.dtype))
+
+
+def _forward_stack_abstract(x, h0, values, indices, lane_row, lengths, *, activation, reverse, meta,
+                            method, full_lengths=False, **hooks):
+    return _stack_shapes("sprnn_forward_stack", "x", x, h0, values, lane_row, reverse, meta)
+
+
+def _backward_stack_abstract(y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final, *,
+                             activation, reverse, meta, method, **hooks):
+    return _stack_shapes("sprnn_backward_stack", "y", y, h0, values_t, lane_row_t, reverse, meta)
+
+
+# The operands' problem axes (None: shared by the problems) and the one-problem primitive.
+_STACKED = {"forward": ((0, 0, 0, 0, 0, None), sprnn_forward_p),
+            "backward": ((0, 0, 0, 0, 0, None, 0, 0), sprnn_backward_p)}
+
+
+def _per_problem(kind: str, *args, reverse, full_lengths=False, **params):
+    """A stacked call as one call of the one-problem primitive per problem (stacked results)."""
+    axes, prim = _STACKED[kind]
+    if kind == "forward":
+        params["full_lengths"] = full_lengths
+    outs = [prim.bind(*(a if ax is None else a[q] for a, ax in zip(args, axes)), reverse=bool(r),
+                      **params)
+            for q, r in enumerate(reverse)]
+    return tuple(jnp.stack(o) for o in zip(*outs))
+
+
+def _stack_fallback(kind: str):
+    """The pure-JAX implementation: the one-problem fallback per problem."""
+    impl = fallback.forward if kind == "forward" else fallback.backward
+    axes, _ = _STACKED[kind]
+
+    def run(*args, reverse, meta, activation, **hooks):
+        outs = [impl(*(a if ax is None else a[q] for a, ax in zip(args, axes)),
+                     activation=activation, reverse=bool(r), meta=meta)
+                for q, r in enumerate(reverse)]
+        return tuple(jnp.stack(o) for o in zip(*outs))
+    return run
+
+
+sprnn_forward_stack_p = _make_primitive(
+    "sprnn_forward_stack", _forward_stack_abstract, _stack_fallback("forward"),
+    SplitRule("p t b h, p b h, p s, p s, p l, b -> p t b h, p b h"))
+sprnn_backward_stack_p = _make_primitive(
+    "sprnn_backward_stack", _backward_stack_abstract, _stack_fallback("backward"),
+    SplitRule("p t b h, p b h, p s, p s, p l, b, p t b h, p b h -> p t b h, p b h"))
+
+# [P, T, B, H] laid out as [P, B, T, H] in memory (minor to major).
+_STACK_BATCH_MAJOR_LAYOUT = (3, 1, 2, 0)
+
+
+def _per_problem_lowering(kind: str):
+    return mlir.lower_fun(functools.partial(_per_problem, kind), multiple_results=True)
+
+
+def _stack_cuda(kind: str, ctx, *args, activation, reverse, meta, method, full_lengths=False,
+                spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False, exchange_mode="auto"):
+    """One launch for every problem where the dispatch takes the kernel for one of them, else a
+    call per problem (each then falls back as it would alone)."""
+    hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
+    P, T, B, H = ctx.avals_in[0].shape
+    target = FORWARD if kind == "forward" else BACKWARD
+    decision = dispatch.on_cuda_recurrence(target, meta, B, ctx.avals_in[0].dtype, method)
+    if decision.path == "fallback":
+        params = dict(activation=activation, reverse=reverse, meta=meta, method=method, **hooks)
+        if kind == "forward":
+            params["full_lengths"] = full_lengths
+        return _per_problem_lowering(kind)(ctx, *args, **params)
+    _native.initialize_cuda()
+    if full_lengths:
+        ctx, args = _drop_full_lengths(ctx, args, 5)
+    workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(P * B, H),), np.uint8)
+    ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
+    attrs = _recurrence_attrs(activation=activation, reverse=False, meta=meta)
+    attrs.update(reverse=np.int64(sum(1 << q for q, r in enumerate(reverse) if r)),
+                 batch_major=np.int64(1), problems=np.int64(P))
+    seq = _STACK_BATCH_MAJOR_LAYOUT
+    # Sequence operands: x (forward); y, dy (backward). Results: y / dx.
+    seq_operands = (0,) if kind == "forward" else (0, 6)
+    layouts = dict(operand_layouts=[seq if i in seq_operands else None for i in range(len(args))],
+                   result_layouts=[seq] + [None] * (len(ctx.avals_out) - 1))
+    return _recurrence_call(ctx, target, args, attrs, hooks, layouts)
+
+
+for _kind, _prim in (("forward", sprnn_forward_stack_p), ("backward", sprnn_backward_stack_p)):
+    # (the CPU: one call of the one-problem primitive per problem, each dispatched as it would be)
+    _register_lowering(_prim, _per_problem_lowering(_kind), "cpu")
+    _register_lowering(_prim, functools.partial(_stack_cuda, _kind), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +775,7 @@ def _weight_grad_batch(args, dims, *, groups, **params):
 batching.primitive_batchers[sprnn_weight_grad_p] = _weight_grad_batch
 
 
-def _gated_batch(prim, batch_axes, result_axes, args, dims, **params):
+def _fold_batch(prim, batch_axes, result_axes, args, dims, **params):
     """Fold a vmapped axis into the RNN batch of every operand with one (``batch_axes``: each
     operand's batch axis, None for the weights' arrays, hn_bias and the dense kernel; the results'
     are ``result_axes``); loop over vmapped weights."""
@@ -668,6 +792,8 @@ for _prim, _axes, _results in (
         (sprnn_lstm_with_cells_p, (1, 0, 0, None, None, None, 0), (1, 0, 0, 1)),
         (sprnn_gru_p, (1, 0, None, None, None, 0, None), (1, 0)),
         (sprnn_lstm_backward_p, (1, 1, 1, 1, 1, 0, 0, None, None, None, 0, None), (1, 1, 0, 0)),
-        (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0))):
-    batching.primitive_batchers[_prim] = functools.partial(_gated_batch, _prim, _axes, _results)
+        (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0)),
+        (sprnn_forward_stack_p, (2, 1, None, None, None, 0), (2, 1)),
+        (sprnn_backward_stack_p, (2, 1, None, None, None, 0, 2, 1), (2, 1))):
+    batching.primitive_batchers[_prim] = functools.partial(_fold_batch, _prim, _axes, _results)
 

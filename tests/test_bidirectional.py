@@ -1,5 +1,6 @@
 """sparse_rnn_bidirectional against a float64 NumPy bidirectional RNN and two sparse_rnn calls
-(lengths, time_major, dtypes), its gradients, vmap, export, and its errors; the Flax modules
+(lengths, time_major, dtypes), its gradients, vmap, export, and its errors, both where the
+directions share one layout (one stacked call) and where they do not (two calls); the Flax modules
 SparseBidirectional (linen and NNX) against nn.Bidirectional / nnx.Bidirectional of simple cells:
 the same parameter tree, a real checkpoint's outputs, call keywords, pruning, the inference form."""
 
@@ -33,27 +34,49 @@ def numpy_rnn(x, h0, kernel, lengths, activation, reverse):
     return y, h
 
 
-def problem(seed, hidden=37, batch=3, steps=9, dtype="float32"):
-    """Two directions' (dense kernel, weights, x, h0), of different kernels and densities."""
+LAYOUTS = ("own", "shared")
+
+
+def problem(seed, hidden=37, batch=3, steps=9, dtype="float32", layout="own"):
+    """Two directions' (dense kernel, weights, x, h0), of different kernels. ``layout="own"``:
+    different densities, so different layouts (two calls); ``"shared"``: the backward mask is
+    the forward one with its rows and columns permuted, another pattern with the same row and
+    column counts, which packs to the same layout (one stacked call)."""
     fwd = make_problem(seed, hidden, batch, steps, 0.2, dtype)
-    bwd = make_problem(seed + 100, hidden, batch, steps, 0.35, dtype)
+    if layout == "own":
+        bwd = make_problem(seed + 100, hidden, batch, steps, 0.35, dtype)
+    else:
+        rng = np.random.default_rng(seed + 200)
+        mask = np.asarray(fwd[1].mask())[rng.permutation(hidden)][:, rng.permutation(hidden)]
+        bwd = make_problem(seed + 100, hidden, batch, steps, 0.2, dtype, mask=mask)
+    assert (fwd[1].meta == bwd[1].meta) == (layout == "shared")
     return fwd, bwd
+
+
+def runs_stacked(*args, **kw) -> bool:
+    """Whether this call of sparse_rnn_bidirectional is one stacked call (else two calls)."""
+    jaxpr = str(jax.make_jaxpr(lambda *a: js.sparse_rnn_bidirectional(*a, **kw))(*args))
+    return "sprnn_forward_stack" in jaxpr
 
 
 def as64(a):
     return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("time_major", [False, True])
 @pytest.mark.parametrize("use_lengths", [False, True])
-def test_matches_numpy_and_two_calls(dtype, time_major, use_lengths):
-    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(1, dtype=dtype)
+def test_matches_numpy_and_two_calls(dtype, time_major, use_lengths, layout):
+    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(1, dtype=dtype, layout=layout)
     B, T, H = x_f.shape
     lengths = np.array([T, 4, 0], np.int32) if use_lengths else None
     tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
-    y, (hT_f, hT_b) = js.sparse_rnn_bidirectional((tm(x_f), tm(x_b)), (h_f, h_b), (w_f, w_b),
-                                                  time_major=time_major, seq_lengths=lengths)
+    args = ((tm(x_f), tm(x_b)), (h_f, h_b), (w_f, w_b))
+    kw = dict(time_major=time_major, seq_lengths=lengths)
+    assert runs_stacked(*args, **kw) == (layout == "shared")
+    assert not runs_stacked(*args, **kw, method="reference")
+    y, (hT_f, hT_b) = js.sparse_rnn_bidirectional(*args, **kw)
     assert y.shape == ((T, B, 2 * H) if time_major else (B, T, 2 * H)) and y.dtype == x_f.dtype
     # Two separate calls: the same arithmetic, so the same bits.
     kw = dict(time_major=time_major, seq_lengths=lengths)
@@ -75,8 +98,9 @@ def test_matches_numpy_and_two_calls(dtype, time_major, use_lengths):
 
 
 @pytest.mark.parametrize("activation", ["relu", "identity"])
-def test_activations_and_methods(activation):
-    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(2, hidden=19, batch=2, steps=5)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_activations_and_methods(activation, layout):
+    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(2, hidden=19, batch=2, steps=5, layout=layout)
     L = np.array([5, 3], np.int32)
     outs = {m: js.sparse_rnn_bidirectional((x_f, x_b), (h_f, h_b), (w_f, w_b), seq_lengths=L,
                                            activation=activation, method=m)
@@ -88,8 +112,10 @@ def test_activations_and_methods(activation):
         assert rel_err(hT_f, s_f) < 1e-5 and rel_err(hT_b, s_b) < 1e-5
 
 
-def test_grads_match_the_reference(exact_matmuls):
-    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(3, hidden=29, batch=3, steps=7)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grads_match_the_reference(exact_matmuls, layout):
+    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(3, hidden=29, batch=3, steps=7,
+                                                         layout=layout)
     L = np.array([7, 5, 2], np.int32)
     cot = normal(4, (3, 7, 58))
     cot_h = normal(5, (2, 3, 29))
@@ -118,8 +144,9 @@ def test_grads_match_the_reference(exact_matmuls):
         assert rel_err(g_x[i], r_x[i]) < tol and rel_err(g_h[i], r_h[i]) < tol
 
 
-def test_vmap_over_the_inputs_and_lengths():
-    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = problem(6, hidden=21, batch=2, steps=6)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_over_the_inputs_and_lengths(layout):
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = problem(6, hidden=21, batch=2, steps=6, layout=layout)
     xs_f, xs_b = normal(7, (4,) + x_f.shape), normal(8, (4,) + x_b.shape)
     lengths = jnp.array([[6, 1], [0, 6], [3, 3], [2, 5]], jnp.int32)
 
@@ -133,9 +160,10 @@ def test_vmap_over_the_inputs_and_lengths():
         assert rel_err(hT_b[i], bi) < 1e-6
 
 
-def test_export_round_trip():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_round_trip(layout):
     pytest.importorskip("flatbuffers")
-    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = problem(9, hidden=23, batch=2, steps=5)
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = problem(9, hidden=23, batch=2, steps=5, layout=layout)
     L = np.array([5, 2], np.int32)
 
     def model(xs, h0s, ws, L):
