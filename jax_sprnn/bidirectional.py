@@ -6,9 +6,9 @@ the second with ``reverse=True``, whose outputs are concatenated, forward featur
 
 Where both directions' weights have one layout (the same ``meta``: a layer whose directions were
 packed at one capacity, as :class:`jax_sprnn.flax.SparseBidirectional` packs them), the directions
-are two problems of one call of ``sprnn_forward_stack`` (and ``sprnn_backward_stack`` for the
-gradient): on a GPU one launch runs both, each direction on its own thread-block clusters
-(:func:`_stacked_calls`). Otherwise, and for ``method="reference"``, it makes the two calls
+are one call of ``sprnn_forward_pair`` (and ``sprnn_backward_pair`` for the gradient): on a GPU
+one launch runs both, each direction on its own thread-block clusters, and elsewhere the pair is
+the two calls (:func:`_paired_calls`). Otherwise, and for ``method="reference"``, it makes the two calls
 (:func:`_two_calls`). Both give the same numbers: each direction runs the same kernel on the same
 layout either way.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from ._checks import as_array, check_method
 from .api import prepare_call, sparse_rnn, weights_cotangent
 from .planner import LayoutMeta
-from .primitives import sprnn_backward_stack_p, sprnn_forward_stack_p
+from .primitives import sprnn_backward_pair_p, sprnn_forward_pair_p
 from .weights import SparseWeights
 
 _DIRECTIONS = ("forward", "backward")
@@ -77,7 +77,7 @@ def _two_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, **kwargs):
     return y_f, y_b, h_f, h_b
 
 
-#: The stacked problems' directions: the forward one from the start, the backward one from the end.
+#: The paired problems' directions: the forward one from the start, the backward one from the end.
 _REVERSE = (False, True)
 
 
@@ -90,59 +90,61 @@ class _StackConfig:
     full_lengths: bool  # no seq_lengths: every sequence runs all T steps
 
 
-def _stack(ws, name: str):
-    return jnp.stack([getattr(w, name) for w in ws])
+def _both(ws, name: str) -> tuple:
+    """The two directions' ``name`` arrays."""
+    return tuple(getattr(w, name) for w in ws)
 
 
-def _stacked_forward(x, h0, ws, lengths, cfg: _StackConfig):
-    return sprnn_forward_stack_p.bind(x, h0, _stack(ws, "values"), _stack(ws, "indices"),
-                                      _stack(ws, "lane_row"), lengths, activation=cfg.activation,
-                                      reverse=_REVERSE, meta=cfg.meta, method=cfg.method,
-                                      full_lengths=cfg.full_lengths)
+def _pair_forward(xs, h0s, ws, lengths, cfg: _StackConfig):
+    """``(y_f, y_b, h_f, h_b)`` of one ``sprnn_forward_pair`` call (time-major sequences)."""
+    return sprnn_forward_pair_p.bind(*xs, *h0s, *_both(ws, "values"), *_both(ws, "indices"),
+                                     *_both(ws, "lane_row"), lengths, activation=cfg.activation,
+                                     reverse=_REVERSE, meta=cfg.meta, method=cfg.method,
+                                     full_lengths=cfg.full_lengths)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _stacked_rnn(x, h0, ws, lengths, cfg):
-    return tuple(_stacked_forward(x, h0, ws, lengths, cfg))
+def _paired_rnn(xs, h0s, ws, lengths, cfg):
+    return tuple(_pair_forward(xs, h0s, ws, lengths, cfg))
 
 
-def _stacked_rnn_fwd(x, h0, ws, lengths, cfg):
-    y, h_final = _stacked_forward(x, h0, ws, lengths, cfg)
-    return (y, h_final), (y, h0, ws, lengths)
+def _paired_rnn_fwd(xs, h0s, ws, lengths, cfg):
+    outs = tuple(_pair_forward(xs, h0s, ws, lengths, cfg))
+    return outs, (outs[:2], h0s, ws, lengths)
 
 
-def _stacked_rnn_bwd(cfg, residuals, cotangents):
-    y, h0, ws, lengths = residuals
-    dy, dh_final = (c.astype(y.dtype) for c in cotangents)
-    values_t = jnp.stack([w.transposed_values() for w in ws])
-    dx, dh0 = sprnn_backward_stack_p.bind(y, h0, values_t, _stack(ws, "indices_t"),
-                                          _stack(ws, "lane_row_t"), lengths, dy, dh_final,
-                                          activation=cfg.activation, reverse=_REVERSE,
-                                          meta=cfg.meta_t, method=cfg.method)
-    dws = tuple(weights_cotangent(y[q], h0[q], dx[q], w, lengths, reverse=r, method=cfg.method)
-                for q, (w, r) in enumerate(zip(ws, _REVERSE)))
-    return dx, dh0, dws, np.zeros(np.shape(lengths), jax.dtypes.float0)
+def _paired_rnn_bwd(cfg, residuals, cotangents):
+    ys, h0s, ws, lengths = residuals
+    dys, dhs = ([c.astype(ys[0].dtype) for c in part] for part in (cotangents[:2], cotangents[2:]))
+    values_t = tuple(w.transposed_values() for w in ws)
+    dx_f, dx_b, dh0_f, dh0_b = sprnn_backward_pair_p.bind(
+        *ys, *h0s, *values_t, *_both(ws, "indices_t"), *_both(ws, "lane_row_t"), lengths, *dys,
+        *dhs, activation=cfg.activation, reverse=_REVERSE, meta=cfg.meta_t, method=cfg.method)
+    dxs = (dx_f, dx_b)
+    dws = tuple(weights_cotangent(ys[q], h0s[q], dxs[q], ws[q], lengths, reverse=_REVERSE[q],
+                                  method=cfg.method) for q in range(2))
+    return dxs, (dh0_f, dh0_b), dws, np.zeros(np.shape(lengths), jax.dtypes.float0)
 
 
-_stacked_rnn.defvjp(_stacked_rnn_fwd, _stacked_rnn_bwd)
+_paired_rnn.defvjp(_paired_rnn_fwd, _paired_rnn_bwd)
 
 
 def _one_layout(w_f: SparseWeights, w_b: SparseWeights) -> bool:
-    """Whether the directions can be one stacked call: one kernel instance runs both layouts."""
+    """Whether the directions can be one paired call: one kernel instance runs both layouts."""
     return w_f.meta == w_b.meta and w_f.meta_t == w_b.meta_t
 
 
-def _stacked_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, *, activation, time_major, seq_lengths,
+def _paired_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, *, activation, time_major, seq_lengths,
                    method):
-    """Both directions as two problems of one stacked call; returns what :func:`_two_calls`
+    """Both directions as one ``sprnn_forward_pair`` call; returns what :func:`_two_calls`
     does."""
     calls = [prepare_call(x, h0, w, activation=activation, time_major=time_major,
                           seq_lengths=seq_lengths)
              for x, h0, w in ((x_f, h0_f, w_f), (x_b, h0_b, w_b))]
     cfg = _StackConfig(activation, method, w_f.meta, w_f.meta_t, full_lengths=seq_lengths is None)
-    y, h_final = _stacked_rnn(jnp.stack([c.x_tm for c in calls]), jnp.stack([c.h0 for c in calls]),
-                              (w_f, w_b), calls[0].safe_lengths, cfg)
-    (y_f, h_f), (y_b, h_b) = (c.finish(y[q], h_final[q]) for q, c in enumerate(calls))
+    y_f, y_b, h_f, h_b = _paired_rnn(tuple(c.x_tm for c in calls), tuple(c.h0 for c in calls),
+                                     (w_f, w_b), calls[0].safe_lengths, cfg)
+    (y_f, h_f), (y_b, h_b) = (c.finish(y, h) for c, y, h in zip(calls, (y_f, y_b), (h_f, h_b)))
     if not time_major:
         y_f, y_b = jnp.swapaxes(y_f, 0, 1), jnp.swapaxes(y_b, 0, 1)
     return y_f, y_b, h_f, h_b
@@ -181,7 +183,7 @@ def sparse_rnn_bidirectional(inputs, h0, weights, *, activation: str = "tanh",
                            ("x_fwd", "x_bwd"))
     h0_f, h0_b = _check_same(_pair(h0, "h0", "(h0_fwd, h0_bwd)"), "h0", ("h0_fwd", "h0_bwd"))
     check_method(method)
-    run = _stacked_calls if method != "reference" and _one_layout(w_f, w_b) else _two_calls
+    run = _paired_calls if method != "reference" and _one_layout(w_f, w_b) else _two_calls
     y_f, y_b, h_f, h_b = run(x_f, x_b, h0_f, h0_b, w_f, w_b, activation=activation,
                              time_major=time_major, seq_lengths=seq_lengths, method=method)
     return jnp.concatenate([y_f, y_b], axis=-1), (h_f, h_b)

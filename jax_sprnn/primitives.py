@@ -6,9 +6,10 @@ The simple cell's three primitives, each a native target (docs/format.md):
 * ``sprnn_backward``: the backward recurrence on the transposed layout, ``-> (dx, dh0)``;
 * ``sprnn_weight_grad``: the weight gradient on the pattern, ``-> dvalues [groups, S]``;
 
-``sprnn_forward_stack`` and ``sprnn_backward_stack`` are the first two over independent problems
-stacked on a leading axis, each with its own weights and direction (a bidirectional layer's two
-directions): one launch of the same targets on CUDA, one call per problem elsewhere;
+``sprnn_forward_pair`` and ``sprnn_backward_pair`` are the first two for two independent problems
+with their own weights and directions (a bidirectional layer's two directions): on CUDA one launch
+of the same targets (through ``sprnn_forward_stack`` / ``sprnn_backward_stack``, the problems
+stacked on a leading axis), elsewhere one call per problem;
 
 and the gated cells' (LSTM, GRU), two targets for four primitives: ``sprnn_lstm`` / ``sprnn_gru``
 (the forward recurrences, target ``gated_forward``) and ``sprnn_lstm_backward`` /
@@ -365,6 +366,76 @@ for _kind, _prim in (("forward", sprnn_forward_stack_p), ("backward", sprnn_back
     # (the CPU: one call of the one-problem primitive per problem, each dispatched as it would be)
     _register_lowering(_prim, _per_problem_lowering(_kind), "cpu")
     _register_lowering(_prim, functools.partial(_stack_cuda, _kind), "cuda")
+
+
+# ``sprnn_forward_pair``: ``(x_f, x_b, h0_f, h0_b, values_f, values_b, indices_f, indices_b,
+# lane_row_f, lane_row_b, lengths) -> (y_f, y_b, h_final_f, h_final_b)``: each operand of
+# ``sprnn_forward`` once per problem, side by side, the shared lengths once; ``sprnn_backward_pair``
+# likewise. What bidirectional.py binds: on CUDA its lowering stacks the operands and binds the
+# stacked primitive (one launch; XLA fuses each stack into one copy), elsewhere it binds the
+# one-problem primitive twice on the operands as they are (no copies).
+
+def _pair_split(kind: str, args) -> list[tuple]:
+    """A pair call's operands as each problem's operands of the one-problem primitive."""
+    axes, _ = _STACKED[kind]
+    it, per = iter(args), []
+    for ax in axes:
+        per.append((next(it), next(it)) if ax is not None else (next(it),) * 2)
+    return [tuple(o[q] for o in per) for q in range(2)]
+
+
+def _pair_join(outs) -> tuple:
+    """Two problems' results ``(a, b)`` as the pair's ``(a_f, a_b, b_f, b_b)``."""
+    return tuple(x for pair in zip(*outs) for x in pair)
+
+
+def _pair_abstract(kind: str):
+    one = _forward_abstract if kind == "forward" else _backward_abstract
+
+    def abstract(*args, reverse, **params):
+        return _pair_join(one(*a, reverse=r, **params) for a, r in zip(_pair_split(kind, args), reverse))
+    return abstract
+
+
+def _pair_fallback(kind: str):
+    impl = fallback.forward if kind == "forward" else fallback.backward
+
+    def run(*args, reverse, meta, activation, **hooks):
+        return _pair_join(impl(*a, activation=activation, reverse=bool(r), meta=meta)
+                          for a, r in zip(_pair_split(kind, args), reverse))
+    return run
+
+
+def _pair_calls(kind: str, *args, reverse, **params):
+    """A pair as two calls of the one-problem primitive (``batch_major`` left to each)."""
+    _, prim = _STACKED[kind]
+    return _pair_join(prim.bind(*a, reverse=bool(r), **params)
+                      for a, r in zip(_pair_split(kind, args), reverse))
+
+
+def _pair_stacked(kind: str, *args, **params):
+    """A pair as one call of the stacked primitive."""
+    axes, _ = _STACKED[kind]
+    problems = _pair_split(kind, args)
+    stacked = [problems[0][i] if ax is None else jnp.stack([p[i] for p in problems])
+               for i, ax in enumerate(axes)]
+    prim = sprnn_forward_stack_p if kind == "forward" else sprnn_backward_stack_p
+    outs = prim.bind(*stacked, **params)
+    return _pair_join(tuple(zip(*(tuple(o) for o in outs))))
+
+
+sprnn_forward_pair_p = _make_primitive(
+    "sprnn_forward_pair", _pair_abstract("forward"), _pair_fallback("forward"),
+    SplitRule("t b h, t b h, b h, b h, s, s, s, s, l, l, b -> t b h, t b h, b h, b h"))
+sprnn_backward_pair_p = _make_primitive(
+    "sprnn_backward_pair", _pair_abstract("backward"), _pair_fallback("backward"),
+    SplitRule("t b h, t b h, b h, b h, s, s, s, s, l, l, b, t b h, t b h, b h, b h"
+              " -> t b h, t b h, b h, b h"))
+for _kind, _prim in (("forward", sprnn_forward_pair_p), ("backward", sprnn_backward_pair_p)):
+    _register_lowering(_prim, mlir.lower_fun(functools.partial(_pair_calls, _kind),
+                                             multiple_results=True), "cpu")
+    _register_lowering(_prim, mlir.lower_fun(functools.partial(_pair_stacked, _kind),
+                                             multiple_results=True), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,7 +864,7 @@ for _prim, _axes, _results in (
         (sprnn_gru_p, (1, 0, None, None, None, 0, None), (1, 0)),
         (sprnn_lstm_backward_p, (1, 1, 1, 1, 1, 0, 0, None, None, None, 0, None), (1, 1, 0, 0)),
         (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0)),
-        (sprnn_forward_stack_p, (2, 1, None, None, None, 0), (2, 1)),
-        (sprnn_backward_stack_p, (2, 1, None, None, None, 0, 2, 1), (2, 1))):
+        (sprnn_forward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0,), (1, 1, 0, 0)),
+        (sprnn_backward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0, 1, 1, 0, 0), (1, 1, 0, 0))):
     batching.primitive_batchers[_prim] = functools.partial(_fold_batch, _prim, _axes, _results)
 

@@ -70,6 +70,21 @@ def make_problem(seed: int, hidden: int, batch: int, steps: int, density: float,
     return kernel_d * mask, weights, x, h0
 
 
+def make_twin_problem(seed: int, hidden: int, batch: int, steps: int, density: float,
+                      dtype: str = "float32") -> tuple[tuple, tuple]:
+    """Two directions' :func:`make_problem` tuples whose weights share one layout (one ``meta``,
+    so that a bidirectional call runs them as one stacked call): the backward mask is the forward
+    one with its rows and columns permuted, another pattern with the same row and column counts."""
+    fwd = make_problem(seed, hidden, batch, steps, density, dtype)
+    rng = np.random.default_rng(seed + 1)
+    mask = fwd[1].mask()[rng.permutation(hidden)][:, rng.permutation(hidden)]
+    bwd = make_problem(seed + 2, hidden, batch, steps, density, dtype, mask=mask)
+    if fwd[1].meta != bwd[1].meta or fwd[1].meta_t != bwd[1].meta_t:  # (the planner's business)
+        raise AssertionError(f"the permuted mask packed to another layout: {fwd[1].meta} and "
+                             f"{bwd[1].meta}")
+    return fwd, bwd
+
+
 def normal(seed: int, shape) -> jax.Array:
     """A float32 array of standard normals, reproducible from ``seed``."""
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))

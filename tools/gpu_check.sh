@@ -23,6 +23,8 @@
 #     layer's training step by part: benchmarks/probes/gated_backward_step.py)
 #   SASS_MATCH=forward tools/gpu_check.sh sass  (the built module's SASS of the matching kernels, and
 #     where its local-memory instructions are)
+#   BIDIR_CASES=$'--dtype float32\n--dtype float16' tools/gpu_check.sh bidir  (a bidirectional layer
+#     in one launch against two calls: benchmarks/probes/bidirectional.py, one case per line)
 #   tools/gpu_check.sh clusters     (clusters of 1-16 CTAs the GPU holds at once:
 #     benchmarks/probes/active_clusters.py)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
@@ -184,6 +186,14 @@ if has reliability; then
   python3 "$OLDPWD/tools/soak.py" --calls ${SOAK_CALLS:-10000} --seconds ${SOAK_SECONDS:-300} --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -25
   echo "== concurrency"
   python3 "$OLDPWD/tools/concurrency_check.py" --threads 2 --iters 500 --timeout 240 --out "$OUT/concurrency.json" 2>&1 | tee "$OUT/concurrency.log" | tail -12
+fi
+if has bidir; then
+  echo "== bidirectional: one launch against two calls"
+  n=0
+  while IFS= read -r case_args; do
+    n=$((n + 1))
+    python3 "$OLDPWD/benchmarks/probes/bidirectional.py" $case_args --out "$OUT/bidirectional_$n.json" 2>&1 | tail -8
+  done <<< "${BIDIR_CASES:---dtype float32}"
 fi
 if has speech; then
   echo "== speech example, GPU speed table"

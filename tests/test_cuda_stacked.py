@@ -1,0 +1,156 @@
+"""GPU tests of stacked problems (issue 16, item 2): both directions of a bidirectional layer in one
+persistent launch (``sprnn_forward_stack`` / ``sprnn_backward_stack``), against one call of the
+one-problem primitive per direction on the same kernel, bit for bit, in each exchange mode; a
+stall inside a stacked launch; and ``sparse_rnn_bidirectional``'s gradient through the stacked
+launch against the reference. Skipped without a GPU and the CUDA module."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import _native
+from jax_sprnn.primitives import (sprnn_backward_p, sprnn_backward_stack_p, sprnn_forward_p,
+                                  sprnn_forward_stack_p)
+from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_twin_problem, normal, rel_err
+
+pytestmark = pytest.mark.gpu
+
+REVERSE = (False, True)
+
+
+def twin_problem(seed, hidden, batch, steps, density, dtype):
+    """make_twin_problem, whose backward direction has another pattern (so other lane rows)."""
+    fwd, bwd = make_twin_problem(seed, hidden, batch, steps, density, dtype)
+    assert not np.array_equal(np.asarray(fwd[1].lane_row), np.asarray(bwd[1].lane_row))
+    return fwd, bwd
+
+
+def _stack(ws, name):
+    return jnp.stack([jnp.asarray(getattr(w, name)) for w in ws])
+
+
+def _hooks(mode):
+    return {} if mode == "auto" else {"exchange_mode": mode}
+
+
+def _lengths(seed, batch, steps):
+    lengths = np.random.default_rng(seed).integers(0, steps + 1, batch).astype(np.int32)
+    lengths[0] = steps
+    if batch > 2:
+        lengths[1] = 0
+    return jnp.asarray(lengths)
+
+
+def _modes(meta):
+    return ["auto", "grid"] + (["cluster"] if meta.exchange == "cluster" else [])
+
+
+CASES = [(256, 1), (300, 5), (1024, 8), (256, 32), (2304, 4)]  # 2304: a grid-mode layout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("hidden, batch", CASES)
+def test_the_stacked_forward_equals_one_call_per_direction_bitwise(dtype, hidden, batch):
+    steps = 23
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = twin_problem(hidden + batch, hidden, batch, steps,
+                                                          0.1, dtype)
+    ws = (w_f, w_b)
+    x = jnp.stack([jnp.swapaxes(x_f, 0, 1), jnp.swapaxes(x_b, 0, 1)])  # [2, T, B, H]
+    h0 = jnp.stack([h_f, h_b])
+    for use_lengths in (False, True):
+        lengths = _lengths(batch, batch, steps) if use_lengths else jnp.full((batch,), steps, jnp.int32)
+        for mode in _modes(w_f.meta):
+            y, h = sprnn_forward_stack_p.bind(
+                x, h0, _stack(ws, "values"), _stack(ws, "indices"), _stack(ws, "lane_row"), lengths,
+                activation="tanh", reverse=REVERSE, meta=w_f.meta, method="native",
+                full_lengths=not use_lengths, **_hooks(mode))
+            for q, (w, r) in enumerate(zip(ws, REVERSE)):
+                y_q, h_q = sprnn_forward_p.bind(x[q], h0[q], w.values, w.indices, w.lane_row, lengths,
+                                                activation="tanh", reverse=r, meta=w.meta,
+                                                method="native", **_hooks(mode))
+                where = f"{mode} mode, direction {q}, lengths {use_lengths}"
+                np.testing.assert_array_equal(np.asarray(y[q]), np.asarray(y_q), err_msg=where)
+                np.testing.assert_array_equal(np.asarray(h[q]), np.asarray(h_q), err_msg=where)
+            assert np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("hidden, batch", [(256, 1), (300, 5), (1024, 8), (2304, 4)])
+def test_the_stacked_backward_equals_one_call_per_direction_bitwise(dtype, hidden, batch):
+    steps = 19
+    (_, w_f, y_f, h_f), (_, w_b, y_b, h_b) = twin_problem(7 * hidden + batch, hidden, batch, steps,
+                                                          0.1, dtype)
+    ws = (w_f, w_b)
+    dt = y_f.dtype
+    y = jnp.tanh(jnp.stack([jnp.swapaxes(y_f, 0, 1), jnp.swapaxes(y_b, 0, 1)]))  # outputs in (-1, 1)
+    h0 = jnp.stack([h_f, h_b])
+    dy = normal(1, y.shape).astype(dt)
+    dh = normal(2, h0.shape).astype(dt)
+    lengths = _lengths(hidden, batch, steps)
+    values_t = jnp.stack([w.transposed_values() for w in ws])
+    for mode in _modes(w_f.meta_t):
+        dx, dh0 = sprnn_backward_stack_p.bind(
+            y, h0, values_t, _stack(ws, "indices_t"), _stack(ws, "lane_row_t"), lengths, dy, dh,
+            activation="tanh", reverse=REVERSE, meta=w_f.meta_t, method="native", **_hooks(mode))
+        for q, (w, r) in enumerate(zip(ws, REVERSE)):
+            dx_q, dh0_q = sprnn_backward_p.bind(
+                y[q], h0[q], w.transposed_values(), w.indices_t, w.lane_row_t, lengths, dy[q], dh[q],
+                activation="tanh", reverse=r, meta=w.meta_t, method="native", **_hooks(mode))
+            np.testing.assert_array_equal(np.asarray(dx[q]), np.asarray(dx_q), err_msg=mode)
+            np.testing.assert_array_equal(np.asarray(dh0[q]), np.asarray(dh0_q), err_msg=mode)
+
+
+def test_a_stall_in_a_stacked_launch_times_out(monkeypatch):
+    if not _native.current_device_spec().cluster_launch:
+        pytest.skip("the GPU has no thread-block clusters")
+    (dense, w_f, x_f, h_f), (_, w_b, x_b, h_b) = twin_problem(5, 256, 2, 16, 0.1, "float16")
+    assert w_f.meta.exchange == "cluster" and w_f.meta.num_ctas > 1
+    xs, hs, ws = (x_f, x_b), (h_f, h_b), (w_f, w_b)
+    x = jnp.stack([jnp.swapaxes(a, 0, 1) for a in xs])
+    args = (x, jnp.stack(hs), _stack(ws, "values"), _stack(ws, "indices"), _stack(ws, "lane_row"),
+            jnp.full((2,), 16, jnp.int32))
+    params = dict(activation="tanh", reverse=REVERSE, meta=w_f.meta, method="native")
+    monkeypatch.setenv("JAX_SPRNN_SPIN_TIMEOUT_US", "2000")
+    # CTA 0 (the forward direction's first cluster) never pushes: its peers time out, the call
+    # ends with NaN outputs, and the next call reports it.
+    y, _ = sprnn_forward_stack_p.bind(*args, **params, debug_stall_cta=0, exchange_mode="cluster")
+    assert np.all(np.isnan(np.asarray(y[0], np.float32)))
+    with pytest.raises(Exception, match="timed out"):
+        jax.block_until_ready(sprnn_forward_stack_p.bind(*args, **params))
+    monkeypatch.delenv("JAX_SPRNN_SPIN_TIMEOUT_US")
+    y, _ = js.sparse_rnn_bidirectional(xs, hs, ws)
+    y_ref, _ = js.reference_rnn(x_f, h_f, dense)
+    assert rel_err(y[..., :256], y_ref) < TOLERANCE["float16"]
+
+
+@pytest.mark.parametrize("hidden, batch", [(256, 3), (1024, 8)])
+def test_the_gradient_through_the_stacked_launch_matches_the_reference(hidden, batch,
+                                                                       exact_matmuls):
+    steps = 17
+    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = twin_problem(hidden, hidden, batch, steps, 0.1,
+                                                              "float32")
+    L = _lengths(3, batch, steps)
+    cot = normal(4, (batch, steps, 2 * hidden))
+
+    def loss(ws, xs, h0s):
+        y, hs = js.sparse_rnn_bidirectional(xs, h0s, ws, seq_lengths=L, method="native")
+        return jnp.sum(y * cot) + jnp.sum(jnp.stack(hs))
+
+    def ref_loss(kernels, xs, h0s):
+        y_f, s_f = js.reference_rnn(xs[0], h0s[0], kernels[0], seq_lengths=L)
+        y_b, s_b = js.reference_rnn(xs[1], h0s[1], kernels[1], seq_lengths=L, reverse=True)
+        return jnp.sum(jnp.concatenate([y_f, y_b], -1) * cot) + jnp.sum(jnp.stack([s_f, s_b]))
+
+    jaxpr = str(jax.make_jaxpr(js.grad(loss, argnums=(0, 1, 2)))((w_f, w_b), (x_f, x_b), (h_f, h_b)))
+    assert "sprnn_forward_pair" in jaxpr and "sprnn_backward_pair" in jaxpr
+    g_w, g_x, g_h = jax.jit(js.grad(loss, argnums=(0, 1, 2)))((w_f, w_b), (x_f, x_b), (h_f, h_b))
+    r_k, r_x, r_h = jax.grad(ref_loss, argnums=(0, 1, 2))(
+        (jnp.asarray(k_f), jnp.asarray(k_b)), (x_f, x_b), (h_f, h_b))
+    tol = GRAD_TOLERANCE["float32"]
+    for i, (w, dense) in enumerate(((w_f, k_f), (w_b, k_b))):
+        mask = dense != 0
+        g_dense = np.asarray(w.replace(values=g_w[i].values).to_dense())
+        assert rel_err(g_dense[mask], np.asarray(r_k[i])[mask]) < tol
+        assert rel_err(g_x[i], r_x[i]) < tol and rel_err(g_h[i], r_h[i]) < tol
