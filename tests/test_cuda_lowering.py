@@ -12,10 +12,11 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import _constants, _native
 from jax_sprnn.primitives import sprnn_backward_p, sprnn_forward_p, sprnn_gru_p, sprnn_lstm_p
-from jax_sprnn.testing import make_problem
+from jax_sprnn.testing import make_problem, make_twin_problem
 
 LAYOUT_ATTRS = {"activation", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
-FORWARD_ATTRS = LAYOUT_ATTRS | {"batch_major"}  # the CUDA forward also takes x's memory layout
+# The CUDA recurrences also take the sequences' memory layout and the number of stacked problems.
+RECURRENCE_ATTRS = LAYOUT_ATTRS | {"batch_major", "problems"}
 HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us", "exchange_mode"}
 
 
@@ -40,11 +41,11 @@ def _custom_calls(fn, *args):
 
 
 @pytest.mark.parametrize("hooks, target, attrs", [
-    ({}, "forward", FORWARD_ATTRS),
-    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
-    ({"grid_barrier": True}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
-    ({"exchange_mode": "cluster"}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
-    ({"exchange_mode": "auto"}, "forward", FORWARD_ATTRS),
+    ({}, "forward", RECURRENCE_ATTRS),
+    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", RECURRENCE_ATTRS | HOOK_ATTRS),
+    ({"grid_barrier": True}, "forward_hooked", RECURRENCE_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "cluster"}, "forward_hooked", RECURRENCE_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "auto"}, "forward", RECURRENCE_ATTRS),
 ])
 def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered, hooks, target, attrs):
     _, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")
@@ -90,13 +91,48 @@ def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered
         return sprnn_backward_p.bind(y, h0, w.transposed_values(), w.indices_t, w.lane_row_t, lengths,
                                      jnp.ones_like(y), jnp.zeros_like(h0), activation="tanh",
                                      reverse=False, meta=w.meta_t, method="native", **hooks)
-    assert _custom_calls(fn, y, h0) == [(_constants.ffi_target("backward"), LAYOUT_ATTRS)]
+    assert _custom_calls(fn, y, h0) == [(_constants.ffi_target("backward"), RECURRENCE_ATTRS)]
     assert _custom_calls(lambda y, h0: fn(y, h0, debug_stall_cta=0), y, h0) == [
-        (_constants.ffi_target("backward_hooked"), LAYOUT_ATTRS | HOOK_ATTRS)]
+        (_constants.ffi_target("backward_hooked"), RECURRENCE_ATTRS | HOOK_ATTRS)]
+
+
+def _exported_text(fn, platform, *args):
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name)
+              for name in _native.cuda_targets() | _native.cpu_targets()]
+    return jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+        *args).mlir_module()
+
+
+def test_a_bidirectional_pair_is_one_launch_on_cuda_and_two_calls_on_the_cpu(cuda_targets_registered):
+    # Two directions of one layout: on CUDA one forward call of both, stacked [2, T, B, H] with B
+    # before T in memory, the backward direction's bit set in reverse; its gradient one backward
+    # call. On the CPU two forward calls (the CPU kernels, where built) and no stacking.
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = make_twin_problem(3, 300, 2, 7, 0.1, "float16")
+    xs, hs, ws = (x_f, x_b), (h_f, h_b), (w_f, w_b)
+
+    def forward(xs, hs):
+        return js.sparse_rnn_bidirectional(xs, hs, ws, method="native")[0]
+
+    def grad(xs, hs):
+        return jax.grad(lambda xs: jnp.sum(forward(xs, hs).astype(jnp.float32)))(xs)
+
+    text = _exported_text(forward, "cuda", xs, hs)
+    calls = re.findall(r"stablehlo\.custom_call @(\w+)\(.*", text)
+    assert [name for name in calls] == [_constants.ffi_target("forward")]
+    call = re.search(r"stablehlo\.custom_call @jax_sprnn_forward_v\d+\(.*", text).group(0)
+    assert re.search(r"problems = 2 : i64", call) and re.search(r"reverse = 2 : i64", call)
+    assert "dense<[3, 1, 2, 0]>" in call
+    assert re.search(r"tensor<2x7x2x300xf16>", call)
+    names = re.findall(r"stablehlo\.custom_call @(\w+)\(", _exported_text(grad, "cuda", xs, hs))
+    assert names.count(_constants.ffi_target("backward")) == 1
+    assert names.count(_constants.ffi_target("forward")) == 1
+    cpu = re.findall(r"stablehlo\.custom_call @(\w+)\(", _exported_text(forward, "cpu", xs, hs))
+    expected = 2 if _constants.ffi_target("forward") in _native.cpu_targets() else 0
+    assert cpu.count(_constants.ffi_target("forward")) == expected
 
 
 GATED_ATTRS = {"gates", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
-GATED_FORWARD_ATTRS = GATED_ATTRS | {"batch_major"}  # (the CUDA gated forward takes x's layout too)
+GATED_RECURRENCE_ATTRS = GATED_ATTRS | {"batch_major"}  # (the CUDA gated forward takes x's layout too)
 GATED_BACKWARD_ATTRS = GATED_ATTRS - {"reverse"}  # (its operands are in step order)
 
 
@@ -115,13 +151,13 @@ def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
         if gates == 4:
             return js.sparse_lstm(x, (h0, h0), w, method="native")
         return js.sparse_gru(x, h0, w, method="native")
-    assert _custom_calls(fn, x, h0) == [(_constants.ffi_target("gated_forward"), GATED_FORWARD_ATTRS)]
+    assert _custom_calls(fn, x, h0) == [(_constants.ffi_target("gated_forward"), GATED_RECURRENCE_ATTRS)]
     # The backward pass starts from the forward kernel's outputs: the forward and the backward
     # recurrence, one kernel call each.
     loss = lambda x, h0: jnp.sum(fn(x, h0)[0].astype(jnp.float32))  # noqa: E731
     for transform in (jax.grad, jax.value_and_grad):
         assert _custom_calls(transform(loss), x, h0) == [
-            (_constants.ffi_target("gated_forward"), GATED_FORWARD_ATTRS),
+            (_constants.ffi_target("gated_forward"), GATED_RECURRENCE_ATTRS),
             (_constants.ffi_target("gated_backward"), GATED_BACKWARD_ATTRS)]
 
     lengths = jnp.full((B,), T, jnp.int32)
@@ -134,7 +170,7 @@ def test_gated_cells_bind_the_gated_target(cuda_targets_registered, gates):
         return sprnn_gru_p.bind(x_tm, h0, w.values, w.indices, w.lane_row, lengths,
                                 jnp.zeros((H,), jnp.float32), **params)
     assert _custom_calls(hooked, x_tm, h0) == [(_constants.ffi_target("gated_forward_hooked"),
-                                                GATED_FORWARD_ATTRS | HOOK_ATTRS)]
+                                                GATED_RECURRENCE_ATTRS | HOOK_ATTRS)]
 
 
 def _layouts(call: str, kind: str) -> list[str]:
