@@ -85,6 +85,16 @@ def make_twin_problem(seed: int, hidden: int, batch: int, steps: int, density: f
     return fwd, bwd
 
 
+def random_lengths(batch: int, steps: int, seed: int) -> jax.Array:
+    """``[batch]`` int32 sequence lengths in ``[0, steps]`` from ``seed``: the first example runs
+    every step and, in a batch of three or more, the second none."""
+    lengths = np.random.default_rng(seed).integers(0, steps + 1, batch).astype(np.int32)
+    lengths[0] = steps
+    if batch > 2:
+        lengths[1] = 0
+    return jnp.asarray(lengths)
+
+
 def normal(seed: int, shape) -> jax.Array:
     """A float32 array of standard normals, reproducible from ``seed``."""
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))

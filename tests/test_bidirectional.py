@@ -110,19 +110,22 @@ def test_activations_and_methods(activation, layout):
         assert rel_err(hT_f, s_f) < 1e-5 and rel_err(hT_b, s_b) < 1e-5
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_grads_match_the_reference(exact_matmuls, layout):
-    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(3, hidden=29, batch=3, steps=7,
+@pytest.mark.parametrize("hidden, layout", [(29, "own"), (29, "shared"), (256, "shared")])
+def test_grads_match_the_reference(exact_matmuls, hidden, layout):
+    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(3, hidden=hidden, batch=3, steps=7,
                                                          layout=layout)
     L = np.array([7, 5, 2], np.int32)
-    cot = normal(4, (3, 7, 58))
-    cot_h = normal(5, (2, 3, 29))
+    cot = normal(4, (3, 7, 2 * hidden))
+    cot_h = normal(5, (2, 3, hidden))
 
     def loss(ws, xs, h0s):
         y, hs = js.sparse_rnn_bidirectional(xs, h0s, ws, seq_lengths=L)
         return jnp.sum(y * cot) + jnp.sum(jnp.stack(hs) * cot_h)
 
-    g_w, g_x, g_h = js.grad(loss, argnums=(0, 1, 2))((w_f, w_b), (x_f, x_b), (h_f, h_b))
+    args = ((w_f, w_b), (x_f, x_b), (h_f, h_b))
+    jaxpr = str(jax.make_jaxpr(js.grad(loss, argnums=(0, 1, 2)))(*args))
+    assert ("sprnn_backward_pair" in jaxpr) == (layout == "shared")
+    g_w, g_x, g_h = jax.jit(js.grad(loss, argnums=(0, 1, 2)))(*args)
     assert isinstance(g_w[0], js.SparseWeights) and isinstance(g_w[1], js.SparseWeights)
 
     def ref_loss(kernels, xs, h0s):  # pure JAX, dense kernels, HIGHEST precision

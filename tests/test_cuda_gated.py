@@ -14,7 +14,8 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import _constants, _native, fallback, layout, planner
 from jax_sprnn.primitives import sprnn_gru_p, sprnn_lstm_p
-from jax_sprnn.testing import GRAD_TOLERANCE, TOLERANCE, make_gated_problem, rel_err, transpose_ops
+from jax_sprnn.testing import (GRAD_TOLERANCE, TOLERANCE, make_gated_problem, random_lengths, rel_err,
+                               transpose_ops)
 
 pytestmark = pytest.mark.gpu
 
@@ -64,14 +65,6 @@ def assert_close(got, want, dtype):
         assert rel_err(s, s_ref) < TOLERANCE[dtype]
 
 
-def lengths_of(batch, steps, seed):
-    lengths = np.random.default_rng(seed).integers(0, steps + 1, batch).astype(np.int32)
-    lengths[0] = steps
-    if batch > 2:
-        lengths[1] = 0
-    return jnp.asarray(lengths)
-
-
 @pytest.mark.parametrize("gates", [4, 3])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("hidden, batch, density", [(37, 3, 0.3), (256, 1, 0.1), (300, 5, 0.1),
@@ -80,7 +73,7 @@ def test_native_matches_xla_dense_path(gates, dtype, hidden, batch, density):
     steps = 13
     w, x, c0, h0, b = problem(gates, hidden, batch, steps, density, dtype, seed=hidden + batch)
     assert w.meta.fits, w.meta.reason
-    lengths = lengths_of(batch, steps, batch)
+    lengths = random_lengths(batch, steps, batch)
     for reverse in (False, True):
         got = jax.jit(lambda *a, reverse=reverse: bind(gates, w, *a, lengths, reverse=reverse))(
             x, c0, h0, b)
@@ -98,7 +91,7 @@ def test_grid_and_cluster_modes_agree_bitwise(gates, load_bytes, n_ctas):
     w, x, c0, h0, b = problem(gates, hidden, 6, 11, 0.1, "float16", seed=n_ctas, device=device,
                               load_bytes=load_bytes)
     assert w.meta.fits and w.meta.num_ctas <= n_ctas, w.meta
-    lengths = lengths_of(6, 11, n_ctas)
+    lengths = random_lengths(6, 11, n_ctas)
     grid = bind(gates, w, x, c0, h0, b, lengths, exchange_mode="grid")
     assert_close(grid, xla_path(gates, w, x, c0, h0, b, lengths), "float16")
     if w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS and _native.current_device_spec().cluster_launch:
@@ -117,7 +110,7 @@ def test_units_narrower_than_the_tile_take_rounds(exchange_mode):
     if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
                                            and _native.current_device_spec().cluster_launch):
         pytest.skip("this layout or device has no cluster mode")
-    lengths = lengths_of(6, 9, 3)
+    lengths = random_lengths(6, 9, 3)
     for reverse in (False, True):
         got = bind(3, w, x, c0, h0, b, lengths, reverse=reverse, exchange_mode=exchange_mode)
         assert_close(got, xla_path(3, w, x, c0, h0, b, lengths, reverse=reverse), "float16")
@@ -255,7 +248,7 @@ def test_a_batch_major_call_runs_without_transposes_and_matches(gates, exchange_
     if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
                                            and _native.current_device_spec().cluster_launch):
         pytest.skip("this layout or device has no cluster mode")
-    lengths = lengths_of(6, 9, 43)
+    lengths = random_lengths(6, 9, 43)
 
     def call(x, c0, h0, batch_major):
         y, states = bind(gates, w, x, c0, h0, hn_bias, lengths, reverse=True, batch_major=batch_major,
@@ -299,7 +292,7 @@ def test_the_lstm_kernel_saves_its_cells(exchange_mode, dtype):
     if exchange_mode == "cluster" and not (w.meta.num_ctas <= _constants.MAX_CLUSTER_CTAS
                                            and _native.current_device_spec().cluster_launch):
         pytest.skip("this layout or device has no cluster mode")
-    lengths = lengths_of(6, 9, 23)
+    lengths = random_lengths(6, 9, 23)
     x_tm = jnp.swapaxes(x, 0, 1)
     for reverse in (False, True):
         params = dict(reverse=reverse, meta=w.meta, method="native", exchange_mode=exchange_mode)
