@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import _native
-from jax_sprnn.primitives import (sprnn_backward_p, sprnn_backward_stack_p, sprnn_forward_p,
-                                  sprnn_forward_stack_p)
+from jax_sprnn import _constants, _native
+from jax_sprnn.primitives import (_recurrence_attrs, sprnn_backward_p, sprnn_backward_stack_p,
+                                  sprnn_forward_p, sprnn_forward_stack_p)
 from jax_sprnn.testing import TOLERANCE, make_twin_problem, normal, random_lengths, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -117,3 +117,40 @@ def test_a_stall_in_a_stacked_launch_times_out(monkeypatch):
     y, _ = js.sparse_rnn_bidirectional(xs, hs, ws)
     y_ref, _ = js.reference_rnn(x_f, h_f, dense)
     assert rel_err(y[..., :256], y_ref) < TOLERANCE["float16"]
+
+
+def test_the_handler_refuses_a_malformed_stacked_call():
+    # The forward target called directly: every malformed stacked operand is an error that names
+    # it, before any launch.
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = twin_problem(9, 256, 2, 5, 0.1, "float16")
+    _native.initialize_cuda()
+    x = jnp.stack([jnp.swapaxes(a, 0, 1) for a in (x_f, x_b)])  # [2, T, B, H]
+    h0 = jnp.stack([h_f, h_b])
+    ws = (w_f, w_b)
+    attrs = _recurrence_attrs(activation="tanh", reverse=False, meta=w_f.meta)
+    attrs.update(reverse=np.int64(2), batch_major=np.int64(1), problems=np.int64(2))
+    args = dict(x=x, h0=h0, values=_stack(ws, "values"), indices=_stack(ws, "indices"),
+                lane_row=_stack(ws, "lane_row"), lengths=jnp.full((2,), 5, jnp.int32))
+
+    def call(**changes):
+        a = {k: changes.pop(k, v) for k, v in args.items()}
+        results = (jax.ShapeDtypeStruct(a["x"].shape, a["x"].dtype),
+                   jax.ShapeDtypeStruct(a["h0"].shape, a["h0"].dtype),
+                   jax.ShapeDtypeStruct((_constants.cuda_workspace_bytes(4, 256),), np.uint8))
+        out = jax.ffi.ffi_call(_constants.ffi_target("forward"), results)(
+            *a.values(), **{**attrs, **{k: np.int64(v) for k, v in changes.items()}})
+        return jax.block_until_ready(out)
+
+    y, _, _ = call()  # (well formed: it runs)
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))
+    for changes, message in [
+            (dict(values=w_f.values), r"values size \d+ != 2\*NW\*K\*32"),
+            # (one problem's lanes: too few for two, whichever check sees it first)
+            (dict(lane_row=w_f.lane_row), r"lane_row size \d+ is not a multiple|values size \d+ !="),
+            (dict(reverse=4), "reverse must be a bit mask of the 2 problems"),
+            (dict(batch_major=0), "several problems in one call need batch-major"),
+            (dict(problems=3), r"x must be \[3, T, B, H\]"),
+            (dict(lengths=jnp.full((4,), 5, jnp.int32)), "lengths must have B = 2"),
+            (dict(h0=h0[0]), r"h0 must be \[2, 2, 256\]")]:
+        with pytest.raises(Exception, match=message):
+            call(**changes)
