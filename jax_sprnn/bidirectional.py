@@ -4,13 +4,15 @@ Both directions of a bidirectional layer read the same sequence and are independ
 run them side by side (issue 16). The function's contract is that of two :func:`sparse_rnn` calls,
 the second with ``reverse=True``, whose outputs are concatenated, forward features first.
 
-Where both directions' weights have one layout (the same ``meta``: a layer whose directions were
-packed at one capacity, as :class:`jax_sprnn.flax.SparseBidirectional` packs them), the directions
-are one call of ``sprnn_forward_pair`` (and ``sprnn_backward_pair`` for the gradient): on a GPU
-one launch runs both, each direction on its own thread-block clusters, and elsewhere the pair is
-the two calls (:func:`_paired_calls`). Otherwise, and for ``method="reference"``, it makes the two calls
-(:func:`_two_calls`). Both give the same numbers: each direction runs the same kernel on the same
-layout either way.
+Where both directions' weights have one forward layout (the same ``meta``: a layer whose directions
+were packed at one capacity, as :class:`jax_sprnn.flax.SparseBidirectional` packs them, or row
+counts that plan alike, as row-balanced pruning gives the inference form), the directions are one
+call of ``sprnn_forward_pair``: on a GPU one launch runs both, each direction on its own
+thread-block clusters, and elsewhere the pair is the two calls (:func:`_paired_calls`). The
+gradient's backward recurrence is one ``sprnn_backward_pair`` call where the transposed layouts
+(``meta_t``) agree too, else one call per direction. Otherwise, and for ``method="reference"``,
+the function makes the two calls (:func:`_two_calls`). Both give the same numbers: each direction
+runs the same kernel on the same layout either way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from ._checks import as_array, check_method
 from .api import prepare_call, sparse_rnn, weights_cotangent
 from .planner import LayoutMeta
-from .primitives import sprnn_backward_pair_p, sprnn_forward_pair_p
+from .primitives import sprnn_backward_p, sprnn_backward_pair_p, sprnn_forward_pair_p
 from .weights import SparseWeights
 
 _DIRECTIONS = ("forward", "backward")
@@ -86,7 +88,9 @@ class _StackConfig:
     activation: str
     method: str
     meta: LayoutMeta
-    meta_t: LayoutMeta
+    #: the directions' one transposed layout, or None where they differ (an inference form packed
+    #: tightly per direction can): the gradient's backward recurrence is then two calls
+    meta_t: LayoutMeta | None
     full_lengths: bool  # no seq_lengths: every sequence runs all T steps
 
 
@@ -117,9 +121,16 @@ def _paired_rnn_bwd(cfg, residuals, cotangents):
     ys, h0s, ws, lengths = residuals
     dys, dhs = ([c.astype(ys[0].dtype) for c in part] for part in (cotangents[:2], cotangents[2:]))
     values_t = tuple(w.transposed_values() for w in ws)
-    dx_f, dx_b, dh0_f, dh0_b = sprnn_backward_pair_p.bind(
-        *ys, *h0s, *values_t, *_both(ws, "indices_t"), *_both(ws, "lane_row_t"), lengths, *dys,
-        *dhs, activation=cfg.activation, reverse=_REVERSE, meta=cfg.meta_t, method=cfg.method)
+    if cfg.meta_t is not None:
+        dx_f, dx_b, dh0_f, dh0_b = sprnn_backward_pair_p.bind(
+            *ys, *h0s, *values_t, *_both(ws, "indices_t"), *_both(ws, "lane_row_t"), lengths, *dys,
+            *dhs, activation=cfg.activation, reverse=_REVERSE, meta=cfg.meta_t, method=cfg.method)
+    else:
+        (dx_f, dh0_f), (dx_b, dh0_b) = (
+            sprnn_backward_p.bind(ys[q], h0s[q], values_t[q], ws[q].indices_t, ws[q].lane_row_t,
+                                  lengths, dys[q], dhs[q], activation=cfg.activation,
+                                  reverse=_REVERSE[q], meta=ws[q].meta_t, method=cfg.method)
+            for q in range(2))
     dxs = (dx_f, dx_b)
     dws = tuple(weights_cotangent(ys[q], h0s[q], dxs[q], ws[q], lengths, reverse=_REVERSE[q],
                                   method=cfg.method) for q in range(2))
@@ -130,8 +141,9 @@ _paired_rnn.defvjp(_paired_rnn_fwd, _paired_rnn_bwd)
 
 
 def _one_layout(w_f: SparseWeights, w_b: SparseWeights) -> bool:
-    """Whether the directions can be one paired call: one kernel instance runs both layouts."""
-    return w_f.meta == w_b.meta and w_f.meta_t == w_b.meta_t
+    """Whether the directions can be one paired call: one kernel instance runs both forward
+    layouts. (Their transposed layouts, which only the gradient runs, may differ.)"""
+    return w_f.meta == w_b.meta
 
 
 def _paired_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, *, activation, time_major, seq_lengths,
@@ -141,7 +153,8 @@ def _paired_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, *, activation, time_major, seq
     calls = [prepare_call(x, h0, w, activation=activation, time_major=time_major,
                           seq_lengths=seq_lengths)
              for x, h0, w in ((x_f, h0_f, w_f), (x_b, h0_b, w_b))]
-    cfg = _StackConfig(activation, method, w_f.meta, w_f.meta_t, full_lengths=seq_lengths is None)
+    meta_t = w_f.meta_t if w_f.meta_t == w_b.meta_t else None
+    cfg = _StackConfig(activation, method, w_f.meta, meta_t, full_lengths=seq_lengths is None)
     y_f, y_b, h_f, h_b = _paired_rnn(tuple(c.x_tm for c in calls), tuple(c.h0 for c in calls),
                                      (w_f, w_b), calls[0].safe_lengths, cfg)
     (y_f, h_f), (y_b, h_b) = (c.finish(y, h) for c, y, h in zip(calls, (y_f, y_b), (h_f, h_b)))

@@ -35,16 +35,35 @@ def numpy_rnn(x, h0, kernel, lengths, activation, reverse):
     return y, h
 
 
-LAYOUTS = ("own", "shared")
+LAYOUTS = ("own", "shared")  # (and "forward": test_grads_match_the_reference)
+
+
+def balanced_mask(seed, hidden, per_unit):
+    """A mask in which every hidden unit (a column of the kernel) has ``per_unit`` inputs."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((hidden, hidden), bool)
+    for j in range(hidden):
+        mask[rng.choice(hidden, per_unit, replace=False), j] = True
+    return mask
 
 
 def problem(seed, hidden=37, batch=3, steps=9, dtype="float32", layout="own"):
     """Two directions' (dense kernel, weights, x, h0), of different kernels. ``layout="own"``:
     different densities, so different layouts (two calls); ``"shared"``: the backward mask is
     the forward one with its rows and columns permuted, another pattern with the same row and
-    column counts, which packs to the same layout (one paired call)."""
+    column counts, which packs to the same layout (one paired call); ``"forward"``: two masks of
+    the same count per unit but different counts per input, planned to one forward layout (a
+    paired forward call) and two transposed ones (two backward calls in the gradient)."""
     if layout == "shared":
         return make_twin_problem(seed, hidden, batch, steps, 0.2, dtype)
+    if layout == "forward":  # (the first mask seeds that plan so)
+        for trial in range(seed, seed + 1000, 10):
+            pair = [make_problem(seed + 100 * q, hidden, batch, steps, 0.2, dtype,
+                                 mask=balanced_mask(trial + q, hidden, max(1, hidden // 10)))
+                    for q in range(2)]
+            if pair[0][1].meta == pair[1][1].meta and pair[0][1].meta_t != pair[1][1].meta_t:
+                return tuple(pair)
+        raise AssertionError(f"no pair of masks with one layout and two transposed ones at H={hidden}")
     fwd = make_problem(seed, hidden, batch, steps, 0.2, dtype)
     bwd = make_problem(seed + 100, hidden, batch, steps, 0.35, dtype)
     assert fwd[1].meta != bwd[1].meta
@@ -72,7 +91,7 @@ def test_matches_numpy_and_two_calls(dtype, time_major, use_lengths, layout):
     tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
     args = ((tm(x_f), tm(x_b)), (h_f, h_b), (w_f, w_b))
     kw = dict(time_major=time_major, seq_lengths=lengths)
-    assert runs_paired(*args, **kw) == (layout == "shared")
+    assert runs_paired(*args, **kw) == (layout != "own")
     assert not runs_paired(*args, **kw, method="reference")
     y, (hT_f, hT_b) = js.sparse_rnn_bidirectional(*args, **kw)
     assert y.shape == ((T, B, 2 * H) if time_major else (B, T, 2 * H)) and y.dtype == x_f.dtype
@@ -110,7 +129,8 @@ def test_activations_and_methods(activation, layout):
         assert rel_err(hT_f, s_f) < 1e-5 and rel_err(hT_b, s_b) < 1e-5
 
 
-@pytest.mark.parametrize("hidden, layout", [(29, "own"), (29, "shared"), (256, "shared")])
+@pytest.mark.parametrize("hidden, layout", [(29, "own"), (29, "shared"), (64, "forward"),
+                                            (256, "shared")])
 def test_grads_match_the_reference(exact_matmuls, hidden, layout):
     (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = problem(3, hidden=hidden, batch=3, steps=7,
                                                          layout=layout)
@@ -124,6 +144,7 @@ def test_grads_match_the_reference(exact_matmuls, hidden, layout):
 
     args = ((w_f, w_b), (x_f, x_b), (h_f, h_b))
     jaxpr = str(jax.make_jaxpr(js.grad(loss, argnums=(0, 1, 2)))(*args))
+    assert ("sprnn_forward_pair" in jaxpr) == (layout != "own")
     assert ("sprnn_backward_pair" in jaxpr) == (layout == "shared")
     g_w, g_x, g_h = jax.jit(js.grad(loss, argnums=(0, 1, 2)))(*args)
     assert isinstance(g_w[0], js.SparseWeights) and isinstance(g_w[1], js.SparseWeights)
