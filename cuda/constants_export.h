@@ -66,6 +66,7 @@ inline nanobind::dict exported_constants() {
   d["DEFAULT_SPIN_TIMEOUT_US"] = c::kDefaultSpinTimeoutUs;
   d["MAX_CLUSTER_CTAS"] = c::kMaxClusterCtas;
   d["PORTABLE_CLUSTER_CTAS"] = c::kPortableClusterCtas;
+  d["MAX_PROBLEMS"] = c::kMaxProblems;
   d["WEIGHT_GRAD_THREADS"] = c::kWeightGradThreads;
   d["WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL"] = c::kWeightGradSlotsPerThreadSmall;
   d["WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE"] = c::kWeightGradSlotsPerThreadLarge;

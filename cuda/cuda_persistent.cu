@@ -177,9 +177,10 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (!kernel_dtype(dt, &kdt)) return bad("the dtype must be float32, float16 or bfloat16");
   const int64_t T = c.T, B = c.B, H = c.H;
   const int64_t problems = c.problems;
-  if (problems < 1 || problems > 31 || B % problems != 0)  // (reverse holds a bit per problem)
+  if (problems < 1 || problems > constants::kMaxProblems || B % problems != 0)
     return bad("the batch of " + std::to_string(B) + " examples does not split into " +
-               std::to_string(problems) + " problems (1 to 31)");
+               std::to_string(problems) + " problems (1 to " + std::to_string(constants::kMaxProblems) +
+               ")");
   const int64_t Bp = B / problems;  // one problem's examples
   const int gates = gates_of(c.direction);
   const int64_t rows = row_gates_of(c.direction) * H;  // the layout's rows: a gated forward's gate rows
@@ -213,7 +214,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (gates == 1 && !valid_activation(a.activation))
     return bad("activation must be 0 (tanh), 1 (relu) or 2 (identity), got " +
                std::to_string(a.activation));
-  if (a.reverse < 0 || a.reverse >= (int64_t{1} << std::min<int64_t>(problems, 32)))
+  if (a.reverse < 0 || a.reverse >= (int64_t{1} << problems))
     return bad(problems == 1 ? std::string("reverse must be 0 or 1")
                              : "reverse must be a bit mask of the " + std::to_string(problems) + " problems");
   if (a.batch_major != 0 && a.batch_major != 1) return bad("batch_major must be 0 or 1");

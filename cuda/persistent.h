@@ -28,6 +28,7 @@ using constants::cuda_workspace_bytes;
 static_assert(kHeaderBytes % 16 == 0 && kHeaderBytes >= (kDoneCountWord + 1) * 4,
               "the workspace header must hold its words and keep the buffers 16-byte aligned");
 static_assert(constants::kExchangeBuffers == 2, "the kernels double-buffer the exchange");
+static_assert(constants::kMaxProblems <= 31, "PersistentParams::reverse (an int) holds one bit per problem");
 
 // The recurrences that run as one persistent kernel. They share the packed-weight tiers, the
 // staging of the exchanged state and the gather; they differ in the cell (epilogue) and the word

@@ -117,6 +117,10 @@ DEFAULT_SPIN_TIMEOUT_US = 2_000_000
 MAX_CLUSTER_CTAS = 16
 PORTABLE_CLUSTER_CTAS = 8
 
+#: The most independent problems one persistent launch runs (the directions of a bidirectional
+#: layer, weight sets under ``vmap``): its ``reverse`` attribute holds one bit per problem.
+MAX_PROBLEMS = 31
+
 
 def cuda_workspace_bytes(batch: int, hidden: int) -> int:
     """Bytes of the workspace result of the CUDA forward and backward targets."""
@@ -263,7 +267,7 @@ EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "RE
             "REG_SLOTS_GATED_32", "cell_state_smem_bytes", "batch_tile",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "MAX_CLUSTER_CTAS",
-            "PORTABLE_CLUSTER_CTAS", "WEIGHT_GRAD_THREADS",
+            "PORTABLE_CLUSTER_CTAS", "MAX_PROBLEMS", "WEIGHT_GRAD_THREADS",
             "WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL", "WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE",
             "cuda_workspace_bytes", "persistent_smem_bytes", "weight_grad_slots_per_thread",
             "weight_grad_smem_bytes")
@@ -359,6 +363,7 @@ inline constexpr int64_t kExchangeWordBytes = {EXCHANGE_WORD_BYTES};
 inline constexpr int64_t kDefaultSpinTimeoutUs = {DEFAULT_SPIN_TIMEOUT_US};
 inline constexpr int64_t kMaxClusterCtas = {MAX_CLUSTER_CTAS};
 inline constexpr int64_t kPortableClusterCtas = {PORTABLE_CLUSTER_CTAS};
+inline constexpr int64_t kMaxProblems = {MAX_PROBLEMS};
 
 {_CUDA_WORKSPACE_BYTES_CXX}
 

@@ -25,7 +25,9 @@ Partitioning: under ``jax.jit`` with a batch-sharded input, every device runs a 
 own batch shard (:mod:`jax_sprnn._partitioning`; the rules are the ``SplitRule`` strings below).
 
 Batching: a vmapped axis of the sequence operands folds into the RNN batch (one kernel call for
-all); a vmapped weight operand runs the kernel once per weight set with ``lax.map``.
+all); vmapped weights of the simple cell's recurrences are the problems of one stacked call (up to
+``MAX_PROBLEMS`` weight sets sharing the lengths), and otherwise run the kernel once per weight
+set with ``lax.map``.
 """
 
 from __future__ import annotations
@@ -800,11 +802,28 @@ def _loop_over_weights(prim, args, dims, params):
     return outs, [0] * len(outs)
 
 
+def _stacked_over_weights(kind: str, args, dims, params):
+    """vmap with batched weights as one launch: the weight sets are the stacked primitive's
+    problems (one layout, as vmapped weights have). None where that cannot be: more weight sets
+    than one launch takes, or lengths that differ per set (the problems share theirs)."""
+    axes, _ = _STACKED[kind]
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+    if size > _constants.MAX_PROBLEMS or dims[axes.index(None)] is not _NOT_MAPPED:
+        return None
+    stacked = [a if ax is None else _move(a, d, size, 0) for a, d, ax in zip(args, dims, axes)]
+    params = {k: v for k, v in params.items() if k != "batch_major"}  # (the stack's own layout)
+    params["reverse"] = (bool(params["reverse"]),) * size
+    prim = sprnn_forward_stack_p if kind == "forward" else sprnn_backward_stack_p
+    outs = prim.bind(*stacked, **params)
+    return outs, [0] * len(outs)
+
+
 def _forward_batch(args, dims, **params):
     x, h0, values, indices, lane_row, lengths = args
     xd, hd, vd, idd, lrd, ld = dims
     if any(d is not _NOT_MAPPED for d in (vd, idd, lrd)):
-        return _loop_over_weights(sprnn_forward_p, args, dims, params)
+        return (_stacked_over_weights("forward", args, dims, params)
+                or _loop_over_weights(sprnn_forward_p, args, dims, params))
     size = next(a.shape[d] for a, d in ((x, xd), (h0, hd), (lengths, ld))
                 if d is not _NOT_MAPPED)
     y, h_final = sprnn_forward_p.bind(_fold(x, xd, size, 1), _fold(h0, hd, size, 0), values, indices,
@@ -818,7 +837,8 @@ batching.primitive_batchers[sprnn_forward_p] = _forward_batch
 def _backward_batch(args, dims, **params):
     y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final = args
     if any(d is not _NOT_MAPPED for d in dims[2:5]):
-        return _loop_over_weights(sprnn_backward_p, args, dims, params)
+        return (_stacked_over_weights("backward", args, dims, params)
+                or _loop_over_weights(sprnn_backward_p, args, dims, params))
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
     yd, hd, _, _, _, ld, dyd, dhd = dims
     dx, dh0 = sprnn_backward_p.bind(
@@ -864,6 +884,8 @@ for _prim, _axes, _results in (
         (sprnn_gru_p, (1, 0, None, None, None, 0, None), (1, 0)),
         (sprnn_lstm_backward_p, (1, 1, 1, 1, 1, 0, 0, None, None, None, 0, None), (1, 1, 0, 0)),
         (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0)),
+        (sprnn_forward_stack_p, (2, 1, None, None, None, 0), (2, 1)),
+        (sprnn_backward_stack_p, (2, 1, None, None, None, 0, 2, 1), (2, 1)),
         (sprnn_forward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0,), (1, 1, 0, 0)),
         (sprnn_backward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0, 1, 1, 0, 0), (1, 1, 0, 0))):
     batching.primitive_batchers[_prim] = functools.partial(_fold_batch, _prim, _axes, _results)

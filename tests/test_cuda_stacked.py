@@ -154,3 +154,32 @@ def test_the_handler_refuses_a_malformed_stacked_call():
             (dict(h0=h0[0]), r"h0 must be \[2, 2, 256\]")]:
         with pytest.raises(Exception, match=message):
             call(**changes)
+
+
+@pytest.mark.parametrize("hidden, batch", [(256, 4), (1024, 8)])
+def test_vmap_over_weight_sets_is_one_launch_and_equals_one_call_per_set(hidden, batch):
+    # Three value sets of one pattern under vmap: one stacked launch forward and backward, bit for
+    # bit the per-set calls.
+    _, w, x, h0 = make_twin_problem(hidden + 3, hidden, batch, 13, 0.1, "float16")[0]
+    ws = jax.tree_util.tree_map(lambda a: jnp.stack([a, a, a]), w)
+    ws = ws.replace(values=ws.values * jnp.asarray([1.0, -0.5, 0.7], ws.values.dtype)[:, None])
+    L = random_lengths(batch, 13, hidden)
+
+    def run(w):
+        return js.sparse_rnn(x, h0, w, seq_lengths=L, reverse=True, method="native")
+
+    def loss(w):
+        y, h = run(w)
+        return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(h.astype(jnp.float32))
+
+    grad = jax.vmap(js.grad(loss))
+    assert "sprnn_forward_stack" in str(jax.make_jaxpr(jax.vmap(run))(ws))
+    assert "sprnn_backward_stack" in str(jax.make_jaxpr(grad)(ws))
+    y, h = jax.jit(jax.vmap(run))(ws)
+    g = jax.jit(grad)(ws)
+    for i in range(3):
+        w_i = jax.tree_util.tree_map(lambda a, i=i: a[i], ws)
+        y_i, h_i = jax.jit(run)(w_i)
+        np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(y_i))
+        np.testing.assert_array_equal(np.asarray(h[i]), np.asarray(h_i))
+        np.testing.assert_array_equal(np.asarray(g.values[i]), np.asarray(jax.jit(js.grad(loss))(w_i).values))

@@ -1,4 +1,5 @@
-"""jit, vmap (folded into the batch, and over weights), lax.scan over layers, and lowering."""
+"""jit, vmap (folded into the batch, and over weights: one stacked call, or a loop), lax.scan over
+layers, and lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 
 import jax_sprnn as js
 
-from jax_sprnn.testing import make_problem, random_kernel, rel_err
+from jax_sprnn import _constants
+from jax_sprnn.testing import make_problem, normal, random_kernel, rel_err
 
 
 def test_jit_matches_eager():
@@ -55,14 +57,68 @@ def test_vmap_with_lengths():
         assert rel_err(y[i], yi) < 1e-5 and rel_err(h[i], hi) < 1e-5
 
 
-def test_vmap_over_weights_loops():
-    dense0, w0, x, h0 = make_problem(10, 25, 2, 5, 0.25)
-    denses = [dense0 * s for s in (1.0, -0.5, 0.7)]  # one pattern, three value sets
-    ws = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[w0.gather(d) for d in denses])
-    y, h = jax.vmap(lambda w: js.sparse_rnn(x, h0, w, method="native"))(ws)
+def _weight_sets(seed, scales):
+    """One pattern, a value set per scale, stacked: vmappable SparseWeights and the dense kernels."""
+    dense0, w0, x, h0 = make_problem(seed, 25, 2, 5, 0.25)
+    denses = [dense0 * s for s in scales]
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[w0.gather(d) for d in denses]), denses, x, h0
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_vmap_over_weights_is_one_stacked_call(reverse):
+    ws, denses, x, h0 = _weight_sets(10, (1.0, -0.5, 0.7))
+    L = jnp.array([5, 3], jnp.int32)
+
+    def run(w, x):
+        return js.sparse_rnn(x, h0, w, method="native", reverse=reverse, seq_lengths=L)
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(run, in_axes=(0, None)))(ws, x))
+    assert "sprnn_forward_stack" in jaxpr and "scan[" not in jaxpr
+    y, h = jax.vmap(run, in_axes=(0, None))(ws, x)
+    xs = normal(11, (3,) + x.shape)  # the inputs vmapped too
+    y2, _ = jax.vmap(run)(ws, xs)
     for i, dense in enumerate(denses):
-        yi, hi = js.reference_rnn(x, h0, dense)
+        yi, hi = js.reference_rnn(x, h0, dense, reverse=reverse, seq_lengths=L)
         assert rel_err(y[i], yi) < 1e-5 and rel_err(h[i], hi) < 1e-5
+        assert rel_err(y2[i], js.reference_rnn(xs[i], h0, dense, reverse=reverse,
+                                               seq_lengths=L)[0]) < 1e-5
+    # The gradient: the backward recurrences are one stacked call too; each set its own gradient.
+    def loss(w, x):
+        y, h = run(w, x)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(h)
+
+    def ref_loss(kernel, x):
+        y, h = js.reference_rnn(x, h0, kernel, reverse=reverse, seq_lengths=L)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(h)
+
+    grad = jax.vmap(js.grad(loss, argnums=(0, 1)), in_axes=(0, None))
+    assert "sprnn_backward_stack" in str(jax.make_jaxpr(grad)(ws, x))
+    g_w, g_x = grad(ws, x)
+    for i, dense in enumerate(denses):
+        r_k, r_x = jax.grad(ref_loss, argnums=(0, 1))(jnp.asarray(dense), x)
+        w_i = jax.tree_util.tree_map(lambda a, i=i: a[i], ws)
+        g_dense = np.asarray(w_i.replace(values=g_w.values[i]).to_dense())
+        mask = dense != 0
+        assert rel_err(g_dense[mask], np.asarray(r_k)[mask]) < 1e-4
+        assert rel_err(g_x[i], r_x) < 1e-4
+
+
+def test_vmap_over_weights_loops_where_one_call_cannot_take_them():
+    # Lengths that differ per weight set (the problems of one call share theirs), and more weight
+    # sets than one call takes: one call per set (lax.map, a scan).
+    ws, denses, x, h0 = _weight_sets(12, (1.0, -0.5, 0.7))
+    lengths = jnp.array([[5, 3], [2, 5], [0, 4]], jnp.int32)
+
+    def run(w, L):
+        return js.sparse_rnn(x, h0, w, method="native", seq_lengths=L)
+
+    assert "scan[" in str(jax.make_jaxpr(jax.vmap(run))(ws, lengths))
+    y, _ = jax.vmap(run)(ws, lengths)
+    for i, dense in enumerate(denses):
+        assert rel_err(y[i], js.reference_rnn(x, h0, dense, seq_lengths=lengths[i])[0]) < 1e-5
+    many, _, _, _ = _weight_sets(13, np.linspace(-1, 1, _constants.MAX_PROBLEMS + 1))
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda w: js.sparse_rnn(x, h0, w, method="native")))(many))
+    assert "scan[" in jaxpr and "sprnn_forward_stack" not in jaxpr
 
 
 def test_scan_over_layers():
