@@ -25,6 +25,8 @@
 #     where its local-memory instructions are)
 #   BIDIR_CASES=$'--dtype float32\n--dtype float16' tools/gpu_check.sh bidir  (a bidirectional layer
 #     in one launch against two calls: benchmarks/probes/bidirectional.py, one case per line)
+#   WS_CASES=$'--sets 2 4 8' tools/gpu_check.sh weightsets  (weight sets under vmap in one launch
+#     against a launch per set: benchmarks/probes/weight_sets.py, one case per line)
 #   tools/gpu_check.sh clusters     (clusters of 1-16 CTAs the GPU holds at once:
 #     benchmarks/probes/active_clusters.py)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
@@ -187,13 +189,21 @@ if has reliability; then
   echo "== concurrency"
   python3 "$OLDPWD/tools/concurrency_check.py" --threads 2 --iters 500 --timeout 240 --out "$OUT/concurrency.json" 2>&1 | tee "$OUT/concurrency.log" | tail -12
 fi
-if has bidir; then
-  echo "== bidirectional: one launch against two calls"
-  n=0
+# A probe of benchmarks/probes/ once per line of its cases; each writes $OUT/<probe>_<n>.json.
+run_probe() {  # probe name, cases
+  local n=0
   while IFS= read -r case_args; do
     n=$((n + 1))
-    python3 "$OLDPWD/benchmarks/probes/bidirectional.py" $case_args --out "$OUT/bidirectional_$n.json" 2>&1 | tail -8
-  done <<< "${BIDIR_CASES:---dtype float32}"
+    python3 "$OLDPWD/benchmarks/probes/$1.py" $case_args --out "$OUT/$1_$n.json" 2>&1 | tail -8
+  done <<< "$2"
+}
+if has bidir; then
+  echo "== bidirectional: one launch against two calls"
+  run_probe bidirectional "${BIDIR_CASES:---dtype float32}"
+fi
+if has weightsets; then
+  echo "== weight sets under vmap: one launch against a launch per set"
+  run_probe weight_sets "${WS_CASES:---dtype float16}"
 fi
 if has speech; then
   echo "== speech example, GPU speed table"
