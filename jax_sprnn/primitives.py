@@ -256,7 +256,8 @@ _register_lowering(sprnn_backward_p,
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent problems stacked on a leading axis: one launch for both directions of a layer
+# Independent problems stacked on a leading axis: one launch for the directions of a layer, or for
+# the weight sets of a vmap
 # ---------------------------------------------------------------------------------------------
 #
 # ``sprnn_forward_stack``: ``(x [P, T, B, H], h0 [P, B, H], values [P, S], indices [P, S],
