@@ -5,7 +5,8 @@
         python3 tools/kernel_time.py run --manifest m.json "simple 256 0.1 1 float16" ... > k.csv
     python3 tools/kernel_time.py summarize k.csv --manifest m.json
 
-`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE, as tools/profile_case.py takes them) at two
+`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE, as tools/profile_case.py takes them: CELL
+simple, bidir, lstm or gru) at two
 sequence lengths, WARMUP + CALLS times each, one persistent-kernel launch a call, and writes the
 order of those calls to the manifest. `summarize` matches ncu's launches to it and prints, per case,
 the median kernel duration at each length, the slope between them (µs per step: the kernel's own
@@ -32,17 +33,13 @@ CALLS = 5
 def run(cases: list[str], manifest: Path) -> None:
     import jax
 
-    from profile_case import GATES, gated_call, simple_call
+    from profile_case import case_call
 
     order = []
     for case in cases:
         cell, hidden, density, batch, dtype = case.split()
         for steps in STEPS:
-            args = (int(hidden), float(density), int(batch), dtype, steps)
-            if cell == "simple":
-                _, f = simple_call(*args)
-            else:
-                _, f = gated_call(GATES[cell], *args)
+            _, f = case_call(cell, int(hidden), float(density), int(batch), dtype, steps)
             for _ in range(WARMUP + CALLS):
                 jax.block_until_ready(f())
             order.append({"case": case, "steps": steps, "launches": WARMUP + CALLS})

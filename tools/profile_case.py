@@ -2,8 +2,9 @@
 
     python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
 
-CELL is simple, lstm or gru. The call runs four times (ncu skips the first two launches, which
-include compilation and warm-up).
+CELL is simple, bidir (both directions of a bidirectional layer of one layout: one paired launch),
+lstm or gru. The call runs four times (ncu skips the first two launches, which include compilation
+and warm-up).
 """
 import sys
 
@@ -31,13 +32,28 @@ def gated_call(gates, hidden, density, batch, dtype, steps):
     return w, jax.jit(lambda: testing.run_gated(gates, x, c0, h0, w, hn_bias, method="native"))
 
 
+def bidir_call(hidden, density, batch, dtype, steps):
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = testing.make_twin_problem(0, hidden, batch, steps,
+                                                                       density, dtype)
+    return w_f, jax.jit(lambda: js.sparse_rnn_bidirectional((x_f, x_b), (h_f, h_b), (w_f, w_b),
+                                                            method="native"))
+
+
+def case_call(cell, hidden, density, batch, dtype, steps):
+    """``(weights, f)``: the case's weights and a jitted call of it, one persistent launch."""
+    if cell == "simple":
+        return simple_call(hidden, density, batch, dtype, steps)
+    if cell == "bidir":
+        return bidir_call(hidden, density, batch, dtype, steps)
+    if cell not in GATES:
+        raise SystemExit(f"CELL must be simple, bidir, lstm or gru, got {cell!r}")
+    return gated_call(GATES[cell], hidden, density, batch, dtype, steps)
+
+
 def main(argv):
     cell, hidden, density, batch, dtype, steps = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
                                                   argv[4], int(argv[5]))
-    if cell == "simple":
-        w, f = simple_call(hidden, density, batch, dtype, steps)
-    else:
-        w, f = gated_call(GATES[cell], hidden, density, batch, dtype, steps)
+    w, f = case_call(cell, hidden, density, batch, dtype, steps)
     print(cell, w, flush=True)
     for _ in range(4):
         jax.block_until_ready(f())
