@@ -72,8 +72,9 @@ def _check_same(pair: tuple, name: str, parts: tuple[str, str]) -> tuple:
 
 
 def _two_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, **kwargs):
-    """The path on every platform today: one :func:`sparse_rnn` call per direction. Returns
-    ``(y_f, y_b, h_f, h_b)``, outputs in the layout of the inputs, each at its own positions."""
+    """One :func:`sparse_rnn` call per direction (directions of two forward layouts, and
+    ``method="reference"``). Returns ``(y_f, y_b, h_f, h_b)``, outputs in the layout of the inputs,
+    each at its own positions."""
     y_f, h_f = sparse_rnn(x_f, h0_f, w_f, reverse=False, **kwargs)
     y_b, h_b = sparse_rnn(x_b, h0_b, w_b, reverse=True, **kwargs)
     return y_f, y_b, h_f, h_b
@@ -84,7 +85,7 @@ _REVERSE = (False, True)
 
 
 @dataclasses.dataclass(frozen=True)
-class _StackConfig:
+class _PairConfig:
     activation: str
     method: str
     meta: LayoutMeta
@@ -99,7 +100,7 @@ def _both(ws, name: str) -> tuple:
     return tuple(getattr(w, name) for w in ws)
 
 
-def _pair_forward(xs, h0s, ws, lengths, cfg: _StackConfig):
+def _pair_forward(xs, h0s, ws, lengths, cfg: _PairConfig):
     """``(y_f, y_b, h_f, h_b)`` of one ``sprnn_forward_pair`` call (time-major sequences)."""
     return sprnn_forward_pair_p.bind(*xs, *h0s, *_both(ws, "values"), *_both(ws, "indices"),
                                      *_both(ws, "lane_row"), lengths, activation=cfg.activation,
@@ -154,7 +155,7 @@ def _paired_calls(x_f, x_b, h0_f, h0_b, w_f, w_b, *, activation, time_major, seq
                           seq_lengths=seq_lengths)
              for x, h0, w in ((x_f, h0_f, w_f), (x_b, h0_b, w_b))]
     meta_t = w_f.meta_t if w_f.meta_t == w_b.meta_t else None
-    cfg = _StackConfig(activation, method, w_f.meta, meta_t, full_lengths=seq_lengths is None)
+    cfg = _PairConfig(activation, method, w_f.meta, meta_t, full_lengths=seq_lengths is None)
     y_f, y_b, h_f, h_b = _paired_rnn(tuple(c.x_tm for c in calls), tuple(c.h0 for c in calls),
                                      (w_f, w_b), calls[0].safe_lengths, cfg)
     (y_f, h_f), (y_b, h_b) = (c.finish(y, h) for c, y, h in zip(calls, (y_f, y_b), (h_f, h_b)))
