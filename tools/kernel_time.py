@@ -7,10 +7,11 @@
 
 `run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE, as tools/profile_case.py takes them: CELL
 simple, bidir, lstm or gru) at two sequence lengths, WARMUP + CALLS times each, one persistent-kernel
-launch a call, and writes the order of those calls to the manifest. `summarize` matches ncu's launches to it and prints, per case,
-the median kernel duration at each length, the slope between them (µs per step: the kernel's own
-step, where `benchmarks.run`'s wall-clock slope also holds the host's jitter, ±0.3 µs a step at
-these sizes), and the warp instructions per step. `tools/gpu_check.sh kerneltime` runs both.
+launch a call, and writes the order of those calls to the manifest. `summarize` matches ncu's
+launches to it and prints, per case, the median kernel duration at each length, the slope between
+them (µs per step: the kernel's own step, where `benchmarks.run`'s wall-clock slope also holds the
+host's jitter, ±0.3 µs a step at these sizes), and the warp instructions per step.
+`tools/gpu_check.sh kerneltime` runs both.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
     python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
 
 CELL is simple, bidir (both directions of a bidirectional layer of one layout: one paired launch
-where the layout runs in cluster mode, one launch per direction in grid mode), lstm or gru. The call runs four times (ncu skips the first two launches, which include compilation
-and warm-up).
+where the layout runs in cluster mode, one launch per direction in grid mode), lstm or gru. The
+call runs four times (ncu skips the first two launches, which include compilation and warm-up).
 """
 import sys
 
