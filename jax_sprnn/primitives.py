@@ -886,8 +886,44 @@ for _prim, _axes, _results in (
         (sprnn_lstm_backward_p, (1, 1, 1, 1, 1, 0, 0, None, None, None, 0, None), (1, 1, 0, 0)),
         (sprnn_gru_backward_p, (1, 1, 1, 1, 0, None, None, None, None, 0, None), (1, 1, 0)),
         (sprnn_forward_stack_p, (2, 1, None, None, None, 0), (2, 1)),
-        (sprnn_backward_stack_p, (2, 1, None, None, None, 0, 2, 1), (2, 1)),
-        (sprnn_forward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0,), (1, 1, 0, 0)),
-        (sprnn_backward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0, 1, 1, 0, 0), (1, 1, 0, 0))):
+        (sprnn_backward_stack_p, (2, 1, None, None, None, 0, 2, 1), (2, 1))):
     batching.primitive_batchers[_prim] = functools.partial(_fold_batch, _prim, _axes, _results)
+
+# A pair's batch axes (operands, results), as _fold_batch takes them.
+_PAIR_AXES = {"forward": (sprnn_forward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0,), (1, 1, 0, 0)),
+              "backward": (sprnn_backward_pair_p, (1, 1, 0, 0) + (None,) * 6 + (0, 1, 1, 0, 0),
+                           (1, 1, 0, 0))}
+
+
+def _pair_over_weights(kind: str, args, dims, params):
+    """vmapped weights of a pair (an ensemble of bidirectional layers) as the 2P problems of one
+    stacked call, the forward directions' sets first; None where they do not fit one call (more
+    than MAX_PROBLEMS problems, or lengths that differ per set)."""
+    axes, _ = _STACKED[kind]
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+    problems, problem_dims = _pair_split(kind, args), _pair_split(kind, dims)
+    if 2 * size > _constants.MAX_PROBLEMS or problem_dims[0][axes.index(None)] is not _NOT_MAPPED:
+        return None
+    stacked = [problems[0][i] if ax is None else
+               jnp.concatenate([_move(p[i], d[i], size, 0) for p, d in zip(problems, problem_dims)])
+               for i, ax in enumerate(axes)]
+    reverse = tuple(bool(r) for r in params["reverse"] for _ in range(size))
+    prim = sprnn_forward_stack_p if kind == "forward" else sprnn_backward_stack_p
+    outs = prim.bind(*stacked, **dict(params, reverse=reverse))
+    return tuple(part for o in outs for part in (o[:size], o[size:])), [0] * (2 * len(outs))
+
+
+def _pair_batch(kind: str, args, dims, **params):
+    """vmap of a pair: vmapped weights as one stacked call where they fit, else as _fold_batch
+    does (a vmapped axis of the sequences folds into the batch; other vmapped weights loop)."""
+    prim, batch_axes, result_axes = _PAIR_AXES[kind]
+    if any(d is not _NOT_MAPPED for d, ax in zip(dims, batch_axes) if ax is None):
+        done = _pair_over_weights(kind, args, dims, params)
+        if done is not None:
+            return done
+    return _fold_batch(prim, batch_axes, result_axes, args, dims, **params)
+
+
+for _kind, (_prim, _, _) in _PAIR_AXES.items():
+    batching.primitive_batchers[_prim] = functools.partial(_pair_batch, _kind)
 

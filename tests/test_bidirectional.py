@@ -182,6 +182,35 @@ def test_vmap_over_the_inputs_and_lengths(layout):
         assert rel_err(hT_b[i], bi) < 1e-6
 
 
+def test_vmap_over_weight_pairs_is_one_stacked_call():
+    # An ensemble of three bidirectional layers of one layout: 6 problems of one stacked call,
+    # forward and backward, each set as its own call would give.
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = problem(14, hidden=23, batch=2, steps=6, layout="shared")
+    scales = jnp.asarray([1.0, -0.6, 0.8])
+    ws = tuple(jax.tree_util.tree_map(lambda a: jnp.stack([a] * 3), w) for w in (w_f, w_b))
+    ws = tuple(w.replace(values=w.values * scales[:, None]) for w in ws)
+    L = np.array([6, 3], np.int32)
+
+    def loss(ws, xs):
+        y, hs = js.sparse_rnn_bidirectional(xs, (h_f, h_b), ws, seq_lengths=L)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.stack(hs)), y
+
+    grads = jax.vmap(js.grad(loss, argnums=(0, 1), has_aux=True), in_axes=(0, None))
+    jaxpr = str(jax.make_jaxpr(grads)(ws, (x_f, x_b)))
+    # (the weight gradients still loop over the sets: one kernel a set)
+    assert "sprnn_forward_stack" in jaxpr and "sprnn_backward_stack" in jaxpr
+    (g_w, g_x), y = grads(ws, (x_f, x_b))
+    for i in range(3):
+        w_i = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], w) for w in ws)
+        (r_w, r_x), r_y = js.grad(loss, argnums=(0, 1), has_aux=True)(w_i, (x_f, x_b))
+        np.testing.assert_allclose(np.asarray(y[i]), np.asarray(r_y), rtol=1e-6, atol=1e-6)
+        for q in range(2):
+            np.testing.assert_allclose(np.asarray(g_w[q].values[i]), np.asarray(r_w[q].values),
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(g_x[q][i]), np.asarray(r_x[q]), rtol=1e-5,
+                                       atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_export_round_trip(layout):
     pytest.importorskip("flatbuffers")
