@@ -27,7 +27,8 @@ import numpy as np
 from ._checks import as_array, check_method
 from .api import prepare_call, sparse_rnn, weights_cotangent
 from .planner import LayoutMeta
-from .primitives import sprnn_backward_p, sprnn_backward_pair_p, sprnn_forward_pair_p
+from .primitives import sprnn_backward_p
+from .stacked import sprnn_backward_pair_p, sprnn_forward_pair_p
 from .weights import SparseWeights
 
 _DIRECTIONS = ("forward", "backward")

@@ -12,8 +12,8 @@ import pytest
 
 import jax_sprnn as js
 from jax_sprnn import _constants, _native
-from jax_sprnn.primitives import (_recurrence_attrs, sprnn_backward_p, sprnn_backward_stack_p,
-                                  sprnn_forward_p, sprnn_forward_stack_p)
+from jax_sprnn.primitives import _recurrence_attrs, sprnn_backward_p, sprnn_forward_p
+from jax_sprnn.stacked import sprnn_backward_stack_p, sprnn_forward_stack_p
 from jax_sprnn.testing import TOLERANCE, make_twin_problem, normal, random_lengths, rel_err
 
 pytestmark = pytest.mark.gpu
