@@ -20,8 +20,6 @@ A GPU for the native rows; elsewhere the stacked and two-call paths are the same
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import jax.numpy as jnp
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # (after the installed jax_sprnn)
 
 import jax_sprnn as js  # noqa: E402
+from benchmarks.probes import layer_probe  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
 from jax_sprnn import bidirectional  # noqa: E402
 from jax_sprnn.testing import make_twin_problem  # noqa: E402
@@ -83,24 +82,12 @@ def measure(hidden: int, density: float, dtype: str, batch: int, steps: int, rep
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--density", type=float, default=0.1)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap = layer_probe.parser(__doc__.split("\n")[0], dtype="float32")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    result = {"device": str(jax.devices()[0]), "jax": jax.__version__, "hidden": args.hidden,
-              "density": args.density, "dtype": args.dtype, "steps": args.steps, "rows": {}}
     print(f"H={args.hidden} density={args.density} {args.dtype} T={args.steps}: ms per call")
-    for batch in args.batches:
-        row = measure(args.hidden, args.density, args.dtype, batch, args.steps, args.reps)
-        result["rows"][str(batch)] = row
-        print(f"B={batch:3d} " + "  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    layer_probe.sweep(args, "B", args.batches, lambda batch: measure(
+        args.hidden, args.density, args.dtype, batch, args.steps, args.reps))
 
 
 if __name__ == "__main__":

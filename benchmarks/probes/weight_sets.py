@@ -15,8 +15,6 @@ of T steps, ``benchmarks.timing.median_time``: the host clock around a blocking 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # (after the installed jax_sprnn)
 
 import jax_sprnn as js  # noqa: E402
+from benchmarks.probes import layer_probe  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
 from jax_sprnn.testing import make_problem  # noqa: E402
 
@@ -60,26 +59,14 @@ def measure(hidden, density, dtype, sets, batch, steps, reps) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--density", type=float, default=0.1)
-    ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    ap = layer_probe.parser(__doc__.split("\n")[0], dtype="float16")
     ap.add_argument("--sets", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    result = {"device": str(jax.devices()[0]), "jax": jax.__version__, **vars(args), "rows": {}}
-    result["out"] = str(args.out)
     print(f"H={args.hidden} density={args.density} {args.dtype} B={args.batch} T={args.steps}: "
           f"ms per call")
-    for sets in args.sets:
-        row = measure(args.hidden, args.density, args.dtype, sets, args.batch, args.steps, args.reps)
-        result["rows"][str(sets)] = row
-        print(f"P={sets:2d} " + "  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    layer_probe.sweep(args, "P", args.sets, lambda sets: measure(
+        args.hidden, args.density, args.dtype, sets, args.batch, args.steps, args.reps))
 
 
 if __name__ == "__main__":
