@@ -183,3 +183,23 @@ def test_vmap_over_weight_sets_is_one_launch_and_equals_one_call_per_set(hidden,
         np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(y_i))
         np.testing.assert_array_equal(np.asarray(h[i]), np.asarray(h_i))
         np.testing.assert_array_equal(np.asarray(g.values[i]), np.asarray(jax.jit(js.grad(loss))(w_i).values))
+
+
+def test_an_ensemble_of_bidirectional_layers_is_one_launch_and_equals_one_call_per_set():
+    # Three weight pairs under vmap: 6 problems of one stacked launch (the forward directions'
+    # sets, then the backward ones: mixed reverse bits), bit for bit the per-set paired calls.
+    (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = twin_problem(21, 256, 3, 11, 0.1, "float16")
+    scales = jnp.asarray([1.0, -0.6, 0.8], w_f.values.dtype)[:, None]
+    ws = tuple(jax.tree_util.tree_map(lambda a: jnp.stack([a] * 3), w) for w in (w_f, w_b))
+    ws = tuple(w.replace(values=w.values * scales) for w in ws)
+    L = random_lengths(3, 11, 21)
+
+    def run(ws):
+        return js.sparse_rnn_bidirectional((x_f, x_b), (h_f, h_b), ws, seq_lengths=L, method="native")
+
+    assert "sprnn_forward_stack" in str(jax.make_jaxpr(jax.vmap(run))(ws))
+    y, (s_f, s_b) = jax.jit(jax.vmap(run))(ws)
+    for i in range(3):
+        y_i, (f_i, b_i) = jax.jit(run)(tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], w) for w in ws))
+        for got, want in ((y[i], y_i), (s_f[i], f_i), (s_b[i], b_i)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
