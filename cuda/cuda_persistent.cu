@@ -626,6 +626,8 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::AnyBuffer h0
 
 // The gated cells' forward (docs/format.md, "Gated kernels"): the LSTM (gates = 4) carries c0 /
 // c_final [B, H] and an empty hn_bias; the GRU (gates = 3) an empty c0 / c_final and hn_bias [H].
+// Several problems (as ForwardImpl takes them) add a leading [problems] axis to every operand but
+// lengths, hn_bias included ([problems, H]).
 template <typename... Hooks>
 ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                             ffi::AnyBuffer values, ffi::Buffer<ffi::S32> indices,
@@ -635,7 +637,8 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                             ffi::Result<ffi::AnyBuffer> cells,
                             ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
                             int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
-                            int64_t reg_slots, int64_t load_bytes, int64_t batch_major, Hooks... hooks) {
+                            int64_t reg_slots, int64_t load_bytes, int64_t batch_major, int64_t problems,
+                            Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_gated_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -654,44 +657,50 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                                       dt);
       err.failure())
     return err;
+  if (problems < 1) return bad("problems must be >= 1, got " + std::to_string(problems));
+  // x is [T, B, G*H] (or [problems, T, B, G*H]); y, the LSTM's cells and the states have H.
   const auto xd = x.dimensions();
-  if (xd.size() != 3 || xd[2] % gates != 0)
-    return bad("x must be [T, B, " + std::to_string(gates) + "*H], got " + shape_string(xd));
-  const int64_t T = xd[0], B = xd[1], H = xd[2] / gates;
-  const int64_t state_dims[2] = {B, H};
-  const ffi::Span<const int64_t> state(state_dims, 2);
-  const int64_t seq_dims[3] = {T, B, H};
-  if (!same_dims(h0.dimensions(), state))
-    return bad("h0 must be [B, H] = " + shape_string(state) + ", got " + shape_string(h0.dimensions()));
-  if (!same_dims(y->dimensions(), ffi::Span<const int64_t>(seq_dims, 3)))
-    return bad("y must be [T, B, H] = " + shape_string(ffi::Span<const int64_t>(seq_dims, 3)));
-  if (!same_dims(h_final->dimensions(), state)) return bad("h_final must be [B, H] = " + shape_string(state));
+  SeqShape sh;
+  std::string why = seq_shape("x", xd, problems, &sh);
+  if (why.empty() && sh.H % gates != 0)
+    why = "x's last dimension must be " + std::to_string(gates) + "*H, got " + shape_string(xd);
+  if (!why.empty()) return bad(why);
+  sh.H /= gates;
+  sh.state.back() = sh.H;
+  std::vector<int64_t> seq_dims(xd.begin(), xd.end());
+  seq_dims.back() = sh.H;
+  const ffi::Span<const int64_t> seq(seq_dims.data(), seq_dims.size());
+  if (!same_dims(y->dimensions(), seq)) return bad("y must be " + shape_string(seq));
+  for (const auto& [what, dims] : {std::pair{"h0", h0.dimensions()}, std::pair{"h_final", h_final->dimensions()}})
+    if (std::string e = state_shape_error(what, dims, sh); !e.empty()) return bad(e);
   if (lstm) {
-    if (!same_dims(c0.dimensions(), state) || !same_dims(c_final->dimensions(), state))
-      return bad("the LSTM's c0 and c_final must be [B, H] = " + shape_string(state) + ", got " +
-                 shape_string(c0.dimensions()) + " and " + shape_string(c_final->dimensions()));
+    for (const auto& [what, dims] : {std::pair{"the LSTM's c0", c0.dimensions()},
+                                     std::pair{"the LSTM's c_final", c_final->dimensions()}})
+      if (std::string e = state_shape_error(what, dims, sh); !e.empty()) return bad(e);
     if (hn_bias.element_count() != 0) return bad("the LSTM takes no hn_bias (it must be empty)");
+    if (cells->element_count() != 0 && !same_dims(cells->dimensions(), seq))
+      return bad("the LSTM's cells must be " + shape_string(seq) + " or empty, got " +
+                 shape_string(cells->dimensions()));
   } else {
     if (c0.element_count() != 0 || c_final->element_count() != 0 || cells->element_count() != 0)
       return bad("the GRU has no cell state: c0, c_final and cells must be empty");
-    if (hn_bias.element_count() != static_cast<size_t>(H))
-      return bad("hn_bias must be [H] = [" + std::to_string(H) + "], got " +
-                 shape_string(hn_bias.dimensions()));
+    if (hn_bias.element_count() != static_cast<size_t>(problems * sh.H))
+      return bad("hn_bias must be " + std::string(problems > 1 ? "[problems, H] = [" + std::to_string(problems) + ", "
+                                                               : "[H] = [") +
+                 std::to_string(sh.H) + "], got " + shape_string(hn_bias.dimensions()));
   }
 
-  PersistentCall call{name.c_str(), lstm ? Direction::kLstm : Direction::kGru, dt, T, B, H,
+  PersistentCall call{name.c_str(), lstm ? Direction::kLstm : Direction::kGru, dt, sh.T, sh.B, sh.H,
                       x.untyped_data(), nullptr, h0.untyped_data(), values, indices, lane_row,
                       lengths, y->untyped_data(), h_final->untyped_data(),
                       workspace->typed_data(), static_cast<int64_t>(workspace->element_count())};
+  call.problems = problems;
   if (lstm) {
-    if (cells->element_count() != 0 && !same_dims(cells->dimensions(), ffi::Span<const int64_t>(seq_dims, 3)))
-      return bad("the LSTM's cells must be [T, B, H] = " + shape_string(ffi::Span<const int64_t>(seq_dims, 3)) +
-                 " or empty, got " + shape_string(cells->dimensions()));
     call.c_init = c0.untyped_data();
     call.c_final = c_final->untyped_data();
     call.cells_out = cells->element_count() != 0 ? cells->untyped_data() : nullptr;
   } else {
-    call.hn_bias = hn_bias.typed_data();
+    call.hn_bias = hn_bias.typed_data();  // (problem q's at q * H)
   }
   // (batch_major: x, y and the LSTM's cells are [B, T, .] in memory, as in the simple forward)
   return launch_persistent(stream, call,
@@ -763,7 +772,8 @@ auto gated_forward_binding() {
   return bindings::gated_attrs(
              bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                  .Ret<ffi::Buffer<ffi::U8>>())  // workspace
-      .Attr<int64_t>("batch_major");
+      .Attr<int64_t>("batch_major")
+      .Attr<int64_t>("problems");
 }
 auto gated_backward_binding() {
   return bindings::gated_backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())

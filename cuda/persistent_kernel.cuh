@@ -1184,8 +1184,8 @@ struct GruCell : GatedInputs<Cfg> {
   using Bits = typename S::Bits;
   float hn_bias = 0.0f;  // the unit's bias of the recurrent n term (inside the reset gate's product)
 
-  __device__ void init_entries(const PersistentParams& p, BatchSlice, int unit, float*, int, int, int) {
-    hn_bias = __ldg(p.hn_bias + unit);
+  __device__ void init_entries(const PersistentParams& p, BatchSlice bs, int unit, float*, int, int, int) {
+    hn_bias = __ldg(p.hn_bias + static_cast<size_t>(bs.problem) * p.H + unit);  // (the problem's [H])
   }
   __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 

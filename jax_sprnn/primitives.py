@@ -332,14 +332,16 @@ def _gated_attrs(gates: int, reverse: bool, meta: LayoutMeta) -> dict:
 
 def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: dict,
                        empty_results: int, extra_out=(), drop_last: int = 0,
-                       batch_major_operands=(), batch_major_results=()):
+                       batch_major_operands=(), batch_major_results=(),
+                       batch_major_layout=_BATCH_MAJOR_LAYOUT):
     """Lower a gated target, whose signature carries both cells' operands, for one cell: with an
     empty array of dtype ``empty_operands[i]`` at each operand position ``i`` the cell lacks (in
     increasing order), ``empty_results`` empty results of x's dtype after the cell's own (e.g. the
     GRU's c), and ``extra_out`` after those (e.g. a workspace); the last ``drop_last`` operands of
     the primitive are not the target's. The operands and results at the ``batch_major_*``
-    positions (of the target's lists) get the layout that puts B outermost (see
-    :func:`_persistent_cuda`). Returns the cell's own results."""
+    positions (of the target's lists) get ``batch_major_layout``, the layout that puts B outermost
+    (see :func:`_persistent_cuda`; stacked problems: jax_sprnn.stacked). Returns the cell's own
+    results."""
     args = list(args[:len(args) - drop_last])
     avals_in = list(ctx.avals_in[:len(ctx.avals_in) - drop_last])
     for at, dtype in sorted(empty_operands.items()):
@@ -350,28 +352,31 @@ def _call_with_empties(ctx, target: str, args, attrs: dict, *, empty_operands: d
     layouts = {}
     if batch_major_operands or batch_major_results:  # None: row-major
         layouts = dict(
-            operand_layouts=[_BATCH_MAJOR_LAYOUT if i in batch_major_operands else None
+            operand_layouts=[batch_major_layout if i in batch_major_operands else None
                              for i in range(len(args))],
-            result_layouts=[_BATCH_MAJOR_LAYOUT if i in batch_major_results else None
+            result_layouts=[batch_major_layout if i in batch_major_results else None
                             for i in range(len(avals_out))])
     outs = jax.ffi.ffi_lowering(target, **layouts)(ctx.replace(avals_in=avals_in, avals_out=avals_out),
                                                    *args, **attrs)
     return outs[:len(ctx.avals_out)]
 
 
-def _gated_target_call(ctx, prim, target: str, args, attrs: dict, extra_out=(), batch_major=False):
+def _gated_target_call(ctx, prim, target: str, args, attrs: dict, extra_out=(), batch_major=False,
+                       batch_major_layout=_BATCH_MAJOR_LAYOUT):
     """The gated forward target: the LSTM's operands (x, h0, c0, values, indices, lane_row,
     lengths) with an empty hn_bias; the GRU's (x, h0, values, ..., hn_bias) with an empty c0; the
     results the primitive lacks as empties (the GRU's c_final and cells, the plain LSTM's cells).
-    ``batch_major``: x (operand 0), y (result 0) and the LSTM's cells (result 3) are ``[B, T, .]``
-    in memory."""
+    ``batch_major``: x (operand 0), y (result 0) and the LSTM's cells (result 3) have
+    ``batch_major_layout`` (``[B, T, .]`` in memory). ``prim`` is the one-problem primitive, also
+    for a stacked call (jax_sprnn.stacked), whose operands have one more leading axis."""
     dtype = ctx.avals_in[0].dtype
     empties = {7: np.float32} if _GATES[prim] == 4 else {2: dtype}
     with_cells = prim is sprnn_lstm_with_cells_p
     return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
                               empty_results=_EMPTY_FORWARD_RESULTS[prim], extra_out=extra_out,
                               batch_major_operands=(0,) if batch_major else (),
-                              batch_major_results=((0, 3) if with_cells else (0,)) if batch_major else ())
+                              batch_major_results=((0, 3) if with_cells else (0,)) if batch_major else (),
+                              batch_major_layout=batch_major_layout)
 
 
 def _gated_cpu(prim, fallback_impl, ctx, *args, reverse, meta, method, **hooks):
@@ -399,7 +404,8 @@ def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, full_len
     gates = _GATES[prim]
     if full_lengths:  # (the LSTM's lengths follow its c0)
         ctx, args = _drop_full_lengths(ctx, args, 6 if gates == 4 else 5)
-    attrs = _gated_attrs(gates, reverse, meta) | dict(batch_major=np.int64(bool(batch_major)))
+    attrs = _gated_attrs(gates, reverse, meta) | dict(batch_major=np.int64(bool(batch_major)),
+                                                      problems=np.int64(1))
     target = GATED_FORWARD
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
     if hooks != _HOOK_DEFAULTS:
@@ -677,9 +683,9 @@ batching.primitive_batchers[sprnn_weight_grad_p] = _weight_grad_batch
 def _fold_batch(prim, batch_axes, result_axes, args, dims, **params):
     """Fold a vmapped axis into the RNN batch of every operand with one (``batch_axes``: each
     operand's batch axis, None for the weights' arrays, hn_bias and the dense kernel; the results'
-    are ``result_axes``); loop over vmapped weights."""
+    are ``result_axes``); vmapped weights as :func:`_over_weights` runs them."""
     if any(d is not _NOT_MAPPED for d, ax in zip(dims, batch_axes) if ax is None):
-        return _loop_over_weights(prim, args, dims, params)
+        return _over_weights(prim, args, dims, params)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
     folded = [a if ax is None else _fold(a, d, size, ax) for a, d, ax in zip(args, dims, batch_axes)]
     outs = prim.bind(*folded, **params)
