@@ -20,6 +20,7 @@ from .api import sparse_rnn
 from .autodiff import grad, value_and_grad
 from .bidirectional import sparse_rnn_bidirectional
 from .gated import sparse_gru, sparse_lstm
+from .gated_bidirectional import sparse_gru_bidirectional, sparse_lstm_bidirectional
 from .planner import DeviceSpec
 from .reference import reference_rnn
 from .weights import SparseWeights
@@ -27,4 +28,5 @@ from .weights import SparseWeights
 __version__ = "0.1.0"
 
 __all__ = ["SparseWeights", "sparse_rnn", "sparse_rnn_bidirectional", "reference_rnn", "DeviceSpec",
-           "grad", "value_and_grad", "sparse_lstm", "sparse_gru"]
+           "grad", "value_and_grad", "sparse_lstm", "sparse_gru", "sparse_lstm_bidirectional",
+           "sparse_gru_bidirectional"]

@@ -107,8 +107,7 @@ def _run(x_tm, carry: tuple, weights: SparseWeights, hn_bias, lengths, seq_lengt
     kernels, and NaN for the examples whose traced length is out of range. (``time_major``: the
     caller's layout; a ``[B, T, .]`` caller's kernel reads and writes that layout directly.)"""
     T = x_tm.shape[0]
-    checked = seq_lengths is None or is_concrete(seq_lengths)
-    safe = lengths if checked else jnp.clip(lengths, 0, T)
+    checked, safe = _safe_lengths(lengths, seq_lengths, T)
     if method == "reference":
         kernel = fallback.dense_from_packed(weights.values, weights.indices, weights.lane_row,
                                             weights.meta)
@@ -118,10 +117,20 @@ def _run(x_tm, carry: tuple, weights: SparseWeights, hn_bias, lengths, seq_lengt
         cfg = _Config(cell.gates, bool(reverse), method, weights.meta, full_lengths=seq_lengths is None,
                       batch_major=not time_major)
         y, final = _gated(x_tm, carry, weights, hn_bias, safe, cfg)
-    if not checked:
-        y, stacked = _poison_bad_lengths(y, jnp.stack(final), lengths, T)
-        final = tuple(stacked)
-    return y, final
+    return (y, final) if checked else _poisoned(y, final, lengths, T)
+
+
+def _safe_lengths(lengths, seq_lengths, T: int):
+    """``(checked, lengths for the kernels)``: traced ``seq_lengths`` are clipped to ``[0, T]``
+    (the examples out of that range get NaN afterwards: :func:`_poisoned`)."""
+    checked = seq_lengths is None or is_concrete(seq_lengths)
+    return checked, lengths if checked else jnp.clip(lengths, 0, T)
+
+
+def _poisoned(y, final: tuple, lengths, T: int):
+    """``(y, final)`` with NaN for the examples whose traced length is out of range."""
+    y, stacked = _poison_bad_lengths(y, jnp.stack(final), lengths, T)
+    return y, tuple(stacked)
 
 
 def _batch_major(y_tm, time_major: bool):

@@ -118,6 +118,25 @@ def make_gated_problem(seed: int, gates: int, hidden: int, batch: int, steps: in
     return weights, x, c0, h0, hn_bias
 
 
+def make_gated_twin_problem(seed: int, gates: int, hidden: int, batch: int, steps: int,
+                            density: float, dtype: str = "float32") -> tuple[tuple, tuple]:
+    """Two directions' :func:`make_gated_problem` tuples whose weights share one layout (one
+    ``meta``, so that a bidirectional call runs them as one stacked call): the backward pattern is
+    the forward one with the kernel's rows permuted and its units permuted alike in every gate."""
+    fwd = make_gated_problem(seed, gates, hidden, batch, steps, density, dtype)
+    rng = np.random.default_rng(seed + 1)
+    units = rng.permutation(hidden)
+    columns = (np.arange(gates)[:, None] * hidden + units[None, :]).ravel()
+    mask = fwd[0].mask()[rng.permutation(hidden)][:, columns]
+    bwd = make_gated_problem(seed + 2, gates, hidden, batch, steps, density, dtype)
+    kernel = rng.standard_normal(mask.shape).astype(np.float32) * 1.5 / np.sqrt(max(1.0, density * hidden))
+    w_b = SparseWeights.from_dense(np.where(mask, kernel, 0.0), mask, dtype=DTYPES[dtype])
+    if fwd[0].meta != w_b.meta:  # (the planner's business)
+        raise AssertionError(f"the permuted pattern packed to another layout: {fwd[0].meta} and "
+                             f"{w_b.meta}")
+    return fwd, (w_b,) + bwd[1:]
+
+
 def run_gated(gates: int, x, c0, h0, weights, hn_bias, **kw):
     """``sparse_lstm`` (``gates=4``) or ``sparse_gru`` (3) as ``(y, final states)``: ``(y, c, h)``
     or ``(y, h)``; ``kw`` goes to the call (``seq_lengths``, ``reverse``, ``method``, ...)."""

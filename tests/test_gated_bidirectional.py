@@ -1,0 +1,234 @@
+"""sparse_lstm_bidirectional and sparse_gru_bidirectional against two sparse_lstm / sparse_gru calls
+(bit for bit: each direction runs the same kernel on the same layout) and against the reference
+(lengths, time_major, dtypes), their gradients, vmap (over the inputs, and over weight pairs: one
+stacked call), export, the lowering of the paired call, and their errors; both where the
+directions share one layout (one paired call) and where they do not (two calls). Runs on the CPU,
+and on the GPU where there is one (there the paired call is one launch)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sprnn as js
+from jax_sprnn import _constants, _native
+from jax_sprnn.testing import (GRAD_TOLERANCE, TOLERANCE, make_gated_problem,
+                               make_gated_twin_problem, rel_err)
+
+GATES = {"lstm": 4, "gru": 3}
+LAYOUTS = ("shared", "own")
+
+
+def problem(cell, seed, hidden=37, batch=3, steps=7, dtype="float32", layout="shared"):
+    """Two directions' (weights, x, c0, h0, hn_bias): of one layout (``"shared"``: a twin pattern,
+    one paired call) or of two (``"own"``: other densities, two calls)."""
+    gates = GATES[cell]
+    if layout == "shared":
+        return make_gated_twin_problem(seed, gates, hidden, batch, steps, 0.2, dtype)
+    fwd = make_gated_problem(seed, gates, hidden, batch, steps, 0.2, dtype)
+    bwd = make_gated_problem(seed + 1, gates, hidden, batch, steps, 0.45, dtype)
+    assert fwd[0].meta != bwd[0].meta
+    return fwd, bwd
+
+
+def bidirectional(cell, fwd, bwd, **kw):
+    """The bidirectional call: ``(outputs, final states as a flat tuple)``."""
+    if cell == "lstm":
+        y, ((c_f, h_f), (c_b, h_b)) = js.sparse_lstm_bidirectional(
+            (fwd[1], bwd[1]), ((fwd[2], fwd[3]), (bwd[2], bwd[3])), (fwd[0], bwd[0]), **kw)
+        return y, (c_f, h_f, c_b, h_b)
+    y, (h_f, h_b) = js.sparse_gru_bidirectional((fwd[1], bwd[1]), (fwd[3], bwd[3]), (fwd[0], bwd[0]),
+                                                hn_bias=(fwd[4], bwd[4]), **kw)
+    return y, (h_f, h_b)
+
+
+def two_calls(cell, fwd, bwd, **kw):
+    """The same as two one-direction calls."""
+    finals, ys = [], []
+    for (w, x, c0, h0, hn_bias), reverse in ((fwd, False), (bwd, True)):
+        if cell == "lstm":
+            y, (c, h) = js.sparse_lstm(x, (c0, h0), w, reverse=reverse, **kw)
+            finals += [c, h]
+        else:
+            y, h = js.sparse_gru(x, h0, w, hn_bias=hn_bias, reverse=reverse, **kw)
+            finals.append(h)
+        ys.append(y)
+    return jnp.concatenate(ys, axis=-1), tuple(finals)
+
+
+def _as_time_major(direction):
+    w, x, *rest = direction
+    return (w, jnp.swapaxes(x, 0, 1), *rest)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_equals_two_calls_and_the_reference(cell, dtype, time_major, use_lengths, layout):
+    fwd, bwd = problem(cell, 11, dtype=dtype, layout=layout)
+    if time_major:
+        fwd, bwd = _as_time_major(fwd), _as_time_major(bwd)
+    lengths = jnp.array([7, 0, 4], jnp.int32) if use_lengths else None
+    kw = dict(time_major=time_major, seq_lengths=lengths)
+    y, finals = bidirectional(cell, fwd, bwd, **kw)
+    y_two, finals_two = two_calls(cell, fwd, bwd, **kw)
+    assert y.shape == (7, 3, 2 * 37) if time_major else (3, 7, 2 * 37)
+    assert y.dtype == jnp.dtype(dtype)
+    for got, want in zip((y, *finals), (y_two, *finals_two)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    y_ref, finals_ref = bidirectional(cell, fwd, bwd, method="reference", **kw)
+    for got, want in zip((y, *finals), (y_ref, *finals_ref)):
+        assert rel_err(got, want) < TOLERANCE[dtype]
+    if use_lengths:  # past an example's length its outputs are zero in both halves
+        t = slice(None) if time_major else 1
+        assert not np.any(np.asarray(y[:, 1] if time_major else y[1], np.float32))
+        assert not np.any(np.asarray(y[4:, 2] if time_major else y[2, 4:], np.float32))
+        del t
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cell", GATES)
+def test_grads_equal_two_calls_and_the_reference(exact_matmuls, cell, layout):
+    fwd, bwd = problem(cell, 5, hidden=29, steps=6, layout=layout)
+    lengths = jnp.array([6, 2, 0], jnp.int32)
+    probe = jax.random.normal(jax.random.key(0), (3, 6, 2 * 29))
+
+    def loss(run, method, directions):
+        y, finals = run(cell, *directions, seq_lengths=lengths, method=method)
+        return jnp.sum(jnp.sin(y * probe)) + sum(jnp.sum(f ** 2) for f in finals)
+
+    grads = {name: js.grad(loss, argnums=2)(run, method, (fwd, bwd))
+             for name, run, method in (("paired", bidirectional, "native"),
+                                       ("two", two_calls, "native"),
+                                       ("reference", bidirectional, "reference"))}
+    paired, two, ref = (jax.tree_util.tree_leaves(grads[k]) for k in ("paired", "two", "reference"))
+    assert len(paired) == len(two) == len(ref) > 0
+    for a, b, r in zip(paired, two, ref):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            continue
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+        assert rel_err(a, r) < GRAD_TOLERANCE["float32"]
+    # every input the cell reads got a gradient: inputs, carries, values and the GRU's hn_bias
+    used = (0, 1, 2, 3) if cell == "lstm" else (0, 1, 3, 4)  # (w, x, c0, h0, hn_bias)
+    for direction in grads["paired"]:
+        leaves = jax.tree_util.tree_leaves([direction[i] for i in used])
+        assert all(np.any(np.asarray(g)) for g in leaves if jnp.issubdtype(g.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("cell", GATES)
+def test_vmap_over_inputs_and_over_weight_pairs(cell):
+    fwd, bwd = problem(cell, 3, hidden=21, batch=2, steps=5)
+    # a leading axis of inputs and carries folds into the batch
+    extra = [(w, jnp.stack([x, 0.5 * x]), jnp.stack([c0, c0]), jnp.stack([h0, -h0]), b)
+             for w, x, c0, h0, b in (fwd, bwd)]
+
+    def run_inputs(x_f, c_f, h_f, x_b, c_b, h_b):
+        return bidirectional(cell, (fwd[0], x_f, c_f, h_f, fwd[4]), (bwd[0], x_b, c_b, h_b, bwd[4]))
+
+    args = [a for d in extra for a in d[1:4]]
+    y, finals = jax.vmap(run_inputs)(*args)
+    for i in range(2):
+        y_i, finals_i = run_inputs(*(a[i] for a in args))
+        np.testing.assert_allclose(np.asarray(y[i]), np.asarray(y_i), rtol=1e-6, atol=1e-6)
+        for f, f_i in zip(finals, finals_i):
+            np.testing.assert_allclose(np.asarray(f[i]), np.asarray(f_i), rtol=1e-6, atol=1e-6)
+    # vmapped weight pairs (an ensemble: value sets of each direction's pattern): one stacked
+    # forward call of 2 * 3 problems
+    scales = (1.0, 0.5, -0.8)
+    sets = [tuple(w.replace(values=(w.values * s).astype(w.values.dtype)) for w in (fwd[0], bwd[0]))
+            for s in scales]
+    w_f, w_b = (jax.tree_util.tree_map(lambda *a: jnp.stack(a), *(s[q] for s in sets)) for q in range(2))
+
+    def run_weights(w_f, w_b):
+        return bidirectional(cell, (w_f, *fwd[1:]), (w_b, *bwd[1:]))
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(run_weights))(w_f, w_b))
+    assert f"sprnn_{cell}_stack" in jaxpr and "scan[" not in jaxpr
+    y, finals = jax.vmap(run_weights)(w_f, w_b)
+    for k, (f_k, b_k) in enumerate(sets):
+        y_k, finals_k = run_weights(f_k, b_k)
+        np.testing.assert_array_equal(np.asarray(y[k]), np.asarray(y_k))
+        for f, f_k in zip(finals, finals_k):
+            np.testing.assert_array_equal(np.asarray(f[k]), np.asarray(f_k))
+
+
+@pytest.mark.parametrize("cell", GATES)
+def test_export_round_trip(cell):
+    fwd, bwd = problem(cell, 8, hidden=19, batch=2, steps=4)
+    lengths = jnp.array([4, 1], jnp.int32)
+
+    def f(w_f, w_b, x_f, x_b):
+        return bidirectional(cell, (w_f, x_f, *fwd[2:]), (w_b, x_b, *bwd[2:]), seq_lengths=lengths)
+
+    exported = jax.export.export(jax.jit(f), disabled_checks=js.export.disabled_checks())(
+        fwd[0], bwd[0], fwd[1], bwd[1])
+    restored = jax.export.deserialize(exported.serialize())
+    for got, want in zip(jax.tree_util.tree_leaves(restored.call(fwd[0], bwd[0], fwd[1], bwd[1])),
+                         jax.tree_util.tree_leaves(f(fwd[0], bwd[0], fwd[1], bwd[1]))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.fixture
+def cuda_targets_registered(monkeypatch):
+    """Lower as if the CUDA module were built (the lowering asks _native what it registered)."""
+    names = {_constants.ffi_target(kind)
+             for kind in _constants.PRODUCTION_TARGET_KINDS + _constants.TESTING_TARGET_KINDS}
+    monkeypatch.setattr(_native, "_CUDA_TARGETS", frozenset(names))
+    monkeypatch.setattr(_native, "initialize_cuda", lambda: None)
+
+
+@pytest.mark.parametrize("cell", GATES)
+def test_the_paired_call_is_one_gated_launch_on_cuda(cuda_targets_registered, cell):
+    # Lowered for CUDA (never run): one gated forward call of both directions, stacked
+    # [2, T, B, G*H] with B before T in memory, the backward direction's bit set in reverse.
+    fwd, bwd = problem(cell, 2, hidden=300, batch=2, steps=7, dtype="float16")
+
+    def forward(x_f, x_b):
+        return bidirectional(cell, (fwd[0], x_f, *fwd[2:]), (bwd[0], x_b, *bwd[2:]), method="native")[0]
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _native.cuda_targets()]
+    text = jax.export.export(jax.jit(forward), platforms=["cuda"], disabled_checks=checks)(
+        fwd[1], bwd[1]).mlir_module()
+    calls = [c for c in text.splitlines() if "stablehlo.custom_call @jax_sprnn" in c]
+    assert len(calls) == 1 and f"@{_constants.ffi_target('gated_forward')}(" in calls[0]
+    call = calls[0]
+    assert "problems = 2 : i64" in call and "reverse = 2 : i64" in call
+    assert f"gates = {GATES[cell]} : i64" in call
+    assert "dense<[3, 1, 2, 0]>" in call
+    assert f"tensor<2x7x2x{GATES[cell] * 300}xf16>" in call
+    if cell == "gru":
+        assert "tensor<2x300xf32>" in call  # both directions' hn_bias
+
+
+def test_malformed_calls_name_the_argument():
+    fwd, bwd = problem("lstm", 1, hidden=13, batch=2, steps=3)
+    carries = ((fwd[2], fwd[3]), (bwd[2], bwd[3]))
+    with pytest.raises(TypeError, match="inputs must be a pair"):
+        js.sparse_lstm_bidirectional(fwd[1], carries, (fwd[0], bwd[0]))
+    with pytest.raises(TypeError, match=r"carry must be a pair"):
+        js.sparse_lstm_bidirectional((fwd[1], bwd[1]), (fwd[2], fwd[3], bwd[2]), (fwd[0], bwd[0]))
+    with pytest.raises(TypeError, match=r"carry\[1\] must be a pair \(c0, h0\)"):
+        js.sparse_lstm_bidirectional((fwd[1], bwd[1]), ((fwd[2], fwd[3]), bwd[3]), (fwd[0], bwd[0]))
+    with pytest.raises(ValueError, match="inputs: x_fwd is .* and x_bwd"):
+        js.sparse_lstm_bidirectional((fwd[1], bwd[1][:, :2]), carries, (fwd[0], bwd[0]))
+    with pytest.raises(ValueError, match=r"carry \(bwd\)\[1\] \(h0\) must be \[B, H\]"):
+        js.sparse_lstm_bidirectional((fwd[1], bwd[1]), ((fwd[2], fwd[3]), (bwd[2], bwd[3][:1])),
+                                     (fwd[0], bwd[0]))
+    gru_f, gru_b = problem("gru", 1, hidden=13, batch=2, steps=3)
+    with pytest.raises(ValueError, match="4"):  # an LSTM call given GRU weights: the gate count
+        js.sparse_lstm_bidirectional((fwd[1], bwd[1]), carries, (gru_f[0], gru_b[0]))
+    with pytest.raises(ValueError, match=r"inputs must be \[B, T, 3H\]"):  # LSTM inputs for a GRU
+        js.sparse_gru_bidirectional((fwd[1], bwd[1]), (gru_f[3], gru_b[3]), (gru_f[0], gru_b[0]))
+    with pytest.raises(ValueError, match=r"hn_bias must be \[H\] = \(13,\)"):
+        js.sparse_gru_bidirectional((gru_f[1], gru_b[1]), (gru_f[3], gru_b[3]), (gru_f[0], gru_b[0]),
+                                    hn_bias=(gru_f[4], gru_b[4][:5]))
+    with pytest.raises(TypeError, match="hn_bias must be a pair"):
+        js.sparse_gru_bidirectional((gru_f[1], gru_b[1]), (gru_f[3], gru_b[3]), (gru_f[0], gru_b[0]),
+                                    hn_bias=gru_f[4])
+    with pytest.raises(TypeError, match=r"weights\[1\] \(backward\) must be a jax_sprnn.SparseWeights"):
+        js.sparse_gru_bidirectional((gru_f[1], gru_b[1]), (gru_f[3], gru_b[3]), (gru_f[0], None))
+    with pytest.raises(ValueError, match="method"):
+        js.sparse_gru_bidirectional((gru_f[1], gru_b[1]), (gru_f[3], gru_b[3]), (gru_f[0], gru_b[0]),
+                                    method="fast")
