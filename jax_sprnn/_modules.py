@@ -20,6 +20,7 @@ from ._checks import ACTIVATIONS
 from .api import sparse_rnn
 from .bidirectional import sparse_rnn_bidirectional
 from .gated import sparse_gru, sparse_lstm
+from .gated_bidirectional import sparse_gru_bidirectional, sparse_lstm_bidirectional
 from .pruning import PackedMask, initial_mask
 from .sharding import sparse_rnn_sharded
 from .weights import SUPPORTED_DTYPES, SparseWeights
@@ -156,6 +157,13 @@ class Gated:
             return functools.partial(sparse_lstm, method=method)
         return functools.partial(sparse_gru, hn_bias=hn_bias, method=method)
 
+    def bidirectional(self, *, method: str, hn_biases=None):
+        """The whole-sequence call of both directions for :func:`run_bidirectional`
+        (``hn_biases``: the GRU's pair)."""
+        if self.name == "LSTM":
+            return functools.partial(sparse_lstm_bidirectional, method=method)
+        return functools.partial(sparse_gru_bidirectional, hn_bias=hn_biases, method=method)
+
 
 LSTM = Gated("LSTM", 4, ("c", "h"))
 GRU = Gated("GRU", 3, None)
@@ -213,14 +221,15 @@ def _fold_carry(carry, *, batch_shape: tuple, hidden: int, dtype, name: str):
     return jnp.asarray(carry).astype(dtype).reshape(math.prod(batch_shape), hidden)
 
 
-def _fold_carries(carry, names: tuple[str, ...] | None, **kwargs):
-    """:func:`_fold_carry` of one array (``names`` None) or of a tuple with parts ``names``."""
+def _fold_carries(carry, names: tuple[str, ...] | None, *, name: str = "initial_carry", **kwargs):
+    """:func:`_fold_carry` of one array (``names`` None) or of a tuple with parts ``names``
+    (``name``: the carry's in errors)."""
     if names is None:
-        return _fold_carry(carry, name="initial_carry", **kwargs)
+        return _fold_carry(carry, name=name, **kwargs)
     if not isinstance(carry, (tuple, list)) or len(carry) != len(names):
-        raise ValueError(f"initial_carry must be a tuple ({', '.join(names)}) of [*batch, H] "
+        raise ValueError(f"{name} must be a tuple ({', '.join(names)}) of [*batch, H] "
                          f"arrays, got {type(carry).__name__}")
-    return tuple(_fold_carry(c, name=f"initial_carry[{i}] ({n})", **kwargs)
+    return tuple(_fold_carry(c, name=f"{name}[{i}] ({n})", **kwargs)
                  for i, (c, n) in enumerate(zip(carry, names)))
 
 
@@ -275,22 +284,30 @@ def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps
 
 
 def run_bidirectional(xs: tuple, weights: tuple, initial_carry: tuple, seq_lengths, *,
-                      steps: int, batch_shape: tuple, activation: str, dtype, time_major: bool,
-                      method: str):
-    """Both directions of a bidirectional layer in one :func:`sparse_rnn_bidirectional` call,
-    with ``nn.Bidirectional``'s conventions: ``xs``, ``weights`` and ``initial_carry`` are
-    (forward, backward) pairs; the outputs are concatenated, forward features first, and the
-    backward ones stay at their positions. Returns ``((carry_f, carry_b), outputs)``."""
+                      steps: int, batch_shape: tuple, dtype, time_major: bool, call,
+                      carry_parts: tuple[str, ...] | None = None):
+    """Both directions of a bidirectional layer in one call, with ``nn.Bidirectional``'s
+    conventions: ``xs``, ``weights`` and ``initial_carry`` are (forward, backward) pairs; the
+    outputs are concatenated, forward features first, and the backward ones stay at their
+    positions. Returns ``((carry_f, carry_b), outputs)``.
+
+    ``call(xs, carries, weights, *, time_major, seq_lengths)`` is the functional call
+    (:func:`simple_bidirectional`, :meth:`Gated.bidirectional`); each direction's carry is one
+    array ``[*batch, H]``, or a tuple of them with the parts ``carry_parts``."""
     if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
-        raise ValueError(f"initial_carry must be a pair (forward, backward) of [*batch, H] "
-                         f"arrays, got {type(initial_carry).__name__}")
+        raise ValueError(f"initial_carry must be a pair (forward, backward) of carries, got "
+                         f"{type(initial_carry).__name__}")
     hidden = weights[0].hidden
     fold = dict(batch_shape=batch_shape, dtype=dtype)
-    y, carries = sparse_rnn_bidirectional(
+    y, carries = call(
         tuple(_fold_inputs(x, steps=steps, time_major=time_major, **fold) for x in xs),
-        tuple(_fold_carry(c, hidden=hidden, name=f"initial_carry[{i}]", **fold)
+        tuple(_fold_carries(c, carry_parts, hidden=hidden, name=f"initial_carry[{i}]", **fold)
               for i, c in enumerate(initial_carry)),
-        tuple(weights), activation=activation, time_major=time_major,
-        seq_lengths=_fold_lengths(seq_lengths, batch_shape), method=method)
-    return (tuple(c.reshape(batch_shape + (hidden,)) for c in carries),
+        tuple(weights), time_major=time_major, seq_lengths=_fold_lengths(seq_lengths, batch_shape))
+    return (jax.tree_util.tree_map(lambda c: c.reshape(batch_shape + (hidden,)), tuple(carries)),
             y.reshape(_output_shape(steps, batch_shape, 2 * hidden, time_major)))
+
+
+def simple_bidirectional(*, activation: str, method: str):
+    """The whole-sequence call of a simple bidirectional layer for :func:`run_bidirectional`."""
+    return functools.partial(sparse_rnn_bidirectional, activation=activation, method=method)

@@ -59,7 +59,7 @@ from ._checks import ACTIVATIONS, check_method
 from ._modules import (GRU, LSTM, Gated, activation_name, cached_initial_mask, check_carry,
                        check_features, dense_layout, flip_padded, gate_mask, initial_layout,
                        masked_init, run_bidirectional, run_sequence, sequence_shape,
-                       simple_recurrence, storage_dtype, warn_no_mask_once)
+                       simple_bidirectional, simple_recurrence, storage_dtype, warn_no_mask_once)
 from .pruning import COLLECTION, PackedMask
 from .pruning.tree import JOIN
 from .weights import SparseWeights
@@ -404,8 +404,10 @@ class SparseBidirectional(_SimpleRNNAttributes):
                                   for key in keys)
         carry, y = run_bidirectional(tuple(x for x, _ in directions),
                                      tuple(w for _, w in directions), initial_carry, seq_lengths,
-                                     steps=steps, batch_shape=batch_shape, activation=activation,
-                                     dtype=dtype, time_major=time_major, method=self.method)
+                                     steps=steps, batch_shape=batch_shape, dtype=dtype,
+                                     time_major=time_major,
+                                     call=simple_bidirectional(activation=activation,
+                                                               method=self.method))
         return (carry, y) if return_carry else y
 
 
@@ -701,6 +703,95 @@ class SparseGRU(_SparseGatedLayer):
     GATES = _GRU
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "SparseLSTMCell", "SparseGRUCell",
+class _SparseGatedBidirectional(_GatedAttributes):
+    time_major: bool = False
+    return_carry: bool = False
+    method: str = "auto"
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """``(forward, backward)`` initial carries for one step's input shape ``[*batch, F]``,
+        from two keys split from ``rng``."""
+        one = super().initialize_carry
+        return tuple(one(key, input_shape) for key in jax.random.split(rng))
+
+    @nn.compact
+    def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None):
+        """Run both directions over ``inputs``; keywords as in ``nn.Bidirectional`` (see
+        :meth:`SparseBidirectional.__call__`). ``initial_carry``: ``(forward, backward)``, each
+        ``(c, h)`` for the LSTM or ``h`` for the GRU, ``[*batch, H]``. Returns ``outputs``
+        (``[*batch, T, 2H]`` or ``[T, *batch, 2H]``), or ``((carry_forward, carry_backward),
+        outputs)``."""
+        del reverse, keep_order  # nn.Bidirectional's signature; each direction has its own
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        check_features(self.features)
+        dtype = storage_dtype(self.dtype, self.param_dtype)
+        check_method(self.method)
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_GatedAttributes)
+                  if f.name not in ("parent", "name")}
+        directions = [RNNLevel(FusedGatedCell(**{**shared, "dtype": dtype}, gates=self.GATES,
+                                              layer=type(self).__name__, parent=None),
+                               name=name)(inputs)
+                      for name in ("forward_rnn", "backward_rnn")]
+        if initial_carry is None:
+            keys = (jax.random.key(0),) * 2 if init_key is None else jax.random.split(init_key)
+            step_shape = batch_shape + (inputs.shape[-1],)
+            initial_carry = tuple(_GatedAttributes.initialize_carry(self, key, step_shape)
+                                  for key in keys)
+        cell = self.GATES.cell
+        hn_biases = None if cell is LSTM else tuple(b for _, _, b in directions)
+        carry, y = run_bidirectional(tuple(x for x, _, _ in directions),
+                                     tuple(w for _, w, _ in directions), initial_carry, seq_lengths,
+                                     steps=steps, batch_shape=batch_shape, dtype=dtype,
+                                     time_major=time_major,
+                                     call=cell.bidirectional(method=self.method, hn_biases=hn_biases),
+                                     carry_parts=cell.carry)
+        return (carry, y) if return_carry else y
+
+
+class SparseBidirectionalLSTM(_SparseGatedBidirectional):
+    """A bidirectional LSTM layer; both directions run in one
+    :func:`jax_sprnn.sparse_lstm_bidirectional` call (one launch on a GPU).
+
+    A drop-in for ``nn.Bidirectional(nn.RNN(nn.LSTMCell(features)),
+    nn.RNN(nn.LSTMCell(features)))`` with the default merge (concatenation, forward features
+    first): the same parameters (``forward_rnn/cell/{ii, ..., ho}`` and ``backward_rnn/cell/...``,
+    see :class:`SparseLSTMCell`), and the packed masks of both recurrent kernels at
+    ``{forward,backward}_rnn/cell/hi+hf+hg+ho/kernel`` in the ``'sparsity'`` collection (without
+    them the layer runs dense and warns once). Both directions start from the same initial mask
+    (``mask_seed``); pruning then gives each its own.
+
+    Outputs are ``[*batch, T, 2H]`` (``[T, *batch, 2H]`` when ``time_major``); past an example's
+    ``seq_lengths`` they are zero in both halves.
+
+    Attributes:
+      features, max_density, kernel_init, recurrent_kernel_init, bias_init, dtype, param_dtype,
+        carry_init, mask_seed, precision: as in :class:`SparseLSTM`, for both directions.
+      time_major, return_carry: defaults of the call keywords, as in ``nn.Bidirectional``.
+      method: ``sparse_lstm_bidirectional``'s ``method``.
+    """
+
+    GATES = _LSTM
+
+
+class SparseBidirectionalGRU(_SparseGatedBidirectional):
+    """A bidirectional GRU layer; both directions run in one
+    :func:`jax_sprnn.sparse_gru_bidirectional` call (one launch on a GPU).
+
+    A drop-in for ``nn.Bidirectional(nn.RNN(nn.GRUCell(features)), nn.RNN(nn.GRUCell(features)))``:
+    the parameters of :class:`SparseGRUCell` under ``forward_rnn/cell`` and ``backward_rnn/cell``,
+    the masks at ``{forward,backward}_rnn/cell/hr+hz+hn/kernel``. Otherwise as
+    :class:`SparseBidirectionalLSTM`.
+    """
+
+    GATES = _GRU
+
+
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "SparseBidirectionalLSTM",
+           "SparseBidirectionalGRU", "SparseLSTMCell", "SparseGRUCell",
            "SparseLSTM", "SparseGRU", "FusedCell", "FusedGatedCell", "SparseKernel", "RNNLevel",
            "GateParams", "MaskSlot", "activation_name", "flip_padded"]

@@ -41,8 +41,8 @@ from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (GRU, LSTM, activation_name, cached_initial_mask, check_carry,
                        check_features, dense_layout, gate_mask, initial_layout, masked_init,
-                       run_bidirectional, run_sequence, sequence_shape, simple_recurrence,
-                       storage_dtype, warn_no_mask_once)
+                       run_bidirectional, run_sequence, sequence_shape, simple_bidirectional,
+                       simple_recurrence, storage_dtype, warn_no_mask_once)
 from .pruning import PackedMask
 from .weights import SparseWeights
 
@@ -545,8 +545,8 @@ class SparseBidirectional(nnx.Module):
         carry, y = run_bidirectional(
             (fwd.cell.dense_i(inputs), bwd.cell.dense_i(inputs)), (fwd.weights(), bwd.weights()),
             initial_carry, seq_lengths, steps=steps, batch_shape=batch_shape,
-            activation=fwd.activation, dtype=np.dtype(fwd.dtype), time_major=time_major,
-            method=fwd.method)
+            dtype=np.dtype(fwd.dtype), time_major=time_major,
+            call=simple_bidirectional(activation=fwd.activation, method=fwd.method))
         return (carry, y) if return_carry else y
 
 

@@ -232,3 +232,133 @@ def test_malformed_calls_name_the_argument():
     with pytest.raises(ValueError, match="method"):
         js.sparse_gru_bidirectional((gru_f[1], gru_b[1]), (gru_f[3], gru_b[3]), (gru_f[0], gru_b[0]),
                                     method="fast")
+
+
+# ---- Flax: SparseBidirectionalLSTM / SparseBidirectionalGRU --------------------------------------
+
+nn = pytest.importorskip("flax.linen")
+from jax_sprnn import _modules, pruning  # noqa: E402
+from jax_sprnn.flax import SparseBidirectionalGRU, SparseBidirectionalLSTM  # noqa: E402
+
+LINEN = {"lstm": (SparseBidirectionalLSTM, nn.LSTMCell, "hi+hf+hg+ho"),
+         "gru": (SparseBidirectionalGRU, nn.GRUCell, "hr+hz+hn")}
+RECURRENT = {"lstm": ("hi", "hf", "hg", "ho"), "gru": ("hr", "hz", "hn")}
+FH, FF, FB, FT = 11, 5, 3, 7
+FLENGTHS = np.array([FT, 4, 1], np.int32)
+
+
+def dense_bidirectional(cell, time_major=False, **kw):
+    flax_cell = LINEN[cell][1]
+    return nn.Bidirectional(nn.RNN(flax_cell(FH, **kw)), nn.RNN(flax_cell(FH, **kw)),
+                            time_major=time_major)
+
+
+def random_params(cell, seed, x):
+    """An nn.Bidirectional(nn.RNN(Flax's cell)) params tree with random kernels and biases, as
+    training leaves them."""
+    params = dense_bidirectional(cell).init(jax.random.key(seed), x)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)
+                                              * (0.6 / np.sqrt(a.shape[0]) if a.ndim == 2 else 0.3)),
+                        params)
+
+
+def inside(lengths, time_major=False):
+    mask = (np.arange(FT)[None] < np.asarray(lengths)[:, None])[..., None]
+    return np.swapaxes(mask, 0, 1) if time_major else mask
+
+
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("time_major", [False, True])
+def test_linen_is_nn_bidirectional_of_flax_cells(exact_matmuls, cell, time_major, monkeypatch):
+    monkeypatch.setattr(_modules, "_warned_no_mask", set())
+    layer, _, joined = LINEN[cell]
+    x = jax.random.normal(jax.random.key(1), (FB, FT, FF))
+    key = jax.random.key(2)
+    # The same parameter tree and init values as nn.Bidirectional of Flax's cells; the masks at
+    # the joined recurrent kernels' paths.
+    dense_vars = dense_bidirectional(cell).init(key, x)
+    variables = layer(FH).init(key, x)
+    assert jax.tree.structure(variables["params"]) == jax.tree.structure(dense_vars["params"])
+    for a, b in zip(jax.tree.leaves(dense_vars["params"]), jax.tree.leaves(variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in ("forward_rnn", "backward_rnn"):
+        assert isinstance(variables["sparsity"][name]["cell"][joined]["kernel"], pruning.PackedMask)
+    # Its outputs and carries on trained params, with lengths, in either layout.
+    params = random_params(cell, 3, x)
+    tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+    call = dict(seq_lengths=FLENGTHS, return_carry=True, init_key=jax.random.key(4))
+    model = layer(FH, time_major=time_major, carry_init=nn.initializers.normal(0.5))
+    dense = dense_bidirectional(cell, carry_init=nn.initializers.normal(0.5), time_major=time_major)
+    carry, out = model.apply({"params": params, "sparsity": variables["sparsity"]}, tm(x), **call)
+    ref_carry, ref = dense.apply({"params": params}, tm(x), **call)
+    assert out.shape == ((FT, FB, 2 * FH) if time_major else (FB, FT, 2 * FH))
+    valid = inside(FLENGTHS, time_major)
+    assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
+    assert np.all(np.asarray(out)[~np.broadcast_to(valid, out.shape)] == 0)
+    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(ref_carry)):
+        assert rel_err(a, b) < 1e-5
+    # Params alone: the layer runs dense and says so once.
+    with pytest.warns(UserWarning, match=f"{layer.__name__}.*runs dense"):
+        alone = model.apply({"params": params}, tm(x), **call)[1]
+    assert rel_err(alone, out) < 1e-6
+
+
+@pytest.mark.parametrize("cell", GATES)
+def test_linen_pruning_and_the_inference_form(exact_matmuls, cell):
+    layer, _, joined = LINEN[cell]
+    x = jax.random.normal(jax.random.key(5), (FB, FT, FF))
+    model = layer(FH, max_density=0.5)
+    variables = model.init(jax.random.key(6), x)
+    params = random_params(cell, 7, x)
+    pruned, sparsity = pruning.update_sparsity(params, variables["sparsity"], 0.7)
+    for name in ("forward_rnn", "backward_rnn"):
+        mask = np.asarray(sparsity[name]["cell"][joined]["kernel"].mask)
+        counts = mask.sum(axis=0)
+        assert np.all(counts == counts[0]), "row-balanced: one count per gate row"
+        kernel = np.concatenate([np.asarray(pruned[name]["cell"][n]["kernel"])
+                                 for n in RECURRENT[cell]], axis=1)
+        assert np.all(kernel[~mask] == 0)
+    trained = {"params": pruned, "sparsity": sparsity}
+    out = jax.jit(lambda v: model.apply(v, x, seq_lengths=FLENGTHS))(trained)
+    ref = dense_bidirectional(cell).apply({"params": pruned}, x, seq_lengths=FLENGTHS)
+    valid = inside(FLENGTHS)
+    assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
+    # The gradient is zero off the masks and Flax's on them.
+    target = jax.random.normal(jax.random.key(8), out.shape)
+
+    def loss(p, apply):
+        return jnp.mean((jnp.where(valid, apply(p), 0) - target) ** 2)
+
+    grads = jax.grad(loss)(pruned, lambda p: model.apply({"params": p, "sparsity": sparsity}, x,
+                                                          seq_lengths=FLENGTHS))
+    ref_grads = jax.grad(loss)(pruned, lambda p: dense_bidirectional(cell).apply(
+        {"params": p}, x, seq_lengths=FLENGTHS))
+    for name in ("forward_rnn", "backward_rnn"):
+        mask = np.asarray(sparsity[name]["cell"][joined]["kernel"].mask)
+        g = np.concatenate([np.asarray(grads[name]["cell"][n]["kernel"]) for n in RECURRENT[cell]], 1)
+        r = np.concatenate([np.asarray(ref_grads[name]["cell"][n]["kernel"]) for n in RECURRENT[cell]],
+                           1)
+        assert np.all(g[~mask] == 0)
+        assert rel_err(g[mask], r[mask]) < 1e-4
+    # The inference form: packed weights in the collection, the same outputs.
+    inference = pruning.to_inference(trained)
+    for name in ("forward_rnn", "backward_rnn"):
+        assert isinstance(inference["sparsity"][name]["cell"][joined]["kernel"], js.SparseWeights)
+    served = jax.jit(lambda v: model.apply(v, x, seq_lengths=FLENGTHS))(inference)
+    assert rel_err(served, out) < 1e-6
+
+
+def test_linen_bad_arguments():
+    x = jax.random.normal(jax.random.key(9), (FB, FT, FF))
+    model = SparseBidirectionalLSTM(FH)
+    variables = model.init(jax.random.key(0), x)
+    carry = (jnp.zeros((FB, FH)), jnp.zeros((FB, FH)))
+    with pytest.raises(ValueError, match="initial_carry must be a pair"):
+        model.apply(variables, x, initial_carry=carry[0])
+    with pytest.raises(ValueError, match=r"initial_carry\[1\] must be a tuple \(c, h\)"):
+        model.apply(variables, x, initial_carry=(carry, carry[0]))
+    with pytest.raises(ValueError, match=r"initial_carry\[0\]\[1\] \(h\) must be \[\*batch, H\]"):
+        model.apply(variables, x, initial_carry=((carry[0], carry[1][:1]), carry))
+    with pytest.raises(ValueError, match=r"seq_lengths must be \[\*batch\]"):
+        model.apply(variables, x, seq_lengths=FLENGTHS[:2])
