@@ -1,7 +1,8 @@
 """GPU tests of stacked problems (issue 16, item 2): both directions of a bidirectional layer in one
-persistent launch (``sprnn_forward_stack`` / ``sprnn_backward_stack``), against one call of the
-one-problem primitive per direction on the same kernel, bit for bit, in each exchange mode; and a
-stall inside a stacked launch. (``tests/test_bidirectional.py`` checks ``sparse_rnn_bidirectional``
+persistent launch (``sprnn_forward_stack`` / ``sprnn_backward_stack``, and the gated cells'
+``sprnn_lstm_stack`` / ``sprnn_gru_stack``), against one call of the one-problem primitive per
+direction on the same kernel, bit for bit, in each exchange mode; and a stall inside a stacked
+launch. (``tests/test_bidirectional.py`` checks ``sparse_rnn_bidirectional``
 and its gradient through the paired launch against the reference, on the GPU too.) Skipped without
 a GPU and the CUDA module."""
 
@@ -12,9 +13,12 @@ import pytest
 
 import jax_sprnn as js
 from jax_sprnn import _constants, _native
-from jax_sprnn.primitives import _recurrence_attrs, sprnn_backward_p, sprnn_forward_p
-from jax_sprnn.stacked import sprnn_backward_stack_p, sprnn_forward_stack_p
-from jax_sprnn.testing import TOLERANCE, make_twin_problem, normal, random_lengths, rel_err
+from jax_sprnn.primitives import (_recurrence_attrs, sprnn_backward_p, sprnn_forward_p, sprnn_gru_p,
+                                  sprnn_lstm_p, sprnn_lstm_with_cells_p)
+from jax_sprnn.stacked import (sprnn_backward_stack_p, sprnn_forward_stack_p, sprnn_gru_stack_p,
+                               sprnn_lstm_stack_p, sprnn_lstm_with_cells_stack_p)
+from jax_sprnn.testing import (TOLERANCE, make_gated_twin_problem, make_twin_problem, normal,
+                               random_lengths, rel_err)
 
 pytestmark = pytest.mark.gpu
 
@@ -203,3 +207,80 @@ def test_an_ensemble_of_bidirectional_layers_is_one_launch_and_equals_one_call_p
         y_i, (f_i, b_i) = jax.jit(run)(tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], w) for w in ws))
         for got, want in ((y[i], y_i), (s_f[i], f_i), (s_b[i], b_i)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# ---- the gated cells' forward recurrences as stacked problems (issue 17) -------------------------
+
+GATED_STACKS = {"lstm": (4, sprnn_lstm_stack_p, sprnn_lstm_p), "gru": (3, sprnn_gru_stack_p, sprnn_gru_p),
+                "lstm_with_cells": (4, sprnn_lstm_with_cells_stack_p, sprnn_lstm_with_cells_p)}
+
+
+@pytest.mark.parametrize("kind", GATED_STACKS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("hidden, batch", [(256, 1), (300, 5), (1024, 8)])
+def test_the_stacked_gated_forward_equals_one_call_per_direction_bitwise(kind, dtype, hidden, batch):
+    # Two directions of one layout, each with its own pattern, carry and (GRU) hn_bias: one launch
+    # against one call per direction, in each exchange mode, with and without lengths.
+    gates, stack_p, one_p = GATED_STACKS[kind]
+    steps = 17
+    fwd, bwd = make_gated_twin_problem(hidden + batch, gates, hidden, batch, steps, 0.1, dtype)
+    assert not np.array_equal(np.asarray(fwd[0].lane_row), np.asarray(bwd[0].lane_row))
+    ws = (fwd[0], bwd[0])
+    x = jnp.stack([jnp.swapaxes(d[1], 0, 1) for d in (fwd, bwd)])  # [2, T, B, G*H]
+    h0, c0 = (jnp.stack([d[i] for d in (fwd, bwd)]) for i in (3, 2))
+    hn_bias = jnp.stack([fwd[4], bwd[4] * -1.7])
+    layout = (_stack(ws, "values"), _stack(ws, "indices"), _stack(ws, "lane_row"))
+    for use_lengths in (False, True):
+        lengths = (random_lengths(batch, steps, batch) if use_lengths
+                   else jnp.full((batch,), steps, jnp.int32))
+        for mode in _modes(fwd[0].meta):
+            params = dict(meta=fwd[0].meta, method="native", full_lengths=not use_lengths, **_hooks(mode))
+            if gates == 4:
+                outs = stack_p.bind(x, h0, c0, *layout, lengths, reverse=REVERSE, **params)
+            else:
+                outs = stack_p.bind(x, h0, *layout, lengths, hn_bias, reverse=REVERSE, **params)
+            for q, (w, r) in enumerate(zip(ws, REVERSE)):
+                if gates == 4:
+                    one = one_p.bind(x[q], h0[q], c0[q], w.values, w.indices, w.lane_row, lengths,
+                                     reverse=r, **params)
+                else:
+                    one = one_p.bind(x[q], h0[q], w.values, w.indices, w.lane_row, lengths, hn_bias[q],
+                                     reverse=r, **params)
+                where = f"{mode} mode, direction {q}, lengths {use_lengths}"
+                assert len(outs) == len(one)
+                for got, want in zip(outs, one):
+                    np.testing.assert_array_equal(np.asarray(got[q]), np.asarray(want), err_msg=where)
+            assert np.all(np.isfinite(np.asarray(outs[0], np.float32)))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_gated_bidirectional_layer_is_one_launch_and_its_gradient_matches_the_reference(cell):
+    # The public call on the GPU: the paired launch against the reference, forward and gradient.
+    gates = 4 if cell == "lstm" else 3
+    fwd, bwd = make_gated_twin_problem(31, gates, 256, 4, 12, 0.1, "float32")
+    L = random_lengths(4, 12, 31)
+
+    def run(directions, method):
+        (w_f, x_f, c_f, h_f, b_f), (w_b, x_b, c_b, h_b, b_b) = directions
+        if cell == "lstm":
+            y, finals = js.sparse_lstm_bidirectional((x_f, x_b), ((c_f, h_f), (c_b, h_b)), (w_f, w_b),
+                                                     seq_lengths=L, method=method)
+        else:
+            y, finals = js.sparse_gru_bidirectional((x_f, x_b), (h_f, h_b), (w_f, w_b), hn_bias=(b_f, b_b),
+                                                    seq_lengths=L, method=method)
+        return y, finals
+
+    def loss(directions, method):
+        y, finals = run(directions, method)
+        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(f) for f in jax.tree_util.tree_leaves(finals))
+
+    assert f"sprnn_{cell}_pair" in str(jax.make_jaxpr(lambda d: run(d, "native"))((fwd, bwd)))
+    with jax.default_matmul_precision("highest"):
+        for got, want in zip(jax.tree_util.tree_leaves(jax.jit(lambda d: run(d, "native"))((fwd, bwd))),
+                             jax.tree_util.tree_leaves(run((fwd, bwd), "reference"))):
+            assert rel_err(got, want) < TOLERANCE["float32"]
+        g = jax.jit(js.grad(lambda d: loss(d, "native")))((fwd, bwd))
+        g_ref = js.grad(lambda d: loss(d, "reference"))((fwd, bwd))
+    for got, want in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        if jnp.issubdtype(got.dtype, jnp.floating):
+            assert rel_err(got, want) < 1e-4
