@@ -2,16 +2,17 @@
 
     log-mel [B, T, n_mels]
       -> Conv 5x5 stride (2, 2) -> GELU -> Conv 5x5 stride (time_stride / 2, 2) -> GELU
-      -> layers x [LayerNorm -> SparseRNN (SparseBidirectional for both directions)]
+      -> layers x [LayerNorm -> SparseRNN (SparseBidirectional* for both directions)]
       -> LayerNorm -> Dense(characters + blank)            trained with CTC
 
 The recurrent cell is a simple tanh cell by default, or an LSTM or a GRU (``cell``). The recurrent
 layers exist in two interchangeable forms with the same parameter tree, that of
 ``nn.RNN(nn.SimpleCell)`` (``nn.LSTMCell``, ``nn.GRUCell``; ``jax_sprnn.flax`` guarantees it):
 
-* ``"layer"``: :class:`jax_sprnn.flax.SparseRNN` (``SparseBidirectional``, ``SparseLSTM``,
-  ``SparseGRU``), the whole sequence in one ``sparse_rnn`` (``sparse_rnn_bidirectional``,
-  ``sparse_lstm``, ``sparse_gru``) call: the persistent kernel on a GPU, the C++ kernel on a CPU.
+* ``"layer"``: :class:`jax_sprnn.flax.SparseRNN` (``SparseLSTM``, ``SparseGRU``; for both
+  directions ``SparseBidirectional``, ``SparseBidirectionalLSTM``, ``SparseBidirectionalGRU``),
+  the whole sequence in one ``sparse_rnn`` (``sparse_lstm``, ``sparse_gru``; ``*_bidirectional``)
+  call: the persistent kernel on a GPU (one launch for both directions), the C++ kernel on a CPU.
   Its mask lives in the ``'sparsity'`` collection (a ``PackedMask`` while training; the packed
   ``SparseWeights`` after export).
 * ``"cell"``: ``nn.RNN`` of ``jax_sprnn.flax.SparseRNNCell`` (``SparseLSTMCell``,
@@ -39,13 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sprnn import pruning
-from jax_sprnn.flax import (SparseBidirectional, SparseGRU, SparseGRUCell, SparseLSTM,
-                            SparseLSTMCell, SparseRNN, SparseRNNCell)
+from jax_sprnn.flax import (SparseBidirectional, SparseBidirectionalGRU, SparseBidirectionalLSTM,
+                            SparseGRU, SparseGRUCell, SparseLSTM, SparseLSTMCell, SparseRNN,
+                            SparseRNNCell)
 from jax_sprnn.pruning.tree import JOIN, drop_at, get_at
 
 from .text import NUM_CLASSES
 
 RNN_IMPLS = ("layer", "cell")
+#: cell name: the layer form's bidirectional layer (both directions in one call)
+BIDIRECTIONAL = {"simple": SparseBidirectional, "lstm": SparseBidirectionalLSTM,
+                 "gru": SparseBidirectionalGRU}
 #: cell name: (the layer, the cell, the names of its recurrent kernels in gate order)
 CELLS = {"simple": (SparseRNN, SparseRNNCell, ("h",)),
          "lstm": (SparseLSTM, SparseLSTMCell, ("hi", "hf", "hg", "ho")),
@@ -119,10 +124,10 @@ class RecurrentStack(nn.Module):
                 # the computation dtype, and nn.RNN's scan needs the two equal.
                 carry = jnp.zeros(x.shape[:-1][:-1] + (c.hidden,), jnp.dtype(c.dtype))
                 carry = (carry, carry) if c.cell == "lstm" else carry  # (c, h)
-            if c.bidirectional and c.rnn_impl == "layer" and c.cell == "simple":  # one call
-                x = SparseBidirectional(c.hidden, activation_fn=c.activation, method=c.method,
-                                        dtype=jnp.dtype(c.dtype), name=f"rnn_{i}")(
-                    x, seq_lengths=lengths)
+            if c.bidirectional and c.rnn_impl == "layer":  # both directions in one call
+                simple = {"activation_fn": c.activation} if c.cell == "simple" else {}
+                x = BIDIRECTIONAL[c.cell](c.hidden, method=c.method, dtype=jnp.dtype(c.dtype),
+                                          name=f"rnn_{i}", **simple)(x, seq_lengths=lengths)
             elif c.bidirectional:
                 x = nn.Bidirectional(self._rnn(), self._rnn(), name=f"rnn_{i}")(
                     x, seq_lengths=lengths, initial_carry=None if carry is None else (carry, carry))
