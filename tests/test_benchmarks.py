@@ -202,3 +202,18 @@ def test_cost_fit_reads_the_cluster_runs_and_cost_py_matches_them():
         ratios.append(us / cost.cluster_step_us(meta, batch, row["dtype"]))
     assert 0.9 < np.median(ratios) < 1.1
     assert np.percentile(ratios, 10) > 0.75 and np.percentile(ratios, 90) < 1.45
+
+
+@pytest.mark.parametrize("cell", ["simple", "lstm", "gru"])
+def test_the_bidirectional_probe_times_one_launch_against_two_calls(tmp_path, cell):
+    # Tiny sizes: every row timed, the paired call found in the program, the JSON written.
+    from benchmarks.probes import bidirectional as probe
+
+    out = tmp_path / "probe.json"
+    probe.main(["--cell", cell, "--hidden", "24", "--batches", "2", "--steps", "5", "--reps", "2",
+                "--out", str(out)])
+    row = json.loads(out.read_text())["rows"]["2"]
+    assert row["one launch"] is True
+    for name in ("stacked", "two calls", "grad stacked", "grad two calls"):
+        assert row[name] > 0
+    assert ("dense scan" in row) == (cell == "simple")
