@@ -10,7 +10,7 @@
 #     SPEECH_ARGS="--hidden 256 --bench-batches 1" SPEECH_DTYPES=float32 for another layer)
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
-#   KT_CASES="simple 256 0.1 1 float16;bidir 256 0.1 1 float32" tools/gpu_check.sh kerneltime
+#   KT_CASES="simple 256 0.1 1 float16;bidir 256 0.1 1 float32;bilstm 256 0.1 8 float16" tools/gpu_check.sh kerneltime
 #     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #     (cases: small, wide, gated, paired: tools/sanitizer_case.py)

@@ -3,8 +3,9 @@
     python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
 
 CELL is simple, bidir (both directions of a bidirectional layer of one layout: one paired launch
-where the layout runs in cluster mode, one launch per direction in grid mode), lstm or gru. The
-call runs four times (ncu skips the first two launches, which include compilation and warm-up).
+where the layout runs in cluster mode, one launch per direction in grid mode), lstm, gru, or
+bilstm / bigru (a gated bidirectional layer, paired likewise). The call runs four times (ncu skips
+the first two launches, which include compilation and warm-up).
 """
 import sys
 
@@ -39,14 +40,26 @@ def bidir_call(hidden, density, batch, dtype, steps):
                                                             method="native"))
 
 
+def gated_bidir_call(gates, hidden, density, batch, dtype, steps):
+    fwd, bwd = testing.make_gated_twin_problem(0, gates, hidden, batch, steps, density, dtype)
+    (w_f, x_f, c_f, h_f, b_f), (w_b, x_b, c_b, h_b, b_b) = fwd, bwd
+    if gates == 4:
+        return w_f, jax.jit(lambda: js.sparse_lstm_bidirectional(
+            (x_f, x_b), ((c_f, h_f), (c_b, h_b)), (w_f, w_b), method="native"))
+    return w_f, jax.jit(lambda: js.sparse_gru_bidirectional(
+        (x_f, x_b), (h_f, h_b), (w_f, w_b), hn_bias=(b_f, b_b), method="native"))
+
+
 def case_call(cell, hidden, density, batch, dtype, steps):
     """``(weights, f)``: the case's weights and a jitted call of it, one persistent launch."""
     if cell == "simple":
         return simple_call(hidden, density, batch, dtype, steps)
     if cell == "bidir":
         return bidir_call(hidden, density, batch, dtype, steps)
+    if cell.startswith("bi") and cell[2:] in GATES:
+        return gated_bidir_call(GATES[cell[2:]], hidden, density, batch, dtype, steps)
     if cell not in GATES:
-        raise SystemExit(f"CELL must be simple, bidir, lstm or gru, got {cell!r}")
+        raise SystemExit(f"CELL must be simple, bidir, lstm, gru, bilstm or bigru, got {cell!r}")
     return gated_call(GATES[cell], hidden, density, batch, dtype, steps)
 
 

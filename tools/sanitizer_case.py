@@ -11,9 +11,9 @@ Cases:
   gated  the LSTM's and the GRU's forward kernels, then jax.grad through them (the LSTM's forward
          with its cell states, and both backward kernels): H=48 B=3 T=4 on this GPU's layout,
          H=96 B=5 T=6 planned for 4 SMs (cluster mode where the GPU has clusters).
-  paired both directions of a bidirectional layer in one launch (sparse_rnn_bidirectional on two
-         weights of one layout), forward and jax.grad: H=64 B=3 T=4 and H=200 B=5 T=6 on this
-         GPU's layout.
+  paired both directions of a bidirectional layer in one launch (sparse_rnn_bidirectional,
+         sparse_lstm_bidirectional and sparse_gru_bidirectional on two weights of one layout),
+         forward and jax.grad: H=64 B=3 T=4 and H=200 B=5 T=6 on this GPU's layout.
 Each case runs with traced lengths (an empty example when B > 2) and reverse when B is odd, checks
 against the reference, and then polls the deferred kernel error. Exit status 1 on a wrong result.
 """
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sprnn as js
-from jax_sprnn.testing import (DTYPES, GRAD_TOLERANCE, TOLERANCE, make_gated_problem, make_twin_problem,
-                               rel_err, run_gated)
+from jax_sprnn.testing import (DTYPES, GRAD_TOLERANCE, TOLERANCE, make_gated_problem,
+                               make_gated_twin_problem, make_twin_problem, rel_err, run_gated)
 # (hidden, batch, steps, dtype or None for every selected one, SMs to plan for or None)
 CASES = {
     "small": [(64, 2, 4, None, None), (128, 3, 4, None, 4)],
@@ -126,39 +126,62 @@ def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
     return ok
 
 
-def run_paired_case(rng, hidden, batch, steps, dtype):
-    """sparse_rnn_bidirectional forward and gradients (one paired launch each way) against the
-    reference on the CPU."""
-    (k_f, w_f, x_f, h_f), (k_b, w_b, x_b, h_b) = make_twin_problem(
-        int(rng.integers(1 << 30)), hidden, batch, steps, 0.2, dtype)
+def _paired_problem(rng, cell: str, hidden, batch, steps, dtype):
+    """``(call, directions)``: both directions' weights and operands (one layout), and
+    ``call(directions, lengths, method)``, the cell's bidirectional function on them."""
+    seed = int(rng.integers(1 << 30))
+    if cell == "simple":
+        (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = make_twin_problem(seed, hidden, batch, steps, 0.2, dtype)
+
+        def call(d, n, method):
+            (w_f, x_f, h_f), (w_b, x_b, h_b) = d
+            return js.sparse_rnn_bidirectional((x_f, x_b), (h_f, h_b), (w_f, w_b), seq_lengths=n,
+                                               method=method)
+        return call, ((w_f, x_f, h_f), (w_b, x_b, h_b))
+    fwd, bwd = make_gated_twin_problem(seed, 4 if cell == "lstm" else 3, hidden, batch, steps, 0.2,
+                                       dtype)
+
+    def call(d, n, method):
+        (w_f, x_f, c_f, h_f, b_f), (w_b, x_b, c_b, h_b, b_b) = d
+        if cell == "lstm":
+            return js.sparse_lstm_bidirectional((x_f, x_b), ((c_f, h_f), (c_b, h_b)), (w_f, w_b),
+                                                seq_lengths=n, method=method)
+        return js.sparse_gru_bidirectional((x_f, x_b), (h_f, h_b), (w_f, w_b), hn_bias=(b_f, b_b),
+                                           seq_lengths=n, method=method)
+    return call, (fwd, bwd)
+
+
+def run_paired_case(rng, cell, hidden, batch, steps, dtype):
+    """A bidirectional layer's forward and gradients (one paired launch forward; the simple cell's
+    backward recurrence paired too) against the reference on the CPU."""
+    call, directions = _paired_problem(rng, cell, hidden, batch, steps, dtype)
     lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
     lengths[0] = steps
     lengths[-1] = 0
     lengths = jnp.asarray(lengths)
 
-    def loss(values, xs, hs, n, ws, method):
-        ws = tuple(w.replace(values=v) for w, v in zip(ws, values))
-        y, states = js.sparse_rnn_bidirectional(xs, hs, ws, seq_lengths=n, method=method)
-        return jnp.sum(y.astype(jnp.float32) ** 2) + sum(jnp.sum(a.astype(jnp.float32)) for a in states)
+    def loss(d, n, method):
+        y, states = call(d, n, method)
+        return jnp.sum(y.astype(jnp.float32) ** 2) + sum(jnp.sum(a.astype(jnp.float32))
+                                                          for a in jax.tree_util.tree_leaves(states))
 
-    args = ((w_f.values, w_b.values), (x_f, x_b), (h_f, h_b), lengths, (w_f, w_b))
-    run = jax.jit(lambda v, xs, hs, n, ws: js.sparse_rnn_bidirectional(xs, hs, ws, seq_lengths=n,
-                                                                       method="native"))
-    got = jax.tree_util.tree_leaves(run(*args))
-    g_got = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=5)(
-        *args, "native"))
+    got = jax.tree_util.tree_leaves(jax.jit(lambda d, n: call(d, n, "native"))(directions, lengths))
+    grad = js.grad(loss)
+    g_got = [g for g in jax.tree_util.tree_leaves(jax.jit(lambda d, n: grad(d, n, "native"))(
+        directions, lengths)) if g.dtype != jax.dtypes.float0]
     cpu = jax.devices("cpu")[0]
-    cargs = jax.device_put(args, cpu)
+    cargs = jax.device_put((directions, lengths), cpu)
     with jax.default_device(cpu):
-        want = jax.tree_util.tree_leaves(js.sparse_rnn_bidirectional(
-            cargs[1], cargs[2], cargs[4], seq_lengths=cargs[3], method="reference"))
-        g_want = jax.tree_util.tree_leaves(jax.grad(loss, argnums=(0, 1, 2))(*cargs, "reference"))
+        want = jax.tree_util.tree_leaves(call(*cargs, "reference"))
+        g_want = [g for g in jax.tree_util.tree_leaves(grad(*cargs, "reference"))
+                  if g.dtype != jax.dtypes.float0]
     finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in got + g_got)
     err = max(rel_err(a, b) for a, b in zip(got, want)) if finite else float("nan")
     g_err = max(rel_err(a, b) for a, b in zip(g_got, g_want)) if finite else float("nan")
     ok = finite and err < TOLERANCE[dtype] and g_err < GRAD_TOLERANCE[dtype]
-    print(f"paired H={hidden} B={batch} T={steps} {dtype} ctas={w_f.meta.num_ctas} "
-          f"exchange={w_f.meta.exchange}: forward rel_err {err:.3g}, grad rel_err {g_err:.3g}"
+    meta = directions[0][0].meta
+    print(f"paired {cell} H={hidden} B={batch} T={steps} {dtype} ctas={meta.num_ctas} "
+          f"exchange={meta.exchange}: forward rel_err {err:.3g}, grad rel_err {g_err:.3g}"
           f"{'' if finite else ', NON-FINITE'} -> {'ok' if ok else 'WRONG'}", flush=True)
     return ok
 
@@ -180,7 +203,8 @@ def main(argv=None) -> int:
                     for gates in (4, 3):
                         ok &= run_gated_case(rng, gates, hidden, batch, steps, dt, sms)
                 elif name == "paired":
-                    ok &= run_paired_case(rng, hidden, batch, steps, dt)
+                    for cell in ("simple", "lstm", "gru"):
+                        ok &= run_paired_case(rng, cell, hidden, batch, steps, dt)
                 else:
                     ok &= run_case(rng, hidden, batch, steps, dt, sms)
     cuda = js._native.cuda_module()
