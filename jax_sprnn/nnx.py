@@ -319,6 +319,11 @@ class _SparseLayer(_RecurrentAttributes, nnx.Module):
         """The functional call for :func:`jax_sprnn._modules.run_sequence`."""
         raise NotImplementedError
 
+    def _bidirectional(self):
+        """The functional call of both directions for :func:`jax_sprnn._modules.run_bidirectional`
+        (this layer's settings, for both)."""
+        raise NotImplementedError
+
     def __call__(self, inputs, *, initial_carry=None, seq_lengths=None,
                  return_carry: bool | None = None, time_major: bool | None = None,
                  reverse: bool | None = None, keep_order: bool | None = None, rngs=None):
@@ -425,6 +430,9 @@ class SparseRNN(_SparseLayer):
         return simple_recurrence(activation=self.activation, method=self.method, mesh=self.mesh,
                                  batch_axis=self.batch_axis)
 
+    def _bidirectional(self):
+        return simple_bidirectional(activation=self.activation, method=self.method)
+
 
 class _GatedLayer(_SparseLayer):
     CELL: ClassVar[type]
@@ -471,6 +479,9 @@ class SparseLSTM(_GatedLayer):
     def _recurrence(self):
         return LSTM.recurrence(method=self.method)
 
+    def _bidirectional(self):
+        return LSTM.bidirectional(method=self.method)
+
 
 class SparseGRU(_GatedLayer):
     """A GRU layer over a whole sequence in one :func:`jax_sprnn.sparse_gru` call.
@@ -492,35 +503,24 @@ class SparseGRU(_GatedLayer):
     def _recurrence(self):
         return GRU.recurrence(method=self.method)
 
+    def _bidirectional(self):
+        return GRU.bidirectional(method=self.method)
 
-class SparseBidirectional(nnx.Module):
-    """A bidirectional simple recurrent layer; both directions run in one
-    :func:`jax_sprnn.sparse_rnn_bidirectional` call.
 
-    The NNX twin of :class:`jax_sprnn.flax.SparseBidirectional` and a drop-in for
-    ``nnx.Bidirectional(nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs)), nnx.RNN(nnx.SimpleCell(F, H,
-    rngs=rngs)))``: its ``forward_rnn`` and ``backward_rnn`` are :class:`SparseRNN` layers, built
-    in that order from ``rngs``, so ``nnx.state(layer, nnx.Param)`` has that tree (and the same
-    ``rngs`` give the same weights when ``max_density == 1``). Each keeps its own mask;
-    :func:`prune`, :func:`param_masks` and :func:`to_inference` treat them as two layers. The
-    outputs are concatenated, forward features first.
+class _Bidirectional(nnx.Module):
+    """What the NNX bidirectional layers share: two layers of class ``LAYER``, ``forward_rnn`` and
+    ``backward_rnn``, built in that order from ``rngs``, run in one bidirectional call."""
 
-    Args:
-      in_features, hidden_features, max_density, activation_fn, kernel_init,
-        recurrent_kernel_init, bias_init, dtype, param_dtype, carry_init, mask_seed, precision,
-        method: as in :class:`SparseRNN`, for both directions.
-      time_major, return_carry: defaults of the call keywords, as in ``nnx.Bidirectional``.
-      rngs: the ``nnx.Rngs`` for the parameters.
-    """
+    LAYER: ClassVar[type]
 
     def __init__(self, in_features: int, hidden_features: int, *, time_major: bool = False,
                  return_carry: bool = False, rngs: nnx.Rngs, **layer_args):
         if {"reverse", "keep_order", "mesh", "batch_axis"} & set(layer_args):
-            raise TypeError(f"SparseBidirectional got {sorted(layer_args)}: reverse and "
+            raise TypeError(f"{type(self).__name__} got {sorted(layer_args)}: reverse and "
                             f"keep_order are fixed per direction, and mesh is not supported")
         self.time_major, self.return_carry = bool(time_major), bool(return_carry)
-        self.forward_rnn = SparseRNN(in_features, hidden_features, rngs=rngs, **layer_args)
-        self.backward_rnn = SparseRNN(in_features, hidden_features, rngs=rngs, **layer_args)
+        self.forward_rnn = self.LAYER(in_features, hidden_features, rngs=rngs, **layer_args)
+        self.backward_rnn = self.LAYER(in_features, hidden_features, rngs=rngs, **layer_args)
 
     def __call__(self, inputs, *, initial_carry=None, seq_lengths=None,
                  return_carry: bool | None = None, time_major: bool | None = None,
@@ -543,11 +543,59 @@ class SparseBidirectional(nnx.Module):
             step_shape = batch_shape + (fwd.in_features,)
             initial_carry = tuple(layer.initialize_carry(step_shape, rngs) for layer in (fwd, bwd))
         carry, y = run_bidirectional(
-            (fwd.cell.dense_i(inputs), bwd.cell.dense_i(inputs)), (fwd.weights(), bwd.weights()),
+            (fwd._project(inputs), bwd._project(inputs)), (fwd.weights(), bwd.weights()),
             initial_carry, seq_lengths, steps=steps, batch_shape=batch_shape,
-            dtype=np.dtype(fwd.dtype), time_major=time_major,
-            call=simple_bidirectional(activation=fwd.activation, method=fwd.method))
+            dtype=np.dtype(fwd.dtype), time_major=time_major, call=fwd._bidirectional(),
+            carry_parts=fwd.CARRY)
         return (carry, y) if return_carry else y
+
+
+class SparseBidirectional(_Bidirectional):
+    """A bidirectional simple recurrent layer; both directions run in one
+    :func:`jax_sprnn.sparse_rnn_bidirectional` call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseBidirectional` and a drop-in for
+    ``nnx.Bidirectional(nnx.RNN(nnx.SimpleCell(F, H, rngs=rngs)), nnx.RNN(nnx.SimpleCell(F, H,
+    rngs=rngs)))``: its ``forward_rnn`` and ``backward_rnn`` are :class:`SparseRNN` layers, built
+    in that order from ``rngs``, so ``nnx.state(layer, nnx.Param)`` has that tree (and the same
+    ``rngs`` give the same weights when ``max_density == 1``). Each keeps its own mask;
+    :func:`prune`, :func:`param_masks` and :func:`to_inference` treat them as two layers. The
+    outputs are concatenated, forward features first.
+
+    Args:
+      in_features, hidden_features, max_density, activation_fn, kernel_init,
+        recurrent_kernel_init, bias_init, dtype, param_dtype, carry_init, mask_seed, precision,
+        method: as in :class:`SparseRNN`, for both directions.
+      time_major, return_carry: defaults of the call keywords, as in ``nnx.Bidirectional``.
+      rngs: the ``nnx.Rngs`` for the parameters.
+    """
+
+    LAYER = SparseRNN
+
+
+class SparseBidirectionalLSTM(_Bidirectional):
+    """A bidirectional LSTM layer; both directions run in one
+    :func:`jax_sprnn.sparse_lstm_bidirectional` call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseBidirectionalLSTM` and a drop-in for
+    ``nnx.Bidirectional`` of two ``nnx.RNN(nnx.LSTMCell(F, H, rngs=rngs))``: ``forward_rnn`` and
+    ``backward_rnn`` are :class:`SparseLSTM` layers, otherwise as :class:`SparseBidirectional`.
+    Arguments as :class:`SparseLSTM`'s, for both directions.
+    """
+
+    LAYER = SparseLSTM
+
+
+class SparseBidirectionalGRU(_Bidirectional):
+    """A bidirectional GRU layer; both directions run in one
+    :func:`jax_sprnn.sparse_gru_bidirectional` call.
+
+    The NNX twin of :class:`jax_sprnn.flax.SparseBidirectionalGRU` (``nnx.GRUCell`` has no ``hn``
+    bias, so neither does this layer): ``forward_rnn`` and ``backward_rnn`` are :class:`SparseGRU`
+    layers, otherwise as :class:`SparseBidirectional`. Arguments as :class:`SparseGRU`'s.
+    """
+
+    LAYER = SparseGRU
 
 
 def _sparse_layers(model) -> dict[tuple, _SparseLayer]:
@@ -612,5 +660,6 @@ def to_inference(model):
     return model
 
 
-__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "SparseLSTMCell", "SparseGRUCell",
+__all__ = ["SparseRNNCell", "SparseRNN", "SparseBidirectional", "SparseBidirectionalLSTM",
+           "SparseBidirectionalGRU", "SparseLSTMCell", "SparseGRUCell",
            "SparseLSTM", "SparseGRU", "Sparsity", "prune", "param_masks", "to_inference"]

@@ -362,3 +362,51 @@ def test_linen_bad_arguments():
         model.apply(variables, x, initial_carry=((carry[0], carry[1][:1]), carry))
     with pytest.raises(ValueError, match=r"seq_lengths must be \[\*batch\]"):
         model.apply(variables, x, seq_lengths=FLENGTHS[:2])
+
+
+# ---- NNX: SparseBidirectionalLSTM / SparseBidirectionalGRU ---------------------------------------
+
+nnx = pytest.importorskip("flax.nnx")
+from jax_sprnn import nnx as jnnx  # noqa: E402
+
+NNX = {"lstm": (jnnx.SparseBidirectionalLSTM, nnx.LSTMCell),
+       "gru": (jnnx.SparseBidirectionalGRU, nnx.GRUCell)}
+
+
+def nnx_dense(cell, seed):
+    flax_cell = NNX[cell][1]
+    rngs = nnx.Rngs(seed)
+    return nnx.Bidirectional(nnx.RNN(flax_cell(FF, FH, rngs=rngs)), nnx.RNN(flax_cell(FF, FH, rngs=rngs)))
+
+
+@pytest.mark.parametrize("cell", GATES)
+def test_nnx_is_nnx_bidirectional_and_prunes(exact_matmuls, cell):
+    layer = NNX[cell][0](FF, FH, rngs=nnx.Rngs(40))
+    dense = nnx_dense(cell, 40)
+    ours, theirs = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (layer, dense))
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same rngs, same values
+    x = jax.random.normal(jax.random.key(41), (FB, FT, FF))
+    valid = inside(FLENGTHS)
+    carry, out = layer(x, seq_lengths=FLENGTHS, return_carry=True)
+    ref_carry, ref = dense(x, seq_lengths=FLENGTHS, return_carry=True)
+    assert out.shape == (FB, FT, 2 * FH)
+    assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
+    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(ref_carry)):
+        assert rel_err(a, b) < 1e-5
+    # Pruned: each direction its own mask; still nnx.Bidirectional of the pruned parameters; the
+    # inference form gives the same outputs.
+    jnnx.prune(layer, 0.6)
+    for rnn in (layer.forward_rnn, layer.backward_rnn):
+        assert np.asarray(rnn.mask).mean() == pytest.approx(0.4, abs=0.05)
+    nnx.update(dense, nnx.state(layer, nnx.Param))
+    out, ref = layer(x, seq_lengths=FLENGTHS), dense(x, seq_lengths=FLENGTHS)
+    assert rel_err(np.where(valid, out, 0), np.where(valid, ref, 0)) < 1e-5
+    inference = jnnx.to_inference(layer)
+    assert isinstance(inference.backward_rnn.sparsity.get_value(), js.SparseWeights)
+    assert rel_err(nnx.jit(lambda m: m(x, seq_lengths=FLENGTHS))(inference), out) < 1e-6
+    with pytest.raises(TypeError, match="reverse"):
+        NNX[cell][0](FF, FH, reverse=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="inputs"):
+        layer(jnp.zeros((FB, FT, FF + 1)))
