@@ -509,6 +509,19 @@ class _GatedAttributes(nn.Module):
         return 1
 
     @nn.nowrap
+    def _fused_cell_args(self, inputs, time_major: bool):
+        """What a gated layer checks and builds first: ``(inputs, steps, batch_shape, args)``, the
+        inputs with their steps and batch dimensions, and the :class:`FusedGatedCell` keywords."""
+        check_features(self.features)
+        dtype = storage_dtype(self.dtype, self.param_dtype)
+        check_method(self.method)
+        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_GatedAttributes)
+                  if f.name not in ("parent", "name")}
+        args = dict(shared, dtype=dtype, gates=self.GATES, layer=type(self).__name__)
+        return inputs, steps, batch_shape, args
+
+    @nn.nowrap
     def _gate_params(self, gates: _LinenGates, in_features: int, *, with_recurrent: bool = True):
         """Create (in a compact method) the parameters of Flax's cell, and return them side by
         side: ``(W_i [F, G*H], b_i [G*H], W_h [H, G*H] or None, b_h [G*H])``, missing biases
@@ -644,14 +657,9 @@ class _SparseGatedLayer(_GatedAttributes):
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
-        check_features(self.features)
-        dtype = storage_dtype(self.dtype, self.param_dtype)
-        check_method(self.method)
-        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_GatedAttributes)
-                  if f.name not in ("parent", "name")}
-        x, weights, hn_bias = FusedGatedCell(**{**shared, "dtype": dtype}, gates=self.GATES,
-                                             layer=type(self).__name__, name="cell")(inputs)
+        inputs, steps, batch_shape, args = self._fused_cell_args(inputs, time_major)
+        dtype = args["dtype"]
+        x, weights, hn_bias = FusedGatedCell(**args, name="cell")(inputs)
         if initial_carry is None:
             key = jax.random.key(0) if init_key is None else init_key
             initial_carry = self.initialize_carry(key, batch_shape + (inputs.shape[-1],))
@@ -727,15 +735,9 @@ class _SparseGatedBidirectional(_GatedAttributes):
         del reverse, keep_order  # nn.Bidirectional's signature; each direction has its own
         return_carry = self.return_carry if return_carry is None else return_carry
         time_major = self.time_major if time_major is None else time_major
-        check_features(self.features)
-        dtype = storage_dtype(self.dtype, self.param_dtype)
-        check_method(self.method)
-        inputs, steps, batch_shape = sequence_shape(inputs, time_major)
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_GatedAttributes)
-                  if f.name not in ("parent", "name")}
-        directions = [RNNLevel(FusedGatedCell(**{**shared, "dtype": dtype}, gates=self.GATES,
-                                              layer=type(self).__name__, parent=None),
-                               name=name)(inputs)
+        inputs, steps, batch_shape, args = self._fused_cell_args(inputs, time_major)
+        dtype = args["dtype"]
+        directions = [RNNLevel(FusedGatedCell(**args, parent=None), name=name)(inputs)
                       for name in ("forward_rnn", "backward_rnn")]
         if initial_carry is None:
             keys = (jax.random.key(0),) * 2 if init_key is None else jax.random.split(init_key)

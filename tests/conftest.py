@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
+from jax_sprnn import _constants, _native
 from jax_sprnn.testing import on_gpu
 
 if not js._native.has_cpu_kernels():
@@ -24,6 +25,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda_targets_registered(monkeypatch):
+    """Lower as if the CUDA module were built (the lowering asks _native what it registered)."""
+    names = {_constants.ffi_target(kind)
+             for kind in _constants.PRODUCTION_TARGET_KINDS + _constants.TESTING_TARGET_KINDS}
+    monkeypatch.setattr(_native, "_CUDA_TARGETS", frozenset(names))
+    monkeypatch.setattr(_native, "initialize_cuda", lambda: None)
 
 
 @pytest.fixture

@@ -20,15 +20,6 @@ RECURRENCE_ATTRS = LAYOUT_ATTRS | {"batch_major", "problems"}
 HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us", "exchange_mode"}
 
 
-@pytest.fixture
-def cuda_targets_registered(monkeypatch):
-    """Lower as if the CUDA module were built (the lowering asks _native what it registered)."""
-    names = {_constants.ffi_target(kind)
-             for kind in _constants.PRODUCTION_TARGET_KINDS + _constants.TESTING_TARGET_KINDS}
-    monkeypatch.setattr(_native, "_CUDA_TARGETS", frozenset(names))
-    monkeypatch.setattr(_native, "initialize_cuda", lambda: None)
-
-
 def _custom_calls(fn, *args):
     """(target, attribute names) of each custom call in fn lowered for CUDA."""
     checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _native.cuda_targets()]

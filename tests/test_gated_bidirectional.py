@@ -170,15 +170,6 @@ def test_export_round_trip(cell):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.fixture
-def cuda_targets_registered(monkeypatch):
-    """Lower as if the CUDA module were built (the lowering asks _native what it registered)."""
-    names = {_constants.ffi_target(kind)
-             for kind in _constants.PRODUCTION_TARGET_KINDS + _constants.TESTING_TARGET_KINDS}
-    monkeypatch.setattr(_native, "_CUDA_TARGETS", frozenset(names))
-    monkeypatch.setattr(_native, "initialize_cuda", lambda: None)
-
-
 @pytest.mark.parametrize("cell", GATES)
 def test_the_paired_call_is_one_gated_launch_on_cuda(cuda_targets_registered, cell):
     # Lowered for CUDA (never run): one gated forward call of both directions, stacked
