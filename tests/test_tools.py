@@ -1,6 +1,7 @@
 """The profile readers in tools/: kernel_time.py (device time per step from Nsight Compute's
-per-launch metrics) and ncu_lines.py (a profile's instructions by source line), on small
-hand-made reports in the formats those tools read."""
+per-launch metrics), ncu_lines.py (a profile's instructions by source line) and sass_lines.py
+(a build's instructions by source line, and what a change moved), on small hand-made reports in
+the formats those tools read."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ if str(TOOLS) not in sys.path:
 
 import kernel_time  # noqa: E402
 import ncu_lines  # noqa: E402
+import sass_lines  # noqa: E402
 
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
@@ -136,3 +138,21 @@ def test_ncu_lines_refuses_a_profile_of_another_build(tmp_path):
     _profile(tmp_path / "p.csv.gz", [("FFMA R1, R2, R3, R1", 1, 32), ("IADD3 R1, R1, 1, RZ", 0, 32)])
     with pytest.raises(SystemExit, match="not the same build"):
         ncu_lines.main([str(tmp_path / "p.csv.gz"), str(tmp_path / "k.sass")])
+
+
+def test_sass_lines_counts_each_instruction_once_and_diffs_two_builds(tmp_path, capsys):
+    body, kernel_line = ("persistent_kernel.cuh", 1600), ("persistent_kernel.cuh", 1800)
+    gather = [("persistent_kernel.cuh", 560), ("persistent_kernel.cuh", 1642), kernel_line]
+    old = [(gather, "LDS R1, [R2]"), (gather, "FFMA R3, R1, R4, R3"), ([body, kernel_line], "BAR.SYNC 0x0"),
+           ([kernel_line], "EXIT")]
+    _sass(tmp_path / "old.sass", old)
+    _sass(tmp_path / "new.sass", old[:2] + [(gather, "FFMA R3, R1, R5, R3")] + old[3:])
+    sass_lines.main([str(tmp_path / "new.sass"), "--body", "persistent_kernel.cuh:1346-1790"])
+    out = capsys.readouterr().out
+    assert "4 instructions, 3 in the body" in out and "    1642      3" in out
+    sass_lines.main([str(tmp_path / "new.sass"), "--against", str(tmp_path / "old.sass"),
+                     "--body", "persistent_kernel.cuh:1346-1790"])
+    out = capsys.readouterr().out
+    assert "    1642      2 ->      3 (+1)" in out and "    1600      1 ->      0 (-1)" in out
+    with pytest.raises(SystemExit, match="0 persistent kernels match"):
+        sass_lines.main([str(tmp_path / "new.sass"), "--kernel", "Li4ELi8E"])
