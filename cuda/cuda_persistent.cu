@@ -721,13 +721,13 @@ ffi::Error GatedBackwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
                              ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
                              ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
                              int64_t slots_per_lane, int64_t warps_per_cta, int64_t reg_slots,
-                             int64_t load_bytes, Hooks... hooks) {
+                             int64_t load_bytes, int64_t batch_major, int64_t problems, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_gated_backward");
   ffi_checks::Sizes n;
   if (auto err = ffi_checks::check_operands(name.c_str(), gates, x, u, h_before, c_before, dy,
                                                        dh_final, dc_final, hn_bias, values_t, lengths,
-                                                       *dx, *du, *dh0, *dc0, &n);
+                                                       *dx, *du, *dh0, *dc0, &n, problems);
       err.failure())
     return err;
   const bool lstm = gates == 4;
@@ -736,6 +736,7 @@ ffi::Error GatedBackwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
                       dh_final.untyped_data(), values_t, indices_t, lane_row_t, lengths,
                       dx->untyped_data(), dh0->untyped_data(), workspace->typed_data(),
                       static_cast<int64_t>(workspace->element_count())};
+  call.problems = problems;
   call.seq_u = u.typed_data();
   call.seq_state = lstm ? c_before.untyped_data() : h_before.untyped_data();
   call.du_out = du->typed_data();
@@ -746,7 +747,10 @@ ffi::Error GatedBackwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
     call.hn_bias = hn_bias.typed_data();
   }
   // T = 0 leaves dx and du without elements; the handler copies dh_final (and dc_final) over.
-  return launch_persistent(stream, call, {0, 0, slots_per_lane, warps_per_cta, reg_slots, load_bytes},
+  // (Step order: no problem runs reversed. batch_major: the sequences are [B, T, .] in memory, as
+  // the forward's; several problems need it.)
+  return launch_persistent(stream, call,
+                           {0, 0, slots_per_lane, warps_per_cta, reg_slots, load_bytes, batch_major},
                            TestHooks{hooks...});
 }
 
@@ -782,7 +786,9 @@ auto gated_backward_binding() {
       .Attr<int64_t>("slots_per_lane")
       .Attr<int64_t>("warps_per_cta")
       .Attr<int64_t>("reg_slots")
-      .Attr<int64_t>("load_bytes");
+      .Attr<int64_t>("load_bytes")
+      .Attr<int64_t>("batch_major")
+      .Attr<int64_t>("problems");
 }
 auto backward_binding() {
   return bindings::layout_attrs(

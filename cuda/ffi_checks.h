@@ -69,7 +69,9 @@ struct Sizes {
 // x [T, B, G*H], u (float32, same), h_before [T, B, H], c_before, dy [T, B, H], dh_final [B, H],
 // dc_final, hn_bias -> dx [T, B, G*H], du (float32, same), dh0 [B, H], dc0. LSTM: c_before,
 // dc_final and dc0 as their h twins, hn_bias empty; GRU: the reverse, hn_bias float32 [H]. The float
-// operands share x's dtype. On success `sizes` holds T, B and H.
+// operands share x's dtype. Several `problems` (the CUDA target's stacked form) give every operand
+// but lengths [B] a leading [problems] axis. On success `sizes` holds T, B (every problem's
+// examples) and H.
 inline ffi::Error check_operands(const char* who, int64_t gates, const ffi::AnyBuffer& x,
                                  const ffi::Buffer<ffi::F32>& u, const ffi::AnyBuffer& h_before,
                                  const ffi::AnyBuffer& c_before, const ffi::AnyBuffer& dy,
@@ -77,30 +79,44 @@ inline ffi::Error check_operands(const char* who, int64_t gates, const ffi::AnyB
                                  const ffi::Buffer<ffi::F32>& hn_bias, const ffi::AnyBuffer& values_t,
                                  const ffi::Buffer<ffi::S32>& lengths, const ffi::AnyBuffer& dx,
                                  const ffi::Buffer<ffi::F32>& du, const ffi::AnyBuffer& dh0,
-                                 const ffi::AnyBuffer& dc0, Sizes* sizes) {
+                                 const ffi::AnyBuffer& dc0, Sizes* sizes, int64_t problems = 1) {
   const GatedChecks check = checks_for(who, gates);
   if (gates != 3 && gates != 4) return check.fail("gates must be 3 (GRU) or 4 (LSTM), got " + std::to_string(gates));
+  if (problems < 1) return check.fail("problems must be >= 1, got " + std::to_string(problems));
   const bool lstm = gates == 4;
+  const bool stacked = problems > 1;
   const Dims dims = x.dimensions();
-  if (dims.size() != 3 || dims[2] % gates != 0)
-    return check.fail("x must be [T, B, G*H] with G = gates = " + std::to_string(gates) + ", got " +
+  const size_t lead = stacked ? 1 : 0;
+  if (dims.size() != 3 + lead || (stacked && dims[0] != problems) || dims[2 + lead] % gates != 0)
+    return check.fail(std::string("x must be ") + (stacked ? "[problems, T, B, G*H]" : "[T, B, G*H]") +
+                      " with G = gates = " + std::to_string(gates) +
+                      (stacked ? " and problems = " + std::to_string(problems) : std::string()) + ", got " +
                       shape_text(dims.begin(), dims.size()));
-  const int64_t T = dims[0], B = dims[1], H = dims[2] / gates, W = gates * H;
-  for (auto e : {check.shape("u", u.dimensions(), {T, B, W}, "float32 [T, B, G*H]"),
-                 check.shape("h_before", h_before.dimensions(), {T, B, H}, "[T, B, H]"),
-                 lstm ? check.shape("c_before", c_before.dimensions(), {T, B, H}, "[T, B, H]")
+  const int64_t T = dims[lead], B = dims[1 + lead], H = dims[2 + lead] / gates, W = gates * H;
+  // The expected shape with the problems' axis (if any), and how messages write it.
+  auto want = [&](std::vector<int64_t> v) {
+    if (stacked) v.insert(v.begin(), problems);
+    return v;
+  };
+  auto what = [&](const char* text) {
+    std::string t(text);
+    return stacked ? t.insert(t.find('[') + 1, "problems, ") : t;
+  };
+  for (auto e : {check.shape("u", u.dimensions(), want({T, B, W}), what("float32 [T, B, G*H]").c_str()),
+                 check.shape("h_before", h_before.dimensions(), want({T, B, H}), what("[T, B, H]").c_str()),
+                 lstm ? check.shape("c_before", c_before.dimensions(), want({T, B, H}), what("[T, B, H]").c_str())
                       : check.empty("c_before", c_before.dimensions()),
-                 check.shape("dy", dy.dimensions(), {T, B, H}, "[T, B, H]"),
-                 check.shape("dh_final", dh_final.dimensions(), {B, H}, "[B, H]"),
-                 lstm ? check.shape("dc_final", dc_final.dimensions(), {B, H}, "[B, H]")
+                 check.shape("dy", dy.dimensions(), want({T, B, H}), what("[T, B, H]").c_str()),
+                 check.shape("dh_final", dh_final.dimensions(), want({B, H}), what("[B, H]").c_str()),
+                 lstm ? check.shape("dc_final", dc_final.dimensions(), want({B, H}), what("[B, H]").c_str())
                       : check.empty("dc_final", dc_final.dimensions()),
                  lstm ? check.empty("hn_bias", hn_bias.dimensions())
-                      : check.shape("hn_bias", hn_bias.dimensions(), {H}, "float32 [H]"),
+                      : check.shape("hn_bias", hn_bias.dimensions(), want({H}), what("float32 [H]").c_str()),
                  check.shape("lengths", lengths.dimensions(), {B}, "int32 [B]"),
-                 check.shape("dx", dx.dimensions(), {T, B, W}, "[T, B, G*H]"),
-                 check.shape("du", du.dimensions(), {T, B, W}, "float32 [T, B, G*H]"),
-                 check.shape("dh0", dh0.dimensions(), {B, H}, "[B, H]"),
-                 lstm ? check.shape("dc0", dc0.dimensions(), {B, H}, "[B, H]")
+                 check.shape("dx", dx.dimensions(), want({T, B, W}), what("[T, B, G*H]").c_str()),
+                 check.shape("du", du.dimensions(), want({T, B, W}), what("float32 [T, B, G*H]").c_str()),
+                 check.shape("dh0", dh0.dimensions(), want({B, H}), what("[B, H]").c_str()),
+                 lstm ? check.shape("dc0", dc0.dimensions(), want({B, H}), what("[B, H]").c_str())
                       : check.empty("dc0", dc0.dimensions())})
     if (e.failure()) return e;
   const auto dt = x.element_type();
@@ -113,7 +129,7 @@ inline ffi::Error check_operands(const char* who, int64_t gates, const ffi::AnyB
     if (type != dt)
       return check.fail(std::string(name) + " is " + dtype_name(type) + " but x is " + dtype_name(dt) +
                         ": x, the states, the cotangents and values_t must share one dtype");
-  *sizes = Sizes{T, B, H};
+  *sizes = Sizes{T, problems * B, H};
   return ffi::Error::Success();
 }
 

@@ -1232,7 +1232,7 @@ struct GatedBackwardCell {
   // (Entries shared among the unit's lanes as LstmCell::init_entries does.)
   __device__ void init_entries(const PersistentParams& p, BatchSlice bs, int unit, float* cell,
                                int stride, int b_first, int b_step) {
-    if constexpr (!kLstm) hn_bias = __ldg(p.hn_bias + unit);
+    if constexpr (!kLstm) hn_bias = __ldg(p.hn_bias + static_cast<size_t>(bs.problem) * p.H + unit);
     const Bits* dc_final = static_cast<const Bits*>(p.c_init);
     for (int b = b_first; b < p.n_planes * TILE; b += b_step)
       cell[b / TILE * stride + b % TILE] =

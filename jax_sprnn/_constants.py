@@ -207,7 +207,8 @@ constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t war
 # callers sum du) and has a CUDA target (2026-12-03); 4: the CUDA gated forward's batch_major
 # attribute (2026-12-03); 5: the CUDA forward's and backward's `problems` attribute (stacked
 # problems, `reverse` a bit mask) and the CUDA backward's batch_major (2026-12-04); 6: the CUDA
-# gated forward's `problems` attribute (its hn_bias [problems, H]) (2026-12-04).
+# gated forward's `problems` attribute (its hn_bias [problems, H]), the CUDA gated backward's
+# `batch_major` and `problems` (2026-12-04).
 FFI_ABI_VERSION = 6
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.

@@ -85,17 +85,28 @@ def _gated_fwd(x, carry, w, hn_bias, lengths, cfg):
     return (y, final), (x, carry, w, hn_bias, lengths, y, cells)
 
 
-def _gated_bwd(cfg, residuals, cotangents):
-    """The backward recurrence from the forward's outputs (:mod:`jax_sprnn.gated_backward`)."""
+def _backward_args(cfg, residuals, cotangents) -> dict:
+    """:func:`jax_sprnn.gated_backward.gated_backward`'s arguments (but ``gates`` and ``method``)
+    from the forward's residuals."""
     x, carry, w, hn_bias, lengths, y, cells = residuals
     kernel = fallback.dense_from_packed(w.values, w.indices, w.lane_row, cfg.meta)
-    dx, dcarry, dkernel, dbias = gated_backward(x, carry, kernel, hn_bias, lengths, y, cotangents,
-                                                gates=cfg.gates, reverse=cfg.reverse, weights=w,
-                                                method=cfg.method, cells=cells)
-    cols, rows, real = fallback.slot_coordinates(w.indices, w.lane_row, cfg.meta)
+    return dict(x_tm=x, carry0=carry, kernel=kernel, hn_bias=hn_bias, lengths=lengths, y_tm=y,
+                cotangents=cotangents, reverse=cfg.reverse, weights=w, cells=cells)
+
+
+def _weights_cotangent(w: SparseWeights, dkernel, meta: LayoutMeta) -> SparseWeights:
+    """The packed weights' cotangent: ``dkernel``'s entries at the pattern's slots."""
+    cols, rows, real = fallback.slot_coordinates(w.indices, w.lane_row, meta)
     dvalues = jnp.where(real, dkernel[cols, rows], 0.0).astype(w.values.dtype)
-    dw = w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})
-    return dx, dcarry, dw, dbias, _float0_like(lengths)
+    return w.replace(values=dvalues, **{name: _float0_like(getattr(w, name)) for name in w.INDEX_LEAVES})
+
+
+def _gated_bwd(cfg, residuals, cotangents):
+    """The backward recurrence from the forward's outputs (:mod:`jax_sprnn.gated_backward`)."""
+    args = _backward_args(cfg, residuals, cotangents)
+    dx, dcarry, dkernel, dbias = gated_backward(**args, gates=cfg.gates, method=cfg.method)
+    return dx, dcarry, _weights_cotangent(args["weights"], dkernel, cfg.meta), dbias, \
+        _float0_like(args["lengths"])
 
 
 _gated.defvjp(_gated_fwd, _gated_bwd)

@@ -9,7 +9,9 @@ Where both directions' weights have one layout (the same ``meta``, as directions
 capacity have), the forward recurrences are one ``sprnn_lstm_pair`` / ``sprnn_gru_pair`` call
 (:mod:`jax_sprnn.stacked`): on a GPU one launch runs both directions, each on its own
 thread-block clusters; elsewhere the pair is the two calls. The gradient runs each direction's
-backward pass as :mod:`jax_sprnn.gated` does for one layer. Otherwise, and for
+backward pass as :mod:`jax_sprnn.gated` does for one layer, the two backward recurrences again one
+pair call (``sprnn_lstm_backward_pair`` / ``sprnn_gru_backward_pair``) where the transposed
+layouts agree. Otherwise, and for
 ``method="reference"``, the function makes the two calls. Both give the same numbers: each
 direction runs the same kernel on the same layout either way.
 """
@@ -25,8 +27,9 @@ import jax.numpy as jnp
 from ._checks import check_method, check_sequence_args, check_weights
 from .api import _float0_like
 from .bidirectional import _check_same, _check_weights, _pair
-from .gated import (GRU, LSTM, _batch_major, _check_hn_bias, _Config, _gated_bwd, _poisoned, _run,
-                    _safe_lengths)
+from .gated import (GRU, LSTM, _backward_args, _batch_major, _check_hn_bias, _Config, _poisoned,
+                    _run, _safe_lengths, _weights_cotangent)
+from .gated_backward import gated_backward_pair
 from .stacked import sprnn_gru_pair_p, sprnn_lstm_pair_p, sprnn_lstm_with_cells_pair_p
 from .weights import SparseWeights
 
@@ -70,9 +73,14 @@ def _gated_pair_fwd(xs, carries, ws, hn_biases, lengths, cfg):
 
 
 def _gated_pair_bwd(cfg, residuals, cotangents):
-    """Each direction's backward pass, as one gated layer's (:func:`jax_sprnn.gated._gated_bwd`)."""
-    grads = [_gated_bwd(cfg.directions[q], residuals[q], cotangents[q]) for q in range(2)]
-    dxs, dcarries, dws, dbiases = (tuple(g[i] for g in grads) for i in range(4))
+    """Both directions' backward passes, as one gated layer's (:func:`jax_sprnn.gated._gated_bwd`),
+    their backward recurrences one pair call where the transposed layouts agree."""
+    first = cfg.directions[0]
+    args = [_backward_args(cfg.directions[q], residuals[q], cotangents[q]) for q in range(2)]
+    grads = gated_backward_pair(args, gates=first.gates, method=first.method)
+    dxs, dcarries, dbiases = (tuple(g[i] for g in grads) for i in (0, 1, 3))
+    dws = tuple(_weights_cotangent(a["weights"], g[2], c.meta)
+                for a, g, c in zip(args, grads, cfg.directions))
     return dxs, dcarries, dws, dbiases, _float0_like(residuals[0][4])
 
 

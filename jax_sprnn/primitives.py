@@ -488,13 +488,21 @@ sprnn_gru_backward_p = _make_primitive(
 _BACKWARD_GATES = {sprnn_lstm_backward_p: 4, sprnn_gru_backward_p: 3}
 
 
-def _gated_backward_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=()):
+def _gated_backward_call(ctx, target: str, gates: int, args, attrs: dict, extra_out=(),
+                         batch_major_layout=None):
     """The gated backward target: the LSTM's operands with an empty hn_bias; the GRU's with an
-    empty c_before, dc_final and dc0; the dense kernel left out."""
+    empty c_before, dc_final and dc0; the dense kernel left out. ``batch_major_layout`` (stacked
+    problems, jax_sprnn.stacked): the layout of the sequences x, u, h_before, c_before, dy, dx
+    and du."""
     dtype = ctx.avals_in[0].dtype
     empties = {7: np.float32} if gates == 4 else {3: dtype, 6: dtype}
+    layouts = {}
+    if batch_major_layout is not None:  # (the GRU's c_before is an empty stand-in)
+        layouts = dict(batch_major_operands=(0, 1, 2, 3, 4) if gates == 4 else (0, 1, 2, 4),
+                       batch_major_results=(0, 1), batch_major_layout=batch_major_layout)
     return _call_with_empties(ctx, target, args, attrs, empty_operands=empties,
-                              empty_results=1 if gates == 3 else 0, extra_out=extra_out, drop_last=1)
+                              empty_results=1 if gates == 3 else 0, extra_out=extra_out, drop_last=1,
+                              **layouts)
 
 
 def _gated_backward_attrs(gates: int, meta: LayoutMeta, platform: str) -> dict:
@@ -523,7 +531,8 @@ def _gated_backward_cuda(prim, fallback_impl, ctx, *args, meta, method, spin_tim
         return _lower_fallback(fallback_impl)(ctx, *args, meta=meta, method=method)
     _native.initialize_cuda()
     gates = _BACKWARD_GATES[prim]
-    attrs = _gated_backward_attrs(gates, meta, "cuda")
+    attrs = _gated_backward_attrs(gates, meta, "cuda") | dict(batch_major=np.int64(0),
+                                                             problems=np.int64(1))
     target = GATED_BACKWARD
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
     if hooks != _HOOK_DEFAULTS:

@@ -2,8 +2,9 @@
 
 * ``sprnn_<kind>_stack``: P problems stacked on a leading axis, each with its own weights and
   direction, sharing the lengths (docs/format.md, "Stacked problems"); the kinds are the simple
-  cell's ``forward`` and ``backward`` recurrences and the gated cells' forward recurrences
-  (``lstm``, ``lstm_with_cells``, ``gru``);
+  cell's ``forward`` and ``backward`` recurrences and the gated cells' forward (``lstm``,
+  ``lstm_with_cells``, ``gru``) and backward (``lstm_backward``, ``gru_backward``: in step order,
+  never reversed) recurrences;
 * ``sprnn_<kind>_pair``: the two directions of a bidirectional layer, their operands side by side
   (what :mod:`jax_sprnn.bidirectional` binds).
 
@@ -28,15 +29,17 @@ from jax.interpreters import batching, mlir
 
 from . import _constants, _native, dispatch, fallback
 from ._partitioning import SplitRule
-from .dispatch import BACKWARD, FORWARD, GATED_FORWARD
-from .primitives import (_GATES, _HOOK_DEFAULTS, _HOOKED_TARGETS, _NOT_MAPPED, _SPLITS,
-                         WEIGHT_SET_RULES, _backward_abstract, _drop_full_lengths, _fold_batch,
-                         _forward_abstract, _gated_attrs, _gated_target_call, _gru_abstract,
-                         _gru_fallback, _hook_attrs, _lstm_abstract, _lstm_fallback,
-                         _lstm_with_cells_abstract, _lstm_with_cells_fallback, _make_primitive,
-                         _move, _recurrence_attrs, _recurrence_call, _register_lowering,
-                         sprnn_backward_p, sprnn_forward_p, sprnn_gru_p, sprnn_lstm_p,
-                         sprnn_lstm_with_cells_p)
+from .dispatch import BACKWARD, FORWARD, GATED_BACKWARD, GATED_FORWARD
+from .primitives import (_BACKWARD_GATES, _GATES, _HOOK_DEFAULTS, _HOOKED_TARGETS, _NOT_MAPPED,
+                         _SPLITS, WEIGHT_SET_RULES, _backward_abstract, _drop_full_lengths,
+                         _fold_batch, _forward_abstract, _gated_attrs, _gated_backward_attrs,
+                         _gated_backward_call, _gated_target_call, _gru_abstract,
+                         _gru_backward_abstract, _gru_backward_fallback, _gru_fallback, _hook_attrs,
+                         _lstm_abstract, _lstm_backward_abstract, _lstm_backward_fallback,
+                         _lstm_fallback, _lstm_with_cells_abstract, _lstm_with_cells_fallback,
+                         _make_primitive, _move, _recurrence_attrs, _recurrence_call,
+                         _register_lowering, sprnn_backward_p, sprnn_forward_p, sprnn_gru_backward_p,
+                         sprnn_gru_p, sprnn_lstm_backward_p, sprnn_lstm_p, sprnn_lstm_with_cells_p)
 
 # ``sprnn_forward_stack``: ``(x [P, T, B, H], h0 [P, B, H], values [P, S], indices [P, S],
 # lane_row [P, L], lengths [B]) -> (y [P, T, B, H], h_final [P, B, H])``, problem ``q`` being
@@ -62,6 +65,7 @@ class _Kind:
     lengths_at: int  # the lengths' operand (a forward call without seq_lengths drops them)
     batch_axes: tuple  # each operand's batch axis (None: the layout's arrays, hn_bias)
     result_batch_axes: tuple  # each result's
+    directed: bool = True  # takes ``reverse`` (the gated backward recurrences run in step order)
 
     @property
     def name(self) -> str:
@@ -69,7 +73,15 @@ class _Kind:
 
     @property
     def forward(self) -> bool:
-        return self.prim is not sprnn_backward_p
+        return self.prim not in (sprnn_backward_p, sprnn_lstm_backward_p, sprnn_gru_backward_p)
+
+    def reverse_kw(self, r) -> dict:
+        """The one-problem primitive's ``reverse`` keyword for a problem's direction ``r``."""
+        if self.directed:
+            return {"reverse": bool(r)}
+        if r:
+            raise ValueError(f"{self.name} runs in step order: its problems cannot be reversed")
+        return {}
 
 
 _ONE = (0, 0, 0, 0, 0)  # x, h0, values, indices, lane_row: one per problem
@@ -86,6 +98,14 @@ _KINDS = {
                              (1, 0, 0, 1)),
     "gru": _Kind(sprnn_gru_p, _ONE + (None, 0), _gru_fallback, _gru_abstract, (0,), 5,
                  (1, 0) + _LAYOUT + (0, None), (1, 0)),
+    # (x, u, h_before, c_before, dy, dh_final, dc_final, values_t, indices_t, lane_row_t, lengths,
+    # kernel) and the GRU's (x, u, h_before, dy, dh_final, hn_bias, ..., lengths, kernel)
+    "lstm_backward": _Kind(sprnn_lstm_backward_p, (0,) * 10 + (None, 0), _lstm_backward_fallback,
+                           _lstm_backward_abstract, (0, 1, 2, 3, 4), 10,
+                           (1, 1, 1, 1, 1, 0, 0) + _LAYOUT + (0, None), (1, 1, 0, 0), directed=False),
+    "gru_backward": _Kind(sprnn_gru_backward_p, (0,) * 9 + (None, 0), _gru_backward_fallback,
+                          _gru_backward_abstract, (0, 1, 2, 3), 9,
+                          (1, 1, 1, 1, 0, None) + _LAYOUT + (0, None), (1, 1, 0), directed=False),
 }
 
 
@@ -103,14 +123,14 @@ def _stack_abstract(kind: _Kind):
                                  f"{P} problems (P = len(reverse)), got shape {a.shape}")
         one = [a if ax is None else jax.core.ShapedArray(a.shape[1:], a.dtype)
                for a, ax in zip(args, kind.axes)]
-        outs = kind.abstract(*one, reverse=bool(reverse[0]), **params)
+        outs = kind.abstract(*one, **kind.reverse_kw(reverse[0]), **params)
         return tuple(jax.core.ShapedArray((P,) + o.shape, o.dtype) for o in outs)
     return abstract
 
 
 def _per_problem(kind: _Kind, *args, reverse, **params):
     """A stacked call as one call of the one-problem primitive per problem (stacked results)."""
-    outs = [kind.prim.bind(*_problem(args, kind.axes, q), reverse=bool(r), **params)
+    outs = [kind.prim.bind(*_problem(args, kind.axes, q), **kind.reverse_kw(r), **params)
             for q, r in enumerate(reverse)]
     return tuple(jnp.stack(o) for o in zip(*outs))
 
@@ -125,7 +145,7 @@ def _impl_params(kind: _Kind, params: dict) -> dict:
 def _stack_fallback(kind: _Kind):
     """The pure-JAX implementation: the one-problem fallback per problem."""
     def run(*args, reverse, **params):
-        outs = [kind.impl(*_problem(args, kind.axes, q), reverse=bool(r), **_impl_params(kind, params))
+        outs = [kind.impl(*_problem(args, kind.axes, q), **kind.reverse_kw(r), **_impl_params(kind, params))
                 for q, r in enumerate(reverse)]
         return tuple(jnp.stack(o) for o in zip(*outs))
     return run
@@ -147,6 +167,8 @@ sprnn_backward_stack_p = _STACK_PRIMS["backward"]
 sprnn_lstm_stack_p = _STACK_PRIMS["lstm"]
 sprnn_lstm_with_cells_stack_p = _STACK_PRIMS["lstm_with_cells"]
 sprnn_gru_stack_p = _STACK_PRIMS["gru"]
+sprnn_lstm_backward_stack_p = _STACK_PRIMS["lstm_backward"]
+sprnn_gru_backward_stack_p = _STACK_PRIMS["gru_backward"]
 
 # [P, T, B, .] laid out as [P, B, T, .] in memory (minor to major).
 _STACK_BATCH_MAJOR_LAYOUT = (3, 1, 2, 0)
@@ -160,6 +182,14 @@ def _reverse_mask(reverse) -> np.int64:
     return np.int64(sum(1 << q for q, r in enumerate(reverse) if r))
 
 
+def _target_of(kind: _Kind) -> str:
+    if kind.prim in _GATES:
+        return GATED_FORWARD
+    if kind.prim in _BACKWARD_GATES:
+        return GATED_BACKWARD
+    return FORWARD if kind.forward else BACKWARD
+
+
 def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=False,
                 batch_major=True, spin_timeout_us=0, debug_stall_cta=-1, grid_barrier=False,
                 exchange_mode="auto", **params):
@@ -169,8 +199,7 @@ def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=Fal
     del batch_major
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
     P, T, B = ctx.avals_in[0].shape[:3]
-    gated = kind.prim in _GATES
-    target = GATED_FORWARD if gated else FORWARD if kind.forward else BACKWARD
+    target = _target_of(kind)
     decision = dispatch.on_cuda_recurrence(target, meta, B, ctx.avals_in[0].dtype, method)
     if decision.path == "fallback":
         own = dict(params, reverse=reverse, meta=meta, method=method, **hooks_kw(
@@ -181,15 +210,26 @@ def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=Fal
     _native.initialize_cuda()
     if full_lengths:
         ctx, args = _drop_full_lengths(ctx, args, kind.lengths_at)
-    workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(P * B, meta.hidden),), np.uint8)
     attrs = dict(batch_major=np.int64(1), problems=np.int64(P))
-    if gated:
-        attrs = _gated_attrs(_GATES[kind.prim], False, meta) | attrs | dict(reverse=_reverse_mask(reverse))
+    if target in (GATED_FORWARD, GATED_BACKWARD):
+        gated_backward = target == GATED_BACKWARD
+        if gated_backward:
+            gates = _BACKWARD_GATES[kind.prim]
+            attrs = _gated_backward_attrs(gates, meta, "cuda") | attrs
+        else:
+            gates = _GATES[kind.prim]
+            attrs = _gated_attrs(gates, False, meta) | attrs | dict(reverse=_reverse_mask(reverse))
         if hooks != _HOOK_DEFAULTS:
             target = _HOOKED_TARGETS[target]
             attrs.update({name: np.int64(value) for name, value in hooks.items()})
+        width = (gates if gated_backward else 1) * meta.hidden  # (the exchanged state's)
+        workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(P * B, width),), np.uint8)
+        if gated_backward:
+            return _gated_backward_call(ctx, target, gates, args, attrs, extra_out=(workspace,),
+                                        batch_major_layout=_STACK_BATCH_MAJOR_LAYOUT)
         return _gated_target_call(ctx, kind.prim, target, args, attrs, extra_out=(workspace,),
                                   batch_major=True, batch_major_layout=_STACK_BATCH_MAJOR_LAYOUT)
+    workspace = jax.core.ShapedArray((_constants.cuda_workspace_bytes(P * B, meta.hidden),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     attrs = _recurrence_attrs(activation=params["activation"], reverse=False, meta=meta) | attrs
     attrs["reverse"] = _reverse_mask(reverse)
@@ -234,21 +274,21 @@ def _pair_join(outs) -> tuple:
 
 def _pair_abstract(kind: _Kind):
     def abstract(*args, reverse, **params):
-        return _pair_join(kind.abstract(*a, reverse=r, **params)
+        return _pair_join(kind.abstract(*a, **kind.reverse_kw(r), **params)
                           for a, r in zip(_pair_split(kind, args), reverse))
     return abstract
 
 
 def _pair_fallback(kind: _Kind):
     def run(*args, reverse, **params):
-        return _pair_join(kind.impl(*a, reverse=bool(r), **_impl_params(kind, params))
+        return _pair_join(kind.impl(*a, **kind.reverse_kw(r), **_impl_params(kind, params))
                           for a, r in zip(_pair_split(kind, args), reverse))
     return run
 
 
 def _pair_calls(kind: _Kind, *args, reverse, **params):
     """A pair as two calls of the one-problem primitive (``batch_major`` left to each)."""
-    return _pair_join(kind.prim.bind(*a, reverse=bool(r), **params)
+    return _pair_join(kind.prim.bind(*a, **kind.reverse_kw(r), **params)
                       for a, r in zip(_pair_split(kind, args), reverse))
 
 
@@ -280,6 +320,8 @@ sprnn_backward_pair_p = _PAIR_PRIMS["backward"]
 sprnn_lstm_pair_p = _PAIR_PRIMS["lstm"]
 sprnn_lstm_with_cells_pair_p = _PAIR_PRIMS["lstm_with_cells"]
 sprnn_gru_pair_p = _PAIR_PRIMS["gru"]
+sprnn_lstm_backward_pair_p = _PAIR_PRIMS["lstm_backward"]
+sprnn_gru_backward_pair_p = _PAIR_PRIMS["gru_backward"]
 for _name, _kind in _KINDS.items():
     _register_lowering(_PAIR_PRIMS[_name], mlir.lower_fun(functools.partial(_pair_calls, _kind),
                                                           multiple_results=True), "cpu")
@@ -313,7 +355,7 @@ def _stacked_over_weights(kind: _Kind, args, dims, params):
         return None
     stacked = [a if ax is None else _move(a, d, size, 0) for a, d, ax in zip(args, dims, kind.axes)]
     params = {k: v for k, v in params.items() if k != "batch_major"}  # (the stack's own layout)
-    params["reverse"] = (bool(params["reverse"]),) * size
+    params["reverse"] = (bool(params.get("reverse", False)),) * size
     outs = _STACK_PRIMS[_name_of(kind)].bind(*stacked, **params)
     return outs, [0] * len(outs)
 
@@ -364,4 +406,5 @@ for _name, _kind in _KINDS.items():
 __all__ = ["sprnn_forward_stack_p", "sprnn_backward_stack_p", "sprnn_lstm_stack_p",
            "sprnn_lstm_with_cells_stack_p", "sprnn_gru_stack_p", "sprnn_forward_pair_p",
            "sprnn_backward_pair_p", "sprnn_lstm_pair_p", "sprnn_lstm_with_cells_pair_p",
-           "sprnn_gru_pair_p"]
+           "sprnn_gru_pair_p", "sprnn_lstm_backward_stack_p", "sprnn_gru_backward_stack_p",
+           "sprnn_lstm_backward_pair_p", "sprnn_gru_backward_pair_p"]

@@ -284,3 +284,39 @@ def test_a_gated_bidirectional_layer_is_one_launch_and_its_gradient_matches_the_
     for got, want in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
         if jnp.issubdtype(got.dtype, jnp.floating):
             assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("gates", [4, 3])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("hidden, batch", [(256, 1), (300, 5), (1024, 8)])
+def test_the_stacked_gated_backward_equals_one_call_per_direction_bitwise(gates, dtype, hidden, batch):
+    # The backward recurrences of both directions (step order, one transposed layout, each with its
+    # own pattern, operands and GRU hn_bias) in one launch, against one call per direction.
+    from jax_sprnn import fallback
+    from jax_sprnn.primitives import sprnn_gru_backward_p, sprnn_lstm_backward_p
+    from jax_sprnn.stacked import sprnn_gru_backward_stack_p, sprnn_lstm_backward_stack_p
+    from jax_sprnn.testing import gated_backward_problem
+
+    fwd, bwd = make_gated_twin_problem(3 * hidden + batch, gates, hidden, batch, 15, 0.1, dtype)
+    ws = (fwd[0], bwd[0])
+    assert ws[0].meta_t == ws[1].meta_t
+    problems = [gated_backward_problem(seed, gates, hidden, batch, 15, 0.1, dtype)
+                for seed in (hidden, hidden + 1)]
+    lengths = problems[0][3]
+    operands = [p[2] for p in problems]
+    kernels = [fallback.dense_from_packed(w.values, w.indices, w.lane_row, w.meta) for w in ws]
+    layout = (jnp.stack([w.transposed_values() for w in ws]), _stack(ws, "indices_t"),
+              _stack(ws, "lane_row_t"))
+    stack_p, one_p = ((sprnn_lstm_backward_stack_p, sprnn_lstm_backward_p) if gates == 4
+                      else (sprnn_gru_backward_stack_p, sprnn_gru_backward_p))
+    stacked_ops = [jnp.stack(o) for o in zip(*operands)]
+    for mode in _modes(ws[0].meta_t):
+        outs = stack_p.bind(*stacked_ops, *layout, lengths, jnp.stack(kernels), reverse=(False, False),
+                            meta=ws[0].meta_t, method="native", **_hooks(mode))
+        for q, w in enumerate(ws):
+            one = one_p.bind(*operands[q], w.transposed_values(), w.indices_t, w.lane_row_t, lengths,
+                             kernels[q], meta=w.meta_t, method="native", **_hooks(mode))
+            for got, want in zip(outs, one):
+                np.testing.assert_array_equal(np.asarray(got[q]), np.asarray(want),
+                                              err_msg=f"{mode} mode, direction {q}")
+        assert np.all(np.isfinite(np.asarray(outs[0], np.float32)))

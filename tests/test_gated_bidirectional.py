@@ -5,6 +5,8 @@ stacked call), export, the lowering of the paired call, and their errors; both w
 directions share one layout (one paired call) and where they do not (two calls). Runs on the CPU,
 and on the GPU where there is one (there the paired call is one launch)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +105,9 @@ def test_grads_equal_two_calls_and_the_reference(exact_matmuls, cell, layout):
              for name, run, method in (("paired", bidirectional, "native"),
                                        ("two", two_calls, "native"),
                                        ("reference", bidirectional, "reference"))}
+    jaxpr = str(jax.make_jaxpr(js.grad(loss, argnums=2), static_argnums=(0, 1))(
+        bidirectional, "native", (fwd, bwd)))
+    assert (f"sprnn_{cell}_backward_pair" in jaxpr) == (layout == "shared")
     paired, two, ref = (jax.tree_util.tree_leaves(grads[k]) for k in ("paired", "two", "reference"))
     assert len(paired) == len(two) == len(ref) > 0
     for a, b, r in zip(paired, two, ref):
@@ -191,6 +196,23 @@ def test_the_paired_call_is_one_gated_launch_on_cuda(cuda_targets_registered, ce
     assert f"tensor<2x7x2x{GATES[cell] * 300}xf16>" in call
     if cell == "gru":
         assert "tensor<2x300xf32>" in call  # both directions' hn_bias
+    # The gradient: one paired forward (with the LSTM's cells) and one paired backward recurrence,
+    # in step order (no reverse attribute), batch-major.
+    assert fwd[0].meta_t == bwd[0].meta_t
+
+    def grad(x_f, x_b):
+        return jax.grad(lambda a, b: jnp.sum(forward(a, b).astype(jnp.float32)), argnums=(0, 1))(x_f, x_b)
+
+    text = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=checks)(
+        fwd[1], bwd[1]).mlir_module()
+    calls = [c for c in text.splitlines() if "stablehlo.custom_call @jax_sprnn" in c]
+    names = [re.search(r"@(\w+)\(", c).group(1) for c in calls]
+    assert sorted(names) == sorted([_constants.ffi_target("gated_forward"),
+                                    _constants.ffi_target("gated_backward")])
+    backward = next(c for c in calls if "gated_backward" in c)
+    assert "problems = 2 : i64" in backward and "batch_major = 1 : i64" in backward
+    assert "reverse" not in backward and "dense<[3, 1, 2, 0]>" in backward
+    assert f"tensor<2x7x2x{GATES[cell] * 300}xf32>" in backward  # u, du
 
 
 def test_malformed_calls_name_the_argument():
