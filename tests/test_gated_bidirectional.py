@@ -160,6 +160,32 @@ def test_vmap_over_inputs_and_over_weight_pairs(cell):
 
 
 @pytest.mark.parametrize("cell", GATES)
+def test_vmap_over_weight_sets_of_one_layer_is_one_stacked_call_and_so_is_its_gradient(cell):
+    # An ensemble of one gated layer: the sets are the problems of one stacked forward call and of
+    # one stacked backward recurrence; values and gradients are the per-set calls'.
+    (w, x, c0, h0, hn_bias), _ = problem(cell, 12, hidden=17, batch=2, steps=4)
+    ws = jax.tree_util.tree_map(lambda a: jnp.stack([a, a, a]), w)
+    ws = ws.replace(values=ws.values * jnp.asarray([1.0, -0.5, 0.8], ws.values.dtype)[:, None])
+    lengths = jnp.array([4, 2], jnp.int32)
+
+    def loss(w):
+        if cell == "lstm":
+            y, (c, h) = js.sparse_lstm(x, (c0, h0), w, seq_lengths=lengths)
+            return jnp.sum(y ** 2) + jnp.sum(c)
+        y, h = js.sparse_gru(x, h0, w, hn_bias=hn_bias, seq_lengths=lengths)
+        return jnp.sum(y ** 2) + jnp.sum(h)
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(js.grad(loss)))(ws))
+    assert f"sprnn_{cell}_backward_stack" in jaxpr and "scan[" not in jaxpr
+    assert f"sprnn_{cell}_stack" in jaxpr or f"sprnn_{cell}_with_cells_stack" in jaxpr
+    values, grads = jax.vmap(loss)(ws), jax.vmap(js.grad(loss))(ws)
+    for i in range(3):
+        w_i = jax.tree_util.tree_map(lambda a, i=i: a[i], ws)
+        np.testing.assert_array_equal(np.asarray(values[i]), np.asarray(loss(w_i)))
+        np.testing.assert_array_equal(np.asarray(grads.values[i]), np.asarray(js.grad(loss)(w_i).values))
+
+
+@pytest.mark.parametrize("cell", GATES)
 def test_export_round_trip(cell):
     fwd, bwd = problem(cell, 8, hidden=19, batch=2, steps=4)
     lengths = jnp.array([4, 1], jnp.int32)
