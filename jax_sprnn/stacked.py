@@ -202,7 +202,7 @@ def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=Fal
     target = _target_of(kind)
     decision = dispatch.on_cuda_recurrence(target, meta, B, ctx.avals_in[0].dtype, method)
     if decision.path == "fallback":
-        own = dict(params, reverse=reverse, meta=meta, method=method, **hooks_kw(
+        own = dict(params, reverse=reverse, meta=meta, method=method, **_hooks_kw(
             spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode))
         if kind.forward:
             own["full_lengths"] = full_lengths
@@ -240,7 +240,7 @@ def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=Fal
     return _recurrence_call(ctx, target, args, attrs, hooks, layouts)
 
 
-def hooks_kw(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode) -> dict:
+def _hooks_kw(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode) -> dict:
     """The hook keywords of a call, as the one-problem primitives take them."""
     return dict(spin_timeout_us=spin_timeout_us, debug_stall_cta=debug_stall_cta,
                 grid_barrier=grid_barrier, exchange_mode=exchange_mode)
