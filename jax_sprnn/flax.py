@@ -330,7 +330,18 @@ class RNNLevel(nn.Module):
         return self.cell(inputs)
 
 
-class SparseBidirectional(_SimpleRNNAttributes):
+class _TwoDirections:
+    """What a bidirectional layer adds to its cell's attributes: a carry for each direction."""
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+        """``(forward, backward)`` initial carries for one step's input shape ``[*batch, F]``
+        (each as the cell makes it), from two keys split from ``rng``."""
+        one = super().initialize_carry
+        return tuple(one(key, input_shape) for key in jax.random.split(rng))
+
+
+class SparseBidirectional(_TwoDirections, _SimpleRNNAttributes):
     """A bidirectional simple recurrent layer; both directions run in one
     :func:`jax_sprnn.sparse_rnn_bidirectional` call.
 
@@ -355,13 +366,6 @@ class SparseBidirectional(_SimpleRNNAttributes):
     time_major: bool = False
     return_carry: bool = False
     method: str = "auto"
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
-        """``(forward, backward)`` initial carries ``[*batch, H]`` for one step's input shape
-        ``[*batch, F]``, from two keys split from ``rng``."""
-        one = super().initialize_carry
-        return tuple(one(key, input_shape) for key in jax.random.split(rng))
 
     @nn.compact
     def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None,
@@ -711,17 +715,10 @@ class SparseGRU(_SparseGatedLayer):
     GATES = _GRU
 
 
-class _SparseGatedBidirectional(_GatedAttributes):
+class _SparseGatedBidirectional(_TwoDirections, _GatedAttributes):
     time_major: bool = False
     return_carry: bool = False
     method: str = "auto"
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape: tuple[int, ...]):
-        """``(forward, backward)`` initial carries for one step's input shape ``[*batch, F]``,
-        from two keys split from ``rng``."""
-        one = super().initialize_carry
-        return tuple(one(key, input_shape) for key in jax.random.split(rng))
 
     @nn.compact
     def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None,

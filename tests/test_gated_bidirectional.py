@@ -337,6 +337,14 @@ def test_linen_is_nn_bidirectional_of_flax_cells(exact_matmuls, cell, time_major
     assert np.all(np.asarray(out)[~np.broadcast_to(valid, out.shape)] == 0)
     for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(ref_carry)):
         assert rel_err(a, b) < 1e-5
+    # initialize_carry: a carry for each direction, each as Flax's cell makes it from its key.
+    carries = model.initialize_carry(jax.random.key(7), (FB, FF))
+    flax_cell = LINEN[cell][1](FH, carry_init=nn.initializers.normal(0.5))
+    for got, key in zip(carries, jax.random.split(jax.random.key(7))):
+        want = flax_cell.initialize_carry(key, (FB, FF))
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Params alone: the layer runs dense and says so once.
     with pytest.warns(UserWarning, match=f"{layer.__name__}.*runs dense"):
         alone = model.apply({"params": params}, tm(x), **call)[1]
