@@ -340,6 +340,15 @@ class _TwoDirections:
         one = super().initialize_carry
         return tuple(one(key, input_shape) for key in jax.random.split(rng))
 
+    @nn.nowrap
+    def _default_carries(self, init_key, step_shape: tuple[int, ...]):
+        """A call's carries where it gives none: from ``init_key`` split between the directions,
+        or both from ``jax.random.key(0)``, as ``nn.Bidirectional`` does."""
+        if init_key is not None:
+            return self.initialize_carry(init_key, step_shape)
+        one = super().initialize_carry(jax.random.key(0), step_shape)
+        return one, one
+
 
 class SparseBidirectional(_TwoDirections, _SimpleRNNAttributes):
     """A bidirectional simple recurrent layer; both directions run in one
@@ -402,10 +411,7 @@ class SparseBidirectional(_TwoDirections, _SimpleRNNAttributes):
                              self.mask_seed, self.precision, "SparseBidirectional", parent=None)
             directions.append(RNNLevel(cell, name=name)(inputs))
         if initial_carry is None:
-            keys = (jax.random.key(0),) * 2 if init_key is None else jax.random.split(init_key)
-            step_shape = batch_shape + (inputs.shape[-1],)
-            initial_carry = tuple(_SimpleRNNAttributes.initialize_carry(self, key, step_shape)
-                                  for key in keys)
+            initial_carry = self._default_carries(init_key, batch_shape + (inputs.shape[-1],))
         carry, y = run_bidirectional(tuple(x for x, _ in directions),
                                      tuple(w for _, w in directions), initial_carry, seq_lengths,
                                      steps=steps, batch_shape=batch_shape, dtype=dtype,
@@ -737,10 +743,7 @@ class _SparseGatedBidirectional(_TwoDirections, _GatedAttributes):
         directions = [RNNLevel(FusedGatedCell(**args, parent=None), name=name)(inputs)
                       for name in ("forward_rnn", "backward_rnn")]
         if initial_carry is None:
-            keys = (jax.random.key(0),) * 2 if init_key is None else jax.random.split(init_key)
-            step_shape = batch_shape + (inputs.shape[-1],)
-            initial_carry = tuple(_GatedAttributes.initialize_carry(self, key, step_shape)
-                                  for key in keys)
+            initial_carry = self._default_carries(init_key, batch_shape + (inputs.shape[-1],))
         cell = self.GATES.cell
         hn_biases = None if cell is LSTM else tuple(b for _, _, b in directions)
         carry, y = run_bidirectional(tuple(x for x, _, _ in directions),

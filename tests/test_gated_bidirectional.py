@@ -76,7 +76,7 @@ def test_equals_two_calls_and_the_reference(cell, dtype, time_major, use_lengths
     kw = dict(time_major=time_major, seq_lengths=lengths)
     y, finals = bidirectional(cell, fwd, bwd, **kw)
     y_two, finals_two = two_calls(cell, fwd, bwd, **kw)
-    assert y.shape == (7, 3, 2 * 37) if time_major else (3, 7, 2 * 37)
+    assert y.shape == ((7, 3, 2 * 37) if time_major else (3, 7, 2 * 37))
     assert y.dtype == jnp.dtype(dtype)
     for got, want in zip((y, *finals), (y_two, *finals_two)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
@@ -84,10 +84,8 @@ def test_equals_two_calls_and_the_reference(cell, dtype, time_major, use_lengths
     for got, want in zip((y, *finals), (y_ref, *finals_ref)):
         assert rel_err(got, want) < TOLERANCE[dtype]
     if use_lengths:  # past an example's length its outputs are zero in both halves
-        t = slice(None) if time_major else 1
         assert not np.any(np.asarray(y[:, 1] if time_major else y[1], np.float32))
         assert not np.any(np.asarray(y[4:, 2] if time_major else y[2, 4:], np.float32))
-        del t
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
