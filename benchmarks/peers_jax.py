@@ -133,6 +133,29 @@ def _build_ours(layer: Layer, batch: int, T: int) -> Runner:
     return runner
 
 
+def tile_weights(layer) -> js.SparseWeights:
+    """The layer packed as a tile layout (``from_dense(matvec="tiles")``: tensor cores), cached on
+    the layer; skipped where none exists (float32, H not a multiple of 16) or fits."""
+    def pack():
+        w = js.SparseWeights.from_dense(layer.kernel, layer.mask, dtype=layer.jnp_dtype, matvec="tiles")
+        if not w.meta.fits:
+            raise ValueError(w.meta.reason)
+        return w
+    return _alternative_weights(layer, "tiles", pack)
+
+
+def _build_ours_tiles(layer: Layer, batch: int, T: int) -> Runner:
+    w = tile_weights(layer)
+    if jax.default_backend() == "gpu":
+        ok, why = cuda_fit(w.meta, batch, layer.jnp_dtype)
+        if not ok:
+            raise Skip(why)
+    runner = jax_runner(lambda x, h0, w: js.sparse_rnn(x, h0, w, time_major=True, method="native"),
+                        layer, batch, T, w)
+    runner.info.update(exchange=w.meta.exchange, ctas=w.meta.num_ctas, warps_per_cta=w.meta.warps_per_cta)
+    return runner
+
+
 def _build_dense(layer: Layer, batch: int, T: int) -> Runner:
     return jax_runner(lambda x, h0, k: dense_scan(x, h0, k, time_major=True), layer, batch, T,
                       layer.dense_kernel)
@@ -195,6 +218,9 @@ def _build_floor(layer: Layer, batch: int, T: int) -> Runner:
 
 OURS = Peer("ours", "jax_sprnn.sparse_rnn(method='native'): the persistent kernel", ALL_DTYPES,
             _build_ours, competitor=False)
+OURS_TILES = Peer("ours_tiles", "ours on the layer's tile layout (from_dense(matvec='tiles')): the "
+                  "step's product on tensor cores (16-bit, H a multiple of 16)", ALL_DTYPES,
+                  _build_ours_tiles, competitor=False)
 DENSE = Peer("dense", "lax.scan of tanh(x_t + h @ K), dense K in the storage dtype (XLA/cuBLAS)",
              ALL_DTYPES, _build_dense)
 BCSR = Peer("bcsr", "jax.experimental.sparse BCSR @ h inside lax.scan (cuSPARSE lowering requested)",
@@ -204,7 +230,7 @@ BCOO = Peer("bcoo", "jax.experimental.sparse BCOO @ h inside lax.scan (cuSPARSE 
 FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protocol, no compute",
              ALL_DTYPES, _build_floor, unavailable=_floor_unavailable, competitor=False)
 
-PEERS = (OURS, DENSE, BCSR, BCOO, FLOOR)
+PEERS = (OURS, OURS_TILES, DENSE, BCSR, BCOO, FLOOR)
 
 
 # ---- gated cells (the gated suite) ---------------------------------------------------------------
@@ -451,6 +477,9 @@ GATED_OURS_N8 = Peer("ours_n8", "ours_native on a layout of at most 8 CTAs (one 
                      "skipped where it is the planner's pick)",
                      ALL_DTYPES, _build_ours_gated("native", lambda layer: weights_on_ctas(layer, 8)),
                      competitor=False)
+GATED_OURS_TILES = Peer("ours_tiles", "ours_native on the layer's tile layout (from_dense(matvec="
+                        "'tiles')): the step's product on tensor cores", ALL_DTYPES,
+                        _build_ours_gated("native", tile_weights), competitor=False)
 INPUT_GEMM = Peer("in_gemm", "the input projection x @ w_in + bias alone (XLA, storage dtype), "
                   "which ours takes precomputed", ALL_DTYPES, _build_input_gemm, competitor=False)
 FLAX_GATED = Peer("flax", "Flax nn.RNN(nn.OptimizedLSTMCell(H)) / nn.RNN(nn.GRUCell(H)) under "
@@ -465,4 +494,5 @@ GATED_FLOOR = Peer("floor", "synchronization floor: the kernel's exchange protoc
 
 #: Not in PEERS: the other suites run the simple cell and never take these.
 GATED_PEERS = (GATED_OURS_NATIVE, GATED_OURS_AUTO, GATED_OURS_CLUSTER, GATED_OURS_GRID, GATED_OURS_N8,
+               GATED_OURS_TILES,
                FLAX_GATED, JAX_RNN, INPUT_GEMM, GATED_FLOOR)

@@ -57,6 +57,8 @@ inline nanobind::dict exported_constants() {
   d["PERSISTENT_TIERS_GATED_32"] = detail::gated_tiers(false, c::RegSlotsGated32{});
   d["REG_SLOTS_GATED_16"] = detail::reg_slots(c::RegSlotsGated16{});
   d["REG_SLOTS_GATED_32"] = detail::reg_slots(c::RegSlotsGated32{});
+  d["TILE_REG_SLOTS_16"] = detail::reg_slots(c::TileRegSlots16{});
+  d["TILE_REG_SLOTS_GATED_16"] = detail::reg_slots(c::TileRegSlotsGated16{});
   d["FFI_ABI_VERSION"] = c::kFfiAbiVersion;
   d["WIDE_STAGE_UNROLL"] = c::kWideStageUnroll;
   d["KERNEL_SMEM_RESERVE"] = c::kKernelSmemReserve;

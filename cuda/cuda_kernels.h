@@ -72,7 +72,7 @@ std::vector<int> SupportedRegSlots(const std::string& dtype, int gates = 1);
 // picks the backward-recurrence kernel, gates = 3 / 4 the GRU's / LSTM's forward kernel.
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
                                 int threads, bool backward, int gates,
-                                int planes_per_pass, KernelAttributes* out);
+                                int planes_per_pass, bool tiles, KernelAttributes* out);
 
 // The deferred error of an earlier persistent-kernel call (see deferred_errors.h), or "" if none.
 // Clears it. Only meaningful once the stream that ran the call has been synchronized.

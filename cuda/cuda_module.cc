@@ -125,10 +125,10 @@ NB_MODULE(_sprnn_cuda, m) {
   m.def(
       "kernel_attributes",
       [](const std::string& dtype, int tile, int reg_slots, int device, int threads, bool backward,
-         int gates, int planes_per_pass) {
+         int gates, int planes_per_pass, bool tiles) {
         sc::KernelAttributes a;
         check(sc::GetKernelAttributes(dtype, tile, reg_slots, device, threads, backward, gates,
-                                      planes_per_pass, &a));
+                                      planes_per_pass, tiles, &a));
         nb::dict d;
         d["num_regs"] = a.num_regs;
         d["local_bytes"] = a.local_bytes;
@@ -138,11 +138,12 @@ NB_MODULE(_sprnn_cuda, m) {
       },
       nb::arg("dtype"), nb::arg("tile"), nb::arg("reg_slots"), nb::arg("device") = 0,
       nb::arg("threads") = 0, nb::arg("backward") = false, nb::arg("gates") = 1,
-      nb::arg("planes_per_pass") = 1,
+      nb::arg("planes_per_pass") = 1, nb::arg("tiles") = false,
       "cudaFuncGetAttributes of one persistent-kernel instantiation (the forward recurrence, "
       "the backward one with backward=True, or the GRU's / LSTM's forward with gates=3 / 4); "
       "tile = load_bytes / 4; planes_per_pass=2: the variant that calls of two batch planes or "
-      "more launch (tile 4 only). A "
+      "more launch (tile 4 only); tiles=True: the tensor-core variant of a tile layout (16-bit "
+      "forward recurrences, tile 4, reg_slots in TILE_REG_SLOTS_16 / _GATED_16). A "
       "(dtype, tile, reg_slots) may have two variants with different launch bounds: `threads` "
       "picks the one a CTA of that size runs; 0 gives the one with the largest "
       "max_threads_per_block.");

@@ -81,6 +81,7 @@ struct PersistentCall {
 struct LayoutAttrs {
   int64_t activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes;
   int64_t batch_major = 0;  // the forward's x and y are [B, T, H] in memory (their XLA layout)
+  int64_t tiles = 0;        // a tile layout (docs/format.md): the forward runs it on tensor cores
 };
 
 // The hooked targets' extra attributes; production calls run with these defaults.
@@ -223,8 +224,20 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (a.load_bytes != 4 && a.load_bytes != 8 && a.load_bytes != 16)
     return bad("load_bytes must be 4, 8 or 16, got " + std::to_string(a.load_bytes));
   // The layout's tile (load_bytes / 4), or a narrower one for a batch of one or two: every step
-  // gathers, reduces, runs the cell for and exchanges each entry of a tile, padding included.
-  const int tile = constants::batch_tile(a.load_bytes / 4, Bp);
+  // gathers, reduces, runs the cell for and exchanges each entry of a tile, padding included. A
+  // tile layout keeps the tile of 4 (its product takes 8 batch entries at once anyway).
+  if (a.tiles != 0 && a.tiles != 1) return bad("tiles must be 0 or 1, got " + std::to_string(a.tiles));
+  const bool tiles = a.tiles == 1;
+  if (tiles) {
+    if (!has_tile_variants(c.direction, kdt))
+      return bad(std::string("a tile layout (tiles = 1) runs on tensor cores with float16 or bfloat16 "
+                             "weights, got ") + dtype_name(dt));
+    if (a.load_bytes != 16) return bad("a tile layout needs load_bytes = 16, got " + std::to_string(a.load_bytes));
+    if (a.slots_per_lane != cols || cols % 16 != 0)
+      return bad("a tile layout needs slots_per_lane = the state's " + std::to_string(cols) +
+                 " columns, a multiple of 16; got slots_per_lane = " + std::to_string(a.slots_per_lane));
+  }
+  const int tile = tiles ? 4 : constants::batch_tile(a.load_bytes / 4, Bp);
   if (hooks.spin_timeout_us < 0) return bad("spin_timeout_us must be >= 0");
   if (hooks.exchange_mode < kExchangeAuto || hooks.exchange_mode > kExchangeCluster)
     return bad("exchange_mode must be 0 (auto), 1 (grid) or 2 (cluster), got " +
@@ -238,12 +251,13 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     return bad("grid_barrier (an ablation) cannot be combined with debug_stall_cta: it would hang");
   if (a.warps_per_cta < 1 || a.warps_per_cta * kWarpSize > kMaxThreadsPerCta)
     return bad("warps_per_cta must be in [1, 32], got " + std::to_string(a.warps_per_cta));
-  const std::vector<int> rs_set = reg_slots_for(c.direction, kdt);
+  const std::vector<int> rs_set = tiles ? tile_reg_slots_for(c.direction) : reg_slots_for(c.direction, kdt);
   if (std::find(rs_set.begin(), rs_set.end(), a.reg_slots) == rs_set.end()) {
     std::string s;
     for (int r : rs_set) s += (s.empty() ? "" : ", ") + std::to_string(r);
     return bad("reg_slots " + std::to_string(a.reg_slots) + " is not instantiated for " +
-               dtype_name(dt) + (gates > 1 ? " gated cells" : "") + " (supported: " + s + ")");
+               dtype_name(dt) + (gates > 1 ? " gated cells" : "") + (tiles ? " tile layouts" : "") +
+               " (supported: " + s + ")");
   }
   if (a.reg_slots > K)
     return bad("reg_slots " + std::to_string(a.reg_slots) + " > slots_per_lane " + std::to_string(K));
@@ -286,7 +300,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 
   const int threads = static_cast<int>(a.warps_per_cta) * kWarpSize;
   const int rs = static_cast<int>(a.reg_slots);
-  const PersistentKernelFn fn = lookup_persistent(c.direction, kdt, tile, rs, threads);
+  const PersistentKernelFn fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 1, tiles);
   if (fn == nullptr) {
     return bad("warps_per_cta = " + std::to_string(a.warps_per_cta) + " (" + std::to_string(threads) +
                " threads) exceeds the " + std::to_string(max_threads_of(c.direction, kdt, rs)) +
@@ -300,7 +314,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 
   // ---- exchange mode --------------------------------------------------------------------------
   const int64_t layout_ctas = NW / a.warps_per_cta;
-  const int64_t slot_bytes = dt == ffi::DataType::F32 ? 8 : 4;
+  // (A tile layout holds its weights as mma fragments: 2 bytes a slot, no index.)
+  const int64_t slot_bytes = tiles ? 2 : dt == ffi::DataType::F32 ? 8 : 4;
   const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
   // The cell state stays in shared memory too (one float per unit slot and example): the LSTM's c,
   // a gated backward's carry beside dh.
@@ -328,7 +343,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   // launch uses.
   PersistentKernelFn launch_fn = fn;
   if (n_planes >= 2 && tile == 4) {
-    const PersistentKernelFn pair_fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 2);
+    const PersistentKernelFn pair_fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 2, tiles);
     KernelInfo pair_info;
     if (pair_fn == nullptr) return bad("no two-plane kernel for this layout (a build without it?)");
     if ((e = kernel_info(device, reinterpret_cast<const void*>(pair_fn), dev, &pair_info)) != cudaSuccess)
@@ -544,7 +559,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t activation,
                        int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
                        int64_t reg_slots, int64_t load_bytes, int64_t batch_major, int64_t problems,
-                       Hooks... hooks) {
+                       int64_t tiles, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -575,7 +590,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h0,
   call.problems = problems;
   return launch_persistent(stream, call,
                            {activation, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes,
-                            batch_major},
+                            batch_major, tiles},
                            TestHooks{hooks...});
 }
 
@@ -638,7 +653,7 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                             ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t gates,
                             int64_t reverse, int64_t slots_per_lane, int64_t warps_per_cta,
                             int64_t reg_slots, int64_t load_bytes, int64_t batch_major, int64_t problems,
-                            Hooks... hooks) {
+                            int64_t tiles, Hooks... hooks) {
   if (auto err = take_deferred_error(stream); err.failure()) return err;
   const std::string name = target_name<Hooks...>("jax_sprnn_gated_forward");
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(name + ": " + m); };
@@ -704,7 +719,8 @@ ffi::Error GatedForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   }
   // (batch_major: x, y and the LSTM's cells are [B, T, .] in memory, as in the simple forward)
   return launch_persistent(stream, call,
-                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes, batch_major},
+                           {0, reverse, slots_per_lane, warps_per_cta, reg_slots, load_bytes, batch_major,
+                            tiles},
                            TestHooks{hooks...});
 }
 
@@ -770,14 +786,16 @@ auto forward_binding() {
              bindings::forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                  .Ret<ffi::Buffer<ffi::U8>>())  // workspace
       .Attr<int64_t>("batch_major")
-      .Attr<int64_t>("problems");
+      .Attr<int64_t>("problems")
+      .Attr<int64_t>("tiles");
 }
 auto gated_forward_binding() {
   return bindings::gated_attrs(
              bindings::gated_forward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                  .Ret<ffi::Buffer<ffi::U8>>())  // workspace
       .Attr<int64_t>("batch_major")
-      .Attr<int64_t>("problems");
+      .Attr<int64_t>("problems")
+      .Attr<int64_t>("tiles");
 }
 auto gated_backward_binding() {
   return bindings::gated_backward_operands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())

@@ -64,7 +64,7 @@ std::vector<int> SupportedRegSlots(const std::string& dtype, int gates) {
 
 std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slots, int device,
                                 int threads, bool backward, int gates, int planes_per_pass,
-                                KernelAttributes* out) {
+                                bool tiles, KernelAttributes* out) {
   ffi::DataType dt;
   Dtype kdt;
   if (!parse_dtype(dtype, &dt) || !kernel_dtype(dt, &kdt))
@@ -72,9 +72,10 @@ std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slot
   Direction dir;
   if (!direction_of(gates, backward, &dir))
     return "gates must be 1, 3 or 4, got " + std::to_string(gates);
-  const PersistentKernelFn fn = lookup_persistent(dir, kdt, tile, reg_slots, threads, planes_per_pass);
+  const PersistentKernelFn fn = lookup_persistent(dir, kdt, tile, reg_slots, threads, planes_per_pass, tiles);
   if (fn == nullptr)
-    return std::string("no ") + (backward ? "backward" : "forward") + " kernel (gates " +
+    return std::string("no ") + (tiles ? "tile-layout " : "") + (backward ? "backward" : "forward") +
+           " kernel (gates " +
            std::to_string(gates) + ") for dtype " + dtype + ", tile " + std::to_string(tile) +
            ", " + std::to_string(planes_per_pass) + " plane(s) a pass" +
            ", reg_slots " + std::to_string(reg_slots) + ", " + std::to_string(threads) + " threads";

@@ -177,54 +177,70 @@ constexpr bool persistent_has_wide(Direction d, bool packed16, int rs) {
 // for the variant with the largest bound. Each (direction, dtype) is compiled in its own
 // translation unit (cuda/instances/), so the build runs them in parallel.
 template <Direction D, Dtype T>
-PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads, int planes_per_pass);
+PersistentKernelFn lookup_persistent_kernel(int tile, int reg_slots, int threads, int planes_per_pass,
+                                            bool tiles);
 
 // Defined only in the instance translation units: other TUs must not instantiate the kernels.
 #define JAX_SPRNN_EXTERN_LOOKUPS(DIR)                                                            \
-  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF32>(int, int, int, int);  \
-  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF16>(int, int, int, int);  \
-  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kBF16>(int, int, int, int);
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF32>(int, int, int, int, bool);  \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kF16>(int, int, int, int, bool);  \
+  extern template PersistentKernelFn lookup_persistent_kernel<DIR, Dtype::kBF16>(int, int, int, int, bool);
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstm)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGru)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kLstmBackward)
 JAX_SPRNN_EXTERN_LOOKUPS(Direction::kGruBackward)
 #undef JAX_SPRNN_EXTERN_LOOKUPS
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(int, int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(int, int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(int, int, int, int);
-extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(int, int, int, int);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF32>(int, int, int, int, bool);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kF16>(int, int, int, int, bool);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kForward, Dtype::kBF16>(int, int, int, int, bool);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF32>(int, int, int, int, bool);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kF16>(int, int, int, int, bool);
+extern template PersistentKernelFn lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>(int, int, int, int, bool);
 
 template <Direction D>
-PersistentKernelFn lookup_of_dtype(Dtype dt, int tile, int rs, int threads, int pp) {
+PersistentKernelFn lookup_of_dtype(Dtype dt, int tile, int rs, int threads, int pp, bool tiles) {
   switch (dt) {
-    case Dtype::kF32: return lookup_persistent_kernel<D, Dtype::kF32>(tile, rs, threads, pp);
-    case Dtype::kF16: return lookup_persistent_kernel<D, Dtype::kF16>(tile, rs, threads, pp);
-    case Dtype::kBF16: return lookup_persistent_kernel<D, Dtype::kBF16>(tile, rs, threads, pp);
+    case Dtype::kF32: return lookup_persistent_kernel<D, Dtype::kF32>(tile, rs, threads, pp, tiles);
+    case Dtype::kF16: return lookup_persistent_kernel<D, Dtype::kF16>(tile, rs, threads, pp, tiles);
+    case Dtype::kBF16: return lookup_persistent_kernel<D, Dtype::kBF16>(tile, rs, threads, pp, tiles);
   }
   return nullptr;
 }
 
 // planes_per_pass: 1, or 2 for the variant that gathers two batch planes a pass (tile 4 only;
-// persistent_kernel.cuh, "The batch in passes"). nullptr where no such kernel exists.
+// persistent_kernel.cuh, "The batch in passes"). tiles: the tensor-core variant of a tile layout
+// (has_tile_variants). nullptr where no such kernel exists.
 inline PersistentKernelFn lookup_persistent(Direction dir, Dtype dt, int tile, int rs, int threads,
-                                            int planes_per_pass = 1) {
+                                            int planes_per_pass = 1, bool tiles = false) {
   const int pp = planes_per_pass;
   switch (dir) {
-    case Direction::kForward: return lookup_of_dtype<Direction::kForward>(dt, tile, rs, threads, pp);
-    case Direction::kBackward: return lookup_of_dtype<Direction::kBackward>(dt, tile, rs, threads, pp);
-    case Direction::kLstm: return lookup_of_dtype<Direction::kLstm>(dt, tile, rs, threads, pp);
-    case Direction::kGru: return lookup_of_dtype<Direction::kGru>(dt, tile, rs, threads, pp);
-    case Direction::kLstmBackward: return lookup_of_dtype<Direction::kLstmBackward>(dt, tile, rs, threads, pp);
-    case Direction::kGruBackward: return lookup_of_dtype<Direction::kGruBackward>(dt, tile, rs, threads, pp);
+    case Direction::kForward: return lookup_of_dtype<Direction::kForward>(dt, tile, rs, threads, pp, tiles);
+    case Direction::kBackward: return lookup_of_dtype<Direction::kBackward>(dt, tile, rs, threads, pp, tiles);
+    case Direction::kLstm: return lookup_of_dtype<Direction::kLstm>(dt, tile, rs, threads, pp, tiles);
+    case Direction::kGru: return lookup_of_dtype<Direction::kGru>(dt, tile, rs, threads, pp, tiles);
+    case Direction::kLstmBackward:
+      return lookup_of_dtype<Direction::kLstmBackward>(dt, tile, rs, threads, pp, tiles);
+    case Direction::kGruBackward:
+      return lookup_of_dtype<Direction::kGruBackward>(dt, tile, rs, threads, pp, tiles);
   }
   return nullptr;
 }
 
+// Tile layouts (docs/format.md) run on tensor cores in the 16-bit forward recurrences; their
+// register tiers are constants::TileRegSlots16 / TileRegSlotsGated16 (whole 16-slot strips).
+constexpr bool has_tile_variants(Direction d, Dtype dt) {
+  return dt != Dtype::kF32 && (d == Direction::kForward || d == Direction::kLstm || d == Direction::kGru);
+}
+using constants::TileRegSlots16;
+using constants::TileRegSlotsGated16;
+
 template <int... RS>
 std::vector<int> to_vector(std::integer_sequence<int, RS...>) {
   return {RS...};
+}
+
+inline std::vector<int> tile_reg_slots_for(Direction dir) {
+  return is_gated(dir) ? to_vector(TileRegSlotsGated16{}) : to_vector(TileRegSlots16{});
 }
 
 inline std::vector<int> reg_slots_for(Direction dir, Dtype dt) {

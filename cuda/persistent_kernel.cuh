@@ -303,9 +303,10 @@ struct TileVec<4> {
 // The tunable shape of one kernel instantiation
 // ================================================================================================
 
-template <Direction DIR, typename T, int TILE, int RS, bool WIDE, int PP = 1>
+template <Direction DIR, typename T, int TILE, int RS, bool WIDE, int PP = 1, bool TILES = false>
 struct PersistentConfig {
   using S = Storage<T>;
+  using Elem = T;
   // The cell's gates (1 for the simple cell, 3 GRU, 4 LSTM), the layout rows of one unit (G for a
   // gated forward, else 1) and the state words of one unit and example (G for a gated backward,
   // whose state is the G gate cotangents, else 1).
@@ -325,7 +326,17 @@ struct PersistentConfig {
   static constexpr int kPlanesPerPass = PP;
   static_assert(PP == 1 || (PP == 2 && TILE == 4), "two planes a pass with a tile of 4 only");
   static constexpr int kRegSlots = RS;
-  static constexpr int kRegArray = RS > 0 ? RS : 1;
+  static constexpr int kRegArray = RS > 0 && !TILES ? RS : 1;
+  // A tile layout (docs/format.md, "Tile layouts"): the step's product runs on tensor cores over
+  // dense 16-column strips of the weights, held as mma fragments. A lane's RS register slots are
+  // RS / 16 strips of its warp (8 fragment words a thread each: the same 16-bit values as RS slots
+  // of one lane, at half the registers, so the slot variants' launch bounds hold with room).
+  static constexpr bool kTiles = TILES;
+  static constexpr int kRegStrips = TILES ? RS / 16 : 0;
+  static constexpr int kTileRegWords = TILES && RS > 0 ? RS / 2 : 1;
+  static_assert(!TILES || (!std::is_same_v<T, float> && TILE == 4 && RS % 16 == 0 &&
+                           (DIR == Direction::kForward || DIR == Direction::kLstm || DIR == Direction::kGru)),
+                "tile variants: 16-bit forward recurrences, a batch tile of 4, whole register strips");
   // Independent accumulator sets: the slot loop is a chain of dependent FMAs per accumulator, so
   // keep at least 4 chains in flight whatever the tile.
   static constexpr int kChains = TILE >= 4 ? 1 : 4 / TILE;
@@ -600,6 +611,140 @@ __device__ __forceinline__ void gather_planes(float (&acc)[PP * Cfg::kTile],
     acc[t] = a[0][t];
 #pragma unroll
     for (int c = 1; c < CH; ++c) acc[t] += a[c][t];
+  }
+}
+
+// ---- dense tiles on tensor cores (a tile layout: docs/format.md, "Tile layouts") -------------
+//
+// In a tile layout every lane serves one row (or none) and its slot k holds column k (padding:
+// ~k, value 0), so a warp's 32 rows over a strip of 16 columns are two 16x16 A operands of
+// mma.m16n8k16 (rows 0-15 and 16-31 of the warp), and the pass's PT <= 8 batch entries are the
+// 8 columns of its B operand. Fragments (PTX ISA, "mma.m16n8k16"), with g = lane / 4, q = lane % 4:
+//   A word r (two 16-bit values, the lower column in the low half): row g + 8 (r & 1), columns
+//     2q, 2q + 1 (+ 8 where r & 2);
+//   B word 0: state columns 2q, 2q + 1 of batch entry g; word 1: columns 2q + 8, 2q + 9;
+//   C: rows g (c0, c1) and g + 8 (c2, c3), batch entries 2q and 2q + 1.
+// A thread holds 8 A words a strip (m-tile 0's four, then m-tile 1's): the register tier's strips
+// in registers, the others in shared memory as [strip][m-tile][lane][4 words] (conflict-free
+// 16-byte loads). The state stays staged as fp32; each strip's B words are converted from it.
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__half> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// A word of strip `strip`, m-tile `mt` (rows 16 mt .. 16 mt + 15 of the warp), register `r`: two
+// slots of the packed layout read from global memory at init (`warp_slots`: the warp's first slot).
+// A slot must hold its own column k (real) or ~k (padding, whose value counts as 0); anything else
+// sets `bad` and counts as 0.
+template <class S>
+__device__ __forceinline__ uint32_t tile_word(const typename S::Bits* values, const int32_t* indices,
+                                              size_t warp_slots, int strip, int mt, int r, int lane,
+                                              bool& bad) {
+  const int row_lane = mt * 16 + (lane >> 2) + ((r & 1) ? 8 : 0);
+  const int k0 = strip * 16 + 2 * (lane & 3) + ((r & 2) ? 8 : 0);
+  uint32_t word = 0;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const size_t slot = warp_slots + static_cast<size_t>(k0 + e) * 32 + row_lane;
+    const int idx = __ldg(indices + slot);
+    const uint32_t v = __ldg(values + slot);
+    bad |= (idx < 0 ? ~idx : idx) != k0 + e;
+    word |= (idx == k0 + e ? v : 0u) << (16 * e);
+  }
+  return word;
+}
+
+// acc[t] = the product of this lane's row with batch entry t of the pass's PT = PP * TILE entries
+// (planes plane .. plane + PP - 1 of the staged state at `hp`), on tensor cores: the register
+// strips (compile-time indices only), then `n_smem_strips` strips from shared memory (`w_frag`:
+// this warp's first, offset by lane * 4 words). Two accumulator chains hide the mma latency.
+template <class Cfg, int PP>
+__device__ __forceinline__ void tile_product(float (&acc)[PP * Cfg::kTile],
+                                             const uint32_t (&treg)[Cfg::kTileRegWords],
+                                             const uint32_t* w_frag, int n_smem_strips, const float* hp,
+                                             int plane_floats) {
+  using M = Mma<typename Cfg::Elem>;
+  constexpr int TILE = Cfg::kTile;
+  constexpr int PT = PP * TILE;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const bool live = g < PT;  // B columns past the pass's entries are zero
+  const float* h_col = hp + (g / TILE) * plane_floats + g % TILE + 2 * (lane & 3) * TILE;
+  float c[2][2][4];  // [chain][m-tile][C register]
+#pragma unroll
+  for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[ch][mt][i] = 0.0f;
+  auto strip = [&](int k_strip, const uint32_t* a, float (&ch)[2][4]) {
+    float x0 = 0.0f, x1 = 0.0f, x2 = 0.0f, x3 = 0.0f;
+    if (live) {
+      const float* h = h_col + k_strip * 16 * TILE;
+      x0 = h[0];
+      x1 = h[TILE];
+      x2 = h[8 * TILE];
+      x3 = h[9 * TILE];
+    }
+    const uint32_t b0 = M::pack(x0, x1), b1 = M::pack(x2, x3);
+    M::mma(ch[0], a, b0, b1);
+    M::mma(ch[1], a + 4, b0, b1);
+  };
+#pragma unroll
+  for (int k = 0; k < Cfg::kRegStrips; ++k) strip(k, &treg[k * 8], c[k & 1]);
+  auto smem_strip = [&](int s, float (&ch)[2][4]) {
+    uint32_t a[8];
+    const uint4 a0 = *reinterpret_cast<const uint4*>(w_frag + s * 256);
+    const uint4 a1 = *reinterpret_cast<const uint4*>(w_frag + s * 256 + 128);
+    a[0] = a0.x, a[1] = a0.y, a[2] = a0.z, a[3] = a0.w;
+    a[4] = a1.x, a[5] = a1.y, a[6] = a1.z, a[7] = a1.w;
+    strip(Cfg::kRegStrips + s, a, ch);
+  };
+  int s = 0;
+  for (; s + 2 <= n_smem_strips; s += 2) {
+    smem_strip(s, c[0]);
+    smem_strip(s + 1, c[1]);
+  }
+  if (s < n_smem_strips) smem_strip(s, c[0]);
+  // Row L of the warp (this lane's) is C row L % 16 of m-tile L / 16: held by lanes 4 (L % 8) + t / 2,
+  // register 2 ((L / 8) % 2) + t % 2. Every lane sends the four candidates; each keeps its own.
+#pragma unroll
+  for (int t = 0; t < PT; ++t) {
+    const int src = ((lane & 7) << 2) | (t >> 1);
+    float v[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int mt = m >> 1, i = 2 * (m & 1) + (t & 1);
+      v[m] = __shfl_sync(kFullMask, c[0][mt][i] + c[1][mt][i], src);
+    }
+    const int m = lane >> 3;  // (a select, not a dynamic index into local memory)
+    acc[t] = m == 0 ? v[0] : m == 1 ? v[1] : m == 2 ? v[2] : v[3];
   }
 }
 
@@ -1539,13 +1684,35 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
                                        col_shift);
   };
   Slot reg[Cfg::kRegArray];
+  uint32_t treg[Cfg::kTileRegWords];  // a tile layout's register strips (tile_product)
+  // A tile layout's shared-memory strips: this warp's, offset to this lane's first word.
+  const int n_smem_strips = (K - RS) / 16;
+  const uint32_t* const w_frag =
+      reinterpret_cast<const uint32_t*>(w_tier) + static_cast<size_t>(warp) * n_smem_strips * 256 + lane * 4;
+  if constexpr (Cfg::kTiles) {
+    // Every slot is read by exactly one thread of its warp, which checks its column.
+    const size_t warp_slots = problem_slot_base(p, slice) + static_cast<size_t>(gwarp) * K * 32;
+    bad_index |= K % 16 != 0 || K != cols;
 #pragma unroll
-  for (int k = 0; k < RS; ++k) {
+    for (int k = 0; k < Cfg::kRegStrips; ++k)
+#pragma unroll
+      for (int w = 0; w < 8; ++w)
+        treg[k * 8 + w] = tile_word<S>(values, p.indices, warp_slots, k, w >> 2, w & 3, lane, bad_index);
+    uint32_t* const frag = reinterpret_cast<uint32_t*>(w_tier) + static_cast<size_t>(warp) * n_smem_strips * 256;
+    for (int st = 0; st < n_smem_strips; ++st) {
+#pragma unroll
+      for (int w = 0; w < 8; ++w)
+        frag[st * 256 + (w >> 2) * 128 + lane * 4 + (w & 3)] =
+            tile_word<S>(values, p.indices, warp_slots, Cfg::kRegStrips + st, w >> 2, w & 3, lane, bad_index);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < (Cfg::kTiles ? 0 : RS); ++k) {
     reg[k] = make_slot(__ldg(values + lane_base + static_cast<size_t>(k) * 32),
                        __ldg(p.indices + lane_base + static_cast<size_t>(k) * 32));
   }
   Slot* const w_lane = w_tier + static_cast<size_t>(warp) * n_smem_slots * 32 + lane;
-  {  // kBatch slots' loads in flight at a time, then their stores
+  if constexpr (!Cfg::kTiles) {  // kBatch slots' loads in flight at a time, then their stores
     constexpr int kBatch = 4;
     const Bits* lane_values = values + lane_base + static_cast<size_t>(RS) * 32;
     const int* lane_indices = p.indices + lane_base + static_cast<size_t>(RS) * 32;
@@ -1677,12 +1844,16 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         float acc[PT];
         if (!nonfinite) {
           const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
-          if (!S::kHasColumnForm || byte_offsets) {
+          if constexpr (Cfg::kTiles) {
+            tile_product<Cfg, PP>(acc, treg, w_frag, n_smem_strips, hp, plane_floats);
+          } else if (!S::kHasColumnForm || byte_offsets) {
             gather_planes<Cfg, true, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
           } else {
             gather_planes<Cfg, false, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
           }
-          segmented_sum<PT>(acc, seg_end, max_seg);
+          (void)hp_bytes;
+          // (A tile layout's rows are one lane each: nothing to reduce.)
+          if constexpr (!Cfg::kTiles) segmented_sum<PT>(acc, seg_end, max_seg);
         } else {
 #pragma unroll
           for (int q = 0; q < PP; ++q) {
@@ -1703,14 +1874,22 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         for (int r = 0; r < rounds; ++r) {  // rounds is warp-uniform (1 unless a span < PT)
           const int t = cell_lane.entry() + r * cell_lane.span();
           float z[RG];
+          if constexpr (Cfg::kTiles && RG == 1) {
+            // A tile layout's simple-cell row is one lane, its own cell lane: its sums, no shuffle.
+            z[0] = 0.0f;
 #pragma unroll
-          for (int g = 0; g < RG; ++g) {
-            const int src = cell_lane.gate_head(g);
-            z[g] = 0.0f;
+            for (int u = 0; u < PT; ++u)
+              if (u == t) z[0] = acc[u];
+          } else {
 #pragma unroll
-            for (int u = 0; u < PT; ++u) {
-              const float v = __shfl_sync(kFullMask, acc[u], src);
-              if (u == t) z[g] = v;
+            for (int g = 0; g < RG; ++g) {
+              const int src = cell_lane.gate_head(g);
+              z[g] = 0.0f;
+#pragma unroll
+              for (int u = 0; u < PT; ++u) {
+                const float v = __shfl_sync(kFullMask, acc[u], src);
+                if (u == t) z[g] = v;
+              }
             }
           }
           if (t < PT) {
@@ -1804,13 +1983,13 @@ __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
 // cuda/instances/)
 // ================================================================================================
 
-template <Direction DIR, typename T, int TILE, int PP, int RS>
+template <Direction DIR, typename T, int TILE, int PP, int RS, bool TILES = false>
 PersistentKernelFn pick_variant(int threads) {
   constexpr bool packed16 = Storage<T>::kRegsPerSlot == 1;
-  using Narrow = PersistentConfig<DIR, T, TILE, RS, false, PP>;
+  using Narrow = PersistentConfig<DIR, T, TILE, RS, false, PP, TILES>;
   if (threads > 0 && threads <= Narrow::kMaxThreads) return &sprnn_persistent_kernel<Narrow>;
   if constexpr (persistent_has_wide(DIR, packed16, RS)) {
-    using Wide = PersistentConfig<DIR, T, TILE, RS, true, PP>;
+    using Wide = PersistentConfig<DIR, T, TILE, RS, true, PP, TILES>;
     if (threads <= Wide::kMaxThreads) return &sprnn_persistent_kernel<Wide>;
   } else {
     if (threads <= 0) return &sprnn_persistent_kernel<Narrow>;
@@ -1818,10 +1997,10 @@ PersistentKernelFn pick_variant(int threads) {
   return nullptr;
 }
 
-template <Direction DIR, typename T, int TILE, int PP, int... RS>
+template <Direction DIR, typename T, int TILE, int PP, bool TILES = false, int... RS>
 PersistentKernelFn pick_reg_slots(int rs, int threads, std::integer_sequence<int, RS...>) {
   PersistentKernelFn fn = nullptr;
-  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, PP, RS>(threads), 0) : 0), ...);
+  ((rs == RS ? (fn = pick_variant<DIR, T, TILE, PP, RS, TILES>(threads), 0) : 0), ...);
   return fn;
 }
 
@@ -1847,10 +2026,19 @@ struct DtypeOf<Dtype::kBF16> {
 };
 
 template <Direction DIR, Dtype DT>
-PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int planes_per_pass) {
+PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int planes_per_pass, bool tiles) {
   using T = typename DtypeOf<DT>::type;
   using Seq = std::conditional_t<is_gated(DIR), typename DtypeOf<DT>::gated_slots,
                                  typename DtypeOf<DT>::slots>;
+  if (tiles) {  // a tile layout: 16-bit forward recurrences, tile 4 (persistent.h: has_tile_variants)
+    if constexpr (has_tile_variants(DIR, DT)) {
+      using TileSeq = std::conditional_t<is_gated(DIR), TileRegSlotsGated16, TileRegSlots16>;
+      if (tile != 4 || (planes_per_pass != 1 && planes_per_pass != 2)) return nullptr;
+      return planes_per_pass == 2 ? pick_reg_slots<DIR, T, 4, 2, true>(rs, threads, TileSeq{})
+                                  : pick_reg_slots<DIR, T, 4, 1, true>(rs, threads, TileSeq{});
+    }
+    return nullptr;
+  }
   if (planes_per_pass == 2) return tile == 4 ? pick_reg_slots<DIR, T, 4, 2>(rs, threads, Seq{}) : nullptr;
   if (planes_per_pass != 1) return nullptr;
   switch (tile) {

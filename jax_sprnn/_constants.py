@@ -89,6 +89,12 @@ PERSISTENT_TIERS_GATED_32: dict[int, Tier] = {
 REG_SLOTS_GATED_16: tuple[int, ...] = tuple(PERSISTENT_TIERS_GATED_16)
 REG_SLOTS_GATED_32: tuple[int, ...] = tuple(PERSISTENT_TIERS_GATED_32)
 
+#: The register tiers of the tensor-core variants that run tile layouts (16-bit forward recurrences,
+#: docs/format.md "Tile layouts"): whole strips of 16 slots, a subset of the slot variants' tiers
+#: whose launch bounds they share (a strip's fragments take half the registers of its slots).
+TILE_REG_SLOTS_16: tuple[int, ...] = (0, 32, 64, 128)
+TILE_REG_SLOTS_GATED_16: tuple[int, ...] = (0, 32, 64)
+
 
 def thread_limits(tiers: dict[int, Tier]) -> tuple[tuple[int, int], ...]:
     """``(reg_slots, the most threads per CTA any variant of that tier runs)`` for each tier."""
@@ -209,7 +215,7 @@ constexpr int64_t cell_state_smem_bytes(int64_t batch, int64_t tile, int64_t war
 # problems, `reverse` a bit mask) and the CUDA backward's batch_major (2026-12-04); 6: the CUDA
 # gated forward's `problems` attribute (its hn_bias [problems, H]), the CUDA gated backward's
 # `batch_major` and `problems` (2026-12-04).
-FFI_ABI_VERSION = 6
+FFI_ABI_VERSION = 7
 
 #: The targets' kinds: production ones first, then the test and benchmark ones.
 PRODUCTION_TARGET_KINDS = ("forward", "backward", "weight_grad", "gated_forward", "gated_backward")
@@ -267,7 +273,8 @@ constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t 
 #: The names (of this module) that the compiled modules' ``constants()`` exports.
 EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
             "PERSISTENT_TIERS_GATED_16", "PERSISTENT_TIERS_GATED_32", "REG_SLOTS_GATED_16",
-            "REG_SLOTS_GATED_32", "cell_state_smem_bytes", "batch_tile",
+            "REG_SLOTS_GATED_32", "TILE_REG_SLOTS_16", "TILE_REG_SLOTS_GATED_16",
+            "cell_state_smem_bytes", "batch_tile",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "MAX_CLUSTER_CTAS",
             "PORTABLE_CLUSTER_CTAS", "MAX_PROBLEMS", "WEIGHT_GRAD_THREADS",
@@ -309,6 +316,11 @@ def cxx_header() -> str:
     _check_tiers(PERSISTENT_TIERS_32, "PERSISTENT_TIERS_32")
     _check_tiers(PERSISTENT_TIERS_GATED_16, "PERSISTENT_TIERS_GATED_16")
     _check_tiers(PERSISTENT_TIERS_GATED_32, "PERSISTENT_TIERS_GATED_32")
+    for name, tiles, tiers in (("TILE_REG_SLOTS_16", TILE_REG_SLOTS_16, PERSISTENT_TIERS_16),
+                               ("TILE_REG_SLOTS_GATED_16", TILE_REG_SLOTS_GATED_16,
+                                PERSISTENT_TIERS_GATED_16)):
+        if any(rs % 16 or rs not in tiers for rs in tiles):
+            raise ValueError(f"{name}: tile tiers must be whole 16-slot strips of instantiated tiers")
 
     def seq(values):
         return ", ".join(str(v) for v in values)
@@ -340,6 +352,9 @@ using RegSlots32 = std::integer_sequence<int, {seq(REG_SLOTS_32)}>;
 // ... and for the gated cells' forward kernels.
 using RegSlotsGated16 = std::integer_sequence<int, {seq(REG_SLOTS_GATED_16)}>;
 using RegSlotsGated32 = std::integer_sequence<int, {seq(REG_SLOTS_GATED_32)}>;
+// ... and for the tensor-core variants of tile layouts (16-bit forward recurrences).
+using TileRegSlots16 = std::integer_sequence<int, {seq(TILE_REG_SLOTS_16)}>;
+using TileRegSlotsGated16 = std::integer_sequence<int, {seq(TILE_REG_SLOTS_GATED_16)}>;
 inline constexpr int kWideStageUnroll = {WIDE_STAGE_UNROLL};
 
 {tier_function("persistent_max_threads", lambda t: t.narrow_threads, lambda t: t.wide_threads,

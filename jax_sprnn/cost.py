@@ -80,9 +80,29 @@ def plane_units(meta: LayoutMeta, planes: int) -> float:
     return float(planes)
 
 
+#: A tile layout's step (docs/format.md, "Tile layouts") on tensor cores: what one 16-column strip
+#: of a warp's 32 rows costs a batch plane, in register-tier slots of the slot kernel's fit (per
+#: thread and strip, two mma, four staged-state loads and two conversions serve two planes of 4).
+#: An estimate from the instruction counts, NOT measured yet (benchmarks/RESULTS.md, "Dense tiles
+#: on tensor cores"): it only ranks tile layouts against each other, and ``auto`` packs no tile
+#: layout until it is measured.
+TILE_STRIP_SLOTS = 1.0
+#: The tensor-core step's matrix strip: 16 columns.
+TILE_STRIP_COLUMNS = 16
+
+
+def _slot_equivalents(meta: LayoutMeta) -> float:
+    """A lane's per-plane work in register-tier slots (the shared-memory tier's weighted by
+    :data:`SMEM_SLOT_COST`); a tile layout's counted in strips (:data:`TILE_STRIP_SLOTS`)."""
+    if meta.tiles:
+        strips, reg = meta.slots_per_lane / TILE_STRIP_COLUMNS, meta.reg_slots / TILE_STRIP_COLUMNS
+        return TILE_STRIP_SLOTS * (reg + SMEM_SLOT_COST * (strips - reg))
+    return meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
+
+
 def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
     """Estimated µs per step of the persistent forward kernel for this layout and batch."""
-    k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
+    k_eff = _slot_equivalents(meta)
     per_plane = KERNEL_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
     return KERNEL_FIXED_US + plane_units(meta, batch_planes(meta, batch)) * per_plane
 
@@ -154,7 +174,7 @@ def cluster_replicas(meta: LayoutMeta, batch: int, sm_count: int = 132) -> int:
 def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) -> float:
     """Estimated µs per step of the persistent kernel in cluster mode for this layout, batch and
     storage dtype."""
-    k_eff = meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
+    k_eff = _slot_equivalents(meta)
     planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
     state_us = CLUSTER_STATE_US + (CLUSTER_WIDE_US if meta.num_ctas > PORTABLE_CLUSTER_CTAS else 0.0)
     per_plane = (CLUSTER_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff

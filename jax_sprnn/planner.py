@@ -127,6 +127,10 @@ class LayoutMeta:
     #: whether this is the transposed (backward) layout of a gated kernel: ``H`` rows over ``G*H``
     #: columns. A square layer's two layouts have one shape, so its ``meta_t`` leaves it False.
     transposed: bool = dataclasses.field(default=False, kw_only=True)
+    #: whether this is a tile layout (docs/format.md, "Tile layouts"; :mod:`jax_sprnn.tile_layout`):
+    #: one row a lane and a slot for every column, which the 16-bit forward kernels run as dense
+    #: tiles on tensor cores. Every other path runs it as the ordinary layout it also is.
+    tiles: bool = dataclasses.field(default=False, kw_only=True)
 
     @classmethod
     def from_plan(cls, plan: "LayoutMeta") -> "LayoutMeta":
@@ -231,23 +235,32 @@ def _warps_needed(row_lanes: np.ndarray) -> int:
     return pack_rows_into_warps(row_lanes)[2]
 
 
-def bytes_per_slot(dtype) -> int:
-    """On-chip bytes per (value, index) pair: 16-bit value + 16-bit index, or float32 + index."""
+def bytes_per_slot(dtype, tiles: bool = False) -> int:
+    """On-chip bytes per (value, index) pair: 16-bit value + 16-bit index, or float32 + index; a
+    tile layout's kernel holds the 16-bit value alone (:func:`runs_tiles`)."""
+    if tiles:
+        return 2
     return 8 if np.dtype(dtype).itemsize == 4 else 4
 
 
-def weight_smem_bytes(slots_per_lane: int, reg_slots: int, threads: int, dtype) -> int:
+def runs_tiles(meta: LayoutMeta, dtype) -> bool:
+    """Whether a GPU runs this layout on tensor cores: a tile layout in 16-bit storage (a tile
+    layout stored as float32 runs as the ordinary layout it also is)."""
+    return meta.tiles and np.dtype(dtype).itemsize == 2
+
+
+def weight_smem_bytes(slots_per_lane: int, reg_slots: int, threads: int, dtype, tiles: bool = False) -> int:
     """Shared memory of a CTA's weight tier: the slots beyond the register tier, for every thread."""
-    return (slots_per_lane - reg_slots) * threads * bytes_per_slot(dtype)
+    return (slots_per_lane - reg_slots) * threads * bytes_per_slot(dtype, tiles)
 
 
 def cta_smem_bytes(cols: int, load_bytes: int, slots_per_lane: int, reg_slots: int, threads: int,
-                   dtype, gates: int = 1, transposed: bool = False) -> int:
+                   dtype, gates: int = 1, transposed: bool = False, tiles: bool = False) -> int:
     """Shared memory of one CTA with a single batch plane of the staged state, ``cols`` wide (the
     kernel's own plan, :func:`jax_sprnn._constants.persistent_smem_bytes`, plus the reserve; the
     cell state too where the recurrence keeps one)."""
     tile = load_bytes // 4
-    weights = weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype)
+    weights = weight_smem_bytes(slots_per_lane, reg_slots, threads, dtype, tiles)
     cell = _constants.cell_state_smem_bytes(tile, tile, threads // WARP, gates, transposed)
     return _constants.persistent_smem_bytes(cols, tile, tile, weights, 1, cell) + KERNEL_SMEM_RESERVE
 
@@ -377,11 +390,12 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     if not plan.fits:
         return 0
     layout_tile = plan.load_bytes // 4
-    weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
+    tiles = runs_tiles(plan, dtype)
+    weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype, tiles)
     budget = device.smem_per_block - KERNEL_SMEM_RESERVE
 
     def fits(batch):  # the handler's plan with one staged copy of the state, in its batch tile
-        tile = _constants.batch_tile(layout_tile, batch)
+        tile = layout_tile if tiles else _constants.batch_tile(layout_tile, batch)
         cell = _constants.cell_state_smem_bytes(batch, tile, plan.warps_per_cta, plan.gates,
                                                 plan.transposed)
         return _constants.persistent_smem_bytes(plan.num_cols, batch, tile, weights, 1, cell) <= budget

@@ -43,7 +43,7 @@ from jax.interpreters import batching, mlir
 from . import _constants, _native, dispatch, fallback
 from ._partitioning import SplitRule, mesh_lowering
 from .dispatch import BACKWARD, FORWARD, GATED_BACKWARD, GATED_FORWARD, WEIGHT_GRAD
-from .planner import LayoutMeta
+from .planner import LayoutMeta, runs_tiles
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "identity": 2}
 _NOT_MAPPED = None  # how a batching rule sees an operand without a vmapped axis
@@ -121,6 +121,11 @@ def _recurrence_attrs(*, activation: str, reverse: bool, meta: LayoutMeta) -> di
                 slots_per_lane=np.int64(meta.slots_per_lane),
                 warps_per_cta=np.int64(meta.warps_per_cta), reg_slots=np.int64(meta.reg_slots),
                 load_bytes=np.int64(meta.load_bytes))
+
+
+def _tiles_attr(meta: LayoutMeta, dtype) -> dict:
+    """The CUDA forward targets' ``tiles``: 1 where the kernel runs the layout on tensor cores."""
+    return dict(tiles=np.int64(runs_tiles(meta, dtype)))
 
 
 def _weight_grad_attrs(*, groups: int, reverse: bool, meta: LayoutMeta) -> dict:
@@ -230,6 +235,8 @@ def _persistent_cuda(target, fallback_impl, ctx, *args, activation, reverse, met
         layouts = dict(operand_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(args) - 1),
                        result_layouts=[_BATCH_MAJOR_LAYOUT] + [None] * (len(ctx.avals_out) - 1))
     attrs.update(batch_major=np.int64(bool(batch_major)), problems=np.int64(1))
+    if target == FORWARD:
+        attrs.update(_tiles_attr(meta, ctx.avals_in[0].dtype))
     return _recurrence_call(ctx, target, args, attrs, hooks, layouts)
 
 
@@ -406,6 +413,7 @@ def _gated_cuda(prim, fallback_impl, ctx, *args, reverse, meta, method, full_len
         ctx, args = _drop_full_lengths(ctx, args, 6 if gates == 4 else 5)
     attrs = _gated_attrs(gates, reverse, meta) | dict(batch_major=np.int64(bool(batch_major)),
                                                       problems=np.int64(1))
+    attrs.update(_tiles_attr(meta, ctx.avals_in[0].dtype))
     target = GATED_FORWARD
     hooks = _hook_attrs(spin_timeout_us, debug_stall_cta, grid_barrier, exchange_mode)
     if hooks != _HOOK_DEFAULTS:

@@ -37,7 +37,7 @@ from .primitives import (_BACKWARD_GATES, _GATES, _HOOK_DEFAULTS, _HOOKED_TARGET
                          _gru_backward_abstract, _gru_backward_fallback, _gru_fallback, _hook_attrs,
                          _lstm_abstract, _lstm_backward_abstract, _lstm_backward_fallback,
                          _lstm_fallback, _lstm_with_cells_abstract, _lstm_with_cells_fallback,
-                         _make_primitive, _move, _recurrence_attrs, _recurrence_call,
+                         _make_primitive, _move, _recurrence_attrs, _recurrence_call, _tiles_attr,
                          _register_lowering, sprnn_backward_p, sprnn_forward_p, sprnn_gru_backward_p,
                          sprnn_gru_p, sprnn_lstm_backward_p, sprnn_lstm_p, sprnn_lstm_with_cells_p)
 
@@ -218,7 +218,8 @@ def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=Fal
             attrs = _gated_backward_attrs(gates, meta, "cuda") | attrs
         else:
             gates = _GATES[kind.prim]
-            attrs = _gated_attrs(gates, False, meta) | attrs | dict(reverse=_reverse_mask(reverse))
+            attrs = (_gated_attrs(gates, False, meta) | attrs | dict(reverse=_reverse_mask(reverse))
+                     | _tiles_attr(meta, ctx.avals_in[0].dtype))
         if hooks != _HOOK_DEFAULTS:
             target = _HOOKED_TARGETS[target]
             attrs.update({name: np.int64(value) for name, value in hooks.items()})
@@ -233,6 +234,8 @@ def _stack_cuda(kind: _Kind, ctx, *args, reverse, meta, method, full_lengths=Fal
     ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
     attrs = _recurrence_attrs(activation=params["activation"], reverse=False, meta=meta) | attrs
     attrs["reverse"] = _reverse_mask(reverse)
+    if target == FORWARD:
+        attrs.update(_tiles_attr(meta, ctx.avals_in[0].dtype))
     seq = _STACK_BATCH_MAJOR_LAYOUT
     # Sequence operands: x (forward); y, dy (backward). Results: y / dx.
     layouts = dict(operand_layouts=[seq if i in kind.seq_operands else None for i in range(len(args))],

@@ -57,14 +57,16 @@ def random_kernel(rng: np.random.Generator, hidden: int, density: float, *, gain
 
 
 def make_problem(seed: int, hidden: int, batch: int, steps: int, density: float,
-                 dtype: str = "float32", *, mask: np.ndarray | None = None, scale: float = 1.0):
+                 dtype: str = "float32", *, mask: np.ndarray | None = None, scale: float = 1.0,
+                 **packing):
     """``(dense, weights, x, h0)`` from ``seed``: the float32 kernel as stored in ``dtype`` (masked),
-    its packed :class:`SparseWeights`, inputs ``x [batch, steps, hidden]`` and ``h0``."""
+    its packed :class:`SparseWeights` (``packing``: more options of ``from_dense``, e.g.
+    ``matvec``), inputs ``x [batch, steps, hidden]`` and ``h0``."""
     rng = np.random.default_rng(seed)
     kernel, mask = random_kernel(rng, hidden, density, mask=mask)
     dt = DTYPES[dtype]
     kernel_d = np.asarray(jnp.asarray(kernel, dt).astype(jnp.float32))  # as stored
-    weights = SparseWeights.from_dense(kernel_d, mask, dtype=dt)
+    weights = SparseWeights.from_dense(kernel_d, mask, dtype=dt, **packing)
     x = jnp.asarray(rng.standard_normal((batch, steps, hidden)).astype(np.float32) * scale, dt)
     h0 = jnp.asarray(rng.standard_normal((batch, hidden)).astype(np.float32) * 0.5, dt)
     return kernel_d * mask, weights, x, h0
@@ -101,16 +103,18 @@ def normal(seed: int, shape) -> jax.Array:
 
 
 def make_gated_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
-                       dtype: str = "float32", *, device=None, load_bytes: int | None = None):
+                       dtype: str = "float32", *, device=None, load_bytes: int | None = None,
+                       matvec: str = "auto"):
     """``(weights, x, c0, h0, hn_bias)`` of an LSTM (``gates=4``) or GRU (3) from ``seed``: a
     ``[hidden, gates*hidden]`` kernel at ``density`` (scaled so the gates stay out of saturation),
-    inputs ``x [batch, steps, gates*hidden]``, a carry and a float32 ``hn_bias`` (the GRU's)."""
+    packed with ``from_dense``'s ``device``, ``load_bytes`` and ``matvec``, inputs
+    ``x [batch, steps, gates*hidden]``, a carry and a float32 ``hn_bias`` (the GRU's)."""
     rng = np.random.default_rng(seed)
     dt = DTYPES[dtype]
     scale = 1.5 / np.sqrt(max(1.0, density * hidden))
     kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) * scale
     weights = SparseWeights.from_dense(kernel, density=density, dtype=dt, device=device,
-                                       load_bytes=load_bytes)
+                                       load_bytes=load_bytes, matvec=matvec)
     x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)) * 0.8, dt)
     c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
     h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)

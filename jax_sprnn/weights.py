@@ -11,6 +11,7 @@ import numpy as np
 
 from . import planner as _planner
 from .layout import LayoutMeta, decode_columns, lane_of_slot, pack_pattern, plan_layouts
+from .tile_layout import check_tile_layout, pack_tiles
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
@@ -178,7 +179,8 @@ class SparseWeights(PackedLayout):
     @classmethod
     def from_dense(cls, kernel, mask=None, *, density: float | None = None, dtype=None,
                    device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
-                   bank_aware: bool = True, exchange: str = "auto") -> "SparseWeights":
+                   bank_aware: bool = True, exchange: str = "auto",
+                   matvec: str = "auto") -> "SparseWeights":
         """Pack a dense ``[H, H]`` kernel (Flax orientation), or a gated ``[H, 3H]`` / ``[H, 4H]``
         one (column ``g*H + i``: gate ``g`` of unit ``i``), keeping the entries where ``mask`` is
         true, or the ``density`` fraction of largest magnitudes. Exactly one of the two is needed.
@@ -192,6 +194,11 @@ class SparseWeights(PackedLayout):
         planner's pick by estimated step, a layout on one thread-block cluster (an error where none
         fits the device), or one spread over the SMs (docs/design.md). These change only speed and
         which layers fit, never the result.
+        ``matvec`` is how a GPU forms a step's recurrent product: ``"slots"``, the sparse gather of
+        (value, index) pairs; ``"tiles"``, a tile layout (docs/format.md) whose forward step runs
+        on tensor cores over dense 16-column strips (float16 or bfloat16, H a multiple of 16; for
+        dense-ish layers, about 10% density and up); ``"auto"``, slots for now: the tensor-core
+        path is not measured yet (benchmarks/RESULTS.md). It too changes only speed and fit.
         """
         kernel = np.asarray(kernel)
         gates = kernel_gates(kernel.shape, "kernel")
@@ -221,12 +228,14 @@ class SparseWeights(PackedLayout):
         rows, cols = np.nonzero(mask.T)
         vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows].astype(dtype)  # kernel[cols, rows]
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], gates=gates, device=device,
-                                load_bytes=load_bytes, bank_aware=bank_aware, exchange=exchange)
+                                load_bytes=load_bytes, bank_aware=bank_aware, exchange=exchange,
+                                matvec=matvec)
 
     @classmethod
     def from_pattern(cls, rows, cols, vals, hidden: int, *, gates: int = 1,
                      device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
-                     bank_aware: bool = True, exchange: str = "auto") -> "SparseWeights":
+                     bank_aware: bool = True, exchange: str = "auto",
+                     matvec: str = "auto") -> "SparseWeights":
         """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
         ``[0, gates * hidden)``, columns in ``[0, hidden)``) of a layer of ``hidden`` units
         (options as in :meth:`from_dense`)."""
@@ -246,7 +255,8 @@ class SparseWeights(PackedLayout):
             device = current_device_spec()
         fwd_plan, bwd_plan = plan_layouts(np.bincount(rows, minlength=gates * hidden),
                                           np.bincount(cols, minlength=hidden), dtype, device,
-                                          gates=gates, load_bytes=load_bytes, exchange=exchange)
+                                          gates=gates, load_bytes=load_bytes, exchange=exchange,
+                                          matvec=matvec)
         if exchange == "cluster" and not (fwd_plan.fits and fwd_plan.exchange == "cluster"):
             raise ValueError(
                 f"exchange='cluster': no layout of this layer (H={hidden}, {rows.size} nonzeros, "
@@ -254,7 +264,10 @@ class SparseWeights(PackedLayout):
                 f"{_planner.MAX_CLUSTER_CTAS} CTAs on {device.name}"
                 + ("" if device.cluster_launch else " (the device has no cluster launch)")
                 + f"; the planner's layout: {fwd_plan.num_ctas} CTAs, {fwd_plan.reason}")
-        fwd = pack_pattern(rows, cols, fwd_plan, bank_aware=bank_aware)
+        if fwd_plan.tiles:
+            fwd = pack_tiles(rows, cols, fwd_plan)
+        else:
+            fwd = pack_pattern(rows, cols, fwd_plan, bank_aware=bank_aware)
         bwd = pack_pattern(cols, rows, bwd_plan, bank_aware=bank_aware)
         values = np.zeros(fwd.meta.num_slots, dtype)
         values[fwd.slot_of_nonzero] = vals
@@ -364,6 +377,8 @@ class SparseWeights(PackedLayout):
                 raise ValueError(f"SparseWeights.lane_row{name[7:]} must give every row a lane")
         if m.gates > 1:
             _check_units_in_warps(np.asarray(self.lane_row), m)
+        if m.tiles:
+            check_tile_layout(np.asarray(self.indices), np.asarray(self.lane_row), m)
         perm = np.asarray(self.perm_t)
         if perm.size and (perm.min() < -1 or perm.max() >= m.num_slots):
             raise ValueError(f"SparseWeights.perm_t has entries outside [-1, {m.num_slots})")

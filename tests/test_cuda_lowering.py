@@ -17,6 +17,8 @@ from jax_sprnn.testing import make_problem, make_twin_problem
 LAYOUT_ATTRS = {"activation", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
 # The CUDA recurrences also take the sequences' memory layout and the number of stacked problems.
 RECURRENCE_ATTRS = LAYOUT_ATTRS | {"batch_major", "problems"}
+# The forward targets also say whether the layout runs on tensor cores (a tile layout).
+FORWARD_ATTRS = RECURRENCE_ATTRS | {"tiles"}
 HOOK_ATTRS = {"debug_stall_cta", "grid_barrier", "spin_timeout_us", "exchange_mode"}
 
 
@@ -32,11 +34,11 @@ def _custom_calls(fn, *args):
 
 
 @pytest.mark.parametrize("hooks, target, attrs", [
-    ({}, "forward", RECURRENCE_ATTRS),
-    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", RECURRENCE_ATTRS | HOOK_ATTRS),
-    ({"grid_barrier": True}, "forward_hooked", RECURRENCE_ATTRS | HOOK_ATTRS),
-    ({"exchange_mode": "cluster"}, "forward_hooked", RECURRENCE_ATTRS | HOOK_ATTRS),
-    ({"exchange_mode": "auto"}, "forward", RECURRENCE_ATTRS),
+    ({}, "forward", FORWARD_ATTRS),
+    ({"spin_timeout_us": 2000, "debug_stall_cta": 0}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
+    ({"grid_barrier": True}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "cluster"}, "forward_hooked", FORWARD_ATTRS | HOOK_ATTRS),
+    ({"exchange_mode": "auto"}, "forward", FORWARD_ATTRS),
 ])
 def test_forward_binds_the_hooked_target_only_for_a_hook(cuda_targets_registered, hooks, target, attrs):
     _, w, x, h0 = make_problem(4, 300, 2, 16, 0.1, "float16")
@@ -123,7 +125,8 @@ def test_a_bidirectional_pair_is_one_launch_on_cuda_and_two_calls_on_the_cpu(cud
 
 
 GATED_ATTRS = {"gates", "load_bytes", "reg_slots", "reverse", "slots_per_lane", "warps_per_cta"}
-GATED_RECURRENCE_ATTRS = GATED_ATTRS | {"batch_major", "problems"}  # (x's layout; stacked problems)
+GATED_RECURRENCE_ATTRS = GATED_ATTRS | {"batch_major", "problems", "tiles"}  # (x's layout; stacked
+# problems; a tile layout)
 GATED_BACKWARD_ATTRS = GATED_ATTRS - {"reverse"} | {"batch_major", "problems"}  # (step order)
 
 

@@ -14,6 +14,9 @@ Cases:
   paired both directions of a bidirectional layer in one launch (sparse_rnn_bidirectional,
          sparse_lstm_bidirectional and sparse_gru_bidirectional on two weights of one layout),
          forward and jax.grad: H=64 B=3 T=4 and H=200 B=5 T=6 on this GPU's layout.
+  tiles  tile layouts on tensor cores (from_dense(matvec="tiles"), 16-bit dtypes only): the simple
+         cell, the LSTM and the GRU, H=64 B=3 T=4 on this GPU's layout and H=128 B=9 T=5 planned
+         for 4 SMs (cluster mode where the GPU has clusters; two planes a pass).
 Each case runs with traced lengths (an empty example when B > 2) and reverse when B is odd, checks
 against the reference, and then polls the deferred kernel error. Exit status 1 on a wrong result.
 """
@@ -36,16 +39,17 @@ CASES = {
              (200, 5, 20, "bfloat16", None)],
     "gated": [(48, 3, 4, None, None), (96, 5, 6, None, 4)],
     "paired": [(64, 3, 4, None, None), (200, 5, 6, None, None)],
+    "tiles": [(64, 3, 4, None, None), (128, 9, 5, None, 4)],
 }
 
 
-def run_case(rng, hidden, batch, steps, dtype, sms):
+def run_case(rng, hidden, batch, steps, dtype, sms, matvec="auto"):
     dt = DTYPES[dtype]
     device = js._native.current_device_spec()
     if sms:
         device = dataclasses.replace(device, sm_count=sms)
     kernel = rng.standard_normal((hidden, hidden)).astype(np.float32) / np.sqrt(0.2 * hidden)
-    w = js.SparseWeights.from_dense(kernel, density=0.2, dtype=dt, device=device)
+    w = js.SparseWeights.from_dense(kernel, density=0.2, dtype=dt, device=device, matvec=matvec)
     x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dt)
     h0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
     lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
@@ -77,21 +81,21 @@ def run_case(rng, hidden, batch, steps, dtype, sms):
     else:
         errs = [float("nan")] * (2 + len(g))
     ok = finite and max(errs[:2]) < TOLERANCE[dtype] and max(errs[2:]) < GRAD_TOLERANCE[dtype]
-    print(f"H={hidden} B={batch} T={steps} {dtype} ctas={w.meta.num_ctas} "
+    print(f"{'tiles ' if w.meta.tiles else ''}H={hidden} B={batch} T={steps} {dtype} ctas={w.meta.num_ctas} "
           f"warps/cta={w.meta.warps_per_cta} reg_slots={w.meta.reg_slots}: forward rel_err "
           f"{max(errs[:2]):.3g}, grad rel_err {max(errs[2:]):.3g}{'' if finite else ', NON-FINITE'}"
           f" -> {'ok' if ok else 'WRONG'}", flush=True)
     return ok
 
 
-def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
+def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms, matvec="auto"):
     """The forward kernel of the LSTM (gates=4) or the GRU (3), and the gradients through the
     forward and backward kernels, against the reference on the CPU."""
     device = js._native.current_device_spec()
     if sms:
         device = dataclasses.replace(device, sm_count=sms)
     w, x, c0, h0, b_hn = make_gated_problem(int(rng.integers(1 << 30)), gates, hidden, batch, steps,
-                                            0.2, dtype, device=device)
+                                            0.2, dtype, device=device, matvec=matvec)
     lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
     lengths[0] = steps
     if batch > 2:
@@ -119,7 +123,8 @@ def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms):
                                                jax.tree_util.tree_leaves(g_want))
                 if a.dtype != jax.dtypes.float0)
     ok = finite and err < TOLERANCE[dtype] and g_err < GRAD_TOLERANCE[dtype]
-    print(f"{'LSTM' if gates == 4 else 'GRU'} H={hidden} B={batch} T={steps} {dtype} "
+    print(f"{'tiles ' if w.meta.tiles else ''}{'LSTM' if gates == 4 else 'GRU'} H={hidden} B={batch} "
+          f"T={steps} {dtype} "
           f"ctas={w.meta.num_ctas}/{w.meta_t.num_ctas} exchange={w.meta.exchange}/{w.meta_t.exchange}: "
           f"forward rel_err {err:.3g}{'' if finite else ', NON-FINITE'}, grad rel_err {g_err:.3g} "
           f"-> {'ok' if ok else 'WRONG'}", flush=True)
@@ -188,7 +193,8 @@ def run_paired_case(rng, cell, hidden, batch, steps, dtype):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="small,wide", help="comma-separated: small, wide, gated, paired")
+    p.add_argument("--cases", default="small,wide",
+                   help="comma-separated: small, wide, gated, paired, tiles")
     p.add_argument("--dtype", default="all", choices=("all", *DTYPES))
     a = p.parse_args(argv)
     dtypes = list(DTYPES) if a.dtype == "all" else [a.dtype]
@@ -205,6 +211,12 @@ def main(argv=None) -> int:
                 elif name == "paired":
                     for cell in ("simple", "lstm", "gru"):
                         ok &= run_paired_case(rng, cell, hidden, batch, steps, dt)
+                elif name == "tiles":
+                    if dt == "float32":  # (tile layouts are 16-bit)
+                        continue
+                    ok &= run_case(rng, hidden, batch, steps, dt, sms, matvec="tiles")
+                    for gates in (4, 3):
+                        ok &= run_gated_case(rng, gates, hidden, batch, steps, dt, sms, matvec="tiles")
                 else:
                     ok &= run_case(rng, hidden, batch, steps, dt, sms)
     cuda = js._native.cuda_module()

@@ -254,8 +254,8 @@ TRAINING_PEERS = (
 
 
 #: the forward rows' peers, in table order
-FORWARD_ORDER = ("ours_native", "ours_auto", "ours_cluster", "ours_grid", "ours_n8", "cudnn", "flax",
-                 "jax_rnn", "in_gemm", "floor")
+FORWARD_ORDER = ("ours_native", "ours_auto", "ours_cluster", "ours_grid", "ours_n8", "ours_tiles",
+                 "cudnn", "flax", "jax_rnn", "in_gemm", "floor")
 
 
 def forward_peers(cell: str) -> list[Peer]:

@@ -3,5 +3,5 @@
 #include "persistent_kernel.cuh"
 
 namespace jax_sprnn::cuda {
-template PersistentKernelFn lookup_persistent_kernel<Direction::kLstm, Dtype::kBF16>(int, int, int, int);
+template PersistentKernelFn lookup_persistent_kernel<Direction::kLstm, Dtype::kBF16>(int, int, int, int, bool);
 }  // namespace jax_sprnn::cuda
