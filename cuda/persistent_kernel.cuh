@@ -627,36 +627,39 @@ __device__ __forceinline__ void gather_planes(float (&acc)[PP * Cfg::kTile],
 // A thread holds 8 A words a strip (m-tile 0's four, then m-tile 1's): the register tier's strips
 // in registers, the others in shared memory as [strip][m-tile][lane][4 words] (conflict-free
 // 16-byte loads). The state stays staged as fp32; each strip's B words are converted from it.
+// mma.m16n8k16 with fp32 accumulation and the conversion of two floats to its 16-bit pair, for
+// T = __half (f16) or __nv_bfloat16 (bf16): PTX type names pasted into one asm string each.
+#define JAX_SPRNN_CVT_PAIR(type, r, lo, hi) asm("cvt.rn." type "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo))
+#define JAX_SPRNN_MMA_16816(type, c, a, b0, b1)                                                  \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 {%0, %1, %2, %3}, "          \
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                                             \
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                            \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
+struct Mma {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "16-bit types only");
+  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  // The pair (lo, hi) rounded to T, lo in the low half (the lower column of an operand's pair).
   __device__ static uint32_t pack(float lo, float hi) {
     uint32_t r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    if constexpr (kBf16) {
+      JAX_SPRNN_CVT_PAIR("bf16", r, lo, hi);
+    } else {
+      JAX_SPRNN_CVT_PAIR("f16", r, lo, hi);
+    }
     return r;
   }
+  // c += A B for A's four words at `a` and B's two.
   __device__ static void mma(float (&c)[4], const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16) {
+      JAX_SPRNN_MMA_16816("bf16", c, a, b0, b1);
+    } else {
+      JAX_SPRNN_MMA_16816("f16", c, a, b0, b1);
+    }
   }
 };
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ static uint32_t pack(float lo, float hi) {
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-  }
-  __device__ static void mma(float (&c)[4], const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+#undef JAX_SPRNN_CVT_PAIR
+#undef JAX_SPRNN_MMA_16816
 
 // A word of strip `strip`, m-tile `mt` (rows 16 mt .. 16 mt + 15 of the warp), register `r`: two
 // slots of the packed layout read from global memory at init (`warp_slots`: the warp's first slot).
