@@ -106,8 +106,8 @@ std::string what_failed(uint32_t code) {
   }
   if (code & kErrBadLayout) {
     msg += (code & kErrTimeout) ? " and " : "";
-    msg += "found an invalid packed layout (an index or lane_row entry out of range, or a row "
-           "without exactly one run of lanes)";
+    msg += "found an invalid packed layout (an index or lane_row entry out of range, a row "
+           "without exactly one run of lanes, or a tile layout's slot not holding its own column)";
   }
   return msg;
 }

@@ -125,7 +125,7 @@ def test_a_corrupted_tile_layout_gives_nan_and_an_error():
     lengths = jnp.full((2,), 5, jnp.int32)
     y, h = _simple(bad, x, h0, lengths, False)
     assert np.all(np.isnan(np.asarray(y, np.float32))) and np.all(np.isnan(np.asarray(h, np.float32)))
-    with pytest.raises(Exception, match="layout"):
+    with pytest.raises(Exception, match="invalid packed layout"):
         jax.block_until_ready(js.sparse_rnn(x, h0, w, method="native"))
     y, _ = _simple(w, x, h0, lengths, False)
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
