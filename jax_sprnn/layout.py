@@ -10,7 +10,6 @@ import dataclasses
 
 import numpy as np
 
-from . import tile_layout
 from .planner import WARP, LayoutMeta, Plan, pack_rows_into_warps, lanes_per_row, plan_layout
 
 
@@ -28,14 +27,8 @@ class PackedPattern:
 LOAD_BYTES_CHOICES = (16, 8, 4)
 
 
-#: How a layout's step forms its recurrent product on a GPU: ``"slots"``, the sparse (value, index)
-#: gather; ``"tiles"``, a tile layout on tensor cores (:mod:`jax_sprnn.tile_layout`); ``"auto"``,
-#: slots until the tensor-core path has been measured (benchmarks/RESULTS.md).
-MATVECS = ("auto", "slots", "tiles")
-
-
 def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None,
-                 exchange: str = "auto", matvec: str = "auto") -> tuple[Plan, Plan]:
+                 exchange: str = "auto") -> tuple[Plan, Plan]:
     """The plans of a layer's forward layout (``row_nnz``: nonzeros of each of its ``G*H`` rows,
     the output units or gate rows) and of its transposed layout (``col_nnz``: nonzeros of each of
     the ``H`` input units, which are its rows; over ``G*H`` columns).
@@ -43,21 +36,7 @@ def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes:
     ``load_bytes=None`` takes the widest staged-state load (16, 8, 4 bytes: a batch tile of 4, 2, 1
     examples) whose forward layout fits on chip: a narrower tile stages less state per CTA, which
     leaves room for the weights of larger layers. ``exchange`` is ``plan_layout``'s, for both
-    layouts. ``matvec="tiles"`` makes the forward layout a tile layout (16-byte loads); the
-    transposed one stays sparse."""
-    if matvec not in MATVECS:
-        raise ValueError(f"matvec must be one of {MATVECS}, got {matvec!r}")
-    if matvec == "tiles":
-        if load_bytes not in (None, tile_layout.LOAD_BYTES):
-            raise ValueError(f"load_bytes: a tile layout stages {tile_layout.LOAD_BYTES}-byte loads "
-                             f"(a batch tile of 4), got {load_bytes}")
-        hidden = np.asarray(row_nnz).size // gates
-        fwd = tile_layout.plan_tile_layout(hidden, dtype, device, gates=gates, exchange=exchange)
-        def backward(lb):
-            return plan_layout(col_nnz, dtype, device, load_bytes=lb, gates=gates, transposed=gates > 1,
-                               exchange=exchange)
-        fitting = (b for b in map(backward, LOAD_BYTES_CHOICES) if b.fits)
-        return fwd, next(fitting, None) or backward(LOAD_BYTES_CHOICES[0])
+    layouts. (:func:`jax_sprnn.tile_layout.plan_layer` also plans tile layouts.)"""
     if load_bytes is None:
         for load_bytes in LOAD_BYTES_CHOICES:
             if plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates).fits:

@@ -20,13 +20,42 @@ from __future__ import annotations
 import numpy as np
 
 from . import _constants, cost
+from .layout import LOAD_BYTES_CHOICES, PackedPattern, plan_layouts
 from .planner import (KERNEL_SMEM_RESERVE, MAX_CLUSTER_CTAS, PORTABLE_TOLERANCE, WARP, DeviceSpec, H200,
-                      LayoutMeta, Plan, cta_smem_bytes, weight_smem_bytes)
+                      LayoutMeta, Plan, cta_smem_bytes, plan_layout, weight_smem_bytes)
 
 #: The columns of one tensor-core strip: a tile layout's width is a multiple of it.
 STRIP = cost.TILE_STRIP_COLUMNS
 #: A tile layout's staged-state load: a batch tile of 4 (a pass of two planes fills the mma's 8).
 LOAD_BYTES = 16
+
+
+#: How a layer's step forms its recurrent product on a GPU: ``"slots"``, the sparse (value, index)
+#: gather; ``"tiles"``, a tile layout on tensor cores; ``"auto"``, slots until the tensor-core path
+#: has been measured (benchmarks/RESULTS.md).
+MATVECS = ("auto", "slots", "tiles")
+
+
+def plan_layer(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None,
+               exchange: str = "auto", matvec: str = "auto") -> tuple[Plan, Plan]:
+    """:func:`jax_sprnn.layout.plan_layouts`, or for ``matvec="tiles"`` a tile forward layout
+    (16-byte loads) and an ordinary transposed one, at the widest load that fits."""
+    if matvec not in MATVECS:
+        raise ValueError(f"matvec must be one of {MATVECS}, got {matvec!r}")
+    if matvec != "tiles":
+        return plan_layouts(row_nnz, col_nnz, dtype, device, gates=gates, load_bytes=load_bytes,
+                            exchange=exchange)
+    if load_bytes not in (None, LOAD_BYTES):
+        raise ValueError(f"load_bytes: a tile layout stages {LOAD_BYTES}-byte loads (a batch tile of "
+                         f"4), got {load_bytes}")
+    fwd = plan_tile_layout(np.asarray(row_nnz).size // gates, dtype, device, gates=gates,
+                           exchange=exchange)
+
+    def backward(lb):
+        return plan_layout(col_nnz, dtype, device, load_bytes=lb, gates=gates, transposed=gates > 1,
+                           exchange=exchange)
+    fitting = (b for b in map(backward, LOAD_BYTES_CHOICES) if b.fits)
+    return fwd, next(fitting, None) or backward(LOAD_BYTES_CHOICES[0])
 
 
 def tile_layout_error(hidden: int, dtype) -> str | None:
@@ -111,8 +140,6 @@ def tile_lanes(meta: LayoutMeta) -> np.ndarray:
 def pack_tiles(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta):
     """Place nonzeros ``(rows[n], cols[n])`` (each at most once) of a ``G*H x H`` pattern in the tile
     layout of ``plan``: the same result type as :func:`jax_sprnn.layout.pack_pattern`."""
-    from .layout import PackedPattern  # (layout imports the planner, as this module does)
-
     meta = LayoutMeta.from_plan(plan)
     if not meta.tiles or meta.transposed or meta.slots_per_lane != meta.num_cols:
         raise ValueError("pack_tiles: the plan is not a forward tile layout (plan_tile_layout)")

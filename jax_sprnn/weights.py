@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import planner as _planner
-from .layout import LayoutMeta, decode_columns, lane_of_slot, pack_pattern, plan_layouts
-from .tile_layout import check_tile_layout, pack_tiles
+from .layout import LayoutMeta, decode_columns, lane_of_slot, pack_pattern
+from .tile_layout import check_tile_layout, pack_tiles, plan_layer
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
@@ -253,10 +253,10 @@ class SparseWeights(PackedLayout):
         if device is None:
             from ._native import current_device_spec
             device = current_device_spec()
-        fwd_plan, bwd_plan = plan_layouts(np.bincount(rows, minlength=gates * hidden),
-                                          np.bincount(cols, minlength=hidden), dtype, device,
-                                          gates=gates, load_bytes=load_bytes, exchange=exchange,
-                                          matvec=matvec)
+        fwd_plan, bwd_plan = plan_layer(np.bincount(rows, minlength=gates * hidden),
+                                        np.bincount(cols, minlength=hidden), dtype, device,
+                                        gates=gates, load_bytes=load_bytes, exchange=exchange,
+                                        matvec=matvec)
         if exchange == "cluster" and not (fwd_plan.fits and fwd_plan.exchange == "cluster"):
             raise ValueError(
                 f"exchange='cluster': no layout of this layer (H={hidden}, {rows.size} nonzeros, "
