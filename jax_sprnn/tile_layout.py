@@ -7,8 +7,8 @@ serves one row and holds a slot for every column: slot ``k`` of a lane is column
 as in the ordinary layout, while the 16-bit forward kernels read a warp's 32 rows over 16 columns
 as two operands of ``mma.m16n8k16`` and run the step's product on tensor cores
 (cuda/persistent_kernel.cuh, "dense tiles"). At the densities where almost no 16x16 block of U is
-empty (about 10% and up at random), that is the same work as the sparse gather on fewer
-instructions.
+empty (about 10% and up at random), that is the sparse gather's arithmetic in fewer instructions in
+all; docs/design.md ("Dense tiles on tensor cores") says where it should pay and where not.
 
 The G gate rows of a unit sit on adjacent lanes of one warp (``32 // G`` units a warp), as in every
 gated layout. Only the forward layout can be a tile layout; the transposed one (backward) stays
@@ -137,7 +137,7 @@ def tile_lanes(meta: LayoutMeta) -> np.ndarray:
     return (first[None, :] + np.arange(gates)[:, None]).reshape(-1)
 
 
-def pack_tiles(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta):
+def pack_tiles(rows: np.ndarray, cols: np.ndarray, plan: LayoutMeta) -> PackedPattern:
     """Place nonzeros ``(rows[n], cols[n])`` (each at most once) of a ``G*H x H`` pattern in the tile
     layout of ``plan``: the same result type as :func:`jax_sprnn.layout.pack_pattern`."""
     meta = LayoutMeta.from_plan(plan)
