@@ -22,12 +22,15 @@ import numpy as np
 from . import _constants, cost
 from .layout import LOAD_BYTES_CHOICES, PackedPattern, plan_layouts
 from .planner import (KERNEL_SMEM_RESERVE, MAX_CLUSTER_CTAS, PORTABLE_TOLERANCE, WARP, DeviceSpec, H200,
-                      LayoutMeta, Plan, cta_smem_bytes, plan_layout, weight_smem_bytes)
+                      LayoutMeta, Plan, cta_smem_bytes, max_persistent_batch, plan_layout,
+                      weight_smem_bytes)
 
 #: The columns of one tensor-core strip: a tile layout's width is a multiple of it.
 STRIP = cost.TILE_STRIP_COLUMNS
 #: A tile layout's staged-state load: a batch tile of 4 (a pass of two planes fills the mma's 8).
 LOAD_BYTES = 16
+#: The batch a tile plan should run persistently where any tile plan of the layer can.
+MIN_BATCH = 32
 
 
 #: How a layer's step forms its recurrent product on a GPU: ``"slots"``, the sparse (value, index)
@@ -75,7 +78,8 @@ def _reg_tiers(gates: int) -> tuple[int, ...]:
 def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: int = 1,
                      exchange: str = "auto") -> Plan:
     """The tile layout of a layer of ``hidden`` units and ``gates`` gate rows each: the CTA count
-    and register tier with the lowest estimated step (``jax_sprnn.cost``) among those that fit,
+    and register tier with the lowest estimated step (``jax_sprnn.cost``) among those that fit
+    (and run a batch of :data:`MIN_BATCH`, where any does),
     in the exchange mode asked for (``"auto"``; ``"cluster"``: at most :data:`MAX_CLUSTER_CTAS`
     CTAs; ``"grid"``: ranked by the grid-mode estimate, as ``plan_layout`` does). Where none
     fits, a plan with ``fits=False`` and the reason (the CPU paths still run it)."""
@@ -113,6 +117,11 @@ def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: in
                     one_copy, gates=gates, tiles=True)
         if exchange != "cluster" or in_cluster:
             candidates.append((cost.planning_step_us(plan, mode, dtype), plan))
+    # A tile layout's weights fill shared memory, which leaves little for the staged state: keep
+    # the plans that run a batch of MIN_BATCH where any does (max_persistent_batch counts one staged
+    # copy of the whole batch, as a grid launch needs).
+    roomy = [c for c in candidates if max_persistent_batch(c[1], dtype, device) >= MIN_BATCH]
+    candidates = roomy or candidates
     if candidates:
         best_us = min(us for us, _ in candidates)
         near = [(us, plan) for us, plan in candidates if us <= best_us * (1 + PORTABLE_TOLERANCE)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jax_sprnn as js
-from jax_sprnn import _constants, _native, fallback
+from jax_sprnn import _constants, _native, fallback, planner
 from jax_sprnn.primitives import sprnn_forward_p
 from jax_sprnn.testing import (GRAD_TOLERANCE, TOLERANCE, make_gated_problem, make_problem,
                                random_lengths, rel_err, run_gated)
@@ -46,6 +46,7 @@ def test_the_simple_cell_on_tensor_cores_matches_xla(dtype, hidden, batch, densi
     dense, w, x, h0 = make_problem(hidden + batch, hidden, batch, steps, density, dtype,
                                    matvec="tiles")
     assert w.meta.tiles and w.meta.fits, w.meta.reason
+    assert batch <= planner.max_persistent_batch(w.meta, w.dtype, _native.current_device_spec())
     lengths = random_lengths(batch, steps, hidden)
     for reverse in (False, True):
         y_ref, h_ref = fallback.forward(jnp.swapaxes(x, 0, 1), h0, w.values, w.indices, w.lane_row,
@@ -64,6 +65,7 @@ def test_the_gated_cells_on_tensor_cores_match_xla(gates, dtype, hidden, batch):
     w, x, c0, h0, hn_bias = make_gated_problem(hidden + gates, gates, hidden, batch, steps, 0.1, dtype,
                                                matvec="tiles")
     assert w.meta.tiles and w.meta.fits, w.meta.reason
+    assert batch <= planner.max_persistent_batch(w.meta, w.dtype, _native.current_device_spec())
     lengths = random_lengths(batch, steps, hidden)
     for reverse in (False, True):
         want = run_gated(gates, x, c0, h0, w, hn_bias, seq_lengths=lengths, reverse=reverse,
