@@ -13,7 +13,7 @@
 #   KT_CASES="simple 256 0.1 1 float16;bidir 256 0.1 1 float32;bilstm 256 0.1 8 float16" tools/gpu_check.sh kerneltime
 #     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
-#     (cases: small, wide, gated, paired: tools/sanitizer_case.py)
+#     (cases: small, wide, gated, paired, tiles: tools/sanitizer_case.py)
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
 #     cost, and each kernel of a T=1 call under Nsight Compute: benchmarks/probes/fixed_cost.py;
 #     FIXED_NCU_PROGS="ours, [B|dense" picks the programs, FIXED_STALLS=1 adds the persistent
