@@ -132,7 +132,7 @@ def test_the_handler_refuses_a_malformed_stacked_call():
     h0 = jnp.stack([h_f, h_b])
     ws = (w_f, w_b)
     attrs = _recurrence_attrs(activation="tanh", reverse=False, meta=w_f.meta)
-    attrs.update(reverse=np.int64(2), batch_major=np.int64(1), problems=np.int64(2))
+    attrs.update(reverse=np.int64(2), batch_major=np.int64(1), problems=np.int64(2), tiles=np.int64(0))
     args = dict(x=x, h0=h0, values=_stack(ws, "values"), indices=_stack(ws, "indices"),
                 lane_row=_stack(ws, "lane_row"), lengths=jnp.full((2,), 5, jnp.int32))
 
