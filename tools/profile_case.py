@@ -2,7 +2,7 @@
 
     python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
 
-CELL is simple, bidir (both directions of a bidirectional layer of one layout: one paired launch
+CELL is simple, tiles (the simple cell on its tile layout: tensor cores), bidir (both directions of a bidirectional layer of one layout: one paired launch
 where the layout runs in cluster mode, one launch per direction in grid mode), lstm, gru, or
 bilstm / bigru (a gated bidirectional layer, paired likewise). The call runs four times (ncu skips
 the first two launches, which include compilation and warm-up).
@@ -19,10 +19,10 @@ from jax_sprnn import testing
 GATES = {"lstm": 4, "gru": 3}
 
 
-def simple_call(hidden, density, batch, dtype, steps):
+def simple_call(hidden, density, batch, dtype, steps, matvec="auto"):
     rng = np.random.default_rng(0)
     kernel = (rng.standard_normal((hidden, hidden)) / np.sqrt(density * hidden)).astype(np.float32)
-    w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype))
+    w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype), matvec=matvec)
     x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dtype)
     h0 = jnp.zeros((batch, hidden), dtype)
     return w, jax.jit(lambda: js.sparse_rnn(x, h0, w, method="native"))
@@ -52,14 +52,14 @@ def gated_bidir_call(gates, hidden, density, batch, dtype, steps):
 
 def case_call(cell, hidden, density, batch, dtype, steps):
     """``(weights, f)``: the case's weights and a jitted call of it, one persistent launch."""
-    if cell == "simple":
-        return simple_call(hidden, density, batch, dtype, steps)
+    if cell in ("simple", "tiles"):
+        return simple_call(hidden, density, batch, dtype, steps, "tiles" if cell == "tiles" else "auto")
     if cell == "bidir":
         return bidir_call(hidden, density, batch, dtype, steps)
     if cell.startswith("bi") and cell[2:] in GATES:
         return gated_bidir_call(GATES[cell[2:]], hidden, density, batch, dtype, steps)
     if cell not in GATES:
-        raise SystemExit(f"CELL must be simple, bidir, lstm, gru, bilstm or bigru, got {cell!r}")
+        raise SystemExit(f"CELL must be simple, tiles, bidir, lstm, gru, bilstm or bigru, got {cell!r}")
     return gated_call(GATES[cell], hidden, density, batch, dtype, steps)
 
 
