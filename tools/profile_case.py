@@ -3,8 +3,9 @@
     python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
 
 CELL is simple, tiles (the simple cell on its tile layout: tensor cores), bidir (both directions
-of a bidirectional layer of one layout: one paired launch where the layout runs in cluster mode, one launch per direction in grid mode), lstm, gru, or
-bilstm / bigru (a gated bidirectional layer, paired likewise). The call runs four times (ncu skips
+of a bidirectional layer of one layout: one paired launch where the layout runs in cluster mode,
+one launch per direction in grid mode), lstm, gru, or bilstm / bigru (a gated bidirectional layer,
+paired likewise). The call runs four times (ncu skips
 the first two launches, which include compilation and warm-up).
 """
 import sys
