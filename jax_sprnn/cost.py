@@ -83,9 +83,10 @@ def plane_units(meta: LayoutMeta, planes: int) -> float:
 #: A tile layout's step (docs/format.md, "Tile layouts") on tensor cores: what one 16-column strip
 #: of a warp's 32 rows costs a batch plane, in register-tier slots of the slot kernel's fit (per
 #: thread and strip, two mma, four staged-state loads and two conversions serve two planes of 4).
-#: An estimate from the instruction counts, NOT measured yet (benchmarks/RESULTS.md, "Dense tiles
-#: on tensor cores"): it only ranks tile layouts against each other, and ``auto`` packs no tile
-#: layout until it is measured.
+#: An estimate from the instruction counts, not fitted: it only ranks tile layouts against each
+#: other. The first measurement (benchmarks/RESULTS.md, "Dense tiles on tensor cores") found the
+#: tile step slower than the slot kernel's, set by its cell epilogue, and ``auto`` packs no tile
+#: layout.
 TILE_STRIP_SLOTS = 1.0
 #: The tensor-core step's matrix strip: 16 columns.
 TILE_STRIP_COLUMNS = 16

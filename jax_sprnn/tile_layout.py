@@ -34,8 +34,8 @@ MIN_BATCH = 32
 
 
 #: How a layer's step forms its recurrent product on a GPU: ``"slots"``, the sparse (value, index)
-#: gather; ``"tiles"``, a tile layout on tensor cores; ``"auto"``, slots until the tensor-core path
-#: has been measured (benchmarks/RESULTS.md).
+#: gather; ``"tiles"``, a tile layout on tensor cores; ``"auto"``, slots (the tensor-core path
+#: measured slower so far: benchmarks/RESULTS.md).
 MATVECS = ("auto", "slots", "tiles")
 
 

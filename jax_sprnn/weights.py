@@ -197,8 +197,8 @@ class SparseWeights(PackedLayout):
         ``matvec`` is how a GPU forms a step's recurrent product: ``"slots"``, the sparse gather of
         (value, index) pairs; ``"tiles"``, a tile layout (docs/format.md) whose forward step runs
         on tensor cores over dense 16-column strips (float16 or bfloat16, H a multiple of 16; for
-        dense-ish layers, about 10% density and up); ``"auto"``, slots for now: the tensor-core
-        path is not measured yet (benchmarks/RESULTS.md). It too changes only speed and fit.
+        dense-ish layers, about 10% density and up); ``"auto"``, slots: the tensor-core path
+        measured slower so far (benchmarks/RESULTS.md). It too changes only speed and fit.
         """
         kernel = np.asarray(kernel)
         gates = kernel_gates(kernel.shape, "kernel")
