@@ -27,6 +27,13 @@ class PackedPattern:
 LOAD_BYTES_CHOICES = (16, 8, 4)
 
 
+def widest_fitting(plan_at) -> Plan:
+    """``plan_at(load_bytes)`` at the widest of :data:`LOAD_BYTES_CHOICES` whose plan fits, else at
+    the widest (a plan that says why it does not fit)."""
+    fitting = (plan for plan in map(plan_at, LOAD_BYTES_CHOICES) if plan.fits)
+    return next(fitting, None) or plan_at(LOAD_BYTES_CHOICES[0])
+
+
 def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None,
                  exchange: str = "auto") -> tuple[Plan, Plan]:
     """The plans of a layer's forward layout (``row_nnz``: nonzeros of each of its ``G*H`` rows,
@@ -38,11 +45,8 @@ def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes:
     leaves room for the weights of larger layers. ``exchange`` is ``plan_layout``'s, for both
     layouts. (:func:`jax_sprnn.tile_layout.plan_layer` also plans tile layouts.)"""
     if load_bytes is None:
-        for load_bytes in LOAD_BYTES_CHOICES:
-            if plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates).fits:
-                break
-        else:
-            load_bytes = LOAD_BYTES_CHOICES[0]
+        load_bytes = widest_fitting(lambda lb: plan_layout(row_nnz, dtype, device, load_bytes=lb,
+                                                           gates=gates)).load_bytes
     fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates, exchange=exchange)
     bwd = plan_layout(col_nnz, dtype, device, load_bytes=load_bytes, gates=gates,
                       transposed=gates > 1, exchange=exchange)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _constants, cost
-from .layout import LOAD_BYTES_CHOICES, PackedPattern, plan_layouts
+from .layout import PackedPattern, plan_layouts, widest_fitting
 from .planner import (KERNEL_SMEM_RESERVE, MAX_CLUSTER_CTAS, PORTABLE_TOLERANCE, WARP, DeviceSpec, H200,
                       LayoutMeta, Plan, cta_smem_bytes, max_persistent_batch, plan_layout,
                       weight_smem_bytes)
@@ -54,11 +54,8 @@ def plan_layer(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: i
     fwd = plan_tile_layout(np.asarray(row_nnz).size // gates, dtype, device, gates=gates,
                            exchange=exchange)
 
-    def backward(lb):
-        return plan_layout(col_nnz, dtype, device, load_bytes=lb, gates=gates, transposed=gates > 1,
-                           exchange=exchange)
-    fitting = (b for b in map(backward, LOAD_BYTES_CHOICES) if b.fits)
-    return fwd, next(fitting, None) or backward(LOAD_BYTES_CHOICES[0])
+    return fwd, widest_fitting(lambda lb: plan_layout(col_nnz, dtype, device, load_bytes=lb, gates=gates,
+                                                      transposed=gates > 1, exchange=exchange))
 
 
 def tile_layout_error(hidden: int, dtype) -> str | None:
