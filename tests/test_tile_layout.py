@@ -63,9 +63,9 @@ def test_a_broken_tile_layout_fails_validation():
 def test_the_cpu_paths_compute_the_same_simple_layer(dtype, hidden, batch):
     """The C++ kernel and XLA's paths run a tile layout as the ordinary layout it also is: outputs and
     gradients (inputs, carry, weights) match the ordinary layout's within the dtype's tolerance."""
+    # (The same seed packed both ways: the ordinary layout does not come from the tile layout.)
     _, tiles, x, h0 = make_problem(hidden, hidden, batch, 9, 0.3, dtype, scale=0.5, matvec="tiles")
-    slots = js.SparseWeights.from_dense(np.asarray(tiles.to_dense(), np.float32), tiles.mask(),
-                                        dtype=tiles.dtype)
+    _, slots, _, _ = make_problem(hidden, hidden, batch, 9, 0.3, dtype, scale=0.5)
     lengths = jnp.asarray(np.random.default_rng(1).integers(0, 10, batch), jnp.int32)
     for method in ("native", "reference"):
         def value_and_grads(w, method=method):
@@ -81,7 +81,7 @@ def test_the_cpu_paths_compute_the_same_simple_layer(dtype, hidden, batch):
 @pytest.mark.parametrize("gates", [3, 4])
 def test_the_cpu_paths_compute_the_same_gated_layer(gates):
     w, x, c0, h0, hn_bias = make_gated_problem(gates, gates, 64, 3, 7, 0.2, "float16", matvec="tiles")
-    slots = js.SparseWeights.from_dense(np.asarray(w.to_dense(), np.float32), w.mask(), dtype=w.dtype)
+    slots = make_gated_problem(gates, gates, 64, 3, 7, 0.2, "float16")[0]  # (same seed, packed apart)
     for reverse in (False, True):
         got = run_gated(gates, x, c0, h0, w, hn_bias, reverse=reverse)
         want = run_gated(gates, x, c0, h0, slots, hn_bias, reverse=reverse)
