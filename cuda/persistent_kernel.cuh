@@ -1781,18 +1781,32 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     cluster_barrier();
   }
   if (cta_has_rows || in_cluster) {
-    Cell cell;
+    // A cell lane's operands (x, ...) are loaded a pass ahead, so that the step never waits on
+    // them: the first round's, and a tile layout's every round's (its rows are one lane each, so a
+    // lane runs the cells of all the pass's entries in rounds: RESULTS.md, "Dense tiles"), one
+    // Cell per round. A layout whose spans are narrower than planned (an error, reported) loads
+    // its later rounds in the round, and so does a variant of 64 registers a thread (1024
+    // threads), where the extra operands would spill inside the phase loop.
+    constexpr int kAheadRounds = Cfg::kTiles && Cfg::kMaxThreads < 1024 ? (kPassEntries + RG - 1) / RG : 1;
+    Cell cells[kAheadRounds];
+    // Each round's entries of the pass that starts at `first` in phase `ph`.
+    auto prefetch_pass = [&](int ph, int first) {
+#pragma unroll
+      for (int r = 0; r < kAheadRounds; ++r)
+        cells[r].prefetch(p, s_slice, len_smem, unit, ph,
+                          first + cell_lane.entry() + r * cell_lane.span(), n_steps);
+    };
     // The cell state (the LSTM's c, a gated backward's carry beside dh): [plane][unit slot][tile],
     // a warp holding 32/RG unit slots.
     const int cell_plane_floats = warps_per_cta * (32 / RG) * TILE;
     float* const unit_cell = cell_state + unit_slot * TILE;  // the LSTM's c of the unit, plane 0
     if (cell_lane.in_unit()) {
-      cell.init_entries(p, s_slice, unit, unit_cell, cell_plane_floats,
-                        lane - cell_lane.unit_lane(), cell_lane.span());
+      cells[0].init_entries(p, s_slice, unit, unit_cell, cell_plane_floats,
+                            lane - cell_lane.unit_lane(), cell_lane.span());
     }
-    if (cell_lane.runs_cell(kPassEntries)) {
-      cell.prefetch(p, s_slice, len_smem, unit, 0, cell_lane.entry(), n_steps);
-    }
+#pragma unroll
+    for (int r = 1; r < kAheadRounds; ++r) cells[r] = cells[0];  // (the GRU's hn_bias)
+    if (cell_lane.runs_cell(kPassEntries)) prefetch_pass(0, 0);
     for (int s = 0; s < n_phases; ++s) {
       float* const h_cur = (p.h_buffers == 2 && (s & 1)) ? h_stage1 : h_stage0;
 
@@ -1874,7 +1888,9 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         launder(cell_lane.bits);
         const int rounds = PP == 1 ? rounds1 : rounds2;
         float out[SW] = {};  // the words this lane publishes for its entry (a gated backward: G)
-        for (int r = 0; r < rounds; ++r) {  // rounds is warp-uniform (1 unless a span < PT)
+        // Round r of the pass (rounds is warp-uniform: 1 unless a span < PT), its operands in
+        // `cell`, loaded ahead unless `load`.
+        auto run_round = [&](int r, Cell& cell, bool load) {
           const int t = cell_lane.entry() + r * cell_lane.span();
           float z[RG];
           if constexpr (Cfg::kTiles && RG == 1) {
@@ -1899,7 +1915,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
             const int pl = plane + t / TILE;  // the entry's plane and its column in the plane
             const int tt = t % TILE;
             const int b = plane * TILE + t;
-            if (r > 0) cell.prefetch(p, s_slice, len_smem, unit, s, b, n_steps);  // not ahead
+            if (load) cell.prefetch(p, s_slice, len_smem, unit, s, b, n_steps);
             float* const unit_entry_cell = unit_cell + pl * cell_plane_floats + tt;
             if constexpr (SW == 1) {
               out[0] = cell.finish(p, s_slice, len_smem, unit, s, n_phases, b, z,
@@ -1923,14 +1939,21 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
               }
             }
           }
+        };
+        if constexpr (kAheadRounds > 1) {
+#pragma unroll
+          for (int r = 0; r < kAheadRounds; ++r)
+            if (r < rounds) run_round(r, cells[r], false);
+          for (int r = kAheadRounds; r < rounds; ++r) run_round(r, cells[0], true);
+        } else {
+          for (int r = 0; r < rounds; ++r) run_round(r, cells[0], r > 0);
         }
-        // Prefetch the operands of the next (phase, pass) for this lane's first entry.
+        // The operands of the next (phase, pass).
         if (cell_lane.runs_cell(kPassEntries)) {
           if (plane + PP < n_planes) {
-            cell.prefetch(p, s_slice, len_smem, unit, s, (plane + PP) * TILE + cell_lane.entry(),
-                          n_steps);
+            prefetch_pass(s, (plane + PP) * TILE);
           } else if (s + 1 < n_phases) {
-            cell.prefetch(p, s_slice, len_smem, unit, s + 1, cell_lane.entry(), n_steps);
+            prefetch_pass(s + 1, 0);
           }
         }
         if (in_cluster && publishes && !last_phase) {

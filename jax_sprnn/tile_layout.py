@@ -21,9 +21,9 @@ import numpy as np
 
 from . import _constants, cost
 from .layout import PackedPattern, plan_layouts, widest_fitting
-from .planner import (KERNEL_SMEM_RESERVE, MAX_CLUSTER_CTAS, PORTABLE_TOLERANCE, WARP, DeviceSpec, H200,
-                      LayoutMeta, Plan, cta_smem_bytes, max_persistent_batch, plan_layout,
-                      weight_smem_bytes)
+from .planner import (KERNEL_SMEM_RESERVE, MAX_CLUSTER_CTAS, PORTABLE_TOLERANCE, STAGE_WORDS_PER_THREAD,
+                      WARP, DeviceSpec, H200, LayoutMeta, Plan, cta_smem_bytes, max_persistent_batch,
+                      plan_layout, weight_smem_bytes)
 
 #: The columns of one tensor-core strip: a tile layout's width is a multiple of it.
 STRIP = cost.TILE_STRIP_COLUMNS
@@ -76,7 +76,8 @@ def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: in
                      exchange: str = "auto") -> Plan:
     """The tile layout of a layer of ``hidden`` units and ``gates`` gate rows each: the CTA count
     and register tier with the lowest estimated step (``jax_sprnn.cost``) among those that fit
-    (and run a batch of :data:`MIN_BATCH`, where any does),
+    (whose CTAs are wide enough to stage the state in grid mode, and which run a batch of
+    :data:`MIN_BATCH`, where any do),
     in the exchange mode asked for (``"auto"``; ``"cluster"``: at most :data:`MAX_CLUSTER_CTAS`
     CTAs; ``"grid"``: ranked by the grid-mode estimate, as ``plan_layout`` does). Where none
     fits, a plan with ``fits=False`` and the reason (the CPU paths still run it)."""
@@ -113,12 +114,19 @@ def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: in
                     f"fits (tile layout: {ctas} CTAs of {wpc} warps, planned for {mode} mode)",
                     one_copy, gates=gates, tiles=True)
         if exchange != "cluster" or in_cluster:
-            candidates.append((cost.planning_step_us(plan, mode, dtype), plan))
+            candidates.append((cost.planning_step_us(plan, mode, dtype), plan, mode))
+    # In grid mode every CTA stages the whole state each step: CTAs too thin for it (more than
+    # STAGE_WORDS_PER_THREAD words a thread and batch entry) ran 53 µs steps at H = 1024, B = 32
+    # (benchmarks/RESULTS.md, "Dense tiles"), so they are kept only where nothing else fits (a
+    # cluster's peers push the state instead).
+    wide_enough = -(-cols // (WARP * STAGE_WORDS_PER_THREAD))
+    staged = [c for c in candidates if c[2] == "cluster" or c[1].warps_per_cta >= wide_enough]
+    candidates = staged or candidates
     # A tile layout's weights fill shared memory, which leaves little for the staged state: keep
     # the plans that run a batch of MIN_BATCH where any does (max_persistent_batch counts one staged
     # copy of the whole batch, as a grid launch needs).
     roomy = [c for c in candidates if max_persistent_batch(c[1], dtype, device) >= MIN_BATCH]
-    candidates = roomy or candidates
+    candidates = [c[:2] for c in roomy or candidates]
     if candidates:
         best_us = min(us for us, _ in candidates)
         near = [(us, plan) for us, plan in candidates if us <= best_us * (1 + PORTABLE_TOLERANCE)]
