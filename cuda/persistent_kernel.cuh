@@ -1860,17 +1860,17 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         const float* hp = h_cur + plane * plane_floats;
         float acc[PT];
         if (!nonfinite) {
-          const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
-          if constexpr (Cfg::kTiles) {
+          if constexpr (Cfg::kTiles) {  // (a tile layout's rows are one lane each: nothing to reduce)
             tile_product<Cfg, PP>(acc, treg, w_frag, n_smem_strips, hp, plane_floats);
-          } else if (!S::kHasColumnForm || byte_offsets) {
-            gather_planes<Cfg, true, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
           } else {
-            gather_planes<Cfg, false, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
+            const unsigned char* hp_bytes = reinterpret_cast<const unsigned char*>(hp);
+            if (!S::kHasColumnForm || byte_offsets) {
+              gather_planes<Cfg, true, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
+            } else {
+              gather_planes<Cfg, false, PP>(acc, reg, w_lane, n_smem_slots, hp_bytes, plane_floats * 4);
+            }
+            segmented_sum<PT>(acc, seg_end, max_seg);
           }
-          (void)hp_bytes;
-          // (A tile layout's rows are one lane each: nothing to reduce.)
-          if constexpr (!Cfg::kTiles) segmented_sum<PT>(acc, seg_end, max_seg);
         } else {
 #pragma unroll
           for (int q = 0; q < PP; ++q) {
