@@ -120,11 +120,12 @@ struct ExchangePlan {
 // batch tile per replica while the device holds that many clusters at once, so a
 // batch costs about one tile's step. It needs clusters (sm_90+), a layout of at most
 // kMaxClusterCtas CTAs, two staged copies of the replica's state, and no grid-mode test hook.
-// `smem_for(batch)` is the shared memory of a CTA with two staged copies of `batch` examples.
+// `smem_for(batch)` is the shared memory of a CTA with two staged copies of `batch` examples;
+// `grid_fits`: whether one staged copy of the whole batch fits (grid mode).
 template <class SmemFor>
 ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, const KernelInfo& kinfo,
                            int64_t layout_ctas, int threads, int64_t B, int64_t problems, int tile,
-                           const TestHooks& hooks, SmemFor smem_for) {
+                           const TestHooks& hooks, SmemFor smem_for, bool grid_fits) {
   ExchangePlan x;
   x.replica_batch = B;
   const std::string ctas = std::to_string(layout_ctas);
@@ -149,21 +150,26 @@ ExchangePlan plan_exchange(int device, const void* fn, const DeviceInfo& dev, co
       x.why_not_cluster = "no cluster of " + ctas + " CTAs (" + std::to_string(threads) +
                           " threads, " + std::to_string(smem_for(tile)) + " B of shared memory each) fits";
     } else {
+      // As many replicas as the device holds at once (fewer, wider ones would need more shared
+      // memory each). Where those are too wide to fit, grid mode runs the call if one staged copy
+      // of the whole batch fits; else replicas as wide as fit run in waves (a cluster's CTAs are
+      // co-resident, replicas need not be), which the planner's batch limit counts on
+      // (jax_sprnn/planner.py: max_persistent_batch).
       const int64_t tiles = (B + tile - 1) / tile;
-      int64_t replicas = std::min<int64_t>(tiles, std::max<int64_t>(active / problems, 1));
-      int64_t per = (tiles + replicas - 1) / replicas * tile;
-      // Fewer, wider replicas would need more shared memory each: take as many as fit at once.
-      if (smem_for(per) > kinfo.max_dynamic_smem) {
-        x.why_not_cluster = "a replica of " + std::to_string(per) + " examples (" +
+      const int64_t replicas = std::min<int64_t>(tiles, std::max<int64_t>(active / problems, 1));
+      int64_t per_tiles = (tiles + replicas - 1) / replicas;
+      const int64_t widest = per_tiles * tile;
+      if (smem_for(widest) > kinfo.max_dynamic_smem && grid_fits && hooks.exchange_mode != kExchangeCluster) {
+        x.why_not_cluster = "a replica of " + std::to_string(widest) + " examples (" +
                             std::to_string(active) + " clusters fit at once, for " + std::to_string(problems) +
-                            " problem(s)) needs " +
-                            std::to_string(smem_for(per)) + " bytes of shared memory, " +
-                            std::to_string(kinfo.max_dynamic_smem) + " available";
-      } else {
-        x.cluster = static_cast<int>(layout_ctas);
-        x.replica_batch = per;
-        x.replicas = (B + per - 1) / per;
+                            " problem(s)) needs " + std::to_string(smem_for(widest)) +
+                            " bytes of shared memory, " + std::to_string(kinfo.max_dynamic_smem) + " available";
+        return x;
       }
+      while (per_tiles > 1 && smem_for(per_tiles * tile) > kinfo.max_dynamic_smem) --per_tiles;
+      x.cluster = static_cast<int>(layout_ctas);
+      x.replica_batch = per_tiles * tile;
+      x.replicas = (B + x.replica_batch - 1) / x.replica_batch;
     }
   }
   return x;
@@ -328,7 +334,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   };
   const ExchangePlan xp = plan_exchange(device, reinterpret_cast<const void*>(fn), dev, kinfo, layout_ctas,
                                         threads, Bp, problems, tile, hooks,
-                                        [&](int64_t batch) { return plan_total(batch, 2); });
+                                        [&](int64_t batch) { return plan_total(batch, 2); },
+                                        plan_total(Bp, 1) <= kinfo.max_dynamic_smem);
   if (hooks.exchange_mode == kExchangeCluster && xp.cluster == 0)
     return bad("cluster mode was asked for but cannot run: " + xp.why_not_cluster);
   const bool in_cluster = xp.cluster > 0;

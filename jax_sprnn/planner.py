@@ -386,7 +386,11 @@ def _widen_thin_ctas(plan: Plan, dtype, device: DeviceSpec) -> Plan:
 
 
 def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> int:
-    """The largest batch the persistent kernel runs for this layout (more planes of staged h)."""
+    """The largest batch the persistent kernel runs for this layout (more planes of staged h): in
+    grid mode, one staged copy of the whole batch fits in a CTA's shared memory; in cluster mode,
+    the clusters the device holds at once (``cost.resident_clusters``) each take a slice of it,
+    with two staged copies of their slice (the handler's plan_exchange, which runs the replicas in
+    waves where the device holds fewer clusters than estimated)."""
     if not plan.fits:
         return 0
     layout_tile = plan.load_bytes // 4
@@ -394,16 +398,22 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     weights = weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype, tiles)
     budget = device.smem_per_block - KERNEL_SMEM_RESERVE
 
-    def fits(batch):  # the handler's plan with one staged copy of the state, in its batch tile
+    def fits(batch, copies):  # the handler's shared-memory plan, in its batch tile
         tile = layout_tile if tiles else _constants.batch_tile(layout_tile, batch)
         cell = _constants.cell_state_smem_bytes(batch, tile, plan.warps_per_cta, plan.gates,
                                                 plan.transposed)
-        return _constants.persistent_smem_bytes(plan.num_cols, batch, tile, weights, 1, cell) <= budget
-    # The staged state alone bounds the batch from above; the lengths (4 bytes an example) and the
-    # cell state trim it.
-    batch = max(0, (budget - weights) // (plan.num_cols * plan.load_bytes)) * layout_tile
-    while batch > 0 and not fits(batch):
-        batch -= 1
+        return _constants.persistent_smem_bytes(plan.num_cols, batch, tile, weights, copies, cell) <= budget
+
+    def widest(copies):  # the staged copies alone bound it; the lengths and the cell state trim it
+        batch = max(0, (budget - weights) // (copies * plan.num_cols * plan.load_bytes)) * layout_tile
+        while batch > 0 and not fits(batch, copies):
+            batch -= 1
+        return batch
+
+    batch = widest(1)
+    if device.cluster_launch and plan.num_ctas <= MAX_CLUSTER_CTAS:
+        replica = widest(2) // layout_tile * layout_tile  # (a replica's slice is whole batch tiles)
+        batch = max(batch, replica * cost.resident_clusters(plan.num_ctas, device.sm_count))
     return int(batch)
 
 

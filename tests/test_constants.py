@@ -93,18 +93,22 @@ def test_batch_tile_is_the_narrowest_power_of_two_that_holds_the_batch():
 
 
 def test_max_persistent_batch_is_the_largest_the_handler_accepts():
-    """The planner's batch limit is exactly where the handler's shared-memory plan stops fitting
-    (it once ignored the lengths, promising B=900 at H=64 float32 where the handler took 888)."""
+    """The planner's grid-mode batch limit is exactly where the handler's shared-memory plan stops
+    fitting (it once ignored the lengths, promising B=900 at H=64 float32 where the handler took
+    888). (Cluster mode's: tests/test_planner.py.)"""
+    import dataclasses
+
     import numpy as np
 
+    grid_only = dataclasses.replace(planner.H200, cluster_launch=False)
     for hidden, nnz, dtype in ((64, 6, np.float32), (256, 26, np.float16), (1024, 100, np.float32)):
-        plan = planner.plan_layout(np.full(hidden, nnz), dtype)
+        plan = planner.plan_layout(np.full(hidden, nnz), dtype, grid_only)
         assert plan.fits
         tile = plan.load_bytes // 4
         weights = planner.weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta,
                                             dtype)
         budget = planner.H200.smem_per_block - _constants.KERNEL_SMEM_RESERVE
-        most = planner.max_persistent_batch(plan, dtype)
+        most = planner.max_persistent_batch(plan, dtype, grid_only)
         assert most >= tile
         assert _constants.persistent_smem_bytes(hidden, most, tile, weights) <= budget
         assert _constants.persistent_smem_bytes(hidden, most + 1, tile, weights) > budget

@@ -82,11 +82,12 @@ def test_fewer_sms_mean_more_shared_memory_per_cta():
     (1024, 102, np.float16), (2304, 230, np.float16), (4608, 461, np.float16),
     (1024, 1024, np.float32), (2048, 205, np.float32)])
 def test_capacity_follows_shared_memory(hidden, per_row, dtype):
-    # The largest batch never shrinks with more shared memory per block (the same on equal specs).
+    # The largest batch never shrinks with more shared memory per block, nor with more SMs at equal
+    # shared memory (in cluster mode they hold more replicas of a small layer's cluster).
     batch = {d.name: planner.max_persistent_batch(_plan(hidden, per_row, dtype, d), dtype, d)
              for d in DEVICES}
     assert batch[L4.name] <= batch[RTX_4090.name] <= batch[A100.name] <= batch[H100.name]
-    assert batch[H100.name] == batch[B200.name] > 0
+    assert 0 < batch[H100.name] <= batch[B200.name]
     assert batch[A100.name] < batch[H100.name]
 
 

@@ -118,16 +118,26 @@ def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates)
     assert meta_t.fits and meta_t.transposed and meta_t.num_cols == gates * H
     limit = planner.max_persistent_batch(meta_t, np.float16, H200)
     assert 0 < limit < planner.max_persistent_batch(LayoutMeta.from_plan(fwd), np.float16, H200)
-    # The limit is where one staged copy of G*H columns (and the carries) stops fitting.
+    # The limit is where the staged copies of G*H columns (and the carries) stop fitting: one copy
+    # of the whole batch in grid mode (the LSTM's 86 CTAs), two copies of a replica's slice on each
+    # cluster the H200 holds at once in cluster mode (the GRU's 16 CTAs or fewer).
     tile = meta_t.load_bytes // 4
     weights = planner.weight_smem_bytes(meta_t.slots_per_lane, meta_t.reg_slots,
                                         meta_t.threads_per_cta, np.float16)
 
-    def smem(batch):
+    def smem(batch, copies):
         cell = _constants.cell_state_smem_bytes(batch, tile, meta_t.warps_per_cta, gates, True)
-        return _constants.persistent_smem_bytes(gates * H, batch, tile, weights, 1, cell)
+        return _constants.persistent_smem_bytes(gates * H, batch, tile, weights, copies, cell)
     budget = H200.smem_per_block - planner.KERNEL_SMEM_RESERVE
-    assert smem(limit) <= budget < smem(limit + 1)
+    if meta_t.num_ctas > planner.MAX_CLUSTER_CTAS:
+        assert smem(limit, 1) <= budget < smem(limit + 1, 1)
+    else:
+        replicas = cost.resident_clusters(meta_t.num_ctas, H200.sm_count)
+        slice_ = limit // replicas
+        assert limit == slice_ * replicas and slice_ % tile == 0
+        assert smem(slice_, 2) <= budget < smem(slice_ + tile, 2)
+        assert smem(limit, 1) > budget  # (more than one staged copy of the whole batch holds)
+    assert meta_t.num_ctas <= planner.MAX_CLUSTER_CTAS or gates == 4  # (both modes are checked)
     assert dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit, np.float16, "auto").path == "kernel"
     decision = dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit + 1, np.float16, "auto")
     assert decision.path == "fallback"

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jax_sprnn import cost, planner
+from jax_sprnn import _constants, cost, planner
 from jax_sprnn.dispatch import weight_grad_time_chunks
 from jax_sprnn.layout import LayoutMeta
 from jax_sprnn.planner import H200, DeviceSpec, plan_layout
@@ -155,17 +155,38 @@ def test_max_batch_shrinks_with_hidden():
     assert batch(dataclasses.replace(small, fits=False)) == 0
 
 
+NO_CLUSTERS = dataclasses.replace(H200, name="an H200 without clusters", cluster_launch=False)
+
+
 @pytest.mark.parametrize("hidden, nnz", [(1152, 115), (4608, 460), (300, 60)])
 def test_max_batch_is_the_most_planes_that_fit_in_shared_memory(hidden, nnz):
-    # Each batch plane (a tile of load_bytes / 4 examples) stages one more copy of h, H * load_bytes
-    # bytes, on top of the single-plane CTA the plan was made with.
-    plan = plan_layout(np.full(hidden, nnz), np.float16)
-    batch = planner.max_persistent_batch(plan, np.float16)
+    # Grid mode: each batch plane (a tile of load_bytes / 4 examples) stages one more copy of h,
+    # H * load_bytes bytes, on top of the single-plane CTA the plan was made with.
+    plan = plan_layout(np.full(hidden, nnz), np.float16, NO_CLUSTERS)
+    batch = planner.max_persistent_batch(plan, np.float16, NO_CLUSTERS)
     per_plane = plan.load_bytes // 4
     assert batch % per_plane == 0
     planes = batch // per_plane
     smem = lambda planes: plan.smem_bytes + (planes - 1) * hidden * plan.load_bytes
     assert smem(planes) <= H200.smem_per_block < smem(planes + 1)
+
+
+@pytest.mark.parametrize("hidden, nnz, dtype", [(1152, 115, np.float16), (256, 26, np.float32)])
+def test_a_cluster_layout_takes_a_replica_of_the_batch_on_each_resident_cluster(hidden, nnz, dtype):
+    """Cluster mode: each cluster the device holds at once runs a slice of whole batch tiles, with
+    two staged copies of it; the limit is the widest slice that fits, times those clusters (more
+    than one staged copy of the whole batch allows)."""
+    plan = plan_layout(np.full(hidden, nnz), dtype)
+    assert plan.num_ctas <= planner.MAX_CLUSTER_CTAS
+    batch = planner.max_persistent_batch(plan, dtype)
+    resident = cost.resident_clusters(plan.num_ctas, H200.sm_count)
+    tile = plan.load_bytes // 4
+    assert batch % (resident * tile) == 0
+    weights = planner.weight_smem_bytes(plan.slots_per_lane, plan.reg_slots, plan.threads_per_cta, dtype)
+    budget = H200.smem_per_block - _constants.KERNEL_SMEM_RESERVE
+    two_copies = lambda b: _constants.persistent_smem_bytes(hidden, b, tile, weights, 2)
+    assert two_copies(batch // resident) <= budget < two_copies(batch // resident + tile)
+    assert batch > planner.max_persistent_batch(plan, dtype, NO_CLUSTERS) > 0
 
 
 def _wg_meta(slots_per_lane, num_warps):
