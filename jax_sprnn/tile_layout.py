@@ -123,8 +123,7 @@ def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: in
     staged = [c for c in candidates if c[2] == "cluster" or c[1].warps_per_cta >= wide_enough]
     candidates = staged or candidates
     # A tile layout's weights fill shared memory, which leaves little for the staged state: keep
-    # the plans that run a batch of MIN_BATCH where any does (max_persistent_batch counts one staged
-    # copy of the whole batch, as a grid launch needs).
+    # the plans that run a batch of MIN_BATCH where any does.
     roomy = [c for c in candidates if max_persistent_batch(c[1], dtype, device) >= MIN_BATCH]
     candidates = [c[:2] for c in roomy or candidates]
     if candidates:
