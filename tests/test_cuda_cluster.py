@@ -172,25 +172,36 @@ def test_a_stall_in_a_small_layer_times_out(monkeypatch, exchange_mode):
     assert rel_err(jnp.swapaxes(y, 0, 1), y_ref) < TOLERANCE["float16"]
 
 
+
 def test_a_batch_past_one_staged_copy_runs_on_replicas_and_in_waves_past_the_resident_clusters():
     """H = 1024 at 30% (fp16) leaves room for 56 staged examples a CTA: a wider batch runs on
-    replicas of the cluster, each staging its slice (the planner's limit counts them), and a batch
-    whose replicas would be too wide on the clusters held at once runs narrower ones in waves."""
+    replicas of the cluster, each staging its slice (the planner's limit counts them). Both
+    directions of a bidirectional layer share the clusters held at once, so at the limit their
+    replicas would be too wide, and narrower ones run in waves."""
     dense, w, _, _ = make_problem(31, 1024, 1, 1, 0.3, "float16")
     spec = _native.current_device_spec()
     one_copy = planner.max_persistent_batch(w.meta, w.dtype, dataclasses.replace(spec, cluster_launch=False))
     limit = planner.max_persistent_batch(w.meta, w.dtype, spec)
     assert w.meta.exchange == "cluster" and limit > one_copy, (one_copy, limit)
     rng = np.random.default_rng(5)
-    for batch in (one_copy + 9, 2 * limit + 3):
+
+    def problem(batch):
         x = jnp.asarray(rng.standard_normal((batch, 7, 1024)), jnp.float16)
         h0 = jnp.asarray(rng.standard_normal((batch, 1024)) * 0.5, jnp.float16)
         lengths = rng.integers(0, 8, batch).astype(np.int32)
         lengths[-1] = 7
-        if batch <= limit:
-            y, h = js.sparse_rnn(x, h0, w, method="native", seq_lengths=lengths)
-        else:  # (past the planner's limit only the primitive takes it)
-            y, h = _forward(x, h0, w, jnp.asarray(lengths), exchange_mode="cluster")
-            y = jnp.swapaxes(y, 0, 1)
-        y_ref, h_ref = js.reference_rnn(x, h0, dense, seq_lengths=lengths)
-        assert rel_err(y, y_ref) < TOLERANCE["float16"] and rel_err(h, h_ref) < TOLERANCE["float16"], batch
+        return x, h0, lengths
+
+    x, h0, lengths = problem(one_copy + 9)
+    y, h = js.sparse_rnn(x, h0, w, method="native", seq_lengths=lengths)
+    y_ref, h_ref = js.reference_rnn(x, h0, dense, seq_lengths=lengths)
+    assert rel_err(y, y_ref) < TOLERANCE["float16"] and rel_err(h, h_ref) < TOLERANCE["float16"]
+
+    x, h0, lengths = problem(limit)
+    x_bwd = x[::-1]  # (another input for the other direction)
+    y, (h_f, h_b) = js.sparse_rnn_bidirectional((x, x_bwd), (h0, h0), (w, w), method="native",
+                                                seq_lengths=lengths)
+    y_f, h_f_ref = js.reference_rnn(x, h0, dense, seq_lengths=lengths)
+    y_b, h_b_ref = js.reference_rnn(x_bwd, h0, dense, seq_lengths=lengths, reverse=True)
+    assert rel_err(y, jnp.concatenate([y_f, y_b], -1)) < TOLERANCE["float16"]
+    assert rel_err(h_f, h_f_ref) < TOLERANCE["float16"] and rel_err(h_b, h_b_ref) < TOLERANCE["float16"]

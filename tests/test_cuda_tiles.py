@@ -5,6 +5,8 @@ exchange modes, reversed and ragged; the gradient through them; a bidirectional 
 layouts in one launch; a corrupted tile layout and a forced timeout (NaN outputs and a reported
 error, never a wrong number); the variants' attributes. Skipped without a GPU and the CUDA module."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +29,14 @@ def _needs_the_kernels():
         pytest.skip("needs a GPU and the CUDA module")
 
 
-def _modes(meta):
-    cluster = meta.exchange == "cluster" and _native.current_device_spec().cluster_launch
-    return ["grid"] + (["cluster"] if cluster else [])
+def _modes(meta, batch):
+    """The exchange modes that run this layout and batch: grid mode where one staged copy of the
+    whole batch fits (else the handler refuses it), cluster mode where the device has clusters."""
+    spec = _native.current_device_spec()
+    grid_only = dataclasses.replace(spec, cluster_launch=False)
+    grid = batch <= planner.max_persistent_batch(meta, jnp.float16, grid_only)
+    cluster = meta.exchange == "cluster" and spec.cluster_launch
+    return ["grid"] * grid + ["cluster"] * cluster
 
 
 def _simple(w, x, h0, lengths, reverse, **hooks):
@@ -51,7 +58,7 @@ def test_the_simple_cell_on_tensor_cores_matches_xla(dtype, hidden, batch, densi
     for reverse in (False, True):
         y_ref, h_ref = fallback.forward(jnp.swapaxes(x, 0, 1), h0, w.values, w.indices, w.lane_row,
                                         lengths, activation="tanh", reverse=reverse, meta=w.meta)
-        for mode in _modes(w.meta):
+        for mode in _modes(w.meta, batch):
             y, h = _simple(w, x, h0, lengths, reverse, exchange_mode=mode)
             assert rel_err(y, y_ref) < TOLERANCE[dtype], (mode, reverse)
             assert rel_err(h, h_ref) < TOLERANCE[dtype], (mode, reverse)
@@ -136,7 +143,7 @@ def test_a_corrupted_tile_layout_gives_nan_and_an_error():
 @pytest.mark.parametrize("mode", ["grid", "cluster"])
 def test_a_forced_timeout_inside_a_tile_launch_is_reported(mode):
     _, w, x, h0 = make_problem(4, 256, 3, 16, 0.1, "float16", matvec="tiles")
-    if mode not in _modes(w.meta):
+    if mode not in _modes(w.meta, 3):
         pytest.skip("no cluster mode for this layout or device")
     lengths = jnp.full((3,), 16, jnp.int32)
     y, h = _simple(w, x, h0, lengths, False, spin_timeout_us=2000, debug_stall_cta=0, exchange_mode=mode)
