@@ -133,9 +133,11 @@ def cuda_fit(meta: LayoutMeta, batch: int, dtype, target: str = FORWARD) -> tupl
                        f"{meta.threads_per_cta} threads per CTA")
     max_batch = planner.max_persistent_batch(meta, dtype, device)
     if batch > max_batch:
+        where = (" on the replicas of its cluster that the device holds at once"
+                 if device.cluster_launch and meta.exchange == "cluster" else "")
         return False, (f"batch {batch} exceeds the persistent kernel's limit of {max_batch} for "
                        f"H={meta.hidden} (shared memory holds the staged state, {meta.num_cols} values an "
-                       f"example, for at most that many)")
+                       f"example, for at most that many{where})")
     return True, "fits"
 
 
