@@ -129,7 +129,9 @@ def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates)
         cell = _constants.cell_state_smem_bytes(batch, tile, meta_t.warps_per_cta, gates, True)
         return _constants.persistent_smem_bytes(gates * H, batch, tile, weights, copies, cell)
     budget = H200.smem_per_block - planner.KERNEL_SMEM_RESERVE
-    if meta_t.num_ctas > planner.MAX_CLUSTER_CTAS:
+    in_cluster = meta_t.num_ctas <= planner.MAX_CLUSTER_CTAS
+    assert in_cluster == (gates == 3)  # (so both modes' limits are checked)
+    if not in_cluster:
         assert smem(limit, 1) <= budget < smem(limit + 1, 1)
     else:
         replicas = cost.resident_clusters(meta_t.num_ctas, H200.sm_count)
@@ -137,7 +139,6 @@ def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates)
         assert limit == slice_ * replicas and slice_ % tile == 0
         assert smem(slice_, 2) <= budget < smem(slice_ + tile, 2)
         assert smem(limit, 1) > budget  # (more than one staged copy of the whole batch holds)
-    assert meta_t.num_ctas <= planner.MAX_CLUSTER_CTAS or gates == 4  # (both modes are checked)
     assert dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit, np.float16, "auto").path == "kernel"
     decision = dispatch.on_cuda_recurrence(GATED_BACKWARD, meta_t, limit + 1, np.float16, "auto")
     assert decision.path == "fallback"

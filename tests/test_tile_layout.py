@@ -141,13 +141,24 @@ def test_the_planner_fits_tile_layouts_in_both_exchange_modes(gates, hidden, in_
         assert plan.smem_bytes <= planner.H200.smem_per_block
         most = planner.max_persistent_batch(plan, np.float16)
         assert most >= (tile_layout.MIN_BATCH if plan.exchange == "grid" else 16), (mode, most)
-    if in_a_cluster:  # CTAs too thin to stage the state each step only where no cluster fits
+    if in_a_cluster:  # (CTAs too thin to stage the state each step only where no cluster fits)
         assert plans["auto"].exchange == "cluster"
-    if in_a_cluster:
         assert plans["cluster"].num_ctas <= planner.MAX_CLUSTER_CTAS
     p = plans["grid"]
     weights = planner.weight_smem_bytes(p.slots_per_lane, p.reg_slots, p.threads_per_cta, np.float16, True)
     assert weights == (p.slots_per_lane - p.reg_slots) * p.threads_per_cta * 2
+
+
+@pytest.mark.parametrize("gates, hidden, exchange", [(1, 1088, "auto"), (3, 704, "auto"), (4, 512, "grid")])
+def test_grid_mode_tile_plans_have_ctas_wide_enough_to_stage_the_state(gates, hidden, exchange):
+    """In grid mode each CTA stages the whole state every step: a tile plan keeps CTAs of at least
+    H / (32 * STAGE_WORDS_PER_THREAD) warps (one-warp CTAs took 53 µs steps at H = 1024, B = 32), or
+    runs in a cluster, whose peers push the state, where a cheaper thin grid plan also fits."""
+    plan = tile_layout.plan_tile_layout(hidden, np.float16, gates=gates, exchange=exchange)
+    assert plan.fits, plan.reason
+    wide_enough = -(-hidden // (WARP * planner.STAGE_WORDS_PER_THREAD))
+    in_cluster = exchange != "grid" and plan.num_ctas <= planner.MAX_CLUSTER_CTAS
+    assert in_cluster or plan.warps_per_cta >= wide_enough, plan.reason
 
 
 def test_a_layer_too_large_for_the_chip_gets_a_plan_that_says_why():
