@@ -248,6 +248,21 @@ def _output_shape(steps: int, batch_shape: tuple, features: int, time_major: boo
     return ((steps,) + batch_shape if time_major else batch_shape + (steps,)) + (features,)
 
 
+def _result_dtype(dtype, initial_carry) -> np.dtype:
+    """The dtype of a layer's outputs and final carry: the recurrence's ``dtype`` promoted with the
+    initial carry's, as Flax's cells give it (``nn.LSTMCell(dtype=bfloat16)`` on a float32 carry
+    returns float32), so that the carry fed back in the next call keeps its dtype."""
+    carries = jax.tree_util.tree_leaves(initial_carry)
+    return np.dtype(jnp.result_type(dtype, *(c.dtype for c in carries if hasattr(c, "dtype"))))
+
+
+def _finish(carry, y, out_dtype, carry_shape: tuple, y_shape: tuple):
+    """The folded results of a whole-sequence call unfolded to the caller's batch dimensions, in
+    ``out_dtype``."""
+    return (jax.tree_util.tree_map(lambda c: c.reshape(carry_shape).astype(out_dtype), carry),
+            y.reshape(y_shape).astype(out_dtype))
+
+
 def simple_recurrence(*, activation: str, method: str, mesh=None, batch_axis="data"):
     """The whole-sequence call of a simple layer for :func:`run_sequence`: :func:`sparse_rnn`,
     or with a ``mesh`` :func:`jax_sprnn.sharding.sparse_rnn_sharded`."""
@@ -270,6 +285,7 @@ def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps
     folded into one for that call and unfolded after.
     """
     hidden = weights.hidden
+    out_dtype = _result_dtype(dtype, initial_carry)
     x = _fold_inputs(x, steps=steps, batch_shape=batch_shape, dtype=dtype, time_major=time_major)
     h0 = _fold_carries(initial_carry, carry_parts, batch_shape=batch_shape, hidden=hidden,
                        dtype=dtype)
@@ -279,8 +295,8 @@ def run_sequence(x, weights: SparseWeights, initial_carry, seq_lengths, *, steps
     if reverse and not keep_order:
         y = flip_padded(y, None if lengths is None else jnp.asarray(lengths, jnp.int32),
                         time_major=time_major)
-    return (jax.tree_util.tree_map(lambda c: c.reshape(batch_shape + (hidden,)), carry),
-            y.reshape(_output_shape(steps, batch_shape, hidden, time_major)))
+    return _finish(carry, y, out_dtype, batch_shape + (hidden,),
+                   _output_shape(steps, batch_shape, hidden, time_major))
 
 
 def run_bidirectional(xs: tuple, weights: tuple, initial_carry: tuple, seq_lengths, *,
@@ -304,8 +320,8 @@ def run_bidirectional(xs: tuple, weights: tuple, initial_carry: tuple, seq_lengt
         tuple(_fold_carries(c, carry_parts, hidden=hidden, name=f"initial_carry[{i}]", **fold)
               for i, c in enumerate(initial_carry)),
         tuple(weights), time_major=time_major, seq_lengths=_fold_lengths(seq_lengths, batch_shape))
-    return (jax.tree_util.tree_map(lambda c: c.reshape(batch_shape + (hidden,)), tuple(carries)),
-            y.reshape(_output_shape(steps, batch_shape, 2 * hidden, time_major)))
+    return _finish(tuple(carries), y, _result_dtype(dtype, initial_carry),
+                   batch_shape + (hidden,), _output_shape(steps, batch_shape, 2 * hidden, time_major))
 
 
 def simple_bidirectional(*, activation: str, method: str):

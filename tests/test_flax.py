@@ -332,8 +332,14 @@ def test_bfloat16_recurrence():
     model = SparseRNN(H, dtype=jnp.bfloat16)
     variables = randomize_kernel(init(model, 64, x), 65)
     assert variables["sparsity"]["cell"]["h"]["kernel"].dtype == "bfloat16"
-    out = model.apply(variables, x)
-    assert out.dtype == jnp.bfloat16
+    carry, out = model.apply(variables, x, return_carry=True)
+    # The recurrence runs in bfloat16; its results come back in the carry's float32, so that the
+    # carry fed back chunk by chunk (lax.scan) keeps its dtype.
+    assert out.dtype == carry.dtype == jnp.float32
+    chunk = lambda c, xc: model.apply(variables, xc, initial_carry=c, return_carry=True)  # noqa: E731
+    _, outs = jax.lax.scan(chunk, jnp.zeros_like(carry), jnp.stack([x, x]))
+    assert rel_err(outs[1], model.apply(variables, jnp.concatenate([x, x], 1))[:, x.shape[1]:]) < 1e-6
+    assert model.apply(variables, x, initial_carry=carry.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     ref = SparseRNN(H).apply(variables, x)  # same params in float32
     assert rel_err(out, ref) < 5 * TOLERANCE["bfloat16"]
 

@@ -197,9 +197,19 @@ def test_bfloat16_recurrence(kind):
     variables = model.init(jax.random.key(13), x)
     assert variables["sparsity"]["cell"][LINEN[kind][3]]["kernel"].dtype == "bfloat16"
     variables = {**variables, "params": trained(kind, 14, x)}
-    out = model.apply(variables, x)
-    assert out.dtype == jnp.bfloat16
+    carry, out = model.apply(variables, x, return_carry=True)
+    # Flax's dtypes: a bfloat16 cell on the float32 carry its initialize_carry makes gives float32.
+    flax_carry, flax_out = nn.RNN(LINEN[kind][2](H, dtype=jnp.bfloat16), return_carry=True).apply(
+        {"params": variables["params"]}, x)
+    assert out.dtype == flax_out.dtype == jnp.float32
+    assert [c.dtype for c in carry] == [c.dtype for c in flax_carry]
     assert rel_err(out, layer(H).apply(variables, x)) < 5 * TOLERANCE["bfloat16"]
+    # So the carry streams: chunk by chunk in lax.scan, the carry keeps its dtype.
+    chunk = lambda c, xc: model.apply(variables, xc, initial_carry=c, return_carry=True)  # noqa: E731
+    init_carry = model.initialize_carry(jax.random.key(0), (B, F))
+    streamed_carry, _ = jax.lax.scan(chunk, init_carry, jnp.stack([x, x]))
+    assert_carry_close(streamed_carry, model.apply(variables, jnp.concatenate([x, x], 1),
+                                                   return_carry=True)[0], 5 * TOLERANCE["bfloat16"])
 
 
 # ---- linen: checkpoints and no mask ---------------------------------------------------------------
@@ -430,6 +440,19 @@ def test_nnx_state_matches_flax_and_outputs(kind):
     assert rel_err(scanned(x, initial_carry=carry0), rnn(x, initial_carry=carry0)) < 1e-5
     assert rel_err(layer(jnp.swapaxes(x, 0, 1), time_major=True),
                    jnp.swapaxes(rnn(x), 0, 1)) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_nnx_bfloat16_results_have_flax_dtypes(kind):
+    layer_cls, _, flax_cell = NNX[kind]
+    layer = layer_cls(F, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(34))
+    rnn = nnx.RNN(flax_cell(F, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(34)), return_carry=True)
+    x = normal(35, (B, T, F))
+    carry, out = layer(x, return_carry=True)
+    ref_carry, ref = rnn(x)
+    assert out.dtype == ref.dtype == jnp.float32
+    assert [c.dtype for c in jax.tree.leaves(carry)] == [c.dtype for c in jax.tree.leaves(ref_carry)]
+    assert rel_err(out, ref) < 5 * TOLERANCE["bfloat16"]
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
