@@ -149,7 +149,7 @@ def _mask_or_weights(module: nn.Module, *, hidden: int, gates: int, max_density:
     the kernel ``[H, gates*H]`` (``init`` creates it), or the packed weights of the inference
     form (:func:`jax_sprnn.pruning.to_inference`), a SparseWeights. When the collection holds
     nothing and cannot be written (``apply`` with params alone), the all-ones mask, with a
-    one-time warning that the layer runs dense."""
+    one-time warning that the layer runs dense. Only ``init`` creates a mask."""
     shape = (hidden, gates * hidden)
     if module.has_variable(COLLECTION, "kernel"):
         stored = module.get_variable(COLLECTION, "kernel")
@@ -164,7 +164,9 @@ def _mask_or_weights(module: nn.Module, *, hidden: int, gates: int, max_density:
                             f"{type(stored).__name__} (a checkpoint restored without a "
                             f"target? jax_sprnn.pruning.from_restored reads the inference "
                             f"form back; restore the training form with a target)")
-    if module.has_variable(COLLECTION, "kernel") or module.is_mutable_collection(COLLECTION):
+    # Only init creates the mask: an apply that may write the collection (mutable=True) with
+    # params alone would otherwise prune loaded dense weights by a random pattern, silently.
+    if module.has_variable(COLLECTION, "kernel") or module.is_initializing():
         layout = module.variable(COLLECTION, "kernel", initial_layout, hidden, float(max_density),
                                  mask_seed, dtype.name, gates).value
     else:

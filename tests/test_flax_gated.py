@@ -243,6 +243,18 @@ def test_flax_checkpoint_restores_into_cell_and_layer(kind, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_params_alone_run_dense_even_where_apply_may_write_the_mask(kind, monkeypatch):
+    monkeypatch.setattr(_modules, "_warned_no_mask", set())
+    layer, _, flax_cell, _ = LINEN[kind]
+    x = normal(18, (B, T, F))
+    params = trained(kind, 19, x)  # dense: off the layer's initial mask too
+    ref = nn.RNN(flax_cell(H)).apply({"params": params}, x)
+    with pytest.warns(UserWarning, match="runs dense"):
+        out, state = layer(H, max_density=0.5).apply({"params": params}, x, mutable=True)
+    assert rel_err(out, ref) < TOLERANCE["float32"] and "sparsity" not in state
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_training_form_checkpoint_round_trip(kind, tmp_path):
     """The sparsity collection, with its joined key, saves and restores with a target."""
     ocp = pytest.importorskip("orbax.checkpoint")
