@@ -54,6 +54,7 @@ from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import default_kernel_init
 
+from . import _flax_serialization  # noqa: F401 (msgpack of PackedMask, SparseWeights)
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (GRU, LSTM, Gated, activation_name, cached_initial_mask, check_carry,

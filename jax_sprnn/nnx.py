@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import initializers
 
+from . import _flax_serialization  # noqa: F401 (msgpack of PackedMask, SparseWeights)
 from . import pruning
 from ._checks import ACTIVATIONS, check_method
 from ._modules import (GRU, LSTM, activation_name, cached_initial_mask, check_carry,

@@ -367,6 +367,33 @@ def test_inference_form_runs_the_packed_weights():
     assert rel_err(y, out) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:update_sparsity")
+@pytest.mark.parametrize("layer", ["SparseRNN", "SparseGRU", "SparseLSTM", "SparseBidirectionalGRU"])
+def test_msgpack_round_trip_of_the_training_and_inference_forms(layer):
+    """flax.serialization (msgpack) saves the masks and the packed weights: restored into
+    init's target, a pruned model gives its outputs again; the inference form also restores
+    without a target through pruning.from_restored, and a target of another layout is refused."""
+    import jax_sprnn.flax as jf
+    x = random_inputs(90)
+    model = getattr(jf, layer)(H, max_density=0.5)
+    variables = init(model, 91, x)
+    params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.3)
+    trained = {"params": params, "sparsity": sparsity}  # a mask that init does not give
+    want = model.apply(trained, x)
+    restored = flax.serialization.from_bytes(init(model, 92, x), flax.serialization.to_bytes(trained))
+    np.testing.assert_array_equal(model.apply(restored, x), want)
+    inference = pruning.to_inference(trained)
+    data = flax.serialization.to_bytes(inference)
+    np.testing.assert_array_equal(model.apply(flax.serialization.from_bytes(inference, data), x),
+                                  want)
+    raw = pruning.from_restored(flax.serialization.msgpack_restore(data))
+    np.testing.assert_array_equal(model.apply(raw, x), want)
+    other = getattr(jf, layer)(H + 8, max_density=0.5)
+    with pytest.raises(ValueError, match="target's layout"):
+        flax.serialization.from_bytes(init(other, 93, random_inputs(94)),
+                                      flax.serialization.to_bytes(trained))
+
+
 def test_bad_arguments_name_the_argument():
     x = random_inputs(80)
     with pytest.raises(ValueError, match="features"):
