@@ -72,6 +72,8 @@ def backward(y, h0, values_t, indices_t, lane_row_t, lengths, dy, dh_final, *, a
     """The backward recurrence: returns ``(dx, dh0)``; ``dx`` is ``dL/dz`` per position."""
     T, B, H = y.shape
     dtype = y.dtype
+    if T == 0:  # no step: the state's cotangent passes through (the scan below indexes y)
+        return jnp.zeros_like(dy, dtype), dh_final.astype(dtype)
     # The transposed layout packs U^T: its dense form, read as [column, row], is kernel.T.
     kernel_t = dense_from_packed(values_t, indices_t, lane_row_t, meta)
     batch = jnp.arange(B)
@@ -97,7 +99,7 @@ def states_before(y, h0, lengths, reverse):
     """``[T, B, H]``: the state each position's step started from (h0 for the first step)."""
     T = y.shape[0]
     if not reverse:
-        return jnp.concatenate([h0[None], y[:-1]], axis=0)
+        return jnp.concatenate([h0[None], y], axis=0)[:T]  # (not y[:-1]: T may be 0)
     nxt = jnp.concatenate([y[1:], jnp.zeros_like(y[:1])], axis=0)
     first = (jnp.arange(T)[:, None] + 1 >= lengths[None, :])[:, :, None]
     return jnp.where(first, h0[None], nxt)

@@ -39,7 +39,8 @@ def _recurrence_operands(x_tm, carry0: tuple, kernel, hn_bias, lengths, y_tm, co
     h0 = carry0[-1]
     order = lambda a: in_step_order(a, lengths, reverse)             # noqa: E731  (its own inverse)
     x_steps, y_steps, dy_steps = order(x_tm), order(y_tm), order(dy)
-    before = lambda first, steps: jnp.concatenate([first[None].astype(dtype), steps[:-1]], axis=0)  # noqa: E731
+    # The state each step starts from; [:T], not steps[:-1], so that T = 0 gives no step.
+    before = lambda first, steps: jnp.concatenate([first[None].astype(dtype), steps], axis=0)[:T]  # noqa: E731
 
     h_before = before(h0, y_steps)
     matvec = fallback.storage_matvec(kernel, dtype)

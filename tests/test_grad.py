@@ -115,3 +115,42 @@ def test_gradients_are_deterministic():
     b, _ = _grads("native", 9, 45, 3, 8, 0.2)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+_EMPTY_CALLS = {  # (gates, the call on empty inputs x [B, 0, G*H] and a carry built from h)
+    "rnn": (1, lambda x, h, w, **kw: js.sparse_rnn(x, h, w, **kw)[1]),
+    "lstm": (4, lambda x, h, w, **kw: js.sparse_lstm(x, (h, 2 * h), w, **kw)[1]),
+    "gru": (3, lambda x, h, w, **kw: js.sparse_gru(x, h, w, **kw)[1]),
+    "rnn_bidirectional": (1, lambda x, h, w, reverse, **kw: js.sparse_rnn_bidirectional(
+        (x, x), (h, 2 * h), (w, w), **kw)[1]),
+    "lstm_bidirectional": (4, lambda x, h, w, reverse, **kw: js.sparse_lstm_bidirectional(
+        (x, x), ((h, 2 * h), (h, h)), (w, w), **kw)[1]),
+    "gru_bidirectional": (3, lambda x, h, w, reverse, **kw: js.sparse_gru_bidirectional(
+        (x, x), (h, 2 * h), (w, w), **kw)[1]),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_EMPTY_CALLS))
+@pytest.mark.parametrize("method", ["auto", "native", "reference"])
+def test_an_empty_sequence_passes_the_carry_cotangent_through(call, method):
+    """T = 0: no step runs, so the final carry is the initial one; its cotangent reaches the
+    initial carry unchanged and the weights get none (every path, reverse and lengths too)."""
+    gates, run = _EMPTY_CALLS[call]
+    H, B = 5, 3
+    rng = np.random.default_rng(7)
+    w = js.SparseWeights.from_dense(rng.standard_normal((H, gates * H)).astype(np.float32) * 0.3,
+                                    density=0.6)
+    h = jnp.asarray(rng.standard_normal((B, H)), jnp.float32)
+    x = jnp.zeros((B, 0, gates * H), jnp.float32)
+    cot = [jnp.asarray(rng.standard_normal((B, H)), jnp.float32) for _ in range(4)]
+    for reverse, lengths in ((False, None), (True, np.zeros(B, np.int32))):
+        def loss(h, values):
+            final = jax.tree.leaves(run(x, h, w.replace(values=values), method=method,
+                                        reverse=reverse, seq_lengths=lengths))
+            return sum(jnp.sum(f * c) for f, c in zip(final, cot))
+        final = jax.tree.leaves(run(x, h, w, method=method, reverse=reverse, seq_lengths=lengths))
+        dh, dvalues = jax.grad(loss, argnums=(0, 1))(h, w.values)
+        # d/dh of sum(c_i * k_i h) over the carry parts k_i h (k_i: 1 or 2 in _EMPTY_CALLS)
+        scale = [float(np.mean(f / h)) for f in final]
+        np.testing.assert_allclose(dh, sum(s * c for s, c in zip(scale, cot)), rtol=1e-6)
+        np.testing.assert_array_equal(dvalues, 0)
