@@ -70,7 +70,12 @@ def check_seq_lengths(seq_lengths, batch: int, steps: int):
     if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
         raise TypeError(f"seq_lengths must be an integer array, got {seq_lengths.dtype}")
     if not is_concrete(seq_lengths):
-        return jnp.asarray(seq_lengths).astype(jnp.int32)
+        lengths = jnp.asarray(seq_lengths)
+        if lengths.dtype.itemsize > 4:  # (x64) out of [0, T] stays out through the int32 cast
+            lengths = jnp.minimum(lengths, steps + 1)
+            if jnp.issubdtype(lengths.dtype, jnp.signedinteger):
+                lengths = jnp.maximum(lengths, -1)
+        return lengths.astype(jnp.int32)
     host = np.asarray(seq_lengths)
     if host.size and (host.min() < 0 or host.max() > steps):
         raise ValueError(f"seq_lengths must lie in [0, T={steps}], got values from "

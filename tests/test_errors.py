@@ -81,6 +81,17 @@ def test_traced_bad_lengths_are_poisoned_not_wrong(problem):
     assert np.all(np.isfinite(np.asarray(y[0]))) and np.all(np.isfinite(np.asarray(h[2])))
 
 
+@pytest.mark.parametrize("dtype", ["int64", "uint64"])
+def test_traced_64_bit_lengths_past_int32_are_poisoned_not_wrapped(problem, dtype):
+    """With x64, 2**32 + 2 must not turn into the valid length 2 on its way to int32."""
+    dense, w, x, h0 = problem
+    with jax.enable_x64(True):
+        lengths = jnp.array([5, 2**32 + 2, 2**33 + 1 if dtype == "uint64" else -2**32 + 1], dtype)
+        y, h = jax.jit(lambda L: js.sparse_rnn(x, h0, w, seq_lengths=L))(lengths)
+    assert np.isnan(np.asarray(h[1:])).all() and np.isnan(np.asarray(y[1:])).all()
+    assert np.isfinite(np.asarray(h[0])).all()
+
+
 def test_reference_rnn_checks_kernel(problem):
     dense, w, x, h0 = problem
     with pytest.raises(ValueError, match="square"):
