@@ -30,6 +30,7 @@ def check_weights(weights, gates: int) -> SparseWeights:
     the kernel it packs."""
     if not isinstance(weights, SparseWeights):
         raise TypeError(f"weights must be a jax_sprnn.SparseWeights, got {type(weights).__name__}")
+    weights.check_leaves()
     if weights.gates != gates:
         H = weights.hidden
         raise ValueError(f"weights must pack {_CELLS[gates][0]}, expected shape {(H, gates * H)}, "
@@ -85,7 +86,7 @@ def check_seq_lengths(seq_lengths, batch: int, steps: int):
 
 def check_rnn_args(inputs, h0, hidden: int, *, inputs_dtype, activation, time_major, seq_lengths):
     """Check the arguments shared by sparse_rnn and reference_rnn; return time-major x, h0, lengths."""
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     x_tm, (h0,), lengths = check_sequence_args(inputs, {"h0": h0}, hidden, inputs_dtype=inputs_dtype,
                                                time_major=time_major, seq_lengths=seq_lengths)

@@ -344,8 +344,9 @@ class SparseWeights(PackedLayout):
         out[idx[real], rows[real]] = True
         return out
 
-    def validate(self) -> None:
-        """Check the invariants of docs/format.md on host data; raise ValueError naming the array."""
+    def check_leaves(self) -> None:
+        """Check the leaves' shapes and dtypes against the layout; raise an error naming the leaf.
+        Cheap, and fine on traced leaves: every call that takes SparseWeights runs it."""
         m, mt = self.meta, self.meta_t
         for name, arr, size in (("values", self.values, m.num_slots), ("indices", self.indices, m.num_slots),
                                 ("lane_row", self.lane_row, m.num_lanes),
@@ -353,12 +354,20 @@ class SparseWeights(PackedLayout):
                                 ("lane_row_t", self.lane_row_t, mt.num_lanes),
                                 ("perm_t", self.perm_t, mt.num_slots)):
             if np.shape(arr) != (size,):
-                raise ValueError(f"SparseWeights.{name} must have shape ({size},), got {np.shape(arr)}")
+                stacked = np.ndim(arr) == 2 and np.shape(arr)[1:] == (size,)
+                raise ValueError(f"SparseWeights.{name} must have shape ({size},), got "
+                                 f"{np.shape(arr)}" + (" (a stack of weight sets: run the call "
+                                                       "under jax.vmap over them)" if stacked else ""))
         for name in self.INDEX_LEAVES:
             arr = getattr(self, name)
             if np.dtype(arr.dtype) != np.int32:
                 raise TypeError(f"SparseWeights.{name} must be int32, got {arr.dtype}")
         check_weight_dtype(self.values.dtype, "SparseWeights.values")
+
+    def validate(self) -> None:
+        """Check the invariants of docs/format.md on host data; raise ValueError naming the array."""
+        self.check_leaves()
+        m, mt = self.meta, self.meta_t
         if (mt.hidden, mt.gates, m.transposed, mt.transposed) != (m.hidden, m.gates, False,
                                                                  m.gates > 1):
             raise ValueError(f"SparseWeights: meta_t (H={mt.hidden}, gates={mt.gates}, transposed="

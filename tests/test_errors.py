@@ -51,8 +51,34 @@ def test_unknown_activation_and_method(problem):
     dense, w, x, h0 = problem
     with pytest.raises(ValueError, match="activation must be one of"):
         js.sparse_rnn(x, h0, w, activation="sigmoid")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        js.sparse_rnn(x, h0, w, activation=["tanh"])  # unhashable: not a bare TypeError
     with pytest.raises(ValueError, match="method must be one of"):
         js.sparse_rnn(x, h0, w, method="fast")
+
+
+@pytest.mark.parametrize("method", ["auto", "native", "reference"])
+def test_weights_whose_leaves_do_not_fit_their_layout_name_the_leaf(problem, method):
+    """Checked on every call, before any path runs (they used to fail as a broadcast in XLA, or
+    as a layout error of the native kernel, or blame the inputs' dtype)."""
+    dense, w, x, h0 = problem
+    S = w.meta.num_slots
+    stack = jax.tree.map(lambda a: jnp.stack([a, a]), w)
+    with pytest.raises(ValueError, match=rf"values must have shape \({S},\), got \(2, {S}\) "
+                                         r"\(a stack of weight sets: run the call under jax.vmap"):
+        js.sparse_rnn(x, h0, stack, method=method)
+    with pytest.raises(ValueError, match=rf"SparseWeights.values must have shape \({S},\)"):
+        js.sparse_rnn(x, h0, w.replace(values=w.values[:-1]), method=method)
+    with pytest.raises(ValueError, match=r"SparseWeights.lane_row must have shape"):
+        js.sparse_gru(jnp.zeros((3, 5, 72)), h0, js.SparseWeights.from_dense(
+            np.ones((24, 72), np.float32), density=0.2).replace(lane_row=w.lane_row[:5]))
+    with pytest.raises(TypeError, match="SparseWeights.values must be float32, bfloat16 or float16"):
+        js.sparse_rnn(x, h0, w.replace(values=w.values.astype(jnp.int32)), method=method)
+    with pytest.raises(TypeError, match="SparseWeights.indices must be int32"):
+        js.sparse_rnn_bidirectional((x, x), (h0, h0), (w, w.replace(indices=w.indices.astype(
+            jnp.int16))), method=method)
+    batched = jax.vmap(lambda w: js.sparse_rnn(x, h0, w, method=method)[1])(stack)
+    assert batched.shape == (2,) + h0.shape  # the stack under vmap is what runs it
 
 
 def test_weights_type(problem):
