@@ -116,8 +116,6 @@ def check_sequence_args(inputs, states: dict, hidden: int, *, inputs_dtype, time
         raise ValueError(f"inputs must be {layout} with {width} = {gates * hidden} in their last axis "
                          f"(gates {gate_order} of the weights' H = {hidden} units), got shape "
                          f"{tuple(inputs.shape)}")
-    if B == 0:
-        raise ValueError("inputs must have a batch of at least 1")
     checked = []
     for name, state in states.items():
         state = as_array(state)

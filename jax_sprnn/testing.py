@@ -151,6 +151,31 @@ def run_gated(gates: int, x, c0, h0, weights, hn_bias, **kw):
     return sparse_gru(x, h0, weights, hn_bias=hn_bias, **kw)
 
 
+def _public_calls() -> dict:
+    from . import bidirectional, gated, gated_bidirectional
+    from .api import sparse_rnn
+    return {
+        "rnn": (1, lambda x, h, w, **kw: sparse_rnn(x, h, w, **kw)),
+        "lstm": (4, lambda x, h, w, **kw: gated.sparse_lstm(x, (h, 2 * h), w, **kw)),
+        "gru": (3, lambda x, h, w, **kw: gated.sparse_gru(x, h, w, **kw)),
+        "rnn_bidirectional": (1, lambda x, h, w, reverse=False, **kw:
+                              bidirectional.sparse_rnn_bidirectional((x, x), (h, 2 * h), (w, w), **kw)),
+        "lstm_bidirectional": (4, lambda x, h, w, reverse=False, **kw:
+                               gated_bidirectional.sparse_lstm_bidirectional(
+                                   (x, x), ((h, 2 * h), (h, h)), (w, w), **kw)),
+        "gru_bidirectional": (3, lambda x, h, w, reverse=False, **kw:
+                              gated_bidirectional.sparse_gru_bidirectional((x, x), (h, 2 * h), (w, w),
+                                                                           **kw)),
+    }
+
+
+#: Every public sequence function as ``name: (gates, call(x, h, w, **kw) -> (outputs, final))``:
+#: ``x`` is ``[B, T, G*H]``, ``w`` packs ``[H, G*H]``, and the carry parts are built from ``h`` as
+#: ``k * h`` with ``k`` 1 or 2 (so an empty sequence's final carry tells them apart); the
+#: bidirectional calls take no ``reverse``.
+PUBLIC_CALLS = _public_calls()
+
+
 def gated_backward_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
                            dtype: str = "float32", *, device=None, load_bytes: int | None = None,
                            cotangent_scale: float = 0.3):

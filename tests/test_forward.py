@@ -9,7 +9,7 @@ import pytest
 import jax_sprnn as js
 from jax_sprnn import api
 
-from jax_sprnn.testing import DTYPES, TOLERANCE, make_problem, rel_err
+from jax_sprnn.testing import DTYPES, PUBLIC_CALLS, TOLERANCE, make_problem, rel_err
 
 
 def _check(seed, hidden, batch, steps, density, dtype="float32", *, activation="tanh",
@@ -164,3 +164,26 @@ def test_dense_fallback_matches_reference(dtype, reverse, exact_matmuls):
     assert y.dtype == x.dtype and h.dtype == x.dtype
     assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(h, h_ref) < TOLERANCE[dtype]
     assert np.all(np.asarray(y[7:, 2], np.float32) == 0) and np.all(np.asarray(y[:, 1], np.float32) == 0)
+
+
+@pytest.mark.parametrize("call", sorted(PUBLIC_CALLS))
+@pytest.mark.parametrize("method", ["auto", "native", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_empty_batch_gives_empty_results(call, method, dtype):
+    """B = 0 (what a filtered or bucketed batch can come to) is a valid call, as for nn.RNN: empty
+    outputs and final carries of the right shapes and dtype, under jit and grad too."""
+    gates, run = PUBLIC_CALLS[call]
+    H, T = 6, 4
+    w = js.SparseWeights.from_dense(np.random.default_rng(3).standard_normal((H, gates * H))
+                                    .astype(np.float32), density=0.5, dtype=dtype)
+    x = jnp.zeros((0, T, gates * H), dtype)
+    h = jnp.zeros((0, H), dtype)
+    features = 2 * H if "bidirectional" in call else H
+    for lengths in (None, np.zeros(0, np.int32)):
+        y, final = jax.jit(lambda x, h, w, lengths: run(x, h, w, method=method,
+                                                         seq_lengths=lengths))(x, h, w, lengths)
+        assert y.shape == (0, T, features) and y.dtype == np.dtype(dtype)
+        assert all(f.shape == (0, H) and f.dtype == np.dtype(dtype) for f in jax.tree.leaves(final))
+    grads = js.grad(lambda w: sum(jnp.sum(a.astype(jnp.float32)) for a in jax.tree.leaves(
+        run(x, h, w, method=method))))(w)
+    np.testing.assert_array_equal(np.asarray(grads.values, np.float32), 0)

@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 
 import jax_sprnn as js
 
-from jax_sprnn.testing import GRAD_TOLERANCE, make_problem, rel_err
+from jax_sprnn.testing import GRAD_TOLERANCE, PUBLIC_CALLS, make_problem, rel_err
 
 
 def _loss_fn(method, **kw):
@@ -117,26 +117,13 @@ def test_gradients_are_deterministic():
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
-_EMPTY_CALLS = {  # (gates, the call on empty inputs x [B, 0, G*H] and a carry built from h)
-    "rnn": (1, lambda x, h, w, **kw: js.sparse_rnn(x, h, w, **kw)[1]),
-    "lstm": (4, lambda x, h, w, **kw: js.sparse_lstm(x, (h, 2 * h), w, **kw)[1]),
-    "gru": (3, lambda x, h, w, **kw: js.sparse_gru(x, h, w, **kw)[1]),
-    "rnn_bidirectional": (1, lambda x, h, w, reverse, **kw: js.sparse_rnn_bidirectional(
-        (x, x), (h, 2 * h), (w, w), **kw)[1]),
-    "lstm_bidirectional": (4, lambda x, h, w, reverse, **kw: js.sparse_lstm_bidirectional(
-        (x, x), ((h, 2 * h), (h, h)), (w, w), **kw)[1]),
-    "gru_bidirectional": (3, lambda x, h, w, reverse, **kw: js.sparse_gru_bidirectional(
-        (x, x), (h, 2 * h), (w, w), **kw)[1]),
-}
-
-
-@pytest.mark.parametrize("call", sorted(_EMPTY_CALLS))
+@pytest.mark.parametrize("call", sorted(PUBLIC_CALLS))
 @pytest.mark.parametrize("method", ["auto", "native", "reference"])
 @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, (0, 0, 0))])
 def test_an_empty_sequence_passes_the_carry_cotangent_through(call, method, reverse, lengths):
     """T = 0: no step runs, so the final carry is the initial one; its cotangent reaches the
     initial carry unchanged and the weights get none (every path, reverse and lengths too)."""
-    gates, run = _EMPTY_CALLS[call]
+    gates, run = PUBLIC_CALLS[call]
     H, B = 5, 3
     rng = np.random.default_rng(7)
     w = js.SparseWeights.from_dense(rng.standard_normal((H, gates * H)).astype(np.float32) * 0.3,
@@ -147,12 +134,12 @@ def test_an_empty_sequence_passes_the_carry_cotangent_through(call, method, reve
     kw = dict(method=method, reverse=reverse, seq_lengths=None if lengths is None else np.array(lengths))
 
     def loss(h, values):
-        final = jax.tree.leaves(run(x, h, w.replace(values=values), **kw))
+        final = jax.tree.leaves(run(x, h, w.replace(values=values), **kw)[1])
         return sum(jnp.sum(f * c) for f, c in zip(final, cot))
 
-    final = jax.tree.leaves(run(x, h, w, **kw))
+    final = jax.tree.leaves(run(x, h, w, **kw)[1])
     dh, dvalues = jax.grad(loss, argnums=(0, 1))(h, w.values)
-    # The final carry parts are k * h (k: 1 or 2 in _EMPTY_CALLS): d/dh sum(c_i * k_i h) = sum k_i c_i.
+    # The final carry parts are k * h (k: 1 or 2, PUBLIC_CALLS): d/dh sum(c_i * k_i h) = sum k_i c_i.
     scale = [float(np.mean(f / h)) for f in final]
     np.testing.assert_allclose(dh, sum(s * c for s, c in zip(scale, cot)), rtol=1e-6)
     np.testing.assert_array_equal(dvalues, 0)

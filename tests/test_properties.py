@@ -177,7 +177,7 @@ _BAD = [
     ("activation", lambda x, h0, w: (x, h0, w, {"activation": "gelu"}), ValueError),
     ("method", lambda x, h0, w: (x, h0, w, {"method": "gpu"}), ValueError),
     ("weights", lambda x, h0, w: (x, h0, np.eye(x.shape[-1]), {}), TypeError),
-    ("empty batch", lambda x, h0, w: (x[:0], h0[:0], w, {}), ValueError),
+    ("empty batch, h0 not", lambda x, h0, w: (x[:0], h0, w, {}), ValueError),
 ]
 
 
