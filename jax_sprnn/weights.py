@@ -95,6 +95,55 @@ def _check_units_in_warps(lane_row: np.ndarray, meta: LayoutMeta) -> None:
                          f"adjacent lanes of one warp; unit {int(bad[0])} does not")
 
 
+def _check_row_runs(lane_row: np.ndarray, name: str) -> None:
+    """Invariant 1 (docs/format.md): the lanes of each row are one contiguous run inside one warp."""
+    lanes = np.flatnonzero(lane_row >= 0)
+    if not lanes.size:
+        return
+    rows = lane_row[lanes]
+    count = np.bincount(rows)
+    first = np.full(count.size, np.iinfo(np.int64).max)
+    last = np.full(count.size, -1)
+    np.minimum.at(first, rows, lanes)
+    np.maximum.at(last, rows, lanes)
+    used = count > 0
+    bad = np.flatnonzero(used & ((last - first + 1 != count)
+                                 | (first // _planner.WARP != last // _planner.WARP)))
+    if bad.size:
+        raise ValueError(f"SparseWeights.{name}: the lanes of row {int(bad[0])} are not one "
+                         f"contiguous run inside one warp")
+
+
+def _slot_coordinates(indices: np.ndarray, lane_row: np.ndarray, meta: LayoutMeta):
+    """``(row, column, real)`` of every slot of a layout, on host data."""
+    rows = lane_row[lane_of_slot(meta)]
+    return rows, decode_columns(indices), (indices >= 0) & (rows >= 0)
+
+
+def _check_transposed(w: "SparseWeights") -> None:
+    """The transposed layout holds the forward layout's nonzeros, each once, and ``perm_t`` maps
+    every real transposed slot to the forward slot of the same nonzero (a wrong map passes the
+    forward pass and corrupts only the gradient)."""
+    rows, cols, real = _slot_coordinates(np.asarray(w.indices), np.asarray(w.lane_row), w.meta)
+    rows_t, cols_t, real_t = _slot_coordinates(np.asarray(w.indices_t), np.asarray(w.lane_row_t),
+                                               w.meta_t)
+    keys = rows[real].astype(np.int64) * w.meta.num_cols + cols[real]
+    if np.unique(keys).size != keys.size:
+        raise ValueError("SparseWeights.indices stores a nonzero in more than one slot")
+    perm = np.asarray(w.perm_t).astype(np.int64)
+    if np.any((perm >= 0) != real_t):
+        raise ValueError("SparseWeights.perm_t must be >= 0 exactly on the real transposed slots")
+    target = perm[real_t]
+    if target.size and not (np.all(real[target]) and np.unique(target).size == target.size):
+        raise ValueError("SparseWeights.perm_t must map the real transposed slots one to one onto "
+                         "the real forward slots")
+    if not (np.array_equal(rows[target], cols_t[real_t])
+            and np.array_equal(cols[target], rows_t[real_t])):
+        raise ValueError("SparseWeights: perm_t maps a transposed slot to the forward slot of "
+                         "another nonzero (indices_t, lane_row_t and perm_t must transpose the "
+                         "forward layout)")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PackedLayout:
     """The index half of a packed layer (docs/format.md): the int32 arrays ``indices``,
@@ -211,9 +260,11 @@ class SparseWeights(PackedLayout):
         if (mask is None) == (density is None):
             raise ValueError("pass exactly one of mask= or density=")
         if mask is None:
-            if not 0.0 <= density <= 1.0:
-                raise ValueError(f"density must be in [0, 1], got {density}")
-            scores = np.abs(np.asarray(kernel, np.float32))
+            if (isinstance(density, (bool, np.bool_)) or not isinstance(density, (int, float, np.number))
+                    or not 0.0 <= density <= 1.0):
+                raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+            with np.errstate(over="ignore"):  # (ranks as inf; refused below if kept)
+                scores = np.abs(np.asarray(kernel, np.float32))
             mask = top_k_mask(scores, int(round(density * scores.size)))
         mask = np.asarray(mask)
         if mask.shape != kernel.shape:
@@ -226,7 +277,15 @@ class SparseWeights(PackedLayout):
         # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i]. Reading
         # the transposed mask yields them sorted by row, as the packer likes.
         rows, cols = np.nonzero(mask.T)
-        vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows].astype(dtype)  # kernel[cols, rows]
+        vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows]  # kernel[cols, rows]
+        with np.errstate(over="ignore"):  # an overflow is the error below, not a warning
+            stored = vals.astype(dtype)
+        if not np.all(np.isfinite(stored.astype(np.float32))):
+            big = float(np.abs(vals[~np.isfinite(stored.astype(np.float32))]).max())
+            raise ValueError(f"kernel has kept entries beyond the range of {dtype.name} (up to "
+                             f"{big:.4g} in magnitude): stored in {dtype.name} they would be "
+                             f"infinite; scale the kernel or store it in float32")
+        vals = stored
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], gates=gates, device=device,
                                 load_bytes=load_bytes, bank_aware=bank_aware, exchange=exchange,
                                 matvec=matvec)
@@ -239,10 +298,17 @@ class SparseWeights(PackedLayout):
         """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
         ``[0, gates * hidden)``, columns in ``[0, hidden)``) of a layer of ``hidden`` units
         (options as in :meth:`from_dense`)."""
-        rows = np.asarray(rows, np.int64)
-        cols = np.asarray(cols, np.int64)
+        if isinstance(hidden, (bool, np.bool_)) or not isinstance(hidden, (int, np.integer)) \
+                or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        hidden = int(hidden)
+        rows, cols = (np.asarray(a) for a in (rows, cols))
+        for name, a in (("rows", rows), ("cols", cols)):
+            if a.size and not np.issubdtype(a.dtype, np.integer):
+                raise TypeError(f"{name} must be integers, got {a.dtype}")
+        rows, cols = rows.astype(np.int64), cols.astype(np.int64)
         vals = np.asarray(vals)
-        dtype = check_weight_dtype(vals.dtype, "values")
+        dtype = check_weight_dtype(vals.dtype, "vals")
         if not (rows.shape == cols.shape == vals.shape and rows.ndim == 1):
             raise ValueError("rows, cols and vals must be 1-D arrays of one length")
         if gates not in GATES:
@@ -250,6 +316,12 @@ class SparseWeights(PackedLayout):
         if rows.size and (min(rows.min(), cols.min()) < 0 or rows.max() >= gates * hidden
                           or cols.max() >= hidden):
             raise ValueError(f"rows must lie in [0, {gates * hidden}) and cols in [0, {hidden})")
+        keys, first, counts = np.unique(rows * hidden + cols, return_index=True, return_counts=True)
+        if np.any(counts > 1):
+            dup = int(first[np.argmax(counts > 1)])
+            raise ValueError(f"rows and cols repeat the entry ({int(rows[dup])}, {int(cols[dup])}) "
+                             f"{int(counts.max())} times: each nonzero must be given once")
+        check_finite(vals, "vals")
         if device is None:
             from ._native import current_device_spec
             device = current_device_spec()
@@ -384,16 +456,17 @@ class SparseWeights(PackedLayout):
                                  f"[-1, {lay.num_rows})")
             if not np.array_equal(np.unique(rows[rows >= 0]), np.arange(lay.num_rows)):
                 raise ValueError(f"SparseWeights.lane_row{name[7:]} must give every row a lane")
-        if m.gates > 1:
+        if m.gates > 1:  # (first: its message names the unit)
             _check_units_in_warps(np.asarray(self.lane_row), m)
+        _check_row_runs(np.asarray(self.lane_row), "lane_row")
+        _check_row_runs(np.asarray(self.lane_row_t), "lane_row_t")
         if m.tiles:
             check_tile_layout(np.asarray(self.indices), np.asarray(self.lane_row), m)
         perm = np.asarray(self.perm_t)
         if perm.size and (perm.min() < -1 or perm.max() >= m.num_slots):
             raise ValueError(f"SparseWeights.perm_t has entries outside [-1, {m.num_slots})")
+        _check_transposed(self)
         real = np.asarray(self.indices) >= 0
-        if int(real.sum()) != int((perm >= 0).sum()):
-            raise ValueError("SparseWeights: the layouts do not hold nnz real slots each")
         if np.any(np.asarray(self.values)[~real] != 0):
             raise ValueError("SparseWeights.values must be exactly zero on padding slots")
 

@@ -133,6 +133,53 @@ def test_validate_catches_hand_made_weights(problem):
         w.replace(values=w.values[:-1]).validate()
 
 
+def test_validate_catches_a_corrupt_transposed_layout_and_split_rows(problem):
+    """What the forward pass cannot see and the gradient would: perm_t must transpose the forward
+    layout one to one; and each row's lanes form one run in one warp (invariant 1)."""
+    dense, w, x, h0 = problem
+    w.validate()
+    perm = np.asarray(w.perm_t).copy()
+    real = np.flatnonzero(perm >= 0)
+    swapped = perm.copy()
+    swapped[real[[0, 5]]] = swapped[real[[5, 0]]]
+    with pytest.raises(ValueError, match="perm_t maps a transposed slot to the forward slot of "
+                                         "another nonzero"):
+        w.replace(perm_t=jnp.asarray(swapped)).validate()
+    shared = perm.copy()
+    shared[real[1]] = shared[real[2]]
+    with pytest.raises(ValueError, match="one to one"):
+        w.replace(perm_t=jnp.asarray(shared)).validate()
+    on_padding = perm.copy()
+    on_padding[real[0]] = int(np.flatnonzero(np.asarray(w.indices) < 0)[0])
+    with pytest.raises(ValueError, match="one to one"):
+        w.replace(perm_t=jnp.asarray(on_padding)).validate()
+    lane_row = np.asarray(w.lane_row).copy()
+    lanes = np.flatnonzero(lane_row >= 0)
+    moved = lanes[np.flatnonzero(lane_row[lanes] != lane_row[lanes[0]])[-1]]  # a lane of another row
+    lane_row[lanes[0]] = lane_row[moved]
+    with pytest.raises(ValueError, match="not one contiguous run inside one warp"):
+        w.replace(lane_row=jnp.asarray(lane_row)).validate()
+
+
+def test_packing_refuses_duplicates_overflow_and_malformed_arguments():
+    vals = np.array([1.0, 2.0], np.float32)
+    with pytest.raises(ValueError, match=r"repeat the entry \(0, 1\) 2 times"):
+        js.SparseWeights.from_pattern([0, 0], [1, 1], vals, 4)
+    with pytest.raises(ValueError, match="vals has 1 NaN"):
+        js.SparseWeights.from_pattern([0], [1], np.array([np.nan], np.float32), 4)
+    with pytest.raises(ValueError, match="hidden must be a positive integer"):
+        js.SparseWeights.from_pattern([0], [1], vals[:1], -1)
+    with pytest.raises(TypeError, match="rows must be integers"):
+        js.SparseWeights.from_pattern([1.7], [1], vals[:1], 4)
+    # finite in float32, infinite once stored in float16: refused, not stored as inf
+    with pytest.raises(ValueError, match="beyond the range of float16"):
+        js.SparseWeights.from_dense(np.eye(4, dtype=np.float32) * 7e4, density=0.25, dtype=np.float16)
+    for density in ("0.5", np.array([0.5]), True, 1.5):
+        with pytest.raises(ValueError, match="density must be a number in"):
+            js.SparseWeights.from_dense(np.eye(4, dtype=np.float32), density=density)
+    assert js.SparseWeights.from_dense(np.eye(4, dtype=np.float32), density=np.float32(0.5)).nnz == 8
+
+
 def test_native_kernel_rejects_out_of_range_indices(problem):
     # A hand-made layout with a bad index reaches the native kernel, which never reads out of
     # bounds. The C++ kernel refuses it with a clear error. The CUDA handler cannot read the indices
