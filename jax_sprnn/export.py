@@ -10,7 +10,7 @@
 caller disables that check for the target; :func:`export` disables it for jax_sprnn's own targets
 (:data:`jax_sprnn._native.TARGETS`) and no others. Those targets are stable within a jax_sprnn
 release. The process that runs the program must ``import jax_sprnn`` first: that registers the
-targets (without it XLA says "No FFI handler registered for jax_sprnn_forward") and the
+targets (without it XLA says "No FFI handler registered for jax_sprnn_forward_v7") and the
 serialization of :class:`~jax_sprnn.SparseWeights` and ``PackedMask`` arguments. docs/export.md
 walks through it.
 """
@@ -66,12 +66,16 @@ def _check_flatbuffers(what: str) -> None:
                                   name="flatbuffers") from None
 
 
-def serialize(exported: _export.Exported) -> bytearray:
-    """``exported.serialize()``, with the install hint when flatbuffers is missing."""
+def serialize(exported: _export.Exported, *, vjp_order: int = 0) -> bytearray:
+    """``exported.serialize(vjp_order=vjp_order)``, with the install hint when flatbuffers is
+    missing. ``vjp_order=1`` also serializes the first-order VJP, so that the deserialized program
+    can be differentiated (``jax.grad`` of ``exported.call``)."""
     if not isinstance(exported, _export.Exported):
         raise TypeError(f"exported must be a jax.export.Exported, got {type(exported).__name__}")
+    if isinstance(vjp_order, bool) or not isinstance(vjp_order, int) or vjp_order < 0:
+        raise ValueError(f"vjp_order must be a non-negative integer, got {vjp_order!r}")
     _check_flatbuffers("serializing")
-    return exported.serialize()
+    return exported.serialize(vjp_order=vjp_order)
 
 
 def deserialize(blob: bytes | bytearray) -> _export.Exported:

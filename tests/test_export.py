@@ -128,3 +128,16 @@ def test_reloading_export_keeps_its_registrations():
     dense, w, x, h0 = make_problem(3, 16, 1, 2, 0.5)
     exported = js.export.export(lambda x, h0, w: js.sparse_rnn(x, h0, w))(x, h0, w)
     assert js.export.deserialize(js.export.serialize(exported)).in_tree == exported.in_tree
+
+
+def test_a_program_serialized_with_its_vjp_is_differentiable_after_loading():
+    dense, w, x, h0 = make_problem(2, 24, 2, 5, 0.3)
+    loss = lambda x, h0, w: jnp.sum(js.sparse_rnn(x, h0, w)[0] ** 2)  # noqa: E731
+    exported = js.export.export(loss)(x, h0, w)
+    loaded = js.export.deserialize(js.export.serialize(exported, vjp_order=1))
+    got = jax.grad(loaded.call, argnums=(0, 1))(x, h0, w)
+    want = jax.grad(loss, argnums=(0, 1))(x, h0, w)
+    for g, r in zip(got, want):
+        assert rel_err(g, r) < 1e-6
+    with pytest.raises(ValueError, match="vjp_order must be a non-negative integer"):
+        js.export.serialize(exported, vjp_order=-1)
