@@ -45,6 +45,8 @@ def batch_sharding(mesh: Mesh, batch_axis="data", *, ndim: int = 3, batch_dim: i
                    ) -> NamedSharding:
     """The ``NamedSharding`` that splits dimension ``batch_dim`` of an ``ndim``-D array over the
     mesh axes ``batch_axis`` (one name or several) and replicates the rest."""
+    if not 0 <= batch_dim < ndim:
+        raise ValueError(f"batch_dim must lie in [0, ndim={ndim}), got {batch_dim}")
     axes = _batch_axes(mesh, batch_axis)
     spec = [None] * ndim
     spec[batch_dim] = _spec_entry(axes)

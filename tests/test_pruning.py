@@ -285,6 +285,11 @@ def test_bad_arguments():
         pruning.update_sparsity({"w": kernel}, {"v": np.ones((H, H), bool)}, 0.5)
     with pytest.raises(ValueError, match="sparsity"):
         pruning.to_inference({"params": {}})
+    # a 0/1 float mask is refused, not skipped (keep_pruned would then protect nothing)
+    with pytest.raises(TypeError, match=r"the mask at w is float32; masks are boolean"):
+        pruning.param_masks({"w": kernel}, {"w": np.ones(kernel.shape, np.float32)})
+    with pytest.raises(ValueError, match=r"current\['w'\] must have its kernel's shape"):
+        pruning.magnitude_masks({"w": kernel}, 0.5, current={"w": np.ones((H, H // 2), bool)})
 
 
 def test_public_names_do_not_clash():

@@ -352,5 +352,7 @@ def test_bad_mesh_arguments():
         sharding.sparse_rnn_sharded(x, h0, w, mesh="data")
     with pytest.raises(ValueError, match="seq_lengths"):
         sharding.sparse_rnn_sharded(x, h0, w, mesh=mesh, seq_lengths=np.array([4, 1]))
+    with pytest.raises(ValueError, match=r"batch_dim must lie in \[0, ndim=2\)"):
+        sharding.batch_sharding(mesh, ndim=2, batch_dim=3)
     y, _ = sharding.sparse_rnn_sharded(x, h0, w, mesh=mesh)  # one device: still correct
     np.testing.assert_array_equal(np.asarray(y), np.asarray(js.sparse_rnn(x, h0, w)[0]))

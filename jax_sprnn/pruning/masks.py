@@ -125,6 +125,9 @@ def magnitude_masks(kernels, sparsity: float, *, rule: str = "row_balanced", cur
         if k.ndim < 2:
             raise ValueError(f"kernels must be [..., H_in, H_out] arrays, got shape {k.shape}")
         flat_k = k.reshape((-1,) + k.shape[-2:])
+        if c is not None and np.shape(c) != k.shape:
+            raise ValueError(f"current{jax.tree_util.keystr(path)} must have its kernel's shape "
+                             f"{k.shape}, got {np.shape(c)}")
         flat_c = None if c is None else np.asarray(c).reshape(flat_k.shape)
         for i in range(flat_k.shape[0]):
             what = f"kernels{jax.tree_util.keystr(path)}" + (f" (layer {i})" if k.ndim > 2 else "")

@@ -51,8 +51,16 @@ def is_packed(x) -> bool:
 def mask_leaves(sparsity) -> dict[tuple, Any]:
     """``{path: PackedMask or boolean mask}`` for every mask in a sparsity tree."""
     flat, _ = jax.tree_util.tree_flatten_with_path(sparsity, is_leaf=is_packed)
-    return {tree_path(p): leaf for p, leaf in flat if isinstance(leaf, PackedMask) or
-            (hasattr(leaf, "dtype") and np.dtype(leaf.dtype) == bool and np.ndim(leaf) >= 2)}
+    found = {}
+    for p, leaf in flat:
+        if isinstance(leaf, PackedMask):
+            found[tree_path(p)] = leaf
+        elif hasattr(leaf, "dtype") and np.ndim(leaf) >= 2:
+            if np.dtype(leaf.dtype) != bool:  # (skipped, it would leave its kernel unpruned)
+                raise TypeError(f"the mask at {path_name(tree_path(p))} is {np.dtype(leaf.dtype)}; "
+                                f"masks are boolean arrays (mask != 0) or PackedMask")
+            found[tree_path(p)] = leaf
+    return found
 
 
 #: Joins, in one key of a mask's path, the names of the kernels it covers side by side.
