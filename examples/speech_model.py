@@ -42,7 +42,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def _numbers(name: str, cast=float, low: float = 0.0, high: float = float("inf"),
+def _numbers(cast=float, low: float = 0.0, high: float = float("inf"),
              count: int | None = None):
     """An argparse type: comma-separated numbers of type ``cast`` in [low, high] (``count`` of
     them when given)."""
@@ -52,22 +52,28 @@ def _numbers(name: str, cast=float, low: float = 0.0, high: float = float("inf")
         try:
             values = tuple(cast(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated {kind}, got "
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got "
                                              f"{text!r}") from None
         if not values or (count is not None and len(values) != count):
-            raise argparse.ArgumentTypeError(f"{name}: expected {count or 'one or more'} "
+            raise argparse.ArgumentTypeError(f"expected {count or 'one or more'} "
                                              f"comma-separated {kind}, got {text!r}")
         if any(not low <= v <= high for v in values):
             bound = ("positive integers" if cast is int and low == 1 and high == float("inf")
                      else f"values in [{low}, {high}]")
-            raise argparse.ArgumentTypeError(f"{name}: expected {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}")
         return values
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except None: those options say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", choices=data_lib.DATA_KINDS, default="embedded",
                    help="embedded: the espeak-ng corpus in examples/speech/corpus; manifest: "
@@ -95,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random noise and gain on training audio")
     d.add_argument("--noise-prob", type=float, default=0.5)
-    d.add_argument("--snr-db", type=_numbers("--snr-db", float, -50, 100, 2), default=(10.0, 40.0),
+    d.add_argument("--snr-db", type=_numbers(float, -50, 100, 2), default=(10.0, 40.0),
                    metavar="LOW,HIGH")
-    d.add_argument("--gain-db", type=_numbers("--gain-db", float, -60, 60, 2), default=(-12.0, 6.0),
+    d.add_argument("--gain-db", type=_numbers(float, -60, 60, 2), default=(-12.0, 6.0),
                    metavar="LOW,HIGH")
     d.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=False,
                    help="SpecAugment time and frequency masks on training features (off by "
@@ -150,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print where each training run's time went (input waits, step dispatch, "
                         "logging, evaluation, checkpoints, pruning) and every XLA compilation by "
                         "function; the summary line (steps/s, compilations) is always printed")
-    o.add_argument("--one-shot-densities", type=_numbers("--one-shot-densities", float, 0, 1),
+    o.add_argument("--one-shot-densities", type=_numbers(float, 0, 1),
                    default=(0.5, 0.3, 0.2, 0.1),
                    help="densities at which the dense model is also pruned once, without "
                         "retraining, for the CER-against-density plot")
-    o.add_argument("--latency-densities", type=_numbers("--latency-densities", float, 0, 1),
+    o.add_argument("--latency-densities", type=_numbers(float, 0, 1),
                    default=(1.0, 0.3, 0.1, 0.05))
-    o.add_argument("--latency-batches", type=_numbers("--latency-batches", int, 1), default=(1, 16))
-    o.add_argument("--bench-batches", type=_numbers("--bench-batches", int, 1), default=(1, 4, 16))
+    o.add_argument("--latency-batches", type=_numbers(int, 1), default=(1, 16))
+    o.add_argument("--bench-batches", type=_numbers(int, 1), default=(1, 4, 16))
     o.add_argument("--bench-steps", type=int, default=250,
                    help="recurrent steps per timed sequence (250 = 10 s of audio at stride 4)")
     o.add_argument("--bench-reps", type=int, default=20)
@@ -460,7 +466,10 @@ def main(argv=None) -> dict | None:
     from speech.profiling import CompileCounter
 
     with CompileCounter() as compiles:
-        return _run(args, argv, compiles)
+        try:
+            return _run(args, argv, compiles)
+        except data_lib.DataError as error:  # bad data is the user's input: one line, no traceback
+            raise SystemExit(f"speech_model.py: error: {error}") from None
 
 
 def _run(args, argv, compiles) -> dict:

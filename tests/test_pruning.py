@@ -285,6 +285,8 @@ def test_bad_arguments():
         pruning.update_sparsity({"w": kernel}, {"v": np.ones((H, H), bool)}, 0.5)
     with pytest.raises(ValueError, match="sparsity"):
         pruning.to_inference({"params": {}})
+    with pytest.warns(RuntimeWarning, match="rounds to none, so the mask removes every weight"):
+        assert not pruning.magnitude_mask(kernel, 0.99).any()  # 1% of H = 32 per row: 0.32
     # a 0/1 float mask is refused, not skipped (keep_pruned would then protect nothing)
     with pytest.raises(TypeError, match=r"the mask at w is float32; masks are boolean"):
         pruning.param_masks({"w": kernel}, {"w": np.ones(kernel.shape, np.float32)})

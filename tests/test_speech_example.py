@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import speech_model  # noqa: E402
-from speech import data, features, model, text  # noqa: E402
+from speech import data, features, model, text, train  # noqa: E402
 
 
 # ---- text -----------------------------------------------------------------------------------
@@ -255,6 +255,25 @@ def test_bad_command_lines_name_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit):
         speech_model.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("begin, end", [(1.0, 1.0), (0.5, 1.0), (0.25, 0.75)])
+def test_the_pruning_schedule_reaches_its_target_within_the_run(begin, end):
+    """Steps run 0 .. steps - 1: a schedule that ends at 1.0 still applies its final mask (it
+    used to fall on step `steps`, which never runs, and leave the "pruned" model dense)."""
+    cfg = train.TrainConfig(steps=40, target_density=0.1, prune_begin=begin, prune_end=end,
+                            prune_every=7)
+    schedule = cfg.schedule()
+    updates = [s for s in range(cfg.steps) if schedule.is_update_step(s)]
+    assert updates and updates[0] == cfg.branch_step < cfg.steps
+    assert float(schedule(updates[-1])) == pytest.approx(0.9)
+
+
+def test_bad_data_is_one_line_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"^speech_model.py: error: --data-dir .*missing is not a "
+                                         r"folder$"):
+        speech_model.main(["--data", "manifest", "--data-dir", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "run"), "--no-progress"])
 
 
 def test_tiny_end_to_end_run_with_resume(tmp_path):

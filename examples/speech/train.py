@@ -72,15 +72,20 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.clip_norm <= 0:
             raise ValueError("learning rate and clip norm must be positive")
 
+    def _step_at(self, fraction: float) -> int:
+        """The step at ``fraction`` of the run, at most the last one (steps run 0 .. steps - 1:
+        a pruning that ends at 1.0 must still reach its final mask)."""
+        return min(int(round(fraction * self.steps)), self.steps - 1)
+
     @property
     def branch_step(self) -> int:
         """The step from which a pruned run differs from the dense run."""
-        return int(round(self.prune_begin * self.steps))
+        return self._step_at(self.prune_begin)
 
     def schedule(self) -> pruning.CubicSchedule | None:
         if self.target_density >= 1.0:
             return None
-        end = max(self.branch_step, int(round(self.prune_end * self.steps)))
+        end = max(self.branch_step, self._step_at(self.prune_end))
         return pruning.cubic_schedule(0.0, 1.0 - self.target_density, self.branch_step, end,
                                       self.prune_every)
 

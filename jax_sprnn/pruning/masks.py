@@ -15,6 +15,8 @@ kernel's ``[H, G*H]`` holds its G gates side by side, column ``g*H + i`` being g
 
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import jax
@@ -77,11 +79,17 @@ def _scores(kernel, current, what: str = "kernel") -> np.ndarray:
 def _mask_from_scores(scores: np.ndarray, sparsity: float, rule: str) -> np.ndarray:
     density = 1.0 - sparsity
     if rule in ("layer", "global"):
-        return top_k_mask(scores, int(round(density * scores.size)))
-    if rule == "per_row":  # rows of the stored kernel: the weights leaving one input unit
-        return top_k_mask(scores, int(round(density * scores.shape[1])), 1)
-    # row_balanced: rows of U = kernel.T, i.e. the columns of the stored kernel
-    return top_k_mask(scores, int(round(density * scores.shape[0])), 0)
+        group, axis = scores.size, None
+    elif rule == "per_row":  # rows of the stored kernel: the weights leaving one input unit
+        group, axis = scores.shape[1], 1
+    else:  # row_balanced: rows of U = kernel.T, i.e. the columns of the stored kernel
+        group, axis = scores.shape[0], 0
+    keep = int(round(density * group))
+    if keep == 0 and density > 0:
+        warnings.warn(f"magnitude mask ({rule}): density {density:.4g} of {group} weights rounds to "
+                      f"none, so the mask removes every weight of a {scores.shape} kernel",
+                      RuntimeWarning, stacklevel=3)
+    return top_k_mask(scores, keep, axis)
 
 
 def magnitude_mask(kernel, sparsity: float, *, rule: str = "row_balanced", current=None
