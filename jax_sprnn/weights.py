@@ -296,8 +296,8 @@ class SparseWeights(PackedLayout):
                      bank_aware: bool = True, exchange: str = "auto",
                      matvec: str = "auto") -> "SparseWeights":
         """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
-        ``[0, gates * hidden)``, columns in ``[0, hidden)``) of a layer of ``hidden`` units
-        (options as in :meth:`from_dense`)."""
+        ``[0, gates * hidden)``, columns in ``[0, hidden)``, each entry given once, finite values)
+        of a layer of ``hidden`` units (options as in :meth:`from_dense`)."""
         if isinstance(hidden, (bool, np.bool_)) or not isinstance(hidden, (int, np.integer)) \
                 or hidden < 1:
             raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
