@@ -77,15 +77,22 @@ def top_k_mask(scores, k: int, axis: int | None = None) -> np.ndarray:
     return keep
 
 
+def _row_spans(lane_row: np.ndarray, num_rows: int):
+    """``(first lane, last lane, lane count)`` of every row of a layout (rows with no lane: an
+    empty span, first > last)."""
+    lanes = np.flatnonzero(lane_row >= 0)
+    rows = lane_row[lanes]
+    first = np.full(num_rows, np.iinfo(np.int64).max)
+    last = np.full(num_rows, -1)
+    np.minimum.at(first, rows, lanes)
+    np.maximum.at(last, rows, lanes)
+    return first, last, np.bincount(rows, minlength=num_rows)
+
+
 def _check_units_in_warps(lane_row: np.ndarray, meta: LayoutMeta) -> None:
     """The gated forward layout's invariant: unit ``i``'s rows ``g*H + i`` run on adjacent lanes
     of one warp, in gate order (docs/format.md)."""
-    lanes = np.flatnonzero(lane_row >= 0)
-    rows = lane_row[lanes]
-    first = np.full(meta.num_rows, np.iinfo(np.int64).max)
-    last = np.full(meta.num_rows, -1)
-    np.minimum.at(first, rows, lanes)
-    np.maximum.at(last, rows, lanes)
+    first, last, _ = _row_spans(lane_row, meta.num_rows)
     first, last = first.reshape(meta.gates, -1), last.reshape(meta.gates, -1)
     same_warp = np.all(first // _planner.WARP == first[:1] // _planner.WARP, axis=0)
     adjacent = np.all(first[1:] == last[:-1] + 1, axis=0)
@@ -95,20 +102,11 @@ def _check_units_in_warps(lane_row: np.ndarray, meta: LayoutMeta) -> None:
                          f"adjacent lanes of one warp; unit {int(bad[0])} does not")
 
 
-def _check_row_runs(lane_row: np.ndarray, name: str) -> None:
+def _check_row_runs(lane_row: np.ndarray, meta: LayoutMeta, name: str) -> None:
     """Invariant 1 (docs/format.md): the lanes of each row are one contiguous run inside one warp."""
-    lanes = np.flatnonzero(lane_row >= 0)
-    if not lanes.size:
-        return
-    rows = lane_row[lanes]
-    count = np.bincount(rows)
-    first = np.full(count.size, np.iinfo(np.int64).max)
-    last = np.full(count.size, -1)
-    np.minimum.at(first, rows, lanes)
-    np.maximum.at(last, rows, lanes)
-    used = count > 0
-    bad = np.flatnonzero(used & ((last - first + 1 != count)
-                                 | (first // _planner.WARP != last // _planner.WARP)))
+    first, last, count = _row_spans(lane_row, meta.num_rows)
+    bad = np.flatnonzero((count > 0) & ((last - first + 1 != count)
+                                        | (first // _planner.WARP != last // _planner.WARP)))
     if bad.size:
         raise ValueError(f"SparseWeights.{name}: the lanes of row {int(bad[0])} are not one "
                          f"contiguous run inside one warp")
@@ -134,7 +132,7 @@ def _check_transposed(w: "SparseWeights") -> None:
     if np.any((perm >= 0) != real_t):
         raise ValueError("SparseWeights.perm_t must be >= 0 exactly on the real transposed slots")
     target = perm[real_t]
-    if target.size and not (np.all(real[target]) and np.unique(target).size == target.size):
+    if not (np.all(real[target]) and np.unique(target).size == target.size == keys.size):
         raise ValueError("SparseWeights.perm_t must map the real transposed slots one to one onto "
                          "the real forward slots")
     if not (np.array_equal(rows[target], cols_t[real_t])
@@ -280,8 +278,9 @@ class SparseWeights(PackedLayout):
         vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows]  # kernel[cols, rows]
         with np.errstate(over="ignore"):  # an overflow is the error below, not a warning
             stored = vals.astype(dtype)
-        if not np.all(np.isfinite(stored.astype(np.float32))):
-            big = float(np.abs(vals[~np.isfinite(stored.astype(np.float32))]).max())
+        overflow = ~np.isfinite(stored.astype(np.float32))
+        if overflow.any():
+            big = float(np.abs(vals[overflow]).max())
             raise ValueError(f"kernel has kept entries beyond the range of {dtype.name} (up to "
                              f"{big:.4g} in magnitude): stored in {dtype.name} they would be "
                              f"infinite; scale the kernel or store it in float32")
@@ -458,8 +457,8 @@ class SparseWeights(PackedLayout):
                 raise ValueError(f"SparseWeights.lane_row{name[7:]} must give every row a lane")
         if m.gates > 1:  # (first: its message names the unit)
             _check_units_in_warps(np.asarray(self.lane_row), m)
-        _check_row_runs(np.asarray(self.lane_row), "lane_row")
-        _check_row_runs(np.asarray(self.lane_row_t), "lane_row_t")
+        _check_row_runs(np.asarray(self.lane_row), m, "lane_row")
+        _check_row_runs(np.asarray(self.lane_row_t), mt, "lane_row_t")
         if m.tiles:
             check_tile_layout(np.asarray(self.indices), np.asarray(self.lane_row), m)
         perm = np.asarray(self.perm_t)

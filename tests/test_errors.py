@@ -149,6 +149,11 @@ def test_validate_catches_a_corrupt_transposed_layout_and_split_rows(problem):
     shared[real[1]] = shared[real[2]]
     with pytest.raises(ValueError, match="one to one"):
         w.replace(perm_t=jnp.asarray(shared)).validate()
+    dropped = np.asarray(w.indices_t).copy()  # a nonzero missing from the transposed layout
+    dropped[real[0]] = ~dropped[real[0]]
+    with pytest.raises(ValueError, match="one to one onto"):
+        w.replace(indices_t=jnp.asarray(dropped),
+                  perm_t=jnp.asarray(np.where(np.arange(perm.size) == real[0], -1, perm))).validate()
     on_padding = perm.copy()
     on_padding[real[0]] = int(np.flatnonzero(np.asarray(w.indices) < 0)[0])
     with pytest.raises(ValueError, match="one to one"):

@@ -377,10 +377,14 @@ def test_msgpack_round_trip_of_the_training_and_inference_forms(layer):
     x = random_inputs(90)
     model = getattr(jf, layer)(H, max_density=0.5)
     variables = init(model, 91, x)
-    params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.3)
-    trained = {"params": params, "sparsity": sparsity}  # a mask that init does not give
+    _, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.8)
+    params = variables["params"]  # nonzero off the new mask too: only the mask prunes them
+    trained = {"params": params, "sparsity": sparsity}
     want = model.apply(trained, x)
-    restored = flax.serialization.from_bytes(init(model, 92, x), flax.serialization.to_bytes(trained))
+    target = init(model, 92, x)
+    # the target's mask is init's (density 0.5), not the trained one (0.2): restoring must replace it
+    assert rel_err(model.apply({"params": params, "sparsity": target["sparsity"]}, x), want) > 1e-3
+    restored = flax.serialization.from_bytes(target, flax.serialization.to_bytes(trained))
     np.testing.assert_array_equal(model.apply(restored, x), want)
     inference = pruning.to_inference(trained)
     data = flax.serialization.to_bytes(inference)

@@ -15,9 +15,8 @@ kernel's ``[H, G*H]`` holds its G gates side by side, column ``g*H + i`` being g
 
 from __future__ import annotations
 
-import warnings
-
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +142,7 @@ def magnitude_masks(kernels, sparsity: float, *, rule: str = "row_balanced", cur
         layers.append(k.shape)
     if rule == "global" and scores:
         every = np.concatenate([s.ravel() for s in scores])
-        keep = top_k_mask(every, int(round((1.0 - sparsity) * every.size)))
+        keep = _mask_from_scores(every, sparsity, "global")  # one threshold over every layer
         ends = np.cumsum([s.size for s in scores])[:-1]
         masks = [m.reshape(s.shape) for m, s in zip(np.split(keep, ends), scores)]
     else:
