@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .problems import Layer, make_inputs, rel_err
-from .timing import Timing, median_time, per_step, wall_clock
+from .timing import Timing, median_sample, per_step, wall_clock
 
 
 class Skip(Exception):
@@ -96,8 +96,11 @@ def measure(peer: Peer, case: Case) -> dict:
         def time_at(T, warmup=timing.warmup):
             runner = runners[T] = peer.build(layer, case.batch, T)
             sets = [runner.prepare(*inp) for inp in case.inputs(T)]
-            seconds = median_time(runner.run, sets, timing.reps, clock=runner.clock,
-                                  warmup=warmup, max_seconds=timing.max_seconds)
+            sample = median_sample(runner.run, sets, timing.reps, clock=runner.clock, warmup=warmup,
+                                   max_seconds=timing.max_seconds, min_sample_s=timing.min_sample_s,
+                                   max_calls=timing.max_calls)
+            result.setdefault("calls_per_sample", {})[T] = sample.calls
+            seconds = sample.seconds
             if T == t1 and runner.check is not None:
                 result["rel_err"] = rel_err(as_numpy(runner.check(runner.run(*sets[0]))),
                                             case.expected())

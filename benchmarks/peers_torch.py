@@ -49,16 +49,18 @@ def to_torch(a):
         return torch.from_numpy(np.asarray(a, np.float32)).to(DEVICE, _dtype(str(a.dtype)))
 
 
-def event_clock(fn, args) -> float:
-    """Seconds between CUDA events recorded around the call (the GPU idle between launches of a
-    Python loop counts, as it would in use)."""
+def event_clock(fn, group) -> float:
+    """Seconds a call, between CUDA events recorded around the group's calls issued back to back
+    (benchmarks.timing: a clock); the GPU idle between launches of a Python loop counts, as it
+    would in use."""
     torch = _torch()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn(*args)
+    for args in group:
+        fn(*args)
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e-3
+    return start.elapsed_time(end) * 1e-3 / len(group)
 
 
 def kernel_names(fn, args, top: int = 8) -> dict:

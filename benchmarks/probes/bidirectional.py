@@ -6,7 +6,7 @@
 Per batch, on the same weights (two directions of one layout: ``testing.make_twin_problem``, or
 ``make_gated_twin_problem`` for ``--cell lstm`` / ``gru``) and inputs, each row a jitted function
 timed as ``benchmarks.timing.median_time`` does (milliseconds per call of T steps, the host clock
-around a blocking call: at these call lengths its error is small against the call):
+around groups of back-to-back calls: at these call lengths its error is small against the call):
 
 * ``stacked``: ``sparse_rnn_bidirectional`` (``sparse_lstm_bidirectional``,
   ``sparse_gru_bidirectional``), which runs both directions in one launch;

@@ -5,7 +5,7 @@ launch per set, in one run.
         [--sets 2 4 8] [--batch 4] [--steps 250] [--reps 30] [--out probe.json]
 
 Per number of sets P, on P value sets of one pattern and the same inputs (milliseconds per call
-of T steps, ``benchmarks.timing.median_time``: the host clock around a blocking call):
+of T steps, ``benchmarks.timing.median_time``: the host clock around groups of back-to-back calls):
 
 * ``one launch``: ``jax.vmap`` of ``sparse_rnn`` over the weights, which binds the stacked
   primitive (P problems, each on its own clusters);

@@ -145,7 +145,7 @@ def measure_pair(pair, case: Case) -> dict:
         for i in range(timing.warmup + timing.reps):
             order = list(runners) if i % 2 == 0 else list(reversed(runners))
             for name in order:
-                seconds = wall_clock(runners[name].run, sets[name][i % len(sets[name])])
+                seconds = wall_clock(runners[name].run, [sets[name][i % len(sets[name])]])
                 if i >= timing.warmup:
                     times[name].append(seconds)
         for name, runner in runners.items():
