@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -178,7 +180,20 @@ def warn_no_mask_once(message: str) -> None:
     a user who meant to prune should hear that the mask is missing."""
     if message not in _warned_no_mask:
         _warned_no_mask.add(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning of ``warn_no_mask_once`` name its caller's first
+    frame outside jax_sprnn, Flax and JAX: the user's line, however many frames Flax's wrappers
+    and JAX's tracing put between the two."""
+    packages = [sys.modules.get(name) for name in ("jax_sprnn", "flax", "jax")]
+    internal = tuple(os.path.dirname(m.__file__) + os.sep for m in packages
+                     if m is not None and getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 1  # level 1: warn_no_mask_once itself
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def flip_padded(y, lengths, *, time_major: bool):

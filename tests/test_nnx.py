@@ -130,6 +130,7 @@ def test_without_a_mask_the_layer_is_dense_until_pruned(monkeypatch):
     no_mask = [w for w in caught if "no mask" in str(w.message)]
     assert len(no_mask) == 1 and "runs dense" in str(no_mask[0].message)
     assert "prune" in str(no_mask[0].message)  # and says how to add one
+    assert no_mask[0].filename == __file__  # the user's line, not one inside jax_sprnn or Flax
     ref = nnx.RNN(cell_twin(layer))(x)
     assert rel_err(out, ref) < TOLERANCE["float32"] and rel_err(jitted, ref) < TOLERANCE["float32"]
     assert layer.mask.all()
