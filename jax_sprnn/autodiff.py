@@ -13,6 +13,7 @@ part of a SparseWeights is still an error).
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 
 import jax
@@ -48,12 +49,26 @@ def _gradient_form(template, grads):
     return jax.tree_util.tree_map(one, template, grads, is_leaf=_is_weights)
 
 
+def _one_position(argnums) -> bool:
+    """Whether ``argnums`` is one integer (Python or NumPy), not a sequence of them."""
+    try:
+        operator.index(argnums)
+        return not isinstance(argnums, (bool, np.bool_))
+    except TypeError:
+        return False
+
+
 def _positions(argnums: int | Sequence[int], count: int) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not nums or not all(isinstance(i, int) and -count <= i < count for i in nums):
+    try:
+        nums = (argnums,) if _one_position(argnums) else tuple(argnums)
+        ok = bool(nums) and all(not isinstance(i, (bool, np.bool_)) and -count <= operator.index(i) < count
+                                for i in nums)
+    except TypeError:  # not iterable, or an element that is not an integer
+        ok = False
+    if not ok:
         raise ValueError(f"argnums must name positional arguments of the call (there are {count}), "
                          f"got {argnums!r}")
-    return tuple(i % count for i in nums)
+    return tuple(operator.index(i) % count for i in nums)
 
 
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False
@@ -77,7 +92,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         value, grads = jax.value_and_grad(on_values, argnums=tuple(range(len(nums))),
                                           has_aux=has_aux)(*map(_values_only, templates))
         grads = tuple(_gradient_form(t, g) for t, g in zip(templates, grads))
-        return value, (grads[0] if isinstance(argnums, int) else grads)
+        return value, (grads[0] if _one_position(argnums) else grads)
 
     return wrapped
 

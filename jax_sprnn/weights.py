@@ -142,7 +142,7 @@ def _check_transposed(w: "SparseWeights") -> None:
                          "forward layout)")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)  # (identity ==: see SparseWeights)
 class PackedLayout:
     """The index half of a packed layer (docs/format.md): the int32 arrays ``indices``,
     ``lane_row`` (forward layout) and ``indices_t``, ``lane_row_t``, ``perm_t`` (the transposed
@@ -183,8 +183,31 @@ class PackedLayout:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(PackedLayout)}
 
 
+def _has_values(a) -> bool:
+    """Whether the array ``a`` has values here (it is not a tracer)."""
+    try:
+        np.asarray(a)
+        return True
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+
+
+def _density_value(density) -> float:
+    """``density`` as a float in [0, 1]: a Python, NumPy or 0-d array real number."""
+    try:
+        value = np.asarray(density)
+        ok = (not isinstance(density, (bool, np.bool_)) and value.ndim == 0
+              and (value.dtype.kind in "iuf" or value.dtype == jnp.bfloat16)
+              and 0.0 <= float(value) <= 1.0)
+    except Exception:  # a tracer, a string, None
+        ok = False
+    if not ok:
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+    return float(value)
+
+
 @jax.tree_util.register_pytree_with_keys_class
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # (==, hash: identity, as for arrays in a pytree)
 class SparseWeights(PackedLayout):
     """A recurrent kernel ``[H, H]`` (Flax orientation: ``h_t = act(x_t + h_{t-1} @ kernel)``), or a
     gated one ``[H, G*H]`` (G = 3 for :func:`jax_sprnn.sparse_gru`, 4 for
@@ -258,9 +281,7 @@ class SparseWeights(PackedLayout):
         if (mask is None) == (density is None):
             raise ValueError("pass exactly one of mask= or density=")
         if mask is None:
-            if (isinstance(density, (bool, np.bool_)) or not isinstance(density, (int, float, np.number))
-                    or not 0.0 <= density <= 1.0):
-                raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+            density = _density_value(density)
             with np.errstate(over="ignore"):  # (ranks as inf; refused below if kept)
                 scores = np.abs(np.asarray(kernel, np.float32))
             mask = top_k_mask(scores, int(round(density * scores.size)))
@@ -470,6 +491,12 @@ class SparseWeights(PackedLayout):
             raise ValueError("SparseWeights.values must be exactly zero on padding slots")
 
     def __repr__(self) -> str:
-        return (f"SparseWeights(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, "
-                f"density={self.density:.4f}, K={self.meta.slots_per_lane}, "
-                f"warps={self.meta.num_warps}, ctas={self.meta.num_ctas}, fits={self.meta.fits})")
+        # nnz and density read the index leaves: only where they hold integers here (not a
+        # tracer, a ShapeDtypeStruct, or a gradient's float0 zeros).
+        indices = self.indices
+        counted = (isinstance(indices, (np.ndarray, jax.Array))
+                   and np.issubdtype(np.dtype(indices.dtype), np.integer) and _has_values(indices))
+        counts = f"nnz={self.nnz}, density={self.density:.4f}, " if counted else ""
+        return (f"SparseWeights(shape={self.shape}, dtype={self.dtype}, {counts}"
+                f"K={self.meta.slots_per_lane}, warps={self.meta.num_warps}, "
+                f"ctas={self.meta.num_ctas}, fits={self.meta.fits})")

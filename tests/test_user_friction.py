@@ -208,3 +208,62 @@ def test_sparse_weights_leaves_are_named():
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(w)[0]]
     assert paths == [f".{n}" for n in ("values", "indices", "lane_row", "indices_t", "lane_row_t",
                                         "perm_t")]
+
+
+# ---- SparseWeights as a value ------------------------------------------------------------------
+
+def test_sparse_weights_print_everywhere_they_appear():
+    """A repr that reads the index leaves only where they hold integers here: a gradient (float0
+    index leaves), a tracer inside jit or vmap, and an eval_shape tree print too."""
+    _, w, x, h0 = make_problem(0, 9, 2, 3, 0.4)
+    eager = repr(w)
+    assert re.search(r"nnz=\d+, density=0\.\d{4}", eager)
+    grads = js.grad(lambda w: js.sparse_rnn(x, h0, w)[0].sum())(w)
+    shapes = jax.eval_shape(lambda w: w, w)
+    seen = []
+    jax.jit(lambda w: seen.append(repr(w)) or 0)(w)
+    jax.vmap(lambda w: seen.append(repr(w)) or 0)(jax.tree.map(lambda a: jnp.stack([a, a]), w))
+    for text in [repr(grads), repr(shapes), *seen]:
+        assert text.startswith("SparseWeights(shape=(9, 9), dtype=float32, K=") and "nnz" not in text
+        assert eager.endswith(text.split("dtype=float32, ")[1])  # the same layout fields
+
+
+def test_sparse_weights_compare_by_identity():
+    """== and hash are identity (as for the arrays they hold): a bool, never an array's ambiguous
+    truth value, so SparseWeights work in lists, sets and as dict keys."""
+    import copy
+    _, w, _, _ = make_problem(1, 9, 2, 3, 0.4)
+    twin = copy.deepcopy(w)
+    assert (w == w) is True and (w == twin) is False and (w != twin) is True
+    assert w in [w] and twin not in [w] and len({w, twin, w}) == 2
+    mask = pruning.PackedMask.create(np.eye(9, dtype=bool), dtype=jnp.float32)
+    assert (mask == copy.deepcopy(mask)) is False and mask in {mask: 1}
+
+
+@pytest.mark.parametrize("density", [jnp.float32(0.3), np.array(0.3), np.float16(0.3), 0.3])
+def test_from_dense_takes_a_density_of_any_real_scalar_type(density):
+    kernel = np.random.default_rng(2).standard_normal((10, 10)).astype(np.float32)
+    w = js.SparseWeights.from_dense(kernel, density=density)
+    assert w.nnz == 30
+
+
+@pytest.mark.parametrize("density", [True, np.array([0.3]), "0.3", 1.5, -0.1, jnp.array(0.3 + 1j)])
+def test_from_dense_names_a_density_that_is_not_a_real_number_in_the_unit_interval(density):
+    kernel = np.random.default_rng(2).standard_normal((10, 10)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"density must be a number in \[0, 1\], got"):
+        js.SparseWeights.from_dense(kernel, density=density)
+
+
+def test_grad_takes_numpy_integer_argnums_as_jax_grad_does():
+    _, w, x, h0 = make_problem(3, 9, 2, 3, 0.4)
+
+    def loss(w, x):
+        return js.sparse_rnn(x, h0, w)[0].sum()
+    want = js.grad(loss, argnums=(0, 1))(w, x)
+    one = js.grad(loss, argnums=np.int64(0))(w, x)
+    both = js.grad(loss, argnums=(np.int32(0), np.int64(-1)))(w, x)
+    assert isinstance(one, js.SparseWeights) and np.array_equal(one.values, want[0].values)
+    assert np.array_equal(both[0].values, want[0].values) and np.array_equal(both[1], want[1])
+    for bad in (True, (0.5,), "0", (2,), ()):
+        with pytest.raises(ValueError, match="argnums must name positional arguments"):
+            js.grad(loss, argnums=bad)(w, x)

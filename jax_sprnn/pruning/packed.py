@@ -43,7 +43,7 @@ def _fillers(pattern: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @jax.tree_util.register_pytree_with_keys_class
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # (==, hash: identity, as for arrays in a pytree)
 class PackedMask(PackedLayout):
     """A boolean mask ``[H, H]``, or ``[H, G*H]`` for a gated kernel (Flax orientation), and its
     packed layout, as a pytree.
