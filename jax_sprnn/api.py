@@ -64,7 +64,7 @@ def _native_rnn_bwd(cfg, residuals, cotangents):
                                     dy, dh_final, activation=cfg.activation, reverse=cfg.reverse,
                                     meta=cfg.meta_t, method=cfg.method)
     dw = weights_cotangent(y, h0, dx, w, lengths, reverse=cfg.reverse, method=cfg.method)
-    return dx, dh0, dw, _float0_like(lengths)
+    return dx, dh0, dw, None  # (None: a zero cotangent, also for a symbolic batch of lengths)
 
 
 def weights_cotangent(y, h0, dz, w: SparseWeights, lengths, *, reverse: bool, method: str

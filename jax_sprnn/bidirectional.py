@@ -136,7 +136,7 @@ def _paired_rnn_bwd(cfg, residuals, cotangents):
     dxs = (dx_f, dx_b)
     dws = tuple(weights_cotangent(ys[q], h0s[q], dxs[q], ws[q], lengths, reverse=_REVERSE[q],
                                   method=cfg.method) for q in range(2))
-    return dxs, (dh0_f, dh0_b), dws, np.zeros(np.shape(lengths), jax.dtypes.float0)
+    return dxs, (dh0_f, dh0_b), dws, None  # (None: the lengths' zero cotangent)
 
 
 _paired_rnn.defvjp(_paired_rnn_fwd, _paired_rnn_bwd)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from . import _constants, _native, cost, planner
 from .planner import LayoutMeta
 
@@ -43,6 +45,19 @@ def _cpu_missing() -> str:
                                 or "jax_sprnn._sprnn_cpu was not built")
 
 
+def _symbolic(*dims) -> bool:
+    """Whether a dimension is symbolic (``jax.export`` shape polymorphism): known only when the
+    exported program runs, so no cost rule can weigh it."""
+    return not all(isinstance(d, (int, np.integer)) for d in dims)
+
+
+#: why a symbolic batch or length takes the C++ kernel (it runs every size)
+_SYMBOLIC_CPU = "a symbolic batch or sequence length (jax.export): the C++ kernel runs every size"
+#: why a symbolic batch takes XLA's dense path on a GPU
+_SYMBOLIC_GPU = ("the batch is symbolic (jax.export shape polymorphism), and the persistent "
+                 "kernel's launch is planned for a known batch")
+
+
 def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bool) -> Decision:
     """The CPU kernels where the CPU module was built, else the pure-JAX fallback; for
     ``method="auto"`` also XLA's dense path where :func:`jax_sprnn.cost.cpu_prefers_dense` expects
@@ -52,6 +67,8 @@ def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bo
             raise RuntimeError(f"method='native': {_cpu_missing()}")
         return Decision("fallback", _cpu_missing(),
                         "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
+    if _symbolic(batch, steps):
+        return Decision("kernel", _SYMBOLIC_CPU)
     if method == "auto":
         dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=forward)
         if dense:
@@ -69,6 +86,8 @@ def on_cpu_gated(method: str, meta: LayoutMeta, batch: int, steps: int) -> Decis
         if method == "native":
             raise RuntimeError(f"method='native': {why}")
         return Decision("fallback", why)  # XLA's dense path is a good CPU path: no warning
+    if _symbolic(batch, steps):
+        return Decision("kernel", _SYMBOLIC_CPU)
     if method == "auto":
         dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=True)
         if dense:
@@ -175,6 +194,9 @@ def on_cuda_recurrence(target: str, meta: LayoutMeta, batch: int, dtype, method:
         refusal = _recurrence_device_refusal(_native.current_device_spec())
         if refusal is not None:  # the GPU, not this layer: one warning for every target
             return _fallback(method, kernel, refusal, _device_warning(refusal))
+    if _symbolic(batch):
+        return _fallback(method, kernel, _SYMBOLIC_GPU, f"jax_sprnn: {target} uses the dense XLA "
+                                                        f"path on the GPU: {_SYMBOLIC_GPU}")
     path, why = gpu_path(meta, batch, dtype, method, target)
     if path == "persistent":
         return Decision("kernel", why)
@@ -216,6 +238,9 @@ def on_cuda_weight_grad(meta: LayoutMeta, steps: int, batch: int, hidden: int, g
     missing = cuda_image_missing(device)
     if missing is not None:
         return _fallback(method, kernel, missing, _device_warning(missing))
+    if _symbolic(batch, steps):
+        return _fallback(method, kernel, _SYMBOLIC_GPU.replace("persistent", "weight-gradient"),
+                         None)
     smem = _constants.weight_grad_smem_bytes(hidden, batch)  # one staged step, the least
     if smem > device.smem_per_block:
         why = f"H={hidden} needs {smem} bytes of shared memory per CTA"

@@ -105,8 +105,8 @@ def _gated_bwd(cfg, residuals, cotangents):
     """The backward recurrence from the forward's outputs (:mod:`jax_sprnn.gated_backward`)."""
     args = _backward_args(cfg, residuals, cotangents)
     dx, dcarry, dkernel, dbias = gated_backward(**args, gates=cfg.gates, method=cfg.method)
-    return dx, dcarry, _weights_cotangent(args["weights"], dkernel, cfg.meta), dbias, \
-        _float0_like(args["lengths"])
+    # (None: the lengths' zero cotangent, also where their batch is symbolic)
+    return dx, dcarry, _weights_cotangent(args["weights"], dkernel, cfg.meta), dbias, None
 
 
 _gated.defvjp(_gated_fwd, _gated_bwd)

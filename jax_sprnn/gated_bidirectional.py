@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import check_method, check_sequence_args, check_weights
-from .api import _float0_like
 from .bidirectional import _check_same, _check_weights, _pair
 from .gated import (GRU, LSTM, _backward_args, _batch_major, _check_hn_bias, _Config, _poisoned,
                     _run, _safe_lengths, _weights_cotangent)
@@ -81,7 +80,7 @@ def _gated_pair_bwd(cfg, residuals, cotangents):
     dxs, dcarries, dbiases = (tuple(g[i] for g in grads) for i in (0, 1, 3))
     dws = tuple(_weights_cotangent(a["weights"], g[2], c.meta)
                 for a, g, c in zip(args, grads, cfg.directions))
-    return dxs, dcarries, dws, dbiases, _float0_like(residuals[0][4])
+    return dxs, dcarries, dws, dbiases, None  # (None: the lengths' zero cotangent)
 
 
 _gated_pair.defvjp(_gated_pair_fwd, _gated_pair_bwd)

@@ -246,3 +246,24 @@ def test_a_call_without_seq_lengths_passes_no_lengths(cuda_targets_registered, c
         text = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
         want = f"tensor<{batch}xi32>" if with_lengths else "tensor<0xi32>"
         assert _lengths_operand(text, "forward" if cell == "simple" else "gated_forward") == want
+
+
+def test_a_symbolic_length_keeps_the_kernel_and_a_symbolic_batch_takes_the_dense_path(
+        cuda_targets_registered, monkeypatch):
+    """jax.export shape polymorphism for the GPU (docs/export.md, "Symbolic shapes"): the launch
+    is planned for a known batch, so a symbolic batch lowers XLA's dense path; a symbolic length
+    alone keeps the persistent kernel, forward and backward."""
+    from jax_sprnn import primitives
+    monkeypatch.setattr(primitives, "_warned", set())
+    _, w, _, _ = make_problem(4, 300, 2, 16, 0.1, "float16")
+
+    def fn(x, h0):
+        return jax.grad(lambda x: js.sparse_rnn(x, h0, w)[0].astype(jnp.float32).sum())(x)
+    b, t = jax.export.symbolic_shape("b, t")
+    targets = [c[0] for c in _custom_calls(fn, jax.ShapeDtypeStruct((2, t, 300), jnp.float16),
+                                           jax.ShapeDtypeStruct((2, 300), jnp.float16))]
+    assert _constants.ffi_target("forward") in targets and _constants.ffi_target("backward") in targets
+    with pytest.warns(RuntimeWarning, match="the batch is symbolic"):
+        calls = _custom_calls(fn, jax.ShapeDtypeStruct((b, t, 300), jnp.float16),
+                              jax.ShapeDtypeStruct((b, 300), jnp.float16))
+    assert calls == []

@@ -141,3 +141,69 @@ def test_a_program_serialized_with_its_vjp_is_differentiable_after_loading():
         assert rel_err(g, r) < 1e-6
     with pytest.raises(ValueError, match="vjp_order must be a non-negative integer"):
         js.export.serialize(exported, vjp_order=-1)
+
+
+# ---- symbolic shapes (jax.export shape polymorphism) -------------------------------------------
+
+def _layer(cell, method):
+    """``(f, gates)``: one layer's call ``f(x, h0, lengths) -> (y, h_T)`` on fixed weights."""
+    from jax_sprnn.testing import make_gated_problem
+    if cell == "simple":
+        _, w, _, _ = make_problem(4, 9, 1, 1, 0.4)
+        return (lambda x, h0, n: js.sparse_rnn(x, h0, w, seq_lengths=n, method=method)), 1
+    gates = {"lstm": 4, "gru": 3}[cell]
+    w, *_ = make_gated_problem(4, gates, 9, 1, 1, 0.4)
+    if cell == "lstm":
+        return (lambda x, h0, n: js.sparse_lstm(x, (h0, h0), w, seq_lengths=n, method=method)), 4
+    return (lambda x, h0, n: js.sparse_gru(x, h0, w, seq_lengths=n, reverse=True, method=method)), 3
+
+
+@pytest.mark.parametrize("method", ["auto", "native"])
+@pytest.mark.parametrize("cell", ["simple", "lstm", "gru"])
+def test_a_program_exported_with_a_symbolic_batch_and_length_runs_every_shape(cell, method):
+    """A serving program exported once for every batch and length (``b``, ``t``): on the CPU it
+    runs the C++ kernel (which takes any size), forward and gradient, equal to the direct call."""
+    f, gates = _layer(cell, method)
+
+    def forward_and_grad(x, h0, n):
+        def loss(x, h0):
+            y, final = f(x, h0, n)
+            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(c ** 2) for c in jax.tree.leaves(final))
+        return f(x, h0, n), jax.grad(loss, argnums=(0, 1))(x, h0)
+
+    b, t = jax.export.symbolic_shape("b, t")
+    shapes = (jax.ShapeDtypeStruct((b, t, gates * 9), jnp.float32),
+              jax.ShapeDtypeStruct((b, 9), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32))
+    if jax.default_backend() == "gpu" and method == "native":  # (a launch needs a known batch)
+        with pytest.raises(ValueError, match="the batch is symbolic"):
+            js.export.export(jax.jit(forward_and_grad))(*shapes)
+        return
+    exported = js.export.export(jax.jit(forward_and_grad))(*shapes)
+    if jax.default_backend() == "cpu":  # (elsewhere a kernel or XLA's dense path, by its rules)
+        assert "jax_sprnn_" in exported.mlir_module()
+    loaded = js.export.deserialize(js.export.serialize(exported))
+    rng = np.random.default_rng(5)
+    for batch, steps in [(1, 1), (3, 7), (6, 2)]:
+        x = jnp.asarray(rng.standard_normal((batch, steps, gates * 9)), jnp.float32)
+        h0 = jnp.asarray(rng.standard_normal((batch, 9)) * 0.5, jnp.float32)
+        n = jnp.asarray(rng.integers(0, steps + 1, batch), jnp.int32)
+        got, want = loaded.call(x, h0, n), forward_and_grad(x, h0, n)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.shape == w.shape and rel_err(g, w) < 1e-5
+
+
+def test_a_program_for_the_gpu_with_a_symbolic_batch_takes_the_dense_path(monkeypatch):
+    """The persistent kernel's launch is planned for a known batch: exported for ``cuda`` with a
+    symbolic one, ``auto`` lowers XLA's dense path (with a warning) and ``native`` says why not."""
+    from jax_sprnn import primitives
+    monkeypatch.setattr(primitives, "_warned", set())
+    f, _ = _layer("simple", "auto")
+    b, t = jax.export.symbolic_shape("b, t")
+    shapes = (jax.ShapeDtypeStruct((b, t, 9), jnp.float32), jax.ShapeDtypeStruct((b, 9), jnp.float32),
+              jax.ShapeDtypeStruct((b,), jnp.int32))
+    with pytest.warns(RuntimeWarning, match="symbolic"):
+        exported = js.export.export(jax.jit(f), platforms=["cuda"])(*shapes)
+    assert "jax_sprnn_" not in exported.mlir_module()
+    f, _ = _layer("simple", "native")
+    with pytest.raises(ValueError, match="method='native'.*the batch is symbolic"):
+        js.export.export(jax.jit(f), platforms=["cuda"])(*shapes)
