@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .weights import SparseWeights, check_weight_dtype
+from .weights import SparseWeights, check_weight_dtype, is_concrete  # noqa: F401 (re-exported)
 
 #: The activations the native kernels implement, by name.
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
@@ -42,15 +42,6 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
-
-
-def is_concrete(x) -> bool:
-    """Whether ``x`` has values here (it is not a tracer), so that they can be checked."""
-    try:
-        np.asarray(x)
-        return True
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False
 
 
 def as_array(x):

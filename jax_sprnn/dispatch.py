@@ -53,9 +53,10 @@ def _symbolic(*dims) -> bool:
 
 #: why a symbolic batch or length takes the C++ kernel (it runs every size)
 _SYMBOLIC_CPU = "a symbolic batch or sequence length (jax.export): the C++ kernel runs every size"
-#: why a symbolic batch takes XLA's dense path on a GPU
-_SYMBOLIC_GPU = ("the batch is symbolic (jax.export shape polymorphism), and the persistent "
-                 "kernel's launch is planned for a known batch")
+def _symbolic_on_gpu(kernel: str) -> str:
+    """Why a symbolic batch takes XLA's dense path on a GPU instead of ``kernel``."""
+    return (f"the batch is symbolic (jax.export shape polymorphism), and the {kernel} kernel's "
+            f"launch is planned for a known batch")
 
 
 def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bool) -> Decision:
@@ -195,8 +196,9 @@ def on_cuda_recurrence(target: str, meta: LayoutMeta, batch: int, dtype, method:
         if refusal is not None:  # the GPU, not this layer: one warning for every target
             return _fallback(method, kernel, refusal, _device_warning(refusal))
     if _symbolic(batch):
-        return _fallback(method, kernel, _SYMBOLIC_GPU, f"jax_sprnn: {target} uses the dense XLA "
-                                                        f"path on the GPU: {_SYMBOLIC_GPU}")
+        why = _symbolic_on_gpu("persistent")
+        return _fallback(method, kernel, why, f"jax_sprnn: {target} uses the dense XLA path on the "
+                                              f"GPU: {why}")
     path, why = gpu_path(meta, batch, dtype, method, target)
     if path == "persistent":
         return Decision("kernel", why)
@@ -239,8 +241,7 @@ def on_cuda_weight_grad(meta: LayoutMeta, steps: int, batch: int, hidden: int, g
     if missing is not None:
         return _fallback(method, kernel, missing, _device_warning(missing))
     if _symbolic(batch, steps):
-        return _fallback(method, kernel, _SYMBOLIC_GPU.replace("persistent", "weight-gradient"),
-                         None)
+        return _fallback(method, kernel, _symbolic_on_gpu("weight-gradient"), None)
     smem = _constants.weight_grad_smem_bytes(hidden, batch)  # one staged step, the least
     if smem > device.smem_per_block:
         why = f"H={hidden} needs {smem} bytes of shared memory per CTA"

@@ -183,10 +183,10 @@ class PackedLayout:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(PackedLayout)}
 
 
-def _has_values(a) -> bool:
-    """Whether the array ``a`` has values here (it is not a tracer)."""
+def is_concrete(x) -> bool:
+    """Whether ``x`` has values here (it is not a tracer), so that they can be checked."""
     try:
-        np.asarray(a)
+        np.asarray(x)
         return True
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return False
@@ -495,7 +495,7 @@ class SparseWeights(PackedLayout):
         # tracer, a ShapeDtypeStruct, or a gradient's float0 zeros).
         indices = self.indices
         counted = (isinstance(indices, (np.ndarray, jax.Array))
-                   and np.issubdtype(np.dtype(indices.dtype), np.integer) and _has_values(indices))
+                   and np.issubdtype(np.dtype(indices.dtype), np.integer) and is_concrete(indices))
         counts = f"nnz={self.nnz}, density={self.density:.4f}, " if counted else ""
         return (f"SparseWeights(shape={self.shape}, dtype={self.dtype}, {counts}"
                 f"K={self.meta.slots_per_lane}, warps={self.meta.num_warps}, "
