@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import fallback
+from . import fallback, forward_mode
 from ._checks import METHODS, check_method, check_rnn_args, check_weights, is_concrete
 from .planner import LayoutMeta
 from .primitives import sprnn_backward_p, sprnn_forward_p, sprnn_weight_grad_p
@@ -41,7 +41,7 @@ def _forward_bind(x, h0, w: SparseWeights, lengths, cfg: _Config):
                                 full_lengths=cfg.full_lengths)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(forward_mode.custom_vjp, nondiff_argnums=(4,))
 def _native_rnn(x, h0, w, lengths, cfg):
     return tuple(_forward_bind(x, h0, w, lengths, cfg))
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import forward_mode
 from ._checks import as_array, check_method
 from .api import prepare_call, sparse_rnn, weights_cotangent
 from .planner import LayoutMeta
@@ -109,7 +109,7 @@ def _pair_forward(xs, h0s, ws, lengths, cfg: _PairConfig):
                                      full_lengths=cfg.full_lengths)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(forward_mode.custom_vjp, nondiff_argnums=(4,))
 def _paired_rnn(xs, h0s, ws, lengths, cfg):
     return tuple(_pair_forward(xs, h0s, ws, lengths, cfg))
 

@@ -7,7 +7,7 @@ kernels side by side, as Flax fuses them: column ``g*H + i`` is gate ``g`` of un
 
 The forward pass is a primitive (``sprnn_lstm`` / ``sprnn_gru``, :mod:`jax_sprnn.primitives`): the
 persistent CUDA kernel on a GPU, the C++ kernel on a CPU, or XLA's dense path. Gradients come from
-a ``custom_vjp`` whose backward pass runs from the forward's outputs
+a VJP (``forward_mode.custom_vjp``) whose backward pass runs from the forward's outputs
 (:mod:`jax_sprnn.gated_backward`: its recurrence in the persistent CUDA kernel on a GPU, the C++
 kernel on a CPU, an XLA scan elsewhere), so every path gets the same gradients;
 ``vmap`` and ``jax.export`` work through the primitives' rules.
@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 
-from . import fallback
+from . import fallback, forward_mode
 from ._checks import as_array, check_method, check_sequence_args, check_weights, is_concrete
 from .api import _float0_like, _poison_bad_lengths
 from .gated_backward import gated_backward
@@ -75,7 +74,7 @@ def _bind(x, carry, values, w: SparseWeights, hn_bias, lengths, cfg: _Config, *,
     return y, (h,), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(forward_mode.custom_vjp, nondiff_argnums=(5,))
 def _gated(x, carry, w, hn_bias, lengths, cfg):
     return _bind(x, carry, w.values, w, hn_bias, lengths, cfg)[:2]
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 
+from . import forward_mode
 from ._checks import check_method, check_sequence_args, check_weights
 from .bidirectional import _check_same, _check_weights, _pair
 from .gated import (GRU, LSTM, _backward_args, _batch_major, _check_hn_bias, _Config, _poisoned,
@@ -58,7 +58,7 @@ def _pair_bind(xs, carries, ws, hn_biases, lengths, cfg: _PairConfig, *, with_ce
     return (y_f, (h_f,), None), (y_b, (h_b,), None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(forward_mode.custom_vjp, nondiff_argnums=(5,))
 def _gated_pair(xs, carries, ws, hn_biases, lengths, cfg):
     return tuple((y, final) for y, final, _ in _pair_bind(xs, carries, ws, hn_biases, lengths, cfg,
                                                           with_cells=False))

@@ -16,8 +16,9 @@ the weight sets of a vmap) in one launch of the simple cell's targets.
 Lowering: on ``cpu`` and ``cuda`` the rules ask :mod:`jax_sprnn.dispatch` what runs, and lower
 either the native target (the C++ kernels; the persistent kernels and the sampled weight-gradient
 kernel) or the pure-JAX code of :mod:`jax_sprnn.fallback`, which every other platform lowers too.
-Differentiation sits on top, in :mod:`jax_sprnn.api` (a ``custom_vjp``); the primitives' own JVP
-rules (forward-mode AD of the fallback) serve only derivatives of a gradient.
+Differentiation sits on top, in :mod:`jax_sprnn.api` (a :class:`jax_sprnn.forward_mode.custom_vjp`);
+the primitives' own JVP rules (forward-mode AD of the fallback) serve forward mode and derivatives
+of a gradient.
 
 Partitioning: under ``jax.jit`` with a batch-sharded input, every device runs a primitive on its
 own batch shard (:mod:`jax_sprnn._partitioning`; the rules are the ``SplitRule`` strings below).
@@ -95,10 +96,11 @@ def _jvp_by_fallback(prim: Primitive, impl, primals, tangents, **params):
     """A primitive's JVP: its outputs from the primitive itself (the kernel), their tangents by
     forward-mode AD of its pure-JAX implementation, which computes the same function.
 
-    First-order gradients never come here (the public functions are ``custom_vjp``s whose
-    backward passes are primitives too); derivatives of a gradient do (``jax.grad`` of
-    ``jax.grad``, Hessian-vector products), and JAX then linearizes and transposes the fallback's
-    tangent computation (a ``lax.scan``): correct, at the speed of the dense XLA path."""
+    First-order gradients never come here (the public functions' backward passes are primitives
+    too); forward mode (``jax.jvp``, through ``forward_mode``) and derivatives of a gradient do
+    (``jax.grad`` of ``jax.grad``, Hessian-vector products), and for the latter JAX then
+    linearizes and transposes the fallback's tangent computation (a ``lax.scan``): correct, at the
+    speed of the dense XLA path."""
     out = prim.bind(*primals, **params)
     fallback_params = {k: v for k, v in params.items() if k not in ("method", "full_lengths")}
     tangents = [ad.instantiate_zeros(t) for t in tangents]

@@ -1,7 +1,7 @@
 """Derivatives of a gradient (jax.grad of jax.grad, Hessians): the kernel paths against the pure-JAX
 reference (``method="reference"``, differentiated by JAX itself), for every cell, the bidirectional
 calls and weight sets under vmap, at odd shapes with lengths and reverse. The first-order gradient
-runs the native backward kernels (a custom_vjp); its own derivatives come from the primitives'
+runs the native backward kernels (forward_mode.custom_vjp); its own derivatives come from the primitives'
 JVP rules (forward-mode AD of the fallback, primitives._jvp_by_fallback)."""
 
 import jax
