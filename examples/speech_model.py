@@ -35,6 +35,8 @@ from speech.features import Augmenter, FeatureConfig, SpecAugment  # noqa: E402
 from speech.model import CELLS, RNN_IMPLS, ModelConfig  # noqa: E402
 from speech.train import TrainConfig  # noqa: E402
 
+from jax_sprnn.pruning import RULES as PRUNE_RULES  # noqa: E402
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -140,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prune-begin", type=float, default=0.25, help="fraction of --steps")
     t.add_argument("--prune-end", type=float, default=0.75, help="fraction of --steps")
     t.add_argument("--prune-every", type=int, default=50, help="steps between mask updates")
+    t.add_argument("--prune-rule", choices=PRUNE_RULES, default="row_balanced",
+                   help="how a mask update ranks the recurrent weights: row_balanced keeps the same "
+                        "count in every row of U (what the kernel balances best), layer one "
+                        "threshold per kernel, global one over all of them")
     t.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the same model dense, as the CER baseline")
     t.add_argument("--eval-every", type=int, default=400)
@@ -236,6 +242,7 @@ def train_config(args, density: float) -> TrainConfig:
                        warmup_steps=args.warmup, weight_decay=args.weight_decay,
                        clip_norm=args.clip, target_density=density, prune_begin=args.prune_begin,
                        prune_end=args.prune_end, prune_every=args.prune_every,
+                       prune_rule=args.prune_rule,
                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                        seed=args.seed)
 

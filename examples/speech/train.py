@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from jax_sprnn import pruning
+from jax_sprnn.pruning.masks import check_rule
 
 from . import model as model_lib
 from . import text as text_lib
@@ -53,6 +54,7 @@ class TrainConfig:
     prune_begin: float = 0.25        # fractions of `steps`
     prune_end: float = 0.75
     prune_every: int = 50            # steps between mask updates
+    prune_rule: str = "row_balanced"  # how a mask update ranks weights: pruning.RULES
     eval_every: int = 400
     checkpoint_every: int = 400
     log_every: int = 10
@@ -69,6 +71,7 @@ class TrainConfig:
         for name in ("batch_size", "prune_every", "eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_rule(self.prune_rule)
         if self.learning_rate <= 0 or self.clip_norm <= 0:
             raise ValueError("learning rate and clip norm must be positive")
 
@@ -452,8 +455,8 @@ def train_run(name: str, program: Program, cfg: TrainConfig, train: Batcher, val
                 if schedule is not None and schedule.is_update_step(step):
                     drain()
                     with phases("prune"):
-                        params, sparsity = commit(pruning.update_sparsity(params, sparsity,
-                                                                          schedule(step)))
+                        params, sparsity = commit(pruning.update_sparsity(
+                            params, sparsity, schedule(step), rule=cfg.prune_rule))
                         log.density = model_lib.density(sparsity)
                 if branch is not None and step == cfg.branch_step:
                     drain()
