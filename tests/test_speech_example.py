@@ -269,6 +269,14 @@ def test_the_pruning_schedule_reaches_its_target_within_the_run(begin, end):
     assert float(schedule(updates[-1])) == pytest.approx(0.9)
 
 
+def test_the_prune_rule_reaches_the_training_config():
+    args = speech_model.parse_args(["--prune-rule", "layer"])
+    assert speech_model.train_config(args, 0.1).prune_rule == "layer"
+    assert speech_model.train_config(speech_model.parse_args([]), 0.1).prune_rule == "row_balanced"
+    with pytest.raises(ValueError, match="rule must be one of"):
+        train.TrainConfig(prune_rule="largest")
+
+
 def test_bad_data_is_one_line_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match=r"^speech_model.py: error: --data-dir .*missing is not a "
                                          r"folder$"):
