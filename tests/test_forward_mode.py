@@ -236,3 +236,22 @@ def test_a_flax_layer_takes_forward_mode_derivatives():
     got = jax.jvp(lambda x: apply(x, "native"), (x,), (dx,))
     want = jax.jvp(lambda x: apply(x, "reference"), (x,), (dx,))
     _assert_trees_close(got, want, TOL)
+
+
+def test_an_inner_batch_axis_is_moved_back_in_both_modes():
+    """vmap over a middle axis of the inputs (the weights and h0 shared): the batched tangent map
+    sees operands batched on other axes than the first."""
+    _, w, x, h0 = make_problem(3, 9, 2, 4, 0.4)
+    xs = jnp.stack([x, -0.5 * x, 2 * x], axis=2)  # [B, T, 3, H], mapped on axis 2
+
+    def loss(xs, values, h0, method):
+        ys = jax.vmap(lambda xx, hh: js.sparse_rnn(xx, hh, w.replace(values=values),
+                                                   method=method)[0],
+                      in_axes=(2, None), out_axes=1)(xs, h0)
+        return jnp.sum(jnp.sin(ys))
+    args = (xs, w.values, h0)
+    _assert_trees_close(jax.grad(loss, argnums=(0, 1, 2))(*args, "native"),
+                        jax.grad(loss, argnums=(0, 1, 2))(*args, "reference"), TOL)
+    tangents = _tangents(args, seed=13)
+    _assert_trees_close(jax.jvp(lambda *a: loss(*a, "native"), args, tangents),
+                        jax.jvp(lambda *a: loss(*a, "reference"), args, tangents), TOL)
