@@ -89,6 +89,22 @@ def test_backward_production_call_has_no_hook_attributes(cuda_targets_registered
         (_constants.ffi_target("backward_hooked"), RECURRENCE_ATTRS | HOOK_ATTRS)]
 
 
+def test_forward_mode_runs_the_forward_kernel_and_reverse_mode_the_backward_one(
+        cuda_targets_registered):
+    """jax.jvp evaluates the tangent primitive (jax_sprnn.forward_mode): the kernel's outputs and
+    the fallback's tangents, so the forward target and no other; jax.grad transposes it into the
+    backward target."""
+    _, w, x, h0 = make_problem(5, 300, 2, 16, 0.1, "float16")
+
+    def outputs(x):
+        return js.sparse_rnn(x, h0, w, method="native")
+    pushed = {t for t, _ in _custom_calls(lambda x, dx: jax.jvp(outputs, (x,), (dx,)), x, x)}
+    assert pushed == {_constants.ffi_target("forward")}
+    pulled = {t for t, _ in _custom_calls(
+        jax.grad(lambda x: jnp.sum(outputs(x)[0].astype(jnp.float32))), x)}
+    assert {_constants.ffi_target("forward"), _constants.ffi_target("backward")} <= pulled
+
+
 def _exported_text(fn, platform, *args):
     checks = [jax.export.DisabledSafetyCheck.custom_call(name)
               for name in _native.cuda_targets() | _native.cpu_targets()]
