@@ -89,14 +89,14 @@ class _CallTangent(_Linear):
 
     def tangents(self, *ops) -> list:
         primals, _, tangents = self.split(ops)
-        tangents = iter(tangents)
-        leaf_tangents = [next(tangents) if is_float else np.zeros(np.shape(x), jax.dtypes.float0)
-                         for x, is_float in zip(primals, self.float_leaves)]
 
-        def outputs(*leaves):
+        def outputs(*floats):  # the integer leaves (indices, lengths) held fixed
+            floats = iter(floats)
+            leaves = [next(floats) if is_float else x for x, is_float in zip(primals, self.float_leaves)]
             return jax.tree_util.tree_leaves(self.fwd(*self._arguments(leaves))[0])
 
-        _, out = jax.jvp(outputs, tuple(primals), tuple(leaf_tangents))
+        floats = [x for x, is_float in zip(primals, self.float_leaves) if is_float]
+        _, out = jax.jvp(outputs, tuple(floats), tuple(tangents))
         return list(out)
 
     def cotangents(self, primals, residuals, cts) -> list:
@@ -164,9 +164,15 @@ def _jvp(primals, tangents, *, linear: _Linear):
     """Derivatives of the tangent map itself (``jax.jacfwd`` of ``jax.jacfwd``, or reverse mode
     over forward mode): by forward-mode AD of its evaluation."""
     out = sprnn_tangent_p.bind(*primals, linear=linear)
-    tangents = [ad.instantiate_zeros(t) for t in tangents]
-    _, out_tangents = jax.jvp(lambda *ops: tuple(linear.tangents(*ops)), tuple(primals),
-                              tuple(tangents))
+    moving = [i for i, x in enumerate(primals) if _differentiable(x)]  # integer operands held fixed
+
+    def evaluate(*floats):
+        ops = list(primals)
+        for i, x in zip(moving, floats):
+            ops[i] = x
+        return tuple(linear.tangents(*ops))
+    _, out_tangents = jax.jvp(evaluate, tuple(primals[i] for i in moving),
+                              tuple(ad.instantiate_zeros(tangents[i]) for i in moving))
     return out, list(out_tangents)
 
 

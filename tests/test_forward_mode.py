@@ -255,3 +255,25 @@ def test_an_inner_batch_axis_is_moved_back_in_both_modes():
     tangents = _tangents(args, seed=13)
     _assert_trees_close(jax.jvp(lambda *a: loss(*a, "native"), args, tangents),
                         jax.jvp(lambda *a: loss(*a, "reference"), args, tangents), TOL)
+
+
+@pytest.mark.parametrize("shape", ["b, t", "2, t"])
+def test_an_exported_jvp_with_symbolic_shapes_matches_the_reference(shape):
+    """The tangent map holds the integer operands (lengths, indices) fixed rather than giving them
+    float0 tangents, which cannot take a symbolic shape."""
+    pytest.importorskip("flatbuffers")
+    import jax_sprnn.export
+    _, w, x, h0 = make_problem(5, 8, 2, 4, 0.4)
+    dx = jnp.flip(x, axis=1)
+
+    def pushed(method):
+        def fn(x, h0, dx):
+            return jax.jvp(lambda x: js.sparse_rnn(x, h0, w, method=method), (x,), (dx,))
+        return fn
+    b, t = jax.export.symbolic_shape(shape)
+    specs = (jax.ShapeDtypeStruct((b, t, 8), jnp.float32), jax.ShapeDtypeStruct((b, 8), jnp.float32),
+             jax.ShapeDtypeStruct((b, t, 8), jnp.float32))
+    exported = jax_sprnn.export.export(pushed("native"))(*specs)
+    for steps in (4, 1):
+        args = (x[:, :steps], h0, dx[:, :steps])
+        _assert_trees_close(exported.call(*args), pushed("reference")(*args), TOL)
