@@ -84,8 +84,13 @@ def _make_primitive(name: str, abstract_eval, fallback_impl, split: SplitRule) -
     def jitted(params_items):
         return jax.jit(functools.partial(prim.bind, **dict(params_items)))
 
-    # Eager calls compile the primitive alone, once per set of static parameters.
-    prim.def_impl(lambda *args, **params: jitted(tuple(sorted(params.items())))(*args))
+    def impl(*args, **params):
+        # Eager calls compile the primitive alone, once per set of static parameters; also under
+        # jax.disable_jit(), where the jitted bind would come straight back here (a recursion).
+        with jax.disable_jit(False):
+            return jitted(tuple(sorted(params.items())))(*args)
+
+    prim.def_impl(impl)
     # Platforms without a native kernel lower the pure-JAX implementation.
     _register_lowering(prim, _lower_fallback(fallback_impl))
     ad.primitive_jvps[prim] = functools.partial(_jvp_by_fallback, prim, fallback_impl)

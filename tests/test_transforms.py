@@ -20,6 +20,32 @@ def test_jit_matches_eager():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("cell", ["simple", "gru"])
+def test_disable_jit_runs_the_kernels_and_their_gradients(cell):
+    """Under jax.disable_jit() (debugging) the primitives still run compiled: their eager
+    implementation jits the bind, which used to come straight back to itself (RecursionError)."""
+    dense, w, x, h0 = make_problem(3, 9, 2, 4, 0.4)
+    if cell == "simple":
+        def run(x, values, method):
+            return js.sparse_rnn(x, h0, w.replace(values=values), method=method)
+    else:
+        kernel = np.concatenate([dense] * 3, axis=1)
+        wg = js.SparseWeights.from_dense(kernel, density=0.4)
+        x = jnp.concatenate([x] * 3, axis=-1)
+
+        def run(x, values, method):
+            return js.sparse_gru(x, h0, wg.replace(values=values), method=method)
+        w = wg
+
+    def loss(x, values, method):
+        return jnp.sum(jnp.sin(run(x, values, method)[0]))
+    with jax.disable_jit():
+        got = run(x, w.values, "native"), jax.grad(loss, argnums=(0, 1))(x, w.values, "native")
+    want = run(x, w.values, "reference"), jax.grad(loss, argnums=(0, 1))(x, w.values, "reference")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_native_lowers_to_our_custom_call():
     dense, w, x, h0 = make_problem(2, 20, 2, 3, 0.3)
     hlo = jax.jit(lambda x, h0, w: js.sparse_rnn(x, h0, w, method="native")).lower(x, h0, w).as_text()
