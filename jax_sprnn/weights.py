@@ -37,6 +37,21 @@ def check_weight_dtype(dtype, what: str) -> np.dtype:
     return dtype
 
 
+def storable(vals: np.ndarray, dtype) -> np.ndarray:
+    """The kept weights ``vals`` in the storage ``dtype``, or a ValueError where one would
+    overflow to infinity there (a 16-bit dtype's range is small)."""
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is the error below, not a warning
+        stored = np.asarray(vals).astype(dtype)
+    overflow = ~np.isfinite(stored.astype(np.float32))
+    if overflow.any():
+        big = float(np.abs(np.asarray(vals)[overflow]).max())
+        raise ValueError(f"kernel has kept entries beyond the range of {dtype.name} (up to "
+                         f"{big:.4g} in magnitude): stored in {dtype.name} they would be "
+                         f"infinite; scale the kernel or store it in float32")
+    return stored
+
+
 def check_finite(values, what: str) -> None:
     """Raise ValueError when ``values`` holds NaN or infinite entries, saying how many and where.
 
@@ -296,16 +311,7 @@ class SparseWeights(PackedLayout):
         # U = kernel.T: row i (output unit) has nonzeros at columns j where mask[j, i]. Reading
         # the transposed mask yields them sorted by row, as the packer likes.
         rows, cols = np.nonzero(mask.T)
-        vals = kernel.reshape(-1)[cols * kernel.shape[1] + rows]  # kernel[cols, rows]
-        with np.errstate(over="ignore"):  # an overflow is the error below, not a warning
-            stored = vals.astype(dtype)
-        overflow = ~np.isfinite(stored.astype(np.float32))
-        if overflow.any():
-            big = float(np.abs(vals[overflow]).max())
-            raise ValueError(f"kernel has kept entries beyond the range of {dtype.name} (up to "
-                             f"{big:.4g} in magnitude): stored in {dtype.name} they would be "
-                             f"infinite; scale the kernel or store it in float32")
-        vals = stored
+        vals = storable(kernel.reshape(-1)[cols * kernel.shape[1] + rows], dtype)  # kernel[cols, rows]
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], gates=gates, device=device,
                                 load_bytes=load_bytes, bank_aware=bank_aware, exchange=exchange,
                                 matvec=matvec)

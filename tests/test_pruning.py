@@ -166,13 +166,19 @@ def test_update_sparsity_zeroes_pruned_weights_and_keeps_the_layout():
                                   np.asarray(variables["params"]["cell"]["i"]["kernel"]))
 
 
-def test_update_sparsity_warns_when_it_must_trim_to_the_budgets():
+def test_update_sparsity_trims_to_the_budgets_only_what_it_took_back():
+    """A target above the layout's density asks for more weights than the budgets hold: the trim
+    drops the pruned weights the new mask took back, never a live one (so no warning), and the
+    mask stays nested and within the budgets."""
     _, variables, _, _ = model_and_data(11, max_density=0.25)
-    with pytest.warns(RuntimeWarning, match="budgets"):
+    current = np.asarray(variables["sparsity"]["cell"]["h"]["kernel"].mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         _, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.7,
                                               rule="layer")
     mask = np.asarray(sparsity["cell"]["h"]["kernel"].mask)
     assert mask.sum(axis=0).max() <= sparsity["cell"]["h"]["kernel"].row_budget
+    assert not (mask & ~current).any()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # row-balanced masks within the budget need no trimming
         pruning.update_sparsity(variables["params"], variables["sparsity"], 0.8)
@@ -303,3 +309,85 @@ def test_public_names_do_not_clash():
     assert all(hasattr(js, name) for name in js.__all__)
     assert all(hasattr(pruning, name) for name in pruning.__all__)
     assert not set(pruning.RULES) & set(api.METHODS)
+
+
+# --- edges found by an audit of the pruning API (twenty-first session) ---------------------------
+
+def test_a_layout_bound_update_stays_nested_when_the_kernel_is_dense_off_the_mask():
+    """A dense checkpoint restored into a max_density < 1 layer (docs/flax.md): the kernel is not
+    zero off the current mask, and the budgets' trim must not trade live weights for pruned ones."""
+    import flax.linen as nn
+    H = 8
+    x = jnp.ones((1, 3, H))
+    sparsity = SparseRNN(H, max_density=0.5).init(jax.random.key(0), x)["sparsity"]
+    params = nn.RNN(nn.SimpleCell(H)).init(jax.random.key(7), x)["params"]
+    current = np.asarray(sparsity["cell"]["h"]["kernel"].mask)
+    new_params, new_sparsity = pruning.update_sparsity(params, sparsity, 0.3)
+    new = np.asarray(new_sparsity["cell"]["h"]["kernel"].mask)
+    assert not (new & ~current).any()
+    kernel = np.asarray(new_params["cell"]["h"]["kernel"])
+    assert not ((kernel != 0) & ~current).any()
+
+
+def test_a_mask_that_needs_more_weights_takes_back_the_largest_pruned_ones():
+    kernel = np.arange(1, 17, dtype=np.float32).reshape(4, 4)  # magnitude grows with position
+    current = pruning.magnitude_mask(kernel, 0.75, rule="layer")  # the last row
+    grown = pruning.magnitude_mask(kernel, 0.5, rule="layer", current=current)
+    assert current[3].all() and grown[3].all()
+    np.testing.assert_array_equal(np.sort(kernel[grown & ~current]), [9, 10, 11, 12])
+
+
+def test_a_float64_kernel_is_ranked_in_its_own_precision():
+    tiny = np.array([[1e-50, 2e-50], [3e-50, 4e-50]])
+    np.testing.assert_array_equal(pruning.magnitude_mask(tiny, 0.5, rule="layer"),
+                                  [[False, False], [True, True]])
+    huge = np.array([[1e300, 2e300], [3e300, 4e300]])  # finite: not "infinite entries"
+    assert pruning.magnitude_mask(huge, 0.75, rule="layer")[1, 1]
+    with pytest.raises(TypeError, match="kernel must hold real floating-point weights"):
+        pruning.magnitude_mask(tiny.astype(np.complex64), 0.5)
+
+
+def test_stacked_16_bit_packing_refuses_weights_beyond_the_range():
+    kernel = np.full((2, 8, 8), 1e5, np.float32)
+    with pytest.raises(ValueError, match="beyond the range of float16"):
+        pruning.pack_inference(kernel, np.ones(kernel.shape, bool), dtype="float16")
+
+
+def test_packing_refuses_a_mask_that_is_not_boolean():
+    kernel = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    for mask in (kernel, np.full((8, 8), 0.1, np.float32)):
+        with pytest.raises(TypeError, match="mask must be a boolean array"):
+            pruning.pack_inference(kernel, mask)
+
+
+def test_keep_pruned_refuses_masks_that_would_broadcast_or_miss_parameters():
+    optax = pytest.importorskip("optax")
+    params = {"w": jnp.ones((8, 8))}
+    tx = pruning.keep_pruned(optax.adam(1e-2))
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"mask at \['w'\] has shape \(8,\)"):
+        tx.update(params, state, params, masks={"w": jnp.ones((8,), bool)})
+    with pytest.raises(ValueError, match="masks must have the structure of params"):
+        tx.update(params, state, params, masks={"v": jnp.ones((8, 8), bool)})
+    with pytest.raises(ValueError, match="where params has no parameter"):
+        pruning.masks_at_paths(params, {("W",): np.ones((8, 8), bool)})
+    with pytest.raises(ValueError, match=r"has shape \(2, 8\), its parameter \(8, 8\)"):
+        pruning.masks_at_paths(params, {("w",): np.ones((2, 8), bool)})
+
+
+def test_a_joined_mask_is_split_at_its_kernels_widths():
+    params = {"c": {"hi": {"kernel": jnp.ones((8, 8))}, "hf": {"kernel": jnp.ones((8, 16))}}}
+    sparsity = {"c": {"hi+hf": {"kernel": np.ones((8, 24), bool)}}}
+    new_params, _ = pruning.update_sparsity(params, sparsity, 0.5)
+    assert jax.tree.map(jnp.shape, new_params) == jax.tree.map(jnp.shape, params)
+
+
+def test_the_schedule_holds_its_initial_value_and_whole_steps():
+    schedule = pruning.cubic_schedule(0.2, 0.9, 10, 20, 2)
+    assert schedule(3) == 0.2
+    for bad in (dict(begin_step=1.7), dict(frequency=0.5)):
+        args = dict(initial_sparsity=0.0, final_sparsity=0.9, begin_step=1, end_step=9, frequency=1)
+        with pytest.raises(ValueError, match="must be a whole number of steps"):
+            pruning.cubic_schedule(**{**args, **bad})
+    with pytest.raises(ValueError, match="step must be a whole number"):
+        schedule.is_update_step(13.9)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..planner import WARP, LayoutMeta
-from ..weights import SparseWeights, check_finite, check_weight_dtype, kernel_gates
+from ..weights import SparseWeights, check_finite, check_weight_dtype, kernel_gates, storable
 from .packed import PackedMask
 from .tree import COLLECTION, drop_at, get_at, mask_leaves, replace_at
 
@@ -29,13 +29,16 @@ def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
         raise ValueError(f"kernel and mask must have one shape [..., H, H] or [..., H, G*H], got "
                          f"{kernel.shape} and {mask.shape}")
     kernel_gates(kernel.shape[-2:], "kernel")
+    if mask.dtype != bool:  # a 0/1 float mask cast to bool would keep every nonzero entry
+        raise TypeError(f"mask must be a boolean array, got {mask.dtype}")
     dtype = check_weight_dtype(np.float32 if dtype is None else dtype, "dtype")
     if kernel.ndim == 2:
-        return SparseWeights.from_dense(kernel, mask.astype(bool), dtype=dtype)
+        return SparseWeights.from_dense(kernel, mask, dtype=dtype)
     check_finite(kernel, "kernel")
+    storable(kernel[mask], dtype)  # what from_dense checks for one layer
     lead = kernel.shape[:-2]
     k = kernel.reshape((-1,) + kernel.shape[-2:])
-    m = mask.astype(bool).reshape(k.shape)
+    m = mask.reshape(k.shape)
     template = PackedMask.create(m[0], row_budget=max(1, int(m.sum(axis=1).max())),
                                  col_budget=max(1, int(m.sum(axis=2).max())), dtype=dtype)
     layers = [template.with_mask(m[i]).weights(k[i]) for i in range(k.shape[0])]

@@ -53,26 +53,42 @@ def check_kernel_mask(mask, shape: tuple[int, int] | None = None) -> np.ndarray:
     return mask
 
 
-def _scores(kernel, current, what: str = "kernel") -> np.ndarray:
-    """Magnitudes, with weights outside ``current`` ranked below every kept weight.
+def real_weights(kernel, what: str = "kernel") -> np.ndarray:
+    """``kernel`` as float64 NumPy, for ranking: in its own precision or better (a float64
+    kernel's small or close magnitudes would tie, or overflow, in float32). A complex, integer or
+    boolean array is an error naming ``what``."""
+    kernel = np.asarray(kernel)
+    if not (np.issubdtype(kernel.dtype, np.floating) or kernel.dtype == jnp.bfloat16):
+        raise TypeError(f"{what} must hold real floating-point weights, got {kernel.dtype}")
+    return kernel.astype(np.float64)
+
+
+def ranked(magnitudes: np.ndarray, current) -> np.ndarray:
+    """Scores in which every weight outside ``current`` ranks below every live one, and the pruned
+    weights among themselves by magnitude (``-1 / (1 + |w|)`` lies in ``[-1, 0)``).
 
     So a new mask is nested in the current one unless it needs more weights than the current mask
-    holds (only ``row_balanced`` ever does, and then it tops up with the already-pruned weights).
-    A NaN or infinite weight is an error naming ``what`` (a NaN has no rank: it would vanish).
-    """
-    kernel = np.asarray(jnp.asarray(kernel, jnp.float32))
+    holds (a ``row_balanced`` row, or a target below the current density); then it takes back the
+    largest pruned weights, not the first ones by position."""
+    if current is None:
+        return magnitudes
+    return np.where(current, magnitudes, -1.0 / (1.0 + magnitudes))
+
+
+def _scores(kernel, current, what: str = "kernel") -> np.ndarray:
+    """:func:`ranked` magnitudes of one kernel, with ``current`` checked. A NaN or infinite
+    weight is an error naming ``what`` (a NaN has no rank: it would vanish)."""
+    kernel = real_weights(kernel, what)
     if kernel.ndim != 2:
         raise ValueError(f"kernel must be a 2-D [H_in, H_out] matrix, got shape {kernel.shape}")
     check_finite(kernel, what)
-    scores = np.abs(kernel)
     if current is not None:
         current = np.asarray(current)
         if current.shape != kernel.shape:
             raise ValueError(f"current must have the kernel's shape {kernel.shape}, got {current.shape}")
         if current.dtype != bool:
             raise TypeError(f"current must be a boolean mask, got {current.dtype}")
-        scores = np.where(current, scores, -1.0)
-    return scores
+    return ranked(np.abs(kernel), current)
 
 
 def _mask_from_scores(scores: np.ndarray, sparsity: float, rule: str) -> np.ndarray:
@@ -128,7 +144,7 @@ def magnitude_masks(kernels, sparsity: float, *, rule: str = "row_balanced", cur
     layers = []  # the shape of each leaf, in order
     scores = []
     for (path, k), c in zip(paths_and_leaves, cur):
-        k = np.asarray(jnp.asarray(k, jnp.float32))
+        k = real_weights(k, f"kernels{jax.tree_util.keystr(path)}")
         if k.ndim < 2:
             raise ValueError(f"kernels must be [..., H_in, H_out] arrays, got shape {k.shape}")
         flat_k = k.reshape((-1,) + k.shape[-2:])
@@ -162,7 +178,7 @@ def fit_to_budgets(mask, scores, row_budget: int, col_budget: int) -> tuple[np.n
     then input units (``mask[j, :]``) to ``col_budget``; the second step cannot refill a row.
     """
     mask = np.array(check_kernel_mask(mask))
-    scores = np.where(mask, np.asarray(scores, np.float32), -np.inf)
+    scores = np.where(mask, np.asarray(scores, np.float64), -np.inf)
     before = int(mask.sum())
     if mask.sum(axis=0).max() > row_budget:
         mask &= top_k_mask(scores, row_budget, 0)

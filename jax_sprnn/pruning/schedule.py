@@ -28,6 +28,11 @@ class CubicSchedule:
     power: float = 3.0
 
     def __post_init__(self):
+        for name in ("begin_step", "end_step", "frequency"):  # 1.7 steps is a mistake, not step 1
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
+                raise ValueError(f"{name} must be a whole number of steps, got {value!r}")
+            object.__setattr__(self, name, int(value))
         for name in ("initial_sparsity", "final_sparsity"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -53,11 +58,15 @@ class CubicSchedule:
         frac = xp.where(step >= self.end_step, 1.0, (t - self.begin_step) / span)
         value = (self.final_sparsity + (self.initial_sparsity - self.final_sparsity) *
                  (1.0 - frac) ** self.power)
+        # up to the first update after begin_step, exactly initial_sparsity (not s_f + (s_i - s_f))
+        value = xp.where((t == self.begin_step) & (step < self.end_step), self.initial_sparsity, value)
         return float(value) if xp is np else value
 
     def is_update_step(self, step: int) -> bool:
         """Whether the masks should be recomputed at ``step``: every ``frequency`` steps from
         ``begin_step``, and at ``end_step`` so the final sparsity is reached exactly."""
+        if not float(step).is_integer():
+            raise ValueError(f"step must be a whole number, got {step!r}")
         step = int(step)
         if step < self.begin_step or step > self.end_step:
             return False
@@ -67,5 +76,5 @@ class CubicSchedule:
 def cubic_schedule(initial_sparsity: float, final_sparsity: float, begin_step: int, end_step: int,
                    frequency: int = 1, *, power: float = 3.0) -> CubicSchedule:
     """The gradual pruning schedule of Zhu & Gupta (2017); see :class:`CubicSchedule`."""
-    return CubicSchedule(float(initial_sparsity), float(final_sparsity), int(begin_step),
-                         int(end_step), int(frequency), float(power))
+    return CubicSchedule(float(initial_sparsity), float(final_sparsity), begin_step, end_step,
+                         frequency, float(power))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..weights import check_finite
-from .masks import check_rule, check_sparsity, fit_to_budgets, magnitude_masks
+from .masks import check_rule, check_sparsity, fit_to_budgets, magnitude_masks, ranked, real_weights
 from .packed import PackedMask
 from .tree import get_at, is_packed, mask_leaves, masks_at_paths, path_name, replace_at
 
@@ -64,7 +64,8 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
         raise ValueError("sparsity holds no masks (expected the 'sparsity' collection of a model "
                          "with jax_sprnn.flax.SparseRNN layers, or boolean masks)")
     paths = list(found)  # a list, not a dict: paths mix str and int keys, which do not sort
-    kernels = [np.asarray(jnp.asarray(get_at(params, p, "params"), jnp.float32)) for p in paths]
+    kernels = [real_weights(get_at(params, p, "params"), f"the kernel at params/{path_name(p)}")
+               for p in paths]
     current = [np.asarray(found[p].mask if isinstance(found[p], PackedMask) else found[p])
                for p in paths]
     for p, k, c in zip(paths, kernels, current):
@@ -74,6 +75,7 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
     new_masks = dict(zip(paths, magnitude_masks(kernels, target_sparsity, rule=rule,
                                                 current=current)))
     kernels = dict(zip(paths, kernels))
+    current_at = dict(zip(paths, current))
     new_params, new_sparsity = {}, {}
     for path, entry in found.items():
         mask = new_masks[path]
@@ -82,11 +84,15 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
             layers = []
             flat_mask = mask.reshape((-1,) + mask.shape[-2:])
             flat_kernel = kernels[path].reshape(flat_mask.shape)
+            flat_current = current_at[path].reshape(flat_mask.shape)
             for i, layer in enumerate(entry.unstack()):
-                fitted, dropped = fit_to_budgets(flat_mask[i], np.abs(flat_kernel[i]),
-                                                 layer.row_budget, layer.col_budget)
-                if dropped:
-                    warnings.warn(f"update_sparsity: {dropped} weights of {path_name(path)} "
+                # ranked as the new mask was: a pruned weight never outranks a live one
+                scores = ranked(np.abs(flat_kernel[i]), flat_current[i])
+                fitted, _ = fit_to_budgets(flat_mask[i], scores, layer.row_budget,
+                                           layer.col_budget)
+                live = int(np.count_nonzero(flat_mask[i] & ~fitted & flat_current[i]))
+                if live:
+                    warnings.warn(f"update_sparsity: {live} live weights of {path_name(path)} "
                                   f"dropped to fit the layer's layout budgets "
                                   f"({layer.row_budget} per output unit, {layer.col_budget} per "
                                   f"input unit)", RuntimeWarning, stacklevel=2)
@@ -101,6 +107,22 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
     return replace_at(params, new_params), replace_at(sparsity, new_sparsity)
 
 
+def _check_masks(masks, params) -> None:
+    """``keep_pruned``'s ``masks``: the structure of ``params``, each mask of its parameter's
+    shape or a scalar (a smaller mask would broadcast and leave pruned weights alive)."""
+    try:
+        pairs = jax.tree_util.tree_flatten_with_path(params)[0]
+        mask_leaves = jax.tree_util.tree_structure(params).flatten_up_to(masks)
+    except (ValueError, TypeError) as e:
+        raise ValueError("keep_pruned: masks must have the structure of params (pass "
+                         "masks=pruning.param_masks(params, sparsity))") from e
+    for (path, param), mask in zip(pairs, mask_leaves):
+        if np.shape(mask) not in ((), np.shape(param)):
+            raise ValueError(f"keep_pruned: the mask at {jax.tree_util.keystr(path)} has shape "
+                             f"{np.shape(mask)}; expected the parameter's {np.shape(param)} or a "
+                             f"scalar")
+
+
 def keep_pruned(inner):
     """Wrap an optax optimizer so that pruned weights stay at exactly zero.
 
@@ -110,6 +132,12 @@ def keep_pruned(inner):
     (its moments never learn from them), and its updates of pruned weights are replaced by
     ``-params``, so ``optax.apply_updates`` lands them on exactly zero, also right after a mask
     change. Needs optax (``pip install 'jax_sprnn[flax]'``).
+
+    Make it the outermost transformation: one chained after it (``optax.chain(keep_pruned(adam),
+    clip)``) rescales the ``-params`` updates, and the pruned weights no longer land on zero.
+    Transformations inside it (``keep_pruned(optax.chain(clip, adam))``) are fine. Moments the
+    inner optimizer learned for a weight before a mask pruned it stay in its state; they never
+    move the weight while it is pruned.
     """
     try:
         import optax
@@ -128,6 +156,7 @@ def keep_pruned(inner):
             raise ValueError("keep_pruned: pass masks=pruning.param_masks(params, sparsity)")
         if params is None:
             raise ValueError("keep_pruned: pass params (the update zeroes pruned params)")
+        _check_masks(masks, params)
         updates = jax.tree_util.tree_map(
             lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, masks)
         updates, state = inner.update(updates, state, params, **extra)

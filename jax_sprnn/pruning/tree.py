@@ -110,12 +110,14 @@ def _joined_parts(tree, paths) -> dict[tuple, list[tuple]]:
 
 def _split_joined(tree, new: Mapping[tuple, Any]) -> dict:
     """``new`` with each joined path that ``tree`` lacks replaced by its kernels' paths, the value
-    split evenly along its last axis among them."""
+    split along its last axis at their widths."""
     joined = _joined_parts(tree, new)
     out = {}
     for path, value in new.items():
         if path in joined:
-            out.update(zip(joined[path], jnp.split(jnp.asarray(value), len(joined[path]), axis=-1)))
+            widths = [np.shape(_lookup(tree, part))[-1] for part in joined[path]]
+            out.update(zip(joined[path], jnp.split(jnp.asarray(value), np.cumsum(widths)[:-1],
+                                                   axis=-1)))
         else:
             out[path] = value
     return out
@@ -132,8 +134,17 @@ def replace_at(tree, new: Mapping[tuple, Any]):
 
 def masks_at_paths(params, masks: Mapping[tuple, Any]):
     """A pytree with the structure of ``params``: ``masks[path]`` at each of its paths, and a
-    scalar ``True`` for every other parameter. What ``keep_pruned`` takes as ``masks=``."""
+    scalar ``True`` for every other parameter. What ``keep_pruned`` takes as ``masks=``. A path
+    that names no parameter, or a mask of another shape than its parameter's, is an error."""
     masks = _split_joined(params, masks)
+    leaves = {tree_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, mask in masks.items():
+        if path not in leaves:
+            raise ValueError(f"masks has a mask at {path_name(path)}, where params has no "
+                             f"parameter")
+        if np.shape(mask) != np.shape(leaves[path]):
+            raise ValueError(f"the mask at {path_name(path)} has shape {np.shape(mask)}, its "
+                             f"parameter {np.shape(leaves[path])}")
     return jax.tree_util.tree_map_with_path(
         lambda p, x: masks.get(tree_path(p), jnp.ones((), bool)), params)
 
