@@ -391,3 +391,17 @@ def test_the_schedule_holds_its_initial_value_and_whole_steps():
             pruning.cubic_schedule(**{**args, **bad})
     with pytest.raises(ValueError, match="step must be a whole number"):
         schedule.is_update_step(13.9)
+
+
+def test_pruning_errors_name_what_is_wrong():
+    kernel = np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="current must be a pytree of masks with the structure"):
+        pruning.magnitude_masks({"a": kernel}, 0.5, current=[np.ones((8, 8), bool)])
+    with pytest.raises(ValueError, match="budgets must be non-negative"):
+        pruning.fit_to_budgets(np.ones((8, 8), bool), np.abs(kernel), -1, 8)
+    with pytest.raises(ValueError, match="scores must have the mask's shape"):
+        pruning.fit_to_budgets(np.ones((8, 8), bool), np.abs(kernel[:4]), 4, 4)
+    _, variables, _, _ = model_and_data(3)
+    packed = pruning.to_inference(variables)
+    with pytest.raises(ValueError, match="sparsity is the inference form"):
+        pruning.update_sparsity(variables["params"], packed["sparsity"], 0.5)

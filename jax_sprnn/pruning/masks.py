@@ -140,7 +140,11 @@ def magnitude_masks(kernels, sparsity: float, *, rule: str = "row_balanced", cur
     sparsity = check_sparsity(sparsity)
     check_rule(rule)
     paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(kernels)
-    cur = ([None] * len(paths_and_leaves) if current is None else treedef.flatten_up_to(current))
+    try:
+        cur = [None] * len(paths_and_leaves) if current is None else treedef.flatten_up_to(current)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"current must be a pytree of masks with the structure of kernels "
+                         f"({treedef})") from e
     layers = []  # the shape of each leaf, in order
     scores = []
     for (path, k), c in zip(paths_and_leaves, cur):
@@ -178,6 +182,11 @@ def fit_to_budgets(mask, scores, row_budget: int, col_budget: int) -> tuple[np.n
     then input units (``mask[j, :]``) to ``col_budget``; the second step cannot refill a row.
     """
     mask = np.array(check_kernel_mask(mask))
+    if min(row_budget, col_budget) < 0:
+        raise ValueError(f"budgets must be non-negative, got row_budget={row_budget}, "
+                         f"col_budget={col_budget}")
+    if np.shape(scores) != mask.shape:
+        raise ValueError(f"scores must have the mask's shape {mask.shape}, got {np.shape(scores)}")
     scores = np.where(mask, np.asarray(scores, np.float64), -np.inf)
     before = int(mask.sum())
     if mask.sum(axis=0).max() > row_budget:

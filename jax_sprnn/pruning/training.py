@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import check_finite
+from ..weights import SparseWeights, check_finite
 from .masks import check_rule, check_sparsity, fit_to_budgets, magnitude_masks, ranked, real_weights
 from .packed import PackedMask
 from .tree import get_at, is_packed, mask_leaves, masks_at_paths, path_name, replace_at
@@ -60,6 +60,10 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
     target_sparsity = check_sparsity(target_sparsity)
     check_rule(rule)
     found = mask_leaves(sparsity)
+    if not found and any(isinstance(x, SparseWeights) for x in jax.tree_util.tree_leaves(
+            sparsity, is_leaf=lambda x: isinstance(x, SparseWeights))):
+        raise ValueError("sparsity is the inference form (to_inference packed its masks into "
+                         "SparseWeights): prune the training form's variables instead")
     if not found:
         raise ValueError("sparsity holds no masks (expected the 'sparsity' collection of a model "
                          "with jax_sprnn.flax.SparseRNN layers, or boolean masks)")
