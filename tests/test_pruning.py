@@ -397,6 +397,8 @@ def test_pruning_errors_name_what_is_wrong():
     kernel = np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="current must be a pytree of masks with the structure"):
         pruning.magnitude_masks({"a": kernel}, 0.5, current=[np.ones((8, 8), bool)])
+    with pytest.raises(TypeError, match="sparsity must be a number"):
+        pruning.magnitude_mask(kernel, "0.5")
     with pytest.raises(ValueError, match="budgets must be non-negative"):
         pruning.fit_to_budgets(np.ones((8, 8), bool), np.abs(kernel), -1, 8)
     with pytest.raises(ValueError, match="scores must have the mask's shape"):

@@ -29,6 +29,8 @@ RULES = ("layer", "global", "per_row", "row_balanced")
 
 
 def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, (str, bytes)):  # float("0.5") would pass a config value unparsed
+        raise TypeError(f"sparsity must be a number in [0, 1], got the string {sparsity!r}")
     sparsity = float(sparsity)
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
