@@ -273,6 +273,10 @@ def test_an_exported_jvp_with_symbolic_shapes_matches_the_reference(shape):
     b, t = jax.export.symbolic_shape(shape)
     specs = (jax.ShapeDtypeStruct((b, t, 8), jnp.float32), jax.ShapeDtypeStruct((b, 8), jnp.float32),
              jax.ShapeDtypeStruct((b, t, 8), jnp.float32))
+    if jax.default_backend() == "gpu" and shape == "b, t":  # a launch needs a known batch
+        with pytest.raises(ValueError, match="the batch is symbolic"):
+            jax_sprnn.export.export(pushed("native"))(*specs)
+        return
     exported = jax_sprnn.export.export(pushed("native"))(*specs)
     for steps in (4, 1):
         args = (x[:, :steps], h0, dx[:, :steps])
