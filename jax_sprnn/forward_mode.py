@@ -35,6 +35,26 @@ def _differentiable(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
+def _with_nondiff(args, nondiff) -> list:
+    """``args`` with each ``(position, value)`` of ``nondiff`` put back at its position."""
+    args = list(args)
+    for position, value in nondiff:
+        args.insert(position, value)
+    return args
+
+
+def _jvp_in(fn, operands, moving, tangents) -> list:
+    """The output tangents of ``fn(*operands)`` for ``tangents`` of the operands at the indices
+    ``moving``; the others (integers: indices, lengths) are held fixed, since a float0 tangent
+    cannot take a symbolic shape."""
+    def of_moving(*moved):
+        ops = list(operands)
+        for i, x in zip(moving, moved):
+            ops[i] = x
+        return tuple(fn(*ops))
+    return list(jax.jvp(of_moving, tuple(operands[i] for i in moving), tuple(tangents))[1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Linear:
     """One call's tangent map: ``tangents`` evaluates it, ``cotangents`` transposes it.
@@ -80,9 +100,7 @@ class _CallTangent(_Linear):
         for tree in self.primal_trees:
             args.append(jax.tree_util.tree_unflatten(tree, leaves[start:start + tree.num_leaves]))
             start += tree.num_leaves
-        for position, value in self.nondiff:
-            args.insert(position, value)
-        return args
+        return _with_nondiff(args, self.nondiff)
 
     def out_avals(self) -> list:
         return [jax.core.ShapedArray(shape, dtype) for shape, dtype in self.avals]
@@ -90,14 +108,10 @@ class _CallTangent(_Linear):
     def tangents(self, *ops) -> list:
         primals, _, tangents = self.split(ops)
 
-        def outputs(*floats):  # the integer leaves (indices, lengths) held fixed
-            floats = iter(floats)
-            leaves = [next(floats) if is_float else x for x, is_float in zip(primals, self.float_leaves)]
+        def outputs(*leaves):
             return jax.tree_util.tree_leaves(self.fwd(*self._arguments(leaves))[0])
-
-        floats = [x for x, is_float in zip(primals, self.float_leaves) if is_float]
-        _, out = jax.jvp(outputs, tuple(floats), tuple(tangents))
-        return list(out)
+        moving = [i for i, is_float in enumerate(self.float_leaves) if is_float]
+        return _jvp_in(outputs, primals, moving, tangents)
 
     def cotangents(self, primals, residuals, cts) -> list:
         nondiff = [value for _, value in self.nondiff]
@@ -164,16 +178,9 @@ def _jvp(primals, tangents, *, linear: _Linear):
     """Derivatives of the tangent map itself (``jax.jacfwd`` of ``jax.jacfwd``, or reverse mode
     over forward mode): by forward-mode AD of its evaluation."""
     out = sprnn_tangent_p.bind(*primals, linear=linear)
-    moving = [i for i, x in enumerate(primals) if _differentiable(x)]  # integer operands held fixed
-
-    def evaluate(*floats):
-        ops = list(primals)
-        for i, x in zip(moving, floats):
-            ops[i] = x
-        return tuple(linear.tangents(*ops))
-    _, out_tangents = jax.jvp(evaluate, tuple(primals[i] for i in moving),
-                              tuple(ad.instantiate_zeros(tangents[i]) for i in moving))
-    return out, list(out_tangents)
+    moving = [i for i, x in enumerate(primals) if _differentiable(x)]
+    return out, _jvp_in(linear.tangents, primals, moving,
+                        [ad.instantiate_zeros(tangents[i]) for i in moving])
 
 
 def _batch(ops, dims, *, linear: _Linear):
@@ -218,10 +225,7 @@ class custom_vjp:
     def _jvp(self, *args):
         *nondiff_values, primals, tangents = args
         nondiff = tuple(zip(self.nondiff_argnums, nondiff_values))
-        full = list(primals)
-        for position, value in nondiff:
-            full.insert(position, value)
-        outs, residuals = self.fwd(*full)
+        outs, residuals = self.fwd(*_with_nondiff(primals, nondiff))
         primal_leaves, primal_trees = [], []
         for arg in primals:
             leaves, tree = jax.tree_util.tree_flatten(arg)

@@ -62,7 +62,7 @@ def real_weights(kernel, what: str = "kernel") -> np.ndarray:
     kernel = np.asarray(kernel)
     if not (np.issubdtype(kernel.dtype, np.floating) or kernel.dtype == jnp.bfloat16):
         raise TypeError(f"{what} must hold real floating-point weights, got {kernel.dtype}")
-    return kernel.astype(np.float64)
+    return kernel.astype(np.float64, copy=False)  # (no copy when it already is float64)
 
 
 def ranked(magnitudes: np.ndarray, current) -> np.ndarray:

@@ -7,8 +7,6 @@ their layouts, so the jitted step does not recompile.
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +51,8 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
     ``target_sparsity``, by ``rule`` (see :func:`magnitude_mask`; ``"global"`` shares one
     threshold across all masked kernels). A PackedMask is repacked into its own layout, so the
     training step does not recompile; where a mask exceeds the layout's budgets (only possible
-    for ``max_density < 1``) the lowest-magnitude excess is dropped, with a warning.
+    for ``max_density < 1``, when a target below the layout's density takes back pruned weights)
+    those taken back are trimmed again, the smallest first; live weights always fit.
 
     Returns ``(params, sparsity)``, both new pytrees of the same structure.
     """
@@ -90,18 +89,12 @@ def update_sparsity(params, sparsity, target_sparsity: float, *, rule: str = "ro
             flat_kernel = kernels[path].reshape(flat_mask.shape)
             flat_current = current_at[path].reshape(flat_mask.shape)
             for i, layer in enumerate(entry.unstack()):
-                # ranked as the new mask was: a pruned weight never outranks a live one
+                # Ranked as the new mask was, so the trim drops only pruned weights the mask took
+                # back: the live ones are a subset of the current mask, which fits the budgets.
                 scores = ranked(np.abs(flat_kernel[i]), flat_current[i])
-                fitted, _ = fit_to_budgets(flat_mask[i], scores, layer.row_budget,
-                                           layer.col_budget)
-                live = int(np.count_nonzero(flat_mask[i] & ~fitted & flat_current[i]))
-                if live:
-                    warnings.warn(f"update_sparsity: {live} live weights of {path_name(path)} "
-                                  f"dropped to fit the layer's layout budgets "
-                                  f"({layer.row_budget} per output unit, {layer.col_budget} per "
-                                  f"input unit)", RuntimeWarning, stacklevel=2)
-                flat_mask[i] = fitted
-                layers.append(layer.with_mask(fitted))
+                flat_mask[i], _ = fit_to_budgets(flat_mask[i], scores, layer.row_budget,
+                                                 layer.col_budget)
+                layers.append(layer.with_mask(flat_mask[i]))
             mask = flat_mask.reshape(mask.shape)
             new_sparsity[path] = PackedMask.stack(layers, lead)
         else:
