@@ -239,8 +239,8 @@ def test_a_flax_layer_takes_forward_mode_derivatives():
 
 
 def test_an_inner_batch_axis_is_moved_back_in_both_modes():
-    """vmap over a middle axis of the inputs (the weights and h0 shared): the batched tangent map
-    sees operands batched on other axes than the first."""
+    """vmap over a middle axis of the inputs (the weights and h0 shared): under grad the batched
+    tangent map's residuals (the outputs) arrive batched on axis 1, not the first."""
     _, w, x, h0 = make_problem(3, 9, 2, 4, 0.4)
     xs = jnp.stack([x, -0.5 * x, 2 * x], axis=2)  # [B, T, 3, H], mapped on axis 2
 
@@ -281,3 +281,22 @@ def test_an_exported_jvp_with_symbolic_shapes_matches_the_reference(shape):
     for steps in (4, 1):
         args = (x[:, :steps], h0, dx[:, :steps])
         _assert_trees_close(exported.call(*args), pushed("reference")(*args), TOL)
+
+
+def test_a_batched_tangent_map_transposes_back_onto_its_batch_axis():
+    """jax.linear_transpose of a vmap (over a middle axis of time-major inputs, which reaches the
+    tangent map unmoved) of a jvp: the batched map's tangent operand is batched on axis 2, and its
+    cotangent must land there."""
+    _, w, x, h0 = make_problem(14, H, B, T, 0.3)
+    x_tm = jnp.swapaxes(x, 0, 1)
+    tangents = jnp.stack([_tangents((x_tm,), seed)[0] for seed in (15, 16)], axis=2)  # [T, B, 2, H]
+
+    def pushed(method):
+        def one(dx):
+            return jax.jvp(lambda x: js.sparse_rnn(x, h0, w, time_major=True, method=method)[0],
+                           (x_tm,), (dx,))[1]
+        return jax.vmap(one, in_axes=2)
+    cotangent = _tangents((jnp.stack([x_tm, x_tm]),), seed=17)[0]  # [2, T, B, H]
+    got = jax.linear_transpose(pushed("native"), tangents)(cotangent)
+    want = jax.linear_transpose(pushed("reference"), tangents)(cotangent)
+    _assert_trees_close(got, want, TOL)
