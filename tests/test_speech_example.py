@@ -343,8 +343,13 @@ def test_tiny_end_to_end_run_with_resume(tmp_path):
 
 
 @pytest.mark.parametrize("cell, impl", [("lstm", "cell"), ("gru", "layer")])
-def test_tiny_run_with_a_gated_cell(cell, impl, tmp_path, capsys):
-    argv = ["--cell", cell, "--rnn-impl", impl, "--out", str(tmp_path / "run"), "--limit", "48",
+def test_tiny_run_with_a_gated_cell(cell, impl, tmp_path, capsys, monkeypatch):
+    rules = []  # the rule each update_sparsity call names (the schedule's: --prune-rule global)
+    update = train.pruning.update_sparsity
+    monkeypatch.setattr(train.pruning, "update_sparsity",
+                        lambda *a, **k: rules.append(k.get("rule")) or update(*a, **k))
+    argv = ["--prune-rule", "global", "--cell", cell, "--rnn-impl", impl,
+            "--out", str(tmp_path / "run"), "--limit", "48",
             "--batch-size", "8", "--hidden", "32", "--layers", "1", "--conv-channels", "4",
             "--n-mels", "16", "--steps", "4", "--prune-begin", "0.25", "--prune-end", "0.5",
             "--prune-every", "1", "--density", "0.5", "--no-compare-dense", "--eval-every", "4",
@@ -352,6 +357,7 @@ def test_tiny_run_with_a_gated_cell(cell, impl, tmp_path, capsys):
             "--one-shot-densities", "0.5", "--latency-densities", "0.5", "--latency-batches", "2",
             "--bench-steps", "8", "--bench-reps", "2", "--no-progress", "--profile"]
     results = speech_model.main(argv)
+    assert "global" in rules
     printed = capsys.readouterr().out
     assert "profile: training loops" in printed and "jit(_train_step)" in printed
     assert "[pruned] 4 steps in" in printed and "steps/s steady" in printed
