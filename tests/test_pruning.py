@@ -354,10 +354,11 @@ def test_stacked_16_bit_packing_refuses_weights_beyond_the_range():
 
 
 def test_packing_refuses_a_mask_that_is_not_boolean():
-    kernel = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
-    for mask in (kernel, np.full((8, 8), 0.1, np.float32)):
-        with pytest.raises(TypeError, match="mask must be a boolean array"):
-            pruning.pack_inference(kernel, mask)
+    kernel = np.random.default_rng(0).normal(size=(2, 8, 8)).astype(np.float32)
+    for k in (kernel[0], kernel):  # one layer, and a stack (nn.scan)
+        for mask in (k, np.full(k.shape, 0.1, np.float32)):
+            with pytest.raises(TypeError, match="mask must be a boolean array"):
+                pruning.pack_inference(k, mask)
 
 
 def test_keep_pruned_refuses_masks_that_would_broadcast_or_miss_parameters():
