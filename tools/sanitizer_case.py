@@ -2,6 +2,7 @@
 sanitize): memcheck, racecheck, synccheck, initcheck.
 
   python tools/sanitizer_case.py [--cases small,wide] [--dtype all|float32|bfloat16|float16]
+                                 [--skip N] [--count]
 
 Cases:
   small  H=64, B=2, T=4 on the layout planned for this GPU (many one-warp CTAs), and H=128, B=3,
@@ -19,10 +20,13 @@ Cases:
          for 4 SMs (cluster mode where the GPU has clusters; two planes a pass).
 Each case runs with traced lengths (an empty example when B > 2) and reverse when B is odd, checks
 against the reference, and then polls the deferred kernel error. Exit status 1 on a wrong result.
+Each run is named ("run i: ...") before it starts and draws its data from its own seed, so that
+``--skip i`` resumes the list after a run that crashed the tool, on the same data.
 """
 
 import argparse
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -191,34 +195,54 @@ def run_paired_case(rng, cell, hidden, batch, steps, dtype):
     return ok
 
 
+def planned_runs(cases: str, dtypes: list[str]) -> list[tuple[str, callable]]:
+    """``(label, run(rng) -> ok)`` for every run of the selected cases, in order."""
+    runs = []
+    for name in cases.split(","):
+        if name not in CASES:
+            raise SystemExit(f"--cases: unknown case {name!r}; expected some of {', '.join(CASES)}")
+        for hidden, batch, steps, dtype, sms in CASES[name]:
+            for dt in ([dtype] if dtype else dtypes):
+                if dt not in dtypes or (name == "tiles" and dt == "float32"):  # (tiles are 16-bit)
+                    continue
+                shape = f"H={hidden} B={batch} T={steps} {dt}"
+                simple = functools.partial(run_case, hidden=hidden, batch=batch, steps=steps,
+                                           dtype=dt, sms=sms)
+                if name == "paired":
+                    runs += [(f"paired {cell} {shape}", functools.partial(
+                        run_paired_case, cell=cell, hidden=hidden, batch=batch, steps=steps,
+                        dtype=dt)) for cell in ("simple", "lstm", "gru")]
+                    continue
+                matvec = "tiles" if name == "tiles" else "auto"
+                if name != "gated":
+                    runs.append((f"{name} simple {shape}", functools.partial(simple, matvec=matvec)))
+                if name in ("gated", "tiles"):
+                    runs += [(f"{name} {cell} {shape}", functools.partial(
+                        run_gated_case, gates=gates, hidden=hidden, batch=batch, steps=steps,
+                        dtype=dt, sms=sms, matvec=matvec)) for cell, gates in (("lstm", 4), ("gru", 3))]
+    return runs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="small,wide",
                    help="comma-separated: small, wide, gated, paired, tiles")
     p.add_argument("--dtype", default="all", choices=("all", *DTYPES))
+    p.add_argument("--skip", type=int, default=0,
+                   help="skip the first N runs (tools/gpu_check.sh resumes after a tool's crash)")
+    p.add_argument("--count", action="store_true", help="print the number of runs and exit")
     a = p.parse_args(argv)
-    dtypes = list(DTYPES) if a.dtype == "all" else [a.dtype]
-    rng = np.random.default_rng(0)
+    runs = planned_runs(a.cases, list(DTYPES) if a.dtype == "all" else [a.dtype])
+    if a.count:
+        print(len(runs))
+        return 0
     ok = True
-    for name in a.cases.split(","):
-        for hidden, batch, steps, dtype, sms in CASES[name]:
-            for dt in ([dtype] if dtype else dtypes):
-                if dt not in dtypes:
-                    continue
-                if name == "gated":
-                    for gates in (4, 3):
-                        ok &= run_gated_case(rng, gates, hidden, batch, steps, dt, sms)
-                elif name == "paired":
-                    for cell in ("simple", "lstm", "gru"):
-                        ok &= run_paired_case(rng, cell, hidden, batch, steps, dt)
-                elif name == "tiles":
-                    if dt == "float32":  # (tile layouts are 16-bit)
-                        continue
-                    ok &= run_case(rng, hidden, batch, steps, dt, sms, matvec="tiles")
-                    for gates in (4, 3):
-                        ok &= run_gated_case(rng, gates, hidden, batch, steps, dt, sms, matvec="tiles")
-                else:
-                    ok &= run_case(rng, hidden, batch, steps, dt, sms)
+    for i, (label, run) in enumerate(runs):
+        if i < a.skip:
+            continue
+        # Named before it starts, so that a crash of the tool is attributed to its run.
+        print(f"run {i}: {label}", flush=True)
+        ok &= run(np.random.default_rng(i))
     cuda = js._native.cuda_module()
     if cuda is not None and jax.default_backend() == "gpu":
         error = cuda.pending_error()
