@@ -3,11 +3,14 @@ and refit its constants.
 
     python -m benchmarks.cost_fit benchmarks/results/cluster_sizes_2026-12-04.json [more.json ...]
 
-Every layout the suite timed (the planner's, ``nN``: the layer on at most N CTAs) is one point: its
-measured µs per step against ``cost.cluster_step_us`` for the layout and batch. The fit is a
-least-squares solve of the estimate's linear form, ``a + planes * (b + c * warps * K_eff
-+ (s + d * [N > 8]) * cols / 1024 + e * [wide variant])`` with ``c`` held at ``KERNEL_SLOT_US``, on
-relative errors (each point weighted by 1/measured), so that 2-µs and 10-µs steps count alike.
+A file is the cluster suite's JSON (wall-clock slopes) or `tools/kernel_time.py`'s (the kernel's own
+device time, free of the host's jitter: `KT_CASES="simple 256 0.1 1 float16 ctas=8;..."
+tools/gpu_check.sh kerneltime`); of the latter, the simple cell's cluster-mode rows count. Every
+layout timed (the planner's, ``nN``: the layer on at most N CTAs) is one point: its measured µs per
+step against ``cost.cluster_step_us`` for the layout and batch. The fit is a least-squares solve of
+the estimate's linear form, ``a + planes * (b + c * warps * K_eff + (s + d * [N > 8]) * cols / 1024
++ e * [wide variant])`` with ``c`` held at ``KERNEL_SLOT_US``, on relative errors (each point
+weighted by 1/measured), so that 2-µs and 10-µs steps count alike.
 The constants in ``cost.py`` are rounded from its output.
 """
 from __future__ import annotations
@@ -39,6 +42,14 @@ def points(paths):
     for path in paths:
         with open(path) as f:
             result = json.load(f)
+        if isinstance(result, list):  # tools/kernel_time.py: one row per case, its layout included
+            for row in result:
+                if row.get("cell") != "simple" or row.get("exchange") != "cluster":
+                    continue
+                meta = layout_of(row["hidden"], row["K"], row["ctas"], row["warps_per_cta"], row["dtype"])
+                if meta is not None:
+                    yield path, row, f"kt n{row['ctas']}", meta, row["batch"], row["us_per_step"]
+            continue
         for row in result["rows"]:
             for name, peer in row.get("peers", {}).items():
                 us = peer.get("us_per_step")

@@ -156,3 +156,33 @@ def test_sass_lines_counts_each_instruction_once_and_diffs_two_builds(tmp_path, 
     assert "    1642      2 ->      3 (+1)" in out and "    1600      1 ->      0 (-1)" in out
     with pytest.raises(SystemExit, match="0 persistent kernels match"):
         sass_lines.main([str(tmp_path / "new.sass"), "--kernel", "Li4ELi8E"])
+
+
+def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_path):
+    """`ctas=N` packs the case on at most N CTAs (the cluster suite's nN layouts); the summary
+    carries the layout that ran, and benchmarks.cost_fit turns its cluster-mode rows into points."""
+    import profile_case
+
+    from benchmarks import cost_fit
+
+    rows = []
+    for ctas in (2, 8):
+        w, _ = profile_case.case_call("simple", 96, 0.2, 3, "float16", 4, ctas)
+        assert 1 <= w.meta.num_ctas <= ctas
+        rows.append(dict(case=f"simple 96 0.2 3 float16 ctas={ctas}", cell="simple", hidden=96,
+                         batch=3, dtype="float16", K=w.meta.slots_per_lane, ctas=w.meta.num_ctas,
+                         warps_per_cta=w.meta.warps_per_cta, exchange="cluster", us_per_step=1.5))
+    w, _ = profile_case.case_call("gru", 32, 0.2, 2, "float32", 4, 3)
+    assert w.meta.num_ctas <= 3 and w.meta.gates == 3
+    rows.append(dict(rows[0], cell="gru"))  # (gated rows are not the simple cell's cost: skipped)
+    rows.append(dict(rows[0], exchange="grid"))  # (nor grid mode's)
+    (tmp_path / "kt.json").write_text(json.dumps(rows))
+    points = list(cost_fit.points([tmp_path / "kt.json"]))
+    assert [(p[2], p[3].num_ctas, p[4], p[5]) for p in points] == [
+        (f"kt n{r['ctas']}", r["ctas"], 3, 1.5) for r in rows[:2]]
+    for bad in (["ctas=0"], ["sms=4"], ["ctas=x"]):
+        with pytest.raises(SystemExit, match="ctas=N"):
+            profile_case.parse_ctas(bad)
+    assert profile_case.parse_ctas([]) is None
+    with pytest.raises(SystemExit, match="not 'bidir'"):
+        profile_case.case_call("bidir", 32, 0.2, 2, "float32", 4, 2)

@@ -5,12 +5,14 @@
         python3 tools/kernel_time.py run --manifest m.json "simple 256 0.1 1 float16" ... > k.csv
     python3 tools/kernel_time.py summarize k.csv --manifest m.json
 
-`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE, as tools/profile_case.py takes them: CELL
-simple, bidir, lstm or gru) at two sequence lengths, WARMUP + CALLS times each, one persistent-kernel
-launch a call, and writes the order of those calls to the manifest. `summarize` matches ncu's
-launches to it and prints, per case, the median kernel duration at each length, the slope between
-them (µs per step: the kernel's own step, where `benchmarks.run`'s wall-clock slope also holds the
-host's jitter, ±0.3 µs a step at these sizes), and the warp instructions per step.
+`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE [ctas=N], as tools/profile_case.py takes
+them: CELL simple, tiles, bidir, lstm or gru; ctas=N a layout of at most N CTAs) at two sequence
+lengths, WARMUP + CALLS times each, one persistent-kernel launch a call, and writes the order of
+those calls to the manifest. `summarize` matches ncu's launches to it and prints, per case, the
+median kernel duration at each length, the slope between them (µs per step: the kernel's own step,
+where `benchmarks.run`'s wall-clock slope also holds the host's jitter, ±0.3 µs a step at these
+sizes), the warp instructions per step, and the layout that ran (what `python -m
+benchmarks.cost_fit` reads to refit `jax_sprnn/cost.py`).
 `tools/gpu_check.sh kerneltime` runs both.
 """
 from __future__ import annotations
@@ -33,16 +35,21 @@ CALLS = 5
 def run(cases: list[str], manifest: Path) -> None:
     import jax
 
-    from profile_case import case_call
+    from profile_case import case_call, parse_ctas
 
     order = []
     for case in cases:
-        cell, hidden, density, batch, dtype = case.split()
+        cell, hidden, density, batch, dtype, *options = case.split()
         for steps in STEPS:
-            _, f = case_call(cell, int(hidden), float(density), int(batch), dtype, steps)
+            w, f = case_call(cell, int(hidden), float(density), int(batch), dtype, steps,
+                             parse_ctas(options))
             for _ in range(WARMUP + CALLS):
                 jax.block_until_ready(f())
-            order.append({"case": case, "steps": steps, "launches": WARMUP + CALLS})
+            meta = w.meta
+            layout = dict(cell=cell, hidden=int(hidden), batch=int(batch), dtype=dtype,
+                          K=meta.slots_per_lane, ctas=meta.num_ctas,
+                          warps_per_cta=meta.warps_per_cta, exchange=meta.exchange)
+            order.append({"case": case, "steps": steps, "launches": WARMUP + CALLS, "layout": layout})
     manifest.write_text(json.dumps(order))
 
 
@@ -57,7 +64,7 @@ def summarize(ncu_csv: Path, manifest: Path) -> list[dict]:
     for o in order:
         timed = found[i + WARMUP:i + o["launches"]]
         i += o["launches"]
-        row = rows.setdefault(o["case"], {"case": o["case"]})
+        row = rows.setdefault(o["case"], {"case": o["case"], **o.get("layout", {})})
         row[f"us_T{o['steps']}"] = statistics.median(k["gpu__time_duration.sum"] for k in timed) / 1e3
         row[f"all_us_T{o['steps']}"] = [round(k["gpu__time_duration.sum"] / 1e3, 2) for k in timed]
         row[f"inst_T{o['steps']}"] = statistics.median(k["smsp__inst_executed.sum"] for k in timed)

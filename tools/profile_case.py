@@ -1,13 +1,16 @@
 """One persistent-kernel configuration, run a few times, for Nsight Compute (tools/gpu_check.sh profile).
 
-    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS
+    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS [ctas=N]
 
 CELL is simple, tiles (the simple cell on its tile layout: tensor cores), bidir (both directions
 of a bidirectional layer of one layout: one paired launch where the layout runs in cluster mode,
 one launch per direction in grid mode), lstm, gru, or bilstm / bigru (a gated bidirectional layer,
-paired likewise). The call runs four times (ncu skips
+paired likewise). ``ctas=N`` (simple, tiles, lstm, gru) packs the layer for a GPU of N SMs
+without clusters, a layout of at most N CTAs that runs in cluster mode on this one (the cluster
+suite's nN columns); by default the planner packs it for this GPU. The call runs four times (ncu skips
 the first two launches, which include compilation and warm-up).
 """
+import dataclasses
 import sys
 
 import jax
@@ -20,17 +23,30 @@ from jax_sprnn import testing
 GATES = {"lstm": 4, "gru": 3}
 
 
-def simple_call(hidden, density, batch, dtype, steps, matvec="auto"):
+def device_of(ctas: int | None):
+    """The device to pack for: this GPU (None), or one of ``ctas`` SMs without clusters."""
+    if ctas is None:
+        return None
+    return dataclasses.replace(js._native.current_device_spec(), sm_count=ctas, cluster_launch=False)
+
+
+def simple_call(hidden, density, batch, dtype, steps, matvec="auto", ctas=None):
     rng = np.random.default_rng(0)
     kernel = (rng.standard_normal((hidden, hidden)) / np.sqrt(density * hidden)).astype(np.float32)
-    w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype), matvec=matvec)
+    w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype), matvec=matvec,
+                                    device=device_of(ctas))
+    if not w.meta.fits:
+        raise SystemExit(f"ctas={ctas}: the layer does not fit ({w.meta.reason})")
     x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dtype)
     h0 = jnp.zeros((batch, hidden), dtype)
     return w, jax.jit(lambda: js.sparse_rnn(x, h0, w, method="native"))
 
 
-def gated_call(gates, hidden, density, batch, dtype, steps):
-    w, x, c0, h0, hn_bias = testing.make_gated_problem(0, gates, hidden, batch, steps, density, dtype)
+def gated_call(gates, hidden, density, batch, dtype, steps, ctas=None):
+    w, x, c0, h0, hn_bias = testing.make_gated_problem(0, gates, hidden, batch, steps, density, dtype,
+                                                       device=device_of(ctas))
+    if not w.meta.fits:
+        raise SystemExit(f"ctas={ctas}: the layer does not fit ({w.meta.reason})")
     return w, jax.jit(lambda: testing.run_gated(gates, x, c0, h0, w, hn_bias, method="native"))
 
 
@@ -51,23 +67,37 @@ def gated_bidir_call(gates, hidden, density, batch, dtype, steps):
         (x_f, x_b), (h_f, h_b), (w_f, w_b), hn_bias=(b_f, b_b), method="native"))
 
 
-def case_call(cell, hidden, density, batch, dtype, steps):
+def case_call(cell, hidden, density, batch, dtype, steps, ctas=None):
     """``(weights, f)``: the case's weights and a jitted call of it, one persistent launch."""
     if cell in ("simple", "tiles"):
-        return simple_call(hidden, density, batch, dtype, steps, "tiles" if cell == "tiles" else "auto")
+        return simple_call(hidden, density, batch, dtype, steps, "tiles" if cell == "tiles" else "auto",
+                           ctas)
+    if ctas is not None and cell not in GATES:
+        raise SystemExit(f"ctas= applies to simple, tiles, lstm and gru, not {cell!r}")
     if cell == "bidir":
         return bidir_call(hidden, density, batch, dtype, steps)
     if cell.startswith("bi") and cell[2:] in GATES:
         return gated_bidir_call(GATES[cell[2:]], hidden, density, batch, dtype, steps)
     if cell not in GATES:
         raise SystemExit(f"CELL must be simple, tiles, bidir, lstm, gru, bilstm or bigru, got {cell!r}")
-    return gated_call(GATES[cell], hidden, density, batch, dtype, steps)
+    return gated_call(GATES[cell], hidden, density, batch, dtype, steps, ctas)
+
+
+def parse_ctas(options: list[str]) -> int | None:
+    """``ctas=N`` among a case's trailing options (None without it)."""
+    ctas = None
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key != "ctas" or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"unknown case option {opt!r} (expected ctas=N, N >= 1)")
+        ctas = int(value)
+    return ctas
 
 
 def main(argv):
     cell, hidden, density, batch, dtype, steps = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
                                                   argv[4], int(argv[5]))
-    w, f = case_call(cell, hidden, density, batch, dtype, steps)
+    w, f = case_call(cell, hidden, density, batch, dtype, steps, parse_ctas(argv[6:]))
     print(cell, w, flush=True)
     for _ in range(4):
         jax.block_until_ready(f())
