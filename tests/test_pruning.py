@@ -408,3 +408,33 @@ def test_pruning_errors_name_what_is_wrong():
     packed = pruning.to_inference(variables)
     with pytest.raises(ValueError, match="sparsity is the inference form"):
         pruning.update_sparsity(variables["params"], packed["sparsity"], 0.5)
+
+
+def test_to_inference_packs_kernels_held_in_lists_and_refuses_what_it_cannot_pack():
+    """Params in lists (a model's layers as a sequence) lose their packed kernels like nested dicts
+    do; a plain boolean mask, or a mask leaf without a kernel's rank, is an error, not a kernel left
+    dense in silence."""
+    H = 12
+    rng = np.random.default_rng(4)
+    mask = pruning.PackedMask.for_density(H, 0.5, seed=2)
+    kernels = [rng.normal(size=(H, H)).astype(np.float32) for _ in range(2)]
+    bias = np.zeros(H, np.float32)
+    variables = {"params": {"layers": [{"kernel": kernels[0], "bias": bias}, {"kernel": kernels[1]}]},
+                 "sparsity": {"layers": [{"kernel": mask}, {"kernel": mask}]}}
+    out = pruning.to_inference(variables)
+    assert isinstance(out["params"]["layers"], list)
+    assert [sorted(layer) for layer in out["params"]["layers"]] == [["bias"], []]
+    for i, layer in enumerate(out["sparsity"]["layers"]):
+        w = layer["kernel"]
+        assert isinstance(w, js.SparseWeights)
+        np.testing.assert_array_equal(np.asarray(w.to_dense()), np.where(mask.mask, kernels[i], 0))
+    plain = {"params": {"w": kernels[0]}, "sparsity": {"w": np.asarray(mask.mask)}}
+    with pytest.raises(ValueError, match=r"the masks at w are boolean arrays: pack each"):
+        pruning.to_inference(plain)
+    flat = {"params": {"w": kernels[0]}, "sparsity": {"w": np.ones(H, bool)}}
+    with pytest.raises(ValueError, match=r"the mask at w has shape \(12,\); a mask has its kernel"):
+        pruning.to_inference(flat)
+    with pytest.raises(ValueError, match=r"the mask at w has shape \(12,\)"):
+        pruning.update_sparsity(flat["params"], flat["sparsity"], 0.5)
+    with pytest.raises(ValueError, match="cannot drop w/0: it is an item of a sequence"):
+        pruning.to_inference({"params": {"w": [kernels[0]]}, "sparsity": {"w": [mask]}})

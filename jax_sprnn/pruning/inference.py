@@ -12,7 +12,7 @@ import numpy as np
 from ..planner import WARP, LayoutMeta
 from ..weights import SparseWeights, check_finite, check_weight_dtype, kernel_gates, storable
 from .packed import PackedMask
-from .tree import COLLECTION, drop_at, get_at, mask_leaves, replace_at
+from .tree import COLLECTION, drop_at, get_at, mask_leaves, path_name, replace_at
 
 
 def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
@@ -62,7 +62,12 @@ def to_inference(variables: Mapping) -> dict:
         raise ValueError(f"variables has no '{COLLECTION}' collection: the model has no "
                          "jax_sprnn.flax.SparseRNN layers, or it was dropped before this call")
     params, sparsity = variables["params"], variables[COLLECTION]
-    found = {p: e for p, e in mask_leaves(sparsity).items() if isinstance(e, PackedMask)}
+    found = mask_leaves(sparsity)
+    plain = [path_name(p) for p, e in found.items() if not isinstance(e, PackedMask)]
+    if plain:  # (skipped, those kernels would stay dense)
+        raise ValueError(f"to_inference packs PackedMask leaves (what the jax_sprnn.flax layers "
+                         f"hold); the masks at {', '.join(plain)} are boolean arrays: pack each "
+                         f"with pruning.pack_inference(kernel, mask)")
     packed = {p: pack_inference(get_at(params, p, "params"), e.mask, dtype=e.dtype)
               for p, e in found.items()}
     out = dict(variables)

@@ -55,10 +55,16 @@ def mask_leaves(sparsity) -> dict[tuple, Any]:
     for p, leaf in flat:
         if isinstance(leaf, PackedMask):
             found[tree_path(p)] = leaf
-        elif hasattr(leaf, "dtype") and np.ndim(leaf) >= 2:
-            if np.dtype(leaf.dtype) != bool:  # (skipped, it would leave its kernel unpruned)
+        elif is_packed(leaf):  # SparseWeights: the inference form's weights, no mask to train
+            continue
+        elif hasattr(leaf, "dtype"):  # (a leaf skipped would leave its kernel unpruned)
+            if np.dtype(leaf.dtype) != bool:
                 raise TypeError(f"the mask at {path_name(tree_path(p))} is {np.dtype(leaf.dtype)}; "
                                 f"masks are boolean arrays (mask != 0) or PackedMask")
+            if np.ndim(leaf) < 2:
+                raise ValueError(f"the mask at {path_name(tree_path(p))} has shape "
+                                 f"{np.shape(leaf)}; a mask has its kernel's shape, [H, G*H] or "
+                                 f"stacked [..., H, G*H]")
             found[tree_path(p)] = leaf
     return found
 
@@ -150,20 +156,29 @@ def masks_at_paths(params, masks: Mapping[tuple, Any]):
 
 
 def drop_at(tree, paths: set):
-    """A copy of nested mappings ``tree`` without the leaves at ``paths``; a mapping emptied by
-    the removal goes too."""
+    """A copy of ``tree`` (nested mappings, lists and tuples) without the mapping entries at
+    ``paths``; a mapping emptied by the removal goes too, unless it is an item of a sequence
+    (whose positions are its keys). A path that names an item of a sequence is an error."""
     joined = _joined_parts(tree, paths)
     paths = {part for path in paths for part in joined.get(path, [path])}
 
     def walk(node, prefix):
+        if isinstance(node, (list, tuple)):
+            for i in range(len(node)):
+                if prefix + (i,) in paths:
+                    raise ValueError(f"cannot drop {path_name(prefix + (i,))}: it is an item of "
+                                     f"a sequence, whose later items would move")
+            return type(node)(walk(value, prefix + (i,)) for i, value in enumerate(node))
+        if not isinstance(node, Mapping):
+            return node
         out = {}
         for key, value in node.items():
             path = prefix + (key,)
             if path in paths:
                 continue
-            if isinstance(value, Mapping) and value:
+            if isinstance(value, (Mapping, list, tuple)) and value:
                 value = walk(value, path)
-                if not value:
+                if isinstance(value, Mapping) and not value:
                     continue
             out[key] = value
         return out
