@@ -53,7 +53,9 @@ def to_inference(variables: Mapping) -> dict:
     collection is replaced by the :class:`SparseWeights` of its kernel (packed tightly for
     inference) and those dense kernels are removed from ``params``. ``model.apply`` runs the
     result directly: the modules use the packed weights when they find them. To get the layers'
-    weights alone, take the SparseWeights leaves of ``result['sparsity']``.
+    weights alone, take the SparseWeights leaves of ``result['sparsity']``. Trees of dicts, lists
+    and tuples are walked alike. A plain boolean mask in the collection is an error (there is no
+    layout to pack it into here): :func:`pack_inference` packs such a kernel on its own.
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with 'params' and "
