@@ -233,10 +233,14 @@ if has sanitize || has final; then
   # it XLA's allocations failed and the sanitizer crashed (2026-11-30).
   cand_env=("XLA_PYTHON_CLIENT_PREALLOCATE=false" "XLA_PYTHON_CLIENT_PREALLOCATE=false"
             "XLA_PYTHON_CLIENT_ALLOCATOR=platform CUDA_MODULE_LOADING=EAGER")
+  # Only the Python process: XLA compiles by running ptxas, and the tools follow child processes
+  # by default (a suspect in the tools' crashes at varying points; 2026-12-05).
+  track=()
+  if compute-sanitizer --help 2>&1 | grep -q -- --target-processes; then track=(--target-processes application-only); fi
   chosen=""
   for i in "${!cand_flags[@]}"; do
     env_args=("XLA_FLAGS=${cand_flags[$i]}" ${cand_env[$i]})
-    timeout -k 5 "${SANITIZER_PROBE_TIMEOUT:-60}" env "${env_args[@]}" compute-sanitizer --tool memcheck \
+    timeout -k 5 "${SANITIZER_PROBE_TIMEOUT:-60}" env "${env_args[@]}" compute-sanitizer --tool memcheck "${track[@]}" \
       python3 -X faulthandler -c "import jax, jax.numpy as jnp; print('jax up', jnp.arange(3.0).sum())" \
       > "$OUT/sanitizer_probe$i.log" 2>&1
     rc=$?
@@ -261,7 +265,7 @@ if has sanitize || has final; then
       skip=0; : > "$OUT/sanitizer_$tool.log"
       while [ "$skip" -lt "$total" ]; do
         timeout -k 10 "${SANITIZER_TIMEOUT:-$limit}" env "${env_args[@]}" compute-sanitizer --tool "$tool" \
-          "${opts[@]}" --error-exitcode 9 python3 -X faulthandler "$OLDPWD/tools/sanitizer_case.py" \
+          "${track[@]}" "${opts[@]}" --error-exitcode 9 python3 -X faulthandler "$OLDPWD/tools/sanitizer_case.py" \
           "${case_args[@]}" --skip "$skip" >> "$OUT/sanitizer_$tool.log" 2>&1
         rc=$?
         last=$(grep -oE '^run [0-9]+:' "$OUT/sanitizer_$tool.log" | tail -1 | tr -dc 0-9)
