@@ -180,9 +180,18 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
     points = list(cost_fit.points([tmp_path / "kt.json"]))
     assert [(p[2], p[3].num_ctas, p[4], p[5]) for p in points] == [
         (f"kt n{r['ctas']}", r["ctas"], 3, 1.5) for r in rows[:2]]
-    for bad in (["ctas=0"], ["sms=4"], ["ctas=x"]):
-        with pytest.raises(SystemExit, match="ctas=N"):
-            profile_case.parse_ctas(bad)
-    assert profile_case.parse_ctas([]) is None
+    for bad in (["ctas=0"], ["sms=4"], ["ctas=x"], ["k=-1"]):
+        with pytest.raises(SystemExit, match="ctas=N or k=K"):
+            profile_case.parse_options(bad)
+    with pytest.raises(SystemExit, match="k=5: the kernels take K in"):
+        profile_case.parse_options(["k=5"])
+    assert profile_case.parse_options([]) == {}
+    # k=K holds the planner to K slots a lane, alone or with ctas=N
+    for options in (["k=32"], ["ctas=1", "k=32"], ["k=8", "ctas=4"]):
+        k = profile_case.parse_options(options)["k"]
+        w, _ = profile_case.option_call("simple", 96, 0.2, 3, "float16", 4, options)
+        assert w.meta.slots_per_lane == k and w.meta_t.slots_per_lane == k
+    w, _ = profile_case.option_call("simple", 96, 0.2, 3, "float16", 4, [])
+    assert w.meta.slots_per_lane != 32  # (the planner's own pick, after the patch is undone)
     with pytest.raises(SystemExit, match="not 'bidir'"):
         profile_case.case_call("bidir", 32, 0.2, 2, "float32", 4, 2)

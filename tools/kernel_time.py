@@ -5,14 +5,14 @@
         python3 tools/kernel_time.py run --manifest m.json "simple 256 0.1 1 float16" ... > k.csv
     python3 tools/kernel_time.py summarize k.csv --manifest m.json
 
-`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE [ctas=N], as tools/profile_case.py takes
-them: CELL simple, tiles, bidir, lstm or gru; ctas=N a layout of at most N CTAs) at two sequence
-lengths, WARMUP + CALLS times each, one persistent-kernel launch a call, and writes the order of
-those calls to the manifest. `summarize` matches ncu's launches to it and prints, per case, the
-median kernel duration at each length, the slope between them (µs per step: the kernel's own step,
-where `benchmarks.run`'s wall-clock slope also holds the host's jitter, ±0.3 µs a step at these
-sizes), the warp instructions per step, and the layout that ran (what `python -m
-benchmarks.cost_fit` reads to refit `jax_sprnn/cost.py`).
+`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE [ctas=N] [k=K], as tools/profile_case.py
+takes them: CELL simple, tiles, bidir, lstm or gru; ctas=N a layout of at most N CTAs, k=K one of K
+slots a lane) at two sequence lengths, WARMUP + CALLS times each, one persistent-kernel launch a
+call, and writes the order of those calls to the manifest. `summarize` matches ncu's launches to it
+and prints, per case, the median kernel duration at each length, the slope between them (µs per
+step: the kernel's own step, where `benchmarks.run`'s wall-clock slope also holds the host's jitter,
+±0.3 µs a step at these sizes), the warp instructions per step, and the layout that ran (what
+`python -m benchmarks.cost_fit` reads to refit `jax_sprnn/cost.py`).
 `tools/gpu_check.sh kerneltime` runs both.
 """
 from __future__ import annotations
@@ -35,14 +35,13 @@ CALLS = 5
 def run(cases: list[str], manifest: Path) -> None:
     import jax
 
-    from profile_case import case_call, parse_ctas
+    from profile_case import option_call
 
     order = []
     for case in cases:
         cell, hidden, density, batch, dtype, *options = case.split()
         for steps in STEPS:
-            w, f = case_call(cell, int(hidden), float(density), int(batch), dtype, steps,
-                             parse_ctas(options))
+            w, f = option_call(cell, int(hidden), float(density), int(batch), dtype, steps, options)
             for _ in range(WARMUP + CALLS):
                 jax.block_until_ready(f())
             meta = w.meta

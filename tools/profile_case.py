@@ -1,24 +1,29 @@
 """One persistent-kernel configuration, run a few times, for Nsight Compute (tools/gpu_check.sh profile).
 
-    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS [ctas=N]
+    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS [ctas=N] [k=K]
 
 CELL is simple, tiles (the simple cell on its tile layout: tensor cores), bidir (both directions
 of a bidirectional layer of one layout: one paired launch where the layout runs in cluster mode,
 one launch per direction in grid mode), lstm, gru, or bilstm / bigru (a gated bidirectional layer,
 paired likewise). ``ctas=N`` (simple, tiles, lstm, gru) packs the layer for a GPU of N SMs
 without clusters, a layout of at most N CTAs that runs in cluster mode on this one (the cluster
-suite's nN columns); by default the planner packs it for this GPU. The call runs four times (ncu skips
+suite's nN columns); by default the planner packs it for this GPU. ``k=K`` (with or without
+``ctas``) holds the planner to K slots a lane (so that a layout sweep can time layouts the cost
+model would not pick). The call runs four times (ncu skips
 the first two launches, which include compilation and warm-up).
 """
+import contextlib
 import dataclasses
+import functools
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_sprnn as js
-from jax_sprnn import testing
+from jax_sprnn import layout, planner, testing
 
 GATES = {"lstm": 4, "gru": 3}
 
@@ -83,21 +88,38 @@ def case_call(cell, hidden, density, batch, dtype, steps, ctas=None):
     return gated_call(GATES[cell], hidden, density, batch, dtype, steps, ctas)
 
 
-def parse_ctas(options: list[str]) -> int | None:
-    """``ctas=N`` among a case's trailing options (None without it)."""
-    ctas = None
+def parse_options(options: list[str]) -> dict[str, int]:
+    """A case's trailing options, ``ctas=N`` and ``k=K``, as ``{"ctas": N, "k": K}``."""
+    found = {}
     for opt in options:
         key, _, value = opt.partition("=")
-        if key != "ctas" or not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"unknown case option {opt!r} (expected ctas=N, N >= 1)")
-        ctas = int(value)
-    return ctas
+        if key not in ("ctas", "k") or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"unknown case option {opt!r} (expected ctas=N or k=K, N, K >= 1)")
+        found[key] = int(value)
+    if "k" in found and found["k"] not in planner.SLOT_SIZES:
+        raise SystemExit(f"k={found['k']}: the kernels take K in {planner.SLOT_SIZES}")
+    return found
+
+
+def slots_per_lane(k: int | None):
+    """A context in which the planner considers only ``k`` slots a lane (every K when None).
+    (The probe's own lever: ``SparseWeights.from_dense`` has no such option for users.)"""
+    if k is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(layout, "plan_layout", functools.partial(planner.plan_layout, slot_sizes=(k,)))
+
+
+def option_call(cell, hidden, density, batch, dtype, steps, options: list[str]):
+    """:func:`case_call` with a case's trailing options applied."""
+    opts = parse_options(options)
+    with slots_per_lane(opts.get("k")):
+        return case_call(cell, hidden, density, batch, dtype, steps, opts.get("ctas"))
 
 
 def main(argv):
     cell, hidden, density, batch, dtype, steps = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
                                                   argv[4], int(argv[5]))
-    w, f = case_call(cell, hidden, density, batch, dtype, steps, parse_ctas(argv[6:]))
+    w, f = option_call(cell, hidden, density, batch, dtype, steps, argv[6:])
     print(cell, w, flush=True)
     for _ in range(4):
         jax.block_until_ready(f())
