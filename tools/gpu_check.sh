@@ -54,40 +54,13 @@ arch_define=()
 if [ "$CUDA_ARCHS" != all ]; then arch_define=(-Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS"); fi
 echo "architectures: $CUDA_ARCHS"
 export JAX_SPRNN_EXPECTED_CUDA_ARCHS="$CUDA_ARCHS"  # tests/test_devices.py checks the build against it
-# The kernels' static library is most of a cold build (about 190 s of 200 on 16 cores). A build
-# returns it as $OUT/kernels-KEY.a.gz, KEY hashing everything it was compiled from (the sources,
-# the FFI headers, the architectures, nvcc); carried back in .prebuilt/ (run's carry), a later
-# fresh machine links it instead of compiling, when the key still matches.
-kernel_key=$( { find cuda CMakeLists.txt jax_sprnn/_constants.py -type f -print0 | sort -z | xargs -0 sha256sum
-  find "$(python3 -c 'import jaxlib, os; print(os.path.join(os.path.dirname(jaxlib.__file__), "include"))')" \
-    -type f -print0 | sort -z | xargs -0 cat | sha256sum
-  echo "$CUDA_ARCHS"; nvcc --version | tail -2; } | sha256sum | cut -c1-16)
-prebuilt=""
-if [ -f ".prebuilt/kernels-$kernel_key.a.gz" ]; then
-  prebuilt=/tmp/prebuilt_kernels.a
-  gunzip -c ".prebuilt/kernels-$kernel_key.a.gz" > "$prebuilt"
-  echo "linking the prebuilt kernels (key $kernel_key)"
-fi
-build() {
-  JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps "${arch_define[@]}" \
-    -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Ccmake.define.JAX_SPRNN_PREBUILT_KERNELS="$1" \
-    -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
-}
-build "$prebuilt"
+JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps "${arch_define[@]}" \
+  -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
 rc=$?
-if [ $rc -ne 0 ] && [ -n "$prebuilt" ]; then
-  echo "the build with the prebuilt kernels failed (rc=$rc): compiling them"; tail -20 "$OUT/build.log"
-  prebuilt=""; build ""; rc=$?
-fi
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
 grep -E "ptxas info *: (Used|Compiling|Function properties)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 rm -f "$OUT/build.log"  # keep $OUT for results (the build log is large and the build passed)
-if [ -z "$prebuilt" ] && [ -f build/gpu/libsprnn_cuda_kernels.a ]; then
-  gzip -c build/gpu/libsprnn_cuda_kernels.a > "$OUT/kernels-$kernel_key.a.gz"
-  # (16 MiB is the most one returned file may hold)
-  if [ "$(stat -c %s "$OUT/kernels-$kernel_key.a.gz")" -gt 16000000 ]; then rm -f "$OUT/kernels-$kernel_key.a.gz"; fi
-fi
 cd /tmp  # import the installed package, not the source tree
 has() { [[ ",$what," == *",$1,"* ]]; }
 # Packages the image lacks (the speech example's), carried as wheels in .whl/ when present.
@@ -307,6 +280,6 @@ fi
 # Only 8 files come back from a device run: past that, everything else goes into one archive.
 n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
 if [ "$n_files" -gt 7 ]; then
-  (cd "$OUT" && tar czf logs.tar.gz --exclude logs.tar.gz $(find . -maxdepth 1 -type f -printf '%f\n' | grep -v -E '^(tests.log|device.txt|kernels-.*)$') \
-    $(find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n') && find . -mindepth 1 -maxdepth 1 ! -name logs.tar.gz ! -name tests.log ! -name device.txt ! -name 'kernels-*' -exec rm -rf {} +)
+  (cd "$OUT" && tar czf logs.tar.gz --exclude logs.tar.gz $(find . -maxdepth 1 -type f -printf '%f\n' | grep -v -E '^(tests.log|device.txt)$') \
+    $(find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n') && find . -mindepth 1 -maxdepth 1 ! -name logs.tar.gz ! -name tests.log ! -name device.txt -exec rm -rf {} +)
 fi
