@@ -55,7 +55,7 @@ if [ "$CUDA_ARCHS" != all ]; then arch_define=(-Ccmake.define.CMAKE_CUDA_ARCHITE
 echo "architectures: $CUDA_ARCHS"
 export JAX_SPRNN_EXPECTED_CUDA_ARCHS="$CUDA_ARCHS"  # tests/test_devices.py checks the build against it
 JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps "${arch_define[@]}" \
-  -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
+  -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Ccmake.define.JAX_SPRNN_LINEINFO=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
 rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
 grep -E "ptxas info *: (Used|Compiling|Function properties)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
