@@ -71,6 +71,9 @@ def test_kernel_time_reads_scaled_units_and_refuses_a_short_report(tmp_path):
     _ncu_csv(tmp_path / "short.csv", launches[:-1])
     with pytest.raises(SystemExit, match="expects"):
         kernel_time.summarize(tmp_path / "short.csv", tmp_path / "m.json")
+    # launches past the manifest (a case cut off by the time limit) are left out
+    _ncu_csv(tmp_path / "long.csv", launches + [(999, 1, "usecond")] * 3)
+    assert kernel_time.summarize(tmp_path / "long.csv", tmp_path / "m.json") == [row]
     _ncu_csv(tmp_path / "odd.csv", [(100, 1, "cycle")] * n)
     with pytest.raises(ValueError, match="unknown unit 'cycle'"):
         kernel_time.launches(tmp_path / "odd.csv")
@@ -195,3 +198,15 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
     assert w.meta.slots_per_lane != 32  # (the planner's own pick, after the patch is undone)
     with pytest.raises(SystemExit, match="not 'bidir'"):
         profile_case.case_call("bidir", 32, 0.2, 2, "float32", 4, 2)
+
+
+def test_a_kernel_time_run_skips_a_case_whose_layout_does_not_fit(tmp_path, monkeypatch, capsys):
+    """A sweep goes on past a layout that does not fit (K = 1 puts a row of ~19 nonzeros on 19
+    lanes: 60 warps, past one CTA), and the manifest holds the cases that ran, with their layouts."""
+    monkeypatch.setattr(kernel_time, "STEPS", (2, 3))
+    cases = ["simple 96 0.2 3 float32 ctas=1 k=1", "simple 96 0.2 3 float32 ctas=2"]
+    kernel_time.run(cases, tmp_path / "m.json")
+    order = json.loads((tmp_path / "m.json").read_text())
+    assert [(o["case"], o["steps"]) for o in order] == [(cases[1], 2), (cases[1], 3)]
+    assert order[0]["layout"]["ctas"] <= 2 and order[0]["layout"]["hidden"] == 96
+    assert "skipped 'simple 96 0.2 3 float32 ctas=1 k=1'" in capsys.readouterr().err
