@@ -61,6 +61,11 @@ echo "build rc=$rc in $(( $(date +%s) - start )) s"
 grep -E "ptxas info *: (Used|Compiling|Function properties)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 rm -f "$OUT/build.log"  # keep $OUT for results (the build log is large and the build passed)
+# Where a cold build's time goes: the slowest steps (seconds, output) from ninja's log.
+if [ -f build/gpu/.ninja_log ]; then
+  awk 'NR > 1 { printf "%6.1f %s\n", ($2 - $1) / 1000, $4 }' build/gpu/.ninja_log | sort -rn | head -12 > "$OUT/build_times.txt"
+  echo "slowest build steps (s):"; head -4 "$OUT/build_times.txt"
+fi
 cd /tmp  # import the installed package, not the source tree
 has() { [[ ",$what," == *",$1,"* ]]; }
 # Packages the image lacks (the speech example's), carried as wheels in .whl/ when present.
