@@ -38,6 +38,19 @@ script_start=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
+# Only 8 files come back from a device run: past that, everything else goes into one archive. At
+# the end, and also when a time limit outside stops the script (SIGTERM, SIGINT), so that the logs
+# of what did run come back (a sanitizer run lost its logs so, 2026-12-05).
+archive_logs() {
+  local n_files
+  n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  if [ "$n_files" -gt 7 ]; then
+    (cd "$OUT" && tar czf logs.tar.gz --exclude logs.tar.gz $(find . -maxdepth 1 -type f -printf '%f\n' | grep -v -E '^(tests.log|device.txt)$') \
+      $(find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n') && find . -mindepth 1 -maxdepth 1 ! -name logs.tar.gz ! -name tests.log ! -name device.txt -exec rm -rf {} +)
+  fi
+}
+trap archive_logs EXIT
+trap 'echo "gpu_check: stopped by a signal; archiving the logs so far"; exit 143' TERM INT
 what=${1:-all}
 shift || true
 export PYTHONUNBUFFERED=1
@@ -281,10 +294,4 @@ if has sanitize || has final; then
       done
     done
   fi
-fi
-# Only 8 files come back from a device run: past that, everything else goes into one archive.
-n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
-if [ "$n_files" -gt 7 ]; then
-  (cd "$OUT" && tar czf logs.tar.gz --exclude logs.tar.gz $(find . -maxdepth 1 -type f -printf '%f\n' | grep -v -E '^(tests.log|device.txt)$') \
-    $(find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n') && find . -mindepth 1 -maxdepth 1 ! -name logs.tar.gz ! -name tests.log ! -name device.txt -exec rm -rf {} +)
 fi
