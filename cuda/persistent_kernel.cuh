@@ -2051,28 +2051,52 @@ struct DtypeOf<Dtype::kBF16> {
   using gated_slots = RegSlotsGated16;
 };
 
+// One group of a (direction, dtype)'s kernels: a batch tile, planes a pass, and slot or tile
+// layout, over every register tier. nullptr where the group has no kernels (tile layouts are the
+// 16-bit forward recurrences' only: persistent.h, has_tile_variants).
+template <Direction DIR, Dtype DT, int TILE, int PP, bool TILES>
+PersistentKernelFn lookup_persistent_group(int rs, int threads) {
+  using T = typename DtypeOf<DT>::type;
+  if constexpr (TILES) {
+    if constexpr (has_tile_variants(DIR, DT) && TILE == 4) {
+      using TileSeq = std::conditional_t<is_gated(DIR), TileRegSlotsGated16, TileRegSlots16>;
+      return pick_reg_slots<DIR, T, 4, PP, true>(rs, threads, TileSeq{});
+    } else {
+      return nullptr;
+    }
+  } else {
+    using Seq = std::conditional_t<is_gated(DIR), typename DtypeOf<DT>::gated_slots,
+                                   typename DtypeOf<DT>::slots>;
+    return pick_reg_slots<DIR, T, TILE, PP>(rs, threads, Seq{});
+  }
+}
+
 template <Direction DIR, Dtype DT>
 PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int planes_per_pass, bool tiles) {
-  using T = typename DtypeOf<DT>::type;
-  using Seq = std::conditional_t<is_gated(DIR), typename DtypeOf<DT>::gated_slots,
-                                 typename DtypeOf<DT>::slots>;
-  if (tiles) {  // a tile layout: 16-bit forward recurrences, tile 4 (persistent.h: has_tile_variants)
-    if constexpr (has_tile_variants(DIR, DT)) {
-      using TileSeq = std::conditional_t<is_gated(DIR), TileRegSlotsGated16, TileRegSlots16>;
-      if (tile != 4 || (planes_per_pass != 1 && planes_per_pass != 2)) return nullptr;
-      return planes_per_pass == 2 ? pick_reg_slots<DIR, T, 4, 2, true>(rs, threads, TileSeq{})
-                                  : pick_reg_slots<DIR, T, 4, 1, true>(rs, threads, TileSeq{});
-    }
-    return nullptr;
+  if (tiles) {  // a tile layout: tile 4
+    if (tile != 4) return nullptr;
+    if (planes_per_pass == 2) return lookup_persistent_group<DIR, DT, 4, 2, true>(rs, threads);
+    return planes_per_pass == 1 ? lookup_persistent_group<DIR, DT, 4, 1, true>(rs, threads) : nullptr;
   }
-  if (planes_per_pass == 2) return tile == 4 ? pick_reg_slots<DIR, T, 4, 2>(rs, threads, Seq{}) : nullptr;
+  if (planes_per_pass == 2) return tile == 4 ? lookup_persistent_group<DIR, DT, 4, 2, false>(rs, threads) : nullptr;
   if (planes_per_pass != 1) return nullptr;
   switch (tile) {
-    case 1: return pick_reg_slots<DIR, T, 1, 1>(rs, threads, Seq{});
-    case 2: return pick_reg_slots<DIR, T, 2, 1>(rs, threads, Seq{});
-    case 4: return pick_reg_slots<DIR, T, 4, 1>(rs, threads, Seq{});
+    case 1: return lookup_persistent_group<DIR, DT, 1, 1, false>(rs, threads);
+    case 2: return lookup_persistent_group<DIR, DT, 2, 1, false>(rs, threads);
+    case 4: return lookup_persistent_group<DIR, DT, 4, 1, false>(rs, threads);
     default: return nullptr;
   }
 }
+
+// The largest (direction, dtype)s compile in two translation units (their single unit set a fresh
+// GPU machine's build time: 110 of 124 s for the forward f16 kernels, 2026-12-05): the first,
+// cuda/instances/DIR_DTYPE.cu, instantiates lookup_persistent_kernel and through it every group
+// not named here, which it declares extern; the second, DIR_DTYPE_b.cu, instantiates these.
+#define JAX_SPRNN_SECOND_UNIT_GROUPS(X, DIR, DT) \
+  X(DIR, DT, 4, 1, false) X(DIR, DT, 2, 1, false) X(DIR, DT, 4, 2, true)
+#define JAX_SPRNN_EXTERN_GROUP(DIR, DT, TILE, PP, TILES) \
+  extern template PersistentKernelFn lookup_persistent_group<DIR, DT, TILE, PP, TILES>(int, int);
+#define JAX_SPRNN_INSTANTIATE_GROUP(DIR, DT, TILE, PP, TILES) \
+  template PersistentKernelFn lookup_persistent_group<DIR, DT, TILE, PP, TILES>(int, int);
 
 }  // namespace jax_sprnn::cuda
