@@ -210,3 +210,8 @@ def test_a_kernel_time_run_skips_a_case_whose_layout_does_not_fit(tmp_path, monk
     assert [(o["case"], o["steps"]) for o in order] == [(cases[1], 2), (cases[1], 3)]
     assert order[0]["layout"]["ctas"] <= 2 and order[0]["layout"]["hidden"] == 96
     assert "skipped 'simple 96 0.2 3 float32 ctas=1 k=1'" in capsys.readouterr().err
+    # the summary's row carries the layout that ran (what benchmarks.cost_fit reads)
+    n = kernel_time.WARMUP + kernel_time.CALLS
+    _ncu_csv(tmp_path / "k.csv", [(100, 1, "usecond")] * n + [(400, 1, "usecond")] * n)
+    (row,) = kernel_time.summarize(tmp_path / "k.csv", tmp_path / "m.json")
+    assert {k: row[k] for k in order[0]["layout"]} == order[0]["layout"]
