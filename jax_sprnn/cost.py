@@ -185,14 +185,15 @@ def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) ->
     return CLUSTER_FIXED_US + planes * per_plane
 
 
-def planning_step_us(meta: LayoutMeta, exchange: str, dtype) -> float:
-    """The mean estimated step over :data:`PLANNING_BATCHES` in the given exchange mode: how the
-    planner compares layouts whose batch is not known yet."""
-    def step(batch):
+def planning_step_us(meta: LayoutMeta, exchange: str, dtype, batch: int | None = None) -> float:
+    """The estimated step in the given exchange mode at ``batch``, or with no batch given, the mean
+    over :data:`PLANNING_BATCHES`: how the planner compares layouts whose batch is not known."""
+    def step(b):
         if exchange == "cluster":
-            return cluster_step_us(meta, batch, dtype)
-        return persistent_step_us(meta, batch)
-    return sum(w * step(b) for b, w in PLANNING_BATCHES) / sum(w for _, w in PLANNING_BATCHES)
+            return cluster_step_us(meta, b, dtype)
+        return persistent_step_us(meta, b)
+    batches = PLANNING_BATCHES if batch is None else ((batch, 1.0),)
+    return sum(w * step(b) for b, w in batches) / sum(w for _, w in batches)
 
 
 def kernel_step_us(meta: LayoutMeta, batch: int, dtype) -> float:

@@ -35,21 +35,23 @@ def widest_fitting(plan_at) -> Plan:
 
 
 def plan_layouts(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None,
-                 exchange: str = "auto") -> tuple[Plan, Plan]:
+                 exchange: str = "auto", batch: int | None = None) -> tuple[Plan, Plan]:
     """The plans of a layer's forward layout (``row_nnz``: nonzeros of each of its ``G*H`` rows,
     the output units or gate rows) and of its transposed layout (``col_nnz``: nonzeros of each of
     the ``H`` input units, which are its rows; over ``G*H`` columns).
 
     ``load_bytes=None`` takes the widest staged-state load (16, 8, 4 bytes: a batch tile of 4, 2, 1
     examples) whose forward layout fits on chip: a narrower tile stages less state per CTA, which
-    leaves room for the weights of larger layers. ``exchange`` is ``plan_layout``'s, for both
-    layouts. (:func:`jax_sprnn.tile_layout.plan_layer` also plans tile layouts.)"""
+    leaves room for the weights of larger layers. ``exchange`` and ``batch`` are ``plan_layout``'s,
+    for both layouts (the backward recurrence runs the forward's batch).
+    (:func:`jax_sprnn.tile_layout.plan_layer` also plans tile layouts.)"""
     if load_bytes is None:
         load_bytes = widest_fitting(lambda lb: plan_layout(row_nnz, dtype, device, load_bytes=lb,
                                                            gates=gates)).load_bytes
-    fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates, exchange=exchange)
+    fwd = plan_layout(row_nnz, dtype, device, load_bytes=load_bytes, gates=gates, exchange=exchange,
+                      batch=batch)
     bwd = plan_layout(col_nnz, dtype, device, load_bytes=load_bytes, gates=gates,
-                      transposed=gates > 1, exchange=exchange)
+                      transposed=gates > 1, exchange=exchange, batch=batch)
     return fwd, bwd
 
 

@@ -364,12 +364,13 @@ class _SparseLayer(_RecurrentAttributes, nnx.Module):
         with no mask starts from its initial one (all ones when ``max_density == 1``)."""
         prune(self, sparsity, rule=rule)
 
-    def to_inference(self) -> SparseWeights:
-        """The packed inference weights of this layer (tightly packed by the planner)."""
+    def to_inference(self, *, batch: int | None = None) -> SparseWeights:
+        """The packed inference weights of this layer (tightly packed by the planner; for ``batch``,
+        the batch it will mostly run at, where given: :meth:`SparseWeights.from_dense`)."""
         stored = self.sparsity.get_value()
         if isinstance(stored, SparseWeights):
             return stored
-        return pruning.pack_inference(self.kernel(), self.mask, dtype=self.dtype)
+        return pruning.pack_inference(self.kernel(), self.mask, dtype=self.dtype, batch=batch)
 
 
 _LAYER_ARGS = """
@@ -650,13 +651,14 @@ def param_masks(model):
     return pruning.masks_at_paths(params, masks)
 
 
-def to_inference(model):
+def to_inference(model, *, batch: int | None = None):
     """A copy of ``model`` in which every sparse layer runs its packed inference weights (its
     ``sparsity`` holds :class:`jax_sprnn.SparseWeights`, and its dense recurrent kernels are gone:
-    ``cell.dense_h`` entirely, the LSTM's ``cell.hi.kernel``, ... but not their biases)."""
+    ``cell.dense_h`` entirely, the LSTM's ``cell.hi.kernel``, ... but not their biases). ``batch``:
+    the batch the model will mostly run at, if known; the layouts are then planned for it."""
     model = nnx.clone(model)
     for layer in _sparse_layers(model).values():
-        layer.sparsity.set_value(layer.to_inference())
+        layer.sparsity.set_value(layer.to_inference(batch=batch))
         layer._drop_kernel()
     return model
 

@@ -280,6 +280,7 @@ def plan_layout(
     gates: int = 1,
     transposed: bool = False,
     exchange: str = "auto",
+    batch: int | None = None,
 ) -> Plan:
     """Plan the layout of a layer whose row ``i`` (output unit ``i``) has ``row_nnz[i]`` nonzeros.
 
@@ -297,9 +298,15 @@ def plan_layout(
     step (``jax_sprnn.cost``), ``"cluster"`` the cheapest on at most :data:`MAX_CLUSTER_CTAS` CTAs
     (one thread-block cluster) where one fits, ``"grid"`` the layout spread over the SMs as for a GPU
     without clusters (a layer small enough to need few CTAs still runs in cluster mode).
+
+    ``batch``: the batch the layer will run at, if known. The estimates are then taken at that
+    batch alone, instead of averaged over :data:`jax_sprnn.cost.PLANNING_BATCHES`, and a layout
+    that runs that batch persistently is preferred to one that does not. Any batch still runs on
+    the result.
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"plan_layout: exchange must be one of {EXCHANGES}, got {exchange!r}")
+    check_batch_hint(batch)
     row_nnz = np.asarray(row_nnz, np.int64)
     row_gates = 1 if transposed else gates
     if gates < 1 or row_nnz.size % row_gates:
@@ -343,11 +350,12 @@ def plan_layout(
     if best is not None:
         grid = _widen_thin_ctas(best, dtype, device)
         if exchange == "grid":
-            return grid
-        cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates, transposed)
+            return planned_for(grid, batch)
+        cluster = _cluster_layout(row_nnz, dtype, device, load_bytes, slot_sizes, gates, transposed,
+                                  batch)
         if exchange == "cluster" and cluster is not None:
-            return cluster
-        return _faster_of(grid, cluster, dtype)
+            return planned_for(cluster, batch)
+        return planned_for(_faster_of(grid, cluster, dtype, device, batch), batch)
     # Nothing fits: still lay it out (for the CPU kernel and the fallback paths), with the
     # smallest K that keeps every row inside one warp.
     k = next((s for s in sorted(slot_sizes) if unit_lanes(row_nnz, s, row_gates).max() <= WARP), None)
@@ -417,12 +425,34 @@ def max_persistent_batch(plan: LayoutMeta, dtype, device: DeviceSpec = H200) -> 
     return int(batch)
 
 
+def check_batch_hint(batch) -> None:
+    """``batch``, the planners' hint of the batch a layer will run at: None or a positive integer."""
+    if batch is not None and (isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer))
+                              or batch < 1):
+        raise ValueError(f"batch (the batch to plan the layout for) must be a positive integer or "
+                         f"None, got {batch!r}")
+
+
+def runs_batch(plan: LayoutMeta, batch: int | None, dtype, device: DeviceSpec) -> bool:
+    """Whether the persistent kernel runs ``batch`` on this layout (True with no batch given)."""
+    return batch is None or max_persistent_batch(plan, dtype, device) >= batch
+
+
+def planned_for(plan: Plan, batch: int | None) -> Plan:
+    """The plan, its ``reason`` naming the batch it was planned for (when one was given)."""
+    if batch is None or not plan.fits:
+        return plan
+    return dataclasses.replace(plan, reason=f"{plan.reason}, planned for batch {int(batch)}")
+
+
 def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: int,
-                    slot_sizes: Sequence[int], gates: int, transposed: bool = False) -> Plan | None:
+                    slot_sizes: Sequence[int], gates: int, transposed: bool = False,
+                    batch: int | None = None) -> Plan | None:
     """The cheapest layout on at most :data:`MAX_CLUSTER_CTAS` CTAs, by the cluster-mode step
-    estimate over a few batches (``jax_sprnn.cost.planning_step_us``), or None (no clusters on the
-    device, or the layer does not fit in so few CTAs). Within :data:`PORTABLE_TOLERANCE` of the
-    cheapest, a portable cluster (at most 8 CTAs) is preferred. Cluster mode keeps two staged copies of the
+    estimate over a few batches, or at ``batch`` where it is given, among the layouts that run it
+    where any does (``jax_sprnn.cost.planning_step_us``), or None (no clusters on the device, or
+    the layer does not fit in so few CTAs). Within :data:`PORTABLE_TOLERANCE` of the cheapest, a
+    portable cluster (at most 8 CTAs) is preferred. Cluster mode keeps two staged copies of the
     state, so the shared memory is planned for both."""
 
     if not device.cluster_launch:
@@ -456,19 +486,26 @@ def _cluster_layout(row_nnz: np.ndarray, dtype, device: DeviceSpec, load_bytes: 
                         f"fits (cluster mode: {ctas} CTAs of {wpc} warps)",
                         cta_smem_bytes(cols, load_bytes, k, reg_slots, threads, dtype, gates, transposed),
                         gates=gates, transposed=transposed)
-            candidates.append((cost.planning_step_us(plan, "cluster", dtype), plan))
+            candidates.append((cost.planning_step_us(plan, "cluster", dtype, batch), plan))
     if not candidates:
         return None
+    candidates = [c for c in candidates if runs_batch(c[1], batch, dtype, device)] or candidates
     best_us = min(us for us, _ in candidates)
     near = [(us, plan) for us, plan in candidates if us <= best_us * (1 + PORTABLE_TOLERANCE)]
     return min(near, key=lambda c: (c[1].num_ctas > cost.PORTABLE_CLUSTER_CTAS, c[0]))[1]
 
 
-def _faster_of(grid: Plan, cluster: Plan | None, dtype) -> Plan:
+def _faster_of(grid: Plan, cluster: Plan | None, dtype, device: DeviceSpec,
+               batch: int | None = None) -> Plan:
     """The grid-mode or the cluster-mode layout, whichever has the lower estimated step over a few
-    batches (a layout is planned before its batch is known)."""
+    batches (a layout is usually planned before its batch is known), or at ``batch`` where it is
+    given; there, one that runs the batch persistently wins over one that does not."""
 
     if cluster is None or grid.num_ctas <= MAX_CLUSTER_CTAS:
         return grid
-    faster = cost.planning_step_us(cluster, "cluster", dtype) < cost.planning_step_us(grid, "grid", dtype)
+    runs = runs_batch(grid, batch, dtype, device), runs_batch(cluster, batch, dtype, device)
+    if runs[0] != runs[1]:
+        return grid if runs[0] else cluster
+    faster = (cost.planning_step_us(cluster, "cluster", dtype, batch)
+              < cost.planning_step_us(grid, "grid", dtype, batch))
     return cluster if faster else grid

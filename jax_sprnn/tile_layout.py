@@ -22,8 +22,8 @@ import numpy as np
 from . import _constants, cost
 from .layout import PackedPattern, plan_layouts, widest_fitting
 from .planner import (KERNEL_SMEM_RESERVE, MAX_CLUSTER_CTAS, PORTABLE_TOLERANCE, STAGE_WORDS_PER_THREAD,
-                      WARP, DeviceSpec, H200, LayoutMeta, Plan, cta_smem_bytes, max_persistent_batch,
-                      plan_layout, weight_smem_bytes)
+                      WARP, DeviceSpec, H200, LayoutMeta, Plan, planned_for, check_batch_hint,
+                      cta_smem_bytes, plan_layout, runs_batch, weight_smem_bytes)
 
 #: The columns of one tensor-core strip: a tile layout's width is a multiple of it.
 STRIP = cost.TILE_STRIP_COLUMNS
@@ -40,22 +40,24 @@ MATVECS = ("auto", "slots", "tiles")
 
 
 def plan_layer(row_nnz, col_nnz, dtype, device, *, gates: int = 1, load_bytes: int | None = None,
-               exchange: str = "auto", matvec: str = "auto") -> tuple[Plan, Plan]:
+               exchange: str = "auto", matvec: str = "auto",
+               batch: int | None = None) -> tuple[Plan, Plan]:
     """:func:`jax_sprnn.layout.plan_layouts`, or for ``matvec="tiles"`` a tile forward layout
     (16-byte loads) and an ordinary transposed one, at the widest load that fits."""
     if matvec not in MATVECS:
         raise ValueError(f"matvec must be one of {MATVECS}, got {matvec!r}")
     if matvec != "tiles":
         return plan_layouts(row_nnz, col_nnz, dtype, device, gates=gates, load_bytes=load_bytes,
-                            exchange=exchange)
+                            exchange=exchange, batch=batch)
     if load_bytes not in (None, LOAD_BYTES):
         raise ValueError(f"load_bytes: a tile layout stages {LOAD_BYTES}-byte loads (a batch tile of "
                          f"4), got {load_bytes}")
     fwd = plan_tile_layout(np.asarray(row_nnz).size // gates, dtype, device, gates=gates,
-                           exchange=exchange)
+                           exchange=exchange, batch=batch)
 
     return fwd, widest_fitting(lambda lb: plan_layout(col_nnz, dtype, device, load_bytes=lb, gates=gates,
-                                                      transposed=gates > 1, exchange=exchange))
+                                                      transposed=gates > 1, exchange=exchange,
+                                                      batch=batch))
 
 
 def tile_layout_error(hidden: int, dtype) -> str | None:
@@ -73,14 +75,17 @@ def _reg_tiers(gates: int) -> tuple[int, ...]:
 
 
 def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: int = 1,
-                     exchange: str = "auto") -> Plan:
+                     exchange: str = "auto", batch: int | None = None) -> Plan:
     """The tile layout of a layer of ``hidden`` units and ``gates`` gate rows each: the CTA count
     and register tier with the lowest estimated step (``jax_sprnn.cost``) among those that fit
     (whose CTAs are wide enough to stage the state in grid mode, and which run a batch of
     :data:`MIN_BATCH`, where any do),
     in the exchange mode asked for (``"auto"``; ``"cluster"``: at most :data:`MAX_CLUSTER_CTAS`
-    CTAs; ``"grid"``: ranked by the grid-mode estimate, as ``plan_layout`` does). Where none
-    fits, a plan with ``fits=False`` and the reason (the CPU paths still run it)."""
+    CTAs; ``"grid"``: ranked by the grid-mode estimate, as ``plan_layout`` does). ``batch``, as
+    ``plan_layout`` takes it: the estimates at that batch, and the plans that run it (instead of
+    :data:`MIN_BATCH`) where any do. Where none fits, a plan with ``fits=False`` and the reason
+    (the CPU paths still run it)."""
+    check_batch_hint(batch)
     why = tile_layout_error(hidden, dtype)
     if why is not None:
         raise ValueError(why)
@@ -114,7 +119,7 @@ def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: in
                     f"fits (tile layout: {ctas} CTAs of {wpc} warps, planned for {mode} mode)",
                     one_copy, gates=gates, tiles=True)
         if exchange != "cluster" or in_cluster:
-            candidates.append((cost.planning_step_us(plan, mode, dtype), plan, mode))
+            candidates.append((cost.planning_step_us(plan, mode, dtype, batch), plan, mode))
     # In grid mode every CTA stages the whole state each step: CTAs too thin for it (more than
     # STAGE_WORDS_PER_THREAD words a thread and batch entry) ran 53 µs steps at H = 1024, B = 32
     # (benchmarks/RESULTS.md, "Dense tiles"), so they are kept only where nothing else fits (a
@@ -123,14 +128,16 @@ def plan_tile_layout(hidden: int, dtype, device: DeviceSpec = H200, *, gates: in
     staged = [c for c in candidates if c[2] == "cluster" or c[1].warps_per_cta >= wide_enough]
     candidates = staged or candidates
     # A tile layout's weights fill shared memory, which leaves little for the staged state: keep
-    # the plans that run a batch of MIN_BATCH where any does.
-    roomy = [c for c in candidates if max_persistent_batch(c[1], dtype, device) >= MIN_BATCH]
+    # the plans that run the batch (MIN_BATCH when none is given) where any does.
+    roomy = [c for c in candidates if runs_batch(c[1], MIN_BATCH if batch is None else batch, dtype, device)]
     candidates = [c[:2] for c in roomy or candidates]
     if candidates:
         best_us = min(us for us, _ in candidates)
         near = [(us, plan) for us, plan in candidates if us <= best_us * (1 + PORTABLE_TOLERANCE)]
         # Among near-equal estimates: a portable cluster, then fewer CTAs (fewer to exchange with).
-        return min(near, key=lambda c: (c[1].num_ctas > cost.PORTABLE_CLUSTER_CTAS, c[1].num_ctas, c[0]))[1]
+        return planned_for(
+            min(near, key=lambda c: (c[1].num_ctas > cost.PORTABLE_CLUSTER_CTAS, c[1].num_ctas, c[0]))[1],
+            batch)
     wpc = max(1, min(warps, device.max_threads_per_block // WARP))
     reason = (f"no tile layout of H={hidden} ({gates} gate row(s) a unit, {np.dtype(dtype).name}) fits "
               f"on {device.name} ({device.sm_count} SMs, {device.smem_per_block} bytes of shared "

@@ -265,7 +265,7 @@ class SparseWeights(PackedLayout):
     def from_dense(cls, kernel, mask=None, *, density: float | None = None, dtype=None,
                    device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
                    bank_aware: bool = True, exchange: str = "auto",
-                   matvec: str = "auto") -> "SparseWeights":
+                   matvec: str = "auto", batch: int | None = None) -> "SparseWeights":
         """Pack a dense ``[H, H]`` kernel (Flax orientation), or a gated ``[H, 3H]`` / ``[H, 4H]``
         one (column ``g*H + i``: gate ``g`` of unit ``i``), keeping the entries where ``mask`` is
         true, or the ``density`` fraction of largest magnitudes. Exactly one of the two is needed.
@@ -284,6 +284,9 @@ class SparseWeights(PackedLayout):
         on tensor cores over dense 16-column strips (float16 or bfloat16, H a multiple of 16; for
         dense-ish layers, about 10% density and up); ``"auto"``, slots: the tensor-core path
         measured slower so far (benchmarks/RESULTS.md). It too changes only speed and fit.
+        ``batch`` is the batch the layer will mostly run at, if known: the planner then picks the
+        layout whose estimated step is lowest at that batch (and that runs it persistently), where
+        by default it weighs B = 1 to 32 alike. Every batch still runs; ``meta.reason`` records it.
         """
         kernel = np.asarray(kernel)
         gates = kernel_gates(kernel.shape, "kernel")
@@ -314,13 +317,13 @@ class SparseWeights(PackedLayout):
         vals = storable(kernel.reshape(-1)[cols * kernel.shape[1] + rows], dtype)  # kernel[cols, rows]
         return cls.from_pattern(rows, cols, vals, kernel.shape[0], gates=gates, device=device,
                                 load_bytes=load_bytes, bank_aware=bank_aware, exchange=exchange,
-                                matvec=matvec)
+                                matvec=matvec, batch=batch)
 
     @classmethod
     def from_pattern(cls, rows, cols, vals, hidden: int, *, gates: int = 1,
                      device: _planner.DeviceSpec | None = None, load_bytes: int | None = None,
                      bank_aware: bool = True, exchange: str = "auto",
-                     matvec: str = "auto") -> "SparseWeights":
+                     matvec: str = "auto", batch: int | None = None) -> "SparseWeights":
         """Pack nonzeros ``U[rows[n], cols[n]] = vals[n]`` (``U = kernel.T``, ``G*H x H``; rows in
         ``[0, gates * hidden)``, columns in ``[0, hidden)``, each entry given once, finite values)
         of a layer of ``hidden`` units (options as in :meth:`from_dense`)."""
@@ -354,7 +357,7 @@ class SparseWeights(PackedLayout):
         fwd_plan, bwd_plan = plan_layer(np.bincount(rows, minlength=gates * hidden),
                                         np.bincount(cols, minlength=hidden), dtype, device,
                                         gates=gates, load_bytes=load_bytes, exchange=exchange,
-                                        matvec=matvec)
+                                        matvec=matvec, batch=batch)
         if exchange == "cluster" and not (fwd_plan.fits and fwd_plan.exchange == "cluster"):
             raise ValueError(
                 f"exchange='cluster': no layout of this layer (H={hidden}, {rows.size} nonzeros, "

@@ -257,3 +257,26 @@ def test_a_cluster_layout_that_cannot_be_had_is_an_error():
         js.SparseWeights.from_dense(kernel, density=0.2, device=grid_only, exchange="cluster")
     with pytest.raises(ValueError, match="exchange must be one of"):
         js.SparseWeights.from_dense(kernel, density=0.2, exchange="l2")
+
+
+def test_a_layout_planned_for_a_batch_computes_the_same_layer():
+    # H=1024 at 10% in fp16: planned for B=8 the layer takes another cluster (16 CTAs, not 8);
+    # the layer it packs, and what it computes, are the same.
+    rng = np.random.default_rng(43)
+    H, B, T = 1024, 3, 4
+    kernel = (rng.standard_normal((H, H)) / np.sqrt(0.1 * H)).astype(np.float16)
+    mask = rng.random((H, H)) < 0.1
+    default = js.SparseWeights.from_dense(kernel, mask, device=planner.H200)
+    hinted = js.SparseWeights.from_dense(kernel, mask, device=planner.H200, batch=8)
+    assert (hinted.meta.num_ctas, hinted.meta.warps_per_cta) != (default.meta.num_ctas,
+                                                                  default.meta.warps_per_cta)
+    assert hinted.meta.reason.endswith("planned for batch 8") and "batch" not in default.meta.reason
+    np.testing.assert_array_equal(np.asarray(hinted.to_dense()), np.asarray(default.to_dense()))
+    x = jnp.asarray(rng.standard_normal((B, T, H)), jnp.float16)
+    h0 = jnp.asarray(rng.standard_normal((B, H)), jnp.float16)
+    for a, b in zip(js.sparse_rnn(x, h0, hinted), js.sparse_rnn(x, h0, default)):
+        assert rel_err(a, b) < 5e-4  # (fp16 outputs; the two layouts sum a row in other orders)
+    with pytest.raises(ValueError, match=r"batch \(the batch to plan the layout for\)"):
+        js.SparseWeights.from_dense(kernel, mask, batch=0)
+    with pytest.raises(ValueError, match=r"batch \(the batch to plan the layout for\)"):
+        js.SparseWeights.from_dense(kernel, mask, matvec="tiles", batch=-1)

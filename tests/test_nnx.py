@@ -214,6 +214,9 @@ def test_pruning_in_place_does_not_recompile():
     assert not hasattr(inference.rnn.cell, "dense_h")
     assert isinstance(model.rnn.sparsity.get_value(), pruning.PackedMask)  # original untouched
     assert rel_err(nnx.jit(lambda m: m(x))(inference), model(x)) < 1e-6
+    planned = jnnx.to_inference(model, batch=7)  # a layout planned for the batch it will run
+    assert planned.rnn.sparsity.get_value().meta.reason.endswith("planned for batch 7")
+    assert rel_err(nnx.jit(lambda m: m(x))(planned), model(x)) < 1e-6
 
 
 def test_bad_arguments_name_the_argument():

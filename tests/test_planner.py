@@ -304,3 +304,55 @@ def test_a_portable_cluster_is_preferred_within_the_estimates_error(monkeypatch)
     assert cheapest.num_ctas > cost.PORTABLE_CLUSTER_CTAS, cheapest
     est = [cost.planning_step_us(p, "cluster", np.float16) for p in (plan, cheapest)]
     assert est[1] < est[0] <= est[1] * (1 + tolerance)
+
+
+# ---- a batch to plan for (plan_layout(batch=...), SparseWeights.from_dense(batch=...)) -----------
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "8", np.float32(4)])
+def test_a_batch_hint_is_checked(bad):
+    with pytest.raises(ValueError, match=r"batch \(the batch to plan the layout for\).*got"):
+        plan_layout(np.full(256, 25), np.float16, H200, batch=bad)
+
+
+def test_the_planning_estimate_at_a_batch_is_the_step_at_that_batch():
+    plan = plan_layout(np.full(1024, 102), np.float16, H200)
+    for batch in (1, 5, 32):
+        assert cost.planning_step_us(plan, "cluster", np.float16, batch) == \
+            cost.cluster_step_us(plan, batch, np.float16)
+        assert cost.planning_step_us(plan, "grid", np.float16, batch) == cost.persistent_step_us(plan, batch)
+    # Without one, the mean over the planning batches: not the step at any one batch here.
+    mean = cost.planning_step_us(plan, "grid", np.float16)
+    steps = [cost.persistent_step_us(plan, b) for b, _ in cost.PLANNING_BATCHES]
+    assert mean == pytest.approx(np.mean(steps)) and min(steps) < mean < max(steps)
+
+
+@pytest.mark.parametrize("hidden, density, gates", [(1024, 0.1, 1), (512, 0.2, 1), (256, 0.1, 1),
+                                                   (2304, 0.1, 1), (1024, 0.1, 3), (768, 0.1, 4)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_layout_planned_for_a_batch_is_estimated_no_slower_there(hidden, density, gates, dtype):
+    nnz = np.full(gates * hidden, max(1, int(density * hidden)))
+    default = plan_layout(nnz, dtype, H200, gates=gates)
+    for batch in (1, 8, 32):
+        hinted = plan_layout(nnz, dtype, H200, gates=gates, batch=batch)
+        assert hinted.fits and hinted.reason.endswith(f", planned for batch {batch}"), hinted.reason
+        if planner.max_persistent_batch(default, dtype) >= batch:
+            assert planner.max_persistent_batch(hinted, dtype) >= batch
+            # (a portable cluster is taken within PORTABLE_TOLERANCE of a wider one's estimate)
+            assert cost.kernel_step_us(hinted, batch, dtype) <= \
+                cost.kernel_step_us(default, batch, dtype) * (1 + planner.PORTABLE_TOLERANCE)
+    assert plan_layout(nnz, dtype, H200, gates=gates, batch=None) == default
+
+
+def test_a_layout_planned_for_a_batch_runs_that_batch_where_one_can():
+    # H=2048 at 10% in fp16: the default grid layout stages the whole batch in each CTA and runs
+    # at most 28 examples persistently; cluster replicas split the batch, so a batch of 64 gets one.
+    nnz = np.full(2048, 204)
+    default = plan_layout(nnz, np.float16, H200)
+    assert planner.max_persistent_batch(default, np.float16) < 64
+    hinted = plan_layout(nnz, np.float16, H200, batch=64)
+    assert hinted.exchange == "cluster" and planner.max_persistent_batch(hinted, np.float16) >= 64
+    # A batch that nothing runs persistently still gets a layout (the estimates decide).
+    assert plan_layout(nnz, np.float16, H200, batch=1 << 20).fits
+    # Without clusters there is only the grid layout, whatever the batch.
+    assert plan_layout(nnz, np.float16, GRID_ONLY, batch=64).num_ctas == \
+        plan_layout(nnz, np.float16, GRID_ONLY).num_ctas

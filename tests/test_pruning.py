@@ -438,3 +438,21 @@ def test_to_inference_packs_kernels_held_in_lists_and_refuses_what_it_cannot_pac
         pruning.update_sparsity(flat["params"], flat["sparsity"], 0.5)
     with pytest.raises(ValueError, match="cannot drop w/0: it is an item of a sequence"):
         pruning.to_inference({"params": {"w": [kernels[0]]}, "sparsity": {"w": [mask]}})
+
+
+def test_inference_packing_takes_the_batch_to_plan_for():
+    model, variables, x, _ = model_and_data(44, max_density=0.5)
+    params, sparsity = pruning.update_sparsity(variables["params"], variables["sparsity"], 0.7)
+    trained = {"params": params, "sparsity": sparsity}
+    planned = pruning.to_inference(trained, batch=16)
+    weights = planned["sparsity"]["cell"]["h"]["kernel"]
+    assert weights.meta.reason.endswith("planned for batch 16")
+    np.testing.assert_array_equal(np.asarray(model.apply(planned, x)),
+                                  np.asarray(model.apply(pruning.to_inference(trained), x)))
+    kernel, mask = random_kernel(45), np.asarray(sparsity["cell"]["h"]["kernel"].mask)
+    assert pruning.pack_inference(kernel, mask, batch=3).meta.reason.endswith("planned for batch 3")
+    stacked = pruning.pack_inference(np.stack([kernel] * 2), np.stack([mask] * 2), batch=3)
+    assert stacked.meta.reason.endswith("planned for batch 3")
+    assert pruning.PackedMask.for_density(H, 0.2, batch=5).meta.reason.endswith("planned for batch 5")
+    with pytest.raises(ValueError, match=r"batch \(the batch to plan the layout for\)"):
+        pruning.to_inference(trained, batch=0)

@@ -15,13 +15,14 @@ from .packed import PackedMask
 from .tree import COLLECTION, drop_at, get_at, mask_leaves, path_name, replace_at
 
 
-def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
+def pack_inference(kernel, mask, *, dtype=None, batch: int | None = None) -> SparseWeights:
     """One layer's packed inference weights: ``kernel`` (``[H, H]`` or a gated ``[H, G*H]``, or
     stacked ``[..., H, G*H]``) at ``mask``.
 
     A single layer is packed tightly by the planner (:meth:`SparseWeights.from_dense`). Stacked
     layers (``nn.scan``) must share one layout to stay stacked, so they are packed into the
-    layout planned for their largest row and column counts.
+    layout planned for their largest row and column counts. ``batch``: the batch the layer will
+    mostly run at, if known (:meth:`SparseWeights.from_dense`).
     """
     kernel = np.asarray(jnp.asarray(kernel, jnp.float32))
     mask = np.asarray(mask)
@@ -33,19 +34,19 @@ def pack_inference(kernel, mask, *, dtype=None) -> SparseWeights:
         raise TypeError(f"mask must be a boolean array, got {mask.dtype}")
     dtype = check_weight_dtype(np.float32 if dtype is None else dtype, "dtype")
     if kernel.ndim == 2:
-        return SparseWeights.from_dense(kernel, mask, dtype=dtype)
+        return SparseWeights.from_dense(kernel, mask, dtype=dtype, batch=batch)
     check_finite(kernel, "kernel")
     storable(kernel[mask], dtype)  # what from_dense checks for one layer
     lead = kernel.shape[:-2]
     k = kernel.reshape((-1,) + kernel.shape[-2:])
     m = mask.reshape(k.shape)
     template = PackedMask.create(m[0], row_budget=max(1, int(m.sum(axis=1).max())),
-                                 col_budget=max(1, int(m.sum(axis=2).max())), dtype=dtype)
+                                 col_budget=max(1, int(m.sum(axis=2).max())), dtype=dtype, batch=batch)
     layers = [template.with_mask(m[i]).weights(k[i]) for i in range(k.shape[0])]
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *layers)
 
 
-def to_inference(variables: Mapping) -> dict:
+def to_inference(variables: Mapping, *, batch: int | None = None) -> dict:
     """The packed inference form of a trained Flax (linen) model, in one call.
 
     ``variables``: ``{'params': ..., 'sparsity': ..., ...}`` as ``model.init`` made them and
@@ -56,6 +57,8 @@ def to_inference(variables: Mapping) -> dict:
     weights alone, take the SparseWeights leaves of ``result['sparsity']``. Trees of dicts, lists
     and tuples are walked alike. A plain boolean mask in the collection is an error (there is no
     layout to pack it into here): :func:`pack_inference` packs such a kernel on its own.
+    ``batch``: the batch the model will mostly run at, if known; each layer's layout is then
+    planned for it (:meth:`SparseWeights.from_dense`).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with 'params' and "
@@ -70,7 +73,7 @@ def to_inference(variables: Mapping) -> dict:
         raise ValueError(f"to_inference packs PackedMask leaves (what the jax_sprnn.flax layers "
                          f"hold); the masks at {', '.join(plain)} are boolean arrays: pack each "
                          f"with pruning.pack_inference(kernel, mask)")
-    packed = {p: pack_inference(get_at(params, p, "params"), e.mask, dtype=e.dtype)
+    packed = {p: pack_inference(get_at(params, p, "params"), e.mask, dtype=e.dtype, batch=batch)
               for p, e in found.items()}
     out = dict(variables)
     out["params"] = drop_at(params, set(packed))

@@ -87,14 +87,15 @@ class PackedMask(PackedLayout):
     @classmethod
     def create(cls, mask, *, row_budget: int | None = None, col_budget: int | None = None,
                dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int | None = None,
-               host: bool = False) -> "PackedMask":
+               host: bool = False, batch: int | None = None) -> "PackedMask":
         """Pack ``mask`` (``[H, H]``, or a gated ``[H, G*H]``) into a layout planned for
         ``row_budget`` nonzeros in every output unit (gate row) and ``col_budget`` in every input
         unit (default: the mask's own largest counts).
 
         ``dtype`` is the storage dtype of the weights (the planner's register and shared-memory
         budget depends on it). ``device`` is the GPU to plan for (default: the current one, or an
-        H200 when there is none). ``host``: NumPy leaves instead of device arrays.
+        H200 when there is none). ``host``: NumPy leaves instead of device arrays. ``batch``: the
+        batch the layer will mostly run at, if known (:meth:`SparseWeights.from_dense`).
         """
         mask = check_kernel_mask(mask)
         hidden, width = mask.shape
@@ -111,7 +112,7 @@ class PackedMask(PackedLayout):
         # Planning for uniform counts gives the layout every mask within the budgets packs into.
         meta, meta_t = (LayoutMeta.from_plan(p) for p in plan_layouts(
             np.full(width, row_budget), np.full(hidden, col_budget), dtype, device, gates=gates,
-            load_bytes=load_bytes))
+            load_bytes=load_bytes, batch=batch))
         empty = cls(**dict.fromkeys(cls.LEAVES), meta=meta, meta_t=meta_t, dtype=dtype.name,
                     row_budget=row_budget, col_budget=col_budget)
         return empty.with_mask(mask, host=host)
@@ -119,7 +120,7 @@ class PackedMask(PackedLayout):
     @classmethod
     def for_density(cls, hidden: int, max_density: float = 1.0, *, gates: int = 1, seed: int = 0,
                     dtype=np.float32, device: DeviceSpec | None = None, load_bytes: int | None = None,
-                    host: bool = False) -> "PackedMask":
+                    host: bool = False, batch: int | None = None) -> "PackedMask":
         """The layout of a layer (``gates``: 1, or 3 / 4 for a GRU / LSTM kernel ``[H, G*H]``)
         that will never hold more than ``max_density`` of its weights, starting from
         :func:`initial_mask` (dense when ``max_density == 1``)."""
@@ -130,7 +131,7 @@ class PackedMask(PackedLayout):
         rows, cols = budgets_for_density(hidden, max_density, gates)
         return cls.create(initial_mask(hidden, max_density, seed, gates), row_budget=rows,
                           col_budget=cols, dtype=dtype, device=device, load_bytes=load_bytes,
-                          host=host)
+                          host=host, batch=batch)
 
     def with_mask(self, mask, *, host: bool = False) -> "PackedMask":
         """``mask`` packed into this object's layout (same metas, so no recompilation).
