@@ -183,8 +183,8 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
     points = list(cost_fit.points([tmp_path / "kt.json"]))
     assert [(p[2], p[3].num_ctas, p[4], p[5]) for p in points] == [
         (f"kt n{r['ctas']}", r["ctas"], 3, 1.5) for r in rows[:2]]
-    for bad in (["ctas=0"], ["sms=4"], ["ctas=x"], ["k=-1"]):
-        with pytest.raises(SystemExit, match="ctas=N or k=K"):
+    for bad in (["ctas=0"], ["sms=4"], ["ctas=x"], ["k=-1"], ["plan=0"]):
+        with pytest.raises(SystemExit, match="ctas=N, k=K or plan=B"):
             profile_case.parse_options(bad)
     with pytest.raises(SystemExit, match="k=5: the kernels take K in"):
         profile_case.parse_options(["k=5"])
@@ -198,6 +198,15 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
     assert w.meta.slots_per_lane != 32  # (the planner's own pick, after the patch is undone)
     with pytest.raises(SystemExit, match="not 'bidir'"):
         profile_case.case_call("bidir", 32, 0.2, 2, "float32", 4, 2)
+    # plan=B packs the layout planned for a batch of B (H=1024, 10%, fp16: another cluster at B=8)
+    for cell in ("simple", "lstm"):
+        planned, _ = profile_case.option_call(cell, 256, 0.1, 2, "float16", 4, ["plan=8"])
+        assert planned.meta.reason.endswith("planned for batch 8"), planned.meta.reason
+    planned, _ = profile_case.option_call("simple", 1024, 0.1, 2, "float16", 4, ["plan=8"])
+    default, _ = profile_case.option_call("simple", 1024, 0.1, 2, "float16", 4, [])
+    assert planned.meta.num_ctas != default.meta.num_ctas
+    with pytest.raises(SystemExit, match="not 'bidir'"):
+        profile_case.option_call("bidir", 32, 0.2, 2, "float32", 4, ["plan=4"])
 
 
 def test_a_kernel_time_run_skips_a_case_whose_layout_does_not_fit(tmp_path, monkeypatch, capsys):

@@ -5,8 +5,9 @@
         python3 tools/kernel_time.py run --manifest m.json "simple 256 0.1 1 float16" ... > k.csv
     python3 tools/kernel_time.py summarize k.csv --manifest m.json
 
-`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE [ctas=N] [k=K], as tools/profile_case.py
-takes them: CELL simple, tiles, bidir, lstm or gru; ctas=N a layout of at most N CTAs, k=K one of K
+`run` calls each case (CELL HIDDEN DENSITY BATCH DTYPE [ctas=N] [k=K] [plan=B], as
+tools/profile_case.py takes them: CELL simple, tiles, bidir, lstm or gru; plan=B the layout planned
+for a batch of B; ctas=N a layout of at most N CTAs, k=K one of K
 slots a lane) at two sequence lengths, WARMUP + CALLS times each, one persistent-kernel launch a
 call, and writes the order of those calls to the manifest. `summarize` matches ncu's launches to it
 and prints, per case, the median kernel duration at each length, the slope between them (µs per

@@ -1,6 +1,6 @@
 """One persistent-kernel configuration, run a few times, for Nsight Compute (tools/gpu_check.sh profile).
 
-    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS [ctas=N] [k=K]
+    python3 tools/profile_case.py CELL HIDDEN DENSITY BATCH DTYPE STEPS [ctas=N] [k=K] [plan=B]
 
 CELL is simple, tiles (the simple cell on its tile layout: tensor cores), bidir (both directions
 of a bidirectional layer of one layout: one paired launch where the layout runs in cluster mode,
@@ -9,7 +9,8 @@ paired likewise). ``ctas=N`` (simple, tiles, lstm, gru) packs the layer for a GP
 without clusters, a layout of at most N CTAs that runs in cluster mode on this one (the cluster
 suite's nN columns); by default the planner packs it for this GPU. ``k=K`` (with or without
 ``ctas``) holds the planner to K slots a lane (so that a layout sweep can time layouts the cost
-model would not pick). The call runs four times (ncu skips
+model would not pick). ``plan=B`` (simple, tiles, lstm, gru) packs the layout planned for a batch of
+B (``SparseWeights.from_dense(batch=B)``). The call runs four times (ncu skips
 the first two launches, which include compilation and warm-up).
 """
 import contextlib
@@ -35,11 +36,11 @@ def device_of(ctas: int | None):
     return dataclasses.replace(js._native.current_device_spec(), sm_count=ctas, cluster_launch=False)
 
 
-def simple_call(hidden, density, batch, dtype, steps, matvec="auto", ctas=None):
+def simple_call(hidden, density, batch, dtype, steps, matvec="auto", ctas=None, plan=None):
     rng = np.random.default_rng(0)
     kernel = (rng.standard_normal((hidden, hidden)) / np.sqrt(density * hidden)).astype(np.float32)
     w = js.SparseWeights.from_dense(kernel, density=density, dtype=jnp.dtype(dtype), matvec=matvec,
-                                    device=device_of(ctas))
+                                    device=device_of(ctas), batch=plan)
     if not w.meta.fits:
         raise SystemExit(f"ctas={ctas}: the layer does not fit ({w.meta.reason})")
     x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dtype)
@@ -47,9 +48,9 @@ def simple_call(hidden, density, batch, dtype, steps, matvec="auto", ctas=None):
     return w, jax.jit(lambda: js.sparse_rnn(x, h0, w, method="native"))
 
 
-def gated_call(gates, hidden, density, batch, dtype, steps, ctas=None):
+def gated_call(gates, hidden, density, batch, dtype, steps, ctas=None, plan=None):
     w, x, c0, h0, hn_bias = testing.make_gated_problem(0, gates, hidden, batch, steps, density, dtype,
-                                                       device=device_of(ctas))
+                                                       device=device_of(ctas), plan_batch=plan)
     if not w.meta.fits:
         raise SystemExit(f"ctas={ctas}: the layer does not fit ({w.meta.reason})")
     return w, jax.jit(lambda: testing.run_gated(gates, x, c0, h0, w, hn_bias, method="native"))
@@ -72,29 +73,30 @@ def gated_bidir_call(gates, hidden, density, batch, dtype, steps):
         (x_f, x_b), (h_f, h_b), (w_f, w_b), hn_bias=(b_f, b_b), method="native"))
 
 
-def case_call(cell, hidden, density, batch, dtype, steps, ctas=None):
+def case_call(cell, hidden, density, batch, dtype, steps, ctas=None, plan=None):
     """``(weights, f)``: the case's weights and a jitted call of it, one persistent launch."""
     if cell in ("simple", "tiles"):
         return simple_call(hidden, density, batch, dtype, steps, "tiles" if cell == "tiles" else "auto",
-                           ctas)
-    if ctas is not None and cell not in GATES:
-        raise SystemExit(f"ctas= applies to simple, tiles, lstm and gru, not {cell!r}")
+                           ctas, plan)
+    if (ctas is not None or plan is not None) and cell not in GATES:
+        raise SystemExit(f"ctas= and plan= apply to simple, tiles, lstm and gru, not {cell!r}")
     if cell == "bidir":
         return bidir_call(hidden, density, batch, dtype, steps)
     if cell.startswith("bi") and cell[2:] in GATES:
         return gated_bidir_call(GATES[cell[2:]], hidden, density, batch, dtype, steps)
     if cell not in GATES:
         raise SystemExit(f"CELL must be simple, tiles, bidir, lstm, gru, bilstm or bigru, got {cell!r}")
-    return gated_call(GATES[cell], hidden, density, batch, dtype, steps, ctas)
+    return gated_call(GATES[cell], hidden, density, batch, dtype, steps, ctas, plan)
 
 
 def parse_options(options: list[str]) -> dict[str, int]:
-    """A case's trailing options, ``ctas=N`` and ``k=K``, as ``{"ctas": N, "k": K}``."""
+    """A case's trailing options, ``ctas=N``, ``k=K`` and ``plan=B``, as ``{"ctas": N, "k": K,
+    "plan": B}``."""
     found = {}
     for opt in options:
         key, _, value = opt.partition("=")
-        if key not in ("ctas", "k") or not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"unknown case option {opt!r} (expected ctas=N or k=K, N, K >= 1)")
+        if key not in ("ctas", "k", "plan") or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"unknown case option {opt!r} (expected ctas=N, k=K or plan=B, each >= 1)")
         found[key] = int(value)
     if "k" in found and found["k"] not in planner.SLOT_SIZES:
         raise SystemExit(f"k={found['k']}: the kernels take K in {planner.SLOT_SIZES}")
@@ -113,7 +115,7 @@ def option_call(cell, hidden, density, batch, dtype, steps, options: list[str]):
     """:func:`case_call` with a case's trailing options applied."""
     opts = parse_options(options)
     with slots_per_lane(opts.get("k")):
-        return case_call(cell, hidden, density, batch, dtype, steps, opts.get("ctas"))
+        return case_call(cell, hidden, density, batch, dtype, steps, opts.get("ctas"), opts.get("plan"))
 
 
 def main(argv):
