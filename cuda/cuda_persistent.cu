@@ -230,8 +230,9 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   if (a.load_bytes != 4 && a.load_bytes != 8 && a.load_bytes != 16)
     return bad("load_bytes must be 4, 8 or 16, got " + std::to_string(a.load_bytes));
   // The layout's tile (load_bytes / 4), or a narrower one for a batch of one or two: every step
-  // gathers, reduces, runs the cell for and exchanges each entry of a tile, padding included. A
-  // tile layout keeps the tile of 4 (its product takes 8 batch entries at once anyway).
+  // gathers, reduces, runs the cell for and exchanges each entry of a tile, padding included. (In
+  // cluster mode the tile may narrow further below, where replicas allow.) A tile layout keeps the
+  // tile of 4 (its product takes 8 batch entries at once anyway).
   if (a.tiles != 0 && a.tiles != 1) return bad("tiles must be 0 or 1, got " + std::to_string(a.tiles));
   const bool tiles = a.tiles == 1;
   if (tiles) {
@@ -243,7 +244,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
       return bad("a tile layout needs slots_per_lane = the state's " + std::to_string(cols) +
                  " columns, a multiple of 16; got slots_per_lane = " + std::to_string(a.slots_per_lane));
   }
-  const int tile = tiles ? 4 : constants::batch_tile(a.load_bytes / 4, Bp);
+  int tile = tiles ? 4 : constants::batch_tile(a.load_bytes / 4, Bp);
   if (hooks.spin_timeout_us < 0) return bad("spin_timeout_us must be >= 0");
   if (hooks.exchange_mode < kExchangeAuto || hooks.exchange_mode > kExchangeCluster)
     return bad("exchange_mode must be 0 (auto), 1 (grid) or 2 (cluster), got " +
@@ -306,7 +307,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 
   const int threads = static_cast<int>(a.warps_per_cta) * kWarpSize;
   const int rs = static_cast<int>(a.reg_slots);
-  const PersistentKernelFn fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 1, tiles);
+  PersistentKernelFn fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 1, tiles);
   if (fn == nullptr) {
     return bad("warps_per_cta = " + std::to_string(a.warps_per_cta) + " (" + std::to_string(threads) +
                " threads) exceeds the " + std::to_string(max_threads_of(c.direction, kdt, rs)) +
@@ -324,18 +325,41 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int64_t slot_bytes = tiles ? 2 : dt == ffi::DataType::F32 ? 8 : 4;
   const int64_t w_bytes = a.warps_per_cta * (K - a.reg_slots) * kWarpSize * slot_bytes;
   // The cell state stays in shared memory too (one float per unit slot and example): the LSTM's c,
-  // a gated backward's carry beside dh.
-  auto cell_bytes = [&](int64_t batch) {
-    return constants::cell_state_smem_bytes(batch, tile, a.warps_per_cta, gates,
-                                            is_gated_backward(c.direction));
+  // a gated backward's carry beside dh. (At a tile t; cell_bytes and plan_total at the call's.)
+  auto cell_bytes_at = [&](int t, int64_t batch) {
+    return constants::cell_state_smem_bytes(batch, t, a.warps_per_cta, gates, is_gated_backward(c.direction));
   };
-  auto plan_total = [&](int64_t batch, int buffers) {
-    return constants::persistent_smem_bytes(cols, batch, tile, w_bytes, buffers, cell_bytes(batch));
+  auto plan_total_at = [&](int t, int64_t batch, int buffers) {
+    return constants::persistent_smem_bytes(cols, batch, t, w_bytes, buffers, cell_bytes_at(t, batch));
   };
-  const ExchangePlan xp = plan_exchange(device, reinterpret_cast<const void*>(fn), dev, kinfo, layout_ctas,
-                                        threads, Bp, problems, tile, hooks,
-                                        [&](int64_t batch) { return plan_total(batch, 2); },
-                                        plan_total(Bp, 1) <= kinfo.max_dynamic_smem);
+  auto cell_bytes = [&](int64_t batch) { return cell_bytes_at(tile, batch); };
+  auto plan_total = [&](int64_t batch, int buffers) { return plan_total_at(tile, batch, buffers); };
+  auto exchange_at = [&](int t, PersistentKernelFn f, const KernelInfo& info) {
+    return plan_exchange(device, reinterpret_cast<const void*>(f), dev, info, layout_ctas, threads, Bp,
+                         problems, t, hooks, [&](int64_t batch) { return plan_total_at(t, batch, 2); },
+                         plan_total_at(t, Bp, 1) <= info.max_dynamic_smem);
+  };
+  ExchangePlan xp = exchange_at(tile, fn, kinfo);
+  // In cluster mode, the narrowest tile at which every replica runs one batch plane, where the
+  // device holds that many replicas at once: a narrow tile's step gathers, reduces and runs the
+  // cell for fewer entries (at H = 256 and 1024, fp16, 10%: 1.50 and 2.20 µs a step at tile 1
+  // against 2.13 and 3.45 at tile 4, H200, 2026-12-04), and the replicas run side by side. The
+  // sums do not depend on the tile (persistent_kernel.cuh: kChains), so neither do the results.
+  for (int narrow = 1; xp.cluster > 0 && !tiles && narrow < tile; narrow *= 2) {
+    const PersistentKernelFn narrow_fn = lookup_persistent(c.direction, kdt, narrow, rs, threads, 1, false);
+    if (narrow_fn == nullptr) continue;
+    KernelInfo narrow_info;
+    if ((e = kernel_info(device, reinterpret_cast<const void*>(narrow_fn), dev, &narrow_info)) != cudaSuccess)
+      return cuda_error("cudaFuncGetAttributes/cudaFuncSetAttribute(persistent kernel)", e);
+    const ExchangePlan narrow_xp = exchange_at(narrow, narrow_fn, narrow_info);
+    if (narrow_xp.cluster > 0 && narrow_xp.replica_batch <= narrow) {
+      tile = narrow;
+      fn = narrow_fn;
+      kinfo = narrow_info;
+      xp = narrow_xp;
+      break;
+    }
+  }
   if (hooks.exchange_mode == kExchangeCluster && xp.cluster == 0)
     return bad("cluster mode was asked for but cannot run: " + xp.why_not_cluster);
   const bool in_cluster = xp.cluster > 0;

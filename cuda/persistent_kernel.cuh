@@ -337,9 +337,13 @@ struct PersistentConfig {
   static_assert(!TILES || (!std::is_same_v<T, float> && TILE == 4 && RS % 16 == 0 &&
                            (DIR == Direction::kForward || DIR == Direction::kLstm || DIR == Direction::kGru)),
                 "tile variants: 16-bit forward recurrences, a batch tile of 4, whole register strips");
-  // Independent accumulator sets: the slot loop is a chain of dependent FMAs per accumulator, so
-  // keep at least 4 chains in flight whatever the tile.
-  static constexpr int kChains = TILE >= 4 ? 1 : 4 / TILE;
+  // Independent accumulator sets of the slot loop, the same for every tile: an example's sums, and
+  // so its rounding, must not depend on the tile it ran in, since the handler picks the tile from
+  // the batch and the device (narrower tiles on more cluster replicas where those fit: a call's
+  // examples then equal the same examples in any other call, bit for bit). One chain: the tile of
+  // 4's accumulators already fill its registers (its two-plane variant spills), and a narrow
+  // tile's chain of K dependent FMAs costs a few percent of its step (at K = 32, about 0.05 µs).
+  static constexpr int kChains = 1;
   // Shared-memory-tier slots per loop iteration (a multiple of kChains).
   static constexpr int kSmemUnroll = 4;
   static constexpr int kVecWords = 16 / X::kWordBytes;

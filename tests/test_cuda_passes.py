@@ -1,9 +1,11 @@
 """GPU tests of the two-plane passes of the persistent kernels (cuda/persistent_kernel.cuh, "The
-batch in passes"). A call of two batch planes or more (a plane: 4 examples) runs the kernel variant
-that gathers two planes a pass; every sum keeps its chain and its order there. So its results must
-equal, bit for bit, the same examples run in calls of one plane each (the one-plane variant): for
-every cell, forward and backward, odd plane counts (a one-plane pass at the end) and partial planes
-included. Skipped without a GPU and the CUDA module."""
+batch in passes") and of the batch tiles. A call of two batch planes or more (a plane: 4 examples)
+runs the kernel variant that gathers two planes a pass; every sum keeps its chain and its order
+there, whatever the tile (1, 2 or 4 examples: the handler narrows it where cluster replicas allow).
+So its results must equal, bit for bit, the same examples run in calls of one plane each, and in
+calls of one example each (tile 1): for every cell, forward and backward, odd plane counts (a
+one-plane pass at the end) and partial planes included. Skipped without a GPU and the CUDA
+module."""
 
 import jax
 import jax.numpy as jnp
@@ -24,25 +26,19 @@ def _batch_axis(shape, batch):
     return next(axis for axis, n in enumerate(shape[:2]) if n == batch)
 
 
-def assert_two_plane_passes_match_one_plane_calls(call, args, batch_axes, batch):
-    """``call(*args)`` on the whole batch against ``call`` on each plane's examples alone
-    (``batch_axes[i]``: the batch axis of ``args[i]``, None where it has none). A plane of fewer
-    than 4 examples is padded to 4 with copies of its first example, whose results are dropped:
-    a call of one or two examples would run a narrower batch tile (``_constants.batch_tile``),
-    whose sums round differently."""
+def assert_two_plane_passes_match_one_plane_calls(call, args, batch_axes, batch, part=PLANE):
+    """``call(*args)`` on the whole batch against ``call`` on each ``part`` examples alone (a plane,
+    or with ``part=1`` each example: tile 1; the last part may be shorter, which runs a narrower
+    tile too) (``batch_axes[i]``: the batch axis of ``args[i]``, None where it has none)."""
     whole = jax.block_until_ready(jax.jit(call)(*args))
     parts = []
-    for b0 in range(0, batch, PLANE):
-        sl = slice(b0, min(b0 + PLANE, batch))
-        pad = [b0] * (PLANE - (sl.stop - sl.start))
-        part_args = [a if ax is None else jnp.take(a, jnp.asarray(list(range(sl.start, sl.stop)) + pad),
-                                                   axis=ax)
-                     for a, ax in zip(args, batch_axes)]
-        parts.append((jax.jit(call)(*part_args), sl.stop - sl.start))
+    for b0 in range(0, batch, part):
+        take = jnp.arange(b0, min(b0 + part, batch))
+        parts.append(jax.jit(call)(*[a if ax is None else jnp.take(a, take, axis=ax)
+                                     for a, ax in zip(args, batch_axes)]))
     for i, got in enumerate(whole):
         axis = _batch_axis(got.shape, batch)
-        want = np.concatenate([np.take(np.asarray(p[i]), np.arange(n), axis=axis) for p, n in parts],
-                              axis=axis)
+        want = np.concatenate([np.asarray(p[i]) for p in parts], axis=axis)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"result {i}")
 
 
@@ -72,6 +68,7 @@ def test_simple_cell_forward_and_backward(dtype, batch, reverse):
                                         method="native", exchange_mode=mode)
 
         assert_two_plane_passes_match_one_plane_calls(forward, (x, h0, lengths), (0, 0, 0), batch)
+        assert_two_plane_passes_match_one_plane_calls(forward, (x, h0, lengths), (0, 0, 0), batch, part=1)
         y, _ = forward(x, h0, lengths)
         rng = np.random.default_rng(batch)
         dy = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
@@ -85,8 +82,9 @@ def test_simple_cell_forward_and_backward(dtype, batch, reverse):
                                          lengths, dy, dh, activation="tanh", reverse=reverse,
                                          meta=w.meta_t, method="native", exchange_mode=mode)
 
-        assert_two_plane_passes_match_one_plane_calls(backward, (y, h0, lengths, dy, dh),
-                                                      (1, 0, 0, 1, 0), batch)
+        for part in (PLANE, 1):
+            assert_two_plane_passes_match_one_plane_calls(backward, (y, h0, lengths, dy, dh),
+                                                          (1, 0, 0, 1, 0), batch, part)
 
 
 def test_cluster_replicas_of_several_planes():
@@ -121,6 +119,8 @@ def test_gated_forward(gates, dtype, batch):
                                      reverse=reverse, method="native")
 
         assert_two_plane_passes_match_one_plane_calls(call, (x, c0, h0, lengths), (0, 0, 0, 0), batch)
+        assert_two_plane_passes_match_one_plane_calls(call, (x, c0, h0, lengths), (0, 0, 0, 0), batch,
+                                                      part=1)
 
 
 @pytest.mark.parametrize("gates", [4, 3])
@@ -136,7 +136,8 @@ def test_gated_backward(gates, dtype):
     def call(*args):
         return testing.run_gated_backward(gates, w, kernel, args[:-1], args[-1], method="native")
 
-    assert_two_plane_passes_match_one_plane_calls(call, (*operands, lengths), (*axes, 0), batch)
+    for part in (PLANE, 1):
+        assert_two_plane_passes_match_one_plane_calls(call, (*operands, lengths), (*axes, 0), batch, part)
 
 
 def test_the_two_plane_kernels_exist_for_every_tile_4_variant():
