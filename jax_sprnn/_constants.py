@@ -143,7 +143,10 @@ def batch_tile(layout_tile: int, batch: int) -> int:
     """The batch tile a call runs with: the smallest power of two that holds ``batch`` examples,
     at most the layout's tile (``load_bytes / 4``). A batch of one or two takes a narrower tile
     than the layout's: a tile of 4 would gather, reduce, run the cell for and exchange padding
-    entries every step (at B = 1, three of four), which the small layers' steps are made of."""
+    entries every step (at B = 1, three of four), which the small layers' steps are made of. (In
+    cluster mode the handler narrows it further where the cluster's replicas can give every
+    plane one of its own: cuda/cuda_persistent.cu, docs/design.md "Narrow tiles on more replicas";
+    the shared memory of a narrower tile is never more.)"""
     tile = 1
     while tile < min(batch, layout_tile):
         tile *= 2
