@@ -356,3 +356,14 @@ def test_a_layout_planned_for_a_batch_runs_that_batch_where_one_can():
     # Without clusters there is only the grid layout, whatever the batch.
     assert plan_layout(nnz, np.float16, GRID_ONLY, batch=64).num_ctas == \
         plan_layout(nnz, np.float16, GRID_ONLY).num_ctas
+
+
+def test_the_cluster_layout_planned_for_a_batch_runs_it_where_one_can(monkeypatch):
+    # H=1536 at 10% in fp16, B=256: the cluster layout with the lowest estimate there (8 CTAs,
+    # K=96) runs at most 240 examples persistently; one that runs 256 (6 CTAs, K=192) is taken.
+    nnz = np.full(1536, 153)
+    plan = planner._cluster_layout(nnz, np.float16, H200, 16, planner.SLOT_SIZES, 1, False, 256)
+    assert planner.max_persistent_batch(plan, np.float16) >= 256, plan
+    monkeypatch.setattr(planner, "runs_batch", lambda *args: True)
+    cheapest = planner._cluster_layout(nnz, np.float16, H200, 16, planner.SLOT_SIZES, 1, False, 256)
+    assert planner.max_persistent_batch(cheapest, np.float16) < 256, cheapest

@@ -222,3 +222,12 @@ def test_a_tile_plan_for_a_device_without_clusters_is_a_grid_plan():
     plan = tile_layout.plan_tile_layout(256, np.float16, device, exchange="cluster")
     assert not plan.fits and "cluster mode" in plan.reason
     assert tile_layout.plan_tile_layout(256, np.float16, device).fits
+
+
+def test_a_tile_layout_planned_for_a_batch():
+    plan = tile_layout.plan_tile_layout(256, np.float16, planner.H200, batch=8)
+    assert plan.fits and plan.reason.endswith("planned for batch 8"), plan.reason
+    assert planner.max_persistent_batch(plan, np.float16) >= 8
+    assert "batch" not in tile_layout.plan_tile_layout(256, np.float16, planner.H200).reason
+    with pytest.raises(ValueError, match=r"batch \(the batch to plan the layout for\)"):
+        tile_layout.plan_tile_layout(256, np.float16, planner.H200, batch=0)
