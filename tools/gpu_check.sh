@@ -11,7 +11,8 @@
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   KT_CASES="simple 256 0.1 1 float16;bidir 256 0.1 1 float32;bilstm 256 0.1 8 float16" tools/gpu_check.sh kerneltime
-#     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py)
+#     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py;
+#     KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt reads the cases from a file, one a line)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #     (cases: small, wide, gated, paired, tiles: tools/sanitizer_case.py)
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
@@ -125,6 +126,8 @@ fi
 if has kerneltime; then
   echo "== kernel time (Nsight Compute: device duration and instructions of each launch)"
   # KT_CASES: ';'-separated "CELL HIDDEN DENSITY BATCH DTYPE" (tools/kernel_time.py)
+  # (or KT_CASES_FILE: one case a line, e.g. tools/kt_cases/cluster_layouts.txt)
+  if [ -n "${KT_CASES_FILE:-}" ]; then KT_CASES=$(grep -v -E '^\s*(#|$)' "$OLDPWD/$KT_CASES_FILE" | paste -sd ';'); fi
   IFS=';' read -ra cases <<< "${KT_CASES:-simple 256 0.1 1 float16;simple 1024 0.1 8 float16}"
   timeout -k 10 "${KT_TIMEOUT:-300}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
