@@ -1,27 +1,30 @@
-"""Check ``jax_sprnn.cost``'s cluster-mode step estimate against the cluster suite's measurements,
-and refit its constants.
+"""Check ``jax_sprnn.cost``'s cluster-mode step estimate against measurements, and refit its
+constants.
 
-    python -m benchmarks.cost_fit benchmarks/results/cluster_sizes_2026-12-04.json [more.json ...]
+    python -m benchmarks.cost_fit benchmarks/results/kernel_time_*_h100_2026-12-0[56].json [more.json ...]
 
-A file is the cluster suite's JSON (wall-clock slopes) or `tools/kernel_time.py`'s (the kernel's own
-device time, free of the host's jitter: `KT_CASES="simple 256 0.1 1 float16 ctas=8;..."
-tools/gpu_check.sh kerneltime`); of the latter, the simple cell's cluster-mode rows count. Every
-layout timed (the planner's, ``nN``: the layer on at most N CTAs) is one point: its measured µs per
-step against ``cost.cluster_step_us`` for the layout and batch. The fit is a least-squares solve of
-the estimate's linear form, ``a + planes * (b + c * warps * K_eff + (s + d * [N > 8]) * cols / 1024
-+ e * [wide variant])`` with ``c`` held at ``KERNEL_SLOT_US``, on relative errors (each point
-weighted by 1/measured), so that 2-µs and 10-µs steps count alike.
-The constants in ``cost.py`` are rounded from its output.
+A file is `tools/kernel_time.py`'s JSON (the kernel's own device time, free of the host's jitter:
+`KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt tools/gpu_check.sh kerneltime`; of it, the
+simple cell's cluster-mode rows count) or the cluster suite's (wall-clock slopes, ±0.3 µs a step of
+jitter: a check, too noisy to fit). Every layout timed (the planner's, ``nN``: the layer on at most
+N CTAs) is one point: its measured µs per step against ``cost.cluster_step_us`` for the layout and
+batch. The fit is a least-squares solve of the estimate's linear form, ``a + planes * (b + c * warps
+* K_eff + l * K_eff + n * N + e * [wide variant] + (tile - 1) * (t + u * K_eff))``, on relative errors (each
+point weighted by 1/measured), so that 2-µs and 10-µs steps count alike; ``--fit-all`` fits the
+wall-clock points too. The constants in ``cost.py`` are rounded from its output.
+A point's batch tile and planes are the handler's of its day: runs before 2026-12-06 (the date in
+the file's name) kept the layout's tile on every replica (``launch_before_narrowing``); later ones
+narrow it (``cost.cluster_launch``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
 
 import numpy as np
 
-from jax_sprnn import cost, planner
+from jax_sprnn import _constants, cost, planner
 
 #: The suite's peers that are not a cluster-mode layout of the layer.
 NOT_CLUSTER = ("grid_mode", "grid_layout")
@@ -63,52 +66,87 @@ def points(paths):
                     yield path, row, name, meta, row["batch"], us
 
 
-def features(meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarray:
-    """The estimate's linear form: ``[1, planes, planes * w * K_eff, planes * cols / 1024,
-    planes * [N > 8] * cols / 1024, planes * [wide variant]]``."""
-    planes = math.ceil(cost.batch_planes(meta, batch) / cost.cluster_replicas(meta, batch))
+#: The first day the handler narrowed a cluster-mode call's batch tile (one plane per replica).
+NARROW_TILES_FROM = "2026-12-06"
+
+
+def launch_before_narrowing(meta: planner.LayoutMeta, batch: int, dtype: str) -> tuple[int, int, int]:
+    """``cost.cluster_launch`` as the handler ran before NARROW_TILES_FROM: the layout's tile (a
+    narrower one only for a batch of 1 or 2), on as many replicas as the device holds at once."""
+    tile = _constants.batch_tile(meta.load_bytes // 4, batch)
+    tiles = -(-batch // tile)
+    held = cost.resident_clusters(meta.num_ctas, ctas_per_sm=cost.ctas_per_sm(meta, tile, dtype))
+    replicas = max(1, min(tiles, held))
+    return tile, replicas, -(-tiles // replicas)
+
+
+def narrowed(path) -> bool:
+    """Whether the run in ``path`` (its name dated YYYY-MM-DD) had the narrow-tile handler."""
+    day = re.search(r"\d{4}-\d{2}-\d{2}", str(path))
+    return day is None or day.group(0) >= NARROW_TILES_FROM
+
+
+def launch(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> tuple[int, int, int]:
+    if narrowed(path):
+        return cost.cluster_launch(meta, batch, dtype)
+    return launch_before_narrowing(meta, batch, dtype)
+
+
+def estimate(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> float:
+    """``cost.cluster_step_us`` for a point of the run in ``path``, with its day's launch."""
+    tile, _, planes = launch(path, meta, batch, dtype)
+    return cost.CLUSTER_FIXED_US + planes * cost.cluster_plane_us(meta, tile, dtype)
+
+
+NAMES = ["fixed", "plane", "slot (warps * K_eff)", "lane (K_eff)", "CTA (N)", "wide variant",
+         "entry (tile - 1)", "entry slot ((tile - 1) * K_eff)"]
+
+
+def features(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarray:
+    """The estimate's linear form, one column per constant of NAMES."""
+    tile, _, planes = launch(path, meta, batch, dtype)
     k_eff = meta.reg_slots + cost.SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
-    state = meta.num_cols / 1024
-    wide_cluster = meta.num_ctas > cost.PORTABLE_CLUSTER_CTAS
-    return np.array([1.0, planes, planes * meta.warps_per_cta * k_eff, planes * state,
-                     planes * wide_cluster * state, planes * cost.wide_variant(meta, dtype)])
+    return planes * np.array([1.0 / planes, 1.0, meta.warps_per_cta * k_eff, k_eff, meta.num_ctas,
+                              cost.wide_variant(meta, dtype), tile - 1, (tile - 1) * k_eff])
+
+
+def band(ratio: np.ndarray) -> str:
+    return (f"median {np.median(ratio):.2f}, 10-90% {np.percentile(ratio, 10):.2f}-"
+            f"{np.percentile(ratio, 90):.2f}, {ratio.min():.2f}-{ratio.max():.2f} in all")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+")
+    ap.add_argument("--fit-all", action="store_true",
+                    help="fit the wall-clock points too (by default only the kernel-time ones)")
     args = ap.parse_args()
     pts = list(points(args.results))
-    rows, measured, estimated = [], [], []
-    print(f"{'H':>5} {'dtype':8} {'B':>3} {'layout':12} {'CTAs x warps, K':>17} {'wide':>4}"
+    rows, measured, estimated, fitted = [], [], [], []
+    print(f"{'H':>5} {'dtype':8} {'B':>3} {'layout':12} {'CTAs x warps, K':>17} {'wide':>4} {'tile':>4}"
           f" {'measured':>8} {'estimate':>8} {'ratio':>6}")
-    for _, row, name, meta, batch, us in pts:
-        est = cost.cluster_step_us(meta, batch, dtype=row["dtype"])
-        rows.append(features(meta, batch, row["dtype"]))
+    for path, row, name, meta, batch, us in pts:
+        est = estimate(path, meta, batch, row["dtype"])
+        rows.append(features(path, meta, batch, row["dtype"]))
         measured.append(us)
         estimated.append(est)
+        fitted.append(args.fit_all or name.startswith("kt "))
         shape = f"{meta.num_ctas} x {meta.warps_per_cta}, {meta.slots_per_lane}"
         wide = "yes" if cost.wide_variant(meta, row["dtype"]) else ""
-        print(f"{row['hidden']:5d} {row['dtype']:8} {batch:3d} {name:12} {shape:>17} {wide:>4}"
+        tile = launch(path, meta, batch, row["dtype"])[0]
+        print(f"{row['hidden']:5d} {row['dtype']:8} {batch:3d} {name:12} {shape:>17} {wide:>4} {tile:4d}"
               f" {us:8.2f} {est:8.2f} {us / est:6.2f}")
-    measured, estimated = np.array(measured), np.array(estimated)
+    measured, estimated, fitted = np.array(measured), np.array(estimated), np.array(fitted)
     ratio = measured / estimated
-    print(f"\n{len(pts)} points; measured / estimate: median {np.median(ratio):.2f}, "
-          f"10-90% {np.percentile(ratio, 10):.2f}-{np.percentile(ratio, 90):.2f}")
-    x = np.array(rows) / measured[:, None]
-    # The slot rate is the grid fit's KERNEL_SLOT_US (shared by both modes): the others are solved.
-    free = [0, 1, 3, 4, 5]
-    target = np.ones(len(pts)) - x[:, 2] * cost.KERNEL_SLOT_US
-    solved, *_ = np.linalg.lstsq(x[:, free], target, rcond=None)
-    coef = np.zeros(6)
-    coef[free], coef[2] = solved, cost.KERNEL_SLOT_US
-    names = ["fixed", "plane", "slot (fixed)", "state (cols / 1024)", "wide cluster (N > 8, cols / 1024)",
-             "wide variant"]
-    print("least-squares constants (relative errors):",
-          ", ".join(f"{n} {c:.4g}" for n, c in zip(names, coef)))
-    fit_ratio = measured / (np.array(rows) @ coef)
-    print(f"refit: measured / estimate median {np.median(fit_ratio):.2f}, "
-          f"10-90% {np.percentile(fit_ratio, 10):.2f}-{np.percentile(fit_ratio, 90):.2f}")
+    print(f"\n{len(pts)} points; measured / estimate: {band(ratio)}")
+    if not fitted.any():
+        print("no points to fit (kernel-time files, or --fit-all)")
+        return
+    x = np.array(rows)[fitted] / measured[fitted, None]
+    coef, *_ = np.linalg.lstsq(x, np.ones(int(fitted.sum())), rcond=None)
+    print(f"least-squares constants ({int(fitted.sum())} points, relative errors):",
+          ", ".join(f"{n} {c:.4g}" for n, c in zip(NAMES, coef)))
+    print(f"refit: measured / estimate {band(measured / (np.array(rows) @ coef))}")
 
 
 if __name__ == "__main__":

@@ -101,29 +101,48 @@ def _slot_equivalents(meta: LayoutMeta) -> float:
     return meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
 
 
+#: A batch of one or two runs a narrower tile than the layout's (``_constants.batch_tile``), and each
+#: entry it drops saves its gather, reduction, cell and share of the exchange: about this much a step
+#: in grid mode (H100 kernel time, 2026-12-06: 1152 x 1 and 2048 x 1 took 2.06 and 2.33 µs, 1.5-1.7
+#: below the fit above, which holds at B = 8 and 32 within 12%:
+#: benchmarks/results/kernel_time_refit_check_h100_2026-12-06.json).
+GRID_ENTRY_US = 0.55
+
+
 def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
     """Estimated µs per step of the persistent forward kernel for this layout and batch."""
     k_eff = _slot_equivalents(meta)
-    per_plane = KERNEL_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
+    layout_tile = max(1, meta.load_bytes // 4)
+    narrowed = 0 if meta.tiles else layout_tile - _constants.batch_tile(layout_tile, batch)
+    per_plane = KERNEL_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff - GRID_ENTRY_US * narrowed
     return KERNEL_FIXED_US + plane_units(meta, batch_planes(meta, batch)) * per_plane
 
 
 # Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
 # state into every peer's shared memory and waits on its own mbarrier; replicas of the cluster run
-# slices of the batch side by side. Per step, ``a + planes * (b + c * warps_per_cta * K_eff
-# + (s + d * [N > 8]) * cols / 1024 + e * [wide variant])`` µs: every CTA takes in and stages the
-# whole state (``cols`` values a batch entry), and a cluster above the portable 8 CTAs pays more for
-# it (at H = 1024 the same warps ran faster on 8 CTAs of 16 than on 16 of 16 at every batch, 1.9x at
-# B = 32); the wide variant of a register tier has a tighter register cap. c is the grid fit's
-# KERNEL_SLOT_US. Fitted by ``benchmarks/cost_fit.py`` (least squares on relative errors) to the
-# cluster suite's five runs of 2026-12-04 (H200, fp16 and fp32, H 256-2048, B 1-64, layouts on 1-16
-# CTAs: benchmarks/results/cluster_*_2026-12-04.json). The runs' own noise is large (one layout
-# timed in two runs differs by up to 40%): the 10-90% band of measured / estimate is 0.84-1.32.
-CLUSTER_FIXED_US = 1.7
-CLUSTER_PLANE_US = 0.0
-CLUSTER_STATE_US = 0.2
-CLUSTER_WIDE_US = 0.5
-CLUSTER_WIDE_VARIANT_US = 0.45
+# slices of the batch side by side, each at the narrowest batch tile that gives every replica one
+# plane (:func:`cluster_launch`, the handler's rule). Per step, ``a + planes * (b + c * warps_per_cta
+# * K_eff + l * K_eff + n * N + e * [wide variant] + (tile - 1) * (t + u * K_eff))`` µs: the slots
+# a CTA's warps issue on its SM's schedulers, a lane's own serial chain of K_eff slots (which few
+# warps cannot hide: 13 CTAs of 2 warps and K = 96 took 2.43 µs at H = 768), the cluster's exchange
+# (each of the N CTAs pushes to every peer and waits on all of them: 256 x 1 took 1.43 µs on 6
+# CTAs, 1.50 on 8, 1.79 on 15), the wide variant's tighter register cap, and each batch entry of a
+# tile past the first (its gather's K_eff multiply-adds, its reduction, cell and push). The state's
+# width adds nothing measurable beyond these. Fitted by ``benchmarks/cost_fit.py`` (least squares on
+# relative errors) to the kernel's own device time (Nsight Compute, free of the host's jitter) of 113
+# layouts and batches on an H100 (fp16 and fp32, 10%, H 256-2048, B 1-64, clusters of 1-16 CTAs,
+# 2026-12-05 and 06: benchmarks/results/kernel_time_*_h100_*.json; the H100 and the H200 share the
+# SM and its clock, and these steps stay on chip): measured / estimate 0.93-1.10 (10-90%),
+# 0.81-1.28 at most. The H200's wall-clock cluster runs of 2026-12-04 read higher (the host's
+# jitter, and an older kernel): see benchmarks/RESULTS.md.
+CLUSTER_FIXED_US = 0.72
+CLUSTER_PLANE_US = 0.52
+CLUSTER_SLOT_US = 0.00099  # per plane, per warp of a CTA and per (register-equivalent) slot
+CLUSTER_LANE_US = 0.0059  # per plane and per slot of a lane
+CLUSTER_CTA_US = 0.03  # per plane and per CTA of the cluster
+CLUSTER_WIDE_VARIANT_US = 0.16
+CLUSTER_ENTRY_US = 0.13  # per plane and per batch entry of its tile past the first
+CLUSTER_ENTRY_SLOT_US = 0.0085  # ... and per slot of K_eff
 PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
@@ -157,32 +176,84 @@ H200_RESIDENT_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15, 9, 7, 7, 7, 7, 7, 7, 
 GPC_SMS = 18
 
 
-def resident_clusters(num_ctas: int, sm_count: int = 132) -> int:
-    """Estimated clusters of ``num_ctas`` CTAs (one per SM) the device holds at once."""
+def resident_clusters(num_ctas: int, sm_count: int = 132, ctas_per_sm: int = 1) -> int:
+    """Estimated clusters of ``num_ctas`` CTAs the device holds at once, ``ctas_per_sm`` CTAs an SM
+    (a GPC holds about that many times the clusters it holds at one CTA an SM)."""
     n = max(1, num_ctas)
     if sm_count == 132 and n <= len(H200_RESIDENT_CLUSTERS):
-        return H200_RESIDENT_CLUSTERS[n - 1]
+        return ctas_per_sm * H200_RESIDENT_CLUSTERS[n - 1]
     full, rest = divmod(sm_count, GPC_SMS)
-    return max(1, full * (GPC_SMS // n) + rest // n)
+    return ctas_per_sm * max(1, full * (GPC_SMS // n) + rest // n)
 
 
-def cluster_replicas(meta: LayoutMeta, batch: int, sm_count: int = 132) -> int:
-    """Replicas of the cluster a batch runs on: one batch tile each while the device holds that many
-    clusters at once (the handler asks cudaOccupancyMaxActiveClusters; this is its estimate)."""
-    return max(1, min(batch_planes(meta, batch), resident_clusters(meta.num_ctas, sm_count)))
+#: One Hopper SM (the H100's and the H200's alike): its shared memory, registers and threads, which
+#: the CTAs of a small layout at a narrow tile share.
+SM_SMEM_BYTES = 233472
+SM_REGS = 65536
+SM_THREADS = 2048
+
+
+def ctas_per_sm(meta: LayoutMeta, tile: int, dtype) -> int:
+    """Estimated CTAs of the layout one SM holds at once in cluster mode at this batch tile (two
+    staged copies of one tile, the occupancy the handler asks the driver about): the fewest that its
+    registers (a thread's are capped by its variant's launch bound), threads and shared memory
+    allow. A layout of 128 threads and a few KB runs two CTAs an SM or more; 512 threads, one."""
+    from .planner import weight_smem_bytes  # (the planner imports this module)
+
+    threads = meta.threads_per_cta
+    tier = _tiers(dtype, meta.gates).get(meta.reg_slots)
+    if tier is None:
+        return 1
+    bound = tier.wide_threads if tier.wide_threads and threads > tier.narrow_threads else tier.narrow_threads
+    regs = min(255, SM_REGS // bound) // 8 * 8
+    weights = weight_smem_bytes(meta.slots_per_lane, meta.reg_slots, threads, dtype, meta.tiles)
+    cell = _constants.cell_state_smem_bytes(tile, tile, meta.warps_per_cta, meta.gates, meta.transposed)
+    smem = (_constants.persistent_smem_bytes(meta.num_cols, tile, tile, weights, 2, cell)
+            + _constants.KERNEL_SMEM_RESERVE)
+    return max(1, min(SM_REGS // (regs * threads), SM_THREADS // threads, SM_SMEM_BYTES // smem))
+
+
+def cluster_launch(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) -> tuple[int, int, int]:
+    """``(tile, replicas, planes)``: the batch tile, the replicas of the cluster and the planes each
+    walks a step, for a cluster-mode call of ``batch`` examples (the handler's rule in
+    cuda/cuda_persistent.cu, with :func:`resident_clusters` and :func:`ctas_per_sm` for the
+    driver's answer). The narrowest tile (1, then 2) at which every replica runs one plane while the
+    device holds that many replicas at once; else the layout's tile, on as many replicas as fit (a
+    tile layout keeps 4)."""
+    def held(tile):
+        return resident_clusters(meta.num_ctas, sm_count, ctas_per_sm(meta, tile, dtype))
+
+    tile = _constants.batch_tile(max(1, meta.load_bytes // 4), batch)
+    for narrow in (1, 2):
+        if narrow < tile and not meta.tiles and -(-batch // narrow) <= held(narrow):
+            tile = narrow
+            break
+    tiles = -(-batch // tile)
+    replicas = max(1, min(tiles, held(tile)))
+    return tile, replicas, -(-tiles // replicas)
+
+
+def cluster_replicas(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) -> int:
+    """Replicas of the cluster a batch runs on (:func:`cluster_launch`)."""
+    return cluster_launch(meta, batch, dtype, sm_count)[1]
+
+
+def cluster_plane_us(meta: LayoutMeta, tile: int, dtype) -> float:
+    """Estimated µs of one batch plane of ``tile`` examples in a cluster-mode step."""
+    k_eff = _slot_equivalents(meta)
+    plane = (CLUSTER_PLANE_US + (CLUSTER_SLOT_US * meta.warps_per_cta + CLUSTER_LANE_US) * k_eff
+             + CLUSTER_CTA_US * meta.num_ctas
+             + (tile - 1) * (CLUSTER_ENTRY_US + CLUSTER_ENTRY_SLOT_US * k_eff))
+    if wide_variant(meta, dtype):
+        plane += CLUSTER_WIDE_VARIANT_US
+    return plane
 
 
 def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) -> float:
     """Estimated µs per step of the persistent kernel in cluster mode for this layout, batch and
     storage dtype."""
-    k_eff = _slot_equivalents(meta)
-    planes = -(-batch_planes(meta, batch) // cluster_replicas(meta, batch, sm_count))
-    state_us = CLUSTER_STATE_US + (CLUSTER_WIDE_US if meta.num_ctas > PORTABLE_CLUSTER_CTAS else 0.0)
-    per_plane = (CLUSTER_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff
-                 + state_us * meta.num_cols / 1024)
-    if wide_variant(meta, dtype):
-        per_plane += CLUSTER_WIDE_VARIANT_US
-    return CLUSTER_FIXED_US + planes * per_plane
+    tile, _, planes = cluster_launch(meta, batch, dtype, sm_count)
+    return CLUSTER_FIXED_US + planes * cluster_plane_us(meta, tile, dtype)
 
 
 def planning_step_us(meta: LayoutMeta, exchange: str, dtype, batch: int | None = None) -> float:

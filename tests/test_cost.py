@@ -64,10 +64,25 @@ def test_kernel_estimate_grows_with_planes_and_only_with_planes():
     for meta in GRID:
         times = [cost.persistent_step_us(meta, b) for b in BATCHES]
         for b, t, t_next in zip(BATCHES, times, times[1:]):
-            if b % 4 == 0:  # B+1 opens a new plane of 4 examples
+            if b % 4 == 0 or b < 3:  # B+1 opens a new plane of 4 examples, or widens the tile
                 assert t_next > t, (meta, b)
             else:
                 assert t_next == t, (meta, b)
+
+
+def test_a_batch_of_one_or_two_saves_the_entries_its_narrow_tile_drops():
+    # B=1 runs a tile of 1 (three entries fewer than the layout's 4), B=2 a tile of 2, B=3 and 4 the
+    # tile of 4; float32's layouts (a tile of 2) save one entry at B=1.
+    four = cost.persistent_step_us(H2304, 4)
+    assert cost.persistent_step_us(H2304, 3) == four
+    assert cost.persistent_step_us(H2304, 2) == pytest.approx(four - 2 * cost.GRID_ENTRY_US)
+    assert cost.persistent_step_us(H2304, 1) == pytest.approx(four - 3 * cost.GRID_ENTRY_US)
+    narrow = _meta(2304, 24, 18, 24, load_bytes=8)
+    assert cost.persistent_step_us(narrow, 1) == pytest.approx(cost.persistent_step_us(narrow, 2)
+                                                               - cost.GRID_ENTRY_US)
+    # a tile layout keeps its tile of 4 at every batch
+    tiles = dataclasses.replace(H2304, tiles=True)
+    assert cost.persistent_step_us(tiles, 1) == cost.persistent_step_us(tiles, 4)
 
 
 def test_kernel_estimate_grows_with_slots_and_warps_and_shared_memory():
@@ -142,27 +157,58 @@ def test_gpu_path_of_a_layer():
     assert too_big == "dense" and "exceeds the persistent kernel's limit" in why
 
 
-def test_cluster_step_grows_with_planes_and_wide_clusters():
+def test_cluster_step_by_hand():
     meta = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 8 CTAs of 16 warps, K=16
-    one = cost.cluster_step_us(meta, 4, np.float16)
-    # by hand: fixed + one plane of (plane + slots * warps * K + the state's 1024 columns)
-    assert one == pytest.approx(cost.CLUSTER_FIXED_US + cost.CLUSTER_PLANE_US + cost.KERNEL_SLOT_US * 16 * 16
-                                + cost.CLUSTER_STATE_US)
-    # replicas take the batch: 14 tiles on 14 replicas of 8 CTAs is still one plane each
-    assert cost.cluster_replicas(meta, 56) == 14
-    assert cost.cluster_step_us(meta, 56, np.float16) == pytest.approx(one)
-    # ... until the GPCs run out: the H200 holds 15 clusters of 8 CTAs, so 16 tiles need two planes
-    assert cost.cluster_step_us(meta, 60, np.float16) == pytest.approx(one)
-    assert cost.cluster_step_us(meta, 64, np.float16) == pytest.approx(
-        cost.CLUSTER_FIXED_US + 2 * (one - cost.CLUSTER_FIXED_US))
-    # the same warps on 16 CTAs of 8 (a non-portable cluster): half the slot rounds a CTA, and the
-    # wide cluster's cost of taking in the state
-    wide = LayoutMeta(1024, 16, 16 * 8, 8, 16, 16, True, "fits")
-    assert cost.cluster_replicas(wide, 64) == 7
-    assert cost.cluster_step_us(wide, 4, np.float16) - one == pytest.approx(
-        cost.CLUSTER_WIDE_US - cost.KERNEL_SLOT_US * 8 * 16)
-    # a wider state costs more in both
-    assert cost.cluster_step_us(dataclasses.replace(meta, hidden=2048), 4, np.float16) > one
+    k_eff = 16  # every slot in registers
+    plane = lambda tile: (cost.CLUSTER_PLANE_US + (cost.CLUSTER_SLOT_US * 16 + cost.CLUSTER_LANE_US) * k_eff
+                          + cost.CLUSTER_CTA_US * 8
+                          + (tile - 1) * (cost.CLUSTER_ENTRY_US + cost.CLUSTER_ENTRY_SLOT_US * k_eff))
+    for batch, tile, planes in ((1, 1, 1), (4, 1, 1), (15, 1, 1), (16, 2, 1), (31, 4, 1), (64, 4, 2)):
+        assert cost.cluster_step_us(meta, batch, np.float16) == pytest.approx(
+            cost.CLUSTER_FIXED_US + planes * plane(tile)), batch
+    # the wide variant (more threads than the narrow launch bound) pays its own constant, and a
+    # cluster of more CTAs its exchange
+    wide = dataclasses.replace(meta, num_warps=8 * 20, warps_per_cta=20)
+    assert cost.cluster_step_us(wide, 1, np.float16) - cost.cluster_step_us(meta, 1, np.float16) == \
+        pytest.approx(cost.CLUSTER_WIDE_VARIANT_US + cost.CLUSTER_SLOT_US * 4 * k_eff)
+    more = dataclasses.replace(meta, num_warps=12 * 16)
+    assert cost.cluster_step_us(more, 1, np.float16) - cost.cluster_step_us(meta, 1, np.float16) == \
+        pytest.approx(4 * cost.CLUSTER_CTA_US)
+
+
+def test_a_cluster_launch_narrows_the_tile_where_replicas_allow():
+    """The handler's rule: the narrowest tile (1, then 2) at which every replica runs one plane while
+    the device holds that many; else the layout's tile on as many replicas as fit."""
+    meta = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 512 threads: one CTA an SM
+    assert cost.ctas_per_sm(meta, 1, np.float16) == 1
+    held = cost.resident_clusters(8)  # 15 on the H200
+    assert cost.cluster_launch(meta, held, np.float16) == (1, held, 1)
+    assert cost.cluster_launch(meta, held + 1, np.float16) == (2, -(-(held + 1) // 2), 1)
+    assert cost.cluster_launch(meta, 2 * held + 1, np.float16) == (4, -(-(2 * held + 1) // 4), 1)
+    assert cost.cluster_launch(meta, 4 * held + 4, np.float16) == (4, held, 2)
+    assert cost.cluster_replicas(meta, 56, np.float16) == 14  # 14 tiles of 4 on 14 replicas
+    # a batch of 3 never takes the layout's tile of 4 where three replicas fit
+    assert cost.cluster_launch(meta, 3, np.float16)[0] == 1
+    # a tile layout keeps its tile of 4
+    assert cost.cluster_launch(dataclasses.replace(meta, tiles=True), 3, np.float16)[0] == 4
+    # a small layout (4 warps, a few KB) shares an SM: by registers, 4 CTAs of 128 threads
+    small = LayoutMeta(256, 8, 8 * 4, 4, 8, 16, True, "fits")
+    assert cost.ctas_per_sm(small, 1, np.float16) == 4
+    assert cost.cluster_launch(small, 32, np.float16) == (1, 32, 1)
+    # ... and a layout whose shared memory fills half an SM holds one
+    full = LayoutMeta(2048, 64, 16 * 16, 16, 16, 16, True, "fits")  # 48 slots a thread in smem
+    assert cost.ctas_per_sm(full, 1, np.float16) == 1
+
+
+def test_cluster_steps_grow_with_the_batch_and_never_shrink():
+    for meta in (LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits"),
+                 LayoutMeta(256, 8, 8 * 4, 4, 8, 16, True, "fits"),
+                 LayoutMeta(1024, 24, 16 * 10, 10, 24, 16, True, "fits"),
+                 LayoutMeta(512, 16, 6 * 11, 11, 16, 8, True, "fits")):  # float32: a tile of 2
+        for dtype in (np.float16, np.float32):
+            steps = [cost.cluster_step_us(meta, b, dtype) for b in range(1, 129)]
+            assert all(b >= a for a, b in zip(steps, steps[1:])), (meta, dtype)
+            assert steps[-1] > steps[0]
 
 
 @pytest.mark.parametrize("num_ctas, sm_count, resident", [
@@ -179,8 +225,8 @@ def test_a_wide_variant_costs_more_per_plane():
     narrow = LayoutMeta(1024, 16, 12 * 16, 16, 16, 16, True, "fits")
     wide = LayoutMeta(1024, 16, 12 * 20, 20, 16, 16, True, "fits")
     assert not cost.wide_variant(narrow, np.float16) and cost.wide_variant(wide, np.float16)
-    extra = cost.cluster_step_us(wide, 4, np.float16) - cost.cluster_step_us(narrow, 4, np.float16)
-    assert extra == pytest.approx(cost.CLUSTER_WIDE_VARIANT_US + cost.KERNEL_SLOT_US * 4 * 16)
+    extra = cost.cluster_step_us(wide, 1, np.float16) - cost.cluster_step_us(narrow, 1, np.float16)
+    assert extra == pytest.approx(cost.CLUSTER_WIDE_VARIANT_US + cost.CLUSTER_SLOT_US * 4 * 16)
     # float32's tier 16 has a narrow bound of 384 threads: 512 is its wide variant
     assert cost.wide_variant(LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits"), np.float32)
     # a tier without a wide variant (RS = 64, 16-bit) never counts as wide
@@ -200,7 +246,7 @@ def test_grid_steps_walk_two_planes_a_pass():
     assert cost.plane_units(dataclasses.replace(lstm, load_bytes=8), 4) == 4
     # in cluster mode every plane's state crosses the cluster on its own: planes count one by one
     small = LayoutMeta(1024, 16, 16 * 16, 16, 16, 16, True, "fits")  # 16 CTAs: 7 replicas at most
-    one, two = (cost.cluster_step_us(small, b, np.float16) for b in (4, 32))  # 1 and 8 tiles
+    one, two = (cost.cluster_step_us(small, b, np.float16) for b in (28, 56))  # 7 and 14 tiles of 4
     assert two - cost.CLUSTER_FIXED_US == pytest.approx(2 * (one - cost.CLUSTER_FIXED_US))
 
 

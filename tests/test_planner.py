@@ -51,9 +51,9 @@ def test_sparse_layers_get_ctas_wide_enough_to_stage_h(hidden, density, dtype):
     assert plan.num_warps - warps < plan.warps_per_cta  # padding: less than one CTA of empty warps
     # the widening never applies to a layer whose CTAs are already wide enough
     nnz = np.full(2304, 230)
-    wide = plan_layout(nnz, dtype, H200)
+    wide = plan_layout(nnz, dtype, GRID_ONLY)
     warps = planner._warps_needed(planner.lanes_per_row(nnz, wide.slots_per_lane))
-    assert wide.warps_per_cta == -(-warps // min(H200.sm_count, warps))
+    assert wide.warps_per_cta == -(-warps // min(GRID_ONLY.sm_count, warps))
 
 
 def test_every_row_fits_its_warp():
@@ -250,8 +250,12 @@ def test_cluster_mode_is_chosen_by_the_step_estimate():
         else:
             assert plan == grid
     # Large layers stay on the whole GPU (the paper's headline layer among them).
-    assert plan_layout(np.full(2304, 230), np.float16, H200).exchange == "grid"
     assert plan_layout(np.full(2304, 691), np.float16, H200).exchange == "grid"
+    assert plan_layout(np.full(4608, 460), np.float16, H200).exchange == "grid"
+    # A single example runs faster on the grid at H = 2304 (its narrow tile), a wide batch in a
+    # cluster (whose replicas run it at about one example's step); at B = 4-8 the two are close.
+    assert plan_layout(np.full(2304, 230), np.float16, H200, batch=1).exchange == "grid"
+    assert plan_layout(np.full(2304, 230), np.float16, H200, batch=16).exchange == "cluster"
 
 
 def test_devices_without_clusters_get_grid_layouts_only():
@@ -344,9 +348,10 @@ def test_a_layout_planned_for_a_batch_is_estimated_no_slower_there(hidden, densi
 
 
 def test_a_layout_planned_for_a_batch_runs_that_batch_where_one_can():
-    # H=2048 at 10% in fp16: the default grid layout stages the whole batch in each CTA and runs
-    # at most 28 examples persistently; cluster replicas split the batch, so a batch of 64 gets one.
-    nnz = np.full(2048, 204)
+    # H=2304 at 10% in fp16: the default layout (16 CTAs, whose replicas hold 28 examples at once)
+    # runs at most 28 examples persistently; planned for 64, a cluster of fewer CTAs with more
+    # replicas runs them.
+    nnz = np.full(2304, 230)
     default = plan_layout(nnz, np.float16, H200)
     assert planner.max_persistent_batch(default, np.float16) < 64
     hinted = plan_layout(nnz, np.float16, H200, batch=64)

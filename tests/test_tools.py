@@ -198,11 +198,11 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
     assert w.meta.slots_per_lane != 32  # (the planner's own pick, after the patch is undone)
     with pytest.raises(SystemExit, match="not 'bidir'"):
         profile_case.case_call("bidir", 32, 0.2, 2, "float32", 4, 2)
-    # plan=B packs the layout planned for a batch of B (H=1024, 10%, fp16: another cluster at B=8)
+    # plan=B packs the layout planned for a batch of B (H=1024, 10%, fp16: the grid layout at B=1)
     for cell in ("simple", "lstm"):
         planned, _ = profile_case.option_call(cell, 256, 0.1, 2, "float16", 4, ["plan=8"])
         assert planned.meta.reason.endswith("planned for batch 8"), planned.meta.reason
-    planned, _ = profile_case.option_call("simple", 1024, 0.1, 2, "float16", 4, ["plan=8"])
+    planned, _ = profile_case.option_call("simple", 1024, 0.1, 2, "float16", 4, ["plan=1"])
     default, _ = profile_case.option_call("simple", 1024, 0.1, 2, "float16", 4, [])
     assert planned.meta.num_ctas != default.meta.num_ctas
     with pytest.raises(SystemExit, match="not 'bidir'"):
