@@ -5,7 +5,8 @@ constants.
 
 A file is `tools/kernel_time.py`'s JSON (the kernel's own device time, free of the host's jitter:
 `KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt tools/gpu_check.sh kerneltime`; of it, the
-simple cell's cluster-mode rows count) or the cluster suite's (wall-clock slopes, ±0.3 µs a step of
+cluster-mode rows of the simple cell, the GRU and the LSTM count: the planner weighs the gated
+cells' cluster layouts with the same estimate) or the cluster suite's (wall-clock slopes, ±0.3 µs a step of
 jitter: a check, too noisy to fit). Every layout timed (the planner's, ``nN``: the layer on at most
 N CTAs) is one point: its measured µs per step against ``cost.cluster_step_us`` for the layout and
 batch. The fit is a least-squares solve of the estimate's linear form, ``a + planes * (b + c * warps
@@ -30,14 +31,21 @@ from jax_sprnn import _constants, cost, planner
 NOT_CLUSTER = ("grid_mode", "grid_layout")
 
 
-def layout_of(hidden: int, k: int, ctas: int, warps_per_cta: int, dtype: str) -> planner.LayoutMeta | None:
+def layout_of(hidden: int, k: int, ctas: int, warps_per_cta: int, dtype: str,
+              gates: int = 1) -> planner.LayoutMeta | None:
     """The layout meta of a timed layout: its register tier is the planner's for that thread count."""
     threads = warps_per_cta * planner.WARP
-    reg = max((r for r, most in planner.H200.thread_limits(dtype) if r <= k and threads <= most),
+    reg = max((r for r, most in planner.H200.thread_limits(dtype, gates) if r <= k and threads <= most),
               default=None)
     if reg is None:
         return None
-    return planner.LayoutMeta(hidden, k, ctas * warps_per_cta, warps_per_cta, reg, 16, True, "timed")
+    return planner.LayoutMeta(hidden, k, ctas * warps_per_cta, warps_per_cta, reg, 16, True, "timed",
+                              gates=gates)
+
+
+#: The forward kernels' gate counts, by tools/kernel_time.py's cell name (bidirectional and tile
+#: cases are not one layout's forward step).
+GATES = {"simple": 1, "gru": 3, "lstm": 4}
 
 
 def points(paths):
@@ -47,9 +55,10 @@ def points(paths):
             result = json.load(f)
         if isinstance(result, list):  # tools/kernel_time.py: one row per case, its layout included
             for row in result:
-                if row.get("cell") != "simple" or row.get("exchange") != "cluster":
+                if row.get("cell") not in GATES or row.get("exchange") != "cluster":
                     continue
-                meta = layout_of(row["hidden"], row["K"], row["ctas"], row["warps_per_cta"], row["dtype"])
+                meta = layout_of(row["hidden"], row["K"], row["ctas"], row["warps_per_cta"], row["dtype"],
+                                 GATES[row["cell"]])
                 if meta is not None:
                     yield path, row, f"kt n{row['ctas']}", meta, row["batch"], row["us_per_step"]
             continue

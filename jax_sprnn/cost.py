@@ -129,20 +129,21 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # CTAs, 1.50 on 8, 1.79 on 15), the wide variant's tighter register cap, and each batch entry of a
 # tile past the first (its gather's K_eff multiply-adds, its reduction, cell and push). The state's
 # width adds nothing measurable beyond these. Fitted by ``benchmarks/cost_fit.py`` (least squares on
-# relative errors) to the kernel's own device time (Nsight Compute, free of the host's jitter) of 113
-# layouts and batches on an H100 (fp16 and fp32, 10%, H 256-2048, B 1-64, clusters of 1-16 CTAs,
-# 2026-12-05 and 06: benchmarks/results/kernel_time_*_h100_*.json; the H100 and the H200 share the
-# SM and its clock, and these steps stay on chip): measured / estimate 0.93-1.10 (10-90%),
-# 0.81-1.28 at most. The H200's wall-clock cluster runs of 2026-12-04 read higher (the host's
-# jitter, and an older kernel): see benchmarks/RESULTS.md.
-CLUSTER_FIXED_US = 0.72
-CLUSTER_PLANE_US = 0.52
-CLUSTER_SLOT_US = 0.00099  # per plane, per warp of a CTA and per (register-equivalent) slot
-CLUSTER_LANE_US = 0.0059  # per plane and per slot of a lane
-CLUSTER_CTA_US = 0.03  # per plane and per CTA of the cluster
-CLUSTER_WIDE_VARIANT_US = 0.16
-CLUSTER_ENTRY_US = 0.13  # per plane and per batch entry of its tile past the first
-CLUSTER_ENTRY_SLOT_US = 0.0085  # ... and per slot of K_eff
+# relative errors) to the kernel's own device time (Nsight Compute, free of the host's jitter) of 118
+# layouts and batches on an H100 (the simple cell, fp16 and fp32, 10%, H 256-2048, B 1-64, clusters
+# of 1-16 CTAs; five of the GRU and the LSTM, whose cluster layouts the planner weighs with the same
+# estimate; 2026-12-05 and 06: benchmarks/results/kernel_time_*_h100_*.json; the H100 and the H200
+# share the SM and its clock, and these steps stay on chip): measured / estimate 0.92-1.13
+# (10-90%), 0.81-1.40 at most. The H200's wall-clock cluster runs of 2026-12-04 read higher (the
+# host's jitter, and an older kernel): see benchmarks/RESULTS.md.
+CLUSTER_FIXED_US = 0.95
+CLUSTER_PLANE_US = 0.27
+CLUSTER_SLOT_US = 0.00114  # per plane, per warp of a CTA and per (register-equivalent) slot
+CLUSTER_LANE_US = 0.0052  # per plane and per slot of a lane
+CLUSTER_CTA_US = 0.032  # per plane and per CTA of the cluster
+CLUSTER_WIDE_VARIANT_US = 0.13
+CLUSTER_ENTRY_US = 0.26  # per plane and per batch entry of its tile past the first
+CLUSTER_ENTRY_SLOT_US = 0.0021  # ... and per slot of K_eff
 PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with

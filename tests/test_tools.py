@@ -167,6 +167,7 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
     import profile_case
 
     from benchmarks import cost_fit
+    from jax_sprnn import planner
 
     rows = []
     for ctas in (2, 8):
@@ -177,12 +178,14 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
                          warps_per_cta=w.meta.warps_per_cta, exchange="cluster", us_per_step=1.5))
     w, _ = profile_case.case_call("gru", 32, 0.2, 2, "float32", 4, 3)
     assert w.meta.num_ctas <= 3 and w.meta.gates == 3
-    rows.append(dict(rows[0], cell="gru"))  # (gated rows are not the simple cell's cost: skipped)
-    rows.append(dict(rows[0], exchange="grid"))  # (nor grid mode's)
+    rows.append(dict(rows[0], cell="gru", K=32, ctas=w.meta.num_ctas, warps_per_cta=w.meta.warps_per_cta))
+    rows.append(dict(rows[0], exchange="grid"))  # (grid mode's rows are not the cluster estimate's)
+    rows.append(dict(rows[0], cell="bidir"))  # (nor a paired launch's)
     (tmp_path / "kt.json").write_text(json.dumps(rows))
     points = list(cost_fit.points([tmp_path / "kt.json"]))
-    assert [(p[2], p[3].num_ctas, p[4], p[5]) for p in points] == [
-        (f"kt n{r['ctas']}", r["ctas"], 3, 1.5) for r in rows[:2]]
+    assert [(p[2], p[3].num_ctas, p[3].gates, p[4], p[5]) for p in points] == [
+        (f"kt n{r['ctas']}", r["ctas"], gates, 3, 1.5) for r, gates in zip(rows[:3], (1, 1, 3))]
+    assert points[2][3].reg_slots in dict(planner.H200.thread_limits("float16", 3))  # a gated tier
     for bad in (["ctas=0"], ["sms=4"], ["ctas=x"], ["k=-1"], ["plan=0"]):
         with pytest.raises(SystemExit, match="ctas=N, k=K or plan=B"):
             profile_case.parse_options(bad)
