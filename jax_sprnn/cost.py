@@ -11,7 +11,10 @@ jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` ch
 
 * Kernel: ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights the
   shared-memory tier's slots by :data:`SMEM_SLOT_COST`: one step walks every plane,
-  and a CTA's warps share its SM. Within about ±35% of every measured point, mostly ±15%.
+  and a CTA's warps share its SM. Within about ±35% of every measured point, mostly ±15%. A batch
+  of one or two runs a narrower tile, :data:`GRID_ENTRY_US` less a dropped entry (2026-12-06).
+* Cluster mode (layouts of at most 16 CTAs): its own form, fitted to the kernel's device time
+  (:func:`cluster_step_us`).
 * Dense (16-bit): ``max(DENSE_MIN_US, 2 * H**2 / DENSE_BYTES_PER_US)`` µs: a fixed cost per step
   (launches, a small GEMM's latency) until the weights' bytes take longer to read.
 

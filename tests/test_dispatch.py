@@ -1,6 +1,8 @@
 """What runs where: jax_sprnn.dispatch's decisions for made-up builds and devices (no GPU needed), the
 CPU lowering of the fallback, and the primitives' named parameters."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,21 +108,24 @@ def test_recurrences_on_an_h200(h200_build):
         dispatch.on_cuda_recurrence(FORWARD, meta, too_big, np.float16, "native")
 
 
+@pytest.mark.parametrize("planned_for", ["H200", "grid"])
 @pytest.mark.parametrize("gates", [3, 4])
-def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates):
+def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates, planned_for):
     """The transposed gated layout stages G*H cotangents an example: its batch limit is the one
     its own kernel has (smaller than the forward's), and past it "auto" takes the XLA scan with a
-    warning that says what the shared memory holds, while "native" raises."""
+    warning that says what the shared memory holds, while "native" raises. Planned for the H200
+    the layouts take clusters (the GRU's at least); planned for a GPU without clusters, the grid."""
     H = 1024
-    fwd, bwd = layout.plan_layouts(np.full(gates * H, 102), np.full(H, gates * 102), np.float16, H200,
+    device = H200 if planned_for == "H200" else dataclasses.replace(H200, cluster_launch=False)
+    fwd, bwd = layout.plan_layouts(np.full(gates * H, 102), np.full(H, gates * 102), np.float16, device,
                                    gates=gates)
     meta_t = LayoutMeta.from_plan(bwd)
     assert meta_t.fits and meta_t.transposed and meta_t.num_cols == gates * H
     limit = planner.max_persistent_batch(meta_t, np.float16, H200)
     assert 0 < limit < planner.max_persistent_batch(LayoutMeta.from_plan(fwd), np.float16, H200)
     # The limit is where the staged copies of G*H columns (and the carries) stop fitting: one copy
-    # of the whole batch in grid mode (the LSTM's 86 CTAs), two copies of a replica's slice on each
-    # cluster the H200 holds at once in cluster mode (the GRU's 16 CTAs or fewer).
+    # of the whole batch in grid mode, two copies of a replica's slice on each cluster the H200
+    # holds at once in cluster mode (16 CTAs or fewer).
     tile = meta_t.load_bytes // 4
     weights = planner.weight_smem_bytes(meta_t.slots_per_lane, meta_t.reg_slots,
                                         meta_t.threads_per_cta, np.float16)
@@ -130,7 +135,7 @@ def test_the_gated_backward_kernel_fits_its_staged_cotangents(h200_build, gates)
         return _constants.persistent_smem_bytes(gates * H, batch, tile, weights, copies, cell)
     budget = H200.smem_per_block - planner.KERNEL_SMEM_RESERVE
     in_cluster = meta_t.num_ctas <= planner.MAX_CLUSTER_CTAS
-    assert in_cluster == (gates == 3)  # (so both modes' limits are checked)
+    assert in_cluster == (planned_for == "H200") or gates == 4  # (both modes' limits are checked)
     if not in_cluster:
         assert smem(limit, 1) <= budget < smem(limit + 1, 1)
     else:
