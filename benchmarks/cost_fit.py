@@ -104,7 +104,7 @@ def launch(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> tuple[int,
 def estimate(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> float:
     """``cost.cluster_step_us`` for a point of the run in ``path``, with its day's launch."""
     tile, _, planes = launch(path, meta, batch, dtype)
-    return cost.CLUSTER_FIXED_US + planes * cost.cluster_plane_us(meta, tile, dtype)
+    return cost.cluster_step_at(meta, tile, planes, dtype)
 
 
 NAMES = ["fixed", "plane", "slot (warps * K_eff)", "lane (K_eff)", "CTA (N)", "wide variant",
@@ -114,7 +114,7 @@ NAMES = ["fixed", "plane", "slot (warps * K_eff)", "lane (K_eff)", "CTA (N)", "w
 def features(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarray:
     """The estimate's linear form, one column per constant of NAMES."""
     tile, _, planes = launch(path, meta, batch, dtype)
-    k_eff = meta.reg_slots + cost.SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
+    k_eff = cost._slot_equivalents(meta)
     return planes * np.array([1.0 / planes, 1.0, meta.warps_per_cta * k_eff, k_eff, meta.num_ctas,
                               cost.wide_variant(meta, dtype), tile - 1, (tile - 1) * k_eff])
 

@@ -253,11 +253,16 @@ def cluster_plane_us(meta: LayoutMeta, tile: int, dtype) -> float:
     return plane
 
 
+def cluster_step_at(meta: LayoutMeta, tile: int, planes: int, dtype) -> float:
+    """Estimated µs per step in cluster mode where each replica walks ``planes`` planes of ``tile``."""
+    return CLUSTER_FIXED_US + planes * cluster_plane_us(meta, tile, dtype)
+
+
 def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) -> float:
     """Estimated µs per step of the persistent kernel in cluster mode for this layout, batch and
     storage dtype."""
     tile, _, planes = cluster_launch(meta, batch, dtype, sm_count)
-    return CLUSTER_FIXED_US + planes * cluster_plane_us(meta, tile, dtype)
+    return cluster_step_at(meta, tile, planes, dtype)
 
 
 def planning_step_us(meta: LayoutMeta, exchange: str, dtype, batch: int | None = None) -> float:

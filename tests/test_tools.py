@@ -227,3 +227,37 @@ def test_a_kernel_time_run_skips_a_case_whose_layout_does_not_fit(tmp_path, monk
     _ncu_csv(tmp_path / "k.csv", [(100, 1, "usecond")] * n + [(400, 1, "usecond")] * n)
     (row,) = kernel_time.summarize(tmp_path / "k.csv", tmp_path / "m.json")
     assert {k: row[k] for k in order[0]["layout"]} == order[0]["layout"]
+
+
+def test_a_kernel_time_run_skips_a_call_the_dispatcher_refuses(tmp_path, monkeypatch, capsys):
+    """A call that fails before any launch (method='native' past the layout's batch limit raises
+    ValueError in compilation) skips its case and the run goes on; a case left without its second
+    length's launches is dropped from the summary, not given a slope."""
+    import profile_case
+
+    monkeypatch.setattr(kernel_time, "STEPS", (2, 3))
+    real = profile_case.option_call
+
+    def refusing(cell, hidden, density, batch, dtype, steps, options):
+        w, f = real(cell, hidden, density, batch, dtype, steps, options)
+        if batch == 5:
+            def refused():
+                raise ValueError("method='native': batch 5 exceeds the persistent kernel's limit")
+            return w, refused
+        return w, f
+
+    monkeypatch.setattr(profile_case, "option_call", refusing)
+    cases = ["simple 96 0.2 5 float32 ctas=2", "simple 96 0.2 3 float32 ctas=2"]
+    kernel_time.run(cases, tmp_path / "m.json")
+    order = json.loads((tmp_path / "m.json").read_text())
+    assert [(o["case"], o["steps"]) for o in order] == [(cases[1], 2), (cases[1], 3)]
+    assert "skipped 'simple 96 0.2 5 float32 ctas=2' (T=2): method='native'" in capsys.readouterr().err
+    # A manifest whose first case has only its first length (a refusal at the second).
+    n = kernel_time.WARMUP + kernel_time.CALLS
+    cut = [dict(order[0], case="cut")] + order
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    _ncu_csv(tmp_path / "k.csv", [(100, 1, "usecond")] * 2 * n + [(400, 1, "usecond")] * n)
+    rows = kernel_time.summarize(tmp_path / "k.csv", tmp_path / "cut.json")
+    assert [r["case"] for r in rows] == [cases[1]]
+    assert rows[0]["us_per_step"] == pytest.approx(300)
+    assert "'cut': no T=3 launches, skipped" in capsys.readouterr().err
