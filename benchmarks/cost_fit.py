@@ -1,21 +1,28 @@
-"""Check ``jax_sprnn.cost``'s cluster-mode step estimate against measurements, and refit its
-constants.
+"""Check ``jax_sprnn.cost``'s step estimates (cluster and grid mode) against measurements, and
+refit their constants.
 
     python -m benchmarks.cost_fit benchmarks/results/kernel_time_*_h100_2026-12-0[56].json [more.json ...]
 
 A file is `tools/kernel_time.py`'s JSON (the kernel's own device time, free of the host's jitter:
-`KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt tools/gpu_check.sh kerneltime`; of it, the
-cluster-mode rows of the simple cell, the GRU and the LSTM count: the planner weighs the gated
-cells' cluster layouts with the same estimate) or the cluster suite's (wall-clock slopes, ±0.3 µs a step of
-jitter: a check, too noisy to fit). Every layout timed (the planner's, ``nN``: the layer on at most
-N CTAs) is one point: its measured µs per step against ``cost.cluster_step_us`` for the layout and
-batch. The fit is a least-squares solve of the estimate's linear form, ``a + planes * (b + c * warps
-* K_eff + l * K_eff + n * N + e * [wide variant] + (tile - 1) * (t + u * K_eff))``, on relative errors (each
-point weighted by 1/measured), so that 2-µs and 10-µs steps count alike; ``--fit-all`` fits the
-wall-clock points too. The constants in ``cost.py`` are rounded from its output.
-A point's batch tile and planes are the handler's of its day: runs before 2026-12-06 (the date in
-the file's name) kept the layout's tile on every replica (``launch_before_narrowing``); later ones
-narrow it (``cost.cluster_launch``).
+`KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt tools/gpu_check.sh kerneltime`; of it, the rows
+of the simple cell, the GRU and the LSTM count: the planner weighs the gated cells' layouts with
+the same estimates) or the cluster suite's (wall-clock slopes, ±0.3 µs a step of jitter: a check
+of the cluster branch, too noisy to fit). Every layout timed is one point of its exchange mode's
+branch (``nN``: a cluster of N CTAs; ``grid``: the grid's exchange): its measured µs per step
+against ``cost.cluster_step_us`` or ``cost.persistent_step_us`` for the layout and batch.
+
+Each branch is fitted on its own, a non-negative least-squares solve of its estimate's linear form
+on relative errors (each point weighted by 1/measured, so that 2-µs and 10-µs steps count alike;
+``--fit-all`` fits the wall-clock points too):
+
+* cluster: ``a + planes * (b + c * warps * K_eff + l * K_eff + n * N + e * [wide variant]
+  + (tile - 1) * (t + u * K_eff))``;
+* grid: ``a + planes * (b + c * warps * K_eff) - g * (entries a narrow tile drops)``.
+
+The constants in ``cost.py`` are rounded from its output. A cluster point's batch tile and planes
+are the handler's of its day: runs before 2026-12-06 (the date in the file's name) kept the
+layout's tile on every replica (``launch_before_narrowing``); later ones narrow it
+(``cost.cluster_launch``).
 """
 from __future__ import annotations
 
@@ -48,19 +55,23 @@ def layout_of(hidden: int, k: int, ctas: int, warps_per_cta: int, dtype: str,
 GATES = {"simple": 1, "gru": 3, "lstm": 4}
 
 
-def points(paths):
-    """``(file, row, peer, meta, batch, measured µs)`` of every cluster-mode layout timed."""
+def points(paths, exchange: str = "cluster"):
+    """``(file, row, peer, meta, batch, measured µs)`` of every layout timed in ``exchange`` mode
+    (the grid's only from kernel-time files)."""
     for path in paths:
         with open(path) as f:
             result = json.load(f)
         if isinstance(result, list):  # tools/kernel_time.py: one row per case, its layout included
             for row in result:
-                if row.get("cell") not in GATES or row.get("exchange") != "cluster":
+                if row.get("cell") not in GATES or row.get("exchange") != exchange:
                     continue
                 meta = layout_of(row["hidden"], row["K"], row["ctas"], row["warps_per_cta"], row["dtype"],
                                  GATES[row["cell"]])
-                if meta is not None:
-                    yield path, row, f"kt n{row['ctas']}", meta, row["batch"], row["us_per_step"]
+                if meta is not None and meta.exchange == exchange:
+                    name = f"kt n{row['ctas']}" if exchange == "cluster" else "kt grid"
+                    yield path, row, name, meta, row["batch"], row["us_per_step"]
+            continue
+        if exchange != "cluster":
             continue
         for row in result["rows"]:
             for name, peer in row.get("peers", {}).items():
@@ -102,21 +113,46 @@ def launch(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> tuple[int,
 
 
 def estimate(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> float:
-    """``cost.cluster_step_us`` for a point of the run in ``path``, with its day's launch."""
+    """The estimate for a point of the run in ``path``: ``cost.cluster_step_us`` with its day's
+    launch, or ``cost.persistent_step_us`` for a grid-mode layout."""
+    if meta.exchange == "grid":
+        return cost.persistent_step_us(meta, batch)
     tile, _, planes = launch(path, meta, batch, dtype)
     return cost.cluster_step_at(meta, tile, planes, dtype)
 
 
-NAMES = ["fixed", "plane", "slot (warps * K_eff)", "lane (K_eff)", "CTA (N)", "wide variant",
-         "entry (tile - 1)", "entry slot ((tile - 1) * K_eff)"]
+#: Each branch's constants, in the order of its features' columns, as named in the output.
+NAMES = {
+    "cluster": ["fixed", "plane", "slot (warps * K_eff)", "lane (K_eff)", "CTA (N)", "wide variant",
+                "entry (tile - 1)", "entry slot ((tile - 1) * K_eff)"],
+    "grid": ["fixed", "plane", "slot (warps * K_eff)", "dropped entry"],
+}
+
+#: ... and as ``cost.py`` holds them.
+CONSTANTS = {
+    "cluster": ["CLUSTER_FIXED_US", "CLUSTER_PLANE_US", "CLUSTER_SLOT_US", "CLUSTER_LANE_US",
+                "CLUSTER_CTA_US", "CLUSTER_WIDE_VARIANT_US", "CLUSTER_ENTRY_US", "CLUSTER_ENTRY_SLOT_US"],
+    "grid": ["KERNEL_FIXED_US", "KERNEL_PLANE_US", "KERNEL_SLOT_US", "GRID_ENTRY_US"],
+}
 
 
 def features(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarray:
-    """The estimate's linear form, one column per constant of NAMES."""
-    tile, _, planes = launch(path, meta, batch, dtype)
+    """The estimate's linear form in its branch's constants (:data:`NAMES`), one column each."""
     k_eff = cost._slot_equivalents(meta)
+    if meta.exchange == "grid":
+        planes = cost.batch_planes(meta, batch)
+        return np.array([1.0, planes, planes * meta.warps_per_cta * k_eff,
+                         -cost.dropped_entries(meta, batch)])
+    tile, _, planes = launch(path, meta, batch, dtype)
     return planes * np.array([1.0 / planes, 1.0, meta.warps_per_cta * k_eff, k_eff, meta.num_ctas,
                               cost.wide_variant(meta, dtype), tile - 1, (tile - 1) * k_eff])
+
+
+def fit(x: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """The non-negative least-squares constants of ``x @ c ~ measured`` in relative error."""
+    from scipy.optimize import nnls
+
+    return nnls(x / measured[:, None], np.ones(len(measured)))[0]
 
 
 def band(ratio: np.ndarray) -> str:
@@ -124,13 +160,13 @@ def band(ratio: np.ndarray) -> str:
             f"{np.percentile(ratio, 90):.2f}, {ratio.min():.2f}-{ratio.max():.2f} in all")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="+")
-    ap.add_argument("--fit-all", action="store_true",
-                    help="fit the wall-clock points too (by default only the kernel-time ones)")
-    args = ap.parse_args()
-    pts = list(points(args.results))
+def report(paths, exchange: str, fit_all: bool) -> None:
+    """One branch's points against its estimate, and its refit."""
+    pts = list(points(paths, exchange))
+    print(f"== {exchange} mode")
+    if not pts:
+        print("no points")
+        return
     rows, measured, estimated, fitted = [], [], [], []
     print(f"{'H':>5} {'dtype':8} {'B':>3} {'layout':12} {'CTAs x warps, K':>17} {'wide':>4} {'tile':>4}"
           f" {'measured':>8} {'estimate':>8} {'ratio':>6}")
@@ -139,23 +175,33 @@ def main() -> None:
         rows.append(features(path, meta, batch, row["dtype"]))
         measured.append(us)
         estimated.append(est)
-        fitted.append(args.fit_all or name.startswith("kt "))
+        fitted.append(fit_all or name.startswith("kt "))
         shape = f"{meta.num_ctas} x {meta.warps_per_cta}, {meta.slots_per_lane}"
         wide = "yes" if cost.wide_variant(meta, row["dtype"]) else ""
-        tile = launch(path, meta, batch, row["dtype"])[0]
+        tile = (launch(path, meta, batch, row["dtype"])[0] if exchange == "cluster"
+                else meta.load_bytes // 4 - cost.dropped_entries(meta, batch))
         print(f"{row['hidden']:5d} {row['dtype']:8} {batch:3d} {name:12} {shape:>17} {wide:>4} {tile:4d}"
               f" {us:8.2f} {est:8.2f} {us / est:6.2f}")
     measured, estimated, fitted = np.array(measured), np.array(estimated), np.array(fitted)
-    ratio = measured / estimated
-    print(f"\n{len(pts)} points; measured / estimate: {band(ratio)}")
+    print(f"\n{len(pts)} points; measured / estimate: {band(measured / estimated)}")
     if not fitted.any():
         print("no points to fit (kernel-time files, or --fit-all)")
         return
-    x = np.array(rows)[fitted] / measured[fitted, None]
-    coef, *_ = np.linalg.lstsq(x, np.ones(int(fitted.sum())), rcond=None)
-    print(f"least-squares constants ({int(fitted.sum())} points, relative errors):",
-          ", ".join(f"{n} {c:.4g}" for n, c in zip(NAMES, coef)))
-    print(f"refit: measured / estimate {band(measured / (np.array(rows) @ coef))}")
+    x = np.array(rows)
+    coef = fit(x[fitted], measured[fitted])
+    print(f"non-negative least-squares constants ({int(fitted.sum())} points, relative errors):",
+          ", ".join(f"{n} {c:.4g}" for n, c in zip(NAMES[exchange], coef)))
+    print(f"refit: measured / estimate {band(measured / (x @ coef))}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--fit-all", action="store_true",
+                    help="fit the wall-clock points too (by default only the kernel-time ones)")
+    args = ap.parse_args()
+    for exchange in ("cluster", "grid"):
+        report(args.results, exchange, args.fit_all)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Both models are fitted to the H200 sweep of 2026-11-30 (``benchmarks/results/swe
 jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` checks the formulas
 (values worked by hand, monotonicity, the margin), not the fit.
 
-* Kernel: ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights the
-  shared-memory tier's slots by :data:`SMEM_SLOT_COST`: one step walks every plane,
-  and a CTA's warps share its SM. Within about ±35% of every measured point, mostly ±15%. A batch
-  of one or two runs a narrower tile, :data:`GRID_ENTRY_US` less a dropped entry (2026-12-06).
+* Kernel (grid mode): ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights
+  the shared-memory tier's slots by :data:`SMEM_SLOT_COST`: one step walks every plane, and a
+  CTA's warps share its SM. A batch of one or two runs a narrower tile, :data:`GRID_ENTRY_US` less
+  a dropped entry. Refitted to the kernel's device time on 2026-12-06 (:data:`KERNEL_FIXED_US`).
 * Cluster mode (layouts of at most 16 CTAs): its own form, fitted to the kernel's device time
   (:func:`cluster_step_us`).
 * Dense (16-bit): ``max(DENSE_MIN_US, 2 * H**2 / DENSE_BYTES_PER_US)`` µs: a fixed cost per step
@@ -49,9 +49,20 @@ if TYPE_CHECKING:  # annotations only: the planner imports this module
 #: shared load per slot); an estimate, see benchmarks/RESULTS.md.
 SMEM_SLOT_COST = 1.5
 
-KERNEL_FIXED_US = 1.6
-KERNEL_PLANE_US = 1.85
-KERNEL_SLOT_US = 0.0033  # per plane, per warp of a CTA and per (register-equivalent) slot
+# The grid-mode kernel (:func:`persistent_step_us`), refitted on 2026-12-06 by
+# ``benchmarks/cost_fit.py`` to the kernel's own device time (Nsight Compute) of 18 grid layouts
+# and batches on an H100 (the simple cell, the GRU and the LSTM, fp16, 10%, H 1024-2304, B 1-32:
+# benchmarks/results/kernel_time_*_h100_2026-12-0[56].json): measured / estimate 0.93-1.11. The
+# two-plane pass that an earlier fit read from the H200's wall clock (a pair of planes at 1.2 one-
+# plane passes) is not in the kernel's own time: 1152 x 116 CTAs took 2.05 / 3.51 / 11.2 µs at
+# B = 1 / 8 / 32, the GRU at 1024 2.39 / 3.94 / 13.0, linear in planes.
+KERNEL_FIXED_US = 1.31
+KERNEL_PLANE_US = 1.08
+KERNEL_SLOT_US = 0.0027  # per plane, per warp of a CTA and per (register-equivalent) slot
+#: What each entry that a batch of one or two drops from the layout's tile saves a grid-mode step
+#: (its gather, reduction, cell and share of the exchange; 2304 x 128 CTAs: 2.27 µs at B = 1
+#: against 2.87 at B = 4).
+GRID_ENTRY_US = 0.14
 DENSE_MIN_US = 8.5
 DENSE_BYTES_PER_US = 3.3e6  # ~3.3 TB/s: the H200's HBM rate as a dense GEMV step sees it
 SWITCH_MARGIN = 1.25
@@ -64,23 +75,6 @@ WGRAD_DENSE_MAX_BYTES = 1 << 30
 def batch_planes(meta: LayoutMeta, batch: int) -> int:
     """The batch planes (tiles of ``load_bytes / 4`` examples) one kernel step walks."""
     return -(-batch // max(1, meta.load_bytes // 4))
-
-
-#: From two batch planes on, the kernels walk them two a pass (tile 4: ``load_bytes = 16``), each
-#: slot decoded once for both. In grid mode, where a step waits mostly on the grid's exchange, a
-#: two-plane pass costs about this many one-plane passes (H200, fp16, 10%, 2026-12-04: the simple
-#: cell's grid layout at H = 1024 took 2.99-3.6 / 3.13-3.46 / 11.2-12.1 µs at B = 1 / 8 / 32, at
-#: H = 2048 3.66 / 3.76 at B = 1 / 8; the GRU at H = 1024 3.96 / 3.73 / 14.3, the LSTM 4.30 / 5.18 /
-#: 13.0: benchmarks/results/cluster_*_2026-12-04.json, gated_forward_2026-12-04.json). In cluster
-#: mode each plane's state crosses the cluster on its own, so its planes count one by one.
-PAIR_PLANES = 1.2
-
-
-def plane_units(meta: LayoutMeta, planes: int) -> float:
-    """What walking ``planes`` batch planes costs a grid-mode step, in one-plane passes."""
-    if meta.load_bytes == 16:
-        return (planes // 2) * PAIR_PLANES + planes % 2
-    return float(planes)
 
 
 #: A tile layout's step (docs/format.md, "Tile layouts") on tensor cores: what one 16-column strip
@@ -104,21 +98,19 @@ def _slot_equivalents(meta: LayoutMeta) -> float:
     return meta.reg_slots + SMEM_SLOT_COST * (meta.slots_per_lane - meta.reg_slots)
 
 
-#: A batch of one or two runs a narrower tile than the layout's (``_constants.batch_tile``), and each
-#: entry it drops saves its gather, reduction, cell and share of the exchange: about this much a step
-#: in grid mode (H100 kernel time, 2026-12-06: 1152 x 1 and 2048 x 1 took 2.06 and 2.33 µs, 1.5-1.7
-#: below the fit above, which holds at B = 8 and 32 within 12%:
-#: benchmarks/results/kernel_time_refit_check_h100_2026-12-06.json).
-GRID_ENTRY_US = 0.55
+def dropped_entries(meta: LayoutMeta, batch: int) -> int:
+    """The batch entries of the layout's tile that a batch of one or two drops in grid mode: it runs
+    a narrower tile (``_constants.batch_tile``); a tile layout keeps its tile of 4."""
+    layout_tile = max(1, meta.load_bytes // 4)
+    return 0 if meta.tiles else layout_tile - _constants.batch_tile(layout_tile, batch)
 
 
 def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
-    """Estimated µs per step of the persistent forward kernel for this layout and batch."""
-    k_eff = _slot_equivalents(meta)
-    layout_tile = max(1, meta.load_bytes // 4)
-    narrowed = 0 if meta.tiles else layout_tile - _constants.batch_tile(layout_tile, batch)
-    per_plane = KERNEL_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * k_eff - GRID_ENTRY_US * narrowed
-    return KERNEL_FIXED_US + plane_units(meta, batch_planes(meta, batch)) * per_plane
+    """Estimated µs per step of the persistent forward kernel for this layout and batch, in grid
+    mode: ``a + planes * (b + c * warps_per_cta * K_eff) - g * dropped entries``."""
+    per_plane = KERNEL_PLANE_US + KERNEL_SLOT_US * meta.warps_per_cta * _slot_equivalents(meta)
+    return (KERNEL_FIXED_US + batch_planes(meta, batch) * per_plane
+            - GRID_ENTRY_US * dropped_entries(meta, batch))
 
 
 # Cluster mode (docs/design.md): the layout's CTAs form one thread-block cluster, a step pushes the
@@ -132,27 +124,29 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # CTAs, 1.50 on 8, 1.79 on 15), the wide variant's tighter register cap, and each batch entry of a
 # tile past the first (its gather's K_eff multiply-adds, its reduction, cell and push). The state's
 # width adds nothing measurable beyond these. Fitted by ``benchmarks/cost_fit.py`` (least squares on
-# relative errors) to the kernel's own device time (Nsight Compute, free of the host's jitter) of 118
-# layouts and batches on an H100 (the simple cell, fp16 and fp32, 10%, H 256-2048, B 1-64, clusters
-# of 1-16 CTAs; five of the GRU and the LSTM, whose cluster layouts the planner weighs with the same
-# estimate; 2026-12-05 and 06: benchmarks/results/kernel_time_*_h100_*.json; the H100 and the H200
-# share the SM and its clock, and these steps stay on chip): measured / estimate 0.92-1.13
-# (10-90%), 0.81-1.40 at most. The H200's wall-clock cluster runs of 2026-12-04 read higher (the
-# host's jitter, and an older kernel): see benchmarks/RESULTS.md.
-CLUSTER_FIXED_US = 0.95
-CLUSTER_PLANE_US = 0.27
-CLUSTER_SLOT_US = 0.00114  # per plane, per warp of a CTA and per (register-equivalent) slot
-CLUSTER_LANE_US = 0.0052  # per plane and per slot of a lane
-CLUSTER_CTA_US = 0.032  # per plane and per CTA of the cluster
-CLUSTER_WIDE_VARIANT_US = 0.13
-CLUSTER_ENTRY_US = 0.26  # per plane and per batch entry of its tile past the first
-CLUSTER_ENTRY_SLOT_US = 0.0021  # ... and per slot of K_eff
+# relative errors, non-negative) to the kernel's own device time (Nsight Compute, free of the host's
+# jitter) of 136 layouts and batches on an H100 (the simple cell, fp16 and fp32, 10%, H 256-2304,
+# B 1-64, clusters of 1-16 CTAs; eleven of the GRU and the LSTM, whose cluster layouts the planner
+# weighs with the same estimate; 2026-12-05 and 06: benchmarks/results/kernel_time_*_h100_*.json;
+# the H100 and the H200 share the SM and its clock, and these steps stay on chip): measured /
+# estimate 0.92-1.13 (10-90%), 0.82-1.39 at most; a 16-CTA cluster at B >= 16 reads up to 1.4x
+# its estimate (2304 x 16 CTAs at B = 16: 6.31 µs against 5.3). The H200's wall-clock cluster runs
+# of 2026-12-04 read higher (the host's jitter, and an older kernel): see benchmarks/RESULTS.md.
+CLUSTER_FIXED_US = 1.23
+# A plane's own cost is all in its slot, lane and CTA terms: the non-negative fit leaves nothing
+# for a flat per-plane term (0.27 before the 2026-12-06 points; the band did not move).
+CLUSTER_PLANE_US = 0.0
+CLUSTER_SLOT_US = 0.00112  # per plane, per warp of a CTA and per (register-equivalent) slot
+CLUSTER_LANE_US = 0.0051  # per plane and per slot of a lane
+CLUSTER_CTA_US = 0.0314  # per plane and per CTA of the cluster
+CLUSTER_WIDE_VARIANT_US = 0.10
+CLUSTER_ENTRY_US = 0.25  # per plane and per batch entry of its tile past the first
+CLUSTER_ENTRY_SLOT_US = 0.0024  # ... and per slot of K_eff
 PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
-#: their weights: single examples and the 16-64 where most training runs count alike. B = 16-32 keep
-#: a 16-CTA cluster (fast at one batch tile) from being chosen where only 7 of them fit at once and
-#: B = 32 then walks two planes.
+#: their weights: single examples and the 16-64 where most training runs count alike
+#: (:func:`planning_step_us` takes their geometric mean).
 PLANNING_BATCHES = ((1, 1.0), (4, 1.0), (8, 1.0), (16, 1.0), (32, 1.0))
 
 
@@ -266,14 +260,19 @@ def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132) ->
 
 
 def planning_step_us(meta: LayoutMeta, exchange: str, dtype, batch: int | None = None) -> float:
-    """The estimated step in the given exchange mode at ``batch``, or with no batch given, the mean
-    over :data:`PLANNING_BATCHES`: how the planner compares layouts whose batch is not known."""
+    """The estimated step in the given exchange mode at ``batch``, or with no batch given, the
+    weighted geometric mean over :data:`PLANNING_BATCHES`: how the planner compares layouts whose
+    batch is not known. Geometric, so that a layout 1.5x slower at B = 1 weighs as much as one 1.5x
+    slower at B = 32 (an arithmetic mean is all large batches: their steps are 4-6x longer)."""
     def step(b):
         if exchange == "cluster":
             return cluster_step_us(meta, b, dtype)
         return persistent_step_us(meta, b)
-    batches = PLANNING_BATCHES if batch is None else ((batch, 1.0),)
-    return sum(w * step(b) for b, w in batches) / sum(w for _, w in batches)
+    if batch is not None:
+        return step(batch)
+    log_mean = (sum(w * np.log(step(b)) for b, w in PLANNING_BATCHES)
+                / sum(w for _, w in PLANNING_BATCHES))
+    return float(np.exp(log_mean))
 
 
 def kernel_step_us(meta: LayoutMeta, batch: int, dtype) -> float:

@@ -104,17 +104,19 @@ def normal(seed: int, shape) -> jax.Array:
 
 def make_gated_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
                        dtype: str = "float32", *, device=None, load_bytes: int | None = None,
-                       matvec: str = "auto", plan_batch: int | None = None):
+                       matvec: str = "auto", plan_batch: int | None = None, exchange: str = "auto"):
     """``(weights, x, c0, h0, hn_bias)`` of an LSTM (``gates=4``) or GRU (3) from ``seed``: a
     ``[hidden, gates*hidden]`` kernel at ``density`` (scaled so the gates stay out of saturation),
-    packed with ``from_dense``'s ``device``, ``load_bytes``, ``matvec`` and ``batch`` (``plan_batch``), inputs
+    packed with ``from_dense``'s ``device``, ``load_bytes``, ``matvec``, ``exchange`` and ``batch``
+    (``plan_batch``), inputs
     ``x [batch, steps, gates*hidden]``, a carry and a float32 ``hn_bias`` (the GRU's)."""
     rng = np.random.default_rng(seed)
     dt = DTYPES[dtype]
     scale = 1.5 / np.sqrt(max(1.0, density * hidden))
     kernel = rng.standard_normal((hidden, gates * hidden)).astype(np.float32) * scale
     weights = SparseWeights.from_dense(kernel, density=density, dtype=dt, device=device,
-                                       load_bytes=load_bytes, matvec=matvec, batch=plan_batch)
+                                       load_bytes=load_bytes, matvec=matvec, batch=plan_batch,
+                                       exchange=exchange)
     x = jnp.asarray(rng.standard_normal((batch, steps, gates * hidden)) * 0.8, dt)
     c0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
     h0 = jnp.asarray(np.tanh(rng.standard_normal((batch, hidden))), dt)

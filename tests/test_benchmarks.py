@@ -183,11 +183,12 @@ def test_cluster_suite_takes_the_cases_it_is_given(tmp_path):
         assert {"grid_mode", "grid_layout", "n1", "n12", "n16"} <= row["peers"].keys()
 
 
-def test_cost_fit_reads_the_cluster_runs_and_cost_py_matches_them():
-    """benchmarks/cost_fit.py on the committed runs: every timed cluster-mode layout becomes a
-    point with its own register tier and its day's batch tile, and cost.py's cluster constants are
-    the fit to the kernel-time points (a change to either without refitting moves the median off 1
-    or the fit off the constants)."""
+@pytest.mark.parametrize("exchange, least", [("cluster", 90), ("grid", 15)])
+def test_cost_fit_reads_the_kernel_time_runs_and_cost_py_matches_them(exchange, least):
+    """benchmarks/cost_fit.py on the committed runs: every timed layout of the branch becomes a point
+    with its own register tier (and, in cluster mode, its day's batch tile), and cost.py's constants
+    are the branch's fit to the kernel-time points (a change to either without refitting moves the
+    median off 1 or the fit off the constants)."""
     import numpy as np
 
     from benchmarks import cost_fit
@@ -195,28 +196,35 @@ def test_cost_fit_reads_the_cluster_runs_and_cost_py_matches_them():
 
     results = ROOT / "benchmarks" / "results"
     kernel_time = sorted(results.glob("kernel_time_*_h100_2026-12-0[56].json"))
-    points = list(cost_fit.points(kernel_time))
-    assert len(points) >= 90
+    points = list(cost_fit.points(kernel_time, exchange))
+    assert len(points) >= least
     ratios = []
     for path, row, name, meta, batch, us in points:
-        assert name.startswith("kt n") and meta.num_ctas <= 16 and meta.reg_slots <= meta.slots_per_lane
+        assert meta.exchange == exchange and meta.reg_slots <= meta.slots_per_lane
+        assert name == (f"kt n{meta.num_ctas}" if exchange == "cluster" else "kt grid")
         ratios.append(us / cost_fit.estimate(path, meta, batch, row["dtype"]))
     assert 0.95 < np.median(ratios) < 1.05
     assert np.percentile(ratios, 10) > 0.88 and np.percentile(ratios, 90) < 1.15
+    # The constants are the non-negative least-squares solution, rounded: refit, they hardly move.
+    x = np.array([cost_fit.features(p, m, b, r["dtype"]) for p, r, _, m, b, _ in points])
+    coef = cost_fit.fit(x, np.array([us for *_, us in points]))
+    ours = [getattr(cost, name) for name in cost_fit.CONSTANTS[exchange]]
+    assert len(ours) == len(cost_fit.NAMES[exchange]) == x.shape[1]
+    np.testing.assert_allclose(ours, coef, rtol=0.12, atol=0.002)
+
+
+def test_cost_fit_dates_the_narrow_tile_handler_and_reads_the_wall_clock_runs():
+    from benchmarks import cost_fit
+
+    results = ROOT / "benchmarks" / "results"
     # The runs of 2026-12-06 had the narrow-tile handler (cost.cluster_launch), earlier ones did not.
     assert cost_fit.narrowed(results / "kernel_time_refit_check_h100_2026-12-06.json")
     assert not cost_fit.narrowed(results / "kernel_time_layouts_h100_2026-12-05.json")
-    # The constants are the least-squares solution, rounded: refit, they hardly move.
-    x = np.array([cost_fit.features(p, m, b, r["dtype"]) for p, r, _, m, b, _ in points])
-    measured = np.array([us for *_, us in points])
-    coef, *_ = np.linalg.lstsq(x / measured[:, None], np.ones(len(points)), rcond=None)
-    ours = [cost.CLUSTER_FIXED_US, cost.CLUSTER_PLANE_US, cost.CLUSTER_SLOT_US, cost.CLUSTER_LANE_US,
-            cost.CLUSTER_CTA_US, cost.CLUSTER_WIDE_VARIANT_US, cost.CLUSTER_ENTRY_US,
-            cost.CLUSTER_ENTRY_SLOT_US]
-    np.testing.assert_allclose(ours, coef, rtol=0.12, atol=0.002)
-    # The H200's wall-clock cluster runs still read (the suite's JSON): a check, not fitted.
-    wall = list(cost_fit.points(sorted(results.glob("cluster_*_2026-12-04.json"))))
-    assert len(wall) > 300
+    # The H200's wall-clock cluster runs still read (the suite's JSON): a check, not fitted; they
+    # hold no grid points.
+    wall = sorted(results.glob("cluster_*_2026-12-04.json"))
+    assert len(list(cost_fit.points(wall))) > 300
+    assert not list(cost_fit.points(wall, "grid"))
 
 
 @pytest.mark.parametrize("cell", ["simple", "lstm", "gru"])

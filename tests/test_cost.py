@@ -25,15 +25,14 @@ H2304 = _meta(2304, 24, 18, 24)
 
 
 def test_kernel_estimate_by_hand():
-    # 1.6 + units * (1.85 + 0.0033 * warps_per_cta * (reg + 1.5 * (K - reg))), where a pass of two
-    # planes is 1.2 units
-    assert cost.persistent_step_us(H2304, 4) == pytest.approx(1.6 + 1.85 + 0.0033 * 18 * 24)  # 4.8756
-    assert cost.persistent_step_us(H2304, 16) == pytest.approx(1.6 + 2 * 1.2 * 3.2756)  # 9.4614
-    assert cost.persistent_step_us(H2304, 12) == pytest.approx(1.6 + 2.2 * 3.2756)  # a pair and one
+    # 1.31 + planes * (1.08 + 0.0027 * warps_per_cta * (reg + 1.5 * (K - reg)))
+    assert cost.persistent_step_us(H2304, 4) == pytest.approx(1.31 + 1.08 + 0.0027 * 18 * 24)  # 3.5564
+    assert cost.persistent_step_us(H2304, 16) == pytest.approx(1.31 + 4 * 2.2464)  # 10.2956
+    assert cost.persistent_step_us(H2304, 12) == pytest.approx(1.31 + 3 * 2.2464)  # planes one by one
     in_smem = _meta(2304, 24, 18, 0)  # every slot in shared memory: 1.5 x 24 register-equivalents
-    assert cost.persistent_step_us(in_smem, 4) == pytest.approx(1.6 + 1.85 + 0.0033 * 18 * 36)
+    assert cost.persistent_step_us(in_smem, 4) == pytest.approx(1.31 + 1.08 + 0.0027 * 18 * 36)
     narrow = _meta(2304, 24, 18, 24, load_bytes=8)  # 2 examples per plane: B=4 is two planes
-    assert cost.persistent_step_us(narrow, 4) == pytest.approx(1.6 + 2 * 3.2756)
+    assert cost.persistent_step_us(narrow, 4) == pytest.approx(1.31 + 2 * 2.2464)
 
 
 def test_dense_estimate_by_hand():
@@ -44,15 +43,17 @@ def test_dense_estimate_by_hand():
 
 def test_auto_switches_by_hand():
     # dense 8.5 µs, so the kernel must exceed 1.25 * 8.5 = 10.625 µs
-    assert not cost.auto_prefers_dense(H2304, 16, np.float16)[0]  # 9.46 µs: faster anyway
-    prefers_dense, why = cost.auto_prefers_dense(H2304, 24, np.float16)  # 1.6 + 3.6 * 3.2756
-    assert prefers_dense and "13.4 µs" in why and "8.5 µs" in why
-    # 32 slots: 1.6 + 2.4 * (1.85 + 0.0033 * 18 * 32) = 10.60 µs at B=16, 25% slower than the dense
-    # estimate but inside the margin, so it stays; 14.35 µs at B=20 (3.4 units) does not.
+    assert not cost.auto_prefers_dense(H2304, 8, np.float16)[0]  # 5.80 µs: faster anyway
+    # 10.30 µs at B=16: 21% slower than the dense estimate but inside the margin, so it stays
+    assert cost.dense_step_us(2304, np.float16) < cost.persistent_step_us(H2304, 16) < 10.625
+    assert not cost.auto_prefers_dense(H2304, 16, np.float16)[0]
+    prefers_dense, why = cost.auto_prefers_dense(H2304, 24, np.float16)  # 1.31 + 6 * 2.2464
+    assert prefers_dense and "14.8 µs" in why and "8.5 µs" in why
+    # 32 slots: 1.31 + 3 * (1.08 + 0.0027 * 18 * 32) = 9.22 µs at B=12 stays; 11.85 at B=16 does not
     k32 = _meta(2304, 32, 18, 32)
-    assert cost.dense_step_us(2304, np.float16) < cost.persistent_step_us(k32, 16) < 10.625
-    assert not cost.auto_prefers_dense(k32, 16, np.float16)[0]
-    assert cost.auto_prefers_dense(k32, 20, np.float16)[0]
+    assert cost.dense_step_us(2304, np.float16) < cost.persistent_step_us(k32, 12) < 10.625
+    assert not cost.auto_prefers_dense(k32, 12, np.float16)[0]
+    assert cost.auto_prefers_dense(k32, 16, np.float16)[0]
 
 
 GRID = [_meta(h, k, w, r) for h, k, w, r in [(1152, 8, 4, 8), (2304, 24, 18, 24), (2304, 24, 18, 16),
@@ -233,17 +234,18 @@ def test_a_wide_variant_costs_more_per_plane():
     assert not cost.wide_variant(LayoutMeta(2048, 64, 16 * 16, 16, 64, 16, True, "fits"), np.float16)
 
 
-def test_grid_steps_walk_two_planes_a_pass():
+def test_grid_steps_count_their_planes_one_by_one():
+    # the kernel's own time is linear in planes (a two-plane pass is not cheaper: cost.py)
     lstm = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits", gates=4)
     simple = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits")
-    for meta in (simple, lstm):
-        assert cost.plane_units(meta, 1) == 1
-        assert cost.plane_units(meta, 5) == pytest.approx(2 * cost.PAIR_PLANES + 1)
     per_plane = cost.KERNEL_PLANE_US + cost.KERNEL_SLOT_US * 8 * 16
-    assert cost.persistent_step_us(lstm, 8) == pytest.approx(
-        cost.KERNEL_FIXED_US + cost.PAIR_PLANES * per_plane)
-    # narrower tiles (float32 h loads of 8 bytes) have no two-plane variant
-    assert cost.plane_units(dataclasses.replace(lstm, load_bytes=8), 4) == 4
+    for meta in (simple, lstm):
+        for batch, planes in ((4, 1), (8, 2), (20, 5)):
+            assert cost.persistent_step_us(meta, batch) == pytest.approx(
+                cost.KERNEL_FIXED_US + planes * per_plane)
+    # float32's h loads of 8 bytes: tiles of 2, so B=4 is two planes
+    assert cost.persistent_step_us(dataclasses.replace(lstm, load_bytes=8), 4) == pytest.approx(
+        cost.KERNEL_FIXED_US + 2 * per_plane)
     # in cluster mode every plane's state crosses the cluster on its own: planes count one by one
     small = LayoutMeta(1024, 16, 16 * 16, 16, 16, 16, True, "fits")  # 16 CTAs: 7 replicas at most
     one, two = (cost.cluster_step_us(small, b, np.float16) for b in (28, 56))  # 7 and 14 tiles of 4
@@ -255,12 +257,12 @@ def test_gated_auto_switches_by_hand():
     20 µs), with the switch margin."""
     lstm = LayoutMeta(hidden=1024, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8, reg_slots=16,
                       load_bytes=16, fits=True, reason="fits", gates=4)
-    per_plane = 1.85 + 0.0033 * 8 * 16
-    # a two-plane pass costs GATED_PAIR_PLANES (1.2) one-plane passes: 8 planes are 4.8 units
-    for batch, units, dense in ((4, 1, False), (32, 4.8, False), (64, 9.6, False), (128, 19.2, True)):
+    per_plane = 1.08 + 0.0027 * 8 * 16
+    # 24.1 µs at B=64 stays inside the margin (1.25 * 20); 46.9 at B=128 does not
+    for batch, planes, dense in ((4, 1, False), (32, 8, False), (64, 16, False), (128, 32, True)):
         prefers_dense, why = cost.gated_prefers_dense(lstm, batch, np.float16)
         assert prefers_dense is dense, why
-        assert f"{1.6 + units * per_plane:.1f} µs" in why and "20.0 µs" in why
+        assert f"{1.31 + planes * per_plane:.1f} µs" in why and "20.0 µs" in why
     assert not cost.gated_prefers_dense(lstm, 64, np.float32)[0]  # float32 never leaves the kernel
     huge = LayoutMeta(hidden=8192, slots_per_lane=16, num_warps=128 * 8, warps_per_cta=8,
                       reg_slots=16, load_bytes=16, fits=True, reason="fits", gates=4)

@@ -79,6 +79,31 @@ def test_kernel_time_reads_scaled_units_and_refuses_a_short_report(tmp_path):
         kernel_time.launches(tmp_path / "odd.csv")
 
 
+def test_kernel_time_summarizes_runs_in_chunks_and_skips_a_run_that_lost_its_launches(tmp_path, capsys):
+    # tools/gpu_check.sh runs the cases a few at a time, one Nsight Compute process each: a run
+    # that crashed (no launches, or no manifest) loses its own cases only, and the exit says so.
+    n = kernel_time.WARMUP + kernel_time.CALLS
+    for i, case in enumerate(("a", "b", "c")):
+        order = [{"case": case, "steps": s, "launches": n} for s in kernel_time.STEPS]
+        (tmp_path / f"m{i}.json").write_text(json.dumps(order))
+        us = 100 * (i + 1)
+        _ncu_csv(tmp_path / f"k{i}.csv", [(us, 1, "usecond")] * n + [(4 * us, 1, "usecond")] * n)
+    _ncu_csv(tmp_path / "k1.csv", [])  # the second run's ncu crashed
+    (tmp_path / "m2.json").unlink()  # the third finished no case
+    csvs = [str(tmp_path / f"k{i}.csv") for i in range(3)]
+    manifests = [str(tmp_path / f"m{i}.json") for i in range(3)]
+    with pytest.raises(SystemExit, match="2 of 3 runs summarized nothing"):
+        kernel_time.main(["summarize", *csvs, "--manifest", *manifests, "--json", str(tmp_path / "o.json")])
+    (row,) = json.loads((tmp_path / "o.json").read_text())
+    t1, t2 = kernel_time.STEPS
+    assert row["case"] == "a" and row["us_per_step"] == pytest.approx(300 / (t2 - t1))
+    err = capsys.readouterr().err
+    assert "0 kernel launches" in err and "no manifest" in err
+    kernel_time.main(["summarize", csvs[0], "--manifest", manifests[0]])  # one run, as before
+    with pytest.raises(SystemExit):  # a CSV without its manifest
+        kernel_time.main(["summarize", *csvs[:2], "--manifest", manifests[0]])
+
+
 KERNEL = ("void jax_sprnn::cuda::sprnn_persistent_kernel<jax_sprnn::cuda::PersistentConfig<"
           "(jax_sprnn::cuda::Direction)0, __half, (int)1, (int)8, (bool)0, (int)1>>"
           "(jax_sprnn::cuda::PersistentParams)")

@@ -6,7 +6,8 @@
 #     (SUITE="gated sweep" SUITE_ARGS_gated=... SUITE_ARGS_sweep=...: arguments per suite)
 #     (python benchmarks/run.py --suite ...; 'bench' is another name for 'suite'; all = tests,suite)
 #   tools/gpu_check.sh reliability  (10,000-call soak, concurrent threads, reliability tests)
-#   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/;
+#   tools/gpu_check.sh speech       (the speech example's GPU speed table; wheels from .whl/, which
+#     tools/speech_wheels.sh fills;
 #     SPEECH_ARGS="--hidden 256 --bench-batches 1" SPEECH_DTYPES=float32 for another layer)
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
@@ -14,7 +15,7 @@
 #     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py;
 #     KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt reads the cases from a file, one a line)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
-#     (cases: small, wide, gated, paired, tiles: tools/sanitizer_case.py)
+#     (cases: small, wide, gated, paired, tiles, grid: tools/sanitizer_case.py)
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
 #     cost, and each kernel of a T=1 call under Nsight Compute: benchmarks/probes/fixed_cost.py;
 #     FIXED_NCU_PROGS="ours, [B|dense" picks the programs, FIXED_STALLS=1 adds the persistent
@@ -129,11 +130,20 @@ if has kerneltime; then
   # (or KT_CASES_FILE: one case a line, e.g. tools/kt_cases/cluster_layouts.txt)
   if [ -n "${KT_CASES_FILE:-}" ]; then KT_CASES=$(grep -v -E '^\s*(#|$)' "$OLDPWD/$KT_CASES_FILE" | paste -sd ';'); fi
   IFS=';' read -ra cases <<< "${KT_CASES:-simple 256 0.1 1 float16;simple 1024 0.1 8 float16}"
-  timeout -k 10 "${KT_TIMEOUT:-300}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
-    --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
-    python3 "$OLDPWD/tools/kernel_time.py" run --manifest /tmp/kt_manifest.json "${cases[@]}" > /tmp/kt.csv 2> "$OUT/kernel_time_run.log"
-  echo "ncu rc=$?"
-  python3 "$OLDPWD/tools/kernel_time.py" summarize /tmp/kt.csv --manifest /tmp/kt_manifest.json \
+  # KT_CHUNK cases per Nsight Compute process: 28 cases in one crashed ncu (rc 139) with nothing
+  # written, 14 at a time ran (H100, 2026-12-06); a crash now loses only its chunk.
+  chunk=${KT_CHUNK:-10}
+  csvs=(); manifests=()
+  for ((i = 0; i < ${#cases[@]}; i += chunk)); do
+    n=$((i / chunk)); part=("${cases[@]:i:chunk}")
+    rm -f /tmp/kt_manifest_$n.json /tmp/kt_$n.csv  # nothing from an earlier run on a warm machine
+    timeout -k 10 "${KT_TIMEOUT:-300}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
+      --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+      python3 "$OLDPWD/tools/kernel_time.py" run --manifest /tmp/kt_manifest_$n.json "${part[@]}" > /tmp/kt_$n.csv 2>> "$OUT/kernel_time_run.log"
+    echo "ncu rc=$? (cases $((i + 1))-$((i + ${#part[@]})) of ${#cases[@]})"
+    csvs+=(/tmp/kt_$n.csv); manifests+=(/tmp/kt_manifest_$n.json)
+  done
+  python3 "$OLDPWD/tools/kernel_time.py" summarize "${csvs[@]}" --manifest "${manifests[@]}" \
     --json "$OUT/kernel_time.json" 2>&1 | tee "$OUT/kernel_time.txt"
 fi
 if has fixedcost; then
@@ -225,6 +235,11 @@ fi
 if has weightsets; then
   echo "== weight sets under vmap: one launch against a launch per set"
   run_probe weight_sets "${WS_CASES:---dtype float16}"
+fi
+if (has speech || has train) && ! python3 -c "import soundfile, jiwer, tqdm, matplotlib" 2> /dev/null; then
+  echo "the speech example needs soundfile, jiwer, tqdm and matplotlib: run tools/speech_wheels.sh on a"
+  echo "machine with internet and carry .whl/ with the checkout"
+  exit 3
 fi
 if has speech; then
   echo "== speech example, GPU speed table"

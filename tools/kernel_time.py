@@ -65,6 +65,8 @@ def run(cases: list[str], manifest: Path) -> None:
 
 
 def summarize(ncu_csv: Path, manifest: Path) -> list[dict]:
+    if not manifest.exists():
+        sys.exit(f"{manifest}: no manifest (its run finished no case)")
     order = json.loads(manifest.read_text())
     found = launches(ncu_csv)
     expected = sum(o["launches"] for o in order)
@@ -102,17 +104,27 @@ def main(argv=None) -> None:
     r = sub.add_parser("run")
     r.add_argument("--manifest", type=Path, required=True)
     r.add_argument("cases", nargs="+")
-    s = sub.add_parser("summarize")
-    s.add_argument("ncu_csv", type=Path)
-    s.add_argument("--manifest", type=Path, required=True)
+    s = sub.add_parser("summarize", help="one or more runs (each its CSV and manifest, in order)")
+    s.add_argument("ncu_csv", type=Path, nargs="+")
+    s.add_argument("--manifest", type=Path, nargs="+", required=True)
     s.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.what == "run":
         run(args.cases, args.manifest)
-    else:
-        rows = summarize(args.ncu_csv, args.manifest)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
+        return
+    if len(args.ncu_csv) != len(args.manifest):
+        parser.error(f"{len(args.ncu_csv)} CSV files but {len(args.manifest)} manifests: one each")
+    rows, lost = [], []
+    for ncu_csv, manifest in zip(args.ncu_csv, args.manifest):
+        try:  # one run that lost its launches (Nsight Compute crashed, 2026-12-06) costs only its cases
+            rows += summarize(ncu_csv, manifest)
+        except SystemExit as e:
+            print(f"skipped this run: {e}", file=sys.stderr)
+            lost.append(str(ncu_csv))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if lost:
+        sys.exit(f"{len(lost)} of {len(args.ncu_csv)} runs summarized nothing: {', '.join(lost)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ Cases:
   paired both directions of a bidirectional layer in one launch (sparse_rnn_bidirectional,
          sparse_lstm_bidirectional and sparse_gru_bidirectional on two weights of one layout),
          forward and jax.grad: H=64 B=3 T=4 and H=200 B=5 T=6 on this GPU's layout.
+  grid   the grid's exchange through L2 on a GPU with clusters too (from_dense(exchange="grid"):
+         every other case's layout is small enough for one cluster): the simple cell at H=128 B=3
+         T=4 and H=300 B=5 T=6 (two planes a pass), the LSTM and the GRU at H=48 B=3 T=4 and
+         H=96 B=5 T=6, forward and jax.grad.
   tiles  tile layouts on tensor cores (from_dense(matvec="tiles"), 16-bit dtypes only): the simple
          cell, the LSTM and the GRU, H=64 B=3 T=4 on this GPU's layout and H=128 B=9 T=5 planned
          for 4 SMs (cluster mode where the GPU has clusters; two planes a pass).
@@ -44,16 +48,21 @@ CASES = {
     "gated": [(48, 3, 4, None, None), (96, 5, 6, None, 4)],
     "paired": [(64, 3, 4, None, None), (200, 5, 6, None, None)],
     "tiles": [(64, 3, 4, None, None), (128, 9, 5, None, 4)],
+    "grid": [(128, 3, 4, None, None), (300, 5, 6, None, None), (48, 3, 4, None, None),
+             (96, 5, 6, None, None)],
 }
+#: The cases of the gated cells alone, and of the simple cell alone, in the "grid" group.
+GRID_GATED_HIDDEN = (48, 96)
 
 
-def run_case(rng, hidden, batch, steps, dtype, sms, matvec="auto"):
+def run_case(rng, hidden, batch, steps, dtype, sms, matvec="auto", exchange="auto"):
     dt = DTYPES[dtype]
     device = js._native.current_device_spec()
     if sms:
         device = dataclasses.replace(device, sm_count=sms)
     kernel = rng.standard_normal((hidden, hidden)).astype(np.float32) / np.sqrt(0.2 * hidden)
-    w = js.SparseWeights.from_dense(kernel, density=0.2, dtype=dt, device=device, matvec=matvec)
+    w = js.SparseWeights.from_dense(kernel, density=0.2, dtype=dt, device=device, matvec=matvec,
+                                    exchange=exchange)
     x = jnp.asarray(rng.standard_normal((batch, steps, hidden)), dt)
     h0 = jnp.asarray(rng.standard_normal((batch, hidden)) * 0.5, dt)
     lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
@@ -86,20 +95,22 @@ def run_case(rng, hidden, batch, steps, dtype, sms, matvec="auto"):
         errs = [float("nan")] * (2 + len(g))
     ok = finite and max(errs[:2]) < TOLERANCE[dtype] and max(errs[2:]) < GRAD_TOLERANCE[dtype]
     print(f"{'tiles ' if w.meta.tiles else ''}H={hidden} B={batch} T={steps} {dtype} ctas={w.meta.num_ctas} "
-          f"warps/cta={w.meta.warps_per_cta} reg_slots={w.meta.reg_slots}: forward rel_err "
+          f"warps/cta={w.meta.warps_per_cta} reg_slots={w.meta.reg_slots} exchange={w.meta.exchange}: "
+          f"forward rel_err "
           f"{max(errs[:2]):.3g}, grad rel_err {max(errs[2:]):.3g}{'' if finite else ', NON-FINITE'}"
           f" -> {'ok' if ok else 'WRONG'}", flush=True)
     return ok
 
 
-def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms, matvec="auto"):
+def run_gated_case(rng, gates, hidden, batch, steps, dtype, sms, matvec="auto", exchange="auto"):
     """The forward kernel of the LSTM (gates=4) or the GRU (3), and the gradients through the
     forward and backward kernels, against the reference on the CPU."""
     device = js._native.current_device_spec()
     if sms:
         device = dataclasses.replace(device, sm_count=sms)
     w, x, c0, h0, b_hn = make_gated_problem(int(rng.integers(1 << 30)), gates, hidden, batch, steps,
-                                            0.2, dtype, device=device, matvec=matvec)
+                                            0.2, dtype, device=device, matvec=matvec,
+                                            exchange=exchange)
     lengths = rng.integers(0, steps + 1, size=batch).astype(np.int32)
     lengths[0] = steps
     if batch > 2:
@@ -214,19 +225,23 @@ def planned_runs(cases: str, dtypes: list[str]) -> list[tuple[str, callable]]:
                         dtype=dt)) for cell in ("simple", "lstm", "gru")]
                     continue
                 matvec = "tiles" if name == "tiles" else "auto"
-                if name != "gated":
-                    runs.append((f"{name} simple {shape}", functools.partial(simple, matvec=matvec)))
-                if name in ("gated", "tiles"):
+                exchange = "grid" if name == "grid" else "auto"
+                gated = name in ("gated", "tiles") or (name == "grid" and hidden in GRID_GATED_HIDDEN)
+                if name != "gated" and not (name == "grid" and gated):
+                    runs.append((f"{name} simple {shape}", functools.partial(
+                        simple, matvec=matvec, exchange=exchange)))
+                if gated:
                     runs += [(f"{name} {cell} {shape}", functools.partial(
                         run_gated_case, gates=gates, hidden=hidden, batch=batch, steps=steps,
-                        dtype=dt, sms=sms, matvec=matvec)) for cell, gates in (("lstm", 4), ("gru", 3))]
+                        dtype=dt, sms=sms, matvec=matvec, exchange=exchange))
+                             for cell, gates in (("lstm", 4), ("gru", 3))]
     return runs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="small,wide",
-                   help="comma-separated: small, wide, gated, paired, tiles")
+                   help="comma-separated: small, wide, gated, paired, tiles, grid")
     p.add_argument("--dtype", default="all", choices=("all", *DTYPES))
     p.add_argument("--skip", type=int, default=0,
                    help="skip the first N runs (tools/gpu_check.sh resumes after a tool's crash)")
