@@ -300,9 +300,9 @@ def plan_layout(
     without clusters (a layer small enough to need few CTAs still runs in cluster mode).
 
     ``batch``: the batch the layer will run at, if known. The estimates are then taken at that
-    batch alone, instead of averaged over :data:`jax_sprnn.cost.PLANNING_BATCHES`, and a layout
-    that runs that batch persistently is preferred to one that does not. Any batch still runs on
-    the result.
+    batch alone, instead of their geometric mean over :data:`jax_sprnn.cost.PLANNING_BATCHES`, and
+    a layout that runs that batch persistently is preferred to one that does not. Any batch still
+    runs on the result.
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"plan_layout: exchange must be one of {EXCHANGES}, got {exchange!r}")

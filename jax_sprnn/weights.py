@@ -286,7 +286,8 @@ class SparseWeights(PackedLayout):
         measured slower so far (benchmarks/RESULTS.md). It too changes only speed and fit.
         ``batch`` is the batch the layer will mostly run at, if known: the planner then picks the
         layout whose estimated step is lowest at that batch (and that runs it persistently), where
-        by default it weighs B = 1 to 32 alike. Every batch still runs; ``meta.reason`` records it.
+        by default it weighs B = 1 to 32 alike (the geometric mean of the estimates). Every batch
+        still runs; ``meta.reason`` records it.
         """
         kernel = np.asarray(kernel)
         gates = kernel_gates(kernel.shape, "kernel")
