@@ -286,3 +286,22 @@ def test_a_kernel_time_run_skips_a_call_the_dispatcher_refuses(tmp_path, monkeyp
     assert [r["case"] for r in rows] == [cases[1]]
     assert rows[0]["us_per_step"] == pytest.approx(300)
     assert "'cut': no T=3 launches, skipped" in capsys.readouterr().err
+
+
+def test_the_sanitizer_grid_case_runs_grid_layouts_correctly_on_the_cpu(capsys):
+    # tools/sanitizer_case.py --cases grid: the grid's exchange, which the other cases' small layers
+    # never take on a GPU with clusters; on the CPU the same runs check the plumbing and the results.
+    import numpy as np
+    import sanitizer_case
+
+    runs = sanitizer_case.planned_runs("grid", ["float32"])
+    assert [label for label, _ in runs] == [
+        "grid simple H=128 B=3 T=4 float32", "grid simple H=300 B=5 T=6 float32",
+        "grid lstm H=48 B=3 T=4 float32", "grid gru H=48 B=3 T=4 float32",
+        "grid lstm H=96 B=5 T=6 float32", "grid gru H=96 B=5 T=6 float32"]
+    for i in (0, 2, 3):
+        assert runs[i][1](np.random.default_rng(i))
+    out = capsys.readouterr().out
+    assert out.count("exchange=grid") == 3 and "exchange=cluster" not in out and "WRONG" not in out
+    with pytest.raises(SystemExit, match="unknown case 'grids'"):
+        sanitizer_case.planned_runs("grids", ["float32"])
