@@ -1,4 +1,4 @@
-"""The profile readers in tools/: kernel_time.py (device time per step from Nsight Compute's
+"""The tools/ scripts: the profile readers kernel_time.py (device time per step from Nsight Compute's
 per-launch metrics), ncu_lines.py (a profile's instructions by source line) and sass_lines.py
 (a build's instructions by source line, and what a change moved), on small hand-made reports in
 the formats those tools read."""
