@@ -305,3 +305,18 @@ def test_the_sanitizer_grid_case_runs_grid_layouts_correctly_on_the_cpu(capsys):
     assert out.count("exchange=grid") == 3 and "exchange=cluster" not in out and "WRONG" not in out
     with pytest.raises(SystemExit, match="unknown case 'grids'"):
         sanitizer_case.planned_runs("grids", ["float32"])
+
+
+@pytest.mark.parametrize("path", sorted((TOOLS / "kt_cases").glob("*.txt")), ids=lambda p: p.name)
+def test_every_kernel_time_case_file_names_cases_that_kernel_time_takes(path):
+    # (tools/gpu_check.sh kerneltime reads them on a device: a bad line would cost device time)
+    import profile_case
+
+    cases = [line.split() for line in path.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert cases
+    for cell, hidden, density, batch, dtype, *options in cases:
+        assert cell in ("simple", "tiles", "bidir", "lstm", "gru", "bilstm", "bigru")
+        assert int(hidden) > 0 and 0 < float(density) <= 1 and int(batch) > 0
+        assert dtype in ("float32", "float16", "bfloat16")
+        profile_case.parse_options(options)  # SystemExit on a bad option
