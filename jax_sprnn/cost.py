@@ -5,9 +5,10 @@ The persistent kernel wins by 2-7x at small batches, but every 4-example batch p
 over the slots and over staged h, while a dense cuBLAS step costs about the same from B=1 to B=16.
 So at B=16 and H <= 2304 in 16-bit storage the dense path can win (benchmarks/RESULTS.md, sweep).
 
-Both models are fitted to the H200 sweep of 2026-11-30 (``benchmarks/results/sweep_2026-11-30.json``,
-jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%); ``tests/test_cost.py`` checks the formulas
-(values worked by hand, monotonicity, the margin), not the fit.
+The dense model is fitted to the H200 sweep of 2026-11-30 (``benchmarks/results/sweep_2026-11-30.json``,
+jax 0.11.2, fp16, H 1152-8192, B 1-16, density 1-30%), the kernel's (both exchange modes) to its own
+device time on an H100 (``benchmarks/cost_fit.py``, 2026-12-06); ``tests/test_cost.py`` checks the
+formulas (values worked by hand, monotonicity, the margin), ``tests/test_benchmarks.py`` the fit.
 
 * Kernel (grid mode): ``a + planes * (b + c * warps_per_cta * K_eff)`` µs, where ``K_eff`` weights
   the shared-memory tier's slots by :data:`SMEM_SLOT_COST`: one step walks every plane, and a
