@@ -60,6 +60,18 @@ export PYTHONUNBUFFERED=1
 echo "== device"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 python3 -c "import jax, jaxlib, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 
+has() { [[ ",$what," == *",$1,"* ]]; }
+# Packages the image lacks (the speech example's), carried as wheels in .whl/ when present.
+if compgen -G "$PWD/.whl/*.whl" > /dev/null; then  # (the repository root, until the cd below)
+  python3 -m pip install --no-deps --no-index -q "$PWD"/.whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
+fi
+# (checked before the build, which a call without them would spend for nothing)
+if (has speech || has train) && ! python3 -c "import soundfile, jiwer, tqdm, matplotlib" 2> /dev/null; then
+  echo "the speech example needs soundfile, jiwer, tqdm and matplotlib: run tools/speech_wheels.sh on a"
+  echo "machine with internet and carry .whl/ with the checkout"
+  exit 3
+fi
+
 echo "== build"
 start=$(date +%s)
 # Only this GPU's architecture (CUDA_ARCHS=all builds the package's default set): the full set takes
@@ -82,11 +94,6 @@ if [ -f build/gpu/.ninja_log ]; then
   echo "slowest build steps (s):"; head -4 "$OUT/build_times.txt"
 fi
 cd /tmp  # import the installed package, not the source tree
-has() { [[ ",$what," == *",$1,"* ]]; }
-# Packages the image lacks (the speech example's), carried as wheels in .whl/ when present.
-if compgen -G "$OLDPWD/.whl/*.whl" > /dev/null; then
-  python3 -m pip install --no-deps --no-index -q "$OLDPWD"/.whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
-fi
 
 if has tests || has all || has final; then
   echo "== tests"
@@ -235,11 +242,6 @@ fi
 if has weightsets; then
   echo "== weight sets under vmap: one launch against a launch per set"
   run_probe weight_sets "${WS_CASES:---dtype float16}"
-fi
-if (has speech || has train) && ! python3 -c "import soundfile, jiwer, tqdm, matplotlib" 2> /dev/null; then
-  echo "the speech example needs soundfile, jiwer, tqdm and matplotlib: run tools/speech_wheels.sh on a"
-  echo "machine with internet and carry .whl/ with the checkout"
-  exit 3
 fi
 if has speech; then
   echo "== speech example, GPU speed table"
