@@ -40,19 +40,18 @@ import numpy as np
 import jax_sprnn as js
 from jax_sprnn.testing import (DTYPES, GRAD_TOLERANCE, TOLERANCE, make_gated_problem,
                                make_gated_twin_problem, make_twin_problem, rel_err, run_gated)
-# (hidden, batch, steps, dtype or None for every selected one, SMs to plan for or None)
+# (hidden, batch, steps, dtype or None for every selected one, SMs to plan for or None, cells)
+SIMPLE, GATED, ALL = ("simple",), ("lstm", "gru"), ("simple", "lstm", "gru")
 CASES = {
-    "small": [(64, 2, 4, None, None), (128, 3, 4, None, 4)],
-    "wide": [(300, 3, 20, "float16", None), (97, 1, 20, "float32", None),
-             (200, 5, 20, "bfloat16", None)],
-    "gated": [(48, 3, 4, None, None), (96, 5, 6, None, 4)],
-    "paired": [(64, 3, 4, None, None), (200, 5, 6, None, None)],
-    "tiles": [(64, 3, 4, None, None), (128, 9, 5, None, 4)],
-    "grid": [(128, 3, 4, None, None), (300, 5, 6, None, None), (48, 3, 4, None, None),
-             (96, 5, 6, None, None)],
+    "small": [(64, 2, 4, None, None, SIMPLE), (128, 3, 4, None, 4, SIMPLE)],
+    "wide": [(300, 3, 20, "float16", None, SIMPLE), (97, 1, 20, "float32", None, SIMPLE),
+             (200, 5, 20, "bfloat16", None, SIMPLE)],
+    "gated": [(48, 3, 4, None, None, GATED), (96, 5, 6, None, 4, GATED)],
+    "paired": [(64, 3, 4, None, None, ALL), (200, 5, 6, None, None, ALL)],
+    "tiles": [(64, 3, 4, None, None, ALL), (128, 9, 5, None, 4, ALL)],
+    "grid": [(128, 3, 4, None, None, SIMPLE), (300, 5, 6, None, None, SIMPLE),
+             (48, 3, 4, None, None, GATED), (96, 5, 6, None, None, GATED)],
 }
-#: The cases of the gated cells alone, and of the simple cell alone, in the "grid" group.
-GRID_GATED_HIDDEN = (48, 96)
 
 
 def run_case(rng, hidden, batch, steps, dtype, sms, matvec="auto", exchange="auto"):
@@ -212,29 +211,23 @@ def planned_runs(cases: str, dtypes: list[str]) -> list[tuple[str, callable]]:
     for name in cases.split(","):
         if name not in CASES:
             raise SystemExit(f"--cases: unknown case {name!r}; expected some of {', '.join(CASES)}")
-        for hidden, batch, steps, dtype, sms in CASES[name]:
+        for hidden, batch, steps, dtype, sms, cells in CASES[name]:
             for dt in ([dtype] if dtype else dtypes):
                 if dt not in dtypes or (name == "tiles" and dt == "float32"):  # (tiles are 16-bit)
                     continue
                 shape = f"H={hidden} B={batch} T={steps} {dt}"
-                simple = functools.partial(run_case, hidden=hidden, batch=batch, steps=steps,
-                                           dtype=dt, sms=sms)
-                if name == "paired":
-                    runs += [(f"paired {cell} {shape}", functools.partial(
-                        run_paired_case, cell=cell, hidden=hidden, batch=batch, steps=steps,
-                        dtype=dt)) for cell in ("simple", "lstm", "gru")]
-                    continue
-                matvec = "tiles" if name == "tiles" else "auto"
-                exchange = "grid" if name == "grid" else "auto"
-                gated = name in ("gated", "tiles") or (name == "grid" and hidden in GRID_GATED_HIDDEN)
-                if name != "gated" and not (name == "grid" and gated):
-                    runs.append((f"{name} simple {shape}", functools.partial(
-                        simple, matvec=matvec, exchange=exchange)))
-                if gated:
-                    runs += [(f"{name} {cell} {shape}", functools.partial(
-                        run_gated_case, gates=gates, hidden=hidden, batch=batch, steps=steps,
-                        dtype=dt, sms=sms, matvec=matvec, exchange=exchange))
-                             for cell, gates in (("lstm", 4), ("gru", 3))]
+                size = dict(hidden=hidden, batch=batch, steps=steps, dtype=dt)
+                options = dict(sms=sms, matvec="tiles" if name == "tiles" else "auto",
+                               exchange="grid" if name == "grid" else "auto")
+                for cell in cells:
+                    if name == "paired":
+                        run = functools.partial(run_paired_case, cell=cell, **size)
+                    elif cell == "simple":
+                        run = functools.partial(run_case, **size, **options)
+                    else:
+                        run = functools.partial(run_gated_case, gates=4 if cell == "lstm" else 3,
+                                                **size, **options)
+                    runs.append((f"{name} {cell} {shape}", run))
     return runs
 
 
