@@ -198,11 +198,12 @@ def test_cost_fit_reads_the_kernel_time_runs_and_cost_py_matches_them(exchange, 
     kernel_time = sorted(results.glob("kernel_time_*_h100_2026-12-0[56].json"))
     points = list(cost_fit.points(kernel_time, exchange))
     assert len(points) >= least
-    ratios = []
+    estimates, ratios = [], []
     for path, row, name, meta, batch, us in points:
         assert meta.exchange == exchange and meta.reg_slots <= meta.slots_per_lane
         assert name == (f"kt n{meta.num_ctas}" if exchange == "cluster" else "kt grid")
-        ratios.append(us / cost_fit.estimate(path, meta, batch, row["dtype"]))
+        estimates.append(cost_fit.estimate(path, meta, batch, row["dtype"]))
+        ratios.append(us / estimates[-1])
     assert 0.95 < np.median(ratios) < 1.05
     assert np.percentile(ratios, 10) > 0.88 and np.percentile(ratios, 90) < 1.15
     # The constants are the non-negative least-squares solution, rounded: refit, they hardly move.
@@ -211,6 +212,8 @@ def test_cost_fit_reads_the_kernel_time_runs_and_cost_py_matches_them(exchange, 
     ours = [getattr(cost, name) for name in cost_fit.CONSTANTS[exchange]]
     assert len(ours) == len(cost_fit.NAMES[exchange]) == x.shape[1]
     np.testing.assert_allclose(ours, coef, rtol=0.12, atol=0.002)
+    # The fit's linear form is cost.py's estimate, term for term (the formula is written twice).
+    np.testing.assert_allclose(x @ np.array(ours), estimates, rtol=1e-9)
 
 
 def test_cost_fit_dates_the_narrow_tile_handler_and_reads_the_wall_clock_runs():
