@@ -291,6 +291,8 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
                " > 65535 columns: 16-bit dtypes pack column indices in 16 bits");
   if (T > INT32_MAX || B > INT32_MAX || H > INT32_MAX || K > INT32_MAX)
     return bad("T, B, H and slots_per_lane must fit in int32");
+  if (B * H > INT32_MAX)  // (the kernel's Entry steps through the sequence operands in int32)
+    return bad("B * H = " + std::to_string(B * H) + " must fit in int32");
   const int64_t ws_need = cuda_workspace_bytes(B, cols);
   if (c.workspace_bytes < ws_need)
     return bad("workspace has " + std::to_string(c.workspace_bytes) + " bytes, needs " +

@@ -344,6 +344,12 @@ struct PersistentConfig {
   // 4's accumulators already fill its registers (its two-plane variant spills), and a narrow
   // tile's chain of K dependent FMAs costs a few percent of its step (at K = 32, about 0.05 µs).
   static constexpr int kChains = 1;
+  // Whether the phase loop keeps a cell lane's own batch entry (Entry: 7 registers) for the whole
+  // call instead of building it from shared memory at every use: where a pass has one plane (its
+  // entries are then the same every phase when the slice is one pass) and the register tier leaves
+  // room (the small layers, whose step it shortens by 5-8%: RESULTS.md, 2026-12-06; the two-plane,
+  // the wide and the large-tier variants spilled more with it).
+  static constexpr bool kKeepEntry = PP == 1 && !WIDE && RS * S::kRegsPerSlot <= 48;
   // Shared-memory-tier slots per loop iteration (a multiple of kChains).
   static constexpr int kSmemUnroll = 4;
   static constexpr int kVecWords = 16 / X::kWordBytes;
@@ -941,6 +947,14 @@ __device__ __forceinline__ void wait_pushed_state(uint64_t* mbar, uint32_t parit
   }
 }
 
+// The stall hook's CTA in cluster mode (PersistentParams::stall_cta, tests): the state of its own
+// units, which it no longer writes, never arrives, so it waits under the bound as its peers do (a
+// one-CTA cluster has no peer whose wait would time out).
+__device__ __forceinline__ void wait_for_own_stalled_state(SpinControl& spin) {
+  unsigned long long deadline = 0;
+  while (!spin.aborted) spin.give_up(deadline);
+}
+
 // N floats into the peer's shared memory at the cluster address `dst`, their bytes counted on the
 // peer's mbarrier at `mbar`. The complete_tx has release semantics at cluster scope, so everything
 // this thread did before (its reads of the copy the peer overwrites next, a flag store) is ordered
@@ -1077,8 +1091,35 @@ __device__ void zero_tail_steps(const PersistentParams& p, int s_begin) {
     if (p.cells_out != nullptr) zero_steps(p, static_cast<typename Cfg::S::Bits*>(p.cells_out), p.H, s_begin);
 }
 
-__device__ __forceinline__ int position(int s, int len, int reverse) {
-  return reverse ? len - 1 - s : s;
+// One batch entry of the slice as a cell sees it: where its steps sit in the sequence operands.
+// Built from shared memory per use, or once per call where a lane runs the same entry in every phase
+// (persistent_body, kKeepEntry): at H = 256, B = 1 the per-use build (the slice and the length from
+// shared memory, the layout's branches, 64-bit products) was a fifth of the step's instructions.
+// Offsets count elements of an operand of rows of H (a row of G * H: the offset times G).
+struct Entry {
+  int b;           // in the slice; b >= the slice's n marks a partial plane's padding
+  int gb;          // in the batch
+  int len;         // its sequence length (0 for padding)
+  int step;        // the offset from one step's row to the next (negative where the problem runs
+                   // reversed; |B * H| < 2^31, checked by the handler)
+  long long at0;   // the offset of step 0's row: position 0, or len - 1 when reversed
+  bool valid;      // b < the slice's n
+  __device__ bool runs(int s) const { return s >= 0 && s < len; }
+  // The offset of step s's row (s < len), at the step's position: s, or len - 1 - s when reversed.
+  // (One IMAD.WIDE: the per-use form was a chain of 64-bit products.)
+  __device__ size_t at(int s) const { return static_cast<size_t>(at0 + static_cast<long long>(s) * step); }
+};
+
+__device__ __forceinline__ Entry make_entry(const PersistentParams& p, BatchSlice bs, const int* len, int b) {
+  Entry e;
+  e.b = b;
+  e.valid = b < bs.n;
+  e.gb = bs.b0 + b;
+  e.len = e.valid ? len[b] : 0;
+  const int step = (p.batch_major ? 1 : p.B) * p.H;
+  e.step = bs.reverse ? -step : step;
+  e.at0 = static_cast<long long>(seq_row(p, bs.reverse ? max(e.len - 1, 0) : 0, e.gb) * p.H);
+  return e;
 }
 
 // ================================================================================================
@@ -1104,20 +1145,18 @@ __device__ __forceinline__ int position(int s, int len, int reverse) {
 // asked for it (null otherwise). Returns the published value (0 for the padding entries of a
 // partial plane).
 template <class S, class Step, class AtLast>
-__device__ __forceinline__ float forward_epilogue(const PersistentParams& p, BatchSlice bs,
-                                                  const int* len, int unit, int s, int n_phases,
-                                                  int b, float h_prev, Step step, AtLast at_last,
-                                                  const float* cell = nullptr) {
+__device__ __forceinline__ float forward_epilogue(const PersistentParams& p, const Entry& e, int unit,
+                                                  int s, int n_phases, float h_prev, Step step,
+                                                  AtLast at_last, const float* cell = nullptr) {
   using Bits = typename S::Bits;
-  if (b >= bs.n) return 0.0f;
+  if (!e.valid) return 0.0f;
   Bits* y = static_cast<Bits*>(p.seq_out);
   Bits* cells = cell != nullptr ? static_cast<Bits*>(p.cells_out) : nullptr;
-  const int L = len[b];
-  const int gb = bs.b0 + b;
+  const int gb = e.gb;
   Bits hb;
-  if (s < L) {
+  if (s < e.len) {
     hb = step();
-    const size_t at = seq_row(p, position(s, L, bs.reverse), gb) * p.H + unit;
+    const size_t at = e.at(s) + unit;
     y[at] = hb;
     if (cells != nullptr) cells[at] = S::to_bits(*cell);
   } else {  // past this sequence's end: the state is frozen, y is 0
@@ -1133,12 +1172,10 @@ __device__ __forceinline__ float forward_epilogue(const PersistentParams& p, Bat
   return S::to_float(hb);
 }
 
-// Where the operands of (step s, entry b) of a sequence operand of rows of `width` are, or -1 when
+// The offset of (step s, entry e)'s row in a sequence operand of rows of `gates` * H, or -1 when
 // the example does not run at s.
-__device__ __forceinline__ long long operand_at(const PersistentParams& p, BatchSlice bs,
-                                                const int* len, int s, int b, size_t width) {
-  if (b >= bs.n || s < 0 || s >= len[b]) return -1;
-  return static_cast<long long>(seq_row(p, position(s, len[b], bs.reverse), bs.b0 + b) * width);
+__device__ __forceinline__ long long operand_at(const Entry& e, int s, int gates) {
+  return e.runs(s) ? static_cast<long long>(e.at(s) * gates) : -1;
 }
 
 template <class Cfg>
@@ -1183,16 +1220,15 @@ struct ForwardCell {
     }
   }
 
-  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                           int b, int /*n_steps*/) {
-    const long long at = operand_at(p, bs, len, s, b, p.H);
+  __device__ void prefetch(const PersistentParams& p, const Entry& e, int unit, int s, int /*n_steps*/) {
+    const long long at = operand_at(e, s, 1);
     xr = at >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + at + unit) : Bits(0);
   }
 
-  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                          int n_phases, int b, const float (&z)[1], float h_prev, float* /*cell*/) const {
+  __device__ float finish(const PersistentParams& p, const Entry& e, int unit, int s, int n_phases,
+                          const float (&z)[1], float h_prev, float* /*cell*/) const {
     return forward_epilogue<S>(
-        p, bs, len, unit, s, n_phases, b, h_prev,
+        p, e, unit, s, n_phases, h_prev,
         [&] { return S::to_bits(activate(p.activation, z[0] + S::to_float(xr))); }, [](int) {});
   }
 };
@@ -1215,21 +1251,19 @@ struct BackwardCell {
   }
 
   // Phase r handles step s = n_steps - 1 - r (s = -1: the dh0 phase).
-  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
-                           int b, int n_steps) {
-    const long long at = operand_at(p, bs, len, n_steps - 1 - r, b, p.H);
+  __device__ void prefetch(const PersistentParams& p, const Entry& e, int unit, int r, int n_steps) {
+    const long long at = operand_at(e, n_steps - 1 - r, 1);
     yr = at >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + at + unit) : Bits(0);
     dyr = at >= 0 ? __ldg(static_cast<const Bits*>(p.seq_b) + at + unit) : Bits(0);
   }
 
-  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
-                          int n_phases, int b, const float (&z)[1], float /*h_prev*/,
-                          float* /*cell*/) const {
-    if (b >= bs.n) return 0.0f;
+  __device__ float finish(const PersistentParams& p, const Entry& e, int unit, int r, int n_phases,
+                          const float (&z)[1], float /*h_prev*/, float* /*cell*/) const {
+    if (!e.valid) return 0.0f;
     Bits* dx = static_cast<Bits*>(p.seq_out);
     const int s = n_phases - 2 - r;
-    const int L = len[b];
-    const int gb = bs.b0 + b;
+    const int L = e.len;
+    const int gb = e.gb;
     // dL/dh_s: the matvec of dz_{s+1} while the example was still running at s+1, else dh_final
     // (loaded here, not prefetched: it is needed once per example).
     const float dh = s + 1 < L ? z[0]
@@ -1244,7 +1278,7 @@ struct BackwardCell {
       return 0.0f;
     }
     const float dz = (dh + S::to_float(dyr)) * activation_grad(p.activation, S::to_float(yr));
-    dx[seq_row(p, position(s, L, bs.reverse), gb) * p.H + unit] = S::to_bits(dz);
+    dx[e.at(s) + unit] = S::to_bits(dz);
     return dz;
   }
 };
@@ -1275,9 +1309,8 @@ struct GatedInputs {
     ForwardCell<Cfg>::stage_initial(p, bs, h, plane_floats, probe);
   }
 
-  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                           int b, int /*n_steps*/) {
-    const long long at = operand_at(p, bs, len, s, b, static_cast<size_t>(G) * p.H);
+  __device__ void prefetch(const PersistentParams& p, const Entry& e, int unit, int s, int /*n_steps*/) {
+    const long long at = operand_at(e, s, G);
     const Bits* x = static_cast<const Bits*>(p.seq_a) + (at >= 0 ? at + unit : 0);
 #pragma unroll
     for (int g = 0; g < G; ++g) xr[g] = at >= 0 ? __ldg(x + static_cast<size_t>(g) * p.H) : Bits(0);
@@ -1312,10 +1345,10 @@ struct LstmCell : GatedInputs<Cfg> {
     for (size_t i = first; i < static_cast<size_t>(bs.n) * p.H; i += stride) c_final[i] = c0[i];
   }
 
-  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                          int n_phases, int b, const float (&acc)[4], float h_prev, float* cell) const {
+  __device__ float finish(const PersistentParams& p, const Entry& e, int unit, int s, int n_phases,
+                          const float (&acc)[4], float h_prev, float* cell) const {
     return forward_epilogue<S>(
-        p, bs, len, unit, s, n_phases, b, h_prev,
+        p, e, unit, s, n_phases, h_prev,
         [&] {
           const float i = sigmoid(this->z(acc, 0)), f = sigmoid(this->z(acc, 1));
           const float g = tanhf(this->z(acc, 2)), o = sigmoid(this->z(acc, 3));
@@ -1341,11 +1374,10 @@ struct GruCell : GatedInputs<Cfg> {
   }
   __device__ static void copy_initial_carry(const PersistentParams&, BatchSlice, size_t, size_t) {}
 
-  __device__ float finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int s,
-                          int n_phases, int b, const float (&acc)[3], float h_prev,
-                          float* /*cell*/) const {
+  __device__ float finish(const PersistentParams& p, const Entry& e, int unit, int s, int n_phases,
+                          const float (&acc)[3], float h_prev, float* /*cell*/) const {
     return forward_epilogue<S>(
-        p, bs, len, unit, s, n_phases, b, h_prev,
+        p, e, unit, s, n_phases, h_prev,
         [&] {
           const float r = sigmoid(this->z(acc, 0)), zg = sigmoid(this->z(acc, 1));
           const float n = tanhf(S::to_float(this->xr[2]) + r * (acc[2] + hn_bias));
@@ -1402,32 +1434,31 @@ struct GatedBackwardCell {
     BackwardCell<Cfg>::stage_initial(p, bs, h, plane_floats, probe);
   }
 
-  __device__ void prefetch(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
-                           int b, int n_steps) {
-    const long long row = operand_at(p, bs, len, n_steps - 1 - r, b, 1);  // -1: not running
-    const size_t gates_at = row >= 0 ? static_cast<size_t>(row) * G * p.H + unit : 0;
-    const size_t state_at = row >= 0 ? static_cast<size_t>(row) * p.H + unit : 0;
+  __device__ void prefetch(const PersistentParams& p, const Entry& e, int unit, int r, int n_steps) {
+    const long long off = operand_at(e, n_steps - 1 - r, 1);  // -1: not running
+    const size_t gates_at = off >= 0 ? static_cast<size_t>(off) * G + unit : 0;
+    const size_t state_at = off >= 0 ? static_cast<size_t>(off) + unit : 0;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      xr[g] = row >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + gates_at + static_cast<size_t>(g) * p.H) : Bits(0);
-      ur[g] = row >= 0 ? __ldg(p.seq_u + gates_at + static_cast<size_t>(g) * p.H) : 0.0f;
+      xr[g] = off >= 0 ? __ldg(static_cast<const Bits*>(p.seq_a) + gates_at + static_cast<size_t>(g) * p.H) : Bits(0);
+      ur[g] = off >= 0 ? __ldg(p.seq_u + gates_at + static_cast<size_t>(g) * p.H) : 0.0f;
     }
-    state_r = row >= 0 ? __ldg(static_cast<const Bits*>(p.seq_state) + state_at) : Bits(0);
-    dyr = row >= 0 ? __ldg(static_cast<const Bits*>(p.seq_b) + state_at) : Bits(0);
+    state_r = off >= 0 ? __ldg(static_cast<const Bits*>(p.seq_state) + state_at) : Bits(0);
+    dyr = off >= 0 ? __ldg(static_cast<const Bits*>(p.seq_b) + state_at) : Bits(0);
   }
 
   __device__ static float rounded(float v) { return S::to_float(S::to_bits(v)); }
 
   // `z[0]`: the unit's row sum of the staged du; `carry`: the entry's carry beside dh; `out`: the
   // G words to publish (du rounded to D; 0 where nothing flows).
-  __device__ void finish(const PersistentParams& p, BatchSlice bs, const int* len, int unit, int r,
-                         int n_phases, int b, const float (&z)[1], float* carry, float (&out)[G]) const {
+  __device__ void finish(const PersistentParams& p, const Entry& e, int unit, int r, int n_phases,
+                         const float (&z)[1], float* carry, float (&out)[G]) const {
 #pragma unroll
     for (int g = 0; g < G; ++g) out[g] = 0.0f;
-    if (b >= bs.n) return;
+    if (!e.valid) return;
     const int s = n_phases - 2 - r;
-    const int L = len[b];
-    const int gb = bs.b0 + b;
+    const int L = e.len;
+    const int gb = e.gb;
     const size_t at_state = static_cast<size_t>(gb) * p.H + unit;
     // dh of the state step s produced: through U (plus the GRU's direct part) while the example ran
     // at s + 1, else dh_final (loaded here: it is needed once per example).
@@ -1794,11 +1825,16 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     constexpr int kAheadRounds = Cfg::kTiles && Cfg::kMaxThreads < 1024 ? (kPassEntries + RG - 1) / RG : 1;
     Cell cells[kAheadRounds];
     // Each round's entries of the pass that starts at `first` in phase `ph`.
+    // The batch entry b of the slice; the lane's own entry of the first pass from registers where
+    // the variant keeps it (every phase's only entry when the slice is one pass of one round).
+    const Entry own_entry = make_entry(p, s_slice, len_smem, cell_lane.entry());
+    auto entry_at = [&](int b) {
+      return Cfg::kKeepEntry && b == own_entry.b ? own_entry : make_entry(p, s_slice, len_smem, b);
+    };
     auto prefetch_pass = [&](int ph, int first) {
 #pragma unroll
       for (int r = 0; r < kAheadRounds; ++r)
-        cells[r].prefetch(p, s_slice, len_smem, unit, ph,
-                          first + cell_lane.entry() + r * cell_lane.span(), n_steps);
+        cells[r].prefetch(p, entry_at(first + cell_lane.entry() + r * cell_lane.span()), unit, ph, n_steps);
     };
     // The cell state (the LSTM's c, a gated backward's carry beside dh): [plane][unit slot][tile],
     // a warp holding 32/RG unit slots.
@@ -1822,6 +1858,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         // The peers' pushes of phase s-1 into copy s&1: that copy's (s-1)/2-th phase (its
         // parity). The __syncthreads_or below then shows this CTA's own plain stores too.
         wait_pushed_state(&s_mbar[s & 1], static_cast<uint32_t>((s - 1) >> 1) & 1u, spin);
+        if (!publishes) wait_for_own_stalled_state(spin);
       } else {
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
@@ -1918,14 +1955,14 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
           if (t < PT) {
             const int pl = plane + t / TILE;  // the entry's plane and its column in the plane
             const int tt = t % TILE;
-            const int b = plane * TILE + t;
-            if (load) cell.prefetch(p, s_slice, len_smem, unit, s, b, n_steps);
+            const Entry e = entry_at(plane * TILE + t);
+            if (load) cell.prefetch(p, e, unit, s, n_steps);
             float* const unit_entry_cell = unit_cell + pl * cell_plane_floats + tt;
             if constexpr (SW == 1) {
-              out[0] = cell.finish(p, s_slice, len_smem, unit, s, n_phases, b, z,
+              out[0] = cell.finish(p, e, unit, s, n_phases, z,
                                    h_cur[pl * plane_floats + unit * TILE + tt], unit_entry_cell);
             } else {
-              cell.finish(p, s_slice, len_smem, unit, s, n_phases, b, z, unit_entry_cell, out);
+              cell.finish(p, e, unit, s, n_phases, z, unit_entry_cell, out);
             }
 #pragma unroll
             for (int w = 0; w < SW; ++w) {  // word w of the unit is column w * H + unit

@@ -105,10 +105,10 @@ def test_kernel_time_summarizes_runs_in_chunks_and_skips_a_run_that_lost_its_lau
 
 
 KERNEL = ("void jax_sprnn::cuda::sprnn_persistent_kernel<jax_sprnn::cuda::PersistentConfig<"
-          "(jax_sprnn::cuda::Direction)0, __half, (int)1, (int)8, (bool)0, (int)1>>"
+          "(jax_sprnn::cuda::Direction)0, __half, (int)1, (int)8, (bool)0, (int)1, (bool)0>>"
           "(jax_sprnn::cuda::PersistentParams)")
 MANGLED = ("_ZN9jax_sprnn4cuda23sprnn_persistent_kernelINS0_16PersistentConfigILNS0_9DirectionE0E6"
-           "__halfLi1ELi8ELb0ELi1EEEEEvNS0_16PersistentParamsE")
+           "__halfLi1ELi8ELb0ELi1ELb0EEEEEvNS0_16PersistentParamsE")
 
 
 def _sass(path, instructions):

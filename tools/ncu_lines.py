@@ -56,13 +56,13 @@ def kernel_sass(path: str, symbol: str) -> dict[int, tuple[list[tuple[str, int]]
 
 def mangled(kernel_name: str, sass_path: str) -> str:
     """The mangled name in the SASS of the profile's demangled kernel name (by its template
-    arguments: direction, type, tile, register slots, wide, planes a pass)."""
+    arguments: direction, type, tile, register slots, wide, planes a pass, tiles)."""
     args = re.search(r"\(jax_sprnn::cuda::Direction\)(\d+), (\w+), \(int\)(\d+), \(int\)(\d+), "
-                     r"\(bool\)(\d), \(int\)(\d+)", kernel_name)
+                     r"\(bool\)(\d), \(int\)(\d+), \(bool\)(\d)", kernel_name)
     if args is None:
         sys.exit(f"not a persistent kernel: {kernel_name}")
-    d, t, tile, rs, wide, pp = args.groups()
-    key = f"DirectionE{d}E{len(t)}{t}Li{tile}ELi{rs}ELb{wide}ELi{pp}EE"
+    d, t, tile, rs, wide, pp, tiles = args.groups()
+    key = f"DirectionE{d}E{len(t)}{t}Li{tile}ELi{rs}ELb{wide}ELi{pp}ELb{tiles}EE"
     names = {m.group(1) for m in re.finditer(r"^\.text\.(\S+):", open(sass_path).read(), re.M)}
     found = [n for n in names if "sprnn_persistent_kernel" in n and key in n]
     if len(found) != 1:
