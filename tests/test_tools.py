@@ -307,6 +307,30 @@ def test_the_sanitizer_grid_case_runs_grid_layouts_correctly_on_the_cpu(capsys):
         sanitizer_case.planned_runs("grids", ["float32"])
 
 
+def test_the_sanitizer_case_can_route_u_through_a_fusion(monkeypatch, capsys):
+    # --u-through-fusion: the gated backward's u gets an elementwise op after the product (what
+    # initcheck's reports on the LSTM backward's loads of u need to be decided), same values.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import sanitizer_case
+
+    from jax_sprnn import fallback
+
+    monkeypatch.setattr(fallback, "storage_matvec", fallback.storage_matvec)  # (restored after)
+    product = fallback.storage_matvec
+    sanitizer_case.route_u_through_a_fusion()
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((6, 24)), jnp.float32)
+    h = jnp.asarray(rng.standard_normal((5, 6)), jnp.float32)
+    routed = fallback.storage_matvec(kernel, jnp.float16)
+    np.testing.assert_array_equal(routed(h), product(kernel, jnp.float16)(h))
+    assert "select_n" in str(jax.make_jaxpr(routed)(h))
+    runs = sanitizer_case.planned_runs("grid", ["float32"])
+    assert runs[2][0] == "grid lstm H=48 B=3 T=4 float32" and runs[2][1](np.random.default_rng(2))
+    assert "WRONG" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("path", sorted((TOOLS / "kt_cases").glob("*.txt")), ids=lambda p: p.name)
 def test_every_kernel_time_case_file_names_cases_that_kernel_time_takes(path):
     # (tools/gpu_check.sh kerneltime reads them on a device: a bad line would cost device time)

@@ -2,7 +2,7 @@
 sanitize): memcheck, racecheck, synccheck, initcheck.
 
   python tools/sanitizer_case.py [--cases small,wide] [--dtype all|float32|bfloat16|float16]
-                                 [--skip N] [--count]
+                                 [--skip N] [--count] [--u-through-fusion]
 
 Cases:
   small  H=64, B=2, T=4 on the layout planned for this GPU (many one-warp CTAs), and H=128, B=3,
@@ -22,6 +22,10 @@ Cases:
   tiles  tile layouts on tensor cores (from_dense(matvec="tiles"), 16-bit dtypes only): the simple
          cell, the LSTM and the GRU, H=64 B=3 T=4 on this GPU's layout and H=128 B=9 T=5 planned
          for 4 SMs (cluster mode where the GPU has clusters; two planes a pass).
+--u-through-fusion has an XLA loop fusion, not the product itself, write the gated backward's
+recurrent products u (what the LSTM's backward kernel reads where initcheck reports uninitialized
+loads, 2026-12-05/06): if the tool does not see the product's stores (TMA), the reports move from
+the kernel to that fusion's loads; if they stay at the kernel, its loads are the fault.
 Each case runs with traced lengths (an empty example when B > 2) and reverse when B is odd, checks
 against the reference, and then polls the deferred kernel error. Exit status 1 on a wrong result.
 Each run is named ("run i: ...") before it starts and draws its data from its own seed, so that
@@ -231,6 +235,21 @@ def planned_runs(cases: str, dtypes: list[str]) -> list[tuple[str, callable]]:
     return runs
 
 
+def route_u_through_a_fusion() -> None:
+    """u = the product, then an elementwise op that XLA cannot fold into it (nor, with Triton's
+    GEMMs off, fuse with it): the backward kernel then reads a buffer that a plain loop fusion wrote.
+    The values are the same (u is finite in every case here)."""
+    from jax_sprnn import fallback
+
+    product = fallback.storage_matvec
+
+    def storage_matvec(kernel, dtype):
+        f = product(kernel, dtype)
+        return lambda h: (lambda u: jnp.where(jnp.isnan(u), jnp.zeros_like(u), u))(f(h))
+
+    fallback.storage_matvec = storage_matvec
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="small,wide",
@@ -239,7 +258,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=0,
                    help="skip the first N runs (tools/gpu_check.sh resumes after a tool's crash)")
     p.add_argument("--count", action="store_true", help="print the number of runs and exit")
+    p.add_argument("--u-through-fusion", action="store_true",
+                   help="the gated backward's u written by an elementwise fusion after the product")
     a = p.parse_args(argv)
+    if a.u_through_fusion:
+        route_u_through_a_fusion()
     runs = planned_runs(a.cases, list(DTYPES) if a.dtype == "all" else [a.dtype])
     if a.count:
         print(len(runs))
