@@ -10,7 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from .planner import WARP, LayoutMeta, Plan, pack_rows_into_warps, lanes_per_row, plan_layout
+from .planner import (MAX_CLUSTER_CTAS, WARP, LayoutMeta, Plan, pack_rows_into_warps, lanes_per_row,
+                      plan_layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,14 @@ def _assign_lanes(row_nnz: np.ndarray, plan: LayoutMeta) -> tuple[np.ndarray, np
     by_gate = lanes.reshape(1 if plan.transposed else plan.gates, -1)
     per_unit = by_gate.sum(axis=0)
     warp_of_unit, first_lane, used_warps = pack_rows_into_warps(per_unit)
+    if used_warps < plan.num_ctas <= MAX_CLUSTER_CTAS:
+        # In cluster mode every CTA must hold units: nothing waits for one without, so its peers
+        # could push a later phase into its staged copy before it has read the earlier one.
+        raise ValueError(
+            f"layout: the plan has {plan.num_ctas} CTAs but this pattern's rows fill only "
+            f"{used_warps} warps, and a layout of at most {MAX_CLUSTER_CTAS} CTAs runs in cluster "
+            f"mode, where every CTA must hold rows: plan the layout for this pattern "
+            f"(planner.plan_layout) or for fewer CTAs")
     # Deal the packed warps to CTAs fullest first in a snake order, so every CTA carries about the
     # same number of busy lanes (a step waits for the slowest CTA).
     fill = np.bincount(warp_of_unit, weights=per_unit, minlength=used_warps)

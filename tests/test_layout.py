@@ -283,3 +283,23 @@ def test_a_layout_planned_for_a_batch_computes_the_same_layer():
         js.SparseWeights.from_dense(kernel, mask, batch=0)
     with pytest.raises(ValueError, match=r"batch \(the batch to plan the layout for\)"):
         js.SparseWeights.from_dense(kernel, mask, matvec="tiles", batch=-1)
+
+
+def test_a_cluster_layout_with_ctas_without_rows_is_refused():
+    # A plan of more CTAs than the pattern's warps (possible only with a hand-made plan: the planner
+    # plans for the pattern) would leave a CTA without units in cluster mode, where nothing waits for
+    # it and its peers' pushes could run phases ahead of its reads (docs/design.md).
+    rng = np.random.default_rng(0)
+    keys = np.unique(np.repeat(np.arange(64), 4) * 64 + rng.integers(0, 64, 256))
+    rows, cols = keys // 64, keys % 64
+    plan = planner.plan_layout(np.bincount(rows, minlength=64), np.float16)
+    used = plan.num_warps
+    assert layout.pack_pattern(rows, cols, plan).meta.num_ctas == plan.num_ctas
+    too_many = dataclasses.replace(plan, num_warps=planner.MAX_CLUSTER_CTAS * plan.warps_per_cta)
+    assert used < too_many.num_ctas <= planner.MAX_CLUSTER_CTAS
+    with pytest.raises(ValueError, match=f"the plan has {planner.MAX_CLUSTER_CTAS} CTAs but this pattern's "
+                                         f"rows fill only {used} warps"):
+        layout.pack_pattern(rows, cols, too_many)
+    # Past the cluster size the layout runs in grid mode, where a CTA without rows skips the steps.
+    grid = dataclasses.replace(plan, num_warps=(planner.MAX_CLUSTER_CTAS + 1) * plan.warps_per_cta)
+    assert layout.pack_pattern(rows, cols, grid).meta.num_ctas == planner.MAX_CLUSTER_CTAS + 1
