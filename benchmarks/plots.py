@@ -115,3 +115,64 @@ def capacity(rows, limits: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def kernel_time(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """The persistent kernel's device time per step (tools/kernel_time.py rows) against the batch:
+    one panel per layer (cell, H), one line per run and layout, so that runs of two builds of one
+    layout compare point by point."""
+    fig = kernel_time_figure(runs, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def kernel_time_figure(runs: dict[str, list[dict]], title: str = ""):
+    layers = sorted({(r["cell"], r["hidden"]) for rows in runs.values() for r in rows},
+                    key=lambda c: (c[1], c[0]))
+    cols = min(3, max(1, len(layers)))
+    n_rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(n_rows, cols, squeeze=False, figsize=(4.6 * cols, 3.4 * n_rows))
+    for ax, (cell, hidden) in zip(axes.flat, layers):
+        for i, (run, rows) in enumerate(runs.items()):
+            layouts: dict[str, list[tuple[int, float]]] = {}
+            for r in rows:
+                if (r["cell"], r["hidden"]) == (cell, hidden):
+                    name = f"{r['exchange']} {r['ctas']}x{r['warps_per_cta']} K{r['K']}"
+                    layouts.setdefault(name, []).append((r["batch"], r["us_per_step"]))
+            for j, (name, pts) in enumerate(sorted(layouts.items())):
+                pts.sort()
+                ax.plot([b for b, _ in pts], [us for _, us in pts], "os^vD"[j % 5] + "-",
+                        color=f"C{i}", label=f"{run}: {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("µs per step (kernel time)")
+        ax.set_title(f"{cell} H={hidden}", fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.plots kernel-time OUT.png RUN.json [RUN.json ...]``: the kernel-time
+    runs' steps against the batch (each run named by its file)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="plot", required=True)
+    kt = sub.add_parser("kernel-time", help="tools/kernel_time.py JSON runs")
+    kt.add_argument("out", type=Path)
+    kt.add_argument("runs", type=Path, nargs="+")
+    kt.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    runs = {p.stem.removeprefix("kernel_time_"): json.loads(p.read_text()) for p in args.runs}
+    print(kernel_time(runs, args.out, args.title))
+
+
+if __name__ == "__main__":
+    main()

@@ -243,3 +243,26 @@ def test_the_bidirectional_probe_times_one_launch_against_two_calls(tmp_path, ce
     for name in ("stacked", "two calls", "grad stacked", "grad two calls"):
         assert row[name] > 0
     assert ("dense scan" in row) == (cell == "simple")
+
+
+def test_the_kernel_time_plot_has_a_panel_per_layer_and_a_line_per_run_and_layout(tmp_path):
+    from benchmarks import plots
+
+    def row(cell, hidden, batch, ctas, us):
+        return dict(cell=cell, hidden=hidden, batch=batch, exchange="cluster", ctas=ctas,
+                    warps_per_cta=4, K=8, us_per_step=us)
+
+    before = [row("simple", 256, b, 3, 1.5) for b in (1, 8, 32)] + [row("lstm", 256, 8, 6, 1.9)]
+    after = [row("simple", 256, b, 3, 1.4) for b in (1, 8)] + [row("simple", 256, 8, 4, 1.45)]
+    fig = plots.kernel_time_figure({"before": before, "after": after})
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["lstm H=256", "simple H=256"]
+    lines = {line.get_label(): list(line.get_xdata()) for line in panels[1].get_lines()}
+    assert lines == {"before: cluster 3x4 K8": [1, 8, 32], "after: cluster 3x4 K8": [1, 8],
+                     "after: cluster 4x4 K8": [8]}
+    runs = []
+    for name, rows in (("kernel_time_a", before), ("kernel_time_b", after)):
+        runs.append(tmp_path / f"{name}.json")
+        runs[-1].write_text(json.dumps(rows))
+    plots.main(["kernel-time", str(tmp_path / "k.png"), *map(str, runs)])
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
