@@ -244,8 +244,13 @@ def route_u_through_a_fusion() -> None:
     product = fallback.storage_matvec
 
     def storage_matvec(kernel, dtype):
-        f = product(kernel, dtype)
-        return lambda h: (lambda u: jnp.where(jnp.isnan(u), jnp.zeros_like(u), u))(f(h))
+        matvec = product(kernel, dtype)
+
+        def routed(h):
+            u = matvec(h)
+            return jnp.where(jnp.isnan(u), jnp.zeros_like(u), u)
+
+        return routed
 
     fallback.storage_matvec = storage_matvec
 
