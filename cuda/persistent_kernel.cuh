@@ -939,20 +939,17 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* mbar, uint32_t parity) {
   return done != 0;
 }
 
-// Waits, under the spin bound, until the phase of `mbar` with this parity has completed.
-__device__ __forceinline__ void wait_pushed_state(uint64_t* mbar, uint32_t parity, SpinControl& spin) {
+// Waits, under the spin bound, until the phase of `mbar` with this parity has completed. The stall
+// hook's CTA (PersistentParams::stall_cta, tests: `stalled`) waits for its own units' state, which
+// it no longer writes and which so never arrives, under the bound as its peers do (a one-CTA
+// cluster has no peer whose wait would time out). One loop for both: a second loop after this one
+// cost the fp32 GRU's wide tier 24 bytes of spills.
+__device__ __forceinline__ void wait_pushed_state(uint64_t* mbar, uint32_t parity, bool stalled,
+                                                  SpinControl& spin) {
   unsigned long long deadline = 0;
-  for (uint32_t iter = 1; !spin.aborted && !mbar_try_wait(mbar, parity); ++iter) {
+  for (uint32_t iter = 1; !spin.aborted && (stalled || !mbar_try_wait(mbar, parity)); ++iter) {
     if (iter % kSpinCheckPeriod == 0) spin.give_up(deadline);
   }
-}
-
-// The stall hook's CTA in cluster mode (PersistentParams::stall_cta, tests): the state of its own
-// units, which it no longer writes, never arrives, so it waits under the bound as its peers do (a
-// one-CTA cluster has no peer whose wait would time out).
-__device__ __forceinline__ void wait_for_own_stalled_state(SpinControl& spin) {
-  unsigned long long deadline = 0;
-  while (!spin.aborted) spin.give_up(deadline);
 }
 
 // N floats into the peer's shared memory at the cluster address `dst`, their bytes counted on the
@@ -1857,8 +1854,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
       } else if (in_cluster) {
         // The peers' pushes of phase s-1 into copy s&1: that copy's (s-1)/2-th phase (its
         // parity). The __syncthreads_or below then shows this CTA's own plain stores too.
-        wait_pushed_state(&s_mbar[s & 1], static_cast<uint32_t>((s - 1) >> 1) & 1u, spin);
-        if (!publishes) wait_for_own_stalled_state(spin);
+        wait_pushed_state(&s_mbar[s & 1], static_cast<uint32_t>((s - 1) >> 1) & 1u, !publishes, spin);
       } else {
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
