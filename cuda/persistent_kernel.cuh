@@ -1135,6 +1135,29 @@ __device__ __forceinline__ Entry make_entry(const PersistentParams& p, BatchSlic
 // the entry's staged state (fp32), `cell` its cell-state slot (the LSTM's c, a gated backward's
 // carry; unused otherwise). A gated backward cell publishes G values (its `finish` fills them).
 
+// A cell's tanh and logistic function in the storage type S: for 16-bit layers the hardware's
+// tanh.approx.f32 (one MUFU.TANH; relative error at most about 2^-11, half an fp16 ulp, before the
+// rounding to S that follows every cell), where tanhf and expf's quotient are chains of about 20
+// dependent instructions on the step's critical path; for float32 layers the accurate functions.
+template <class S>
+__device__ __forceinline__ float cell_tanh(float z) {
+  if constexpr (S::kRegsPerSlot == 1) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(z));
+    return y;
+  } else {
+    return tanhf(z);
+  }
+}
+template <class S>
+__device__ __forceinline__ float cell_sigmoid(float z) {
+  if constexpr (S::kRegsPerSlot == 1) {
+    return fmaf(0.5f, cell_tanh<S>(0.5f * z), 0.5f);
+  } else {
+    return 1.0f / (1.0f + expf(-z));
+  }
+}
+
 // The frame of every forward cell's epilogue, for batch entry b of the slice: while the example
 // runs, the cell's new state `step()` (bits of D) and y at the step's position; past its end the
 // state is held and y is 0; at the last phase h_final, and whatever `at_last(gb)` adds (the LSTM's
@@ -1226,7 +1249,11 @@ struct ForwardCell {
                           const float (&z)[1], float h_prev, float* /*cell*/) const {
     return forward_epilogue<S>(
         p, e, unit, s, n_phases, h_prev,
-        [&] { return S::to_bits(activate(p.activation, z[0] + S::to_float(xr))); }, [](int) {});
+        [&] {
+          const float v = z[0] + S::to_float(xr);
+          return S::to_bits(p.activation == kTanh ? cell_tanh<S>(v) : activate(p.activation, v));
+        },
+        [](int) {});
   }
 };
 
@@ -1290,7 +1317,6 @@ struct BackwardCell {
 // CTA's shared memory for the whole sequence. c and h are rounded to D after every step, and the
 // LSTM's h' is computed from the rounded c', as the other implementations do.
 
-__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 template <class Cfg>
 struct GatedInputs {
@@ -1347,11 +1373,11 @@ struct LstmCell : GatedInputs<Cfg> {
     return forward_epilogue<S>(
         p, e, unit, s, n_phases, h_prev,
         [&] {
-          const float i = sigmoid(this->z(acc, 0)), f = sigmoid(this->z(acc, 1));
-          const float g = tanhf(this->z(acc, 2)), o = sigmoid(this->z(acc, 3));
+          const float i = cell_sigmoid<S>(this->z(acc, 0)), f = cell_sigmoid<S>(this->z(acc, 1));
+          const float g = cell_tanh<S>(this->z(acc, 2)), o = cell_sigmoid<S>(this->z(acc, 3));
           const float c = S::to_float(S::to_bits(f * *cell + i * g));
           *cell = c;
-          return S::to_bits(o * tanhf(c));
+          return S::to_bits(o * cell_tanh<S>(c));
         },
         [&](int gb) {
           static_cast<Bits*>(p.c_final)[static_cast<size_t>(gb) * p.H + unit] = S::to_bits(*cell);
@@ -1376,8 +1402,8 @@ struct GruCell : GatedInputs<Cfg> {
     return forward_epilogue<S>(
         p, e, unit, s, n_phases, h_prev,
         [&] {
-          const float r = sigmoid(this->z(acc, 0)), zg = sigmoid(this->z(acc, 1));
-          const float n = tanhf(S::to_float(this->xr[2]) + r * (acc[2] + hn_bias));
+          const float r = cell_sigmoid<S>(this->z(acc, 0)), zg = cell_sigmoid<S>(this->z(acc, 1));
+          const float n = cell_tanh<S>(S::to_float(this->xr[2]) + r * (acc[2] + hn_bias));
           return S::to_bits((1.0f - zg) * n + zg * h_prev);
         },
         [](int) {});
@@ -1480,10 +1506,10 @@ struct GatedBackwardCell {
     }
     const float dh_out = rounded(dh + S::to_float(dyr));  // the carry's and dy's parts meet in D
     if constexpr (kLstm) {
-      const float i = sigmoid(S::to_float(xr[0]) + ur[0]), f = sigmoid(S::to_float(xr[1]) + ur[1]);
-      const float g = tanhf(S::to_float(xr[2]) + ur[2]), o = sigmoid(S::to_float(xr[3]) + ur[3]);
+      const float i = cell_sigmoid<S>(S::to_float(xr[0]) + ur[0]), f = cell_sigmoid<S>(S::to_float(xr[1]) + ur[1]);
+      const float g = cell_tanh<S>(S::to_float(xr[2]) + ur[2]), o = cell_sigmoid<S>(S::to_float(xr[3]) + ur[3]);
       const float c_prev = S::to_float(state_r);
-      const float tc = tanhf(rounded(f * c_prev + i * g));
+      const float tc = cell_tanh<S>(rounded(f * c_prev + i * g));
       const float dc = rounded(*carry + rounded(dh_out * o * (1.0f - tc * tc)));
       d[0] = dc * g * (i * (1.0f - i));
       d[1] = dc * c_prev * (f * (1.0f - f));
@@ -1493,9 +1519,9 @@ struct GatedBackwardCell {
 #pragma unroll
       for (int k = 0; k < G; ++k) dx[static_cast<size_t>(k) * p.H] = S::to_bits(d[k]);
     } else {
-      const float rg = sigmoid(S::to_float(xr[0]) + ur[0]), zg = sigmoid(S::to_float(xr[1]) + ur[1]);
+      const float rg = cell_sigmoid<S>(S::to_float(xr[0]) + ur[0]), zg = cell_sigmoid<S>(S::to_float(xr[1]) + ur[1]);
       const float a = ur[2] + hn_bias;
-      const float n = tanhf(S::to_float(xr[2]) + rg * a);
+      const float n = cell_tanh<S>(S::to_float(xr[2]) + rg * a);
       const float dn = dh_out * (1.0f - zg) * (1.0f - n * n);
       d[0] = dn * a * (rg * (1.0f - rg));
       d[1] = (dh_out * S::to_float(state_r) - dh_out * n) * (zg * (1.0f - zg));
