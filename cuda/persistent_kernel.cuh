@@ -350,6 +350,10 @@ struct PersistentConfig {
   // room (the small layers, whose step it shortens by 5-8%: RESULTS.md, 2026-12-06; the two-plane,
   // the wide and the large-tier variants spilled more with it).
   static constexpr bool kKeepEntry = PP == 1 && !WIDE && RS * S::kRegsPerSlot <= 48;
+  // Whether the register slots are decoded once per call (value and column offset, two registers a
+  // slot) rather than at every use, and the cell-lane fields once rather than per pass: the small
+  // tiers, where that leaves the launch bound's room (at 16 register words both spilled).
+  static constexpr bool kDecodeOnce = PP == 1 && !WIDE && RS * S::kRegsPerSlot <= 8;
   // Shared-memory-tier slots per loop iteration (a multiple of kChains).
   static constexpr int kSmemUnroll = 4;
   static constexpr int kVecWords = 16 / X::kWordBytes;
@@ -603,7 +607,8 @@ __device__ __forceinline__ void gather_planes(float (&acc)[PP * Cfg::kTile],
 #pragma unroll
     for (int t = 0; t < N; ++t) a[c][t] = 0.0f;
 #pragma unroll
-  for (int k = 0; k < Cfg::kRegSlots; ++k) S::launder_slot(reg[k]);  // decode per use, not hoisted
+  for (int k = 0; k < Cfg::kRegSlots; ++k)
+    if constexpr (!Cfg::kDecodeOnce) S::launder_slot(reg[k]);  // decode per use, not hoisted
 #pragma unroll
   for (int k = 0; k < Cfg::kRegSlots; ++k)
     fma_slot<S, TILE, PP, kByteOffsets>(a[k % CH], reg[k], plane, plane_bytes);
@@ -1948,7 +1953,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
 
         // The cells, on the cell lanes: entry t's G gate sums from the heads of the unit's gate
         // runs (every lane takes part in the shuffles; each keeps its own entry's sums).
-        launder(cell_lane.bits);
+        if constexpr (!Cfg::kDecodeOnce) launder(cell_lane.bits);  // (decoded per pass, not kept)
         const int rounds = PP == 1 ? rounds1 : rounds2;
         float out[SW] = {};  // the words this lane publishes for its entry (a gated backward: G)
         // Round r of the pass (rounds is warp-uniform: 1 unless a span < PT), its operands in
