@@ -6,6 +6,7 @@
 # Usage:
 #   AB_PATCH=ab/change.patch BASE_MODES=suite NEW_MODES=tests,suite SUITE=sweep \
 #     SUITE_ARGS_sweep="--hidden 1024 --batch 4" tools/ab_check.sh [pytest args for NEW_MODES' tests]
+#   (BASE_MODES=kerneltime NEW_MODES=kerneltime KT_CASES_FILE=...: kernel time, both sides)
 # Logs: $OUT/base and $OUT/new (each as tools/gpu_check.sh leaves them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ fi
 patch -R -p1 -s < "$AB_PATCH"
 trap 'patch -p1 -s -N < "$AB_PATCH" > /dev/null 2>&1 || true' EXIT  # leave the tree as it was
 echo "==== base (the tree without $AB_PATCH)"
-OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-suite}"
+# (BASE_TEST_ARGS: pytest arguments for the base side's tests, word-split; none by default)
+OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-suite}" ${BASE_TEST_ARGS:-}
 patch -p1 -s < "$AB_PATCH"
 trap - EXIT
 echo "==== new (the tree as it is)"
