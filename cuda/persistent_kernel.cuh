@@ -1162,6 +1162,11 @@ __device__ __forceinline__ float cell_sigmoid(float z) {
     return 1.0f / (1.0f + expf(-z));
   }
 }
+// The simple cell's activation (sprnn_common.h's `activate`), its tanh as cell_tanh.
+template <class S>
+__device__ __forceinline__ float cell_activate(int64_t act, float z) {
+  return act == kTanh ? cell_tanh<S>(z) : activate(act, z);
+}
 
 // The frame of every forward cell's epilogue, for batch entry b of the slice: while the example
 // runs, the cell's new state `step()` (bits of D) and y at the step's position; past its end the
@@ -1255,8 +1260,7 @@ struct ForwardCell {
     return forward_epilogue<S>(
         p, e, unit, s, n_phases, h_prev,
         [&] {
-          const float v = z[0] + S::to_float(xr);
-          return S::to_bits(p.activation == kTanh ? cell_tanh<S>(v) : activate(p.activation, v));
+          return S::to_bits(cell_activate<S>(p.activation, z[0] + S::to_float(xr)));
         },
         [](int) {});
   }
@@ -1321,7 +1325,6 @@ struct BackwardCell {
 // the cell, writes the outputs and publishes h. Only h is exchanged: the LSTM's c stays in this
 // CTA's shared memory for the whole sequence. c and h are rounded to D after every step, and the
 // LSTM's h' is computed from the rounded c', as the other implementations do.
-
 
 template <class Cfg>
 struct GatedInputs {
