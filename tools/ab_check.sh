@@ -7,11 +7,41 @@
 #   AB_PATCH=ab/change.patch BASE_MODES=suite NEW_MODES=tests,suite SUITE=sweep \
 #     SUITE_ARGS_sweep="--hidden 1024 --batch 4" tools/ab_check.sh [pytest args for NEW_MODES' tests]
 #   (BASE_MODES=kerneltime NEW_MODES=kerneltime KT_CASES_FILE=...: kernel time, both sides)
-# Logs: $OUT/base and $OUT/new (each as tools/gpu_check.sh leaves them).
+# Several variants in one call: the tree as it is is the base, and each patch of AB_VARIANTS
+# (space-separated, each against the tree) is applied alone, built and run in turn with
+# VARIANT_MODES (default kerneltime); the last variant also runs NEW_MODES' extra modes, e.g. tests:
+#   AB_VARIANTS="ab/a.patch ab/b.patch" BASE_MODES=kerneltime NEW_MODES=kerneltime,tests \
+#     KT_CASES_FILE=... tools/ab_check.sh [pytest args for the last variant's tests]
+# Logs: $OUT/base and $OUT/new (each as tools/gpu_check.sh leaves them); with AB_VARIANTS, $OUT/base
+# and $OUT/<patch name without .patch>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
-: "${AB_PATCH:?AB_PATCH must name a patch of the change (git diff), relative to the repository root}"
+if [ -n "${AB_VARIANTS:-}" ]; then
+  read -ra variants <<< "$AB_VARIANTS"
+  for v in "${variants[@]}"; do  # (all checked before the first build)
+    if ! patch -p1 --dry-run -s < "$v" > /dev/null; then echo "ab_check: $v does not apply to this tree"; exit 2; fi
+  done
+  echo "==== base (the tree as it is)"
+  OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-suite}" ${BASE_TEST_ARGS:-}
+  names=(base)
+  for i in "${!variants[@]}"; do
+    v=${variants[$i]}
+    name=$(basename "$v" .patch)
+    names+=("$name")
+    modes=${VARIANT_MODES:-kerneltime}
+    if [ "$i" -eq $(( ${#variants[@]} - 1 )) ]; then modes=${NEW_MODES:-$modes}; fi
+    patch -p1 -s < "$v"
+    trap 'patch -R -p1 -s < "'"$v"'" > /dev/null 2>&1 || true' EXIT  # leave the tree as it was
+    echo "==== $name (the tree with $v)"
+    OUT="$OUT/$name" bash tools/gpu_check.sh "$modes" "$@"
+    patch -R -p1 -s < "$v"
+    trap - EXIT
+  done
+  (cd "$OUT" && tar czf ab_logs.tar.gz "${names[@]}" && rm -rf "${names[@]}")
+  exit 0
+fi
+: "${AB_PATCH:?AB_PATCH (or AB_VARIANTS) must name a patch of the change (git diff), relative to the repository root}"
 if ! patch -R -p1 --dry-run -s < "$AB_PATCH" > /dev/null; then
   echo "ab_check: $AB_PATCH does not reverse-apply to this tree"; exit 2
 fi
