@@ -126,23 +126,23 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # tile past the first (its gather's K_eff multiply-adds, its reduction, cell and push). The state's
 # width adds nothing measurable beyond these. Fitted by ``benchmarks/cost_fit.py`` (least squares on
 # relative errors, non-negative) to the kernel's own device time (Nsight Compute, free of the host's
-# jitter) of 161 layouts and batches on an H100 (the simple cell, fp16 and fp32, 10%, H 256-2304,
+# jitter) of 165 layouts and batches on an H100 (the simple cell, fp16 and fp32, 10%, H 256-2304,
 # B 1-64, clusters of 1-16 CTAs; thirteen of the GRU and the LSTM, whose cluster layouts the planner
-# weighs with the same estimate; 2026-12-05 and 06, the last eighteen with the cell lanes' entry
+# weighs with the same estimate; 2026-12-05 and 06, the last thirty-one with the cell lanes' entry
 # kept in registers and the shorter cell chain, 2-12% faster: benchmarks/results/kernel_time_*_h100_*.json;
 # the H100 and the H200 share the SM and its clock, and these steps stay on chip): measured /
 # estimate 0.92-1.13 (10-90%), 0.79-1.38 at most; a 16-CTA cluster at B >= 16 reads up to 1.4x
 # its estimate (2304 x 16 CTAs at B = 16: 6.31 µs against 5.3). The H200's wall-clock cluster runs
 # of 2026-12-04 read higher (the host's jitter, and an older kernel): see benchmarks/RESULTS.md.
-CLUSTER_FIXED_US = 1.19
+CLUSTER_FIXED_US = 1.18
 # A plane's own cost is all in its slot, lane and CTA terms: the non-negative fit leaves nothing
 # for a flat per-plane term (0.27 before the 2026-12-06 points, 0.0033 before the shorter chain's;
 # the band did not move).
 CLUSTER_PLANE_US = 0.0
 CLUSTER_SLOT_US = 0.00108  # per plane, per warp of a CTA and per (register-equivalent) slot
-CLUSTER_LANE_US = 0.0051  # per plane and per slot of a lane
-CLUSTER_CTA_US = 0.0343  # per plane and per CTA of the cluster
-CLUSTER_WIDE_VARIANT_US = 0.138
+CLUSTER_LANE_US = 0.0052  # per plane and per slot of a lane
+CLUSTER_CTA_US = 0.0351  # per plane and per CTA of the cluster
+CLUSTER_WIDE_VARIANT_US = 0.144
 CLUSTER_ENTRY_US = 0.26  # per plane and per batch entry of its tile past the first
 CLUSTER_ENTRY_SLOT_US = 0.0028  # ... and per slot of K_eff
 PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
