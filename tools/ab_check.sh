@@ -17,42 +17,46 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
+# Both forms are one run: the base (the tree, with AB_PATCH reverse-applied), then each variant
+# applied alone, built and run, and reverted; AB_PATCH is the one variant "new", re-applied at the end.
 if [ -n "${AB_VARIANTS:-}" ]; then
   read -ra variants <<< "$AB_VARIANTS"
-  for v in "${variants[@]}"; do  # (all checked before the first build)
-    if ! patch -p1 --dry-run -s < "$v" > /dev/null; then echo "ab_check: $v does not apply to this tree"; exit 2; fi
-  done
-  echo "==== base (the tree as it is)"
-  OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-suite}" ${BASE_TEST_ARGS:-}
-  names=(base)
-  for i in "${!variants[@]}"; do
-    v=${variants[$i]}
-    name=$(basename "$v" .patch)
-    names+=("$name")
-    modes=${VARIANT_MODES:-kerneltime}
-    if [ "$i" -eq $(( ${#variants[@]} - 1 )) ]; then modes=${NEW_MODES:-$modes}; fi
-    patch -p1 -s < "$v"
-    trap 'patch -R -p1 -s < "'"$v"'" > /dev/null 2>&1 || true' EXIT  # leave the tree as it was
-    echo "==== $name (the tree with $v)"
-    OUT="$OUT/$name" bash tools/gpu_check.sh "$modes" "$@"
-    patch -R -p1 -s < "$v"
-    trap - EXIT
-  done
-  (cd "$OUT" && tar czf ab_logs.tar.gz "${names[@]}" && rm -rf "${names[@]}")
-  exit 0
+  default_modes=kerneltime
+  base_label="the tree as it is"
+else
+  : "${AB_PATCH:?AB_PATCH (or AB_VARIANTS) must name a patch of the change (git diff), relative to the repository root}"
+  if ! patch -R -p1 --dry-run -s < "$AB_PATCH" > /dev/null; then
+    echo "ab_check: $AB_PATCH does not reverse-apply to this tree"; exit 2
+  fi
+  patch -R -p1 -s < "$AB_PATCH"
+  trap 'patch -p1 -s -N < "$AB_PATCH" > /dev/null 2>&1 || true' EXIT  # leave the tree as it was
+  variants=("$AB_PATCH")
+  default_modes=suite
+  base_label="the tree without $AB_PATCH"
 fi
-: "${AB_PATCH:?AB_PATCH (or AB_VARIANTS) must name a patch of the change (git diff), relative to the repository root}"
-if ! patch -R -p1 --dry-run -s < "$AB_PATCH" > /dev/null; then
-  echo "ab_check: $AB_PATCH does not reverse-apply to this tree"; exit 2
-fi
-patch -R -p1 -s < "$AB_PATCH"
-trap 'patch -p1 -s -N < "$AB_PATCH" > /dev/null 2>&1 || true' EXIT  # leave the tree as it was
-echo "==== base (the tree without $AB_PATCH)"
+for v in "${variants[@]}"; do  # (all checked before the first build)
+  if ! patch -p1 --dry-run -s < "$v" > /dev/null; then echo "ab_check: $v does not apply to the base"; exit 2; fi
+done
+echo "==== base ($base_label)"
 # (BASE_TEST_ARGS: pytest arguments for the base side's tests, word-split; none by default)
-OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-suite}" ${BASE_TEST_ARGS:-}
-patch -p1 -s < "$AB_PATCH"
-trap - EXIT
-echo "==== new (the tree as it is)"
-OUT="$OUT/new" bash tools/gpu_check.sh "${NEW_MODES:-suite}" "$@"
-# A device run returns a few files only: the two sides' logs as one archive.
-(cd "$OUT" && tar czf ab_logs.tar.gz base new && rm -rf base new)
+OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-$default_modes}" ${BASE_TEST_ARGS:-}
+names=(base)
+for i in "${!variants[@]}"; do
+  v=${variants[$i]}
+  name=$(basename "$v" .patch)
+  if [ -z "${AB_VARIANTS:-}" ]; then name=new; fi
+  names+=("$name")
+  modes=${VARIANT_MODES:-$default_modes}
+  if [ "$i" -eq $(( ${#variants[@]} - 1 )) ]; then modes=${NEW_MODES:-$modes}; fi
+  patch -p1 -s < "$v"
+  if [ -n "${AB_VARIANTS:-}" ]; then  # (leave the tree as it was, even if stopped)
+    trap 'patch -R -p1 -s < "'"$v"'" > /dev/null 2>&1 || true' EXIT
+  else
+    trap - EXIT  # (AB_PATCH: the tree as it was is the tree with it)
+  fi
+  echo "==== $name (the base with $v)"
+  OUT="$OUT/$name" bash tools/gpu_check.sh "$modes" "$@"
+  if [ -n "${AB_VARIANTS:-}" ]; then patch -R -p1 -s < "$v"; trap - EXIT; fi
+done
+# A device run returns a few files only: every side's logs as one archive.
+(cd "$OUT" && tar czf ab_logs.tar.gz "${names[@]}" && rm -rf "${names[@]}")
