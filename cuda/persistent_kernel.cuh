@@ -365,6 +365,13 @@ struct PersistentConfig {
   static_assert(kMaxThreads >= 128 && kMaxThreads % 128 == 0 && kMaxThreads <= kMaxThreadsPerCta,
                 "no such variant (jax_sprnn/_constants.py: PERSISTENT_TIERS_16/32)");
   static_assert(kStageUnroll >= 1, "a variant stages at least one vector per thread");
+  // Whether the phase loop is compiled once per exchange mode (persistent_body's ExchangeMode)
+  // rather than once for both: without the other mode's branches and address arithmetic, the
+  // cluster mode's step is shorter. The forward recurrences' small one-plane tiers, where the
+  // registers allow it (a tile of 4 only in the 384-thread variants: the others spilled).
+  static constexpr bool kSplitModes =
+      (DIR == Direction::kForward || DIR == Direction::kLstm || DIR == Direction::kGru) && PP == 1 &&
+      !WIDE && !TILES && RS * S::kRegsPerSlot <= 16 && (TILE <= 2 || kMaxThreads <= 384);
   // The workspace (constants::cuda_workspace_bytes) sizes each exchange buffer for the widest word.
   static_assert(X::kWordBytes <= constants::kExchangeWordBytes, "exchange word wider than the workspace");
 };
@@ -1581,8 +1588,12 @@ struct CellLane {
 // The persistent kernel
 // ================================================================================================
 
+// Which exchange a compiled copy of the phase loop serves: either, chosen per use from
+// `PersistentParams::cluster` (one copy for both), or one of them (a copy each: see kSplitModes).
+enum class ExchangeMode { kRunTime, kGrid, kCluster };
+
 // The recurrence of one CTA (the kernel below adds the end of the call).
-template <class Cfg>
+template <class Cfg, ExchangeMode kMode>
 __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   using S = typename Cfg::S;
   using X = typename Cfg::X;
@@ -1611,10 +1622,13 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   // where batch_slice() costs a dozen instructions (%clusterid is a division) and a register pair
   // kept through the loop would cost the large register tiers spills.
   __shared__ BatchSlice s_slice;
-  // The planner keeps constants::kKernelSmemReserve bytes free for these and for the 16-byte
-  // alignment of the dynamic regions (at most 12 + 15 bytes: launch_persistent's smem plan).
-  static_assert(sizeof(s_steps) + sizeof(s_error) + sizeof(s_nonfinite) + sizeof(s_pushed_nonfinite) +
-                        sizeof(s_mbar) + sizeof(s_own_units) + sizeof(s_slice) + 12 + 15 <=
+  // The planner keeps constants::kKernelSmemReserve bytes free for these (twice where the kernel
+  // holds a copy of this body per exchange mode, each with its own set: kSplitModes) and for the
+  // 16-byte alignment of the dynamic regions (at most 12 + 15 bytes: launch_persistent's smem plan).
+  static_assert((Cfg::kSplitModes ? 2 : 1) *
+                            (sizeof(s_steps) + sizeof(s_error) + sizeof(s_nonfinite) + sizeof(s_pushed_nonfinite) +
+                             sizeof(s_mbar) + sizeof(s_own_units) + sizeof(s_slice)) +
+                        12 + 15 <=
                     constants::kKernelSmemReserve,
                 "the kernel's static shared memory outgrew the planner's reserve");
 
@@ -1624,7 +1638,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   const int warps_per_cta = blockDim.x >> 5;
   // Grid mode: CTA = blockIdx.x, one slice = the whole batch. Cluster mode: CTA = rank in the
   // cluster (the layout has one CTA per rank), one slice per cluster.
-  const bool in_cluster = p.cluster > 0;
+  const bool in_cluster = kMode == ExchangeMode::kRunTime ? p.cluster > 0 : kMode == ExchangeMode::kCluster;
   const int gwarp = cta_rank(p) * warps_per_cta + warp;
   const int H = p.H, K = p.K;
   const int n_planes = p.n_planes;
@@ -1970,6 +1984,10 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
 #pragma unroll
             for (int u = 0; u < PT; ++u)
               if (u == t) z[0] = acc[u];
+          } else if constexpr (RG == 1 && PT == 1) {
+            // One entry a pass: its one cell lane is its unit's lane, the head of the row's run,
+            // which holds the row's sum (segmented_sum): no shuffle on the step's chain.
+            z[0] = acc[0];
           } else {
 #pragma unroll
             for (int g = 0; g < RG; ++g) {
@@ -2032,15 +2050,18 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
           // in this CTA's copy (in one round or several, where a span is narrower than the pass);
           // every lane of the unit reads a plane's TILE of them back as one vector, and lane j of a
           // span of n lanes pushes it to ranks j, j + n, ... (a gated forward's lanes push h only).
-          __syncwarp();  // the cell lanes' stores, seen by the other lanes of their units
-          if (cell_lane.in_unit()) {
+          // One entry a pass (PT == 1): the unit's lane computed it, and the other lanes take it by
+          // shuffle rather than back from the own copy (no store-to-load round trip on the chain).
+          if constexpr (PT != 1) __syncwarp();  // the cell lanes' stores, seen by their units' lanes
 #pragma unroll
-            for (int q = 0; q < PP; ++q) {
+          for (int q = 0; q < PP; ++q) {
 #pragma unroll
-              for (int w = 0; w < SW; ++w) {
-                const float* own = h_next + (plane + q) * plane_floats + (w * H + unit) * TILE;
-                float v[TILE];
-                load_floats<TILE>(own, v);
+            for (int w = 0; w < SW; ++w) {
+              const float* own = h_next + (plane + q) * plane_floats + (w * H + unit) * TILE;
+              float v[TILE];
+              if constexpr (PT == 1) v[0] = __shfl_sync(kFullMask, out[w], cell_lane.unit_lane());
+              if (cell_lane.in_unit()) {
+                if constexpr (PT != 1) load_floats<TILE>(own, v);
                 push_tile<TILE>(own, v, lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
                                 &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & 1], s + 1);
               }
@@ -2071,7 +2092,15 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     sprnn_persistent_kernel(const __grid_constant__ PersistentParams p) {
-  persistent_body<Cfg>(p);
+  if constexpr (Cfg::kSplitModes) {
+    if (p.cluster > 0) {
+      persistent_body<Cfg, ExchangeMode::kCluster>(p);
+    } else {
+      persistent_body<Cfg, ExchangeMode::kGrid>(p);
+    }
+  } else {
+    persistent_body<Cfg, ExchangeMode::kRunTime>(p);
+  }
   finish_call(p.error_flag, p.finish);
 }
 
