@@ -180,7 +180,7 @@ PUBLIC_CALLS = _public_calls()
 
 def gated_backward_problem(seed: int, gates: int, hidden: int, batch: int, steps: int, density: float,
                            dtype: str = "float32", *, device=None, load_bytes: int | None = None,
-                           cotangent_scale: float = 0.3):
+                           cotangent_scale: float = 0.3, plan_batch: int | None = None):
     """The operands of a gated layer's backward recurrence (``sprnn_lstm_backward`` /
     ``sprnn_gru_backward``), in step order, from a real forward pass (XLA's scan) on ragged lengths
     (example 0 runs every step, example 1 none when ``batch > 1``), with random cotangents of
@@ -188,7 +188,8 @@ def gated_backward_problem(seed: int, gates: int, hidden: int, batch: int, steps
     ``(weights, kernel, operands, lengths)``; ``operands`` leave out the layout and the kernel."""
     from . import fallback
     w, x, c0, h0, hn_bias = make_gated_problem(seed, gates, hidden, batch, steps, density, dtype,
-                                               device=device, load_bytes=load_bytes)
+                                               device=device, load_bytes=load_bytes,
+                                               plan_batch=plan_batch)
     rng = np.random.default_rng(seed + 1)
     x_steps = jnp.swapaxes(x, 0, 1)
     lengths = rng.integers(0, steps + 1, batch).astype(np.int32)

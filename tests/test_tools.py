@@ -237,6 +237,36 @@ def test_a_kernel_time_case_packs_for_fewer_sms_and_cost_fit_reads_its_row(tmp_p
         profile_case.option_call("bidir", 32, 0.2, 2, "float32", 4, ["plan=4"])
 
 
+def test_a_backward_kernel_time_case_runs_the_backward_recurrence_alone():
+    """simple_bwd / lstm_bwd / gru_bwd: one call of the cell's backward primitive on the layer's
+    transposed layout (ctas= and plan= as for the forward cases), equal to its XLA scan; and they
+    stay out of cost_fit's forward points."""
+    import profile_case
+
+    from benchmarks import cost_fit
+    from jax_sprnn import fallback, testing
+
+    w, f = profile_case.option_call("simple_bwd", 48, 0.3, 3, "float32", 5, ["ctas=2"])
+    assert w.meta.num_ctas <= 2
+    dx, dh0 = f()
+    want_dx, want_dh0 = fallback.backward(*profile_case.simple_backward_args(w, 3, "float32", 5),
+                                          activation="tanh", reverse=False, meta=w.meta_t)
+    assert testing.rel_err(dx, want_dx) < 1e-5 and testing.rel_err(dh0, want_dh0) < 1e-5
+    assert dx.shape == (5, 3, 48) and float(abs(dx).max()) > 0
+    for cell, gates in (("lstm_bwd", 4), ("gru_bwd", 3)):
+        w, f = profile_case.option_call(cell, 40, 0.3, 2, "float32", 4, ["plan=2"])
+        assert w.meta.gates == gates and w.meta.reason.endswith("planned for batch 2")
+        got = f()
+        w2, kernel, operands, lengths = testing.gated_backward_problem(0, gates, 40, 2, 4, 0.3,
+                                                                       "float32", plan_batch=2)
+        want = testing.run_gated_backward(gates, w2, kernel, operands, lengths, xla=True)
+        for g, r in zip(got, want):
+            assert testing.rel_err(g, r) < 1e-5
+    assert "simple_bwd" not in cost_fit.GATES and "lstm_bwd" not in cost_fit.GATES
+    with pytest.raises(SystemExit, match="simple_bwd, lstm_bwd or gru_bwd"):
+        profile_case.case_call("tanh_bwd", 32, 0.2, 2, "float32", 4)
+
+
 def test_a_kernel_time_run_skips_a_case_whose_layout_does_not_fit(tmp_path, monkeypatch, capsys):
     """A sweep goes on past a layout that does not fit (K = 1 puts a row of ~19 nonzeros on 19
     lanes: 60 warps, past one CTA), and the manifest holds the cases that ran, with their layouts."""

@@ -5,11 +5,13 @@
 CELL is simple, tiles (the simple cell on its tile layout: tensor cores), bidir (both directions
 of a bidirectional layer of one layout: one paired launch where the layout runs in cluster mode,
 one launch per direction in grid mode), lstm, gru, or bilstm / bigru (a gated bidirectional layer,
-paired likewise). ``ctas=N`` (simple, tiles, lstm, gru) packs the layer for a GPU of N SMs
+paired likewise), or simple_bwd, lstm_bwd, gru_bwd (the cell's backward recurrence alone, one
+launch of the backward kernel on the layer's transposed layout, from stand-in residuals).
+``ctas=N`` (simple, tiles, lstm, gru and their backward cases) packs the layer for a GPU of N SMs
 without clusters, a layout of at most N CTAs that runs in cluster mode on this one (the cluster
 suite's nN columns); by default the planner packs it for this GPU. ``k=K`` (with or without
 ``ctas``) holds the planner to K slots a lane (so that a layout sweep can time layouts the cost
-model would not pick). ``plan=B`` (simple, tiles, lstm, gru) packs the layout planned for a batch of
+model would not pick). ``plan=B`` (likewise) packs the layout planned for a batch of
 B (``SparseWeights.from_dense(batch=B)``). The call runs four times (ncu skips
 the first two launches, which include compilation and warm-up).
 """
@@ -25,6 +27,7 @@ import numpy as np
 
 import jax_sprnn as js
 from jax_sprnn import layout, planner, testing
+from jax_sprnn.primitives import sprnn_backward_p
 
 GATES = {"lstm": 4, "gru": 3}
 
@@ -56,6 +59,36 @@ def gated_call(gates, hidden, density, batch, dtype, steps, ctas=None, plan=None
     return w, jax.jit(lambda: testing.run_gated(gates, x, c0, h0, w, hn_bias, method="native"))
 
 
+def simple_backward_args(w, batch, dtype, steps) -> tuple:
+    """``sprnn_backward``'s operands for layer ``w``: tanh of random values stands in for the
+    forward outputs (the kernel's work does not depend on them), every sequence full length."""
+    rng = np.random.default_rng(1)
+    hidden = w.meta.num_cols
+    y = jnp.tanh(jnp.asarray(rng.standard_normal((steps, batch, hidden)), dtype))
+    dy = jnp.asarray(rng.standard_normal((steps, batch, hidden)) * 0.3, dtype)
+    h0 = jnp.zeros((batch, hidden), dtype)
+    lengths = jnp.full((batch,), steps, jnp.int32)
+    return y, h0, w.transposed_values(), w.indices_t, w.lane_row_t, lengths, dy, jnp.zeros_like(h0)
+
+
+def simple_backward_call(hidden, density, batch, dtype, steps, ctas=None, plan=None):
+    """The simple cell's backward recurrence alone, on :func:`simple_backward_args`."""
+    w, _ = simple_call(hidden, density, batch, dtype, steps, "auto", ctas, plan)
+    args = simple_backward_args(w, batch, dtype, steps)
+    return w, jax.jit(lambda: sprnn_backward_p.bind(*args, activation="tanh", reverse=False,
+                                                    meta=w.meta_t, method="native"))
+
+
+def gated_backward_call(gates, hidden, density, batch, dtype, steps, ctas=None, plan=None):
+    """A gated cell's backward recurrence alone, on the residuals of a real forward pass."""
+    w, kernel, operands, lengths = testing.gated_backward_problem(
+        0, gates, hidden, batch, steps, density, dtype, device=device_of(ctas), plan_batch=plan)
+    if not w.meta.fits:
+        raise SystemExit(f"ctas={ctas}: the layer does not fit ({w.meta.reason})")
+    return w, jax.jit(lambda: testing.run_gated_backward(gates, w, kernel, operands, lengths,
+                                                         method="native"))
+
+
 def bidir_call(hidden, density, batch, dtype, steps):
     (_, w_f, x_f, h_f), (_, w_b, x_b, h_b) = testing.make_twin_problem(0, hidden, batch, steps,
                                                                        density, dtype)
@@ -75,6 +108,10 @@ def gated_bidir_call(gates, hidden, density, batch, dtype, steps):
 
 def case_call(cell, hidden, density, batch, dtype, steps, ctas=None, plan=None):
     """``(weights, f)``: the case's weights and a jitted call of it, one persistent launch."""
+    if cell == "simple_bwd":
+        return simple_backward_call(hidden, density, batch, dtype, steps, ctas, plan)
+    if cell.endswith("_bwd") and cell[:-4] in GATES:
+        return gated_backward_call(GATES[cell[:-4]], hidden, density, batch, dtype, steps, ctas, plan)
     if cell in ("simple", "tiles"):
         return simple_call(hidden, density, batch, dtype, steps, "tiles" if cell == "tiles" else "auto",
                            ctas, plan)
@@ -85,7 +122,8 @@ def case_call(cell, hidden, density, batch, dtype, steps, ctas=None, plan=None):
     if cell.startswith("bi") and cell[2:] in GATES:
         return gated_bidir_call(GATES[cell[2:]], hidden, density, batch, dtype, steps)
     if cell not in GATES:
-        raise SystemExit(f"CELL must be simple, tiles, bidir, lstm, gru, bilstm or bigru, got {cell!r}")
+        raise SystemExit(f"CELL must be simple, tiles, bidir, lstm, gru, bilstm, bigru, simple_bwd, "
+                         f"lstm_bwd or gru_bwd, got {cell!r}")
     return gated_call(GATES[cell], hidden, density, batch, dtype, steps, ctas, plan)
 
 
