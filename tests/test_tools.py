@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -374,3 +377,24 @@ def test_every_kernel_time_case_file_names_cases_that_kernel_time_takes(path):
         assert int(hidden) > 0 and 0 < float(density) <= 1 and int(batch) > 0
         assert dtype in ("float32", "float16", "bfloat16")
         profile_case.parse_options(options)  # SystemExit on a bad option
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (no GPU)")
+def test_variant_ptxas_reports_each_variant_and_refuses_one_that_does_not_exist():
+    """tools/variant_ptxas.sh: one line per variant (registers, frame, spills), matched back to its
+    spec; a variant outside the tier tables is the compiler's static_assert, and a failure."""
+    script = str(TOOLS / "variant_ptxas.sh")
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run([script, "kForward __half 1 8 false 1", "kGru float 2 16 false 1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert sorted(", __half, 1, 8, false" in line for line in lines) == [False, True]
+    assert sorted(", float, 2, 16, false" in line for line in lines) == [False, True]
+    for line in lines:
+        regs = int(line.split(" regs")[0].split()[-1])
+        assert 64 <= regs <= 255 and "B spill stores" in line
+    bad = subprocess.run([script, "kLstm __half 1 24 false 1"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert bad.returncode != 0 and "no such variant" in bad.stdout + bad.stderr
