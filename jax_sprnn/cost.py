@@ -134,6 +134,10 @@ def persistent_step_us(meta: LayoutMeta, batch: int) -> float:
 # estimate 0.92-1.13 (10-90%), 0.79-1.38 at most; a 16-CTA cluster at B >= 16 reads up to 1.4x
 # its estimate (2304 x 16 CTAs at B = 16: 6.31 µs against 5.3). The H200's wall-clock cluster runs
 # of 2026-12-04 read higher (the host's jitter, and an older kernel): see benchmarks/RESULTS.md.
+# Since these points the kernel compiles its phase loop once per exchange mode in the small one-plane
+# tiers (PersistentConfig::kSplitModes, 2026-12-06): those layouts now run 7-10% under this estimate
+# (H200 A/B, RESULTS.md "Twenty-ninth session"), which only favours them more; a refit waits for
+# their H100 kernel times.
 CLUSTER_FIXED_US = 1.18
 # A plane's own cost is all in its slot, lane and CTA terms: the non-negative fit leaves nothing
 # for a flat per-plane term (0.27 before the 2026-12-06 points, 0.0033 before the shorter chain's;
