@@ -30,6 +30,8 @@ from jax_sprnn import layout, planner, testing
 from jax_sprnn.primitives import sprnn_backward_p
 
 GATES = {"lstm": 4, "gru": 3}
+#: The CELL names a case takes.
+CELLS = ("simple", "tiles", "bidir", "lstm", "gru", "bilstm", "bigru", "simple_bwd", "lstm_bwd", "gru_bwd")
 
 
 def device_of(ctas: int | None):
@@ -122,8 +124,7 @@ def case_call(cell, hidden, density, batch, dtype, steps, ctas=None, plan=None):
     if cell.startswith("bi") and cell[2:] in GATES:
         return gated_bidir_call(GATES[cell[2:]], hidden, density, batch, dtype, steps)
     if cell not in GATES:
-        raise SystemExit(f"CELL must be simple, tiles, bidir, lstm, gru, bilstm, bigru, simple_bwd, "
-                         f"lstm_bwd or gru_bwd, got {cell!r}")
+        raise SystemExit(f"CELL must be one of {', '.join(CELLS)}, got {cell!r}")
     return gated_call(GATES[cell], hidden, density, batch, dtype, steps, ctas, plan)
 
 
