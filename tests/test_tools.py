@@ -398,3 +398,56 @@ def test_variant_ptxas_reports_each_variant_and_refuses_one_that_does_not_exist(
     bad = subprocess.run([script, "kLstm __half 1 24 false 1"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert bad.returncode != 0 and "no such variant" in bad.stdout + bad.stderr
+
+
+def test_ab_table_gives_each_variant_its_change_against_the_base(tmp_path):
+    import ab_table
+
+    def side(name, rows):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "kernel_time.json"
+        path.write_text(json.dumps([dict(case=c, us_per_step=us, inst_per_step=inst)
+                                    for c, us, inst in rows]))
+        return path
+
+    base = side("base", [("simple 256 0.1 8 float16", 1.2, 1000.0), ("lstm 256 0.1 8 float16", 1.6, 2000.0)])
+    a = side("a", [("simple 256 0.1 8 float16", 1.08, 900.0)])
+    b = side("b", [("lstm 256 0.1 8 float16", 1.68, 2000.0), ("gru 1024 0.1 1 float16", 2.1, 5.0)])
+    lines = ab_table.table([(p.parent.name, ab_table.load(p)) for p in (base, a, b)])
+    assert lines[0].split() == ["case", "base", "a", "b"]
+    simple, lstm, gru = (next(line for line in lines if line.startswith(cell))
+                         for cell in ("simple", "lstm", "gru"))
+    assert "1.080 (-10.0%, -10.0% inst)" in simple and simple.rstrip().endswith("-")
+    assert "1.680 ( +5.0%,  +0.0% inst)" in lstm
+    assert gru.split()[5:] == ["-", "-", "2.100"]  # a case the base did not run: no change
+    with pytest.raises(SystemExit, match="no base summary"):
+        ab_table.main([str(tmp_path / "missing" / "kernel_time.json"), str(a)])
+
+
+def test_ab_check_times_each_variant_against_the_base_and_leaves_the_tree_as_it_was(tmp_path):
+    """tools/ab_check.sh with AB_VARIANTS, on a stand-in tree whose gpu_check.sh writes a kernel
+    time that depends on the tree: each patch applied alone and reverted, the table at the end,
+    every side's logs in one archive."""
+    if shutil.which("patch") is None:
+        pytest.skip("needs patch")
+    root = tmp_path / "repo"
+    (root / "tools").mkdir(parents=True)
+    for name in ("ab_check.sh", "ab_table.py"):
+        (root / "tools" / name).write_text((TOOLS / name).read_text())
+    (root / "tools" / "gpu_check.sh").write_text(
+        'mkdir -p "$OUT"; us=$(cat speed.txt); '
+        'echo "[{\\"case\\": \\"simple 256\\", \\"us_per_step\\": $us, \\"inst_per_step\\": 100}]" '
+        '> "$OUT/kernel_time.json"\n')
+    (root / "speed.txt").write_text("1.0\n")
+    for name, speed in (("fast", "0.9"), ("slow", "1.1")):
+        (root / f"{name}.patch").write_text(
+            f"--- a/speed.txt\n+++ b/speed.txt\n@@ -1 +1 @@\n-1.0\n+{speed}\n")
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "tools/ab_check.sh"], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, OUT=str(out), AB_VARIANTS="fast.patch slow.patch"),
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("simple 256"))
+    assert "0.900 (-10.0%" in row and "1.100 (+10.0%" in row
+    assert (root / "speed.txt").read_text() == "1.0\n"  # every patch reverted
+    assert (out / "ab_logs.tar.gz").exists() and not (out / "base").exists()

@@ -12,7 +12,8 @@
 # VARIANT_MODES (default kerneltime); the last variant also runs NEW_MODES' extra modes, e.g. tests:
 #   AB_VARIANTS="ab/a.patch ab/b.patch" BASE_MODES=kerneltime NEW_MODES=kerneltime,tests \
 #     KT_CASES_FILE=... tools/ab_check.sh [pytest args for the last variant's tests]
-# Logs: $OUT/base and $OUT/new (each as tools/gpu_check.sh leaves them); with AB_VARIANTS, $OUT/base
+# At the end, the kernel-time table of the base against each variant (tools/ab_table.py). Logs:
+# $OUT/base and $OUT/new (each as tools/gpu_check.sh leaves them); with AB_VARIANTS, $OUT/base
 # and $OUT/<patch name without .patch>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,5 +59,11 @@ for i in "${!variants[@]}"; do
   OUT="$OUT/$name" bash tools/gpu_check.sh "$modes" "$@"
   if [ -n "${AB_VARIANTS:-}" ]; then patch -R -p1 -s < "$v"; trap - EXIT; fi
 done
+# The kernel-time table, the base against each variant (tools/ab_table.py), where the base has one.
+if [ -f "$OUT/base/kernel_time.json" ]; then
+  echo "==== kernel time: the base against each variant"
+  python3 tools/ab_table.py "$OUT/base/kernel_time.json" \
+    $(for n in "${names[@]:1}"; do echo "$OUT/$n/kernel_time.json"; done) || true
+fi
 # A device run returns a few files only: every side's logs as one archive.
 (cd "$OUT" && tar czf ab_logs.tar.gz "${names[@]}" && rm -rf "${names[@]}")
