@@ -21,8 +21,7 @@ def table(sides: list[tuple[str, dict[str, dict]]]) -> list[str]:
     """The lines of the table: the first side is the base; per variant its µs per step and, where
     the base ran the case too, the change in percent (and in warp instructions per step)."""
     (base_name, base), variants = sides[0], sides[1:]
-    cases = list(base) + [c for _, rows in variants for c in rows if c not in base]
-    cases = list(dict.fromkeys(cases))
+    cases = list(dict.fromkeys([*base, *(c for _, rows in variants for c in rows)]))
     width = max([len(c) for c in cases] + [4])
     head = f"{'case':{width}s}  {base_name:>9s}" + "".join(f"  {name:>24s}" for name, _ in variants)
     lines = [head]
@@ -47,9 +46,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summaries", type=Path, nargs="+", help="the base's kernel_time.json first")
     args = parser.parse_args(argv)
-    sides = [(path.parent.name, load(path)) for path in args.summaries if path.exists()]
-    if not sides or not args.summaries[0].exists():
+    if not args.summaries[0].exists():
         raise SystemExit(f"{args.summaries[0]}: no base summary (its kernel-time run failed)")
+    sides = [(path.parent.name, load(path)) for path in args.summaries if path.exists()]
     print("\n".join(table(sides)))
 
 
