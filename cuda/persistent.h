@@ -52,6 +52,15 @@ constexpr int row_gates_of(Direction d) { return is_gated_backward(d) ? 1 : gate
 constexpr int state_width_of(Direction d) { return is_gated_backward(d) ? gates_of(d) : 1; }
 enum class Dtype { kF32, kF16, kBF16 };
 
+// Whether this build holds dt's persistent kernels (CMake's JAX_SPRNN_KERNEL_DTYPES; all by default).
+constexpr bool kernels_built(Dtype dt) {
+#ifdef JAX_SPRNN_KERNEL_DTYPE_MASK
+  return ((JAX_SPRNN_KERNEL_DTYPE_MASK >> static_cast<int>(dt)) & 1) != 0;
+#else
+  return true;
+#endif
+}
+
 // ---- the end of a call (persistent_kernel.cuh: finish_call; deferred_errors.h) -------------------
 // The outputs a failed call fills with NaN: a recurrence's sequence, final state, the LSTM's c_final
 // and cell states, a gated backward's du.

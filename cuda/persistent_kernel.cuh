@@ -2171,6 +2171,11 @@ PersistentKernelFn lookup_persistent_group(int rs, int threads) {
   }
 }
 
+#ifdef JAX_SPRNN_KERNEL_STUB
+// A unit of a dtype left out of the build (CMake's JAX_SPRNN_KERNEL_DTYPES): no layout has a kernel.
+template <Direction DIR, Dtype DT>
+PersistentKernelFn lookup_persistent_kernel(int, int, int, int, bool) { return nullptr; }
+#else
 template <Direction DIR, Dtype DT>
 PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int planes_per_pass, bool tiles) {
   if (tiles) {  // a tile layout: tile 4
@@ -2187,6 +2192,7 @@ PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int p
     default: return nullptr;
   }
 }
+#endif
 
 // The largest (direction, dtype)s compile in two translation units (their single unit set a fresh
 // GPU machine's build time: 110 of 124 s for the forward f16 kernels, 2026-12-05): the first,
@@ -2196,7 +2202,11 @@ PersistentKernelFn lookup_persistent_kernel(int tile, int rs, int threads, int p
   X(DIR, DT, 4, 1, false) X(DIR, DT, 2, 1, false) X(DIR, DT, 4, 2, true)
 #define JAX_SPRNN_EXTERN_GROUP(DIR, DT, TILE, PP, TILES) \
   extern template PersistentKernelFn lookup_persistent_group<DIR, DT, TILE, PP, TILES>(int, int);
+#ifdef JAX_SPRNN_KERNEL_STUB
+#define JAX_SPRNN_INSTANTIATE_GROUP(DIR, DT, TILE, PP, TILES)
+#else
 #define JAX_SPRNN_INSTANTIATE_GROUP(DIR, DT, TILE, PP, TILES) \
   template PersistentKernelFn lookup_persistent_group<DIR, DT, TILE, PP, TILES>(int, int);
+#endif
 
 }  // namespace jax_sprnn::cuda

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -427,7 +428,7 @@ def test_ab_table_gives_each_variant_its_change_against_the_base(tmp_path):
 def test_ab_check_times_each_variant_against_the_base_and_leaves_the_tree_as_it_was(tmp_path):
     """tools/ab_check.sh with AB_VARIANTS, on a stand-in tree whose gpu_check.sh writes a kernel
     time that depends on the tree: each patch applied alone and reverted, the table at the end,
-    every side's logs in one archive."""
+    each side's logs in an archive of its own."""
     if shutil.which("patch") is None:
         pytest.skip("needs patch")
     root = tmp_path / "repo"
@@ -450,4 +451,7 @@ def test_ab_check_times_each_variant_against_the_base_and_leaves_the_tree_as_it_
     row = next(line for line in done.stdout.splitlines() if line.startswith("simple 256"))
     assert "0.900 (-10.0%" in row and "1.100 (+10.0%" in row
     assert (root / "speed.txt").read_text() == "1.0\n"  # every patch reverted
-    assert (out / "ab_logs.tar.gz").exists() and not (out / "base").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["ab_table.txt", "base.tar.gz", "fast.tar.gz",
+                                                      "slow.tar.gz"]
+    with tarfile.open(out / "fast.tar.gz") as side:
+        assert json.load(side.extractfile("fast/kernel_time.json"))[0]["us_per_step"] == 0.9

@@ -13,8 +13,11 @@
 #   AB_VARIANTS="ab/a.patch ab/b.patch" BASE_MODES=kerneltime NEW_MODES=kerneltime,tests \
 #     KT_CASES_FILE=... tools/ab_check.sh [pytest args for the last variant's tests]
 # At the end, the kernel-time table of the base against each variant (tools/ab_table.py). Logs:
-# $OUT/base and $OUT/new (each as tools/gpu_check.sh leaves them); with AB_VARIANTS, $OUT/base
-# and $OUT/<patch name without .patch>.
+# $OUT/base.tar.gz and $OUT/new.tar.gz (each side's folder as tools/gpu_check.sh leaves it); with
+# AB_VARIANTS, $OUT/base.tar.gz and $OUT/<patch name without .patch>.tar.gz. Each side is archived
+# as soon as it ends (a device run returns a few files only, and one cut off at its time limit
+# returns the sides it finished). KERNEL_DTYPES=f16 (tools/gpu_check.sh) shortens every side's
+# build where only f16 kernel times are wanted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -38,9 +41,14 @@ fi
 for v in "${variants[@]}"; do  # (all checked before the first build)
   if ! patch -p1 --dry-run -s < "$v" > /dev/null; then echo "ab_check: $v does not apply to the base"; exit 2; fi
 done
+# Each side runs in a scratch folder and lands in $OUT as one archive when it ends.
+sides=$(mktemp -d)
+archive_side() { (cd "$sides" && tar czf "$OUT/$1.tar.gz" "$1"); }
+mkdir -p "$OUT"
 echo "==== base ($base_label)"
 # (BASE_TEST_ARGS: pytest arguments for the base side's tests, word-split; none by default)
-OUT="$OUT/base" bash tools/gpu_check.sh "${BASE_MODES:-$default_modes}" ${BASE_TEST_ARGS:-}
+OUT="$sides/base" bash tools/gpu_check.sh "${BASE_MODES:-$default_modes}" ${BASE_TEST_ARGS:-}
+archive_side base
 names=(base)
 for i in "${!variants[@]}"; do
   v=${variants[$i]}
@@ -56,14 +64,14 @@ for i in "${!variants[@]}"; do
     trap - EXIT  # (AB_PATCH: the tree as it was is the tree with it)
   fi
   echo "==== $name (the base with $v)"
-  OUT="$OUT/$name" bash tools/gpu_check.sh "$modes" "$@"
+  OUT="$sides/$name" bash tools/gpu_check.sh "$modes" "$@"
+  archive_side "$name"
   if [ -n "${AB_VARIANTS:-}" ]; then patch -R -p1 -s < "$v"; trap - EXIT; fi
 done
 # The kernel-time table, the base against each variant (tools/ab_table.py), where the base has one.
-if [ -f "$OUT/base/kernel_time.json" ]; then
+if [ -f "$sides/base/kernel_time.json" ]; then
   echo "==== kernel time: the base against each variant"
-  python3 tools/ab_table.py "$OUT/base/kernel_time.json" \
-    $(for n in "${names[@]:1}"; do echo "$OUT/$n/kernel_time.json"; done) || true
+  python3 tools/ab_table.py "$sides/base/kernel_time.json" \
+    $(for n in "${names[@]:1}"; do echo "$sides/$n/kernel_time.json"; done) | tee "$OUT/ab_table.txt" || true
 fi
-# A device run returns a few files only: every side's logs as one archive.
-(cd "$OUT" && tar czf ab_logs.tar.gz "${names[@]}" && rm -rf "${names[@]}")
+rm -rf "$sides"
