@@ -1,0 +1,66 @@
+"""The build's JAX_SPRNN_KERNEL_DTYPES option (CMakeLists.txt): the persistent kernels of a subset of
+the dtypes, for kernel experiments on a GPU machine; the other dtypes' instance units compile to
+stubs that hold no kernel. Configured here (CMake, Ninja and nvcc; no GPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("cmake", "ninja", "nvcc"))
+    or importlib.util.find_spec("nanobind") is None,
+    reason="needs cmake, ninja, nvcc and nanobind")
+
+
+def _configure(build_dir, dtypes):
+    return subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", "-DJAX_SPRNN_CUDA=ON",
+         "-DCMAKE_CUDA_ARCHITECTURES=90-real", f"-DPython_EXECUTABLE={sys.executable}",
+         f"-DJAX_SPRNN_KERNEL_DTYPES={dtypes}"],
+        capture_output=True, text=True, timeout=300)
+
+
+def _unit_defines(build_ninja):
+    """{instance unit name: its DEFINES line} from Ninja's build file."""
+    defines = {}
+    for unit, block in re.findall(r"build \S*cuda/instances/(\w+)\.cu\.o: (.*?)\n\n", build_ninja, re.S):
+        defines[unit] = re.search(r"DEFINES = (.*)", block).group(1)
+    return defines
+
+
+def test_kernel_dtypes_stub_every_unit_of_a_dtype_left_out(tmp_path):
+    done = _configure(tmp_path, "f16")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    defines = _unit_defines((tmp_path / "build.ninja").read_text())
+    assert len(defines) == len(list((ROOT / "cuda" / "instances").glob("*.cu")))
+    for unit, line in defines.items():
+        dtype = re.search(r"_(f32|f16|bf16)(_b)?$", unit).group(1)
+        assert ("JAX_SPRNN_KERNEL_STUB" in line) == (dtype != "f16"), (unit, line)
+        assert "JAX_SPRNN_KERNEL_DTYPE_MASK=2" in line  # bit 1: Dtype::kF16
+    # A stub unit compiles in seconds to an object that holds the lookup and no kernel.
+    stub = "CMakeFiles/sprnn_cuda_kernels.dir/cuda/instances/lstm_f32.cu.o"
+    built = subprocess.run(["ninja", "-C", str(tmp_path), stub], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stdout[-3000:]
+    symbols = subprocess.run(["nm", "-C", str(tmp_path / stub)], capture_output=True, text=True).stdout
+    assert "lookup_persistent_kernel<(jax_sprnn::cuda::Direction)2, (jax_sprnn::cuda::Dtype)0>" in symbols
+    assert "sprnn_persistent_kernel" not in symbols
+
+
+def test_kernel_dtypes_default_to_all_and_refuse_an_unknown_one(tmp_path):
+    done = _configure(tmp_path / "all", "f32;f16;bf16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    defines = _unit_defines((tmp_path / "all" / "build.ninja").read_text())
+    assert defines and not any("JAX_SPRNN_KERNEL_STUB" in line for line in defines.values())
+    assert all("JAX_SPRNN_KERNEL_DTYPE_MASK=7" in line for line in defines.values())
+    bad = _configure(tmp_path / "bad", "f16;half")
+    assert bad.returncode != 0
+    assert "JAX_SPRNN_KERNEL_DTYPES holds f32, f16 and bf16, not 'half'" in bad.stderr
