@@ -1,7 +1,7 @@
 // XLA FFI handlers of the persistent recurrences (forward, backward): the operand checks, the
 // shared-memory plan, co-residency, the in-stream workspace reset and the launch (the kernel ends
 // the call itself: deferred_errors.h says how errors are reported). The kernels are in
-// persistent_kernel.cuh and are compiled per (direction, dtype) in cuda/instances/.
+// persistent_kernel.cuh and are compiled in the units CMakeLists.txt generates.
 //
 // Each recurrence has two targets sharing one implementation: the production one
 // (jax_sprnn_forward / jax_sprnn_backward, the layout attributes only) and a hooked one

@@ -4,9 +4,8 @@ per-instruction counters joined with the kernel's SASS and its line table.
     # the profile: tools/gpu_check.sh profile keeps it as $OUT/ncu_<case>.csv.gz
     # the SASS with lines, from a build of the same commit (-lineinfo, the same nvcc and arch):
     nvcc -arch=sm_90 -O3 -lineinfo --expt-relaxed-constexpr -std=c++17 -cubin -Icuda \
-        -I<dir of jax_sprnn_constants.h> -o fwd.cubin cuda/instances/forward_f16.cu
-    # (forward_f16.cu holds half of those kernels, forward_f16_b.cu the other half:
-    #  persistent_kernel.cuh, JAX_SPRNN_SECOND_UNIT_GROUPS says which)
+        -I<dir of jax_sprnn_constants.h> -o fwd.cubin <build>/generated/instances/forward_f16_tile1_pp1.cu
+    # (one unit per recurrence, dtype, batch tile and planes a pass: CMakeLists.txt generates them)
     nvdisasm -c -gi fwd.cubin > fwd.sass
     python3 tools/ncu_lines.py ncu_case.csv.gz fwd.sass --per 8192   # launches' steps * warps
 
