@@ -1,5 +1,6 @@
 """The persistent kernels' translation units, which CMakeLists.txt generates (per recurrence and dtype a
-lookup unit and one per group of batch tile and planes a pass), and its JAX_SPRNN_KERNEL_DTYPES
+lookup unit, and for the simple cell's recurrences one per group of batch tile and planes a pass),
+and its JAX_SPRNN_KERNEL_DTYPES
 option: the kernels of a subset of the dtypes, for kernel experiments on a GPU machine, the other
 dtypes' units compiled to stubs that hold no kernel. Configured here (CMake, Ninja and nvcc; no GPU
 needed)."""
@@ -32,6 +33,7 @@ def _configure(build_dir, dtypes):
 
 RECURRENCES = ("forward", "backward", "lstm", "gru", "lstm_backward", "gru_backward")
 GROUPS = ("tile1_pp1", "tile2_pp1", "tile4_pp1", "tile4_pp2")
+GROUPED = ("forward", "backward")  # (the recurrences whose groups compile in units of their own)
 
 
 def _unit_defines(build_ninja):
@@ -55,7 +57,7 @@ def test_kernel_dtypes_stub_every_unit_of_a_dtype_left_out(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     defines = _unit_defines((tmp_path / "build.ninja").read_text())
     assert sorted(defines) == sorted(f"{r}_{d}_{g}" for r in RECURRENCES for d in ("f32", "f16", "bf16")
-                                     for g in GROUPS + ("lookup",))
+                                     for g in (GROUPS if r in GROUPED else ()) + ("lookup",))
     for unit, line in defines.items():
         dtype = unit.split("_")[-2 if unit.endswith("lookup") else -3]
         assert ("JAX_SPRNN_KERNEL_STUB" in line) == (dtype != "f16"), (unit, line)
@@ -64,13 +66,15 @@ def test_kernel_dtypes_stub_every_unit_of_a_dtype_left_out(tmp_path):
     # A lookup unit declares every other group of its recurrence and dtype extern; each group unit
     # instantiates its own.
     units = tmp_path / "generated" / "instances"
-    lookup = (units / "gru_backward_bf16_lookup.cu").read_text()
-    assert "lookup_persistent_kernel<Direction::kGruBackward, Dtype::kBF16>" in lookup
+    lookup = (units / "backward_bf16_lookup.cu").read_text()
+    assert "lookup_persistent_kernel<Direction::kBackward, Dtype::kBF16>" in lookup
     for group in GROUPS:
         tile, pp = group.removeprefix("tile").split("_pp")
-        args = f"Direction::kGruBackward, Dtype::kBF16, {tile}, {pp}, false"
+        args = f"Direction::kBackward, Dtype::kBF16, {tile}, {pp}, false"
         assert f"JAX_SPRNN_EXTERN_GROUP({args})" in lookup
-        assert f"JAX_SPRNN_INSTANTIATE_GROUP({args})" in (units / f"gru_backward_bf16_{group}.cu").read_text()
+        assert f"JAX_SPRNN_INSTANTIATE_GROUP({args})" in (units / f"backward_bf16_{group}.cu").read_text()
+    # A gated recurrence's lookup unit instantiates its groups itself.
+    assert "JAX_SPRNN_EXTERN_GROUP" not in (units / "gru_backward_bf16_lookup.cu").read_text()
     # A stub unit compiles in seconds to an object that holds the lookup and no kernel.
     stub = "CMakeFiles/sprnn_cuda_kernels.dir/generated/instances/lstm_f32_lookup.cu.o"
     built = subprocess.run(["ninja", "-C", str(tmp_path), stub], capture_output=True, text=True,
