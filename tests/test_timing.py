@@ -56,5 +56,5 @@ def test_the_wall_clock_gives_seconds_per_call_of_its_group():
         return jnp.asarray(x) + 1
     per_call = timing.wall_clock(call, [(1.0,)] * 4)
     # 0.08 if the group's time were not divided by its calls; the upper bound is halfway there, as
-    # a loaded 2-core CI machine added 1.2 ms to each call's 20-ms sleep (0.0412 failed < 0.04)
+    # a loaded 2-core CI machine measured 0.0412 (the bound was 0.04)
     assert 0.02 <= per_call < 0.06
