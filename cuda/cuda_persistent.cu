@@ -309,9 +309,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
 
   const int threads = static_cast<int>(a.warps_per_cta) * kWarpSize;
   const int rs = static_cast<int>(a.reg_slots);
-  if (!kernels_built(kdt))
-    return bad(std::string("this build has no ") + dtype_name(dt) +
-               " persistent kernels (built with a subset in JAX_SPRNN_KERNEL_DTYPES)");
+  if (!kernels_built(kdt)) return bad(kernels_missing(dtype_name(dt)));
   PersistentKernelFn fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 1, tiles);
   if (fn == nullptr) {
     return bad("warps_per_cta = " + std::to_string(a.warps_per_cta) + " (" + std::to_string(threads) +

@@ -72,8 +72,7 @@ std::string GetKernelAttributes(const std::string& dtype, int tile, int reg_slot
   Direction dir;
   if (!direction_of(gates, backward, &dir))
     return "gates must be 1, 3 or 4, got " + std::to_string(gates);
-  if (!kernels_built(kdt))
-    return "this build has no " + dtype + " persistent kernels (built with a subset in JAX_SPRNN_KERNEL_DTYPES)";
+  if (!kernels_built(kdt)) return kernels_missing(dtype);
   const PersistentKernelFn fn = lookup_persistent(dir, kdt, tile, reg_slots, threads, planes_per_pass, tiles);
   if (fn == nullptr)
     return std::string("no ") + (tiles ? "tile-layout " : "") + (backward ? "backward" : "forward") +

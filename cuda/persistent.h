@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <string>
 #include <vector>
 
 #include "jax_sprnn_constants.h"  // generated from jax_sprnn/_constants.py
@@ -59,6 +60,10 @@ constexpr bool kernels_built(Dtype dt) {
 #else
   return true;
 #endif
+}
+// Why a call in a dtype without kernels is refused (the handler's and kernel_attributes' message).
+inline std::string kernels_missing(const std::string& dtype) {
+  return "this build has no " + dtype + " persistent kernels (built with a subset in JAX_SPRNN_KERNEL_DTYPES)";
 }
 
 // ---- the end of a call (persistent_kernel.cuh: finish_call; deferred_errors.h) -------------------
