@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "jax_sprnn_constants.h"  // generated from jax_sprnn/_constants.py
