@@ -47,6 +47,7 @@ constexpr int gates_of(Direction d) {
 constexpr bool is_gated_backward(Direction d) {
   return d == Direction::kLstmBackward || d == Direction::kGruBackward;
 }
+constexpr bool is_backward_direction(Direction d) { return d == Direction::kBackward || is_gated_backward(d); }
 // Layout rows per hidden unit (a gated forward's G gate rows), and words exchanged per unit and
 // example (a gated backward's G gate cotangents): the state a step stages is state_width_of * H wide.
 constexpr int row_gates_of(Direction d) { return is_gated_backward(d) ? 1 : gates_of(d); }

@@ -367,11 +367,14 @@ struct PersistentConfig {
   static_assert(kStageUnroll >= 1, "a variant stages at least one vector per thread");
   // Whether the phase loop is compiled once per exchange mode (persistent_body's ExchangeMode)
   // rather than once for both: without the other mode's branches and address arithmetic, the
-  // cluster mode's step is shorter. The forward recurrences' small one-plane tiers, where the
-  // registers allow it (a tile of 4 only in the 384-thread variants: the others spilled).
+  // cluster mode's step is shorter. Every direction's one-plane tiers of up to 16 registers of
+  // slots, the forward recurrences' up to 32 at a tile of 1 or 2; a tile of 4 only in the
+  // 384-thread variants (the others spilled). (Kernel time, fp16: 7-10% off the step at H = 256,
+  // 9% at 1024 x 8, 7-9% off the simple and the LSTM backward's: RESULTS.md.)
   static constexpr bool kSplitModes =
-      (DIR == Direction::kForward || DIR == Direction::kLstm || DIR == Direction::kGru) && PP == 1 &&
-      !WIDE && !TILES && RS * S::kRegsPerSlot <= 16 && (TILE <= 2 || kMaxThreads <= 384);
+      PP == 1 && !WIDE && !TILES &&
+      RS * S::kRegsPerSlot <= (TILE <= 2 && !is_backward_direction(DIR) ? 32 : 16) &&
+      (TILE <= 2 || kMaxThreads <= 384);
   // The workspace (constants::cuda_workspace_bytes) sizes each exchange buffer for the widest word.
   static_assert(X::kWordBytes <= constants::kExchangeWordBytes, "exchange word wider than the workspace");
 };
