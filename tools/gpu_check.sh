@@ -155,8 +155,9 @@ if has kerneltime; then
   if [ -n "${KT_CASES_FILE:-}" ]; then KT_CASES=$(grep -v -E '^\s*(#|$)' "$OLDPWD/$KT_CASES_FILE" | paste -sd ';'); fi
   IFS=';' read -ra cases <<< "${KT_CASES:-simple 256 0.1 1 float16;simple 1024 0.1 8 float16}"
   # KT_CHUNK cases per Nsight Compute process: 28 cases in one crashed ncu (rc 139) with nothing
-  # written, 14 at a time ran (H100, 2026-12-06); a crash now loses only its chunk.
-  chunk=${KT_CHUNK:-10}
+  # written, 14 at a time ran (H100, 2026-12-06), and once 7 crashed too (2026-12-07, the same
+  # build ran them all in two processes ten minutes later); a crash loses only its chunk.
+  chunk=${KT_CHUNK:-5}
   csvs=(); manifests=()
   for ((i = 0; i < ${#cases[@]}; i += chunk)); do
     n=$((i / chunk)); part=("${cases[@]:i:chunk}")
