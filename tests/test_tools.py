@@ -455,3 +455,39 @@ def test_ab_check_times_each_variant_against_the_base_and_leaves_the_tree_as_it_
                                                       "slow.tar.gz"]
     with tarfile.open(out / "fast.tar.gz") as side:
         assert json.load(side.extractfile("fast/kernel_time.json"))[0]["us_per_step"] == 0.9
+
+
+def test_fresh_build_inputs_touches_exactly_the_inputs_that_changed_since_the_recorded_build(tmp_path):
+    # A checkout copied with old mtimes over a build of another source: ninja sees nothing to do
+    # unless the changed inputs are touched.
+    for name, text in {"cuda/a.cu": "a", "cuda/b.cuh": "b", "jax_sprnn/c.py": "c",
+                       "CMakeLists.txt": "cm", "pyproject.toml": "pp"}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    build = tmp_path / "build"
+    script = str(TOOLS / "fresh_build_inputs.sh")
+
+    def run(action):
+        subprocess.run(["bash", script, action, str(build)], cwd=tmp_path, check=True, timeout=60)
+
+    def age_all():
+        for f in tmp_path.rglob("*"):
+            if f.is_file() and build not in f.parents:
+                os.utime(f, (1_000_000, 1_000_000))
+
+    def touched():
+        return {str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*")
+                if f.is_file() and build not in f.parents and f.stat().st_mtime > 2_000_000}
+
+    run("touch")  # no build folder yet: nothing to do
+    age_all()
+    assert touched() == set()
+    build.mkdir()
+    run("touch")  # a build folder without a record: every input
+    assert touched() == {"cuda/a.cu", "cuda/b.cuh", "jax_sprnn/c.py", "CMakeLists.txt", "pyproject.toml"}
+    run("record")
+    (tmp_path / "cuda/b.cuh").write_text("b, another source")
+    (tmp_path / "cuda/new.cu").write_text("new")
+    age_all()
+    run("touch")
+    assert touched() == {"cuda/b.cuh", "cuda/new.cu"}

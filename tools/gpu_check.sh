@@ -85,21 +85,13 @@ export JAX_SPRNN_EXPECTED_CUDA_ARCHS="$CUDA_ARCHS"  # tests/test_devices.py chec
 # for kernel-time experiments in one dtype; tests of the others then fail. Always passed, so that a
 # warm build directory's cached subset does not outlive the call that asked for it.
 echo "kernel dtypes: ${KERNEL_DTYPES:=f32;f16;bf16}"
-# A warm machine keeps build/gpu between calls, but the checkout copied onto it may carry mtimes
-# older than the objects built there from another source, and ninja would keep those (2026-12-07:
-# an A/B's base reused its previous variant's objects). So every build input whose content differs
-# from the last build's is touched first (all of them when a build folder has no record).
-input_sums=build/gpu/.input_sums
-build_inputs() { find cuda jax_sprnn CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | LC_ALL=C sort; }
-if [ -d build/gpu ]; then
-  build_inputs | xargs -d '\n' sha256sum | LC_ALL=C sort | LC_ALL=C comm -23 - <(LC_ALL=C sort "$input_sums" 2> /dev/null) \
-    | cut -c67- | xargs -r -d '\n' touch
-fi
+# (A warm machine's build/gpu may hold objects of another source: touch what changed since.)
+bash tools/fresh_build_inputs.sh touch build/gpu
 JAX_SPRNN_CUDA=ON python3 -m pip install --no-build-isolation --no-deps "${arch_define[@]}" \
   -Ccmake.define.JAX_SPRNN_KERNEL_DTYPES="$KERNEL_DTYPES" -Ccmake.define.JAX_SPRNN_PTXAS_VERBOSE=ON -Ccmake.define.JAX_SPRNN_LINEINFO=ON -Cbuild-dir=build/gpu -v . > "$OUT/build.log" 2>&1
 rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"
-if [ $rc -eq 0 ]; then build_inputs | xargs -d '\n' sha256sum > "$input_sums"; fi
+if [ $rc -eq 0 ]; then bash tools/fresh_build_inputs.sh record build/gpu; fi
 grep -E "ptxas info *: (Used|Compiling|Function properties)|spill" "$OUT/build.log" | sed 's/ptxas info    ://' > "$OUT/ptxas.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 rm -f "$OUT/build.log"  # keep $OUT for results (the build log is large and the build passed)
