@@ -879,23 +879,33 @@ struct RowSums {
 // A plane of a non-finite phase, start to end (every thread of the CTA calls it): the plane's
 // non-finite values per entry (`counts`, two planes' worth alternating, so no barrier is needed
 // after), the counting gather, the segmented sums, and the rule's NaN at the heads. Not inlined,
-// so that the fast path keeps its registers.
-template <class Cfg>
+// so that the fast path keeps its registers. kPerWarp (a phase loop without CTA barriers: the
+// self-pushes of cluster mode): each warp counts the whole plane itself, no barrier, no `counts`.
+template <class Cfg, bool kPerWarp = false>
 __device__ __noinline__ RowSums<Cfg::kTile> nonfinite_row_sums(const PersistentParams& p,
                                                                size_t lane_base, const float* plane,
                                                                int* counts, int seg_end, int max_seg) {
   constexpr int TILE = Cfg::kTile;
-  if (threadIdx.x < TILE) counts[threadIdx.x] = 0;
-  __syncthreads();
-  count_nonfinite_plane<TILE>(plane, Cfg::kStateWidth * p.H, counts);
+  int warp_counts[TILE] = {};  // (kPerWarp)
+  if constexpr (kPerWarp) {
+    for (int j = threadIdx.x & 31; j < Cfg::kStateWidth * p.H; j += 32)
+#pragma unroll
+      for (int t = 0; t < TILE; ++t) warp_counts[t] += !isfinite(plane[j * TILE + t]);
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) warp_counts[t] = __reduce_add_sync(kFullMask, warp_counts[t]);
+  } else {
+    if (threadIdx.x < TILE) counts[threadIdx.x] = 0;
+    __syncthreads();
+    count_nonfinite_plane<TILE>(plane, Cfg::kStateWidth * p.H, counts);
+  }
   CountedSums<TILE> sums = gather_plane_counting<Cfg>(p, lane_base, plane);
-  __syncthreads();  // the plane's counts are complete
+  if constexpr (!kPerWarp) __syncthreads();  // the plane's counts are complete
   segmented_sum<TILE>(sums.acc, seg_end, max_seg);
   segmented_sum<TILE>(sums.count, seg_end, max_seg);
   RowSums<TILE> out;
 #pragma unroll
   for (int t = 0; t < TILE; ++t)  // (at the heads, whose sums the cells read)
-    out.acc[t] = sums.count[t] < counts[t] ? __int_as_float(0x7fc00000) : sums.acc[t];
+    out.acc[t] = sums.count[t] < (kPerWarp ? warp_counts[t] : counts[t]) ? __int_as_float(0x7fc00000) : sums.acc[t];
   return out;
 }
 
@@ -922,11 +932,11 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
-// One arrival a phase (the owner thread's expect_tx), so a phase completes when that arrival and
-// all its bytes are in, in either order.
-__device__ __forceinline__ void mbar_init(uint64_t* mbar) {
+// `arrivals` a phase (the owner thread's expect_tx, and with self-pushes one more from each other
+// warp), so a phase completes when those arrivals and all its bytes are in, in any order.
+__device__ __forceinline__ void mbar_init(uint64_t* mbar, uint32_t arrivals) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(mbar)) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(mbar)), "r"(arrivals) : "memory");
 #endif
 }
 // Makes the initialised mbarriers visible to the peers' complete_tx (before the first barrier).
@@ -939,6 +949,11 @@ __device__ __forceinline__ void mbar_expect(uint64_t* mbar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;"
                ::"r"(smem_u32(mbar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* mbar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(smem_u32(mbar)) : "memory");
 #endif
 }
 __device__ __forceinline__ bool mbar_try_wait(uint64_t* mbar, uint32_t parity) {
@@ -995,10 +1010,11 @@ __device__ __forceinline__ void st_async_floats(uint32_t dst, const float (&f)[N
 // `local_dst`, into the same place of the CTAs of the cluster with ranks first, first + stride, ...
 // < n_ranks (`local_mbar` is that copy's mbarrier; the same offsets in each peer). The lanes of a
 // unit's run share its pushes this way. The own copy took plain stores from the cell lanes (seen
-// after the __syncthreads that follows the next phase's wait), so no peer counts them. A
+// after the __syncthreads that follows the next phase's wait), so no peer counts them; with
+// kSelfToo (`v` is the value, not yet in the own copy) it takes a push too, counted alike. A
 // non-finite value first writes `flag_value` into those CTAs' `local_flag`, this one's included
 // (rare, so the finite step pays one test a value): the readers then need no pass over their copy.
-template <int TILE>
+template <int TILE, bool kSelfToo = false>
 __device__ __forceinline__ void push_tile(const float* local_dst, const float (&v)[TILE], int first,
                                           int stride, int n_ranks, uint64_t* local_mbar, int* local_flag,
                                           int flag_value) {
@@ -1011,7 +1027,7 @@ __device__ __forceinline__ void push_tile(const float* local_dst, const float (&
   const uint32_t dst = smem_u32(local_dst), mbar = smem_u32(local_mbar);
   for (int r = first; r < n_ranks; r += stride) {
     if (!finite) *cluster.map_shared_rank(local_flag, r) = flag_value;
-    if (r != self) {
+    if (kSelfToo || r != self) {
       uint32_t peer_dst, peer_mbar;
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_dst) : "r"(dst), "r"(r));
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_mbar) : "r"(mbar), "r"(r));
@@ -1610,15 +1626,32 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   constexpr int RG = Cfg::kRowGates;    // layout rows per unit (a gated forward's G gates)
   constexpr int SW = Cfg::kStateWidth;  // state words per unit (a gated backward's G cotangents)
 
+  // Self-pushes (the cluster copy of a tile-1 variant, where a pass's one value is in a register of
+  // every lane of its unit): a CTA's own units reach its next copy by st.async too, counted on its
+  // mbarrier like a peer's, so the wait alone makes the whole copy visible and no __syncthreads
+  // follows it. Instead every warp arrives on the copy's mbarrier once it has read the copy's phase
+  // (warp 0 with the byte count), so that no phase of a copy completes before every warp has seen
+  // the one before: the mbarrier's phase parity cannot alias, and nobody overwrites a copy a warp
+  // still reads.
+  // Only the tiers of up to 16 register words of slots: the forward's tier of 32 (H = 1024) ran 5%
+  // slower with them (H100, 2026-12-07).
+  constexpr bool kSelfPush = kMode == ExchangeMode::kCluster && TILE == 1 && RS * S::kRegsPerSlot <= 16;
+  // Phase s's pushed non-finite flag: four words with self-pushes (see s_pushed_nonfinite), else two.
+  constexpr int kFlagMask = kSelfPush ? 3 : 1;
+
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_steps;        // number of steps that do any work: max over b of lengths[b]
   __shared__ uint32_t s_error;   // layout errors found at init by this CTA
   __shared__ int s_nonfinite[2][4];  // (non-finite phases) per entry of a plane: its non-finite values
-  // Cluster mode: s_pushed_nonfinite[s & 1] == s when a peer pushed an Inf or NaN of phase s's
-  // staged state (push_tile). Phase numbers never repeat, so the words need no reset.
-  __shared__ int s_pushed_nonfinite[2];
+  // Cluster mode: s_pushed_nonfinite[s & kFlagMask] == s when a peer pushed an Inf or NaN of phase
+  // s's staged state (push_tile). Phase numbers never repeat, so the words need no reset. Four with
+  // self-pushes (below), two without: with no barrier after the wait, a warp that holds no unit may
+  // read phase s's word while a peer already writes phase s+2's; phase s+4's waits for that warp's
+  // arrival on the copy's mbarrier, which follows its read.
+  __shared__ int s_pushed_nonfinite[kFlagMask + 1];
   // Cluster mode: s_mbar[c] counts the bytes the peers push into staged copy c in a phase, which
-  // are the state of the units that other CTAs hold (s_own_units: this CTA's).
+  // are the state of the units that other CTAs hold (s_own_units: this CTA's), or with self-pushes
+  // of every unit.
   __shared__ uint64_t s_mbar[2];
   __shared__ int s_own_units;
   // This CTA's batch slice, read per use in the phase loop: from shared memory it costs one load,
@@ -1661,12 +1694,12 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   if (tid == 0) {
     s_steps = 0;
     s_error = 0;
-    s_pushed_nonfinite[0] = s_pushed_nonfinite[1] = 0;  // (before the first cluster barrier)
+    for (int i = 0; i <= kFlagMask; ++i) s_pushed_nonfinite[i] = 0;  // (before the first cluster barrier)
     s_own_units = 0;
     s_slice = batch_slice(p);
     if (in_cluster) {
-      mbar_init(&s_mbar[0]);
-      mbar_init(&s_mbar[1]);
+      mbar_init(&s_mbar[0], kSelfPush ? warps_per_cta : 1);
+      mbar_init(&s_mbar[1], kSelfPush ? warps_per_cta : 1);
       mbar_init_fence();
     }
   }
@@ -1855,12 +1888,27 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   // (A phase's expected bytes: the state of every unit the other CTAs hold, in every plane.)
   // (Recomputed at each use from shared memory: no register of the phase loop holds it.)
   auto pushed_bytes = [&] {
+    if constexpr (kSelfPush) return static_cast<uint32_t>(H * SW * n_planes * TILE * static_cast<int>(sizeof(float)));
     return static_cast<uint32_t>(max(H - *static_cast<volatile int*>(&s_own_units), 0) * SW * n_planes *
                                  TILE * static_cast<int>(sizeof(float)));
   };
+  // With self-pushes, this thread's arrival for the next phase of a copy: the owner's with the
+  // bytes, or each other warp's lane 0 (after its whole warp has read the copy's phase before).
+  auto arm = [&](uint64_t* mbar) {
+    if (tid == 0) {
+      mbar_expect(mbar, pushed_bytes());
+    } else if (lane == 0) {
+      mbar_arrive(mbar);
+    }
+  };
   if (in_cluster) {
-    if (tid == 0 && n_phases > 1) mbar_expect(&s_mbar[1], pushed_bytes());
-    if (tid == 0 && n_phases > 2) mbar_expect(&s_mbar[0], pushed_bytes());
+    if constexpr (kSelfPush) {
+      if (n_phases > 1) arm(&s_mbar[1]);
+      if (n_phases > 2) arm(&s_mbar[0]);
+    } else {
+      if (tid == 0 && n_phases > 1) mbar_expect(&s_mbar[1], pushed_bytes());
+      if (tid == 0 && n_phases > 2) mbar_expect(&s_mbar[0], pushed_bytes());
+    }
     cluster_barrier();
   }
   if (cta_has_rows || in_cluster) {
@@ -1923,17 +1971,30 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
       }
       // The staged state is visible; `nonfinite` (CTA-uniform) says whether it holds an Inf or NaN.
       bool nonfinite;
-      if (__syncthreads_or(spin.aborted || probe != probe)) {
-        if (__syncthreads_or(spin.aborted)) break;  // leave together on error
-        nonfinite = true;
+      if constexpr (kSelfPush) {
+        if (s > 0) {
+          // The wait made the whole copy visible to this thread. A warp leaves on error by itself
+          // (the others find the error flag in their waits); each warp re-arms once all its lanes
+          // are past the wait.
+          if (__any_sync(kFullMask, spin.aborted)) break;
+          nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & kFlagMask]) == s;
+          if (s + 2 < n_phases) arm(&s_mbar[s & 1]);
+        } else {
+          nonfinite = __syncthreads_or(probe != probe);  // (the initial state: plain stores, no wait)
+        }
       } else {
-        nonfinite = false;
-      }
-      if (in_cluster && s > 0) {
-        // A peer's flag store came before its pushes' complete_tx (push_tile): seen with them.
-        nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & 1]) == s;
-        // Every thread has seen copy s&1's phase complete: re-arm it for phase s+2's state.
-        if (tid == 0 && s + 2 < n_phases) mbar_expect(&s_mbar[s & 1], pushed_bytes());
+        if (__syncthreads_or(spin.aborted || probe != probe)) {
+          if (__syncthreads_or(spin.aborted)) break;  // leave together on error
+          nonfinite = true;
+        } else {
+          nonfinite = false;
+        }
+        if (in_cluster && s > 0) {
+          // A peer's flag store came before its pushes' complete_tx (push_tile): seen with them.
+          nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & kFlagMask]) == s;
+          // Every thread has seen copy s&1's phase complete: re-arm it for phase s+2's state.
+          if (tid == 0 && s + 2 < n_phases) mbar_expect(&s_mbar[s & 1], pushed_bytes());
+        }
       }
 
       // ---- 2. per pass of PP planes: gather, reduce, cell (see "The batch in passes") -------
@@ -1962,7 +2023,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         } else {
 #pragma unroll
           for (int q = 0; q < PP; ++q) {
-            const RowSums<TILE> sums = nonfinite_row_sums<Cfg>(
+            const RowSums<TILE> sums = nonfinite_row_sums<Cfg, kSelfPush>(
                 p, problem_slot_base(p, s_slice) + static_cast<size_t>(gwarp) * K * 32 + lane,
                 hp + q * plane_floats,
                 s_nonfinite[(plane + q) & 1], seg_end, max_seg);
@@ -1975,11 +2036,16 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         // runs (every lane takes part in the shuffles; each keeps its own entry's sums).
         if constexpr (!Cfg::kDecodeOnce) launder(cell_lane.bits);  // (decoded per pass, not kept)
         const int rounds = PP == 1 ? rounds1 : rounds2;
+        // One entry a pass: one round, entry 0, run by the unit's lane alone, said as constants so
+        // that the entry's plane, column and address fold away. (Not the simple cell's backward,
+        // whose tile-1 tiers spilled 8-50 bytes with it.)
+        constexpr bool kOneEntry = PT == 1 && Cfg::kDirection != Direction::kBackward;
         float out[SW] = {};  // the words this lane publishes for its entry (a gated backward: G)
         // Round r of the pass (rounds is warp-uniform: 1 unless a span < PT), its operands in
         // `cell`, loaded ahead unless `load`.
         auto run_round = [&](int r, Cell& cell, bool load) {
-          const int t = cell_lane.entry() + r * cell_lane.span();
+          const int t = kOneEntry ? 0 : cell_lane.entry() + r * cell_lane.span();
+          const bool runs = kOneEntry ? cell_lane.entry() == 0 : t < PT;
           float z[RG];
           if constexpr (Cfg::kTiles && RG == 1) {
             // A tile layout's simple-cell row is one lane, its own cell lane: its sums, no shuffle.
@@ -2003,7 +2069,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
               }
             }
           }
-          if (t < PT) {
+          if (runs) {
             const int pl = plane + t / TILE;  // the entry's plane and its column in the plane
             const int tt = t % TILE;
             const Entry e = entry_at(plane * TILE + t);
@@ -2026,8 +2092,10 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
                   st_relaxed(dst_buf + n_full_words + col * partial_rem + tt, word);
                 }
               }
-              if (in_cluster && publishes && !last_phase) {  // this CTA's own copy (pushed below)
-                h_next[pl * plane_floats + col * TILE + tt] = out[w];
+              if constexpr (!kSelfPush) {
+                if (in_cluster && publishes && !last_phase) {  // this CTA's own copy (pushed below)
+                  h_next[pl * plane_floats + col * TILE + tt] = out[w];
+                }
               }
             }
           }
@@ -2038,7 +2106,11 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
             if (r < rounds) run_round(r, cells[r], false);
           for (int r = kAheadRounds; r < rounds; ++r) run_round(r, cells[0], true);
         } else {
-          for (int r = 0; r < rounds; ++r) run_round(r, cells[0], r > 0);
+          if constexpr (kOneEntry) {
+            run_round(0, cells[0], false);  // (a warp without units runs it on no lane)
+          } else {
+            for (int r = 0; r < rounds; ++r) run_round(r, cells[0], r > 0);
+          }
         }
         // The operands of the next (phase, pass).
         if (cell_lane.runs_cell(kPassEntries)) {
@@ -2065,8 +2137,8 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
               if constexpr (PT == 1) v[0] = __shfl_sync(kFullMask, out[w], cell_lane.unit_lane());
               if (cell_lane.in_unit()) {
                 if constexpr (PT != 1) load_floats<TILE>(own, v);
-                push_tile<TILE>(own, v, lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
-                                &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & 1], s + 1);
+                push_tile<TILE, kSelfPush>(own, v, lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
+                                           &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & kFlagMask], s + 1);
               }
             }
           }
