@@ -372,9 +372,10 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
   const int64_t n_planes = (slice + tile - 1) / tile;
 
   // ---- the kernel: two planes or more take the variant that gathers two planes a pass ----------
-  // (persistent_kernel.cuh, "The batch in passes"). It has the same launch bound and shared memory,
-  // so the plan above holds for it; its own attributes, occupancy and cluster setting are what the
-  // launch uses.
+  // (persistent_kernel.cuh, "The batch in passes"). It has the same launch bound and no more static
+  // shared memory (the one-plane kernel may hold a copy of its body per exchange mode, each with its
+  // own static set: kSplitModes), so the plan above holds for it; its own attributes, occupancy and
+  // cluster setting are what the launch uses.
   PersistentKernelFn launch_fn = fn;
   if (n_planes >= 2 && tile == 4) {
     const PersistentKernelFn pair_fn = lookup_persistent(c.direction, kdt, tile, rs, threads, 2, tiles);
@@ -386,7 +387,7 @@ ffi::Error launch_persistent(cudaStream_t stream, const PersistentCall& c, const
     if (in_cluster)  // (also allows the non-portable cluster sizes for this kernel)
       active_clusters(device, reinterpret_cast<const void*>(pair_fn), threads,
                       static_cast<int>(plan_total(slice, 2)), xp.cluster, &pair_clusters);
-    if (pair_info.max_dynamic_smem == kinfo.max_dynamic_smem && pair_clusters > 0) launch_fn = pair_fn;
+    if (pair_info.max_dynamic_smem >= kinfo.max_dynamic_smem && pair_clusters > 0) launch_fn = pair_fn;
   }
   const int64_t h_floats = n_planes * cols * tile;
   // The second copy starts 16-byte aligned: staging writes it with vector stores.
