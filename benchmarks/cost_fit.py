@@ -102,8 +102,25 @@ def launch_before_narrowing(meta: planner.LayoutMeta, batch: int, dtype: str) ->
 
 def narrowed(path) -> bool:
     """Whether the run in ``path`` (its name dated YYYY-MM-DD) had the narrow-tile handler."""
+    day = _day(path)
+    return day is None or day >= NARROW_TILES_FROM
+
+
+#: The first day of the H100 runs whose kernel compiled its small tiers' phase loop per exchange
+#: mode (``cost.CLUSTER_SPLIT_FACTOR``; merged late on 2026-12-06, timed on that day only on an
+#: H200): the cluster constants are fitted to the runs before it.
+SPLIT_MODES_FROM = "2026-12-07"
+
+
+def _day(path) -> str | None:
     day = re.search(r"\d{4}-\d{2}-\d{2}", str(path))
-    return day is None or day.group(0) >= NARROW_TILES_FROM
+    return day.group(0) if day else None
+
+
+def split_era(path) -> bool:
+    """Whether the run in ``path`` (its name dated YYYY-MM-DD) had the split phase loop."""
+    day = _day(path)
+    return day is None or day >= SPLIT_MODES_FROM
 
 
 def launch(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> tuple[int, int, int]:
@@ -118,7 +135,7 @@ def estimate(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> float:
     if meta.exchange == "grid":
         return cost.persistent_step_us(meta, batch)
     tile, _, planes = launch(path, meta, batch, dtype)
-    return cost.cluster_step_at(meta, tile, planes, dtype)
+    return cost.cluster_step_at(meta, tile, planes, dtype, split=None if split_era(path) else False)
 
 
 #: Each branch's constants, in the order of its features' columns, as named in the output.

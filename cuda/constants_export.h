@@ -69,6 +69,9 @@ inline nanobind::dict exported_constants() {
   d["MAX_CLUSTER_CTAS"] = c::kMaxClusterCtas;
   d["PORTABLE_CLUSTER_CTAS"] = c::kPortableClusterCtas;
   d["MAX_PROBLEMS"] = c::kMaxProblems;
+  d["SPLIT_MODES_WORDS_NARROW_FORWARD"] = c::kSplitModesWordsNarrowForward;
+  d["SPLIT_MODES_WORDS"] = c::kSplitModesWords;
+  d["SPLIT_MODES_TILE4_MAX_THREADS"] = c::kSplitModesTile4MaxThreads;
   d["WEIGHT_GRAD_THREADS"] = c::kWeightGradThreads;
   d["WEIGHT_GRAD_SLOTS_PER_THREAD_SMALL"] = c::kWeightGradSlotsPerThreadSmall;
   d["WEIGHT_GRAD_SLOTS_PER_THREAD_LARGE"] = c::kWeightGradSlotsPerThreadLarge;
@@ -91,6 +94,13 @@ inline nanobind::dict exported_constants() {
   d["batch_tile"] = nb::cpp_function(
       [](int64_t layout_tile, int64_t batch) { return c::batch_tile(layout_tile, batch); },
       nb::arg("layout_tile"), nb::arg("batch"));
+  d["split_modes"] = nb::cpp_function(
+      [](int64_t words, int64_t tile, bool backward, int64_t narrow_threads, int64_t planes_per_pass,
+         bool wide, bool tiles) {
+        return c::split_modes(words, tile, backward, narrow_threads, planes_per_pass, wide, tiles);
+      },
+      nb::arg("words"), nb::arg("tile"), nb::arg("backward"), nb::arg("narrow_threads"),
+      nb::arg("planes_per_pass") = 1, nb::arg("wide") = false, nb::arg("tiles") = false);
   d["weight_grad_slots_per_thread"] = nb::cpp_function(
       [](int64_t slots_per_lane) { return c::weight_grad_slots_per_thread(slots_per_lane); },
       nb::arg("slots_per_lane"));

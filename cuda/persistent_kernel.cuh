@@ -370,11 +370,11 @@ struct PersistentConfig {
   // cluster mode's step is shorter. Every direction's one-plane tiers of up to 16 registers of
   // slots, the forward recurrences' up to 32 at a tile of 1 or 2; a tile of 4 only in the
   // 384-thread variants (the others spilled). (Kernel time, fp16: 7-10% off the step at H = 256,
-  // 9% at 1024 x 8, 7-9% off the simple and the LSTM backward's: RESULTS.md.)
-  static constexpr bool kSplitModes =
-      PP == 1 && !WIDE && !TILES &&
-      RS * S::kRegsPerSlot <= (TILE <= 2 && !is_backward_direction(DIR) ? 32 : 16) &&
-      (TILE <= 2 || kMaxThreads <= 384);
+  // 9% at 1024 x 8, 7-9% off the simple and the LSTM backward's: RESULTS.md.) The rule is
+  // jax_sprnn/_constants.py's, which the cost model shares. (kMaxThreads is the narrow bound
+  // wherever the rule can hold: a wide variant never splits.)
+  static constexpr bool kSplitModes = constants::split_modes(
+      RS * S::kRegsPerSlot, TILE, is_backward_direction(DIR), kMaxThreads, PP, WIDE, TILES);
   // The workspace (constants::cuda_workspace_bytes) sizes each exchange buffer for the widest word.
   static_assert(X::kWordBytes <= constants::kExchangeWordBytes, "exchange word wider than the workspace");
 };

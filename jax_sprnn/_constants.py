@@ -161,6 +161,38 @@ constexpr int batch_tile(int64_t layout_tile, int64_t batch) {
 }"""
 
 
+#: The persistent kernel's phase loop is compiled once per exchange mode (grid, cluster) in the
+#: one-plane variants of at most this many register words of slots (``split_modes``): a forward
+#: recurrence's at a batch tile of 1 or 2, and every other's.
+SPLIT_MODES_WORDS_NARROW_FORWARD = 32
+SPLIT_MODES_WORDS = 16
+#: ... and at a tile of 4 only where the narrow variant has at most this many threads (the others
+#: spilled).
+SPLIT_MODES_TILE4_MAX_THREADS = 384
+
+
+def split_modes(words: int, tile: int, backward: bool, narrow_threads: int, planes_per_pass: int = 1,
+                wide: bool = False, tiles: bool = False) -> bool:
+    """Whether a variant of the persistent kernel holds a copy of its phase loop per exchange mode
+    (``PersistentConfig::kSplitModes``): without the other mode's branches and address arithmetic
+    its cluster-mode step is 6-9% shorter (RESULTS.md, twenty-ninth and thirty-first sessions), and
+    its static shared memory is twice the loop's set. ``words``: the register words of its slots
+    (``reg_slots`` times the registers a slot takes); ``narrow_threads``: its tier's narrow launch
+    bound."""
+    limit = SPLIT_MODES_WORDS_NARROW_FORWARD if tile <= 2 and not backward else SPLIT_MODES_WORDS
+    return (planes_per_pass == 1 and not wide and not tiles and words <= limit
+            and (tile <= 2 or narrow_threads <= SPLIT_MODES_TILE4_MAX_THREADS))
+
+
+_SPLIT_MODES_CXX = """\
+constexpr bool split_modes(int64_t words, int64_t tile, bool backward, int64_t narrow_threads,
+                           int64_t planes_per_pass, bool wide, bool tiles) {
+  return planes_per_pass == 1 && !wide && !tiles &&
+         words <= (tile <= 2 && !backward ? kSplitModesWordsNarrowForward : kSplitModesWords) &&
+         (tile <= 2 || narrow_threads <= kSplitModesTile4MaxThreads);
+}"""
+
+
 def persistent_smem_bytes(hidden: int, batch: int, tile: int, weight_tier_bytes: int,
                           h_buffers: int = 1, cell_bytes: int = 0) -> int:
     """Dynamic shared memory of one persistent CTA: ``h_buffers`` staged copies of the state as
@@ -277,7 +309,8 @@ constexpr int64_t weight_grad_smem_bytes(int64_t hidden, int64_t batch, int64_t 
 EXPORTED = ("FFI_ABI_VERSION", "PERSISTENT_TIERS_16", "PERSISTENT_TIERS_32", "REG_SLOTS_16", "REG_SLOTS_32",
             "PERSISTENT_TIERS_GATED_16", "PERSISTENT_TIERS_GATED_32", "REG_SLOTS_GATED_16",
             "REG_SLOTS_GATED_32", "TILE_REG_SLOTS_16", "TILE_REG_SLOTS_GATED_16",
-            "cell_state_smem_bytes", "batch_tile",
+            "cell_state_smem_bytes", "batch_tile", "split_modes", "SPLIT_MODES_WORDS_NARROW_FORWARD",
+            "SPLIT_MODES_WORDS", "SPLIT_MODES_TILE4_MAX_THREADS",
             "WIDE_STAGE_UNROLL", "KERNEL_SMEM_RESERVE", "WORKSPACE_HEADER_BYTES", "EXCHANGE_BUFFERS",
             "EXCHANGE_WORD_BYTES", "DEFAULT_SPIN_TIMEOUT_US", "MAX_CLUSTER_CTAS",
             "PORTABLE_CLUSTER_CTAS", "MAX_PROBLEMS", "WEIGHT_GRAD_THREADS",
@@ -389,6 +422,11 @@ inline constexpr int64_t kMaxProblems = {MAX_PROBLEMS};
 {_CUDA_WORKSPACE_BYTES_CXX}
 
 {_BATCH_TILE_CXX}
+
+inline constexpr int64_t kSplitModesWordsNarrowForward = {SPLIT_MODES_WORDS_NARROW_FORWARD};
+inline constexpr int64_t kSplitModesWords = {SPLIT_MODES_WORDS};
+inline constexpr int64_t kSplitModesTile4MaxThreads = {SPLIT_MODES_TILE4_MAX_THREADS};
+{_SPLIT_MODES_CXX}
 
 {_PERSISTENT_SMEM_BYTES_CXX}
 

@@ -57,9 +57,28 @@ def test_compiled_formulas_are_the_python_ones(platform):
     for layout_tile, batch in itertools.product((1, 2, 4), range(0, 12)):
         assert (compiled["batch_tile"](layout_tile, batch)
                 == _constants.batch_tile(layout_tile, batch)), (layout_tile, batch)
+    for words, tile, backward, threads, pp, wide, tiles in itertools.product(
+            (0, 8, 16, 17, 24, 32, 33, 64), (1, 2, 4), (False, True), (256, 384, 512, 768), (1, 2),
+            (False, True), (False, True)):
+        assert (compiled["split_modes"](words, tile, backward, threads, pp, wide, tiles)
+                == _constants.split_modes(words, tile, backward, threads, pp, wide, tiles)), (
+            words, tile, backward, threads, pp, wide, tiles)
     for k in range(0, 300):
         assert (compiled["weight_grad_slots_per_thread"](k)
                 == _constants.weight_grad_slots_per_thread(k)), k
+
+
+def test_split_modes_is_the_kernels_rule():
+    """The variants measured with and without the split (RESULTS.md): the forward's tier of 32
+    words splits at tiles 1-2 only, a backward's tiers of up to 16 words, a tile of 4 only at 384
+    threads or fewer, never a two-plane, wide or tile-layout variant."""
+    split = _constants.split_modes
+    assert split(32, 1, False, 640) and split(32, 2, False, 640) and not split(32, 4, False, 384)
+    assert not split(33, 1, False, 384)
+    assert split(16, 1, True, 512) and not split(24, 1, True, 256)
+    assert split(16, 4, False, 384) and not split(16, 4, False, 512)
+    assert not split(8, 4, False, 384, planes_per_pass=2)
+    assert not split(8, 1, False, 512, wide=True) and not split(8, 1, False, 512, tiles=True)
 
 
 def test_weight_grad_threads_cover_every_slot_of_a_lane():

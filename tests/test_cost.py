@@ -158,23 +158,51 @@ def test_gpu_path_of_a_layer():
     assert too_big == "dense" and "exceeds the persistent kernel's limit" in why
 
 
-def test_cluster_step_by_hand():
+def test_cluster_step_by_hand(monkeypatch):
+    monkeypatch.setattr(cost, "CLUSTER_SPLIT_FACTOR", 0.9)  # (so that the split's rule shows)
     meta = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 8 CTAs of 16 warps, K=16
     k_eff = 16  # every slot in registers
     plane = lambda tile: (cost.CLUSTER_PLANE_US + (cost.CLUSTER_SLOT_US * 16 + cost.CLUSTER_LANE_US) * k_eff
                           + cost.CLUSTER_CTA_US * 8
                           + (tile - 1) * (cost.CLUSTER_ENTRY_US + cost.CLUSTER_ENTRY_SLOT_US * k_eff))
+    # 16 register words of slots, 512 threads: the split phase loop at tiles 1-2, not at 4
     for batch, tile, planes in ((1, 1, 1), (4, 1, 1), (15, 1, 1), (16, 2, 1), (31, 4, 1), (64, 4, 2)):
+        factor = cost.CLUSTER_SPLIT_FACTOR if tile <= 2 else 1.0
         assert cost.cluster_step_us(meta, batch, np.float16) == pytest.approx(
-            cost.CLUSTER_FIXED_US + planes * plane(tile)), batch
+            (cost.CLUSTER_FIXED_US + planes * plane(tile)) * factor), batch
     # the wide variant (more threads than the narrow launch bound) pays its own constant, and a
-    # cluster of more CTAs its exchange
+    # cluster of more CTAs its exchange (the fitted form: as the kernels before the split)
+    def fitted(m):
+        return cost.cluster_step_at(m, 1, 1, np.float16, split=False)
     wide = dataclasses.replace(meta, num_warps=8 * 20, warps_per_cta=20)
-    assert cost.cluster_step_us(wide, 1, np.float16) - cost.cluster_step_us(meta, 1, np.float16) == \
-        pytest.approx(cost.CLUSTER_WIDE_VARIANT_US + cost.CLUSTER_SLOT_US * 4 * k_eff)
+    assert fitted(wide) - fitted(meta) == pytest.approx(cost.CLUSTER_WIDE_VARIANT_US
+                                                        + cost.CLUSTER_SLOT_US * 4 * k_eff)
     more = dataclasses.replace(meta, num_warps=12 * 16)
-    assert cost.cluster_step_us(more, 1, np.float16) - cost.cluster_step_us(meta, 1, np.float16) == \
-        pytest.approx(4 * cost.CLUSTER_CTA_US)
+    assert fitted(more) - fitted(meta) == pytest.approx(4 * cost.CLUSTER_CTA_US)
+
+
+def test_split_variants_take_the_split_factor(monkeypatch):
+    """cost.split_variant is the kernels' rule (_constants.split_modes) for the variant the handler
+    launches: the split takes CLUSTER_SPLIT_FACTOR off the fitted step."""
+    monkeypatch.setattr(cost, "CLUSTER_SPLIT_FACTOR", 0.9)
+    k16 = LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits")  # 16 words, narrow (512 threads)
+    assert cost.split_variant(k16, 1, 1, np.float16) and cost.split_variant(k16, 2, 1, np.float16)
+    assert not cost.split_variant(k16, 4, 1, np.float16)  # a tile of 4 splits at <= 384 threads only
+    assert not cost.split_variant(k16, 1, 1, np.float32)  # 32 words at 512 threads: the wide variant
+    k32 = LayoutMeta(1024, 32, 8 * 16, 16, 32, 16, True, "fits")
+    assert cost.split_variant(k32, 1, 1, np.float16) and not cost.split_variant(k32, 4, 1, np.float16)
+    k64 = LayoutMeta(1024, 64, 8 * 8, 8, 64, 16, True, "fits")
+    assert not cost.split_variant(k64, 1, 1, np.float16)
+    wide = dataclasses.replace(k16, num_warps=8 * 20, warps_per_cta=20)
+    assert not cost.split_variant(wide, 1, 1, np.float16)
+    # the gated cells' tier of 16 at 384 threads splits at a tile of 4 with one plane, not with two
+    # (the handler's two-plane kernel is not split)
+    lstm = LayoutMeta(1024, 16, 128 * 8, 8, 16, 16, True, "fits", gates=4)
+    assert cost.split_variant(lstm, 4, 1, np.float16) and not cost.split_variant(lstm, 4, 2, np.float16)
+    for m, tile in ((k16, 1), (k32, 1), (k64, 1), (lstm, 4)):
+        unsplit = cost.cluster_step_at(m, tile, 1, np.float16, split=False)
+        factor = cost.CLUSTER_SPLIT_FACTOR if cost.split_variant(m, tile, 1, np.float16) else 1.0
+        assert cost.cluster_step_at(m, tile, 1, np.float16) == pytest.approx(unsplit * factor)
 
 
 def test_a_cluster_launch_narrows_the_tile_where_replicas_allow():
@@ -226,7 +254,8 @@ def test_a_wide_variant_costs_more_per_plane():
     narrow = LayoutMeta(1024, 16, 12 * 16, 16, 16, 16, True, "fits")
     wide = LayoutMeta(1024, 16, 12 * 20, 20, 16, 16, True, "fits")
     assert not cost.wide_variant(narrow, np.float16) and cost.wide_variant(wide, np.float16)
-    extra = cost.cluster_step_us(wide, 1, np.float16) - cost.cluster_step_us(narrow, 1, np.float16)
+    extra = (cost.cluster_step_at(wide, 1, 1, np.float16, split=False)
+             - cost.cluster_step_at(narrow, 1, 1, np.float16, split=False))
     assert extra == pytest.approx(cost.CLUSTER_WIDE_VARIANT_US + cost.CLUSTER_SLOT_US * 4 * 16)
     # float32's tier 16 has a narrow bound of 384 threads: 512 is its wide variant
     assert cost.wide_variant(LayoutMeta(1024, 16, 8 * 16, 16, 16, 16, True, "fits"), np.float32)
