@@ -151,15 +151,16 @@ CLUSTER_ENTRY_US = 0.26  # per plane and per batch entry of its tile past the fi
 CLUSTER_ENTRY_SLOT_US = 0.0028  # ... and per slot of K_eff
 PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
 #: The cluster-mode step of a variant whose phase loop is compiled per exchange mode
-#: (:func:`split_variant`), against the fit above, which predates the split. The split alone took
-#: 6% off the step at H = 256, 9% off the LSTM's at 256 x 8 (H200) and 9% at 1024 x 8 (H100), all
-#: fp16, so about 0.92; but at 0.92 the planner changes 29 of 168 picks (fp16 and fp32, H 256-1536,
-#: B unknown, 1, 8, 32; among them the 1024 layer's default, the split tier of 32 slots on 16 warps
-#: a CTA for the unsplit tier of 64 on 8, which the fitted model prefers by 0.04%), the fp32 ones
-#: on a gain never measured. So it stays 1 (the fitted model) until the kernel times of those
-#: layouts, old pick against new, are in (tools/kt_cases/split_factor.txt); benchmarks/RESULTS.md,
-#: thirty-second session.
-CLUSTER_SPLIT_FACTOR = 1.0
+#: (:func:`split_variant`) in 16-bit storage, against the fit above, which predates the split: the
+#: split alone took 6% off the step at H = 256, 9% off the LSTM's at 256 x 8 (H200) and 9% at
+#: 1024 x 8 (H100). It decides the 1024 layer's default at 10%: the fitted model rated the split
+#: tier of 32 slots on 8 CTAs of 16 warps and the unsplit tier of 64 on 8 of 8 within 0.04%, while
+#: the kernel ran the first 6% faster at B = 1-8 before the split (2.20 against 2.35 µs, 16% slower
+#: at B = 32) and 1.82 µs at B = 8 since (H100 kernel time; benchmarks/RESULTS.md, thirty-second
+#: session). Not applied in float32 storage, where no split was measured (at 0.92 there it would
+#: change 22 more of the planner's picks, unverified); tools/kt_cases/split_factor.txt times old
+#: picks against new.
+CLUSTER_SPLIT_FACTOR = 0.92
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
 #: their weights: single examples and the 16-64 where most training runs count alike
@@ -281,11 +282,13 @@ def split_variant(meta: LayoutMeta, tile: int, planes: int, dtype) -> bool:
 def cluster_step_at(meta: LayoutMeta, tile: int, planes: int, dtype, split: bool | None = None) -> float:
     """Estimated µs per step in cluster mode where each replica walks ``planes`` planes of ``tile``;
     ``split``: whether the kernel compiles its phase loop per exchange mode (default: whether this
-    one does, :func:`split_variant`; False for the kernels the constants were fitted to)."""
+    one does, :func:`split_variant`; False for the kernels the constants were fitted to), which in
+    16-bit storage takes :data:`CLUSTER_SPLIT_FACTOR` off the step."""
     step = CLUSTER_FIXED_US + planes * cluster_plane_us(meta, tile, dtype)
     if split is None:
         split = split_variant(meta, tile, planes, dtype)
-    return step * CLUSTER_SPLIT_FACTOR if split else step
+    measured = np.dtype(dtype).itemsize == 2  # (CLUSTER_SPLIT_FACTOR: 16-bit storage only)
+    return step * CLUSTER_SPLIT_FACTOR if split and measured else step
 
 
 def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132,
