@@ -1892,23 +1892,18 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     return static_cast<uint32_t>(max(H - *static_cast<volatile int*>(&s_own_units), 0) * SW * n_planes *
                                  TILE * static_cast<int>(sizeof(float)));
   };
-  // With self-pushes, this thread's arrival for the next phase of a copy: the owner's with the
-  // bytes, or each other warp's lane 0 (after its whole warp has read the copy's phase before).
+  // This thread's arrival for the next phase of a copy: the owner's with the bytes, and with
+  // self-pushes each other warp's lane 0 (after its whole warp has read the copy's phase before).
   auto arm = [&](uint64_t* mbar) {
     if (tid == 0) {
       mbar_expect(mbar, pushed_bytes());
-    } else if (lane == 0) {
+    } else if (kSelfPush && lane == 0) {
       mbar_arrive(mbar);
     }
   };
   if (in_cluster) {
-    if constexpr (kSelfPush) {
-      if (n_phases > 1) arm(&s_mbar[1]);
-      if (n_phases > 2) arm(&s_mbar[0]);
-    } else {
-      if (tid == 0 && n_phases > 1) mbar_expect(&s_mbar[1], pushed_bytes());
-      if (tid == 0 && n_phases > 2) mbar_expect(&s_mbar[0], pushed_bytes());
-    }
+    if (n_phases > 1) arm(&s_mbar[1]);
+    if (n_phases > 2) arm(&s_mbar[0]);
     cluster_barrier();
   }
   if (cta_has_rows || in_cluster) {
@@ -1993,7 +1988,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
           // A peer's flag store came before its pushes' complete_tx (push_tile): seen with them.
           nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & kFlagMask]) == s;
           // Every thread has seen copy s&1's phase complete: re-arm it for phase s+2's state.
-          if (tid == 0 && s + 2 < n_phases) mbar_expect(&s_mbar[s & 1], pushed_bytes());
+          if (s + 2 < n_phases) arm(&s_mbar[s & 1]);
         }
       }
 

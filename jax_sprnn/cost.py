@@ -269,14 +269,15 @@ def split_variant(meta: LayoutMeta, tile: int, planes: int, dtype) -> bool:
     """Whether the kernel the handler launches for this layout at this batch tile, ``planes``
     planes a CTA, holds a copy of its phase loop per exchange mode (``_constants.split_modes``; the
     handler takes the two-plane variant for two planes or more at a tile of 4)."""
+    from .planner import runs_tiles  # (the planner imports this module)
+
     tier = _tiers(dtype, meta.gates).get(meta.reg_slots)
     if tier is None:
         return False
     words = meta.reg_slots * (2 if np.dtype(dtype).itemsize == 4 else 1)
     planes_per_pass = 2 if planes >= 2 and tile == 4 else 1
-    runs_tiles = bool(meta.tiles) and np.dtype(dtype).itemsize == 2  # (planner.runs_tiles)
     return _constants.split_modes(words, tile, meta.transposed, tier.narrow_threads, planes_per_pass,
-                                  wide_variant(meta, dtype), runs_tiles)
+                                  wide_variant(meta, dtype), bool(runs_tiles(meta, dtype)))
 
 
 def cluster_step_at(meta: LayoutMeta, tile: int, planes: int, dtype, split: bool | None = None) -> float:

@@ -6,6 +6,7 @@ fit the H200 runs is a benchmark question (benchmarks/RESULTS.md), not a unit te
 import dataclasses
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -203,6 +204,13 @@ def test_split_variants_take_the_split_factor(monkeypatch):
         unsplit = cost.cluster_step_at(m, tile, 1, np.float16, split=False)
         factor = cost.CLUSTER_SPLIT_FACTOR if cost.split_variant(m, tile, 1, np.float16) else 1.0
         assert cost.cluster_step_at(m, tile, 1, np.float16) == pytest.approx(unsplit * factor)
+    # measured in 16-bit storage only: a split float32 variant keeps the fitted step
+    k8 = LayoutMeta(1024, 8, 8 * 8, 8, 8, 16, True, "fits")  # 16 words in float32, 256 threads
+    assert cost.split_variant(k8, 1, 1, np.float32) and cost.split_variant(k8, 1, 1, jnp.bfloat16)
+    assert cost.cluster_step_at(k8, 1, 1, np.float32) == cost.cluster_step_at(k8, 1, 1, np.float32,
+                                                                              split=False)
+    assert cost.cluster_step_at(k8, 1, 1, jnp.bfloat16) == pytest.approx(
+        0.9 * cost.cluster_step_at(k8, 1, 1, jnp.bfloat16, split=False))
 
 
 def test_a_cluster_launch_narrows_the_tile_where_replicas_allow():

@@ -150,7 +150,8 @@ def test_the_two_plane_kernels_exist_for_every_tile_4_variant():
                     two = cuda.kernel_attributes(dtype, 4, rs, gates=gates, backward=backward,
                                                  planes_per_pass=2)
                     # The same launch bound and no more static shared memory: the handler's plan,
-                    # made for the one-plane kernel, holds for it (and the handler takes it).
+                    # made for the one-plane kernel, holds for it (the handler's condition for
+                    # taking it: a dynamic limit at least the one-plane kernel's).
                     assert two["max_threads_per_block"] == one["max_threads_per_block"], (gates, rs)
                     assert two["static_smem_bytes"] <= one["static_smem_bytes"], (gates, rs)
     with pytest.raises(Exception, match="plane"):
