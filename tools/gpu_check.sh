@@ -154,7 +154,11 @@ if has kerneltime; then
   for ((i = 0; i < ${#cases[@]}; i += chunk)); do
     n=$((i / chunk)); part=("${cases[@]:i:chunk}")
     rm -f /tmp/kt_manifest_$n.json /tmp/kt_$n.csv  # nothing from an earlier run on a warm machine
-    timeout -k 10 "${KT_TIMEOUT:-300}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
+    # No preallocation and no autotuning under ncu: the 2026-12-07 crash (rc 139) followed XLA's
+    # failing attempts to preallocate 75% of a GPU that ncu shares, and autotuning ran past the
+    # time limit.
+    timeout -k 10 "${KT_TIMEOUT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
       --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
       python3 "$OLDPWD/tools/kernel_time.py" run --manifest /tmp/kt_manifest_$n.json "${part[@]}" > /tmp/kt_$n.csv 2>> "$OUT/kernel_time_run.log"
     echo "ncu rc=$? (cases $((i + 1))-$((i + ${#part[@]})) of ${#cases[@]})"
