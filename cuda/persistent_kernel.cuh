@@ -945,25 +945,28 @@ __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void mbar_expect(uint64_t* mbar, uint32_t bytes) {
+// (The phase loop's mbarriers and flags by their shared-window addresses, formed once a call where
+// registers allow: per use, each cost a special-register read and three uniform instructions on the
+// step's chain.)
+__device__ __forceinline__ void mbar_expect(uint32_t mbar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;"
-               ::"r"(smem_u32(mbar)), "r"(bytes) : "memory");
+               ::"r"(mbar), "r"(bytes) : "memory");
 #endif
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* mbar) {
+__device__ __forceinline__ void mbar_arrive(uint32_t mbar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(smem_u32(mbar)) : "memory");
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(mbar) : "memory");
 #endif
 }
-__device__ __forceinline__ bool mbar_try_wait(uint64_t* mbar, uint32_t parity) {
+__device__ __forceinline__ bool mbar_try_wait(uint32_t mbar, uint32_t parity) {
   uint32_t done = 1;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
       " selp.u32 %0, 1, 0, p;\n}"
       : "=r"(done)
-      : "r"(smem_u32(mbar)), "r"(parity)
+      : "r"(mbar), "r"(parity)
       : "memory");
 #endif
   return done != 0;
@@ -974,13 +977,24 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* mbar, uint32_t parity) {
 // it no longer writes and which so never arrives, under the bound as its peers do (a one-CTA
 // cluster has no peer whose wait would time out). One loop for both: a second loop after this one
 // cost the fp32 GRU's wide tier 24 bytes of spills.
-__device__ __forceinline__ void wait_pushed_state(uint64_t* mbar, uint32_t parity, bool stalled,
+__device__ __forceinline__ void wait_pushed_state(uint32_t mbar, uint32_t parity, bool stalled,
                                                   SpinControl& spin) {
   unsigned long long deadline = 0;
   for (uint32_t iter = 1; !spin.aborted && (stalled || !mbar_try_wait(mbar, parity)); ++iter) {
     if (iter % kSpinCheckPeriod == 0) spin.give_up(deadline);
   }
 }
+
+// A flag word of this CTA's shared memory, read as it is now (no cached value): by its
+// shared-window address, or by its variable.
+__device__ __forceinline__ int read_flag(uint32_t addr) {
+  int v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.volatile.shared::cta.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+#endif
+  return v;
+}
+__device__ __forceinline__ int read_flag(const int* flag) { return *static_cast<const volatile int*>(flag); }
 
 // N floats into the peer's shared memory at the cluster address `dst`, their bytes counted on the
 // peer's mbarrier at `mbar`. The complete_tx has release semantics at cluster scope, so everything
@@ -1014,9 +1028,10 @@ __device__ __forceinline__ void st_async_floats(uint32_t dst, const float (&f)[N
 // kSelfToo (`v` is the value, not yet in the own copy) it takes a push too, counted alike. A
 // non-finite value first writes `flag_value` into those CTAs' `local_flag`, this one's included
 // (rare, so the finite step pays one test a value): the readers then need no pass over their copy.
-template <int TILE, bool kSelfToo = false>
+// (`local_flag` is a shared-window address, or the flag's variable where the variant keeps none.)
+template <int TILE, bool kSelfToo = false, class Flag>
 __device__ __forceinline__ void push_tile(const float* local_dst, const float (&v)[TILE], int first,
-                                          int stride, int n_ranks, uint64_t* local_mbar, int* local_flag,
+                                          int stride, int n_ranks, uint32_t local_mbar, Flag local_flag,
                                           int flag_value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
@@ -1024,13 +1039,21 @@ __device__ __forceinline__ void push_tile(const float* local_dst, const float (&
   bool finite = true;
 #pragma unroll
   for (int t = 0; t < TILE; ++t) finite &= isfinite(v[t]);
-  const uint32_t dst = smem_u32(local_dst), mbar = smem_u32(local_mbar);
+  const uint32_t dst = smem_u32(local_dst);
   for (int r = first; r < n_ranks; r += stride) {
-    if (!finite) *cluster.map_shared_rank(local_flag, r) = flag_value;
+    if (!finite) {
+      if constexpr (std::is_pointer_v<Flag>) {
+        *cluster.map_shared_rank(local_flag, r) = flag_value;
+      } else {
+        uint32_t peer_flag;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_flag) : "r"(local_flag), "r"(r));
+        asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(peer_flag), "r"(flag_value) : "memory");
+      }
+    }
     if (kSelfToo || r != self) {
       uint32_t peer_dst, peer_mbar;
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_dst) : "r"(dst), "r"(r));
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_mbar) : "r"(mbar), "r"(r));
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_mbar) : "r"(local_mbar), "r"(r));
       st_async_floats<TILE>(peer_dst, v, peer_mbar);
     }
   }
@@ -1894,7 +1917,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
   };
   // This thread's arrival for the next phase of a copy: the owner's with the bytes, and with
   // self-pushes each other warp's lane 0 (after its whole warp has read the copy's phase before).
-  auto arm = [&](uint64_t* mbar) {
+  auto arm = [&](uint32_t mbar) {
     if (tid == 0) {
       mbar_expect(mbar, pushed_bytes());
     } else if (kSelfPush && lane == 0) {
@@ -1902,10 +1925,26 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     }
   };
   if (in_cluster) {
-    if (n_phases > 1) arm(&s_mbar[1]);
-    if (n_phases > 2) arm(&s_mbar[0]);
+    if (n_phases > 1) arm(smem_u32(&s_mbar[1]));
+    if (n_phases > 2) arm(smem_u32(&s_mbar[0]));
     cluster_barrier();
   }
+  // Copy c's mbarrier and phase c's pushed non-finite flag (cluster mode), by their shared-window
+  // addresses: formed once and kept in two registers where a cluster copy's small tier has them to
+  // spare (ptxas otherwise forms each again at each use, a special-register read and three uniform
+  // instructions); the other variants form them per use, as before (the larger tiers and the
+  // run-time copy spilled when they kept them).
+  constexpr bool kKeepAddresses = kMode == ExchangeMode::kCluster && RS * S::kRegsPerSlot <= 16;
+  uint32_t mbar_addr = smem_u32(&s_mbar[0]), flag_addr = smem_u32(&s_pushed_nonfinite[0]);
+  if constexpr (kKeepAddresses) {
+    launder(mbar_addr);
+    launder(flag_addr);
+  }
+  auto mbar_of = [&](int c) { return kKeepAddresses ? mbar_addr + 8u * c : smem_u32(&s_mbar[c]); };
+  auto flag_of = [&](int c) {
+    if constexpr (kKeepAddresses) return flag_addr + 4u * c;
+    else return &s_pushed_nonfinite[c];
+  };
   if (cta_has_rows || in_cluster) {
     // A cell lane's operands (x, ...) are loaded a pass ahead, so that the step never waits on
     // them: the first round's, and a tile layout's every round's (its rows are one lane each, so a
@@ -1948,7 +1987,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
       } else if (in_cluster) {
         // The peers' pushes of phase s-1 into copy s&1: that copy's (s-1)/2-th phase (its
         // parity). The __syncthreads_or below then shows this CTA's own plain stores too.
-        wait_pushed_state(&s_mbar[s & 1], static_cast<uint32_t>((s - 1) >> 1) & 1u, !publishes, spin);
+        wait_pushed_state(mbar_of(s & 1), static_cast<uint32_t>((s - 1) >> 1) & 1u, !publishes, spin);
       } else {
         if (p.grid_barrier) cooperative_groups::this_grid().sync();
         const Word* src = (s & 1) ? xbuf0 : xbuf1;  // phase s-1 wrote buffer (s-1)&1
@@ -1972,8 +2011,8 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
           // (the others find the error flag in their waits); each warp re-arms once all its lanes
           // are past the wait.
           if (__any_sync(kFullMask, spin.aborted)) break;
-          nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & kFlagMask]) == s;
-          if (s + 2 < n_phases) arm(&s_mbar[s & 1]);
+          nonfinite = read_flag(flag_of(s & kFlagMask)) == s;
+          if (s + 2 < n_phases) arm(mbar_of(s & 1));
         } else {
           nonfinite = __syncthreads_or(probe != probe);  // (the initial state: plain stores, no wait)
         }
@@ -1986,9 +2025,9 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
         }
         if (in_cluster && s > 0) {
           // A peer's flag store came before its pushes' complete_tx (push_tile): seen with them.
-          nonfinite = *static_cast<volatile int*>(&s_pushed_nonfinite[s & kFlagMask]) == s;
+          nonfinite = read_flag(flag_of(s & kFlagMask)) == s;
           // Every thread has seen copy s&1's phase complete: re-arm it for phase s+2's state.
-          if (s + 2 < n_phases) arm(&s_mbar[s & 1]);
+          if (s + 2 < n_phases) arm(mbar_of(s & 1));
         }
       }
 
@@ -2133,7 +2172,7 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
               if (cell_lane.in_unit()) {
                 if constexpr (PT != 1) load_floats<TILE>(own, v);
                 push_tile<TILE, kSelfPush>(own, v, lane - cell_lane.unit_lane(), cell_lane.span(), p.cluster,
-                                           &s_mbar[(s + 1) & 1], &s_pushed_nonfinite[(s + 1) & kFlagMask], s + 1);
+                                           mbar_of((s + 1) & 1), flag_of((s + 1) & kFlagMask), s + 1);
               }
             }
           }
