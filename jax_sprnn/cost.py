@@ -159,7 +159,8 @@ PORTABLE_CLUSTER_CTAS = _constants.PORTABLE_CLUSTER_CTAS
 #: at B = 32) and 1.82 µs at B = 8 since (H100 kernel time; benchmarks/RESULTS.md, thirty-second
 #: session). Not applied in float32 storage, where no split was measured (at 0.92 there it would
 #: change 22 more of the planner's picks, unverified); tools/kt_cases/split_factor.txt times old
-#: picks against new.
+#: picks against new: every fp16 pair timed favoured the new pick (H100, 2026-12-07: -15% at
+#: 1024 x 1 and 8, -3% at 1024 x 32 and 1152 x 8; RESULTS.md, thirty-third session).
 CLUSTER_SPLIT_FACTOR = 0.92
 
 #: The batches a layout's step is estimated at when it is planned (before its batch is known), with
