@@ -118,6 +118,11 @@ if has tests || has all || has final; then
   timeout -s INT -k 30 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rfEs --durations=8 --rootdir="$OLDPWD" \
     -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
+# A JAX program under Nsight Compute: no preallocation (on 2026-12-07 a kernel-time run's ncu
+# process crashed, rc 139, after XLA had failed to preallocate 75% of the GPU it shares with ncu);
+# where only our kernel is measured, no autotuning either (it ran past a chunk's time limit there).
+under_ncu=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)
+under_ncu_ours=("${under_ncu[@]}" XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0")
 if has profile; then
   echo "== nsight compute"
   # PROFILE_CASES: ';'-separated "CELL HIDDEN DENSITY BATCH DTYPE STEPS" (tools/profile_case.py).
@@ -126,8 +131,8 @@ if has profile; then
   IFS=';' read -ra cases <<< "${PROFILE_CASES:-lstm 1024 0.1 4 float16 256;lstm 1024 0.1 32 float16 256}"
   for cfg in "${cases[@]}"; do
     name="ncu_${cfg// /_}"
-    timeout -k 10 "${PROFILE_TIMEOUT:-240}" ncu --clock-control none --kernel-name regex:sprnn_persistent_kernel \
-      --launch-skip 2 --launch-count 1 --import-source no \
+    timeout -k 10 "${PROFILE_TIMEOUT:-240}" "${under_ncu_ours[@]}" ncu --clock-control none \
+      --kernel-name regex:sprnn_persistent_kernel --launch-skip 2 --launch-count 1 --import-source no \
       --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section SourceCounters \
       -o "/tmp/$name" -f python3 "$OLDPWD/tools/profile_case.py" $cfg > "$OUT/$name.log" 2>&1
@@ -154,11 +159,7 @@ if has kerneltime; then
   for ((i = 0; i < ${#cases[@]}; i += chunk)); do
     n=$((i / chunk)); part=("${cases[@]:i:chunk}")
     rm -f /tmp/kt_manifest_$n.json /tmp/kt_$n.csv  # nothing from an earlier run on a warm machine
-    # No preallocation and no autotuning under ncu: the 2026-12-07 crash (rc 139) followed XLA's
-    # failing attempts to preallocate 75% of a GPU that ncu shares, and autotuning ran past the
-    # time limit.
-    timeout -k 10 "${KT_TIMEOUT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
+    timeout -k 10 "${KT_TIMEOUT:-300}" "${under_ncu_ours[@]}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
       --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
       python3 "$OLDPWD/tools/kernel_time.py" run --manifest /tmp/kt_manifest_$n.json "${part[@]}" > /tmp/kt_$n.csv 2>> "$OUT/kernel_time_run.log"
     echo "ncu rc=$? (cases $((i + 1))-$((i + ${#part[@]})) of ${#cases[@]})"
@@ -183,7 +184,7 @@ if has fixedcost; then
     IFS='|' read -r -a ncu_progs <<< "${FIXED_NCU_PROGS-ours, [B|dense|sync floor}"
     for prog in "${ncu_progs[@]}"; do
       [ -z "$prog" ] && continue
-      timeout -k 10 "${PROFILE_TIMEOUT:-120}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      timeout -k 10 "${PROFILE_TIMEOUT:-120}" "${under_ncu[@]}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         python3 "$OLDPWD/benchmarks/probes/fixed_cost.py" $case_args --ncu --steps 1 --only "$prog" \
         > "/tmp/ncu.csv" 2>&1
       echo "ncu ($prog) rc=$?"
