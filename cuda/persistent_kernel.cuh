@@ -1940,9 +1940,11 @@ __device__ __forceinline__ void persistent_body(const PersistentParams& p) {
     launder(mbar_addr);
     launder(flag_addr);
   }
-  auto mbar_of = [&](int c) { return kKeepAddresses ? mbar_addr + 8u * c : smem_u32(&s_mbar[c]); };
+  auto mbar_of = [&](int c) {
+    return kKeepAddresses ? mbar_addr + c * uint32_t{sizeof(s_mbar[0])} : smem_u32(&s_mbar[c]);
+  };
   auto flag_of = [&](int c) {
-    if constexpr (kKeepAddresses) return flag_addr + 4u * c;
+    if constexpr (kKeepAddresses) return flag_addr + c * uint32_t{sizeof(s_pushed_nonfinite[0])};
     else return &s_pushed_nonfinite[c];
   };
   if (cta_has_rows || in_cluster) {
