@@ -210,7 +210,7 @@ def test_split_variants_take_the_split_factor(monkeypatch):
     assert cost.cluster_step_at(k8, 1, 1, np.float32) == cost.cluster_step_at(k8, 1, 1, np.float32,
                                                                               split=False)
     assert cost.cluster_step_at(k8, 1, 1, jnp.bfloat16) == pytest.approx(
-        0.9 * cost.cluster_step_at(k8, 1, 1, jnp.bfloat16, split=False))
+        cost.CLUSTER_SPLIT_FACTOR * cost.cluster_step_at(k8, 1, 1, jnp.bfloat16, split=False))
 
 
 def test_a_cluster_launch_narrows_the_tile_where_replicas_allow():
