@@ -161,8 +161,11 @@ def features(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarr
         return np.array([1.0, planes, planes * meta.warps_per_cta * k_eff,
                          -cost.dropped_entries(meta, batch)])
     tile, _, planes = launch(path, meta, batch, dtype)
-    return planes * np.array([1.0 / planes, 1.0, meta.warps_per_cta * k_eff, k_eff, meta.num_ctas,
-                              cost.wide_variant(meta, dtype), tile - 1, (tile - 1) * k_eff])
+    # A split-era point's estimate carries the split's factor on every term (cost.cluster_step_at).
+    factor = cost.split_factor(meta, tile, planes, dtype, None if split_era(path) else False)
+    return factor * planes * np.array([1.0 / planes, 1.0, meta.warps_per_cta * k_eff, k_eff,
+                                       meta.num_ctas, cost.wide_variant(meta, dtype), tile - 1,
+                                       (tile - 1) * k_eff])
 
 
 def fit(x: np.ndarray, measured: np.ndarray) -> np.ndarray:

@@ -287,10 +287,17 @@ def cluster_step_at(meta: LayoutMeta, tile: int, planes: int, dtype, split: bool
     one does, :func:`split_variant`; False for the kernels the constants were fitted to), which in
     16-bit storage takes :data:`CLUSTER_SPLIT_FACTOR` off the step."""
     step = CLUSTER_FIXED_US + planes * cluster_plane_us(meta, tile, dtype)
+    return step * split_factor(meta, tile, planes, dtype, split)
+
+
+def split_factor(meta: LayoutMeta, tile: int, planes: int, dtype, split: bool | None = None) -> float:
+    """The factor :func:`cluster_step_at` applies to its fitted step: :data:`CLUSTER_SPLIT_FACTOR`
+    for a kernel whose phase loop is compiled per exchange mode (``split``, default
+    :func:`split_variant`) in 16-bit storage, else 1."""
     if split is None:
         split = split_variant(meta, tile, planes, dtype)
     measured = np.dtype(dtype).itemsize == 2  # (CLUSTER_SPLIT_FACTOR: 16-bit storage only)
-    return step * CLUSTER_SPLIT_FACTOR if split and measured else step
+    return CLUSTER_SPLIT_FACTOR if split and measured else 1.0
 
 
 def cluster_step_us(meta: LayoutMeta, batch: int, dtype, sm_count: int = 132,

@@ -216,6 +216,28 @@ def test_cost_fit_reads_the_kernel_time_runs_and_cost_py_matches_them(exchange, 
     np.testing.assert_allclose(x @ np.array(ours), estimates, rtol=1e-9)
 
 
+def test_cost_fit_features_carry_the_split_factor_of_a_split_era_run():
+    """A point of a run with the split phase loop (2026-12-07 on) is estimated with
+    cost.CLUSTER_SPLIT_FACTOR on its split variants: the fit's linear form must carry it too, or a
+    refit to such runs fits the unsplit kernel's constants to the split kernel's times."""
+    import numpy as np
+
+    from benchmarks import cost_fit
+    from jax_sprnn import cost
+
+    path = ROOT / "benchmarks" / "results" / "kernel_time_cluster_layouts_s34_h100_2026-12-07.json"
+    assert cost_fit.split_era(path)
+    points = list(cost_fit.points([path]))
+    ours = np.array([getattr(cost, name) for name in cost_fit.CONSTANTS["cluster"]])
+    split = 0
+    for p, row, _, meta, batch, _ in points:
+        tile, _, planes = cost_fit.launch(p, meta, batch, row["dtype"])
+        split += cost.split_factor(meta, tile, planes, row["dtype"]) != 1.0
+        np.testing.assert_allclose(cost_fit.features(p, meta, batch, row["dtype"]) @ ours,
+                                   cost_fit.estimate(p, meta, batch, row["dtype"]), rtol=1e-9)
+    assert len(points) >= 45 and split >= 10  # (the sweep holds split variants, or this checks nothing)
+
+
 def test_cost_fit_dates_the_narrow_tile_handler_and_reads_the_wall_clock_runs():
     from benchmarks import cost_fit
 
