@@ -16,7 +16,8 @@ on relative errors (each point weighted by 1/measured, so that 2-µs and 10-µs 
 ``--fit-all`` fits the wall-clock points too):
 
 * cluster: ``a + planes * (b + c * warps * K_eff + l * K_eff + n * N + e * [wide variant]
-  + (tile - 1) * (t + u * K_eff))``;
+  + (tile - 1) * (t + u * K_eff))``, all of it times ``cost.CLUSTER_SPLIT_FACTOR`` for a split
+  variant in a run of the split era (``cost.split_factor``);
 * grid: ``a + planes * (b + c * warps * K_eff) - g * (entries a narrow tile drops)``.
 
 The constants in ``cost.py`` are rounded from its output. A cluster point's batch tile and planes
@@ -123,6 +124,12 @@ def split_era(path) -> bool:
     return day is None or day >= SPLIT_MODES_FROM
 
 
+def split_of(path) -> bool | None:
+    """The ``split`` argument of ``cost.cluster_step_at`` for a point of the run in ``path``: the
+    kernel's own (None) from the split era on, else False (its kernels had no split)."""
+    return None if split_era(path) else False
+
+
 def launch(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> tuple[int, int, int]:
     if narrowed(path):
         return cost.cluster_launch(meta, batch, dtype)
@@ -135,7 +142,7 @@ def estimate(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> float:
     if meta.exchange == "grid":
         return cost.persistent_step_us(meta, batch)
     tile, _, planes = launch(path, meta, batch, dtype)
-    return cost.cluster_step_at(meta, tile, planes, dtype, split=None if split_era(path) else False)
+    return cost.cluster_step_at(meta, tile, planes, dtype, split=split_of(path))
 
 
 #: Each branch's constants, in the order of its features' columns, as named in the output.
@@ -162,7 +169,7 @@ def features(path, meta: planner.LayoutMeta, batch: int, dtype: str) -> np.ndarr
                          -cost.dropped_entries(meta, batch)])
     tile, _, planes = launch(path, meta, batch, dtype)
     # A split-era point's estimate carries the split's factor on every term (cost.cluster_step_at).
-    factor = cost.split_factor(meta, tile, planes, dtype, None if split_era(path) else False)
+    factor = cost.split_factor(meta, tile, planes, dtype, split_of(path))
     return factor * planes * np.array([1.0 / planes, 1.0, meta.warps_per_cta * k_eff, k_eff,
                                        meta.num_ctas, cost.wide_variant(meta, dtype), tile - 1,
                                        (tile - 1) * k_eff])
