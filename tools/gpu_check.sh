@@ -10,6 +10,8 @@
 #     tools/speech_wheels.sh fills;
 #     SPEECH_ARGS="--hidden 256 --bench-batches 1" SPEECH_DTYPES=float32 for another layer)
 #   TRAIN_ARGS="--steps 300" tools/gpu_check.sh train  (the speech example trains; its log and timing)
+#   SPEECH_TRACE_ARGS="--batch 1" tools/gpu_check.sh speechtrace  (the speech example's recurrent
+#     layers timed and traced by the JAX profiler: benchmarks/probes/speech_layers.py)
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   KT_CASES="simple 256 0.1 1 float16;bidir 256 0.1 1 float32;bilstm 256 0.1 8 float16" tools/gpu_check.sh kerneltime
 #     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py;
@@ -167,6 +169,11 @@ if has kerneltime; then
   done
   python3 "$OLDPWD/tools/kernel_time.py" summarize "${csvs[@]}" --manifest "${manifests[@]}" \
     --json "$OUT/kernel_time.json" 2>&1 | tee "$OUT/kernel_time.txt"
+fi
+if has speechtrace; then
+  echo "== the speech example's recurrent layers: time and where a call's time goes"
+  python3 "$OLDPWD/benchmarks/probes/speech_layers.py" ${SPEECH_TRACE_ARGS:-} --hlo "$OUT/speech_layers_hlo.txt" \
+    --out "$OUT/speech_layers.json" 2>&1 | tee "$OUT/speech_layers.txt" | head -30
 fi
 if has fixedcost; then
   echo "== fixed cost of short calls"
