@@ -288,3 +288,17 @@ def test_the_kernel_time_plot_has_a_panel_per_layer_and_a_line_per_run_and_layou
         runs[-1].write_text(json.dumps(rows))
     plots.main(["kernel-time", str(tmp_path / "k.png"), *map(str, runs)])
     assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_speech_layers_probe_times_the_example_stack_and_traces_it(tmp_path):
+    from benchmarks.probes import speech_layers as probe
+
+    out = tmp_path / "speech.json"
+    probe.main(["--hidden", "24", "--steps", "6", "--reps", "2", "--out", str(out),
+                "--trace", str(tmp_path / "trace"),
+                "--hlo", str(tmp_path / "hlo.txt")])
+    data = json.loads(out.read_text())
+    assert data["config"]["rnn_impl"] == "layer" and data["config"]["hidden"] == 24
+    assert data["ms"]["sparse"] > 0 and data["ms"]["dense lax.scan"] > 0
+    assert data["trace"] and all(e["us_per_call"] >= 0 for e in data["trace"])
+    assert "HloModule" in (tmp_path / "hlo.txt").read_text()
