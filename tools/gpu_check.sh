@@ -15,7 +15,8 @@
 #   tools/gpu_check.sh profile      (Nsight Compute on tools/profile_case.py)
 #   KT_CASES="simple 256 0.1 1 float16;bidir 256 0.1 1 float32;bilstm 256 0.1 8 float16" tools/gpu_check.sh kerneltime
 #     (the persistent kernel's device time per step, T = 64 against 256: tools/kernel_time.py;
-#     KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt reads the cases from a file, one a line)
+#     KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt reads the cases from a file, one a line;
+#     KT_CASES_FILE="a.txt b.txt" from several, in that order)
 #   SANITIZER_TOOLS="memcheck" SANITIZER_CASES=small SANITIZER_TIMEOUT=150 tools/gpu_check.sh sanitize
 #     (cases: small, wide, gated, paired, tiles, grid: tools/sanitizer_case.py)
 #   FIXED_CASES=$'--hidden 2304\n--hidden 1024' tools/gpu_check.sh fixedcost  (short calls' fixed
@@ -35,8 +36,8 @@
 #     benchmarks/probes/active_clusters.py)
 #   tools/gpu_check.sh final        (tests, multi-GPU sharding, compute-sanitizer)
 #   tools/gpu_check.sh tests,suite  (modes joined by commas run in that order)
-# DEADLINE_S=540 makes the suites start no case after 540 s from the script's start (to fit a
-# 600-s limit on the whole run, for example).
+# DEADLINE_S=540 makes the suites, and kerneltime's chunks, start no case after 540 s from the
+# script's start (to fit a 600-s limit on the whole run, for example).
 set -uo pipefail
 script_start=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -151,7 +152,10 @@ if has kerneltime; then
   echo "== kernel time (Nsight Compute: device duration and instructions of each launch)"
   # KT_CASES: ';'-separated "CELL HIDDEN DENSITY BATCH DTYPE" (tools/kernel_time.py)
   # (or KT_CASES_FILE: one case a line, e.g. tools/kt_cases/cluster_layouts.txt)
-  if [ -n "${KT_CASES_FILE:-}" ]; then KT_CASES=$(grep -v -E '^\s*(#|$)' "$OLDPWD/$KT_CASES_FILE" | paste -sd ';'); fi
+  # (several files, space-separated, run in that order: one call for two queued sweeps)
+  if [ -n "${KT_CASES_FILE:-}" ]; then
+    KT_CASES=$(for f in $KT_CASES_FILE; do grep -v -E '^\s*(#|$)' "$OLDPWD/$f"; done | paste -sd ';')
+  fi
   IFS=';' read -ra cases <<< "${KT_CASES:-simple 256 0.1 1 float16;simple 1024 0.1 8 float16}"
   # KT_CHUNK cases per Nsight Compute process: 28 cases in one crashed ncu (rc 139) with nothing
   # written, 14 at a time ran (H100, 2026-12-06), and once 7 crashed too (2026-12-07, the same
@@ -159,6 +163,9 @@ if has kerneltime; then
   chunk=${KT_CHUNK:-5}
   csvs=(); manifests=()
   for ((i = 0; i < ${#cases[@]}; i += chunk)); do
+    if [ -n "${DEADLINE_S:-}" ] && [ $(( $(date +%s) - script_start )) -ge "$DEADLINE_S" ]; then
+      echo "DEADLINE_S=$DEADLINE_S reached: cases $((i + 1))-${#cases[@]} not run"; break
+    fi
     n=$((i / chunk)); part=("${cases[@]:i:chunk}")
     rm -f /tmp/kt_manifest_$n.json /tmp/kt_$n.csv  # nothing from an earlier run on a warm machine
     timeout -k 10 "${KT_TIMEOUT:-300}" "${under_ncu_ours[@]}" ncu --csv --print-units base --clock-control none --kernel-name regex:sprnn_persistent_kernel \
@@ -167,8 +174,10 @@ if has kerneltime; then
     echo "ncu rc=$? (cases $((i + 1))-$((i + ${#part[@]})) of ${#cases[@]})"
     csvs+=(/tmp/kt_$n.csv); manifests+=(/tmp/kt_manifest_$n.json)
   done
-  python3 "$OLDPWD/tools/kernel_time.py" summarize "${csvs[@]}" --manifest "${manifests[@]}" \
-    --json "$OUT/kernel_time.json" 2>&1 | tee "$OUT/kernel_time.txt"
+  if [ ${#csvs[@]} -gt 0 ]; then
+    python3 "$OLDPWD/tools/kernel_time.py" summarize "${csvs[@]}" --manifest "${manifests[@]}" \
+      --json "$OUT/kernel_time.json" 2>&1 | tee "$OUT/kernel_time.txt"
+  fi
 fi
 if has speechtrace; then
   echo "== the speech example's recurrent layers: time and where a call's time goes"
