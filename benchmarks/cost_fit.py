@@ -28,6 +28,7 @@ layout's tile on every replica (``launch_before_narrowing``); later ones narrow 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 
@@ -187,8 +188,57 @@ def band(ratio: np.ndarray) -> str:
             f"{np.percentile(ratio, 90):.2f}, {ratio.min():.2f}-{ratio.max():.2f} in all")
 
 
-def report(paths, exchange: str, fit_all: bool) -> None:
-    """One branch's points against its estimate, and its refit."""
+#: The layer sizes whose defaults ``--picks`` compares (10% density, every cell, fp16 and fp32).
+PICK_HIDDENS = (256, 384, 512, 768, 1024, 1152)
+
+
+def defaults(hiddens=PICK_HIDDENS, dtypes=("float16", "float32"), cells=tuple(GATES)) -> dict:
+    """The planner's default layout, ``(exchange, CTAs, warps a CTA, K, register slots)``, of a
+    random layer at 10% for each ``(cell, hidden, dtype)``: what a change of constants moves."""
+    import jax.numpy as jnp
+
+    from jax_sprnn import SparseWeights
+
+    out = {}
+    for cell in cells:
+        for hidden in hiddens:
+            rng = np.random.default_rng(0)
+            kernel = rng.standard_normal((hidden, GATES[cell] * hidden)).astype(np.float32)
+            for dtype in dtypes:
+                m = SparseWeights.from_dense(kernel, density=0.1, dtype=jnp.dtype(dtype),
+                                             device=planner.H200).meta
+                out[cell, hidden, dtype] = (m.exchange, m.num_ctas, m.warps_per_cta,
+                                            m.slots_per_lane, m.reg_slots)
+    return out
+
+
+@contextlib.contextmanager
+def constants(exchange: str, values):
+    """``cost.py``'s constants of one branch set to ``values`` (in ``CONSTANTS`` order) inside."""
+    names = CONSTANTS[exchange]
+    kept = [getattr(cost, name) for name in names]
+    try:
+        for name, value in zip(names, values, strict=True):
+            setattr(cost, name, float(value))
+        yield
+    finally:
+        for name, value in zip(names, kept):
+            setattr(cost, name, value)
+
+
+def moved_defaults(exchange: str, values, **which) -> list[tuple]:
+    """``(key, today's default, the default under values)`` of every default that ``values`` (one
+    branch's constants, e.g. a refit) would move: the layouts to time before a refit lands
+    (``tools/kt_cases``: today's default against ``ctas=N k=K``)."""
+    before = defaults(**which)
+    with constants(exchange, values):
+        after = defaults(**which)
+    return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
+
+
+def report(paths, exchange: str, fit_all: bool, picks: bool = False) -> None:
+    """One branch's points against its estimate, and its refit (with ``picks``, the planner's
+    defaults it would move)."""
     pts = list(points(paths, exchange))
     print(f"== {exchange} mode")
     if not pts:
@@ -219,6 +269,11 @@ def report(paths, exchange: str, fit_all: bool) -> None:
     print(f"non-negative least-squares constants ({int(fitted.sum())} points, relative errors):",
           ", ".join(f"{n} {c:.4g}" for n, c in zip(NAMES[exchange], coef)))
     print(f"refit: measured / estimate {band(measured / (x @ coef))}\n")
+    if picks:
+        moved = moved_defaults(exchange, coef)
+        print(f"the refit moves {len(moved)} defaults (10%; exchange, CTAs, warps, K, register slots):")
+        for key, before, after in moved:
+            print(f"  {' '.join(map(str, key)):20s} {before} -> {after}")
 
 
 def main() -> None:
@@ -226,9 +281,12 @@ def main() -> None:
     ap.add_argument("results", nargs="+")
     ap.add_argument("--fit-all", action="store_true",
                     help="fit the wall-clock points too (by default only the kernel-time ones)")
+    ap.add_argument("--picks", action="store_true",
+                    help="list the planner's defaults each refit would move (H = "
+                         f"{', '.join(map(str, PICK_HIDDENS))}, every cell, fp16 and fp32)")
     args = ap.parse_args()
     for exchange in ("cluster", "grid"):
-        report(args.results, exchange, args.fit_all)
+        report(args.results, exchange, args.fit_all, args.picks)
 
 
 if __name__ == "__main__":

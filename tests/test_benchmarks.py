@@ -302,3 +302,20 @@ def test_the_speech_layers_probe_times_the_example_stack_and_traces_it(tmp_path)
     assert data["ms"]["sparse"] > 0 and data["ms"]["dense lax.scan"] > 0
     assert data["trace"] and all(e["us_per_call"] >= 0 for e in data["trace"])
     assert "HloModule" in (tmp_path / "hlo.txt").read_text()
+
+
+def test_cost_fit_lists_the_defaults_a_refit_would_move_and_restores_the_constants():
+    from benchmarks import cost_fit
+    from jax_sprnn import cost
+
+    names = cost_fit.CONSTANTS["cluster"]
+    today = [getattr(cost, name) for name in names]
+    which = dict(hiddens=(512,), dtypes=("float16",), cells=("simple",))
+    assert cost_fit.moved_defaults("cluster", today, **which) == []  # the same constants move none
+    # The thirty-fourth session's refit (its sweep's fit): the simple cell's 512 layer moves from
+    # 5 CTAs of 13 warps, K 16, to 6 of 8, K 24 (benchmarks/RESULTS.md).
+    refit = [0.833, 0.0861, 0.00125, 0.00285, 0.0206, 0.362, 0.204, 0.00900]
+    [(key, before, after)] = cost_fit.moved_defaults("cluster", refit, **which)
+    assert key == ("simple", 512, "float16")
+    assert before[:4] == ("cluster", 5, 13, 16) and after[:4] == ("cluster", 6, 8, 24)
+    assert [getattr(cost, name) for name in names] == today
