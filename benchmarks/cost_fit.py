@@ -2,6 +2,7 @@
 refit their constants.
 
     python -m benchmarks.cost_fit benchmarks/results/kernel_time_*_h100_2026-12-0[56].json [more.json ...]
+    python -m benchmarks.cost_fit <run.json> --picks   # ... and the planner's defaults the refit moves
 
 A file is `tools/kernel_time.py`'s JSON (the kernel's own device time, free of the host's jitter:
 `KT_CASES_FILE=tools/kt_cases/cluster_layouts.txt tools/gpu_check.sh kerneltime`; of it, the rows
