@@ -121,6 +121,11 @@ if has tests || has all || has final; then
   timeout -s INT -k 30 "${TESTS_TIMEOUT:-1800}" python3 -m pytest -q -rfEs --durations=8 --rootdir="$OLDPWD" \
     -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
+if has speechtrace; then
+  echo "== the speech example's recurrent layers: time and where a call's time goes"
+  python3 "$OLDPWD/benchmarks/probes/speech_layers.py" ${SPEECH_TRACE_ARGS:-} --hlo "$OUT/speech_layers_hlo.txt" \
+    --out "$OUT/speech_layers.json" 2>&1 | tee "$OUT/speech_layers.txt" | head -30
+fi
 # A JAX program under Nsight Compute: no preallocation (on 2026-12-07 a kernel-time run's ncu
 # process crashed, rc 139, after XLA had failed to preallocate 75% of the GPU it shares with ncu);
 # where only our kernel is measured, no autotuning either (it ran past a chunk's time limit there).
@@ -178,11 +183,6 @@ if has kerneltime; then
     python3 "$OLDPWD/tools/kernel_time.py" summarize "${csvs[@]}" --manifest "${manifests[@]}" \
       --json "$OUT/kernel_time.json" 2>&1 | tee "$OUT/kernel_time.txt"
   fi
-fi
-if has speechtrace; then
-  echo "== the speech example's recurrent layers: time and where a call's time goes"
-  python3 "$OLDPWD/benchmarks/probes/speech_layers.py" ${SPEECH_TRACE_ARGS:-} --hlo "$OUT/speech_layers_hlo.txt" \
-    --out "$OUT/speech_layers.json" 2>&1 | tee "$OUT/speech_layers.txt" | head -30
 fi
 if has fixedcost; then
   echo "== fixed cost of short calls"
