@@ -1,6 +1,6 @@
 """Where a call of the speech example's recurrent layers spends its time (issue 16's speech row):
 the stack of ``examples/speech`` (LayerNorm, input projections, bidirectional sparse layers) timed
-as the example's speed table times it, then 50 calls under the JAX profiler, each event kind with
+as the example's speed table times it, then ``--reps`` calls under the JAX profiler, each event kind with
 its time per call: our persistent kernels' device time against everything else in the call.
 
     python benchmarks/probes/speech_layers.py [--hidden 256] [--layers 2] [--density 0.1]
@@ -50,8 +50,8 @@ def main(argv=None) -> None:
              for name, fn in (("sparse", sparse), ("dense lax.scan", dense))}
     for name, ms in times.items():
         print(f"{name:16s} {ms:8.3f} ms per call", flush=True)
-    events = trace_per_call(sparse, inputs, 50, args.trace or tempfile.mkdtemp(), top=40)
-    # (our kernels on the device's plane: the persistent kernel and the workspace reset)
+    events = trace_per_call(sparse, inputs, args.reps, args.trace or tempfile.mkdtemp(), top=40)
+    # (the device plane's kernels whose names hold "sprnn": ours, not XLA's around them)
     ours = sum(e["us_per_call"] for e in events if "sprnn" in e["event"] and "GPU" in e["plane"])
     print(f"our kernels: {ours:.1f} us a call of {1e3 * times['sparse']:.1f}")
     print("-- the sparse stack under the JAX profiler: us per call, events per call, median us, event")
