@@ -51,11 +51,11 @@ def blocking_us(fns: dict, arg_sets, reps: int) -> dict:
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
-def trace_per_call(fn, arg_sets, calls: int, log_dir: str, top: int = 20) -> list[dict]:
+def trace_per_call(fn, arg_sets, calls: int, log_dir: str, top: int | None = 20) -> list[dict]:
     """Run ``calls`` blocking calls under the JAX profiler (host threads and, on a GPU, CUPTI's
-    kernels and API calls) and return the costliest (plane, line, event) kinds per call: where a
-    short call's time goes between XLA, our handler and the device, which Nsight Compute's
-    one-kernel-at-a-time times do not show."""
+    kernels and API calls) and return the ``top`` costliest (plane, line, event) kinds per call (all
+    of them for None): where a short call's time goes between XLA, our handler and the device,
+    which Nsight Compute's one-kernel-at-a-time times do not show."""
     jax.block_until_ready(fn(*arg_sets[0]))
     opts = jax.profiler.ProfileOptions()
     opts.python_tracer_level = 0  # the Python tracer's events would swamp the rest

@@ -1,7 +1,8 @@
 """Where a call of the speech example's recurrent layers spends its time (issue 16's speech row):
 the stack of ``examples/speech`` (LayerNorm, input projections, bidirectional sparse layers) timed
-as the example's speed table times it, then ``--reps`` calls under the JAX profiler, each event kind with
-its time per call: our persistent kernels' device time against everything else in the call.
+as the example's speed table times it (each call waited for: its latency), the same calls issued
+back to back (a stream's throughput), then ``--reps`` calls under the JAX profiler, each event kind
+with its time per call: our persistent kernels' device time against XLA's kernels and the host.
 
     python benchmarks/probes/speech_layers.py [--hidden 256] [--layers 2] [--density 0.1]
         [--batch 1] [--steps 250] [--dtype float32] [--trace DIR] [--hlo FILE] [--out FILE]
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -48,12 +50,19 @@ def main(argv=None) -> None:
         Path(args.hlo).write_text(sparse.lower(*inputs[0]).compile().as_text())
     times = {name: bench.median_ms(fn, inputs, args.reps)
              for name, fn in (("sparse", sparse), ("dense lax.scan", dense))}
+    times["sparse, pipelined"] = pipelined_ms(sparse, inputs, args.reps)
     for name, ms in times.items():
-        print(f"{name:16s} {ms:8.3f} ms per call", flush=True)
-    events = trace_per_call(sparse, inputs, args.reps, args.trace or tempfile.mkdtemp(), top=40)
-    # (the device plane's kernels whose names hold "sprnn": ours, not XLA's around them)
-    ours = sum(e["us_per_call"] for e in events if "sprnn" in e["event"] and "GPU" in e["plane"])
-    print(f"our kernels: {ours:.1f} us a call of {1e3 * times['sparse']:.1f}")
+        print(f"{name:17s} {ms:8.3f} ms per call", flush=True)
+    events = trace_per_call(sparse, inputs, args.reps, args.trace or tempfile.mkdtemp(), top=None)
+    # The device's stream lines: ours (kernels named "sprnn") and XLA's around them. What a waited
+    # call adds to their sum is the host's dispatch (PjRt, the command buffer's update and launch)
+    # and the wait, which back-to-back calls hide.
+    on_device = [e for e in events if "GPU" in e["plane"] and e["line"].startswith("Stream")]
+    ours = sum(e["us_per_call"] for e in on_device if "sprnn" in e["event"])
+    busy = sum(e["us_per_call"] for e in on_device)
+    print(f"our kernels: {ours:.1f} us a call of {1e3 * times['sparse']:.1f}; the device busy "
+          f"{busy:.1f} us (XLA's kernels {busy - ours:.1f})")
+    events = events[:40]
     print("-- the sparse stack under the JAX profiler: us per call, events per call, median us, event")
     for e in events:
         print(f"{e['us_per_call']:9.2f} {e['per_call']:6.2f} {e['median_us']:9.2f}  "
@@ -61,8 +70,19 @@ def main(argv=None) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(dict(
             device=str(jax.devices()[0]), jax=jax.__version__, config=dataclasses.asdict(config),
-            density=args.density, batch=args.batch, steps=args.steps, ms=times, ours_us=ours, trace=events),
+            density=args.density, batch=args.batch, steps=args.steps, ms=times, ours_us=ours,
+            device_busy_us=busy, trace=events),
             indent=1))
+
+
+def pipelined_ms(fn, inputs: list, reps: int) -> float:
+    """Milliseconds per call of ``reps`` calls issued back to back with one wait at the end: the
+    throughput of a stream of independent calls, where the host's dispatch of one call overlaps
+    the device's work on the one before (``bench.median_ms`` waits for each call: its latency)."""
+    jax.block_until_ready(fn(*inputs[0]))
+    start = time.perf_counter()
+    jax.block_until_ready([fn(*inputs[i % len(inputs)]) for i in range(reps)])
+    return 1e3 * (time.perf_counter() - start) / reps
 
 
 if __name__ == "__main__":
