@@ -300,6 +300,8 @@ def test_the_speech_layers_probe_times_the_example_stack_and_traces_it(tmp_path)
     data = json.loads(out.read_text())
     assert data["config"]["rnn_impl"] == "layer" and data["config"]["hidden"] == 24
     assert data["ms"]["sparse"] > 0 and data["ms"]["dense lax.scan"] > 0
+    assert data["ms"]["sparse, pipelined"] > 0
+    assert 0 <= data["ours_us"] <= data["device_busy_us"]  # (no device plane on the CPU: both 0)
     per_call = [e["us_per_call"] for e in data["trace"]]
     assert per_call[0] > 0 and per_call == sorted(per_call, reverse=True)  # the costliest first
     # (2 traced calls: an event that runs once a call reads 1 a call, whatever the program)
