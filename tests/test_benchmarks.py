@@ -309,6 +309,21 @@ def test_the_speech_layers_probe_times_the_example_stack_and_traces_it(tmp_path)
     assert "HloModule" in (tmp_path / "hlo.txt").read_text()
 
 
+def test_the_speech_layers_probe_counts_only_the_device_streams_as_device_time():
+    from benchmarks.probes.speech_layers import device_us
+
+    def event(plane, line, name, us):
+        return dict(plane=plane, line=line, event=name, us_per_call=us)
+
+    gpu, stream = "/device:GPU:0", "Stream #14(Compute,Memset)"
+    events = [event(gpu, stream, "void jax_sprnn::cuda::sprnn_persistent_kernel<", 242.5),
+              event(gpu, stream, "gemm_fusion_dot_6", 4.0),
+              event(gpu, stream, "Memset 0", 1.5),
+              event(gpu, "XLA Ops", "sprnn_forward_stack.8", 250.0),  # not a stream
+              event("/host:CPU", "python3", "jax_sprnn_forward_v7 handler (sprnn)", 30.0)]
+    assert device_us(events) == (242.5, 248.0)
+
+
 def test_cost_fit_lists_the_defaults_a_refit_would_move_and_restores_the_constants():
     from benchmarks import cost_fit
     from jax_sprnn import cost

@@ -54,12 +54,7 @@ def main(argv=None) -> None:
     for name, ms in times.items():
         print(f"{name:17s} {ms:8.3f} ms per call", flush=True)
     events = trace_per_call(sparse, inputs, args.reps, args.trace or tempfile.mkdtemp(), top=None)
-    # The device's stream lines: ours (kernels named "sprnn") and XLA's around them. What a waited
-    # call adds to their sum is the host's dispatch (PjRt, the command buffer's update and launch)
-    # and the wait, which back-to-back calls hide.
-    on_device = [e for e in events if "GPU" in e["plane"] and e["line"].startswith("Stream")]
-    ours = sum(e["us_per_call"] for e in on_device if "sprnn" in e["event"])
-    busy = sum(e["us_per_call"] for e in on_device)
+    ours, busy = device_us(events)
     print(f"our kernels: {ours:.1f} us a call of {1e3 * times['sparse']:.1f}; the device busy "
           f"{busy:.1f} us (XLA's kernels {busy - ours:.1f})")
     events = events[:40]
@@ -73,6 +68,16 @@ def main(argv=None) -> None:
             density=args.density, batch=args.batch, steps=args.steps, ms=times, ours_us=ours,
             device_busy_us=busy, trace=events),
             indent=1))
+
+
+def device_us(events: list[dict]) -> tuple[float, float]:
+    """(ours, busy): µs per call of our kernels (named "sprnn") and of every kernel, memset and
+    copy on the device's stream lines. What a waited call adds to ``busy`` is the host's dispatch
+    (PjRt, the command buffer's update and launch) and the wait, which back-to-back calls hide.
+    The device planes' other lines and the host's planes do not count."""
+    on_device = [e for e in events if "GPU" in e["plane"] and e["line"].startswith("Stream")]
+    return (sum(e["us_per_call"] for e in on_device if "sprnn" in e["event"]),
+            sum(e["us_per_call"] for e in on_device))
 
 
 def pipelined_ms(fn, inputs: list, reps: int) -> float:
