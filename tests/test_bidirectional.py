@@ -266,6 +266,7 @@ nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
 from jax_sprnn import nnx as jnnx  # noqa: E402 (after the importorskip of flax)
 from jax_sprnn.flax import SparseBidirectional  # noqa: E402
+from nnx_training import train_while_pruning  # noqa: E402 (tests/, on the path under pytest)
 
 pytestmark = pytest.mark.usefixtures("exact_matmuls")  # comparisons at 1e-5 (tests/conftest.py)
 
@@ -486,8 +487,6 @@ def test_nnx_params_match_nnx_bidirectional_and_its_checkpoint(tmp_path):
 
 
 def test_nnx_pruning_training_and_inference():
-    optax = pytest.importorskip("optax")
-
     class Model(nnx.Module):
         def __init__(self, rngs):
             self.rnn = jnnx.SparseBidirectional(F, H, rngs=rngs)
@@ -497,25 +496,15 @@ def test_nnx_pruning_training_and_inference():
             return self.head(self.rnn(x, seq_lengths=LENGTHS))
 
     model = Model(nnx.Rngs(43))
-    optimizer = nnx.Optimizer(model, pruning.keep_pruned(optax.adam(1e-2)), wrt=nnx.Param)
     x, target = normal(44, (B, T, F)), normal(45, (B, T, 2))
-    traces = []
 
-    @nnx.jit
-    def train_step(model, optimizer):
-        traces.append(1)
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
-        optimizer.update(model, grads, masks=jnnx.param_masks(model))
-        return loss
-
-    for step, sparsity in enumerate((0.5, 0.5, 0.8, 0.8)):
-        if step % 2 == 0:
-            jnnx.prune(model, sparsity)
-        train_step(model, optimizer)
+    def check(step, sparsity):
         for rnn in (model.rnn.forward_rnn, model.rnn.backward_rnn):
             assert rnn.mask.mean() == pytest.approx(1 - sparsity, abs=0.05)
             assert np.all(np.asarray(rnn.cell.dense_h.kernel[...])[~rnn.mask] == 0)
-    assert len(traces) == 1, "a new mask must not retrace the step"
+
+    traces = train_while_pruning(model, x, target, (0.5, 0.5, 0.8, 0.8), check)
+    assert traces == 1, "a new mask must not retrace the step"
     # The pruned layer is nnx.Bidirectional of its parameters.
     dense = nnx_dense(0)
     nnx.update(dense, nnx.state(model.rnn, nnx.Param))

@@ -18,6 +18,7 @@ nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
 from jax_sprnn import nnx as jnnx  # noqa: E402 (after the importorskip of flax)
 from jax_sprnn.flax import SparseGRU, SparseGRUCell, SparseLSTM, SparseLSTMCell  # noqa: E402
+from nnx_training import train_while_pruning  # noqa: E402 (tests/, on the path under pytest)
 
 H, F, B, T = 11, 5, 3, 7
 LENGTHS = np.array([T, 4, 1], np.int32)
@@ -495,7 +496,6 @@ def test_nnx_without_a_mask_runs_dense_until_pruned(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_nnx_training_pruning_and_inference(kind):
-    optax = pytest.importorskip("optax")
     layer_cls = NNX[kind][0]
 
     class Model(nnx.Module):
@@ -507,26 +507,15 @@ def test_nnx_training_pruning_and_inference(kind):
             return self.head(self.rnn(x, seq_lengths=LENGTHS))
 
     model = Model(nnx.Rngs(37))
-    optimizer = nnx.Optimizer(model, pruning.keep_pruned(optax.adam(1e-2)), wrt=nnx.Param)
     x, target = normal(38, (B, T, F)), normal(39, (B, T, 2))
-    traces = []
 
-    @nnx.jit
-    def train_step(model, optimizer):
-        traces.append(1)
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
-        optimizer.update(model, grads, masks=jnnx.param_masks(model))
-        return loss
-
-    for step, sparsity in enumerate((0.5, 0.5, 0.8, 0.8)):
-        if step % 2 == 0:
-            jnnx.prune(model, sparsity)
-        train_step(model, optimizer)
-        mask = model.rnn.mask
+    def check(step, sparsity):
         kernel = np.concatenate([np.asarray(lin.kernel[...])
                                  for lin in nnx_recurrent(kind, model.rnn)], 1)
-        assert np.all(kernel[~mask] == 0)
-    assert len(traces) == 1, "a new mask must not retrace the step"
+        assert np.all(kernel[~model.rnn.mask] == 0)
+
+    traces = train_while_pruning(model, x, target, (0.5, 0.5, 0.8, 0.8), check)
+    assert traces == 1, "a new mask must not retrace the step"
     assert model.rnn.mask.mean() == pytest.approx(round(0.2 * H) / H)
     inference = jnnx.to_inference(model)
     assert isinstance(inference.rnn.sparsity.get_value(), js.SparseWeights)
