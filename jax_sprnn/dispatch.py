@@ -68,13 +68,7 @@ def on_cpu(method: str, meta: LayoutMeta, batch: int, steps: int, *, forward: bo
             raise RuntimeError(f"method='native': {_cpu_missing()}")
         return Decision("fallback", _cpu_missing(),
                         "jax_sprnn: the CPU module was not built; using the pure-JAX fallback")
-    if _symbolic(batch, steps):
-        return Decision("kernel", _SYMBOLIC_CPU)
-    if method == "auto":
-        dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=forward)
-        if dense:
-            return Decision("fallback", f"it is faster here ({why})")
-    return Decision("kernel", "the CPU module is built")
+    return _cpu_kernel_unless_slower(method, meta, batch, steps, forward=forward)
 
 
 def on_cpu_gated(method: str, meta: LayoutMeta, batch: int, steps: int) -> Decision:
@@ -87,10 +81,17 @@ def on_cpu_gated(method: str, meta: LayoutMeta, batch: int, steps: int) -> Decis
         if method == "native":
             raise RuntimeError(f"method='native': {why}")
         return Decision("fallback", why)  # XLA's dense path is a good CPU path: no warning
+    return _cpu_kernel_unless_slower(method, meta, batch, steps, forward=True)
+
+
+def _cpu_kernel_unless_slower(method: str, meta: LayoutMeta, batch: int, steps: int, *,
+                              forward: bool) -> Decision:
+    """The built C++ kernel, unless ``method="auto"`` and the cost model expects XLA's dense path
+    to be faster at this size (a symbolic size keeps the kernel: it cannot be estimated)."""
     if _symbolic(batch, steps):
         return Decision("kernel", _SYMBOLIC_CPU)
     if method == "auto":
-        dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=True)
+        dense, why = cost.cpu_prefers_dense(meta, batch, steps, forward=forward)
         if dense:
             return Decision("fallback", f"it is faster here ({why})")
     return Decision("kernel", "the CPU module is built")
