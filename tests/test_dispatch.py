@@ -49,6 +49,7 @@ def test_cpu_takes_the_kernel_where_the_module_was_built(monkeypatch):
     (256, 26, 4, 100, True, "kernel"),       # ... the kernel from B=4 (dense rebuilds K per call)
     (256, 26, 16, 100, True, "kernel"),
     (256, 26, 4, 100, False, "kernel"),      # the backward pieces win from H=256
+    (256, 26, 1, 100, False, "kernel"),      # ... at B=1 too, where the forward is dense
     (1024, 102, 4, 2, True, "kernel"),       # a short call: the dense path would rebuild K
     (1024, 102, 4, 2, False, "kernel"),
     (256, 26, 4, 2, True, "fallback"),       # ... which is cheap at H=256
